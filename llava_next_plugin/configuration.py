@@ -1,0 +1,125 @@
+"""LlavaNextConfig: the model's configuration, compatible with llava-hf ``config.json`` files."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from . import geometry
+
+__all__ = ["LlavaNextConfig", "DEFAULT_PINPOINTS"]
+
+DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+# Vision towers whose hidden states carry one extra position (CLIP's CLS token) before the patches.
+_TOWERS_WITH_CLS = ("clip_vision_model", "clip")
+
+
+class LlavaNextConfig(PreTrainedConfig):
+    r"""Configuration of a LLaVA-NeXT model: a vision tower, a projector and a language backbone.
+
+    Args:
+        vision_config (`dict` or `PreTrainedConfig`): the vision tower's config (CLIP, SigLIP...).
+            Defaults to CLIP ViT-L/14 at 336 px.
+        text_config (`dict` or `PreTrainedConfig`): the language backbone's config, of any type
+            transformers knows (mistral, llama, qwen2...). Defaults to llama.
+        image_token_index (`int`): the id of the ``<image>`` token (also readable as ``image_token_id``).
+        projector_hidden_act (`str`): the activation between the projector's two linear layers.
+        vision_feature_select_strategy (`str`): ``"default"`` drops the first position of each
+            tile's features (CLIP's CLS), ``"full"`` keeps every position.
+        vision_feature_layer (`int` or `list[int]`): the vision hidden state(s) to use; a list's
+            states are concatenated along the feature axis.
+        image_grid_pinpoints (`list[[height, width]]`): the resolutions an image may be tiled to.
+        image_seq_length (`int`): tokens of one tile (informational, as in llava-hf configs).
+        multimodal_projector_bias (`bool`): whether the projector's linear layers have biases.
+        tie_word_embeddings (`bool`): tie the LM head to the input embeddings.
+    """
+
+    model_type = "llava_next"
+    attribute_map = {"image_token_id": "image_token_index"}
+    sub_configs_defaults = {
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "vision_config": SubConfigSpec(
+            config_class=AutoConfig,
+            model_type="clip_vision_model",
+            init_kwargs={
+                "hidden_size": 1024,
+                "intermediate_size": 4096,
+                "num_hidden_layers": 24,
+                "num_attention_heads": 16,
+                "image_size": 336,
+                "patch_size": 14,
+                "projection_dim": 768,
+                "vocab_size": 32000,
+            },
+        ),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    image_token_index: int = 32000
+    projector_hidden_act: str = "gelu"
+    vision_feature_select_strategy: str = "default"
+    vision_feature_layer: int | list[int] = -2
+    multimodal_projector_bias: bool = True
+    tie_word_embeddings: bool = False
+    image_grid_pinpoints: list | None = None
+    image_seq_length: int = 576
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        if self.image_grid_pinpoints is None:
+            self.image_grid_pinpoints = [list(p) for p in DEFAULT_PINPOINTS]
+        self.image_grid_pinpoints = [[int(h), int(w)] for h, w in self.image_grid_pinpoints]
+        if self.vision_feature_select_strategy not in geometry.VALID_STRATEGIES:
+            raise ValueError(
+                f"vision_feature_select_strategy must be 'default' or 'full', got "
+                f"{self.vision_feature_select_strategy!r}"
+            )
+        if isinstance(self.vision_feature_layer, (list, tuple)):
+            self.vision_feature_layer = [int(i) for i in self.vision_feature_layer]
+            if not self.vision_feature_layer:
+                raise ValueError("vision_feature_layer is an empty list: give an int or a list of ints")
+        if self.vision_feature_select_strategy == "full" and self.num_additional_image_tokens:
+            raise ValueError(
+                f"vision_feature_select_strategy='full' keeps the CLS position of the "
+                f"{self.vision_config.model_type!r} tower, so a tile's "
+                f"{self.patches_per_side ** 2 + 1} features cannot form a square grid. Use "
+                f"strategy 'default' with this tower, or a tower without a CLS position (SigLIP)."
+            )
+
+    # --- Derived facts the processor and the model share -----------------------------------
+    @property
+    def tile_size(self) -> int:
+        """Pixels on a side of one vision-tower tile (``vision_config.image_size``)."""
+        return int(self.vision_config.image_size)
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.vision_config.patch_size)
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.tile_size // self.patch_size
+
+    @property
+    def num_additional_image_tokens(self) -> int:
+        """Positions the tower emits before its patches: 1 for CLIP (CLS), 0 for SigLIP."""
+        return 1 if self.vision_config.model_type in _TOWERS_WITH_CLS else 0
+
+    def image_geometry(self, height: int, width: int) -> geometry.ImageGeometry:
+        """The token layout of one ``height x width`` image under this config."""
+        return geometry.image_geometry(
+            height,
+            width,
+            self.image_grid_pinpoints,
+            self.tile_size,
+            self.patch_size,
+            self.vision_feature_select_strategy,
+            self.num_additional_image_tokens,
+        )
+
+
+__all__ = ["LlavaNextConfig", "DEFAULT_PINPOINTS"]

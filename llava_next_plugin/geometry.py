@@ -1,0 +1,227 @@
+"""Anyres geometry: the one place that knows how an image becomes image tokens.
+
+LLaVA-NeXT ("anyres") feeds the vision tower several square tiles per image:
+
+1. the whole image squashed to one tile (the *base* view), and
+2. the image resized to the best resolution among ``image_grid_pinpoints``, padded to it
+   and cut into a ``grid_rows x grid_cols`` grid of tiles.
+
+Each tile becomes ``side x side`` vision patches (``side = tile_size // patch_size``; 24 for
+CLIP-L/14 at 336 px). The grid features are laid out as one big ``(grid_rows*side) x
+(grid_cols*side)`` map; the rows or columns that only cover padding are cut away again
+("unpadding"), and one ``image_newline`` vector is appended after every remaining row.
+
+So, for one image of ``height x width`` pixels::
+
+    tokens = base + rows * cols + rows       # rows, cols: the unpadded feature map
+    base   = side * side + num_additional_image_tokens - (1 if strategy == "default" else 0)
+
+Worked example (llava-v1.6-mistral, 1024 wide x 768 high): the best pinpoint is 672x672,
+a 2x2 grid, a 48x48 map; the image is wider than tall, so 6 rows of padding are cut from
+top and bottom, leaving 36 x 48: ``576 + 1728 + 36 = 2340`` tokens.
+
+Everything here is plain integer arithmetic on sizes: the processor calls it to expand
+``<image>`` and the model calls it to unpad, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+__all__ = [
+    "ImageGeometry",
+    "select_best_resolution",
+    "grid_shape",
+    "resize_within",
+    "unpadded_crop",
+    "base_token_count",
+    "num_image_tokens",
+    "image_geometry",
+]
+
+VALID_STRATEGIES = ("default", "full")
+
+
+def _as_pairs(pinpoints: Iterable[Sequence[int]]) -> list[tuple[int, int]]:
+    pairs = [(int(p[0]), int(p[1])) for p in pinpoints]
+    if not pairs:
+        raise ValueError("image_grid_pinpoints is empty: give at least one [height, width] resolution")
+    for h, w in pairs:
+        if h <= 0 or w <= 0:
+            raise ValueError(f"image_grid_pinpoints holds a non-positive resolution {[h, w]}")
+    return pairs
+
+
+def _check_size(height: int, width: int) -> None:
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be at least 1x1 pixels, got height={height}, width={width}")
+
+
+def select_best_resolution(height: int, width: int, pinpoints: Iterable[Sequence[int]]) -> tuple[int, int]:
+    """The pinpoint ``(height, width)`` that keeps most of the image's pixels.
+
+    Each candidate is scored by the pixels the image keeps when scaled (aspect ratio kept) to fit
+    inside it, capped at the original pixel count (upscaling adds no information). The highest
+    score wins; ties go to the candidate that wastes the least area.
+    """
+    _check_size(height, width)
+    best, best_kept, best_waste = None, -1, None
+    for cand_h, cand_w in _as_pairs(pinpoints):
+        scale = min(cand_w / width, cand_h / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        waste = cand_w * cand_h - kept
+        if kept > best_kept or (kept == best_kept and waste < best_waste):
+            best, best_kept, best_waste = (cand_h, cand_w), kept, waste
+    return best
+
+
+def grid_shape(height: int, width: int, pinpoints: Iterable[Sequence[int]], tile_size: int) -> tuple[int, int]:
+    """``(grid_rows, grid_cols)``: how many ``tile_size`` tiles the best resolution is cut into."""
+    best_h, best_w = select_best_resolution(height, width, pinpoints)
+    return best_h // tile_size, best_w // tile_size
+
+
+def resize_within(height: int, width: int, target_height: int, target_width: int) -> tuple[int, int]:
+    """The ``(height, width)`` an image is resized to so that it fits in the target, aspect kept.
+
+    The side that limits the scale is set to the target exactly; the other is rounded up (and
+    capped by the target). The rest of the target is padding, split evenly around the image.
+    """
+    _check_size(height, width)
+    scale_w, scale_h = target_width / width, target_height / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_height), target_width
+    return target_height, min(math.ceil(width * scale_h), target_width)
+
+
+def unpadded_crop(height: int, width: int, map_rows: int, map_cols: int) -> tuple[int, int, int, int]:
+    """Which part of a ``map_rows x map_cols`` feature map covers the image, not the padding.
+
+    Returns ``(top, bottom, left, right)`` so that ``feature_map[top:bottom, left:right]`` is kept.
+    The image was fitted into the map with its aspect ratio kept and centred, so padding lies
+    either above and below (wide images) or left and right (tall images), equally on both sides.
+    """
+    _check_size(height, width)
+    if width / height > map_cols / map_rows:
+        kept_rows = int(round(height * (map_cols / width), 7))
+        pad = (map_rows - kept_rows) // 2
+        return pad, map_rows - pad, 0, map_cols
+    kept_cols = int(round(width * (map_rows / height), 7))
+    pad = (map_cols - kept_cols) // 2
+    return 0, map_rows, pad, map_cols - pad
+
+
+def base_token_count(tile_size: int, patch_size: int, strategy: str = "default", num_additional_image_tokens: int = 1) -> int:
+    """Tokens of one tile: ``side * side`` patches, plus extra positions (CLIP's CLS) kept by ``full``."""
+    if strategy not in VALID_STRATEGIES:
+        raise ValueError(
+            f"vision_feature_select_strategy must be one of {VALID_STRATEGIES}, got {strategy!r}"
+        )
+    side = tile_size // patch_size
+    count = side * side + num_additional_image_tokens
+    if strategy == "default":
+        count -= 1
+    return count
+
+
+@dataclass(frozen=True)
+class ImageGeometry:
+    """How one ``height x width`` image is laid out in tokens.
+
+    ``grid_rows x grid_cols`` tiles; a feature map of ``map_rows x map_cols`` patches of which
+    ``[crop_top:crop_bottom, crop_left:crop_right]`` survives unpadding; ``base_tokens`` for the
+    whole-image view.
+    """
+
+    height: int
+    width: int
+    best_resolution: tuple[int, int]
+    grid_rows: int
+    grid_cols: int
+    side: int
+    crop_top: int
+    crop_bottom: int
+    crop_left: int
+    crop_right: int
+    base_tokens: int
+
+    @property
+    def map_rows(self) -> int:
+        return self.grid_rows * self.side
+
+    @property
+    def map_cols(self) -> int:
+        return self.grid_cols * self.side
+
+    @property
+    def unpadded_rows(self) -> int:
+        return self.crop_bottom - self.crop_top
+
+    @property
+    def unpadded_cols(self) -> int:
+        return self.crop_right - self.crop_left
+
+    @property
+    def tile_tokens(self) -> int:
+        """Feature vectors from the grid tiles after unpadding."""
+        return self.unpadded_rows * self.unpadded_cols
+
+    @property
+    def newline_tokens(self) -> int:
+        """One ``image_newline`` after each kept row of the feature map."""
+        return self.unpadded_rows
+
+    @property
+    def num_tiles(self) -> int:
+        """Tiles fed to the vision tower: the base view plus the grid."""
+        return 1 + self.grid_rows * self.grid_cols
+
+    @property
+    def num_tokens(self) -> int:
+        return self.base_tokens + self.tile_tokens + self.newline_tokens
+
+    def describe(self) -> str:
+        """``"<image> x2340 = base 576 + tiles 1728 + newlines 36"``."""
+        return (
+            f"<image> x{self.num_tokens} = base {self.base_tokens} + tiles {self.tile_tokens}"
+            f" + newlines {self.newline_tokens}"
+        )
+
+
+def image_geometry(
+    height: int,
+    width: int,
+    pinpoints: Iterable[Sequence[int]],
+    tile_size: int,
+    patch_size: int,
+    strategy: str = "default",
+    num_additional_image_tokens: int = 1,
+) -> ImageGeometry:
+    """The full :class:`ImageGeometry` of one image (sizes in pixels, ``height`` first)."""
+    if tile_size % patch_size:
+        raise ValueError(f"tile size {tile_size} is not a multiple of the patch size {patch_size}")
+    base = base_token_count(tile_size, patch_size, strategy, num_additional_image_tokens)
+    best = select_best_resolution(height, width, pinpoints)
+    rows, cols = best[0] // tile_size, best[1] // tile_size
+    if rows < 1 or cols < 1:
+        raise ValueError(f"pinpoint {list(best)} is smaller than one {tile_size}px tile")
+    side = tile_size // patch_size
+    top, bottom, left, right = unpadded_crop(height, width, rows * side, cols * side)
+    return ImageGeometry(height, width, best, rows, cols, side, top, bottom, left, right, base)
+
+
+def num_image_tokens(
+    height: int,
+    width: int,
+    pinpoints: Iterable[Sequence[int]],
+    tile_size: int,
+    patch_size: int,
+    strategy: str = "default",
+    num_additional_image_tokens: int = 1,
+) -> int:
+    """How many ``<image>`` tokens (and model features) one ``height x width`` image becomes."""
+    return image_geometry(
+        height, width, pinpoints, tile_size, patch_size, strategy, num_additional_image_tokens
+    ).num_tokens

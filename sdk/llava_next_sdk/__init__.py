@@ -1,0 +1,1 @@
+"""Async client for LLaVA-NeXT, in-process or remote."""

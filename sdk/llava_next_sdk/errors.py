@@ -1,0 +1,174 @@
+"""The one error hierarchy of llava-next, shared by the SDK's transports, the engine and the server.
+
+Every error a user can see derives from :class:`LlavaNextError` and carries an HTTP-like ``status``
+and a ``message`` that says what was wrong and what to do. The server turns them into OpenAI-shaped
+error bodies (``{"error": {"message", "type", "param", "code"}}``) and the HTTP transport turns those
+bodies back into the same classes, so local and remote calls fail alike.
+
+    LlavaNextError
+    ├── APIError                      something answered with an error
+    │   ├── BadRequestError  (400)    invalid input; also a ValueError
+    │   │   ├── InvalidImageError     an image could not be read or is unusable
+    │   │   ├── ContextLengthExceededError
+    │   │   └── UnsupportedParameterError
+    │   ├── AuthenticationError (401)
+    │   ├── NotFoundError (404)
+    │   ├── OverloadedError (429/503) queue full or rate limited; retry later
+    │   └── ServerError (5xx)
+    ├── APIConnectionError            nothing answered
+    │   └── APITimeoutError           a connect/read timeout passed
+    └── RequestCancelledError         the request was cancelled
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "LlavaNextError",
+    "APIError",
+    "BadRequestError",
+    "InvalidImageError",
+    "ContextLengthExceededError",
+    "UnsupportedParameterError",
+    "AuthenticationError",
+    "NotFoundError",
+    "OverloadedError",
+    "ServerError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "RequestCancelledError",
+    "error_from_status",
+]
+
+
+class LlavaNextError(Exception):
+    """Base of every llava-next error."""
+
+    status: int | None = None
+    code: str = "error"
+    type: str = "error"
+
+    def __init__(self, message: str, *, status: int | None = None, param: str | None = None,
+                 request_id: str | None = None, body: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        self.param = param
+        self.request_id = request_id
+        self.body = body
+
+    def to_dict(self) -> dict:
+        """The OpenAI-shaped error body."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class APIError(LlavaNextError):
+    """An endpoint (or the in-process engine) answered with an error."""
+
+    status = 500
+    type = "api_error"
+
+
+class BadRequestError(APIError, ValueError):
+    status = 400
+    type = "invalid_request_error"
+    code = "bad_request"
+
+
+class InvalidImageError(BadRequestError):
+    """An image could not be read, decoded, or used (names the image's index where known)."""
+
+    code = "invalid_image"
+
+    def __init__(self, message: str, *, index: int | None = None, **kwargs: Any) -> None:
+        if index is not None and not message.startswith("image "):
+            message = f"image {index}: {message}"
+        super().__init__(message, **kwargs)
+        self.index = index
+
+
+class ContextLengthExceededError(BadRequestError):
+    code = "context_length_exceeded"
+
+
+class UnsupportedParameterError(BadRequestError):
+    code = "unsupported_parameter"
+
+
+class AuthenticationError(APIError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFoundError(APIError):
+    status = 404
+    type = "not_found_error"
+    code = "not_found"
+
+
+class OverloadedError(APIError):
+    """The queue is full or the endpoint rate-limits: retry later (``retry_after`` seconds if known)."""
+
+    status = 429
+    type = "overloaded_error"
+    code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after = retry_after
+
+
+class ServerError(APIError):
+    status = 500
+    type = "server_error"
+    code = "server_error"
+
+
+class APIConnectionError(LlavaNextError):
+    """The endpoint could not be reached."""
+
+    type = "connection_error"
+    code = "connection_error"
+
+
+class APITimeoutError(APIConnectionError):
+    type = "timeout_error"
+    code = "timeout"
+
+
+class RequestCancelledError(LlavaNextError):
+    type = "cancelled"
+    code = "cancelled"
+
+
+_BY_CODE = {cls.code: cls for cls in (InvalidImageError, ContextLengthExceededError, UnsupportedParameterError,
+                                       AuthenticationError, NotFoundError, OverloadedError, ServerError)}
+
+
+def error_from_status(status: int, body: Any = None, *, request_id: str | None = None,
+                      retry_after: float | None = None) -> APIError:
+    """Rebuild the error class for an HTTP *status* and an OpenAI-shaped error *body*."""
+    err = body.get("error") if isinstance(body, dict) else None
+    message = (err or {}).get("message") if isinstance(err, dict) else None
+    message = message or (body if isinstance(body, str) and body else f"HTTP {status}")
+    code = (err or {}).get("code") if isinstance(err, dict) else None
+    param = (err or {}).get("param") if isinstance(err, dict) else None
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        if status == 400 or status == 422:
+            cls = ContextLengthExceededError if "context length" in str(message).lower() else BadRequestError
+        elif status in (401, 403):
+            cls = AuthenticationError
+        elif status == 404:
+            cls = NotFoundError
+        elif status in (429, 503):
+            cls = OverloadedError
+        else:
+            cls = ServerError if status >= 500 else APIError
+    kwargs: dict = {"status": status, "param": param, "request_id": request_id, "body": body}
+    if cls is OverloadedError:
+        kwargs["retry_after"] = retry_after
+    return cls(str(message), **kwargs)

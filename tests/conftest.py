@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny random checkpoints in llava-hf layout, built once per session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+import checkpoints
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny mistral + CLIP checkpoint in the hub key layout (``vision_tower.vision_model.*``)."""
+    return checkpoints.build_checkpoint(tmp_path_factory.mktemp("tiny-mistral"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_factory(tmp_path_factory):
+    """Build (and cache per argument set) a tiny checkpoint: ``factory(text="llama", vision="siglip", ...)``."""
+    cache = {}
+
+    def factory(**kwargs):
+        key = tuple(sorted((k, repr(v)) for k, v in kwargs.items()))
+        if key not in cache:
+            name = "tiny-" + "-".join(f"{k}{v}" for k, v in key)[:60].replace("/", "_").replace(" ", "")
+            cache[key] = checkpoints.build_checkpoint(tmp_path_factory.mktemp(name or "tiny"), **kwargs)
+        return cache[key]
+
+    return factory
