@@ -1,0 +1,450 @@
+"""The OpenAI Chat Completions wire format, defined once for the server and the HTTP transport.
+
+Pure functions over JSON-ready dicts and bytes: no I/O, nothing heavy imported. The server parses
+requests and builds responses with it; the HTTP transport builds requests and parses responses with
+the same functions, so the two cannot drift apart.
+
+Request body (``POST /v1/chat/completions``)::
+
+    {"model": "...", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}]}],
+     "max_tokens": 32, "temperature": 0, "top_p": 1, "stop": ["\\n"], "seed": 0,
+     "stream": true, "stream_options": {"include_usage": true}}
+
+Response body::
+
+    {"id": "chatcmpl-...", "object": "chat.completion", "created": 1700000000, "model": "...",
+     "choices": [{"index": 0, "message": {"role": "assistant", "content": "..."},
+                  "finish_reason": "stop", "logprobs": null}],
+     "usage": {"prompt_tokens": 1200, "completion_tokens": 20, "total_tokens": 1220,
+               "prompt_tokens_details": {"image_tokens": 1176}},          # our extension field
+     "timings": {"queue_seconds": 0.01, "time_to_first_token": 0.2, "total_seconds": 1.3}}  # ours
+
+Stream: Server-Sent Events ``data: <chunk JSON>\\n\\n`` ending with ``data: [DONE]\\n\\n``. Chunks are
+``{"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "..."},
+"finish_reason": null}], ...}``; the last choice chunk has the ``finish_reason``; with
+``stream_options.include_usage`` one more chunk follows with ``"choices": []`` and ``usage`` (and
+our ``timings``). An error after the stream started is sent as ``data: {"error": {...}}``.
+
+Error body (any non-2xx status): ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+from .errors import APIError, BadRequestError, InvalidImageError, LlavaNextError, ServerError, \
+    UnsupportedParameterError, error_from_status
+from .types import ChatMessage, ChatRequest, GenerationParams, GenerationResult, ImagePart, TextPart, Timings, \
+    Usage
+
+__all__ = [
+    "CHAT_COMPLETIONS_PATH",
+    "MODELS_PATH",
+    "REQUEST_ID_HEADER",
+    "SSE_DONE",
+    "ParsedChatRequest",
+    "StreamChunk",
+    "build_chat_request",
+    "parse_chat_request",
+    "build_chat_response",
+    "parse_chat_response",
+    "build_stream_chunk",
+    "parse_stream_chunk",
+    "encode_sse",
+    "SSEDecoder",
+    "usage_to_wire",
+    "usage_from_wire",
+    "timings_to_wire",
+    "timings_from_wire",
+    "build_error_body",
+    "parse_error",
+    "parse_retry_after",
+    "decode_data_url",
+    "build_models_list",
+]
+
+CHAT_COMPLETIONS_PATH = "/chat/completions"
+"""Relative to the ``/v1`` base URL."""
+MODELS_PATH = "/models"
+REQUEST_ID_HEADER = "x-request-id"
+SSE_DONE = b"data: [DONE]\n\n"
+
+# Request fields we understand, besides the sampling parameters of GenerationParams.
+_REQUEST_FIELDS = {"model", "messages", "stream", "stream_options", "max_completion_tokens", "n", "user"}
+# Message roles as OpenAI names them -> ours ("developer" is the newer name of "system").
+_ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+# ---------------------------------------------------------------------------------------------- requests
+
+@dataclass(frozen=True, slots=True)
+class ParsedChatRequest:
+    """A request body as the server sees it: the wire-neutral request plus the transport options."""
+
+    request: ChatRequest
+    stream: bool = False
+    include_usage: bool = False
+
+
+def _message_to_wire(message: ChatMessage) -> dict:
+    if all(isinstance(p, TextPart) for p in message.content):
+        # Plain-string content is what every endpoint understands for text-only turns.
+        return {"role": message.role, "content": message.text}
+    parts = []
+    for part in message.content:
+        if isinstance(part, TextPart):
+            parts.append({"type": "text", "text": part.text})
+        else:
+            parts.append({"type": "image_url", "image_url": {"url": part.as_url()}})
+    return {"role": message.role, "content": parts}
+
+
+def build_chat_request(request: ChatRequest, *, model: str | None = None, stream: bool = False,
+                       include_usage: bool = True) -> dict:
+    """The JSON body for *request*. ``model`` fills in when ``request.model`` is ``None``.
+
+    Images with ``data`` become base64 data URLs. With *stream*, ``stream_options.include_usage`` asks
+    for the final usage chunk (set *include_usage* False for endpoints that reject it).
+    """
+    body: dict[str, Any] = {"model": request.model or model or "default",
+                            "messages": [_message_to_wire(m) for m in request.messages]}
+    body.update(request.params.to_dict())
+    if stream:
+        body["stream"] = True
+        if include_usage:
+            body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _bad(message: str, param: str = "messages") -> BadRequestError:
+    return BadRequestError(message, param=param)
+
+
+def _parse_part(part: Any, where: str, image_index: int) -> TextPart | ImagePart:
+    if not isinstance(part, Mapping):
+        raise _bad(f"{where}: a content part must be an object, got {type(part).__name__}")
+    kind = part.get("type")
+    if kind == "text":
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise _bad(f"{where}: a text part needs a string 'text'")
+        return TextPart(text)
+    if kind == "image_url":
+        image_url = part.get("image_url")
+        url = image_url.get("url") if isinstance(image_url, Mapping) else image_url
+        if not isinstance(url, str) or not url:
+            raise InvalidImageError(f"{where}: an image_url part needs {{'image_url': {{'url': '...'}}}}",
+                                    index=image_index, param="messages")
+        return ImagePart(url=url)
+    raise _bad(f"{where}: unsupported content part type {kind!r}; use 'text' or 'image_url'")
+
+
+def _parse_message(message: Any, i: int, image_count: int) -> ChatMessage:
+    where = f"messages[{i}]"
+    if not isinstance(message, Mapping):
+        raise _bad(f"{where} must be an object with 'role' and 'content'")
+    role = _ROLE_ALIASES.get(message.get("role"))
+    if role is None:
+        raise _bad(f"{where}: unsupported role {message.get('role')!r}; use system, user or assistant")
+    content = message.get("content")
+    if isinstance(content, str):
+        return ChatMessage(role, (TextPart(content),))
+    if not isinstance(content, list):
+        raise _bad(f"{where}: 'content' must be a string or a list of content parts")
+    parts = []
+    for j, part in enumerate(content):
+        parsed = _parse_part(part, f"{where}.content[{j}]", image_count)
+        image_count += isinstance(parsed, ImagePart)
+        parts.append(parsed)
+    return ChatMessage(role, tuple(parts))
+
+
+def parse_chat_request(body: Any) -> ParsedChatRequest:
+    """Validate a request body and turn it into a :class:`ParsedChatRequest`.
+
+    Raises :class:`UnsupportedParameterError` naming every field we do not support (``n`` other than 1
+    included) and :class:`BadRequestError` (``InvalidImageError`` for image parts) for malformed input.
+    Image URLs are not fetched or decoded here: that is the engine's job, under its URL policy.
+    """
+    if not isinstance(body, Mapping):
+        raise _bad("the request body must be a JSON object", param=None)
+    unknown = sorted(k for k in body if k not in _REQUEST_FIELDS and k not in GenerationParams.names())
+    if unknown:
+        raise UnsupportedParameterError(
+            f"unsupported parameter(s): {', '.join(unknown)}; supported: "
+            f"{', '.join(sorted(_REQUEST_FIELDS | set(GenerationParams.names())))}", param=unknown[0])
+    if body.get("n") not in (None, 1):
+        raise UnsupportedParameterError(f"n={body['n']!r} is not supported; only n=1", param="n")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("'messages' must be a non-empty list of messages")
+    parsed_messages, image_count = [], 0
+    for i, m in enumerate(messages):
+        parsed = _parse_message(m, i, image_count)
+        image_count += len(parsed.images)
+        parsed_messages.append(parsed)
+
+    params = {name: body[name] for name in GenerationParams.names() if body.get(name) is not None}
+    if body.get("max_completion_tokens") is not None:
+        if "max_tokens" in params and params["max_tokens"] != body["max_completion_tokens"]:
+            raise _bad("max_tokens and max_completion_tokens disagree; send one", param="max_completion_tokens")
+        params["max_tokens"] = body["max_completion_tokens"]
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad("'model' must be a string", param="model")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise _bad("'stream' must be true or false", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, Mapping):
+        raise _bad("'stream_options' must be an object", param="stream_options")
+    request = ChatRequest(tuple(parsed_messages), GenerationParams.from_kwargs(params), model)
+    return ParsedChatRequest(request, stream=stream, include_usage=bool(options.get("include_usage")))
+
+
+# --------------------------------------------------------------------------------------------- responses
+
+def usage_to_wire(usage: Usage) -> dict:
+    out: dict[str, Any] = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+                           "total_tokens": usage.total_tokens}
+    if usage.image_tokens is not None:
+        out["prompt_tokens_details"] = {"image_tokens": usage.image_tokens}
+    return out
+
+
+def usage_from_wire(data: Any) -> Usage | None:
+    """Our :class:`Usage` from an OpenAI ``usage`` object (``None`` when absent or malformed)."""
+    if not isinstance(data, Mapping):
+        return None
+    details = data.get("prompt_tokens_details")
+    image_tokens = details.get("image_tokens") if isinstance(details, Mapping) else None
+    return Usage(prompt_tokens=int(data.get("prompt_tokens") or 0),
+                 completion_tokens=int(data.get("completion_tokens") or 0),
+                 image_tokens=int(image_tokens) if image_tokens is not None else None)
+
+
+def timings_to_wire(timings: Timings) -> dict:
+    return {"queue_seconds": timings.queue_seconds, "time_to_first_token": timings.time_to_first_token,
+            "total_seconds": timings.total_seconds}
+
+
+def timings_from_wire(data: Any) -> Timings | None:
+    if not isinstance(data, Mapping):
+        return None
+
+    def seconds(key: str) -> float | None:
+        value = data.get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+    return Timings(seconds("queue_seconds"), seconds("time_to_first_token"), seconds("total_seconds"))
+
+
+def build_chat_response(result: GenerationResult, *, request_id: str, model: str,
+                        created: int | None = None) -> dict:
+    """The non-stream response body for *result*."""
+    return {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()) if created is None else created,
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
+                     "finish_reason": result.finish_reason, "logprobs": None}],
+        "usage": usage_to_wire(result.usage),
+        "timings": timings_to_wire(result.timings),
+    }
+
+
+def _malformed(what: str, body: Any) -> ServerError:
+    return ServerError(f"the endpoint sent a malformed {what}: {str(body)[:200]}", body=body)
+
+
+def parse_chat_response(body: Any) -> GenerationResult:
+    """A :class:`GenerationResult` from a response body (``ServerError`` when it is malformed)."""
+    if isinstance(body, Mapping) and "error" in body:
+        raise error_from_status(500, dict(body))
+    try:
+        choice = body["choices"][0]
+        message = choice.get("message") or {}
+        text = message.get("content") or ""
+    except (KeyError, IndexError, TypeError, AttributeError):
+        raise _malformed("chat completion", body) from None
+    if not isinstance(text, str):
+        raise _malformed("chat completion", body)
+    return GenerationResult(text=text, finish_reason=choice.get("finish_reason"),
+                            usage=usage_from_wire(body.get("usage")) or Usage(),
+                            timings=timings_from_wire(body.get("timings")) or Timings(),
+                            model=body.get("model"), id=body.get("id"))
+
+
+# ------------------------------------------------------------------------------------------------ stream
+
+@dataclass(frozen=True, slots=True)
+class StreamChunk:
+    """What one stream chunk says: a text delta, and/or the finish reason, and/or the usage."""
+
+    delta: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    timings: Timings | None = None
+    id: str | None = None
+    model: str | None = None
+
+
+def build_stream_chunk(*, request_id: str, model: str, created: int, delta: str | None = None,
+                       role: str | None = None, finish_reason: str | None = None,
+                       usage: Usage | None = None, timings: Timings | None = None) -> dict:
+    """One ``chat.completion.chunk``. With *usage* (and no delta/finish) it is the final usage chunk
+    (``choices: []``), as ``stream_options.include_usage`` asks."""
+    chunk: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": created,
+                             "model": model}
+    if usage is not None and delta is None and role is None and finish_reason is None:
+        chunk["choices"] = []
+        chunk["usage"] = usage_to_wire(usage)
+        if timings is not None:
+            chunk["timings"] = timings_to_wire(timings)
+        return chunk
+    delta_obj: dict[str, Any] = {}
+    if role is not None:
+        delta_obj["role"] = role
+    if delta is not None:
+        delta_obj["content"] = delta
+    chunk["choices"] = [{"index": 0, "delta": delta_obj, "finish_reason": finish_reason, "logprobs": None}]
+    if usage is not None:
+        chunk["usage"] = usage_to_wire(usage)
+    return chunk
+
+
+def parse_stream_chunk(data: Any) -> StreamChunk:
+    """Read one decoded chunk. An ``{"error": ...}`` chunk raises its error class (mid-stream errors)."""
+    if not isinstance(data, Mapping):
+        raise _malformed("stream chunk", data)
+    if "error" in data:
+        err = data["error"]
+        status = 500
+        if isinstance(err, Mapping) and isinstance(err.get("status"), int):
+            status = err["status"]
+        raise error_from_status(status, dict(data))
+    delta, finish_reason = "", None
+    choices = data.get("choices") or []
+    if not isinstance(choices, list):
+        raise _malformed("stream chunk", data)
+    if choices:
+        choice = choices[0]
+        if not isinstance(choice, Mapping):
+            raise _malformed("stream chunk", data)
+        content = (choice.get("delta") or {}).get("content")
+        delta = content if isinstance(content, str) else ""
+        finish_reason = choice.get("finish_reason")
+    return StreamChunk(delta=delta, finish_reason=finish_reason, usage=usage_from_wire(data.get("usage")),
+                       timings=timings_from_wire(data.get("timings")), id=data.get("id"), model=data.get("model"))
+
+
+def encode_sse(data: Mapping | str) -> bytes:
+    """One Server-Sent Event carrying *data* (a dict is JSON-encoded)."""
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return b"".join(b"data: " + line.encode() + b"\n" for line in text.split("\n")) + b"\n"
+
+
+class SSEDecoder:
+    """Decode Server-Sent Events line by line: ``decode(line)`` returns an event's data (``str``) when a
+    blank line completes it, else ``None``. Comment lines and fields other than ``data`` are ignored;
+    ``data: [DONE]`` comes back as the string ``"[DONE]"``."""
+
+    def __init__(self) -> None:
+        self._data: list[str] = []
+
+    def decode(self, line: str) -> str | None:
+        line = line.rstrip("\r\n")
+        if not line:
+            if not self._data:
+                return None
+            data, self._data = "\n".join(self._data), []
+            return data
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        if name == "data":
+            self._data.append(value[1:] if value.startswith(" ") else value)
+        return None
+
+    def flush(self) -> str | None:
+        """The pending event's data at end of input (a server that omitted the last blank line)."""
+        return self.decode("")
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+def build_error_body(error: LlavaNextError) -> dict:
+    """The OpenAI-shaped error body for *error* (its HTTP status is ``error.status or 500``)."""
+    return error.to_dict()
+
+
+def parse_error(status: int, content: bytes | str | Any, *, request_id: str | None = None,
+                retry_after: float | None = None) -> APIError:
+    """The error class for an error response: *content* is the raw body (JSON or text)."""
+    body: Any = content
+    if isinstance(content, (bytes, bytearray)):
+        content = bytes(content).decode("utf-8", errors="replace")
+    if isinstance(content, str):
+        try:
+            body = json.loads(content)
+        except ValueError:
+            body = content.strip()
+    return error_from_status(status, body, request_id=request_id, retry_after=retry_after)
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header: delta-seconds or an HTTP date (``None`` if absent
+    or unreadable; never negative)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+# ------------------------------------------------------------------------------------------------ misc
+
+def decode_data_url(url: str, *, index: int | None = None) -> tuple[str, bytes]:
+    """``(media_type, bytes)`` of a ``data:image/...;base64,...`` URL; ``InvalidImageError`` if it is not one."""
+    header, comma, payload = url.partition(",")
+    if not comma or not header[:5].lower() == "data:":
+        raise InvalidImageError("not a data URL; expected 'data:image/<type>;base64,<data>'", index=index)
+    meta = header[5:].split(";")
+    media_type = meta[0].strip().lower() or "text/plain"
+    if not media_type.startswith("image/"):
+        raise InvalidImageError(f"a data URL of type {media_type!r} is not an image; expected image/png, "
+                                "image/jpeg, ...", index=index)
+    if "base64" not in [m.strip().lower() for m in meta[1:]]:
+        raise InvalidImageError("image data URLs must be base64-encoded (';base64,')", index=index)
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImageError("the data URL's base64 payload is corrupt", index=index) from None
+    if not data:
+        raise InvalidImageError("the data URL holds no data", index=index)
+    return media_type, data
+
+
+def build_models_list(model_ids: Iterable[str], *, created: int | None = None, owned_by: str = "llava-next") -> dict:
+    """The ``GET /v1/models`` body."""
+    created = int(time.time()) if created is None else created
+    return {"object": "list",
+            "data": [{"id": m, "object": "model", "created": created, "owned_by": owned_by} for m in model_ids]}
