@@ -1,0 +1,404 @@
+"""The image-to-text pipeline for LLaVA-NeXT: images (and an optional prompt) in, generated text out.
+
+    >>> import llava_next_plugin
+    >>> from transformers import pipeline
+    >>> pipe = pipeline("image-to-text", model="llava-hf/llava-v1.6-mistral-7b-hf", device="cuda")
+    >>> pipe(image, prompt="What does this chart show?")
+    [{'generated_text': 'The chart shows ...'}]
+
+What it accepts (each image may be a PIL image, a path, ``bytes``, or an ``http(s)://`` URL):
+
+- ``pipe(image)``: a caption, asked with :data:`DEFAULT_PROMPT`.
+- ``pipe(image, prompt="...")``: a question. The prompt is wrapped in the checkpoint's chat template
+  and gets its ``<image>`` placeholder when it has none, so the same call works for Mistral, Vicuna,
+  ChatML and Llama-3 checkpoints. A prompt that is already formatted (``[INST] <image>\\n... [/INST]``)
+  is kept as is.
+- ``pipe([img1, img2], prompt=...)``: a batch; ``prompt`` may be one string for all or a list with
+  one per image. An item may itself be a list of images for a multi-image prompt; a single string
+  prompt with ``k >= 2`` ``<image>`` placeholders and ``k`` images is one multi-image request.
+- ``pipe(messages)``: chat format, ``[{"role": "user", "content": [{"type": "image", "image": img},
+  {"type": "text", "text": "..."}]}]`` (or a list of such conversations). ``{"type": "image"}``
+  parts without an image take the images given with ``images=``.
+- Any generate argument (``max_new_tokens``, ``do_sample``, ``streamer``...) passes through, either as
+  a keyword or in ``generate_kwargs={...}``.
+
+A single request returns ``[{"generated_text": answer}]``; a batch returns one such list per item.
+The answer holds only the generated text, never the prompt.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from transformers import Pipeline
+
+from llava_next_sdk.errors import BadRequestError, InvalidImageError
+
+__all__ = ["LlavaNextImageToTextPipeline", "DEFAULT_PROMPT", "DEFAULT_MAX_NEW_TOKENS"]
+
+DEFAULT_PROMPT = "Describe this image."
+"""The instruction used when the pipeline is called with images only."""
+
+DEFAULT_MAX_NEW_TOKENS = 256
+"""Used when neither the call nor the checkpoint's generation config bounds the answer's length."""
+
+DEFAULT_IMAGE_TIMEOUT = 10.0
+"""Seconds allowed for fetching one image from an ``http(s)://`` URL."""
+
+IMAGE_PLACEHOLDER = "<image>"
+
+
+@dataclass
+class _Request:
+    """One item of a call: its images, and either a prompt string or chat messages."""
+
+    images: list = field(default_factory=list)
+    prompt: str | None = None
+    messages: list | None = None
+
+
+def _is_message(obj: Any) -> bool:
+    return isinstance(obj, dict) and "role" in obj and "content" in obj
+
+
+def _is_conversation(obj: Any) -> bool:
+    return isinstance(obj, (list, tuple)) and len(obj) > 0 and all(_is_message(m) for m in obj)
+
+
+def _as_list(obj: Any) -> list:
+    return list(obj) if isinstance(obj, (list, tuple)) else [obj]
+
+
+def _image_of_part(part: dict) -> Any:
+    """The image a chat content part carries, or ``None`` for a bare ``{"type": "image"}``."""
+    if part.get("type") == "image_url":
+        url = part.get("image_url")
+        return url.get("url") if isinstance(url, dict) else url
+    for key in ("image", "url", "path"):
+        if part.get(key) is not None:
+            return part[key]
+    return None
+
+
+class LlavaNextImageToTextPipeline(Pipeline):
+    """Answer prompts about images with a LLaVA-NeXT checkpoint (see the module docstring for inputs).
+
+    Built by ``transformers.pipeline("image-to-text", model=...)`` once ``llava_next_plugin`` is
+    imported, or directly: ``LlavaNextImageToTextPipeline(model=model, processor=processor)``.
+
+    Args:
+        model: a LLaVA-NeXT model (ours or transformers').
+        processor: its processor (tokenizer with a chat template, anyres image processor).
+        timeout (`float`): seconds allowed to fetch each image URL.
+        prompt_family (`str`): the prompt format for a checkpoint without a chat template
+            (``"mistral"``, ``"vicuna"``, ``"chatml"``, ``"llama3"``); detected when not given.
+        default_prompt (`str`): the instruction for calls without a prompt.
+        Generate arguments (``max_new_tokens``...) given here apply to every call.
+    """
+
+    _load_processor = True
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = False
+
+    def __init__(self, *args: Any, timeout: float | None = None, prompt_family: str | None = None,
+                 default_prompt: str = DEFAULT_PROMPT, **kwargs: Any) -> None:
+        self.timeout = DEFAULT_IMAGE_TIMEOUT if timeout is None else float(timeout)
+        self.prompt_family = prompt_family
+        self.default_prompt = default_prompt
+        super().__init__(*args, **kwargs)
+        if self.processor is None:
+            raise ValueError(
+                "LlavaNextImageToTextPipeline needs the checkpoint's processor: pass processor=, or "
+                "build it with pipeline('image-to-text', model=<checkpoint folder or hub id>)"
+            )
+
+    # --- transformers' Pipeline protocol --------------------------------------------------
+    def _sanitize_parameters(self, generate_kwargs: dict | None = None, **kwargs: Any):
+        """Every keyword that is not the pipeline's own is a generate argument."""
+        forward_params = dict(generate_kwargs or {})
+        forward_params.update(kwargs)
+        return {}, forward_params, {}
+
+    def preprocess(self, requests: list[_Request]):
+        """Load the images of a batch, format the prompts, and run the processor (left padding)."""
+        images, prompts = [], []
+        for request in requests:
+            for source in request.images:
+                images.append(self._load_image(source, index=len(images)))
+            prompts.append(self._format(request))
+        tokenizer = self.processor.tokenizer
+        padding_side = tokenizer.padding_side
+        tokenizer.padding_side = "left"  # generation continues every row from its last column
+        try:
+            inputs = self.processor(images=images or None, text=prompts, padding=True, return_tensors="pt")
+        finally:
+            tokenizer.padding_side = padding_side
+        return inputs
+
+    def _forward(self, model_inputs, **generate_kwargs):
+        """``model.generate`` on one padded batch; returns only the new tokens, ``[batch, new]``."""
+        generate_kwargs = dict(generate_kwargs)
+        config = getattr(self.model, "generation_config", None)
+        bounded = any(k in generate_kwargs for k in ("max_new_tokens", "max_length"))
+        if not bounded and getattr(config, "max_new_tokens", None) is None:
+            generate_kwargs["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
+        if "pad_token_id" not in generate_kwargs and self.processor.tokenizer.pad_token_id is not None:
+            generate_kwargs["pad_token_id"] = self.processor.tokenizer.pad_token_id
+        model_inputs = dict(model_inputs)
+        if "pixel_values" in model_inputs and self.model.dtype.is_floating_point:
+            model_inputs["pixel_values"] = model_inputs["pixel_values"].to(self.model.dtype)
+        prompt_length = model_inputs["input_ids"].shape[1]
+        output = self.model.generate(**model_inputs, **generate_kwargs)
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        return {"new_tokens": sequences[:, prompt_length:]}
+
+    def postprocess(self, model_outputs):
+        texts = self.processor.tokenizer.batch_decode(model_outputs["new_tokens"], skip_special_tokens=True)
+        return [[{"generated_text": text.strip()}] for text in texts]
+
+    # --- the call ---------------------------------------------------------------------------
+    def __call__(self, inputs: Any = None, prompt: Any = None, *, images: Any = None, text: Any = None,
+                 batch_size: int | None = None, timeout: float | None = None, **kwargs: Any):
+        """Generate an answer for each request (see the module docstring for the accepted shapes).
+
+        Returns ``[{"generated_text": str}]`` for one request, a list of those for a batch.
+        """
+        if text is not None:
+            if prompt is not None:
+                raise BadRequestError("give the prompt once: either prompt= or text=, not both")
+            prompt = text
+        if inputs is None:
+            inputs, images = images, None
+        if inputs is None:
+            raise BadRequestError("no image given: call pipe(image, prompt=...) or pipe(messages)")
+        requests, single = self._requests(inputs, prompt, images)
+        batch_size = batch_size or self._batch_size or 1
+        _, forward_params, _ = self._sanitize_parameters(**kwargs)
+        forward_params = {**self._forward_params, **forward_params}
+        previous_timeout = self.timeout
+        if timeout is not None:
+            self.timeout = float(timeout)
+        try:
+            results = []
+            for start in range(0, len(requests), batch_size):
+                model_inputs = self.preprocess(requests[start:start + batch_size])
+                results.extend(self.postprocess(self.forward(model_inputs, **forward_params)))
+        finally:
+            self.timeout = previous_timeout
+        return results[0] if single else results
+
+    def _requests(self, inputs: Any, prompt: Any, images: Any) -> tuple[list[_Request], bool]:
+        """Turn the call's arguments into requests; ``single`` says whether one result is returned."""
+        if _is_conversation(inputs):
+            return [self._chat_request(inputs, images)], True
+        if isinstance(inputs, (list, tuple)) and inputs and all(_is_conversation(c) for c in inputs):
+            if images is not None:
+                raise BadRequestError("images= cannot be combined with a batch of conversations: put each "
+                                      "image in its conversation's content")
+            return [self._chat_request(c, None) for c in inputs], False
+        if _is_conversation(prompt):
+            return [self._chat_request(prompt, _as_list(inputs))], True
+        if images is not None:
+            raise BadRequestError("images were given twice: pass them as the first argument or as images=")
+
+        if not isinstance(inputs, (list, tuple)):
+            if isinstance(prompt, (list, tuple)):
+                raise BadRequestError(f"{len(prompt)} prompts were given for one image: give one prompt, "
+                                      "or a list of images as long as the list of prompts")
+            return [_Request([inputs], prompt)], True
+        items = list(inputs)
+        if not items:
+            raise BadRequestError("the list of images is empty")
+        if isinstance(prompt, str) and len(items) > 1 and prompt.count(IMAGE_PLACEHOLDER) == len(items) \
+                and not any(isinstance(item, (list, tuple)) for item in items):
+            return [_Request(items, prompt)], True  # one multi-image prompt
+        prompts = _as_list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(items)
+        if len(prompts) != len(items):
+            raise BadRequestError(f"{len(items)} images but {len(prompts)} prompts: give one prompt for all, "
+                                  "or exactly one per image")
+        return [_Request(_as_list(item), p) for item, p in zip(items, prompts)], False
+
+    def _chat_request(self, messages: Sequence[dict], images: Any) -> _Request:
+        """A request from chat messages: images come from content parts, bare parts take *images*."""
+        spare = list(images or [])
+        found, cleaned = [], []
+        for message in messages:
+            content = message["content"]
+            if isinstance(content, str):
+                cleaned.append({"role": message["role"], "content": [{"type": "text", "text": content}]})
+                continue
+            parts = []
+            for part in content:
+                if part.get("type") in ("image", "image_url"):
+                    source = _image_of_part(part)
+                    if source is None:
+                        if not spare:
+                            raise BadRequestError(
+                                "the messages have more image parts than images: give each "
+                                "{'type': 'image'} part an 'image' (PIL, path, bytes or URL) or pass images="
+                            )
+                        source = spare.pop(0)
+                    found.append(source)
+                    parts.append({"type": "image"})
+                elif part.get("type") == "text":
+                    parts.append({"type": "text", "text": part.get("text", "")})
+                else:
+                    raise BadRequestError(f"unsupported content part type {part.get('type')!r}: use 'image' or 'text'")
+            cleaned.append({"role": message["role"], "content": parts})
+        if spare:
+            raise BadRequestError(f"{len(spare)} image(s) given but the messages have no image part for them: "
+                                  "add a {'type': 'image'} part per image")
+        return _Request(found, None, cleaned)
+
+    # --- images and prompts -------------------------------------------------------------------
+    def _load_image(self, source: Any, index: int):
+        try:
+            return load_image(source, timeout=self.timeout)
+        except InvalidImageError as exc:
+            if exc.index is None:
+                raise InvalidImageError(exc.message, index=index) from exc
+            raise
+        except (OSError, ValueError) as exc:
+            raise InvalidImageError(f"could not read {_describe(source)}: {exc}", index=index) from exc
+
+    def _format(self, request: _Request) -> str:
+        """The model-ready prompt string for one request."""
+        if request.messages is not None:
+            return build_prompt(self.processor, messages=request.messages, family=self.prompt_family,
+                                config=self.model.config)
+        text = self.default_prompt if request.prompt is None else request.prompt
+        if not isinstance(text, str):
+            raise BadRequestError(f"the prompt must be a string or chat messages, got {type(text).__name__}")
+        placeholders = text.count(IMAGE_PLACEHOLDER)
+        if placeholders > len(request.images):
+            raise BadRequestError(
+                f"the prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(request.images)} "
+                f"image(s) were given: give one image per placeholder, or remove the extra placeholders"
+            )
+        return build_prompt(self.processor, text=text, num_images=len(request.images), family=self.prompt_family,
+                            config=self.model.config)
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return repr(os.fspath(source))
+    if isinstance(source, (bytes, bytearray)):
+        return f"{len(source)} bytes"
+    return type(source).__name__
+
+
+# --- interim stand-ins until images.py / prompts.py land (removed then) ---------------------------
+def load_image(source: Any, timeout: float):
+    import io
+
+    from PIL import Image
+
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, (bytes, bytearray)):
+        return Image.open(io.BytesIO(source)).convert("RGB")
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        import httpx
+
+        return Image.open(io.BytesIO(httpx.get(source, timeout=timeout, follow_redirects=True).content)).convert("RGB")
+    if isinstance(source, (str, os.PathLike)):
+        with Image.open(source) as image:
+            return image.convert("RGB")
+    raise InvalidImageError(f"unsupported image source {type(source).__name__}")
+
+
+_FORMATTED_MARKERS = ("[INST]", "USER:", "<|im_start|>", "<|start_header_id|>")
+
+
+def build_prompt(processor: Any, *, text: str | None = None, messages: list | None = None, num_images: int = 0,
+                 family: str | None = None, config: Any = None) -> str:
+    if messages is None:
+        if any(marker in text for marker in _FORMATTED_MARKERS):
+            return text
+        missing = num_images - text.count(IMAGE_PLACEHOLDER)
+        messages = [{"role": "user", "content": [{"type": "image"}] * missing + [{"type": "text", "text": text}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+# --- routing "image-to-text" for llava_next (moves to registration.py once it lands) ---------------
+_ROUTED_MODEL_TYPE = "llava_next"
+_original_pipeline_factory = None
+
+
+def _model_type_of(model: Any, config: Any, hub_kwargs: dict) -> str | None:
+    """The ``model_type`` a ``pipeline(...)`` call will load, or ``None`` when it cannot be told."""
+    if config is not None and not isinstance(config, (str, os.PathLike)):
+        return getattr(config, "model_type", None)
+    if model is not None and not isinstance(model, (str, os.PathLike)):
+        return getattr(getattr(model, "config", None), "model_type", None)
+    source = config if config is not None else model
+    if source is None:
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source, **hub_kwargs).model_type
+    except Exception:  # not ours to judge: transformers reports a bad model its own way
+        return None
+
+
+def install_image_to_text_route() -> None:
+    """Make ``transformers.pipeline("image-to-text", model=<llava_next>)`` build our pipeline.
+
+    transformers 5 rewrites the task ``image-to-text`` to ``image-text-to-text`` before consulting
+    any registry (``pipelines._resolve_deprecated_task``), and the warning it logs there is itself
+    malformed. This wraps ``transformers.pipeline``: a call with that task whose model is of type
+    ``llava_next`` goes to transformers' factory as ``image-text-to-text`` with
+    ``pipeline_class=LlavaNextImageToTextPipeline`` (so no rewrite and no warning happen); every
+    other call reaches the original factory untouched. Undo with :func:`remove_image_to_text_route`.
+    """
+    global _original_pipeline_factory
+    import inspect
+
+    import transformers
+    import transformers.pipelines as pipelines
+
+    if _original_pipeline_factory is not None:
+        return
+    original = pipelines.pipeline
+    signature = inspect.signature(original)
+
+    def pipeline(*args: Any, **kwargs: Any):
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return original(*args, **kwargs)
+        arguments = bound.arguments
+        if arguments.get("task") != "image-to-text" or arguments.get("pipeline_class") is not None:
+            return original(*args, **kwargs)
+        hub_kwargs = {k: arguments[k] for k in ("revision", "token", "trust_remote_code") if arguments.get(k) is not None}
+        if _model_type_of(arguments.get("model"), arguments.get("config"), hub_kwargs) != _ROUTED_MODEL_TYPE:
+            return original(*args, **kwargs)
+        arguments["task"] = "image-text-to-text"
+        arguments["pipeline_class"] = LlavaNextImageToTextPipeline
+        pipe = original(*bound.args, **bound.kwargs)
+        pipe.task = "image-to-text"
+        return pipe
+
+    pipeline.__wrapped__ = original
+    pipeline.__doc__ = original.__doc__
+    _original_pipeline_factory = original
+    pipelines.pipeline = pipeline
+    transformers.pipeline = pipeline
+
+
+def remove_image_to_text_route() -> None:
+    """Give ``transformers.pipeline`` back its original factory."""
+    global _original_pipeline_factory
+    import transformers
+    import transformers.pipelines as pipelines
+
+    if _original_pipeline_factory is None:
+        return
+    pipelines.pipeline = _original_pipeline_factory
+    transformers.pipeline = _original_pipeline_factory
+    _original_pipeline_factory = None
