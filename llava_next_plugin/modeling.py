@@ -1,0 +1,580 @@
+"""LlavaNextModel and LlavaNextForConditionalGeneration: a vision tower, a projector and a language model.
+
+The module tree is the one transformers 5 builds, so in-memory weight names, PEFT target names
+(``q_proj``, ``v_proj``...) and ``device_map`` plans are the same::
+
+    LlavaNextForConditionalGeneration
+    ├── model: LlavaNextModel
+    │   ├── vision_tower            AutoModel.from_config(config.vision_config)   (CLIP, SigLIP...)
+    │   ├── multi_modal_projector   linear_1 -> act -> linear_2
+    │   ├── language_model          AutoModel.from_config(config.text_config)     (Mistral, Llama, Qwen2...)
+    │   └── image_newline           [text_hidden]
+    └── lm_head                     [vocab, text_hidden]
+
+How an image becomes features (shapes for one image of ``n_tiles = 1 + rows * cols`` tiles):
+
+1. the vision tower runs once over every tile of every image in the batch: ``[T, C, tile, tile]``;
+2. the selected hidden state(s) (``vision_feature_layer``; a list is concatenated on the feature axis),
+   without position 0 under strategy ``default``, go through the projector: ``[T, side*side, D]``;
+3. packing, one gather for the whole batch: the base tile's features, then the grid tiles' features as
+   one ``map_rows x map_cols`` map, cropped to the part that covers the image, with ``image_newline``
+   after every row. Where to crop and how many rows/cols there are comes from :mod:`.geometry`
+   (``config.image_geometry``) and nowhere else; the gather order of each geometry is cached.
+4. the packed features replace the ``<image>`` token embeddings, in order (``masked_scatter``).
+
+Checkpoints in the llava-hf hub layout, in what transformers 5 saves, and in in-memory names all load;
+``save_pretrained`` writes the hub layout (see :mod:`.checkpoint_keys`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+)
+
+from llava_next_sdk.errors import BadRequestError
+
+from . import checkpoint_keys, geometry
+from .configuration import LlavaNextConfig
+
+__all__ = [
+    "LlavaNextPreTrainedModel",
+    "LlavaNextModel",
+    "LlavaNextForConditionalGeneration",
+    "LlavaNextModelOutputWithPast",
+    "LlavaNextCausalLMOutputWithPast",
+]
+
+
+@dataclass
+class LlavaNextModelOutputWithPast(MultimodalBaseModelOutputWithPast):
+    """The language model's outputs, plus ``image_outputs`` (``pooler_output``: per-image features)."""
+
+    @property
+    def image_hidden_states(self):
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
+
+
+@dataclass
+class LlavaNextCausalLMOutputWithPast(MultimodalCausalLMOutputWithPast):
+    """``loss``, ``logits`` ``[batch, seq, vocab]``, the cache, and the same extras as the base model."""
+
+    @property
+    def image_hidden_states(self):
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
+
+
+class LlavaNextMultiModalProjector(nn.Module):
+    """Vision features ``[..., vision_hidden * n_layers]`` -> text embeddings ``[..., text_hidden]``."""
+
+    def __init__(self, config: LlavaNextConfig):
+        super().__init__()
+        layers = config.vision_feature_layer
+        n_layers = len(layers) if isinstance(layers, (list, tuple)) else 1
+        text_hidden = config.text_config.hidden_size
+        bias = config.multimodal_projector_bias
+        self.linear_1 = nn.Linear(config.vision_config.hidden_size * n_layers, text_hidden, bias=bias)
+        self.act = ACT2FN[config.projector_hidden_act]
+        self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+# --- Packing order: cached per geometry ------------------------------------------------------------
+
+NEWLINE = -1  # marks an ``image_newline`` slot in a packing order
+
+
+@functools.lru_cache(maxsize=4096)
+def packing_order(geom: geometry.ImageGeometry, tile_features: int) -> torch.Tensor:
+    """Where each packed feature of one image comes from: ``[geom.num_tokens]`` int64 (CPU).
+
+    Entries index the image's tile features flattened to ``[n_tiles * tile_features]`` (tile 0 is
+    the base view, tiles ``1..`` the grid in row-major order); :data:`NEWLINE` marks the slot of an
+    ``image_newline``. The base view keeps all its ``base_tokens`` features; the grid tiles are laid
+    out as one ``map_rows x map_cols`` map, of which ``[crop_top:crop_bottom, crop_left:crop_right]``
+    is kept, one newline after each kept row.
+    """
+    side = geom.side
+    rows = torch.arange(geom.crop_top, geom.crop_bottom)[:, None]  # [R, 1] feature-map rows
+    cols = torch.arange(geom.crop_left, geom.crop_right)[None, :]  # [1, C] feature-map cols
+    tile = 1 + (rows // side) * geom.grid_cols + cols // side  # [R, C]
+    grid = tile * tile_features + (rows % side) * side + cols % side  # [R, C]
+    newline = torch.full((grid.shape[0], 1), NEWLINE, dtype=grid.dtype)
+    grid = torch.cat([grid, newline], dim=1).flatten()
+    return torch.cat([torch.arange(geom.base_tokens), grid])
+
+
+# --- Models ----------------------------------------------------------------------------------------
+
+
+class LlavaNextPreTrainedModel(PreTrainedModel):
+    """Shared settings: config class, capabilities, weight init, and the checkpoint key layouts."""
+
+    config_class = LlavaNextConfig
+    config: LlavaNextConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["cache"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, LlavaNextModel):
+            with torch.no_grad():
+                module.image_newline.normal_(0.0, 1.0 / math.sqrt(self.config.text_config.hidden_size))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Load any of the three key layouts (see :mod:`.checkpoint_keys`); arguments as transformers'."""
+        if kwargs.get("key_mapping") is None:
+            kwargs["key_mapping"] = dict(checkpoint_keys.LOAD_KEY_MAPPING)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
+        """Save in the llava-hf hub layout (``language_model.model.*``, ``vision_tower.vision_model.*``...).
+
+        Tied weights (``lm_head`` tied to the input embeddings) are written once, under the
+        embeddings' name, as transformers expects.
+        """
+        if getattr(self, "_hf_peft_config_loaded", False):
+            return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        if state_dict is None:
+            state_dict = self.state_dict()
+        prefix = "" if isinstance(self, LlavaNextForConditionalGeneration) else "model."
+        if self.config.tie_word_embeddings and "lm_head.weight" in state_dict:
+            state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+        hub_state_dict = {checkpoint_keys.to_hub_key(prefix + k): v for k, v in state_dict.items()}
+        kwargs["save_original_format"] = False
+        return super().save_pretrained(save_directory, *args, state_dict=hub_state_dict, **kwargs)
+
+
+class LlavaNextModel(LlavaNextPreTrainedModel):
+    """The vision tower, the projector and the language model, without the LM head.
+
+    ``forward`` returns :class:`LlavaNextModelOutputWithPast` (``last_hidden_state`` ``[batch, seq,
+    text_hidden]``, the cache, optional hidden states/attentions, and ``image_outputs``).
+    """
+
+    def __init__(self, config: LlavaNextConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaNextMultiModalProjector(config)
+        text_hidden = config.text_config.hidden_size
+        self.image_newline = nn.Parameter(torch.randn(text_hidden, dtype=self.dtype) / math.sqrt(text_hidden))
+        self.language_model = AutoModel.from_config(config.text_config)
+        self._geometry_cache: dict[tuple, geometry.ImageGeometry] = {}
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    # --- image features ----------------------------------------------------------------------
+
+    def image_geometry(self, height: int, width: int, strategy: str | None = None) -> geometry.ImageGeometry:
+        """The :class:`~.geometry.ImageGeometry` of one image, from ``config.image_geometry`` (memoised).
+
+        ``strategy`` overrides the config's ``vision_feature_select_strategy`` (it only changes the
+        base view's token count).
+        """
+        cfg = self.config
+        strategy = strategy or cfg.vision_feature_select_strategy
+        key = (height, width, strategy, cfg.tile_size, cfg.patch_size, _pinpoints_key(cfg))
+        geom = self._geometry_cache.get(key)
+        if geom is None:
+            if strategy == cfg.vision_feature_select_strategy:
+                geom = cfg.image_geometry(height, width)
+            else:
+                geom = geometry.image_geometry(
+                    height, width, cfg.image_grid_pinpoints, cfg.tile_size, cfg.patch_size, strategy,
+                    cfg.num_additional_image_tokens,
+                )
+            self._geometry_cache[key] = geom
+        return geom
+
+    def _image_geometries(self, image_sizes, strategy: str) -> list[geometry.ImageGeometry]:
+        sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(s) for s in image_sizes]
+        geoms = []
+        for index, size in enumerate(sizes):
+            if len(size) != 2:
+                raise BadRequestError(
+                    f"image_sizes[{index}] is {size}: give one (height, width) pair per image", param="image_sizes"
+                )
+            try:
+                geoms.append(self.image_geometry(int(size[0]), int(size[1]), strategy))
+            except ValueError as err:
+                raise BadRequestError(f"image_sizes[{index}] = {size}: {err}", param="image_sizes") from err
+        return geoms
+
+    def _gather_tiles(self, pixel_values: torch.Tensor, geoms: list[geometry.ImageGeometry]) -> torch.Tensor:
+        """Every tile the images need, ``[T, C, tile, tile]``, from 5-D padded or 4-D stacked input."""
+        needed = [g.num_tiles for g in geoms]
+        if pixel_values.dim() == 5:
+            if pixel_values.shape[0] != len(geoms):
+                raise BadRequestError(
+                    f"pixel_values holds {pixel_values.shape[0]} images but image_sizes has {len(geoms)} "
+                    f"entries: give one (height, width) per image, as the processor returns them",
+                    param="image_sizes",
+                )
+            available = pixel_values.shape[1]
+            for index, (g, n) in enumerate(zip(geoms, needed)):
+                if n > available:
+                    raise BadRequestError(
+                        f"image {index} ({g.height}x{g.width}) needs {n} tiles (1 + {g.grid_rows}x{g.grid_cols} "
+                        f"grid) but pixel_values holds {available} per image: the processor's "
+                        f"image_grid_pinpoints or tile size differ from the model config's",
+                        param="pixel_values",
+                    )
+            if all(n == available for n in needed):
+                return pixel_values.flatten(0, 1)
+            return torch.cat([pv[:n] for pv, n in zip(pixel_values, needed)])
+        if pixel_values.dim() == 4:
+            if pixel_values.shape[0] != sum(needed):
+                raise BadRequestError(
+                    f"pixel_values holds {pixel_values.shape[0]} tiles but the {len(geoms)} image_sizes need "
+                    f"{sum(needed)} ({needed} per image): image_sizes or the processor's image_grid_pinpoints "
+                    f"do not match the model config",
+                    param="pixel_values",
+                )
+            return pixel_values
+        raise BadRequestError(
+            f"pixel_values must be [images, tiles, channels, height, width] or [tiles, channels, height, "
+            f"width]; got shape {tuple(pixel_values.shape)}",
+            param="pixel_values",
+        )
+
+    def _tile_features(self, tiles: torch.Tensor, feature_layer, strategy: str) -> torch.Tensor:
+        """Projected features of each tile: ``[T, positions, text_hidden]``."""
+        layers = list(feature_layer) if isinstance(feature_layer, (list, tuple)) else feature_layer
+        tower_dtype = self.vision_tower.dtype
+        out = self.vision_tower(tiles.to(tower_dtype), output_hidden_states=layers, return_dict=True)
+        if isinstance(layers, list):
+            selected = torch.cat([out.hidden_states[i] for i in layers], dim=-1)
+        else:
+            selected = out.hidden_states[layers]
+        if strategy == "default":
+            selected = selected[:, 1:]
+        return self.multi_modal_projector(selected)
+
+    def pack_image_features(
+        self, tile_features: torch.Tensor, geoms: list[geometry.ImageGeometry]
+    ) -> torch.Tensor:
+        """All images' packed features ``[sum(num_tokens), text_hidden]`` from ``[T, F, text_hidden]``.
+
+        One gather over the whole batch, in the order of :func:`packing_order`.
+        """
+        n_tiles, per_tile, hidden = tile_features.shape
+        side = geoms[0].side if geoms else 0
+        if per_tile != side * side:
+            cls_note = (
+                "the tower has no CLS position, so strategy 'default' drops a real patch: use 'full'"
+                if self.config.num_additional_image_tokens == 0
+                else "strategy 'full' keeps CLIP's CLS position: use 'default'"
+            )
+            raise BadRequestError(
+                f"each tile gives {per_tile} features but a {side}x{side} grid needs {side * side}; {cls_note}",
+                param="vision_feature_select_strategy",
+            )
+        orders, offset = [], 0
+        for g in geoms:
+            order = packing_order(g, per_tile)
+            orders.append(torch.where(order == NEWLINE, n_tiles * per_tile, order + offset * per_tile))
+            offset += g.num_tiles
+        index = torch.cat(orders).to(tile_features.device, non_blocking=True)
+        newline = self.image_newline.to(tile_features.device, tile_features.dtype)
+        table = torch.cat([tile_features.reshape(n_tiles * per_tile, hidden), newline[None]])
+        return table.index_select(0, index)
+
+    def _image_features(self, pixel_values, image_sizes, feature_layer, strategy):
+        """``(packed [sum(tokens), D], geometries)`` for every image in the batch."""
+        if image_sizes is None:
+            raise BadRequestError(
+                "pixel_values were given without image_sizes: pass the (height, width) of each image "
+                "(the processor returns them as 'image_sizes')",
+                param="image_sizes",
+            )
+        if strategy not in geometry.VALID_STRATEGIES:
+            raise BadRequestError(
+                f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}",
+                param="vision_feature_select_strategy",
+            )
+        geoms = self._image_geometries(image_sizes, strategy)
+        tiles = self._gather_tiles(pixel_values, geoms)
+        tile_features = self._tile_features(tiles, feature_layer, strategy)
+        return self.pack_image_features(tile_features, geoms), geoms
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | list,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        """Image embeddings, as the language model receives them.
+
+        Args:
+            pixel_values: ``[images, tiles, C, H, W]`` (padded, as the processor returns) or
+                ``[all_tiles, C, H, W]``.
+            image_sizes: ``[images, 2]``, each image's original ``(height, width)``.
+
+        Returns:
+            ``BaseModelOutputWithPooling`` whose ``pooler_output`` is a tuple of ``[num_tokens_i,
+            text_hidden]`` tensors, one per image.
+        """
+        layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+        strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        packed, geoms = self._image_features(pixel_values, image_sizes, layer, strategy)
+        per_image = torch.split(packed, [g.num_tokens for g in geoms])
+        return BaseModelOutputWithPooling(pooler_output=per_image)
+
+    # --- placing features ----------------------------------------------------------------------
+
+    def _image_token_mask(self, input_ids, inputs_embeds) -> torch.Tensor:
+        """``[batch, seq]`` bool: where the ``<image>`` tokens are."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_embedding = self.get_input_embeddings()(
+            torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        )
+        return (inputs_embeds == image_embedding).all(-1)
+
+    def _check_counts(self, token_mask: torch.Tensor, geoms: list[geometry.ImageGeometry]) -> None:
+        """Raise a clear error unless each sample's ``<image>`` tokens match its images' features."""
+        tokens_per_sample = token_mask.sum(-1).tolist()
+        features = [g.num_tokens for g in geoms]
+        if sum(tokens_per_sample) == sum(features) and len(tokens_per_sample) == 1:
+            return
+        image = 0
+        for sample, n_tokens in enumerate(tokens_per_sample):
+            first, n_features = image, 0
+            while image < len(features) and n_features < n_tokens:
+                n_features += features[image]
+                image += 1
+            if n_features != n_tokens:
+                described = ", ".join(
+                    f"image {i} {g.height}x{g.width} -> {g.num_tokens}" for i, g in enumerate(geoms[first:image], first)
+                ) or "no image left"
+                raise BadRequestError(
+                    f"sample {sample} has {n_tokens} <image> tokens but its images give {n_features} features "
+                    f"({described}). The prompt's <image> expansion does not match the model: probably the "
+                    f"processor's patch_size, vision_feature_select_strategy or image_grid_pinpoints differ "
+                    f"from the model config, or image_sizes are not the sizes the processor saw.",
+                    param="input_ids",
+                )
+        if image != len(features):
+            raise BadRequestError(
+                f"the batch has {sum(tokens_per_sample)} <image> tokens but {len(features)} images giving "
+                f"{sum(features)} features: {len(features) - image} image(s) have no <image> tokens in the prompt",
+                param="pixel_values",
+            )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> LlavaNextModelOutputWithPast | tuple:
+        """Embed the text, put image features at the ``<image>`` positions, run the language model.
+
+        Args:
+            input_ids: ``[batch, seq]`` with each image's ``<image>`` token already expanded to its
+                ``num_tokens`` (the processor does this).
+            pixel_values: ``[images, tiles, C, H, W]`` or ``[all_tiles, C, H, W]``; images in prompt order.
+            image_sizes: ``[images, 2]`` original ``(height, width)`` of each image.
+            attention_mask: ``[batch, seq]`` (1 = attend), or a 4-D mask.
+            cache: a transformers ``Cache`` (``past_key_values`` is accepted as an alias).
+            inputs_embeds: ``[batch, seq, text_hidden]`` instead of ``input_ids``.
+        """
+        if cache is None:
+            cache = kwargs.pop("past_key_values", None)
+        else:
+            kwargs.pop("past_key_values", None)
+        return_dict = kwargs.pop("return_dict", True)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise BadRequestError("give exactly one of input_ids and inputs_embeds", param="input_ids")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is not None and pixel_values.numel() == 0:
+            pixel_values = None
+
+        image_outputs = None
+        if pixel_values is not None:
+            token_mask = self._image_token_mask(input_ids, inputs_embeds)
+            layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
+            strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+            features, geoms = self._image_features(pixel_values, image_sizes, layer, strategy)
+            if not bool(token_mask.any()):
+                raise BadRequestError(
+                    f"pixel_values hold {len(geoms)} image(s) but the prompt has no <image> token "
+                    f"(id {self.config.image_token_id}): put <image> where each image goes and let the "
+                    f"processor expand it",
+                    param="pixel_values",
+                )
+            self._check_counts(token_mask, geoms)
+            features = features.to(inputs_embeds.device, inputs_embeds.dtype)
+            inputs_embeds = inputs_embeds.masked_scatter(token_mask.unsqueeze(-1), features)
+            image_outputs = BaseModelOutputWithPooling(
+                pooler_output=torch.split(features, [g.num_tokens for g in geoms])
+            )
+        elif input_ids is not None and input_ids.shape[-1] > 1 and _cache_is_empty(cache):
+            if bool((input_ids == self.config.image_token_id).any()):
+                raise BadRequestError(
+                    f"the prompt has <image> tokens (id {self.config.image_token_id}) but no pixel_values were "
+                    f"given: pass the images (pixel_values and image_sizes from the processor) or remove "
+                    f"<image> from the prompt",
+                    param="pixel_values",
+                )
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            return_dict=True,
+            **kwargs,
+        )
+        result = LlavaNextModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            cache=getattr(outputs, "cache", None),
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=image_outputs,
+        )
+        return result if return_dict else result.to_tuple()
+
+
+class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixin):
+    """:class:`LlavaNextModel` plus the LM head: logits, loss with ``labels``, and ``generate()``."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: LlavaNextConfig):
+        super().__init__(config)
+        self.model = LlavaNextModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_image_features(self, pixel_values, image_sizes, vision_feature_layer=None,
+                           vision_feature_select_strategy=None, **kwargs) -> BaseModelOutputWithPooling:
+        """See :meth:`LlavaNextModel.get_image_features`."""
+        return self.model.get_image_features(
+            pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy, **kwargs
+        )
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> LlavaNextCausalLMOutputWithPast | tuple:
+        """Arguments as :meth:`LlavaNextModel.forward`, plus:
+
+        Args:
+            labels: ``[batch, seq]`` token ids to predict (``-100`` = ignore); gives ``loss``.
+            logits_to_keep: compute logits for the last ``n`` positions only (0 = all), or for the
+                positions in a 1-D index tensor.
+        """
+        return_dict = kwargs.pop("return_dict", True)
+        outputs = self.model(
+            input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            if logits_to_keep:
+                hidden = hidden[:, -logits_to_keep:]
+        else:
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        result = LlavaNextCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_outputs=outputs.image_outputs,
+        )
+        return result if return_dict else result.to_tuple()
+
+
+# --- helpers ----------------------------------------------------------------------------------------
+
+
+def _pinpoints_key(config: LlavaNextConfig) -> tuple:
+    return tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints)
+
+
+def _cache_is_empty(cache) -> bool:
+    if cache is None:
+        return True
+    try:
+        return cache.get_seq_length() == 0
+    except (AttributeError, TypeError):
+        return False
