@@ -1,1 +1,73 @@
-"""Async client for LLaVA-NeXT, in-process or remote."""
+"""Async client for LLaVA-NeXT, in-process or remote, behind one API.
+
+    from llava_next_sdk import AsyncClient
+
+    async with AsyncClient(base_url="http://127.0.0.1:8000/v1", model="tiny") as client:   # remote
+        result = await client.generate("cat.png", "What is this?", max_tokens=32)
+    async with AsyncClient(model="path/to/checkpoint") as client:                           # in-process
+        async with client.stream("cat.png", "Describe it.") as stream:
+            async for delta in stream:
+                print(delta, end="")
+
+Importing this package imports neither torch nor transformers; a local model loads them when it is
+first asked for.
+"""
+
+from .client import AsyncClient, Client, SyncTextStream, TextStream
+from .errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ContextLengthExceededError,
+    InvalidImageError,
+    LlavaNextError,
+    NotFoundError,
+    OverloadedError,
+    RequestCancelledError,
+    ServerError,
+    UnsupportedParameterError,
+)
+from .transports.base import AsyncTransport
+from .types import (
+    ChatMessage,
+    ChatRequest,
+    GenerationParams,
+    GenerationResult,
+    ImagePart,
+    TextPart,
+    Timings,
+    Usage,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "TextStream",
+    "SyncTextStream",
+    "AsyncTransport",
+    "ChatMessage",
+    "ChatRequest",
+    "GenerationParams",
+    "GenerationResult",
+    "ImagePart",
+    "TextPart",
+    "Timings",
+    "Usage",
+    "LlavaNextError",
+    "APIError",
+    "BadRequestError",
+    "InvalidImageError",
+    "ContextLengthExceededError",
+    "UnsupportedParameterError",
+    "AuthenticationError",
+    "NotFoundError",
+    "OverloadedError",
+    "ServerError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "RequestCancelledError",
+]

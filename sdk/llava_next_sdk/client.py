@@ -1,0 +1,512 @@
+"""``AsyncClient`` and its sync twin ``Client``: one API, in-process or remote.
+
+The client is thin. It turns the user's images, prompt, messages and parameters into a
+:class:`~llava_next_sdk.types.ChatRequest` (image encoding runs in a worker thread) and hands it to a
+transport (``transports/base.py``), chosen through the ``llava_next_sdk_transport`` hook:
+
+    AsyncClient(model="path/or/hub-id")                   -> hook("local:path/or/hub-id")  (engine, in-process)
+    AsyncClient(base_url="http://127.0.0.1:8000/v1", ...) -> hook("http://...")           (any OpenAI endpoint)
+
+Everything is anyio: the async client works under asyncio and trio alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+
+import anyio
+
+from .errors import BadRequestError, LlavaNextError, InvalidImageError
+from .images import as_image_list, to_image_parts
+from .transports.base import AsyncTransport
+from .types import ChatMessage, ChatRequest, GenerationParams, GenerationResult, ImagePart, TextPart, Usage
+
+__all__ = ["AsyncClient", "Client", "TextStream", "SyncTextStream"]
+
+_ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _transport_for(url: str, options: dict) -> AsyncTransport:
+    from .plugins import get_plugin_manager
+
+    transport = get_plugin_manager().hook.llava_next_sdk_transport(url=url, options=options)
+    if transport is None:
+        if url.startswith("local:"):
+            raise LlavaNextError(
+                f"no transport can run the local model {url[6:]!r}: install the model package "
+                "(pip install 'llava-next-sdk[local]'), or pass base_url= to use a server")
+        raise LlavaNextError(f"no transport serves {url!r}; use an http(s):// base_url, or model= for a "
+                             "local model, or install the plugin that handles this scheme")
+    return transport
+
+
+class AsyncClient:
+    """Talk to LLaVA-NeXT in this process or on any OpenAI-compatible endpoint, with the same methods.
+
+    :param model: a local checkpoint (path or hub id) to run in-process; with ``base_url``, the model
+        name sent to the endpoint.
+    :param base_url: an OpenAI-compatible endpoint, e.g. ``"http://127.0.0.1:8000/v1"``.
+    :param api_key: the endpoint's key (``Authorization: Bearer``).
+    :param timeout: seconds, or an ``httpx.Timeout``; finite by default (10 s connect, 300 s read).
+    :param max_retries: retries on connect errors, 429 and 5xx before a response starts (default 2).
+    :param transport: an :class:`~llava_next_sdk.transports.AsyncTransport` to use as is (then the
+        other arguments are not used to pick one).
+    :param options: more transport options, passed to the ``llava_next_sdk_transport`` hook (for the
+        local transport, e.g. ``device=``, ``dtype=``; for HTTP, ``headers=``, ``http_client=``).
+
+    Default generation parameters for every call may be given as ``params=GenerationParams(...)`` or
+    a dict.
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, *, base_url: str | None = None,
+                 api_key: str | None = None, timeout: Any = None, max_retries: int | None = None,
+                 transport: AsyncTransport | None = None, params: GenerationParams | Mapping | None = None,
+                 **options: Any) -> None:
+        if isinstance(params, Mapping):
+            params = GenerationParams.from_kwargs(params)
+        self.params = params or GenerationParams()
+        self.model = os.fspath(model) if model is not None else None
+        self.base_url = base_url
+        if transport is None:
+            if base_url is None and model is None:
+                raise TypeError("pass model= (a local checkpoint path or hub id) or base_url= (an "
+                                "OpenAI-compatible endpoint such as 'http://127.0.0.1:8000/v1')")
+            given = {"model": self.model, "api_key": api_key, "timeout": timeout, "max_retries": max_retries}
+            options = {**{k: v for k, v in given.items() if v is not None}, **options}
+            transport = _transport_for(base_url if base_url is not None else f"local:{self.model}", options)
+        elif options:
+            raise TypeError(f"transport= was given, so these options are not used: {', '.join(sorted(options))}")
+        self.transport = transport
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"AsyncClient(transport={self.transport!r})"
+
+    # --------------------------------------------------------------------------- building requests
+
+    def _params(self, params: Mapping[str, Any]) -> GenerationParams:
+        return self.params.merged(**params) if params else self.params
+
+    async def _prompt_request(self, images: Any, prompt: Any, system: str | None,
+                              params: Mapping[str, Any]) -> ChatRequest:
+        if not isinstance(prompt, str):
+            raise BadRequestError(f"prompt must be a str, got {type(prompt).__name__}", param="prompt")
+        generation_params = self._params(params)
+        parts: list = await to_image_parts(as_image_list(images))
+        parts.append(TextPart(prompt))
+        messages = [ChatMessage("user", tuple(parts))]
+        if system is not None:
+            messages.insert(0, ChatMessage("system", (TextPart(system),)))
+        return ChatRequest(tuple(messages), generation_params)
+
+    async def _chat_request(self, messages: Any, params: Mapping[str, Any]) -> ChatRequest:
+        generation_params = self._params(params)
+        return ChatRequest(tuple(await _to_messages(messages)), generation_params)
+
+    # --------------------------------------------------------------------------- calls
+
+    async def generate(self, images: Any = None, prompt: str = "", *, system: str | None = None,
+                       **params: Any) -> GenerationResult:
+        """Answer *prompt* about *images* (one image, a list of them, or ``None``).
+
+        An image may be a PIL image, a path, bytes, a numpy array ``[H, W, C]``, an http(s) URL or a
+        data URL. *params* are generation parameters (``max_tokens``, ``temperature``, ``top_p``,
+        ``stop``, ``seed``); any other name raises ``UnsupportedParameterError``.
+        """
+        self._check_open()
+        return await self.transport.generate(await self._prompt_request(images, prompt, system, params))
+
+    async def chat(self, messages: Sequence[Mapping | ChatMessage], **params: Any) -> GenerationResult:
+        """Continue a conversation given as OpenAI-style messages::
+
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://..."}},
+                                          {"type": "text", "text": "What is this?"}]}]
+
+        Besides ``image_url`` parts (whose url may also be a local path here), a part
+        ``{"type": "image", "image": <PIL | path | bytes | array | URL>}`` is accepted.
+        """
+        self._check_open()
+        return await self.transport.generate(await self._chat_request(messages, params))
+
+    def stream(self, images: Any = None, prompt: str = "", *, system: str | None = None,
+               **params: Any) -> "TextStream":
+        """Like :meth:`generate`, as an async context manager yielding text deltas::
+
+            async with client.stream(image, "Describe it.") as stream:
+                async for delta in stream:
+                    print(delta, end="")
+            print(stream.usage)
+
+        Leaving the block early (or being cancelled) stops the generation and closes the connection.
+        """
+        return TextStream(self, lambda: self._prompt_request(images, prompt, system, params))
+
+    def stream_chat(self, messages: Sequence[Mapping | ChatMessage], **params: Any) -> "TextStream":
+        """Like :meth:`chat`, streamed as :meth:`stream` is."""
+        return TextStream(self, lambda: self._chat_request(messages, params))
+
+    async def map(self, items: Iterable[Any], *, concurrency: int = 4,
+                  **params: Any) -> list[GenerationResult | Exception]:
+        """Run many requests, at most *concurrency* at a time, and return their results in input order.
+
+        An item is ``(images, prompt)``, a prompt ``str``, a dict of :meth:`generate` arguments
+        (``{"images": ..., "prompt": ..., "max_tokens": 8}``), or ``{"messages": [...], ...}`` for
+        :meth:`chat`. *params* apply to every item (an item's own values win). A failed item does not
+        stop the others: its exception stands in its place in the returned list.
+        """
+        self._check_open()
+        if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
+            raise ValueError(f"concurrency={concurrency!r} must be an integer >= 1")
+        items = list(items)
+        results: list[GenerationResult | Exception | None] = [None] * len(items)
+        slots = anyio.Semaphore(concurrency)
+
+        async def run(index: int, item: Any) -> None:
+            async with slots:
+                try:
+                    results[index] = await self._run_item(item, params)
+                except Exception as exc:  # recorded, not fatal; cancellation (BaseException) propagates
+                    results[index] = exc
+
+        async with anyio.create_task_group() as group:
+            for index, item in enumerate(items):
+                group.start_soon(run, index, item)
+        return results  # type: ignore[return-value]
+
+    async def _run_item(self, item: Any, params: Mapping[str, Any]) -> GenerationResult:
+        if isinstance(item, str):
+            return await self.generate(None, item, **params)
+        if isinstance(item, tuple) and len(item) == 2:
+            return await self.generate(item[0], item[1], **params)
+        if isinstance(item, Mapping):
+            item = dict(item)
+            if "messages" in item:
+                messages = item.pop("messages")
+                return await self.chat(messages, **{**params, **item})
+            images, prompt = item.pop("images", None), item.pop("prompt", None)
+            if prompt is None:
+                raise BadRequestError("a map item dict needs 'prompt' (or 'messages')", param="prompt")
+            return await self.generate(images, prompt, **{**params, **item})
+        raise BadRequestError(f"unsupported map item {type(item).__name__}: use (images, prompt), a prompt "
+                              "str, or a dict with 'prompt' or 'messages'", param="items")
+
+    # --------------------------------------------------------------------------- lifetime
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise LlavaNextError("this client is closed; create a new one")
+
+    async def aclose(self) -> None:
+        """Release the transport (connections, engine reference). Idempotent."""
+        if not self._closed:
+            self._closed = True
+            await self.transport.aclose()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+
+async def _to_messages(messages: Any) -> list[ChatMessage]:
+    """OpenAI-style message dicts (or ChatMessage objects) -> ChatMessage, images encoded off the loop."""
+    if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence) or not messages:
+        raise BadRequestError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts",
+                              param="messages")
+    # First pass: shape, with image sources collected; second: encode them all in one thread hop.
+    shaped: list[tuple[str, list]] = []
+    sources: list[Any] = []
+    for i, message in enumerate(messages):
+        if isinstance(message, ChatMessage):
+            parts = []
+            for part in message.content:
+                if isinstance(part, ImagePart):
+                    parts.append(("image", len(sources)))
+                    sources.append(part)
+                else:
+                    parts.append(part)
+            shaped.append((message.role, parts))
+            continue
+        if not isinstance(message, Mapping):
+            raise BadRequestError(f"messages[{i}] must be a dict with 'role' and 'content'", param="messages")
+        role = _ROLE_ALIASES.get(message.get("role"))
+        if role is None:
+            raise BadRequestError(f"messages[{i}]: unsupported role {message.get('role')!r}; use system, user "
+                                  "or assistant", param="messages")
+        content = message.get("content")
+        if isinstance(content, str):
+            shaped.append((role, [TextPart(content)]))
+            continue
+        if not isinstance(content, (list, tuple)):
+            raise BadRequestError(f"messages[{i}]: 'content' must be a str or a list of parts", param="messages")
+        parts = []
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            kind = part.get("type") if isinstance(part, Mapping) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append(TextPart(part["text"]))
+            elif kind in ("image_url", "image"):
+                source = part.get(kind)
+                if kind == "image_url" and isinstance(source, Mapping):
+                    source = source.get("url")
+                if source is None:
+                    raise InvalidImageError(f"{where}: an {kind} part needs its {kind!r} field",
+                                            index=len(sources), param="messages")
+                parts.append(("image", len(sources)))
+                sources.append(source)
+            else:
+                raise BadRequestError(f"{where}: a part must be {{'type': 'text', 'text': ...}}, "
+                                      "{'type': 'image_url', 'image_url': {'url': ...}} or "
+                                      "{'type': 'image', 'image': ...}", param="messages")
+        shaped.append((role, parts))
+    encoded = await to_image_parts(sources)
+    return [ChatMessage(role, tuple(encoded[p[1]] if isinstance(p, tuple) else p for p in parts))
+            for role, parts in shaped]
+
+
+class TextStream:
+    """The async context manager returned by :meth:`AsyncClient.stream`.
+
+    Inside the block it is an async iterator of ``str`` deltas. After the stream ends, ``result`` holds
+    the :class:`GenerationResult` (``text``, ``finish_reason``, ``usage``, ``timings``); ``text`` holds
+    what arrived so far in any case.
+    """
+
+    def __init__(self, client: AsyncClient, build: Callable[[], Awaitable[ChatRequest]]) -> None:
+        self._client = client
+        self._build = build
+        self._context: Any = None
+        self._items: Any = None
+        self._deltas: list[str] = []
+        self.result: GenerationResult | None = None
+
+    async def __aenter__(self) -> "TextStream":
+        if self._context is not None:
+            raise RuntimeError("a TextStream can be entered once; call client.stream(...) again")
+        self._client._check_open()
+        request = await self._build()
+        self._context = self._client.transport.stream(request)
+        self._items = await self._context.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        try:
+            aclose = getattr(self._items, "aclose", None)
+            if aclose is not None and self.result is None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
+        finally:
+            return await self._context.__aexit__(*exc)
+
+    def __aiter__(self) -> "TextStream":
+        return self
+
+    async def __anext__(self) -> str:
+        if self._items is None:
+            raise RuntimeError("use the stream inside 'async with client.stream(...) as stream:'")
+        if self.result is not None:
+            raise StopAsyncIteration
+        try:
+            item = await self._items.__anext__()
+        except StopAsyncIteration:
+            raise LlavaNextError("the transport ended the stream without a result") from None
+        if isinstance(item, GenerationResult):
+            self.result = item
+            raise StopAsyncIteration
+        self._deltas.append(item)
+        return item
+
+    @property
+    def text(self) -> str:
+        return "".join(self._deltas) if self.result is None else self.result.text
+
+    @property
+    def usage(self) -> Usage | None:
+        return self.result.usage if self.result is not None else None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.result.finish_reason if self.result is not None else None
+
+    async def until_done(self) -> GenerationResult:
+        """Read the rest of the stream and return the result."""
+        async for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+# ------------------------------------------------------------------------------------------ sync twin
+
+class _LoopThread:
+    """An asyncio event loop on a daemon thread; ``run(coro)`` runs a coroutine there and waits.
+
+    This is what lets the sync client work in Jupyter, whose own loop is already running in the main
+    thread: our loop is a different one, on a different thread.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._main, name="llava-next-sdk-loop", daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Awaitable[Any]) -> Future:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def run(self, coro: Awaitable[Any]) -> Any:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("a sync Client cannot be called from its own event-loop thread")
+        future = self.submit(coro)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()  # KeyboardInterrupt in the caller cancels the work on the loop
+            raise
+
+    def stop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
+        if not self.loop.is_running():
+            self.loop.close()
+
+
+class Client:
+    """The synchronous twin of :class:`AsyncClient`, for scripts and notebooks (same arguments, same
+    methods without ``await``; ``stream`` is a plain context manager and iterator).
+
+    It runs an event loop on a background thread, so it also works where a loop is already running
+    (Jupyter). Close it with ``close()`` or a ``with`` block.
+    """
+
+    def __init__(self, model: str | os.PathLike | None = None, **kwargs: Any) -> None:
+        self._runner = _LoopThread()
+
+        async def build() -> AsyncClient:
+            return AsyncClient(model, **kwargs)
+
+        try:
+            self._async = self._runner.run(build())
+        except BaseException:
+            self._runner.stop()
+            raise
+
+    @property
+    def async_client(self) -> AsyncClient:
+        return self._async
+
+    def generate(self, images: Any = None, prompt: str = "", **kwargs: Any) -> GenerationResult:
+        return self._runner.run(self._async.generate(images, prompt, **kwargs))
+
+    def chat(self, messages: Sequence[Mapping | ChatMessage], **params: Any) -> GenerationResult:
+        return self._runner.run(self._async.chat(messages, **params))
+
+    def map(self, items: Iterable[Any], *, concurrency: int = 4, **params: Any) -> list[GenerationResult | Exception]:
+        return self._runner.run(self._async.map(items, concurrency=concurrency, **params))
+
+    def stream(self, images: Any = None, prompt: str = "", **kwargs: Any) -> "SyncTextStream":
+        return SyncTextStream(self._runner, self._async.stream(images, prompt, **kwargs))
+
+    def stream_chat(self, messages: Sequence[Mapping | ChatMessage], **params: Any) -> "SyncTextStream":
+        return SyncTextStream(self._runner, self._async.stream_chat(messages, **params))
+
+    def close(self) -> None:
+        if self._runner.loop.is_closed():
+            return
+        try:
+            self._runner.run(self._async.aclose())
+        finally:
+            self._runner.stop()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class SyncTextStream:
+    """``with client.stream(...) as stream: for delta in stream: ...``; then ``stream.result``.
+
+    The async stream runs as one task on the client's loop thread and hands deltas over a queue;
+    leaving the block early cancels that task, which closes the connection or stops the generation.
+    """
+
+    def __init__(self, runner: _LoopThread, stream: TextStream) -> None:
+        self._runner = runner
+        self._stream = stream
+        self._queue: queue.Queue = queue.Queue()
+        self._future: Future | None = None
+        self._pump_done = threading.Event()
+        self._finished = False
+
+    async def _pump(self) -> None:
+        try:
+            async with self._stream as stream:
+                self._queue.put(("started", None))
+                async for delta in stream:
+                    self._queue.put(("delta", delta))
+            self._queue.put(("end", None))
+        except BaseException as exc:
+            self._queue.put(("error", exc))
+            raise
+        finally:
+            self._pump_done.set()
+
+    def _next_event(self) -> tuple[str, Any]:
+        kind, value = self._queue.get()
+        if kind == "error":
+            self._finished = True
+            if isinstance(value, (asyncio.CancelledError, anyio.get_cancelled_exc_class())):
+                raise LlavaNextError("the stream was cancelled")
+            raise value
+        return kind, value
+
+    def __enter__(self) -> "SyncTextStream":
+        self._future = self._runner.submit(self._pump())
+        try:
+            self._next_event()  # "started": the request was accepted
+        except BaseException:
+            self._future.cancel()
+            raise
+        return self
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        if self._finished:
+            raise StopIteration
+        kind, value = self._next_event()
+        if kind == "end":
+            self._finished = True
+            raise StopIteration
+        return value
+
+    def __exit__(self, *exc: Any) -> None:
+        future = self._future
+        if future is not None and not self._pump_done.is_set():
+            future.cancel()  # cancels the pump task on the loop thread
+            self._pump_done.wait(timeout=30)  # until its stream context has exited (connection closed)
+
+    @property
+    def result(self) -> GenerationResult | None:
+        return self._stream.result
+
+    @property
+    def text(self) -> str:
+        return self._stream.text
+
+    @property
+    def usage(self) -> Usage | None:
+        return self._stream.usage

@@ -1,0 +1,168 @@
+"""Turn what a user calls an image into an :class:`~llava_next_sdk.types.ImagePart`, off the event loop.
+
+Accepted sources, and what they become:
+
+- ``http(s)://`` URL            -> ``ImagePart(url=...)``, passed through (the model side fetches it);
+- ``data:image/...;base64,`` URL -> ``ImagePart(url=...)`` after its header and payload are checked;
+- a path (``str``, ``os.PathLike``, ``file://`` URL) -> ``ImagePart(data=<file bytes>)``;
+- ``bytes`` / ``bytearray`` / ``memoryview`` of an image file -> ``ImagePart(data=...)``;
+- a ``PIL.Image.Image``         -> PNG bytes (lossless, so every transport sees the same pixels);
+- a numpy array ``[H, W]``, ``[H, W, 1|3|4]`` (uint8, or floats in [0, 1]) -> PNG bytes.
+
+Files and bytes are checked to be decodable images here, so a bad image fails the same way (an
+:class:`~llava_next_sdk.errors.InvalidImageError` naming its index) before any transport is involved.
+File reads, decoding and encoding run in a worker thread (``anyio.to_thread``), never on the loop.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, Sequence
+from urllib.parse import unquote, urlparse
+
+import anyio
+
+from .errors import InvalidImageError
+from .types import ImagePart
+from .wire import decode_data_url
+
+__all__ = ["to_image_part", "to_image_parts", "as_image_list"]
+
+_MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp",
+                "BMP": "image/bmp", "TIFF": "image/tiff"}
+_SOURCES = "a PIL image, a path, bytes, a numpy array, an http(s) URL or a data URL"
+
+
+def _is_numpy_array(source: Any) -> bool:
+    return type(source).__module__ == "numpy" and type(source).__name__ == "ndarray"
+
+
+def _is_pil_image(source: Any) -> bool:
+    return any(c.__module__.startswith("PIL.") and c.__name__ == "Image" for c in type(source).__mro__)
+
+
+def as_image_list(images: Any) -> list:
+    """A user's ``images`` argument as a list: ``None`` -> ``[]``, a list/tuple as is, anything else
+    (one image, a numpy array included) -> ``[images]``."""
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    return [images]
+
+
+def _check_image_bytes(data: bytes, index: int | None, what: str) -> str:
+    """Verify *data* decodes as an image; return its media type."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt = img.format
+            img.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise InvalidImageError(f"{what} is not a readable image ({exc}); pass PNG, JPEG, WebP, GIF, BMP "
+                                "or TIFF data", index=index) from None
+    return _MEDIA_TYPES.get(fmt or "", f"image/{(fmt or 'png').lower()}")
+
+
+def _png_bytes(image: Any, index: int | None) -> bytes:
+    from PIL import Image
+
+    if image.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I;16"):
+        image = image.convert("RGB")
+    buf = io.BytesIO()
+    try:
+        image.save(buf, format="PNG", compress_level=1)
+    except (OSError, ValueError) as exc:
+        raise InvalidImageError(f"the PIL image could not be encoded ({exc})", index=index) from None
+    return buf.getvalue()
+
+
+def _array_png_bytes(array: Any, index: int | None) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise InvalidImageError(f"a numpy image must be [H, W] or [H, W, 1|3|4] (channels last), got shape "
+                                f"{tuple(array.shape)}", index=index)
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise InvalidImageError(f"the numpy image is empty (shape {tuple(array.shape)})", index=index)
+    if array.dtype == np.uint8:
+        pixels = array
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise InvalidImageError("a float numpy image must hold finite values in [0, 1]; scale it or pass "
+                                    "uint8", index=index)
+        pixels = np.round(array * 255).astype(np.uint8)
+    elif array.dtype == np.bool_:
+        pixels = array.astype(np.uint8) * 255
+    else:
+        raise InvalidImageError(f"a numpy image must be uint8 or float in [0, 1], got dtype {array.dtype}",
+                                index=index)
+    return _png_bytes(Image.fromarray(np.ascontiguousarray(pixels)), index)
+
+
+def _read_path(path: Path, index: int | None) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise InvalidImageError(f"no such image file: {str(path)!r}", index=index) from None
+    except IsADirectoryError:
+        raise InvalidImageError(f"{str(path)!r} is a directory, not an image file", index=index) from None
+    except OSError as exc:
+        raise InvalidImageError(f"cannot read image file {str(path)!r}: {exc.strerror or exc}", index=index) from None
+
+
+def _encode_sync(source: Any, index: int | None) -> ImagePart:
+    """The blocking part of :func:`to_image_part` (runs in a worker thread)."""
+    if isinstance(source, ImagePart):
+        return source
+    if isinstance(source, str):
+        lowered = source[:8].lower()
+        if lowered.startswith(("http://", "https://")):
+            return ImagePart(url=source)
+        if lowered.startswith("data:"):
+            _, data = decode_data_url(source, index=index)
+            _check_image_bytes(data, index, "the data URL")
+            return ImagePart(url=source)
+        if lowered.startswith("file://"):
+            source = unquote(urlparse(source).path)
+        elif "://" in source[:16]:
+            raise InvalidImageError(f"unsupported image URL scheme in {source[:40]!r}; use http(s)://, data: "
+                                    "or a file path", index=index)
+        source = Path(source).expanduser()
+    if isinstance(source, os.PathLike):
+        data = _read_path(Path(source), index)
+        return ImagePart(data=data, media_type=_check_image_bytes(data, index, f"file {os.fspath(source)!r}"))
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise InvalidImageError("the image bytes are empty", index=index)
+        return ImagePart(data=data, media_type=_check_image_bytes(data, index, "the bytes"))
+    if _is_pil_image(source):
+        return ImagePart(data=_png_bytes(source, index), media_type="image/png")
+    if _is_numpy_array(source):
+        return ImagePart(data=_array_png_bytes(source, index), media_type="image/png")
+    raise InvalidImageError(f"unsupported image type {type(source).__name__}; pass {_SOURCES}", index=index)
+
+
+async def to_image_part(source: Any, *, index: int | None = None) -> ImagePart:
+    """Encode one image *source* (see the module doc) in a worker thread."""
+    if isinstance(source, ImagePart) or (isinstance(source, str) and source[:8].lower().startswith(("http://", "https://"))):
+        return _encode_sync(source, index)
+    return await anyio.to_thread.run_sync(_encode_sync, source, index)
+
+
+async def to_image_parts(sources: Sequence[Any], *, start: int = 0) -> list[ImagePart]:
+    """Encode several sources (in one worker-thread hop); errors name the image's index from *start*."""
+    if all(isinstance(s, ImagePart) for s in sources):
+        return list(sources)
+
+    def encode_all() -> list[ImagePart]:
+        return [_encode_sync(s, start + i) for i, s in enumerate(sources)]
+
+    return await anyio.to_thread.run_sync(encode_all)

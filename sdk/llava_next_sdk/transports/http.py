@@ -1,0 +1,341 @@
+"""The HTTP transport: any OpenAI-compatible Chat Completions endpoint (ours, vLLM, ``transformers serve``).
+
+Robust by default:
+
+- finite timeouts (:data:`DEFAULT_TIMEOUT`: 10 s to connect, 300 s between bytes read);
+- retries (``max_retries``, default 2) with exponential backoff and jitter on connect errors, 429 and
+  5xx, honouring ``Retry-After`` (up to ``max_retry_after`` seconds), and only before the first byte of
+  a successful response: a stream that fails part-way raises, it is never replayed;
+- a stream's connection is closed as soon as its context exits, early or by cancellation, so no pool
+  slot is held by a stream no one reads;
+- error bodies become :mod:`llava_next_sdk.errors` classes via ``wire.parse_error``.
+
+It registers itself as the ``llava_next_sdk_transport`` plugin for ``http://`` and ``https://`` URLs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Mapping
+
+import anyio
+import httpx
+
+from .. import wire
+from ..errors import APIConnectionError, APIError, APITimeoutError, LlavaNextError, NotFoundError, ServerError
+from ..hookspecs import hookimpl
+from ..types import ChatRequest, GenerationResult, Timings, Usage
+from .base import StreamItem
+
+__all__ = ["HTTPTransport", "DEFAULT_TIMEOUT", "DEFAULT_MAX_RETRIES", "llava_next_sdk_transport"]
+
+logger = logging.getLogger("llava_next_sdk.http")
+
+DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=60.0, pool=60.0)
+"""Seconds: to connect, between two reads (a slow generation), to send, to wait for a pooled connection."""
+DEFAULT_MAX_RETRIES = 2
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_USER_AGENT = "llava-next-sdk/0.1.0"
+
+
+def _as_timeout(timeout: Any) -> httpx.Timeout:
+    if timeout is None:
+        return DEFAULT_TIMEOUT
+    if isinstance(timeout, httpx.Timeout):
+        return timeout
+    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
+        return httpx.Timeout(float(timeout), connect=min(float(timeout), DEFAULT_TIMEOUT.connect))
+    raise TypeError(f"timeout={timeout!r} is invalid; pass seconds (> 0) or an httpx.Timeout")
+
+
+class HTTPTransport:
+    """Talks to ``{base_url}/chat/completions``.
+
+    :param base_url: the endpoint's base, usually ending in ``/v1`` (``http://127.0.0.1:8000/v1``).
+    :param model: the ``model`` field sent when a request names none.
+    :param api_key: sent as ``Authorization: Bearer <api_key>``.
+    :param timeout: seconds (one number for read/write/pool, connect capped at 10 s) or an ``httpx.Timeout``.
+    :param max_retries: retries after the first attempt (0 disables them).
+    :param backoff_base, backoff_max: the n-th retry waits ``min(backoff_max, backoff_base * 2**n)``
+        seconds, jittered down by up to 25 %, unless the server's ``Retry-After`` says otherwise.
+    :param max_retry_after: a ``Retry-After`` longer than this is not waited for: the error is raised
+        (with ``retry_after`` set) for the caller to decide.
+    :param include_usage: ask streams for the final usage chunk (``stream_options.include_usage``).
+    :param headers: extra request headers.
+    :param http_client: an ``httpx.AsyncClient`` to use instead of our own (not closed by ``aclose``).
+    """
+
+    def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
+                 timeout: Any = None, max_retries: int | None = None, backoff_base: float = 0.5,
+                 backoff_max: float = 8.0, max_retry_after: float = 60.0, include_usage: bool = True,
+                 headers: Mapping[str, str] | None = None, http_client: httpx.AsyncClient | None = None,
+                 limits: httpx.Limits | None = None) -> None:
+        if not isinstance(base_url, str) or not base_url.lower().startswith(("http://", "https://")):
+            raise ValueError(f"base_url={base_url!r} must be an http(s) URL such as 'http://127.0.0.1:8000/v1'")
+        max_retries = DEFAULT_MAX_RETRIES if max_retries is None else max_retries
+        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
+            raise ValueError(f"max_retries={max_retries!r} must be an integer >= 0")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.max_retries = max_retries
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.max_retry_after = max_retry_after
+        self.include_usage = include_usage
+        self.timeout = _as_timeout(timeout)
+        self._headers = {"User-Agent": _USER_AGENT, **(headers or {})}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._owns_client = http_client is None
+        self._client = http_client or httpx.AsyncClient(
+            timeout=self.timeout, limits=limits or httpx.Limits(max_connections=100, max_keepalive_connections=20))
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"HTTPTransport({self.base_url!r}, model={self.model!r})"
+
+    # ------------------------------------------------------------------------------------ public API
+
+    async def generate(self, request: ChatRequest) -> GenerationResult:
+        body = wire.build_chat_request(request, model=self.model, stream=False)
+        started = time.perf_counter()
+        response = await self._open(body, stream=False)
+        try:
+            content = await self._read(response.aread())
+        finally:
+            await _close_quietly(response)
+        try:
+            data = json.loads(content)
+        except ValueError:
+            raise ServerError(f"the endpoint answered with a non-JSON body: {content[:200]!r}",
+                              status=response.status_code, request_id=_request_id(response)) from None
+        result = wire.parse_chat_response(data)
+        timings = result.timings
+        if timings.total_seconds is None:
+            timings = Timings(timings.queue_seconds, timings.time_to_first_token, time.perf_counter() - started)
+        return _replace(result, timings=timings, id=result.id or _request_id(response))
+
+    @asynccontextmanager
+    async def stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[StreamItem]]:
+        body = wire.build_chat_request(request, model=self.model, stream=True, include_usage=self.include_usage)
+        started = time.perf_counter()
+        response = await self._open(body, stream=True)
+        items = _SSEItems(self, response, started)
+        try:
+            yield items
+        finally:
+            await items.aclose()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_client:
+            with anyio.CancelScope(shield=True):
+                await self._client.aclose()
+
+    async def __aenter__(self) -> "HTTPTransport":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
+
+    # ------------------------------------------------------------------------------------ internals
+
+    def _retry_delay(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None:
+            return retry_after
+        delay = min(self.backoff_max, self.backoff_base * (2 ** attempt))
+        return delay * (1 - 0.25 * random.random())
+
+    async def _open(self, body: dict, *, stream: bool) -> httpx.Response:
+        """Send *body* and return the response once its status line and headers are in (body unread),
+        retrying what may be retried. Raises a ``llava_next_sdk.errors`` class."""
+        if self._closed:
+            raise APIConnectionError("this client is closed; create a new one")
+        url = self.base_url + wire.CHAT_COMPLETIONS_PATH
+        headers = dict(self._headers, Accept="text/event-stream" if stream else "application/json")
+        attempt = 0
+        while True:
+            request = self._client.build_request("POST", url, json=body, headers=headers)
+            try:
+                response = await self._client.send(request, stream=True)
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+                # Nothing was answered: the request may be sent again.
+                if attempt < self.max_retries:
+                    delay = self._retry_delay(attempt, None)
+                    logger.info("retrying %s in %.2fs after %s", url, delay, type(exc).__name__)
+                    attempt += 1
+                    await anyio.sleep(delay)
+                    continue
+                raise _connection_error(exc, url, attempt) from exc
+            except httpx.TimeoutException as exc:
+                raise _connection_error(exc, url, attempt) from exc
+            except httpx.TransportError as exc:
+                raise _connection_error(exc, url, attempt) from exc
+
+            if response.status_code < 400:
+                return response
+            try:
+                content = await self._read(response.aread())
+            finally:
+                await _close_quietly(response)
+            retry_after = wire.parse_retry_after(response.headers.get("retry-after"))
+            error = wire.parse_error(response.status_code, content, request_id=_request_id(response),
+                                     retry_after=retry_after)
+            if isinstance(error, NotFoundError) and not self.base_url.endswith("/v1"):
+                error.message = f"{error.message} (is base_url missing '/v1'? it is {self.base_url!r})"
+                error.args = (error.message,)
+            retryable = response.status_code in RETRY_STATUSES or response.status_code >= 500
+            too_long = retry_after is not None and retry_after > self.max_retry_after
+            if retryable and attempt < self.max_retries and not too_long:
+                delay = self._retry_delay(attempt, retry_after)
+                logger.info("retrying %s in %.2fs after HTTP %d", url, delay, response.status_code)
+                attempt += 1
+                await anyio.sleep(delay)
+                continue
+            raise error
+
+    async def _read(self, awaitable: Any) -> Any:
+        """Await a body read, turning transport failures (after the response began) into our errors."""
+        try:
+            return await awaitable
+        except httpx.TimeoutException as exc:
+            raise APITimeoutError(f"timed out reading the response from {self.base_url} "
+                                  f"(read timeout {self.timeout.read}s): {exc or type(exc).__name__}") from exc
+        except httpx.TransportError as exc:
+            raise APIConnectionError(f"the connection to {self.base_url} broke while reading the response: "
+                                     f"{exc or type(exc).__name__}") from exc
+
+
+class _SSEItems:
+    """The async iterator of one streamed response: ``str`` deltas, then one ``GenerationResult``."""
+
+    def __init__(self, transport: HTTPTransport, response: httpx.Response, started: float) -> None:
+        self._transport = transport
+        self._response = response
+        self._started = started
+        self._lines = response.aiter_lines()
+        self._decoder = wire.SSEDecoder()
+        self._text: list[str] = []
+        self._finish_reason: str | None = None
+        self._usage: Usage | None = None
+        self._timings: Timings | None = None
+        self._first_token_at: float | None = None
+        self._id = _request_id(response)
+        self._model: str | None = None
+        self._done = False
+
+    def __aiter__(self) -> "_SSEItems":
+        return self
+
+    async def __anext__(self) -> StreamItem:
+        if self._done:
+            raise StopAsyncIteration
+        while True:
+            data = await self._next_event()
+            if data is None or data == "[DONE]":
+                return self._finish(ended_cleanly=data == "[DONE]")
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                raise ServerError(f"the endpoint sent a malformed stream event: {data[:200]!r}") from None
+            try:
+                chunk = wire.parse_stream_chunk(obj)
+            except LlavaNextError:
+                self._done = True
+                raise
+            self._id = chunk.id or self._id
+            self._model = chunk.model or self._model
+            self._finish_reason = chunk.finish_reason or self._finish_reason
+            self._usage = chunk.usage or self._usage
+            self._timings = chunk.timings or self._timings
+            if chunk.delta:
+                if self._first_token_at is None:
+                    self._first_token_at = time.perf_counter()
+                self._text.append(chunk.delta)
+                return chunk.delta
+
+    async def _next_event(self) -> str | None:
+        """The next event's data, or ``None`` at the end of the body."""
+        while True:
+            try:
+                line = await self._transport._read(self._lines.__anext__())
+            except StopAsyncIteration:
+                return self._decoder.flush()
+            data = self._decoder.decode(line)
+            if data is not None:
+                return data
+
+    def _finish(self, *, ended_cleanly: bool) -> GenerationResult:
+        self._done = True
+        if not ended_cleanly and self._finish_reason is None:
+            raise APIConnectionError("the stream ended before the endpoint finished the generation "
+                                     "(no finish_reason and no [DONE])")
+        now = time.perf_counter()
+        reported = self._timings or Timings()
+        ttft = reported.time_to_first_token
+        if ttft is None and self._first_token_at is not None:
+            ttft = self._first_token_at - self._started
+        timings = Timings(reported.queue_seconds, ttft,
+                          reported.total_seconds if reported.total_seconds is not None else now - self._started)
+        return GenerationResult(text="".join(self._text), finish_reason=self._finish_reason,
+                                usage=self._usage or Usage(), timings=timings, model=self._model, id=self._id)
+
+    async def aclose(self) -> None:
+        """Close the response (and so the connection, if it was not read to the end)."""
+        self._done = True
+        with anyio.CancelScope(shield=True):
+            try:
+                await self._lines.aclose()
+            except Exception:
+                pass
+            await _close_quietly(self._response)
+
+
+async def _close_quietly(response: httpx.Response) -> None:
+    with anyio.CancelScope(shield=True):
+        try:
+            await response.aclose()
+        except Exception:
+            logger.debug("error while closing a response", exc_info=True)
+
+
+def _request_id(response: httpx.Response) -> str | None:
+    return response.headers.get(wire.REQUEST_ID_HEADER)
+
+
+def _replace(result: GenerationResult, **changes: Any) -> GenerationResult:
+    import dataclasses
+
+    return dataclasses.replace(result, **changes)
+
+
+def _connection_error(exc: Exception, url: str, retries: int) -> APIConnectionError:
+    after = f" after {retries} retr{'y' if retries == 1 else 'ies'}" if retries else ""
+    detail = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException):
+        return APITimeoutError(f"timed out talking to {url}{after}: {detail}; raise timeout= if the "
+                               "endpoint is just slow")
+    return APIConnectionError(f"could not reach {url}{after}: {detail}; is the server running and the "
+                              "base_url right?")
+
+
+_OPTIONS = {"model", "api_key", "timeout", "max_retries", "backoff_base", "backoff_max", "max_retry_after",
+            "include_usage", "headers", "http_client", "limits"}
+
+
+@hookimpl
+def llava_next_sdk_transport(url: str, options: dict) -> HTTPTransport | None:
+    """Serve ``http://`` and ``https://`` base URLs."""
+    if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
+        return None
+    unknown = sorted(set(options) - _OPTIONS)
+    if unknown:
+        raise TypeError(f"unknown option(s) for an HTTP client: {', '.join(unknown)}; "
+                        f"accepted: {', '.join(sorted(_OPTIONS))}")
+    return HTTPTransport(url, **options)
