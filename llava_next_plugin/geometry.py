@@ -35,6 +35,7 @@ __all__ = [
     "select_best_resolution",
     "grid_shape",
     "resize_within",
+    "pad_offsets",
     "unpadded_crop",
     "base_token_count",
     "num_image_tokens",
@@ -94,6 +95,17 @@ def resize_within(height: int, width: int, target_height: int, target_width: int
     if scale_w < scale_h:
         return min(math.ceil(height * scale_w), target_height), target_width
     return target_height, min(math.ceil(width * scale_h), target_width)
+
+
+def pad_offsets(height: int, width: int, target_height: int, target_width: int) -> tuple[int, int]:
+    """``(top, left)``: where a ``height x width`` image sits when centred in the target.
+
+    The padding is split evenly; an odd pixel of padding goes below / to the right. This is the
+    placement :func:`unpadded_crop` undoes on the feature map.
+    """
+    if height > target_height or width > target_width:
+        raise ValueError(f"image {height}x{width} does not fit in {target_height}x{target_width}")
+    return (target_height - height) // 2, (target_width - width) // 2
 
 
 def unpadded_crop(height: int, width: int, map_rows: int, map_cols: int) -> tuple[int, int, int, int]:

@@ -1,0 +1,550 @@
+"""LlavaNextImageProcessor: anyres preprocessing with PIL and numpy.
+
+One image of ``height x width`` pixels becomes ``1 + grid_rows * grid_cols`` views of
+``crop_size`` pixels each:
+
+1. the *base* view: the whole image resized (aspect ratio not kept) to ``size``;
+2. the *tiles*: the image resized, aspect kept, to fit the best resolution among
+   ``image_grid_pinpoints`` (:func:`geometry.select_best_resolution`, :func:`geometry.resize_within`),
+   centred on a black canvas of that resolution (:func:`geometry.pad_offsets`) and cut into
+   square ``crop_size`` tiles, row by row.
+
+Every view is then rescaled and normalized (``(x * rescale_factor - mean) / std``, fused into one
+multiply-add). A batch gives ``pixel_values`` ``[batch, max_views, 3, H, W]``, where images with fewer
+views are zero-padded, and ``image_sizes`` ``[batch, 2]`` as ``(height, width)``.
+
+The geometry comes from :mod:`llava_next_plugin.geometry` only, so the number of views here always
+agrees with the number of image tokens the processor inserts and the features the model unpads.
+
+This module also holds what both of our processors share (settings, input checks, colour
+conversion); :mod:`llava_next_plugin.image_processing_fast` is the torch implementation.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+from llava_next_sdk.errors import BadRequestError, InvalidImageError
+
+from . import geometry
+
+try:  # the typed kwargs transformers reads in from_dict / preprocess validation
+    from transformers.processing_utils import ImagesKwargs
+except ImportError:  # pragma: no cover - older transformers
+    from typing import TypedDict as ImagesKwargs  # type: ignore[assignment]
+
+__all__ = [
+    "LlavaNextImageProcessor",
+    "LlavaNextImageProcessorPil",
+    "LlavaNextImageProcessorKwargs",
+    "PreprocessSettings",
+    "to_rgb_array",
+]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+LLAVA_V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+PIL_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+# Keys that describe where a config came from, not how to preprocess.
+SERVICE_KEYS = ("image_processor_type", "processor_class", "feature_extractor_type", "_processor_class", "auto_map")
+
+
+class LlavaNextImageProcessorKwargs(ImagesKwargs, total=False):
+    """The image-processor keyword arguments, plus anyres' ``image_grid_pinpoints``."""
+
+    image_grid_pinpoints: list[list[int]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings
+
+
+def _size_dict(value: Any, name: str, int_means: str) -> dict[str, int]:
+    """``size`` / ``crop_size`` in the forms transformers accepts, as a plain dict."""
+    if isinstance(value, int):
+        return {int_means: value} if int_means == "shortest_edge" else {"height": value, "width": value}
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return {"height": int(value[0]), "width": int(value[1])}
+    if isinstance(value, dict) or hasattr(value, "keys"):
+        given = {k: value[k] for k in value.keys() if value[k] is not None}
+        if set(given) == {"shortest_edge"} or set(given) == {"height", "width"}:
+            return {k: int(v) for k, v in given.items()}
+    raise BadRequestError(
+        f"{name}={value!r} is not supported: give {{'shortest_edge': n}} or {{'height': h, 'width': w}}"
+        if name == "size"
+        else f"{name}={value!r} is not supported: give {{'height': h, 'width': w}} or an int",
+        param=name,
+    )
+
+
+def _channel_triple(value: Any, name: str) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    values = tuple(float(v) for v in value)
+    if len(values) != 3:
+        raise BadRequestError(f"{name} needs one value per RGB channel (3), got {list(values)}", param=name)
+    return values  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    """Everything one preprocessing call needs, resolved and checked once.
+
+    ``tile_size``: side of the square grid tiles cut from the best resolution. ``base_size``:
+    ``(height, width)`` the whole image is squashed to. ``view_resize``: where the per-view resize
+    sends each tile (``None`` when it would not change it). ``center_crop``: the final crop, or
+    ``None``. ``scale``/``offset``: the fused rescale+normalize, ``x * scale + offset`` per channel.
+    """
+
+    pinpoints: tuple[tuple[int, int], ...]
+    tile_size: int
+    base_size: tuple[int, int]
+    view_resize: tuple[int, int] | None
+    center_crop: tuple[int, int] | None
+    resample: int
+    do_convert_rgb: bool
+    do_pad: bool
+    scale: tuple[float, float, float]
+    offset: tuple[float, float, float]
+
+    @property
+    def view_size(self) -> tuple[int, int]:
+        """``(H, W)`` of every output view."""
+        if self.center_crop:
+            return self.center_crop
+        return self.base_size
+
+    def best_resolution(self, height: int, width: int) -> tuple[int, int]:
+        return geometry.select_best_resolution(height, width, self.pinpoints)
+
+    def num_views(self, height: int, width: int) -> int:
+        """The base view plus the grid tiles of one image."""
+        rows, cols = geometry.grid_shape(height, width, self.pinpoints, self.tile_size)
+        return 1 + rows * cols
+
+
+class LlavaNextImageProcessorBase(BaseImageProcessor):
+    """Settings, (de)serialization and input checks shared by our two LLaVA-NeXT image processors.
+
+    Saved files name ``"image_processor_type": "LlavaNextImageProcessor"`` so that plain transformers
+    loads them with its own class.
+    """
+
+    model_input_names = ["pixel_values", "image_sizes"]
+    valid_kwargs = LlavaNextImageProcessorKwargs
+    SETTING_NAMES = (
+        "do_resize", "size", "image_grid_pinpoints", "resample", "do_center_crop", "crop_size", "do_rescale",
+        "rescale_factor", "do_normalize", "image_mean", "image_std", "do_pad", "do_convert_rgb",
+    )
+
+    def __init__(
+        self,
+        do_resize: bool = True,
+        size: dict[str, int] | int | None = None,
+        image_grid_pinpoints: list[list[int]] | None = None,
+        resample: int = 3,
+        do_center_crop: bool = True,
+        crop_size: dict[str, int] | int | None = None,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        image_mean: float | Sequence[float] | None = None,
+        image_std: float | Sequence[float] | None = None,
+        do_pad: bool = True,
+        do_convert_rgb: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        for key in SERVICE_KEYS:
+            kwargs.pop(key, None)
+        # Unknown keys found in hub configs are kept (and saved back), as transformers does.
+        super().__init__(**kwargs)
+        self.do_resize = bool(do_resize)
+        self.size = _size_dict(size if size is not None else {"shortest_edge": 224}, "size", "shortest_edge")
+        self.image_grid_pinpoints = [list(map(int, p)) for p in (image_grid_pinpoints or LLAVA_V16_PINPOINTS)]
+        self.resample = int(resample)
+        self.do_center_crop = bool(do_center_crop)
+        self.crop_size = _size_dict(
+            crop_size if crop_size is not None else {"height": 224, "width": 224}, "crop_size", "height"
+        )
+        self.do_rescale = bool(do_rescale)
+        self.rescale_factor = float(rescale_factor)
+        self.do_normalize = bool(do_normalize)
+        self.image_mean = list(_channel_triple(image_mean if image_mean is not None else CLIP_MEAN, "image_mean"))
+        self.image_std = list(_channel_triple(image_std if image_std is not None else CLIP_STD, "image_std"))
+        self.do_pad = bool(do_pad)
+        self.do_convert_rgb = bool(do_convert_rgb)
+
+    # -- settings -----------------------------------------------------------------------------------
+
+    def settings(self, **overrides: Any) -> PreprocessSettings:
+        """Resolve this processor's settings with per-call ``overrides`` and check they make sense."""
+        unknown = set(overrides) - set(self.SETTING_NAMES)
+        if unknown:
+            raise BadRequestError(
+                f"unknown image processor argument(s) {sorted(unknown)}; valid ones are {list(self.SETTING_NAMES)}"
+            )
+        value = {name: overrides.get(name, getattr(self, name)) for name in self.SETTING_NAMES}
+        value = {k: (getattr(self, k) if v is None else v) for k, v in value.items()}
+        size = _size_dict(value["size"], "size", "shortest_edge")
+        crop = _size_dict(value["crop_size"], "crop_size", "height") if value["crop_size"] else None
+        base_size = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
+        tile = crop["height"] if crop else base_size[0]
+        if tile < 1 or min(base_size) < 1:
+            raise BadRequestError(f"size {size} and crop_size {crop} must be positive", param="size")
+        pinpoints = tuple((int(p[0]), int(p[1])) for p in value["image_grid_pinpoints"])
+        if not pinpoints:
+            raise BadRequestError("image_grid_pinpoints is empty: give at least one [height, width]",
+                                  param="image_grid_pinpoints")
+        for h, w in pinpoints:
+            if h < tile or w < tile or h % tile or w % tile:
+                raise BadRequestError(
+                    f"image_grid_pinpoints entry {[h, w]} is not a whole grid of {tile}px tiles "
+                    f"(crop_size height): every pinpoint must be a positive multiple of the tile size",
+                    param="image_grid_pinpoints",
+                )
+        view_resize = base_size if value["do_resize"] and base_size != (tile, tile) else None
+        center_crop = (crop["height"], crop["width"]) if value["do_center_crop"] and crop else None
+        tile_out = view_resize or (tile, tile)
+        if center_crop == base_size and center_crop == tile_out:
+            center_crop = None
+        if center_crop is None and tile_out != base_size:
+            raise BadRequestError(
+                f"with these settings the base view is {base_size} but the tiles are {tile_out}: enable "
+                "do_resize or do_center_crop, or make size and crop_size agree",
+                param="size",
+            )
+        if value["resample"] not in PIL_RESAMPLE_NAMES:
+            raise BadRequestError(f"resample={value['resample']!r} is not a PIL resampling filter (0-5)",
+                                  param="resample")
+        mean = _channel_triple(value["image_mean"], "image_mean")
+        std = _channel_triple(value["image_std"], "image_std")
+        if value["do_normalize"] and min(abs(s) for s in std) == 0:
+            raise BadRequestError(f"image_std {list(std)} holds a zero", param="image_std")
+        rescale = float(value["rescale_factor"]) if value["do_rescale"] else 1.0
+        if value["do_normalize"]:
+            scale = tuple(rescale / s for s in std)
+            offset = tuple(-m / s for m, s in zip(mean, std))
+        else:
+            scale, offset = (rescale,) * 3, (0.0,) * 3
+        return PreprocessSettings(
+            pinpoints=pinpoints,
+            tile_size=tile,
+            base_size=base_size,
+            view_resize=view_resize,
+            center_crop=center_crop,
+            resample=int(value["resample"]),
+            do_convert_rgb=bool(value["do_convert_rgb"]),
+            do_pad=bool(value["do_pad"]),
+            scale=scale,  # type: ignore[arg-type]
+            offset=offset,  # type: ignore[arg-type]
+        )
+
+    # -- (de)serialization --------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if not k.startswith("_")}
+        out["image_processor_type"] = "LlavaNextImageProcessor"
+        return out
+
+    # -- inputs -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def flatten_images(images: Any) -> list[Any]:
+        """A flat list of single images from one image, a (nested) list, or a 4-D batch."""
+        if isinstance(images, (list, tuple)):
+            flat: list[Any] = []
+            for item in images:
+                flat.extend(LlavaNextImageProcessorBase.flatten_images(item) if isinstance(item, (list, tuple))
+                            else _split_batch(item))
+            return flat
+        return _split_batch(images)
+
+    def __call__(self, images: Any, *args: Any, **kwargs: Any) -> BatchFeature:
+        return self.preprocess(images, *args, **kwargs)
+
+
+def _split_batch(image: Any) -> list[Any]:
+    """One image, or the images of a 4-D array/tensor batch."""
+    if getattr(image, "ndim", 0) == 4:
+        return list(image)
+    return [image]
+
+
+# --------------------------------------------------------------------------------------------------
+# Input checks and colour conversion (shared with the fast processor)
+
+
+def _pixel_limit() -> int | None:
+    limit = Image.MAX_IMAGE_PIXELS
+    return None if limit is None else 2 * int(limit)
+
+
+def check_image_size(height: int, width: int, index: int) -> None:
+    """Zero-size images and images past PIL's decompression-bomb limit are refused."""
+    if height < 1 or width < 1:
+        raise InvalidImageError(
+            f"the image is empty ({height}x{width} pixels): every image needs at least 1x1 pixels",
+            index=index,
+        )
+    limit = _pixel_limit()
+    if limit is not None and height * width > limit:
+        raise InvalidImageError(
+            f"the image has {height * width} pixels ({height}x{width}), over the limit of {limit} "
+            "(PIL.Image.MAX_IMAGE_PIXELS x 2, its decompression-bomb guard): downscale it first",
+            index=index,
+        )
+
+
+def _gray_to_uint8(values: np.ndarray, mode: str, index: int) -> np.ndarray:
+    """16-bit / 32-bit integer and float grey images as 8-bit grey, keeping their range meaningful.
+
+    PIL's own ``convert("RGB")`` clips such images at 255, which turns most 16-bit images white.
+    Here 16-bit values (or 32-bit ones within 0..65535) are scaled by 255/65535; integer images that
+    already fit 0..255 are kept; float images in [0, 1] are scaled by 255, in [0, 255] kept.
+    """
+    values = np.asarray(values)
+    if values.size == 0:
+        return values.astype(np.uint8)
+    low, high = float(values.min()), float(values.max())
+    if mode == "F":
+        if low >= 0 and high <= 1:
+            return np.round(values.astype(np.float64) * 255).astype(np.uint8)
+        if low >= 0 and high <= 255:
+            return np.round(values).astype(np.uint8)
+    elif low >= 0 and (mode.startswith("I;16") or high > 255) and high <= 65535:
+        return np.round(values.astype(np.float64) * (255 / 65535)).astype(np.uint8)
+    elif low >= 0 and high <= 255:
+        return values.astype(np.uint8)
+    raise InvalidImageError(
+        f"the {mode!r} image holds values from {low:g} to {high:g}, which map to no 8-bit range: "
+        "convert it to an 8-bit RGB image first",
+        index=index,
+    )
+
+
+def _composite_on_white(pixels: np.ndarray) -> np.ndarray:
+    """``[H, W, 4]`` RGBA or ``[H, W, 2]`` LA uint8 -> ``[H, W, 3]`` RGB over a white background."""
+    colour, alpha = pixels[..., :-1], pixels[..., -1:] / 255.0
+    rgb = np.round(alpha * colour + (1 - alpha) * 255).astype(np.uint8)
+    return np.repeat(rgb, 3, axis=-1) if rgb.shape[-1] == 1 else rgb
+
+
+def pil_to_rgb(image: Image.Image, index: int) -> np.ndarray:
+    """A PIL image of any mode as ``[H, W, 3]`` uint8 RGB; transparency is composited on white."""
+    check_image_size(image.height, image.width, index)
+    try:
+        image.load()
+        mode = image.mode
+        if mode == "RGB":
+            return np.asarray(image)
+        if mode.startswith("I") or mode == "F":
+            grey = _gray_to_uint8(np.asarray(image), mode, index)
+            return np.repeat(grey[..., None], 3, axis=-1)
+        if "A" in image.getbands() or "a" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+        return np.asarray(image.convert("RGB"))
+    except InvalidImageError:
+        raise
+    except (OSError, ValueError, SyntaxError) as err:
+        raise InvalidImageError(
+            f"the {image.mode!r} image could not be decoded or converted to RGB ({err}): check the file is "
+            "complete, or convert it to RGB yourself",
+            index=index,
+        ) from err
+
+
+def _channels_last(array: np.ndarray, layout: str | None, default: str) -> np.ndarray:
+    """``[H, W]``, ``[H, W, C]`` or ``[C, H, W]`` -> ``[H, W, C]`` (C in 1..4)."""
+    if array.ndim == 2:
+        return array[..., None]
+    layout = _layout(array.shape, layout, default)
+    return np.moveaxis(array, 0, -1) if layout == "channels_first" else array
+
+
+def _layout(shape: Sequence[int], layout: Any, default: str) -> str:
+    """``"channels_first"`` or ``"channels_last"`` for a 3-D image: as given, else inferred."""
+    if layout is not None:
+        layout = getattr(layout, "value", layout)
+        if layout not in ("channels_first", "channels_last"):
+            raise BadRequestError(
+                f"input_data_format={layout!r}: use 'channels_first' or 'channels_last'", param="input_data_format"
+            )
+        return layout
+    first, last = shape[0] in (1, 2, 3, 4), shape[-1] in (1, 2, 3, 4)
+    if first and not last:
+        return "channels_first"
+    if last and not first:
+        return "channels_last"
+    return default
+
+
+def to_rgb_array(image: Any, index: int, input_data_format: Any = None, convert_rgb: bool = True) -> np.ndarray:
+    """Any single image (PIL, numpy ``[H, W(, C)]``, CPU torch ``[C, H, W]``) as ``[H, W, 3]`` uint8.
+
+    Numpy arrays are read as channels-last and torch tensors as channels-first unless their shape
+    (or ``input_data_format``) says otherwise. One channel is grey, two are grey+alpha, four are
+    RGBA; alpha is composited on white.
+    """
+    if isinstance(image, Image.Image):
+        return pil_to_rgb(image, index) if convert_rgb else _keep_rgb(np.asarray(image), index)
+    default = "channels_last"
+    if type(image).__module__.startswith("torch"):
+        if image.device.type != "cpu":
+            image = image.cpu()
+        image, default = image.numpy(), "channels_first"
+    if not isinstance(image, np.ndarray):
+        raise InvalidImageError(
+            f"unsupported image type {type(image).__name__}: pass a PIL image, a numpy uint8 array [H, W, C] "
+            "or a torch uint8 tensor [C, H, W]",
+            index=index,
+        )
+    if image.ndim not in (2, 3):
+        raise InvalidImageError(f"an image array needs 2 or 3 dimensions, got shape {tuple(image.shape)}", index=index)
+    pixels = _channels_last(image, input_data_format, default)
+    check_image_size(pixels.shape[0], pixels.shape[1], index)
+    if pixels.dtype == np.bool_:
+        pixels = pixels.astype(np.uint8) * 255
+    if pixels.dtype != np.uint8:
+        raise InvalidImageError(
+            f"image arrays must be uint8 (0..255) for this processor, got {pixels.dtype}: convert with "
+            "(x * 255).round().astype(np.uint8) for [0, 1] floats, or use LlavaNextImageProcessorFast",
+            index=index,
+        )
+    channels = pixels.shape[-1]
+    if channels == 3:
+        return pixels
+    if channels == 1:
+        return np.repeat(pixels, 3, axis=-1)
+    if channels in (2, 4):
+        return _composite_on_white(pixels)
+    raise InvalidImageError(
+        f"an image needs 1, 2, 3 or 4 channels, got {channels} (shape {tuple(image.shape)})", index=index
+    )
+
+
+def _keep_rgb(pixels: np.ndarray, index: int) -> np.ndarray:
+    """``do_convert_rgb=False``: the image must already be 3-channel."""
+    if pixels.ndim == 3 and pixels.shape[-1] == 3 and pixels.dtype == np.uint8:
+        check_image_size(pixels.shape[0], pixels.shape[1], index)
+        return pixels
+    raise InvalidImageError(
+        f"with do_convert_rgb=False the image must already be 8-bit RGB, got shape {pixels.shape} "
+        f"{pixels.dtype}: pass do_convert_rgb=True",
+        index=index,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The PIL + numpy processor
+
+
+def _center_crop_hwc(views: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
+    """``[N, H, W, C]`` centre-cropped (zero-padded where smaller) to ``crop``."""
+    height, width = views.shape[1:3]
+    crop_h, crop_w = crop
+    if crop_h > height or crop_w > width:
+        out = np.zeros((views.shape[0], max(crop_h, height), max(crop_w, width), views.shape[3]), views.dtype)
+        top, left = -(-(out.shape[1] - height) // 2), -(-(out.shape[2] - width) // 2)
+        out[:, top:top + height, left:left + width] = views
+        views, height, width = out, out.shape[1], out.shape[2]
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    return views[:, top:top + crop_h, left:left + crop_w]
+
+
+class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
+    """LLaVA-NeXT anyres image processor on PIL and numpy (CPU, no torch needed for the pixels).
+
+    Accepts PIL images, numpy uint8 arrays ``[H, W]`` / ``[H, W, C]`` (or ``[C, H, W]``), CPU torch uint8
+    tensors ``[C, H, W]``, lists of them and 4-D batches. Returns a ``BatchFeature`` with
+    ``pixel_values`` ``[batch, max_views, 3, H, W]`` float32 (views: the base image then the grid
+    tiles row by row; missing views are zeros) and ``image_sizes`` ``[batch, 2]`` int64 ``(height, width)``.
+    With ``do_pad=False``, ``pixel_values`` is a list of ``[views_i, 3, H, W]`` arrays.
+
+    Matches transformers' ``LlavaNextImageProcessorPil`` (same PIL resampling, same arithmetic)
+    except for 16-bit and float images, which are scaled to 8 bits instead of clipped.
+    """
+
+    def preprocess(
+        self,
+        images: Any,
+        return_tensors: str | None = None,
+        input_data_format: Any = None,
+        data_format: Any = None,
+        **overrides: Any,
+    ) -> BatchFeature:
+        if data_format not in (None, "channels_first") and getattr(data_format, "value", None) != "channels_first":
+            raise BadRequestError("pixel_values are always channels_first [3, H, W]", param="data_format")
+        settings = self.settings(**overrides)
+        flat = self.flatten_images(images)
+        if not flat:
+            raise InvalidImageError("no images were given: pass at least one image")
+        rgb = [to_rgb_array(img, i, input_data_format, settings.do_convert_rgb) for i, img in enumerate(flat)]
+        sizes = np.array([pixels.shape[:2] for pixels in rgb], dtype=np.int64).reshape(len(rgb), 2)
+        counts = [settings.num_views(int(h), int(w)) for h, w in sizes]
+        view_h, view_w = settings.view_size
+        if settings.do_pad:
+            pixel_values: Any = np.zeros((len(rgb), max(counts), 3, view_h, view_w), dtype=np.float32)
+        else:
+            pixel_values = [np.empty((n, 3, view_h, view_w), dtype=np.float32) for n in counts]
+        scale = np.array(settings.scale, dtype=np.float32)[:, None, None]
+        offset = np.array(settings.offset, dtype=np.float32)[:, None, None]
+        for i, pixels in enumerate(rgb):
+            views = self.views(pixels, settings)  # [n, H, W, 3] uint8
+            out = pixel_values[i, : counts[i]] if settings.do_pad else pixel_values[i]
+            np.multiply(views.transpose(0, 3, 1, 2), scale, out=out, dtype=np.float32)
+            out += offset
+        return BatchFeature(
+            data={"pixel_values": _as_tensors(pixel_values, return_tensors), "image_sizes": _as_tensors(sizes, return_tensors)}
+        )
+
+    @staticmethod
+    def views(pixels: np.ndarray, settings: PreprocessSettings) -> np.ndarray:
+        """``[H, W, 3]`` uint8 -> ``[1 + rows*cols, h, w, 3]`` uint8: the base view, then the tiles."""
+        height, width = pixels.shape[:2]
+        best_h, best_w = settings.best_resolution(height, width)
+        new_h, new_w = geometry.resize_within(height, width, best_h, best_w)
+        top, left = geometry.pad_offsets(new_h, new_w, best_h, best_w)
+        rows, cols = geometry.grid_shape(height, width, settings.pinpoints, settings.tile_size)
+        tile = settings.tile_size
+
+        image = Image.fromarray(pixels)
+        canvas = np.zeros((best_h, best_w, 3), dtype=np.uint8)
+        canvas[top:top + new_h, left:left + new_w] = _pil_resize(image, (new_h, new_w), settings.resample)
+        tiles = canvas.reshape(rows, tile, cols, tile, 3).swapaxes(1, 2).reshape(rows * cols, tile, tile, 3)
+        if settings.view_resize:
+            tiles = np.stack([_pil_resize(Image.fromarray(t), settings.view_resize, settings.resample) for t in tiles])
+        base = _pil_resize(image, settings.base_size, settings.resample)[None]
+        if settings.center_crop:
+            base = _center_crop_hwc(base, settings.center_crop)
+            tiles = _center_crop_hwc(tiles, settings.center_crop)
+        return np.concatenate([base, tiles])
+
+
+def _pil_resize(image: Image.Image, size: tuple[int, int], resample: int) -> np.ndarray:
+    """PIL resize to ``(height, width)`` as ``[h, w, 3]`` uint8 (no copy-resize when already that size)."""
+    if image.size == (size[1], size[0]):
+        return np.asarray(image)
+    return np.asarray(image.resize((size[1], size[0]), resample=resample))
+
+
+def _as_tensors(value: Any, return_tensors: str | None) -> Any:
+    """numpy -> the requested framework (``"pt"``, ``"np"`` or ``None`` for numpy)."""
+    kind = getattr(return_tensors, "value", return_tensors)
+    if kind in (None, "np"):
+        return value
+    if kind == "pt":
+        import torch
+
+        return [torch.from_numpy(v) for v in value] if isinstance(value, list) else torch.from_numpy(value)
+    raise BadRequestError(f"return_tensors={return_tensors!r}: use 'pt', 'np' or None", param="return_tensors")
+
+
+LlavaNextImageProcessorPil = LlavaNextImageProcessor
