@@ -1,0 +1,247 @@
+"""LlavaNextImageProcessorFast: anyres preprocessing in plain torch, on CPU or CUDA.
+
+The same views as :class:`~llava_next_plugin.image_processing.LlavaNextImageProcessor` (base view,
+then the grid tiles row by row; geometry from :mod:`llava_next_plugin.geometry`), computed with few,
+large tensor operations per image:
+
+1. two resizes of the original image (``torch.nn.functional.interpolate``, antialiased; uint8
+   kernels on CPU, float on CUDA, rounded back to whole pixel values);
+2. the fitted image pasted once into a canvas of the best resolution;
+3. one fused multiply-add (rescale + normalize) that reads the canvas through a tiling *view*
+   (``[3, rows*T, cols*T] -> [rows, cols, 3, T, T]``) and writes straight into ``pixel_values``.
+
+torchvision is not needed. Inputs: PIL images, numpy uint8 arrays ``[H, W(, C)]``, torch uint8 or
+float tensors ``[C, H, W]`` (on any device), lists of them, or 4-D batches.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.image_processing_utils import BatchFeature
+
+from llava_next_sdk.errors import BadRequestError, InvalidImageError
+
+from . import geometry
+from .image_processing import (
+    LlavaNextImageProcessorBase,
+    PreprocessSettings,
+    _layout,
+    check_image_size,
+    to_rgb_array,
+)
+
+__all__ = ["LlavaNextImageProcessorFast"]
+
+# PIL resampling filter -> interpolate mode. LANCZOS has no torch kernel: bicubic is its closest.
+INTERPOLATE_MODES = {0: "nearest-exact", 1: "bicubic", 2: "bilinear", 3: "bicubic"}
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _resize(image: torch.Tensor, size: tuple[int, int], mode: str, whole_pixels: bool) -> torch.Tensor:
+    """``[1, 3, H, W]`` -> ``[1, 3, h, w]``, same dtype; float results of uint8 images are rounded and clamped.
+
+    uint8 inputs use torch's uint8 CPU kernels (what torchvision uses); elsewhere the resize runs in
+    float32 and, for images that were uint8 (``whole_pixels``), is brought back to whole pixel values.
+    """
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    smooth = mode in ("bilinear", "bicubic")
+    resized = F.interpolate(
+        image, size=size, mode=mode, antialias=smooth, align_corners=False if smooth else None
+    )
+    if whole_pixels and resized.is_floating_point():
+        resized = resized.clamp_(0, 255).round_()
+    return resized
+
+
+def _as_batch_of_one(image: torch.Tensor) -> torch.Tensor:
+    """``[3, H, W]`` -> ``[1, 3, H, W]``, keeping channels-last memory recognisable as such."""
+    if image.stride(0) == 0:  # an expanded grey image: give the kernel real channels
+        image = image.contiguous()
+    if image.stride(0) == 1:  # HWC memory (numpy / PIL): stride the batch dim so interpolate keeps it
+        return image.as_strided((1, *image.shape), (image.numel(), *image.stride()))
+    return image.unsqueeze(0)
+
+
+def _center_crop(views: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
+    """``[N, 3, H, W]`` centre-cropped (zero-padded where smaller) to ``crop``."""
+    height, width = views.shape[-2:]
+    crop_h, crop_w = crop
+    if crop_h > height or crop_w > width:
+        pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
+        views = F.pad(views, ((pad_w + 1) // 2, pad_w // 2, (pad_h + 1) // 2, pad_h // 2))
+        height, width = views.shape[-2:]
+    top, left = (height - crop_h) // 2, (width - crop_w) // 2
+    return views[..., top:top + crop_h, left:left + crop_w]
+
+
+class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
+    """LLaVA-NeXT anyres image processor in torch (CPU and CUDA), without torchvision.
+
+    ``processor(images, device="cuda")`` returns a ``BatchFeature`` with ``pixel_values``
+    ``[batch, max_views, 3, H, W]`` float32 on ``device`` (zeros where an image has fewer views) and
+    ``image_sizes`` ``[batch, 2]`` int64 ``(height, width)`` on the CPU. ``device`` defaults to the
+    device of the first tensor given, else the CPU. With ``do_pad=False``, ``pixel_values`` is a
+    list of ``[views_i, 3, H, W]`` tensors.
+
+    Against transformers' torchvision ``LlavaNextImageProcessor``: same shapes, sizes and views;
+    on CPU the pixels agree to float rounding (the same uint8 resize kernels).
+    """
+
+    def preprocess(
+        self,
+        images: Any,
+        return_tensors: str | None = "pt",
+        device: str | torch.device | None = None,
+        input_data_format: Any = None,
+        data_format: Any = None,
+        **overrides: Any,
+    ) -> BatchFeature:
+        if data_format not in (None, "channels_first") and getattr(data_format, "value", None) != "channels_first":
+            raise BadRequestError("pixel_values are always channels_first [3, H, W]", param="data_format")
+        overrides.pop("disable_grouping", None)  # a torchvision-backend knob; nothing to group here
+        settings = self.settings(**overrides)
+        mode = INTERPOLATE_MODES.get(settings.resample)
+        if mode is None:
+            raise BadRequestError(
+                f"resample={settings.resample} has no torch kernel: use 0 (nearest), 2 (bilinear) or "
+                "3 (bicubic), or the PIL LlavaNextImageProcessor",
+                param="resample",
+            )
+        flat = self.flatten_images(images)
+        if not flat:
+            raise InvalidImageError("no images were given: pass at least one image")
+        device = _target_device(flat, device)
+        with torch.no_grad():
+            pixels = [
+                _to_tensor(img, i, device, input_data_format, settings.do_convert_rgb) for i, img in enumerate(flat)
+            ]
+            sizes = [(int(p.shape[-2]), int(p.shape[-1])) for p in pixels]
+            counts = [settings.num_views(h, w) for h, w in sizes]
+            view_h, view_w = settings.view_size
+            scale = torch.tensor(settings.scale, dtype=torch.float32).view(3, 1, 1).to(device)
+            offset = torch.tensor(settings.offset, dtype=torch.float32).view(3, 1, 1).to(device)
+            if settings.do_pad:
+                pixel_values: Any = torch.empty((len(pixels), max(counts), 3, view_h, view_w), device=device)
+            else:
+                pixel_values = [torch.empty((n, 3, view_h, view_w), device=device) for n in counts]
+            for i, image in enumerate(pixels):
+                out = pixel_values[i]
+                self.write_views(image, settings, mode, out[: counts[i]], scale, offset)
+                if counts[i] < out.shape[0]:
+                    out[counts[i]:].zero_()
+        kind = getattr(return_tensors, "value", return_tensors)
+        image_sizes = torch.tensor(sizes, dtype=torch.int64).reshape(len(sizes), 2)
+        if kind == "np":
+            pixel_values = ([p.cpu().numpy() for p in pixel_values] if isinstance(pixel_values, list)
+                            else pixel_values.cpu().numpy())
+            image_sizes = image_sizes.numpy()
+        elif kind not in (None, "pt"):
+            raise BadRequestError(f"return_tensors={return_tensors!r}: use 'pt' or 'np'", param="return_tensors")
+        return BatchFeature(data={"pixel_values": pixel_values, "image_sizes": image_sizes})
+
+    @staticmethod
+    def write_views(
+        image: torch.Tensor,
+        settings: PreprocessSettings,
+        mode: str,
+        out: torch.Tensor,
+        scale: torch.Tensor,
+        offset: torch.Tensor,
+    ) -> None:
+        """Normalize the views of one ``[3, H, W]`` image into ``out`` ``[1 + rows*cols, 3, h, w]``."""
+        height, width = image.shape[-2:]
+        best_h, best_w = settings.best_resolution(height, width)
+        new_h, new_w = geometry.resize_within(height, width, best_h, best_w)
+        top, left = geometry.pad_offsets(new_h, new_w, best_h, best_w)
+        rows, cols = geometry.grid_shape(height, width, settings.pinpoints, settings.tile_size)
+        tile = settings.tile_size
+
+        whole_pixels = image.dtype == torch.uint8
+        source = _as_batch_of_one(image)
+        if whole_pixels and image.device.type != "cpu":
+            source = source.float()  # no uint8 resize kernels on CUDA: convert once for both resizes
+        resized = _resize(source, (new_h, new_w), mode, whole_pixels)[0]
+        canvas = resized.new_zeros((3, best_h, best_w))
+        canvas[:, top:top + new_h, left:left + new_w] = resized
+        tiles = canvas.view(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4)  # [rows, cols, 3, T, T], a view
+        base = _resize(source, settings.base_size, mode, whole_pixels)
+
+        if settings.view_resize or settings.center_crop:
+            tiles = tiles.reshape(rows * cols, 3, tile, tile)
+            if settings.view_resize:
+                tiles = _resize(tiles.float() if whole_pixels else tiles, settings.view_resize, mode, whole_pixels)
+            if settings.center_crop:
+                tiles, base = _center_crop(tiles, settings.center_crop), _center_crop(base, settings.center_crop)
+            torch.mul(tiles, scale, out=out[1:]).add_(offset)
+        else:
+            torch.mul(tiles, scale, out=out[1:].view(rows, cols, 3, tile, tile)).add_(offset)
+        torch.mul(base[0], scale, out=out[0]).add_(offset)
+
+
+def _target_device(images: list[Any], device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    for image in images:
+        if isinstance(image, torch.Tensor):
+            return image.device
+    return torch.device("cpu")
+
+
+def _to_tensor(image: Any, index: int, device: torch.device, input_data_format: Any, convert_rgb: bool) -> torch.Tensor:
+    """One image as a ``[3, H, W]`` tensor on ``device``: uint8, or float for float inputs."""
+    if isinstance(image, np.ndarray) and image.dtype.kind == "f":
+        image = torch.from_numpy(np.ascontiguousarray(image))
+        if input_data_format is None and image.ndim == 3:
+            input_data_format = _layout(image.shape, None, "channels_last")
+    if not isinstance(image, torch.Tensor):
+        pixels = to_rgb_array(image, index, input_data_format, convert_rgb)  # [H, W, 3] uint8
+        with warnings.catch_warnings():  # PIL's arrays are read-only; we never write to them
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(pixels)
+        return tensor.to(device).permute(2, 0, 1)
+    return _tensor_to_rgb(image.to(device), index, input_data_format, convert_rgb)
+
+
+def _tensor_to_rgb(image: torch.Tensor, index: int, input_data_format: Any, convert_rgb: bool) -> torch.Tensor:
+    """A ``[C, H, W]`` / ``[H, W, C]`` / ``[H, W]`` tensor as ``[3, H, W]``; alpha composited on white."""
+    if image.ndim == 2:
+        image = image.unsqueeze(0)
+    elif image.ndim == 3:
+        if _layout(image.shape, input_data_format, "channels_first") == "channels_last":
+            image = image.permute(2, 0, 1)
+    else:
+        raise InvalidImageError(f"an image tensor needs 2 or 3 dimensions, got shape {tuple(image.shape)}", index=index)
+    check_image_size(image.shape[-2], image.shape[-1], index)
+    if image.dtype == torch.bool:
+        image = image.to(torch.uint8) * 255
+    if image.dtype != torch.uint8 and image.dtype not in FLOAT_DTYPES:
+        raise InvalidImageError(
+            f"image tensors must be uint8 (0..255) or float, got {image.dtype}: convert with .to(torch.uint8)",
+            index=index,
+        )
+    if image.dtype in (torch.float16, torch.bfloat16, torch.float64):
+        image = image.float()
+    channels = image.shape[0]
+    if channels == 3:
+        return image
+    if not convert_rgb or channels not in (1, 2, 4):
+        raise InvalidImageError(
+            f"an image needs 3 channels{'' if not convert_rgb else ' (or 1, 2, 4 to convert)'}, got {channels} "
+            f"(shape {tuple(image.shape)})" + (": pass do_convert_rgb=True" if not convert_rgb else ""),
+            index=index,
+        )
+    if channels == 1:
+        return image.expand(3, -1, -1)
+    # Grey+alpha or RGBA over white. Float images are taken as [0, 1] when they fit, else [0, 255].
+    white = 255.0 if image.dtype == torch.uint8 or float(image.max()) > 1 else 1.0
+    colour, alpha = image[:-1].float(), image[-1:].float() / white
+    rgb = (colour * alpha).add_((1 - alpha) * white)
+    if image.dtype == torch.uint8:
+        rgb = rgb.round_().to(torch.uint8)
+    return rgb.expand(3, -1, -1) if channels == 2 else rgb
