@@ -1,0 +1,511 @@
+"""LlavaNextProcessor: a tokenizer and an image processor, with ``<image>`` expanded to the exact token count.
+
+Each ``<image>`` placeholder in a prompt becomes as many ``<image>`` tokens as the model will produce
+features for that image. The count comes from :mod:`llava_next_plugin.geometry` (the same arithmetic the
+model uses to unpad and place newlines), so processor and model cannot disagree.
+
+The count depends on three settings the image processor does not know: the vision tower's
+``patch_size``, the ``vision_feature_select_strategy`` and ``num_additional_image_tokens`` (1 for towers
+with a CLS position such as CLIP, 0 for SigLIP). llava-hf folders keep them in ``processor_config.json``.
+When a folder lacks any of them, :meth:`LlavaNextProcessor.from_pretrained` derives it from the
+``config.json`` next to it, and without one raises an error naming the keys to add: a missing
+``num_additional_image_tokens`` would otherwise shift every image by one token.
+
+Folder layouts read and written (see :meth:`LlavaNextProcessor.save_pretrained`):
+
+- ``nested`` (transformers >= 5): ``processor_config.json`` holds the settings and the image processor's
+  own settings under ``"image_processor"``.
+- ``separate`` (llava-hf on the hub, older transformers): ``preprocessor_config.json`` holds the image
+  processor, ``processor_config.json`` only the settings (or is missing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+from transformers import AutoTokenizer, BatchFeature
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
+from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, cached_file
+
+from llava_next_sdk.errors import BadRequestError, InvalidImageError
+
+from . import geometry
+
+__all__ = ["LlavaNextProcessor", "TOKEN_COUNT_SETTINGS", "derive_token_count_settings"]
+
+# processor_config.json keys that, with the image processor's tile size and pinpoints, fix an image's token count.
+TOKEN_COUNT_SETTINGS = ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens")
+
+# from_pretrained keyword arguments that locate files (passed to every file lookup).
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+
+_LAYOUTS = ("nested", "separate")
+
+
+def derive_token_count_settings(model_config: dict) -> dict[str, Any]:
+    """The three token-count settings as the model will use them, from a ``config.json`` dict.
+
+    ``patch_size`` is ``vision_config.patch_size``; the strategy is the config's (its default
+    ``"default"`` when absent); ``num_additional_image_tokens`` is 1 for CLIP towers, 0 otherwise
+    (SigLIP has no CLS position). Our :class:`~llava_next_plugin.configuration.LlavaNextConfig` holds
+    these rules; this function only reads them off it.
+    """
+    from .configuration import LlavaNextConfig
+
+    config_dict = {k: v for k, v in model_config.items() if k not in ("architectures", "transformers_version")}
+    config = LlavaNextConfig(**config_dict)
+    return {
+        "patch_size": config.patch_size,
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "num_additional_image_tokens": config.num_additional_image_tokens,
+    }
+
+
+def _read_json_next_to(path: str | os.PathLike, filename: str, hub_kwargs: dict) -> dict | None:
+    """``filename`` from the folder or hub repo *path* as a dict, or None when there is no such file."""
+    if os.path.isfile(str(path)):
+        return None
+    resolved = cached_file(
+        str(path),
+        filename,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub_kwargs,
+    )
+    if resolved is None:
+        return None
+    with open(resolved, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _image_processor_class(backend: str | None, use_fast: bool | None):
+    """Our fast processor unless the PIL backend is asked for (``backend="pil"`` or ``use_fast=False``)."""
+    if backend is None and use_fast is not None:
+        backend = "torchvision" if use_fast else "pil"
+    if backend in (None, "torchvision", "torch", "fast"):
+        from .image_processing_fast import LlavaNextImageProcessorFast
+
+        return LlavaNextImageProcessorFast
+    if backend in ("pil", "slow", "numpy"):
+        from .image_processing import LlavaNextImageProcessor
+
+        return LlavaNextImageProcessor
+    raise ValueError(f"unknown image processor backend {backend!r}: use 'torchvision' (our torch processor) or 'pil'")
+
+
+def _is_single_image(item: Any) -> bool:
+    if isinstance(item, (str, bytes)):
+        return True
+    ndim = getattr(item, "ndim", None)
+    if ndim is not None:
+        return ndim in (2, 3)
+    return hasattr(item, "size") and hasattr(item, "mode")  # a PIL image
+
+
+def _flatten_images(images: Any) -> tuple[list, list[int] | None]:
+    """``(flat list of images, images per sample or None)`` from one image, a list, or a list per sample.
+
+    A 4-d array or tensor is a batch of images. Per-sample counts are known only for a list of lists.
+    """
+    if _is_single_image(images):
+        return [images], None
+    if getattr(images, "ndim", None) == 4:
+        return list(images), None
+    if not isinstance(images, (list, tuple)):
+        raise InvalidImageError(
+            f"images must be an image (PIL, numpy HWC array, torch CHW tensor, path or URL), a list of images, "
+            f"or a list of lists of images (one list per prompt); got {type(images).__name__}"
+        )
+    if images and all(isinstance(item, (list, tuple)) for item in images):
+        flat = [image for sample in images for image in sample]
+        return flat, [len(sample) for sample in images]
+    flat = []
+    for item in images:
+        if getattr(item, "ndim", None) == 4:
+            flat.extend(list(item))
+        else:
+            flat.append(item)
+    return flat, None
+
+
+def _load_image_sources(images: list) -> list:
+    """Open paths and URLs (strings) as PIL images; leave everything else as it is."""
+    if not any(isinstance(image, str) for image in images):
+        return images
+    from transformers.image_utils import load_image
+
+    loaded = []
+    for index, image in enumerate(images):
+        if isinstance(image, str):
+            try:
+                image = load_image(image)
+            except Exception as error:  # noqa: BLE001 - any loader failure is the caller's bad input
+                raise InvalidImageError(f"could not open {image!r}: {error}", index=index) from error
+        loaded.append(image)
+    return loaded
+
+
+class LlavaNextProcessor(ProcessorMixin):
+    r"""Tokenizer + image processor for LLaVA-NeXT, expanding each ``<image>`` to the model's feature count.
+
+    Args:
+        image_processor: our ``LlavaNextImageProcessorFast`` (default) or ``LlavaNextImageProcessor``, or any
+            image processor returning ``pixel_values`` [images, tiles, 3, tile, tile] and ``image_sizes``
+            [images, 2] as (height, width).
+        tokenizer: a tokenizer that knows ``image_token``.
+        patch_size (`int`): pixels on a side of one vision patch (``vision_config.patch_size``).
+        vision_feature_select_strategy (`str`): ``"default"`` (drop the first position of each tile) or
+            ``"full"``, as in the model's config.
+        chat_template (`str`, *optional*): the Jinja chat template.
+        image_token (`str`): the placeholder, ``"<image>"``.
+        num_additional_image_tokens (`int`): positions the tower emits before its patches (1 for CLIP, 0 for
+            SigLIP).
+
+    The three settings are required: a processor without them would count image tokens wrongly. Load
+    with :meth:`from_pretrained` to have them read or derived from a checkpoint folder.
+
+    Calling it: ``processor(images=..., text=..., return_tensors="pt", padding=True)`` returns
+    ``input_ids`` and ``attention_mask`` [batch, seq] (padded on the tokenizer's padding side, left for
+    llava-hf tokenizers), and ``pixel_values`` [images, max_tiles, 3, tile, tile] with ``image_sizes``
+    [images, 2]. ``images`` may be a flat list (given to the ``<image>`` placeholders in order) or one list
+    per prompt.
+    """
+
+    images_kwargs = {"do_pad": True}
+    text_kwargs = {"padding_side": "left"}
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        patch_size=None,
+        vision_feature_select_strategy=None,
+        chat_template=None,
+        image_token="<image>",
+        num_additional_image_tokens=None,
+    ):
+        missing = [
+            name
+            for name, value in zip(
+                TOKEN_COUNT_SETTINGS, (patch_size, vision_feature_select_strategy, num_additional_image_tokens)
+            )
+            if value is None
+        ]
+        if missing:
+            raise ValueError(
+                f"LlavaNextProcessor needs {', '.join(missing)} to count image tokens exactly. Pass them, e.g. "
+                f"patch_size=14, vision_feature_select_strategy='default', num_additional_image_tokens=1 "
+                f"(1 for CLIP towers, 0 for SigLIP), with the values of the model's config; or use "
+                f"LlavaNextProcessor.from_pretrained on a folder with a config.json."
+            )
+        if vision_feature_select_strategy not in geometry.VALID_STRATEGIES:
+            raise ValueError(
+                f"vision_feature_select_strategy must be one of {geometry.VALID_STRATEGIES}, got "
+                f"{vision_feature_select_strategy!r}"
+            )
+        if int(patch_size) < 1 or int(num_additional_image_tokens) < 0:
+            raise ValueError(
+                f"patch_size must be positive and num_additional_image_tokens non-negative, got "
+                f"patch_size={patch_size}, num_additional_image_tokens={num_additional_image_tokens}"
+            )
+        self.patch_size = int(patch_size)
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.num_additional_image_tokens = int(num_additional_image_tokens)
+        self.image_token = getattr(tokenizer, "image_token", None) or image_token
+        image_token_id = getattr(tokenizer, "image_token_id", None)
+        if image_token_id is None:
+            image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        if image_token_id is None or image_token_id == getattr(tokenizer, "unk_token_id", object()):
+            raise ValueError(
+                f"the tokenizer has no {self.image_token!r} token: add it with "
+                f"tokenizer.add_tokens([{self.image_token!r}], special_tokens=True) and give the model's "
+                f"image_token_index the id it gets"
+            )
+        self.image_token_id = int(image_token_id)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    # --- token counts ------------------------------------------------------------------------
+    def image_geometry(self, height: int, width: int, tile_size: int | None = None, pinpoints=None) -> geometry.ImageGeometry:
+        """The token layout of one ``height x width`` image (see :func:`geometry.image_geometry`)."""
+        return geometry.image_geometry(
+            int(height),
+            int(width),
+            pinpoints if pinpoints is not None else self.image_processor.image_grid_pinpoints,
+            int(tile_size) if tile_size is not None else self.tile_size,
+            self.patch_size,
+            self.vision_feature_select_strategy,
+            self.num_additional_image_tokens,
+        )
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """How many ``<image>`` tokens one ``height x width`` image becomes."""
+        return self.image_geometry(height, width).num_tokens
+
+    @property
+    def tile_size(self) -> int:
+        """Pixels on a side of one vision-tower tile: the image processor's ``crop_size``."""
+        crop = self.image_processor.crop_size
+        height = crop["height"] if isinstance(crop, dict) else getattr(crop, "height", None)
+        width = crop["width"] if isinstance(crop, dict) else getattr(crop, "width", None)
+        if height is None or height != width:
+            raise ValueError(f"the image processor's crop_size must be a square tile, got {crop}")
+        return int(height)
+
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
+        """Token counts for images of the given (height, width) sizes, without processing pixels."""
+        from transformers.processing_utils import MultiModalData
+
+        if image_sizes is None:
+            return MultiModalData()
+        counts = [self.num_image_tokens(h, w) for h, w in image_sizes]
+        return MultiModalData(num_image_tokens=counts, num_image_patches=[1] * len(counts))
+
+    # --- calling -----------------------------------------------------------------------------
+    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs) -> BatchFeature:
+        """Tokenize *text* with every ``<image>`` expanded, and preprocess *images*.
+
+        Args:
+            images: one image, a list (given to the placeholders in order), or a list per prompt.
+            text (`str` or `list[str]`): prompts with one ``<image>`` per image.
+            **kwargs: tokenizer and image-processor arguments (``padding``, ``return_tensors``, ...), flat or as
+                ``text_kwargs={...}`` / ``images_kwargs={...}``.
+
+        Returns:
+            `BatchFeature` with ``input_ids``, ``attention_mask`` [batch, seq] and, with images,
+            ``pixel_values`` [images, max_tiles, 3, tile, tile] and ``image_sizes`` [images, 2].
+        """
+        if videos is not None or audio is not None:
+            raise BadRequestError("LlavaNextProcessor takes images and text only, not videos or audio")
+        if images is None and text is None:
+            raise BadRequestError("give text, images, or both")
+        texts = self._check_text(text)
+        merged = self._merge_kwargs(ProcessingKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs, images_kwargs = dict(merged["text_kwargs"]), dict(merged["images_kwargs"])
+        want_type_ids = text_kwargs.pop("return_mm_token_type_ids", None) or merged.get("return_mm_token_type_ids")
+        want_offsets = text_kwargs.pop("return_text_replacement_offsets", None) or merged.get(
+            "return_text_replacement_offsets"
+        )
+        return_tensors = text_kwargs.get("return_tensors", images_kwargs.get("return_tensors"))
+        placeholder = self._placeholder_pattern(text_kwargs.get("sanitize_control_tokens"))
+
+        flat_images, per_sample = ([], None) if images is None else _flatten_images(images)
+        if texts is not None:
+            self._check_image_counts(texts, placeholder, flat_images, per_sample, given=images is not None)
+
+        data: dict[str, Any] = {}
+        counts: list[int] = []
+        if flat_images:
+            image_inputs = self.image_processor(_load_image_sources(flat_images), **images_kwargs)
+            data.update(image_inputs)
+            counts = self._token_counts(image_inputs, images_kwargs)
+
+        if texts is not None:
+            expanded, offsets = self._expand_placeholders(texts, placeholder, counts)
+            text_inputs = self.tokenizer(expanded, **text_kwargs)
+            self._check_not_truncated(text_inputs["input_ids"], expanded, placeholder, counts)
+            if want_type_ids:
+                ids = text_inputs["input_ids"]
+                ids = ids.tolist() if hasattr(ids, "tolist") else ids
+                text_inputs["mm_token_type_ids"] = [[int(t == self.image_token_id) for t in row] for row in ids]
+            if want_offsets:
+                text_inputs["text_replacement_offsets"] = offsets
+            data = {**text_inputs, **data}
+        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets"])
+
+    @staticmethod
+    def _check_text(text) -> list[str] | None:
+        if text is None:
+            return None
+        if isinstance(text, str):
+            return [text]
+        if not isinstance(text, (list, tuple)):
+            raise BadRequestError(
+                f"text must be a string or a list of strings, got {type(text).__name__}", param="text"
+            )
+        for index, sample in enumerate(text):
+            if not isinstance(sample, str):
+                raise BadRequestError(
+                    f"text must be a string or a list of strings, but sample {index} is a "
+                    f"{type(sample).__name__} ({sample!r:.60}); pass the prompt as a string with one "
+                    f"<image> per image",
+                    param="text",
+                )
+        return list(text)
+
+    def _placeholder_pattern(self, sanitized: bool | None) -> re.Pattern:
+        """The regex of one ``<image>`` placeholder (skipping control tokens marked by chat-template sanitizing)."""
+        guard = ""
+        if sanitized:
+            from transformers import processing_utils
+
+            guard = getattr(processing_utils, "_UNMARKED", "")
+        return re.compile(guard + re.escape(self.image_token))
+
+    def _check_image_counts(self, texts, placeholder, flat_images, per_sample, given: bool) -> None:
+        in_text = [len(placeholder.findall(sample)) for sample in texts]
+        n_images = len(flat_images)
+        per_text = ", ".join(f"sample {i}: {n}" for i, n in enumerate(in_text))
+        if per_sample is not None:
+            if len(per_sample) != len(texts):
+                raise BadRequestError(
+                    f"images were given as {len(per_sample)} lists (one per prompt) but there are {len(texts)} "
+                    f"prompts; give one list of images per prompt",
+                    param="images",
+                )
+            for index, (n_text, n_given) in enumerate(zip(in_text, per_sample)):
+                if n_text != n_given:
+                    raise BadRequestError(
+                        f"sample {index} has {n_text} {self.image_token} placeholder(s) but {n_given} image(s); "
+                        f"put one {self.image_token} in the prompt for each image",
+                        param="images",
+                    )
+            return
+        if sum(in_text) == n_images:
+            return
+        if not given:
+            raise BadRequestError(
+                f"the text has {sum(in_text)} {self.image_token} placeholder(s) ({per_text}) but no images were "
+                f"given; pass images=... or remove the placeholders",
+                param="images",
+            )
+        raise BadRequestError(
+            f"{n_images} image(s) given but the text has {sum(in_text)} {self.image_token} placeholder(s) "
+            f"({per_text}); put exactly one {self.image_token} in the prompt for each image",
+            param="images",
+        )
+
+    def _token_counts(self, image_inputs, images_kwargs) -> list[int]:
+        """Tokens for each processed image, from its original size, the tile size and the pinpoints."""
+        pixel_values = image_inputs["pixel_values"]
+        tile_height, tile_width = pixel_values[0][0].shape[-2:]
+        if tile_height != tile_width:
+            raise ValueError(f"tiles must be square, the image processor made {tile_height}x{tile_width} tiles")
+        pinpoints = images_kwargs.get("image_grid_pinpoints") or self.image_processor.image_grid_pinpoints
+        sizes = image_inputs["image_sizes"]
+        sizes = sizes.tolist() if hasattr(sizes, "tolist") else sizes
+        return [
+            self.image_geometry(int(h), int(w), int(tile_height), pinpoints).num_tokens
+            for h, w in (list(map(int, size)) for size in sizes)
+        ]
+
+    def _expand_placeholders(self, texts, placeholder, counts) -> tuple[list[str], list[list[dict]]]:
+        """Each placeholder replaced by ``image_token * count``, and where each replacement went."""
+        counts_iter = iter(counts)
+        expanded, all_offsets = [], []
+        for sample in texts:
+            pieces, offsets, last, shift = [], [], 0, 0
+            for match in placeholder.finditer(sample):
+                start, end = match.span()
+                replacement = self.image_token * next(counts_iter)
+                pieces.append(sample[last:start])
+                pieces.append(replacement)
+                offsets.append(
+                    {
+                        "type": "image",
+                        "span": (start, end),
+                        "new_span": (start + shift, start + shift + len(replacement)),
+                        "text": match.group(),
+                        "replacement": replacement,
+                    }
+                )
+                shift += len(replacement) - (end - start)
+                last = end
+            pieces.append(sample[last:])
+            expanded.append("".join(pieces))
+            all_offsets.append(offsets)
+        return expanded, all_offsets
+
+    def _check_not_truncated(self, input_ids, expanded, placeholder, counts) -> None:
+        ids = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
+        if ids and isinstance(ids[0], int):
+            ids = [ids]
+        for index, (row, sample) in enumerate(zip(ids, expanded)):
+            expected = len(placeholder.findall(sample))
+            found = list(row).count(self.image_token_id)
+            if found != expected:
+                raise BadRequestError(
+                    f"sample {index}: {found} image tokens in input_ids but its images need {expected}; "
+                    f"truncation cut into the image tokens. Raise max_length or disable truncation",
+                    param="max_length",
+                )
+
+    # --- loading and saving ------------------------------------------------------------------
+    @classmethod
+    def get_processor_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """transformers' reading of ``processor_config.json`` and chat templates, with the token-count
+        settings completed from ``config.json`` when the file lacks them (see the module docstring)."""
+        processor_dict, rest = super().get_processor_dict(pretrained_model_name_or_path, **kwargs)
+        given = {key for key in TOKEN_COUNT_SETTINGS if kwargs.get(key) is not None}
+        missing = [k for k in TOKEN_COUNT_SETTINGS if processor_dict.get(k) is None and k not in given]
+        hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if kwargs.get(k) is not None}
+        model_config = _read_json_next_to(pretrained_model_name_or_path, CONFIG_NAME, hub_kwargs)
+        if model_config is not None and model_config.get("model_type") in (None, "llava_next"):
+            derived = derive_token_count_settings(model_config)
+            for key in missing:
+                processor_dict[key] = derived[key]
+            for key in TOKEN_COUNT_SETTINGS:
+                written = kwargs.get(key) if key in given else processor_dict.get(key)
+                if written != derived[key]:
+                    raise ValueError(
+                        f"{PROCESSOR_NAME} in {pretrained_model_name_or_path} says {key}={written!r} but the "
+                        f"model's {CONFIG_NAME} gives {derived[key]!r}: the image token counts would not match "
+                        f"the model's features. Fix {key} in {PROCESSOR_NAME}."
+                    )
+        elif missing:
+            example = {"patch_size": 14, "vision_feature_select_strategy": "default", "num_additional_image_tokens": 1}
+            raise ValueError(
+                f"{pretrained_model_name_or_path} has no {', '.join(missing)} in {PROCESSOR_NAME} and no "
+                f"{CONFIG_NAME} of a llava_next model to derive them from. Add them to {PROCESSOR_NAME} with the "
+                f"values of the model's config, e.g. "
+                f"{json.dumps({k: example[k] for k in missing})} (num_additional_image_tokens: 1 for CLIP towers, "
+                f"0 for SigLIP), or pass them to from_pretrained."
+            )
+        return processor_dict, rest
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, backend: str | None = None, use_fast: bool | None = None, **kwargs):
+        """Load from a llava-hf folder or hub repo, in either layout (see the module docstring).
+
+        The image processor is our ``LlavaNextImageProcessorFast``, or ``LlavaNextImageProcessor`` with
+        ``backend="pil"`` / ``use_fast=False``. ``patch_size``, ``vision_feature_select_strategy`` and
+        ``num_additional_image_tokens`` may be passed to override the folder's values.
+        """
+        image_processor_class = _image_processor_class(backend, use_fast)
+        processor_dict, instance_kwargs = cls.get_processor_dict(pretrained_model_name_or_path, **kwargs)
+        loader_kwargs = {k: v for k, v in kwargs.items() if k not in TOKEN_COUNT_SETTINGS and k != "chat_template"}
+        loader_kwargs.pop("_from_auto", None)
+        loader_kwargs.pop("_from_pipeline", None)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **loader_kwargs)
+        loader_kwargs.pop("trust_remote_code", None)
+        image_processor = image_processor_class.from_pretrained(pretrained_model_name_or_path, **loader_kwargs)
+        settings = {k: v for k, v in instance_kwargs.items() if k in TOKEN_COUNT_SETTINGS or k == "chat_template"}
+        return cls.from_args_and_dict([image_processor, tokenizer], processor_dict, **settings)
+
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, layout: str = "nested", **kwargs):
+        """Save tokenizer, chat template and ``processor_config.json`` (+ ``preprocessor_config.json``).
+
+        Args:
+            layout (`str`): ``"nested"`` (transformers >= 5: the image processor inside
+                ``processor_config.json``) or ``"separate"`` (llava-hf's hub layout: the image processor in
+                ``preprocessor_config.json``, only the processor's settings in ``processor_config.json``).
+                Both load in transformers' own ``LlavaNextProcessor``.
+        """
+        if layout not in _LAYOUTS:
+            raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")
+        files = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        if layout == "separate":
+            processor_file = os.path.join(save_directory, PROCESSOR_NAME)
+            with open(processor_file, encoding="utf-8") as f:
+                processor_dict = json.load(f)
+            image_processor_dict = processor_dict.pop("image_processor", None)
+            if image_processor_dict is not None:
+                image_processor_dict.setdefault("processor_class", type(self).__name__)
+                with open(os.path.join(save_directory, IMAGE_PROCESSOR_NAME), "w", encoding="utf-8") as f:
+                    f.write(json.dumps(image_processor_dict, indent=2, sort_keys=True) + "\n")
+                files = list(files) + [os.path.join(save_directory, IMAGE_PROCESSOR_NAME)]
+            with open(processor_file, "w", encoding="utf-8") as f:
+                f.write(json.dumps(processor_dict, indent=2, sort_keys=True) + "\n")
+        return files

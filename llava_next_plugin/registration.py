@@ -1,0 +1,338 @@
+"""Our classes under transformers' Auto classes, every narrow patch of transformers, and the way back.
+
+After :func:`register` (``import llava_next_plugin`` calls it), everything transformers resolves for the
+model type ``llava_next`` is ours:
+
+============================  =====================================================================
+Auto class                     how
+============================  =====================================================================
+AutoConfig                     public ``AutoConfig.register("llava_next", ...)``
+AutoModel, AutoModelFor*       public ``register`` of each Auto class whose table maps ``llava_next``
+                               (found by looking, so a transformers version with more such tables
+                               is covered), keyed by our config class
+AutoProcessor                  public ``register`` (folders without ``processor_class``) + patch 1
+AutoImageProcessor             patch 2
+============================  =====================================================================
+
+Why the public ``register`` functions are not enough:
+
+- Model tables are keyed by config class, and a config class missing from a table's registrations is
+  looked up by its *name*: a class named ``LlavaNextConfig`` that is not registered in a table silently
+  resolves to transformers' model. So every table that maps ``llava_next`` gets our config registered.
+- Patch 1: llava-hf folders say ``"processor_class": "LlavaNextProcessor"``, and ``AutoProcessor``
+  resolves that name in transformers' own table before looking at registered classes. The patch
+  answers that one name with our class and passes every other name to transformers.
+- Patch 2: ``AutoImageProcessor`` picks a class from ``image_processor_type`` *by name*, and the name
+  ``LlavaNextImageProcessor`` is also used by ``llava_next_video`` and ``granite4_vision`` folders, so a
+  registered class would take those over too. It also picks the PIL backend whenever torchvision is not
+  installed, while our fast processor needs no torchvision. The patch serves folders (or ``config=``)
+  of model type ``llava_next`` whose image processor is a LLaVA-NeXT one: our fast processor by
+  default, our PIL processor for ``backend="pil"`` / ``use_fast=False``. Everything else, including
+  unknown backends, goes to transformers' own ``from_pretrained`` unchanged.
+
+Every change is recorded with the value it replaced, and :func:`unregister` puts those back, so
+:func:`use_transformers_builtins` gives transformers' own classes for a block of code (our parity tests
+compare against them that way). All of this is process-wide.
+
+To add a patch: write ``def _install_x() -> Callable[[], None]`` that changes transformers and returns
+the function undoing it, and append it to ``_INSTALLERS`` (see the marked place at the end).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+from typing import Any, Callable, Iterator
+
+__all__ = ["register", "unregister", "is_registered", "use_transformers_builtins", "MODEL_TYPE"]
+
+MODEL_TYPE = "llava_next"
+
+# image_processor_type values that name a LLaVA-NeXT image processor (ours or transformers').
+_IMAGE_PROCESSOR_NAMES = ("LlavaNextImageProcessor", "LlavaNextImageProcessorFast", "LlavaNextImageProcessorPil")
+_PROCESSOR_NAME = "LlavaNextProcessor"
+_MISSING = object()
+
+# Undo functions of the installed changes, last installed last; None while not registered.
+_undo_stack: list[Callable[[], None]] | None = None
+
+
+# --- the public switch --------------------------------------------------------------------------
+def register() -> None:
+    """Make transformers' Auto classes give our classes for ``llava_next``. Calling it again does nothing."""
+    global _undo_stack
+    if _undo_stack is not None:
+        return
+    undo: list[Callable[[], None]] = []
+    try:
+        for install in _INSTALLERS:
+            undo.append(install())
+    except BaseException:
+        for step in reversed(undo):
+            step()
+        raise
+    _undo_stack = undo
+
+
+def unregister() -> None:
+    """Give transformers back exactly what :func:`register` replaced. Calling it again does nothing."""
+    global _undo_stack
+    if _undo_stack is None:
+        return
+    steps, _undo_stack = _undo_stack, None
+    for step in reversed(steps):
+        step()
+
+
+def is_registered() -> bool:
+    return _undo_stack is not None
+
+
+@contextlib.contextmanager
+def use_transformers_builtins() -> Iterator[None]:
+    """Within the block, transformers' Auto classes give transformers' own LLaVA-NeXT classes.
+
+    ::
+
+        with llava_next_plugin.use_transformers_builtins():
+            reference = AutoModelForImageTextToText.from_pretrained(path)   # transformers' class
+        ours = AutoModelForImageTextToText.from_pretrained(path)            # ours again
+
+    Our registration is re-applied on exit if it was active on entry. The switch is process-wide:
+    other threads see transformers' classes during the block too.
+    """
+    was_registered = is_registered()
+    unregister()
+    try:
+        yield
+    finally:
+        if was_registered:
+            register()
+
+
+# --- our classes, imported when registering -----------------------------------------------------
+def _our_config():
+    from .configuration import LlavaNextConfig
+
+    return LlavaNextConfig
+
+
+def _our_processor():
+    from .processing import LlavaNextProcessor
+
+    return LlavaNextProcessor
+
+
+def _our_models() -> dict[str, type]:
+    """Our model classes by name; empty while ``llava_next_plugin.modeling`` does not exist yet."""
+    try:
+        modeling = importlib.import_module(".modeling", __package__)
+    except ModuleNotFoundError as error:
+        if error.name == f"{__package__}.modeling":
+            return {}
+        raise
+    names = ("LlavaNextModel", "LlavaNextForConditionalGeneration")
+    return {name: getattr(modeling, name) for name in names if hasattr(modeling, name)}
+
+
+def _our_image_processor(backend: str):
+    if backend == "pil":
+        from .image_processing import LlavaNextImageProcessor
+
+        return LlavaNextImageProcessor
+    from .image_processing_fast import LlavaNextImageProcessorFast
+
+    return LlavaNextImageProcessorFast
+
+
+def _restore_dict_entry(table: dict, key: Any, previous: Any) -> Callable[[], None]:
+    def undo() -> None:
+        if previous is _MISSING:
+            table.pop(key, None)
+        else:
+            table[key] = previous
+
+    return undo
+
+
+# --- AutoConfig ---------------------------------------------------------------------------------
+def _install_config() -> Callable[[], None]:
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    previous = CONFIG_MAPPING._extra_content.get(MODEL_TYPE, _MISSING)
+    AutoConfig.register(MODEL_TYPE, _our_config(), exist_ok=True)
+    return _restore_dict_entry(CONFIG_MAPPING._extra_content, MODEL_TYPE, previous)
+
+
+# --- AutoModel and every AutoModelFor* that maps llava_next -------------------------------------
+def auto_model_classes_for_llava_next() -> list[tuple[type, Any]]:
+    """``(AutoClass, class name(s) it maps llava_next to)`` for every Auto model class of this
+    transformers version whose table has ``llava_next`` (one Auto class per table)."""
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    found, seen_tables = [], set()
+    for name in sorted(dir(modeling_auto)):
+        auto_class = getattr(modeling_auto, name)
+        if not (isinstance(auto_class, type) and issubclass(auto_class, _BaseAutoModelClass)):
+            continue
+        table = getattr(auto_class, "_model_mapping", None)
+        if table is None or id(table) in seen_tables:
+            continue
+        names = table._model_mapping.get(MODEL_TYPE)
+        if names is not None:
+            seen_tables.add(id(table))
+            found.append((auto_class, names))
+    return found
+
+
+def _install_models() -> Callable[[], None]:
+    config_class = _our_config()
+    models = _our_models()
+    undo: list[Callable[[], None]] = []
+    for auto_class, names in auto_model_classes_for_llava_next():
+        wanted = names if isinstance(names, (list, tuple)) else (names,)
+        if not all(name in models for name in wanted):
+            continue  # no class of ours by that name (yet): transformers keeps the table entry
+        value = tuple(models[n] for n in wanted) if isinstance(names, (list, tuple)) else models[names]
+        table = auto_class._model_mapping
+        previous = table._extra_content.get(config_class, _MISSING)
+        if isinstance(value, tuple):
+            table.register(config_class, value, exist_ok=True)
+        else:
+            auto_class.register(config_class, value, exist_ok=True)
+        undo.append(_restore_dict_entry(table._extra_content, config_class, previous))
+
+    def undo_all() -> None:
+        for step in reversed(undo):
+            step()
+
+    return undo_all
+
+
+# --- AutoProcessor ------------------------------------------------------------------------------
+def _install_processor() -> Callable[[], None]:
+    from transformers import AutoProcessor
+    from transformers.models.auto import processing_auto
+
+    config_class, processor_class = _our_config(), _our_processor()
+    table = processing_auto.PROCESSOR_MAPPING
+    previous = table._extra_content.get(config_class, _MISSING)
+    AutoProcessor.register(config_class, processor_class, exist_ok=True)
+    restore_table = _restore_dict_entry(table._extra_content, config_class, previous)
+
+    # Patch 1: the processor_class name of llava-hf folders.
+    original = processing_auto.processor_class_from_name
+
+    def processor_class_from_name(class_name: str):
+        if class_name == _PROCESSOR_NAME:
+            return processor_class
+        return original(class_name)
+
+    processor_class_from_name.__wrapped__ = original
+    processing_auto.processor_class_from_name = processor_class_from_name
+
+    def undo() -> None:
+        processing_auto.processor_class_from_name = original
+        restore_table()
+
+    return undo
+
+
+# --- AutoImageProcessor -------------------------------------------------------------------------
+def _read_json(path: str, filename: str, hub_kwargs: dict) -> dict | None:
+    from transformers.utils import cached_file
+
+    try:
+        resolved = cached_file(
+            path,
+            filename,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            _raise_exceptions_for_gated_repo=False,
+            **hub_kwargs,
+        )
+    except Exception:  # noqa: BLE001 - unreadable here: let transformers' own loader report it
+        return None
+    if resolved is None:
+        return None
+    with open(resolved, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _llava_next_image_backend(path: Any, kwargs: dict) -> str | None:
+    """``"torchvision"``/``"pil"`` when this ``AutoImageProcessor.from_pretrained`` call is ours, else None."""
+    backend, use_fast = kwargs.get("backend"), kwargs.get("use_fast")
+    if backend is None and use_fast is not None:
+        backend = "torchvision" if use_fast else "pil"
+    if backend not in (None, "torchvision", "pil"):
+        return None
+    from transformers import PreTrainedConfig
+    from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME, PROCESSOR_NAME
+
+    path = str(path)
+    hub_kwargs = {
+        k: kwargs[k]
+        for k in ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+        if kwargs.get(k) is not None
+    }
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            image_config = json.load(f)
+        model_config = None
+    else:
+        processor_config = _read_json(path, PROCESSOR_NAME, hub_kwargs) or {}
+        image_config = processor_config.get("image_processor")
+        if not isinstance(image_config, dict):
+            image_config = _read_json(path, IMAGE_PROCESSOR_NAME, hub_kwargs) or {}
+        model_config = _read_json(path, CONFIG_NAME, hub_kwargs)
+    config = kwargs.get("config")
+    if isinstance(config, PreTrainedConfig):
+        model_type = config.model_type
+    else:
+        model_type = (model_config or {}).get("model_type")
+    image_type = image_config.get("image_processor_type")
+    if model_type not in (None, MODEL_TYPE) or image_type not in (None, *_IMAGE_PROCESSOR_NAMES):
+        return None
+    if model_type is None and image_type is None:
+        return None
+    return backend or "torchvision"
+
+
+def _install_image_processor() -> Callable[[], None]:
+    from transformers import AutoImageProcessor
+
+    original = AutoImageProcessor.__dict__["from_pretrained"]  # the classmethod object itself
+
+    def from_pretrained(cls, pretrained_model_name_or_path, *inputs, **kwargs):
+        backend = _llava_next_image_backend(pretrained_model_name_or_path, kwargs)
+        if backend is None:
+            return original.__get__(None, cls)(pretrained_model_name_or_path, *inputs, **kwargs)
+        for key in ("config", "backend", "use_fast", "trust_remote_code", "_from_auto"):
+            kwargs.pop(key, None)
+        return _our_image_processor(backend).from_pretrained(pretrained_model_name_or_path, *inputs, **kwargs)
+
+    from_pretrained.__doc__ = original.__func__.__doc__
+    from_pretrained.__wrapped__ = original.__func__
+    AutoImageProcessor.from_pretrained = classmethod(from_pretrained)
+
+    def undo() -> None:
+        AutoImageProcessor.from_pretrained = original
+
+    return undo
+
+
+# --- the list register() applies, in order ------------------------------------------------------
+_INSTALLERS: list[Callable[[], Callable[[], None]]] = [
+    _install_config,
+    _install_models,
+    _install_processor,
+    _install_image_processor,
+]
+
+# === pipeline routing: the pipeline engineer appends its installer below =========================
+# def _install_pipeline_routes() -> Callable[[], None]: ...
+# _INSTALLERS.append(_install_pipeline_routes)
