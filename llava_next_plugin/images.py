@@ -1,0 +1,348 @@
+"""Image sources: where an image comes from, and the one function everything else reads images with.
+
+:func:`load_image` asks the ``llava_next_load_image`` hook for a PIL image, then makes it usable:
+fully decoded (so truncated files fail here, not deep inside preprocessing), turned upright by its EXIF
+orientation, non-empty, and RGB. Every failure is an :class:`~llava_next_sdk.errors.InvalidImageError`
+naming the image's index, what was wrong, and what to do.
+
+The built-in sources are this module's hookimpl, registered beneath every other plugin (so a plugin
+that handles, say, ``https://`` URLs with credentials replaces ours):
+
+- a path (``str`` or ``os.PathLike``, ``~`` expanded) or a ``file://`` URL;
+- an ``http://`` / ``https://`` URL, fetched with httpx (``timeout`` seconds per network read,
+  redirects followed, at most :data:`MAX_DOWNLOAD_BYTES`);
+- a ``data:image/...;base64,...`` URL, or a bare base64 string;
+- ``bytes`` / ``bytearray`` / ``memoryview``, or a binary file object;
+- a ``PIL.Image.Image``;
+- a numpy array (H, W) or (H, W, C) with C in 1, 3, 4: uint8, bool, uint16 (scaled by 1/257) or
+  float in [0, 1].
+
+Pictures decoded from bytes respect PIL's decompression-bomb limit ``PIL.Image.MAX_IMAGE_PIXELS``:
+larger ones are refused (raise the limit yourself if you trust the source).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import re
+import urllib.parse
+import urllib.request
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from llava_next_plugin.hooks import get_plugin_manager, hookimpl
+from llava_next_sdk.errors import InvalidImageError, LlavaNextError
+
+__all__ = ["DEFAULT_TIMEOUT", "MAX_DOWNLOAD_BYTES", "decode_image_bytes", "load_image", "load_images", "to_rgb"]
+
+DEFAULT_TIMEOUT = 10.0
+"""Seconds allowed for each network read when an image is fetched from a URL."""
+
+MAX_DOWNLOAD_BYTES = 50 * 2**20
+"""The largest image download accepted, in bytes (read when each download starts)."""
+
+_URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=\s]{64,}")
+_EXIF_ORIENTATION = 0x0112
+
+
+def load_image(source: Any, index: int | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> Image.Image:
+    """Read one image from any source a plugin understands.
+
+    :param source: a path, URL, data URL, bytes, PIL image, numpy array, or anything a plugin handles.
+    :param index: the image's position in the request, named in error messages.
+    :param timeout: seconds allowed for each network read.
+    :return: a fully decoded RGB PIL image (the same object when *source* already was one).
+    :raises InvalidImageError: when the source is unsupported, missing, unreadable, corrupted,
+        truncated, empty, too large, or in a mode that has no RGB meaning.
+    """
+    what = describe_source(source)
+    try:
+        image = get_plugin_manager().hook.llava_next_load_image(source=source, timeout=timeout)
+    except InvalidImageError as exc:
+        if exc.index is None and index is not None:
+            raise InvalidImageError(exc.message, index=index) from exc
+        raise
+    except LlavaNextError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise InvalidImageError(_bomb_message(what, str(exc)), index=index) from exc
+    except (OSError, ValueError, SyntaxError) as exc:  # raised inside a third-party image source
+        raise InvalidImageError(f"{what} could not be loaded ({type(exc).__name__}: {exc})", index=index) from exc
+    if image is None:
+        raise InvalidImageError(_unsupported_message(source, what), index=index)
+    if not isinstance(image, Image.Image):
+        raise InvalidImageError(
+            f"an image-source plugin returned {type(image).__name__} for {what} instead of a PIL image; "
+            f"fix that plugin's llava_next_load_image", index=index)
+    try:
+        return to_rgb(image, what)
+    except InvalidImageError as exc:
+        raise InvalidImageError(exc.message, index=index) from exc
+
+
+def load_images(sources: Sequence[Any], *, timeout: float = DEFAULT_TIMEOUT) -> list[Image.Image]:
+    """:func:`load_image` for each of *sources* (a list or tuple), errors naming the failing index."""
+    if not isinstance(sources, (list, tuple)):
+        raise InvalidImageError(f"expected a list of images, got {type(sources).__name__}; "
+                                f"wrap a single image as [image]")
+    return [load_image(source, index, timeout=timeout) for index, source in enumerate(sources)]
+
+
+def describe_source(source: Any) -> str:
+    """A short description of an image source for error messages."""
+    if isinstance(source, str):
+        text = source if len(source) <= 100 else source[:60] + "..." + source[-20:]
+        if source.startswith("data:"):
+            return f"data URL {text[:40]!r}... ({len(source)} characters)"
+        return f"URL {text!r}" if _URL_SCHEME.match(source) else f"file {text!r}"
+    if isinstance(source, os.PathLike):
+        return f"file '{os.fspath(source)}'"
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"bytes ({len(source)} bytes)"
+    if isinstance(source, np.ndarray):
+        return f"array of shape {tuple(source.shape)} and dtype {source.dtype}"
+    if isinstance(source, Image.Image):
+        return f"PIL image ({source.mode}, {source.width}x{source.height})"
+    return f"a {type(source).__module__}.{type(source).__qualname__}"
+
+
+def _unsupported_message(source: Any, what: str) -> str:
+    plugin_hint = ("or register a plugin implementing llava_next_load_image for it "
+                   "(see docs/writing-a-plugin.md)")
+    if isinstance(source, str) and (match := _URL_SCHEME.match(source.strip())):
+        return (f"no image source handles the URL scheme '{match.group(1)}://' ({what}); use a path, an "
+                f"http(s) or data URL, or bytes, {plugin_hint}")
+    hint = ""
+    if hasattr(source, "numpy") and hasattr(source, "permute"):
+        hint = " (for a torch tensor (C, H, W), pass tensor.permute(1, 2, 0).cpu().numpy())"
+    return (f"unsupported image source: {what}{hint}; pass a path, an http(s) URL, a data URL, bytes, "
+            f"a PIL image or a numpy array (H, W) / (H, W, C), {plugin_hint}")
+
+
+# --- the built-in image sources ------------------------------------------------------------------
+
+@hookimpl
+def llava_next_load_image(source: Any, timeout: float) -> Image.Image | None:
+    """Our built-in sources (see the module docstring); None for anything else."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return decode_image_bytes(bytes(source), describe_source(source))
+    if isinstance(source, np.ndarray):
+        return _image_from_array(source)
+    if isinstance(source, os.PathLike):
+        return _load_path(source)
+    if isinstance(source, str):
+        return _load_string(source.strip(), timeout)
+    if callable(getattr(source, "read", None)):  # a binary file object
+        data = source.read()
+        if isinstance(data, (bytes, bytearray)):
+            return decode_image_bytes(bytes(data), f"file object {getattr(source, 'name', '')!s}".rstrip())
+    return None
+
+
+def _load_string(text: str, timeout: float) -> Image.Image | None:
+    scheme_match = _URL_SCHEME.match(text)
+    scheme = scheme_match.group(1).lower() if scheme_match else ""
+    if scheme in ("http", "https"):
+        return decode_image_bytes(_download(text, timeout), describe_source(text))
+    if text.startswith("data:"):
+        return _decode_data_url(text)
+    if scheme == "file":
+        return _load_path(urllib.request.url2pathname(urllib.parse.urlparse(text).path))
+    if scheme:
+        return None  # s3://, gs://...: left to plugins
+    if not os.path.exists(os.path.expanduser(text)) and _BASE64_TEXT.fullmatch(text):
+        try:
+            data = base64.b64decode("".join(text.split()), validate=True)
+        except binascii.Error:
+            pass
+        else:
+            return decode_image_bytes(data, f"base64 text ({len(text)} characters)")
+    return _load_path(text)
+
+
+def _load_path(path: str | os.PathLike) -> Image.Image:
+    file = Path(os.path.expanduser(os.fspath(path)))
+    if not file.exists():
+        where = "" if file.is_absolute() else f" (relative to the working directory {os.getcwd()})"
+        raise InvalidImageError(f"file not found: '{file}'{where}; check the path")
+    if file.is_dir():
+        raise InvalidImageError(f"'{file}' is a folder, not an image file; pass the path of an image inside it")
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise InvalidImageError(f"file '{file}' could not be read ({type(exc).__name__}: {exc}); "
+                                f"check its permissions") from exc
+    return decode_image_bytes(data, f"file '{file}'")
+
+
+def _download(url: str, timeout: float) -> bytes:
+    import httpx  # only when a URL is actually fetched
+
+    limit = MAX_DOWNLOAD_BYTES
+    too_large = (f"URL {url!r} serves more than {limit:,} bytes, the download limit "
+                 f"(llava_next_plugin.images.MAX_DOWNLOAD_BYTES); use a smaller image or raise the limit")
+    chunks: list[bytes] = []
+    try:
+        with httpx.Client(timeout=timeout, follow_redirects=True) as client:
+            with client.stream("GET", url, headers={"Accept": "image/*"}) as response:
+                if response.status_code >= 400:
+                    raise InvalidImageError(f"URL {url!r} answered HTTP {response.status_code} "
+                                            f"{response.reason_phrase}; check the URL")
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > limit:
+                    raise InvalidImageError(too_large)
+                size = 0
+                for chunk in response.iter_bytes():
+                    size += len(chunk)
+                    if size > limit:
+                        raise InvalidImageError(too_large)
+                    chunks.append(chunk)
+    except httpx.TimeoutException as exc:
+        raise InvalidImageError(f"URL {url!r} did not answer within {timeout:g} s ({type(exc).__name__}); "
+                                f"check the URL or pass a larger timeout") from exc
+    except httpx.HTTPError as exc:
+        raise InvalidImageError(f"URL {url!r} could not be fetched ({type(exc).__name__}: {exc}); "
+                                f"check the URL and the network") from exc
+    return b"".join(chunks)
+
+
+def _decode_data_url(url: str) -> Image.Image:
+    header, comma, payload = url.partition(",")
+    if not comma:
+        raise InvalidImageError("data URL has no ',' before its data; expected 'data:image/png;base64,<data>'")
+    media_type = header[len("data:"):].split(";")[0] or "no media type"
+    if header.endswith(";base64"):
+        try:
+            data = base64.b64decode("".join(payload.split()), validate=True)
+        except binascii.Error as exc:
+            raise InvalidImageError(f"data URL ({media_type}) holds invalid base64 ({exc}); "
+                                    f"encode the image bytes with base64.b64encode") from exc
+    else:
+        data = urllib.parse.unquote_to_bytes(payload)
+    return decode_image_bytes(data, f"data URL ({media_type}, {len(data)} bytes)")
+
+
+def _image_from_array(array: np.ndarray) -> Image.Image:
+    what = describe_source(array)
+    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
+        raise InvalidImageError(f"{what} looks channels-first (C, H, W); pass array.transpose(1, 2, 0)")
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4))):
+        raise InvalidImageError(f"{what} is not an image; expected (H, W) or (H, W, C) with C in 1, 3, 4")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise InvalidImageError(f"{what} is empty; an image needs at least 1x1 pixels")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype == np.uint16:
+        array = np.round(array / 257.0).astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise InvalidImageError(f"{what} contains NaN or infinite values")
+        if array.min() < 0 or array.max() > 1:
+            raise InvalidImageError(f"{what} has values in [{array.min():g}, {array.max():g}]; float images "
+                                    f"must lie in [0, 1] (or pass uint8 values 0-255)")
+        array = np.round(array * 255.0).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise InvalidImageError(f"{what}: unsupported dtype; use uint8 (0-255), uint16, bool or float in [0, 1]")
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+# --- decoding and making an image usable ---------------------------------------------------------
+
+def decode_image_bytes(data: bytes, what: str = "the bytes") -> Image.Image:
+    """Decode encoded image bytes (PNG, JPEG, WebP, ...) fully, refusing decompression bombs.
+
+    :param what: how to name the image in error messages (``"file 'cat.png'"``).
+    :raises InvalidImageError: for empty, unrecognised, corrupted, truncated or too large images.
+    """
+    if not data:
+        raise InvalidImageError(f"{what} is empty (0 bytes); pass the image file's content")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns between MAX_IMAGE_PIXELS and twice that; we refuse instead (below).
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise InvalidImageError(_bomb_message(what, str(exc))) from exc
+    except UnidentifiedImageError as exc:
+        head = data[:16]
+        raise InvalidImageError(f"{what} is not an image PIL can read (unknown format or corrupted header; "
+                                f"starts with {head!r}); pass a PNG, JPEG, WebP, GIF, BMP or TIFF file") from exc
+    except Exception as exc:
+        raise InvalidImageError(f"{what} is corrupted ({type(exc).__name__}: {exc}); re-export or "
+                                f"re-download the image") from exc
+    _load_pixels(image, what)
+    return image
+
+
+def _load_pixels(image: Image.Image, what: str) -> None:
+    """Decode a lazily opened image now, so truncation and bombs are caught here."""
+    if not (isinstance(image, ImageFile.ImageFile) and image.tile):
+        return  # already decoded
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        raise InvalidImageError(_bomb_message(
+            what, f"{image.width}x{image.height} = {image.width * image.height:,} pixels, limit {limit:,}"))
+    try:
+        image.load()
+    except Exception as exc:  # PIL's decoders raise OSError, SyntaxError, ValueError, zlib.error...
+        raise InvalidImageError(f"{what} is truncated or corrupted ({type(exc).__name__}: {exc}); "
+                                f"re-export or re-download the image") from exc
+
+
+def _bomb_message(what: str, detail: str) -> str:
+    return (f"{what} is too large ({detail}): PIL.Image.MAX_IMAGE_PIXELS guards against decompression "
+            f"bombs; use a smaller image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust this one")
+
+
+def to_rgb(image: Image.Image, what: str = "image") -> Image.Image:
+    """A fully decoded, upright, non-empty RGB version of *image* (the same object if it already is).
+
+    Transparency (RGBA, LA, PA, P with a transparent colour) is composited onto white, as transformers'
+    processors do; 16-bit and 32-bit grayscale (I;16, I, F) is scaled to 8 bits rather than clipped;
+    CMYK, YCbCr, LAB, HSV, P, L and 1 convert with PIL's colour conversion.
+    """
+    _load_pixels(image, what)
+    if image.width == 0 or image.height == 0:
+        raise InvalidImageError(f"{what} is empty ({image.width}x{image.height}); an image needs at least 1x1 pixels")
+    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        return _high_depth_gray_to_rgb(image)
+    try:
+        if image.has_transparency_data:
+            rgba = image.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, rgba).convert("RGB")
+        return image.convert("RGB")
+    except ValueError as exc:
+        raise InvalidImageError(f"{what} has mode {image.mode}, which PIL cannot convert to RGB ({exc}); "
+                                f"convert it to RGB yourself first") from exc
+
+
+def _high_depth_gray_to_rgb(image: Image.Image) -> Image.Image:
+    """Scale 16/32-bit or float grayscale to 8 bits: I;16 by 1/257, float in [0, 1] by 255, anything
+    else outside 0-255 by its own min-max range."""
+    values = np.asarray(image, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if image.mode.startswith("I;16"):
+        values = values / 257.0
+    elif image.mode == "F" and 0.0 <= low and high <= 1.0:
+        values = values * 255.0
+    elif low < 0.0 or high > 255.0:
+        values = (values - low) * (255.0 / max(high - low, 1e-12))
+    gray = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))
+    return gray.convert("RGB")

@@ -1,0 +1,265 @@
+"""Prompt formats: wrap a user's prompt in the checkpoint's chat format, with its ``<image>`` placeholders.
+
+LLaVA-NeXT checkpoints were trained on four chat formats, one per family of text backbone:
+
+====================  =========================================================================
+family                a one-image prompt, as the model must see it
+====================  =========================================================================
+``mistral``           ``[INST] <image>\\nWhat is shown? [/INST]``
+``vicuna``            ``<llava system line> USER: <image>\\nWhat is shown? ASSISTANT:``
+``llama3``            ``<|start_header_id|>user<|end_header_id|>\\n\\n<image>\\nWhat is shown?<|eot_id|>``
+                      ``<|start_header_id|>assistant<|end_header_id|>\\n\\n``
+``chatml`` (Yi, Qwen) ``<|im_start|>user\\n<image>\\nWhat is shown?<|im_end|>\\n<|im_start|>assistant\\n``
+====================  =========================================================================
+
+:func:`build_prompt` uses the checkpoint's own chat template (processor or tokenizer) when it has one,
+else the family's format, which it asks of the ``llava_next_prompt_format`` hook (the formats above
+are this module's hookimpl; a plugin may add families or replace ours). The family is told from the
+tokenizer's special tokens (``<|eot_id|>`` means llama3, ``<|im_start|>`` chatml) and the text
+backbone's ``model_type`` (``mistral``; ``qwen2`` is chatml; ``llama`` without those tokens is vicuna),
+since Vicuna, Llama-3 and Yi all report ``llama``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+from llava_next_plugin.hooks import get_plugin_manager, hookimpl
+from llava_next_sdk.errors import BadRequestError
+
+__all__ = ["FAMILIES", "FAMILY_TEMPLATES", "IMAGE_PLACEHOLDER", "build_prompt", "detect_family", "text_model_type"]
+
+IMAGE_PLACEHOLDER = "<image>"
+
+VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+
+# How every family renders one message's content: its images first, one placeholder line each, then its
+# texts joined by newlines (the layout LLaVA was trained on). Content is a list of {"type": ...} parts.
+_CONTENT = (
+    "{% macro content(message) %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\\n' }}{% endfor %}"
+    "{{ message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('\\n') }}"
+    "{% endmacro %}"
+)
+# The leading system message, if any, becomes `system`; the others are `turns`.
+_SPLIT_SYSTEM = (
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = content(messages[0]) %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+)
+_UNKNOWN_ROLE = "{% else %}{{ raise_exception('unsupported message role: ' + message['role']) }}{% endif %}"
+
+FAMILY_TEMPLATES: dict[str, str] = {
+    "mistral": _CONTENT + _SPLIT_SYSTEM + (
+        "{% for message in turns %}"
+        "{% if message['role'] == 'user' %}[INST] "
+        "{% if loop.first and system %}{{ system + '\\n\\n' }}{% endif %}{{ content(message) }} [/INST]"
+        "{% elif message['role'] == 'assistant' %} {{ content(message) }}</s>"
+        + _UNKNOWN_ROLE + "{% endfor %}"
+    ),
+    "vicuna": _CONTENT + _SPLIT_SYSTEM + (
+        "{{ (system or '" + VICUNA_SYSTEM.replace("'", "\\'") + "') + ' ' }}"
+        "{% for message in turns %}"
+        "{% if message['role'] == 'user' %}USER: {{ content(message) }} "
+        "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ content(message) }}</s>"
+        + _UNKNOWN_ROLE + "{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    ),
+    "llama3": _CONTENT + (
+        "{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + content(message) + '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    ),
+    "chatml": _CONTENT + (
+        "{% for message in messages %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + content(message) + '<|im_end|>\\n' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+}
+"""Our Jinja chat templates, one per family (rendered with ``add_generation_prompt=True``)."""
+
+FAMILIES: tuple[str, ...] = tuple(FAMILY_TEMPLATES)
+
+_FAMILY_ALIASES = {"yi": "chatml", "qwen": "chatml", "qwen2": "chatml", "llama-3": "llama3", "llama_3": "llama3"}
+_FAMILY_BY_MODEL_TYPE = {"mistral": "mistral", "mixtral": "mistral", "qwen2": "chatml", "llama": "vicuna"}
+# Markers that show a string prompt is already in some family's chat format.
+_FORMATTED_MARKERS = ("[INST]", "USER:", "<|im_start|>", "<|start_header_id|>")
+
+
+@hookimpl
+def llava_next_prompt_format(family: str, model_type: str, tokenizer: Any) -> str | None:
+    """Our built-in families' templates; None for a family we do not know."""
+    return FAMILY_TEMPLATES.get(family)
+
+
+def text_model_type(config: Any) -> str:
+    """The text backbone's ``model_type`` from a config object or a ``config.json`` dict ('' if unknown)."""
+    if config is None:
+        return ""
+    text_config = config.get("text_config") if isinstance(config, Mapping) else getattr(config, "text_config", None)
+    if text_config is None:
+        return ""
+    if isinstance(text_config, Mapping):
+        return str(text_config.get("model_type") or "")
+    return str(getattr(text_config, "model_type", "") or "")
+
+
+def detect_family(tokenizer: Any, config: Any = None) -> str:
+    """The checkpoint family (one of :data:`FAMILIES`), or ``""`` when it cannot be told.
+
+    :param tokenizer: the tokenizer or the processor (its ``tokenizer`` is used), or None.
+    :param config: the model config (object or dict) whose ``text_config.model_type`` is read, or None.
+    """
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    if tokenizer is not None:
+        if _has_token(tokenizer, "<|eot_id|>") or _has_token(tokenizer, "<|start_header_id|>"):
+            return "llama3"
+        if _has_token(tokenizer, "<|im_start|>"):
+            return "chatml"
+    return _FAMILY_BY_MODEL_TYPE.get(text_model_type(config), "")
+
+
+def _has_token(tokenizer: Any, token: str) -> bool:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    return token_id is not None and token_id != getattr(tokenizer, "unk_token_id", None)
+
+
+def build_prompt(prompt_or_messages: str | list, tokenizer: Any = None, config: Any = None, *,
+                 family: str | None = None, num_images: int | None = None) -> str:
+    """The text to hand the processor: the prompt in the checkpoint's chat format, ending where the
+    assistant's answer starts, with one ``<image>`` placeholder per image.
+
+    :param prompt_or_messages: a plain prompt (``"What does this chart show?"``), or chat messages
+        ``[{"role": "user", "content": "..." | [{"type": "image"}, {"type": "text", "text": "..."}]}]``
+        (OpenAI ``image_url`` parts count as images). A string already in a chat format (it contains
+        ``[INST]``, ``USER:``, ``<|im_start|>`` or ``<|start_header_id|>``) is returned unchanged.
+    :param tokenizer: the checkpoint's processor or tokenizer; its ``chat_template`` is used when present.
+    :param config: the checkpoint's config (object or dict), used to tell the family.
+    :param family: use this family's format (see :data:`FAMILIES`, or one a plugin adds), even when the
+        checkpoint has a chat template.
+    :param num_images: how many images go with the prompt; placeholders are added at the start of the
+        first user message when there are none (one when None), and a different count is an error.
+    :raises BadRequestError: for a malformed prompt, a placeholder count that does not match
+        *num_images*, an unknown *family*, or a checkpoint whose family cannot be told.
+    """
+    wanted = 1 if num_images is None else num_images
+    if isinstance(prompt_or_messages, str) and any(m in prompt_or_messages for m in _FORMATTED_MARKERS):
+        found = prompt_or_messages.count(IMAGE_PLACEHOLDER)
+        if found != wanted:
+            raise BadRequestError(f"the prompt is already in a chat format and has {found} {IMAGE_PLACEHOLDER} "
+                                  f"placeholder(s) for {wanted} image(s); put one {IMAGE_PLACEHOLDER} where "
+                                  f"each image goes, or pass the plain question and let it be formatted")
+        return prompt_or_messages
+    messages = _to_messages(prompt_or_messages)
+    _fit_placeholders(messages, wanted, strict=num_images is not None)
+
+    tok = getattr(tokenizer, "tokenizer", tokenizer)
+    if family is None:
+        checkpoint_template = getattr(tokenizer, "chat_template", None) or getattr(tok, "chat_template", None)
+        if checkpoint_template:
+            return _render(checkpoint_template, messages, tok)
+    template = _family_template(family, tok, config)
+    return _render(template, messages, tok)
+
+
+def _family_template(family: str | None, tokenizer: Any, config: Any) -> str:
+    model_type = text_model_type(config)
+    if family is not None:
+        name = _FAMILY_ALIASES.get(family.strip().lower(), family.strip().lower())
+    else:
+        name = detect_family(tokenizer, config)
+    template = get_plugin_manager().hook.llava_next_prompt_format(family=name, model_type=model_type,
+                                                                    tokenizer=tokenizer)
+    if template is not None:
+        return template
+    accepted = ", ".join(FAMILIES)
+    if family is not None:
+        raise BadRequestError(f"unknown prompt family {family!r}; accepted: {accepted} (or one a plugin adds)",
+                              param="family")
+    raise BadRequestError(
+        f"cannot tell this checkpoint's prompt format: it has no chat template, and its text model type "
+        f"{model_type or '(none)'!r} and tokenizer match no known family; pass family= one of {accepted}",
+        param="family")
+
+
+def _to_messages(prompt_or_messages: Any) -> list[dict]:
+    """Chat messages with list content of ``{"type": "image"}`` / ``{"type": "text", "text": str}`` parts."""
+    if isinstance(prompt_or_messages, str):
+        return [{"role": "user", "content": [{"type": "text", "text": prompt_or_messages}]}]
+    if isinstance(prompt_or_messages, Mapping):
+        prompt_or_messages = [prompt_or_messages]
+    if not isinstance(prompt_or_messages, (list, tuple)) or not prompt_or_messages:
+        raise BadRequestError(f"the prompt must be a string or a non-empty list of chat messages "
+                              f"{{'role': ..., 'content': ...}}, not {type(prompt_or_messages).__name__}",
+                              param="prompt")
+    messages = []
+    for i, message in enumerate(prompt_or_messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) or "content" not in message:
+            raise BadRequestError(f"message {i} must be a dict with a 'role' string and a 'content'; "
+                                  f"got {message!r:.100}", param="messages")
+        content = message["content"]
+        if content is None or isinstance(content, str):
+            parts = [{"type": "text", "text": content or ""}]
+        elif isinstance(content, (list, tuple)):
+            parts = [_to_part(part, i) for part in content]
+        else:
+            raise BadRequestError(f"message {i}: 'content' must be a string or a list of parts, "
+                                  f"not {type(content).__name__}", param="messages")
+        messages.append({"role": message["role"], "content": parts})
+    return messages
+
+
+def _to_part(part: Any, message_index: int) -> dict:
+    kind = part.get("type") if isinstance(part, Mapping) else None
+    if kind in ("image", "image_url", "input_image"):
+        return {"type": "image"}
+    if kind == "text" and isinstance(part.get("text"), str):
+        return {"type": "text", "text": part["text"]}
+    raise BadRequestError(f"message {message_index}: unsupported content part {part!r:.100}; use "
+                          f"{{'type': 'text', 'text': str}} or {{'type': 'image'}} (or 'image_url')",
+                          param="messages")
+
+
+def _fit_placeholders(messages: list[dict], wanted: int, *, strict: bool) -> None:
+    """Add *wanted* image parts to the first user message when the prompt has no placeholder at all."""
+    found = sum(1 if part["type"] == "image" else part["text"].count(IMAGE_PLACEHOLDER)
+                for message in messages for part in message["content"])
+    if found == 0 and wanted > 0:
+        user = next((m for m in messages if m["role"] == "user"), None)
+        if user is None:
+            raise BadRequestError("the messages have no user message to attach the image to", param="messages")
+        user["content"] = [{"type": "image"} for _ in range(wanted)] + user["content"]
+    elif strict and found != wanted:
+        raise BadRequestError(f"the prompt has {found} {IMAGE_PLACEHOLDER} placeholder(s) for {wanted} image(s); "
+                              f"use one per image, or none to have them added", param="prompt")
+
+
+def _render(template: str, messages: list[dict], tokenizer: Any) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        if tokenizer is not None and hasattr(tokenizer, "apply_chat_template"):
+            return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=True)
+        return _compile(template).render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
+    except TemplateError as exc:  # raise_exception() in a template, or a template that does not fit the messages
+        raise BadRequestError(f"the chat template refused these messages: {exc}", param="messages") from exc
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(template: str) -> Any:
+    """A Jinja template compiled as chat templates are (sandboxed, trimmed blocks), for use without a tokenizer."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(template)

@@ -1,0 +1,226 @@
+"""The plugin manager: our built-ins first, then the plugins installed under the entry-point group
+``llava_next_plugin``, then whatever the application registers itself.
+
+pluggy calls the implementations of a hook from the most recently registered to the oldest, so every
+installed or explicitly registered plugin is asked before our built-ins, and for ``firstresult`` hooks
+(image sources, prompt formats, transports, renderers) its answer wins.
+
+A plugin that fails to load (it raises at import, or implements a hook with the wrong arguments or a
+misspelt name) is skipped with a :class:`PluginLoadWarning` naming it and recorded in
+``manager.failed_plugins``; the other plugins load as usual.
+
+This module is light: it imports pluggy and the standard library only, never torch or transformers.
+The model package adds its own built-ins (``llava_next_plugin.hooks.BUILTIN_PLUGINS``) to the same
+manager when it is first asked for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import pluggy
+
+from llava_next_sdk import hookspecs
+from llava_next_sdk.hookspecs import PROJECT_NAME
+
+__all__ = [
+    "BUILTIN_PLUGINS",
+    "DISABLE_AUTOLOAD_ENV",
+    "FailedPlugin",
+    "PluginLoadWarning",
+    "PluginManager",
+    "build_plugin_manager",
+    "get_plugin_manager",
+]
+
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "llava_next_sdk.transports.http",
+    "llava_next_sdk.transports.local",
+)
+"""The SDK's own plugin modules, registered (in this order) before anything else. A module that does
+not exist is skipped silently, so a module path can be listed here before the module is written."""
+
+DISABLE_AUTOLOAD_ENV = "LLAVA_NEXT_DISABLE_PLUGIN_AUTOLOAD"
+"""Set this environment variable to a non-empty value to load no entry-point plugins."""
+
+
+class PluginLoadWarning(UserWarning):
+    """A plugin failed to load and was skipped (the message names it and says why)."""
+
+
+@dataclass(frozen=True)
+class FailedPlugin:
+    """A plugin that could not be loaded.
+
+    :param name: the entry-point name, or the module path of a built-in.
+    :param origin: where it came from, e.g. ``"entry point 'example = pkg.plugin' of llava-next-example-plugin 0.1"``.
+    :param error: the exception it raised.
+    """
+
+    name: str
+    origin: str
+    error: BaseException
+
+    @property
+    def message(self) -> str:
+        return (f"llava-next plugin {self.name!r} ({self.origin}) failed to load and was skipped: "
+                f"{type(self.error).__name__}: {self.error}. Fix or uninstall it; the other plugins "
+                f"are unaffected.")
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager with llava-next's hookspecs, built-ins registered beneath every other plugin,
+    entry-point loading that survives a broken plugin, and a check for misspelt hook names."""
+
+    def __init__(self) -> None:
+        super().__init__(PROJECT_NAME)
+        self.add_hookspecs(hookspecs)
+        self.failed_plugins: list[FailedPlugin] = []
+        self._builtin_names: list[str] = []
+        self._builtins_tried: set[str] = set()
+        self._lock = threading.RLock()
+
+    @property
+    def builtin_names(self) -> tuple[str, ...]:
+        """Module paths of the built-in plugins registered so far, oldest first."""
+        return tuple(self._builtin_names)
+
+    def register(self, plugin: Any, name: str | None = None) -> str | None:
+        """Register *plugin* (a module or any object with :data:`~llava_next_sdk.hookspecs.hookimpl`
+        functions); it is called before every plugin registered earlier.
+
+        :raises pluggy.PluginValidationError: when a hook implementation has arguments its spec lacks,
+            or a ``llava_next_*`` name that is no hook (a typo would otherwise never be called).
+        """
+        with self._lock:
+            plugin_name = super().register(plugin, name)
+            if plugin_name is None:  # blocked
+                return None
+            unknown = sorted(caller.name for caller in self.get_hookcallers(plugin) or ()
+                             if not caller.has_spec() and caller.name.startswith("llava_next_"))
+            if unknown:
+                self.unregister(plugin)
+                known = ", ".join(sorted(n for n in dir(hookspecs) if n.startswith("llava_next_")))
+                raise pluggy.PluginValidationError(
+                    plugin, f"plugin {plugin_name!r} implements {', '.join(unknown)}, which is no llava-next "
+                            f"hook; the hooks are: {known}")
+            return plugin_name
+
+    def register_builtins(self, module_paths: Iterable[str]) -> None:
+        """Import and register our own plugin modules beneath every plugin registered so far.
+
+        Each path is tried once per manager; a module that does not exist (yet) is skipped silently,
+        one that fails to import is recorded like a broken entry-point plugin.
+        """
+        with self._lock:
+            pending = [path for path in module_paths if path not in self._builtins_tried]
+            if not pending:
+                return
+            self._builtins_tried.update(pending)
+            modules = []
+            for path in pending:
+                try:
+                    module = _import_if_present(path)
+                except Exception as exc:
+                    self._record_failure(path, "built-in module", exc)
+                    continue
+                if module is not None:
+                    modules.append((path, module))
+            if not modules:
+                return
+            # Take every non-built-in plugin off, put the new built-ins in, then the others back on top,
+            # so a third-party plugin keeps winning however late the built-ins arrive.
+            others = [(name, plugin) for name, plugin in self.list_name_plugin()
+                      if plugin is not None and name not in self._builtin_names]
+            for _, plugin in others:
+                self.unregister(plugin)
+            for path, module in modules:
+                if self.is_blocked(path):
+                    continue
+                try:
+                    self.register(module, name=path)
+                except Exception as exc:
+                    self._record_failure(path, "built-in module", exc)
+                else:
+                    self._builtin_names.append(path)
+            for name, plugin in others:
+                self.register(plugin, name=name)
+
+    def load_entrypoint_plugins(self, group: str = PROJECT_NAME) -> list[str]:
+        """Load and register every plugin installed under the entry-point *group*.
+
+        Skipped: names already registered or blocked, and everything when the environment variable
+        ``LLAVA_NEXT_DISABLE_PLUGIN_AUTOLOAD`` is set. A plugin that fails is warned about, recorded
+        in :attr:`failed_plugins`, and does not stop the others.
+
+        :return: the names of the plugins registered by this call.
+        """
+        if os.environ.get(DISABLE_AUTOLOAD_ENV):
+            return []
+        loaded: list[str] = []
+        for entry_point in importlib.metadata.entry_points(group=group):
+            name = entry_point.name
+            if self.is_blocked(name) or self.has_plugin(name):
+                continue  # blocked, or the same plugin seen twice on sys.path
+            dist = entry_point.dist
+            origin = f"entry point '{name} = {entry_point.value}'"
+            if dist is not None:
+                origin += f" of {dist.metadata['Name']} {dist.version}"
+            try:
+                plugin = entry_point.load()
+                self.register(plugin, name=name)
+            except Exception as exc:
+                self._record_failure(name, origin, exc)
+            else:
+                loaded.append(name)
+        return loaded
+
+    def _record_failure(self, name: str, origin: str, error: BaseException) -> None:
+        failure = FailedPlugin(name, origin, error)
+        self.failed_plugins.append(failure)
+        warnings.warn(failure.message, PluginLoadWarning, stacklevel=3)
+
+
+def _import_if_present(module_path: str) -> Any:
+    """Import *module_path*, or return None when that module (or a package above it) does not exist."""
+    try:
+        return importlib.import_module(module_path)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_path == exc.name or module_path.startswith(exc.name + ".")):
+            return None
+        raise  # the module exists but something it imports does not: that is a real failure
+
+
+def build_plugin_manager(builtins: Iterable[str] = BUILTIN_PLUGINS, *, entry_points: bool = True) -> PluginManager:
+    """A new manager: the *builtins* first, then (if *entry_points*) the installed plugins."""
+    manager = PluginManager()
+    manager.register_builtins(builtins)
+    if entry_points:
+        manager.load_entrypoint_plugins()
+    return manager
+
+
+_manager: PluginManager | None = None
+_manager_lock = threading.Lock()
+
+
+def get_plugin_manager(*, refresh: bool = False) -> PluginManager:
+    """The process-wide plugin manager, built on first use.
+
+    :param refresh: build a new one (for instance after installing a plugin in a running process).
+        Plugins registered explicitly on the old manager are not carried over.
+    """
+    global _manager
+    with _manager_lock:
+        if _manager is None or refresh:
+            _manager = build_plugin_manager()
+        return _manager
