@@ -98,17 +98,15 @@ class EngineResult:
     time_to_first_token: float
     total_seconds: float
 
-    @property
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens, "image_tokens": self.image_tokens}
+    def to_generation_result(self, model: str | None = None):
+        """The SDK's :class:`~llava_next_sdk.types.GenerationResult` for this outcome (what both fronts return)."""
+        from llava_next_sdk.types import GenerationResult, Timings, Usage
 
-    @property
-    def timings(self) -> dict:
-        decode = max(self.total_seconds - self.time_to_first_token, 1e-9)
-        return {"queue_seconds": self.queue_seconds, "time_to_first_token": self.time_to_first_token,
-                "total_seconds": self.total_seconds,
-                "tokens_per_second": (self.completion_tokens - 1) / decode if self.completion_tokens > 1 else 0.0}
+        return GenerationResult(
+            text=self.text, finish_reason=self.finish_reason,
+            usage=Usage(self.prompt_tokens, self.completion_tokens, self.image_tokens),
+            timings=Timings(self.queue_seconds, self.time_to_first_token, self.total_seconds),
+            model=model, id=self.id)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,7 +463,9 @@ class Engine:
         """
         params = params or SamplingParams()
         if prompt is None:
-            prompt = self._format(messages)
+            from .prompts import build_prompt
+
+            prompt = build_prompt(messages, self.processor, self.model.config, num_images=len(images))
         inputs = self.processor(images=list(images) or None, text=prompt, return_tensors="pt")
         input_ids = inputs["input_ids"]
         prompt_tokens = int(input_ids.shape[-1])
@@ -486,18 +486,6 @@ class Engine:
             input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, params=params,
             max_tokens=max_tokens, num_images=len(images),
             image_tokens=int((input_ids == self.image_token_id).sum()))
-
-    def _format(self, messages: list[dict]) -> str:
-        try:
-            from llava_next_plugin.prompts import build_prompt
-        except ImportError:
-            build_prompt = None
-        if build_prompt is not None:
-            try:
-                return build_prompt(self.processor, messages)
-            except TypeError:
-                pass
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def submit(self, prepared: PreparedRequest, request_id: str | None = None) -> RequestHandle:
         """Queue a prepared request; returns its handle at once. Thread-safe.
@@ -769,7 +757,7 @@ def _plugin_manager():
     global _PLUGIN_MANAGER
     if _PLUGIN_MANAGER is None:
         try:
-            from llava_next_sdk.plugins import get_plugin_manager
+            from llava_next_plugin.hooks import get_plugin_manager
         except ImportError:
             return None
         _PLUGIN_MANAGER = get_plugin_manager()

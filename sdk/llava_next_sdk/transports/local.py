@@ -1,0 +1,128 @@
+"""The in-process transport: the llava-next engine in this process, behind the same seam as HTTP.
+
+Chosen for ``local:<path or hub id>`` URLs (the ``llava_next_sdk_transport`` hook below). Nothing heavy is
+imported until the first request: then ``llava_next_plugin`` (torch, transformers) loads the model into a
+process-wide engine that every client, on any event loop, shares (one per model path and options).
+
+Requests go through :func:`llava_next_plugin.validation.prepare_request`, the very checks the server runs,
+so the same bad input raises the same error class here and over HTTP. Preparation (image decoding,
+tokenizing) runs in a worker thread, generation on the engine's thread; the event loop never blocks.
+Cancelling ``generate`` or leaving ``stream`` early drops the request from the engine's batch.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+import anyio
+
+from ..errors import LlavaNextError, ServerError
+from ..hookspecs import hookimpl
+from ..types import ChatRequest, GenerationResult, Timings
+
+__all__ = ["LocalTransport", "llava_next_sdk_transport"]
+
+LOCAL_SCHEME = "local:"
+ENGINE_OPTIONS = ("device", "dtype", "max_batch_size", "max_queue", "max_context", "default_max_tokens")
+"""Client options that configure the shared engine (the others are the HTTP transport's)."""
+
+
+class LocalTransport:
+    """Runs requests on an in-process :class:`llava_next_plugin.engine.Engine`.
+
+    Args:
+        model: a checkpoint folder or hub id (loaded once per process and options).
+        engine: an engine to use instead (then *model* only names it).
+        limits: a :class:`llava_next_plugin.validation.Limits`; by default the server's limits except that
+            ``http(s)`` image URLs from any host are fetched (this is the user's own process).
+        engine_options: ``device``, ``dtype``, ``max_batch_size``, ... for the shared engine.
+    """
+
+    def __init__(self, model: str | None = None, *, engine: Any = None, limits: Any = None,
+                 **engine_options: Any) -> None:
+        if engine is None and not model:
+            raise ValueError("LocalTransport needs a model path or hub id (or an engine)")
+        self.model = model
+        self._engine = engine
+        self._limits = limits
+        self._engine_options = engine_options
+        self._lock = anyio.Lock()
+        self._closed = False
+
+    async def _get_engine(self):
+        if self._closed:
+            raise RuntimeError("this transport is closed")
+        if self._engine is None:
+            async with self._lock:
+                if self._engine is None:
+                    from llava_next_plugin.engine import get_shared_engine
+
+                    self._engine = await anyio.to_thread.run_sync(
+                        lambda: get_shared_engine(self.model, **self._engine_options))
+        if self._limits is None:
+            from llava_next_plugin.validation import Limits
+
+            self._limits = Limits(allowed_url_domains=None)
+        return self._engine
+
+    async def _submit(self, request: ChatRequest):
+        from llava_next_plugin.validation import prepare_request
+
+        engine = await self._get_engine()
+        try:
+            prepared = await anyio.to_thread.run_sync(prepare_request, engine, request, self._limits)
+            return engine, engine.submit(prepared)
+        except LlavaNextError:
+            raise
+        except Exception as exc:  # only our error classes leave a transport
+            raise ServerError(f"the local engine failed to prepare the request: {exc!r}") from exc
+
+    def _result(self, engine, outcome, started: float) -> GenerationResult:
+        result = outcome.to_generation_result(self.model or engine.model_name)
+        timings = result.timings
+        if timings.total_seconds is None:
+            timings = Timings(timings.queue_seconds, timings.time_to_first_token, time.monotonic() - started)
+        return GenerationResult(result.text, result.finish_reason, result.usage, timings, result.model, result.id)
+
+    async def generate(self, request: ChatRequest) -> GenerationResult:
+        started = time.monotonic()
+        engine, handle = await self._submit(request)
+        try:
+            outcome = await handle.aresult()
+        finally:
+            handle.cancel()  # no-op when finished; stops generation when this task is cancelled
+        return self._result(engine, outcome, started)
+
+    @asynccontextmanager
+    async def stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[Any]]:
+        started = time.monotonic()
+        engine, handle = await self._submit(request)
+
+        async def items():
+            async for delta in handle:
+                yield delta
+            yield self._result(engine, await handle.aresult(), started)
+
+        iterator = items()
+        try:
+            yield iterator
+        finally:
+            handle.cancel()
+            await iterator.aclose()
+
+    async def aclose(self) -> None:
+        """Forget the engine (it is shared and stays up for the process's other clients)."""
+        self._closed = True
+        self._engine = None
+
+
+@hookimpl
+def llava_next_sdk_transport(url: str, options: dict) -> LocalTransport | None:
+    """Serve ``local:<path or hub id>`` URLs with a :class:`LocalTransport`."""
+    if not isinstance(url, str) or not url.startswith(LOCAL_SCHEME):
+        return None
+    engine_options = {k: options[k] for k in ENGINE_OPTIONS if options.get(k) is not None}
+    return LocalTransport(url[len(LOCAL_SCHEME):], engine=options.get("engine"), limits=options.get("limits"),
+                          **engine_options)
