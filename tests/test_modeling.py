@@ -1,0 +1,325 @@
+"""Our LlavaNextForConditionalGeneration against transformers' own, on the same tiny random checkpoints.
+
+Inputs come from transformers' ``LlavaNextProcessor`` (the reference) loaded from the same folder.
+Tolerances: fp32 logits within 1e-4 max-abs; bf16 on CPU within 5e-2 max-abs (with logits of
+magnitude ~1, i.e. a few bf16 ulps). Greedy generations are compared tie-aware: where two sequences
+part, the reference's top-two logit gap at that step must be below 1e-3.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from transformers import LlavaNextProcessor
+from transformers.models.llava_next.modeling_llava_next import (
+    LlavaNextForConditionalGeneration as ReferenceForConditionalGeneration,
+)
+
+import checkpoints
+from llava_next_plugin.modeling import LlavaNextForConditionalGeneration, LlavaNextModel
+from llava_next_sdk.errors import BadRequestError
+
+FP32_ATOL = 1e-4
+BF16_ATOL = 5e-2
+TIE_GAP = 1e-3
+
+BACKBONES = {
+    "mistral-clip": {},
+    "llama-clip": {"text": "llama"},
+    "qwen2-clip": {"text": "qwen2"},
+    "mistral-siglip-full-layers": {"vision": "siglip", "strategy": "full", "feature_layer": [-3, -1]},
+}
+
+
+def photo(name: str, size: tuple[int, int]) -> Image.Image:
+    """A real photo resized to ``size`` = (width, height), RGB."""
+    return checkpoints.real_photo(name).convert("RGB").resize(size)
+
+
+WIDE = ("chelsea.png", (90, 60))
+TALL = ("rocket.jpg", (40, 110))
+SQUARE = ("astronaut.png", (64, 64))
+
+
+def load_pair(folder, **kwargs):
+    ours = LlavaNextForConditionalGeneration.from_pretrained(folder, **kwargs).eval()
+    reference = ReferenceForConditionalGeneration.from_pretrained(folder, **kwargs).eval()
+    return ours, reference
+
+
+def processor_for(folder) -> LlavaNextProcessor:
+    processor = LlavaNextProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def prompt(n_images: int, text: str = "Describe the picture.") -> str:
+    return "[INST] " + "<image>\n" * n_images + text + " [/INST]"
+
+
+def make_inputs(processor, case: str):
+    """Processor outputs for one of the parity cases."""
+    if case == "single":
+        return processor(images=[photo(*WIDE)], text=[prompt(1)], return_tensors="pt")
+    if case == "batch_mixed_sizes":
+        return processor(images=[photo(*WIDE), photo(*TALL)], text=[prompt(1, "Hi"), prompt(1, "What is shown here?")],
+                         padding=True, return_tensors="pt")
+    if case == "several_images":
+        return processor(images=[photo(*WIDE), photo(*TALL), photo(*SQUARE)], text=[prompt(3, "Compare them.")],
+                         return_tensors="pt")
+    if case == "text_only":
+        return processor(text=["[INST] Tell me a story. [/INST]", "[INST] Hi [/INST]"], padding=True,
+                         return_tensors="pt")
+    raise ValueError(case)
+
+
+def logits_of(model, inputs, **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs, **kwargs).logits
+
+
+def assert_close_where_attended(ours, reference, attention_mask, atol):
+    mask = attention_mask.bool()
+    diff = (ours.float() - reference.float()).abs()[mask].max().item()
+    assert diff <= atol, f"max-abs logit difference {diff:.3g} > {atol}"
+
+
+def assert_greedy_parity(ours, reference, inputs, max_new_tokens=6):
+    """Greedy generations agree, or part only where the reference's top-two logits are within TIE_GAP."""
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        mine = ours.generate(**inputs, **kwargs)
+        theirs = reference.generate(**inputs, **kwargs)
+    start = inputs["input_ids"].shape[1]
+    a, b = mine.sequences[:, start:], theirs.sequences[:, start:]
+    length = min(a.shape[1], b.shape[1])
+    for row in range(a.shape[0]):
+        parted = (a[row, :length] != b[row, :length]).nonzero()
+        if len(parted) == 0:
+            continue
+        step = parted[0].item()
+        top2 = theirs.logits[step][row].float().topk(2).values
+        gap = (top2[0] - top2[1]).item()
+        assert gap < TIE_GAP, f"row {row} parts at step {step} where the reference's top-2 gap is {gap:.3g}"
+        return
+    assert a.shape == b.shape
+
+
+@pytest.fixture(scope="module", params=list(BACKBONES))
+def backbone(request, tiny_checkpoint_factory):
+    folder = tiny_checkpoint_factory(**BACKBONES[request.param])
+    ours, reference = load_pair(folder)
+    return folder, processor_for(folder), ours, reference
+
+
+# --- parity ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["single", "batch_mixed_sizes", "several_images", "text_only"])
+def test_logits_match_reference(backbone, case):
+    _, processor, ours, reference = backbone
+    inputs = make_inputs(processor, case)
+    assert_close_where_attended(logits_of(ours, inputs), logits_of(reference, inputs), inputs["attention_mask"],
+                                FP32_ATOL)
+
+
+@pytest.mark.parametrize("case", ["single", "batch_mixed_sizes"])
+def test_loss_with_labels_matches_reference(backbone, case):
+    _, processor, ours, reference = backbone
+    inputs = make_inputs(processor, case)
+    labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        mine = ours(**inputs, labels=labels).loss
+        theirs = reference(**inputs, labels=labels).loss
+    assert torch.isfinite(mine)
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=FP32_ATOL)
+
+
+@pytest.mark.parametrize("case", ["single", "batch_mixed_sizes", "several_images", "text_only"])
+def test_greedy_generation_matches_reference(backbone, case):
+    _, processor, ours, reference = backbone
+    assert_greedy_parity(ours, reference, make_inputs(processor, case))
+
+
+def test_image_features_match_reference(backbone):
+    _, processor, ours, reference = backbone
+    inputs = make_inputs(processor, "several_images")
+    with torch.no_grad():
+        mine = ours.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+        theirs = reference.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    assert len(mine) == len(theirs) == 3
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=FP32_ATOL)
+
+
+def test_bf16_on_cpu_matches_reference(tiny_checkpoint):
+    ours, reference = load_pair(tiny_checkpoint, dtype=torch.bfloat16)
+    assert ours.dtype == torch.bfloat16 and ours.model.vision_tower.dtype == torch.bfloat16
+    inputs = make_inputs(processor_for(tiny_checkpoint), "batch_mixed_sizes")
+    mine, theirs = logits_of(ours, inputs), logits_of(reference, inputs)
+    assert mine.dtype == torch.bfloat16
+    assert_close_where_attended(mine, theirs, inputs["attention_mask"], BF16_ATOL)
+
+
+@pytest.fixture(scope="module")
+def mistral_pair(tiny_checkpoint):
+    ours, reference = load_pair(tiny_checkpoint)
+    return processor_for(tiny_checkpoint), ours, reference
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(height=st.integers(1, 260), width=st.integers(1, 260))
+def test_feature_count_equals_processor_token_count(mistral_pair, height, width):
+    processor, ours, reference = mistral_pair
+    image = Image.fromarray(np.full((height, width, 3), 127, dtype=np.uint8))
+    inputs = processor(images=[image], text=[prompt(1)], return_tensors="pt")
+    n_tokens = int((inputs["input_ids"] == ours.config.image_token_id).sum())
+    with torch.no_grad():
+        (mine,) = ours.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+        (theirs,) = reference.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    assert mine.shape[0] == n_tokens == ours.config.image_geometry(height, width).num_tokens
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=FP32_ATOL)
+
+
+# --- what users rely on --------------------------------------------------------------------------------
+
+
+def test_output_hidden_states_and_attentions_match_reference(tiny_checkpoint):
+    ours, reference = load_pair(tiny_checkpoint, attn_implementation="eager")
+    inputs = make_inputs(processor_for(tiny_checkpoint), "single")
+    kwargs = dict(output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        mine, theirs = ours(**inputs, **kwargs), reference(**inputs, **kwargs)
+    layers = ours.config.text_config.num_hidden_layers
+    assert len(mine.hidden_states) == layers + 1 and len(mine.attentions) == layers
+    seq = inputs["input_ids"].shape[1]
+    assert mine.attentions[0].shape == (1, ours.config.text_config.num_attention_heads, seq, seq)
+    for a, b in zip(mine.hidden_states + mine.attentions, theirs.hidden_states + theirs.attentions):
+        torch.testing.assert_close(a, b, rtol=0, atol=FP32_ATOL)
+
+
+def test_inputs_embeds_give_the_same_logits_as_input_ids(mistral_pair):
+    processor, ours, _ = mistral_pair
+    inputs = make_inputs(processor, "single")
+    embeds = ours.get_input_embeddings()(inputs["input_ids"])
+    by_embeds = dict(inputs, inputs_embeds=embeds)
+    del by_embeds["input_ids"]
+    torch.testing.assert_close(logits_of(ours, by_embeds), logits_of(ours, inputs), rtol=0, atol=FP32_ATOL)
+
+
+def test_return_dict_false_gives_a_tuple(mistral_pair):
+    processor, ours, _ = mistral_pair
+    inputs = make_inputs(processor, "single")
+    with torch.no_grad():
+        out = ours(**inputs, return_dict=False)
+    assert isinstance(out, tuple)
+    torch.testing.assert_close(out[0], logits_of(ours, inputs))
+
+
+def test_base_model_returns_hidden_states_and_image_outputs(tiny_checkpoint):
+    model = LlavaNextModel.from_pretrained(tiny_checkpoint).eval()
+    inputs = make_inputs(processor_for(tiny_checkpoint), "several_images")
+    with torch.no_grad():
+        out = model(**inputs)
+    assert out.last_hidden_state.shape == (*inputs["input_ids"].shape, model.config.text_config.hidden_size)
+    assert len(out.image_outputs.pooler_output) == 3
+
+
+def test_resize_token_embeddings_updates_embeddings_head_and_loss(tiny_checkpoint):
+    model = LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    inputs = make_inputs(processor_for(tiny_checkpoint), "single")
+    new_size = model.config.text_config.vocab_size + 8
+    model.resize_token_embeddings(new_size)
+    assert model.get_input_embeddings().weight.shape[0] == new_size
+    assert model.lm_head.weight.shape[0] == new_size
+    assert model.config.text_config.vocab_size == new_size
+    labels = inputs["input_ids"].clone()
+    labels[0, -1] = new_size - 1
+    out = model(**inputs, labels=labels)
+    assert out.logits.shape[-1] == new_size and torch.isfinite(out.loss)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_checkpoint):
+    inputs = make_inputs(processor_for(tiny_checkpoint), "single")
+    grads = []
+    for checkpointing in (False, True):
+        model = LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert model.is_activation_checkpointing
+        model.train()
+        model(**inputs, labels=inputs["input_ids"]).loss.backward()
+        grads.append((model.model.image_newline.grad, model.model.multi_modal_projector.linear_1.weight.grad,
+                      model.model.language_model.layers[0].self_attn.q_proj.weight.grad))
+    for plain, checkpointed in zip(*grads):
+        assert plain is not None and plain.abs().sum() > 0
+        torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-6)
+
+
+def test_module_names_match_reference_for_peft(mistral_pair):
+    _, ours, reference = mistral_pair
+    assert dict(ours.named_parameters()).keys() == dict(reference.named_parameters()).keys()
+    names = {n.rsplit(".", 1)[-1] for n, _ in ours.named_modules()}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= names
+
+
+# --- clear errors instead of shape errors ------------------------------------------------------------
+
+
+def _raises_bad_request(model, match, **inputs):
+    with pytest.raises(BadRequestError, match=match) as info:
+        with torch.no_grad():
+            model(**inputs)
+    assert isinstance(info.value, ValueError)
+    return info.value
+
+
+def test_image_tokens_without_pixel_values(mistral_pair):
+    processor, ours, _ = mistral_pair
+    inputs = make_inputs(processor, "single")
+    _raises_bad_request(ours, "no pixel_values", input_ids=inputs["input_ids"])
+
+
+def test_pixel_values_without_image_tokens(mistral_pair):
+    processor, ours, _ = mistral_pair
+    images = make_inputs(processor, "single")
+    text = processor(text=["[INST] Hi [/INST]"], return_tensors="pt")
+    _raises_bad_request(ours, "no <image> token", input_ids=text["input_ids"],
+                        pixel_values=images["pixel_values"], image_sizes=images["image_sizes"])
+
+
+def test_token_feature_mismatch_names_the_sample_and_the_cause(mistral_pair):
+    processor, ours, _ = mistral_pair
+    inputs = make_inputs(processor, "batch_mixed_sizes")
+    ids = inputs["input_ids"].clone()
+    last_image_token = (ids[1] == ours.config.image_token_id).nonzero()[-1].item()
+    ids[1, last_image_token] = 1
+    error = _raises_bad_request(ours, "sample 1 has", input_ids=ids, pixel_values=inputs["pixel_values"],
+                                image_sizes=inputs["image_sizes"])
+    expected = ours.config.image_geometry(110, 40).num_tokens
+    assert f"{expected - 1} <image> tokens" in str(error) and f"{expected} features" in str(error)
+    assert "patch_size" in str(error)
+
+
+def test_missing_image_sizes(mistral_pair):
+    processor, ours, _ = mistral_pair
+    inputs = make_inputs(processor, "single")
+    _raises_bad_request(ours, "without image_sizes", input_ids=inputs["input_ids"],
+                        pixel_values=inputs["pixel_values"])
+
+
+def test_image_sizes_of_the_wrong_length(mistral_pair):
+    processor, ours, _ = mistral_pair
+    inputs = make_inputs(processor, "batch_mixed_sizes")
+    _raises_bad_request(ours, "image_sizes has 1", input_ids=inputs["input_ids"],
+                        pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"][:1])
+
+
+def test_full_strategy_with_clip_says_why(mistral_pair):
+    processor, ours, _ = mistral_pair
+    inputs = make_inputs(processor, "single")
+    _raises_bad_request(ours, "CLS", vision_feature_select_strategy="full", **inputs)
