@@ -1,0 +1,341 @@
+"""LlavaNextProcessor: the same input_ids as transformers' processor, exact token counts, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import checkpoints
+import llava_next_plugin
+from llava_next_plugin.configuration import LlavaNextConfig
+from llava_next_plugin.processing import LlavaNextProcessor
+from llava_next_sdk.errors import BadRequestError
+
+PROMPT_ONE = "[INST] <image>\nWhat is shown here? [/INST]"
+PROMPT_TWO = "[INST] Compare <image> with <image>, please. [/INST]"
+# Tolerance of our torch processor against transformers' torchvision one (issue 2, item 5).
+PIXEL_ATOL = 0.05
+
+
+def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def reference_processor(folder):
+    """transformers' own LlavaNextProcessor, with transformers' own image processor."""
+    import transformers
+
+    with llava_next_plugin.use_transformers_builtins():
+        return transformers.LlavaNextProcessor.from_pretrained(str(folder))
+
+
+def assert_same_text_side(ours, ref):
+    assert ours["input_ids"].tolist() == ref["input_ids"].tolist()
+    assert ours["attention_mask"].tolist() == ref["attention_mask"].tolist()
+
+
+def assert_same_images(ours, ref):
+    assert ours["image_sizes"].tolist() == ref["image_sizes"].tolist()
+    assert ours["pixel_values"].shape == ref["pixel_values"].shape
+    assert (ours["pixel_values"] - ref["pixel_values"]).abs().max().item() <= PIXEL_ATOL
+
+
+@pytest.fixture(scope="module")
+def clip_folder(tiny_checkpoint):
+    return tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def siglip_folder(tiny_checkpoint_factory):
+    return tiny_checkpoint_factory(vision="siglip", strategy="full")
+
+
+@pytest.fixture(scope="module")
+def clip_pair(clip_folder):
+    return LlavaNextProcessor.from_pretrained(clip_folder), reference_processor(clip_folder)
+
+
+@pytest.fixture(scope="module")
+def siglip_pair(siglip_folder):
+    return LlavaNextProcessor.from_pretrained(siglip_folder), reference_processor(siglip_folder)
+
+
+def image_token_count(batch, row: int = 0) -> int:
+    return int((batch["input_ids"][row] == checkpoints.IMAGE_TOKEN_ID).sum())
+
+
+# --- parity with transformers' processor ---------------------------------------------------------
+def test_single_image_matches_reference(clip_pair):
+    ours, ref = clip_pair
+    image = checkpoints.real_photo("chelsea.png")
+    out = ours(images=image, text=PROMPT_ONE, return_tensors="pt")
+    expected = ref(images=image, text=PROMPT_ONE, return_tensors="pt")
+    assert_same_text_side(out, expected)
+    assert_same_images(out, expected)
+    assert type(ours.image_processor).__name__ == "LlavaNextImageProcessorFast"
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 1000), (1000, 1), (33, 65), (97, 31), (64, 64), (300, 451)])
+def test_token_count_is_the_models_geometry(clip_pair, clip_folder, size):
+    """Each image's <image> run has exactly the length the model's config gives for its size."""
+    ours, ref = clip_pair
+    height, width = size
+    image = random_image(height, width)
+    out = ours(images=image, text=PROMPT_ONE, return_tensors="pt")
+    config = LlavaNextConfig.from_pretrained(clip_folder)
+    assert image_token_count(out) == config.image_geometry(height, width).num_tokens
+    assert_same_text_side(out, ref(images=image, text=PROMPT_ONE, return_tensors="pt"))
+
+
+def test_several_images_per_prompt_and_mixed_batch_left_padded(clip_pair):
+    ours, ref = clip_pair
+    images = [random_image(30, 50, 1), random_image(100, 20, 2), random_image(7, 7, 3)]
+    texts = [PROMPT_ONE, PROMPT_TWO]
+    kwargs = dict(return_tensors="pt", padding=True, padding_side="left")
+    out = ours(images=images, text=texts, **kwargs)
+    assert_same_text_side(out, ref(images=images, text=texts, **kwargs))
+    assert_same_images(out, ref(images=images, text=texts, **kwargs))
+    assert out["pixel_values"].shape[0] == 3
+    # Left padding is our default: the shorter prompt starts with pad tokens, the longer one does not.
+    default = ours(images=images, text=texts, return_tensors="pt", padding=True)
+    assert default["input_ids"].tolist() == out["input_ids"].tolist()
+    shorter = int(default["attention_mask"].sum(-1).argmin())
+    assert default["attention_mask"][shorter, 0] == 0 and default["attention_mask"][shorter, -1] == 1
+    assert default["input_ids"][shorter, 0] == checkpoints.PAD_TOKEN_ID
+
+
+def test_images_given_per_prompt(clip_pair):
+    """A list of image lists (what apply_chat_template builds) equals the flat list in order."""
+    ours, _ = clip_pair
+    a, b, c = random_image(30, 50, 1), random_image(100, 20, 2), random_image(7, 7, 3)
+    texts = [PROMPT_ONE, PROMPT_TWO]
+    nested = ours(images=[[a], [b, c]], text=texts, return_tensors="pt", padding=True)
+    flat = ours(images=[a, b, c], text=texts, return_tensors="pt", padding=True)
+    assert nested["input_ids"].tolist() == flat["input_ids"].tolist()
+    assert torch.equal(nested["pixel_values"], flat["pixel_values"])
+
+
+def test_full_strategy_with_siglip_matches_reference(siglip_pair, siglip_folder):
+    ours, ref = siglip_pair
+    assert (ours.vision_feature_select_strategy, ours.num_additional_image_tokens) == ("full", 0)
+    images = [random_image(40, 90, 4), random_image(64, 20, 5), checkpoints.real_photo("chelsea.png")]
+    texts = [PROMPT_TWO, PROMPT_ONE]
+    kwargs = dict(return_tensors="pt", padding=True, padding_side="left")
+    out = ours(images=images, text=texts, **kwargs)
+    expected = ref(images=images, text=texts, **kwargs)
+    assert_same_text_side(out, expected)
+    assert_same_images(out, expected)
+    config = LlavaNextConfig.from_pretrained(siglip_folder)
+    assert image_token_count(out, 1) == config.image_geometry(300, 451).num_tokens
+
+
+def test_text_only_prompt(clip_pair):
+    ours, ref = clip_pair
+    out = ours(text="[INST] Hello there [/INST]", return_tensors="pt")
+    assert_same_text_side(out, ref(text="[INST] Hello there [/INST]", return_tensors="pt"))
+    assert "pixel_values" not in out
+
+
+def test_return_tensors_none_gives_lists(clip_pair):
+    ours, ref = clip_pair
+    image = random_image(20, 45)
+    out = ours(images=image, text=PROMPT_ONE)
+    expected = ref(images=image, text=PROMPT_ONE)
+    assert out["input_ids"] == expected["input_ids"]
+    assert isinstance(out["input_ids"], list)
+
+
+def test_apply_chat_template_matches_reference(clip_pair):
+    ours, ref = clip_pair
+    image = random_image(50, 30)
+    conversation = [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What is it?"}]}
+    ]
+    kwargs = dict(add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    assert ours.apply_chat_template(conversation) == ref.apply_chat_template(conversation)
+    out = ours.apply_chat_template(conversation, **kwargs)
+    expected = ref.apply_chat_template(conversation, **kwargs)
+    assert_same_text_side(out, expected)
+    assert_same_images(out, expected)
+
+
+def test_num_image_tokens_without_pixels(clip_pair, clip_folder):
+    ours, ref = clip_pair
+    config = LlavaNextConfig.from_pretrained(clip_folder)
+    sizes = [(1, 1), (768, 1024), (31, 97)]
+    assert [ours.num_image_tokens(h, w) for h, w in sizes] == [config.image_geometry(h, w).num_tokens for h, w in sizes]
+    assert ours._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens == [
+        config.image_geometry(h, w).num_tokens for h, w in sizes
+    ]
+
+
+def test_pil_backend(clip_folder):
+    processor = LlavaNextProcessor.from_pretrained(clip_folder, backend="pil")
+    assert type(processor.image_processor).__module__ == "llava_next_plugin.image_processing"
+    reference = reference_processor(clip_folder)
+    image = random_image(33, 70)
+    out = processor(images=image, text=PROMPT_ONE, return_tensors="pt")
+    expected = reference(images=image, text=PROMPT_ONE, return_tensors="pt")
+    assert_same_text_side(out, expected)
+    assert_same_images(out, expected)
+
+
+# --- folder layouts ------------------------------------------------------------------------------
+def copy_folder(source, target):
+    shutil.copytree(source, target)
+    return target
+
+
+def edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))
+
+
+def test_save_nested_layout_loads_in_ours_and_transformers(clip_pair, tmp_path):
+    ours, ref = clip_pair
+    ours.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert saved["processor_class"] == "LlavaNextProcessor"
+    assert "image_processor" in saved
+    assert (saved["patch_size"], saved["num_additional_image_tokens"]) == (8, 1)
+    assert saved["vision_feature_select_strategy"] == "default"
+    image = random_image(45, 30)
+    reloaded = LlavaNextProcessor.from_pretrained(tmp_path)
+    expected = ref(images=image, text=PROMPT_ONE, return_tensors="pt")
+    assert_same_text_side(reloaded(images=image, text=PROMPT_ONE, return_tensors="pt"), expected)
+    assert_same_text_side(reference_processor(tmp_path)(images=image, text=PROMPT_ONE, return_tensors="pt"), expected)
+
+
+def test_save_separate_layout_loads_in_ours_and_transformers(clip_pair, tmp_path):
+    ours, ref = clip_pair
+    ours.save_pretrained(tmp_path, layout="separate")
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert "image_processor" not in saved and saved["patch_size"] == 8
+    image_config = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert image_config["image_grid_pinpoints"] == checkpoints.TINY_PINPOINTS
+    image = random_image(45, 30)
+    expected = ref(images=image, text=PROMPT_ONE, return_tensors="pt")
+    reloaded = LlavaNextProcessor.from_pretrained(tmp_path)
+    assert_same_text_side(reloaded(images=image, text=PROMPT_ONE, return_tensors="pt"), expected)
+    assert_same_text_side(reference_processor(tmp_path)(images=image, text=PROMPT_ONE, return_tensors="pt"), expected)
+    with pytest.raises(ValueError, match="layout"):
+        ours.save_pretrained(tmp_path / "x", layout="flat")
+
+
+def test_missing_settings_are_derived_from_config_json(clip_pair, clip_folder, tmp_path):
+    """Where the reference silently drops CLIP's extra token, ours reads it off config.json."""
+    ours, ref = clip_pair
+    folder = copy_folder(clip_folder, tmp_path / "ckpt")
+    edit_json(folder / "processor_config.json", num_additional_image_tokens=None)
+    image = random_image(40, 40)
+    expected = ref(images=image, text=PROMPT_ONE, return_tensors="pt")
+    derived = LlavaNextProcessor.from_pretrained(folder)
+    assert derived.num_additional_image_tokens == 1
+    assert_same_text_side(derived(images=image, text=PROMPT_ONE, return_tensors="pt"), expected)
+    # transformers' processor counts one token fewer per image from this folder.
+    silent = reference_processor(folder)(images=image, text=PROMPT_ONE, return_tensors="pt")
+    assert image_token_count(silent) == image_token_count(expected) - 1
+
+
+def test_older_layout_without_processor_config(clip_pair, siglip_folder, tmp_path):
+    """llava-hf's older folders: preprocessor_config.json and no processor settings at all."""
+    ours, _ = clip_pair
+    folder = tmp_path / "old"
+    ours.save_pretrained(folder, layout="separate")
+    (folder / "processor_config.json").unlink()
+    shutil.copy(siglip_folder / "config.json", folder / "config.json")
+    loaded = LlavaNextProcessor.from_pretrained(folder)
+    assert (loaded.patch_size, loaded.vision_feature_select_strategy, loaded.num_additional_image_tokens) == (
+        8,
+        "full",
+        0,
+    )
+    assert type(loaded.image_processor).__name__ == "LlavaNextImageProcessorFast"
+    config = LlavaNextConfig.from_pretrained(siglip_folder)
+    out = loaded(images=random_image(20, 70), text=PROMPT_ONE, return_tensors="pt")
+    assert image_token_count(out) == config.image_geometry(20, 70).num_tokens
+
+
+def test_missing_settings_without_config_json_name_the_keys(clip_folder, tmp_path):
+    folder = copy_folder(clip_folder, tmp_path / "ckpt")
+    (folder / "config.json").unlink()
+    edit_json(folder / "processor_config.json", patch_size=None, num_additional_image_tokens=None)
+    with pytest.raises(ValueError, match="patch_size, num_additional_image_tokens") as error:
+        LlavaNextProcessor.from_pretrained(folder)
+    assert "processor_config.json" in str(error.value)
+    # Passing them is the other fix.
+    loaded = LlavaNextProcessor.from_pretrained(folder, patch_size=8, num_additional_image_tokens=1)
+    assert (loaded.patch_size, loaded.num_additional_image_tokens) == (8, 1)
+
+
+def test_settings_contradicting_config_json_are_refused(clip_folder, tmp_path):
+    folder = copy_folder(clip_folder, tmp_path / "ckpt")
+    edit_json(folder / "processor_config.json", num_additional_image_tokens=0)
+    with pytest.raises(ValueError, match="num_additional_image_tokens=0.*gives 1"):
+        LlavaNextProcessor.from_pretrained(folder)
+
+
+def test_constructing_without_settings_is_refused(clip_pair):
+    ours, _ = clip_pair
+    with pytest.raises(ValueError, match="vision_feature_select_strategy, num_additional_image_tokens"):
+        LlavaNextProcessor(ours.image_processor, ours.tokenizer, patch_size=8)
+    with pytest.raises(ValueError, match="'default', 'full'"):
+        LlavaNextProcessor(ours.image_processor, ours.tokenizer, 8, "cls", num_additional_image_tokens=1)
+
+
+# --- errors --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ours(clip_pair):
+    return clip_pair[0]
+
+
+def test_more_images_than_placeholders(ours):
+    images = [random_image(10, 10), random_image(12, 12)]
+    with pytest.raises(BadRequestError, match=r"2 image\(s\) given but the text has 1 <image>.*sample 0: 1"):
+        ours(images=images, text=PROMPT_ONE)
+
+
+def test_fewer_images_than_placeholders(ours):
+    with pytest.raises(BadRequestError, match=r"1 image\(s\) given.*3 <image>.*sample 0: 1, sample 1: 2"):
+        ours(images=[random_image(10, 10)], text=[PROMPT_ONE, PROMPT_TWO], padding=True)
+
+
+def test_per_prompt_image_lists_name_the_sample(ours):
+    a, b = random_image(10, 10), random_image(12, 12)
+    with pytest.raises(BadRequestError, match=r"sample 1 has 2 <image> placeholder\(s\) but 1 image"):
+        ours(images=[[a], [b]], text=[PROMPT_ONE, PROMPT_TWO], padding=True)
+    with pytest.raises(BadRequestError, match="2 lists.*3 prompts"):
+        ours(images=[[a], [b]], text=[PROMPT_ONE, PROMPT_TWO, PROMPT_ONE], padding=True)
+
+
+def test_placeholders_without_images(ours):
+    with pytest.raises(BadRequestError, match="no images were given"):
+        ours(text=PROMPT_TWO)
+
+
+def test_images_without_placeholders(ours):
+    with pytest.raises(BadRequestError, match=r"1 image\(s\) given but the text has 0 <image>"):
+        ours(images=random_image(10, 10), text="no placeholder")
+
+
+@pytest.mark.parametrize("text", [42, [PROMPT_ONE, None], [b"bytes"], {"text": "x"}])
+def test_non_string_text(ours, text):
+    with pytest.raises(BadRequestError, match="text must be a string or a list of strings") as error:
+        ours(text=text)
+    assert isinstance(error.value, ValueError)
+
+
+def test_truncation_into_image_tokens_is_refused(ours):
+    with pytest.raises(BadRequestError, match="truncation cut into the image tokens"):
+        ours(images=random_image(64, 64), text=PROMPT_ONE, truncation=True, max_length=8)
