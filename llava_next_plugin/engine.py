@@ -14,8 +14,8 @@ queue join the running batch (continuous batching):
 
 Each request streams its text as tokens come (incremental detokenization that holds back incomplete
 multi-byte pieces and partial stop strings). The model is used only through the standard transformers
-interface ``forward(input_ids, attention_mask, pixel_values, image_sizes, position_ids, past_key_values,
-use_cache) -> (logits, past_key_values)``, so transformers' ``LlavaNextForConditionalGeneration`` and ours
+interface ``forward(input_ids, attention_mask, pixel_values, image_sizes, position_ids, cache (or
+past_key_values), use_cache) -> (logits, cache)``, so transformers' ``LlavaNextForConditionalGeneration`` and ours
 both work.
 
 Submission is thread-safe and loop-agnostic: :meth:`Engine.submit` returns a :class:`RequestHandle` that
@@ -367,7 +367,10 @@ class Engine:
         self.eos_token_ids = self._eos_ids()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self._accepts_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        forward_params = inspect.signature(model.forward).parameters
+        self._accepts_logits_to_keep = "logits_to_keep" in forward_params
+        # transformers >= 5.2x names the KV cache ``cache``; earlier models ``past_key_values``
+        self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
 
         self._lock = threading.Condition()
         self._pending: collections.deque[RequestHandle] = collections.deque()
@@ -571,7 +574,7 @@ class Engine:
         out = self.model(
             input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
             position_ids=position_ids.to(self.device), pixel_values=pixel_values, image_sizes=image_sizes,
-            past_key_values=DynamicCache(), use_cache=True, **kwargs)
+            use_cache=True, **{self._cache_arg: DynamicCache()}, **kwargs)
         new_slots = []
         for handle, length in zip(handles, lengths):
             params = handle.prepared.params
@@ -586,18 +589,20 @@ class Engine:
                 "prompt_tokens": handle.prepared.prompt_tokens, "image_tokens": handle.prepared.image_tokens,
                 "max_tokens": handle.prepared.max_tokens, "temperature": params.temperature,
                 "top_p": params.top_p, "seed": params.seed})
-        self._merge(new_slots, _cache_tensors(out.past_key_values), mask.to(self.device))
+        self._merge(new_slots, _cache_tensors(_output_cache(out)), mask.to(self.device))
         self._advance(new_slots, out.logits[:, -1, :])
 
     @torch.inference_mode()
     def _decode(self) -> None:
         """One token for every running request."""
+        if len(self._slots) > 1:
+            self.stats["batched_steps"] += 1
         input_ids = torch.tensor([[s.next_token] for s in self._slots], dtype=torch.long, device=self.device)
         position_ids = torch.tensor([[s.position] for s in self._slots], dtype=torch.long, device=self.device)
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._slots), 1))], dim=1)
         out = self.model(input_ids=input_ids, attention_mask=self._mask, position_ids=position_ids,
-                         past_key_values=self._cache, use_cache=True)
-        self._cache = out.past_key_values
+                         use_cache=True, **{self._cache_arg: self._cache})
+        self._cache = _output_cache(out)
         for slot in self._slots:
             slot.position += 1
         self._advance(list(self._slots), out.logits[:, -1, :])
@@ -740,6 +745,12 @@ def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if layers is not None:
         return [(layer.keys, layer.values) for layer in layers]
     return [(k, v) for k, v, *_ in cache]
+
+
+def _output_cache(out):
+    """The KV cache a forward returned (``cache`` in transformers >= 5.2x, ``past_key_values`` before)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _make_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):

@@ -35,7 +35,7 @@ class LocalTransport:
     Args:
         model: a checkpoint folder or hub id (loaded once per process and options).
         engine: an engine to use instead (then *model* only names it).
-        limits: a :class:`llava_next_plugin.validation.Limits`; by default the server's limits except that
+        limits: a :class:`llava_next_plugin.validation.Limits` (client option ``request_limits=``); by default the server's limits except that
             ``http(s)`` image URLs from any host are fetched (this is the user's own process).
         engine_options: ``device``, ``dtype``, ``max_batch_size``, ... for the shared engine.
     """
@@ -124,5 +124,5 @@ def llava_next_sdk_transport(url: str, options: dict) -> LocalTransport | None:
     if not isinstance(url, str) or not url.startswith(LOCAL_SCHEME):
         return None
     engine_options = {k: options[k] for k in ENGINE_OPTIONS if options.get(k) is not None}
-    return LocalTransport(url[len(LOCAL_SCHEME):], engine=options.get("engine"), limits=options.get("limits"),
+    return LocalTransport(url[len(LOCAL_SCHEME):], engine=options.get("engine"), limits=options.get("request_limits"),
                           **engine_options)

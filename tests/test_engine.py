@@ -1,0 +1,271 @@
+"""The batching engine: its output equals ``model.generate``, batching changes nothing, streams are right,
+cancellation, stop strings, sampling, limits and hooks behave as users rely on."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import anyio
+import pytest
+import torch
+import transformers
+
+import checkpoints
+from llava_next_plugin.engine import Engine, SamplingParams, _TextStream
+from llava_next_plugin.hooks import get_plugin_manager, hookimpl
+from llava_next_sdk.errors import ContextLengthExceededError, OverloadedError, RequestCancelledError
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0)
+
+
+def ask(text: str, images: int = 1) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
+
+
+def photo(width: int, height: int):
+    return checkpoints.real_photo().convert("RGB").resize((width, height))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    """transformers' own model and processor (the reference the engine must match)."""
+    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    return model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def engine(reference):
+    model, processor = reference
+    engine = Engine(model, processor, max_batch_size=8).start()
+    yield engine
+    engine.shutdown(drain=False)
+
+
+def reference_greedy(model, prepared, max_new_tokens: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(input_ids=prepared.input_ids, attention_mask=torch.ones_like(prepared.input_ids),
+                             pixel_values=prepared.pixel_values, image_sizes=prepared.image_sizes,
+                             max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, prepared.input_ids.shape[1]:].tolist()
+
+
+def test_greedy_output_equals_model_generate_for_a_request_alone(engine, reference):
+    model, processor = reference
+    prepared = engine.prepare(ask("What is in the picture?"), [photo(80, 50)], SamplingParams(max_tokens=10,
+                                                                                            temperature=0))
+    result = engine.submit(prepared).result(timeout=120)
+    expected = reference_greedy(model, prepared, 10)
+    assert result.token_ids == expected
+    assert result.text == processor.tokenizer.decode(expected, skip_special_tokens=True)
+    assert result.finish_reason in ("length", "stop")
+    assert result.prompt_tokens == prepared.input_ids.shape[1]
+    assert result.image_tokens == int((prepared.input_ids == checkpoints.IMAGE_TOKEN_ID).sum()) > 0
+    assert result.completion_tokens == len(expected)
+    assert 0 <= result.queue_seconds <= result.time_to_first_token <= result.total_seconds
+
+
+def test_concurrent_requests_with_mixed_images_are_batched_and_match_their_solo_outputs(engine):
+    requests = [(ask("What is this?"), [photo(80, 50)]),
+                (ask("Describe it."), [photo(30, 90)]),
+                ([{"role": "user", "content": [{"type": "text", "text": "Tell me a story about a cat"}]}], []),
+                (ask("Compare them.", images=2), [photo(64, 64), photo(90, 30)])]
+    solo = [engine.generate(m, i, GREEDY) for m, i in requests]
+    steps_before = engine.stats["batched_steps"]
+    prepared = [engine.prepare(m, i, GREEDY) for m, i in requests]
+    handles = [engine.submit(p) for p in prepared]  # all waiting when a step starts: they join together
+    together = [h.result(timeout=120) for h in handles]
+    assert engine.stats["batched_steps"] > steps_before
+    for alone, batched in zip(solo, together):
+        assert batched.token_ids == alone.token_ids
+        assert batched.text == alone.text
+        assert (batched.prompt_tokens, batched.image_tokens) == (alone.prompt_tokens, alone.image_tokens)
+
+
+def test_a_request_joining_a_running_batch_gets_its_solo_output(engine):
+    long = SamplingParams(max_tokens=24, temperature=0)
+    alone_long = engine.generate(ask("A long answer please"), [photo(64, 64)], long)
+    alone_short = engine.generate(ask("Short"), [photo(40, 90)], GREEDY)
+    first = engine.submit(engine.prepare(ask("A long answer please"), [photo(64, 64)], long))
+    next(iter(first))  # it is decoding now
+    second = engine.submit(engine.prepare(ask("Short"), [photo(40, 90)], GREEDY))
+    assert second.result(timeout=120).token_ids == alone_short.token_ids
+    assert first.result(timeout=120).token_ids == alone_long.token_ids
+
+
+def test_streamed_deltas_add_up_to_the_result_in_threads_asyncio_and_trio(engine):
+    prepared = lambda: engine.prepare(ask("Stream this"), [photo(50, 50)], SamplingParams(max_tokens=12,
+                                                                                         temperature=0))
+    handle = engine.submit(prepared())
+    deltas = list(handle)
+    assert "".join(deltas) == handle.result().text and len(deltas) > 1
+
+    async def consume():
+        h = engine.submit(prepared())
+        parts = [d async for d in h]
+        return parts, (await h.aresult()).text
+
+    for backend in ("asyncio", "trio"):
+        parts, text = anyio.run(consume, backend=backend)
+        assert "".join(parts) == text == handle.result().text
+
+
+def test_two_event_loops_in_two_threads_share_one_engine(engine):
+    expected = engine.generate(ask("Shared"), [photo(50, 70)], GREEDY).text
+    results = {}
+
+    def run(backend):
+        async def go():
+            h = engine.submit(engine.prepare(ask("Shared"), [photo(50, 70)], GREEDY))
+            return (await h.aresult()).text
+        results[backend] = anyio.run(go, backend=backend)
+
+    threads = [threading.Thread(target=run, args=(b,)) for b in ("asyncio", "trio")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == {"asyncio": expected, "trio": expected}
+
+
+def test_cancelling_a_request_drops_it_and_the_rest_of_the_batch_finishes(engine):
+    other_alone = engine.generate(ask("Other"), [photo(60, 40)], GREEDY)
+    doomed = engine.submit(engine.prepare(ask("Go on forever"), [photo(50, 50)],
+                                          SamplingParams(max_tokens=400, temperature=0)))
+    other = engine.submit(engine.prepare(ask("Other"), [photo(60, 40)], GREEDY))
+    next(iter(doomed))
+    doomed.cancel()
+    with pytest.raises(RequestCancelledError):
+        doomed.result(timeout=60)
+    assert other.result(timeout=120).token_ids == other_alone.token_ids
+    deadline = time.monotonic() + 30
+    while engine.batch_size and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.batch_size == 0
+
+
+def test_cancelling_the_async_reader_cancels_the_request(engine):
+    async def main():
+        h = engine.submit(engine.prepare(ask("Long"), [photo(50, 50)], SamplingParams(max_tokens=400,
+                                                                                      temperature=0)))
+        with anyio.move_on_after(0.3):
+            async for _ in h:
+                pass
+        return h
+
+    handle = anyio.run(main)
+    with pytest.raises(RequestCancelledError):
+        handle.result(timeout=60)
+
+
+def test_stop_strings_end_the_text_before_them_even_across_tokens(engine):
+    full = engine.generate(ask("Say something"), [photo(70, 70)], SamplingParams(max_tokens=16, temperature=0))
+    cut = len(full.text) // 2
+    stop = full.text[cut:cut + 3]
+    assert stop.strip() and stop not in full.text[:cut]
+    handle = engine.submit(engine.prepare(ask("Say something"), [photo(70, 70)],
+                                          SamplingParams(max_tokens=16, temperature=0, stop=("zzzz", stop))))
+    deltas = list(handle)
+    result = handle.result()
+    assert result.text == full.text[:cut] == "".join(deltas)
+    assert result.finish_reason == "stop"
+
+
+def test_incremental_detokenization_handles_multibyte_pieces(reference):
+    tokenizer = reference[1].tokenizer
+    text = "Café 東京 — 🐈‍⬛ naïve façade 😀!"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    stream = _TextStream(tokenizer, stop=())
+    deltas = [stream.add(i) for i in ids] + [stream.flush()]
+    assert "".join(deltas) == tokenizer.decode(ids) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_seeded_sampling_repeats_and_a_tiny_top_p_is_greedy(engine):
+    sample = lambda seed: engine.generate(ask("Sample"), [photo(50, 50)],
+                                          SamplingParams(max_tokens=8, temperature=1.5, seed=seed)).token_ids
+    assert sample(7) == sample(7)
+    assert sample(7) != sample(8)
+    greedy = engine.generate(ask("Sample"), [photo(50, 50)], GREEDY).token_ids
+    nucleus = engine.generate(ask("Sample"), [photo(50, 50)],
+                              SamplingParams(max_tokens=8, temperature=1.0, top_p=1e-6, seed=3)).token_ids
+    assert nucleus == greedy
+
+
+def test_max_tokens_beyond_the_context_is_refused_with_the_numbers(engine):
+    with pytest.raises(ContextLengthExceededError, match="context length of 4096") as info:
+        engine.prepare(ask("Hi"), [photo(50, 50)], SamplingParams(max_tokens=5000))
+    assert info.value.param == "max_tokens" and info.value.status == 400
+
+
+class Gate:
+    """A plugin that holds the engine thread in ``before_generate`` until released, and records the hooks."""
+
+    def __init__(self) -> None:
+        self.open = threading.Event()
+        self.started: list[dict] = []
+        self.ended: list[dict] = []
+
+    @hookimpl
+    def llava_next_before_generate(self, request_id, request):
+        self.started.append({"id": request_id, **request})
+        self.open.wait(60)
+
+    @hookimpl
+    def llava_next_after_generate(self, request_id, result):
+        self.ended.append({"id": request_id, **result})
+
+
+def test_a_full_queue_refuses_work_as_overloaded_and_hooks_see_every_request(reference):
+    model, processor = reference
+    engine = Engine(model, processor, max_batch_size=1, max_queue=2).start()
+    gate = Gate()
+    manager = get_plugin_manager()
+    manager.register(gate)
+    try:
+        request = lambda: engine.prepare(ask("Queue"), [photo(40, 40)], SamplingParams(max_tokens=2, temperature=0))
+        running = engine.submit(request())
+        deadline = time.monotonic() + 30
+        while not gate.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        queued = [engine.submit(request()), engine.submit(request())]
+        assert engine.queue_depth == 2
+        with pytest.raises(OverloadedError, match="queue is full") as info:
+            engine.submit(request())
+        assert info.value.status == 429 and info.value.retry_after
+        gate.open.set()
+        results = [h.result(timeout=120) for h in [running, *queued]]
+    finally:
+        manager.unregister(gate)
+        engine.shutdown()
+    assert [s["id"] for s in gate.started] == [h.id for h in [running, *queued]]
+    assert gate.started[0]["num_images"] == 1 and gate.started[0]["max_tokens"] == 2
+    ended = {e["id"]: e for e in gate.ended}
+    for handle, result in zip([running, *queued], results):
+        assert ended[handle.id]["error"] is None
+        assert ended[handle.id]["completion_tokens"] == result.completion_tokens == 2
+
+
+def test_shutdown_drains_running_requests_then_refuses_new_ones(reference):
+    model, processor = reference
+    engine = Engine(model, processor).start()
+    handle = engine.submit(engine.prepare(ask("Drain"), [photo(40, 40)], SamplingParams(max_tokens=6,
+                                                                                        temperature=0)))
+    engine.shutdown(drain=True, timeout=60)
+    assert handle.result(timeout=1).completion_tokens == 6
+    with pytest.raises(OverloadedError, match="shutting down"):
+        engine.submit(engine.prepare(ask("Late"), [photo(40, 40)], GREEDY))
+
+
+def test_our_model_class_runs_in_the_engine_and_matches_the_reference(tiny_checkpoint, engine):
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_checkpoint)  # ours after import
+    assert type(model).__module__.startswith("llava_next_plugin")
+    ours = Engine(model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint)).start()
+    try:
+        requests = [(ask("One"), [photo(80, 50)]), (ask("Two"), [photo(30, 90)])]
+        handles = [ours.submit(ours.prepare(m, i, GREEDY)) for m, i in requests]
+        got = [h.result(timeout=120).token_ids for h in handles]
+        expected = [engine.generate(m, i, GREEDY).token_ids for m, i in requests]
+        assert got == expected
+    finally:
+        ours.shutdown()
