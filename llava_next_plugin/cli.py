@@ -1,0 +1,342 @@
+"""The ``llava-next`` command: ask about images, caption a folder, build a demo checkpoint, serve.
+
+    llava-next tiny-checkpoint ./tiny                       # random weights, offline, ~20 MB
+    llava-next ask photo.jpg --model ./tiny --prompt "What is in this picture?"
+    llava-next caption ./photos --prompt "Describe the photo." --out results.jsonl
+    llava-next serve --model ./tiny                         # when the serve extra is installed
+
+Without ``--model`` the model is ``$LLAVA_NEXT_MODEL`` if set, else :data:`DEFAULT_MODEL` (a 7B hub
+checkpoint: it needs the network once, ~15 GB, and a GPU to be quick). Bad input (a missing file, an
+unreadable image, more ``<image>`` placeholders than images, an unknown model) ends with one line on
+stderr and exit status 1; wrong arguments end with argparse's usage line and status 2. Set
+``LLAVA_NEXT_DEBUG=1`` to see tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main", "build_parser", "DEFAULT_MODEL", "IMAGE_SUFFIXES"]
+
+DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
+MODEL_ENV = "LLAVA_NEXT_MODEL"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+class CommandError(Exception):
+    """A problem the user can fix; its message is printed as the command's one error line."""
+
+
+# --- argument parsing -------------------------------------------------------------------------------
+def _default_model() -> str:
+    return os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, metavar="PATH_OR_ID",
+                        help=f"checkpoint folder or hub id (default: ${MODEL_ENV}, else {DEFAULT_MODEL}, "
+                             "which needs the network once; offline, build one with `llava-next tiny-checkpoint`)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: cuda when available)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                        help="weights' dtype (default: the checkpoint's)")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
+                        help=f"longest answer in tokens (default: {DEFAULT_MAX_NEW_TOKENS})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import DEFAULT_PROMPT
+
+    parser = argparse.ArgumentParser(
+        prog="llava-next",
+        description="LLaVA-NeXT (llava v1.6) from the command line: ask about images, caption folders, "
+                    "build a tiny offline demo checkpoint, serve an OpenAI-compatible API.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    ask = commands.add_parser("ask", help="ask a question about one or more images; the answer streams",
+                              description="Ask one question about the given images (all in one prompt) and "
+                                          "stream the answer to stdout.")
+    ask.add_argument("images", nargs="+", metavar="IMAGE", help="image file or http(s) URL")
+    ask.add_argument("--prompt", default=DEFAULT_PROMPT,
+                     help=f"the question; <image> placeholders are added when missing (default: {DEFAULT_PROMPT!r})")
+    _add_model_options(ask)
+
+    caption = commands.add_parser("caption", help="caption every image of a folder into a JSON-lines file",
+                                  description="Caption the images of DIR in batches. Each result is one JSON "
+                                              "line {image, prompt, generated_text} appended to --out; a rerun "
+                                              "skips the images already there.")
+    caption.add_argument("folder", metavar="DIR", help=f"folder of images ({', '.join(IMAGE_SUFFIXES)})")
+    caption.add_argument("--out", required=True, metavar="FILE.jsonl", help="results file (appended to, resumable)")
+    caption.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"instruction (default: {DEFAULT_PROMPT!r})")
+    caption.add_argument("--batch-size", type=int, default=4, metavar="B", help="images per forward pass (default: 4)")
+    _add_model_options(caption)
+
+    tiny = commands.add_parser("tiny-checkpoint", help="write a small RANDOM-weight checkpoint for offline demos",
+                               description="Write a small checkpoint with random weights in llava-hf layout (real "
+                                           "Mistral tokenizer, chat template, 64+-wide layers so 4-bit loading "
+                                           "works on CPU). Its answers are gibberish: it is for demos and smoke "
+                                           "tests. Needs the demo extra: pip install 'llava-next-plugin[demo]'.")
+    tiny.add_argument("out", metavar="OUT", help="folder to create (must be new or empty)")
+    tiny.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
+
+    try:
+        from .serve_cli import add_serve_parser
+    except ImportError as exc:
+        reason = str(exc)
+        serve = commands.add_parser("serve", help="serve an OpenAI-compatible API (not available in this install)")
+        serve.set_defaults(unavailable=reason)
+        serve.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    else:
+        add_serve_parser(commands)
+    return parser
+
+
+# --- the commands -------------------------------------------------------------------------------------
+def _check_model(model: str) -> None:
+    """Fail with one clear line when *model* is neither a checkpoint folder nor a reachable hub id."""
+    from transformers import AutoConfig
+
+    path = Path(model).expanduser()
+    looks_local = model.startswith((".", "/", "~")) or path.exists() or model.count("/") != 1
+    if looks_local and not (path / "config.json").is_file():
+        what = "does not exist" if not path.exists() else "has no config.json"
+        raise CommandError(f"model {model!r} {what}: give a checkpoint folder or a hub id like {DEFAULT_MODEL} "
+                           "(offline, build one with `llava-next tiny-checkpoint ./tiny`)")
+    try:
+        config = AutoConfig.from_pretrained(os.fspath(path) if looks_local else model)
+    except Exception as exc:
+        raise CommandError(f"cannot load model {model!r}: {_first_line(exc)} (check the name, or that the "
+                           "hub is reachable; offline, use a local folder)") from exc
+    if getattr(config, "model_type", None) != "llava_next":
+        raise CommandError(f"model {model!r} is a {config.model_type!r} checkpoint: llava-next needs a "
+                           "LLaVA-NeXT (llava_next) checkpoint")
+
+
+def _load_pipeline(args: argparse.Namespace):
+    import torch
+    from transformers import pipeline
+
+    from .pipeline import LlavaNextImageToTextPipeline
+    from .tiny import is_random_checkpoint
+
+    model = args.model or _default_model()
+    _check_model(model)
+    if is_random_checkpoint(model):
+        print(f"note: {model} holds RANDOM weights (a tiny demo checkpoint): the answers are gibberish.",
+              file=sys.stderr, flush=True)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    return pipeline("image-text-to-text", model=model, device=device, dtype=dtype,
+                    pipeline_class=LlavaNextImageToTextPipeline)
+
+
+def _load_images(sources: Sequence[Any]) -> list:
+    """Read every image up front, so bad input fails before a model is loaded."""
+    from llava_next_sdk.errors import InvalidImageError
+
+    from .pipeline import load_image
+
+    images = []
+    for index, source in enumerate(sources):
+        if isinstance(source, str) and not source.startswith(("http://", "https://")) and not Path(source).is_file():
+            raise CommandError(f"image {index}: no such file {source!r}")
+        try:
+            images.append(load_image(source, timeout=10.0))
+        except InvalidImageError as exc:
+            raise CommandError(f"image {index} ({source}): {exc.message}") from exc
+        except Exception as exc:
+            raise CommandError(f"image {index}: cannot read {source!r} as an image: {_first_line(exc)}") from exc
+    return images
+
+
+def _check_placeholders(prompt: str, num_images: int) -> None:
+    count = prompt.count("<image>")
+    if count > num_images:
+        raise CommandError(f"the prompt has {count} <image> placeholders but {num_images} image(s) were given: "
+                           "give one image per placeholder, or drop the extra placeholders")
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    from transformers import TextIteratorStreamer
+
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    images = _load_images(args.images)
+    _check_placeholders(args.prompt, len(images))
+    pipe = _load_pipeline(args)
+    streamer = TextIteratorStreamer(pipe.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    failure: list[BaseException] = []
+
+    def generate() -> None:
+        try:
+            pipe([images], prompt=[args.prompt], max_new_tokens=args.max_new_tokens, streamer=streamer)
+        except BaseException as exc:  # handed to the main thread, which reports it
+            failure.append(exc)
+            streamer.end()
+
+    worker = threading.Thread(target=generate, name="llava-next-ask", daemon=True)
+    worker.start()
+    for chunk in streamer:
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    worker.join()
+    if failure:
+        raise failure[0]
+    sys.stdout.write("\n")
+    return 0
+
+
+def _image_files(folder: str) -> list[Path]:
+    path = Path(folder)
+    if not path.is_dir():
+        raise CommandError(f"{folder!r} is not a folder: give a folder of images")
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise CommandError(f"{folder!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def read_done(out: Path) -> set[str]:
+    """The images already captioned in *out*; a trailing partial line (an interrupted write) is cut off."""
+    if not out.exists():
+        return set()
+    data = out.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with open(out, "r+b") as handle:
+            handle.truncate(len(complete))
+    done = set()
+    for number, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            done.add(json.loads(line)["image"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CommandError(f"{out}: line {number} is not a result line ({exc}): fix or move the file") from exc
+    return done
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    _positive(args.batch_size, "--batch-size")
+    _positive(args.max_new_tokens, "--max-new-tokens")
+    files = _image_files(args.folder)
+    out = Path(args.out)
+    if out.parent and not out.parent.exists():
+        raise CommandError(f"the folder of --out ({out.parent}) does not exist")
+    done = read_done(out)
+    todo = [f for f in files if f.name not in done]
+    if not todo:
+        print(f"all {len(files)} images of {args.folder} are already in {out}", file=sys.stderr)
+        return 0
+    pipe = _load_pipeline(args)
+    failed = 0
+    progress = tqdm(total=len(files), initial=len(files) - len(todo), unit="image", file=sys.stderr,
+                    desc="captioning")
+    with open(out, "a", encoding="utf-8") as results:
+        for start in range(0, len(todo), args.batch_size):
+            batch, images = [], []
+            for path in todo[start:start + args.batch_size]:
+                try:
+                    images.append(_load_images([str(path)])[0])
+                    batch.append(path)
+                except CommandError as exc:
+                    failed += 1
+                    progress.write(f"skipped {path.name}: {str(exc).split(': ', 1)[-1]}", file=sys.stderr)
+                    progress.update(1)
+            if not batch:
+                continue
+            answers = pipe(images, prompt=args.prompt, batch_size=len(images), max_new_tokens=args.max_new_tokens)
+            for path, answer in zip(batch, answers):
+                line = json.dumps({"image": path.name, "prompt": args.prompt,
+                                   "generated_text": answer[0]["generated_text"]}, ensure_ascii=False)
+                results.write(line + "\n")  # one whole line per write, flushed: never half a line on disk
+                results.flush()
+            progress.update(len(batch))
+    progress.close()
+    if failed:
+        print(f"llava-next: {failed} image(s) could not be read and were skipped (see above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_tiny_checkpoint(args: argparse.Namespace) -> int:
+    from .tiny import build_tiny_checkpoint
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CommandError(f"{args.out!r} already exists and is not an empty folder: choose a new folder")
+    try:
+        folder = build_tiny_checkpoint(out, seed=args.seed)
+    except ImportError as exc:
+        raise CommandError(str(exc)) from exc
+    info = json.loads((folder / "llava_next_tiny.json").read_text())
+    print(f"wrote a tiny checkpoint with RANDOM weights ({info['parameters'] / 1e6:.1f} M parameters) to {folder}")
+    print("its answers are gibberish: use it for offline demos and smoke tests, e.g.")
+    print(f"  llava-next ask IMAGE --model {folder} --prompt 'What is in this picture?'")
+    return 0
+
+
+def run_serve_command(args: argparse.Namespace) -> int:
+    if getattr(args, "unavailable", None):
+        raise CommandError(f"serve is not available in this install ({args.unavailable}); "
+                           "install it with: pip install 'llava-next-plugin[serve]'")
+    from .serve_cli import run_serve
+
+    result = run_serve(args)
+    return result if isinstance(result, int) else 0
+
+
+# --- entry point ----------------------------------------------------------------------------------------
+def _positive(value: int, name: str) -> None:
+    if value < 1:
+        raise CommandError(f"{name} must be at least 1, got {value}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0]
+
+
+def _quiet_libraries() -> None:
+    """Keep the terminal for answers: transformers' info/warnings only with LLAVA_NEXT_DEBUG."""
+    if os.environ.get("LLAVA_NEXT_DEBUG"):
+        return
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    hub_logging.set_verbosity_error()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; returns (and, as a script, exits with) its status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    commands = {"ask": run_ask, "caption": run_caption, "tiny-checkpoint": run_tiny_checkpoint,
+                "serve": run_serve_command}
+    try:
+        _quiet_libraries()
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print("llava-next: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("LLAVA_NEXT_DEBUG"):
+            raise
+        message = str(exc) if isinstance(exc, CommandError) else _first_line(exc)
+        print(f"llava-next: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

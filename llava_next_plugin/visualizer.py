@@ -1,0 +1,543 @@
+"""See which tokens a LLaVA-NeXT model lets each token attend to, with image tokens kept readable.
+
+    >>> from llava_next_plugin import AttentionMaskVisualizer
+    >>> viz = AttentionMaskVisualizer("llava-hf/llava-v1.6-mistral-7b-hf")   # or a loaded model
+    >>> viz("<image> What is shown in this image?")                         # prints in a terminal
+    >>> picture = viz("<image> Hi", images=photo, show=False)
+    >>> picture.save("mask.png"); picture.to_html()
+
+The mask drawn is the one the language model receives: the text backbone's own mask function
+(``transformers.masking_utils``, sliding window included when its config has one) applied to the
+processor's real ``input_ids`` and ``attention_mask``, so batches show their left padding, and the
+``<image>`` positions are causal like every other token (LLaVA-NeXT does not let image tokens look
+ahead). Loading from a path reads only the config and the processor, never the weights.
+
+Each run of ``<image>`` tokens is drawn as one block labelled with its geometry (for a 1024x768
+image on llava-v1.6-mistral: ``<image> x2340 = base 576 + tiles 1728 + newlines 36``); each cell
+between two blocks is full (every query may attend every key), empty, or partial (the causal
+triangle inside a block). Runs of padding collapse the same way.
+
+Drawing goes through the ``llava_next_render_attention_mask`` hook: ``"ansi"`` (terminal text),
+``"html"`` (Jupyter, via ``_repr_html_``) and ``"png"`` (bytes, needs pillow) are the built-in
+renderers below, and a plugin may add formats or replace these.
+"""
+
+from __future__ import annotations
+
+import copy
+import html
+import io
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from llava_next_sdk.errors import BadRequestError
+from llava_next_sdk.hookspecs import hookimpl
+
+__all__ = ["AttentionMaskVisualizer", "MaskPicture", "SequenceMask", "TokenBlock", "BUILTIN_RENDERERS",
+           "DEFAULT_IMAGE_SIZE"]
+
+DEFAULT_IMAGE_SIZE = (1024, 768)
+"""``(width, height)`` of the image generated when a prompt has ``<image>`` but none is given."""
+
+FULL, PARTIAL, EMPTY = "full", "partial", "empty"
+
+
+@dataclass(frozen=True)
+class TokenBlock:
+    """Positions ``[start, end)`` of one sequence shown as one row and one column.
+
+    ``kind`` is ``"text"`` (one token), ``"image"`` (a run of ``<image>`` tokens) or ``"pad"``.
+    """
+
+    label: str
+    start: int
+    end: int
+    kind: str
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class SequenceMask:
+    """One sequence of a batch: its tokens, their collapsed blocks, and the real mask.
+
+    ``mask``: bool ``[seq, seq]``, ``mask[q, k]`` is True when query position ``q`` may attend key
+    position ``k``.
+    """
+
+    tokens: list[str]
+    blocks: list[TokenBlock]
+    mask: torch.Tensor
+
+    def cell(self, row: TokenBlock, col: TokenBlock) -> str:
+        """``"full"``, ``"partial"`` or ``"empty"``: how much of block *row* may attend block *col*."""
+        part = self.mask[row.start:row.end, col.start:col.end]
+        if bool(part.all()):
+            return FULL
+        return PARTIAL if bool(part.any()) else EMPTY
+
+    def block_matrix(self) -> list[list[str]]:
+        """The cell state of every (row block, column block) pair."""
+        return [[self.cell(row, col) for col in self.blocks] for row in self.blocks]
+
+
+@dataclass
+class MaskPicture:
+    """What the renderers draw: a title, and one :class:`SequenceMask` per sequence of the batch.
+
+    Shows itself as ANSI text with ``str()``, as HTML in Jupyter, and as PNG with :meth:`to_png`.
+    """
+
+    title: str
+    sequences: list[SequenceMask]
+    sliding_window: int | None = None
+
+    def render(self, fmt: str) -> Any:
+        """Draw with the first ``llava_next_render_attention_mask`` plugin that knows *fmt*."""
+        result = _plugin_manager().hook.llava_next_render_attention_mask(mask=self, fmt=fmt)
+        if result is None:
+            raise BadRequestError(f"no renderer draws the format {fmt!r}: use 'ansi', 'html' or 'png', "
+                                  "or register a plugin that implements llava_next_render_attention_mask")
+        return result
+
+    def to_ansi(self) -> str:
+        return self.render("ansi")
+
+    def to_html(self) -> str:
+        return self.render("html")
+
+    def to_png(self) -> bytes:
+        return self.render("png")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the picture: ``.png``, ``.html``/``.htm``, or text (ANSI) for any other suffix."""
+        suffix = os.fspath(path).lower().rsplit(".", 1)[-1]
+        if suffix == "png":
+            data: bytes = self.to_png()
+        elif suffix in ("html", "htm"):
+            data = self.to_html().encode()
+        else:
+            data = self.to_ansi().encode()
+        with open(path, "wb") as handle:
+            handle.write(data)
+
+    def __str__(self) -> str:
+        return self.to_ansi()
+
+    def __repr__(self) -> str:
+        lengths = ", ".join(str(len(s.tokens)) for s in self.sequences)
+        return f"<MaskPicture {self.title!r}: {len(self.sequences)} sequence(s) of {lengths} tokens>"
+
+    def _repr_html_(self) -> str:
+        return self.to_html()
+
+    def _repr_png_(self) -> bytes | None:
+        return None  # HTML is the notebook picture; ask for PNG explicitly with to_png()
+
+
+class AttentionMaskVisualizer:
+    """Draw the attention mask a LLaVA-NeXT model applies to a prompt.
+
+    Args:
+        model: a checkpoint folder or hub id (only its config and processor are read), or a loaded
+            LLaVA-NeXT model (its processor is loaded from ``model.name_or_path`` unless given).
+        processor: the processor to use instead of the checkpoint's.
+        apply_chat_template (`bool`): wrap each prompt in the checkpoint's chat template first.
+    """
+
+    def __init__(self, model: Any, processor: Any = None, *, apply_chat_template: bool = False) -> None:
+        from transformers import AutoConfig, AutoProcessor
+
+        if isinstance(model, (str, os.PathLike)):
+            self.name = os.fspath(model)
+            try:
+                self.config = AutoConfig.from_pretrained(self.name)
+            except (OSError, ValueError) as exc:
+                raise BadRequestError(f"cannot load a model config from {self.name!r}: {exc}") from exc
+        else:
+            self.config = getattr(model, "config", None)
+            if self.config is None:
+                raise BadRequestError(f"expected a model path or a loaded model, got {type(model).__name__}")
+            self.name = getattr(model, "name_or_path", "") or getattr(self.config, "_name_or_path", "")
+        if getattr(self.config, "model_type", None) != "llava_next":
+            raise BadRequestError(f"{self.name!r} is a {self.config.model_type!r} model: this visualizer draws "
+                                  "LLaVA-NeXT (llava_next) checkpoints")
+        if processor is None:
+            if not self.name:
+                raise BadRequestError("the model has no name_or_path to load its processor from: pass processor=")
+            processor = AutoProcessor.from_pretrained(self.name)
+        self.processor = processor
+        self.apply_chat_template = apply_chat_template
+        self.image_token_id = int(self.config.image_token_index)
+        self.last_picture: MaskPicture | None = None
+
+    # --- the public calls -------------------------------------------------------------------
+    def __call__(self, text: str | Sequence[str], images: Any = None, *, show: bool = True) -> MaskPicture:
+        """Build the picture for *text* (a prompt or a batch of prompts) and show it.
+
+        *images*: one image per ``<image>`` placeholder, in order over the whole batch (PIL, path,
+        bytes, or URL); when omitted, a generated :data:`DEFAULT_IMAGE_SIZE` image fills each one.
+        In a terminal the picture is printed as ANSI text; in Jupyter it is returned and displays as
+        HTML. Returns the :class:`MaskPicture`.
+        """
+        picture = self.mask_picture(text, images)
+        if show and not _in_notebook():
+            print(picture.to_ansi())
+        return picture
+
+    def mask_picture(self, text: str | Sequence[str], images: Any = None) -> MaskPicture:
+        """The :class:`MaskPicture` for *text*, without showing it."""
+        prompts = [text] if isinstance(text, str) else list(text)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise BadRequestError("text must be a prompt string or a non-empty list of prompt strings")
+        if self.apply_chat_template:
+            prompts = [self._templated(p) for p in prompts]
+        placeholders = sum(p.count("<image>") for p in prompts)
+        pil_images = self._images(images, placeholders)
+
+        tokenizer = self.processor.tokenizer
+        padding_side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        try:
+            inputs = self.processor(images=pil_images or None, text=prompts, padding=True, return_tensors="pt")
+        finally:
+            tokenizer.padding_side = padding_side
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        allowed = self._model_mask(attention_mask)
+
+        geometries = [self._geometry_config().image_geometry(im.height, im.width) for im in pil_images]
+        sequences, next_image = [], 0
+        for row in range(input_ids.shape[0]):
+            tokens = tokenizer.convert_ids_to_tokens(input_ids[row].tolist())
+            blocks, next_image = self._blocks(input_ids[row], attention_mask[row], tokens, geometries, next_image)
+            sequences.append(SequenceMask(tokens, blocks, allowed[row]))
+        window = getattr(self.config.get_text_config(), "sliding_window", None)
+        title = f"Attention mask of {self.name or self.config.model_type} ({len(sequences)} sequence(s))"
+        self.last_picture = MaskPicture(title, sequences, window)
+        return self.last_picture
+
+    def _repr_html_(self) -> str:
+        if self.last_picture is None:
+            return f"<p>AttentionMaskVisualizer for <code>{html.escape(self.name)}</code></p>"
+        return self.last_picture.to_html()
+
+    # --- pieces ---------------------------------------------------------------------------------
+    def _templated(self, prompt: str) -> str:
+        from .pipeline import build_prompt
+
+        return build_prompt(self.processor, text=prompt, num_images=prompt.count("<image>"), config=self.config)
+
+    def _geometry_config(self):
+        """Our config (it knows the anyres geometry), also when the model came with transformers'."""
+        from .configuration import LlavaNextConfig
+
+        if isinstance(self.config, LlavaNextConfig):
+            return self.config
+        return LlavaNextConfig.from_dict(self.config.to_dict())
+
+    def _images(self, images: Any, placeholders: int) -> list:
+        from .pipeline import load_image
+
+        if images is None:
+            return [_generated_image() for _ in range(placeholders)]
+        sources = list(images) if isinstance(images, (list, tuple)) else [images]
+        if len(sources) != placeholders:
+            raise BadRequestError(f"the prompt(s) have {placeholders} <image> placeholder(s) but {len(sources)} "
+                                  "image(s) were given: give one image per placeholder")
+        return [load_image(source, timeout=10.0) for source in sources]
+
+    def _model_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """bool ``[batch, seq, seq]``: the text backbone's own mask for this padding."""
+        from transformers import masking_utils
+
+        text_config = copy.deepcopy(self.config.get_text_config())
+        text_config._attn_implementation = "eager"  # the materialized mask, whatever the model runs
+        batch, seq = attention_mask.shape
+        windowed = getattr(text_config, "sliding_window", None) is not None
+        make_mask = masking_utils.create_sliding_window_causal_mask if windowed else masking_utils.create_causal_mask
+        mask = make_mask(
+            config=text_config,
+            inputs_embeds=torch.zeros(batch, seq, 1),
+            attention_mask=attention_mask.bool(),
+            cache=None,
+            allow_is_causal_skip=False,
+        )
+        mask = mask[:, 0]
+        return mask if mask.dtype == torch.bool else mask == 0
+
+    def _blocks(self, ids: torch.Tensor, attention: torch.Tensor, tokens: list[str], geometries: list,
+                next_image: int) -> tuple[list[TokenBlock], int]:
+        """Collapse runs of ``<image>`` and of padding; every other token is its own block."""
+        blocks, position, length = [], 0, len(tokens)
+        while position < length:
+            if not attention[position]:
+                end = position
+                while end < length and not attention[end]:
+                    end += 1
+                blocks.append(TokenBlock(f"<pad> x{end - position}", position, end, "pad"))
+            elif int(ids[position]) == self.image_token_id:
+                end = position
+                while end < length and int(ids[end]) == self.image_token_id and attention[end]:
+                    end += 1
+                label = f"<image> x{end - position}"
+                if next_image < len(geometries) and geometries[next_image].num_tokens == end - position:
+                    label = geometries[next_image].describe()
+                next_image += 1
+                blocks.append(TokenBlock(label, position, end, "image"))
+            else:
+                end = position + 1
+                blocks.append(TokenBlock(tokens[position], position, end, "text"))
+            position = end
+        return blocks, next_image
+
+
+def _generated_image():
+    """An offline stand-in picture: a colour gradient with a few shapes, :data:`DEFAULT_IMAGE_SIZE`."""
+    from PIL import Image, ImageDraw
+
+    width, height = DEFAULT_IMAGE_SIZE
+    ramp_x = torch.linspace(0, 255, width).to(torch.uint8)
+    ramp_y = torch.linspace(0, 255, height).to(torch.uint8)
+    pixels = torch.stack([
+        ramp_x.expand(height, width),
+        ramp_y[:, None].expand(height, width),
+        torch.full((height, width), 128, dtype=torch.uint8),
+    ], dim=-1)
+    image = Image.fromarray(pixels.numpy(), "RGB")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((width // 8, height // 6, width // 2, height * 2 // 3), fill=(240, 200, 40))
+    draw.rectangle((width * 5 // 8, height // 2, width * 7 // 8, height * 5 // 6), fill=(30, 60, 160))
+    return image
+
+
+def _in_notebook() -> bool:
+    shell = sys.modules.get("IPython")
+    if shell is None:
+        return False
+    try:
+        ipython = shell.get_ipython()
+    except Exception:
+        return False
+    return ipython is not None and "IPKernelApp" in getattr(ipython, "config", {})
+
+
+# --- the built-in renderers: plugins of llava_next_render_attention_mask ---------------------------
+_SYMBOLS = {FULL: "■", PARTIAL: "◣", EMPTY: "⬚"}
+_ANSI = {"image": "\033[93m", "pad": "\033[90m", "diag": "\033[92m", "bold": "\033[1m", "reset": "\033[0m"}
+_LABEL_WIDTH = 60
+
+
+def _short(label: str, width: int = _LABEL_WIDTH) -> str:
+    label = label.replace("\n", "\\n")
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
+def _png_label(label: str) -> str:
+    return _short(label).replace("\u2581", " ")  # pillow's default font lacks sentencepiece's space mark
+
+
+class AnsiRenderer:
+    """Terminal text: one row per block, ``■`` full, ``◣`` partial (causal), ``⬚`` masked."""
+
+    @hookimpl(trylast=True)  # built-in: any third-party renderer of the same format wins
+    def llava_next_render_attention_mask(self, mask: MaskPicture, fmt: str) -> str | None:
+        if fmt != "ansi":
+            return None
+        c = _ANSI
+        lines = [f"{c['bold']}{mask.title}{c['reset']}",
+                 f"{_SYMBOLS[FULL]} attends   {_SYMBOLS[PARTIAL]} causal within the block   "
+                 f"{_SYMBOLS[EMPTY]} masked   {c['image']}yellow{c['reset']}: image tokens"]
+        if mask.sliding_window:
+            lines.append(f"sliding window: {mask.sliding_window} tokens")
+        for number, sequence in enumerate(mask.sequences):
+            blocks = sequence.blocks
+            width = min(_LABEL_WIDTH, max(len(_short(b.label)) for b in blocks))
+            digits = len(str(len(blocks) - 1))
+            lines.append("")
+            lines.append(f"sequence {number}: {len(sequence.tokens)} tokens in {len(blocks)} blocks")
+            for d in range(digits):  # column numbers, written vertically
+                header = " ".join(str(j).rjust(digits)[d] for j in range(len(blocks)))
+                lines.append(" " * (width + digits + 3) + header)
+            matrix = sequence.block_matrix()
+            for i, block in enumerate(blocks):
+                color = c.get(block.kind, "")
+                label = _short(block.label).ljust(width)
+                cells = []
+                for j, state in enumerate(matrix[i]):
+                    symbol = _SYMBOLS[state]
+                    if i == j and state != EMPTY:
+                        symbol = f"{c['diag']}{symbol}{c['reset']}"
+                    elif blocks[j].kind == "image" and state != EMPTY:
+                        symbol = f"{c['image']}{symbol}{c['reset']}"
+                    cells.append(symbol)
+                label_text = f"{color}{label}{c['reset']}" if color else label
+                lines.append(f"{label_text} {str(i).rjust(digits)}: {' '.join(cells)}")
+        return "\n".join(lines)
+
+
+class HtmlRenderer:
+    """An HTML table for Jupyter: blocks as rows and columns, image blocks highlighted."""
+
+    _COLORS = {FULL: "#3b6fb6", PARTIAL: "linear-gradient(to top right, #3b6fb6 50%, #eef1f5 50%)",
+               EMPTY: "#eef1f5"}
+
+    @hookimpl(trylast=True)  # built-in: any third-party renderer of the same format wins
+    def llava_next_render_attention_mask(self, mask: MaskPicture, fmt: str) -> str | None:
+        if fmt != "html":
+            return None
+        out = ['<div class="llava-next-mask" style="font-family: monospace; font-size: 12px">',
+               f"<p><b>{html.escape(mask.title)}</b><br>"
+               "■ attends &nbsp; ◣ causal within the block &nbsp; ⬚ masked &nbsp; "
+               '<span style="background:#fff3b0">image tokens</span></p>']
+        for number, sequence in enumerate(mask.sequences):
+            out.append(f"<p>sequence {number}: {len(sequence.tokens)} tokens in {len(sequence.blocks)} blocks</p>")
+            out.append('<table style="border-collapse: collapse">')
+            out.append("<tr><th></th>" + "".join(
+                f'<th style="font-weight: normal; padding: 0 2px">{j}</th>' for j in range(len(sequence.blocks))
+            ) + "</tr>")
+            for i, (block, states) in enumerate(zip(sequence.blocks, sequence.block_matrix())):
+                shade = {"image": "#fff3b0", "pad": "#dddddd"}.get(block.kind, "transparent")
+                row = [f'<td style="text-align: right; padding-right: 6px; background: {shade}" '
+                       f'title="positions {block.start}-{block.end - 1}">{html.escape(_short(block.label))} {i}</td>']
+                for state in states:
+                    row.append(f'<td title="{state}" style="width: 12px; height: 12px; border: 1px solid white; '
+                               f'background: {self._COLORS[state]}"></td>')
+                out.append("<tr>" + "".join(row) + "</tr>")
+            out.append("</table>")
+        out.append("</div>")
+        return "\n".join(out)
+
+
+class PngRenderer:
+    """A PNG picture (pillow): labelled rows, one square per block pair."""
+
+    CELL = 14
+
+    @hookimpl(trylast=True)  # built-in: any third-party renderer of the same format wins
+    def llava_next_render_attention_mask(self, mask: MaskPicture, fmt: str) -> bytes | None:
+        if fmt != "png":
+            return None
+        from PIL import Image, ImageDraw, ImageFont
+
+        font = ImageFont.load_default()
+        cell, margin, line = self.CELL, 8, 16
+        labels = [f"{_png_label(b.label)} {i}" for s in mask.sequences for i, b in enumerate(s.blocks)]
+        label_width = max(int(font.getlength(label)) for label in labels) + 8
+        most_blocks = max(len(s.blocks) for s in mask.sequences)
+        width = margin * 2 + label_width + most_blocks * cell
+        height = margin + line * 2 + sum(line + len(s.blocks) * cell + margin for s in mask.sequences)
+        image = Image.new("RGB", (width, height), "white")
+        draw = ImageDraw.Draw(image)
+        draw.text((margin, margin), mask.title, fill="black", font=font)
+        draw.text((margin, margin + line), "dark: attends   half: causal within the block   light: masked",
+                  fill="gray", font=font)
+        top = margin + line * 2
+        full, empty, image_shade, pad_shade = (59, 111, 182), (238, 241, 245), (255, 243, 176), (221, 221, 221)
+        for number, sequence in enumerate(mask.sequences):
+            draw.text((margin, top), f"sequence {number}: {len(sequence.tokens)} tokens", fill="black", font=font)
+            top += line
+            for i, (block, states) in enumerate(zip(sequence.blocks, sequence.block_matrix())):
+                y = top + i * cell
+                shade = {"image": image_shade, "pad": pad_shade}.get(block.kind)
+                if shade:
+                    draw.rectangle((margin, y, margin + label_width - 4, y + cell - 2), fill=shade)
+                draw.text((margin + 2, y + 1), f"{_png_label(block.label)} {i}", fill="black", font=font)
+                for j, state in enumerate(states):
+                    x = margin + label_width + j * cell
+                    box = (x, y, x + cell - 2, y + cell - 2)
+                    draw.rectangle(box, fill=full if state == FULL else empty)
+                    if state == PARTIAL:
+                        draw.polygon([(x, y), (x, y + cell - 2), (x + cell - 2, y + cell - 2)], fill=full)
+            top += len(sequence.blocks) * cell + margin
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+BUILTIN_RENDERERS = (AnsiRenderer(), HtmlRenderer(), PngRenderer())
+"""The renderer plugins registered first (so any third-party renderer is called before them)."""
+
+_local_manager = None
+
+
+def _plugin_manager():
+    """The project's plugin manager with the built-in renderers registered."""
+    global _local_manager
+    try:
+        from .hooks import get_plugin_manager
+    except ImportError:  # hooks.py not there yet: a manager of our own, with the same hookspecs
+        get_plugin_manager = None
+    if get_plugin_manager is not None:
+        manager = get_plugin_manager()
+    else:
+        if _local_manager is None:
+            import pluggy
+
+            from llava_next_sdk import hookspecs
+
+            _local_manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+            _local_manager.add_hookspecs(hookspecs)
+        manager = _local_manager
+    for renderer in BUILTIN_RENDERERS:
+        if not manager.is_registered(renderer):
+            manager.register(renderer, name=f"llava_next_plugin.visualizer.{type(renderer).__name__}")
+    return manager
+
+
+# --- routing transformers' AttentionMaskVisualizer (moves to registration.py once it lands) ---------
+_original_transformers_visualizer = None
+
+
+def install_visualizer_route() -> None:
+    """Make ``transformers.utils.attention_visualizer.AttentionMaskVisualizer(<llava_next>)`` ours.
+
+    The class in that module is replaced by a subclass of the original whose ``__new__`` builds our
+    :class:`AttentionMaskVisualizer` for a ``llava_next`` checkpoint or model and leaves every other
+    model to the original class, untouched. Undo with :func:`remove_visualizer_route`.
+    """
+    global _original_transformers_visualizer
+    from transformers.utils import attention_visualizer
+
+    if _original_transformers_visualizer is not None:
+        return
+    original = attention_visualizer.AttentionMaskVisualizer
+
+    class RoutedAttentionMaskVisualizer(original):
+        __doc__ = original.__doc__
+
+        def __new__(cls, model_name: Any, *args: Any, **kwargs: Any):
+            if _model_type(model_name) == "llava_next":
+                return AttentionMaskVisualizer(model_name, *args, **kwargs)
+            return super().__new__(cls)
+
+    RoutedAttentionMaskVisualizer.__name__ = RoutedAttentionMaskVisualizer.__qualname__ = original.__name__
+    _original_transformers_visualizer = original
+    attention_visualizer.AttentionMaskVisualizer = RoutedAttentionMaskVisualizer
+
+
+def remove_visualizer_route() -> None:
+    """Give ``transformers.utils.attention_visualizer`` back its original class."""
+    global _original_transformers_visualizer
+    from transformers.utils import attention_visualizer
+
+    if _original_transformers_visualizer is None:
+        return
+    attention_visualizer.AttentionMaskVisualizer = _original_transformers_visualizer
+    _original_transformers_visualizer = None
+
+
+def _model_type(model: Any) -> str | None:
+    if not isinstance(model, (str, os.PathLike)):
+        return getattr(getattr(model, "config", None), "model_type", None)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(os.fspath(model)).model_type
+    except Exception:  # the original class reports a bad name its own way
+        return None
