@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import email.utils
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -76,6 +78,7 @@ CHAT_COMPLETIONS_PATH = "/chat/completions"
 MODELS_PATH = "/models"
 REQUEST_ID_HEADER = "x-request-id"
 SSE_DONE = b"data: [DONE]\n\n"
+_SSE_LINE_END = re.compile(r"\r\n|\r|\n")
 
 # Request fields we understand, besides the sampling parameters of GenerationParams.
 _REQUEST_FIELDS = {"model", "messages", "stream", "stream_options", "max_completion_tokens", "n", "user"}
@@ -360,6 +363,29 @@ class SSEDecoder:
 
     def __init__(self) -> None:
         self._data: list[str] = []
+        self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """Decode a chunk of the raw body (any split, UTF-8) and return the data of the events it completes."""
+        text = self._pending + self._text.decode(chunk)
+        events, start = [], 0
+        # SSE lines end in CRLF, LF or CR, and nothing else (U+2028 may sit inside a JSON string).
+        for match in _SSE_LINE_END.finditer(text):
+            if match.group() == "\r" and match.end() == len(text):
+                break  # perhaps the first half of a CRLF split across chunks
+            data = self.decode(text[start:match.start()])
+            start = match.end()
+            if data is not None:
+                events.append(data)
+        self._pending = text[start:]
+        return events
+
+    def end(self) -> list[str]:
+        """The data of the events still pending at the end of the body."""
+        events = [self.decode(self._pending + self._text.decode(b"", final=True)), self.flush()]
+        self._pending = ""
+        return [e for e in events if e is not None]
 
     def decode(self, line: str) -> str | None:
         line = line.rstrip("\r\n")

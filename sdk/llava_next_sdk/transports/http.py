@@ -159,6 +159,8 @@ class HTTPTransport:
             raise APIConnectionError("this client is closed; create a new one")
         url = self.base_url + wire.CHAT_COMPLETIONS_PATH
         headers = dict(self._headers, Accept="text/event-stream" if stream else "application/json")
+        if stream:
+            headers["Accept-Encoding"] = "identity"
         attempt = 0
         while True:
             request = self._client.build_request("POST", url, json=body, headers=headers)
@@ -219,8 +221,12 @@ class _SSEItems:
         self._transport = transport
         self._response = response
         self._started = started
-        self._lines = response.aiter_lines()
+        # One plain generator over the raw body, closed explicitly (httpx's nested line iterators would be
+        # left to the garbage collector when a stream is abandoned). Streams ask for no content-encoding.
+        self._raw = response.aiter_raw()
         self._decoder = wire.SSEDecoder()
+        self._events: list[str] = []
+        self._body_ended = False
         self._text: list[str] = []
         self._finish_reason: str | None = None
         self._usage: Usage | None = None
@@ -239,6 +245,8 @@ class _SSEItems:
         while True:
             data = await self._next_event()
             if data is None or data == "[DONE]":
+                if data == "[DONE]":
+                    await self._drain()
                 return self._finish(ended_cleanly=data == "[DONE]")
             try:
                 obj = json.loads(data)
@@ -262,14 +270,27 @@ class _SSEItems:
 
     async def _next_event(self) -> str | None:
         """The next event's data, or ``None`` at the end of the body."""
-        while True:
+        while not self._events:
+            if self._body_ended:
+                return None
             try:
-                line = await self._transport._read(self._lines.__anext__())
+                chunk = await self._transport._read(self._raw.__anext__())
             except StopAsyncIteration:
-                return self._decoder.flush()
-            data = self._decoder.decode(line)
-            if data is not None:
-                return data
+                self._body_ended = True
+                self._events.extend(self._decoder.end())
+            else:
+                self._events.extend(self._decoder.feed(chunk))
+        return self._events.pop(0)
+
+    async def _drain(self, limit: int = 65536) -> None:
+        """Read what little follows ``[DONE]`` (the body's end), so the connection returns to the pool
+        whole instead of being dropped; give up past *limit* bytes."""
+        seen = 0
+        while not self._body_ended and seen <= limit:
+            try:
+                seen += len(await self._transport._read(self._raw.__anext__()))
+            except StopAsyncIteration:
+                self._body_ended = True
 
     def _finish(self, *, ended_cleanly: bool) -> GenerationResult:
         self._done = True
@@ -291,7 +312,7 @@ class _SSEItems:
         self._done = True
         with anyio.CancelScope(shield=True):
             try:
-                await self._lines.aclose()
+                await self._raw.aclose()
             except Exception:
                 pass
             await _close_quietly(self._response)

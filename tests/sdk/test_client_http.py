@@ -1,0 +1,340 @@
+"""The SDK over HTTP against small third-party-like OpenAI endpoints on loopback (asyncio and trio)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+
+import anyio
+import numpy as np
+import pytest
+from PIL import Image
+
+from llava_next_sdk import (
+    APIConnectionError,
+    APITimeoutError,
+    AsyncClient,
+    AuthenticationError,
+    BadRequestError,
+    ContextLengthExceededError,
+    GenerationResult,
+    InvalidImageError,
+    LlavaNextError,
+    NotFoundError,
+    OverloadedError,
+    ServerError,
+    UnsupportedParameterError,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+def client_for(base_url: str, **kwargs) -> AsyncClient:
+    kwargs.setdefault("backoff_base", 0.01)
+    return AsyncClient(base_url=base_url, model="standin-model", **kwargs)
+
+
+def image_urls(body: dict) -> list[str]:
+    return [part["image_url"]["url"] for m in body["messages"] if isinstance(m["content"], list)
+            for part in m["content"] if part["type"] == "image_url"]
+
+
+def decode_png(url: str) -> np.ndarray:
+    assert url.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
+
+
+# ------------------------------------------------------------------------------------------ results
+
+async def test_generate_returns_a_typed_result(standin):
+    url, record = standin.endpoint("ok")
+    async with AsyncClient(base_url=url, model="standin-model", api_key="sk-test") as client:
+        result = await client.generate(Image.new("RGB", (8, 6), "red"), "What is it?", max_tokens=5,
+                                       temperature=0, top_p=0.5, stop=["\n"], seed=3)
+    assert isinstance(result, GenerationResult)
+    assert result.text == "echo[1]: What is it?"
+    assert result.finish_reason == "stop"
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens, result.usage.image_tokens) == (17, 4, 10)
+    assert result.usage.total_tokens == 21
+    assert result.timings.total_seconds > 0
+    assert result.id == "chatcmpl-standin"
+    body = record.bodies[0]
+    assert body["model"] == "standin-model"
+    assert {k: body[k] for k in ("max_tokens", "temperature", "top_p", "stop", "seed")} == \
+        {"max_tokens": 5, "temperature": 0.0, "top_p": 0.5, "stop": ["\n"], "seed": 3}
+    assert "stream" not in body
+    assert record.headers[0]["authorization"] == "Bearer sk-test"
+
+
+async def test_every_image_source_is_sent_as_the_same_pixels_or_url(standin, tmp_path):
+    url, record = standin.endpoint("ok")
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 9, 3), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(pixels).save(png, format="PNG")
+    path = tmp_path / "picture.png"
+    path.write_bytes(png.getvalue())
+    data_url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    sources = [Image.fromarray(pixels), pixels, pixels.astype(np.float32) / 255, png.getvalue(), str(path), path,
+               "https://example.com/cat.jpg", data_url]
+    async with client_for(url) as client:
+        result = await client.generate(sources, "Compare them.")
+    assert result.text == f"echo[{len(sources)}]: Compare them."
+    sent = image_urls(record.bodies[0])
+    for i in (0, 1, 2, 3, 4, 5, 7):
+        np.testing.assert_array_equal(decode_png(sent[i]), pixels, err_msg=f"image {i}")
+    assert sent[6] == "https://example.com/cat.jpg"
+    assert sent[7] == data_url
+    # images come first, then the prompt, in one user turn
+    content = record.bodies[0]["messages"][0]["content"]
+    assert [p["type"] for p in content] == ["image_url"] * len(sources) + ["text"]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("/no/such/picture.png", "no such image file"),
+    (b"not an image at all", "not a readable image"),
+    (np.zeros((4, 4, 3), dtype=np.float32) + 2, "finite values in [0, 1]"),
+    (np.zeros((3, 4, 4, 2), dtype=np.uint8), "must be [H, W]"),
+    ("data:text/plain;base64,aGVsbG8=", "not an image"),
+    ("ftp://example.com/x.png", "unsupported image URL scheme"),
+    (12345, "unsupported image type int"),
+])
+async def test_a_bad_image_fails_before_anything_is_sent_and_names_its_index(standin, bad, message):
+    url, record = standin.endpoint("ok")
+    async with client_for(url) as client:
+        with pytest.raises(InvalidImageError, match=message.replace("[", r"\[").replace("]", r"\]")) as info:
+            await client.generate([Image.new("RGB", (4, 4)), bad], "hi")
+    assert info.value.index == 1
+    assert info.value.message.startswith("image 1:")
+    assert isinstance(info.value, ValueError)
+    assert record.count == 0
+
+
+async def test_unknown_and_invalid_parameters_are_rejected_before_sending(standin):
+    url, record = standin.endpoint("ok")
+    async with client_for(url) as client:
+        with pytest.raises(UnsupportedParameterError, match="frequency_penalty.*supported: max_tokens") as info:
+            await client.generate(None, "hi", frequency_penalty=1.0)
+        assert info.value.param == "frequency_penalty"
+        with pytest.raises(BadRequestError, match="temperature=5") as info:
+            await client.generate(None, "hi", temperature=5)
+        assert info.value.param == "temperature"
+        with pytest.raises(BadRequestError, match="max_tokens"):
+            await client.generate(None, "hi", max_tokens=0)
+        with pytest.raises(BadRequestError, match="prompt must be a str"):
+            await client.generate(None, None)
+    assert record.count == 0
+
+
+async def test_chat_takes_openai_content_parts(standin):
+    url, record = standin.endpoint("ok")
+    async with client_for(url) as client:
+        result = await client.chat([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                                         {"type": "image", "image": Image.new("RGB", (5, 5), "blue")},
+                                         {"type": "text", "text": "Describe both."}]},
+        ], max_tokens=8)
+    assert result.text == "echo[2]: Describe both."
+    body = record.bodies[0]
+    assert body["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert image_urls(body)[0] == "https://example.com/a.png"
+    assert decode_png(image_urls(body)[1])[0, 0].tolist() == [0, 0, 255]
+    with pytest.raises(BadRequestError, match="unsupported role 'tool'"):
+        await client_for(url).chat([{"role": "tool", "content": "x"}])
+
+
+async def test_stream_yields_deltas_then_usage(standin):
+    url, record = standin.endpoint("ok")
+    async with client_for(url) as client:
+        async with client.stream(Image.new("RGB", (4, 4)), "tell me more") as stream:
+            deltas = [delta async for delta in stream]
+    assert deltas == ["echo[1]:", " tell", " me", " more"]
+    assert stream.result.text == "echo[1]: tell me more" == stream.text
+    assert stream.finish_reason == "stop"
+    assert stream.usage.prompt_tokens == 17 and stream.usage.image_tokens == 10
+    assert stream.result.timings.time_to_first_token is not None
+    assert record.bodies[0]["stream"] is True
+    assert record.bodies[0]["stream_options"] == {"include_usage": True}
+
+
+# ------------------------------------------------------------------------------------------ robustness
+
+async def test_429_is_retried_after_the_servers_retry_after(standin):
+    url, record = standin.endpoint("rate_limited")
+    async with client_for(url) as client:
+        started = time.monotonic()
+        result = await client.generate(None, "hi")
+    assert result.text == "echo[0]: hi"
+    assert record.count == 2
+    assert time.monotonic() - started >= 0.95  # Retry-After: 1, not the 10 ms backoff
+
+
+async def test_a_retry_after_longer_than_we_wait_raises_overloaded(standin):
+    url, record = standin.endpoint("retry_after_long")
+    async with client_for(url) as client:
+        with pytest.raises(OverloadedError) as info:
+            await client.generate(None, "hi")
+    assert info.value.status == 429 and info.value.retry_after == 3600
+    assert record.count == 1
+
+
+async def test_500_is_retried(standin):
+    url, record = standin.endpoint("flaky")
+    async with client_for(url) as client:
+        async with client.stream(None, "hi") as stream:  # also before a stream's first byte
+            assert [d async for d in stream] == ["echo[0]:", " hi"]
+    assert record.count == 2
+
+
+async def test_retries_are_bounded(standin):
+    url, record = standin.endpoint("always_502")
+    async with client_for(url, max_retries=2) as client:
+        with pytest.raises(ServerError) as info:
+            await client.generate(None, "hi")
+    assert info.value.status == 502 and "bad gateway" in info.value.message
+    assert record.count == 3
+    url, record = standin.endpoint("always_502")
+    async with client_for(url, max_retries=0) as client:
+        with pytest.raises(ServerError):
+            await client.generate(None, "hi")
+    assert record.count == 1
+
+
+@pytest.mark.parametrize("scenario, error, status, text", [
+    ("unauthorized", AuthenticationError, 401, "Incorrect API key"),
+    ("bad_param", UnsupportedParameterError, 400, "Unrecognized request argument"),
+    ("context", ContextLengthExceededError, 400, "maximum context length"),
+])
+async def test_error_bodies_become_our_error_classes(standin, scenario, error, status, text):
+    url, record = standin.endpoint(scenario)
+    async with client_for(url) as client:
+        with pytest.raises(error, match=text) as info:
+            await client.generate(None, "hi")
+        assert info.value.status == status
+        with pytest.raises(error):
+            async with client.stream(None, "hi"):
+                pass
+    assert record.count == 2  # 4xx are not retried
+
+
+async def test_a_wrong_path_says_so(standin):
+    url, _ = standin.endpoint("ok")
+    async with client_for(url.removesuffix("/v1")) as client:
+        with pytest.raises(NotFoundError, match="missing '/v1'"):
+            await client.generate(None, "hi")
+
+
+async def test_a_stream_that_breaks_midway_raises_and_is_not_retried(standin):
+    url, record = standin.endpoint("midstream")
+    received = []
+    async with client_for(url, max_retries=3) as client:
+        with pytest.raises(APIConnectionError):
+            async with client.stream(None, "hi") as stream:
+                async for delta in stream:
+                    received.append(delta)
+    assert received == ["partial", " answer"]
+    assert stream.text == "partial answer" and stream.result is None
+    assert record.count == 1
+
+
+async def test_a_slow_server_times_out(standin):
+    url, record = standin.endpoint("slow")
+    async with client_for(url, timeout=0.3, max_retries=2) as client:
+        started = time.monotonic()
+        with pytest.raises(APITimeoutError, match="timed out"):
+            await client.generate(None, "hi")
+    assert time.monotonic() - started < 1.5
+    assert record.count == 1  # a read timeout may have started work: never retried
+
+
+async def test_connection_refused_is_retried_then_raised(free_port):
+    async with client_for(f"http://127.0.0.1:{free_port}/v1", max_retries=2) as client:
+        started = time.monotonic()
+        with pytest.raises(APIConnectionError, match="after 2 retries") as info:
+            await client.generate(None, "hi")
+    assert not isinstance(info.value, APITimeoutError)
+    assert time.monotonic() - started < 2
+
+
+# httpx leaves its inner body generators to the garbage collector when a stream is closed before its end;
+# trio reports them as unraisable ResourceWarnings. The connection itself is closed (asserted below).
+_httpx_generators_collected = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+@_httpx_generators_collected
+async def test_leaving_a_stream_early_closes_the_connection(standin):
+    url, record = standin.endpoint("endless")
+    async with client_for(url) as client:
+        async with client.stream(None, "go") as stream:
+            async for delta in stream:
+                if delta == "tok2 ":
+                    break
+        assert stream.text == "tok0 tok1 tok2 " and stream.result is None
+        assert await anyio.to_thread.run_sync(record.stream_closed.wait, 5)
+    assert record.chunks_sent < 100
+
+
+@_httpx_generators_collected
+async def test_cancelling_a_stream_closes_the_connection(standin):
+    url, record = standin.endpoint("endless")
+    async with client_for(url) as client:
+        with anyio.move_on_after(0.3) as scope:
+            async with client.stream(None, "go") as stream:
+                async for _ in stream:
+                    pass
+        assert scope.cancelled_caught
+        assert await anyio.to_thread.run_sync(record.stream_closed.wait, 5)
+        # the client is still usable afterwards
+        url_ok, _ = standin.endpoint("ok")
+    async with client_for(url_ok) as client:
+        assert (await client.generate(None, "again")).text == "echo[0]: again"
+
+
+async def test_cancelling_generate_returns_promptly(standin):
+    url, _ = standin.endpoint("slow")
+    async with client_for(url) as client:
+        started = time.monotonic()
+        with anyio.move_on_after(0.2):
+            await client.generate(None, "hi")
+        assert time.monotonic() - started < 1.0
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+async def test_map_bounds_concurrency_keeps_order_and_records_failures(standin):
+    url, record = standin.endpoint("concurrent")
+    items = [(None, f"question {i}") for i in range(8)]
+    items[3] = ([b"garbage"], "broken")
+    items.append({"prompt": "as a dict", "max_tokens": 2})
+    items.append({"messages": [{"role": "user", "content": "as messages"}]})
+    async with client_for(url) as client:
+        results = await client.map(items, concurrency=3, max_tokens=4)
+    assert isinstance(results[3], InvalidImageError)
+    texts = [r.text for i, r in enumerate(results) if i != 3]
+    assert texts == [f"echo[0]: question {i}" for i in range(8) if i != 3] + \
+        ["echo[0]: as a dict", "echo[0]: as messages"]
+    assert record.count == 9
+    assert record.max_in_flight == 3
+    assert [b.get("max_tokens") for b in record.bodies].count(2) == 1
+    with pytest.raises(ValueError, match="concurrency"):
+        await client_for(url).map(items, concurrency=0)
+
+
+async def test_a_closed_client_says_so(standin):
+    url, _ = standin.endpoint("ok")
+    client = client_for(url)
+    await client.aclose()
+    await client.aclose()  # idempotent
+    with pytest.raises(LlavaNextError, match="closed"):
+        await client.generate(None, "hi")
+
+
+@pytest.fixture
+def free_port():
+    """A loopback port with nothing listening on it."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
