@@ -99,6 +99,9 @@ def llava_next_before_generate(request_id: str, request: dict) -> None:
 def llava_next_after_generate(request_id: str, result: dict) -> None:
     """Observe a request when it ends, successfully or not.
 
+    Called by the engine once per request when it finishes, fails or is cancelled, on the engine's
+    thread: keep it quick.
+
     :param request_id: the engine's id for the request.
     :param result: ``{"finish_reason", "prompt_tokens", "completion_tokens", "image_tokens",
         "queue_seconds", "time_to_first_token", "total_seconds", "error"}`` (``error`` is ``None``
