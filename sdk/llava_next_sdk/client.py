@@ -298,7 +298,7 @@ class TextStream:
     async def __aexit__(self, *exc: Any) -> Any:
         try:
             aclose = getattr(self._items, "aclose", None)
-            if aclose is not None and self.result is None:
+            if aclose is not None:  # an async generator left suspended must not wait for the GC
                 with anyio.CancelScope(shield=True):
                     await aclose()
         finally:
@@ -467,7 +467,7 @@ class SyncTextStream:
         kind, value = self._queue.get()
         if kind == "error":
             self._finished = True
-            if isinstance(value, (asyncio.CancelledError, anyio.get_cancelled_exc_class())):
+            if isinstance(value, asyncio.CancelledError):  # the pump runs on our asyncio loop
                 raise LlavaNextError("the stream was cancelled")
             raise value
         return kind, value

@@ -1,0 +1,156 @@
+"""The sync ``Client`` twin, the light import, and the transport seam."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+
+import anyio
+import pytest
+from PIL import Image
+
+from llava_next_sdk import (
+    AsyncClient,
+    AsyncTransport,
+    AuthenticationError,
+    Client,
+    GenerationResult,
+    InvalidImageError,
+    LlavaNextError,
+    Usage,
+)
+from llava_next_sdk.hookspecs import hookimpl
+from llava_next_sdk.plugins import get_plugin_manager
+
+
+def test_the_sync_client_generates_streams_and_maps(standin):
+    url, record = standin.endpoint("ok")
+    with Client(base_url=url, model="standin-model", api_key="k") as client:
+        assert client.generate(Image.new("RGB", (4, 4)), "hello", max_tokens=3).text == "echo[1]: hello"
+        with client.stream(None, "one two") as stream:
+            assert list(stream) == ["echo[0]:", " one", " two"]
+        assert stream.result.finish_reason == "stop" and stream.usage.prompt_tokens == 7
+        results = client.map([(None, "a"), ([b"junk"], "b"), "c"], concurrency=2)
+        assert [getattr(r, "text", None) for r in results] == ["echo[0]: a", None, "echo[0]: c"]
+        assert isinstance(results[1], InvalidImageError)
+        assert client.chat([{"role": "user", "content": "hi"}]).text == "echo[0]: hi"
+    assert record.count == 5
+    client.close()  # idempotent
+
+
+def test_the_sync_client_raises_the_same_errors(standin):
+    url, _ = standin.endpoint("unauthorized")
+    with Client(base_url=url, model="m") as client:
+        with pytest.raises(AuthenticationError):
+            client.generate(None, "hi")
+        with pytest.raises(AuthenticationError):
+            with client.stream(None, "hi"):
+                pass
+
+
+def test_leaving_a_sync_stream_early_closes_the_connection(standin):
+    url, record = standin.endpoint("endless")
+    with Client(base_url=url, model="m") as client:
+        with client.stream(None, "go") as stream:
+            for delta in stream:
+                if delta == "tok1 ":
+                    break
+        assert record.stream_closed.wait(5)
+        assert stream.result is None and stream.text.startswith("tok0 tok1 ")
+
+
+def test_the_sync_client_works_inside_a_running_event_loop(standin):
+    """As in Jupyter, where the cell already runs inside an asyncio loop."""
+    url, _ = standin.endpoint("ok")
+
+    async def notebook_cell() -> str:
+        with Client(base_url=url, model="m") as client:
+            return client.generate(None, "from a cell").text
+
+    assert asyncio.run(notebook_cell()) == "echo[0]: from a cell"
+
+
+def test_closing_the_sync_client_stops_its_thread(standin):
+    url, _ = standin.endpoint("ok")
+    before = {t.name for t in threading.enumerate()}
+    client = Client(base_url=url, model="m")
+    client.generate(None, "x")
+    client.close()
+    assert [t for t in threading.enumerate() if t.name == "llava-next-sdk-loop" and t.name not in before] == []
+
+
+def test_importing_the_sdk_and_a_remote_client_loads_neither_torch_nor_transformers():
+    code = ("import sys, llava_next_sdk\n"
+            "client = llava_next_sdk.AsyncClient(base_url='http://127.0.0.1:9/v1', model='m')\n"
+            "sync = llava_next_sdk.Client(base_url='http://127.0.0.1:9/v1', model='m'); sync.close()\n"
+            "heavy = sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules)\n"
+            "print(','.join(heavy) or 'light')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "light"
+
+
+def test_a_client_needs_a_model_or_a_base_url():
+    with pytest.raises(TypeError, match="model=.*base_url="):
+        AsyncClient()
+    with pytest.raises(TypeError, match="unknown option.*device"):
+        AsyncClient(base_url="http://127.0.0.1:9/v1", device="cuda")
+    with pytest.raises(LlavaNextError, match="no transport serves 'ftp://x'"):
+        AsyncClient(base_url="ftp://x")
+
+
+class EchoTransport:
+    """A transport plugin of our own: proves the client only talks to the seam."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.closed = False
+
+    async def generate(self, request):
+        return GenerationResult(f"{self.url}: {request.messages[-1].text}", "stop", Usage(1, 1))
+
+    def stream(self, request):
+        transport = self
+
+        class Items:
+            async def __aenter__(self):
+                async def items():
+                    for word in ("a", "b"):
+                        yield word
+                    yield await transport.generate(request)
+                return items()
+
+            async def __aexit__(self, *exc):
+                return None
+
+        return Items()
+
+    async def aclose(self):
+        self.closed = True
+
+
+class EchoPlugin:
+    @hookimpl
+    def llava_next_sdk_transport(self, url, options):
+        return EchoTransport(url) if url.startswith("echo:") else None
+
+
+@pytest.mark.anyio
+async def test_a_plugin_transport_is_picked_by_url_scheme():
+    plugin = EchoPlugin()
+    manager = get_plugin_manager()
+    manager.register(plugin)
+    try:
+        async with AsyncClient(base_url="echo://there") as client:
+            assert isinstance(client.transport, AsyncTransport)
+            assert (await client.generate(None, "hi")).text == "echo://there: hi"
+            async with client.stream(None, "x") as stream:
+                assert [d async for d in stream] == ["a", "b"]
+            assert stream.result.text == "echo://there: x"
+        assert client.transport.closed
+    finally:
+        manager.unregister(plugin)

@@ -1,0 +1,252 @@
+"""The Chat Completions wire format: what the server and the HTTP transport both rely on."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import openai.types.chat as openai_chat
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llava_next_sdk import wire
+from llava_next_sdk.errors import (
+    AuthenticationError,
+    BadRequestError,
+    ContextLengthExceededError,
+    InvalidImageError,
+    OverloadedError,
+    ServerError,
+    UnsupportedParameterError,
+)
+from llava_next_sdk.types import (
+    ChatMessage,
+    ChatRequest,
+    GenerationParams,
+    GenerationResult,
+    ImagePart,
+    TextPart,
+    Timings,
+    Usage,
+)
+
+PNG_1PX = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC")
+
+
+def user_request(*parts, **params) -> ChatRequest:
+    return ChatRequest((ChatMessage("user", parts),), GenerationParams(**params))
+
+
+# ------------------------------------------------------------------------------------------ requests
+
+def test_a_request_survives_the_round_trip():
+    request = ChatRequest(
+        (ChatMessage("system", "Be brief."),
+         ChatMessage("user", (ImagePart(data=PNG_1PX), TextPart("What is this?"),
+                              ImagePart(url="https://example.com/a.jpg")))),
+        GenerationParams(max_tokens=7, temperature=0.0, top_p=0.9, stop=("\n", "END"), seed=1))
+    body = wire.build_chat_request(request, model="tiny", stream=True)
+    assert body["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert body["messages"][1]["content"][0] == {
+        "type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(PNG_1PX).decode()}}
+    assert body["stream_options"] == {"include_usage": True}
+    parsed = wire.parse_chat_request(json.loads(json.dumps(body)))
+    assert parsed.stream and parsed.include_usage
+    assert parsed.request.params == request.params
+    assert parsed.request.model == "tiny"
+    assert parsed.request.messages[0] == request.messages[0]
+    assert parsed.request.images[0].url == request.images[0].as_url()
+    assert parsed.request.images[1].url == "https://example.com/a.jpg"
+    assert wire.decode_data_url(parsed.request.images[0].url) == ("image/png", PNG_1PX)
+
+
+def test_openai_aliases_are_understood():
+    parsed = wire.parse_chat_request({
+        "model": "m", "max_completion_tokens": 5, "n": 1, "user": "someone",
+        "messages": [{"role": "developer", "content": [{"type": "text", "text": "sys"}]},
+                     {"role": "user", "content": [{"type": "image_url", "image_url": "https://x.org/i.png"},
+                                                  {"type": "text", "text": "hi"}]}]})
+    assert parsed.request.params.max_tokens == 5
+    assert parsed.request.messages[0].role == "system"
+    assert parsed.request.images[0].url == "https://x.org/i.png"
+    assert not parsed.stream
+
+
+@pytest.mark.parametrize("body, error, match", [
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {}, "tools": []}, UnsupportedParameterError,
+     "logit_bias, tools"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, UnsupportedParameterError, "only n=1"),
+    ({"messages": []}, BadRequestError, "non-empty list"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, BadRequestError, "unsupported role 'tool'"),
+    ({"messages": [{"role": "user", "content": 3}]}, BadRequestError, "'content' must be"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, BadRequestError,
+     "unsupported content part type 'input_audio'"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, InvalidImageError,
+     "image 0"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, BadRequestError, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, BadRequestError,
+     "at most 4"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, BadRequestError, "'stream'"),
+    ([1, 2], BadRequestError, "JSON object"),
+])
+def test_bad_request_bodies_get_clear_typed_errors(body, error, match):
+    with pytest.raises(error, match=match):
+        wire.parse_chat_request(body)
+
+
+def test_unsupported_parameter_error_names_the_parameter():
+    with pytest.raises(UnsupportedParameterError) as info:
+        wire.parse_chat_request({"messages": [{"role": "user", "content": "x"}], "presence_penalty": 1})
+    assert info.value.param == "presence_penalty" and info.value.status == 400
+    assert wire.build_error_body(info.value)["error"]["code"] == "unsupported_parameter"
+
+
+# ------------------------------------------------------------------------------------------ responses
+
+RESULT = GenerationResult("A cat.", "stop", Usage(1200, 3, 1176), Timings(0.01, 0.2, 1.5))
+
+
+def test_a_response_survives_the_round_trip_and_is_valid_for_the_openai_client():
+    body = wire.build_chat_response(RESULT, request_id="chatcmpl-1", model="tiny", created=5)
+    completion = openai_chat.ChatCompletion.model_validate(body)
+    assert completion.choices[0].message.content == "A cat."
+    assert completion.usage.prompt_tokens == 1200 and completion.usage.total_tokens == 1203
+    parsed = wire.parse_chat_response(json.loads(json.dumps(body)))
+    assert (parsed.text, parsed.finish_reason, parsed.usage, parsed.timings) == \
+        (RESULT.text, RESULT.finish_reason, RESULT.usage, RESULT.timings)
+    assert parsed.id == "chatcmpl-1" and parsed.model == "tiny"
+
+
+def test_a_third_party_response_without_our_extensions_parses():
+    parsed = wire.parse_chat_response({"id": "x", "choices": [{"message": {"content": "hi"}, "finish_reason": "length"}],
+                                       "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+    assert parsed.usage == Usage(3, 1, None) and parsed.timings == Timings()
+
+
+@pytest.mark.parametrize("body", [{}, {"choices": []}, {"choices": [{"message": {"content": 5}}]}, "text"])
+def test_a_malformed_response_is_a_server_error(body):
+    with pytest.raises(ServerError, match="malformed"):
+        wire.parse_chat_response(body)
+
+
+def test_stream_chunks_are_valid_for_the_openai_client_and_parse_back():
+    common = {"request_id": "chatcmpl-1", "model": "tiny", "created": 5}
+    chunks = [wire.build_stream_chunk(role="assistant", delta="", **common),
+              wire.build_stream_chunk(delta="A", **common),
+              wire.build_stream_chunk(delta=" cat.", **common),
+              wire.build_stream_chunk(finish_reason="stop", **common),
+              wire.build_stream_chunk(usage=RESULT.usage, timings=RESULT.timings, **common)]
+    for chunk in chunks:
+        openai_chat.ChatCompletionChunk.model_validate(chunk)
+    assert chunks[-1]["choices"] == []
+    parsed = [wire.parse_stream_chunk(c) for c in chunks]
+    assert "".join(p.delta for p in parsed) == "A cat."
+    assert parsed[3].finish_reason == "stop"
+    assert parsed[4].usage == RESULT.usage and parsed[4].timings == RESULT.timings
+
+
+def test_an_error_chunk_raises_its_error_class():
+    error = ContextLengthExceededError("too long", param="messages")
+    with pytest.raises(ContextLengthExceededError, match="too long"):
+        wire.parse_stream_chunk(wire.build_error_body(error))
+
+
+@settings(max_examples=60, deadline=None)
+@given(texts=st.lists(st.text(), min_size=1, max_size=5), cuts=st.lists(st.integers(0, 400), max_size=6),
+       crlf=st.booleans())
+def test_sse_events_decode_whatever_the_chunking(texts, cuts, crlf):
+    events = [{"delta": t} for t in texts]
+    raw = b"".join(wire.encode_sse(e) for e in events) + wire.SSE_DONE
+    if crlf:
+        raw = raw.replace(b"\n", b"\r\n")
+    decoder, decoded, start = wire.SSEDecoder(), [], 0
+    for cut in sorted(cuts) + [len(raw)]:
+        decoded += decoder.feed(raw[start:cut])
+        start = max(start, cut)
+    decoded += decoder.end()
+    assert decoded[-1] == "[DONE]"
+    assert [json.loads(d) for d in decoded[:-1]] == events
+
+
+def test_sse_comments_and_other_fields_are_ignored():
+    decoder = wire.SSEDecoder()
+    assert decoder.feed(b": keep-alive\n\nevent: message\nid: 3\ndata: a\ndata: b\n\ndata: tail") == ["a\nb"]
+    assert decoder.end() == ["tail"]
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+@pytest.mark.parametrize("status, content, error", [
+    (401, b'{"error": {"message": "bad key", "type": "invalid_request_error", "code": "invalid_api_key"}}',
+     AuthenticationError),
+    (400, b'{"error": {"message": "context length is 4096", "code": null}}', ContextLengthExceededError),
+    (429, "slow down", OverloadedError),
+    (503, b"", OverloadedError),
+    (502, b"<html>bad gateway</html>", ServerError),
+])
+def test_error_responses_map_to_classes(status, content, error):
+    err = wire.parse_error(status, content, request_id="req-1", retry_after=2.0)
+    assert type(err) is error
+    assert err.status == status and err.request_id == "req-1"
+    assert err.message
+
+
+def test_our_error_bodies_come_back_as_the_same_class():
+    for original in (InvalidImageError("cannot decode", index=2), UnsupportedParameterError("no", param="x"),
+                     OverloadedError("queue full"), AuthenticationError("no key")):
+        body = json.dumps(wire.build_error_body(original)).encode()
+        back = wire.parse_error(original.status, body)
+        assert type(back) is type(original) and back.message == original.message
+
+
+def test_retry_after_reads_seconds_and_dates():
+    assert wire.parse_retry_after("2") == 2.0
+    assert wire.parse_retry_after("0.5") == 0.5
+    assert wire.parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT", now=1445412480.0) == 10.0
+    assert wire.parse_retry_after("Wed, 21 Oct 2015 07:28:10 GMT") == 0.0  # in the past
+    assert wire.parse_retry_after("soon") is None and wire.parse_retry_after(None) is None
+
+
+@pytest.mark.parametrize("url, match", [
+    ("https://example.com/x.png", "not a data URL"),
+    ("data:text/plain;base64,aGk=", "not an image"),
+    ("data:image/png,rawbytes", "base64-encoded"),
+    ("data:image/png;base64,@@@", "corrupt"),
+    ("data:image/png;base64,", "no data"),
+])
+def test_bad_data_urls_are_invalid_images(url, match):
+    with pytest.raises(InvalidImageError, match=match) as info:
+        wire.decode_data_url(url, index=4)
+    assert info.value.index == 4
+
+
+# ------------------------------------------------------------------------------------------ types
+
+@pytest.mark.parametrize("params, param", [
+    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 2.5}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
+    ({"temperature": -1}, "temperature"), ({"temperature": 2.5}, "temperature"),
+    ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"stop": [""]}, "stop"), ({"stop": 3}, "stop"), ({"seed": "x"}, "seed"),
+])
+def test_generation_params_reject_bad_values_naming_them(params, param):
+    with pytest.raises(BadRequestError) as info:
+        GenerationParams(**params)
+    assert info.value.param == param and param in info.value.message
+
+
+def test_generation_params_normalise_and_merge():
+    params = GenerationParams.from_kwargs({"stop": "END", "temperature": 0})
+    assert params.stop == ("END",) and params.temperature == 0.0
+    assert params.merged(max_tokens=4, temperature=None).to_dict() == {"max_tokens": 4, "temperature": 0.0,
+                                                                       "stop": ["END"]}
+    with pytest.raises(UnsupportedParameterError, match="top_k"):
+        params.merged(top_k=5)
+
+
+def test_an_image_part_holds_exactly_one_source():
+    with pytest.raises(BadRequestError):
+        ImagePart()
+    with pytest.raises(BadRequestError):
+        ImagePart(url="https://x.org/a.png", data=b"x")
+    assert ImagePart(data=b"\x01", media_type="image/jpeg").as_url() == "data:image/jpeg;base64,AQ=="
