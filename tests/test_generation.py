@@ -1,0 +1,180 @@
+"""generate() and the loading options users rely on, each against transformers' own class where it applies."""
+
+from __future__ import annotations
+
+import importlib.util
+import threading
+
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    BitsAndBytesConfig,
+    LlavaNextProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
+from transformers.models.llava_next.modeling_llava_next import (
+    LlavaNextForConditionalGeneration as ReferenceForConditionalGeneration,
+)
+
+import checkpoints
+from llava_next_plugin.modeling import LlavaNextForConditionalGeneration
+
+NEW_TOKENS = 5
+
+
+def _photo(size=(90, 60)) -> Image.Image:
+    return checkpoints.real_photo("chelsea.png").convert("RGB").resize(size)
+
+
+def _inputs(folder):
+    processor = LlavaNextProcessor.from_pretrained(folder)
+    processor.tokenizer.padding_side = "left"
+    return processor, processor(
+        images=[_photo(), _photo((40, 110))],
+        text=["[INST] <image>\nWhat is this? [/INST]", "[INST] <image>\nHi [/INST]"],
+        padding=True,
+        return_tensors="pt",
+    )
+
+
+def _new_tokens(output, inputs) -> torch.Tensor:
+    sequences = output.sequences if hasattr(output, "sequences") else output
+    return sequences[:, inputs["input_ids"].shape[1]:]
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_checkpoint):
+    ours = LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    reference = ReferenceForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    processor, inputs = _inputs(tiny_checkpoint)
+    return processor, inputs, ours, reference
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tiny_checkpoint_factory):
+    """Every linear layer has 64+ features, so bitsandbytes 4-bit runs on CPU."""
+    return tiny_checkpoint_factory(width=64, vision_width=64)
+
+
+def _generate(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=NEW_TOKENS, **kwargs)
+
+
+def test_sampling_with_the_same_seed_matches_reference(pair):
+    _, inputs, ours, reference = pair
+    kwargs = dict(do_sample=True, temperature=0.9, top_k=50, top_p=0.95)
+    torch.manual_seed(123)
+    mine = _generate(ours, inputs, **kwargs)
+    torch.manual_seed(123)
+    theirs = _generate(reference, inputs, **kwargs)
+    assert torch.equal(mine, theirs)
+
+
+def test_beam_search_matches_reference(pair):
+    _, inputs, ours, reference = pair
+    kwargs = dict(num_beams=3, do_sample=False, num_return_sequences=2)
+    mine, theirs = _generate(ours, inputs, **kwargs), _generate(reference, inputs, **kwargs)
+    assert mine.shape[0] == 4
+    assert torch.equal(mine, theirs)
+
+
+class StopAfter(StoppingCriteria):
+    def __init__(self, prompt_length: int, n: int):
+        self.prompt_length, self.n = prompt_length, n
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = input_ids.shape[1] - self.prompt_length >= self.n
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
+
+
+def test_stopping_criteria_stop_generation(pair):
+    _, inputs, ours, _ = pair
+    criteria = StoppingCriteriaList([StopAfter(inputs["input_ids"].shape[1], 2)])
+    out = _generate(ours, inputs, do_sample=False, stopping_criteria=criteria)
+    assert _new_tokens(out, inputs).shape[1] == 2
+
+
+def test_text_iterator_streamer_yields_the_generated_text(tiny_checkpoint):
+    processor, _ = _inputs(tiny_checkpoint)
+    model = LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    single = processor(images=[_photo()], text=["[INST] <image>\nWhat is this? [/INST]"], return_tensors="pt")
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=60)
+    result = {}
+    thread = threading.Thread(
+        target=lambda: result.update(out=_generate(model, single, do_sample=False, streamer=streamer))
+    )
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join()
+    expected = processor.tokenizer.decode(_new_tokens(result["out"], single)[0], skip_special_tokens=True)
+    assert streamed.strip() == expected.strip()
+
+
+def test_static_cache_gives_the_same_tokens_as_the_dynamic_cache(pair):
+    _, inputs, ours, reference = pair
+    dynamic = _generate(ours, inputs, do_sample=False)
+    static = _generate(ours, inputs, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, dynamic)
+    assert torch.equal(static, _generate(reference, inputs, do_sample=False, cache_implementation="static"))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_attention_implementations_match_reference(tiny_checkpoint, attn):
+    ours = LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation=attn)
+    reference = ReferenceForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation=attn)
+    assert ours.model.language_model.config._attn_implementation == attn
+    _, inputs = _inputs(tiny_checkpoint)
+    with torch.no_grad():
+        mine, theirs = ours(**inputs).logits, reference(**inputs).logits
+    mask = inputs["attention_mask"].bool()
+    assert (mine - theirs).abs()[mask].max() <= 1e-4
+
+
+def test_flash_attention_2_without_flash_attn_is_a_clear_error(tiny_checkpoint):
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ImportError, match="FlashAttention2.*not.*installed"):
+            LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint, attn_implementation="flash_attention_2")
+    else:  # with flash-attn installed, loading selects it for the language model
+        model = LlavaNextForConditionalGeneration.from_pretrained(
+            tiny_checkpoint, attn_implementation="flash_attention_2", dtype=torch.bfloat16
+        )
+        assert model.model.language_model.config._attn_implementation == "flash_attention_2"
+
+
+def test_dtype_bfloat16_generates(pair, tiny_checkpoint):
+    _, inputs, _, _ = pair
+    model = LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    reference = ReferenceForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16)
+    assert torch.equal(_generate(model, inputs, do_sample=False), _generate(reference, inputs, do_sample=False))
+
+
+def test_device_map_auto_offloads_and_generates_the_same_tokens(pair, tiny_checkpoint, tmp_path):
+    _, inputs, ours, _ = pair
+    # A memory budget too small for the whole model: accelerate splits it between CPU and disk.
+    model = LlavaNextForConditionalGeneration.from_pretrained(
+        tiny_checkpoint, device_map="auto", max_memory={"cpu": "12MB"}, offload_folder=str(tmp_path)
+    )
+    assert set(model.hf_device_map.values()) == {"cpu", "disk"}
+    assert torch.equal(_generate(model, inputs, do_sample=False), _generate(ours, inputs, do_sample=False))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bitsandbytes_quantization_matches_reference(wide_checkpoint, bits):
+    quantization = BitsAndBytesConfig(**{f"load_in_{bits}bit": True})
+    ours = LlavaNextForConditionalGeneration.from_pretrained(wide_checkpoint, quantization_config=quantization)
+    reference = ReferenceForConditionalGeneration.from_pretrained(wide_checkpoint, quantization_config=quantization)
+    quantized = type(ours.model.language_model.layers[0].self_attn.q_proj).__name__
+    assert quantized == ("Linear4bit" if bits == 4 else "Linear8bitLt")
+    _, inputs = _inputs(wide_checkpoint)
+    with torch.no_grad():
+        mine, theirs = ours(**inputs).logits, reference(**inputs).logits
+    assert torch.isfinite(mine).all()
+    mask = inputs["attention_mask"].bool()
+    assert (mine - theirs).abs()[mask].max() <= 1e-4
+    out = _generate(ours, inputs, do_sample=False)
+    assert _new_tokens(out, inputs).shape == (2, NEW_TOKENS)
