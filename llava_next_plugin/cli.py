@@ -142,18 +142,17 @@ def _load_images(sources: Sequence[Any]) -> list:
     """Read every image up front, so bad input fails before a model is loaded."""
     from llava_next_sdk.errors import InvalidImageError
 
-    from .pipeline import load_image
+    from .images import load_image
 
     images = []
     for index, source in enumerate(sources):
-        if isinstance(source, str) and not source.startswith(("http://", "https://")) and not Path(source).is_file():
-            raise CommandError(f"image {index}: no such file {source!r}")
+        if "://" not in source and not Path(source).is_file():
+            what = "is a folder, not an image file" if Path(source).is_dir() else "does not exist"
+            raise CommandError(f"image {index}: {source!r} {what}")
         try:
-            images.append(load_image(source, timeout=10.0))
+            images.append(load_image(source, index))
         except InvalidImageError as exc:
-            raise CommandError(f"image {index} ({source}): {exc.message}") from exc
-        except Exception as exc:
-            raise CommandError(f"image {index}: cannot read {source!r} as an image: {_first_line(exc)}") from exc
+            raise CommandError(exc.message) from exc
     return images
 
 

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 import torch
 from transformers import Pipeline
 
-from llava_next_sdk.errors import BadRequestError, InvalidImageError
+from llava_next_sdk.errors import BadRequestError
 
 __all__ = ["LlavaNextImageToTextPipeline", "DEFAULT_PROMPT", "DEFAULT_MAX_NEW_TOKENS"]
 
@@ -256,20 +256,17 @@ class LlavaNextImageToTextPipeline(Pipeline):
 
     # --- images and prompts -------------------------------------------------------------------
     def _load_image(self, source: Any, index: int):
-        try:
-            return load_image(source, timeout=self.timeout)
-        except InvalidImageError as exc:
-            if exc.index is None:
-                raise InvalidImageError(exc.message, index=index) from exc
-            raise
-        except (OSError, ValueError) as exc:
-            raise InvalidImageError(f"could not read {_describe(source)}: {exc}", index=index) from exc
+        from .images import load_image
+
+        return load_image(source, index, timeout=self.timeout)
 
     def _format(self, request: _Request) -> str:
         """The model-ready prompt string for one request."""
+        from .prompts import build_prompt
+
         if request.messages is not None:
-            return build_prompt(self.processor, messages=request.messages, family=self.prompt_family,
-                                config=self.model.config)
+            return build_prompt(request.messages, self.processor, self.model.config, family=self.prompt_family,
+                                num_images=len(request.images))
         text = self.default_prompt if request.prompt is None else request.prompt
         if not isinstance(text, str):
             raise BadRequestError(f"the prompt must be a string or chat messages, got {type(text).__name__}")
@@ -279,126 +276,6 @@ class LlavaNextImageToTextPipeline(Pipeline):
                 f"the prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(request.images)} "
                 f"image(s) were given: give one image per placeholder, or remove the extra placeholders"
             )
-        return build_prompt(self.processor, text=text, num_images=len(request.images), family=self.prompt_family,
-                            config=self.model.config)
+        return build_prompt(text, self.processor, self.model.config, family=self.prompt_family,
+                            num_images=len(request.images))
 
-
-def _describe(source: Any) -> str:
-    if isinstance(source, (str, os.PathLike)):
-        return repr(os.fspath(source))
-    if isinstance(source, (bytes, bytearray)):
-        return f"{len(source)} bytes"
-    return type(source).__name__
-
-
-# --- interim stand-ins until images.py / prompts.py land (removed then) ---------------------------
-def load_image(source: Any, timeout: float):
-    import io
-
-    from PIL import Image
-
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
-    if isinstance(source, (bytes, bytearray)):
-        return Image.open(io.BytesIO(source)).convert("RGB")
-    if isinstance(source, str) and source.startswith(("http://", "https://")):
-        import httpx
-
-        return Image.open(io.BytesIO(httpx.get(source, timeout=timeout, follow_redirects=True).content)).convert("RGB")
-    if isinstance(source, (str, os.PathLike)):
-        with Image.open(source) as image:
-            return image.convert("RGB")
-    raise InvalidImageError(f"unsupported image source {type(source).__name__}")
-
-
-_FORMATTED_MARKERS = ("[INST]", "USER:", "<|im_start|>", "<|start_header_id|>")
-
-
-def build_prompt(processor: Any, *, text: str | None = None, messages: list | None = None, num_images: int = 0,
-                 family: str | None = None, config: Any = None) -> str:
-    if messages is None:
-        if any(marker in text for marker in _FORMATTED_MARKERS):
-            return text
-        missing = num_images - text.count(IMAGE_PLACEHOLDER)
-        messages = [{"role": "user", "content": [{"type": "image"}] * missing + [{"type": "text", "text": text}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
-# --- routing "image-to-text" for llava_next (moves to registration.py once it lands) ---------------
-_ROUTED_MODEL_TYPE = "llava_next"
-_original_pipeline_factory = None
-
-
-def _model_type_of(model: Any, config: Any, hub_kwargs: dict) -> str | None:
-    """The ``model_type`` a ``pipeline(...)`` call will load, or ``None`` when it cannot be told."""
-    if config is not None and not isinstance(config, (str, os.PathLike)):
-        return getattr(config, "model_type", None)
-    if model is not None and not isinstance(model, (str, os.PathLike)):
-        return getattr(getattr(model, "config", None), "model_type", None)
-    source = config if config is not None else model
-    if source is None:
-        return None
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(source, **hub_kwargs).model_type
-    except Exception:  # not ours to judge: transformers reports a bad model its own way
-        return None
-
-
-def install_image_to_text_route() -> None:
-    """Make ``transformers.pipeline("image-to-text", model=<llava_next>)`` build our pipeline.
-
-    transformers 5 rewrites the task ``image-to-text`` to ``image-text-to-text`` before consulting
-    any registry (``pipelines._resolve_deprecated_task``), and the warning it logs there is itself
-    malformed. This wraps ``transformers.pipeline``: a call with that task whose model is of type
-    ``llava_next`` goes to transformers' factory as ``image-text-to-text`` with
-    ``pipeline_class=LlavaNextImageToTextPipeline`` (so no rewrite and no warning happen); every
-    other call reaches the original factory untouched. Undo with :func:`remove_image_to_text_route`.
-    """
-    global _original_pipeline_factory
-    import inspect
-
-    import transformers
-    import transformers.pipelines as pipelines
-
-    if _original_pipeline_factory is not None:
-        return
-    original = pipelines.pipeline
-    signature = inspect.signature(original)
-
-    def pipeline(*args: Any, **kwargs: Any):
-        try:
-            bound = signature.bind(*args, **kwargs)
-        except TypeError:
-            return original(*args, **kwargs)
-        arguments = bound.arguments
-        if arguments.get("task") != "image-to-text" or arguments.get("pipeline_class") is not None:
-            return original(*args, **kwargs)
-        hub_kwargs = {k: arguments[k] for k in ("revision", "token", "trust_remote_code") if arguments.get(k) is not None}
-        if _model_type_of(arguments.get("model"), arguments.get("config"), hub_kwargs) != _ROUTED_MODEL_TYPE:
-            return original(*args, **kwargs)
-        arguments["task"] = "image-text-to-text"
-        arguments["pipeline_class"] = LlavaNextImageToTextPipeline
-        pipe = original(*bound.args, **bound.kwargs)
-        pipe.task = "image-to-text"
-        return pipe
-
-    pipeline.__wrapped__ = original
-    pipeline.__doc__ = original.__doc__
-    _original_pipeline_factory = original
-    pipelines.pipeline = pipeline
-    transformers.pipeline = pipeline
-
-
-def remove_image_to_text_route() -> None:
-    """Give ``transformers.pipeline`` back its original factory."""
-    global _original_pipeline_factory
-    import transformers
-    import transformers.pipelines as pipelines
-
-    if _original_pipeline_factory is None:
-        return
-    pipelines.pipeline = _original_pipeline_factory
-    transformers.pipeline = _original_pipeline_factory
-    _original_pipeline_factory = None

@@ -334,5 +334,100 @@ _INSTALLERS: list[Callable[[], Callable[[], None]]] = [
 ]
 
 # === pipeline routing: the pipeline engineer appends its installer below =========================
-# def _install_pipeline_routes() -> Callable[[], None]: ...
-# _INSTALLERS.append(_install_pipeline_routes)
+# Patch 3: transformers 5 rewrites the task "image-to-text" to "image-text-to-text" before any registry
+# is consulted (pipelines._resolve_deprecated_task, whose warning is itself a logging error). The
+# wrapped ``transformers.pipeline`` sends "image-to-text" calls whose model is of type llava_next to
+# the factory as "image-text-to-text" with our pipeline class (so neither the rewrite nor its warning
+# happens); every other call reaches the original factory untouched.
+# Patch 4: ``transformers.utils.attention_visualizer.AttentionMaskVisualizer(<llava_next>)`` builds
+# our visualizer; any other model gets transformers' class, untouched.
+def _model_type_of(model: Any, config: Any = None, hub_kwargs: dict | None = None) -> str | None:
+    """The model type a checkpoint name/folder, config or loaded model is, or None when it can't be told."""
+    for candidate in (config, model):
+        if candidate is not None and not isinstance(candidate, (str, os.PathLike)):
+            found = getattr(candidate, "model_type", None) or getattr(getattr(candidate, "config", None),
+                                                                    "model_type", None)
+            if found:
+                return found
+    source = config if isinstance(config, (str, os.PathLike)) else model
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(os.fspath(source), **(hub_kwargs or {})).model_type
+    except Exception:  # noqa: BLE001 - transformers reports a bad model its own way
+        return None
+
+
+def _install_image_to_text_route() -> Callable[[], None]:
+    import inspect
+
+    import transformers
+    import transformers.pipelines as pipelines
+
+    original = pipelines.pipeline
+    signature = inspect.signature(original)
+
+    def pipeline(*args: Any, **kwargs: Any):
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return original(*args, **kwargs)
+        arguments = bound.arguments
+        if arguments.get("task") != "image-to-text" or arguments.get("pipeline_class") is not None:
+            return original(*args, **kwargs)
+        hub_kwargs = {k: arguments[k] for k in ("revision", "token") if arguments.get(k) is not None}
+        if _model_type_of(arguments.get("model"), arguments.get("config"), hub_kwargs) != MODEL_TYPE:
+            return original(*args, **kwargs)
+        from .pipeline import LlavaNextImageToTextPipeline
+
+        arguments["task"] = "image-text-to-text"
+        arguments["pipeline_class"] = LlavaNextImageToTextPipeline
+        pipe = original(*bound.args, **bound.kwargs)
+        pipe.task = "image-to-text"
+        return pipe
+
+    pipeline.__doc__ = original.__doc__
+    pipeline.__wrapped__ = original
+    had_attribute = "pipeline" in vars(transformers)
+    previous = vars(transformers).get("pipeline")
+    pipelines.pipeline = pipeline
+    transformers.pipeline = pipeline
+
+    def undo() -> None:
+        pipelines.pipeline = original
+        if had_attribute:
+            transformers.pipeline = previous
+        else:
+            vars(transformers).pop("pipeline", None)
+
+    return undo
+
+
+def _install_visualizer_route() -> Callable[[], None]:
+    from transformers.utils import attention_visualizer
+
+    original = attention_visualizer.AttentionMaskVisualizer
+
+    class AttentionMaskVisualizer(original):
+        __doc__ = original.__doc__
+
+        def __new__(cls, model_name: Any, *args: Any, **kwargs: Any):
+            if _model_type_of(model_name) == MODEL_TYPE:
+                from .visualizer import AttentionMaskVisualizer as ours
+
+                return ours(model_name, *args, **kwargs)  # not a cls instance: original __init__ is skipped
+            return super().__new__(cls)
+
+    attention_visualizer.AttentionMaskVisualizer = AttentionMaskVisualizer
+
+    def undo() -> None:
+        attention_visualizer.AttentionMaskVisualizer = original
+
+    return undo
+
+
+_INSTALLERS.append(_install_image_to_text_route)
+_INSTALLERS.append(_install_visualizer_route)
+# === end of pipeline routing ======================================================================

@@ -229,9 +229,9 @@ class AttentionMaskVisualizer:
 
     # --- pieces ---------------------------------------------------------------------------------
     def _templated(self, prompt: str) -> str:
-        from .pipeline import build_prompt
+        from .prompts import build_prompt
 
-        return build_prompt(self.processor, text=prompt, num_images=prompt.count("<image>"), config=self.config)
+        return build_prompt(prompt, self.processor, self.config, num_images=prompt.count("<image>"))
 
     def _geometry_config(self):
         """Our config (it knows the anyres geometry), also when the model came with transformers'."""
@@ -242,7 +242,7 @@ class AttentionMaskVisualizer:
         return LlavaNextConfig.from_dict(self.config.to_dict())
 
     def _images(self, images: Any, placeholders: int) -> list:
-        from .pipeline import load_image
+        from .images import load_image
 
         if images is None:
             return [_generated_image() for _ in range(placeholders)]
@@ -250,7 +250,7 @@ class AttentionMaskVisualizer:
         if len(sources) != placeholders:
             raise BadRequestError(f"the prompt(s) have {placeholders} <image> placeholder(s) but {len(sources)} "
                                   "image(s) were given: give one image per placeholder")
-        return [load_image(source, timeout=10.0) for source in sources]
+        return [load_image(source, index) for index, source in enumerate(sources)]
 
     def _model_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """bool ``[batch, seq, seq]``: the text backbone's own mask for this padding."""
@@ -342,202 +342,124 @@ def _png_label(label: str) -> str:
     return _short(label).replace("\u2581", " ")  # pillow's default font lacks sentencepiece's space mark
 
 
-class AnsiRenderer:
+def render_ansi(mask: MaskPicture) -> str:
     """Terminal text: one row per block, ``■`` full, ``◣`` partial (causal), ``⬚`` masked."""
-
-    @hookimpl(trylast=True)  # built-in: any third-party renderer of the same format wins
-    def llava_next_render_attention_mask(self, mask: MaskPicture, fmt: str) -> str | None:
-        if fmt != "ansi":
-            return None
-        c = _ANSI
-        lines = [f"{c['bold']}{mask.title}{c['reset']}",
-                 f"{_SYMBOLS[FULL]} attends   {_SYMBOLS[PARTIAL]} causal within the block   "
-                 f"{_SYMBOLS[EMPTY]} masked   {c['image']}yellow{c['reset']}: image tokens"]
-        if mask.sliding_window:
-            lines.append(f"sliding window: {mask.sliding_window} tokens")
-        for number, sequence in enumerate(mask.sequences):
-            blocks = sequence.blocks
-            width = min(_LABEL_WIDTH, max(len(_short(b.label)) for b in blocks))
-            digits = len(str(len(blocks) - 1))
-            lines.append("")
-            lines.append(f"sequence {number}: {len(sequence.tokens)} tokens in {len(blocks)} blocks")
-            for d in range(digits):  # column numbers, written vertically
-                header = " ".join(str(j).rjust(digits)[d] for j in range(len(blocks)))
-                lines.append(" " * (width + digits + 3) + header)
-            matrix = sequence.block_matrix()
-            for i, block in enumerate(blocks):
-                color = c.get(block.kind, "")
-                label = _short(block.label).ljust(width)
-                cells = []
-                for j, state in enumerate(matrix[i]):
-                    symbol = _SYMBOLS[state]
-                    if i == j and state != EMPTY:
-                        symbol = f"{c['diag']}{symbol}{c['reset']}"
-                    elif blocks[j].kind == "image" and state != EMPTY:
-                        symbol = f"{c['image']}{symbol}{c['reset']}"
-                    cells.append(symbol)
-                label_text = f"{color}{label}{c['reset']}" if color else label
-                lines.append(f"{label_text} {str(i).rjust(digits)}: {' '.join(cells)}")
-        return "\n".join(lines)
+    c = _ANSI
+    lines = [f"{c['bold']}{mask.title}{c['reset']}",
+             f"{_SYMBOLS[FULL]} attends   {_SYMBOLS[PARTIAL]} causal within the block   "
+             f"{_SYMBOLS[EMPTY]} masked   {c['image']}yellow{c['reset']}: image tokens"]
+    if mask.sliding_window:
+        lines.append(f"sliding window: {mask.sliding_window} tokens")
+    for number, sequence in enumerate(mask.sequences):
+        blocks = sequence.blocks
+        width = min(_LABEL_WIDTH, max(len(_short(b.label)) for b in blocks))
+        digits = len(str(len(blocks) - 1))
+        lines.append("")
+        lines.append(f"sequence {number}: {len(sequence.tokens)} tokens in {len(blocks)} blocks")
+        for d in range(digits):  # column numbers, written vertically
+            header = " ".join(str(j).rjust(digits)[d] for j in range(len(blocks)))
+            lines.append(" " * (width + digits + 3) + header)
+        matrix = sequence.block_matrix()
+        for i, block in enumerate(blocks):
+            color = c.get(block.kind, "")
+            label = _short(block.label).ljust(width)
+            cells = []
+            for j, state in enumerate(matrix[i]):
+                symbol = _SYMBOLS[state]
+                if i == j and state != EMPTY:
+                    symbol = f"{c['diag']}{symbol}{c['reset']}"
+                elif blocks[j].kind == "image" and state != EMPTY:
+                    symbol = f"{c['image']}{symbol}{c['reset']}"
+                cells.append(symbol)
+            label_text = f"{color}{label}{c['reset']}" if color else label
+            lines.append(f"{label_text} {str(i).rjust(digits)}: {' '.join(cells)}")
+    return "\n".join(lines)
 
 
-class HtmlRenderer:
+_HTML_COLORS = {FULL: "#3b6fb6", PARTIAL: "linear-gradient(to top right, #3b6fb6 50%, #eef1f5 50%)",
+                EMPTY: "#eef1f5"}
+
+
+def render_html(mask: MaskPicture) -> str:
     """An HTML table for Jupyter: blocks as rows and columns, image blocks highlighted."""
-
-    _COLORS = {FULL: "#3b6fb6", PARTIAL: "linear-gradient(to top right, #3b6fb6 50%, #eef1f5 50%)",
-               EMPTY: "#eef1f5"}
-
-    @hookimpl(trylast=True)  # built-in: any third-party renderer of the same format wins
-    def llava_next_render_attention_mask(self, mask: MaskPicture, fmt: str) -> str | None:
-        if fmt != "html":
-            return None
-        out = ['<div class="llava-next-mask" style="font-family: monospace; font-size: 12px">',
-               f"<p><b>{html.escape(mask.title)}</b><br>"
-               "■ attends &nbsp; ◣ causal within the block &nbsp; ⬚ masked &nbsp; "
-               '<span style="background:#fff3b0">image tokens</span></p>']
-        for number, sequence in enumerate(mask.sequences):
-            out.append(f"<p>sequence {number}: {len(sequence.tokens)} tokens in {len(sequence.blocks)} blocks</p>")
-            out.append('<table style="border-collapse: collapse">')
-            out.append("<tr><th></th>" + "".join(
-                f'<th style="font-weight: normal; padding: 0 2px">{j}</th>' for j in range(len(sequence.blocks))
-            ) + "</tr>")
-            for i, (block, states) in enumerate(zip(sequence.blocks, sequence.block_matrix())):
-                shade = {"image": "#fff3b0", "pad": "#dddddd"}.get(block.kind, "transparent")
-                row = [f'<td style="text-align: right; padding-right: 6px; background: {shade}" '
-                       f'title="positions {block.start}-{block.end - 1}">{html.escape(_short(block.label))} {i}</td>']
-                for state in states:
-                    row.append(f'<td title="{state}" style="width: 12px; height: 12px; border: 1px solid white; '
-                               f'background: {self._COLORS[state]}"></td>')
-                out.append("<tr>" + "".join(row) + "</tr>")
-            out.append("</table>")
-        out.append("</div>")
-        return "\n".join(out)
+    out = ['<div class="llava-next-mask" style="font-family: monospace; font-size: 12px">',
+           f"<p><b>{html.escape(mask.title)}</b><br>"
+           "■ attends &nbsp; ◣ causal within the block &nbsp; ⬚ masked &nbsp; "
+           '<span style="background:#fff3b0">image tokens</span></p>']
+    for number, sequence in enumerate(mask.sequences):
+        out.append(f"<p>sequence {number}: {len(sequence.tokens)} tokens in {len(sequence.blocks)} blocks</p>")
+        out.append('<table style="border-collapse: collapse">')
+        out.append("<tr><th></th>" + "".join(
+            f'<th style="font-weight: normal; padding: 0 2px">{j}</th>' for j in range(len(sequence.blocks))
+        ) + "</tr>")
+        for i, (block, states) in enumerate(zip(sequence.blocks, sequence.block_matrix())):
+            shade = {"image": "#fff3b0", "pad": "#dddddd"}.get(block.kind, "transparent")
+            row = [f'<td style="text-align: right; padding-right: 6px; background: {shade}" '
+                   f'title="positions {block.start}-{block.end - 1}">{html.escape(_short(block.label))} {i}</td>']
+            for state in states:
+                row.append(f'<td title="{state}" style="width: 12px; height: 12px; border: 1px solid white; '
+                           f'background: {_HTML_COLORS[state]}"></td>')
+            out.append("<tr>" + "".join(row) + "</tr>")
+        out.append("</table>")
+    out.append("</div>")
+    return "\n".join(out)
 
 
-class PngRenderer:
+_PNG_CELL = 14
+
+
+def render_png(mask: MaskPicture) -> bytes:
     """A PNG picture (pillow): labelled rows, one square per block pair."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    CELL = 14
-
-    @hookimpl(trylast=True)  # built-in: any third-party renderer of the same format wins
-    def llava_next_render_attention_mask(self, mask: MaskPicture, fmt: str) -> bytes | None:
-        if fmt != "png":
-            return None
-        from PIL import Image, ImageDraw, ImageFont
-
-        font = ImageFont.load_default()
-        cell, margin, line = self.CELL, 8, 16
-        labels = [f"{_png_label(b.label)} {i}" for s in mask.sequences for i, b in enumerate(s.blocks)]
-        label_width = max(int(font.getlength(label)) for label in labels) + 8
-        most_blocks = max(len(s.blocks) for s in mask.sequences)
-        width = margin * 2 + label_width + most_blocks * cell
-        height = margin + line * 2 + sum(line + len(s.blocks) * cell + margin for s in mask.sequences)
-        image = Image.new("RGB", (width, height), "white")
-        draw = ImageDraw.Draw(image)
-        draw.text((margin, margin), mask.title, fill="black", font=font)
-        draw.text((margin, margin + line), "dark: attends   half: causal within the block   light: masked",
-                  fill="gray", font=font)
-        top = margin + line * 2
-        full, empty, image_shade, pad_shade = (59, 111, 182), (238, 241, 245), (255, 243, 176), (221, 221, 221)
-        for number, sequence in enumerate(mask.sequences):
-            draw.text((margin, top), f"sequence {number}: {len(sequence.tokens)} tokens", fill="black", font=font)
-            top += line
-            for i, (block, states) in enumerate(zip(sequence.blocks, sequence.block_matrix())):
-                y = top + i * cell
-                shade = {"image": image_shade, "pad": pad_shade}.get(block.kind)
-                if shade:
-                    draw.rectangle((margin, y, margin + label_width - 4, y + cell - 2), fill=shade)
-                draw.text((margin + 2, y + 1), f"{_png_label(block.label)} {i}", fill="black", font=font)
-                for j, state in enumerate(states):
-                    x = margin + label_width + j * cell
-                    box = (x, y, x + cell - 2, y + cell - 2)
-                    draw.rectangle(box, fill=full if state == FULL else empty)
-                    if state == PARTIAL:
-                        draw.polygon([(x, y), (x, y + cell - 2), (x + cell - 2, y + cell - 2)], fill=full)
-            top += len(sequence.blocks) * cell + margin
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return buffer.getvalue()
+    font = ImageFont.load_default()
+    cell, margin, line = _PNG_CELL, 8, 16
+    labels = [f"{_png_label(b.label)} {i}" for s in mask.sequences for i, b in enumerate(s.blocks)]
+    label_width = max(int(font.getlength(label)) for label in labels) + 8
+    most_blocks = max(len(s.blocks) for s in mask.sequences)
+    width = margin * 2 + label_width + most_blocks * cell
+    height = margin + line * 2 + sum(line + len(s.blocks) * cell + margin for s in mask.sequences)
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((margin, margin), mask.title, fill="black", font=font)
+    draw.text((margin, margin + line), "dark: attends   half: causal within the block   light: masked",
+              fill="gray", font=font)
+    top = margin + line * 2
+    full, empty, image_shade, pad_shade = (59, 111, 182), (238, 241, 245), (255, 243, 176), (221, 221, 221)
+    for number, sequence in enumerate(mask.sequences):
+        draw.text((margin, top), f"sequence {number}: {len(sequence.tokens)} tokens", fill="black", font=font)
+        top += line
+        for i, (block, states) in enumerate(zip(sequence.blocks, sequence.block_matrix())):
+            y = top + i * cell
+            shade = {"image": image_shade, "pad": pad_shade}.get(block.kind)
+            if shade:
+                draw.rectangle((margin, y, margin + label_width - 4, y + cell - 2), fill=shade)
+            draw.text((margin + 2, y + 1), f"{_png_label(block.label)} {i}", fill="black", font=font)
+            for j, state in enumerate(states):
+                x = margin + label_width + j * cell
+                box = (x, y, x + cell - 2, y + cell - 2)
+                draw.rectangle(box, fill=full if state == FULL else empty)
+                if state == PARTIAL:
+                    draw.polygon([(x, y), (x, y + cell - 2), (x + cell - 2, y + cell - 2)], fill=full)
+        top += len(sequence.blocks) * cell + margin
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
-BUILTIN_RENDERERS = (AnsiRenderer(), HtmlRenderer(), PngRenderer())
-"""The renderer plugins registered first (so any third-party renderer is called before them)."""
+BUILTIN_RENDERERS = {"ansi": render_ansi, "html": render_html, "png": render_png}
+"""The formats this module draws; a plugin may add formats or replace these."""
 
-_local_manager = None
+
+@hookimpl(trylast=True)  # a built-in: any third-party renderer of the same format is asked first
+def llava_next_render_attention_mask(mask: MaskPicture, fmt: str) -> str | bytes | None:
+    """This module as a plugin: draws ``"ansi"``, ``"html"`` and ``"png"``, passes on other formats."""
+    renderer = BUILTIN_RENDERERS.get(fmt)
+    return None if renderer is None else renderer(mask)
 
 
 def _plugin_manager():
-    """The project's plugin manager with the built-in renderers registered."""
-    global _local_manager
-    try:
-        from .hooks import get_plugin_manager
-    except ImportError:  # hooks.py not there yet: a manager of our own, with the same hookspecs
-        get_plugin_manager = None
-    if get_plugin_manager is not None:
-        manager = get_plugin_manager()
-    else:
-        if _local_manager is None:
-            import pluggy
+    from .hooks import get_plugin_manager
 
-            from llava_next_sdk import hookspecs
+    return get_plugin_manager()
 
-            _local_manager = pluggy.PluginManager(hookspecs.PROJECT_NAME)
-            _local_manager.add_hookspecs(hookspecs)
-        manager = _local_manager
-    for renderer in BUILTIN_RENDERERS:
-        if not manager.is_registered(renderer):
-            manager.register(renderer, name=f"llava_next_plugin.visualizer.{type(renderer).__name__}")
-    return manager
-
-
-# --- routing transformers' AttentionMaskVisualizer (moves to registration.py once it lands) ---------
-_original_transformers_visualizer = None
-
-
-def install_visualizer_route() -> None:
-    """Make ``transformers.utils.attention_visualizer.AttentionMaskVisualizer(<llava_next>)`` ours.
-
-    The class in that module is replaced by a subclass of the original whose ``__new__`` builds our
-    :class:`AttentionMaskVisualizer` for a ``llava_next`` checkpoint or model and leaves every other
-    model to the original class, untouched. Undo with :func:`remove_visualizer_route`.
-    """
-    global _original_transformers_visualizer
-    from transformers.utils import attention_visualizer
-
-    if _original_transformers_visualizer is not None:
-        return
-    original = attention_visualizer.AttentionMaskVisualizer
-
-    class RoutedAttentionMaskVisualizer(original):
-        __doc__ = original.__doc__
-
-        def __new__(cls, model_name: Any, *args: Any, **kwargs: Any):
-            if _model_type(model_name) == "llava_next":
-                return AttentionMaskVisualizer(model_name, *args, **kwargs)
-            return super().__new__(cls)
-
-    RoutedAttentionMaskVisualizer.__name__ = RoutedAttentionMaskVisualizer.__qualname__ = original.__name__
-    _original_transformers_visualizer = original
-    attention_visualizer.AttentionMaskVisualizer = RoutedAttentionMaskVisualizer
-
-
-def remove_visualizer_route() -> None:
-    """Give ``transformers.utils.attention_visualizer`` back its original class."""
-    global _original_transformers_visualizer
-    from transformers.utils import attention_visualizer
-
-    if _original_transformers_visualizer is None:
-        return
-    attention_visualizer.AttentionMaskVisualizer = _original_transformers_visualizer
-    _original_transformers_visualizer = None
-
-
-def _model_type(model: Any) -> str | None:
-    if not isinstance(model, (str, os.PathLike)):
-        return getattr(getattr(model, "config", None), "model_type", None)
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(os.fspath(model)).model_type
-    except Exception:  # the original class reports a bad name its own way
-        return None
