@@ -1,0 +1,295 @@
+"""LlavaNextImageProcessor (PIL + numpy) against transformers' ``LlavaNextImageProcessorPil``.
+
+Same inputs through both; pixel values must agree within 1e-5 (max-abs), shapes and image sizes
+exactly. Synthetic images cover odd and extreme sizes; scikit-image's photos cover real content.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers.models.llava_next.image_processing_pil_llava_next import (
+    LlavaNextImageProcessorPil as ReferencePil,
+)
+
+import checkpoints
+from llava_next_plugin import geometry
+from llava_next_plugin.image_processing import LlavaNextImageProcessor, LlavaNextImageProcessorPil
+from llava_next_sdk.errors import BadRequestError, InvalidImageError
+
+TOLERANCE = 1e-5
+
+# (height, width): tiny, extreme aspect ratios, odd sizes, around tile and pinpoint boundaries.
+SIZES = [
+    (1, 1), (1, 1000), (1000, 1), (2, 3), (7, 5), (13, 17), (31, 64), (99, 101), (200, 200),
+    (223, 225), (300, 451), (336, 336), (337, 335), (335, 673), (480, 640), (500, 1500), (511, 1023),
+    (640, 480), (671, 673), (768, 1024), (1000, 333), (1008, 336), (1009, 337), (1080, 1920),
+    (1500, 500), (2000, 37),
+]
+WIDE_SIZES = [(1, 1), (1, 1000), (1000, 1), (333, 1400), (1400, 333), (700, 690), (1111, 1012), (3, 4000)]
+REAL_PHOTOS = ["chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "camera.png", "logo.png", "horse.png",
+               "no_time_for_that_tiny.gif"]
+
+
+def settings(pinpoints=checkpoints.REAL_PINPOINTS, tile: int = 336, **extra) -> dict:
+    """llava-hf's preprocessor settings for a tile size and pinpoint set."""
+    return dict(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
+                image_grid_pinpoints=pinpoints, **extra)
+
+
+def synthetic(height: int, width: int, seed: int = 0) -> Image.Image:
+    """A gradient with noise and a hard edge: smooth and sharp content for the resamplers."""
+    rng = np.random.default_rng(seed + height * 7919 + width)
+    ys, xs = np.mgrid[0:height, 0:width]
+    base = np.stack([xs * 255 // max(width, 1), ys * 255 // max(height, 1), (xs + ys) % 256], axis=-1)
+    noise = rng.integers(0, 64, size=(height, width, 3))
+    pixels = (base + noise) % 256
+    pixels[:, : width // 3] //= 2
+    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+
+
+def run_both(images, **kwargs):
+    ours = LlavaNextImageProcessor(**kwargs)(images, return_tensors="np")
+    ref = ReferencePil(**kwargs)(images, return_tensors="np")
+    return ours, ref
+
+
+def assert_matches_reference(ours, ref):
+    assert ours["pixel_values"].shape == ref["pixel_values"].shape
+    assert ours["pixel_values"].dtype == np.float32
+    np.testing.assert_array_equal(ours["image_sizes"], np.asarray(ref["image_sizes"]))
+    # 1e-5 on normalized values; relative to the magnitude when normalization is switched off
+    scale = max(1.0, float(np.abs(ref["pixel_values"]).max()))
+    assert np.abs(ours["pixel_values"] - ref["pixel_values"]).max() <= TOLERANCE * scale
+
+
+@pytest.mark.parametrize("height,width", SIZES, ids=[f"{h}x{w}" for h, w in SIZES])
+def test_matches_reference_on_llava_v16_geometry(height, width):
+    ours, ref = run_both(synthetic(height, width), **settings())
+    assert_matches_reference(ours, ref)
+    rows, cols = geometry.grid_shape(height, width, checkpoints.REAL_PINPOINTS, 336)
+    assert ours["pixel_values"].shape == (1, 1 + rows * cols, 3, 336, 336)
+    assert ours["image_sizes"].tolist() == [[height, width]]
+
+
+@pytest.mark.parametrize("height,width", WIDE_SIZES, ids=[f"{h}x{w}" for h, w in WIDE_SIZES])
+def test_matches_reference_on_another_pinpoint_set(height, width):
+    ours, ref = run_both(synthetic(height, width), **settings(checkpoints.WIDE_PINPOINTS))
+    assert_matches_reference(ours, ref)
+
+
+def test_matches_reference_on_a_4000x3000_photo():
+    photo = checkpoints.real_photo("retina.jpg").resize((4000, 3000))
+    ours, ref = run_both(photo, **settings())
+    assert_matches_reference(ours, ref)
+    assert ours["image_sizes"].tolist() == [[3000, 4000]]
+
+
+def test_matches_reference_on_tiny_checkpoint_geometry():
+    images = [synthetic(h, w) for h, w in [(1, 1), (20, 70), (70, 20), (64, 64), (95, 33)]]
+    ours, ref = run_both(images, **settings(checkpoints.TINY_PINPOINTS, tile=checkpoints.TINY_TILE))
+    assert_matches_reference(ours, ref)
+
+
+@pytest.mark.parametrize("name", REAL_PHOTOS)
+def test_matches_reference_on_real_photos(name):
+    ours, ref = run_both(checkpoints.real_photo(name), **settings())
+    assert_matches_reference(ours, ref)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "PA", "CMYK", "1", "YCbCr", "RGBX"])
+def test_matches_reference_on_image_modes(mode):
+    photo = checkpoints.real_photo("chelsea.png")
+    if mode in ("LA", "RGBA", "PA"):
+        photo = photo.convert("RGBA")
+        photo.putalpha(Image.linear_gradient("L").resize(photo.size))
+    ours, ref = run_both(photo.convert(mode), **settings())
+    assert_matches_reference(ours, ref)
+
+
+def test_transparent_pixels_become_white_like_the_reference():
+    rgba = Image.new("RGBA", (40, 30), (200, 10, 10, 0))
+    palette = Image.new("P", (40, 30), 5)
+    palette.info["transparency"] = 5
+    processor = LlavaNextImageProcessor(**settings())
+    white = (1.0 - np.array(processor.image_mean)) / np.array(processor.image_std)
+    for image in (rgba, palette):
+        ours, ref = run_both(image, **settings())
+        assert_matches_reference(ours, ref)
+        np.testing.assert_allclose(ours["pixel_values"][0, 0, :, 100, 100], white, atol=1e-5)
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped():
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0..65520
+    image = Image.fromarray(ramp)
+    assert image.mode == "I;16"
+    as_8bit = Image.fromarray(np.round(ramp / 257).astype(np.uint8), "L")
+    processor = LlavaNextImageProcessor(**settings())
+    ours = processor(image)["pixel_values"]
+    np.testing.assert_allclose(ours, processor(as_8bit)["pixel_values"], atol=1e-5)
+    # transformers' own conversion clips at 255: most of this ramp would be white
+    assert np.asarray(image.convert("L")).mean() > 250
+
+
+def test_32_bit_and_float_grey_images_are_scaled_meaningfully():
+    ramp = np.linspace(0, 1, 32 * 48, dtype=np.float32).reshape(32, 48)
+    as_8bit = Image.fromarray(np.round(ramp * 255).astype(np.uint8), "L")
+    processor = LlavaNextImageProcessor(**settings())
+    expected = processor(as_8bit)["pixel_values"]
+    np.testing.assert_allclose(processor(Image.fromarray(ramp, "F"))["pixel_values"], expected, atol=1e-5)
+    wide = Image.fromarray((np.round(ramp * 255) * 257).astype(np.int32), "I")
+    np.testing.assert_allclose(processor(wide)["pixel_values"], expected, atol=1e-5)
+
+
+def test_numpy_torch_and_pil_inputs_agree():
+    import torch
+
+    photo = checkpoints.real_photo("coffee.png")
+    array = np.asarray(photo)
+    processor = LlavaNextImageProcessor(**settings())
+    expected = processor(photo)["pixel_values"]
+    for image in (array, array.transpose(2, 0, 1), torch.from_numpy(array.copy()).permute(2, 0, 1)):
+        np.testing.assert_array_equal(processor(image)["pixel_values"], expected)
+    grey = np.asarray(photo.convert("L"))
+    np.testing.assert_array_equal(processor(grey)["pixel_values"], processor(photo.convert("L"))["pixel_values"])
+
+
+def test_rgba_arrays_composite_on_white_like_the_reference():
+    rgba = np.asarray(checkpoints.real_photo("logo.png"))
+    ours = LlavaNextImageProcessor(**settings())(rgba)
+    ref = ReferencePil(**settings())(rgba, return_tensors="np", input_data_format="channels_last")
+    assert_matches_reference(ours, ref)
+
+
+def test_mixed_size_batch_is_zero_padded_and_each_image_matches_alone():
+    images = [synthetic(40, 900), synthetic(768, 1024), synthetic(1, 1), checkpoints.real_photo("camera.png")]
+    processor = LlavaNextImageProcessor(**settings())
+    batch = processor(images, return_tensors="pt")
+    counts = [processor(image)["pixel_values"].shape[1] for image in images]
+    assert tuple(batch["pixel_values"].shape) == (4, max(counts), 3, 336, 336)
+    assert batch["image_sizes"].tolist() == [[40, 900], [768, 1024], [1, 1], [512, 512]]
+    for i, image in enumerate(images):
+        alone = processor(image)["pixel_values"][0]
+        np.testing.assert_array_equal(batch["pixel_values"][i, : counts[i]].numpy(), alone)
+        assert not batch["pixel_values"][i, counts[i]:].any()
+    ours, ref = run_both(images, **settings())
+    assert_matches_reference(ours, ref)
+
+
+def test_nested_lists_flatten_like_several_images_per_prompt():
+    a, b, c = synthetic(50, 60), synthetic(300, 20), synthetic(9, 9)
+    processor = LlavaNextImageProcessor(**settings())
+    nested = processor([[a, b], [c]])
+    flat = processor([a, b, c])
+    np.testing.assert_array_equal(nested["pixel_values"], flat["pixel_values"])
+
+
+def test_without_padding_each_image_keeps_its_own_view_count():
+    processor = LlavaNextImageProcessor(**settings())
+    sizes = [(40, 900), (768, 1024)]
+    out = processor([synthetic(h, w) for h, w in sizes], do_pad=False, return_tensors="pt")
+    views = [1 + np.prod(geometry.grid_shape(h, w, checkpoints.REAL_PINPOINTS, 336)) for h, w in sizes]
+    assert views == [4, 5]
+    assert [tuple(v.shape) for v in out["pixel_values"]] == [(n, 3, 336, 336) for n in views]
+
+
+def test_per_call_overrides_match_the_reference():
+    image = synthetic(123, 456)
+    for override in ({"do_normalize": False}, {"do_rescale": False}, {"image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+                     {"resample": 2}):
+        ours = LlavaNextImageProcessor(**settings())(image, **override)
+        ref = ReferencePil(**settings())(image, return_tensors="np", **override)
+        assert_matches_reference(ours, ref)
+
+
+def test_size_and_crop_that_differ_from_the_tile_match_the_reference():
+    kwargs = dict(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32},
+                  image_grid_pinpoints=checkpoints.TINY_PINPOINTS)
+    ours, ref = run_both([synthetic(50, 90), synthetic(7, 3)], **kwargs)
+    assert_matches_reference(ours, ref)
+
+
+def test_saved_files_load_in_transformers_class_and_back(tmp_path):
+    ours = LlavaNextImageProcessor(**settings(checkpoints.WIDE_PINPOINTS, image_mean=[0.5] * 3, image_std=[0.5] * 3))
+    ours.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["image_processor_type"] == "LlavaNextImageProcessor"
+    reference = ReferencePil.from_pretrained(tmp_path)
+    image = synthetic(333, 1400)
+    assert_matches_reference(ours(image), reference(image, return_tensors="np"))
+    again = LlavaNextImageProcessor.from_pretrained(tmp_path)
+    assert again.to_dict() == ours.to_dict()
+
+
+def test_loads_a_llava_hf_checkpoint_folder(tiny_checkpoint):
+    ours = LlavaNextImageProcessor.from_pretrained(tiny_checkpoint)
+    assert ours.image_grid_pinpoints == checkpoints.TINY_PINPOINTS
+    assert ours.crop_size == {"height": checkpoints.TINY_TILE, "width": checkpoints.TINY_TILE}
+    ref = ReferencePil.from_pretrained(tiny_checkpoint)
+    image = synthetic(70, 20)
+    assert_matches_reference(ours(image), ref(image, return_tensors="np"))
+
+
+def test_pil_alias_is_the_same_class():
+    assert LlavaNextImageProcessorPil is LlavaNextImageProcessor
+
+
+# ---- bad input: typed errors that name the image and the fix ----
+
+
+def test_zero_size_images_are_refused_with_their_index():
+    processor = LlavaNextImageProcessor(**settings())
+    for empty in (Image.new("RGB", (0, 5)), np.zeros((5, 0, 3), np.uint8)):
+        with pytest.raises(InvalidImageError, match=r"^image 1: .*empty \(\d+x\d+ pixels\)") as info:
+            processor([synthetic(5, 5), empty])
+        assert info.value.index == 1
+        assert isinstance(info.value, ValueError)
+
+
+def test_truncated_image_bytes_are_an_invalid_image():
+    buffer = io.BytesIO()
+    synthetic(200, 200).save(buffer, format="PNG")
+    truncated = Image.open(io.BytesIO(buffer.getvalue()[:400]))
+    with pytest.raises(InvalidImageError, match="image 0: .*could not be decoded"):
+        LlavaNextImageProcessor(**settings())(truncated)
+
+
+def test_images_past_pil_pixel_limit_are_refused(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(InvalidImageError, match="image 0: .*over the limit of 2000"):
+        LlavaNextImageProcessor(**settings())(np.zeros((50, 50, 3), np.uint8))
+
+
+@pytest.mark.parametrize("array,message", [
+    (np.zeros((8, 8, 3), np.float32), "must be uint8"),
+    (np.zeros((8, 8, 5), np.uint8), "1, 2, 3 or 4 channels"),
+    (np.zeros((2, 8, 8, 3, 1), np.uint8), "2 or 3 dimensions"),
+    ("cat.png", "unsupported image type str"),
+])
+def test_unusable_arrays_say_what_to_pass(array, message):
+    with pytest.raises(InvalidImageError, match=message):
+        LlavaNextImageProcessor(**settings())(array)
+
+
+def test_grey_and_alpha_arrays_convert():
+    processor = LlavaNextImageProcessor(**settings())
+    grey_alpha = np.stack([np.full((9, 9), 100, np.uint8), np.full((9, 9), 0, np.uint8)], axis=-1)
+    white = processor(np.full((9, 9, 3), 255, np.uint8))["pixel_values"]
+    np.testing.assert_array_equal(processor(grey_alpha)["pixel_values"], white)
+
+
+def test_bad_settings_are_bad_requests():
+    with pytest.raises(BadRequestError, match="not a whole grid of 336px tiles"):
+        LlavaNextImageProcessor(**settings([[336, 500]]))(synthetic(9, 9))
+    with pytest.raises(BadRequestError, match="unknown image processor argument"):
+        LlavaNextImageProcessor(**settings())(synthetic(9, 9), do_magic=True)
+    with pytest.raises(BadRequestError, match="size="):
+        LlavaNextImageProcessor(size={"longest_edge": 3})
+    with pytest.raises(BadRequestError, match="image_mean needs one value per RGB channel"):
+        LlavaNextImageProcessor(image_mean=[0.5, 0.5])
+    with pytest.raises(InvalidImageError, match="no images"):
+        LlavaNextImageProcessor(**settings())([])
