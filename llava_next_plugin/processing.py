@@ -322,8 +322,11 @@ class LlavaNextProcessor(ProcessorMixin):
         if isinstance(text, str):
             return [text]
         if not isinstance(text, (list, tuple)):
+            hint = ""
+            if _is_single_image(text) or getattr(text, "ndim", None) == 4:
+                hint = " (an image? the first positional argument is images: call processor(images=..., text=...))"
             raise BadRequestError(
-                f"text must be a string or a list of strings, got {type(text).__name__}", param="text"
+                f"text must be a string or a list of strings, got {type(text).__name__}{hint}", param="text"
             )
         for index, sample in enumerate(text):
             if not isinstance(sample, str):

@@ -336,6 +336,11 @@ def test_non_string_text(ours, text):
     assert isinstance(error.value, ValueError)
 
 
+def test_image_and_text_swapped(ours):
+    with pytest.raises(BadRequestError, match=r"processor\(images=\.\.\., text=\.\.\.\)"):
+        ours(PROMPT_ONE, random_image(10, 10))
+
+
 def test_truncation_into_image_tokens_is_refused(ours):
     with pytest.raises(BadRequestError, match="truncation cut into the image tokens"):
         ours(images=random_image(64, 64), text=PROMPT_ONE, truncation=True, max_length=8)
