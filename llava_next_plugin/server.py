@@ -331,9 +331,21 @@ def _uvicorn_config(app, host: str, port: int, log_level: str, drain_timeout: fl
 
 def run_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
                drain_timeout: float = 30.0) -> None:
-    """Serve *app* with uvicorn until SIGINT/SIGTERM; in-flight requests finish first (up to *drain_timeout*)."""
+    """Serve *app* with uvicorn until SIGINT/SIGTERM; in-flight requests finish first (up to *drain_timeout*).
+
+    Returns normally after a drained shutdown (exit status 0): uvicorn re-raises the signal it caught to
+    the handler that was installed before it, which here only notes it.
+    """
+    import signal
+
     import uvicorn
 
+    def stopped(signum, frame) -> None:
+        logger.info("stopped by %s after draining", signal.Signals(signum).name)
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, stopped)
     uvicorn.Server(_uvicorn_config(app, host, port, log_level, drain_timeout)).run()
 
 

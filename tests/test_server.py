@@ -1,0 +1,264 @@
+"""``llava-next serve``: a real uvicorn server on loopback, spoken to by the official ``openai`` client and httpx."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import transformers
+
+import checkpoints
+from llava_next_plugin.engine import Engine, SamplingParams
+from llava_next_plugin.server import create_app, serve_in_thread
+from llava_next_plugin.validation import Limits
+
+LIMITS = Limits(max_images_per_request=2, max_image_pixels=300 * 300, max_body_bytes=2_000_000)
+
+
+def data_url(width: int, height: int, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    checkpoints.real_photo().convert("RGB").resize((width, height)).save(buffer, fmt)
+    return f"data:image/{fmt.lower()};base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def image_message(text: str, *urls: str) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": parts}]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_checkpoint):
+    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    engine = Engine(model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint), model_name="tiny").start()
+    yield engine
+    engine.shutdown(drain=False)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with serve_in_thread(create_app(engine, limits=LIMITS, shutdown_engine=False)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+
+
+def expected_greedy(engine, text: str, sizes, max_tokens: int):
+    from PIL import Image
+
+    images = [Image.open(io.BytesIO(base64.b64decode(data_url(w, h).split(",", 1)[1]))).convert("RGB")
+              for w, h in sizes]
+    messages = [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": text}]}]
+    return engine.generate(messages, images, SamplingParams(max_tokens=max_tokens, temperature=0))
+
+
+def test_openai_client_non_stream_gets_the_engines_greedy_answer_and_usage(client, engine):
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny", messages=image_message("What is this?", data_url(80, 50)), max_tokens=9, temperature=0)
+    assert raw.headers["x-request-id"]
+    completion = raw.parse()
+    expected = expected_greedy(engine, "What is this?", [(80, 50)], 9)
+    assert completion.choices[0].message.content == expected.text
+    assert completion.choices[0].finish_reason == expected.finish_reason
+    assert completion.usage.prompt_tokens == expected.prompt_tokens
+    assert completion.usage.completion_tokens == expected.completion_tokens == 9
+    assert completion.usage.prompt_tokens_details.image_tokens == expected.image_tokens > 0
+    assert completion.model == "tiny" and completion.id.startswith("chatcmpl-")
+
+
+def test_openai_client_stream_yields_the_same_text_then_usage(client, engine):
+    stream = client.chat.completions.create(
+        model="tiny", messages=image_message("What is this?", data_url(80, 50)), max_tokens=9, temperature=0,
+        stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    expected = expected_greedy(engine, "What is this?", [(80, 50)], 9)
+    assert text == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
+    assert not chunks[-1].choices and chunks[-1].usage.completion_tokens == 9
+    assert chunks[-1].usage.prompt_tokens == expected.prompt_tokens
+
+
+def test_unsupported_parameters_get_a_400_that_names_them(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model="tiny", messages=image_message("Hi", data_url(40, 40)),
+                                       max_tokens=2, logprobs=True, frequency_penalty=0.5)
+    error = info.value.body
+    assert error["code"] == "unsupported_parameter" and error["type"] == "invalid_request_error"
+    assert "frequency_penalty" in error["message"] and "logprobs" in error["message"]
+
+
+BAD_REQUESTS = {
+    "invalid JSON": (b"{not json", "bad_request", "not valid JSON"),
+    "too many images": ({"messages": image_message("x", *[data_url(32, 32)] * 3)}, "bad_request",
+                        "at most 2 are allowed"),
+    "too many pixels": ({"messages": image_message("x", data_url(400, 400))}, "invalid_image", "400x400"),
+    "a local file": ({"messages": image_message("x", "file:///etc/passwd")}, "invalid_image", "file://"),
+    "a URL of a host not allowed": ({"messages": image_message("x", "http://169.254.169.254/latest")},
+                                    "invalid_image", "--allow-url-domain"),
+    "a corrupt data URL": ({"messages": image_message("x", "data:image/png;base64,AAAA")}, "invalid_image",
+                           "image 0"),
+    "max_tokens beyond the context": ({"messages": image_message("x", data_url(40, 40)), "max_tokens": 9999},
+                                      "context_length_exceeded", "context length"),
+    "a temperature out of range": ({"messages": image_message("x"), "temperature": 7}, "bad_request", "temperature"),
+    "no messages": ({"messages": []}, "bad_request", "messages"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_gets_an_openai_shaped_400_and_the_server_keeps_serving(server, client, case):
+    body, code, says = BAD_REQUESTS[case]
+    content = body if isinstance(body, bytes) else json.dumps({"model": "tiny", **body}).encode()
+    response = httpx.post(server.url + "/chat/completions", content=content,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.headers["x-request-id"]
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["code"] == code and says in error["message"]
+    ok = client.chat.completions.create(model="tiny", messages=image_message("Still there?", data_url(40, 40)),
+                                        max_tokens=2, temperature=0)
+    assert ok.usage.completion_tokens == 2
+
+
+def test_a_body_over_the_limit_gets_413(server):
+    response = httpx.post(server.url + "/chat/completions", content=b"x" * (LIMITS.max_body_bytes + 1),
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "larger than" in response.json()["error"]["message"]
+
+
+def test_every_response_carries_a_request_id_and_echoes_the_clients(server):
+    base = server.url[:-len("/v1")]
+    for url in (server.url + "/models", base + "/health", base + "/metrics", base + "/nowhere"):
+        response = httpx.get(url, headers={"x-request-id": "trace-123"})
+        assert response.headers["x-request-id"] == "trace-123"
+        assert httpx.get(url).headers["x-request-id"].startswith("req-")
+    missing = httpx.get(base + "/nowhere")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_models_health_and_metrics(server, client):
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    base = server.url[:-len("/v1")]
+    health = httpx.get(base + "/health").json()
+    assert health["status"] == "ok" and health["queue_depth"] == 0
+    before = httpx.get(base + "/metrics").text
+    client.chat.completions.create(model="tiny", messages=image_message("Count me", data_url(40, 40)),
+                                   max_tokens=3, temperature=0)
+    after = httpx.get(base + "/metrics").text
+
+    def value(text, prefix):
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+
+    assert value(after, 'llava_next_http_requests_total{path="/v1/chat/completions",status="200"}') == \
+        value(before, 'llava_next_http_requests_total{path="/v1/chat/completions",status="200"}') + 1
+    assert value(after, "llava_next_completion_tokens_total") >= value(before, "llava_next_completion_tokens_total") + 3
+    assert value(after, "llava_next_request_duration_seconds_count") == \
+        value(before, "llava_next_request_duration_seconds_count") + 1
+    assert "llava_next_queue_depth 0" in after and "# TYPE llava_next_request_duration_seconds histogram" in after
+
+
+def test_api_key_is_required_when_set(engine):
+    app = create_app(engine, limits=LIMITS, api_key="s3cret", shutdown_engine=False)
+    with serve_in_thread(app) as running:
+        body = {"model": "tiny", "messages": image_message("Hi", data_url(40, 40)), "max_tokens": 2}
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "Basic s3cret"}):
+            response = httpx.post(running.url + "/chat/completions", json=body, headers=headers)
+            assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
+            assert response.headers["x-request-id"]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=running.url, api_key="wrong", max_retries=0).models.list()
+        ok = openai.OpenAI(base_url=running.url, api_key="s3cret").chat.completions.create(**body)
+        assert ok.usage.completion_tokens == 2
+        assert httpx.get(running.url[:-3] + "/health").status_code == 200
+
+
+def test_a_full_queue_answers_429_with_retry_after(engine):
+    refusing = Engine(engine.model, engine.processor, max_queue=0)
+    with serve_in_thread(create_app(refusing, limits=LIMITS)) as running:
+        response = httpx.post(running.url + "/chat/completions",
+                              json={"messages": image_message("Hi", data_url(40, 40)), "max_tokens": 2})
+    assert response.status_code == 429 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "overloaded"
+
+
+def wait_for(condition, seconds: float = 30.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_disconnects_cancels_its_generation(server, engine, stream):
+    cancelled = engine.stats["requests_cancelled"]
+    body = {"model": "tiny", "messages": image_message("Go on", data_url(40, 40)), "max_tokens": 2000,
+            "temperature": 0, "stream": stream}
+    with httpx.Client(timeout=httpx.Timeout(30, read=0.5 if not stream else 30)) as http:
+        if stream:
+            with http.stream("POST", server.url + "/chat/completions", json=body) as response:
+                lines = response.iter_lines()
+                assert next(lines).startswith("data: ")
+                assert wait_for(lambda: engine.batch_size == 1)
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                http.post(server.url + "/chat/completions", json=body)
+    assert wait_for(lambda: engine.stats["requests_cancelled"] == cancelled + 1)
+    assert wait_for(lambda: engine.batch_size == 0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_drains_in_flight_requests_before_exit(tiny_checkpoint):
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llava_next_plugin.serve_cli", "--model", str(tiny_checkpoint), "--port", str(port),
+         "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        def up():
+            try:
+                return httpx.get(base + "/health").status_code == 200
+            except httpx.TransportError:
+                return process.poll() is None and False
+        assert wait_for(up, 120), process.stdout.read().decode() if process.poll() is not None else "not up"
+        body = {"messages": image_message("Keep talking", data_url(40, 40)), "max_tokens": 60, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}}
+        events = []
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                if len(events) == 2:
+                    process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert events[-1] == "[DONE]"
+    usage = json.loads(events[-2])["usage"]
+    assert usage["completion_tokens"] == 60
+    with pytest.raises(httpx.TransportError):
+        httpx.get(base + "/health")
