@@ -1,0 +1,136 @@
+"""Local and remote are the same: one suite, parametrised over the SDK's local transport (the engine in this
+process) and its HTTP transport (our server on loopback, with its own engine). For requests run one at a
+time both give identical greedy text and usage, and the same bad input raises the same error class."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+import checkpoints
+from llava_next_plugin.engine import Engine
+from llava_next_plugin.server import create_app, serve_in_thread
+from llava_next_plugin.validation import Limits
+from llava_next_sdk import AsyncClient
+from llava_next_sdk.errors import (
+    BadRequestError,
+    ContextLengthExceededError,
+    InvalidImageError,
+    UnsupportedParameterError,
+)
+
+LIMITS = Limits(max_images_per_request=2, max_image_pixels=300 * 300)
+TRANSPORTS = ["local", "http"]
+
+
+def photo(width: int, height: int):
+    return checkpoints.real_photo().convert("RGB").resize((width, height))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint):
+    engine = Engine.from_pretrained(str(tiny_checkpoint), model_name="tiny")
+    with serve_in_thread(create_app(engine, limits=LIMITS)) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def open_client(server, tiny_checkpoint):
+    """``open_client(kind)``: a new AsyncClient (inside the running event loop) for that transport."""
+    def make(kind: str) -> AsyncClient:
+        if kind == "local":
+            return AsyncClient(model=str(tiny_checkpoint), request_limits=LIMITS)
+        return AsyncClient(base_url=server.url, model="tiny", max_retries=0)
+
+    return make
+
+
+def run_on_both(open_client, calls, backend: str = "asyncio") -> dict:
+    """Run ``await calls(client)`` with each transport, one request at a time; ``{kind: result}``."""
+    results = {}
+    for kind in TRANSPORTS:
+        async def main():
+            async with open_client(kind) as client:
+                return await calls(client)
+        results[kind] = anyio.run(main, backend=backend)
+    return results
+
+
+def same(result):
+    return (result.text, result.finish_reason, result.usage)
+
+
+def test_generate_gives_identical_greedy_text_and_usage(open_client):
+    async def calls(client):
+        return [await client.generate(photo(80, 50), "What is in the picture?", max_tokens=10, temperature=0),
+                await client.generate([photo(40, 90), photo(64, 64)], "Compare", max_tokens=6, temperature=0,
+                                      system="You are terse."),
+                await client.generate(None, "No image at all", max_tokens=5, temperature=0)]
+
+    results = run_on_both(open_client, calls)
+    assert [same(r) for r in results["local"]] == [same(r) for r in results["http"]]
+    first = results["local"][0]
+    assert first.usage.completion_tokens == 10 and first.usage.image_tokens > 0
+    assert first.usage.prompt_tokens > first.usage.image_tokens
+    assert results["local"][2].usage.image_tokens == 0
+    for result in results["local"] + results["http"]:
+        assert result.timings.total_seconds > 0
+
+
+def test_streams_give_the_same_deltas_text_and_usage_on_trio(open_client):
+    async def calls(client):
+        async with client.stream(photo(60, 60), "Stream please", max_tokens=8, temperature=0) as stream:
+            deltas = [d async for d in stream]
+        return deltas, await stream.until_done()
+
+    results = run_on_both(open_client, calls, backend="trio")
+    (local_deltas, local), (http_deltas, remote) = results["local"], results["http"]
+    assert "".join(local_deltas) == local.text == "".join(http_deltas) == remote.text
+    assert same(local) == same(remote)
+
+
+def test_chat_with_openai_style_messages_and_stop_strings_match(open_client):
+    async def calls(client):
+        full = await client.generate(photo(70, 70), "Say something", max_tokens=12, temperature=0)
+        stop = full.text[len(full.text) // 2:][:3]
+        messages = [{"role": "user", "content": [{"type": "image", "image": photo(70, 70)},
+                                                 {"type": "text", "text": "Say something"}]}]
+        return full, await client.chat(messages, max_tokens=12, temperature=0, stop=[stop])
+
+    results = run_on_both(open_client, calls)
+    assert [same(r) for r in results["local"]] == [same(r) for r in results["http"]]
+    full, stopped = results["local"]
+    assert stopped.finish_reason == "stop" and full.text.startswith(stopped.text) and stopped.text != full.text
+
+
+BAD_INPUT = {
+    "too many images": (BadRequestError, lambda c: c.generate([photo(32, 32)] * 3, "x", max_tokens=2)),
+    "an image too large": (InvalidImageError, lambda c: c.generate(photo(400, 400), "x", max_tokens=2)),
+    "a URL from a host not allowed": (InvalidImageError,
+                                      lambda c: c.generate("http://169.254.169.254/cat.png", "x", max_tokens=2)),
+    "max_tokens beyond the context": (ContextLengthExceededError,
+                                      lambda c: c.generate(photo(40, 40), "x", max_tokens=9999)),
+    "an unsupported parameter": (UnsupportedParameterError,
+                                 lambda c: c.generate(photo(40, 40), "x", frequency_penalty=0.5)),
+    "a temperature out of range": (BadRequestError, lambda c: c.generate(photo(40, 40), "x", temperature=9)),
+    "bytes that are no image": (InvalidImageError, lambda c: c.generate(b"not an image", "x", max_tokens=2)),
+}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_the_same_bad_input_raises_the_same_error_class(open_client, transport, case):
+    expected, call = BAD_INPUT[case]
+
+    async def main():
+        async with open_client(transport) as client:
+            with pytest.raises(BadRequestError) as info:
+                await call(client)
+            # and the client keeps working after the error
+            ok = await client.generate(photo(40, 40), "ok", max_tokens=2, temperature=0)
+            return info.value, ok
+
+    error, ok = anyio.run(main)
+    assert type(error) is expected, f"{transport}: {type(error).__name__}: {error}"
+    assert error.status == 400 and error.message
+    assert ok.usage.completion_tokens == 2
