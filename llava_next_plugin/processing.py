@@ -96,8 +96,12 @@ def _image_processor_class(backend: str | None, use_fast: bool | None):
     raise ValueError(f"unknown image processor backend {backend!r}: use 'torchvision' (our torch processor) or 'pil'")
 
 
+# Image sources read by llava_next_plugin.images (paths, URLs, encoded bytes), not pixels already.
+_ENCODED_SOURCES = (str, os.PathLike, bytes, bytearray, memoryview)
+
+
 def _is_single_image(item: Any) -> bool:
-    if isinstance(item, (str, bytes)):
+    if isinstance(item, _ENCODED_SOURCES):
         return True
     ndim = getattr(item, "ndim", None)
     if ndim is not None:
@@ -132,20 +136,16 @@ def _flatten_images(images: Any) -> tuple[list, list[int] | None]:
 
 
 def _load_image_sources(images: list) -> list:
-    """Open paths and URLs (strings) as PIL images; leave everything else as it is."""
-    if not any(isinstance(image, str) for image in images):
+    """Read paths, URLs and encoded bytes through the image-source hook (:func:`images.load_image`,
+    errors naming the image's index); pixels already in memory go to the image processor as they are."""
+    if not any(isinstance(image, _ENCODED_SOURCES) for image in images):
         return images
-    from transformers.image_utils import load_image
+    from .images import load_image
 
-    loaded = []
-    for index, image in enumerate(images):
-        if isinstance(image, str):
-            try:
-                image = load_image(image)
-            except Exception as error:  # noqa: BLE001 - any loader failure is the caller's bad input
-                raise InvalidImageError(f"could not open {image!r}: {error}", index=index) from error
-        loaded.append(image)
-    return loaded
+    return [
+        load_image(image, index) if isinstance(image, _ENCODED_SOURCES) else image
+        for index, image in enumerate(images)
+    ]
 
 
 class LlavaNextProcessor(ProcessorMixin):

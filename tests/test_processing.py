@@ -14,7 +14,7 @@ import checkpoints
 import llava_next_plugin
 from llava_next_plugin.configuration import LlavaNextConfig
 from llava_next_plugin.processing import LlavaNextProcessor
-from llava_next_sdk.errors import BadRequestError
+from llava_next_sdk.errors import BadRequestError, InvalidImageError
 
 PROMPT_ONE = "[INST] <image>\nWhat is shown here? [/INST]"
 PROMPT_TWO = "[INST] Compare <image> with <image>, please. [/INST]"
@@ -334,6 +334,24 @@ def test_non_string_text(ours, text):
     with pytest.raises(BadRequestError, match="text must be a string or a list of strings") as error:
         ours(text=text)
     assert isinstance(error.value, ValueError)
+
+
+def test_images_as_paths_and_bytes(ours, tmp_path):
+    """Paths and encoded bytes go through the image sources (llava_next_plugin.images)."""
+    import io
+
+    image = random_image(30, 50)
+    path = tmp_path / "a.png"
+    image.save(path)
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    expected = ours(images=[image, image], text=PROMPT_TWO, return_tensors="pt")
+    out = ours(images=[str(path), encoded.getvalue()], text=PROMPT_TWO, return_tensors="pt")
+    assert out["input_ids"].tolist() == expected["input_ids"].tolist()
+    assert torch.equal(out["pixel_values"], expected["pixel_values"])
+    with pytest.raises(InvalidImageError, match="^image 1: ") as error:
+        ours(images=[image, b"not an image at all"], text=PROMPT_TWO)
+    assert error.value.index == 1
 
 
 def test_image_and_text_swapped(ours):
