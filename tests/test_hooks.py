@@ -307,3 +307,29 @@ def test_sdk_and_its_plugin_manager_import_neither_torch_nor_transformers(exampl
     assert "example" in report["plugins"]  # entry-point loading itself stays light
     assert report["failed"] == []
     assert report["transport"] not in ("NoneType", "")  # the built-in HTTP transport answered for http://
+
+
+# --- the documented example ------------------------------------------------------------------------
+
+def test_the_documented_plugin_example_works_as_written(tmp_path):
+    """docs/writing-a-plugin.md: its pyproject and module installed, its usage snippet run as written."""
+    doc = (REPO / "docs" / "writing-a-plugin.md").read_text()
+    blocks = {}
+    for chunk in doc.split("```")[1::2]:
+        language, _, body = chunk.partition("\n")
+        blocks.setdefault(language, []).append(body)
+    project = tmp_path / "llava-next-assets"
+    (project / "llava_next_assets").mkdir(parents=True)
+    (project / "pyproject.toml").write_text(blocks["toml"][0])
+    (project / "llava_next_assets" / "__init__.py").write_text(blocks["python"][0])
+    site = tmp_path / "site-packages"
+    install_offline(project, site)
+    assets = tmp_path / "assets"
+    assets.mkdir()
+    Image.new("RGBA", (6, 4), (0, 0, 255, 255)).save(assets / "cat.png")
+    usage = blocks["python"][1] + "\nprint(image.mode, image.size, image.getpixel((0, 0)), repr(prompt))\n"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(REPO), str(REPO / "sdk")]), LLAVA_ASSETS=str(assets))
+    completed = subprocess.run([sys.executable, "-c", usage], capture_output=True, text=True, env=env, cwd=tmp_path,
+                               timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.strip().splitlines()[-1] == "RGB (6, 4) (0, 0, 255) '<image>\\nWhat is this?\\nAnswer:'"
