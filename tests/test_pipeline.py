@@ -1,0 +1,273 @@
+"""The image-to-text pipeline: what `pipeline("image-to-text", model=<llava_next>)` gives a user."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import logging
+import shutil
+import threading
+import warnings
+
+import pytest
+import torch
+from PIL import Image
+
+import checkpoints
+import llava_next_plugin
+from llava_next_plugin.pipeline import DEFAULT_PROMPT, LlavaNextImageToTextPipeline
+from llava_next_plugin.tiny import build_tiny_checkpoint
+from llava_next_sdk.errors import BadRequestError, InvalidImageError
+
+QUESTION = "What does this chart show?"
+NEW = 6  # generated tokens per test call: enough to compare, cheap on 2 cores
+
+
+def demo_checkpoint(tmp_path_factory):
+    """The `llava-next tiny-checkpoint` folder, built once per test session."""
+    folder = tmp_path_factory.getbasetemp() / "llava-next-demo-tiny"
+    if not (folder / "llava_next_tiny.json").exists():
+        build_tiny_checkpoint(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return demo_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def pipe(checkpoint):
+    from transformers import pipeline
+
+    return pipeline("image-to-text", model=str(checkpoint), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return checkpoints.real_photo("chelsea.png").convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def tall():
+    return checkpoints.real_photo("astronaut.png").convert("RGB").resize((40, 90))
+
+
+def reference_answer(checkpoint, image, prompt: str, max_new_tokens: int = NEW) -> str:
+    """transformers' own model and processor, the prompt formatted by hand, greedy decoding."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    with llava_next_plugin.use_transformers_builtins():
+        model = AutoModelForImageTextToText.from_pretrained(str(checkpoint)).eval()
+        processor = AutoProcessor.from_pretrained(str(checkpoint))
+    assert type(model).__module__.startswith("transformers.")
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=32001)
+    return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_image_to_text_task_builds_our_pipeline_without_warnings(checkpoint, capsys):
+    from transformers import pipeline
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        built = pipeline("image-to-text", model=str(checkpoint), device="cpu")
+    err = capsys.readouterr().err
+    assert "Logging error" not in err and "has been removed" not in err
+    assert isinstance(built, LlavaNextImageToTextPipeline)
+    assert built.task == "image-to-text"
+    assert type(built.model).__module__ == "llava_next_plugin.modeling"
+    assert type(built.processor).__module__ == "llava_next_plugin.processing"
+
+
+def test_answer_matches_transformers_reference_without_prompt_echo(pipe, checkpoint, photo):
+    result = pipe(photo, prompt=QUESTION, max_new_tokens=NEW, do_sample=False)
+    assert isinstance(result, list) and len(result) == 1 and set(result[0]) == {"generated_text"}
+    expected = reference_answer(checkpoint, photo, f"[INST] <image>\n{QUESTION} [/INST]")
+    assert result[0]["generated_text"] == expected
+    assert QUESTION not in result[0]["generated_text"]
+
+
+def test_no_prompt_captions_with_the_default_instruction(pipe, photo):
+    assert pipe(photo, max_new_tokens=NEW) == pipe(photo, prompt=DEFAULT_PROMPT, max_new_tokens=NEW)
+    assert pipe(photo, max_new_tokens=NEW)[0]["generated_text"]
+
+
+def test_placeholder_and_preformatted_prompts_give_the_same_request(pipe, photo):
+    plain = pipe(photo, prompt=QUESTION, max_new_tokens=NEW)
+    assert pipe(photo, prompt=f"<image>\n{QUESTION}", max_new_tokens=NEW) == plain
+    assert pipe(photo, prompt=f"[INST] <image>\n{QUESTION} [/INST]", max_new_tokens=NEW) == plain
+
+
+def test_batches_equal_single_calls(pipe, photo, tall):
+    prompts = [QUESTION, "Describe the colours in a long sentence, please."]
+    singles = [pipe(image, prompt=p, max_new_tokens=NEW) for image, p in zip([photo, tall], prompts)]
+    assert pipe([photo, tall], prompt=prompts, max_new_tokens=NEW, batch_size=2) == singles
+    assert pipe([photo, tall], prompt=prompts, max_new_tokens=NEW) == singles  # batch_size 1
+    shared = pipe([photo, tall], prompt=QUESTION, max_new_tokens=NEW, batch_size=2)
+    assert shared[0] == singles[0] and len(shared) == 2
+
+
+def test_chat_messages(pipe, photo):
+    plain = pipe(photo, prompt=QUESTION, max_new_tokens=NEW)
+    messages = [{"role": "user", "content": [{"type": "image", "image": photo}, {"type": "text", "text": QUESTION}]}]
+    assert pipe(messages, max_new_tokens=NEW) == plain
+    bare = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    assert pipe(photo, prompt=bare, max_new_tokens=NEW) == plain
+    assert pipe([messages, messages], max_new_tokens=NEW) == [plain, plain]
+
+
+def test_multi_image_prompt(pipe, photo, tall, checkpoint):
+    prompt = "<image><image> Which one is taller?"
+    result = pipe([photo, tall], prompt=prompt, max_new_tokens=NEW)
+    assert len(result) == 1
+    formatted = "[INST] <image>\n<image>\nWhich one is taller? [/INST]"
+    assert pipe([[photo, tall]], prompt=["Which one is taller?"], max_new_tokens=NEW) == [
+        pipe([photo, tall], prompt=formatted, max_new_tokens=NEW)
+    ]
+
+
+def test_generate_arguments_pass_through(pipe, photo):
+    one = pipe(photo, prompt=QUESTION, max_new_tokens=1)[0]["generated_text"]
+    six = pipe(photo, prompt=QUESTION, generate_kwargs={"max_new_tokens": NEW})[0]["generated_text"]
+    assert six.startswith(one) and len(six) > len(one)
+    tokenizer = pipe.processor.tokenizer
+    assert len(tokenizer(one, add_special_tokens=False)["input_ids"]) <= 2
+    sampled = pipe(photo, prompt=QUESTION, max_new_tokens=NEW, do_sample=True, top_k=5)
+    assert sampled[0]["generated_text"] != ""
+
+
+class _ImageHandler(http.server.BaseHTTPRequestHandler):
+    payload = b""
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(self.payload)))
+        self.end_headers()
+        self.wfile.write(self.payload)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_image_sources_path_bytes_and_url_agree(pipe, photo, tmp_path):
+    path = tmp_path / "photo.png"
+    photo.save(path)
+    data = path.read_bytes()
+    expected = pipe(photo, prompt=QUESTION, max_new_tokens=NEW)
+    assert pipe(str(path), prompt=QUESTION, max_new_tokens=NEW) == expected
+    assert pipe(path, prompt=QUESTION, max_new_tokens=NEW) == expected
+    assert pipe(data, prompt=QUESTION, max_new_tokens=NEW) == expected
+
+    _ImageHandler.payload = data
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ImageHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/photo.png"
+        assert pipe(url, prompt=QUESTION, max_new_tokens=NEW, timeout=5) == expected
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_bad_input_gives_clear_typed_errors(pipe, photo, tmp_path):
+    with pytest.raises(BadRequestError, match="2 <image> placeholders but 1 image"):
+        pipe(photo, prompt="<image> <image> compare", max_new_tokens=1)
+    with pytest.raises(InvalidImageError, match="image 0") as info:
+        pipe(b"not an image at all", prompt=QUESTION, max_new_tokens=1)
+    assert info.value.index == 0
+    with pytest.raises(InvalidImageError, match="image 1"):
+        pipe([photo, str(tmp_path / "missing.png")], prompt=QUESTION, max_new_tokens=1, batch_size=2)
+    with pytest.raises(BadRequestError, match="2 images but 3 prompts"):
+        pipe([photo, photo], prompt=["a", "b", "c"], max_new_tokens=1)
+    with pytest.raises(BadRequestError, match="no image"):
+        pipe(prompt=QUESTION)
+
+
+def test_checkpoint_without_chat_template_uses_its_family_format(checkpoint, photo, tmp_path, pipe):
+    from transformers import pipeline
+
+    bare = tmp_path / "no-template"
+    shutil.copytree(checkpoint, bare)
+    (bare / "chat_template.jinja").unlink()
+    built = pipeline("image-to-text", model=str(bare), device="cpu")
+    assert not getattr(built.processor, "chat_template", None)
+    assert built(photo, prompt=QUESTION, max_new_tokens=NEW) == pipe(photo, prompt=QUESTION, max_new_tokens=NEW)
+    vicuna = pipeline("image-to-text", model=str(bare), device="cpu", prompt_family="vicuna")
+    assert vicuna(photo, prompt=QUESTION, max_new_tokens=NEW) != []
+
+
+def test_image_text_to_text_task_works_with_our_model(checkpoint, pipe, photo):
+    from transformers import pipeline
+
+    general = pipeline("image-text-to-text", model=str(checkpoint), device="cpu")
+    assert type(general.model).__module__ == "llava_next_plugin.modeling"
+    messages = [{"role": "user", "content": [{"type": "image", "image": photo}, {"type": "text", "text": QUESTION}]}]
+    result = general(text=messages, max_new_tokens=NEW, return_full_text=False)
+    assert result[0]["generated_text"].strip() == pipe(photo, prompt=QUESTION, max_new_tokens=NEW)[0]["generated_text"]
+
+
+def test_other_models_reach_transformers_unchanged(checkpoint):
+    """A `llava` (not llava_next) model asked for image-to-text gets transformers' own pipeline."""
+    from transformers import (
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        MistralConfig,
+        pipeline,
+    )
+
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=32, patch_size=8),
+        text_config=MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=4, vocab_size=32064),
+        image_token_index=32000,
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                                  crop_size={"height": 32, "width": 32}),
+                               tokenizer=AutoTokenizer.from_pretrained(str(checkpoint)), patch_size=8,
+                               num_additional_image_tokens=1, vision_feature_select_strategy="default")
+    logging.disable(logging.CRITICAL)  # transformers' own (broken) deprecation warning fires here
+    try:
+        built = pipeline("image-to-text", model=model, processor=processor, device="cpu")
+    finally:
+        logging.disable(logging.NOTSET)
+    assert type(built).__name__ == "ImageTextToTextPipeline"
+    assert not isinstance(built, LlavaNextImageToTextPipeline)
+
+
+def test_unregister_gives_back_transformers_factory(checkpoint):
+    import transformers
+    import transformers.pipelines as pipelines
+
+    ours = transformers.pipeline
+    llava_next_plugin.unregister()
+    try:
+        assert pipelines.pipeline is not ours and transformers.pipeline is pipelines.pipeline
+        assert not hasattr(pipelines.pipeline, "__wrapped__")
+    finally:
+        llava_next_plugin.register()
+    assert transformers.pipeline is not pipelines.pipeline.__wrapped__
+    built = transformers.pipeline("image-to-text", model=str(checkpoint), device="cpu")
+    assert isinstance(built, LlavaNextImageToTextPipeline)
+
+
+def test_direct_construction_and_bytes_roundtrip(checkpoint, photo):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(str(checkpoint))
+    processor = AutoProcessor.from_pretrained(str(checkpoint))
+    direct = LlavaNextImageToTextPipeline(model=model, processor=processor, device="cpu", max_new_tokens=NEW)
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG")
+    assert direct(Image.open(io.BytesIO(buffer.getvalue())), prompt=QUESTION)[0]["generated_text"]
+    with pytest.raises(ValueError, match="processor"):
+        LlavaNextImageToTextPipeline(model=model, device="cpu")
