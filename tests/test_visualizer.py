@@ -1,0 +1,210 @@
+"""AttentionMaskVisualizer: the real mask, readable image blocks, three renderers behind a hook."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+import checkpoints
+import llava_next_plugin
+from llava_next_plugin import AttentionMaskVisualizer
+from llava_next_plugin.hooks import get_plugin_manager, hookimpl
+from llava_next_plugin.tiny import build_tiny_checkpoint
+from llava_next_plugin.visualizer import DEFAULT_IMAGE_SIZE, EMPTY, FULL, PARTIAL, MaskPicture
+from llava_next_sdk.errors import BadRequestError
+
+PROMPT = "<image> What is shown in this image?"
+
+
+def demo_checkpoint(tmp_path_factory):
+    """The `llava-next tiny-checkpoint` folder, built once per test session."""
+    folder = tmp_path_factory.getbasetemp() / "llava-next-demo-tiny"
+    if not (folder / "llava_next_tiny.json").exists():
+        build_tiny_checkpoint(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return demo_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def viz(checkpoint):
+    return AttentionMaskVisualizer(str(checkpoint))
+
+
+@pytest.fixture(scope="module")
+def photo():
+    return checkpoints.real_photo("chelsea.png").convert("RGB")
+
+
+def captured_model_mask(checkpoint, images, prompts) -> torch.Tensor:
+    """bool [batch, seq, seq]: the mask our model's first attention layer really receives (eager)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(str(checkpoint), attn_implementation="eager").eval()
+    processor = AutoProcessor.from_pretrained(str(checkpoint))
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(images=images, text=prompts, padding=True, return_tensors="pt")
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["mask"] = kwargs["attention_mask"]
+
+    attention = model.model.language_model.layers[0].self_attn
+    handle = attention.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    mask = seen["mask"][:, 0]
+    return mask if mask.dtype == torch.bool else mask == 0
+
+
+def test_shows_the_mask_the_model_uses_with_padding(viz, checkpoint, photo):
+    small = photo.resize((50, 30))
+    prompts = [PROMPT, "Hi <image>"]
+    picture = viz(prompts, images=[photo, small], show=False)
+    real = captured_model_mask(checkpoint, [photo, small], prompts)
+    assert len(picture.sequences) == 2
+    for row, sequence in enumerate(picture.sequences):
+        assert torch.equal(sequence.mask, real[row])
+    # The shorter prompt is left-padded: its padding is one block nobody attends to.
+    padded = picture.sequences[1]
+    assert padded.blocks[0].kind == "pad"
+    assert all(state == EMPTY for state in (row[0] for row in padded.block_matrix()))
+
+
+def test_image_tokens_collapse_into_one_causal_block(viz, checkpoint, photo):
+    from llava_next_plugin import LlavaNextConfig
+
+    picture = viz(PROMPT, images=photo, show=False)
+    sequence = picture.sequences[0]
+    images = [b for b in sequence.blocks if b.kind == "image"]
+    assert len(images) == 1
+    geometry = LlavaNextConfig.from_pretrained(str(checkpoint)).image_geometry(photo.height, photo.width)
+    assert images[0].label == geometry.describe()
+    assert images[0].size == geometry.num_tokens
+    assert len(sequence.blocks) == len(sequence.tokens) - geometry.num_tokens + 1
+    at = sequence.blocks.index(images[0])
+    matrix = sequence.block_matrix()
+    assert matrix[at][at] == PARTIAL  # causal inside the block, not bidirectional
+    assert all(matrix[at][j] == EMPTY for j in range(at + 1, len(sequence.blocks)))
+    assert all(matrix[j][at] == FULL for j in range(at + 1, len(sequence.blocks)))
+
+
+def test_llava_v16_mistral_geometry_label(checkpoint, tmp_path):
+    """A 1024x768 image on llava-v1.6-mistral's geometry (CLIP 336/14) reads as the doc's 2340 tokens."""
+    from transformers import AutoTokenizer, CLIPVisionConfig, MistralConfig
+
+    from llava_next_plugin import LlavaNextConfig, LlavaNextImageProcessorFast, LlavaNextProcessor
+
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                       num_attention_heads=4, image_size=336, patch_size=14).to_dict(),
+        text_config=MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                  num_attention_heads=4, num_key_value_heads=4, vocab_size=32064).to_dict(),
+        image_grid_pinpoints=checkpoints.REAL_PINPOINTS,
+    )
+    config.save_pretrained(str(tmp_path))
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorFast(size={"shortest_edge": 336},
+                                                    crop_size={"height": 336, "width": 336},
+                                                    image_grid_pinpoints=checkpoints.REAL_PINPOINTS),
+        tokenizer=AutoTokenizer.from_pretrained(str(checkpoint)),
+        patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(str(tmp_path))
+    picture = AttentionMaskVisualizer(str(tmp_path))(PROMPT, show=False)  # a generated 1024x768 image
+    assert DEFAULT_IMAGE_SIZE == (1024, 768)
+    labels = [b.label for b in picture.sequences[0].blocks if b.kind == "image"]
+    assert labels == ["<image> x2340 = base 576 + tiles 1728 + newlines 36"]
+    assert "<image> x2340 = base 576 + tiles 1728 + newlines 36" in picture.to_ansi()
+
+
+def test_renders_ansi_html_and_png(viz, photo, capsys):
+    picture = viz(PROMPT, images=photo)  # in a terminal: printed
+    printed = capsys.readouterr().out
+    assert "\033[" in printed and "<image> x" in printed and "▁What" in printed
+    assert str(picture) == picture.to_ansi() == printed.rstrip("\n")
+    page = picture._repr_html_()
+    assert page.startswith("<div") and "<table" in page and "&lt;image&gt; x" in page
+    png = picture.to_png()
+    image = Image.open(io.BytesIO(png))
+    assert image.format == "PNG" and image.width > 100 and image.height > 100
+    assert viz._repr_html_() == picture.to_html()
+
+
+def test_save_picks_the_format_from_the_suffix(viz, photo, tmp_path):
+    picture = viz(PROMPT, images=photo, show=False)
+    picture.save(tmp_path / "mask.png")
+    picture.save(tmp_path / "mask.html")
+    picture.save(tmp_path / "mask.txt")
+    assert Image.open(tmp_path / "mask.png").format == "PNG"
+    assert (tmp_path / "mask.html").read_text().startswith("<div")
+    assert (tmp_path / "mask.txt").read_text() == picture.to_ansi()
+
+
+class _CsvRenderer:
+    @hookimpl
+    def llava_next_render_attention_mask(self, mask, fmt):
+        if fmt == "csv":
+            return "\n".join(",".join(row) for row in mask.sequences[0].block_matrix())
+        if fmt == "ansi":
+            return "plain text from a plugin"
+        return None
+
+
+def test_renderers_are_plugins_and_third_party_ones_win(viz, photo):
+    picture = viz(PROMPT, images=photo, show=False)
+    builtin = picture.to_ansi()
+    manager = get_plugin_manager()
+    plugin = _CsvRenderer()
+    manager.register(plugin)
+    try:
+        assert picture.render("csv").splitlines()[0].startswith("full,")
+        assert picture.to_ansi() == "plain text from a plugin"
+        assert picture.to_png().startswith(b"\x89PNG")  # the built-in still draws what the plugin passes on
+    finally:
+        manager.unregister(plugin)
+    assert picture.to_ansi() == builtin
+    with pytest.raises(BadRequestError, match="no renderer draws the format 'svg'"):
+        picture.render("svg")
+
+
+def test_takes_a_loaded_model_and_works_offline_without_an_image(checkpoint):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(checkpoint))
+    picture = AttentionMaskVisualizer(model)(PROMPT, show=False)
+    assert isinstance(picture, MaskPicture)
+    assert [b.kind for b in picture.sequences[0].blocks].count("image") == 1
+    text_only = AttentionMaskVisualizer(model)("no image here", show=False)
+    assert all(b.kind == "text" for b in text_only.sequences[0].blocks)
+
+
+def test_reachable_through_transformers_import_path(checkpoint):
+    from transformers.utils import attention_visualizer
+
+    built = attention_visualizer.AttentionMaskVisualizer(str(checkpoint))
+    assert isinstance(built, AttentionMaskVisualizer)
+    llava_next_plugin.unregister()
+    try:
+        assert attention_visualizer.AttentionMaskVisualizer.__module__ == "transformers.utils.attention_visualizer"
+    finally:
+        llava_next_plugin.register()
+    assert isinstance(attention_visualizer.AttentionMaskVisualizer(str(checkpoint)), AttentionMaskVisualizer)
+
+
+def test_bad_input(viz, photo, tmp_path):
+    with pytest.raises(BadRequestError, match="1 <image> placeholder\\(s\\) but 2 image"):
+        viz(PROMPT, images=[photo, photo], show=False)
+    with pytest.raises(BadRequestError, match="prompt string"):
+        viz([], show=False)
+    with pytest.raises(BadRequestError, match="cannot load a model config"):
+        AttentionMaskVisualizer(str(tmp_path / "nowhere"))
