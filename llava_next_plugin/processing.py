@@ -168,10 +168,10 @@ class LlavaNextProcessor(ProcessorMixin):
     with :meth:`from_pretrained` to have them read or derived from a checkpoint folder.
 
     Calling it: ``processor(images=..., text=..., return_tensors="pt", padding=True)`` returns
-    ``input_ids`` and ``attention_mask`` [batch, seq] (padded on the tokenizer's padding side, left for
-    llava-hf tokenizers), and ``pixel_values`` [images, max_tiles, 3, tile, tile] with ``image_sizes``
-    [images, 2]. ``images`` may be a flat list (given to the ``<image>`` placeholders in order) or one list
-    per prompt.
+    ``input_ids`` and ``attention_mask`` [batch, seq] (padded on the left, as generation needs; pass
+    ``padding_side="right"`` for training batches), and ``pixel_values`` [images, max_tiles, 3, tile, tile]
+    with ``image_sizes`` [images, 2]. ``images`` may be a flat list (given to the ``<image>`` placeholders
+    in order) or one list per prompt.
     """
 
     images_kwargs = {"do_pad": True}
@@ -228,7 +228,9 @@ class LlavaNextProcessor(ProcessorMixin):
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     # --- token counts ------------------------------------------------------------------------
-    def image_geometry(self, height: int, width: int, tile_size: int | None = None, pinpoints=None) -> geometry.ImageGeometry:
+    def image_geometry(
+        self, height: int, width: int, tile_size: int | None = None, pinpoints=None
+    ) -> geometry.ImageGeometry:
         """The token layout of one ``height x width`` image (see :func:`geometry.image_geometry`)."""
         return geometry.image_geometry(
             int(height),
@@ -469,7 +471,9 @@ class LlavaNextProcessor(ProcessorMixin):
         return processor_dict, rest
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, backend: str | None = None, use_fast: bool | None = None, **kwargs):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path, backend: str | None = None, use_fast: bool | None = None, **kwargs
+    ):
         """Load from a llava-hf folder or hub repo, in either layout (see the module docstring).
 
         The image processor is our ``LlavaNextImageProcessorFast``, or ``LlavaNextImageProcessor`` with

@@ -144,9 +144,10 @@ def test_default_is_our_fast_processor_without_torchvision(folder):
 # --- idempotency and the way back ----------------------------------------------------------------
 def snapshot():
     """Everything registration changes, by identity."""
+    our_config_class = llava_next_plugin.LlavaNextConfig
     return (
         configuration_auto.CONFIG_MAPPING._extra_content.get("llava_next"),
-        tuple(auto._model_mapping._extra_content.get(llava_next_plugin.LlavaNextConfig) for auto, _ in AUTO_MODEL_TABLES),
+        tuple(auto._model_mapping._extra_content.get(our_config_class) for auto, _ in AUTO_MODEL_TABLES),
         processing_auto.PROCESSOR_MAPPING._extra_content.get(llava_next_plugin.LlavaNextConfig),
         processing_auto.processor_class_from_name,
         AutoImageProcessor.__dict__["from_pretrained"],
@@ -204,7 +205,10 @@ def test_use_transformers_builtins_reapplies_after_an_error_and_nests():
 
 
 # --- other model types untouched -----------------------------------------------------------------
-@pytest.mark.parametrize("model_type", ["llava", "llava_next_video", "clip", "clip_vision_model", "siglip", "mistral", "llama"])
+OTHER_MODEL_TYPES = ["llava", "llava_next_video", "clip", "clip_vision_model", "siglip", "mistral", "llama"]
+
+
+@pytest.mark.parametrize("model_type", OTHER_MODEL_TYPES)
 def test_other_configs_untouched(model_type):
     assert is_transformers(AutoConfig.for_model(model_type))
 
@@ -238,7 +242,9 @@ def test_other_image_processors_untouched(folder, tmp_path):
 
 def test_other_processors_untouched(folder, tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    llava = transformers.LlavaProcessor(image_processor=transformers.CLIPImageProcessor(), tokenizer=tokenizer, patch_size=8)
+    llava = transformers.LlavaProcessor(
+        image_processor=transformers.CLIPImageProcessor(), tokenizer=tokenizer, patch_size=8
+    )
     llava.save_pretrained(tmp_path)
     assert type(AutoProcessor.from_pretrained(str(tmp_path))) is transformers.LlavaProcessor
 
