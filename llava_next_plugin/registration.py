@@ -25,9 +25,10 @@ Why the public ``register`` functions are not enough:
 - Patch 2: ``AutoImageProcessor`` picks a class from ``image_processor_type`` *by name*, and the name
   ``LlavaNextImageProcessor`` is also used by ``llava_next_video`` and ``granite4_vision`` folders, so a
   registered class would take those over too. It also picks the PIL backend whenever torchvision is not
-  installed, while our fast processor needs no torchvision. The patch serves folders (or ``config=``)
-  of model type ``llava_next`` whose image processor is a LLaVA-NeXT one: our fast processor by
-  default, our PIL processor for ``backend="pil"`` / ``use_fast=False``. Everything else, including
+  installed, while our fast processor needs no torchvision. The patch serves a folder whose image
+  processor is a LLaVA-NeXT one (or unnamed) and whose model type (``config=``, else its
+  ``config.json``) is ``llava_next``, or absent when the image processor is named: our fast processor
+  by default, our PIL processor for ``backend="pil"`` / ``use_fast=False``. Everything else, including
   unknown backends, goes to transformers' own ``from_pretrained`` unchanged.
 
 Every change is recorded with the value it replaced, and :func:`unregister` puts those back, so
