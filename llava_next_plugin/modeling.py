@@ -143,8 +143,8 @@ class LlavaNextPreTrainedModel(PreTrainedModel):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load any of the three key layouts (see :mod:`.checkpoint_keys`); arguments as transformers'."""
-        if kwargs.get("key_mapping") is None:
-            kwargs["key_mapping"] = dict(checkpoint_keys.LOAD_KEY_MAPPING)
+        # A user's own key_mapping runs first; ours then brings every layout to the in-memory names.
+        kwargs["key_mapping"] = {**(kwargs.get("key_mapping") or {}), **checkpoint_keys.LOAD_KEY_MAPPING}
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
@@ -158,7 +158,7 @@ class LlavaNextPreTrainedModel(PreTrainedModel):
         if state_dict is None:
             state_dict = self.state_dict()
         prefix = "" if isinstance(self, LlavaNextForConditionalGeneration) else "model."
-        if self.config.tie_word_embeddings and "lm_head.weight" in state_dict:
+        if _head_is_tied(self):
             state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
         hub_state_dict = {checkpoint_keys.to_hub_key(prefix + k): v for k, v in state_dict.items()}
         kwargs["save_original_format"] = False
@@ -228,6 +228,13 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
     def _gather_tiles(self, pixel_values: torch.Tensor, geoms: list[geometry.ImageGeometry]) -> torch.Tensor:
         """Every tile the images need, ``[T, C, tile, tile]``, from 5-D padded or 4-D stacked input."""
         needed = [g.num_tiles for g in geoms]
+        tile = self.config.tile_size
+        if pixel_values.dim() in (4, 5) and tuple(pixel_values.shape[-2:]) != (tile, tile):
+            raise BadRequestError(
+                f"pixel_values tiles are {tuple(pixel_values.shape[-2:])} pixels but the vision tower takes "
+                f"{tile}x{tile}: the image processor's crop_size/size differ from vision_config.image_size",
+                param="pixel_values",
+            )
         if pixel_values.dim() == 5:
             if pixel_values.shape[0] != len(geoms):
                 raise BadRequestError(
@@ -569,6 +576,18 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
 
 def _pinpoints_key(config: LlavaNextConfig) -> tuple:
     return tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints)
+
+
+def _head_is_tied(model: nn.Module) -> bool:
+    """Whether ``lm_head.weight`` is the input embedding matrix itself (then it is saved once)."""
+    head = getattr(model, "lm_head", None)
+    if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        return False
+    embeddings = model.get_input_embeddings().weight
+    if head.weight is embeddings:
+        return True
+    on_data = head.weight.device.type != "meta" and embeddings.device.type != "meta"
+    return on_data and head.weight.data_ptr() == embeddings.data_ptr()
 
 
 def _cache_is_empty(cache) -> bool:

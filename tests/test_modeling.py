@@ -71,6 +71,9 @@ def make_inputs(processor, case: str):
     if case == "several_images":
         return processor(images=[photo(*WIDE), photo(*TALL), photo(*SQUARE)], text=[prompt(3, "Compare them.")],
                          return_tensors="pt")
+    if case == "image_and_text_only":
+        return processor(images=[photo(*TALL)], text=["[INST] Hi there [/INST]", prompt(1)], padding=True,
+                         return_tensors="pt")
     if case == "text_only":
         return processor(text=["[INST] Tell me a story. [/INST]", "[INST] Hi [/INST]"], padding=True,
                          return_tensors="pt")
@@ -119,7 +122,8 @@ def backbone(request, tiny_checkpoint_factory):
 # --- parity ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["single", "batch_mixed_sizes", "several_images", "text_only"])
+@pytest.mark.parametrize("case", ["single", "batch_mixed_sizes", "several_images", "image_and_text_only",
+                                  "text_only"])
 def test_logits_match_reference(backbone, case):
     _, processor, ours, reference = backbone
     inputs = make_inputs(processor, case)
@@ -200,6 +204,16 @@ def test_output_hidden_states_and_attentions_match_reference(tiny_checkpoint):
     assert mine.attentions[0].shape == (1, ours.config.text_config.num_attention_heads, seq, seq)
     for a, b in zip(mine.hidden_states + mine.attentions, theirs.hidden_states + theirs.attentions):
         torch.testing.assert_close(a, b, rtol=0, atol=FP32_ATOL)
+
+
+def test_stacked_4d_pixel_values_give_the_same_logits_as_padded_5d(mistral_pair):
+    processor, ours, _ = mistral_pair
+    inputs = make_inputs(processor, "batch_mixed_sizes")
+    tiles = [ours.config.image_geometry(h, w).num_tiles for h, w in inputs["image_sizes"].tolist()]
+    assert len(set(tiles)) > 1, "the case should pad one image's tiles"
+    stacked = torch.cat([pv[:n] for pv, n in zip(inputs["pixel_values"], tiles)])
+    torch.testing.assert_close(logits_of(ours, dict(inputs, pixel_values=stacked)), logits_of(ours, inputs),
+                               rtol=0, atol=0)
 
 
 def test_inputs_embeds_give_the_same_logits_as_input_ids(mistral_pair):
@@ -323,3 +337,10 @@ def test_full_strategy_with_clip_says_why(mistral_pair):
     processor, ours, _ = mistral_pair
     inputs = make_inputs(processor, "single")
     _raises_bad_request(ours, "CLS", vision_feature_select_strategy="full", **inputs)
+
+
+def test_tiles_of_the_wrong_size_say_which_setting_differs(mistral_pair):
+    processor, ours, _ = mistral_pair
+    inputs = make_inputs(processor, "single")
+    big = torch.nn.functional.interpolate(inputs["pixel_values"][0], size=(48, 48))[None]
+    _raises_bad_request(ours, "crop_size", **dict(inputs, pixel_values=big))
