@@ -144,14 +144,13 @@ class PluginManager(pluggy.PluginManager):
             for _, plugin in others:
                 self.unregister(plugin)
             for path, module in modules:
-                if self.is_blocked(path):
-                    continue
                 try:
-                    self.register(module, name=path)
+                    registered = self.register(module, name=path)  # None when blocked
                 except Exception as exc:
                     self._record_failure(path, "built-in module", exc)
                 else:
-                    self._builtin_names.append(path)
+                    if registered is not None:
+                        self._builtin_names.append(path)
             for name, plugin in others:
                 self.register(plugin, name=name)
 
