@@ -1,0 +1,77 @@
+"""The client in-process: one shared engine under clients on different event loops and threads."""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+import pytest
+from PIL import Image
+
+from llava_next_sdk import AsyncClient, Client, GenerationResult, InvalidImageError
+
+PROMPT = "Describe the picture."
+
+
+def picture(color) -> Image.Image:
+    return Image.new("RGB", (40, 30), color)
+
+
+async def greedy(client: AsyncClient, color) -> GenerationResult:
+    return await client.generate(picture(color), PROMPT, max_tokens=4, temperature=0)
+
+
+def test_clients_on_asyncio_and_trio_threads_share_one_engine(tiny_checkpoint):
+    """Two event loops of different kinds, at the same time, on one in-process engine."""
+    results: dict[str, object] = {}
+    engines: dict[str, object] = {}
+    start = threading.Barrier(2)
+
+    def run(backend: str) -> None:
+        async def main() -> None:
+            async with AsyncClient(model=str(tiny_checkpoint)) as client:
+                await greedy(client, "white")  # load (or find) the shared engine
+                start.wait(timeout=120)  # then both loops submit concurrently
+                with anyio.fail_after(120):
+                    results[backend] = [await greedy(client, c) for c in ("red", "blue")]
+                    async with client.stream(picture("red"), PROMPT, max_tokens=4, temperature=0) as stream:
+                        results[backend + "-stream"] = [d async for d in stream]
+                engines[backend] = client.transport._engine
+
+        try:
+            anyio.run(main, backend=backend)
+        except BaseException as exc:  # surfaced by the assertions below
+            results[backend] = exc
+
+    threads = [threading.Thread(target=run, args=(backend,)) for backend in ("asyncio", "trio")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    for backend in ("asyncio", "trio"):
+        assert isinstance(results[backend], list), results[backend]
+    assert engines["asyncio"] is engines["trio"]
+    texts = {backend: [r.text for r in results[backend]] for backend in ("asyncio", "trio")}
+    assert texts["asyncio"] == texts["trio"]
+    assert "".join(results["asyncio-stream"]) == "".join(results["trio-stream"]) == texts["asyncio"][0]
+    usage = results["trio"][0].usage
+    assert usage.completion_tokens == 4 and usage.image_tokens and usage.prompt_tokens > usage.image_tokens
+
+
+@pytest.mark.anyio
+async def test_the_local_client_maps_in_order_and_records_failures(tiny_checkpoint):
+    async with AsyncClient(model=str(tiny_checkpoint)) as client:
+        alone = [await greedy(client, c) for c in ("red", "green")]
+        results = await client.map([(picture("red"), PROMPT), ([b"not an image"], PROMPT), (picture("green"), PROMPT)],
+                                   concurrency=2, max_tokens=4, temperature=0)
+    assert isinstance(results[1], InvalidImageError) and results[1].index == 0
+    assert [results[0].text, results[2].text] == [r.text for r in alone]
+
+
+def test_the_sync_client_runs_a_local_model(tiny_checkpoint):
+    with Client(model=str(tiny_checkpoint)) as client:
+        result = client.generate(picture("red"), PROMPT, max_tokens=4, temperature=0)
+        with client.stream(picture("red"), PROMPT, max_tokens=4, temperature=0) as stream:
+            deltas = list(stream)
+    assert "".join(deltas) == result.text == stream.result.text
+    assert result.usage.completion_tokens == 4
