@@ -87,8 +87,8 @@ FAMILIES: tuple[str, ...] = tuple(FAMILY_TEMPLATES)
 
 _FAMILY_ALIASES = {"yi": "chatml", "qwen": "chatml", "qwen2": "chatml", "llama-3": "llama3", "llama_3": "llama3"}
 _FAMILY_BY_MODEL_TYPE = {"mistral": "mistral", "mixtral": "mistral", "qwen2": "chatml", "llama": "vicuna"}
-# Markers that show a string prompt is already in some family's chat format.
-_FORMATTED_MARKERS = ("[INST]", "USER:", "<|im_start|>", "<|start_header_id|>")
+# Marker sets that show a string prompt is already in some family's chat format (all of a set present).
+_FORMATTED_MARKERS = (("[INST]", "[/INST]"), ("USER:", "ASSISTANT:"), ("<|im_start|>",), ("<|start_header_id|>",))
 
 
 @hookimpl
@@ -137,7 +137,8 @@ def build_prompt(prompt_or_messages: str | list, tokenizer: Any = None, config: 
     :param prompt_or_messages: a plain prompt (``"What does this chart show?"``), or chat messages
         ``[{"role": "user", "content": "..." | [{"type": "image"}, {"type": "text", "text": "..."}]}]``
         (OpenAI ``image_url`` parts count as images). A string already in a chat format (it contains
-        ``[INST]``, ``USER:``, ``<|im_start|>`` or ``<|start_header_id|>``) is returned unchanged.
+        ``[INST]`` and ``[/INST]``, ``USER:`` and ``ASSISTANT:``, ``<|im_start|>`` or
+        ``<|start_header_id|>``) is returned unchanged.
     :param tokenizer: the checkpoint's processor or tokenizer; its ``chat_template`` is used when present.
     :param config: the checkpoint's config (object or dict), used to tell the family.
     :param family: use this family's format (see :data:`FAMILIES`, or one a plugin adds), even when the
@@ -148,7 +149,7 @@ def build_prompt(prompt_or_messages: str | list, tokenizer: Any = None, config: 
         *num_images*, an unknown *family*, or a checkpoint whose family cannot be told.
     """
     wanted = 1 if num_images is None else num_images
-    if isinstance(prompt_or_messages, str) and any(m in prompt_or_messages for m in _FORMATTED_MARKERS):
+    if isinstance(prompt_or_messages, str) and _is_formatted(prompt_or_messages):
         found = prompt_or_messages.count(IMAGE_PLACEHOLDER)
         if found != wanted:
             raise BadRequestError(f"the prompt is already in a chat format and has {found} {IMAGE_PLACEHOLDER} "
@@ -165,6 +166,10 @@ def build_prompt(prompt_or_messages: str | list, tokenizer: Any = None, config: 
             return _render(checkpoint_template, messages, tok)
     template = _family_template(family, tok, config)
     return _render(template, messages, tok)
+
+
+def _is_formatted(prompt: str) -> bool:
+    return any(all(marker in prompt for marker in markers) for markers in _FORMATTED_MARKERS)
 
 
 def _family_template(family: str | None, tokenizer: Any, config: Any) -> str:

@@ -111,6 +111,9 @@ def test_a_prompt_already_in_chat_format_is_kept():
     assert build_prompt(EXPECTED["llama3"], None, MISTRAL) == EXPECTED["llama3"]
     with pytest.raises(BadRequestError, match=r"already in a chat format and has 0 <image> placeholder\(s\) for 1"):
         build_prompt("USER: What is shown? ASSISTANT:", None, LLAMA)
+    # A question that merely mentions one marker is a question.
+    assert build_prompt("Who is USER: in this log?", None, LLAMA) == (
+        VICUNA_SYSTEM + " USER: <image>\nWho is USER: in this log? ASSISTANT:")
 
 
 def test_multi_turn_conversations_with_a_system_message():
