@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from transformers import (
     BitsAndBytesConfig,
+    StaticCache,
     LlavaNextProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
@@ -120,6 +121,21 @@ def test_static_cache_gives_the_same_tokens_as_the_dynamic_cache(pair):
     static = _generate(ours, inputs, do_sample=False, cache_implementation="static")
     assert torch.equal(static, dynamic)
     assert torch.equal(static, _generate(reference, inputs, do_sample=False, cache_implementation="static"))
+
+
+def test_decode_step_with_static_cache_compiles_without_graph_breaks(pair):
+    """``torch.compile(fullgraph=True)`` traces the decode step (eager backend: tracing, no codegen)."""
+    _, inputs, ours, _ = pair
+    compiled_step = torch.compile(ours.forward, backend="eager", fullgraph=True)
+    logits = []
+    for step in (ours.forward, compiled_step):
+        cache = StaticCache(config=ours.config, max_cache_len=inputs["input_ids"].shape[1] + 4)
+        with torch.no_grad():
+            prefill = ours(**inputs, cache=cache, use_cache=True)
+            next_ids = prefill.logits[:, -1:].argmax(-1)
+            mask = torch.cat([inputs["attention_mask"], torch.ones_like(next_ids)], dim=1)
+            logits.append(step(input_ids=next_ids, attention_mask=mask, cache=cache, use_cache=True).logits)
+    torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
