@@ -414,7 +414,7 @@ def to_rgb_array(image: Any, index: int, input_data_format: Any = None, convert_
         pixels = pixels.astype(np.uint8) * 255
     if pixels.dtype != np.uint8:
         raise InvalidImageError(
-            f"image arrays must be uint8 (0..255) for this processor, got {pixels.dtype}: convert with "
+            f"arrays must be uint8 (0..255) for this processor, got {pixels.dtype}: convert with "
             "(x * 255).round().astype(np.uint8) for [0, 1] floats, or use LlavaNextImageProcessorFast",
             index=index,
         )

@@ -7,8 +7,9 @@ large tensor operations per image:
 1. two resizes of the original image (``torch.nn.functional.interpolate``, antialiased; uint8
    kernels on CPU, float on CUDA, rounded back to whole pixel values);
 2. the fitted image pasted once into a canvas of the best resolution;
-3. one fused multiply-add (rescale + normalize) that reads the canvas through a tiling *view*
-   (``[3, rows*T, cols*T] -> [rows, cols, 3, T, T]``) and writes straight into ``pixel_values``.
+3. one copy that reads the canvas through a tiling *view* (``[3, rows*T, cols*T] ->
+   [rows, cols, 3, T, T]``) and writes straight into ``pixel_values``;
+4. one in-place multiply-add (rescale + normalize fused) over the whole batch.
 
 torchvision is not needed. Inputs: PIL images, numpy uint8 arrays ``[H, W(, C)]``, torch uint8 or
 float tensors ``[C, H, W]`` (on any device), lists of them, or 4-D batches.
@@ -131,10 +132,13 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
             else:
                 pixel_values = [torch.empty((n, 3, view_h, view_w), device=device) for n in counts]
             for i, image in enumerate(pixels):
-                out = pixel_values[i]
-                self.write_views(image, settings, mode, out[: counts[i]], scale, offset)
-                if counts[i] < out.shape[0]:
-                    out[counts[i]:].zero_()
+                self.copy_views(image, settings, mode, pixel_values[i][: counts[i]])
+            # Rescale + normalize in one multiply-add over everything, then clear the padding views.
+            for values in pixel_values if isinstance(pixel_values, list) else [pixel_values]:
+                values.mul_(scale).add_(offset)
+            for i, count in enumerate(counts):
+                if settings.do_pad and count < pixel_values.shape[1]:
+                    pixel_values[i, count:].zero_()
         kind = getattr(return_tensors, "value", return_tensors)
         image_sizes = torch.tensor(sizes, dtype=torch.int64).reshape(len(sizes), 2)
         if kind == "np":
@@ -146,15 +150,8 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
         return BatchFeature(data={"pixel_values": pixel_values, "image_sizes": image_sizes})
 
     @staticmethod
-    def write_views(
-        image: torch.Tensor,
-        settings: PreprocessSettings,
-        mode: str,
-        out: torch.Tensor,
-        scale: torch.Tensor,
-        offset: torch.Tensor,
-    ) -> None:
-        """Normalize the views of one ``[3, H, W]`` image into ``out`` ``[1 + rows*cols, 3, h, w]``."""
+    def copy_views(image: torch.Tensor, settings: PreprocessSettings, mode: str, out: torch.Tensor) -> None:
+        """The views of one ``[3, H, W]`` image, as float pixel values, into ``out`` ``[1 + rows*cols, 3, h, w]``."""
         height, width = image.shape[-2:]
         best_h, best_w = settings.best_resolution(height, width)
         new_h, new_w = geometry.resize_within(height, width, best_h, best_w)
@@ -178,10 +175,10 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
                 tiles = _resize(tiles.float() if whole_pixels else tiles, settings.view_resize, mode, whole_pixels)
             if settings.center_crop:
                 tiles, base = _center_crop(tiles, settings.center_crop), _center_crop(base, settings.center_crop)
-            torch.mul(tiles, scale, out=out[1:]).add_(offset)
+            out[1:].copy_(tiles)
         else:
-            torch.mul(tiles, scale, out=out[1:].view(rows, cols, 3, tile, tile)).add_(offset)
-        torch.mul(base[0], scale, out=out[0]).add_(offset)
+            out[1:].view(rows, cols, 3, tile, tile).copy_(tiles)
+        out[0].copy_(base[0])
 
 
 def _target_device(images: list[Any], device: str | torch.device | None) -> torch.device:
@@ -222,7 +219,7 @@ def _tensor_to_rgb(image: torch.Tensor, index: int, input_data_format: Any, conv
         image = image.to(torch.uint8) * 255
     if image.dtype != torch.uint8 and image.dtype not in FLOAT_DTYPES:
         raise InvalidImageError(
-            f"image tensors must be uint8 (0..255) or float, got {image.dtype}: convert with .to(torch.uint8)",
+            f"tensors must be uint8 (0..255) or float, got {image.dtype}: convert with .to(torch.uint8)",
             index=index,
         )
     if image.dtype in (torch.float16, torch.bfloat16, torch.float64):
