@@ -26,6 +26,7 @@ handle``), and cancelled from anywhere.
 from __future__ import annotations
 
 import collections
+import copy
 import inspect
 import itertools
 import logging
@@ -353,6 +354,10 @@ class Engine:
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
+        # Tokenizers are not safe to share between threads that encode and decode at once: callers'
+        # threads prepare (one at a time), the engine thread decodes with its own copy.
+        self._prepare_lock = threading.Lock()
+        self._detokenizer = copy.deepcopy(self.tokenizer)
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.default_max_tokens = default_max_tokens
@@ -469,7 +474,8 @@ class Engine:
             from .prompts import build_prompt
 
             prompt = build_prompt(messages, self.processor, self.model.config, num_images=len(images))
-        inputs = self.processor(images=list(images) or None, text=prompt, return_tensors="pt")
+        with self._prepare_lock:
+            inputs = self.processor(images=list(images) or None, text=prompt, return_tensors="pt")
         input_ids = inputs["input_ids"]
         prompt_tokens = int(input_ids.shape[-1])
         room = self.max_context - prompt_tokens
@@ -549,9 +555,28 @@ class Engine:
     def _step(self, joiners: list[RequestHandle]) -> None:
         self._drop([s for s in self._slots if s.handle.cancelled], "cancelled")
         if joiners:
-            self._prefill(joiners)
+            self._prefill_isolating_failures(joiners)
         if self._slots:
             self._decode()
+
+    def _prefill_isolating_failures(self, joiners: list[RequestHandle]) -> None:
+        """Prefill the joiners together; if that fails, one by one, so only a request that fails alone fails.
+
+        A failure after the joiners were merged into the batch propagates (the batch's state is suspect).
+        """
+        try:
+            self._prefill(joiners)
+            return
+        except Exception as exc:
+            if any(slot.handle in joiners for slot in self._slots):
+                raise
+            if len(joiners) == 1:
+                logger.exception("prefill failed for request %s", joiners[0].id)
+                error = exc if isinstance(exc, LlavaNextError) else ServerError(f"generation failed: {exc!r}")
+                self._record_end(joiners[0], None, error)
+                return
+        for handle in joiners:
+            self._prefill_isolating_failures([handle])
 
     @torch.inference_mode()
     def _prefill(self, handles: list[RequestHandle]) -> None:
@@ -582,7 +607,7 @@ class Engine:
             if params.temperature > 0:
                 generator = torch.Generator(device=self.device)
                 generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-            new_slots.append(_Slot(handle=handle, text=_TextStream(self.tokenizer, params.stop),
+            new_slots.append(_Slot(handle=handle, text=_TextStream(self._detokenizer, params.stop),
                                    generator=generator, position=length, started_at=now))
             self._call_hook("llava_next_before_generate", request_id=handle.id, request={
                 "model": self.model_name, "num_images": handle.prepared.num_images,

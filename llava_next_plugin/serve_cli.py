@@ -7,9 +7,14 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import os
 import sys
+
+for _module in ("starlette", "uvicorn"):
+    if importlib.util.find_spec(_module) is None:  # tells llava_next_plugin.cli that serve is not installed
+        raise ImportError(f"{_module} is not installed; pip install 'llava-next-plugin[serve]'")
 
 __all__ = ["add_serve_parser", "run_serve", "main"]
 
@@ -29,7 +34,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--allow-url-domain", action="append", default=[], metavar="DOMAIN",
                         help="fetch http(s) image URLs from DOMAIN and its subdomains (repeatable; default: none, "
                              "only data: URLs)")
-    parser.add_argument("--device", default=None, help="torch device (default: cpu)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: the checkpoint's)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; then 429")
@@ -59,8 +64,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from .validation import Limits
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
     dtype = None if args.dtype in (None, "auto") else args.dtype
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype,
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    engine = Engine.from_pretrained(args.model, device=device, dtype=dtype,
                                     max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                                     model_name=args.served_model_name or args.model)
     limits = Limits(max_images_per_request=args.max_images_per_request, max_image_pixels=args.max_image_pixels,

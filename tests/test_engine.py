@@ -269,3 +269,16 @@ def test_our_model_class_runs_in_the_engine_and_matches_the_reference(tiny_check
         assert got == expected
     finally:
         ours.shutdown()
+
+
+def test_a_request_the_model_rejects_fails_alone_and_the_engine_keeps_serving(engine):
+    from llava_next_sdk.errors import ServerError
+
+    good_alone = engine.generate(ask("Fine"), [photo(60, 60)], GREEDY)
+    bad = engine.prepare(ask("Broken"), [photo(80, 50)], GREEDY)
+    bad.image_sizes = torch.tensor([[500, 20]])  # image tokens no longer match the image's features
+    handles = [engine.submit(bad), engine.submit(engine.prepare(ask("Fine"), [photo(60, 60)], GREEDY))]
+    with pytest.raises(ServerError, match="generation failed"):
+        handles[0].result(timeout=120)
+    assert handles[1].result(timeout=120).token_ids == good_alone.token_ids
+    assert engine.generate(ask("Fine"), [photo(60, 60)], GREEDY).token_ids == good_alone.token_ids
