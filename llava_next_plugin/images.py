@@ -306,7 +306,7 @@ def _bomb_message(what: str, detail: str) -> str:
             f"bombs; use a smaller image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust this one")
 
 
-def to_rgb(image: Image.Image, what: str = "image") -> Image.Image:
+def to_rgb(image: Image.Image, what: str = "the image") -> Image.Image:
     """A fully decoded, upright, non-empty RGB version of *image* (the same object if it already is).
 
     Transparency (RGBA, LA, PA, P with a transparent colour) is composited onto white, as transformers'
