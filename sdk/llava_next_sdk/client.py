@@ -110,7 +110,7 @@ class AsyncClient:
 
     # --------------------------------------------------------------------------- calls
 
-    async def generate(self, images: Any = None, prompt: str = "", *, system: str | None = None,
+    async def generate(self, images: Any, prompt: str, *, system: str | None = None,
                        **params: Any) -> GenerationResult:
         """Answer *prompt* about *images* (one image, a list of them, or ``None``).
 
@@ -133,8 +133,7 @@ class AsyncClient:
         self._check_open()
         return await self.transport.generate(await self._chat_request(messages, params))
 
-    def stream(self, images: Any = None, prompt: str = "", *, system: str | None = None,
-               **params: Any) -> "TextStream":
+    def stream(self, images: Any, prompt: str, *, system: str | None = None, **params: Any) -> "TextStream":
         """Like :meth:`generate`, as an async context manager yielding text deltas::
 
             async with client.stream(image, "Describe it.") as stream:
@@ -296,13 +295,14 @@ class TextStream:
         return self
 
     async def __aexit__(self, *exc: Any) -> Any:
-        try:
-            aclose = getattr(self._items, "aclose", None)
-            if aclose is not None:  # an async generator left suspended must not wait for the GC
-                with anyio.CancelScope(shield=True):
+        aclose = getattr(self._items, "aclose", None)
+        if aclose is not None:  # an async generator left suspended must not wait for the garbage collector
+            with anyio.CancelScope(shield=True):
+                try:
                     await aclose()
-        finally:
-            return await self._context.__aexit__(*exc)
+                except Exception:
+                    pass  # the transport's own exit below reports what matters
+        return await self._context.__aexit__(*exc)
 
     def __aiter__(self) -> "TextStream":
         return self
@@ -405,7 +405,7 @@ class Client:
     def async_client(self) -> AsyncClient:
         return self._async
 
-    def generate(self, images: Any = None, prompt: str = "", **kwargs: Any) -> GenerationResult:
+    def generate(self, images: Any, prompt: str, **kwargs: Any) -> GenerationResult:
         return self._runner.run(self._async.generate(images, prompt, **kwargs))
 
     def chat(self, messages: Sequence[Mapping | ChatMessage], **params: Any) -> GenerationResult:
@@ -414,7 +414,7 @@ class Client:
     def map(self, items: Iterable[Any], *, concurrency: int = 4, **params: Any) -> list[GenerationResult | Exception]:
         return self._runner.run(self._async.map(items, concurrency=concurrency, **params))
 
-    def stream(self, images: Any = None, prompt: str = "", **kwargs: Any) -> "SyncTextStream":
+    def stream(self, images: Any, prompt: str, **kwargs: Any) -> "SyncTextStream":
         return SyncTextStream(self._runner, self._async.stream(images, prompt, **kwargs))
 
     def stream_chat(self, messages: Sequence[Mapping | ChatMessage], **params: Any) -> "SyncTextStream":

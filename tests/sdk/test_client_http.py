@@ -90,6 +90,28 @@ async def test_every_image_source_is_sent_as_the_same_pixels_or_url(standin, tmp
     assert [p["type"] for p in content] == ["image_url"] * len(sources) + ["text"]
 
 
+async def test_images_are_read_and_encoded_off_the_event_loop(standin, tmp_path):
+    import threading
+
+    loop_thread = threading.current_thread()
+    encoded_on = []
+
+    class RecordingImage(Image.Image):
+        """A PIL image that notes which thread encodes it."""
+
+        def save(self, *args, **kwargs):
+            encoded_on.append(threading.current_thread())
+            return super().save(*args, **kwargs)
+
+    image = RecordingImage()
+    image.__dict__.update(Image.new("RGB", (6, 4), "green").__dict__)
+    url, record = standin.endpoint("ok")
+    async with client_for(url) as client:
+        await client.generate(image, "hi")
+    assert encoded_on and loop_thread not in encoded_on
+    assert decode_png(image_urls(record.bodies[0])[0])[0, 0].tolist() == [0, 128, 0]
+
+
 @pytest.mark.parametrize("bad, message", [
     ("/no/such/picture.png", "no such image file"),
     (b"not an image at all", "not a readable image"),
