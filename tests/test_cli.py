@@ -1,0 +1,198 @@
+"""The `llava-next` command: ask, caption (batches, resume), tiny-checkpoint, help, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoints
+from llava_next_plugin.cli import main, read_done
+from llava_next_plugin.tiny import MARKER_FILE, build_tiny_checkpoint
+
+QUESTION = "What is in this picture?"
+
+
+def demo_checkpoint(tmp_path_factory):
+    """The `llava-next tiny-checkpoint` folder, built once per test session."""
+    folder = tmp_path_factory.getbasetemp() / "llava-next-demo-tiny"
+    if not (folder / MARKER_FILE).exists():
+        build_tiny_checkpoint(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return demo_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """A folder with three photos, a text file (ignored) and nothing else."""
+    folder = tmp_path_factory.mktemp("photos")
+    for name, size in (("a.png", (60, 40)), ("b.jpg", (40, 90)), ("c.png", (50, 50))):
+        checkpoints.real_photo("chelsea.png").convert("RGB").resize(size).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(checkpoint):
+    from transformers import pipeline
+
+    return pipeline("image-to-text", model=str(checkpoint), device="cpu")
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("llava-next: error: ") and "Traceback" not in err
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", [[], ["ask"], ["caption"], ["tiny-checkpoint"], ["serve"]])
+def test_help_everywhere(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: llava-next")
+    if not command:
+        for name in ("ask", "caption", "tiny-checkpoint", "serve"):
+            assert name in out
+    if command == ["ask"]:
+        unwrapped = "".join(out.split())  # argparse wraps long help lines, at hyphens too
+        assert "llava-hf/llava-v1.6-mistral-7b-hf" in unwrapped and "--model" in out
+
+
+def test_ask_prints_the_answer_and_says_the_weights_are_random(checkpoint, images, pipe, capsys):
+    code, out, err = run(capsys, "ask", images / "a.png", "--model", checkpoint, "--prompt", QUESTION,
+                         "--max-new-tokens", 6, "--device", "cpu")
+    assert code == 0
+    expected = pipe(str(images / "a.png"), prompt=QUESTION, max_new_tokens=6)[0]["generated_text"]
+    assert out.strip() == expected and out.endswith("\n")
+    assert "RANDOM weights" in err
+
+
+def test_ask_with_several_images_is_one_request(checkpoint, images, pipe, capsys):
+    code, out, _ = run(capsys, "ask", images / "a.png", images / "b.jpg", "--model", checkpoint,
+                       "--prompt", "Which is taller?", "--max-new-tokens", 5, "--device", "cpu")
+    assert code == 0
+    expected = pipe([[str(images / "a.png"), str(images / "b.jpg")]], prompt=["Which is taller?"],
+                    max_new_tokens=5)[0][0]["generated_text"]
+    assert out.strip() == expected
+
+
+def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(checkpoint, images, tmp_path, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n but nothing after the signature")
+    cases = {
+        "does not exist": ["ask", tmp_path / "missing.png", "--model", checkpoint],
+        "not an image": ["ask", broken, "--model", checkpoint],
+        "2 <image> placeholders but 1 image": ["ask", images / "a.png", "--model", checkpoint,
+                                               "--prompt", "<image> <image> compare"],
+        "model": ["ask", images / "a.png", "--model", tmp_path / "no-such-model"],
+        "is not a folder": ["caption", tmp_path / "nowhere", "--out", tmp_path / "r.jsonl", "--model", checkpoint],
+        "at least 1": ["caption", images, "--out", tmp_path / "r.jsonl", "--batch-size", 0],
+    }
+    for expected, argv in cases.items():
+        code, out, err = run(capsys, *argv)
+        assert code == 1, (argv, err)
+        assert expected in one_error_line(err), err
+        assert out == ""
+
+
+def test_wrong_arguments_exit_with_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["ask"])
+    assert info.value.code == 2
+    assert "usage: llava-next ask" in capsys.readouterr().err
+
+
+def test_caption_resumes_and_never_leaves_half_a_line(checkpoint, images, tmp_path, pipe, capsys):
+    out = tmp_path / "results.jsonl"
+    kept = json.dumps({"image": "a.png", "prompt": "earlier", "generated_text": "from an earlier run"})
+    out.write_text(kept + "\n" + '{"image": "b.jpg", "prompt": "cut off mid-wri')  # an interrupted write
+    code, stdout, err = run(capsys, "caption", images, "--prompt", QUESTION, "--out", out, "--model", checkpoint,
+                            "--batch-size", 2, "--max-new-tokens", 5, "--device", "cpu")
+    assert code == 0, err
+    assert "captioning" in err  # the progress bar
+    text = out.read_text()
+    assert text.endswith("\n")
+    lines = text.splitlines()
+    assert lines[0] == kept
+    records = [json.loads(line) for line in lines]
+    assert [r["image"] for r in records] == ["a.png", "b.jpg", "c.png"]
+    for record in records[1:]:
+        expected = pipe(str(images / record["image"]), prompt=QUESTION, max_new_tokens=5)[0]["generated_text"]
+        assert record == {"image": record["image"], "prompt": QUESTION, "generated_text": expected}
+
+    code, _, err = run(capsys, "caption", images, "--out", out, "--model", checkpoint)
+    assert code == 0 and "already" in err
+    assert out.read_text() == text
+    assert read_done(out) == {"a.png", "b.jpg", "c.png"}
+
+
+def test_caption_skips_unreadable_images_and_reports_them(checkpoint, images, tmp_path, capsys):
+    folder = tmp_path / "mixed"
+    shutil.copytree(images, folder)
+    (folder / "bad.png").write_bytes(b"garbage")
+    out = tmp_path / "mixed.jsonl"
+    code, _, err = run(capsys, "caption", folder, "--out", out, "--model", checkpoint, "--max-new-tokens", 2,
+                       "--device", "cpu", "--batch-size", 3)
+    assert code == 1
+    assert "skipped bad.png" in err and "1 image(s) could not be read" in err and "Traceback" not in err
+    assert sorted(json.loads(line)["image"] for line in out.read_text().splitlines()) == ["a.png", "b.jpg", "c.png"]
+
+
+def test_tiny_checkpoint_refuses_a_non_empty_folder(checkpoint, capsys):
+    code, _, err = run(capsys, "tiny-checkpoint", checkpoint)
+    assert code == 1 and "not an empty folder" in one_error_line(err)
+
+
+def test_tiny_checkpoint_layers_are_64_wide_and_in_hub_layout(checkpoint):
+    from safetensors import safe_open
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(str(checkpoint))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(min(m.in_features, m.out_features) >= 64 for m in linears)
+    with safe_open(str(checkpoint / "model.safetensors"), "pt") as weights:
+        keys = set(weights.keys())
+    assert "language_model.lm_head.weight" in keys and "image_newline" in keys
+    assert any(k.startswith("vision_tower.vision_model.encoder.") for k in keys)
+    assert any(k.startswith("language_model.model.layers.") for k in keys)
+    for name in ("config.json", "tokenizer.json", "tokenizer.model", "processor_config.json", "chat_template.jinja",
+                 "README.md", MARKER_FILE):
+        assert (checkpoint / name).is_file(), name
+    assert "random" in (checkpoint / "README.md").read_text().lower()
+
+
+def _command() -> list[str]:
+    found = shutil.which("llava-next")
+    return [found] if found else [sys.executable, "-m", "llava_next_plugin.cli"]
+
+
+def test_main_job_offline_through_the_installed_command(tmp_path, images, capsys):
+    """The README's main job: `llava-next tiny-checkpoint ./tiny && llava-next ask IMAGE --model ./tiny ...`
+    (the first step in-process, the second through the installed command in a fresh, offline process)."""
+    code, out, _ = run(capsys, "tiny-checkpoint", tmp_path / "tiny")
+    assert code == 0 and "RANDOM weights" in out
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    asked = subprocess.run([*_command(), "ask", str(images / "a.png"), "--model", "./tiny", "--prompt", QUESTION,
+                            "--max-new-tokens", "4"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert asked.returncode == 0, asked.stderr
+    assert asked.stdout.strip()
+    assert asked.stderr.strip() == "note: ./tiny holds RANDOM weights (a tiny demo checkpoint): the answers are gibberish."
