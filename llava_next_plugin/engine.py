@@ -28,9 +28,7 @@ from __future__ import annotations
 import collections
 import copy
 import inspect
-import itertools
 import logging
-import math
 import threading
 import time
 import uuid
@@ -385,18 +383,19 @@ class Engine:
         self._accepting = True
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.stats = collections.Counter()  # requests_total/<outcome>, prompt_tokens, completion_tokens, ...
+        # requests_<outcome> (ok, cancelled, server_error...), requests_rejected, prompt_tokens,
+        # completion_tokens, image_tokens, batched_steps (decode steps with more than one request)
+        self.stats: collections.Counter = collections.Counter()
 
     @classmethod
     def from_pretrained(cls, path: str, *, device: str | None = None, dtype: torch.dtype | str | None = None,
                         **kwargs: Any) -> "Engine":
-        """Load the model and processor from a folder or hub id with the Auto classes and start the engine."""
+        """Load the model and processor from a folder or hub id with the Auto classes and start the engine.
+
+        Importing this package registered our classes with the Auto classes, so they are ours.
+        """
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        try:
-            import llava_next_plugin  # noqa: F401  (registers our classes with the Auto classes)
-        except ImportError:
-            pass
         processor = AutoProcessor.from_pretrained(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or "auto")
         if device:

@@ -10,9 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai

@@ -35,8 +35,9 @@ class LocalTransport:
     Args:
         model: a checkpoint folder or hub id (loaded once per process and options).
         engine: an engine to use instead (then *model* only names it).
-        limits: a :class:`llava_next_plugin.validation.Limits` (client option ``request_limits=``); by default the server's limits except that
-            ``http(s)`` image URLs from any host are fetched (this is the user's own process).
+        limits: a :class:`llava_next_plugin.validation.Limits` (client option ``request_limits=``); by
+            default the server's limits except that ``http(s)`` image URLs from any host are fetched (this is
+            the user's own process).
         engine_options: ``device``, ``dtype``, ``max_batch_size``, ... for the shared engine.
     """
 
