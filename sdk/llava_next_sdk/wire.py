@@ -83,6 +83,8 @@ _SSE_LINE_END = re.compile(r"\r\n|\r|\n")
 # Request fields we understand, besides the sampling parameters of GenerationParams.
 _REQUEST_FIELDS = {"model", "messages", "stream", "stream_options", "max_completion_tokens", "n", "user"}
 # Message roles as OpenAI names them -> ours ("developer" is the newer name of "system").
+_STATUS_BY_ERROR_TYPE = {"invalid_request_error": 400, "authentication_error": 401, "not_found_error": 404,
+                         "overloaded_error": 429, "server_error": 500}
 _ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -330,11 +332,9 @@ def parse_stream_chunk(data: Any) -> StreamChunk:
     if not isinstance(data, Mapping):
         raise _malformed("stream chunk", data)
     if "error" in data:
-        err = data["error"]
-        status = 500
-        if isinstance(err, Mapping) and isinstance(err.get("status"), int):
-            status = err["status"]
-        raise error_from_status(status, dict(data))
+        err = data["error"] if isinstance(data["error"], Mapping) else {}
+        # No HTTP status mid-stream: the error's type stands for it.
+        raise error_from_status(_STATUS_BY_ERROR_TYPE.get(err.get("type"), 500), dict(data))
     delta, finish_reason = "", None
     choices = data.get("choices") or []
     if not isinstance(choices, list):

@@ -98,6 +98,8 @@ def _error(status: int, message: str, code: str | None, headers: dict | None = N
 async def _scenario(name: str, record: Record, body: dict):
     if name == "ok":
         return _ok(body)
+    if name == "ignores_stream":  # answers every request with a plain JSON completion
+        return _ok({**body, "stream": False})
     if name == "rate_limited":  # 429 with Retry-After once, then fine
         if record.count == 1:
             return _error(429, "Rate limit reached, retry in 1s", "rate_limit_exceeded", {"Retry-After": "1"})

@@ -180,6 +180,15 @@ async def test_stream_yields_deltas_then_usage(standin):
     assert record.bodies[0]["stream_options"] == {"include_usage": True}
 
 
+async def test_a_stream_from_an_endpoint_that_ignores_stream_still_works(standin):
+    url, _ = standin.endpoint("ignores_stream")
+    async with client_for(url) as client:
+        async with client.stream(None, "plain json") as stream:
+            deltas = [d async for d in stream]
+    assert deltas == ["echo[0]: plain json"]
+    assert stream.result.usage.prompt_tokens == 7 and stream.finish_reason == "stop"
+
+
 # ------------------------------------------------------------------------------------------ robustness
 
 async def test_429_is_retried_after_the_servers_retry_after(standin):

@@ -146,10 +146,12 @@ def test_stream_chunks_are_valid_for_the_openai_client_and_parse_back():
     assert parsed[4].usage == RESULT.usage and parsed[4].timings == RESULT.timings
 
 
-def test_an_error_chunk_raises_its_error_class():
-    error = ContextLengthExceededError("too long", param="messages")
-    with pytest.raises(ContextLengthExceededError, match="too long"):
+@pytest.mark.parametrize("error", [ContextLengthExceededError("too long", param="messages"),
+                                   BadRequestError("bad"), OverloadedError("busy"), ServerError("boom")])
+def test_an_error_chunk_raises_its_error_class(error):
+    with pytest.raises(type(error), match=error.message) as info:
         wire.parse_stream_chunk(wire.build_error_body(error))
+    assert type(info.value) is type(error) and info.value.status == error.status
 
 
 @settings(max_examples=60, deadline=None)

@@ -108,22 +108,21 @@ class HTTPTransport:
             content = await self._read(response.aread())
         finally:
             await _close_quietly(response)
-        try:
-            data = json.loads(content)
-        except ValueError:
-            raise ServerError(f"the endpoint answered with a non-JSON body: {content[:200]!r}",
-                              status=response.status_code, request_id=_request_id(response)) from None
-        result = wire.parse_chat_response(data)
-        timings = result.timings
-        if timings.total_seconds is None:
-            timings = Timings(timings.queue_seconds, timings.time_to_first_token, time.perf_counter() - started)
-        return _replace(result, timings=timings, id=result.id or _request_id(response))
+        return self._parse_completion(content, response, started)
 
     @asynccontextmanager
     async def stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[StreamItem]]:
         body = wire.build_chat_request(request, model=self.model, stream=True, include_usage=self.include_usage)
         started = time.perf_counter()
         response = await self._open(body, stream=True)
+        if response.headers.get("content-type", "").startswith("application/json"):
+            # An endpoint that ignores "stream": one delta with the whole text, then the result.
+            try:
+                result = self._parse_completion(await self._read(response.aread()), response, started)
+            finally:
+                await _close_quietly(response)
+            yield _ListItems([result.text, result] if result.text else [result])
+            return
         items = _SSEItems(self, response, started)
         try:
             yield items
@@ -202,6 +201,18 @@ class HTTPTransport:
                 continue
             raise error
 
+    def _parse_completion(self, content: bytes, response: httpx.Response, started: float) -> GenerationResult:
+        try:
+            data = json.loads(content)
+        except ValueError:
+            raise ServerError(f"the endpoint answered with a non-JSON body: {content[:200]!r}",
+                              status=response.status_code, request_id=_request_id(response)) from None
+        result = wire.parse_chat_response(data)
+        timings = result.timings
+        if timings.total_seconds is None:
+            timings = Timings(timings.queue_seconds, timings.time_to_first_token, time.perf_counter() - started)
+        return _replace(result, timings=timings, id=result.id or _request_id(response))
+
     async def _read(self, awaitable: Any) -> Any:
         """Await a body read, turning transport failures (after the response began) into our errors."""
         try:
@@ -212,6 +223,21 @@ class HTTPTransport:
         except httpx.TransportError as exc:
             raise APIConnectionError(f"the connection to {self.base_url} broke while reading the response: "
                                      f"{exc or type(exc).__name__}") from exc
+
+
+class _ListItems:
+    """Stream items that are already all here."""
+
+    def __init__(self, items: list[StreamItem]) -> None:
+        self._items = list(items)
+
+    def __aiter__(self) -> "_ListItems":
+        return self
+
+    async def __anext__(self) -> StreamItem:
+        if not self._items:
+            raise StopAsyncIteration
+        return self._items.pop(0)
 
 
 class _SSEItems:
