@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 import transformers
+from starlette.responses import Response
 
 import checkpoints
 from llava_next_plugin.engine import Engine, SamplingParams
@@ -260,3 +261,31 @@ def test_sigterm_drains_in_flight_requests_before_exit(tiny_checkpoint):
     assert usage["completion_tokens"] == 60
     with pytest.raises(httpx.TransportError):
         httpx.get(base + "/health")
+
+
+def test_image_urls_are_fetched_only_from_allowed_hosts_and_redirects_are_not_followed(engine):
+    from starlette.applications import Starlette
+    from starlette.responses import RedirectResponse
+    from starlette.routing import Route
+
+    png = base64.b64decode(data_url(40, 40).split(",", 1)[1])
+    images = Starlette(routes=[
+        Route("/cat.png", lambda request: Response(png, media_type="image/png")),
+        Route("/elsewhere", lambda request: RedirectResponse("http://169.254.169.254/cat.png"))])
+    limits = Limits(max_images_per_request=2, max_image_pixels=300 * 300, allowed_url_domains=("127.0.0.1",))
+    with serve_in_thread(images) as image_host, \
+            serve_in_thread(create_app(engine, limits=limits, shutdown_engine=False)) as running:
+        origin = f"http://127.0.0.1:{image_host.port}"
+
+        def ask_about(url):
+            return httpx.post(running.url + "/chat/completions",
+                              json={"messages": image_message("What?", url), "max_tokens": 2, "temperature": 0})
+
+        fetched = ask_about(origin + "/cat.png")
+        inline = ask_about(data_url(40, 40))
+        assert fetched.status_code == 200 and fetched.json()["usage"] == inline.json()["usage"]
+        assert fetched.json()["choices"][0]["message"] == inline.json()["choices"][0]["message"]
+        redirected = ask_about(origin + "/elsewhere")
+        assert redirected.status_code == 400 and "HTTP 307" in redirected.json()["error"]["message"]
+        other_host = ask_about(f"http://localhost:{image_host.port}/cat.png")
+        assert other_host.status_code == 400 and "allowed hosts: 127.0.0.1" in other_host.json()["error"]["message"]
