@@ -16,6 +16,7 @@ import asyncio
 import os
 import queue
 import threading
+import weakref
 from concurrent.futures import Future
 from typing import Any, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -374,10 +375,13 @@ class _LoopThread:
             raise
 
     def stop(self) -> None:
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(self.loop.stop)
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        if threading.current_thread() is self._thread:
+            return  # collected on our own thread: the loop stops when this callback returns
         self._thread.join(timeout=10)
-        if not self.loop.is_running():
+        if not self._thread.is_alive():
             self.loop.close()
 
 
@@ -400,6 +404,8 @@ class Client:
         except BaseException:
             self._runner.stop()
             raise
+        # A client dropped without close() still stops its thread when it is garbage collected.
+        self._finalizer = weakref.finalize(self, self._runner.stop)
 
     @property
     def async_client(self) -> AsyncClient:
@@ -426,7 +432,7 @@ class Client:
         try:
             self._runner.run(self._async.aclose())
         finally:
-            self._runner.stop()
+            self._finalizer()
 
     def __enter__(self) -> "Client":
         return self

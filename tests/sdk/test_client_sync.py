@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import subprocess
 import sys
@@ -75,11 +76,17 @@ def test_the_sync_client_works_inside_a_running_event_loop(standin):
 
 def test_closing_the_sync_client_stops_its_thread(standin):
     url, _ = standin.endpoint("ok")
-    before = {t.name for t in threading.enumerate()}
+    before = set(threading.enumerate())
     client = Client(base_url=url, model="m")
     client.generate(None, "x")
     client.close()
-    assert [t for t in threading.enumerate() if t.name == "llava-next-sdk-loop" and t.name not in before] == []
+    assert [t for t in threading.enumerate() if t.name == "llava-next-sdk-loop" and t not in before] == []
+    forgotten = Client(base_url=url, model="m")
+    thread = forgotten._runner._thread
+    del forgotten  # never closed: collecting it stops its thread
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
 
 
 def test_importing_the_sdk_and_a_remote_client_loads_neither_torch_nor_transformers():
