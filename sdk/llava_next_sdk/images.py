@@ -61,6 +61,8 @@ def _check_image_bytes(data: bytes, index: int | None, what: str) -> str:
         with Image.open(io.BytesIO(data)) as img:
             fmt = img.format
             img.verify()
+    except Image.DecompressionBombError as exc:
+        raise InvalidImageError(f"{what} is too large to decode safely ({exc})", index=index) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidImageError(f"{what} is not a readable image ({exc}); pass PNG, JPEG, WebP, GIF, BMP "
                                 "or TIFF data", index=index) from None
