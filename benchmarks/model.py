@@ -3,7 +3,7 @@
     python benchmarks/model.py                 # CPU, tiny random checkpoint (64+ features everywhere)
     python benchmarks/model.py --cuda          # + full llava-v1.6-mistral-7b geometry, random bf16 weights
 
-Timings: medians of ``--runs`` (>= 5) alternating runs (ours, reference, ours, ...) in one process, after
+Timings: medians of ``--runs`` (>= 5) alternating runs (ours, reference, reference, ours, ...) in one process, after
 one warm-up each. Peak memory: each model in its own subprocess (CPU: max RSS; CUDA: max allocated).
 The verdict line checks the speed goal: ratio of medians (ours / reference) at most 1.05.
 """
@@ -128,10 +128,12 @@ def compare_speed(models: dict, inputs: dict, runs: int, device: str) -> dict:
     for model in models.values():  # warm-up
         timed_generate(model, inputs, 2, device)
     times = {name: {"ttft": [], "gen": []} for name in models}
-    for _ in range(runs):
-        for name, model in models.items():
-            times[name]["ttft"].append(timed_generate(model, inputs, 1, device))
-            times[name]["gen"].append(timed_generate(model, inputs, NEW_TOKENS, device))
+    order = list(models)
+    for run in range(runs):
+        # ABBA order: neither model always runs first (caches, CPU frequency, neighbours' load).
+        for name in order if run % 2 == 0 else order[::-1]:
+            times[name]["ttft"].append(timed_generate(models[name], inputs, 1, device))
+            times[name]["gen"].append(timed_generate(models[name], inputs, NEW_TOKENS, device))
     return {name: {k: statistics.median(v) for k, v in t.items()} for name, t in times.items()}
 
 
@@ -197,7 +199,7 @@ def run_cuda(runs: int) -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--cuda", action="store_true", help="also run the full-geometry section on CUDA")
     parser.add_argument("--peak-child", choices=["ours", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
