@@ -162,10 +162,12 @@ class LlavaNextImageToTextPipeline(Pipeline):
 
     # --- the call ---------------------------------------------------------------------------
     def __call__(self, inputs: Any = None, prompt: Any = None, *, images: Any = None, text: Any = None,
-                 batch_size: int | None = None, timeout: float | None = None, **kwargs: Any):
+                 batch_size: int | None = None, timeout: float | None = None, num_workers: int | None = None,
+                 **kwargs: Any):
         """Generate an answer for each request (see the module docstring for the accepted shapes).
 
         Returns ``[{"generated_text": str}]`` for one request, a list of those for a batch.
+        ``num_workers`` is accepted for transformers' signature and unused (batches run in this thread).
         """
         if text is not None:
             if prompt is not None:
