@@ -94,6 +94,7 @@ class LlavaNextMultiModalProjector(nn.Module):
 # --- Packing order: cached per geometry ------------------------------------------------------------
 
 NEWLINE = -1  # marks an ``image_newline`` slot in a packing order
+_GEOMETRY_CACHE_SIZE = 4096  # distinct (height, width, ...) geometries kept per model
 
 
 @functools.lru_cache(maxsize=4096)
@@ -208,6 +209,8 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                     height, width, cfg.image_grid_pinpoints, cfg.tile_size, cfg.patch_size, strategy,
                     cfg.num_additional_image_tokens,
                 )
+            if len(self._geometry_cache) >= _GEOMETRY_CACHE_SIZE:
+                self._geometry_cache.clear()
             self._geometry_cache[key] = geom
         return geom
 
@@ -435,16 +438,16 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         image_outputs = None
         if pixel_values is not None:
             token_mask = self._image_token_mask(input_ids, inputs_embeds)
+            if not bool(token_mask.any()):
+                raise BadRequestError(
+                    f"pixel_values were given but the prompt has no <image> token (id "
+                    f"{self.config.image_token_id}): put <image> where each image goes and let the processor "
+                    f"expand it, or drop pixel_values",
+                    param="pixel_values",
+                )
             layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
             strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
             features, geoms = self._image_features(pixel_values, image_sizes, layer, strategy)
-            if not bool(token_mask.any()):
-                raise BadRequestError(
-                    f"pixel_values hold {len(geoms)} image(s) but the prompt has no <image> token "
-                    f"(id {self.config.image_token_id}): put <image> where each image goes and let the "
-                    f"processor expand it",
-                    param="pixel_values",
-                )
             self._check_counts(token_mask, geoms)
             features = features.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(token_mask.unsqueeze(-1), features)
