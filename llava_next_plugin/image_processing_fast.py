@@ -60,11 +60,21 @@ def _resize(image: torch.Tensor, size: tuple[int, int], mode: str, whole_pixels:
     return resized
 
 
-def _as_batch_of_one(image: torch.Tensor) -> torch.Tensor:
-    """``[3, H, W]`` -> ``[1, 3, H, W]``, keeping channels-last memory recognisable as such."""
-    if image.stride(0) == 0:  # an expanded grey image: give the kernel real channels
+def _resize_source(image: torch.Tensor) -> torch.Tensor:
+    """``[3, H, W]`` -> the ``[1, 3, H, W]`` both resizes read, in the layout their kernels like best.
+
+    torch's uint8 CPU resize kernels work on channels-last memory: PIL and numpy images already are
+    (``[H, W, 3]`` viewed as ``[3, H, W]``); planar uint8 tensors are interleaved once here (a stack
+    is several times faster than ``contiguous(memory_format=channels_last)`` for uint8). On other
+    devices uint8 images are converted to float once, for both resizes.
+    """
+    if image.stride(0) == 0:  # an expanded grey image: give the kernels real channels
         image = image.contiguous()
-    if image.stride(0) == 1:  # HWC memory (numpy / PIL): stride the batch dim so interpolate keeps it
+    if image.dtype == torch.uint8 and image.device.type != "cpu":
+        image = image.float()
+    elif image.dtype == torch.uint8 and image.stride(0) != 1:
+        image = torch.stack(image.unbind(0), dim=-1).permute(2, 0, 1)
+    if image.stride(0) == 1:  # channels-last memory: stride the batch dim so interpolate keeps it
         return image.as_strided((1, *image.shape), (image.numel(), *image.stride()))
     return image.unsqueeze(0)
 
@@ -160,9 +170,7 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
         tile = settings.tile_size
 
         whole_pixels = image.dtype == torch.uint8
-        source = _as_batch_of_one(image)
-        if whole_pixels and image.device.type != "cpu":
-            source = source.float()  # no uint8 resize kernels on CUDA: convert once for both resizes
+        source = _resize_source(image)
         resized = _resize(source, (new_h, new_w), mode, whole_pixels)[0]
         canvas = resized.new_zeros((3, best_h, best_w))
         canvas[:, top:top + new_h, left:left + new_w] = resized
