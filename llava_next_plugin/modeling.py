@@ -173,6 +173,9 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
     text_hidden]``, the cache, optional hidden states/attentions, and ``image_outputs``).
     """
 
+    # Loading the base model from a full checkpoint leaves the LM head out, on purpose.
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.weight$"]
+
     def __init__(self, config: LlavaNextConfig):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
