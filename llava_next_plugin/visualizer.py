@@ -7,7 +7,7 @@
     >>> picture.save("mask.png"); picture.to_html()
 
 The mask drawn is the one the language model receives: the text backbone's own mask function
-(``transformers.masking_utils``, sliding window included when its config has one) applied to the
+(``transformers.masking_utils``; a sliding window when the first layer has one) applied to the
 processor's real ``input_ids`` and ``attention_mask``, so batches show their left padding, and the
 ``<image>`` positions are causal like every other token (LLaVA-NeXT does not let image tokens look
 ahead). Loading from a path reads only the config and the processor, never the weights.
@@ -217,7 +217,7 @@ class AttentionMaskVisualizer:
             tokens = tokenizer.convert_ids_to_tokens(input_ids[row].tolist())
             blocks, next_image = self._blocks(input_ids[row], attention_mask[row], tokens, geometries, next_image)
             sequences.append(SequenceMask(tokens, blocks, allowed[row]))
-        window = getattr(self.config.get_text_config(), "sliding_window", None)
+        window = getattr(self.config.get_text_config(), "sliding_window", None) if self._first_layer_windowed() else None
         title = f"Attention mask of {self.name or self.config.model_type} ({len(sequences)} sequence(s))"
         self.last_picture = MaskPicture(title, sequences, window)
         return self.last_picture
@@ -259,7 +259,7 @@ class AttentionMaskVisualizer:
         text_config = copy.deepcopy(self.config.get_text_config())
         text_config._attn_implementation = "eager"  # the materialized mask, whatever the model runs
         batch, seq = attention_mask.shape
-        windowed = getattr(text_config, "sliding_window", None) is not None
+        windowed = self._first_layer_windowed()
         make_mask = masking_utils.create_sliding_window_causal_mask if windowed else masking_utils.create_causal_mask
         mask = make_mask(
             config=text_config,
@@ -270,6 +270,14 @@ class AttentionMaskVisualizer:
         )
         mask = mask[:, 0]
         return mask if mask.dtype == torch.bool else mask == 0
+
+    def _first_layer_windowed(self) -> bool:
+        """Whether the text backbone's first layer uses a sliding window (the mask drawn is that layer's)."""
+        text_config = self.config.get_text_config()
+        layer_types = getattr(text_config, "layer_types", None)
+        if layer_types:
+            return layer_types[0] == "sliding_attention" and getattr(text_config, "sliding_window", None) is not None
+        return getattr(text_config, "sliding_window", None) is not None
 
     def _blocks(self, ids: torch.Tensor, attention: torch.Tensor, tokens: list[str], geometries: list,
                 next_image: int) -> tuple[list[TokenBlock], int]:

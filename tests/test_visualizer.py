@@ -80,6 +80,23 @@ def test_shows_the_mask_the_model_uses_with_padding(viz, checkpoint, photo):
     assert all(state == EMPTY for state in (row[0] for row in padded.block_matrix()))
 
 
+def test_sliding_window_is_the_models_too(checkpoint, photo, tmp_path):
+    import json
+    import shutil
+
+    windowed = tmp_path / "windowed"
+    shutil.copytree(checkpoint, windowed)
+    config = json.loads((windowed / "config.json").read_text())
+    config["text_config"]["sliding_window"] = 8
+    (windowed / "config.json").write_text(json.dumps(config))
+    picture = AttentionMaskVisualizer(str(windowed))(PROMPT, images=photo, show=False)
+    real = captured_model_mask(windowed, [photo], [PROMPT])
+    assert torch.equal(picture.sequences[0].mask, real[0])
+    assert picture.sliding_window == 8 and "sliding window: 8 tokens" in picture.to_ansi()
+    last = picture.sequences[0].mask[-1]
+    assert int(last.sum()) == 8  # the last token sees only the 8 before it (itself included)
+
+
 def test_image_tokens_collapse_into_one_causal_block(viz, checkpoint, photo):
     from llava_next_plugin import LlavaNextConfig
 
