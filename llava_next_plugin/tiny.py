@@ -93,7 +93,8 @@ def _build_tokenizer(folder: Path):
 def _config(text_width: int, text_layers: int, vision_width: int, vision_layers: int):
     from transformers import CLIPVisionConfig, MistralConfig
 
-    LlavaNextConfig = _model_class().config_class
+    from .configuration import LlavaNextConfig
+
     vision = CLIPVisionConfig(
         hidden_size=vision_width,
         intermediate_size=2 * vision_width,
@@ -128,40 +129,9 @@ def _config(text_width: int, text_layers: int, vision_width: int, vision_layers:
     )
 
 
-def _model_class():
-    """Our LlavaNextForConditionalGeneration once it exists, transformers' until then."""
-    try:
-        from .modeling import LlavaNextForConditionalGeneration
-    except ImportError:
-        from transformers import LlavaNextForConditionalGeneration
-    return LlavaNextForConditionalGeneration
-
-
-def _to_hub_layout(path: Path) -> None:
-    """Write the weights under llava-hf's hub key names (``vision_tower.vision_model.*``)."""
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(str(path))
-    renamed = {}
-    for key, value in tensors.items():
-        if key.startswith("model."):
-            key = key[len("model."):]
-        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-            key = "vision_tower.vision_model." + key[len("vision_tower."):]
-        if key.startswith("lm_head."):
-            key = "language_model." + key
-        elif key.startswith("language_model.") and not key.startswith(("language_model.model.", "language_model.lm_head.")):
-            key = "language_model.model." + key[len("language_model."):]
-        renamed[key] = value.contiguous()
-    save_file(renamed, str(path), metadata={"format": "pt"})
-
-
 def _write_processor(folder: Path, tokenizer) -> None:
-    try:
-        from .image_processing import LlavaNextImageProcessor
-        from .processing import LlavaNextProcessor
-    except ImportError:
-        from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+    from .image_processing import LlavaNextImageProcessor
+    from .processing import LlavaNextProcessor
 
     image_processor = LlavaNextImageProcessor(
         size={"shortest_edge": TILE_SIZE},
@@ -196,6 +166,8 @@ def build_tiny_checkpoint(
     """
     import torch
 
+    from .modeling import LlavaNextForConditionalGeneration
+
     if min(text_width, vision_width) < 64 or text_width % 4 or vision_width % 4:
         raise ValueError(
             f"text_width and vision_width must be multiples of 4 and at least 64 (got {text_width}, "
@@ -210,15 +182,14 @@ def build_tiny_checkpoint(
     torch.manual_seed(seed)
     try:
         config = _config(text_width, text_layers, vision_width, vision_layers)
-        model = _model_class()(config).eval()
+        model = LlavaNextForConditionalGeneration(config).eval()
         with torch.no_grad():  # a random init may leave image_newline at zeros: make it matter
             newline = getattr(getattr(model, "model", model), "image_newline", None)
             if newline is not None:
                 newline.normal_(0, 0.5)
     finally:
         torch.random.set_rng_state(generator_state)
-    model.save_pretrained(str(folder))
-    _to_hub_layout(folder / "model.safetensors")
+    model.save_pretrained(str(folder))  # our save writes llava-hf's hub key layout
 
     tokenizer = _build_tokenizer(folder)
     tokenizer.save_pretrained(str(folder))
