@@ -28,7 +28,6 @@ The answer holds only the generated text, never the prompt.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
