@@ -133,7 +133,9 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
     """Settings, (de)serialization and input checks shared by our two LLaVA-NeXT image processors.
 
     Saved files name ``"image_processor_type": "LlavaNextImageProcessor"`` so that plain transformers
-    loads them with its own class.
+    loads them with its own class. The defaults are llava-v1.6's (336 px tiles, its five pinpoints);
+    transformers' class defaults to 224 px, which cuts its own default pinpoints into partial tiles.
+    Every setting is written out on save, so saved files mean the same in both.
     """
 
     model_input_names = ["pixel_values", "image_sizes"]
@@ -165,12 +167,12 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
         # Unknown keys found in hub configs are kept (and saved back), as transformers does.
         super().__init__(**kwargs)
         self.do_resize = bool(do_resize)
-        self.size = _size_dict(size if size is not None else {"shortest_edge": 224}, "size", "shortest_edge")
+        self.size = _size_dict(size if size is not None else {"shortest_edge": 336}, "size", "shortest_edge")
         self.image_grid_pinpoints = [list(map(int, p)) for p in (image_grid_pinpoints or LLAVA_V16_PINPOINTS)]
         self.resample = int(resample)
         self.do_center_crop = bool(do_center_crop)
         self.crop_size = _size_dict(
-            crop_size if crop_size is not None else {"height": 224, "width": 224}, "crop_size", "height"
+            crop_size if crop_size is not None else {"height": 336, "width": 336}, "crop_size", "height"
         )
         self.do_rescale = bool(do_rescale)
         self.rescale_factor = float(rescale_factor)
@@ -184,7 +186,8 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
 
     def settings(self, **overrides: Any) -> PreprocessSettings:
         """Resolve this processor's settings with per-call ``overrides`` and check they make sense."""
-        unknown = set(overrides) - set(self.SETTING_NAMES)
+        # None means "use the processor's value" (transformers' processors pass unset keys that way)
+        unknown = {k for k, v in overrides.items() if v is not None} - set(self.SETTING_NAMES)
         if unknown:
             raise BadRequestError(
                 f"unknown image processor argument(s) {sorted(unknown)}; valid ones are {list(self.SETTING_NAMES)}"

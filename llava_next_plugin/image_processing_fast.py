@@ -201,11 +201,13 @@ def _target_device(images: list[Any], device: str | torch.device | None) -> torc
 def _to_tensor(image: Any, index: int, device: torch.device, input_data_format: Any, convert_rgb: bool) -> torch.Tensor:
     """One image as a ``[3, H, W]`` tensor on ``device``: uint8, or float for float inputs."""
     if isinstance(image, np.ndarray) and image.dtype.kind == "f":
-        image = torch.from_numpy(np.ascontiguousarray(image))
+        image = torch.from_numpy(np.ascontiguousarray(image))  # float arrays: the tensor path below
         if input_data_format is None and image.ndim == 3:
             input_data_format = _layout(image.shape, None, "channels_last")
     if not isinstance(image, torch.Tensor):
         pixels = to_rgb_array(image, index, input_data_format, convert_rgb)  # [H, W, 3] uint8
+        if any(stride < 0 for stride in pixels.strides):  # e.g. a flipped view: torch needs positive strides
+            pixels = np.ascontiguousarray(pixels)
         with warnings.catch_warnings():  # PIL's arrays are read-only; we never write to them
             warnings.simplefilter("ignore", UserWarning)
             tensor = torch.from_numpy(pixels)

@@ -222,6 +222,21 @@ def test_without_torchvision_plain_transformers_reads_our_files_and_we_still_wor
     assert result.stdout.strip().endswith("ok")
 
 
+def test_defaults_are_llava_v16_and_unset_keys_are_ignored():
+    image = synthetic(600, 800)
+    ours = LlavaNextImageProcessorFast()(image, do_pad=None, default_to_square=None)
+    ref = ReferenceTorchvision(**settings())(image, return_tensors="pt")
+    assert_close_to_reference(ours, ref)
+
+
+def test_flipped_and_strided_arrays_are_accepted():
+    array = np.asarray(synthetic(90, 120))
+    processor = LlavaNextImageProcessorFast(**settings())
+    for view in (array[::-1], array[:, ::2], array[..., ::-1]):
+        expected = processor(np.ascontiguousarray(view))["pixel_values"]
+        torch.testing.assert_close(processor(view)["pixel_values"], expected, atol=0, rtol=0)
+
+
 # ---- bad input ----
 
 
