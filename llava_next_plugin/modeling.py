@@ -152,18 +152,40 @@ class LlavaNextPreTrainedModel(PreTrainedModel):
         """Save in the llava-hf hub layout (``language_model.model.*``, ``vision_tower.vision_model.*``...).
 
         Tied weights (``lm_head`` tied to the input embeddings) are written once, under the
-        embeddings' name, as transformers expects.
+        embeddings' name, as transformers expects. Quantized models are saved the same way.
         """
         if getattr(self, "_hf_peft_config_loaded", False):
             return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
-        if state_dict is None:
-            state_dict = self.state_dict()
-        prefix = "" if isinstance(self, LlavaNextForConditionalGeneration) else "model."
-        if _head_is_tied(self):
-            state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
-        hub_state_dict = {checkpoint_keys.to_hub_key(prefix + k): v for k, v in state_dict.items()}
         kwargs["save_original_format"] = False
-        return super().save_pretrained(save_directory, *args, state_dict=hub_state_dict, **kwargs)
+        quantizer = getattr(self, "hf_quantizer", None)
+        if quantizer is None:
+            state_dict = self._hub_state_dict(self.state_dict() if state_dict is None else state_dict)
+            return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        # A quantized model's state dict comes from its quantizer, inside transformers' save_pretrained:
+        # rename it on the way out, for this call only.
+        quantized_state_dict = quantizer.get_state_dict_and_metadata
+
+        def hub_state_dict_and_metadata(model):
+            tensors, metadata = quantized_state_dict(model)
+            if tensors is None:  # bitsandbytes: the plain state dict carries the quantization state
+                tensors = model.state_dict() if state_dict is None else state_dict
+            return self._hub_state_dict(tensors), metadata
+
+        quantizer.get_state_dict_and_metadata = hub_state_dict_and_metadata
+        try:
+            return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+        finally:
+            del quantizer.get_state_dict_and_metadata
+
+    def _hub_state_dict(self, state_dict: dict) -> dict:
+        """``state_dict`` (in-memory names) renamed to the hub layout, a tied LM head left out."""
+        prefix = "" if isinstance(self, LlavaNextForConditionalGeneration) else "model."
+        tied = _head_is_tied(self)
+        return {
+            checkpoint_keys.to_hub_key(prefix + k): v
+            for k, v in state_dict.items()
+            if not (tied and k == "lm_head.weight")
+        }
 
 
 class LlavaNextModel(LlavaNextPreTrainedModel):

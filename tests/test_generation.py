@@ -8,6 +8,7 @@ import threading
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import (
     BitsAndBytesConfig,
     StaticCache,
@@ -180,7 +181,7 @@ def test_device_map_auto_offloads_and_generates_the_same_tokens(pair, tiny_check
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_bitsandbytes_quantization_matches_reference(wide_checkpoint, bits):
+def test_bitsandbytes_quantization_matches_reference_and_saves_hub_layout(wide_checkpoint, bits, tmp_path):
     quantization = BitsAndBytesConfig(**{f"load_in_{bits}bit": True})
     ours = LlavaNextForConditionalGeneration.from_pretrained(wide_checkpoint, quantization_config=quantization)
     reference = ReferenceForConditionalGeneration.from_pretrained(wide_checkpoint, quantization_config=quantization)
@@ -194,3 +195,10 @@ def test_bitsandbytes_quantization_matches_reference(wide_checkpoint, bits):
     assert (mine - theirs).abs()[mask].max() <= 1e-4
     out = _generate(ours, inputs, do_sample=False)
     assert _new_tokens(out, inputs).shape == (2, NEW_TOKENS)
+    ours.save_pretrained(tmp_path)
+    keys = load_file(str(tmp_path / "model.safetensors")).keys()
+    assert "language_model.model.embed_tokens.weight" in keys and not any(k.startswith("model.") for k in keys)
+    reloaded, info = ReferenceForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        assert (reloaded(**inputs).logits - mine).abs()[mask].max() <= 1e-4
