@@ -48,6 +48,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="weights' dtype (default: the checkpoint's)")
     parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
                         help=f"longest answer in tokens (default: {DEFAULT_MAX_NEW_TOKENS})")
+    parser.add_argument("--prompt-format", default=None, metavar="FAMILY",
+                        help="wrap prompts in this family's format (mistral, vicuna, chatml, llama3) instead of "
+                             "the checkpoint's chat template (default: the template, else the detected family)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +123,20 @@ def _check_model(model: str) -> None:
                            "LLaVA-NeXT (llava_next) checkpoint")
 
 
+def _check_prompt_format(family: str | None) -> None:
+    """Fail before loading a model when ``--prompt-format`` names no known family."""
+    if family is None:
+        return
+    from llava_next_sdk.errors import BadRequestError
+
+    from .prompts import build_prompt
+
+    try:
+        build_prompt("check", None, None, family=family, num_images=0)
+    except BadRequestError as exc:
+        raise CommandError(f"--prompt-format: {exc.message}") from exc
+
+
 def _load_pipeline(args: argparse.Namespace):
     import torch
     from transformers import pipeline
@@ -135,7 +152,7 @@ def _load_pipeline(args: argparse.Namespace):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
     return pipeline("image-text-to-text", model=model, device=device, dtype=dtype,
-                    pipeline_class=LlavaNextImageToTextPipeline)
+                    pipeline_class=LlavaNextImageToTextPipeline, prompt_family=args.prompt_format)
 
 
 def _load_images(sources: Sequence[Any]) -> list:
@@ -167,6 +184,7 @@ def run_ask(args: argparse.Namespace) -> int:
     from transformers import TextIteratorStreamer
 
     _positive(args.max_new_tokens, "--max-new-tokens")
+    _check_prompt_format(args.prompt_format)
     images = _load_images(args.images)
     _check_placeholders(args.prompt, len(images))
     pipe = _load_pipeline(args)
@@ -227,6 +245,7 @@ def run_caption(args: argparse.Namespace) -> int:
 
     _positive(args.batch_size, "--batch-size")
     _positive(args.max_new_tokens, "--max-new-tokens")
+    _check_prompt_format(args.prompt_format)
     files = _image_files(args.folder)
     out = Path(args.out)
     if out.parent and not out.parent.exists():

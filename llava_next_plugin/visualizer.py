@@ -171,7 +171,10 @@ class AttentionMaskVisualizer:
         if processor is None:
             if not self.name:
                 raise BadRequestError("the model has no name_or_path to load its processor from: pass processor=")
-            processor = AutoProcessor.from_pretrained(self.name)
+            try:
+                processor = AutoProcessor.from_pretrained(self.name)
+            except (OSError, ValueError) as exc:
+                raise BadRequestError(f"cannot load the processor of {self.name!r}: {exc}; pass processor=") from exc
         self.processor = processor
         self.apply_chat_template = apply_chat_template
         self.image_token_id = int(self.config.image_token_index)

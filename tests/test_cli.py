@@ -105,12 +105,25 @@ def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(checkpoint, images, t
         "model": ["ask", images / "a.png", "--model", tmp_path / "no-such-model"],
         "is not a folder": ["caption", tmp_path / "nowhere", "--out", tmp_path / "r.jsonl", "--model", checkpoint],
         "at least 1": ["caption", images, "--out", tmp_path / "r.jsonl", "--batch-size", 0],
+        "unknown prompt family 'klingon'": ["ask", images / "a.png", "--model", checkpoint, "--prompt-format",
+                                            "klingon", "--max-new-tokens", 1],
     }
     for expected, argv in cases.items():
         code, out, err = run(capsys, *argv)
         assert code == 1, (argv, err)
         assert expected in one_error_line(err), err
         assert out == ""
+
+
+def test_prompt_format_override(checkpoint, images, pipe, capsys):
+    code, out, _ = run(capsys, "ask", images / "a.png", "--model", checkpoint, "--prompt", QUESTION,
+                       "--prompt-format", "vicuna", "--max-new-tokens", 5, "--device", "cpu")
+    assert code == 0
+    from llava_next_plugin.prompts import build_prompt
+
+    formatted = build_prompt(QUESTION, pipe.processor, pipe.model.config, family="vicuna", num_images=1)
+    assert "USER:" in formatted
+    assert out.strip() == pipe(str(images / "a.png"), prompt=formatted, max_new_tokens=5)[0]["generated_text"]
 
 
 def test_wrong_arguments_exit_with_usage(capsys):
