@@ -181,11 +181,17 @@ class LlavaNextPreTrainedModel(PreTrainedModel):
         """``state_dict`` (in-memory names) renamed to the hub layout, a tied LM head left out."""
         prefix = "" if isinstance(self, LlavaNextForConditionalGeneration) else "model."
         tied = _head_is_tied(self)
-        return {
-            checkpoint_keys.to_hub_key(prefix + k): v
-            for k, v in state_dict.items()
-            if not (tied and k == "lm_head.weight")
-        }
+        renamed = {}
+        for key, value in state_dict.items():
+            if tied and key == "lm_head.weight":
+                continue
+            if isinstance(value, torch.Tensor) and value.device.type == "meta":
+                # Offloaded by a device_map: read it back now, while the in-memory name still finds it.
+                from transformers.integrations.accelerate import load_offloaded_parameter
+
+                value = load_offloaded_parameter(self, key)
+            renamed[checkpoint_keys.to_hub_key(prefix + key)] = value
+        return renamed
 
 
 class LlavaNextModel(LlavaNextPreTrainedModel):

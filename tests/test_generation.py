@@ -174,10 +174,16 @@ def test_device_map_auto_offloads_and_generates_the_same_tokens(pair, tiny_check
     _, inputs, ours, _ = pair
     # A memory budget too small for the whole model: accelerate splits it between CPU and disk.
     model = LlavaNextForConditionalGeneration.from_pretrained(
-        tiny_checkpoint, device_map="auto", max_memory={"cpu": "12MB"}, offload_folder=str(tmp_path)
+        tiny_checkpoint, device_map="auto", max_memory={"cpu": "12MB"}, offload_folder=str(tmp_path / "offload")
     )
     assert set(model.hf_device_map.values()) == {"cpu", "disk"}
     assert torch.equal(_generate(model, inputs, do_sample=False), _generate(ours, inputs, do_sample=False))
+    # Saving an offloaded model writes every weight, in the hub layout.
+    model.save_pretrained(tmp_path / "saved")
+    saved = load_file(str(tmp_path / "saved" / "model.safetensors"))
+    torch.testing.assert_close(saved["language_model.lm_head.weight"], ours.lm_head.weight, rtol=0, atol=0)
+    _, info = ReferenceForConditionalGeneration.from_pretrained(tmp_path / "saved", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
 @pytest.mark.parametrize("bits", [4, 8])
