@@ -85,6 +85,31 @@ def test_ask_prints_the_answer_and_says_the_weights_are_random(checkpoint, image
     assert "RANDOM weights" in err
 
 
+class _Terminal:
+    """Records every write, to see the answer arrive in pieces."""
+
+    def __init__(self):
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_ask_streams_the_answer(checkpoint, images, pipe, monkeypatch, capsys):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    code = main(["ask", str(images / "a.png"), "--model", str(checkpoint), "--prompt", QUESTION,
+                 "--max-new-tokens", "12", "--device", "cpu"])
+    assert code == 0
+    expected = pipe(str(images / "a.png"), prompt=QUESTION, max_new_tokens=12)[0]["generated_text"]
+    assert "".join(terminal.writes).strip() == expected
+    assert len([w for w in terminal.writes if w.strip()]) >= 2  # written as it is generated, not at the end
+
+
 def test_ask_with_several_images_is_one_request(checkpoint, images, pipe, capsys):
     code, out, _ = run(capsys, "ask", images / "a.png", images / "b.jpg", "--model", checkpoint,
                        "--prompt", "Which is taller?", "--max-new-tokens", 5, "--device", "cpu")
