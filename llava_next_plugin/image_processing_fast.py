@@ -97,12 +97,18 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
     ``processor(images, device="cuda")`` returns a ``BatchFeature`` with ``pixel_values``
     ``[batch, max_views, 3, H, W]`` float32 on ``device`` (zeros where an image has fewer views) and
     ``image_sizes`` ``[batch, 2]`` int64 ``(height, width)`` on the CPU. ``device`` defaults to the
-    device of the first tensor given, else the CPU. With ``do_pad=False``, ``pixel_values`` is a
+    processor's ``device`` attribute (``LlavaNextImageProcessorFast(device="cuda")`` or
+    ``from_pretrained(path, device="cuda")``), else the device of the first tensor given, else the CPU. With ``do_pad=False``, ``pixel_values`` is a
     list of ``[views_i, 3, H, W]`` tensors.
 
     Against transformers' torchvision ``LlavaNextImageProcessor``: same shapes, sizes and views;
     on CPU the pixels agree to float rounding (the same uint8 resize kernels).
     """
+
+    def __init__(self, device: str | torch.device | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if device is not None:
+            self.device = str(device)  # saved as a plain string
 
     def preprocess(
         self,
@@ -127,7 +133,7 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
         flat = self.flatten_images(images)
         if not flat:
             raise InvalidImageError("no images were given: pass at least one image")
-        device = _target_device(flat, device)
+        device = _target_device(flat, device if device is not None else getattr(self, "device", None))
         with torch.no_grad():
             pixels = [
                 _to_tensor(img, i, device, input_data_format, settings.do_convert_rgb) for i, img in enumerate(flat)

@@ -237,6 +237,13 @@ def test_flipped_and_strided_arrays_are_accepted():
         torch.testing.assert_close(processor(view)["pixel_values"], expected, atol=0, rtol=0)
 
 
+def test_a_default_device_can_be_set_and_is_saved_as_text(tmp_path):
+    processor = LlavaNextImageProcessorFast(device=torch.device(DEVICES[-1]), **settings())
+    assert processor(synthetic(30, 40))["pixel_values"].device.type == DEVICES[-1]
+    processor.save_pretrained(tmp_path)
+    assert LlavaNextImageProcessorFast.from_pretrained(tmp_path).device == DEVICES[-1]
+
+
 # ---- bad input ----
 
 
