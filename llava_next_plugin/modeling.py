@@ -137,7 +137,8 @@ class LlavaNextPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
-        if isinstance(module, LlavaNextModel):
+        # Weights already loaded from a checkpoint carry ``_is_hf_initialized``: leave those alone.
+        if isinstance(module, LlavaNextModel) and not getattr(module.image_newline, "_is_hf_initialized", False):
             with torch.no_grad():
                 module.image_newline.normal_(0.0, 1.0 / math.sqrt(self.config.text_config.hidden_size))
 

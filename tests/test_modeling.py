@@ -175,10 +175,16 @@ def mistral_pair(tiny_checkpoint):
     return processor_for(tiny_checkpoint), ours, reference
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.fixture(scope="module", params=["mistral-clip", "mistral-siglip-full-layers"])
+def sweep_pair(request, tiny_checkpoint_factory):
+    folder = tiny_checkpoint_factory(**BACKBONES[request.param])
+    return (processor_for(folder), *load_pair(folder))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(height=st.integers(1, 260), width=st.integers(1, 260))
-def test_feature_count_equals_processor_token_count(mistral_pair, height, width):
-    processor, ours, reference = mistral_pair
+def test_feature_count_equals_processor_token_count(sweep_pair, height, width):
+    processor, ours, reference = sweep_pair
     image = Image.fromarray(np.full((height, width, 3), 127, dtype=np.uint8))
     inputs = processor(images=[image], text=[prompt(1)], return_tensors="pt")
     n_tokens = int((inputs["input_ids"] == ours.config.image_token_id).sum())
