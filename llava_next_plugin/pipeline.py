@@ -122,21 +122,17 @@ class LlavaNextImageToTextPipeline(Pipeline):
         forward_params.update(kwargs)
         return {}, forward_params, {}
 
-    def preprocess(self, requests: list[_Request]):
+    def preprocess(self, requests: list[_Request], timeout: float | None = None):
         """Load the images of a batch, format the prompts, and run the processor (left padding)."""
+        timeout = self.timeout if timeout is None else float(timeout)
         images, prompts = [], []
         for request in requests:
             for source in request.images:
-                images.append(self._load_image(source, index=len(images)))
+                images.append(self._load_image(source, index=len(images), timeout=timeout))
             prompts.append(self._format(request))
-        tokenizer = self.processor.tokenizer
-        padding_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"  # generation continues every row from its last column
-        try:
-            inputs = self.processor(images=images or None, text=prompts, padding=True, return_tensors="pt")
-        finally:
-            tokenizer.padding_side = padding_side
-        return inputs
+        # Left padding: generation continues every row from its last column.
+        return self.processor(images=images or None, text=prompts, padding=True, padding_side="left",
+                              return_tensors="pt")
 
     def _forward(self, model_inputs, **generate_kwargs):
         """``model.generate`` on one padded batch; returns only the new tokens, ``[batch, new]``."""
@@ -180,16 +176,10 @@ class LlavaNextImageToTextPipeline(Pipeline):
         batch_size = batch_size or self._batch_size or 1
         _, forward_params, _ = self._sanitize_parameters(**kwargs)
         forward_params = {**self._forward_params, **forward_params}
-        previous_timeout = self.timeout
-        if timeout is not None:
-            self.timeout = float(timeout)
-        try:
-            results = []
-            for start in range(0, len(requests), batch_size):
-                model_inputs = self.preprocess(requests[start:start + batch_size])
-                results.extend(self.postprocess(self.forward(model_inputs, **forward_params)))
-        finally:
-            self.timeout = previous_timeout
+        results = []
+        for start in range(0, len(requests), batch_size):
+            model_inputs = self.preprocess(requests[start:start + batch_size], timeout=timeout)
+            results.extend(self.postprocess(self.forward(model_inputs, **forward_params)))
         return results[0] if single else results
 
     def _requests(self, inputs: Any, prompt: Any, images: Any) -> tuple[list[_Request], bool]:
@@ -256,10 +246,10 @@ class LlavaNextImageToTextPipeline(Pipeline):
         return _Request(found, None, cleaned)
 
     # --- images and prompts -------------------------------------------------------------------
-    def _load_image(self, source: Any, index: int):
+    def _load_image(self, source: Any, index: int, timeout: float):
         from .images import load_image
 
-        return load_image(source, index, timeout=self.timeout)
+        return load_image(source, index, timeout=timeout)
 
     def _format(self, request: _Request) -> str:
         """The model-ready prompt string for one request."""

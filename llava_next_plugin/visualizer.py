@@ -205,12 +205,8 @@ class AttentionMaskVisualizer:
         pil_images = self._images(images, placeholders)
 
         tokenizer = self.processor.tokenizer
-        padding_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
-        try:
-            inputs = self.processor(images=pil_images or None, text=prompts, padding=True, return_tensors="pt")
-        finally:
-            tokenizer.padding_side = padding_side
+        inputs = self.processor(images=pil_images or None, text=prompts, padding=True, padding_side="left",
+                                return_tensors="pt")
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         allowed = self._model_mask(attention_mask)
 
