@@ -350,3 +350,9 @@ def test_tiles_of_the_wrong_size_say_which_setting_differs(mistral_pair):
     inputs = make_inputs(processor, "single")
     big = torch.nn.functional.interpolate(inputs["pixel_values"][0], size=(48, 48))[None]
     _raises_bad_request(ours, "crop_size", **dict(inputs, pixel_values=big))
+
+
+def test_full_strategy_in_the_config_of_a_clip_model_says_why(tiny_checkpoint):
+    model = LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint, vision_feature_select_strategy="full")
+    inputs = make_inputs(processor_for(tiny_checkpoint), "single")
+    _raises_bad_request(model, "square grid|CLS", **inputs)
