@@ -81,6 +81,17 @@ def test_image_to_text_task_builds_our_pipeline_without_warnings(checkpoint, cap
     assert type(built.processor).__module__ == "llava_next_plugin.processing"
 
 
+def test_calls_warn_and_log_nothing(pipe, photo, capfd):
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe(photo, prompt=QUESTION, max_new_tokens=2)
+        pipe([photo, photo], prompt=["a", "b c d"], max_new_tokens=2, batch_size=2)
+        pipe(photo, max_new_tokens=2, do_sample=True, temperature=0.7)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
 def test_answer_matches_transformers_reference_without_prompt_echo(pipe, checkpoint, photo):
     result = pipe(photo, prompt=QUESTION, max_new_tokens=NEW, do_sample=False)
     assert isinstance(result, list) and len(result) == 1 and set(result[0]) == {"generated_text"}
