@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -504,9 +504,10 @@ class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
             out = pixel_values[i, : counts[i]] if settings.do_pad else pixel_values[i]
             np.multiply(views.transpose(0, 3, 1, 2), scale, out=out, dtype=np.float32)
             out += offset
-        return BatchFeature(
-            data={"pixel_values": _as_tensors(pixel_values, return_tensors), "image_sizes": _as_tensors(sizes, return_tensors)}
-        )
+        return BatchFeature(data={
+            "pixel_values": _as_tensors(pixel_values, return_tensors),
+            "image_sizes": _as_tensors(sizes, return_tensors),
+        })
 
     @staticmethod
     def views(pixels: np.ndarray, settings: PreprocessSettings) -> np.ndarray:

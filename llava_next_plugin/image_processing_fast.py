@@ -98,8 +98,8 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
     ``[batch, max_views, 3, H, W]`` float32 on ``device`` (zeros where an image has fewer views) and
     ``image_sizes`` ``[batch, 2]`` int64 ``(height, width)`` on the CPU. ``device`` defaults to the
     processor's ``device`` attribute (``LlavaNextImageProcessorFast(device="cuda")`` or
-    ``from_pretrained(path, device="cuda")``), else the device of the first tensor given, else the CPU. With ``do_pad=False``, ``pixel_values`` is a
-    list of ``[views_i, 3, H, W]`` tensors.
+    ``from_pretrained(path, device="cuda")``), else the device of the first tensor given, else the
+    CPU. With ``do_pad=False``, ``pixel_values`` is a list of ``[views_i, 3, H, W]`` tensors.
 
     Against transformers' torchvision ``LlavaNextImageProcessor``: same shapes, sizes and views;
     on CPU the pixels agree to float rounding (the same uint8 resize kernels).
