@@ -29,7 +29,7 @@ import html
 import io
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -74,17 +74,26 @@ class SequenceMask:
     tokens: list[str]
     blocks: list[TokenBlock]
     mask: torch.Tensor
+    _matrix: list | None = field(default=None, init=False, repr=False, compare=False)
 
     def cell(self, row: TokenBlock, col: TokenBlock) -> str:
         """``"full"``, ``"partial"`` or ``"empty"``: how much of block *row* may attend block *col*."""
-        part = self.mask[row.start:row.end, col.start:col.end]
-        if bool(part.all()):
-            return FULL
-        return PARTIAL if bool(part.any()) else EMPTY
+        return self.block_matrix()[self.blocks.index(row)][self.blocks.index(col)]
 
     def block_matrix(self) -> list[list[str]]:
-        """The cell state of every (row block, column block) pair."""
-        return [[self.cell(row, col) for col in self.blocks] for row in self.blocks]
+        """The cell state of every (row block, column block) pair, ``[blocks][blocks]``."""
+        if self._matrix is None:
+            # membership [seq, blocks] one-hot; allowed pairs per block pair = member^T @ mask @ member
+            member = torch.zeros(self.mask.shape[0], len(self.blocks), dtype=torch.float64)  # exact counts
+            for index, block in enumerate(self.blocks):
+                member[block.start:block.end, index] = 1
+            allowed = member.T @ self.mask.double() @ member
+            sizes = torch.tensor([float(block.size) for block in self.blocks], dtype=torch.float64)
+            pairs = sizes[:, None] * sizes[None, :]
+            self._matrix = [[FULL if a == p else EMPTY if a == 0 else PARTIAL
+                             for a, p in zip(row_allowed, row_pairs)]
+                            for row_allowed, row_pairs in zip(allowed.tolist(), pairs.tolist())]
+        return self._matrix
 
 
 @dataclass

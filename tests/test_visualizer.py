@@ -74,6 +74,12 @@ def test_shows_the_mask_the_model_uses_with_padding(viz, checkpoint, photo):
     assert len(picture.sequences) == 2
     for row, sequence in enumerate(picture.sequences):
         assert torch.equal(sequence.mask, real[row])
+    for sequence in picture.sequences:  # each cell summarises its part of the real mask
+        for i, row in enumerate(sequence.blocks):
+            for j, col in enumerate(sequence.blocks):
+                part = sequence.mask[row.start:row.end, col.start:col.end]
+                expected = FULL if bool(part.all()) else PARTIAL if bool(part.any()) else EMPTY
+                assert sequence.block_matrix()[i][j] == expected == sequence.cell(row, col)
     # The shorter prompt is left-padded: its padding is one block nobody attends to.
     padded = picture.sequences[1]
     assert padded.blocks[0].kind == "pad"
