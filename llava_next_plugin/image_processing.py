@@ -415,9 +415,11 @@ def to_rgb_array(image: Any, index: int, input_data_format: Any = None, convert_
     check_image_size(pixels.shape[0], pixels.shape[1], index)
     if pixels.dtype == np.bool_:
         pixels = pixels.astype(np.uint8) * 255
+    elif pixels.dtype == np.uint16:  # 16-bit images: scaled to 8 bits, as for PIL's I;16 images
+        pixels = np.round(pixels * (255 / 65535)).astype(np.uint8)
     if pixels.dtype != np.uint8:
         raise InvalidImageError(
-            f"arrays must be uint8 (0..255) for this processor, got {pixels.dtype}: convert with "
+            f"arrays must be uint8 (or uint16, bool) for this processor, got {pixels.dtype}: convert with "
             "(x * 255).round().astype(np.uint8) for [0, 1] floats, or use LlavaNextImageProcessorFast",
             index=index,
         )

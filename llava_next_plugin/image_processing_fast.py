@@ -233,9 +233,11 @@ def _tensor_to_rgb(image: torch.Tensor, index: int, input_data_format: Any, conv
     check_image_size(image.shape[-2], image.shape[-1], index)
     if image.dtype == torch.bool:
         image = image.to(torch.uint8) * 255
+    elif image.dtype == torch.uint16:  # 16-bit images: scaled to 8 bits, as for PIL's I;16 images
+        image = image.to(torch.float32).mul_(255 / 65535).round_().to(torch.uint8)
     if image.dtype != torch.uint8 and image.dtype not in FLOAT_DTYPES:
         raise InvalidImageError(
-            f"tensors must be uint8 (0..255) or float, got {image.dtype}: convert with .to(torch.uint8)",
+            f"tensors must be uint8 (0..255), uint16, bool or float, got {image.dtype}: convert with .to(torch.uint8)",
             index=index,
         )
     if image.dtype in (torch.float16, torch.bfloat16, torch.float64):

@@ -133,6 +133,13 @@ def test_sixteen_bit_images_are_scaled_not_clipped():
     np.testing.assert_allclose(ours, processor(as_8bit)["pixel_values"], atol=1e-5)
     # transformers' own conversion clips at 255: most of this ramp would be white
     assert np.asarray(image.convert("L")).mean() > 250
+    # 16-bit arrays and tensors mean the same
+    import torch
+    from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
+
+    np.testing.assert_allclose(processor(ramp)["pixel_values"], ours, atol=1e-5)
+    fast = LlavaNextImageProcessorFast(**settings())
+    torch.testing.assert_close(fast(torch.from_numpy(ramp)[None])["pixel_values"], fast(as_8bit)["pixel_values"])
 
 
 def test_32_bit_and_float_grey_images_are_scaled_meaningfully():
