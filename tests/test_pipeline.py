@@ -272,7 +272,7 @@ def test_unregister_gives_back_transformers_factory(checkpoint):
 
 
 def test_direct_construction_and_bytes_roundtrip(checkpoint, photo):
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
 
     model = AutoModelForImageTextToText.from_pretrained(str(checkpoint))
     processor = AutoProcessor.from_pretrained(str(checkpoint))
@@ -282,3 +282,5 @@ def test_direct_construction_and_bytes_roundtrip(checkpoint, photo):
     assert direct(Image.open(io.BytesIO(buffer.getvalue())), prompt=QUESTION)[0]["generated_text"]
     with pytest.raises(ValueError, match="processor"):
         LlavaNextImageToTextPipeline(model=model, device="cpu")
+    routed = pipeline("image-to-text", model=model, processor=processor, device="cpu")  # loaded objects route too
+    assert isinstance(routed, LlavaNextImageToTextPipeline)
