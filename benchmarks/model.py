@@ -170,8 +170,8 @@ def report(title: str, speed: dict, memory: dict, tokens_in: int) -> bool:
     return ok
 
 
-def run_cpu(runs: int) -> bool:
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+def run_cpu(runs: int, threads: int) -> bool:
+    torch.set_num_threads(threads)
     folder = cpu_checkpoint(Path(tempfile.gettempdir()) / "llava-next-bench-cpu")
     models = {name: load(name, folder, "cpu") for name in ("ours", "reference")}
     inputs = cpu_inputs(folder)
@@ -200,6 +200,7 @@ def run_cuda(runs: int) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 is the least noisy on a shared machine)")
     parser.add_argument("--cuda", action="store_true", help="also run the full-geometry section on CUDA")
     parser.add_argument("--peak-child", choices=["ours", "reference"], help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
@@ -208,7 +209,7 @@ def main() -> None:
     if args.peak_child:
         return peak_memory_child(args.peak_child, args.source, args.device)
     runs = max(5, args.runs)
-    ok = run_cpu(runs)
+    ok = run_cpu(runs, args.threads)
     if args.cuda:
         if not torch.cuda.is_available():
             raise SystemExit("--cuda: no CUDA device is available")
