@@ -64,8 +64,8 @@ def _resize_source(image: torch.Tensor) -> torch.Tensor:
     """``[3, H, W]`` -> the ``[1, 3, H, W]`` both resizes read, in the layout their kernels like best.
 
     torch's uint8 CPU resize kernels work on channels-last memory: PIL and numpy images already are
-    (``[H, W, 3]`` viewed as ``[3, H, W]``); planar uint8 tensors are interleaved once here (a stack
-    is several times faster than ``contiguous(memory_format=channels_last)`` for uint8). On other
+    (``[H, W, 3]`` viewed as ``[3, H, W]``); planar uint8 tensors are interleaved once here (numpy's
+    stack is several times faster than ``contiguous(memory_format=channels_last)`` for uint8). On other
     devices uint8 images are converted to float once, for both resizes.
     """
     if image.stride(0) == 0:  # an expanded grey image: give the kernels real channels
@@ -73,7 +73,7 @@ def _resize_source(image: torch.Tensor) -> torch.Tensor:
     if image.dtype == torch.uint8 and image.device.type != "cpu":
         image = image.float()
     elif image.dtype == torch.uint8 and image.stride(0) != 1:
-        image = torch.stack(image.unbind(0), dim=-1).permute(2, 0, 1)
+        image = torch.from_numpy(np.stack(image.numpy(), axis=-1)).permute(2, 0, 1)
     if image.stride(0) == 1:  # channels-last memory: stride the batch dim so interpolate keeps it
         return image.as_strided((1, *image.shape), (image.numel(), *image.stride()))
     return image.unsqueeze(0)
