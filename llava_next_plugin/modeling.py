@@ -360,6 +360,8 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                 param="vision_feature_select_strategy",
             )
         geoms = self._image_geometries(image_sizes, strategy)
+        if isinstance(pixel_values, (list, tuple)):  # one [tiles_i, C, H, W] tensor per image
+            pixel_values = torch.cat(list(pixel_values))
         tiles = self._gather_tiles(pixel_values, geoms)
         tile_features = self._tile_features(tiles, feature_layer, strategy)
         return self.pack_image_features(tile_features, geoms), geoms
@@ -375,8 +377,8 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         """Image embeddings, as the language model receives them.
 
         Args:
-            pixel_values: ``[images, tiles, C, H, W]`` (padded, as the processor returns) or
-                ``[all_tiles, C, H, W]``.
+            pixel_values: ``[images, tiles, C, H, W]`` (padded, as the processor returns),
+                ``[all_tiles, C, H, W]``, or a list of one ``[tiles_i, C, H, W]`` tensor per image.
             image_sizes: ``[images, 2]``, each image's original ``(height, width)``.
 
         Returns:
@@ -449,7 +451,8 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         Args:
             input_ids: ``[batch, seq]`` with each image's ``<image>`` token already expanded to its
                 ``num_tokens`` (the processor does this).
-            pixel_values: ``[images, tiles, C, H, W]`` or ``[all_tiles, C, H, W]``; images in prompt order.
+            pixel_values: ``[images, tiles, C, H, W]``, ``[all_tiles, C, H, W]``, or a list of one
+                ``[tiles_i, C, H, W]`` tensor per image; images in prompt order.
             image_sizes: ``[images, 2]`` original ``(height, width)`` of each image.
             attention_mask: ``[batch, seq]`` (1 = attend), or a 4-D mask.
             cache: a transformers ``Cache`` (``past_key_values`` is accepted as an alias).
@@ -464,6 +467,8 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
             raise BadRequestError("give exactly one of input_ids and inputs_embeds", param="input_ids")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        if isinstance(pixel_values, (list, tuple)):  # one [tiles_i, C, H, W] tensor per image
+            pixel_values = torch.cat(list(pixel_values)) if len(pixel_values) else None
         if pixel_values is not None and pixel_values.numel() == 0:
             pixel_values = None
 

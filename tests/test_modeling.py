@@ -212,14 +212,16 @@ def test_output_hidden_states_and_attentions_match_reference(tiny_checkpoint):
         torch.testing.assert_close(a, b, rtol=0, atol=FP32_ATOL)
 
 
-def test_stacked_4d_pixel_values_give_the_same_logits_as_padded_5d(mistral_pair):
+def test_stacked_or_listed_pixel_values_give_the_same_logits_as_padded_5d(mistral_pair):
     processor, ours, _ = mistral_pair
     inputs = make_inputs(processor, "batch_mixed_sizes")
     tiles = [ours.config.image_geometry(h, w).num_tiles for h, w in inputs["image_sizes"].tolist()]
     assert len(set(tiles)) > 1, "the case should pad one image's tiles"
-    stacked = torch.cat([pv[:n] for pv, n in zip(inputs["pixel_values"], tiles)])
-    torch.testing.assert_close(logits_of(ours, dict(inputs, pixel_values=stacked)), logits_of(ours, inputs),
+    per_image = [pv[:n] for pv, n in zip(inputs["pixel_values"], tiles)]
+    expected = logits_of(ours, inputs)
+    torch.testing.assert_close(logits_of(ours, dict(inputs, pixel_values=torch.cat(per_image))), expected,
                                rtol=0, atol=0)
+    torch.testing.assert_close(logits_of(ours, dict(inputs, pixel_values=per_image)), expected, rtol=0, atol=0)
 
 
 def test_inputs_embeds_give_the_same_logits_as_input_ids(mistral_pair):
