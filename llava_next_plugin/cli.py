@@ -287,7 +287,7 @@ def run_caption(args: argparse.Namespace) -> int:
 
 
 def run_tiny_checkpoint(args: argparse.Namespace) -> int:
-    from .tiny import build_tiny_checkpoint
+    from .tiny import EXAMPLE_IMAGE, build_tiny_checkpoint
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -299,7 +299,7 @@ def run_tiny_checkpoint(args: argparse.Namespace) -> int:
     info = json.loads((folder / "llava_next_tiny.json").read_text())
     print(f"wrote a tiny checkpoint with RANDOM weights ({info['parameters'] / 1e6:.1f} M parameters) to {folder}")
     print("its answers are gibberish: use it for offline demos and smoke tests, e.g.")
-    print(f"  llava-next ask IMAGE --model {folder} --prompt 'What is in this picture?'")
+    print(f"  llava-next ask {folder / EXAMPLE_IMAGE} --model {folder} --prompt 'What is in this picture?'")
     return 0
 
 

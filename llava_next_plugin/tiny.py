@@ -19,7 +19,10 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["build_tiny_checkpoint", "is_random_checkpoint", "MARKER_FILE", "TINY_PINPOINTS", "CHAT_TEMPLATE"]
+__all__ = ["build_tiny_checkpoint", "is_random_checkpoint", "write_example_image", "EXAMPLE_IMAGE", "MARKER_FILE", "TINY_PINPOINTS", "CHAT_TEMPLATE"]
+
+EXAMPLE_IMAGE = "example.png"
+"""A generated picture written next to the weights, so the demo needs no image of the user's."""
 
 MARKER_FILE = "llava_next_tiny.json"
 """Written next to ``config.json``: ``{"random_weights": true, ...}``."""
@@ -204,7 +207,28 @@ def build_tiny_checkpoint(
     (folder / "README.md").write_text(_README.format(
         vision_layers=vision_layers, vision_width=vision_width, text_layers=text_layers, text_width=text_width
     ))
+    write_example_image(folder / EXAMPLE_IMAGE)
     return folder
+
+
+def write_example_image(path: str | os.PathLike) -> Path:
+    """A generated 640x480 picture (sky, sun, hills, a house) to ask the demo checkpoint about offline."""
+    from PIL import Image, ImageDraw
+
+    width, height = 640, 480
+    image = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(image)
+    for y in range(height):  # sky fading to the horizon
+        t = y / height
+        draw.line([(0, y), (width, y)], fill=(int(90 + 120 * t), int(150 + 80 * t), 255))
+    draw.ellipse([480, 50, 580, 150], fill=(255, 215, 60))
+    draw.polygon([(0, 330), (200, 250), (420, 320), (640, 260), (640, 480), (0, 480)], fill=(70, 150, 70))
+    draw.rectangle([250, 300, 390, 400], fill=(200, 80, 60))
+    draw.polygon([(235, 300), (320, 235), (405, 300)], fill=(120, 40, 30))
+    draw.rectangle([305, 345, 335, 400], fill=(90, 60, 40))
+    path = Path(path)
+    image.save(path)
+    return path
 
 
 def is_random_checkpoint(path: str | os.PathLike) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 import shutil
 import subprocess
 import sys
@@ -228,7 +229,10 @@ def test_main_job_offline_through_the_installed_command(tmp_path, images, capsys
     code, out, _ = run(capsys, "tiny-checkpoint", tmp_path / "tiny")
     assert code == 0 and "RANDOM weights" in out
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    asked = subprocess.run([*_command(), "ask", str(images / "a.png"), "--model", "./tiny", "--prompt", QUESTION,
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert "llava-next tiny-checkpoint ./tiny" in readme
+    assert "llava-next ask ./tiny/example.png --model ./tiny --prompt" in readme
+    asked = subprocess.run([*_command(), "ask", "./tiny/example.png", "--model", "./tiny", "--prompt", QUESTION,
                             "--max-new-tokens", "4"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=300)
     assert asked.returncode == 0, asked.stderr
