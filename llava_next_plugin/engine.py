@@ -45,6 +45,8 @@ from llava_next_sdk.errors import (
     ServerError,
 )
 
+from .hooks import get_plugin_manager
+
 __all__ = ["Engine", "SamplingParams", "PreparedRequest", "RequestHandle", "EngineResult", "get_shared_engine"]
 
 logger = logging.getLogger(__name__)
@@ -754,11 +756,8 @@ class Engine:
         handle._finish(result if error is None else None, error)
 
     def _call_hook(self, name: str, **kwargs: Any) -> None:
-        manager = _plugin_manager()
-        if manager is None:
-            return
-        try:
-            getattr(manager.hook, name)(**kwargs)
+        try:  # asked each time: get_plugin_manager caches it, and refresh=True replaces it
+            getattr(get_plugin_manager().hook, name)(**kwargs)
         except Exception:  # an observer must not break generation
             logger.exception("plugin hook %s failed", name)
 
@@ -782,21 +781,6 @@ def _make_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
     from transformers import DynamicCache
 
     return DynamicCache(ddp_cache_data=layers)
-
-
-_PLUGIN_MANAGER: Any = None
-
-
-def _plugin_manager():
-    """The SDK's plugin manager (hooks before/after each generation), or ``None`` where it is not installed."""
-    global _PLUGIN_MANAGER
-    if _PLUGIN_MANAGER is None:
-        try:
-            from llava_next_plugin.hooks import get_plugin_manager
-        except ImportError:
-            return None
-        _PLUGIN_MANAGER = get_plugin_manager()
-    return _PLUGIN_MANAGER
 
 
 _SHARED: dict[tuple, Engine] = {}

@@ -282,3 +282,34 @@ def test_a_request_the_model_rejects_fails_alone_and_the_engine_keeps_serving(en
         handles[0].result(timeout=120)
     assert handles[1].result(timeout=120).token_ids == good_alone.token_ids
     assert engine.generate(ask("Fine"), [photo(60, 60)], GREEDY).token_ids == good_alone.token_ids
+
+
+class Recorder:
+    """A plugin that records the before/after hooks it sees."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.ended: list[dict] = []
+
+    @hookimpl
+    def llava_next_before_generate(self, request_id, request):
+        self.started.append(request_id)
+
+    @hookimpl
+    def llava_next_after_generate(self, request_id, result):
+        self.ended.append({"id": request_id, **result})
+
+
+def test_a_plugin_registered_on_a_refreshed_manager_observes_a_running_engine(engine):
+    engine.generate(ask("Warm"), [photo(40, 40)], GREEDY)  # the engine has called its hooks already
+    recorder = Recorder()
+    manager = get_plugin_manager(refresh=True)
+    manager.register(recorder)
+    try:
+        handle = engine.submit(engine.prepare(ask("Seen"), [photo(40, 40)], GREEDY))
+        result = handle.result(timeout=120)
+    finally:
+        manager.unregister(recorder)
+    assert recorder.started == [handle.id]
+    assert [(e["id"], e["error"], e["completion_tokens"]) for e in recorder.ended] == [
+        (handle.id, None, result.completion_tokens)]
