@@ -36,15 +36,18 @@ import torch
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPooling,
-    MultimodalBaseModelOutputWithPast,
-    MultimodalCausalLMOutputWithPast,
-)
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from llava_next_sdk.errors import BadRequestError
 
 from . import checkpoint_keys, geometry
+from ._compat import (
+    CACHE_NAME,
+    MultimodalBaseModelOutputWithPast,
+    MultimodalCausalLMOutputWithPast,
+    cache_kwarg,
+    output_cache,
+)
 from .configuration import LlavaNextConfig
 
 __all__ = [
@@ -128,7 +131,7 @@ class LlavaNextPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["cache"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -212,6 +215,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         text_hidden = config.text_config.hidden_size
         self.image_newline = nn.Parameter(torch.randn(text_hidden, dtype=self.dtype) / math.sqrt(text_hidden))
         self.language_model = AutoModel.from_config(config.text_config)
+        self._lm_cache_kwarg = cache_kwarg(self.language_model.forward)  # "cache" or "past_key_values"
         self._geometry_cache: dict[tuple, geometry.ImageGeometry] = {}
         self.post_init()
 
@@ -455,7 +459,8 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                 ``[tiles_i, C, H, W]`` tensor per image; images in prompt order.
             image_sizes: ``[images, 2]`` original ``(height, width)`` of each image.
             attention_mask: ``[batch, seq]`` (1 = attend), or a 4-D mask.
-            cache: a transformers ``Cache`` (``past_key_values`` is accepted as an alias).
+            cache: a transformers ``Cache`` (``past_key_values`` is accepted as an alias; ``generate``
+                passes the name of the installed transformers, see :mod:`._compat`).
             inputs_embeds: ``[batch, seq, text_hidden]`` instead of ``input_ids``.
         """
         if cache is None:
@@ -503,15 +508,15 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             return_dict=True,
+            **{self._lm_cache_kwarg: cache},
             **kwargs,
         )
         result = LlavaNextModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            cache=getattr(outputs, "cache", None),
+            **{CACHE_NAME: output_cache(outputs)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_outputs=image_outputs,
@@ -603,7 +608,7 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
         result = LlavaNextCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            cache=outputs.cache,
+            **{CACHE_NAME: output_cache(outputs)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_outputs=outputs.image_outputs,

@@ -244,6 +244,25 @@ def test_return_dict_false_gives_a_tuple(mistral_pair):
     torch.testing.assert_close(out[0], logits_of(ours, inputs))
 
 
+def test_the_cache_comes_back_under_the_name_generate_reads(mistral_pair):
+    """transformers 5.24 names the KV cache ``cache``, 5.23 ``past_key_values`` (outputs and forward
+    arguments): ours uses the installed version's name, as the reference does, and decodes from it alike."""
+    processor, ours, reference = mistral_pair
+    inputs = make_inputs(processor, "single")
+    next_ids = torch.tensor([[7]])
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(next_ids)], dim=1)
+    steps = []
+    for model in (ours, reference):
+        with torch.no_grad():
+            prefill = model(**inputs, use_cache=True)
+            names = [name for name in ("cache", "past_key_values") if name in prefill.keys()]
+            step = model(input_ids=next_ids, attention_mask=mask, use_cache=True, **{names[0]: prefill[names[0]]})
+        steps.append((names, step.logits))
+    (our_names, our_logits), (reference_names, reference_logits) = steps
+    assert our_names == reference_names
+    torch.testing.assert_close(our_logits, reference_logits, atol=FP32_ATOL, rtol=0)
+
+
 def test_base_model_returns_hidden_states_and_image_outputs(tiny_checkpoint):
     model = LlavaNextModel.from_pretrained(tiny_checkpoint).eval()
     inputs = make_inputs(processor_for(tiny_checkpoint), "several_images")
