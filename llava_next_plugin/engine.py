@@ -171,6 +171,8 @@ class RequestHandle:
 
     def _finish(self, result: EngineResult | None = None, error: BaseException | None = None) -> None:
         with self._cond:
+            if self.done:  # the first ending stands (shutdown may race the engine thread)
+                return
             self._result, self._error = result, error
             self._notify()
 
@@ -440,10 +442,20 @@ class Engine:
             self._lock.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
-        for handle in list(self._pending) + [s.handle for s in self._slots]:
-            handle._finish(error=ServerError("the engine shut down before this request finished", status=503))
-        self._pending.clear()
-        self._slots.clear()
+        # The engine thread ends what it left when it stops; these are left only if it never ran or is stuck.
+        self._end_leftovers(ServerError("the engine shut down before this request finished", status=503))
+
+    def _end_leftovers(self, error: LlavaNextError) -> None:
+        """End every queued and running request with *error* (each caller and after_generate hook hears it)."""
+        with self._lock:
+            self._accepting = False
+            leftovers = [(h, None) for h in self._pending] + [(s.handle, s) for s in self._slots]
+            self._pending.clear()
+            self._slots, self._cache, self._mask = [], None, None
+        for handle, slot in leftovers:
+            if not handle.done:
+                self._record_end(handle, slot, RequestCancelledError(f"request {handle.id} was cancelled")
+                                 if handle.cancelled else error)
 
     @property
     def queue_depth(self) -> int:
@@ -528,6 +540,15 @@ class Engine:
 
     # --- the loop
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # a bug in the loop itself: no request may wait forever
+            logger.exception("the engine thread stopped")
+            self._end_leftovers(ServerError(f"the engine stopped: {exc!r}"))
+            raise
+        self._end_leftovers(ServerError("the engine shut down before this request finished", status=503))
+
+    def _serve(self) -> None:
         while True:
             with self._lock:
                 while not self._stopping and not self._pending and not self._slots:
@@ -545,7 +566,7 @@ class Engine:
                 self._step(joiners)
             except Exception as exc:  # the model failed: fail this batch, keep serving
                 logger.exception("engine step failed")
-                error = exc if isinstance(exc, LlavaNextError) else ServerError(f"generation failed: {exc!r}")
+                error = _generation_error(exc)
                 for handle in joiners + [s.handle for s in self._slots]:
                     if not handle.done:
                         self._record_end(handle, None, error)
@@ -573,7 +594,7 @@ class Engine:
                 raise
             if len(joiners) == 1:
                 logger.exception("prefill failed for request %s", joiners[0].id)
-                error = exc if isinstance(exc, LlavaNextError) else ServerError(f"generation failed: {exc!r}")
+                error = _generation_error(exc)
                 self._record_end(joiners[0], None, error)
                 return
         for handle in joiners:
@@ -760,6 +781,16 @@ class Engine:
             getattr(get_plugin_manager().hook, name)(**kwargs)
         except Exception:  # an observer must not break generation
             logger.exception("plugin hook %s failed", name)
+
+
+def _generation_error(exc: Exception) -> LlavaNextError:
+    """The typed error a request's caller gets when the model raised *exc* while generating it."""
+    if isinstance(exc, LlavaNextError):
+        return exc
+    if isinstance(exc, torch.OutOfMemoryError):
+        return OverloadedError(f"the device ran out of memory while generating ({exc}); retry later, or with "
+                               "fewer or smaller images or a smaller max_tokens", status=503, retry_after=1.0)
+    return ServerError(f"generation failed: {exc!r}")
 
 
 def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

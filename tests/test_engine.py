@@ -14,7 +14,7 @@ import transformers
 import checkpoints
 from llava_next_plugin.engine import Engine, SamplingParams, _TextStream
 from llava_next_plugin.hooks import get_plugin_manager, hookimpl
-from llava_next_sdk.errors import ContextLengthExceededError, OverloadedError, RequestCancelledError
+from llava_next_sdk.errors import ContextLengthExceededError, OverloadedError, RequestCancelledError, ServerError
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 
@@ -313,3 +313,77 @@ def test_a_plugin_registered_on_a_refreshed_manager_observes_a_running_engine(en
     assert recorder.started == [handle.id]
     assert [(e["id"], e["error"], e["completion_tokens"]) for e in recorder.ended] == [
         (handle.id, None, result.completion_tokens)]
+
+
+def raise_oom_on_decode_past(model, limit: int) -> None:
+    """Make *model* raise like a CUDA OOM on any decode step (one new token) at or past position *limit*."""
+
+    def check(module, args, kwargs):
+        input_ids, position_ids = kwargs.get("input_ids"), kwargs.get("position_ids")
+        if input_ids is not None and input_ids.shape[1] == 1 and int(position_ids.max()) >= limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    model.register_forward_pre_hook(check, with_kwargs=True)
+
+
+def test_a_decode_step_that_raises_fails_its_batch_with_a_typed_error_and_the_engine_keeps_serving(
+        tiny_checkpoint, engine):
+    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    failing = Engine(model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint), max_batch_size=1).start()
+    recorder = Recorder()
+    manager = get_plugin_manager()
+    manager.register(recorder)
+    try:
+        request = lambda max_tokens: failing.prepare(ask("Same"), [photo(40, 40)],
+                                                     SamplingParams(max_tokens=max_tokens, temperature=0))
+        long = request(8)
+        raise_oom_on_decode_past(model, long.prompt_tokens + 3)  # the long request's 4th decode step raises
+        handles = [failing.submit(long), failing.submit(request(2)), failing.submit(request(2))]
+        with pytest.raises(OverloadedError, match="ran out of memory") as info:
+            handles[0].result(timeout=120)
+        assert info.value.status == 503
+        expected = engine.generate(ask("Same"), [photo(40, 40)], SamplingParams(max_tokens=2, temperature=0))
+        assert [h.result(timeout=120).token_ids for h in handles[1:]] == [expected.token_ids] * 2
+        assert failing._thread.is_alive()
+        assert failing.generate(ask("Same"), [photo(40, 40)],
+                                SamplingParams(max_tokens=2, temperature=0)).token_ids == expected.token_ids
+    finally:
+        manager.unregister(recorder)
+        failing.shutdown(drain=False)
+    ended = {e["id"]: e for e in recorder.ended}
+    assert "out of memory" in ended[handles[0].id]["error"]
+    assert [ended[h.id]["error"] for h in handles[1:]] == [None, None]
+
+
+def test_shutdown_without_drain_ends_queued_and_running_requests_with_a_typed_error(reference):
+    model, processor = reference
+    engine = Engine(model, processor, max_batch_size=1).start()
+    gate = Gate()
+    manager = get_plugin_manager()
+    manager.register(gate)
+    try:
+        request = lambda: engine.prepare(ask("Stop"), [photo(40, 40)], SamplingParams(max_tokens=50, temperature=0))
+        running = engine.submit(request())
+        deadline = time.monotonic() + 30
+        while not gate.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        handles = [running, engine.submit(request()), engine.submit(request())]
+        stopper = threading.Thread(target=engine.shutdown, kwargs={"drain": False})
+        stopper.start()
+        while engine._accepting and time.monotonic() < deadline:
+            time.sleep(0.01)
+        gate.open.set()  # the running request's prefill ends; the engine then stops
+        stopper.join(60)
+    finally:
+        gate.open.set()
+        manager.unregister(gate)
+    assert not stopper.is_alive() and not engine._thread.is_alive()
+    for handle in handles:
+        with pytest.raises(ServerError, match="shut down before this request finished") as info:
+            handle.result(timeout=1)
+        assert info.value.status == 503
+    ended = {e["id"]: e for e in gate.ended}
+    assert sorted(ended) == sorted(h.id for h in handles)
+    assert all("shut down" in e["error"] for e in ended.values())
+    with pytest.raises(OverloadedError, match="shutting down"):
+        engine.submit(request())
