@@ -75,3 +75,56 @@ def test_the_sync_client_runs_a_local_model(tiny_checkpoint):
             deltas = list(stream)
     assert "".join(deltas) == result.text == stream.result.text
     assert result.usage.completion_tokens == 4
+
+
+def test_unknown_options_of_a_local_client_are_refused_by_name(tiny_checkpoint):
+    with pytest.raises(TypeError, match=r"unknown option\(s\) for a local model: devcie; accepted: .*device"):
+        AsyncClient(model=str(tiny_checkpoint), devcie="cpu")
+    with pytest.raises(TypeError, match=r"timeout: options of a server client, with base_url="):
+        AsyncClient(model=str(tiny_checkpoint), timeout=5)
+
+
+# A process where the model package cannot be imported, as where only llava-next-sdk is installed.
+WITHOUT_MODEL_PACKAGE = """
+import sys
+
+import anyio
+
+
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name == "llava_next_plugin" or name.startswith("llava_next_plugin."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+
+from llava_next_sdk import AsyncClient, LlavaNextError
+
+if sys.argv[1] == "at-construction":
+    sys.meta_path.insert(0, Refuse())
+    try:
+        AsyncClient(model="some/checkpoint")
+    except LlavaNextError as exc:
+        print("raised", type(exc).__name__, exc)
+else:  # the package disappears between construction and the first request
+    client = AsyncClient(model="some/checkpoint")
+    sys.meta_path.insert(0, Refuse())
+    try:
+        anyio.run(client.generate, None, "Hi")
+    except LlavaNextError as exc:
+        print("raised", type(exc).__name__, exc)
+print("torch imported:", "torch" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("when", ["at-construction", "at-first-request"])
+def test_without_the_model_package_a_local_client_says_what_to_install(when):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", WITHOUT_MODEL_PACKAGE, when], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "raised LlavaNextError" in done.stdout
+    assert "'llava_next_plugin' cannot be imported: pip install llava-next-plugin" in done.stdout
+    assert "torch imported: False" in done.stdout

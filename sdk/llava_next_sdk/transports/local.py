@@ -12,6 +12,7 @@ Cancelling ``generate`` or leaving ``stream`` early drops the request from the e
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
@@ -27,6 +28,27 @@ __all__ = ["LocalTransport", "llava_next_sdk_transport"]
 LOCAL_SCHEME = "local:"
 ENGINE_OPTIONS = ("device", "dtype", "max_batch_size", "max_queue", "max_context", "default_max_tokens")
 """Client options that configure the shared engine (the others are the HTTP transport's)."""
+OPTIONS = frozenset({"model", "engine", "request_limits", *ENGINE_OPTIONS})
+"""Every client option a local model accepts."""
+MODEL_PACKAGES = ("llava_next_plugin", "torch")
+"""What running a model in-process needs beyond the SDK."""
+
+
+def _missing_model_package_error(missing: str) -> LlavaNextError:
+    return LlavaNextError(
+        f"running a model in this process needs the model package, but {missing!r} cannot be imported: "
+        "pip install llava-next-plugin (or pass base_url= to use a llava-next server instead)")
+
+
+def _check_model_package() -> None:
+    """Raise our error, naming what to install, when the model package (or torch) is not importable."""
+    for name in MODEL_PACKAGES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise _missing_model_package_error(name)
 
 
 class LocalTransport:
@@ -45,6 +67,12 @@ class LocalTransport:
                  **engine_options: Any) -> None:
         if engine is None and not model:
             raise ValueError("LocalTransport needs a model path or hub id (or an engine)")
+        unknown = sorted(set(engine_options) - set(ENGINE_OPTIONS))
+        if unknown:
+            raise TypeError(f"unknown engine option(s) for a local model: {', '.join(unknown)}; "
+                            f"accepted: {', '.join(ENGINE_OPTIONS)}")
+        if engine is None:
+            _check_model_package()
         self.model = model
         self._engine = engine
         self._limits = limits
@@ -58,7 +86,10 @@ class LocalTransport:
         if self._engine is None:
             async with self._lock:
                 if self._engine is None:
-                    from llava_next_plugin.engine import get_shared_engine
+                    try:
+                        from llava_next_plugin.engine import get_shared_engine
+                    except ImportError as exc:
+                        raise _missing_model_package_error(exc.name or "llava_next_plugin") from exc
 
                     self._engine = await anyio.to_thread.run_sync(
                         lambda: get_shared_engine(self.model, **self._engine_options))
@@ -69,9 +100,9 @@ class LocalTransport:
         return self._engine
 
     async def _submit(self, request: ChatRequest):
+        engine = await self._get_engine()  # first: it says what to install when the model package is missing
         from llava_next_plugin.validation import prepare_request
 
-        engine = await self._get_engine()
         try:
             prepared = await anyio.to_thread.run_sync(prepare_request, engine, request, self._limits)
             return engine, engine.submit(prepared)
@@ -124,6 +155,12 @@ def llava_next_sdk_transport(url: str, options: dict) -> LocalTransport | None:
     """Serve ``local:<path or hub id>`` URLs with a :class:`LocalTransport`."""
     if not isinstance(url, str) or not url.startswith(LOCAL_SCHEME):
         return None
+    unknown = sorted(set(options) - OPTIONS)
+    if unknown:
+        server_only = sorted(set(unknown) & {"api_key", "timeout", "max_retries"})
+        hint = f" ({', '.join(server_only)}: options of a server client, with base_url=)" if server_only else ""
+        raise TypeError(f"unknown option(s) for a local model: {', '.join(unknown)}; accepted: "
+                        f"{', '.join(sorted(OPTIONS))}{hint}")
     engine_options = {k: options[k] for k in ENGINE_OPTIONS if options.get(k) is not None}
     return LocalTransport(url[len(LOCAL_SCHEME):], engine=options.get("engine"), limits=options.get("request_limits"),
                           **engine_options)
