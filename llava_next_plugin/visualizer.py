@@ -264,6 +264,8 @@ class AttentionMaskVisualizer:
         """bool ``[batch, seq, seq]``: the text backbone's own mask for this padding."""
         from transformers import masking_utils
 
+        from ._compat import cache_kwarg
+
         text_config = copy.deepcopy(self.config.get_text_config())
         text_config._attn_implementation = "eager"  # the materialized mask, whatever the model runs
         batch, seq = attention_mask.shape
@@ -273,8 +275,8 @@ class AttentionMaskVisualizer:
             config=text_config,
             inputs_embeds=torch.zeros(batch, seq, 1),
             attention_mask=attention_mask.bool(),
-            cache=None,
             allow_is_causal_skip=False,
+            **{cache_kwarg(make_mask): None},  # no cache: "cache" or "past_key_values" by version
         )
         mask = mask[:, 0]
         return mask if mask.dtype == torch.bool else mask == 0
