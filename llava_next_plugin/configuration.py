@@ -73,15 +73,23 @@ class LlavaNextConfig(PreTrainedConfig):
         if self.image_grid_pinpoints is None:
             self.image_grid_pinpoints = [list(p) for p in DEFAULT_PINPOINTS]
         self.image_grid_pinpoints = [[int(h), int(w)] for h, w in self.image_grid_pinpoints]
+        if isinstance(self.vision_feature_layer, (list, tuple)):
+            self.vision_feature_layer = [int(i) for i in self.vision_feature_layer]
+            if not self.vision_feature_layer:
+                raise ValueError("vision_feature_layer is an empty list: give an int or a list of ints")
+        self.validate_vision_feature_select_strategy()
+
+    def validate_vision_feature_select_strategy(self) -> None:
+        """Raise ``ValueError`` unless the strategy is known and fits the tower.
+
+        Run at construction, and again by the model: ``from_pretrained(path, vision_feature_select_strategy=...)``
+        sets its keyword arguments after construction.
+        """
         if self.vision_feature_select_strategy not in geometry.VALID_STRATEGIES:
             raise ValueError(
                 f"vision_feature_select_strategy must be 'default' or 'full', got "
                 f"{self.vision_feature_select_strategy!r}"
             )
-        if isinstance(self.vision_feature_layer, (list, tuple)):
-            self.vision_feature_layer = [int(i) for i in self.vision_feature_layer]
-            if not self.vision_feature_layer:
-                raise ValueError("vision_feature_layer is an empty list: give an int or a list of ints")
         if self.vision_feature_select_strategy == "full" and self.num_additional_image_tokens:
             raise ValueError(
                 f"vision_feature_select_strategy='full' keeps the CLS position of the "

@@ -209,6 +209,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"^lm_head\.weight$"]
 
     def __init__(self, config: LlavaNextConfig):
+        config.validate_vision_feature_select_strategy()  # again: from_pretrained's kwargs bypass the config's check
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = LlavaNextMultiModalProjector(config)

@@ -375,7 +375,15 @@ def test_tiles_of_the_wrong_size_say_which_setting_differs(mistral_pair):
     _raises_bad_request(ours, "crop_size", **dict(inputs, pixel_values=big))
 
 
-def test_full_strategy_in_the_config_of_a_clip_model_says_why(tiny_checkpoint):
-    model = LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint, vision_feature_select_strategy="full")
-    inputs = make_inputs(processor_for(tiny_checkpoint), "single")
-    _raises_bad_request(model, "square grid|CLS", **inputs)
+def test_full_strategy_given_to_from_pretrained_of_a_clip_model_fails_at_load_with_the_configs_message(
+        tiny_checkpoint):
+    from llava_next_plugin import LlavaNextConfig
+
+    config = LlavaNextConfig.from_pretrained(tiny_checkpoint)
+    with pytest.raises(ValueError, match="square grid") as at_config:
+        LlavaNextConfig(vision_config=config.vision_config, text_config=config.text_config,
+                        vision_feature_select_strategy="full")
+    for model_class in (LlavaNextForConditionalGeneration, LlavaNextModel):
+        with pytest.raises(ValueError, match="square grid") as at_load:
+            model_class.from_pretrained(tiny_checkpoint, vision_feature_select_strategy="full")
+        assert str(at_load.value) == str(at_config.value)
