@@ -45,6 +45,7 @@ from llava_next_sdk.errors import (
     ServerError,
 )
 
+from ._compat import cache_kwarg, output_cache
 from .hooks import get_plugin_manager
 
 __all__ = ["Engine", "SamplingParams", "PreparedRequest", "RequestHandle", "EngineResult", "get_shared_engine"]
@@ -376,8 +377,7 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         forward_params = inspect.signature(model.forward).parameters
         self._accepts_logits_to_keep = "logits_to_keep" in forward_params
-        # transformers >= 5.2x names the KV cache ``cache``; earlier models ``past_key_values``
-        self._cache_arg = "cache" if "cache" in forward_params else "past_key_values"
+        self._cache_arg = cache_kwarg(model.forward)  # "cache" or "past_key_values", by transformers version
 
         self._lock = threading.Condition()
         self._pending: collections.deque[RequestHandle] = collections.deque()
@@ -636,7 +636,7 @@ class Engine:
                 "prompt_tokens": handle.prepared.prompt_tokens, "image_tokens": handle.prepared.image_tokens,
                 "max_tokens": handle.prepared.max_tokens, "temperature": params.temperature,
                 "top_p": params.top_p, "seed": params.seed})
-        self._merge(new_slots, _cache_tensors(_output_cache(out)), mask.to(self.device))
+        self._merge(new_slots, _cache_tensors(output_cache(out)), mask.to(self.device))
         self._advance(new_slots, out.logits[:, -1, :])
 
     @torch.inference_mode()
@@ -649,7 +649,7 @@ class Engine:
         self._mask = torch.cat([self._mask, self._mask.new_ones((len(self._slots), 1))], dim=1)
         out = self.model(input_ids=input_ids, attention_mask=self._mask, position_ids=position_ids,
                          use_cache=True, **{self._cache_arg: self._cache})
-        self._cache = _output_cache(out)
+        self._cache = output_cache(out)
         for slot in self._slots:
             slot.position += 1
         self._advance(list(self._slots), out.logits[:, -1, :])
@@ -799,12 +799,6 @@ def _cache_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     if layers is not None:
         return [(layer.keys, layer.values) for layer in layers]
     return [(k, v) for k, v, *_ in cache]
-
-
-def _output_cache(out):
-    """The KV cache a forward returned (``cache`` in transformers >= 5.2x, ``past_key_values`` before)."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
 
 
 def _make_cache(layers: list[tuple[torch.Tensor, torch.Tensor]]):
