@@ -138,6 +138,20 @@ class LlavaNextPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = True
 
+    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """transformers' check of ``attn_implementation``, with a missing flash-attn explained: what and how."""
+        try:
+            return super()._check_and_adjust_attn_implementation(attn_implementation, *args, **kwargs)
+        except ImportError as exc:
+            if not (isinstance(attn_implementation, str) and attn_implementation.startswith("flash_attention")):
+                raise
+            install = ("pip install 'llava-next-plugin[flash]' (flash-attn, for CUDA GPUs)"
+                       if attn_implementation == "flash_attention_2" else "install its flash-attn package")
+            raise ImportError(
+                f"attn_implementation={attn_implementation!r} cannot be used here: {exc} To use it, "
+                f"{install}; or pass attn_implementation='sdpa' (the default, no extra package)."
+            ) from exc
+
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         # Weights already loaded from a checkpoint carry ``_is_hf_initialized``: leave those alone.

@@ -387,3 +387,29 @@ def test_full_strategy_given_to_from_pretrained_of_a_clip_model_fails_at_load_wi
         with pytest.raises(ValueError, match="square grid") as at_load:
             model_class.from_pretrained(tiny_checkpoint, vision_feature_select_strategy="full")
         assert str(at_load.value) == str(at_config.value)
+
+
+# flash-attn made absent (``find_spec`` answers None for a module set to None), as on most machines.
+LOAD_WITH_FLASH_ATTENTION_ABSENT = """
+import sys
+
+sys.modules["flash_attn"] = None
+from llava_next_plugin import LlavaNextForConditionalGeneration
+
+try:
+    LlavaNextForConditionalGeneration.from_pretrained(sys.argv[1], attn_implementation="flash_attention_2")
+except ImportError as exc:
+    print("ImportError:", exc)
+"""
+
+
+def test_flash_attention_without_flash_attn_says_what_to_install_or_use_instead(tiny_checkpoint):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", LOAD_WITH_FLASH_ATTENTION_ABSENT, str(tiny_checkpoint)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "ImportError: attn_implementation='flash_attention_2' cannot be used here" in done.stdout
+    assert "pip install 'llava-next-plugin[flash]'" in done.stdout
+    assert "attn_implementation='sdpa'" in done.stdout
