@@ -570,6 +570,60 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
             pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy, **kwargs
         )
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """transformers' expansion of each sample to ``expand_size`` rows (beams, return sequences), images by block.
+
+        A per-row repeat of ``pixel_values`` would turn a prompt's images ``a, b`` into ``a, a, b, b``;
+        each expanded row needs its sample's whole block of images, ``a, b, a, b``. Which images belong
+        to which sample comes from the ``<image>`` token counts and the images' geometries.
+        """
+        pixel_values, image_sizes = model_kwargs.get("pixel_values"), model_kwargs.get("image_sizes")
+        if expand_size == 1 or pixel_values is None or image_sizes is None:
+            return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+        strategy = model_kwargs.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
+        tiles, image_sizes = self._images_by_sample_block(
+            input_ids, model_kwargs.get("inputs_embeds"), pixel_values, image_sizes, strategy, expand_size
+        )
+        model_kwargs["pixel_values"] = model_kwargs["image_sizes"] = None  # not repeated per row below
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        model_kwargs["pixel_values"], model_kwargs["image_sizes"] = tiles, image_sizes
+        return input_ids, model_kwargs
+
+    def _images_by_sample_block(self, input_ids, inputs_embeds, pixel_values, image_sizes, strategy, repeats):
+        """``(tiles [T', C, H, W], image_sizes [images', 2])`` with each sample's images repeated ``repeats`` times.
+
+        Sample ``s`` owning images ``first_s..last_s`` becomes ``repeats`` copies of that block, in sample
+        order, as :meth:`forward` expects after ``input_ids.repeat_interleave(repeats, 0)``.
+        """
+        inner = self.model
+        geoms = inner._image_geometries(image_sizes, strategy)
+        if isinstance(pixel_values, (list, tuple)):  # one [tiles_i, C, H, W] tensor per image
+            pixel_values = torch.cat(list(pixel_values))
+        tiles = inner._gather_tiles(pixel_values, geoms)  # validates shapes; [sum(num_tiles), C, H, W]
+        use_ids = input_ids is not None and input_ids.shape[-1] > 0
+        token_mask = inner._image_token_mask(input_ids if use_ids else None, None if use_ids else inputs_embeds)
+        inner._check_counts(token_mask, geoms)  # a clear error when tokens and images do not match
+        image_blocks, image = [], 0  # per sample: the indices of its images
+        for n_tokens in token_mask.sum(-1).tolist():
+            first, n_features = image, 0
+            while n_features < n_tokens:
+                n_features += geoms[image].num_tokens
+                image += 1
+            image_blocks.append(list(range(first, image)))
+        tile_starts = [0]
+        for g in geoms:
+            tile_starts.append(tile_starts[-1] + g.num_tiles)
+        image_index = [i for block in image_blocks for _ in range(repeats) for i in block]
+        tile_index = [t for i in image_index for t in range(tile_starts[i], tile_starts[i + 1])]
+        tiles = tiles.index_select(0, torch.tensor(tile_index, device=tiles.device))
+        if isinstance(image_sizes, torch.Tensor):
+            image_sizes = image_sizes.index_select(0, torch.tensor(image_index, device=image_sizes.device))
+        else:
+            image_sizes = [image_sizes[i] for i in image_index]
+        return tiles, image_sizes
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -215,3 +215,46 @@ def test_bitsandbytes_quantization_matches_reference_and_saves_hub_layout(wide_c
     assert not info["missing_keys"] and not info["unexpected_keys"]
     with torch.no_grad():
         assert (reloaded(**inputs).logits - mine).abs()[mask].max() <= 1e-4
+
+
+def _multi_image_inputs(processor, images_per_prompt):
+    """Two prompts, the first with two images; left padded. Returns the inputs and each sample's image range."""
+    texts = ["[INST] " + "<image>" * len(images) + "\nCompare [/INST]" for images in images_per_prompt]
+    inputs = processor(images=images_per_prompt, text=texts, padding=True, return_tensors="pt")
+    starts = [0, len(images_per_prompt[0]), len(images_per_prompt[0]) + len(images_per_prompt[1])]
+    return inputs, [range(starts[i], starts[i + 1]) for i in range(2)]
+
+
+def _one_sample(inputs, row: int, images: range) -> dict:
+    """Row ``row`` of a batch (same padding), with only its own images."""
+    return {
+        "input_ids": inputs["input_ids"][row:row + 1],
+        "attention_mask": inputs["attention_mask"][row:row + 1],
+        "pixel_values": inputs["pixel_values"][images.start:images.stop],
+        "image_sizes": inputs["image_sizes"][images.start:images.stop],
+    }
+
+
+def test_beam_search_gives_each_sample_its_own_block_of_images(pair):
+    processor, _, ours, _ = pair
+    images = [[_photo((90, 30)), _photo((30, 90))], [_photo((60, 45))]]  # two sizes, then a single image
+    inputs, blocks = _multi_image_inputs(processor, images)
+    kwargs = dict(num_beams=2, do_sample=False, num_return_sequences=2)
+    batched = _generate(ours, inputs, **kwargs)
+    assert batched.shape[0] == 4
+    for row, block in enumerate(blocks):
+        alone = _generate(ours, _one_sample(inputs, row, block), **kwargs)
+        assert torch.equal(batched[2 * row:2 * row + 2], alone)
+
+
+def test_each_returned_sequence_sees_its_sample_images_in_order(pair):
+    processor, _, ours, _ = pair
+    photo = _photo((60, 45))
+    flipped = photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    images = [[photo, flipped], [_photo((30, 90))]]  # same size: a swap would pass every shape check
+    inputs, blocks = _multi_image_inputs(processor, images)
+    torch.manual_seed(0)
+    rows = _generate(ours, inputs, do_sample=True, top_k=1, num_return_sequences=2)  # top_k=1: greedy rows
+    for row, block in enumerate(blocks):
+        greedy = _generate(ours, _one_sample(inputs, row, block), do_sample=False)  # no expansion at all
+        assert torch.equal(rows[2 * row], greedy[0]) and torch.equal(rows[2 * row + 1], greedy[0])
