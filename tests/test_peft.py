@@ -1,0 +1,88 @@
+"""PEFT/LoRA on our model: the adapters land where they do on the reference class, a training step moves
+only them, and a saved adapter reloaded onto a fresh model (by peft or by transformers) gives the same logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from PIL import Image
+from transformers import LlavaNextProcessor
+from transformers.models.llava_next.modeling_llava_next import (
+    LlavaNextForConditionalGeneration as ReferenceForConditionalGeneration,
+)
+
+import checkpoints
+from llava_next_plugin.modeling import LlavaNextForConditionalGeneration
+
+RANK = 4
+
+
+def lora_config() -> LoraConfig:
+    return LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+
+
+def photo() -> Image.Image:
+    return checkpoints.real_photo("chelsea.png").convert("RGB").resize((90, 60))
+
+
+@pytest.fixture(scope="module")
+def inputs(tiny_checkpoint):
+    processor = LlavaNextProcessor.from_pretrained(tiny_checkpoint)
+    batch = processor(images=[photo()], text=["[INST] <image>\nWhat is this? [/INST] A cat."], return_tensors="pt")
+    labels = batch["input_ids"].clone()
+    labels[labels == processor.tokenizer.convert_tokens_to_ids("<image>")] = -100  # no loss on image positions
+    return dict(batch), labels
+
+
+def logits(model, inputs) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+# peft reads transformers' deprecated is_gradient_checkpointing property (not ours to change).
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_lora_trains_only_its_adapters_and_reloads_onto_a_fresh_model(tiny_checkpoint, inputs, tmp_path):
+    batch, labels = inputs
+    base = LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    before = logits(base, batch)
+    frozen = {name: p.detach().clone() for name, p in base.named_parameters()}
+    model = get_peft_model(base, lora_config())
+
+    # Adapters on every q_proj/v_proj (vision tower and language model), r * (in + out) weights each, as
+    # on transformers' own class.
+    targets = {name: m for name, m in base.named_modules() if name.rsplit(".", 1)[-1] in ("q_proj", "v_proj")}
+    expected = sum(RANK * (m.in_features + m.out_features) for m in targets.values())
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert trainable == expected > 0
+    assert all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
+    reference = get_peft_model(ReferenceForConditionalGeneration.from_pretrained(tiny_checkpoint), lora_config())
+    assert reference.get_nb_trainable_parameters() == model.get_nb_trainable_parameters()
+    adapted = lambda m: sorted(n for n, _ in m.named_parameters() if "lora_" in n)
+    assert adapted(model) == adapted(reference)
+
+    # One training step: the loss flows back to the adapters, only they move.
+    model.train()
+    loss = model(**batch, labels=labels).loss
+    assert torch.isfinite(loss)
+    loss.backward()
+    # (The vision tower's last layer is past vision_feature_layer=-2: its adapters get no gradient.)
+    text_lora_b = [p for name, p in model.named_parameters() if "lora_B" in name and "language_model" in name]
+    assert text_lora_b and all(p.grad is not None and p.grad.abs().sum() > 0 for p in text_lora_b)
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5).step()
+    for name, p in base.named_parameters():
+        if "lora_" not in name:
+            assert torch.equal(p, frozen[name.replace(".base_layer", "")]), name
+    trained = logits(model, batch)
+    assert not torch.allclose(trained, before)
+
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    reloaded = PeftModel.from_pretrained(LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint),
+                                         tmp_path / "adapter")
+    torch.testing.assert_close(logits(reloaded, batch), trained, rtol=0, atol=1e-6)
+    # transformers' own PEFT integration loads it too.
+    fresh = LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    fresh.load_adapter(str(tmp_path / "adapter"))
+    torch.testing.assert_close(logits(fresh, batch), trained, rtol=0, atol=1e-6)
