@@ -100,7 +100,6 @@ NEWLINE = -1  # marks an ``image_newline`` slot in a packing order
 _GEOMETRY_CACHE_SIZE = 4096  # distinct (height, width, ...) geometries kept per model
 
 
-@functools.lru_cache(maxsize=4096)
 def packing_order(geom: geometry.ImageGeometry, tile_features: int) -> torch.Tensor:
     """Where each packed feature of one image comes from: ``[geom.num_tokens]`` int64 (CPU).
 
@@ -109,15 +108,26 @@ def packing_order(geom: geometry.ImageGeometry, tile_features: int) -> torch.Ten
     ``image_newline``. The base view keeps all its ``base_tokens`` features; the grid tiles are laid
     out as one ``map_rows x map_cols`` map, of which ``[crop_top:crop_bottom, crop_left:crop_right]``
     is kept, one newline after each kept row.
+
+    Cached by layout, not by image size: the many sizes that share a grid and crop share one order.
     """
-    side = geom.side
-    rows = torch.arange(geom.crop_top, geom.crop_bottom)[:, None]  # [R, 1] feature-map rows
-    cols = torch.arange(geom.crop_left, geom.crop_right)[None, :]  # [1, C] feature-map cols
-    tile = 1 + (rows // side) * geom.grid_cols + cols // side  # [R, C]
+    crop = (geom.crop_top, geom.crop_bottom, geom.crop_left, geom.crop_right)
+    return _packing_order_of_layout(geom.grid_rows, geom.grid_cols, geom.side, crop, geom.base_tokens, tile_features)
+
+
+@functools.lru_cache(maxsize=1024)
+def _packing_order_of_layout(
+    grid_rows: int, grid_cols: int, side: int, crop: tuple[int, int, int, int], base_tokens: int, tile_features: int
+) -> torch.Tensor:
+    """:func:`packing_order` of one layout; ``crop`` is ``(top, bottom, left, right)`` in feature-map cells."""
+    crop_top, crop_bottom, crop_left, crop_right = crop
+    rows = torch.arange(crop_top, crop_bottom)[:, None]  # [R, 1] feature-map rows
+    cols = torch.arange(crop_left, crop_right)[None, :]  # [1, C] feature-map cols
+    tile = 1 + (rows // side) * grid_cols + cols // side  # [R, C]
     grid = tile * tile_features + (rows % side) * side + cols % side  # [R, C]
     newline = torch.full((grid.shape[0], 1), NEWLINE, dtype=grid.dtype)
     grid = torch.cat([grid, newline], dim=1).flatten()
-    return torch.cat([torch.arange(geom.base_tokens), grid])
+    return torch.cat([torch.arange(base_tokens), grid])
 
 
 # --- Models ----------------------------------------------------------------------------------------

@@ -413,3 +413,19 @@ def test_flash_attention_without_flash_attn_says_what_to_install_or_use_instead(
     assert "ImportError: attn_implementation='flash_attention_2' cannot be used here" in done.stdout
     assert "pip install 'llava-next-plugin[flash]'" in done.stdout
     assert "attn_implementation='sdpa'" in done.stdout
+
+
+def test_packing_orders_are_cached_per_layout_not_per_image_size():
+    from llava_next_plugin import geometry
+    from llava_next_plugin.modeling import _packing_order_of_layout, packing_order
+
+    pinpoints = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6's
+    sizes = [(h, w) for h in range(200, 2001, 45) for w in range(200, 2001, 45)]
+    geoms = [geometry.image_geometry(h, w, pinpoints, 336, 14) for h, w in sizes]
+    layouts = {(g.grid_rows, g.grid_cols, g.side, g.crop_top, g.crop_bottom, g.crop_left, g.crop_right) for g in geoms}
+    _packing_order_of_layout.cache_clear()
+    orders = [packing_order(g, 576) for g in geoms]
+    assert _packing_order_of_layout.cache_info().currsize == len(layouts) < len(sizes) // 4
+    for g, order in zip(geoms, orders):
+        assert order.shape == (g.num_tokens,)
+        assert int((order == -1).sum()) == g.unpadded_rows  # one newline per kept row
