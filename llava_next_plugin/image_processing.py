@@ -33,6 +33,7 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from llava_next_sdk.errors import BadRequestError, InvalidImageError
 
 from . import geometry
+from .images import gray_to_uint8
 
 try:  # the typed kwargs transformers reads in from_dict / preprocess validation
     from transformers.processing_utils import ImagesKwargs
@@ -304,33 +305,6 @@ def check_image_size(height: int, width: int, index: int) -> None:
         )
 
 
-def _gray_to_uint8(values: np.ndarray, mode: str, index: int) -> np.ndarray:
-    """16-bit / 32-bit integer and float grey images as 8-bit grey, keeping their range meaningful.
-
-    PIL's own ``convert("RGB")`` clips such images at 255, which turns most 16-bit images white.
-    Here 16-bit values (or 32-bit ones within 0..65535) are scaled by 255/65535; integer images that
-    already fit 0..255 are kept; float images in [0, 1] are scaled by 255, in [0, 255] kept.
-    """
-    values = np.asarray(values)
-    if values.size == 0:
-        return values.astype(np.uint8)
-    low, high = float(values.min()), float(values.max())
-    if mode == "F":
-        if low >= 0 and high <= 1:
-            return np.round(values.astype(np.float64) * 255).astype(np.uint8)
-        if low >= 0 and high <= 255:
-            return np.round(values).astype(np.uint8)
-    elif low >= 0 and (mode.startswith("I;16") or high > 255) and high <= 65535:
-        return np.round(values.astype(np.float64) * (255 / 65535)).astype(np.uint8)
-    elif low >= 0 and high <= 255:
-        return values.astype(np.uint8)
-    raise InvalidImageError(
-        f"the {mode!r} image holds values from {low:g} to {high:g}, which map to no 8-bit range: "
-        "convert it to an 8-bit RGB image first",
-        index=index,
-    )
-
-
 def _composite_on_white(pixels: np.ndarray) -> np.ndarray:
     """``[H, W, 4]`` RGBA or ``[H, W, 2]`` LA uint8 -> ``[H, W, 3]`` RGB over a white background."""
     colour, alpha = pixels[..., :-1], pixels[..., -1:] / 255.0
@@ -347,7 +321,7 @@ def pil_to_rgb(image: Image.Image, index: int) -> np.ndarray:
         if mode == "RGB":
             return np.asarray(image)
         if mode.startswith("I") or mode == "F":
-            grey = _gray_to_uint8(np.asarray(image), mode, index)
+            grey = gray_to_uint8(np.asarray(image), mode, index)
             return np.repeat(grey[..., None], 3, axis=-1)
         if "A" in image.getbands() or "a" in image.getbands() or image.info.get("transparency") is not None:
             rgba = image.convert("RGBA")

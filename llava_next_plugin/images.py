@@ -40,7 +40,9 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from llava_next_plugin.hooks import get_plugin_manager, hookimpl
 from llava_next_sdk.errors import InvalidImageError, LlavaNextError
 
-__all__ = ["DEFAULT_TIMEOUT", "MAX_DOWNLOAD_BYTES", "decode_image_bytes", "load_image", "load_images", "to_rgb"]
+__all__ = [
+    "DEFAULT_TIMEOUT", "MAX_DOWNLOAD_BYTES", "decode_image_bytes", "gray_to_uint8", "load_image", "load_images", "to_rgb",
+]
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds allowed for each network read when an image is fetched from a URL."""
@@ -310,7 +312,8 @@ def to_rgb(image: Image.Image, what: str = "the image") -> Image.Image:
     """A fully decoded, upright, non-empty RGB version of *image* (the same object if it already is).
 
     Transparency (RGBA, LA, PA, P with a transparent colour) is composited onto white, as transformers'
-    processors do; 16-bit and 32-bit grayscale (I;16, I, F) is scaled to 8 bits rather than clipped;
+    processors do; 16-bit and 32-bit grayscale (I;16, I, F) is scaled to 8 bits rather than clipped
+    (:func:`gray_to_uint8`);
     CMYK, YCbCr, LAB, HSV, P, L and 1 convert with PIL's colour conversion.
     """
     _load_pixels(image, what)
@@ -334,15 +337,35 @@ def to_rgb(image: Image.Image, what: str = "the image") -> Image.Image:
 
 
 def _high_depth_gray_to_rgb(image: Image.Image) -> Image.Image:
-    """Scale 16/32-bit or float grayscale to 8 bits: I;16 by 1/257, float in [0, 1] by 255, anything
-    else outside 0-255 by its own min-max range."""
-    values = np.asarray(image, dtype=np.float64)
-    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if image.mode.startswith("I;16"):
-        values = values / 257.0
-    elif image.mode == "F" and 0.0 <= low and high <= 1.0:
-        values = values * 255.0
-    elif low < 0.0 or high > 255.0:
-        values = (values - low) * (255.0 / max(high - low, 1e-12))
-    gray = Image.fromarray(np.clip(np.round(values), 0, 255).astype(np.uint8))
-    return gray.convert("RGB")
+    """16/32-bit integer or float grayscale as 8-bit RGB, by :func:`gray_to_uint8`."""
+    return Image.fromarray(gray_to_uint8(np.asarray(image), image.mode)).convert("RGB")
+
+
+def gray_to_uint8(values: np.ndarray, mode: str, index: int | None = None) -> np.ndarray:
+    """16-bit / 32-bit integer and float grey pixels ``[H, W]`` as 8-bit grey ``[H, W]`` uint8.
+
+    The one conversion every route uses (:func:`to_rgb` and the image processors), so a grey image
+    gives the same pixels whether it is loaded first or given to the processor directly. PIL's own
+    ``convert("RGB")`` clips such images at 255, which turns most 16-bit images white. Here the scale
+    is the type's range: ``I;16*`` images (and ``I`` images with values up to 65535) by 255/65535;
+    ``I`` images that already fit 0..255 are kept; ``F`` images in [0, 1] by 255, in [0, 255] kept.
+    Anything else (negative values, beyond 16 bits) has no 8-bit meaning and is refused.
+    """
+    values = np.asarray(values)
+    if values.size == 0:
+        return values.astype(np.uint8)
+    low, high = float(values.min()), float(values.max())
+    if mode == "F":
+        if low >= 0 and high <= 1:
+            return np.round(values.astype(np.float64) * 255).astype(np.uint8)
+        if low >= 0 and high <= 255:
+            return np.round(values).astype(np.uint8)
+    elif low >= 0 and (mode.startswith("I;16") or high > 255) and high <= 65535:
+        return np.round(values.astype(np.float64) * (255 / 65535)).astype(np.uint8)
+    elif low >= 0 and high <= 255:
+        return values.astype(np.uint8)
+    raise InvalidImageError(
+        f"the {mode!r} image holds values from {low:g} to {high:g}, which map to no 8-bit range: "
+        "convert it to an 8-bit RGB image first",
+        index=index,
+    )

@@ -293,8 +293,26 @@ def test_sixteen_bit_and_float_gray_are_scaled_not_clipped(tmp_path):
         assert [load_image(source).getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (100, 100, 100), (255, 255, 255)]
     as_float = Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32))
     assert [load_image(as_float).getpixel((x, 0))[0] for x in range(3)] == [0, 128, 255]
-    wide = Image.fromarray(np.array([[-10, 0, 990]], dtype=np.int32))
-    assert [load_image(wide).getpixel((x, 0))[0] for x in range(3)] == [0, 3, 255]
+    wide = Image.fromarray(np.array([[0, 257 * 100, 65535]], dtype=np.int32))  # mode I: the 16-bit range
+    assert [load_image(wide).getpixel((x, 0))[0] for x in range(3)] == [0, 100, 255]
+    negative = Image.fromarray(np.array([[-10, 0, 990]], dtype=np.int32))
+    with pytest.raises(InvalidImageError, match="values from -10 to 990.*convert it to an 8-bit RGB image"):
+        load_image(negative)
+
+
+@pytest.mark.parametrize("mode", ["I", "I;16"])
+@pytest.mark.parametrize("high", [200, 60000])
+def test_grey_images_give_the_same_pixels_loaded_first_or_given_to_the_processor(mode, high):
+    from llava_next_plugin import LlavaNextImageProcessor
+
+    ramp = np.linspace(0, high, 40 * 50).reshape(40, 50).round()
+    image = Image.fromarray(ramp.astype(np.int32 if mode == "I" else np.uint16))
+    assert image.mode == mode
+    processor = LlavaNextImageProcessor(crop_size={"height": 32, "width": 32}, size={"shortest_edge": 32},
+                                        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
+    direct = processor(image)["pixel_values"]
+    loaded = processor(load_image(image))["pixel_values"]
+    np.testing.assert_array_equal(loaded, direct)
 
 
 def test_exif_orientation_is_applied_like_the_reference(tmp_path, photo):
