@@ -29,6 +29,7 @@ import collections
 import copy
 import inspect
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -628,7 +629,8 @@ class Engine:
             generator = None
             if params.temperature > 0:
                 generator = torch.Generator(device=self.device)
-                generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+                # unseeded: a fresh seed of our own (torch.seed() would reseed the process's global RNG)
+                generator.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
             new_slots.append(_Slot(handle=handle, text=_TextStream(self._detokenizer, params.stop),
                                    generator=generator, position=length, started_at=now))
             self._call_hook("llava_next_before_generate", request_id=handle.id, request={

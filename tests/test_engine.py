@@ -192,6 +192,18 @@ def test_seeded_sampling_repeats_and_a_tiny_top_p_is_greedy(engine):
     assert nucleus == greedy
 
 
+def test_unseeded_sampling_leaves_the_global_torch_rng_alone(engine):
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    first = engine.generate(ask("Sample"), [photo(50, 50)], SamplingParams(max_tokens=8, temperature=1.5))
+    second = engine.generate(ask("Sample"), [photo(50, 50)], SamplingParams(max_tokens=8, temperature=1.5))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(torch.rand(4), expected)
+    assert first.token_ids != second.token_ids  # each unseeded request still gets a seed of its own
+
+
 def test_max_tokens_beyond_the_context_is_refused_with_the_numbers(engine):
     with pytest.raises(ContextLengthExceededError, match="context length of 4096") as info:
         engine.prepare(ask("Hi"), [photo(50, 50)], SamplingParams(max_tokens=5000))
