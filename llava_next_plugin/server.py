@@ -78,18 +78,29 @@ class _Histogram:
         return out
 
 
-class Metrics:
-    """Counters for ``/metrics``: HTTP requests by route and status, chat latency and time to first token."""
+def _label_value(text: str) -> str:
+    """*text* escaped for a Prometheus label value (backslash, double quote, newline)."""
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
-    def __init__(self) -> None:
+
+class Metrics:
+    """Counters for ``/metrics``: HTTP requests by route and status, chat latency and time to first token.
+
+    Requests are labelled by route (``route_paths``); any other path counts as ``"other"``, so the label
+    set stays bounded whatever paths clients send, authenticated or not.
+    """
+
+    def __init__(self, route_paths: tuple[str, ...] = ()) -> None:
         self.lock = threading.Lock()
+        self.route_paths = frozenset(route_paths)
         self.requests: dict[tuple[str, int], int] = {}
         self.latency = _Histogram()
         self.first_token = _Histogram()
 
     def count_request(self, path: str, status: int) -> None:
+        key = (path if path in self.route_paths else "other", int(status))
         with self.lock:
-            self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
+            self.requests[key] = self.requests.get(key, 0) + 1
 
     def render(self, engine: Engine) -> str:
         stats = engine.stats
@@ -97,7 +108,8 @@ class Metrics:
                  "# TYPE llava_next_http_requests_total counter"]
         with self.lock:
             for (path, status), count in sorted(self.requests.items()):
-                lines.append(f'llava_next_http_requests_total{{path="{path}",status="{status}"}} {count}')
+                labels = f'path="{_label_value(path)}",status="{status}"'
+                lines.append(f"llava_next_http_requests_total{{{labels}}} {count}")
             lines += ["# HELP llava_next_request_duration_seconds Chat completion latency, request to last token.",
                       "# TYPE llava_next_request_duration_seconds histogram"]
             lines += self.latency.lines("llava_next_request_duration_seconds")
@@ -107,7 +119,8 @@ class Metrics:
         lines += ["# HELP llava_next_generations_total Engine requests by outcome.",
                   "# TYPE llava_next_generations_total counter"]
         for key in sorted(k for k in stats if k.startswith("requests_")):
-            lines.append(f'llava_next_generations_total{{outcome="{key[len("requests_"):]}"}} {stats[key]}')
+            outcome = _label_value(key[len("requests_"):])
+            lines.append(f'llava_next_generations_total{{outcome="{outcome}"}} {stats[key]}')
         for name, key, what in (("prompt_tokens", "prompt_tokens", "Prompt tokens processed (images included)."),
                                 ("completion_tokens", "completion_tokens", "Tokens generated."),
                                 ("image_tokens", "image_tokens", "Prompt tokens that stand for images.")):
@@ -309,11 +322,13 @@ def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | N
         if shutdown_engine:
             await anyio.to_thread.run_sync(lambda: engine.shutdown(drain=True, timeout=drain_timeout))
 
+    routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+              Route("/v1/models", models, methods=["GET"]),
+              Route("/health", health, methods=["GET"]),
+              Route("/metrics", prometheus, methods=["GET"])]
+    metrics.route_paths = frozenset(route.path for route in routes)
     app = Starlette(
-        routes=[Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-                Route("/v1/models", models, methods=["GET"]),
-                Route("/health", health, methods=["GET"]),
-                Route("/metrics", prometheus, methods=["GET"])],
+        routes=routes,
         exception_handlers={HTTPException: http_error, Exception: server_error},
         lifespan=lifespan)
     app.add_middleware(_Front, api_key=api_key, metrics=metrics)

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 
 import httpx
 import openai
@@ -169,6 +170,30 @@ def test_models_health_and_metrics(server, client):
     assert value(after, "llava_next_request_duration_seconds_count") == \
         value(before, "llava_next_request_duration_seconds_count") + 1
     assert "llava_next_queue_depth 0" in after and "# TYPE llava_next_request_duration_seconds histogram" in after
+
+
+def test_metrics_label_requests_by_route_so_random_or_forged_paths_add_no_series(server):
+    base = server.url[:-len("/v1")]
+    forged = '/x"} 1\nllava_next_forged_total 99\n#'
+    with httpx.Client() as http:
+        for i in range(50):
+            http.get(base + f"/{os.urandom(6).hex()}/{i}")
+        http.get(base + urllib.parse.quote(forged))  # uvicorn decodes the path: quote and newline reach the app
+        http.get(base + "/v1/" + os.urandom(6).hex())  # unknown /v1 paths too
+        text = http.get(base + "/metrics").text
+    paths = {line.split('path="', 1)[1].split('"', 1)[0]
+             for line in text.splitlines() if line.startswith("llava_next_http_requests_total{")}
+    assert paths <= {"/v1/chat/completions", "/v1/models", "/health", "/metrics", "other"}
+    assert 'llava_next_http_requests_total{path="other",status="404"}' in text
+    assert "forged" not in text
+    for line in text.splitlines():  # every line a comment or a sample of one of our metric families
+        assert line.startswith("# ") or line.startswith("llava_next_") and "forged" not in line
+
+
+def test_metric_label_values_are_escaped():
+    from llava_next_plugin.server import _label_value
+
+    assert _label_value('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
 
 
 def test_api_key_is_required_when_set(engine):
