@@ -518,17 +518,29 @@ class Engine:
         """
         handle = RequestHandle(request_id or f"chatcmpl-{uuid.uuid4().hex}", prepared, self)
         with self._lock:
-            if not self._accepting:
-                raise OverloadedError("the engine is shutting down and takes no new requests", status=503,
-                                      retry_after=1.0)
-            if len(self._pending) >= self.max_queue:
-                self.stats["requests_rejected"] += 1
-                raise OverloadedError(
-                    f"the engine's queue is full ({self.max_queue} requests waiting); retry later", retry_after=1.0)
+            self._refuse_if_full()
             self._pending.append(handle)
             self._lock.notify_all()
         self.start()
         return handle
+
+    def check_admission(self) -> None:
+        """Raise now what :meth:`submit` would raise (queue full, shutting down); cheap and thread-safe.
+
+        Fronts call it before :meth:`prepare`, so an overloaded engine does not decode images it would
+        refuse anyway; :meth:`submit` checks again.
+        """
+        with self._lock:
+            self._refuse_if_full()
+
+    def _refuse_if_full(self) -> None:  # with self._lock held
+        if not self._accepting:
+            raise OverloadedError("the engine is shutting down and takes no new requests", status=503,
+                                  retry_after=1.0)
+        if len(self._pending) >= self.max_queue:
+            self.stats["requests_rejected"] += 1
+            raise OverloadedError(
+                f"the engine's queue is full ({self.max_queue} requests waiting); retry later", retry_after=1.0)
 
     def generate(self, messages: list[dict], images: Sequence[Any] = (), params: SamplingParams | None = None,
                  **kwargs: Any) -> EngineResult:
