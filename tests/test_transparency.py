@@ -113,6 +113,7 @@ BAD_INPUT = {
     "an unsupported parameter": (UnsupportedParameterError,
                                  lambda c: c.generate(photo(40, 40), "x", frequency_penalty=0.5)),
     "a temperature out of range": (BadRequestError, lambda c: c.generate(photo(40, 40), "x", temperature=9)),
+    "a seed beyond 64 bits": (BadRequestError, lambda c: c.generate(photo(40, 40), "x", seed=2**70)),
     "bytes that are no image": (InvalidImageError, lambda c: c.generate(b"not an image", "x", max_tokens=2)),
 }
 
@@ -134,3 +135,15 @@ def test_the_same_bad_input_raises_the_same_error_class(open_client, transport, 
     assert type(error) is expected, f"{transport}: {type(error).__name__}: {error}"
     assert error.status == 400 and error.message
     assert ok.usage.completion_tokens == 2
+
+
+def test_the_server_refuses_a_seed_beyond_64_bits_as_a_bad_request_naming_it(server):
+    """Sent as raw JSON (the SDK would refuse it before sending): a 400 naming ``seed``, not a 500 retried."""
+    import httpx
+
+    from llava_next_sdk import wire
+
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "seed": 2**70}
+    response = httpx.post(server.url + "/chat/completions", json=body, timeout=60)
+    error = wire.parse_error(response.status_code, response.content)
+    assert response.status_code == 400 and type(error) is BadRequestError and error.param == "seed"

@@ -139,7 +139,7 @@ class GenerationParams:
     - ``temperature``: 0 (greedy) to 2; greedy decoding when 0.
     - ``top_p``: nucleus sampling mass in (0, 1].
     - ``stop``: up to 4 strings; generation ends before the first one that appears (not included).
-    - ``seed``: makes sampling repeatable on the same model and hardware.
+    - ``seed``: 0 to 2**64 - 1; makes sampling repeatable on the same model and hardware.
 
     Values are checked here, so the client, the local transport and the server reject the same
     bad values with the same :class:`BadRequestError` (naming the parameter in ``param``).
@@ -152,6 +152,8 @@ class GenerationParams:
     seed: int | None = None
 
     MAX_STOP_STRINGS = 4
+    MAX_SEED = 2**64 - 1
+    """The largest seed a sampler's random generator takes."""
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> BadRequestError:
@@ -177,8 +179,8 @@ class GenerationParams:
                 raise bad("stop", f"at most {self.MAX_STOP_STRINGS} stop strings are allowed")
             object.__setattr__(self, "stop", tuple(stop) or None)
         if self.seed is not None:
-            if not _is_int(self.seed):
-                raise bad("seed", "it must be an integer")
+            if not _is_int(self.seed) or not 0 <= self.seed <= self.MAX_SEED:
+                raise bad("seed", f"it must be an integer from 0 to {self.MAX_SEED} (2**64 - 1)")
             object.__setattr__(self, "seed", int(self.seed))
 
     @classmethod

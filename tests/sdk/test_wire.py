@@ -230,11 +230,18 @@ def test_bad_data_urls_are_invalid_images(url, match):
     ({"temperature": -1}, "temperature"), ({"temperature": 2.5}, "temperature"),
     ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
     ({"stop": [""]}, "stop"), ({"stop": 3}, "stop"), ({"seed": "x"}, "seed"),
+    ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"), ({"seed": 2**70}, "seed"),
 ])
 def test_generation_params_reject_bad_values_naming_them(params, param):
     with pytest.raises(BadRequestError) as info:
         GenerationParams(**params)
     assert info.value.param == param and param in info.value.message
+
+
+def test_generation_params_take_every_seed_a_generator_takes():
+    assert GenerationParams(seed=0).seed == 0 and GenerationParams(seed=2**64 - 1).seed == 2**64 - 1
+    with pytest.raises(BadRequestError, match=r"seed=1180591620717411303424 is invalid: .* from 0 to"):
+        wire.parse_chat_request({"messages": [{"role": "user", "content": "Hi"}], "seed": 2**70})
 
 
 def test_generation_params_normalise_and_merge():
