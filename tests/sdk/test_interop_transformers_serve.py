@@ -29,12 +29,16 @@ def image():
 
 
 @pytest.fixture(scope="module")
-def serve_process(tiny_checkpoint):
+def serve_process(tiny_checkpoint, tmp_path_factory):
     """``transformers serve FOLDER`` started on a free loopback port (not yet waited for)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    # An existing (empty) hub cache: transformers 5.23's ``/v1/models`` scans it and answers 500 when the
+    # folder is missing (5.24 lists an empty cache instead); the model itself loads from FOLDER.
+    hub_cache = tmp_path_factory.mktemp("hub-cache")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_CACHE=str(hub_cache))
     command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(tiny_checkpoint),
                "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--log-level", "error"]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
