@@ -10,7 +10,9 @@ Routes::
 Every response carries ``x-request-id`` (the client's, if it sent a sane one). Errors are OpenAI-shaped
 (``{"error": {"message", "type", "param", "code"}}``) with the status of their ``llava_next_sdk.errors``
 class. Request bodies are parsed by ``llava_next_sdk.wire`` and checked by :mod:`llava_next_plugin.validation`,
-exactly as the SDK's local transport does. A client that disconnects cancels its generation. On SIGTERM,
+exactly as the SDK's local transport does; a request the engine's queue cannot take gets 429 before its images
+are fetched or decoded, and at most ``max_preparing`` requests prepare images at once. A client that disconnects
+cancels its generation. On SIGTERM,
 uvicorn stops accepting connections and waits for the requests in flight (up to the drain timeout), then the
 engine drains and stops.
 """
@@ -51,6 +53,7 @@ __all__ = ["create_app", "run_server", "serve_in_thread", "RunningServer"]
 
 logger = logging.getLogger(__name__)
 
+JSON_ON_LOOP_BYTES = 64 * 1024  # request bodies up to this size are parsed on the event loop, larger in a thread
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
 
 
@@ -205,15 +208,18 @@ async def _read_json(request: Request, max_bytes: int) -> Any:
         if size > max_bytes:
             raise too_big
         chunks.append(chunk)
+    body = b"".join(chunks)
     try:
-        return json.loads(b"".join(chunks))
+        if len(body) > JSON_ON_LOOP_BYTES:  # megabytes of base64 images: parse off the event loop
+            return await anyio.to_thread.run_sync(json.loads, body)
+        return json.loads(body)
     except ValueError as exc:
         raise BadRequestError(f"the request body is not valid JSON ({exc})", param=None) from None
 
 
 def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | None = None,
                model_name: str | None = None, drain_timeout: float = 30.0,
-               shutdown_engine: bool = True) -> Starlette:
+               shutdown_engine: bool = True, max_preparing: int = 4) -> Starlette:
     """The ASGI app serving *engine*.
 
     Args:
@@ -224,6 +230,9 @@ def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | N
         drain_timeout: seconds the engine may take to finish its requests at shutdown.
         shutdown_engine: shut the engine down (draining) when the app stops; False for an engine that
             outlives the app (shared with other apps or in-process clients).
+        max_preparing: requests whose images are fetched, decoded and preprocessed at once, at most;
+            others wait their turn. A request the engine's queue cannot take is refused (429) before
+            any of that work, and again after waiting.
     """
     limits = limits or Limits()
     name = model_name or engine.model_name
@@ -233,7 +242,8 @@ def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | N
         try:
             body = await _read_json(request, limits.max_body_bytes)
             parsed = wire.parse_chat_request(body)
-            prepared = await anyio.to_thread.run_sync(prepare_request, engine, parsed.request, limits)
+            engine.check_admission()  # cheap: a full queue answers 429 before any image work
+            prepared = await anyio.to_thread.run_sync(_admit_and_prepare, parsed.request, limiter=_preparing())
             handle = engine.submit(prepared)
         except LlavaNextError as error:
             return error_response(error)
@@ -247,6 +257,17 @@ def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | N
         _observe(result)
         return JSONResponse(wire.build_chat_response(result.to_generation_result(name), request_id=handle.id,
                                                      model=name))
+
+    preparing: list[anyio.CapacityLimiter] = []  # made on first use, inside the server's event loop
+
+    def _preparing() -> anyio.CapacityLimiter:
+        if not preparing:
+            preparing.append(anyio.CapacityLimiter(max_preparing))
+        return preparing[0]
+
+    def _admit_and_prepare(chat_request):
+        engine.check_admission()  # again: the queue may have filled while this request waited its turn
+        return prepare_request(engine, chat_request, limits)
 
     async def _result_unless_disconnected(request: Request, handle: RequestHandle):
         async with anyio.create_task_group() as group:

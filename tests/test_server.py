@@ -220,6 +220,61 @@ def test_a_full_queue_answers_429_with_retry_after(engine):
     assert response.json()["error"]["code"] == "overloaded"
 
 
+def test_a_full_queue_answers_429_before_any_image_is_decoded(engine):
+    refusing = Engine(engine.model, engine.processor, max_queue=0)
+    not_an_image = "data:image/png;base64," + base64.b64encode(b"these bytes are no PNG").decode()
+    body = {"messages": image_message("Hi", not_an_image), "max_tokens": 2}
+    with serve_in_thread(create_app(refusing, limits=LIMITS)) as running:
+        response = httpx.post(running.url + "/chat/completions", json=body)
+    assert response.status_code == 429 and response.json()["error"]["code"] == "overloaded"  # not 400
+    assert refusing.stats["requests_rejected"] == 1
+    with serve_in_thread(create_app(engine, limits=LIMITS, shutdown_engine=False)) as running:
+        assert httpx.post(running.url + "/chat/completions", json=body).status_code == 400  # with room: decoded
+
+
+def test_image_preparation_runs_at_most_max_preparing_requests_at_once(engine):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    png = base64.b64decode(data_url(40, 40).split(",", 1)[1])
+    in_flight, most = [0], [0]
+    lock = threading.Lock()
+
+    async def slow_png(request):
+        import anyio
+
+        with lock:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+        await anyio.sleep(0.3)
+        with lock:
+            in_flight[0] -= 1
+        return Response(png, media_type="image/png")
+
+    limits = Limits(max_image_pixels=300 * 300, allowed_url_domains=("127.0.0.1",))
+    with serve_in_thread(Starlette(routes=[Route("/cat.png", slow_png)])) as image_host, \
+            serve_in_thread(create_app(engine, limits=limits, shutdown_engine=False, max_preparing=1)) as running:
+        body = {"messages": image_message("What?", f"http://127.0.0.1:{image_host.port}/cat.png"), "max_tokens": 1}
+        with ThreadPoolExecutor(3) as pool:
+            statuses = list(pool.map(lambda _: httpx.post(running.url + "/chat/completions", json=body,
+                                                          timeout=60).status_code, range(3)))
+    assert statuses == [200, 200, 200] and most[0] == 1
+
+
+def test_a_large_body_is_parsed_like_a_small_one(server, engine):
+    body = {"messages": image_message("What?", data_url(290, 290)), "max_tokens": 3, "temperature": 0}
+    assert len(json.dumps(body)) > 150_000  # well over the size parsed on the event loop
+    response = httpx.post(server.url + "/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200
+    assert response.json()["choices"][0]["message"]["content"] == expected_greedy(engine, "What?", [(290, 290)], 3).text
+    broken = httpx.post(server.url + "/chat/completions", content=json.dumps(body)[:-1],
+                        headers={"content-type": "application/json"})
+    assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
+
+
 def wait_for(condition, seconds: float = 30.0) -> bool:
     deadline = time.monotonic() + seconds
     while not condition():
