@@ -184,10 +184,11 @@ class RequestHandle:
         return self._result is not None or self._error is not None
 
     def cancel(self) -> None:
-        """Stop this request's generation (it leaves the batch at the engine's next step)."""
+        """Stop this request: a queued one leaves the queue now (ending cancelled), a running one leaves the
+        batch at the engine's next step."""
         if not self.done:
             self.cancelled = True
-            self._engine._wake()
+            self._engine._withdraw(self)
 
     def _take(self) -> tuple[list[str], bool]:
         deltas = list(self._deltas)
@@ -546,6 +547,22 @@ class Engine:
                  **kwargs: Any) -> EngineResult:
         """Prepare, submit and wait (blocking): a convenience for scripts and tests."""
         return self.submit(self.prepare(messages, images, params, **kwargs)).result()
+
+    def _withdraw(self, handle: RequestHandle) -> None:
+        """Take a cancelled *handle* out of the queue, so its place is free at once, and end it (cancelled).
+
+        A handle no longer queued (in the batch, or ended) is left to the engine thread, which drops it at
+        its next step; whoever removes a handle from the queue under the lock is the one that ends it.
+        """
+        with self._lock:
+            try:
+                self._pending.remove(handle)
+                withdrawn = True
+            except ValueError:
+                withdrawn = False
+            self._lock.notify_all()
+        if withdrawn:
+            self._end_cancelled(handle)
 
     def _wake(self) -> None:
         with self._lock:

@@ -258,6 +258,39 @@ def test_a_full_queue_refuses_work_as_overloaded_and_hooks_see_every_request(ref
         assert ended[handle.id]["completion_tokens"] == result.completion_tokens == 2
 
 
+def test_cancelled_queued_requests_free_their_queue_places_at_once_and_end_cancelled(reference):
+    model, processor = reference
+    engine = Engine(model, processor, max_batch_size=1, max_queue=2).start()
+    gate = Gate()
+    manager = get_plugin_manager()
+    manager.register(gate)
+    try:
+        request = lambda: engine.prepare(ask("Queue"), [photo(40, 40)], SamplingParams(max_tokens=2, temperature=0))
+        running = engine.submit(request())
+        deadline = time.monotonic() + 30
+        while not gate.started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        queued = [engine.submit(request()), engine.submit(request())]
+        for handle in queued:
+            handle.cancel()
+        assert engine.queue_depth == 0
+        late = engine.submit(request())  # the batch's one slot is still taken: it waits in the queue
+        gate.open.set()
+        results = [running.result(timeout=120), late.result(timeout=120)]
+        for handle in queued:
+            with pytest.raises(RequestCancelledError):
+                handle.result(timeout=1)
+            handle.cancel()  # again: a no-op
+    finally:
+        manager.unregister(gate)
+        engine.shutdown()
+    assert [s["id"] for s in gate.started] == [running.id, late.id]
+    ended = [(e["id"], e["finish_reason"]) for e in gate.ended]
+    assert sorted(ended) == sorted([(h.id, "cancelled") for h in queued] + [(running.id, results[0].finish_reason),
+                                                                           (late.id, results[1].finish_reason)])
+    assert engine.stats["requests_cancelled"] == 2 and engine.stats["requests_rejected"] == 0
+
+
 def test_shutdown_drains_running_requests_then_refuses_new_ones(reference):
     model, processor = reference
     engine = Engine(model, processor).start()
