@@ -86,18 +86,24 @@ class LocalTransport:
         if self._engine is None:
             async with self._lock:
                 if self._engine is None:
-                    try:
-                        from llava_next_plugin.engine import get_shared_engine
-                    except ImportError as exc:
-                        raise _missing_model_package_error(exc.name or "llava_next_plugin") from exc
-
-                    self._engine = await anyio.to_thread.run_sync(
-                        lambda: get_shared_engine(self.model, **self._engine_options))
+                    self._engine = await anyio.to_thread.run_sync(self._load_engine)
         if self._limits is None:
             from llava_next_plugin.validation import Limits
 
             self._limits = Limits(allowed_url_domains=None)
         return self._engine
+
+    def _load_engine(self):
+        """Import the model package (torch, transformers: seconds) and load or find the shared engine.
+
+        Runs in a worker thread: neither the import nor the model load may stall the event loop.
+        """
+        try:
+            from llava_next_plugin import validation  # noqa: F401  (imported here, not later on the loop)
+            from llava_next_plugin.engine import get_shared_engine
+        except ImportError as exc:
+            raise _missing_model_package_error(exc.name or "llava_next_plugin") from exc
+        return get_shared_engine(self.model, **self._engine_options)
 
     async def _submit(self, request: ChatRequest):
         engine = await self._get_engine()  # first: it says what to install when the model package is missing
