@@ -39,9 +39,11 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from llava_next_plugin.hooks import get_plugin_manager, hookimpl
 from llava_next_sdk.errors import InvalidImageError, LlavaNextError
+from llava_next_sdk.wire import decode_data_url
 
 __all__ = [
-    "DEFAULT_TIMEOUT", "MAX_DOWNLOAD_BYTES", "decode_image_bytes", "gray_to_uint8", "load_image", "load_images", "to_rgb",
+    "DEFAULT_TIMEOUT", "MAX_DOWNLOAD_BYTES", "decode_image_bytes", "fetch_url", "gray_to_uint8", "load_image",
+    "load_images", "to_rgb",
 ]
 
 DEFAULT_TIMEOUT = 10.0
@@ -155,7 +157,7 @@ def _load_string(text: str, timeout: float) -> Image.Image | None:
     scheme_match = _URL_SCHEME.match(text)
     scheme = scheme_match.group(1).lower() if scheme_match else ""
     if scheme in ("http", "https"):
-        return decode_image_bytes(_download(text, timeout), describe_source(text))
+        return decode_image_bytes(fetch_url(text, timeout=timeout), describe_source(text))
     if text.startswith("data:"):
         return _decode_data_url(text)
     if scheme == "file":
@@ -187,26 +189,38 @@ def _load_path(path: str | os.PathLike) -> Image.Image:
     return decode_image_bytes(data, f"file '{file}'")
 
 
-def _download(url: str, timeout: float) -> bytes:
+def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int | None = None,
+              follow_redirects: bool = True) -> bytes:
+    """GET an image URL's bytes with httpx, bounded in size and time (the one image fetcher).
+
+    :param timeout: seconds allowed for each network read.
+    :param max_bytes: the largest body accepted (checked against ``Content-Length``, then while reading);
+        None: :data:`MAX_DOWNLOAD_BYTES`.
+    :param follow_redirects: False for the server, where a redirect could lead to a host it does not allow.
+    :raises InvalidImageError: any answer but HTTP 200, too large, too slow, or a network error.
+    """
     import httpx  # only when a URL is actually fetched
 
-    limit = MAX_DOWNLOAD_BYTES
-    too_large = (f"URL {url!r} serves more than {limit:,} bytes, the download limit "
-                 f"(llava_next_plugin.images.MAX_DOWNLOAD_BYTES); use a smaller image or raise the limit")
+    default_limit = max_bytes is None
+    max_bytes = MAX_DOWNLOAD_BYTES if default_limit else max_bytes
+    too_large = (f"URL {url!r} serves more than {max_bytes:,} bytes, the download limit; use a smaller image"
+                 + (" or raise the limit (llava_next_plugin.images.MAX_DOWNLOAD_BYTES)" if default_limit else ""))
     chunks: list[bytes] = []
     try:
-        with httpx.Client(timeout=timeout, follow_redirects=True) as client:
+        with httpx.Client(timeout=timeout, follow_redirects=follow_redirects) as client:
             with client.stream("GET", url, headers={"Accept": "image/*"}) as response:
-                if response.status_code >= 400:
+                if response.status_code != 200:
+                    hint = ("redirects are not followed: give the final URL" if response.is_redirect
+                            and not follow_redirects else "check the URL")
                     raise InvalidImageError(f"URL {url!r} answered HTTP {response.status_code} "
-                                            f"{response.reason_phrase}; check the URL")
+                                            f"{response.reason_phrase}; {hint}")
                 declared = response.headers.get("content-length", "")
-                if declared.isdigit() and int(declared) > limit:
+                if declared.isdigit() and int(declared) > max_bytes:
                     raise InvalidImageError(too_large)
                 size = 0
                 for chunk in response.iter_bytes():
                     size += len(chunk)
-                    if size > limit:
+                    if size > max_bytes:
                         raise InvalidImageError(too_large)
                     chunks.append(chunk)
     except httpx.TimeoutException as exc:
@@ -219,18 +233,7 @@ def _download(url: str, timeout: float) -> bytes:
 
 
 def _decode_data_url(url: str) -> Image.Image:
-    header, comma, payload = url.partition(",")
-    if not comma:
-        raise InvalidImageError("data URL has no ',' before its data; expected 'data:image/png;base64,<data>'")
-    media_type = header[len("data:"):].split(";")[0] or "no media type"
-    if header.endswith(";base64"):
-        try:
-            data = base64.b64decode("".join(payload.split()), validate=True)
-        except binascii.Error as exc:
-            raise InvalidImageError(f"data URL ({media_type}) holds invalid base64 ({exc}); "
-                                    f"encode the image bytes with base64.b64encode") from exc
-    else:
-        data = urllib.parse.unquote_to_bytes(payload)
+    media_type, data = decode_data_url(url)
     return decode_image_bytes(data, f"data URL ({media_type}, {len(data)} bytes)")
 
 

@@ -86,23 +86,12 @@ def check_image_url(url: str, index: int, limits: Limits) -> None:
 
 def _fetch(url: str, index: int, limits: Limits) -> bytes:
     """GET an allowed image URL: no redirects (they could lead anywhere), bounded size and time."""
-    import httpx
+    from .images import fetch_url
 
     try:
-        with httpx.stream("GET", url, timeout=limits.url_timeout, follow_redirects=False) as response:
-            if response.status_code != 200:
-                raise InvalidImageError(f"fetching {url[:80]!r} answered HTTP {response.status_code}",
-                                        index=index, param="messages")
-            chunks, size = [], 0
-            for chunk in response.iter_bytes():
-                size += len(chunk)
-                if size > limits.max_image_bytes:
-                    raise InvalidImageError(f"the image at {url[:80]!r} is larger than "
-                                            f"{limits.max_image_bytes} bytes", index=index, param="messages")
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except httpx.HTTPError as exc:
-        raise InvalidImageError(f"could not fetch {url[:80]!r}: {exc}", index=index, param="messages") from None
+        return fetch_url(url, timeout=limits.url_timeout, max_bytes=limits.max_image_bytes, follow_redirects=False)
+    except InvalidImageError as error:
+        raise InvalidImageError(error.message, index=index, param="messages") from None
 
 
 def _decode(data: bytes, index: int, limits: Limits):

@@ -65,8 +65,42 @@ def test_data_url_and_bare_base64(photo):
     data = encode(photo.resize((40, 30)))
     encoded = base64.b64encode(data).decode()
     expected = pixels(Image.open(io.BytesIO(data)))
-    for source in (f"data:image/png;base64,{encoded}", encoded, f"data:image/png,{urllib.parse.quote(data)}"):
+    wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))  # MIME-style line wrapping
+    for source in (f"data:image/png;base64,{encoded}", encoded, f"data:image/png;base64,{wrapped}"):
         np.testing.assert_array_equal(np.asarray(load_image(source)), expected)
+
+
+def test_data_urls_are_read_alike_by_load_image_and_by_server_requests(photo):
+    """One decoder (llava_next_sdk.wire.decode_data_url): what load_image accepts, a request accepts."""
+    from llava_next_plugin.validation import Limits, load_request_images
+    from llava_next_sdk import wire
+
+    data = encode(photo.resize((40, 30)))
+    encoded = base64.b64encode(data).decode()
+    expected = pixels(Image.open(io.BytesIO(data)))
+    urls = {
+        "plain": f"data:image/png;base64,{encoded}",
+        "wrapped": "data:image/png;base64," + "\r\n".join(encoded[i:i + 64] for i in range(0, len(encoded), 64)),
+        "percent-encoded": f"data:image/png,{urllib.parse.quote(data)}",
+        "not an image type": f"data:text/plain;base64,{encoded}",
+        "corrupt": "data:image/png;base64,!!!not base64!!!",
+    }
+    for name, url in urls.items():
+        body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+        outcomes = []
+        for read in (lambda: load_image(url, index=0),
+                     lambda: load_request_images(wire.parse_chat_request(body).request, Limits())[0]):
+            try:
+                outcomes.append(pixels(read()))
+            except InvalidImageError as error:
+                outcomes.append(error.message.removeprefix("image 0: "))
+        if isinstance(outcomes[0], np.ndarray) and isinstance(outcomes[1], np.ndarray):
+            np.testing.assert_array_equal(outcomes[0], expected)
+            np.testing.assert_array_equal(outcomes[1], expected)
+            assert name in ("plain", "wrapped")
+        else:
+            assert outcomes[0] == outcomes[1], name
+            assert name not in ("plain", "wrapped")
 
 
 def test_pil_image_in_rgb_is_returned_as_is_and_lazy_files_are_decoded(tmp_path, photo):

@@ -449,21 +449,31 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 # ------------------------------------------------------------------------------------------------ misc
 
 def decode_data_url(url: str, *, index: int | None = None) -> tuple[str, bytes]:
-    """``(media_type, bytes)`` of a ``data:image/...;base64,...`` URL; ``InvalidImageError`` if it is not one."""
+    """``(media_type, bytes)`` of a ``data:image/<type>;base64,<data>`` URL; ``InvalidImageError`` if it is not one.
+
+    The one data-URL decoder: the server, the SDK and ``llava_next_plugin.load_image`` all read data URLs
+    with it, so they accept and refuse the same ones. Whitespace inside the base64 (line-wrapped base64)
+    is ignored; percent-encoded (non-base64) payloads and media types other than ``image/*`` are refused.
+    """
     header, comma, payload = url.partition(",")
-    if not comma or not header[:5].lower() == "data:":
+    if header[:5].lower() != "data:":
         raise InvalidImageError("not a data URL; expected 'data:image/<type>;base64,<data>'", index=index)
+    if not comma:
+        raise InvalidImageError("the data URL has no ',' before its data; expected "
+                                "'data:image/<type>;base64,<data>'", index=index)
     meta = header[5:].split(";")
     media_type = meta[0].strip().lower() or "text/plain"
     if not media_type.startswith("image/"):
         raise InvalidImageError(f"a data URL of type {media_type!r} is not an image; expected image/png, "
                                 "image/jpeg, ...", index=index)
     if "base64" not in [m.strip().lower() for m in meta[1:]]:
-        raise InvalidImageError("image data URLs must be base64-encoded (';base64,')", index=index)
+        raise InvalidImageError("image data URLs must be base64-encoded (';base64,'); encode the image bytes "
+                                "with base64.b64encode", index=index)
     try:
-        data = base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidImageError("the data URL's base64 payload is corrupt", index=index) from None
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidImageError(f"the data URL's base64 payload is corrupt (invalid base64: {exc}); encode the "
+                                "image bytes with base64.b64encode", index=index) from None
     if not data:
         raise InvalidImageError("the data URL holds no data", index=index)
     return media_type, data

@@ -210,8 +210,15 @@ def test_retry_after_reads_seconds_and_dates():
     assert wire.parse_retry_after("soon") is None and wire.parse_retry_after(None) is None
 
 
+def test_line_wrapped_base64_data_urls_decode_to_the_same_bytes():
+    encoded = base64.b64encode(PNG_1PX * 3).decode()
+    wrapped = "\r\n".join(encoded[i:i + 16] for i in range(0, len(encoded), 16))
+    assert wire.decode_data_url("data:image/png;base64," + wrapped) == ("image/png", PNG_1PX * 3)
+
+
 @pytest.mark.parametrize("url, match", [
     ("https://example.com/x.png", "not a data URL"),
+    ("data:image/png;base64", "no ','"),
     ("data:text/plain;base64,aGk=", "not an image"),
     ("data:image/png,rawbytes", "base64-encoded"),
     ("data:image/png;base64,@@@", "corrupt"),
