@@ -49,7 +49,8 @@ from llava_next_sdk.errors import (
 from ._compat import cache_kwarg, output_cache
 from .hooks import get_plugin_manager
 
-__all__ = ["Engine", "SamplingParams", "PreparedRequest", "RequestHandle", "EngineResult", "get_shared_engine"]
+__all__ = ["Engine", "SamplingParams", "PreparedRequest", "RequestHandle", "EngineResult", "get_shared_engine",
+           "default_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -398,14 +399,14 @@ class Engine:
                         **kwargs: Any) -> "Engine":
         """Load the model and processor from a folder or hub id with the Auto classes and start the engine.
 
-        Importing this package registered our classes with the Auto classes, so they are ours.
+        Importing this package registered our classes with the Auto classes, so they are ours. *device*
+        defaults to :func:`default_device` (the local client and ``llava-next serve`` both load through here).
         """
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         processor = AutoProcessor.from_pretrained(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or "auto")
-        if device:
-            model = model.to(device)
+        model = model.to(device or default_device())
         kwargs.setdefault("model_name", str(path))
         return cls(model, processor, **kwargs).start()
 
@@ -812,6 +813,11 @@ class Engine:
             getattr(get_plugin_manager().hook, name)(**kwargs)
         except Exception:  # an observer must not break generation
             logger.exception("plugin hook %s failed", name)
+
+
+def default_device() -> str:
+    """Where an engine loads a model when no device is given: ``"cuda"`` when a GPU is available, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _generation_error(exc: Exception) -> LlavaNextError:

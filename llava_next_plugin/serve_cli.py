@@ -64,11 +64,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from .validation import Limits
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    import torch
-
     dtype = None if args.dtype in (None, "auto") else args.dtype
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    engine = Engine.from_pretrained(args.model, device=device, dtype=dtype,
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype,  # None: the engine's default
                                     max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                                     model_name=args.served_model_name or args.model)
     limits = Limits(max_images_per_request=args.max_images_per_request, max_image_pixels=args.max_image_pixels,

@@ -147,3 +147,29 @@ def test_the_server_refuses_a_seed_beyond_64_bits_as_a_bad_request_naming_it(ser
     response = httpx.post(server.url + "/chat/completions", json=body, timeout=60)
     error = wire.parse_error(response.status_code, response.content)
     assert response.status_code == 400 and type(error) is BadRequestError and error.param == "seed"
+
+
+def test_local_and_served_engines_pick_the_same_device_by_default(tiny_checkpoint):
+    """One default (cuda when available, else cpu), in Engine.from_pretrained, for the local client and serve."""
+    import argparse
+
+    import torch
+
+    from llava_next_plugin import serve_cli
+    from llava_next_plugin.engine import default_device
+
+    assert default_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+    # serve hands its --device (None unless given) to Engine.from_pretrained, as the local transport does
+    assert serve_cli._configure(argparse.ArgumentParser()).parse_args(["--model", "x"]).device is None
+
+    async def main():
+        async with AsyncClient(model=str(tiny_checkpoint), request_limits=LIMITS) as client:
+            await client.generate(None, "Hi", max_tokens=1, temperature=0)
+            return client.transport._engine
+
+    local = anyio.run(main)
+    served = Engine.from_pretrained(str(tiny_checkpoint))
+    try:
+        assert local.device.type == served.device.type == default_device()
+    finally:
+        served.shutdown(drain=False)
