@@ -54,11 +54,20 @@ class AsyncClient:
     :param base_url: an OpenAI-compatible endpoint, e.g. ``"http://127.0.0.1:8000/v1"``.
     :param api_key: the endpoint's key (``Authorization: Bearer``).
     :param timeout: seconds, or an ``httpx.Timeout``; finite by default (10 s connect, 300 s read).
-    :param max_retries: retries on connect errors, 429 and 5xx before a response starts (default 2).
+    :param max_retries: retries (default 2, with backoff: :class:`~llava_next_sdk.retry.RetryPolicy`) on
+        connect errors, 429 and 5xx before a response starts; for a local model, when the engine's queue is
+        full (``OverloadedError``), before the request is queued.
     :param transport: an :class:`~llava_next_sdk.transports.AsyncTransport` to use as is (then the
         other arguments are not used to pick one).
     :param options: more transport options, passed to the ``llava_next_sdk_transport`` hook (for the
-        local transport, e.g. ``device=``, ``dtype=``; for HTTP, ``headers=``, ``http_client=``).
+        local transport, e.g. ``device=`` (default: cuda when available, else cpu, as ``llava-next serve``),
+        ``dtype=``, ``max_queue=``, ``allowed_url_domains=``; for HTTP, ``headers=``, ``http_client=``).
+
+    Image URLs: a server fetches ``http(s)`` image URLs only from the hosts it allows (none unless started
+    with ``--allow-url-domain``). A local model runs in your own process, so by default it fetches them from
+    any host; an app that passes its users' URLs through should pass ``allowed_url_domains=["example.com"]``
+    (a domain allows its subdomains; ``[]`` allows none): other hosts then raise ``InvalidImageError``, as
+    from a server.
 
     Default generation parameters for every call may be given as ``params=GenerationParams(...)`` or
     a dict.

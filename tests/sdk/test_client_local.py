@@ -8,7 +8,7 @@ import anyio
 import pytest
 from PIL import Image
 
-from llava_next_sdk import AsyncClient, Client, GenerationResult, InvalidImageError
+from llava_next_sdk import AsyncClient, Client, GenerationResult, InvalidImageError, OverloadedError
 
 PROMPT = "Describe the picture."
 
@@ -66,6 +66,52 @@ async def test_the_local_client_maps_in_order_and_records_failures(tiny_checkpoi
                                    concurrency=2, max_tokens=4, temperature=0)
     assert isinstance(results[1], InvalidImageError) and results[1].index == 0
     assert [results[0].text, results[2].text] == [r.text for r in alone]
+
+
+def test_a_local_map_wider_than_the_engine_queue_completes_every_item_by_retrying(tiny_checkpoint):
+    """concurrency=100 against a queue of 2: refused requests are retried with backoff, as over HTTP."""
+    small = {"max_queue": 2, "max_batch_size": 2}  # one shared engine for both clients below
+    prompts = [f"Item {i}" for i in range(24)]
+
+    async def main(max_retries: int):
+        async with AsyncClient(model=str(tiny_checkpoint), max_retries=max_retries, **small) as client:
+            results = await client.map(prompts, concurrency=100, max_tokens=2, temperature=0)
+            return results, client.transport._engine.stats["requests_rejected"]
+
+    without, _ = anyio.run(main, 0)
+    assert any(isinstance(r, OverloadedError) for r in without)  # the queue does refuse this crowd
+    results, rejected = anyio.run(main, 8)
+    assert [type(r).__name__ for r in results] == ["GenerationResult"] * len(prompts), results
+    assert rejected > 0 and all(r.usage.completion_tokens == 2 for r in results)
+
+
+def test_allowed_url_domains_makes_a_local_client_refuse_other_hosts_as_a_server_does(tiny_checkpoint, tmp_path):
+    import functools
+    import http.server
+
+    picture("red").save(tmp_path / "red.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+
+    async def main():
+        async with AsyncClient(model=str(tiny_checkpoint), allowed_url_domains=["127.0.0.1"]) as client:
+            fetched = await client.generate(f"http://127.0.0.1:{port}/red.png", PROMPT, max_tokens=2, temperature=0)
+            with pytest.raises(InvalidImageError) as info:
+                await client.generate([picture("blue"), f"http://localhost:{port}/red.png"], PROMPT, max_tokens=2)
+            return fetched, info.value
+
+    try:
+        fetched, error = anyio.run(main)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert fetched.usage.image_tokens > 0
+    assert error.index == 1 and error.status == 400
+    assert "image URLs from 'localhost' are not allowed" in error.message and "allowed hosts: 127.0.0.1" in error.message
+    with pytest.raises(TypeError, match="allowed_url_domains=3 must be a list of host names"):
+        AsyncClient(model=str(tiny_checkpoint), allowed_url_domains=3)
 
 
 def test_the_sync_client_runs_a_local_model(tiny_checkpoint):

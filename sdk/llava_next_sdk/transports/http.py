@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Mapping
@@ -28,6 +27,7 @@ import httpx
 from .. import wire
 from ..errors import APIConnectionError, APIError, APITimeoutError, LlavaNextError, NotFoundError, ServerError
 from ..hookspecs import hookimpl
+from ..retry import DEFAULT_MAX_RETRIES, RetryPolicy
 from ..types import ChatRequest, GenerationResult, Timings, Usage
 from .base import StreamItem
 
@@ -37,7 +37,6 @@ logger = logging.getLogger("llava_next_sdk.http")
 
 DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=60.0, pool=60.0)
 """Seconds: to connect, between two reads (a slow generation), to send, to wait for a pooled connection."""
-DEFAULT_MAX_RETRIES = 2
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _USER_AGENT = "llava-next-sdk/0.1.0"
 
@@ -59,11 +58,11 @@ class HTTPTransport:
     :param model: the ``model`` field sent when a request names none.
     :param api_key: sent as ``Authorization: Bearer <api_key>``.
     :param timeout: seconds (one number for read/write/pool, connect capped at 10 s) or an ``httpx.Timeout``.
-    :param max_retries: retries after the first attempt (0 disables them).
-    :param backoff_base, backoff_max: the n-th retry waits ``min(backoff_max, backoff_base * 2**n)``
-        seconds, jittered down by up to 25 %, unless the server's ``Retry-After`` says otherwise.
-    :param max_retry_after: a ``Retry-After`` longer than this is not waited for: the error is raised
-        (with ``retry_after`` set) for the caller to decide.
+    :param max_retries, backoff_base, backoff_max, max_retry_after: the :class:`~llava_next_sdk.retry.RetryPolicy`
+        (the local transport's too): retries after the first attempt (0 disables them); the n-th retry waits
+        ``min(backoff_max, backoff_base * 2**n)`` seconds, jittered down by up to 25 %, unless the server's
+        ``Retry-After`` says otherwise; a ``Retry-After`` longer than ``max_retry_after`` is not waited for:
+        the error is raised (with ``retry_after`` set) for the caller to decide.
     :param include_usage: ask streams for the final usage chunk (``stream_options.include_usage``).
     :param headers: extra request headers.
     :param http_client: an ``httpx.AsyncClient`` to use instead of our own (not closed by ``aclose``).
@@ -76,15 +75,10 @@ class HTTPTransport:
                  limits: httpx.Limits | None = None) -> None:
         if not isinstance(base_url, str) or not base_url.lower().startswith(("http://", "https://")):
             raise ValueError(f"base_url={base_url!r} must be an http(s) URL such as 'http://127.0.0.1:8000/v1'")
-        max_retries = DEFAULT_MAX_RETRIES if max_retries is None else max_retries
-        if not isinstance(max_retries, int) or isinstance(max_retries, bool) or max_retries < 0:
-            raise ValueError(f"max_retries={max_retries!r} must be an integer >= 0")
+        self.retry_policy = RetryPolicy(DEFAULT_MAX_RETRIES if max_retries is None else max_retries,
+                                        backoff_base, backoff_max, max_retry_after)
         self.base_url = base_url.rstrip("/")
         self.model = model
-        self.max_retries = max_retries
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
-        self.max_retry_after = max_retry_after
         self.include_usage = include_usage
         self.timeout = _as_timeout(timeout)
         self._headers = {"User-Agent": _USER_AGENT, **(headers or {})}
@@ -145,12 +139,6 @@ class HTTPTransport:
 
     # ------------------------------------------------------------------------------------ internals
 
-    def _retry_delay(self, attempt: int, retry_after: float | None) -> float:
-        if retry_after is not None:
-            return retry_after
-        delay = min(self.backoff_max, self.backoff_base * (2 ** attempt))
-        return delay * (1 - 0.25 * random.random())
-
     async def _open(self, body: dict, *, stream: bool) -> httpx.Response:
         """Send *body* and return the response once its status line and headers are in (body unread),
         retrying what may be retried. Raises a ``llava_next_sdk.errors`` class."""
@@ -167,8 +155,8 @@ class HTTPTransport:
                 response = await self._client.send(request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
                 # Nothing was answered: the request may be sent again.
-                if attempt < self.max_retries:
-                    delay = self._retry_delay(attempt, None)
+                delay = self.retry_policy.delay(attempt)
+                if delay is not None:
                     logger.info("retrying %s in %.2fs after %s", url, delay, type(exc).__name__)
                     attempt += 1
                     await anyio.sleep(delay)
@@ -192,9 +180,8 @@ class HTTPTransport:
                 error.message = f"{error.message} (is base_url missing '/v1'? it is {self.base_url!r})"
                 error.args = (error.message,)
             retryable = response.status_code in RETRY_STATUSES or response.status_code >= 500
-            too_long = retry_after is not None and retry_after > self.max_retry_after
-            if retryable and attempt < self.max_retries and not too_long:
-                delay = self._retry_delay(attempt, retry_after)
+            delay = self.retry_policy.delay(attempt, retry_after) if retryable else None
+            if delay is not None:
                 logger.info("retrying %s in %.2fs after HTTP %d", url, delay, response.status_code)
                 attempt += 1
                 await anyio.sleep(delay)

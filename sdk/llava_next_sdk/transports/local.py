@@ -5,7 +5,9 @@ imported until the first request: then ``llava_next_plugin`` (torch, transformer
 process-wide engine that every client, on any event loop, shares (one per model path and options).
 
 Requests go through :func:`llava_next_plugin.validation.prepare_request`, the very checks the server runs,
-so the same bad input raises the same error class here and over HTTP. Preparation (image decoding,
+so the same bad input raises the same error class here and over HTTP. A request the engine's queue cannot
+take (:class:`OverloadedError`) is retried with the HTTP transport's :class:`~llava_next_sdk.retry.RetryPolicy`
+(``max_retries=``, ...), before it is queued, so before any token is produced. Preparation (image decoding,
 tokenizing) runs in a worker thread, generation on the engine's thread; the event loop never blocks.
 Cancelling ``generate`` or leaving ``stream`` early drops the request from the engine's batch.
 """
@@ -19,8 +21,9 @@ from typing import Any, AsyncIterator
 
 import anyio
 
-from ..errors import LlavaNextError, ServerError
+from ..errors import LlavaNextError, OverloadedError, ServerError
 from ..hookspecs import hookimpl
+from ..retry import RetryPolicy
 from ..types import ChatRequest, GenerationResult, Timings
 
 __all__ = ["LocalTransport", "llava_next_sdk_transport"]
@@ -28,7 +31,9 @@ __all__ = ["LocalTransport", "llava_next_sdk_transport"]
 LOCAL_SCHEME = "local:"
 ENGINE_OPTIONS = ("device", "dtype", "max_batch_size", "max_queue", "max_context", "default_max_tokens")
 """Client options that configure the shared engine (the others are the HTTP transport's)."""
-OPTIONS = frozenset({"model", "engine", "request_limits", *ENGINE_OPTIONS})
+RETRY_OPTIONS = ("max_retries", "backoff_base", "backoff_max", "max_retry_after")
+"""Client options that make the :class:`RetryPolicy` (as for HTTP)."""
+OPTIONS = frozenset({"model", "engine", "request_limits", "allowed_url_domains", *ENGINE_OPTIONS, *RETRY_OPTIONS})
 """Every client option a local model accepts."""
 MODEL_PACKAGES = ("llava_next_plugin", "torch")
 """What running a model in-process needs beyond the SDK."""
@@ -60,10 +65,14 @@ class LocalTransport:
         limits: a :class:`llava_next_plugin.validation.Limits` (client option ``request_limits=``); by
             default the server's limits except that ``http(s)`` image URLs from any host are fetched (this is
             the user's own process).
+        allowed_url_domains: hosts whose ``http(s)`` image URLs are fetched (a domain allows its subdomains;
+            ``()`` none), for apps that pass their users' URLs through; replaces the one in *limits*.
+        retry_policy: how a request refused by a full queue is retried (default: as the HTTP transport).
         engine_options: ``device``, ``dtype``, ``max_batch_size``, ... for the shared engine.
     """
 
     def __init__(self, model: str | None = None, *, engine: Any = None, limits: Any = None,
+                 allowed_url_domains: Any = None, retry_policy: RetryPolicy | None = None,
                  **engine_options: Any) -> None:
         if engine is None and not model:
             raise ValueError("LocalTransport needs a model path or hub id (or an engine)")
@@ -77,6 +86,8 @@ class LocalTransport:
         self._engine = engine
         self._limits = limits
         self._engine_options = engine_options
+        self._allowed_url_domains = None if allowed_url_domains is None else _domains(allowed_url_domains)
+        self.retry_policy = retry_policy or RetryPolicy()
         self._lock = anyio.Lock()
         self._closed = False
 
@@ -87,10 +98,15 @@ class LocalTransport:
             async with self._lock:
                 if self._engine is None:
                     self._engine = await anyio.to_thread.run_sync(self._load_engine)
-        if self._limits is None:
+        if self._limits is None or self._allowed_url_domains is not None:
+            import dataclasses
+
             from llava_next_plugin.validation import Limits
 
-            self._limits = Limits(allowed_url_domains=None)
+            limits = self._limits or Limits(allowed_url_domains=None)
+            if self._allowed_url_domains is not None:
+                limits = dataclasses.replace(limits, allowed_url_domains=self._allowed_url_domains)
+            self._limits, self._allowed_url_domains = limits, None
         return self._engine
 
     def _load_engine(self):
@@ -109,13 +125,23 @@ class LocalTransport:
         engine = await self._get_engine()  # first: it says what to install when the model package is missing
         from llava_next_plugin.validation import prepare_request
 
-        try:
-            prepared = await anyio.to_thread.run_sync(prepare_request, engine, request, self._limits)
-            return engine, engine.submit(prepared)
-        except LlavaNextError:
-            raise
-        except Exception as exc:  # only our error classes leave a transport
-            raise ServerError(f"the local engine failed to prepare the request: {exc!r}") from exc
+        prepared, attempt = None, 0
+        while True:
+            try:
+                engine.check_admission()  # cheap: a full queue refuses before any image work
+                if prepared is None:
+                    prepared = await anyio.to_thread.run_sync(prepare_request, engine, request, self._limits)
+                return engine, engine.submit(prepared)
+            except OverloadedError as exc:  # not queued, so no token yet: retried as the HTTP transport does
+                delay = self.retry_policy.delay(attempt, exc.retry_after)
+                if delay is None:
+                    raise
+                attempt += 1
+                await anyio.sleep(delay)
+            except LlavaNextError:
+                raise
+            except Exception as exc:  # only our error classes leave a transport
+                raise ServerError(f"the local engine failed to prepare the request: {exc!r}") from exc
 
     def _result(self, engine, outcome, started: float) -> GenerationResult:
         result = outcome.to_generation_result(self.model or engine.model_name)
@@ -156,6 +182,15 @@ class LocalTransport:
         self._engine = None
 
 
+def _domains(value: Any) -> tuple[str, ...]:
+    """``allowed_url_domains=``: a host name or a list of them, lower-cased, without a trailing dot."""
+    names = (value,) if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple, set, frozenset)) or not all(isinstance(n, str) and n for n in names):
+        raise TypeError(f"allowed_url_domains={value!r} must be a list of host names such as ['example.com'] "
+                        "(a domain allows its subdomains; [] allows none)")
+    return tuple(n.lower().strip(".") for n in names)
+
+
 @hookimpl
 def llava_next_sdk_transport(url: str, options: dict) -> LocalTransport | None:
     """Serve ``local:<path or hub id>`` URLs with a :class:`LocalTransport`."""
@@ -163,10 +198,12 @@ def llava_next_sdk_transport(url: str, options: dict) -> LocalTransport | None:
         return None
     unknown = sorted(set(options) - OPTIONS)
     if unknown:
-        server_only = sorted(set(unknown) & {"api_key", "timeout", "max_retries"})
+        server_only = sorted(set(unknown) & {"api_key", "timeout", "headers", "http_client"})
         hint = f" ({', '.join(server_only)}: options of a server client, with base_url=)" if server_only else ""
         raise TypeError(f"unknown option(s) for a local model: {', '.join(unknown)}; accepted: "
                         f"{', '.join(sorted(OPTIONS))}{hint}")
     engine_options = {k: options[k] for k in ENGINE_OPTIONS if options.get(k) is not None}
+    retry_policy = RetryPolicy(**{k: options[k] for k in RETRY_OPTIONS if options.get(k) is not None})
     return LocalTransport(url[len(LOCAL_SCHEME):], engine=options.get("engine"), limits=options.get("request_limits"),
+                          allowed_url_domains=options.get("allowed_url_domains"), retry_policy=retry_policy,
                           **engine_options)
