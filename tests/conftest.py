@@ -32,3 +32,11 @@ def tiny_checkpoint_factory(tmp_path_factory):
         return cache[key]
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory):
+    """The folder `llava-next tiny-checkpoint` writes (our classes, 64+-wide layers, example.png)."""
+    from llava_next_plugin.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("llava-next-demo") / "tiny")

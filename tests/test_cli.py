@@ -14,22 +14,14 @@ import torch
 
 import checkpoints
 from llava_next_plugin.cli import main, read_done
-from llava_next_plugin.tiny import MARKER_FILE, build_tiny_checkpoint
+from llava_next_plugin.tiny import MARKER_FILE
 
 QUESTION = "What is in this picture?"
 
 
-def demo_checkpoint(tmp_path_factory):
-    """The `llava-next tiny-checkpoint` folder, built once per test session."""
-    folder = tmp_path_factory.getbasetemp() / "llava-next-demo-tiny"
-    if not (folder / MARKER_FILE).exists():
-        build_tiny_checkpoint(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return demo_checkpoint(tmp_path_factory)
+def checkpoint(demo_checkpoint):
+    return demo_checkpoint
 
 
 @pytest.fixture(scope="module")

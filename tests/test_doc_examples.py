@@ -15,7 +15,6 @@ import re
 import pytest
 from PIL import Image, ImageDraw
 
-from llava_next_plugin.tiny import MARKER_FILE, build_tiny_checkpoint
 
 HUB_ID = "llava-hf/llava-v1.6-mistral-7b-hf"
 
@@ -103,12 +102,9 @@ def run_snippet(code: str) -> tuple[dict, str, str]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """The `llava-next tiny-checkpoint` folder (64+-wide layers), built once per test session."""
-    folder = tmp_path_factory.getbasetemp() / "llava-next-demo-tiny"
-    if not (folder / MARKER_FILE).exists():
-        build_tiny_checkpoint(folder)
-    return str(folder)
+def checkpoint(demo_checkpoint):
+    """The `llava-next tiny-checkpoint` folder (64+-wide layers)."""
+    return str(demo_checkpoint)
 
 
 @pytest.fixture(scope="module")

@@ -16,24 +16,15 @@ from PIL import Image
 import checkpoints
 import llava_next_plugin
 from llava_next_plugin.pipeline import DEFAULT_PROMPT, LlavaNextImageToTextPipeline
-from llava_next_plugin.tiny import build_tiny_checkpoint
 from llava_next_sdk.errors import BadRequestError, InvalidImageError
 
 QUESTION = "What does this chart show?"
 NEW = 6  # generated tokens per test call: enough to compare, cheap on 2 cores
 
 
-def demo_checkpoint(tmp_path_factory):
-    """The `llava-next tiny-checkpoint` folder, built once per test session."""
-    folder = tmp_path_factory.getbasetemp() / "llava-next-demo-tiny"
-    if not (folder / "llava_next_tiny.json").exists():
-        build_tiny_checkpoint(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return demo_checkpoint(tmp_path_factory)
+def checkpoint(demo_checkpoint):
+    return demo_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,9 @@ def python_blocks(section: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from llava_next_plugin.tiny import build_tiny_checkpoint
-
-    work = tmp_path_factory.mktemp("readme")
-    build_tiny_checkpoint(work / "tiny")
-    return work
+def tiny_dir(demo_checkpoint):
+    """A folder holding the main job's ``./tiny``, to run the examples from."""
+    return demo_checkpoint.parent
 
 
 def test_the_python_examples_run_as_written(tiny_dir, monkeypatch, capsys):

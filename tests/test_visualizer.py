@@ -12,24 +12,15 @@ import checkpoints
 import llava_next_plugin
 from llava_next_plugin import AttentionMaskVisualizer
 from llava_next_plugin.hooks import get_plugin_manager, hookimpl
-from llava_next_plugin.tiny import build_tiny_checkpoint
 from llava_next_plugin.visualizer import DEFAULT_IMAGE_SIZE, EMPTY, FULL, PARTIAL, MaskPicture
 from llava_next_sdk.errors import BadRequestError
 
 PROMPT = "<image> What is shown in this image?"
 
 
-def demo_checkpoint(tmp_path_factory):
-    """The `llava-next tiny-checkpoint` folder, built once per test session."""
-    folder = tmp_path_factory.getbasetemp() / "llava-next-demo-tiny"
-    if not (folder / "llava_next_tiny.json").exists():
-        build_tiny_checkpoint(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return demo_checkpoint(tmp_path_factory)
+def checkpoint(demo_checkpoint):
+    return demo_checkpoint
 
 
 @pytest.fixture(scope="module")
