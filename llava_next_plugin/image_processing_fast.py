@@ -177,22 +177,47 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
 
         whole_pixels = image.dtype == torch.uint8
         source = _resize_source(image)
-        resized = _resize(source, (new_h, new_w), mode, whole_pixels)[0]
+        resized = _resize(source, (new_h, new_w), mode, whole_pixels)[0]  # [3, new_h, new_w]
+        base = _resize(source, settings.base_size, mode, whole_pixels)  # [1, 3, h, w]
+        if not (settings.view_resize or settings.center_crop):
+            # Each tile is written straight from the resized image: no canvas, zeros only in the margins.
+            for index in range(rows * cols):
+                row, col = divmod(index, cols)
+                _paste_tile(resized, (top - row * tile, left - col * tile), out[1 + index])
+            out[0].copy_(base[0])
+            return
+
         canvas = resized.new_zeros((3, best_h, best_w))
         canvas[:, top:top + new_h, left:left + new_w] = resized
         tiles = canvas.view(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4)  # [rows, cols, 3, T, T], a view
-        base = _resize(source, settings.base_size, mode, whole_pixels)
-
-        if settings.view_resize or settings.center_crop:
-            tiles = tiles.reshape(rows * cols, 3, tile, tile)
-            if settings.view_resize:
-                tiles = _resize(tiles.float() if whole_pixels else tiles, settings.view_resize, mode, whole_pixels)
-            if settings.center_crop:
-                tiles, base = _center_crop(tiles, settings.center_crop), _center_crop(base, settings.center_crop)
-            out[1:].copy_(tiles)
-        else:
-            out[1:].view(rows, cols, 3, tile, tile).copy_(tiles)
+        tiles = tiles.reshape(rows * cols, 3, tile, tile)
+        if settings.view_resize:
+            tiles = _resize(tiles.float() if whole_pixels else tiles, settings.view_resize, mode, whole_pixels)
+        if settings.center_crop:
+            tiles, base = _center_crop(tiles, settings.center_crop), _center_crop(base, settings.center_crop)
+        out[1:].copy_(tiles)
         out[0].copy_(base[0])
+
+
+def _paste_tile(image: torch.Tensor, origin: tuple[int, int], tile: torch.Tensor) -> None:
+    """Fill ``tile`` ``[3, T, T]`` with the part of ``image`` ``[3, h, w]`` placed at ``origin`` (tile coordinates).
+
+    ``origin`` is where the image's top-left pixel lands, relative to the tile's top-left corner
+    (negative when the image starts before the tile). Pixels the image does not cover are zeros.
+    """
+    size_h, size_w = tile.shape[-2:]
+    height, width = image.shape[-2:]
+    top, left = origin
+    y0, y1 = min(max(top, 0), size_h), min(max(top + height, 0), size_h)  # rows of the tile the image covers
+    x0, x1 = min(max(left, 0), size_w), min(max(left + width, 0), size_w)
+    if y0 == y1 or x0 == x1:
+        tile.zero_()
+        return
+    tile[:, :y0].zero_()
+    tile[:, y1:].zero_()
+    tile[:, y0:y1, :x0].zero_()
+    tile[:, y0:y1, x1:].zero_()
+    tile[:, y0:y1, x0:x1].copy_(image[:, y0 - top:y1 - top, x0 - left:x1 - left])
 
 
 def _target_device(images: list[Any], device: str | torch.device | None) -> torch.device:
