@@ -11,6 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import (
     BitsAndBytesConfig,
+    CompileConfig,
     StaticCache,
     LlavaNextProcessor,
     StoppingCriteria,
@@ -137,6 +138,35 @@ def test_decode_step_with_static_cache_compiles_without_graph_breaks(pair):
             mask = torch.cat([inputs["attention_mask"], torch.ones_like(next_ids)], dim=1)
             logits.append(step(input_ids=next_ids, attention_mask=mask, cache=cache, use_cache=True).logits)
     torch.testing.assert_close(logits[1], logits[0], rtol=0, atol=1e-5)
+
+
+def test_static_cache_generation_compiled_by_inductor_gives_the_reference_tokens(pair, tiny_checkpoint):
+    """``generate(cache_implementation="static", compile_config=...)`` runs the decode steps through our forward
+    compiled by inductor (C++ codegen on CPU): the uncompiled greedy tokens, the reference's, and no
+    recompilation at every step. ``_compile_all_devices`` lets transformers compile on CPU too."""
+    from torch._dynamo.utils import counters
+
+    _, inputs, _, reference = pair
+    new_tokens = 6
+    model = LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    static = dict(max_new_tokens=new_tokens, do_sample=False, cache_implementation="static")
+    with torch.no_grad():
+        eager = model.generate(**inputs, **static)
+        expected = reference.generate(**inputs, **static)
+    compile_config = CompileConfig(backend="inductor", mode="default")
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with torch.no_grad():
+            compiled = model.generate(**inputs, **static, compile_config=compile_config)
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
+    assert torch.equal(compiled, expected)
+    # one graph for the first decode step, one shape-generic graph that every later step reuses
+    assert 0 < graphs < new_tokens - 1, f"{graphs} graphs for {new_tokens} tokens: recompiling at every step"
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
