@@ -188,7 +188,8 @@ def _family_template(family: str | None, tokenizer: Any, config: Any) -> str:
                               param="family")
     raise BadRequestError(
         f"cannot tell this checkpoint's prompt format: it has no chat template, and its text model type "
-        f"{model_type or '(none)'!r} and tokenizer match no known family; pass family= one of {accepted}",
+        f"{model_type or '(none)'!r} and tokenizer match no known family; pass family= one of {accepted} "
+        f"(the pipeline's prompt_family=, the command line's --prompt-format)",
         param="family")
 
 

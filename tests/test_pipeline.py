@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from PIL import Image
+from transformers import LogitsProcessor, LogitsProcessorList
 
 import checkpoints
 import llava_next_plugin
@@ -275,3 +276,93 @@ def test_direct_construction_and_bytes_roundtrip(checkpoint, photo):
         LlavaNextImageToTextPipeline(model=model, device="cpu")
     routed = pipeline("image-to-text", model=model, processor=processor, device="cpu")  # loaded objects route too
     assert isinstance(routed, LlavaNextImageToTextPipeline)
+
+
+# --- checkpoints without a chat template: the family's format, detected or named ----------------------------
+
+VICUNA_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the human's questions. USER: <image>\n{q} ASSISTANT:")
+LLAMA3_PROMPT = ("<|start_header_id|>user<|end_header_id|>\n\n<image>\n{q}<|eot_id|>"
+                 "<|start_header_id|>assistant<|end_header_id|>\n\n")
+CHATML_PROMPT = "<|im_start|>user\n<image>\n{q}<|im_end|>\n<|im_start|>assistant\n"
+
+
+class _PromptRecorder(LogitsProcessor):
+    """Keeps the token ids generate() starts from (the prompt the model received); changes no score."""
+
+    def __init__(self):
+        self.prompt_ids = None
+
+    def __call__(self, input_ids, scores):
+        if self.prompt_ids is None:
+            self.prompt_ids = input_ids.clone()
+        return scores
+
+
+def _without_chat_template(source, folder, special_tokens=()):
+    """A copy of *source* with no chat template anywhere, its tokenizer given *special_tokens*."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(source, folder)
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tokenizer.chat_template = None
+    if special_tokens:
+        tokenizer.add_tokens(list(special_tokens), special_tokens=True)
+    tokenizer.save_pretrained(str(folder))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    return folder
+
+
+def _received_and_expected(built, image, expected_prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt ids the model got from ``built(image, prompt=QUESTION)``, and the processor's ids of
+    *expected_prompt* (the question in a family's format, written by hand)."""
+    recorder = _PromptRecorder()
+    built(image, prompt=QUESTION, max_new_tokens=1, logits_processor=LogitsProcessorList([recorder]))
+    expected = built.processor(images=image, text=expected_prompt.format(q=QUESTION), return_tensors="pt")
+    return recorder.prompt_ids, expected["input_ids"]
+
+
+def test_checkpoint_whose_family_cannot_be_told_is_a_clear_error_until_named(tiny_checkpoint_factory, photo, tmp_path):
+    """A phi3 text backbone with the Mistral tokenizer and no chat template matches none of the four families."""
+    from transformers import pipeline
+
+    bare = _without_chat_template(tiny_checkpoint_factory(text="phi3"), tmp_path / "phi3")
+    built = pipeline("image-to-text", model=str(bare), device="cpu")
+    assert type(built).__name__ == "LlavaNextImageToTextPipeline"
+    assert not getattr(built.processor, "chat_template", None)
+    with pytest.raises(BadRequestError, match=r"cannot tell this checkpoint's prompt format") as error:
+        built(photo, prompt=QUESTION, max_new_tokens=1)
+    message = str(error.value)
+    assert "'phi3'" in message and "prompt_family=" in message
+    for family in ("mistral", "vicuna", "llama3", "chatml"):
+        assert family in message
+
+    named = pipeline("image-to-text", model=str(bare), device="cpu", prompt_family="vicuna")
+    received, expected = _received_and_expected(named, photo, VICUNA_PROMPT)
+    assert torch.equal(received, expected)
+    assert named(photo, prompt=QUESTION, max_new_tokens=NEW)[0]["generated_text"]
+    with pytest.raises(BadRequestError, match=r"unknown prompt family 'alpaca'; accepted: mistral, vicuna"):
+        pipeline("image-to-text", model=str(bare), device="cpu", prompt_family="alpaca")(photo, prompt=QUESTION)
+
+
+@pytest.mark.parametrize(
+    ("special_tokens", "expected_prompt"),
+    [
+        (("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), LLAMA3_PROMPT),
+        (("<|im_start|>", "<|im_end|>"), CHATML_PROMPT),
+        ((), VICUNA_PROMPT),
+    ],
+    ids=["llama3", "chatml", "vicuna"],
+)
+def test_llama_checkpoint_family_is_told_by_its_tokenizer(tiny_checkpoint_factory, photo, tmp_path,
+                                                           special_tokens, expected_prompt):
+    """Vicuna, Llama-3 and Yi all report model type llama: their special tokens tell them apart."""
+    from transformers import pipeline
+
+    bare = _without_chat_template(tiny_checkpoint_factory(text="llama"), tmp_path / "llama", special_tokens)
+    built = pipeline("image-to-text", model=str(bare), device="cpu")
+    assert built.model.config.text_config.model_type == "llama"
+    assert not getattr(built.processor, "chat_template", None)
+    received, expected = _received_and_expected(built, photo, expected_prompt)
+    assert torch.equal(received, expected)
