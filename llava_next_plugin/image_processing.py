@@ -23,7 +23,10 @@ conversion); :mod:`llava_next_plugin.image_processing_fast` is the torch impleme
 from __future__ import annotations
 
 import copy
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Sequence
 
 import numpy as np
@@ -501,16 +504,38 @@ class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
         rows, cols = geometry.grid_shape(height, width, settings.pinpoints, settings.tile_size)
         tile = settings.tile_size
 
+        # PIL resizes on one core without the GIL: on more cores, the base view's runs beside the grid's.
+        base_job = resize_worker().submit(_pil_resize, image, settings.base_size, settings.resample)
         canvas = np.zeros((best_h, best_w, 3), dtype=np.uint8)
         canvas[top:top + new_h, left:left + new_w] = _pil_resize(image, (new_h, new_w), settings.resample)
         tiles = canvas.reshape(rows, tile, cols, tile, 3).swapaxes(1, 2).reshape(rows * cols, tile, tile, 3)
         if settings.view_resize:
             tiles = np.stack([_pil_resize(Image.fromarray(t), settings.view_resize, settings.resample) for t in tiles])
-        base = _pil_resize(image, settings.base_size, settings.resample)[None]
+        base = base_job.result()[None]
         if settings.center_crop:
             base = _center_crop_hwc(base, settings.center_crop)
             tiles = _center_crop_hwc(tiles, settings.center_crop)
         return np.concatenate([base, tiles])
+
+
+@cache
+def resize_worker() -> ThreadPoolExecutor:
+    """The background thread (one, made on first use) that runs a resize beside another.
+
+    On a single core it would only add overhead, so there its jobs run in the caller's thread.
+    """
+    if (os.cpu_count() or 1) > 1:
+        return ThreadPoolExecutor(max_workers=1, thread_name_prefix="llava-next-resize")
+    return _InlineExecutor()  # type: ignore[return-value]
+
+
+class _InlineExecutor:
+    """``submit`` runs the job at once, in the calling thread."""
+
+    def submit(self, job: Any, *args: Any) -> Future:
+        done: Future = Future()
+        done.set_result(job(*args))
+        return done
 
 
 def _to_rgb_image(image: Any, index: int, input_data_format: Any, convert_rgb: bool) -> Image.Image:

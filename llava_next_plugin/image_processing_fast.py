@@ -33,6 +33,7 @@ from .image_processing import (
     PreprocessSettings,
     _layout,
     check_image_size,
+    resize_worker,
     to_rgb_array,
 )
 
@@ -177,8 +178,14 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
 
         whole_pixels = image.dtype == torch.uint8
         source = _resize_source(image)
-        resized = _resize(source, (new_h, new_w), mode, whole_pixels)[0]  # [3, new_h, new_w]
-        base = _resize(source, settings.base_size, mode, whole_pixels)  # [1, 3, h, w]
+        if source.device.type == "cpu" and torch.get_num_threads() > 1:
+            # torch's CPU resize kernels use one core each: run the base view's beside the grid's.
+            base_job = resize_worker().submit(_resize, source, settings.base_size, mode, whole_pixels)
+            resized = _resize(source, (new_h, new_w), mode, whole_pixels)[0]  # [3, new_h, new_w]
+            base = base_job.result()  # [1, 3, h, w]
+        else:
+            resized = _resize(source, (new_h, new_w), mode, whole_pixels)[0]
+            base = _resize(source, settings.base_size, mode, whole_pixels)
         if not (settings.view_resize or settings.center_crop):
             # Each tile is written straight from the resized image: no canvas, zeros only in the margins.
             for index in range(rows * cols):
