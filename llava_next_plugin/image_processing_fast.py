@@ -149,13 +149,9 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
             else:
                 pixel_values = [torch.empty((n, 3, view_h, view_w), device=device) for n in counts]
             for i, image in enumerate(pixels):
-                self.copy_views(image, settings, mode, pixel_values[i][: counts[i]])
-            # Rescale + normalize in one multiply-add over everything, then clear the padding views.
-            for values in pixel_values if isinstance(pixel_values, list) else [pixel_values]:
-                values.mul_(scale).add_(offset)
-            for i, count in enumerate(counts):
-                if settings.do_pad and count < pixel_values.shape[1]:
-                    pixel_values[i, count:].zero_()
+                self.copy_views(image, settings, mode, pixel_values[i][: counts[i]], (scale, offset))
+                if settings.do_pad:
+                    pixel_values[i, counts[i]:].zero_()  # the padding views
         kind = getattr(return_tensors, "value", return_tensors)
         image_sizes = torch.tensor(sizes, dtype=torch.int64).reshape(len(sizes), 2)
         if kind == "np":
@@ -167,8 +163,19 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
         return BatchFeature(data={"pixel_values": pixel_values, "image_sizes": image_sizes})
 
     @staticmethod
-    def copy_views(image: torch.Tensor, settings: PreprocessSettings, mode: str, out: torch.Tensor) -> None:
-        """The views of one ``[3, H, W]`` image, as float pixel values, into ``out`` ``[1 + rows*cols, 3, h, w]``."""
+    def copy_views(
+        image: torch.Tensor,
+        settings: PreprocessSettings,
+        mode: str,
+        out: torch.Tensor,
+        normalize: tuple[torch.Tensor, torch.Tensor],
+    ) -> None:
+        """The views of one ``[3, H, W]`` image into ``out`` ``[1 + rows*cols, 3, h, w]``, normalized.
+
+        ``normalize`` is ``(scale, offset)``, each ``[3, 1, 1]`` float32: rescale + normalize fused into
+        ``x * scale + offset``, applied to each view right after it is written (while it is in cache).
+        """
+        scale, offset = normalize
         height, width = image.shape[-2:]
         best_h, best_w = settings.best_resolution(height, width)
         new_h, new_w = geometry.resize_within(height, width, best_h, best_w)
@@ -191,7 +198,8 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
             for index in range(rows * cols):
                 row, col = divmod(index, cols)
                 _paste_tile(resized, (top - row * tile, left - col * tile), out[1 + index])
-            out[0].copy_(base[0])
+                out[1 + index].mul_(scale).add_(offset)
+            out[0].copy_(base[0]).mul_(scale).add_(offset)
             return
 
         canvas = resized.new_zeros((3, best_h, best_w))
@@ -204,6 +212,7 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
             tiles, base = _center_crop(tiles, settings.center_crop), _center_crop(base, settings.center_crop)
         out[1:].copy_(tiles)
         out[0].copy_(base[0])
+        out.mul_(scale).add_(offset)
 
 
 def _paste_tile(image: torch.Tensor, origin: tuple[int, int], tile: torch.Tensor) -> None:
