@@ -185,21 +185,30 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
 
         whole_pixels = image.dtype == torch.uint8
         source = _resize_source(image)
+        plain_tiles = not (settings.view_resize or settings.center_crop)
+
+        @torch.no_grad()  # grad mode is per thread: the worker's is on
+        def base_view() -> torch.Tensor:
+            """The base view ``[1, 3, h, w]``; with plain tiles also written, normalized, to ``out[0]``."""
+            base = _resize(source, settings.base_size, mode, whole_pixels)
+            if plain_tiles:
+                out[0].copy_(base[0]).mul_(scale).add_(offset)
+            return base
+
         if source.device.type == "cpu" and torch.get_num_threads() > 1:
-            # torch's CPU resize kernels use one core each: run the base view's beside the grid's.
-            base_job = resize_worker().submit(_resize, source, settings.base_size, mode, whole_pixels)
+            # torch's CPU resize kernels use one core each: make the base view beside the grid's resize.
+            base_job = resize_worker().submit(base_view)
             resized = _resize(source, (new_h, new_w), mode, whole_pixels)[0]  # [3, new_h, new_w]
-            base = base_job.result()  # [1, 3, h, w]
+            base = base_job.result()
         else:
             resized = _resize(source, (new_h, new_w), mode, whole_pixels)[0]
-            base = _resize(source, settings.base_size, mode, whole_pixels)
-        if not (settings.view_resize or settings.center_crop):
+            base = base_view()
+        if plain_tiles:
             # Each tile is written straight from the resized image: no canvas, zeros only in the margins.
             for index in range(rows * cols):
                 row, col = divmod(index, cols)
                 _paste_tile(resized, (top - row * tile, left - col * tile), out[1 + index])
                 out[1 + index].mul_(scale).add_(offset)
-            out[0].copy_(base[0]).mul_(scale).add_(offset)
             return
 
         canvas = resized.new_zeros((3, best_h, best_w))
