@@ -74,10 +74,22 @@ def _resize_source(image: torch.Tensor) -> torch.Tensor:
     if image.dtype == torch.uint8 and image.device.type != "cpu":
         image = image.float()
     elif image.dtype == torch.uint8 and image.stride(0) != 1:
-        image = torch.from_numpy(np.stack(image.numpy(), axis=-1)).permute(2, 0, 1)
+        image = torch.from_numpy(_interleave(image.numpy())).permute(2, 0, 1)
     if image.stride(0) == 1:  # channels-last memory: stride the batch dim so interpolate keeps it
         return image.as_strided((1, *image.shape), (image.numel(), *image.stride()))
     return image.unsqueeze(0)
+
+
+def _interleave(planar: np.ndarray) -> np.ndarray:
+    """``[3, H, W]`` -> ``[H, W, 3]``; with more than one torch thread, the top half on the background thread."""
+    if torch.get_num_threads() == 1:
+        return np.stack(planar, axis=-1)
+    interleaved = np.empty((*planar.shape[1:], planar.shape[0]), dtype=planar.dtype)
+    half = planar.shape[1] // 2
+    top_job = resize_worker().submit(np.stack, planar[:, :half], -1, interleaved[:half])
+    np.stack(planar[:, half:], axis=-1, out=interleaved[half:])
+    top_job.result()
+    return interleaved
 
 
 def _center_crop(views: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
