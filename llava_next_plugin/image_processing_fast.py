@@ -5,11 +5,13 @@ then the grid tiles row by row; geometry from :mod:`llava_next_plugin.geometry`)
 large tensor operations per image:
 
 1. two resizes of the original image (``torch.nn.functional.interpolate``, antialiased; uint8
-   kernels on CPU, float on CUDA, rounded back to whole pixel values);
-2. the fitted image pasted once into a canvas of the best resolution;
-3. one copy that reads the canvas through a tiling *view* (``[3, rows*T, cols*T] ->
-   [rows, cols, 3, T, T]``) and writes straight into ``pixel_values``;
-4. one in-place multiply-add (rescale + normalize fused) over the whole batch.
+   kernels on channels-last memory on CPU, float on CUDA, rounded back to whole pixel values);
+2. each grid tile copied straight from the fitted image into ``pixel_values`` (uint8 -> float32
+   and channels-last -> planar in the same copy; zeros only in the tile's margins, no canvas);
+3. one in-place multiply-add per view (rescale + normalize fused), right after it is written.
+
+On a CPU with more than one torch thread, the base view (resize, copy, normalize) is made on one
+background thread while the grid's resize runs: torch's resize kernels use a single core.
 
 torchvision is not needed. Inputs: PIL images, numpy uint8 arrays ``[H, W(, C)]``, torch uint8 or
 float tensors ``[C, H, W]`` (on any device), lists of them, or 4-D batches.
