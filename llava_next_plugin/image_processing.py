@@ -518,12 +518,18 @@ class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
         return np.concatenate([base, tiles])
 
 
-@cache
 def resize_worker() -> ThreadPoolExecutor:
-    """The background thread (one, made on first use) that runs a resize beside another.
+    """The background thread (one per process, made on first use) that runs a resize beside another.
 
-    On a single core it would only add overhead, so there its jobs run in the caller's thread.
+    On a single core it would only add overhead, so there its jobs run in the caller's thread. A forked
+    child (a DataLoader worker, say) inherits the parent's executor but not its thread, and a job given
+    to it would never run: each process therefore gets its own.
     """
+    return _resize_worker_of(os.getpid())
+
+
+@cache
+def _resize_worker_of(pid: int) -> ThreadPoolExecutor:
     if (os.cpu_count() or 1) > 1:
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix="llava-next-resize")
     return _InlineExecutor()  # type: ignore[return-value]

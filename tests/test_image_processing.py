@@ -300,3 +300,35 @@ def test_bad_settings_are_bad_requests():
         LlavaNextImageProcessor(image_mean=[0.5, 0.5])
     with pytest.raises(InvalidImageError, match="no images"):
         LlavaNextImageProcessor(**settings())([])
+
+
+
+def test_pil_processor_works_in_a_forked_child_after_use_in_the_parent():
+    """DataLoader workers fork: the background resize thread must not be inherited as a dead one.
+
+    (Only the PIL processor: any torch CPU op in a forked child can hang once the parent has used
+    torch's intra-op threads, transformers' torchvision processor included; that is torch's limit.)
+    """
+    import multiprocessing
+
+    photo = checkpoints.real_photo().convert("RGB")
+    processor = LlavaNextImageProcessor()
+    expected = processor(photo, return_tensors="np")["pixel_values"]
+
+    def child(queue):
+        queue.put(processor(photo, return_tensors="np")["pixel_values"])
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,))
+    process.start()
+    try:
+        result = queue.get(timeout=60)  # read before joining: a large result fills the pipe
+    except Exception:  # queue.Empty: nothing came back in time
+        result = None
+    finally:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+    assert result is not None, "the PIL processor hung in a forked child"
+    np.testing.assert_array_equal(result, expected)
