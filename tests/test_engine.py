@@ -3,6 +3,8 @@ cancellation, stop strings, sampling, limits and hooks behave as users rely on."
 
 from __future__ import annotations
 
+import contextlib
+
 import threading
 import time
 
@@ -228,7 +230,10 @@ class Gate:
         self.ended.append({"id": request_id, **result})
 
 
-def test_a_full_queue_refuses_work_as_overloaded_and_hooks_see_every_request(reference):
+@contextlib.contextmanager
+def one_slot_engine_held_on_its_running_request(reference):
+    """An engine with one batch slot and a queue of 2, its slot taken by a request that waits on a
+    :class:`Gate` hook until ``gate.open`` is set. Yields ``(engine, gate, make_request, running)``."""
     model, processor = reference
     engine = Engine(model, processor, max_batch_size=1, max_queue=2).start()
     gate = Gate()
@@ -240,6 +245,14 @@ def test_a_full_queue_refuses_work_as_overloaded_and_hooks_see_every_request(ref
         deadline = time.monotonic() + 30
         while not gate.started and time.monotonic() < deadline:
             time.sleep(0.01)
+        yield engine, gate, request, running
+    finally:
+        manager.unregister(gate)
+        engine.shutdown()
+
+
+def test_a_full_queue_refuses_work_as_overloaded_and_hooks_see_every_request(reference):
+    with one_slot_engine_held_on_its_running_request(reference) as (engine, gate, request, running):
         queued = [engine.submit(request()), engine.submit(request())]
         assert engine.queue_depth == 2
         with pytest.raises(OverloadedError, match="queue is full") as info:
@@ -247,9 +260,6 @@ def test_a_full_queue_refuses_work_as_overloaded_and_hooks_see_every_request(ref
         assert info.value.status == 429 and info.value.retry_after
         gate.open.set()
         results = [h.result(timeout=120) for h in [running, *queued]]
-    finally:
-        manager.unregister(gate)
-        engine.shutdown()
     assert [s["id"] for s in gate.started] == [h.id for h in [running, *queued]]
     assert gate.started[0]["num_images"] == 1 and gate.started[0]["max_tokens"] == 2
     ended = {e["id"]: e for e in gate.ended}
@@ -259,17 +269,7 @@ def test_a_full_queue_refuses_work_as_overloaded_and_hooks_see_every_request(ref
 
 
 def test_cancelled_queued_requests_free_their_queue_places_at_once_and_end_cancelled(reference):
-    model, processor = reference
-    engine = Engine(model, processor, max_batch_size=1, max_queue=2).start()
-    gate = Gate()
-    manager = get_plugin_manager()
-    manager.register(gate)
-    try:
-        request = lambda: engine.prepare(ask("Queue"), [photo(40, 40)], SamplingParams(max_tokens=2, temperature=0))
-        running = engine.submit(request())
-        deadline = time.monotonic() + 30
-        while not gate.started and time.monotonic() < deadline:
-            time.sleep(0.01)
+    with one_slot_engine_held_on_its_running_request(reference) as (engine, gate, request, running):
         queued = [engine.submit(request()), engine.submit(request())]
         for handle in queued:
             handle.cancel()
@@ -281,9 +281,6 @@ def test_cancelled_queued_requests_free_their_queue_places_at_once_and_end_cance
             with pytest.raises(RequestCancelledError):
                 handle.result(timeout=1)
             handle.cancel()  # again: a no-op
-    finally:
-        manager.unregister(gate)
-        engine.shutdown()
     assert [s["id"] for s in gate.started] == [running.id, late.id]
     ended = [(e["id"], e["finish_reason"]) for e in gate.ended]
     assert sorted(ended) == sorted([(h.id, "cancelled") for h in queued] + [(running.id, results[0].finish_reason),
