@@ -4,7 +4,6 @@ cancellation, stop strings, sampling, limits and hooks behave as users rely on."
 from __future__ import annotations
 
 import contextlib
-
 import threading
 import time
 
