@@ -1,0 +1,157 @@
+"""What users of transformers' LLaVA-NeXT already do keeps working with our classes swapped in.
+
+Each test runs one habit on ours and on transformers' class over the same tiny fixture checkpoint.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from transformers import LlavaNextProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_next.modeling_llava_next import (
+    LlavaNextForConditionalGeneration as ReferenceForConditionalGeneration,
+)
+
+import checkpoints
+from llava_next_plugin.modeling import LlavaNextForConditionalGeneration
+from llava_next_sdk.errors import BadRequestError
+
+FP32_ATOL = 1e-4
+
+
+def _photo(size=(90, 60)):
+    return checkpoints.real_photo("chelsea.png").convert("RGB").resize(size)
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_checkpoint):
+    return tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def processor(folder):
+    return LlavaNextProcessor.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def models(folder, tiny_checkpoint_factory):
+    """Ours and the reference on the fixture, and both on a second checkpoint (other weights) as assistants."""
+    other = tiny_checkpoint_factory(seed=1)
+    return {
+        ("ours", "main"): LlavaNextForConditionalGeneration.from_pretrained(folder).eval(),
+        ("reference", "main"): ReferenceForConditionalGeneration.from_pretrained(folder).eval(),
+        ("ours", "assistant"): LlavaNextForConditionalGeneration.from_pretrained(other).eval(),
+        ("reference", "assistant"): ReferenceForConditionalGeneration.from_pretrained(other).eval(),
+    }
+
+
+def _one_image(processor, text="[INST] <image>\nWhat is this? [/INST]"):
+    return processor(images=[_photo()], text=[text], return_tensors="pt")
+
+
+def _greedy(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=8, do_sample=False, **kwargs)
+
+
+# --- assisted decoding -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("main,assistant", [("ours", "ours"), ("ours", "reference"), ("reference", "ours")])
+def test_assisted_greedy_decoding_with_an_image_equals_plain_greedy(models, processor, main, assistant):
+    """generate() encodes the image once and drafts with an assistant that never sees it: the drafts
+    change, the verified tokens do not."""
+    inputs = _one_image(processor)
+    plain = _greedy(models["reference", "main"], inputs)
+    assisted = _greedy(models[main, "main"], inputs, assistant_model=models[assistant, "assistant"])
+    assert torch.equal(assisted, plain)
+
+
+def test_our_model_assisting_itself_equals_plain_greedy(models, processor):
+    ours = models["ours", "main"]
+    inputs = _one_image(processor)
+    assert torch.equal(_greedy(ours, inputs, assistant_model=ours), _greedy(ours, inputs))
+
+
+def test_prompt_lookup_decoding_with_an_image_equals_plain_greedy(models, processor):
+    # The last two prompt tokens recur earlier, followed by text: the lookup drafts text tokens.
+    inputs = _one_image(processor, "<image>\nWhat is this? What is")
+    ours, reference = models["ours", "main"], models["reference", "main"]
+    plain = _greedy(reference, inputs)
+    assert torch.equal(_greedy(ours, inputs, prompt_lookup_num_tokens=3), plain)
+    assert torch.equal(_greedy(reference, inputs, prompt_lookup_num_tokens=3), plain)
+
+
+# --- images encoded beforehand ---------------------------------------------------------------------
+
+
+def test_features_encoded_beforehand_give_the_logits_of_pixel_values(models, processor):
+    ours, reference = models["ours", "main"], models["reference", "main"]
+    inputs = _one_image(processor)
+    with torch.no_grad():
+        encoded = ours.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+        text = {k: v for k, v in inputs.items() if k not in ("pixel_values", "image_sizes")}
+        mine = ours(**text, mm_encoder_outputs={"image": encoded}).logits
+        theirs = reference(**text, mm_encoder_outputs={"image": encoded}).logits
+        from_pixels = ours(**inputs).logits
+    torch.testing.assert_close(mine, from_pixels, rtol=0, atol=0)
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=FP32_ATOL)
+
+
+def test_features_encoded_beforehand_must_match_the_image_tokens(models, processor):
+    ours = models["ours", "main"]
+    inputs = _one_image(processor)
+    with torch.no_grad():
+        encoded = ours.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+    short = BaseModelOutputWithPooling(pooler_output=(encoded.pooler_output[0][:-1],))
+    with pytest.raises(BadRequestError, match="sample 0 has 70 <image> tokens but its images give 69 features"):
+        ours(input_ids=inputs["input_ids"], mm_encoder_outputs={"image": short})
+    with pytest.raises(BadRequestError, match="either pixel_values or mm_encoder_outputs"):
+        ours(**inputs, mm_encoder_outputs={"image": encoded})
+
+
+# --- get_image_features ------------------------------------------------------------------------------
+
+
+def test_get_image_features_returns_the_vision_towers_outputs_when_asked(folder, processor):
+    ours = LlavaNextForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+    reference = ReferenceForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+    inputs = _one_image(processor)
+    args = (inputs["pixel_values"], inputs["image_sizes"])
+    flags = dict(output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        mine, theirs = ours.get_image_features(*args, **flags), reference.get_image_features(*args, **flags)
+        as_tuple = ours.get_image_features(*args, return_dict=False)
+        reference_tuple = reference.get_image_features(*args, return_dict=False)
+    layers = ours.config.vision_config.num_hidden_layers
+    assert len(mine.hidden_states) == layers + 1 and len(mine.attentions) == layers
+    torch.testing.assert_close(mine.last_hidden_state, theirs.last_hidden_state, rtol=0, atol=FP32_ATOL)
+    for a, b in zip(mine.hidden_states + mine.attentions, theirs.hidden_states + theirs.attentions):
+        torch.testing.assert_close(a, b, rtol=0, atol=FP32_ATOL)
+    assert isinstance(as_tuple, tuple) and isinstance(reference_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], reference_tuple[0], rtol=0, atol=FP32_ATOL)  # last_hidden_state
+    torch.testing.assert_close(as_tuple[1][0], reference_tuple[1][0], rtol=0, atol=FP32_ATOL)  # packed features
+
+
+# --- the cache's old name -----------------------------------------------------------------------------
+
+
+def test_past_key_values_still_works_with_transformers_deprecation_warning(models, processor):
+    inputs = _one_image(processor)
+    next_ids = torch.tensor([[7]])
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(next_ids)], dim=1)
+    steps = {}
+    for name in ("ours", "reference"):
+        model = models[name, "main"]
+        with torch.no_grad():
+            prefill = model(**inputs, use_cache=True)
+            with pytest.warns(FutureWarning, match=r"`past_key_values` is deprecated.*Use `cache` instead"):
+                steps[name] = model(input_ids=next_ids, attention_mask=mask, past_key_values=prefill.cache).logits
+    torch.testing.assert_close(steps["ours"], steps["reference"], rtol=0, atol=FP32_ATOL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            models["ours", "main"](**inputs, use_cache=True)  # the new name: no warning
