@@ -7,7 +7,8 @@ LLaVA-NeXT ("anyres") feeds the vision tower several square tiles per image:
    and cut into a ``grid_rows x grid_cols`` grid of tiles.
 
 Each tile becomes ``side x side`` vision patches (``side = tile_size // patch_size``; 24 for
-CLIP-L/14 at 336 px). The grid features are laid out as one big ``(grid_rows*side) x
+CLIP-L/14 at 336 px; a tile that is not a whole number of patches loses the remainder, as the
+vision tower's strided patch convolution does). The grid features are laid out as one big ``(grid_rows*side) x
 (grid_cols*side)`` map; the rows or columns that only cover padding are cut away again
 ("unpadding"), and one ``image_newline`` vector is appended after every remaining row.
 
@@ -212,8 +213,6 @@ def image_geometry(
     num_additional_image_tokens: int = 1,
 ) -> ImageGeometry:
     """The full :class:`ImageGeometry` of one image (sizes in pixels, ``height`` first)."""
-    if tile_size % patch_size:
-        raise ValueError(f"tile size {tile_size} is not a multiple of the patch size {patch_size}")
     base = base_token_count(tile_size, patch_size, strategy, num_additional_image_tokens)
     best = select_best_resolution(height, width, pinpoints)
     rows, cols = best[0] // tile_size, best[1] // tile_size

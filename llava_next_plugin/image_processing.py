@@ -399,9 +399,12 @@ def to_rgb_array(image: Any, index: int, input_data_format: Any = None, convert_
         pixels = pixels.astype(np.uint8) * 255
     elif pixels.dtype == np.uint16:  # 16-bit images: scaled to 8 bits, as for PIL's I;16 images
         pixels = np.round(pixels * (255 / 65535)).astype(np.uint8)
+    elif pixels.dtype.kind in "iu" and pixels.size and pixels.min() >= 0 and pixels.max() <= 255:
+        pixels = pixels.astype(np.uint8)  # int64 etc. holding 8-bit values
     if pixels.dtype != np.uint8:
         raise InvalidImageError(
-            f"arrays must be uint8 (or uint16, bool) for this processor, got {pixels.dtype}: convert with "
+            f"arrays must be uint8 (or uint16, bool, integers within 0..255) for this processor, got "
+            f"{pixels.dtype}: convert with "
             "(x * 255).round().astype(np.uint8) for [0, 1] floats, or use LlavaNextImageProcessorFast",
             index=index,
         )

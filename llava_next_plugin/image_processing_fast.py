@@ -299,9 +299,12 @@ def _tensor_to_rgb(image: torch.Tensor, index: int, input_data_format: Any, conv
         image = image.to(torch.uint8) * 255
     elif image.dtype == torch.uint16:  # 16-bit images: scaled to 8 bits, as for PIL's I;16 images
         image = image.to(torch.float32).mul_(255 / 65535).round_().to(torch.uint8)
+    elif image.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint32, torch.uint64):
+        image = image.to(torch.float32)  # pixel values as numbers, as transformers' torchvision backend reads them
     if image.dtype != torch.uint8 and image.dtype not in FLOAT_DTYPES:
         raise InvalidImageError(
-            f"tensors must be uint8 (0..255), uint16, bool or float, got {image.dtype}: convert with .to(torch.uint8)",
+            f"tensors must be uint8 (0..255), uint16, bool, float or integer, got {image.dtype}: convert with "
+            f".to(torch.uint8)",
             index=index,
         )
     if image.dtype in (torch.float16, torch.bfloat16, torch.float64):

@@ -332,3 +332,16 @@ def test_pil_processor_works_in_a_forked_child_after_use_in_the_parent():
             process.kill()
     assert result is not None, "the PIL processor hung in a forked child"
     np.testing.assert_array_equal(result, expected)
+
+
+def test_integer_arrays_of_8bit_values_are_read_as_uint8_images():
+    pixels = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    processor = LlavaNextImageProcessor(**settings())
+    expected = processor(pixels)["pixel_values"]
+    reference = ReferencePil(**settings())
+    for dtype in (np.int64, np.int32):
+        np.testing.assert_array_equal(processor(pixels.astype(dtype))["pixel_values"], expected)
+        theirs = reference(pixels.astype(dtype), return_tensors="np")["pixel_values"]
+        np.testing.assert_allclose(expected, theirs, rtol=0, atol=1e-5)
+    with pytest.raises(InvalidImageError, match="integers within 0..255"):
+        processor(pixels.astype(np.int64) * 2)
