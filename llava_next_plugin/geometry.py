@@ -35,6 +35,8 @@ __all__ = [
     "ImageGeometry",
     "select_best_resolution",
     "grid_shape",
+    "view_grid_shape",
+    "shortest_edge_size",
     "resize_within",
     "pad_offsets",
     "unpadded_crop",
@@ -83,6 +85,24 @@ def grid_shape(height: int, width: int, pinpoints: Iterable[Sequence[int]], tile
     """``(grid_rows, grid_cols)``: how many ``tile_size`` tiles the best resolution is cut into."""
     best_h, best_w = select_best_resolution(height, width, pinpoints)
     return best_h // tile_size, best_w // tile_size
+
+
+def view_grid_shape(best_height: int, best_width: int, tile_size: int) -> tuple[int, int]:
+    """``(rows, cols)`` of the views the image processors cut from the padded best resolution.
+
+    Whole tiles where the pinpoint is a multiple of the tile size (then this is :func:`grid_shape`);
+    otherwise the last row / column holds the partial remainder, as transformers' processors cut it.
+    The model reads only the :func:`grid_shape` whole tiles, in row-major order.
+    """
+    return -(-best_height // tile_size), -(-best_width // tile_size)
+
+
+def shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
+    """``(height, width)`` of a ``height x width`` view resized so its shorter side is ``shortest_edge``,
+    aspect kept (the longer side truncated), as transformers resizes to ``{"shortest_edge": n}``."""
+    if width <= height:
+        return int(shortest_edge * height / width), shortest_edge
+    return shortest_edge, int(shortest_edge * width / height)
 
 
 def resize_within(height: int, width: int, target_height: int, target_width: int) -> tuple[int, int]:

@@ -281,3 +281,15 @@ def test_integer_tensors_are_read_as_pixel_numbers_as_transformers_does():
         assert torch.equal(out, as_float)
         theirs = reference(pixels.to(dtype), return_tensors="pt")["pixel_values"]
         assert out.shape == theirs.shape and (out - theirs).abs().max() <= 0.05
+
+
+@pytest.mark.parametrize("height,width", [(400, 400), (30, 50), (333, 127), (100, 350)])
+def test_pinpoints_that_are_not_whole_tiles_give_transformers_partial_edge_tiles(height, width):
+    from test_image_processing import PARTIAL_TILES
+
+    image = synthetic(height, width)
+    ours = LlavaNextImageProcessorFast(**PARTIAL_TILES)(image)["pixel_values"]
+    theirs = ReferenceTorchvision(**PARTIAL_TILES)(image, return_tensors="pt")["pixel_values"]
+    assert ours.shape == theirs.shape
+    assert ours.shape[1] in (1 + 38 * 19, 1 + 38 * 38)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
