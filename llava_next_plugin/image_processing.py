@@ -87,6 +87,11 @@ def _size_dict(value: Any, name: str, int_means: str) -> dict[str, int]:
     )
 
 
+def _flag(value: Any) -> bool | None:
+    """A ``do_*`` setting: ``None`` stays ``None`` (unset, falsy when preprocessing), as in transformers."""
+    return None if value is None else bool(value)
+
+
 def _channel_triple(value: Any, name: str) -> tuple[float, float, float]:
     if isinstance(value, (int, float)):
         return (float(value),) * 3
@@ -185,21 +190,21 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
             kwargs.pop(key, None)
         # Unknown keys found in hub configs are kept (and saved back), as transformers does.
         super().__init__(**kwargs)
-        self.do_resize = bool(do_resize)
+        self.do_resize = _flag(do_resize)
         self.size = _size_dict(size if size is not None else {"shortest_edge": 336}, "size", "shortest_edge")
         self.image_grid_pinpoints = [list(map(int, p)) for p in (image_grid_pinpoints or LLAVA_V16_PINPOINTS)]
         self.resample = int(resample)
-        self.do_center_crop = bool(do_center_crop)
+        self.do_center_crop = _flag(do_center_crop)
         self.crop_size = _size_dict(
             crop_size if crop_size is not None else {"height": 336, "width": 336}, "crop_size", "height"
         )
-        self.do_rescale = bool(do_rescale)
+        self.do_rescale = _flag(do_rescale)
         self.rescale_factor = float(rescale_factor)
-        self.do_normalize = bool(do_normalize)
+        self.do_normalize = _flag(do_normalize)
         self.image_mean = list(_channel_triple(image_mean if image_mean is not None else CLIP_MEAN, "image_mean"))
         self.image_std = list(_channel_triple(image_std if image_std is not None else CLIP_STD, "image_std"))
-        self.do_pad = bool(do_pad)
-        self.do_convert_rgb = bool(do_convert_rgb)
+        self.do_pad = _flag(do_pad)
+        self.do_convert_rgb = _flag(do_convert_rgb)
 
     # -- settings -----------------------------------------------------------------------------------
 

@@ -171,6 +171,20 @@ class LlavaNextPreTrainedModel(PreTrainedModel):
             with torch.no_grad():
                 module.image_newline.normal_(0.0, 1.0 / math.sqrt(self.config.text_config.hidden_size))
 
+    def initialize_weights(self) -> None:
+        """transformers' initialisation of every weight not yet initialised, each sub-model by its own rules.
+
+        transformers treats classes defined outside its package as custom code and then skips every
+        module without parameters of its own (CLIP's attention and MLP blocks), so their Linear layers
+        got the generic init instead of CLIP's. Our ``_init_weights`` honours ``_is_hf_initialized`` per
+        tensor, as transformers' own classes do, so we run the initialisation as for those.
+        """
+        self.is_custom_code = _not_custom_code  # this call only: an instance attribute over the classmethod
+        try:
+            super().initialize_weights()
+        finally:
+            del self.is_custom_code
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load any of the three key layouts (see :mod:`.checkpoint_keys`); arguments as transformers'."""
@@ -774,6 +788,10 @@ def _head_is_tied(model: nn.Module) -> bool:
         return True
     on_data = head.weight.device.type != "meta" and embeddings.device.type != "meta"
     return on_data and head.weight.data_ptr() == embeddings.data_ptr()
+
+
+def _not_custom_code() -> bool:
+    return False
 
 
 def _is_compiling() -> bool:

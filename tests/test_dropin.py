@@ -155,3 +155,45 @@ def test_past_key_values_still_works_with_transformers_deprecation_warning(model
         warnings.simplefilter("error")
         with torch.no_grad():
             models["ours", "main"](**inputs, use_cache=True)  # the new name: no warning
+
+
+# --- weight initialisation ------------------------------------------------------------------------
+
+
+def test_weights_missing_from_a_checkpoint_are_initialised_as_the_reference_does():
+    """``from_pretrained(None, config=..., state_dict={})`` initialises every weight (nothing left on the
+    meta device) with the same rules, hence under the same seed the same values, as transformers' class:
+    CLIP's own init for the vision tower's layers, image_newline ~ N(0, 1/sqrt(hidden))."""
+    from llava_next_plugin.configuration import LlavaNextConfig
+
+    config = checkpoints.reference_config()
+    models = []
+    for model_class, model_config in ((ReferenceForConditionalGeneration, config),
+                                      (LlavaNextForConditionalGeneration, LlavaNextConfig(**config.to_dict()))):
+        torch.manual_seed(0)
+        models.append(model_class.from_pretrained(None, config=model_config, state_dict={}))
+    theirs, mine = (model.state_dict() for model in models)
+    assert mine.keys() == theirs.keys()
+    assert not [key for key, value in mine.items() if value.device.type == "meta"]
+    assert [key for key in mine if not torch.equal(mine[key], theirs[key])] == []
+    q_proj = mine["model.vision_tower.encoder.layers.0.self_attn.q_proj.weight"]
+    assert q_proj.std() > 0.05  # CLIP's scaled init, not the generic std 0.02
+
+
+def test_image_processor_keeps_an_explicit_none_setting_as_transformers_does():
+    from transformers import LlavaNextImageProcessor as ReferenceImageProcessor
+
+    from llava_next_plugin.image_processing import LlavaNextImageProcessor
+    from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
+
+    image = _photo()
+    settings = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                    image_grid_pinpoints=checkpoints.REAL_PINPOINTS, do_normalize=None)
+    reference = ReferenceImageProcessor(**settings)
+    expected = reference(image, return_tensors="pt")["pixel_values"]
+    for processor_class in (LlavaNextImageProcessor, LlavaNextImageProcessorFast):
+        processor = processor_class(**settings)
+        assert processor.do_normalize is None and reference.do_normalize is None
+        out = torch.as_tensor(processor(image, return_tensors="pt")["pixel_values"])
+        assert out.shape == expected.shape and (out - expected).abs().max() <= 0.05  # rescaled, not normalized
+        assert out.min() >= 0
