@@ -197,3 +197,89 @@ def test_image_processor_keeps_an_explicit_none_setting_as_transformers_does():
         out = torch.as_tensor(processor(image, return_tensors="pt")["pixel_values"])
         assert out.shape == expected.shape and (out - expected).abs().max() <= 0.05  # rescaled, not normalized
         assert out.min() >= 0
+
+
+# --- loading and generation habits -------------------------------------------------------------------
+
+
+def test_device_map_auto_places_modules_as_the_reference_without_cutting_a_layer(folder, tmp_path):
+    """A budget too small for the model: accelerate offloads, but never inside a decoder or vision
+    layer (the sub-models' ``_no_split_modules``), and our map is the reference's, module for module."""
+    maps = {}
+    for name, model_class in (("reference", ReferenceForConditionalGeneration),
+                              ("ours", LlavaNextForConditionalGeneration)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # accelerate's note on the bare image_newline parameter
+            model = model_class.from_pretrained(folder, device_map="auto", max_memory={"cpu": "12MB"},
+                                                offload_folder=str(tmp_path / name))
+        maps[name] = model.hf_device_map
+    assert maps["ours"] == maps["reference"]
+    assert set(maps["ours"].values()) == {"cpu", "disk"}
+    import re
+
+    cut = [key for key in maps["ours"] if re.search(r"\.layers\.\d+\.", key)]
+    assert cut == [], f"device map entries inside a layer: {cut}"
+
+
+def test_dtype_auto_loads_the_checkpoints_dtype_as_the_reference(folder, tmp_path):
+    bf16 = tmp_path / "bf16"
+    ReferenceForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).save_pretrained(bf16)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
+                 "chat_template.json", "preprocessor_config.json", "tokenizer.json"):
+        if (folder / name).exists():
+            (bf16 / name).write_bytes((folder / name).read_bytes())
+    inputs = _one_image(LlavaNextProcessor.from_pretrained(folder))
+    logits = {}
+    for name, model_class in (("ours", LlavaNextForConditionalGeneration),
+                              ("reference", ReferenceForConditionalGeneration)):
+        model = model_class.from_pretrained(bf16, dtype="auto")
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        with torch.no_grad():
+            logits[name] = model(**inputs).logits
+    assert torch.equal(logits["ours"], logits["reference"])
+
+
+ATTENTION_ATOL = 1e-4  # fp32 logits of the same model under two attention kernels
+
+
+def test_eager_sdpa_and_flex_attention_give_the_same_logits(folder, processor):
+    inputs = processor(images=[_photo(), _photo((40, 110))],
+                       text=["[INST] <image>\nWhat is this? [/INST]", "[INST] <image>\nHi [/INST]"],
+                       padding=True, return_tensors="pt")
+    mask = inputs["attention_mask"].bool()
+    logits = {}
+    for attn in ("eager", "sdpa", "flex_attention"):
+        ours = LlavaNextForConditionalGeneration.from_pretrained(folder, attn_implementation=attn).eval()
+        reference = ReferenceForConditionalGeneration.from_pretrained(folder, attn_implementation=attn).eval()
+        assert ours.model.language_model.config._attn_implementation == attn
+        with torch.no_grad():
+            logits[attn] = ours(**inputs).logits
+            theirs = reference(**inputs).logits
+        assert (logits[attn] - theirs).abs()[mask].max() <= ATTENTION_ATOL
+    for attn in ("sdpa", "flex_attention"):
+        assert (logits[attn] - logits["eager"]).abs()[mask].max() <= ATTENTION_ATOL
+
+
+def test_scores_and_logits_returned_by_generate_match_the_reference(models, processor):
+    inputs = _one_image(processor)
+    kwargs = dict(return_dict_in_generate=True, output_scores=True, output_logits=True)
+    mine = _greedy(models["ours", "main"], inputs, **kwargs)
+    theirs = _greedy(models["reference", "main"], inputs, **kwargs)
+    assert torch.equal(mine.sequences, theirs.sequences)
+    assert len(mine.scores) == len(theirs.scores) == mine.sequences.shape[1] - inputs["input_ids"].shape[1]
+    for a, b in zip(mine.scores + mine.logits, theirs.scores + theirs.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=FP32_ATOL)
+
+
+def test_several_sampled_sequences_per_prompt_match_the_reference_under_one_seed(models, processor):
+    inputs = processor(images=[_photo(), _photo((40, 110))],
+                       text=["[INST] <image>\nWhat is this? [/INST]", "[INST] <image>\nHi [/INST]"],
+                       padding=True, return_tensors="pt")
+    kwargs = dict(do_sample=True, num_return_sequences=3, top_k=20, max_new_tokens=6)
+    outputs = []
+    for name in ("ours", "reference"):
+        torch.manual_seed(7)
+        with torch.no_grad():
+            outputs.append(models[name, "main"].generate(**inputs, **kwargs))
+    assert outputs[0].shape[0] == 6
+    assert torch.equal(outputs[0], outputs[1])
