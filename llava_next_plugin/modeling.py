@@ -491,7 +491,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                 image += 1
             if n_features != n_tokens:
                 described = ", ".join(
-                    f"image {i} {labels[i]} -> {features[i]}".replace("  ", " ") for i in range(first, image)
+                    f"image {i} {labels[i]} -> {features[i]}" for i in range(first, image)
                 ) or "no image left"
                 raise BadRequestError(
                     f"sample {sample} has {n_tokens} <image> tokens but its images give {n_features} features "
@@ -561,7 +561,8 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         image_outputs = None
         if encoded is not None:
             per_image = encoded.pooler_output if isinstance(encoded, BaseModelOutputWithPooling) else encoded[1]
-            per_image = list(per_image)
+            # one [tokens_i, D] tensor per image; a single [sum(tokens), D] tensor is one block
+            per_image = [per_image] if isinstance(per_image, torch.Tensor) and per_image.dim() == 2 else list(per_image)
             token_mask = self._image_token_mask(input_ids, inputs_embeds)
             counts = [len(features) for features in per_image]
             self._check_feature_counts(token_mask, counts, ["(encoded)"] * len(counts))

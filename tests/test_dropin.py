@@ -5,6 +5,7 @@ Each test runs one habit on ours and on transformers' class over the same tiny f
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -215,8 +216,6 @@ def test_device_map_auto_places_modules_as_the_reference_without_cutting_a_layer
         maps[name] = model.hf_device_map
     assert maps["ours"] == maps["reference"]
     assert set(maps["ours"].values()) == {"cpu", "disk"}
-    import re
-
     cut = [key for key in maps["ours"] if re.search(r"\.layers\.\d+\.", key)]
     assert cut == [], f"device map entries inside a layer: {cut}"
 
