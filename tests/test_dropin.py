@@ -282,3 +282,15 @@ def test_several_sampled_sequences_per_prompt_match_the_reference_under_one_seed
             outputs.append(models[name, "main"].generate(**inputs, **kwargs))
     assert outputs[0].shape[0] == 6
     assert torch.equal(outputs[0], outputs[1])
+
+
+def test_contrastive_search_is_the_hub_recipe_in_both(models, processor):
+    """transformers 5.24 no longer ships contrastive search: it loads it from the hub, only with
+    trust_remote_code=True. Ours gives the same clear error (offline, nothing is fetched)."""
+    inputs = _one_image(processor)
+    messages = []
+    for name in ("ours", "reference"):
+        with pytest.raises(ValueError, match="Contrastive Search requires `trust_remote_code=True`") as info:
+            _greedy(models[name, "main"], inputs, penalty_alpha=0.6, top_k=4)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
