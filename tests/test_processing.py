@@ -390,3 +390,24 @@ def test_image_and_text_swapped(ours):
 def test_truncation_into_image_tokens_is_refused(ours):
     with pytest.raises(BadRequestError, match="truncation cut into the image tokens"):
         ours(images=random_image(64, 64), text=PROMPT_ONE, truncation=True, max_length=8)
+
+
+def test_partial_edge_tiles_give_transformers_input_ids_and_pixel_values(clip_pair):
+    """crop_size 18 with llava-v1.6's pinpoints (not multiples of 18): the same views and image tokens."""
+    import transformers
+
+    from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
+
+    ours, ref = clip_pair
+    partial = dict(size={"shortest_edge": 20}, crop_size={"height": 18, "width": 18},
+                   image_grid_pinpoints=checkpoints.REAL_PINPOINTS)
+    settings = dict(patch_size=6, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    mine = LlavaNextProcessor(LlavaNextImageProcessorFast(**partial), ours.tokenizer, **settings)
+    theirs = transformers.LlavaNextProcessor(transformers.LlavaNextImageProcessor(**partial), ref.tokenizer,
+                                             **settings)
+    image = random_image(100, 350)
+    out = mine(images=image, text=PROMPT_ONE, return_tensors="pt")
+    expected = theirs(images=image, text=PROMPT_ONE, return_tensors="pt")
+    assert out["pixel_values"].shape == expected["pixel_values"].shape == (1, 1 + 38 * 19, 3, 18, 18)
+    assert_same_text_side(out, expected)
+    assert_same_images(out, expected)
