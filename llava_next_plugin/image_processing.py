@@ -9,6 +9,10 @@ One image of ``height x width`` pixels becomes ``1 + grid_rows * grid_cols`` vie
    centred on a black canvas of that resolution (:func:`geometry.pad_offsets`) and cut into
    square ``crop_size`` tiles, row by row.
 
+Where a pinpoint is not a whole number of tiles, the last row and column of tiles are partial
+(:func:`geometry.view_grid_shape`); each view is then resized to ``size`` (shortest edge, aspect
+kept) and centre-cropped to ``crop_size`` on its own, as transformers does.
+
 Every view is then rescaled and normalized (``(x * rescale_factor - mean) / std``, fused into one
 multiply-add). A batch gives ``pixel_values`` ``[batch, max_views, 3, H, W]``, where images with fewer
 views are zero-padded, and ``image_sizes`` ``[batch, 2]`` as ``(height, width)``.

@@ -10,6 +10,9 @@ large tensor operations per image:
    and channels-last -> planar in the same copy; zeros only in the tile's margins, no canvas);
 3. one in-place multiply-add per view (rescale + normalize fused), right after it is written.
 
+Pinpoints that are not whole numbers of tiles leave partial tiles at the right and bottom edges: then,
+as in transformers, every view is resized (``size``) and centre-cropped (``crop_size``) on its own.
+
 On a CPU with more than one torch thread, the base view (resize, copy, normalize) is made on one
 background thread while the grid's resize runs: torch's resize kernels use a single core.
 
