@@ -13,6 +13,7 @@ Our own code reads the cache with :func:`output_cache` and passes it with ``{cac
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "CACHE_NAME",
     "cache_kwarg",
     "output_cache",
+    "take_cache",
     "MultimodalBaseModelOutputWithPast",
     "MultimodalCausalLMOutputWithPast",
 ]
@@ -56,6 +58,26 @@ def output_cache(outputs):
     if cache is None:
         cache = getattr(outputs, "past_key_values", None)
     return cache
+
+
+def take_cache(cache, kwargs: dict, owner: str):
+    """The cache a ``forward`` was given, as ``cache`` or under the old name ``past_key_values`` (popped).
+
+    Where transformers names it ``cache`` (5.24), the old name gets its ``FutureWarning``, worded as
+    transformers' own, and ``cache`` wins when both are given; in 5.23 ``past_key_values`` is the name.
+    """
+    if "past_key_values" not in kwargs:
+        return cache
+    old = kwargs.pop("past_key_values")
+    if CACHE_NAME == "cache" and not torch.compiler.is_compiling():
+        if cache is not None:
+            message = (f"Both `past_key_values` and `cache` are set for `{owner}`. Using `cache` and ignoring "
+                       f"deprecated `past_key_values`.")
+        else:
+            message = (f"`past_key_values` is deprecated and will be removed in version 5.40.0 for `{owner}`. "
+                       f"Use `cache` instead.")
+        warnings.warn(message, FutureWarning, stacklevel=3)
+    return old if cache is None else cache
 
 
 if hasattr(modeling_outputs, "MultimodalBaseModelOutputWithPast"):

@@ -7,7 +7,8 @@ LLaVA-NeXT ("anyres") feeds the vision tower several square tiles per image:
    and cut into a ``grid_rows x grid_cols`` grid of tiles.
 
 Each tile becomes ``side x side`` vision patches (``side = tile_size // patch_size``; 24 for
-CLIP-L/14 at 336 px). The grid features are laid out as one big ``(grid_rows*side) x
+CLIP-L/14 at 336 px; a tile that is not a whole number of patches loses the remainder, as the
+vision tower's strided patch convolution does). The grid features are laid out as one big ``(grid_rows*side) x
 (grid_cols*side)`` map; the rows or columns that only cover padding are cut away again
 ("unpadding"), and one ``image_newline`` vector is appended after every remaining row.
 
@@ -34,6 +35,8 @@ __all__ = [
     "ImageGeometry",
     "select_best_resolution",
     "grid_shape",
+    "view_grid_shape",
+    "shortest_edge_size",
     "resize_within",
     "pad_offsets",
     "unpadded_crop",
@@ -82,6 +85,24 @@ def grid_shape(height: int, width: int, pinpoints: Iterable[Sequence[int]], tile
     """``(grid_rows, grid_cols)``: how many ``tile_size`` tiles the best resolution is cut into."""
     best_h, best_w = select_best_resolution(height, width, pinpoints)
     return best_h // tile_size, best_w // tile_size
+
+
+def view_grid_shape(best_height: int, best_width: int, tile_size: int) -> tuple[int, int]:
+    """``(rows, cols)`` of the views the image processors cut from the padded best resolution.
+
+    Whole tiles where the pinpoint is a multiple of the tile size (then this is :func:`grid_shape`);
+    otherwise the last row / column holds the partial remainder, as transformers' processors cut it.
+    The model reads only the :func:`grid_shape` whole tiles, in row-major order.
+    """
+    return -(-best_height // tile_size), -(-best_width // tile_size)
+
+
+def shortest_edge_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
+    """``(height, width)`` of a ``height x width`` view resized so its shorter side is ``shortest_edge``,
+    aspect kept (the longer side truncated), as transformers resizes to ``{"shortest_edge": n}``."""
+    if width <= height:
+        return int(shortest_edge * height / width), shortest_edge
+    return shortest_edge, int(shortest_edge * width / height)
 
 
 def resize_within(height: int, width: int, target_height: int, target_width: int) -> tuple[int, int]:
@@ -212,8 +233,6 @@ def image_geometry(
     num_additional_image_tokens: int = 1,
 ) -> ImageGeometry:
     """The full :class:`ImageGeometry` of one image (sizes in pixels, ``height`` first)."""
-    if tile_size % patch_size:
-        raise ValueError(f"tile size {tile_size} is not a multiple of the patch size {patch_size}")
     base = base_token_count(tile_size, patch_size, strategy, num_additional_image_tokens)
     best = select_best_resolution(height, width, pinpoints)
     rows, cols = best[0] // tile_size, best[1] // tile_size

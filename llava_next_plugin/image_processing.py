@@ -9,6 +9,10 @@ One image of ``height x width`` pixels becomes ``1 + grid_rows * grid_cols`` vie
    centred on a black canvas of that resolution (:func:`geometry.pad_offsets`) and cut into
    square ``crop_size`` tiles, row by row.
 
+Where a pinpoint is not a whole number of tiles, the last row and column of tiles are partial
+(:func:`geometry.view_grid_shape`); each view is then resized to ``size`` (shortest edge, aspect
+kept) and centre-cropped to ``crop_size`` on its own, as transformers does.
+
 Every view is then rescaled and normalized (``(x * rescale_factor - mean) / std``, fused into one
 multiply-add). A batch gives ``pixel_values`` ``[batch, max_views, 3, H, W]``, where images with fewer
 views are zero-padded, and ``image_sizes`` ``[batch, 2]`` as ``(height, width)``.
@@ -87,6 +91,11 @@ def _size_dict(value: Any, name: str, int_means: str) -> dict[str, int]:
     )
 
 
+def _flag(value: Any) -> bool | None:
+    """A ``do_*`` setting: ``None`` stays ``None`` (unset, falsy when preprocessing), as in transformers."""
+    return None if value is None else bool(value)
+
+
 def _channel_triple(value: Any, name: str) -> tuple[float, float, float]:
     if isinstance(value, (int, float)):
         return (float(value),) * 3
@@ -116,6 +125,9 @@ class PreprocessSettings:
     do_pad: bool
     scale: tuple[float, float, float]
     offset: tuple[float, float, float]
+    do_resize: bool = True
+    shortest_edge: int | None = None  # size={"shortest_edge": n}: views resized with their aspect kept
+    crop: tuple[int, int] | None = None  # crop_size when do_center_crop, even where center_crop is skipped
 
     @property
     def view_size(self) -> tuple[int, int]:
@@ -128,9 +140,21 @@ class PreprocessSettings:
         return geometry.select_best_resolution(height, width, self.pinpoints)
 
     def num_views(self, height: int, width: int) -> int:
-        """The base view plus the grid tiles of one image."""
-        rows, cols = geometry.grid_shape(height, width, self.pinpoints, self.tile_size)
+        """The base view plus the grid tiles of one image (partial ones included)."""
+        rows, cols = geometry.view_grid_shape(*self.best_resolution(height, width), self.tile_size)
         return 1 + rows * cols
+
+    def partial_tiles(self, best_h: int, best_w: int) -> bool:
+        """Whether the best resolution is not a whole grid of tiles (edge tiles are then partial)."""
+        return bool(best_h % self.tile_size or best_w % self.tile_size)
+
+    def partial_view_size(self, height: int, width: int) -> tuple[int, int]:
+        """Where the per-view resize sends a ``height x width`` (partial) tile: ``size`` as transformers reads it."""
+        if not self.do_resize:
+            return height, width
+        if self.shortest_edge is not None:
+            return geometry.shortest_edge_size(height, width, self.shortest_edge)
+        return self.base_size
 
 
 class LlavaNextImageProcessorBase(BaseImageProcessor):
@@ -170,21 +194,21 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
             kwargs.pop(key, None)
         # Unknown keys found in hub configs are kept (and saved back), as transformers does.
         super().__init__(**kwargs)
-        self.do_resize = bool(do_resize)
+        self.do_resize = _flag(do_resize)
         self.size = _size_dict(size if size is not None else {"shortest_edge": 336}, "size", "shortest_edge")
         self.image_grid_pinpoints = [list(map(int, p)) for p in (image_grid_pinpoints or LLAVA_V16_PINPOINTS)]
         self.resample = int(resample)
-        self.do_center_crop = bool(do_center_crop)
+        self.do_center_crop = _flag(do_center_crop)
         self.crop_size = _size_dict(
             crop_size if crop_size is not None else {"height": 336, "width": 336}, "crop_size", "height"
         )
-        self.do_rescale = bool(do_rescale)
+        self.do_rescale = _flag(do_rescale)
         self.rescale_factor = float(rescale_factor)
-        self.do_normalize = bool(do_normalize)
+        self.do_normalize = _flag(do_normalize)
         self.image_mean = list(_channel_triple(image_mean if image_mean is not None else CLIP_MEAN, "image_mean"))
         self.image_std = list(_channel_triple(image_std if image_std is not None else CLIP_STD, "image_std"))
-        self.do_pad = bool(do_pad)
-        self.do_convert_rgb = bool(do_convert_rgb)
+        self.do_pad = _flag(do_pad)
+        self.do_convert_rgb = _flag(do_convert_rgb)
 
     # -- settings -----------------------------------------------------------------------------------
 
@@ -209,12 +233,18 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
             raise BadRequestError("image_grid_pinpoints is empty: give at least one [height, width]",
                                   param="image_grid_pinpoints")
         for h, w in pinpoints:
-            if h < tile or w < tile or h % tile or w % tile:
+            if h < 1 or w < 1:
                 raise BadRequestError(
-                    f"image_grid_pinpoints entry {[h, w]} is not a whole grid of {tile}px tiles "
-                    f"(crop_size height): every pinpoint must be a positive multiple of the tile size",
-                    param="image_grid_pinpoints",
+                    f"image_grid_pinpoints entry {[h, w]} is not a positive resolution", param="image_grid_pinpoints"
                 )
+        partial = any(h % tile or w % tile for h, w in pinpoints)
+        if partial and not (value["do_center_crop"] and crop):
+            raise BadRequestError(
+                f"image_grid_pinpoints {[list(p) for p in pinpoints]} are not whole grids of {tile}px tiles, so "
+                f"edge tiles are partial and only do_center_crop with a crop_size brings every view to one size: "
+                f"enable it, or use pinpoints that are multiples of the tile size",
+                param="image_grid_pinpoints",
+            )
         view_resize = base_size if value["do_resize"] and base_size != (tile, tile) else None
         center_crop = (crop["height"], crop["width"]) if value["do_center_crop"] and crop else None
         tile_out = view_resize or (tile, tile)
@@ -250,6 +280,9 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
             do_pad=bool(value["do_pad"]),
             scale=scale,  # type: ignore[arg-type]
             offset=offset,  # type: ignore[arg-type]
+            do_resize=bool(value["do_resize"]),
+            shortest_edge=size.get("shortest_edge"),
+            crop=(crop["height"], crop["width"]) if value["do_center_crop"] and crop else None,
         )
 
     # -- (de)serialization --------------------------------------------------------------------------
@@ -399,9 +432,12 @@ def to_rgb_array(image: Any, index: int, input_data_format: Any = None, convert_
         pixels = pixels.astype(np.uint8) * 255
     elif pixels.dtype == np.uint16:  # 16-bit images: scaled to 8 bits, as for PIL's I;16 images
         pixels = np.round(pixels * (255 / 65535)).astype(np.uint8)
+    elif pixels.dtype.kind in "iu" and pixels.size and pixels.min() >= 0 and pixels.max() <= 255:
+        pixels = pixels.astype(np.uint8)  # int64 etc. holding 8-bit values
     if pixels.dtype != np.uint8:
         raise InvalidImageError(
-            f"arrays must be uint8 (or uint16, bool) for this processor, got {pixels.dtype}: convert with "
+            f"arrays must be uint8 (or uint16, bool, integers within 0..255) for this processor, got "
+            f"{pixels.dtype}: convert with "
             "(x * 255).round().astype(np.uint8) for [0, 1] floats, or use LlavaNextImageProcessorFast",
             index=index,
         )
@@ -501,13 +537,22 @@ class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
         best_h, best_w = settings.best_resolution(height, width)
         new_h, new_w = geometry.resize_within(height, width, best_h, best_w)
         top, left = geometry.pad_offsets(new_h, new_w, best_h, best_w)
-        rows, cols = geometry.grid_shape(height, width, settings.pinpoints, settings.tile_size)
+        rows, cols = geometry.view_grid_shape(best_h, best_w, settings.tile_size)
         tile = settings.tile_size
 
         # PIL resizes on one core without the GIL: on more cores, the base view's runs beside the grid's.
         base_job = resize_worker().submit(_pil_resize, image, settings.base_size, settings.resample)
         canvas = np.zeros((best_h, best_w, 3), dtype=np.uint8)
         canvas[top:top + new_h, left:left + new_w] = _pil_resize(image, (new_h, new_w), settings.resample)
+        if settings.partial_tiles(best_h, best_w):
+            views = [_center_crop_hwc(base_job.result()[None], settings.crop)[0]]
+            for row in range(rows):
+                for col in range(cols):
+                    piece = canvas[row * tile:(row + 1) * tile, col * tile:(col + 1) * tile]
+                    target = settings.partial_view_size(*piece.shape[:2])
+                    piece = _pil_resize(Image.fromarray(piece), target, settings.resample)
+                    views.append(_center_crop_hwc(piece[None], settings.crop)[0])
+            return np.stack(views)
         tiles = canvas.reshape(rows, tile, cols, tile, 3).swapaxes(1, 2).reshape(rows * cols, tile, tile, 3)
         if settings.view_resize:
             tiles = np.stack([_pil_resize(Image.fromarray(t), settings.view_resize, settings.resample) for t in tiles])

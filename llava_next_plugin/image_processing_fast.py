@@ -10,6 +10,9 @@ large tensor operations per image:
    and channels-last -> planar in the same copy; zeros only in the tile's margins, no canvas);
 3. one in-place multiply-add per view (rescale + normalize fused), right after it is written.
 
+Pinpoints that are not whole numbers of tiles leave partial tiles at the right and bottom edges: then,
+as in transformers, every view is resized (``size``) and centre-cropped (``crop_size``) on its own.
+
 On a CPU with more than one torch thread, the base view (resize, copy, normalize) is made on one
 background thread while the grid's resize runs: torch's resize kernels use a single core.
 
@@ -100,7 +103,8 @@ def _center_crop(views: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
     crop_h, crop_w = crop
     if crop_h > height or crop_w > width:
         pad_h, pad_w = max(crop_h - height, 0), max(crop_w - width, 0)
-        views = F.pad(views, ((pad_w + 1) // 2, pad_w // 2, (pad_h + 1) // 2, pad_h // 2))
+        # the odd pixel of padding goes right / below, as in transformers' torchvision backend
+        views = F.pad(views, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
         height, width = views.shape[-2:]
     top, left = (height - crop_h) // 2, (width - crop_w) // 2
     return views[..., top:top + crop_h, left:left + crop_w]
@@ -194,12 +198,13 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
         best_h, best_w = settings.best_resolution(height, width)
         new_h, new_w = geometry.resize_within(height, width, best_h, best_w)
         top, left = geometry.pad_offsets(new_h, new_w, best_h, best_w)
-        rows, cols = geometry.grid_shape(height, width, settings.pinpoints, settings.tile_size)
+        rows, cols = geometry.view_grid_shape(best_h, best_w, settings.tile_size)
         tile = settings.tile_size
 
         whole_pixels = image.dtype == torch.uint8
         source = _resize_source(image)
-        plain_tiles = not (settings.view_resize or settings.center_crop)
+        partial = settings.partial_tiles(best_h, best_w)
+        plain_tiles = not (settings.view_resize or settings.center_crop or partial)
 
         @torch.no_grad()  # grad mode is per thread: the worker's is on
         def base_view() -> torch.Tensor:
@@ -227,6 +232,19 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
 
         canvas = resized.new_zeros((3, best_h, best_w))
         canvas[:, top:top + new_h, left:left + new_w] = resized
+        if partial:  # edge tiles smaller than the rest: each view resized and cropped on its own
+            out[0].copy_(_center_crop(base, settings.crop)[0])
+            for index in range(rows * cols):
+                row, col = divmod(index, cols)
+                piece = canvas[:, row * tile:(row + 1) * tile, col * tile:(col + 1) * tile][None]
+                target = settings.partial_view_size(*piece.shape[-2:])
+                if target != tuple(piece.shape[-2:]):
+                    if piece.dtype == torch.uint8:  # torch's uint8 kernels, as torchvision: channels-last memory
+                        piece = piece.contiguous(memory_format=torch.channels_last)
+                    piece = _resize(piece, target, mode, whole_pixels)
+                out[1 + index].copy_(_center_crop(piece, settings.crop)[0])
+            out.mul_(scale).add_(offset)
+            return
         tiles = canvas.view(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4)  # [rows, cols, 3, T, T], a view
         tiles = tiles.reshape(rows * cols, 3, tile, tile)
         if settings.view_resize:
@@ -299,9 +317,12 @@ def _tensor_to_rgb(image: torch.Tensor, index: int, input_data_format: Any, conv
         image = image.to(torch.uint8) * 255
     elif image.dtype == torch.uint16:  # 16-bit images: scaled to 8 bits, as for PIL's I;16 images
         image = image.to(torch.float32).mul_(255 / 65535).round_().to(torch.uint8)
+    elif image.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint32, torch.uint64):
+        image = image.to(torch.float32)  # pixel values as numbers, as transformers' torchvision backend reads them
     if image.dtype != torch.uint8 and image.dtype not in FLOAT_DTYPES:
         raise InvalidImageError(
-            f"tensors must be uint8 (0..255), uint16, bool or float, got {image.dtype}: convert with .to(torch.uint8)",
+            f"tensors must be uint8 (0..255), uint16, bool, float or integer, got {image.dtype}: convert with "
+            f".to(torch.uint8)",
             index=index,
         )
     if image.dtype in (torch.float16, torch.bfloat16, torch.float64):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,7 @@ from ._compat import (
     MultimodalCausalLMOutputWithPast,
     cache_kwarg,
     output_cache,
+    take_cache,
 )
 from .configuration import LlavaNextConfig
 
@@ -169,6 +171,20 @@ class LlavaNextPreTrainedModel(PreTrainedModel):
             with torch.no_grad():
                 module.image_newline.normal_(0.0, 1.0 / math.sqrt(self.config.text_config.hidden_size))
 
+    def initialize_weights(self) -> None:
+        """transformers' initialisation of every weight not yet initialised, each sub-model by its own rules.
+
+        transformers treats classes defined outside its package as custom code and then skips every
+        module without parameters of its own (CLIP's attention and MLP blocks), so their Linear layers
+        got the generic init instead of CLIP's. Our ``_init_weights`` honours ``_is_hf_initialized`` per
+        tensor, as transformers' own classes do, so we run the initialisation as for those.
+        """
+        self.is_custom_code = _not_custom_code  # this call only: an instance attribute over the classmethod
+        try:
+            super().initialize_weights()
+        finally:
+            del self.is_custom_code
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         """Load any of the three key layouts (see :mod:`.checkpoint_keys`); arguments as transformers'."""
@@ -242,6 +258,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         self.language_model = AutoModel.from_config(config.text_config)
         self._lm_cache_kwarg = cache_kwarg(self.language_model.forward)  # "cache" or "past_key_values"
         self._geometry_cache: dict[tuple, geometry.ImageGeometry] = {}
+        self._warned_image_tokens_as_text = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -333,18 +350,26 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
             param="pixel_values",
         )
 
-    def _tile_features(self, tiles: torch.Tensor, feature_layer, strategy: str) -> torch.Tensor:
-        """Projected features of each tile: ``[T, positions, text_hidden]``."""
+    def _tile_features(self, tiles: torch.Tensor, feature_layer, strategy: str, output_hidden_states=None,
+                       output_attentions=None):
+        """``(projected features [T, positions, text_hidden], the vision tower's outputs)``.
+
+        The tower records only the selected layers unless ``output_hidden_states`` asks for all of them.
+        """
         layers = list(feature_layer) if isinstance(feature_layer, (list, tuple)) else feature_layer
         tower_dtype = self.vision_tower.dtype
-        out = self.vision_tower(tiles.to(tower_dtype), output_hidden_states=layers, return_dict=True)
+        tower_kwargs = {"output_attentions": output_attentions} if output_attentions else {}
+        out = self.vision_tower(
+            tiles.to(tower_dtype), output_hidden_states=True if output_hidden_states else layers, return_dict=True,
+            **tower_kwargs,
+        )
         if isinstance(layers, list):
             selected = torch.cat([out.hidden_states[i] for i in layers], dim=-1)
         else:
             selected = out.hidden_states[layers]
         if strategy == "default":
             selected = selected[:, 1:]
-        return self.multi_modal_projector(selected)
+        return self.multi_modal_projector(selected), out
 
     def pack_image_features(
         self, tile_features: torch.Tensor, geoms: list[geometry.ImageGeometry]
@@ -375,8 +400,8 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         table = torch.cat([tile_features.reshape(n_tiles * per_tile, hidden), newline[None]])
         return table.index_select(0, index)
 
-    def _image_features(self, pixel_values, image_sizes, feature_layer, strategy):
-        """``(packed [sum(tokens), D], geometries)`` for every image in the batch."""
+    def _image_features(self, pixel_values, image_sizes, feature_layer, strategy, **tower_flags):
+        """``(packed [sum(tokens), D], geometries, vision tower outputs)`` for every image in the batch."""
         if image_sizes is None:
             raise BadRequestError(
                 "pixel_values were given without image_sizes: pass the (height, width) of each image "
@@ -392,8 +417,8 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         if isinstance(pixel_values, (list, tuple)):  # one [tiles_i, C, H, W] tensor per image
             pixel_values = torch.cat(list(pixel_values))
         tiles = self._gather_tiles(pixel_values, geoms)
-        tile_features = self._tile_features(tiles, feature_layer, strategy)
-        return self.pack_image_features(tile_features, geoms), geoms
+        tile_features, tower_outputs = self._tile_features(tiles, feature_layer, strategy, **tower_flags)
+        return self.pack_image_features(tile_features, geoms), geoms, tower_outputs
 
     def get_image_features(
         self,
@@ -401,24 +426,39 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         image_sizes: torch.Tensor | list,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> BaseModelOutputWithPooling:
+    ) -> BaseModelOutputWithPooling | tuple:
         """Image embeddings, as the language model receives them.
 
         Args:
             pixel_values: ``[images, tiles, C, H, W]`` (padded, as the processor returns),
                 ``[all_tiles, C, H, W]``, or a list of one ``[tiles_i, C, H, W]`` tensor per image.
             image_sizes: ``[images, 2]``, each image's original ``(height, width)``.
+            output_hidden_states, output_attentions: also return all of the vision tower's hidden
+                states / attentions (over all tiles, ``[T, positions, vision_hidden]`` each).
+            return_dict: ``False`` gives the same fields as a tuple.
 
         Returns:
-            ``BaseModelOutputWithPooling`` whose ``pooler_output`` is a tuple of ``[num_tokens_i,
-            text_hidden]`` tensors, one per image.
+            ``BaseModelOutputWithPooling``: ``pooler_output`` is a tuple of ``[num_tokens_i, text_hidden]``
+            tensors, one per image; ``last_hidden_state`` is the vision tower's ``[T, positions,
+            vision_hidden]``; ``hidden_states`` and ``attentions`` as requested.
         """
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-        packed, geoms = self._image_features(pixel_values, image_sizes, layer, strategy)
-        per_image = torch.split(packed, [g.num_tokens for g in geoms])
-        return BaseModelOutputWithPooling(pooler_output=per_image)
+        packed, geoms, tower = self._image_features(
+            pixel_values, image_sizes, layer, strategy,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+        )
+        result = BaseModelOutputWithPooling(
+            last_hidden_state=tower.last_hidden_state,
+            pooler_output=torch.split(packed, [g.num_tokens for g in geoms]),
+            hidden_states=tower.hidden_states if output_hidden_states else None,
+            attentions=tower.attentions if output_attentions else None,
+        )
+        return result if return_dict is None or return_dict else result.to_tuple()
 
     # --- placing features ----------------------------------------------------------------------
 
@@ -433,8 +473,14 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
 
     def _check_counts(self, token_mask: torch.Tensor, geoms: list[geometry.ImageGeometry]) -> None:
         """Raise a clear error unless each sample's ``<image>`` tokens match its images' features."""
+        self._check_feature_counts(
+            token_mask, [g.num_tokens for g in geoms], [f"{g.height}x{g.width}" for g in geoms]
+        )
+
+    @staticmethod
+    def _check_feature_counts(token_mask: torch.Tensor, features: list[int], labels: list[str]) -> None:
+        """:meth:`_check_counts` from each image's feature count (``labels`` name the images in errors)."""
         tokens_per_sample = token_mask.sum(-1).tolist()
-        features = [g.num_tokens for g in geoms]
         if sum(tokens_per_sample) == sum(features) and len(tokens_per_sample) == 1:
             return
         image = 0
@@ -445,7 +491,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                 image += 1
             if n_features != n_tokens:
                 described = ", ".join(
-                    f"image {i} {g.height}x{g.width} -> {g.num_tokens}" for i, g in enumerate(geoms[first:image], first)
+                    f"image {i} {labels[i]} -> {features[i]}" for i in range(first, image)
                 ) or "no image left"
                 raise BadRequestError(
                     f"sample {sample} has {n_tokens} <image> tokens but its images give {n_features} features "
@@ -473,6 +519,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         use_cache: bool | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs,
     ) -> LlavaNextModelOutputWithPast | tuple:
         """Embed the text, put image features at the ``<image>`` positions, run the language model.
@@ -487,11 +534,14 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
             cache: a transformers ``Cache`` (``past_key_values`` is accepted as an alias; ``generate``
                 passes the name of the installed transformers, see :mod:`._compat`).
             inputs_embeds: ``[batch, seq, text_hidden]`` instead of ``input_ids``.
+            mm_encoder_outputs: ``{"image": get_image_features(...)}``, images encoded beforehand, instead
+                of ``pixel_values`` (``generate`` encodes the images once this way and passes the features
+                on, to an assistant model too).
+
+        ``<image>`` ids in a prompt given no images at all are embedded as ordinary tokens (with a
+        one-time warning), as transformers does; with images, every ``<image>`` token must get a feature.
         """
-        if cache is None:
-            cache = kwargs.pop("past_key_values", None)
-        else:
-            kwargs.pop("past_key_values", None)
+        cache = take_cache(cache, kwargs, f"{type(self).__name__}.forward")
         return_dict = kwargs.pop("return_dict", True)
         if (input_ids is None) == (inputs_embeds is None):
             raise BadRequestError("give exactly one of input_ids and inputs_embeds", param="input_ids")
@@ -501,9 +551,26 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
             pixel_values = torch.cat(list(pixel_values)) if len(pixel_values) else None
         if pixel_values is not None and pixel_values.numel() == 0:
             pixel_values = None
+        encoded = (mm_encoder_outputs or {}).get("image")
+        if encoded is not None and pixel_values is not None:
+            raise BadRequestError(
+                "give either pixel_values or mm_encoder_outputs['image'] (images already encoded), not both",
+                param="mm_encoder_outputs",
+            )
 
         image_outputs = None
-        if pixel_values is not None:
+        if encoded is not None:
+            per_image = encoded.pooler_output if isinstance(encoded, BaseModelOutputWithPooling) else encoded[1]
+            # one [tokens_i, D] tensor per image; a single [sum(tokens), D] tensor is one block
+            per_image = [per_image] if isinstance(per_image, torch.Tensor) and per_image.dim() == 2 else list(per_image)
+            token_mask = self._image_token_mask(input_ids, inputs_embeds)
+            counts = [len(features) for features in per_image]
+            self._check_feature_counts(token_mask, counts, ["(encoded)"] * len(counts))
+            if per_image:
+                features = torch.cat(per_image).to(inputs_embeds.device, inputs_embeds.dtype)
+                inputs_embeds = inputs_embeds.masked_scatter(token_mask.unsqueeze(-1), features)
+            image_outputs = encoded
+        elif pixel_values is not None:
             token_mask = self._image_token_mask(input_ids, inputs_embeds)
             if not bool(token_mask.any()):
                 raise BadRequestError(
@@ -514,21 +581,28 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                 )
             layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
             strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-            features, geoms = self._image_features(pixel_values, image_sizes, layer, strategy)
+            features, geoms, _ = self._image_features(pixel_values, image_sizes, layer, strategy)
             self._check_counts(token_mask, geoms)
             features = features.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(token_mask.unsqueeze(-1), features)
             image_outputs = BaseModelOutputWithPooling(
                 pooler_output=torch.split(features, [g.num_tokens for g in geoms])
             )
-        elif input_ids is not None and input_ids.shape[-1] > 1 and _cache_is_empty(cache):
-            if bool((input_ids == self.config.image_token_id).any()):
-                raise BadRequestError(
-                    f"the prompt has <image> tokens (id {self.config.image_token_id}) but no pixel_values were "
-                    f"given: pass the images (pixel_values and image_sizes from the processor) or remove "
-                    f"<image> from the prompt",
-                    param="pixel_values",
-                )
+        elif (
+            not self._warned_image_tokens_as_text
+            and input_ids is not None
+            and input_ids.shape[-1] > 1
+            and not _is_compiling()
+            and bool((input_ids == self.config.image_token_id).any())
+        ):
+            self._warned_image_tokens_as_text = True
+            warnings.warn(
+                f"the prompt has <image> tokens (id {self.config.image_token_id}) but no images were given: they "
+                f"are embedded as ordinary tokens. To describe images pass pixel_values and image_sizes (from the "
+                f"processor); to silence this, leave <image> out of text-only prompts.",
+                UserWarning,
+                stacklevel=2,
+            )
 
         outputs = self.language_model(
             attention_mask=attention_mask,
@@ -648,6 +722,7 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         **kwargs,
     ) -> LlavaNextCausalLMOutputWithPast | tuple:
         """Arguments as :meth:`LlavaNextModel.forward`, plus:
@@ -657,6 +732,7 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
             logits_to_keep: compute logits for the last ``n`` positions only (0 = all), or for the
                 positions in a 1-D index tensor.
         """
+        cache = take_cache(cache, kwargs, f"{type(self).__name__}.forward")
         return_dict = kwargs.pop("return_dict", True)
         outputs = self.model(
             input_ids,
@@ -669,6 +745,7 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
             vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy,
             use_cache=use_cache,
+            mm_encoder_outputs=mm_encoder_outputs,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -714,10 +791,9 @@ def _head_is_tied(model: nn.Module) -> bool:
     return on_data and head.weight.data_ptr() == embeddings.data_ptr()
 
 
-def _cache_is_empty(cache) -> bool:
-    if cache is None:
-        return True
-    try:
-        return cache.get_seq_length() == 0
-    except (AttributeError, TypeError):
-        return False
+def _not_custom_code() -> bool:
+    return False
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()

@@ -161,11 +161,12 @@ class LlavaNextProcessor(ProcessorMixin):
             ``"full"``, as in the model's config.
         chat_template (`str`, *optional*): the Jinja chat template.
         image_token (`str`): the placeholder, ``"<image>"``.
-        num_additional_image_tokens (`int`): positions the tower emits before its patches (1 for CLIP, 0 for
-            SigLIP).
+        num_additional_image_tokens (`int`, defaults to 0): positions the tower emits before its patches (1 for
+            CLIP, 0 for SigLIP). The default is transformers'; llava-hf's CLIP checkpoints need 1.
 
-    The three settings are required: a processor without them would count image tokens wrongly. Load
-    with :meth:`from_pretrained` to have them read or derived from a checkpoint folder.
+    ``patch_size`` and ``vision_feature_select_strategy`` are required: a processor without them would count
+    image tokens wrongly. :meth:`from_pretrained` reads all three from the folder's ``processor_config.json``
+    or derives them from its ``config.json`` (the constructor's default 0 does not apply there).
 
     Calling it: ``processor(images=..., text=..., return_tensors="pt", padding=True)`` returns
     ``input_ids`` and ``attention_mask`` [batch, seq] (padded on the left, as generation needs; pass
@@ -185,7 +186,7 @@ class LlavaNextProcessor(ProcessorMixin):
         vision_feature_select_strategy=None,
         chat_template=None,
         image_token="<image>",
-        num_additional_image_tokens=None,
+        num_additional_image_tokens=0,
     ):
         missing = [
             name

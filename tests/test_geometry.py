@@ -1,5 +1,7 @@
 """The anyres geometry: the one source of truth for how many tokens an image becomes."""
 
+import numpy as np
+
 from llava_next_plugin import geometry
 
 MISTRAL = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -23,3 +25,16 @@ def test_best_resolution_prefers_kept_pixels_then_less_waste():
 def test_full_strategy_keeps_the_extra_position():
     assert geometry.base_token_count(336, 14, "full", 1) == 577
     assert geometry.base_token_count(384, 14, "full", 0) == 729
+
+
+def test_view_grid_counts_partial_edge_tiles_and_equals_the_model_grid_on_whole_tiles():
+    assert geometry.view_grid_shape(672, 336, 18) == (38, 19)  # 37 whole tiles + a 6 px one, 18 + a 12 px one
+    assert geometry.view_grid_shape(672, 336, 336) == (2, 1) == geometry.grid_shape(600, 300, [[672, 336]], 336)
+
+
+def test_shortest_edge_size_keeps_the_aspect_and_truncates_the_longer_side():
+    from transformers.image_transforms import get_resize_output_image_size
+
+    for height, width in [(18, 12), (12, 18), (18, 18), (7, 18), (336, 335)]:
+        expected = get_resize_output_image_size(np.zeros((height, width, 3)), 20, default_to_square=False)
+        assert geometry.shortest_edge_size(height, width, 20) == tuple(expected)

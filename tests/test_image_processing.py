@@ -290,8 +290,8 @@ def test_grey_and_alpha_arrays_convert():
 
 
 def test_bad_settings_are_bad_requests():
-    with pytest.raises(BadRequestError, match="not a whole grid of 336px tiles"):
-        LlavaNextImageProcessor(**settings([[336, 500]]))(synthetic(9, 9))
+    with pytest.raises(BadRequestError, match="entry \\[336, 0\\] is not a positive resolution"):
+        LlavaNextImageProcessor(**settings([[336, 0]]))(synthetic(9, 9))
     with pytest.raises(BadRequestError, match="unknown image processor argument"):
         LlavaNextImageProcessor(**settings())(synthetic(9, 9), do_magic=True)
     with pytest.raises(BadRequestError, match="size="):
@@ -332,3 +332,38 @@ def test_pil_processor_works_in_a_forked_child_after_use_in_the_parent():
             process.kill()
     assert result is not None, "the PIL processor hung in a forked child"
     np.testing.assert_array_equal(result, expected)
+
+
+def test_integer_arrays_of_8bit_values_are_read_as_uint8_images():
+    pixels = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    processor = LlavaNextImageProcessor(**settings())
+    expected = processor(pixels)["pixel_values"]
+    reference = ReferencePil(**settings())
+    for dtype in (np.int64, np.int32):
+        np.testing.assert_array_equal(processor(pixels.astype(dtype))["pixel_values"], expected)
+        theirs = reference(pixels.astype(dtype), return_tensors="np")["pixel_values"]
+        np.testing.assert_allclose(expected, theirs, rtol=0, atol=1e-5)
+    with pytest.raises(InvalidImageError, match="integers within 0..255"):
+        processor(pixels.astype(np.int64) * 2)
+
+
+PARTIAL_TILES = dict(size={"shortest_edge": 20}, crop_size={"height": 18, "width": 18},
+                     image_grid_pinpoints=checkpoints.REAL_PINPOINTS)  # 336, 672, 1008: not multiples of 18
+
+
+@pytest.mark.parametrize("height,width", [(400, 400), (30, 50), (333, 127), (100, 350)])
+def test_pinpoints_that_are_not_whole_tiles_give_transformers_partial_edge_tiles(height, width):
+    """transformers cuts the padded best resolution into ceil(side / tile) tiles per side, the last ones
+    partial, and resizes (shortest edge) and centre-crops each view on its own: 1 + 38 x 19 = 723 views
+    for a 672 x 336 best resolution."""
+    image = synthetic(height, width)
+    ours = LlavaNextImageProcessor(**PARTIAL_TILES)(image, return_tensors="np")["pixel_values"]
+    theirs = ReferencePil(**PARTIAL_TILES)(image, return_tensors="np")["pixel_values"]
+    assert ours.shape == theirs.shape
+    assert ours.shape[1] in (1 + 38 * 19, 1 + 38 * 38)
+    np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_partial_edge_tiles_need_a_center_crop_to_one_view_size():
+    with pytest.raises(BadRequestError, match="not whole grids of 18px tiles.*do_center_crop"):
+        LlavaNextImageProcessor(**PARTIAL_TILES)(synthetic(40, 40), do_center_crop=False)

@@ -252,7 +252,7 @@ def test_bad_tensors_are_invalid_images_with_their_index():
     good = torch.zeros(3, 8, 8, dtype=torch.uint8)
     cases = [
         (torch.zeros(3, 0, 8, dtype=torch.uint8), r"empty \(0x8 pixels\)"),
-        (torch.zeros(3, 8, 8, dtype=torch.int32), "must be uint8"),
+        (torch.zeros((3, 8, 8), dtype=torch.complex64), "float or integer, got torch.complex64"),
         (torch.zeros(5, 8, 8, dtype=torch.uint8), "got 5"),
         (torch.zeros(8, dtype=torch.uint8), "2 or 3 dimensions"),
     ]
@@ -267,3 +267,29 @@ def test_unsupported_resample_and_return_type_are_bad_requests():
         LlavaNextImageProcessorFast(**settings(resample=4))(synthetic(9, 9))
     with pytest.raises(BadRequestError, match="return_tensors"):
         LlavaNextImageProcessorFast(**settings())(synthetic(9, 9), return_tensors="tf")
+
+
+def test_integer_tensors_are_read_as_pixel_numbers_as_transformers_does():
+    """int64 & co. go through the float path (resized as numbers, not as 8-bit pixels); transformers'
+    torchvision backend does the same up to its own rounding (within half a pixel level: 0.0075 here)."""
+    pixels = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 50, 70), dtype=np.uint8))
+    processor = LlavaNextImageProcessorFast(**settings())
+    reference = ReferenceTorchvision(**settings())
+    as_float = processor(pixels.float())["pixel_values"]
+    for dtype in (torch.int64, torch.int32, torch.int16):
+        out = processor(pixels.to(dtype))["pixel_values"]
+        assert torch.equal(out, as_float)
+        theirs = reference(pixels.to(dtype), return_tensors="pt")["pixel_values"]
+        assert out.shape == theirs.shape and (out - theirs).abs().max() <= 0.05
+
+
+@pytest.mark.parametrize("height,width", [(400, 400), (30, 50), (333, 127), (100, 350)])
+def test_pinpoints_that_are_not_whole_tiles_give_transformers_partial_edge_tiles(height, width):
+    from test_image_processing import PARTIAL_TILES
+
+    image = synthetic(height, width)
+    ours = LlavaNextImageProcessorFast(**PARTIAL_TILES)(image)["pixel_values"]
+    theirs = ReferenceTorchvision(**PARTIAL_TILES)(image, return_tensors="pt")["pixel_values"]
+    assert ours.shape == theirs.shape
+    assert ours.shape[1] in (1 + 38 * 19, 1 + 38 * 38)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)

@@ -8,6 +8,8 @@ part, the reference's top-two logit gap at that step must be below 1e-3.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -321,10 +323,17 @@ def _raises_bad_request(model, match, **inputs):
     return info.value
 
 
-def test_image_tokens_without_pixel_values(mistral_pair):
-    processor, ours, _ = mistral_pair
-    inputs = make_inputs(processor, "single")
-    _raises_bad_request(ours, "no pixel_values", input_ids=inputs["input_ids"])
+def test_image_tokens_without_any_image_are_ordinary_tokens_with_one_warning(tiny_checkpoint):
+    """As transformers: a text-only prompt holding the <image> id embeds it like any token (warned once)."""
+    ours, reference = load_pair(tiny_checkpoint)
+    ids = make_inputs(processor_for(tiny_checkpoint), "single")["input_ids"]
+    assert (ids == ours.config.image_token_id).any()
+    with pytest.warns(UserWarning, match=r"<image> tokens \(id 32000\) but no images.*ordinary tokens"):
+        mine = logits_of(ours, {"input_ids": ids})
+    torch.testing.assert_close(mine, logits_of(reference, {"input_ids": ids}), rtol=0, atol=FP32_ATOL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        logits_of(ours, {"input_ids": ids})  # once per model, not at every call
 
 
 def test_pixel_values_without_image_tokens(mistral_pair):

@@ -288,10 +288,38 @@ def test_settings_contradicting_config_json_are_refused(clip_folder, tmp_path):
 
 def test_constructing_without_settings_is_refused(clip_pair):
     ours, _ = clip_pair
-    with pytest.raises(ValueError, match="vision_feature_select_strategy, num_additional_image_tokens"):
+    with pytest.raises(ValueError, match="needs vision_feature_select_strategy to count"):
         LlavaNextProcessor(ours.image_processor, ours.tokenizer, patch_size=8)
     with pytest.raises(ValueError, match="'default', 'full'"):
         LlavaNextProcessor(ours.image_processor, ours.tokenizer, 8, "cls", num_additional_image_tokens=1)
+
+
+def _both_built_by_hand(clip_pair, **settings):
+    """Ours and transformers' processor built from their constructors with the same arguments."""
+    import transformers
+
+    ours, ref = clip_pair
+    return (LlavaNextProcessor(ours.image_processor, ours.tokenizer, **settings),
+            transformers.LlavaNextProcessor(ref.image_processor, ref.tokenizer, **settings))
+
+
+def test_num_additional_image_tokens_defaults_to_zero_as_in_transformers(clip_pair):
+    mine, theirs = _both_built_by_hand(clip_pair, patch_size=8, vision_feature_select_strategy="default")
+    assert mine.num_additional_image_tokens == theirs.num_additional_image_tokens == 0
+    image = random_image(60, 90)
+    out, expected = mine(images=image, text=PROMPT_ONE), theirs(images=image, text=PROMPT_ONE)
+    assert out["input_ids"] == expected["input_ids"]
+
+
+@pytest.mark.parametrize("patch_size", [5, 6, 7])
+def test_tile_not_a_whole_number_of_patches_counts_as_transformers(clip_pair, patch_size):
+    """32 px tiles of 5, 6 or 7 px patches: the remainder is dropped (floor), by both."""
+    mine, theirs = _both_built_by_hand(clip_pair, patch_size=patch_size, vision_feature_select_strategy="default",
+                                       num_additional_image_tokens=1)
+    for height, width in [(60, 90), (110, 40), (32, 32)]:
+        image = random_image(height, width)
+        out, expected = mine(images=image, text=PROMPT_ONE), theirs(images=image, text=PROMPT_ONE)
+        assert out["input_ids"] == expected["input_ids"]
 
 
 # --- errors --------------------------------------------------------------------------------------
@@ -362,3 +390,24 @@ def test_image_and_text_swapped(ours):
 def test_truncation_into_image_tokens_is_refused(ours):
     with pytest.raises(BadRequestError, match="truncation cut into the image tokens"):
         ours(images=random_image(64, 64), text=PROMPT_ONE, truncation=True, max_length=8)
+
+
+def test_partial_edge_tiles_give_transformers_input_ids_and_pixel_values(clip_pair):
+    """crop_size 18 with llava-v1.6's pinpoints (not multiples of 18): the same views and image tokens."""
+    import transformers
+
+    from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
+
+    ours, ref = clip_pair
+    partial = dict(size={"shortest_edge": 20}, crop_size={"height": 18, "width": 18},
+                   image_grid_pinpoints=checkpoints.REAL_PINPOINTS)
+    settings = dict(patch_size=6, vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    mine = LlavaNextProcessor(LlavaNextImageProcessorFast(**partial), ours.tokenizer, **settings)
+    theirs = transformers.LlavaNextProcessor(transformers.LlavaNextImageProcessor(**partial), ref.tokenizer,
+                                             **settings)
+    image = random_image(100, 350)
+    out = mine(images=image, text=PROMPT_ONE, return_tensors="pt")
+    expected = theirs(images=image, text=PROMPT_ONE, return_tensors="pt")
+    assert out["pixel_values"].shape == expected["pixel_values"].shape == (1, 1 + 38 * 19, 3, 18, 18)
+    assert_same_text_side(out, expected)
+    assert_same_images(out, expected)

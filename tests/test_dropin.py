@@ -1,0 +1,296 @@
+"""What users of transformers' LLaVA-NeXT already do keeps working with our classes swapped in.
+
+Each test runs one habit on ours and on transformers' class over the same tiny fixture checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+
+import pytest
+import torch
+from transformers import LlavaNextProcessor
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_next.modeling_llava_next import (
+    LlavaNextForConditionalGeneration as ReferenceForConditionalGeneration,
+)
+
+import checkpoints
+from llava_next_plugin.modeling import LlavaNextForConditionalGeneration
+from llava_next_sdk.errors import BadRequestError
+
+FP32_ATOL = 1e-4
+
+
+def _photo(size=(90, 60)):
+    return checkpoints.real_photo("chelsea.png").convert("RGB").resize(size)
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_checkpoint):
+    return tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def processor(folder):
+    return LlavaNextProcessor.from_pretrained(folder)
+
+
+@pytest.fixture(scope="module")
+def models(folder, tiny_checkpoint_factory):
+    """Ours and the reference on the fixture, and both on a second checkpoint (other weights) as assistants."""
+    other = tiny_checkpoint_factory(seed=1)
+    return {
+        ("ours", "main"): LlavaNextForConditionalGeneration.from_pretrained(folder).eval(),
+        ("reference", "main"): ReferenceForConditionalGeneration.from_pretrained(folder).eval(),
+        ("ours", "assistant"): LlavaNextForConditionalGeneration.from_pretrained(other).eval(),
+        ("reference", "assistant"): ReferenceForConditionalGeneration.from_pretrained(other).eval(),
+    }
+
+
+def _one_image(processor, text="[INST] <image>\nWhat is this? [/INST]"):
+    return processor(images=[_photo()], text=[text], return_tensors="pt")
+
+
+def _greedy(model, inputs, **kwargs):
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=8, do_sample=False, **kwargs)
+
+
+# --- assisted decoding -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("main,assistant", [("ours", "ours"), ("ours", "reference"), ("reference", "ours")])
+def test_assisted_greedy_decoding_with_an_image_equals_plain_greedy(models, processor, main, assistant):
+    """generate() encodes the image once and drafts with an assistant that never sees it: the drafts
+    change, the verified tokens do not."""
+    inputs = _one_image(processor)
+    plain = _greedy(models["reference", "main"], inputs)
+    assisted = _greedy(models[main, "main"], inputs, assistant_model=models[assistant, "assistant"])
+    assert torch.equal(assisted, plain)
+
+
+def test_our_model_assisting_itself_equals_plain_greedy(models, processor):
+    ours = models["ours", "main"]
+    inputs = _one_image(processor)
+    assert torch.equal(_greedy(ours, inputs, assistant_model=ours), _greedy(ours, inputs))
+
+
+def test_prompt_lookup_decoding_with_an_image_equals_plain_greedy(models, processor):
+    # The last two prompt tokens recur earlier, followed by text: the lookup drafts text tokens.
+    inputs = _one_image(processor, "<image>\nWhat is this? What is")
+    ours, reference = models["ours", "main"], models["reference", "main"]
+    plain = _greedy(reference, inputs)
+    assert torch.equal(_greedy(ours, inputs, prompt_lookup_num_tokens=3), plain)
+    assert torch.equal(_greedy(reference, inputs, prompt_lookup_num_tokens=3), plain)
+
+
+# --- images encoded beforehand ---------------------------------------------------------------------
+
+
+def test_features_encoded_beforehand_give_the_logits_of_pixel_values(models, processor):
+    ours, reference = models["ours", "main"], models["reference", "main"]
+    inputs = _one_image(processor)
+    with torch.no_grad():
+        encoded = ours.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+        text = {k: v for k, v in inputs.items() if k not in ("pixel_values", "image_sizes")}
+        mine = ours(**text, mm_encoder_outputs={"image": encoded}).logits
+        theirs = reference(**text, mm_encoder_outputs={"image": encoded}).logits
+        from_pixels = ours(**inputs).logits
+    torch.testing.assert_close(mine, from_pixels, rtol=0, atol=0)
+    torch.testing.assert_close(mine, theirs, rtol=0, atol=FP32_ATOL)
+
+
+def test_features_encoded_beforehand_must_match_the_image_tokens(models, processor):
+    ours = models["ours", "main"]
+    inputs = _one_image(processor)
+    with torch.no_grad():
+        encoded = ours.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
+    short = BaseModelOutputWithPooling(pooler_output=(encoded.pooler_output[0][:-1],))
+    with pytest.raises(BadRequestError, match="sample 0 has 70 <image> tokens but its images give 69 features"):
+        ours(input_ids=inputs["input_ids"], mm_encoder_outputs={"image": short})
+    with pytest.raises(BadRequestError, match="either pixel_values or mm_encoder_outputs"):
+        ours(**inputs, mm_encoder_outputs={"image": encoded})
+
+
+# --- get_image_features ------------------------------------------------------------------------------
+
+
+def test_get_image_features_returns_the_vision_towers_outputs_when_asked(folder, processor):
+    ours = LlavaNextForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+    reference = ReferenceForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval()
+    inputs = _one_image(processor)
+    args = (inputs["pixel_values"], inputs["image_sizes"])
+    flags = dict(output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        mine, theirs = ours.get_image_features(*args, **flags), reference.get_image_features(*args, **flags)
+        as_tuple = ours.get_image_features(*args, return_dict=False)
+        reference_tuple = reference.get_image_features(*args, return_dict=False)
+    layers = ours.config.vision_config.num_hidden_layers
+    assert len(mine.hidden_states) == layers + 1 and len(mine.attentions) == layers
+    torch.testing.assert_close(mine.last_hidden_state, theirs.last_hidden_state, rtol=0, atol=FP32_ATOL)
+    for a, b in zip(mine.hidden_states + mine.attentions, theirs.hidden_states + theirs.attentions):
+        torch.testing.assert_close(a, b, rtol=0, atol=FP32_ATOL)
+    assert isinstance(as_tuple, tuple) and isinstance(reference_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], reference_tuple[0], rtol=0, atol=FP32_ATOL)  # last_hidden_state
+    torch.testing.assert_close(as_tuple[1][0], reference_tuple[1][0], rtol=0, atol=FP32_ATOL)  # packed features
+
+
+# --- the cache's old name -----------------------------------------------------------------------------
+
+
+def test_past_key_values_still_works_with_transformers_deprecation_warning(models, processor):
+    inputs = _one_image(processor)
+    next_ids = torch.tensor([[7]])
+    mask = torch.cat([inputs["attention_mask"], torch.ones_like(next_ids)], dim=1)
+    steps = {}
+    for name in ("ours", "reference"):
+        model = models[name, "main"]
+        with torch.no_grad():
+            prefill = model(**inputs, use_cache=True)
+            with pytest.warns(FutureWarning, match=r"`past_key_values` is deprecated.*Use `cache` instead"):
+                steps[name] = model(input_ids=next_ids, attention_mask=mask, past_key_values=prefill.cache).logits
+    torch.testing.assert_close(steps["ours"], steps["reference"], rtol=0, atol=FP32_ATOL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            models["ours", "main"](**inputs, use_cache=True)  # the new name: no warning
+
+
+# --- weight initialisation ------------------------------------------------------------------------
+
+
+def test_weights_missing_from_a_checkpoint_are_initialised_as_the_reference_does():
+    """``from_pretrained(None, config=..., state_dict={})`` initialises every weight (nothing left on the
+    meta device) with the same rules, hence under the same seed the same values, as transformers' class:
+    CLIP's own init for the vision tower's layers, image_newline ~ N(0, 1/sqrt(hidden))."""
+    from llava_next_plugin.configuration import LlavaNextConfig
+
+    config = checkpoints.reference_config()
+    models = []
+    for model_class, model_config in ((ReferenceForConditionalGeneration, config),
+                                      (LlavaNextForConditionalGeneration, LlavaNextConfig(**config.to_dict()))):
+        torch.manual_seed(0)
+        models.append(model_class.from_pretrained(None, config=model_config, state_dict={}))
+    theirs, mine = (model.state_dict() for model in models)
+    assert mine.keys() == theirs.keys()
+    assert not [key for key, value in mine.items() if value.device.type == "meta"]
+    assert [key for key in mine if not torch.equal(mine[key], theirs[key])] == []
+    q_proj = mine["model.vision_tower.encoder.layers.0.self_attn.q_proj.weight"]
+    assert q_proj.std() > 0.05  # CLIP's scaled init, not the generic std 0.02
+
+
+def test_image_processor_keeps_an_explicit_none_setting_as_transformers_does():
+    from transformers import LlavaNextImageProcessor as ReferenceImageProcessor
+
+    from llava_next_plugin.image_processing import LlavaNextImageProcessor
+    from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
+
+    image = _photo()
+    settings = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                    image_grid_pinpoints=checkpoints.REAL_PINPOINTS, do_normalize=None)
+    reference = ReferenceImageProcessor(**settings)
+    expected = reference(image, return_tensors="pt")["pixel_values"]
+    for processor_class in (LlavaNextImageProcessor, LlavaNextImageProcessorFast):
+        processor = processor_class(**settings)
+        assert processor.do_normalize is None and reference.do_normalize is None
+        out = torch.as_tensor(processor(image, return_tensors="pt")["pixel_values"])
+        assert out.shape == expected.shape and (out - expected).abs().max() <= 0.05  # rescaled, not normalized
+        assert out.min() >= 0
+
+
+# --- loading and generation habits -------------------------------------------------------------------
+
+
+def test_device_map_auto_places_modules_as_the_reference_without_cutting_a_layer(folder, tmp_path):
+    """A budget too small for the model: accelerate offloads, but never inside a decoder or vision
+    layer (the sub-models' ``_no_split_modules``), and our map is the reference's, module for module."""
+    maps = {}
+    for name, model_class in (("reference", ReferenceForConditionalGeneration),
+                              ("ours", LlavaNextForConditionalGeneration)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # accelerate's note on the bare image_newline parameter
+            model = model_class.from_pretrained(folder, device_map="auto", max_memory={"cpu": "12MB"},
+                                                offload_folder=str(tmp_path / name))
+        maps[name] = model.hf_device_map
+    assert maps["ours"] == maps["reference"]
+    assert set(maps["ours"].values()) == {"cpu", "disk"}
+    cut = [key for key in maps["ours"] if re.search(r"\.layers\.\d+\.", key)]
+    assert cut == [], f"device map entries inside a layer: {cut}"
+
+
+def test_dtype_auto_loads_the_checkpoints_dtype_as_the_reference(folder, tmp_path):
+    bf16 = tmp_path / "bf16"
+    ReferenceForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).save_pretrained(bf16)
+    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
+                 "chat_template.json", "preprocessor_config.json", "tokenizer.json"):
+        if (folder / name).exists():
+            (bf16 / name).write_bytes((folder / name).read_bytes())
+    inputs = _one_image(LlavaNextProcessor.from_pretrained(folder))
+    logits = {}
+    for name, model_class in (("ours", LlavaNextForConditionalGeneration),
+                              ("reference", ReferenceForConditionalGeneration)):
+        model = model_class.from_pretrained(bf16, dtype="auto")
+        assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+        with torch.no_grad():
+            logits[name] = model(**inputs).logits
+    assert torch.equal(logits["ours"], logits["reference"])
+
+
+ATTENTION_ATOL = 1e-4  # fp32 logits of the same model under two attention kernels
+
+
+def test_eager_sdpa_and_flex_attention_give_the_same_logits(folder, processor):
+    inputs = processor(images=[_photo(), _photo((40, 110))],
+                       text=["[INST] <image>\nWhat is this? [/INST]", "[INST] <image>\nHi [/INST]"],
+                       padding=True, return_tensors="pt")
+    mask = inputs["attention_mask"].bool()
+    logits = {}
+    for attn in ("eager", "sdpa", "flex_attention"):
+        ours = LlavaNextForConditionalGeneration.from_pretrained(folder, attn_implementation=attn).eval()
+        reference = ReferenceForConditionalGeneration.from_pretrained(folder, attn_implementation=attn).eval()
+        assert ours.model.language_model.config._attn_implementation == attn
+        with torch.no_grad():
+            logits[attn] = ours(**inputs).logits
+            theirs = reference(**inputs).logits
+        assert (logits[attn] - theirs).abs()[mask].max() <= ATTENTION_ATOL
+    for attn in ("sdpa", "flex_attention"):
+        assert (logits[attn] - logits["eager"]).abs()[mask].max() <= ATTENTION_ATOL
+
+
+def test_scores_and_logits_returned_by_generate_match_the_reference(models, processor):
+    inputs = _one_image(processor)
+    kwargs = dict(return_dict_in_generate=True, output_scores=True, output_logits=True)
+    mine = _greedy(models["ours", "main"], inputs, **kwargs)
+    theirs = _greedy(models["reference", "main"], inputs, **kwargs)
+    assert torch.equal(mine.sequences, theirs.sequences)
+    assert len(mine.scores) == len(theirs.scores) == mine.sequences.shape[1] - inputs["input_ids"].shape[1]
+    for a, b in zip(mine.scores + mine.logits, theirs.scores + theirs.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=FP32_ATOL)
+
+
+def test_several_sampled_sequences_per_prompt_match_the_reference_under_one_seed(models, processor):
+    inputs = processor(images=[_photo(), _photo((40, 110))],
+                       text=["[INST] <image>\nWhat is this? [/INST]", "[INST] <image>\nHi [/INST]"],
+                       padding=True, return_tensors="pt")
+    kwargs = dict(do_sample=True, num_return_sequences=3, top_k=20, max_new_tokens=6)
+    outputs = []
+    for name in ("ours", "reference"):
+        torch.manual_seed(7)
+        with torch.no_grad():
+            outputs.append(models[name, "main"].generate(**inputs, **kwargs))
+    assert outputs[0].shape[0] == 6
+    assert torch.equal(outputs[0], outputs[1])
+
+
+def test_contrastive_search_is_the_hub_recipe_in_both(models, processor):
+    """transformers 5.24 no longer ships contrastive search: it loads it from the hub, only with
+    trust_remote_code=True. Ours gives the same clear error (offline, nothing is fetched)."""
+    inputs = _one_image(processor)
+    messages = []
+    for name in ("ours", "reference"):
+        with pytest.raises(ValueError, match="Contrastive Search requires `trust_remote_code=True`") as info:
+            _greedy(models[name, "main"], inputs, penalty_alpha=0.6, top_k=4)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
