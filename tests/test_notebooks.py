@@ -13,8 +13,10 @@ import socket
 from pathlib import Path
 
 import nbformat
+import psutil
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 EXPECTED = ["anyres.ipynb", "attention.ipynb", "quickstart.ipynb", "sdk.ipynb", "serving.ipynb"]
@@ -22,11 +24,11 @@ CELL_TIMEOUT = 180  # seconds for one cell; the whole set runs in about a minute
 WARNING_TEXT = re.compile(r"warning|traceback", re.IGNORECASE)
 
 
-def execute(name: str, tmp_path: Path, monkeypatch) -> nbformat.NotebookNode:
+def execute(name: str, tmp_path: Path, monkeypatch, notebook=None) -> nbformat.NotebookNode:
     scratch = tmp_path / "tmp"
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))  # the kernel inherits it: checkpoints land here
-    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    notebook = notebook or nbformat.read(NOTEBOOKS / name, as_version=4)
     NotebookClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
                    resources={"metadata": {"path": str(tmp_path)}}).execute()
     left = sorted(p.name for p in scratch.glob("llava-next-*"))  # (libraries may keep caches of their own here)
@@ -150,6 +152,25 @@ def test_sdk(tmp_path, monkeypatch):
         assert name + ":" in errors
     bar = cell_with(notebook, "tqdm(")
     assert rich(bar, "application/vnd.jupyter.widget-view+json")  # a widget progress bar, not IProgress text
+
+
+def test_sdk_stops_its_server_when_a_cell_fails(tmp_path, monkeypatch):
+    notebook = nbformat.read(NOTEBOOKS / "sdk.ipynb", as_version=4)
+    setup, start = [cell for cell in code_cells(notebook) if "build_tiny_checkpoint(" in cell.source or "Popen(" in cell.source]
+    notebook.cells = [setup, start, nbformat.v4.new_code_cell("print(server.pid)"),
+                      nbformat.v4.new_code_cell("raise RuntimeError('a cell fails before the clean-up cells')")]
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the checkpoint it leaves goes with the test's folder
+    with pytest.raises(CellExecutionError, match="a cell fails"):
+        NotebookClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
+                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+    server = int(stdout(notebook.cells[2]))
+    try:  # the kernel has stopped, and its atexit handler stops the server
+        psutil.Process(server).wait(timeout=30)
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.TimeoutExpired:
+        psutil.Process(server).kill()
+        pytest.fail("the notebook's llava-next serve outlived its kernel")
 
 
 def test_serving(tmp_path, monkeypatch):
