@@ -432,8 +432,9 @@ def render_png(mask: MaskPicture) -> bytes:
 
     font = ImageFont.load_default()
     cell, margin, line = _PNG_CELL, 8, 16
-    labels = [f"{_png_label(b.label)} {i}" for s in mask.sequences for i, b in enumerate(s.blocks)]
-    label_width = max(int(font.getlength(label)) for label in labels) + 8
+    labels = [_png_label(b.label) for s in mask.sequences for b in s.blocks]
+    index_width = int(font.getlength(str(max(len(s.blocks) for s in mask.sequences) - 1))) + 6
+    label_width = max(int(font.getlength(label)) for label in labels) + 12 + index_width
     most_blocks = max(len(s.blocks) for s in mask.sequences)
     width = margin * 2 + label_width + most_blocks * cell
     height = margin + line * 2 + sum(line + len(s.blocks) * cell + margin for s in mask.sequences)
@@ -452,7 +453,9 @@ def render_png(mask: MaskPicture) -> bytes:
             shade = {"image": image_shade, "pad": pad_shade}.get(block.kind)
             if shade:
                 draw.rectangle((margin, y, margin + label_width - 4, y + cell - 2), fill=shade)
-            draw.text((margin + 2, y + 1), f"{_png_label(block.label)} {i}", fill="black", font=font)
+            draw.text((margin + 2, y + 1), _png_label(block.label), fill="black", font=font)
+            index = str(i)  # the block's number, in a column of its own so it never runs into the label
+            draw.text((margin + label_width - 6 - font.getlength(index), y + 1), index, fill="gray", font=font)
             for j, state in enumerate(states):
                 x = margin + label_width + j * cell
                 box = (x, y, x + cell - 2, y + cell - 2)
