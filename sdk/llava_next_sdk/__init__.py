@@ -9,8 +9,9 @@
             async for delta in stream:
                 print(delta, end="")
 
-Importing this package imports neither torch nor transformers; a local model loads them when it is
-first asked for.
+Importing this package imports neither torch nor transformers, nor anything of llava-next-plugin. A
+local model needs that package installed (``pip install llava-next-plugin``): it offers its in-process
+transport by entry point, and torch is loaded, in a worker thread, at the first request.
 """
 
 from .client import AsyncClient, Client, SyncTextStream, TextStream

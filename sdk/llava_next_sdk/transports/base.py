@@ -5,7 +5,8 @@ and hands it to a transport. A transport moves the request to a model and the re
 knows nothing of how the user called the client. Two built-in transports implement this seam:
 
 - ``transports/http.py``: any OpenAI-compatible Chat Completions endpoint, over httpx;
-- ``transports/local.py``: the llava-next engine in this process (imported lazily, with torch).
+- ``llava_next_plugin.local_transport``: the llava-next engine in this process, offered by the model
+  package under the entry-point group ``llava_next_sdk.transports`` (imported lazily, with torch).
 
 Transports are chosen through the ``llava_next_sdk_transport(url, options)`` hook (see
 ``hookspecs.py``): ``http(s)://...`` for remote endpoints, ``local:<path or hub id>`` for a local model.
