@@ -1,7 +1,8 @@
 """``AsyncClient`` and its sync twin ``Client``: one API, in-process or remote.
 
 The client is thin. It turns the user's images, prompt, messages and parameters into a
-:class:`~llava_next_sdk.types.ChatRequest` (image encoding runs in a worker thread) and hands it to a
+:class:`~llava_next_sdk.types.ChatRequest` (files are read and checked in a worker thread; decoded
+images stay decoded) and hands it to a
 transport (``transports/base.py``), chosen through the ``llava_next_sdk_transport`` hook:
 
     AsyncClient(model="path/or/hub-id")                   -> hook("local:path/or/hub-id")  (engine, in-process)
@@ -239,11 +240,11 @@ class AsyncClient:
 
 
 async def _to_messages(messages: Any) -> list[ChatMessage]:
-    """OpenAI-style message dicts (or ChatMessage objects) -> ChatMessage, images encoded off the loop."""
+    """OpenAI-style message dicts (or ChatMessage objects) -> ChatMessage, images prepared off the loop."""
     if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence) or not messages:
         raise BadRequestError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts",
                               param="messages")
-    # First pass: shape, with image sources collected; second: encode them all in one thread hop.
+    # First pass: shape, with image sources collected; second: prepare them all in one thread hop.
     shaped: list[tuple[str, list]] = []
     sources: list[Any] = []
     for i, message in enumerate(messages):

@@ -245,3 +245,21 @@ def test_the_first_local_request_loads_the_model_package_without_stalling_the_ev
     # Importing torch and transformers alone takes seconds; done on the loop it stalled it that long. In a
     # worker thread only the GIL-holding moments of the import remain (a few tenths of a second on a busy CPU).
     assert longest < min(2.0, first / 2), done.stdout
+
+
+def test_a_local_client_hands_a_pil_image_over_without_encoding_it(tiny_checkpoint):
+    """No PNG round trip in-process: the image the user gave is never saved (encoded) on its way to the model."""
+    encoded = []
+
+    class RecordingImage(Image.Image):
+        def save(self, *args, **kwargs):
+            encoded.append(args)
+            return super().save(*args, **kwargs)
+
+    image = RecordingImage()
+    image.__dict__.update(picture("red").__dict__)
+    with Client(model=str(tiny_checkpoint)) as client:
+        given = client.generate(image, PROMPT, max_tokens=4, temperature=0)
+        plain = client.generate(picture("red"), PROMPT, max_tokens=4, temperature=0)
+    assert encoded == []
+    assert given.text == plain.text and given.usage == plain.usage
