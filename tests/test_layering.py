@@ -101,3 +101,11 @@ def test_a_client_for_a_local_model_is_built_without_importing_the_plugin():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["DeferredTransport", "False", "False"]
+
+
+def test_each_version_is_written_once_and_read_from_the_metadata():
+    import llava_next_plugin
+    import llava_next_sdk
+
+    assert llava_next_sdk.__version__ == importlib.metadata.version("llava-next-sdk")
+    assert llava_next_plugin.__version__ == importlib.metadata.version("llava-next-plugin")
