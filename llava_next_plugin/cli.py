@@ -310,7 +310,7 @@ def run_caption(args: argparse.Namespace) -> int:
                 continue
             pipe = pipe or _load_pipeline(args)
             answers = pipe(images, prompt=args.prompt, batch_size=len(images), max_new_tokens=args.max_new_tokens)
-            for path, answer in zip(batch, answers):
+            for path, answer in zip(batch, answers, strict=True):
                 line = json.dumps({"image": path.name, "prompt": args.prompt,
                                    "generated_text": answer[0]["generated_text"]}, ensure_ascii=False)
                 results.write(line + "\n")  # one whole line per write, flushed: never half a line on disk

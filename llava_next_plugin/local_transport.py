@@ -20,7 +20,6 @@ leaving ``stream`` early drops the request from the engine's batch.
 from __future__ import annotations
 
 import dataclasses
-import time
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator
 

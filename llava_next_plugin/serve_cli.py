@@ -49,12 +49,11 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="seconds in-flight requests may take to finish after SIGTERM")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="server log level")
-    parser.set_defaults(func=run_serve)
     return parser
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``serve`` subcommand to an ``argparse`` subparsers object; its ``func`` is :func:`run_serve`."""
+    """Add the ``serve`` subcommand to an ``argparse`` subparsers object (:func:`run_serve` runs it)."""
     parser = subparsers.add_parser(
         "serve", help="serve a model over the OpenAI Chat Completions API",
         description="Serve a LLaVA-NeXT checkpoint over an OpenAI-compatible HTTP API "

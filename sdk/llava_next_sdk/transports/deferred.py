@@ -14,7 +14,7 @@ the client is built, unless the provider was already loaded in this process.
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 import anyio
 
