@@ -427,3 +427,14 @@ def test_a_request_without_decoded_images_is_sent_as_it_is():
 
     request = ChatRequest((ChatMessage("user", (ImagePart(data=encode(noise(3, 3))), TextPart("hi"))),))
     assert encode_for_wire(request) is request
+
+
+def test_a_hand_built_decoded_part_in_a_mode_png_cannot_hold_is_still_sent():
+    from llava_next_plugin.validation import Limits, load_request_images
+    from llava_next_sdk.images import encode_for_wire
+    from llava_next_sdk.types import ChatMessage, ChatRequest, ImagePart
+
+    cmyk = noise(5, 4).convert("CMYK")
+    sent = encode_for_wire(ChatRequest((ChatMessage("user", (ImagePart(image=cmyk),)),)))
+    (received,) = load_request_images(sent, Limits())
+    np.testing.assert_array_equal(np.asarray(received), np.asarray(cmyk.convert("RGB")))

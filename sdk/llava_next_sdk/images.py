@@ -105,6 +105,8 @@ def _prepared(image: Any, index: int | None) -> Any:
 
 def encode_png(image: Any) -> bytes:
     """The PNG file of a decoded image (as :func:`to_image_part` prepared it), losslessly and fast."""
+    if image.mode not in PNG_MODES:  # an ImagePart(image=...) built by hand, not prepared
+        image = image.convert("RGB")
     buf = io.BytesIO()
     image.save(buf, format="PNG", **PNG_OPTIONS)
     return buf.getvalue()
