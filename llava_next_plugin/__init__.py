@@ -19,11 +19,15 @@ module is not needed.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
 from .registration import is_registered, register, unregister, use_transformers_builtins
 
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("llava-next-plugin")  # written once, in pyproject.toml
+except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "unknown"
 
 # public name -> module that defines it
 _LAZY = {

@@ -5,16 +5,18 @@
     llava-next caption ./photos --prompt "Describe the photo." --out results.jsonl
     llava-next serve --model ./tiny                         # when the serve extra is installed
 
-Without ``--model`` the model is ``$LLAVA_NEXT_MODEL`` if set, else :data:`DEFAULT_MODEL` (a 7B hub
-checkpoint: it needs the network once, ~15 GB, and a GPU to be quick). Bad input (a missing file, an
-unreadable image, more ``<image>`` placeholders than images, an unknown model) ends with one line on
-stderr and exit status 1; wrong arguments end with argparse's usage line and status 2. Set
-``LLAVA_NEXT_DEBUG=1`` to see tracebacks.
+Without ``--model`` (``ask``, ``caption`` and ``serve`` alike) the model is ``$LLAVA_NEXT_MODEL`` if set,
+else :data:`DEFAULT_MODEL` (a 7B hub checkpoint: it needs the network once, ~15 GB, and a GPU to be
+quick). Bad input (a missing file, an unreadable image, more ``<image>`` placeholders than images, an
+unknown model) ends with one line on stderr and exit status 1; wrong arguments end with argparse's usage
+line and status 2. ``caption`` has its own rule (:data:`CAPTION_EXIT_RULE`). Set ``LLAVA_NEXT_DEBUG=1`` to
+see tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -22,12 +24,18 @@ import threading
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["main", "build_parser", "DEFAULT_MODEL", "IMAGE_SUFFIXES"]
+from . import __version__
+
+__all__ = ["main", "build_parser", "resolve_model", "DEFAULT_MODEL", "IMAGE_SUFFIXES", "CAPTION_EXIT_RULE"]
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
 MODEL_ENV = "LLAVA_NEXT_MODEL"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_MAX_NEW_TOKENS = 256
+CAPTION_EXIT_RULE = ("0 when every readable image of DIR is in --out (unreadable images are skipped, counted in "
+                     "the summary, and tried again by the next run); with --strict, 1 while any image is "
+                     "unreadable; 1 when DIR, --out or the model cannot be used; 2 for wrong arguments")
+"""``llava-next caption``'s exit status, the same for a first run and a rerun."""
 
 
 class CommandError(Exception):
@@ -37,6 +45,20 @@ class CommandError(Exception):
 # --- argument parsing -------------------------------------------------------------------------------
 def _default_model() -> str:
     return os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default (or "required"), unless the help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if not action.option_strings or "default" in text:
+            return text
+        if action.required:
+            return f"{text} (required)".lstrip()
+        if action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -60,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="llava-next",
         description="LLaVA-NeXT (llava v1.6) from the command line: ask about images, caption folders, "
                     "build a tiny offline demo checkpoint, serve an OpenAI-compatible API.",
+        formatter_class=_HelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                     parser_class=functools.partial(argparse.ArgumentParser,
+                                                                    formatter_class=_HelpFormatter))
     commands.required = True
 
     ask = commands.add_parser("ask", help="ask a question about one or more images; the answer streams",
@@ -75,11 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     caption = commands.add_parser("caption", help="caption every image of a folder into a JSON-lines file",
                                   description="Caption the images of DIR in batches. Each result is one JSON "
                                               "line {image, prompt, generated_text} appended to --out; a rerun "
-                                              "skips the images already there.")
+                                              "skips the images already there. Files that are not images (by "
+                                              "suffix) are left alone and counted in the summary.",
+                                  epilog=f"Exit status: {CAPTION_EXIT_RULE}.")
     caption.add_argument("folder", metavar="DIR", help=f"folder of images ({', '.join(IMAGE_SUFFIXES)})")
     caption.add_argument("--out", required=True, metavar="FILE.jsonl", help="results file (appended to, resumable)")
     caption.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"instruction (default: {DEFAULT_PROMPT!r})")
     caption.add_argument("--batch-size", type=int, default=4, metavar="B", help="images per forward pass (default: 4)")
+    caption.add_argument("--strict", action="store_true",
+                         help="exit with status 1 while any image of DIR is unreadable (default: 0, with a count)")
     _add_model_options(caption)
 
     tiny = commands.add_parser("tiny-checkpoint", help="write a small RANDOM-weight checkpoint for offline demos",
@@ -93,9 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     try:
         from .serve_cli import add_serve_parser
     except ImportError as exc:
-        reason = str(exc)
         serve = commands.add_parser("serve", help="serve an OpenAI-compatible API (not available in this install)")
-        serve.set_defaults(unavailable=reason)
+        serve.set_defaults(unavailable=str(exc))
         serve.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     else:
         add_serve_parser(commands)
@@ -103,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # --- the commands -------------------------------------------------------------------------------------
+def resolve_model(model: str | None) -> str:
+    """The model a command runs: *model* (``--model``), else ``$LLAVA_NEXT_MODEL``, else :data:`DEFAULT_MODEL`;
+    checked to be a LLaVA-NeXT checkpoint folder or hub id (:class:`CommandError` saying what is wrong)."""
+    model = model or _default_model()
+    _check_model(model)
+    return model
+
+
 def _check_model(model: str) -> None:
     """Fail with one clear line when *model* is neither a checkpoint folder nor a reachable hub id."""
     from transformers import AutoConfig
@@ -144,8 +181,7 @@ def _load_pipeline(args: argparse.Namespace):
     from .pipeline import LlavaNextImageToTextPipeline
     from .tiny import is_random_checkpoint
 
-    model = args.model or _default_model()
-    _check_model(model)
+    model = resolve_model(args.model)
     if is_random_checkpoint(model):
         print(f"note: {model} holds RANDOM weights (a tiny demo checkpoint): the answers are gibberish.",
               file=sys.stderr, flush=True)
@@ -210,14 +246,16 @@ def run_ask(args: argparse.Namespace) -> int:
     return 0
 
 
-def _image_files(folder: str) -> list[Path]:
+def _folder_files(folder: str) -> tuple[list[Path], list[Path]]:
+    """The image files of *folder* (by suffix, sorted) and its other files (left alone, but reported)."""
     path = Path(folder)
     if not path.is_dir():
         raise CommandError(f"{folder!r} is not a folder: give a folder of images")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not images:
         raise CommandError(f"{folder!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    return files
+    return images, [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
 
 
 def read_done(out: Path) -> set[str]:
@@ -241,24 +279,22 @@ def read_done(out: Path) -> set[str]:
 
 
 def run_caption(args: argparse.Namespace) -> int:
+    """Caption the folder; see :data:`CAPTION_EXIT_RULE` for the exit status."""
     from tqdm.auto import tqdm
 
     _positive(args.batch_size, "--batch-size")
     _positive(args.max_new_tokens, "--max-new-tokens")
     _check_prompt_format(args.prompt_format)
-    files = _image_files(args.folder)
+    files, others = _folder_files(args.folder)
     out = Path(args.out)
     if out.parent and not out.parent.exists():
         raise CommandError(f"the folder of --out ({out.parent}) does not exist")
     done = read_done(out)
     todo = [f for f in files if f.name not in done]
-    if not todo:
-        print(f"all {len(files)} images of {args.folder} are already in {out}", file=sys.stderr)
-        return 0
-    pipe = _load_pipeline(args)
-    failed = 0
+    pipe = None  # loaded with the first readable image: a rerun with only unreadable ones left loads no model
+    captioned, unreadable = 0, []
     progress = tqdm(total=len(files), initial=len(files) - len(todo), unit="image", file=sys.stderr,
-                    desc="captioning")
+                    desc="captioning", disable=not todo)
     with open(out, "a", encoding="utf-8") as results:
         for start in range(0, len(todo), args.batch_size):
             batch, images = [], []
@@ -267,23 +303,40 @@ def run_caption(args: argparse.Namespace) -> int:
                     images.append(_load_images([str(path)])[0])
                     batch.append(path)
                 except CommandError as exc:
-                    failed += 1
+                    unreadable.append(path.name)
                     progress.write(f"skipped {path.name}: {str(exc).split(': ', 1)[-1]}", file=sys.stderr)
                     progress.update(1)
             if not batch:
                 continue
+            pipe = pipe or _load_pipeline(args)
             answers = pipe(images, prompt=args.prompt, batch_size=len(images), max_new_tokens=args.max_new_tokens)
-            for path, answer in zip(batch, answers):
+            for path, answer in zip(batch, answers, strict=True):
                 line = json.dumps({"image": path.name, "prompt": args.prompt,
                                    "generated_text": answer[0]["generated_text"]}, ensure_ascii=False)
                 results.write(line + "\n")  # one whole line per write, flushed: never half a line on disk
                 results.flush()
+            captioned += len(batch)
             progress.update(len(batch))
     progress.close()
-    if failed:
-        print(f"llava-next: {failed} image(s) could not be read and were skipped (see above)", file=sys.stderr)
-        return 1
-    return 0
+    print(_caption_summary(args.folder, out, captioned, len(files) - len(todo), unreadable, others), file=sys.stderr)
+    return 1 if unreadable and args.strict else 0
+
+
+def _caption_summary(folder: str, out: Path, captioned: int, already: int, unreadable: list[str],
+                     others: list[Path]) -> str:
+    """One line: what this run did, what was there before, and what it left out and why."""
+    def names(items: Sequence[str]) -> str:
+        return ", ".join(items[:5]) + (f", ... ({len(items) - 5} more)" if len(items) > 5 else "")
+
+    parts = [f"llava-next: captioned {captioned} image(s) of {folder} into {out}"]
+    if already:
+        parts.append(f"{already} were already there")
+    if unreadable:
+        parts.append(f"{len(unreadable)} unreadable image(s) skipped ({names(unreadable)}; see above; a rerun "
+                     "tries them again)")
+    if others:
+        parts.append(f"{len(others)} non-image file(s) left alone ({names([p.name for p in others])})")
+    return "; ".join(parts)
 
 
 def run_tiny_checkpoint(args: argparse.Namespace) -> int:
@@ -309,6 +362,7 @@ def run_serve_command(args: argparse.Namespace) -> int:
                            "install it with: pip install 'llava-next-plugin[serve]'")
     from .serve_cli import run_serve
 
+    args.model = resolve_model(args.model)  # the same default and the same message as ask and caption
     result = run_serve(args)
     return result if isinstance(result, int) else 0
 

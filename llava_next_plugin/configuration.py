@@ -128,6 +128,3 @@ class LlavaNextConfig(PreTrainedConfig):
             self.vision_feature_select_strategy,
             self.num_additional_image_tokens,
         )
-
-
-__all__ = ["LlavaNextConfig", "DEFAULT_PINPOINTS"]

@@ -25,9 +25,10 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from .validation import Limits
 
     defaults = Limits()
-    parser.add_argument("--model", required=True, help="checkpoint folder or hub id")
+    parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: $LLAVA_NEXT_MODEL, "
+                        "else llava-hf/llava-v1.6-mistral-7b-hf, as for ask)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     parser.add_argument("--served-model-name", default=None, help="model id reported to clients (default: --model)")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                         help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV})")
@@ -38,18 +39,21 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: the checkpoint's)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; then 429")
-    parser.add_argument("--max-images-per-request", type=int, default=defaults.max_images_per_request)
-    parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels)
-    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes)
+    parser.add_argument("--max-images-per-request", type=int, default=defaults.max_images_per_request,
+                        help="images in one request at most; then 400")
+    parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,
+                        help="width x height of one image at most; then 400")
+    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
+                        help="request body size at most; then 413")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds in-flight requests may take to finish after SIGTERM")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    parser.set_defaults(func=run_serve)
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                        help="server log level")
     return parser
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the ``serve`` subcommand to an ``argparse`` subparsers object; its ``func`` is :func:`run_serve`."""
+    """Add the ``serve`` subcommand to an ``argparse`` subparsers object (:func:`run_serve` runs it)."""
     parser = subparsers.add_parser(
         "serve", help="serve a model over the OpenAI Chat Completions API",
         description="Serve a LLaVA-NeXT checkpoint over an OpenAI-compatible HTTP API "
@@ -77,9 +81,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _configure(argparse.ArgumentParser(prog="llava-next serve"))
-    args = parser.parse_args(argv)
-    return run_serve(args)
+    from .cli import main as cli_main  # one path: the same defaults, checks and messages as `llava-next serve`
+
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -104,15 +104,31 @@ def _decode(data: bytes, index: int, limits: Limits):
         raise InvalidImageError(f"the image is {len(data)} bytes; at most {limits.max_image_bytes} are allowed",
                                 index=index, param="messages")
     try:
-        width, height = Image.open(io.BytesIO(data)).size  # reads the header only
+        size = Image.open(io.BytesIO(data)).size  # reads the header only
     except Exception:
-        width = height = 0  # undecodable: decode_image_bytes says why
+        size = (0, 0)  # undecodable: decode_image_bytes says why
+    _check_pixels(size, index, limits)
+    try:
+        return to_rgb(decode_image_bytes(data, "the image"), "the image")
+    except InvalidImageError as error:
+        raise InvalidImageError(error.message, index=index, param="messages") from None
+
+
+def _check_pixels(size: tuple[int, int], index: int, limits: Limits) -> None:
+    width, height = size
     if width * height > limits.max_image_pixels:
         raise InvalidImageError(
             f"the image is {width}x{height} = {width * height} pixels; at most {limits.max_image_pixels} are "
             "allowed, so downscale it", index=index, param="messages")
+
+
+def _decoded(image, index: int, limits: Limits):
+    """An image decoded in this process (the SDK's local transport), used as it is: no encoding round trip."""
+    from .images import to_rgb
+
+    _check_pixels(image.size, index, limits)
     try:
-        return to_rgb(decode_image_bytes(data, "the image"), "the image")
+        return to_rgb(image, "the image")
     except InvalidImageError as error:
         raise InvalidImageError(error.message, index=index, param="messages") from None
 
@@ -122,6 +138,9 @@ def load_request_images(request: ChatRequest, limits: Limits) -> list:
     check_image_count(request, limits)
     images = []
     for index, part in enumerate(request.images):
+        if part.image is not None:
+            images.append(_decoded(part.image, index, limits))
+            continue
         if part.data is not None:
             data = part.data
         elif part.is_data_url:

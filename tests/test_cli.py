@@ -176,15 +176,111 @@ def test_caption_resumes_and_never_leaves_half_a_line(checkpoint, images, tmp_pa
 
 
 def test_caption_skips_unreadable_images_and_reports_them(checkpoint, images, tmp_path, capsys):
+    """Exit status 0 once every readable image is done, on the first run and on reruns; --strict makes an
+    unreadable image fail the run; the summary counts unreadable images and non-image files."""
     folder = tmp_path / "mixed"
     shutil.copytree(images, folder)
     (folder / "bad.png").write_bytes(b"garbage")
     out = tmp_path / "mixed.jsonl"
     code, _, err = run(capsys, "caption", folder, "--out", out, "--model", checkpoint, "--max-new-tokens", 2,
                        "--device", "cpu", "--batch-size", 3)
-    assert code == 1
-    assert "skipped bad.png" in err and "1 image(s) could not be read" in err and "Traceback" not in err
+    assert code == 0, err
+    assert "skipped bad.png" in err and "Traceback" not in err
+    summary = err.strip().splitlines()[-1]
+    assert summary.startswith("llava-next: captioned 3 image(s) of ")
+    assert "1 unreadable image(s) skipped (bad.png" in summary
+    assert "1 non-image file(s) left alone (notes.txt)" in summary
     assert sorted(json.loads(line)["image"] for line in out.read_text().splitlines()) == ["a.png", "b.jpg", "c.png"]
+
+    # A rerun tries bad.png again, loads no model for it (no note about the random weights), and keeps the rule.
+    code, _, err = run(capsys, "caption", folder, "--out", out, "--model", checkpoint)
+    assert code == 0, err
+    assert "skipped bad.png" in err and "RANDOM" not in err
+    assert "captioned 0 image(s)" in err and "3 were already there" in err and "1 unreadable" in err
+    code, _, err = run(capsys, "caption", folder, "--out", out, "--model", checkpoint, "--strict")
+    assert code == 1 and "1 unreadable image(s) skipped" in err
+    (folder / "bad.png").unlink()
+    code, _, err = run(capsys, "caption", folder, "--out", out, "--model", checkpoint, "--strict")
+    assert code == 0 and "unreadable image" not in err
+
+
+def test_caption_help_states_the_exit_status_rule(capsys):
+    with pytest.raises(SystemExit):
+        main(["caption", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Exit status: 0 when every readable image of DIR is in --out" in out and "--strict" in out
+
+
+def test_version_comes_from_the_installed_metadata(capsys):
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"llava-next {importlib.metadata.version('llava-next-plugin')}"
+
+
+@pytest.mark.parametrize("command", ["ask", "caption", "tiny-checkpoint", "serve"])
+def test_every_option_of_every_help_states_its_default(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    options = capsys.readouterr().out.split("options:\n", 1)[1].split("\n\n", 1)[0]
+    entries, current = [], ""
+    for line in options.splitlines():
+        if line.startswith("  -"):
+            entries.append(current)
+            current = line
+        else:
+            current += " " + line.strip()
+    entries = [" ".join(e.split()) for e in [*entries, current] if e and not e.lstrip().startswith("-h, --help")]
+    assert entries
+    for entry in entries:
+        assert "default" in entry or entry.endswith("(required)"), \
+            f"llava-next {command} --help: {entry!r} does not say its default"
+
+
+def test_serve_takes_the_model_from_the_environment_and_reports_a_missing_one_as_ask_does(images, tmp_path,
+                                                                                         monkeypatch, capsys):
+    missing = str(tmp_path / "no-such-checkpoint")
+    monkeypatch.setenv("LLAVA_NEXT_MODEL", missing)
+    code, _, err = run(capsys, "ask", images / "a.png")
+    asked = one_error_line(err)
+    assert code == 1 and missing in asked and "does not exist" in asked
+    code, _, err = run(capsys, "serve", "--port", 9)
+    assert code == 1 and one_error_line(err) == asked
+
+
+def a_free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_serve_serves_the_model_named_by_the_environment(checkpoint):
+    import time
+    import urllib.request
+
+    free_port = a_free_port()
+    env = {**os.environ, "LLAVA_NEXT_MODEL": str(checkpoint), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "llava_next_plugin.serve_cli", "--port", str(free_port),
+                               "--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{free_port}/health", timeout=5) as response:
+                    health = json.loads(response.read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.5)
+        assert health["model"] == str(checkpoint)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
 
 def test_tiny_checkpoint_refuses_a_non_empty_folder(checkpoint, capsys):

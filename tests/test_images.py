@@ -367,3 +367,74 @@ def test_png_text_chunks_and_multi_frame_gifs_load_their_first_frame():
     buffer = io.BytesIO()
     frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
     assert load_image(buffer.getvalue()).getpixel((0, 0)) == (255, 0, 0)
+
+
+# --- decoded images cross the SDK without a round trip -----------------------------------------------
+
+def decoded_sources() -> dict[str, object]:
+    rng = np.random.default_rng(3)
+    rgba = Image.fromarray(rng.integers(0, 256, (7, 9, 4), dtype=np.uint8), "RGBA")
+    palette = noise(9, 7).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    transparent = palette.copy()
+    transparent.info["transparency"] = 3
+    rotated = noise(9, 7)
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.info["exif"] = exif.tobytes()
+    rotated = Image.open(io.BytesIO(encode(rotated, "JPEG", exif=exif.tobytes())))  # a photo as a camera saves it
+    wide = rng.integers(0, 65536, (7, 9), dtype=np.uint16)
+    return {
+        "RGB": noise(9, 7), "RGBA": rgba, "L": noise(9, 7, "L"), "LA": rgba.convert("LA"), "P": palette,
+        "P with transparency": transparent, "1": noise(9, 7, "L").convert("1"),
+        "I;16": Image.fromarray(wide), "I": Image.fromarray(wide.astype(np.int32)),
+        "F": Image.fromarray(rng.random((7, 9), dtype=np.float32)), "CMYK": noise(9, 7).convert("CMYK"),
+        "YCbCr": noise(9, 7).convert("YCbCr"), "EXIF-rotated JPEG file": rotated,
+        "uint8 HW": rng.integers(0, 256, (7, 9), dtype=np.uint8),
+        "uint8 HW1": rng.integers(0, 256, (7, 9, 1), dtype=np.uint8),
+        "uint8 HWC": rng.integers(0, 256, (7, 9, 3), dtype=np.uint8),
+        "uint8 HWC RGBA": rng.integers(0, 256, (7, 9, 4), dtype=np.uint8),
+        "float HWC": rng.random((7, 9, 3)), "bool HW": rng.random((7, 9)) > 0.5,
+    }
+
+
+@pytest.mark.parametrize("kind", list(decoded_sources()))
+def test_a_decoded_image_reaches_the_processor_as_it_would_over_http(kind):
+    """The SDK keeps a PIL image or array decoded for the local transport and encodes it only for HTTP; the
+    processor gets the same RGB pixels either way (the server decodes the PNG the HTTP transport sends)."""
+    from llava_next_plugin.validation import Limits, load_request_images
+    from llava_next_sdk.images import _encode_sync, encode_for_wire
+    from llava_next_sdk.types import ChatMessage, ChatRequest
+
+    source = decoded_sources()[kind]
+    part = _encode_sync(source, 0)
+    assert part.image is not None and part.data is None and part.url is None  # nothing encoded yet
+    request = ChatRequest((ChatMessage("user", (part,)),))
+    limits = Limits(allowed_url_domains=None)
+    (local,) = load_request_images(request, limits)
+    sent = encode_for_wire(request)
+    (remote_part,) = sent.images
+    assert remote_part.url.startswith("data:image/png;base64,")
+    (remote,) = load_request_images(sent, limits)
+    assert local.mode == remote.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(local), np.asarray(remote))
+    if kind == "EXIF-rotated JPEG file":
+        assert local.size == (7, 9)  # upright on both paths
+
+
+def test_a_request_without_decoded_images_is_sent_as_it_is():
+    from llava_next_sdk.images import encode_for_wire
+    from llava_next_sdk.types import ChatMessage, ChatRequest, ImagePart, TextPart
+
+    request = ChatRequest((ChatMessage("user", (ImagePart(data=encode(noise(3, 3))), TextPart("hi"))),))
+    assert encode_for_wire(request) is request
+
+
+def test_a_hand_built_decoded_part_in_a_mode_png_cannot_hold_is_still_sent():
+    from llava_next_plugin.validation import Limits, load_request_images
+    from llava_next_sdk.images import encode_for_wire
+    from llava_next_sdk.types import ChatMessage, ChatRequest, ImagePart
+
+    cmyk = noise(5, 4).convert("CMYK")
+    sent = encode_for_wire(ChatRequest((ChatMessage("user", (ImagePart(image=cmyk),)),)))
+    (received,) = load_request_images(sent, Limits())
+    np.testing.assert_array_equal(np.asarray(received), np.asarray(cmyk.convert("RGB")))

@@ -19,6 +19,13 @@ from llava_next_sdk.errors import (
     UnsupportedParameterError,
 )
 
+
+def local_engine(client: AsyncClient):
+    """The engine under a local client (its transport may still stand in for the not-yet-loaded one)."""
+    transport = client.transport
+    return (getattr(transport, "loaded", None) or transport)._engine
+
+
 LIMITS = Limits(max_images_per_request=2, max_image_pixels=300 * 300)
 TRANSPORTS = ["local", "http"]
 
@@ -165,7 +172,7 @@ def test_local_and_served_engines_pick_the_same_device_by_default(tiny_checkpoin
     async def main():
         async with AsyncClient(model=str(tiny_checkpoint), request_limits=LIMITS) as client:
             await client.generate(None, "Hi", max_tokens=1, temperature=0)
-            return client.transport._engine
+            return local_engine(client)
 
     local = anyio.run(main)
     served = Engine.from_pretrained(str(tiny_checkpoint))

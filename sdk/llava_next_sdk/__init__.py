@@ -9,9 +9,12 @@
             async for delta in stream:
                 print(delta, end="")
 
-Importing this package imports neither torch nor transformers; a local model loads them when it is
-first asked for.
+Importing this package imports neither torch nor transformers, nor anything of llava-next-plugin. A
+local model needs that package installed (``pip install llava-next-plugin``): it offers its in-process
+transport by entry point, and torch is loaded, in a worker thread, at the first request.
 """
+
+import importlib.metadata
 
 from .client import AsyncClient, Client, SyncTextStream, TextStream
 from .errors import (
@@ -41,7 +44,10 @@ from .types import (
     Usage,
 )
 
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("llava-next-sdk")  # written once, in sdk/pyproject.toml
+except importlib.metadata.PackageNotFoundError:  # a source tree on sys.path, not installed
+    __version__ = "unknown"
 
 __all__ = [
     "AsyncClient",

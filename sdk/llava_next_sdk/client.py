@@ -1,7 +1,8 @@
 """``AsyncClient`` and its sync twin ``Client``: one API, in-process or remote.
 
 The client is thin. It turns the user's images, prompt, messages and parameters into a
-:class:`~llava_next_sdk.types.ChatRequest` (image encoding runs in a worker thread) and hands it to a
+:class:`~llava_next_sdk.types.ChatRequest` (files are read and checked in a worker thread; decoded
+images stay decoded) and hands it to a
 transport (``transports/base.py``), chosen through the ``llava_next_sdk_transport`` hook:
 
     AsyncClient(model="path/or/hub-id")                   -> hook("local:path/or/hub-id")  (engine, in-process)
@@ -32,18 +33,33 @@ __all__ = ["AsyncClient", "Client", "TextStream", "SyncTextStream"]
 _ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def _transport_for(url: str, options: dict) -> AsyncTransport:
-    from .plugins import get_plugin_manager
+LOCAL_SCHEME = "local"
+"""``AsyncClient(model=...)`` asks the transport hook for ``local:<model>``; llava-next-plugin serves it."""
 
-    transport = get_plugin_manager().hook.llava_next_sdk_transport(url=url, options=options)
-    if transport is None:
-        if url.startswith("local:"):
-            raise LlavaNextError(
-                f"no transport can run the local model {url[6:]!r}: install the model package "
-                "(pip install 'llava-next-sdk[local]'), or pass base_url= to use a server")
-        raise LlavaNextError(f"no transport serves {url!r}; use an http(s):// base_url, or model= for a "
-                             "local model, or install the plugin that handles this scheme")
-    return transport
+
+def _transport_for(url: str, options: dict) -> AsyncTransport:
+    """The transport the ``llava_next_sdk_transport`` hook gives for *url*, or a :class:`DeferredTransport`
+    when the provider of *url*'s scheme is installed but not imported yet."""
+    from .plugins import DISABLE_AUTOLOAD_ENV, get_plugin_manager
+    from .transports.deferred import DeferredTransport
+
+    manager = get_plugin_manager()
+    transport = manager.hook.llava_next_sdk_transport(url=url, options=options)
+    if transport is not None:
+        return transport
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme and manager.transport_providers(scheme):
+        return DeferredTransport(url, options, scheme)
+    if scheme == LOCAL_SCHEME and os.environ.get(DISABLE_AUTOLOAD_ENV):
+        raise LlavaNextError(f"model= needs the model package's transport, which is loaded by entry point, but "
+                             f"{DISABLE_AUTOLOAD_ENV} is set; unset it, or pass transport= yourself")
+    if scheme == LOCAL_SCHEME:
+        raise LlavaNextError(
+            f"running the model {url[len(LOCAL_SCHEME) + 1:]!r} in this process needs the model package, "
+            "which is not installed: pip install llava-next-plugin (or pass base_url= to use a llava-next "
+            "server instead)")
+    raise LlavaNextError(f"no transport serves {url!r}; use an http(s):// base_url, or model= for a "
+                         "local model, or install the plugin that handles this scheme")
 
 
 class AsyncClient:
@@ -224,11 +240,11 @@ class AsyncClient:
 
 
 async def _to_messages(messages: Any) -> list[ChatMessage]:
-    """OpenAI-style message dicts (or ChatMessage objects) -> ChatMessage, images encoded off the loop."""
+    """OpenAI-style message dicts (or ChatMessage objects) -> ChatMessage, images prepared off the loop."""
     if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence) or not messages:
         raise BadRequestError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts",
                               param="messages")
-    # First pass: shape, with image sources collected; second: encode them all in one thread hop.
+    # First pass: shape, with image sources collected; second: prepare them all in one thread hop.
     shaped: list[tuple[str, list]] = []
     sources: list[Any] = []
     for i, message in enumerate(messages):

@@ -59,7 +59,9 @@ def llava_next_sdk_transport(url: str, options: dict) -> Any:
     """The SDK transport that talks to *url*.
 
     Called by ``AsyncClient`` when it is built with a ``base_url`` (or a local model path, which
-    arrives as ``local:<path>``).
+    arrives as ``local:<path>``). When no plugin answers but a provider of the URL's scheme is installed
+    under the entry-point group ``llava_next_sdk.transports``, the client loads that provider at its first
+    request, in a worker thread, and calls this hook again.
 
     :param url: the ``base_url`` given to the client, or ``local:<model path or hub id>``.
     :param options: the client's keyword options (``api_key``, ``timeout``, ``max_retries``...).

@@ -9,15 +9,20 @@ A plugin that fails to load (it raises at import, or implements a hook with the 
 misspelt name) is skipped with a :class:`PluginLoadWarning` naming it and recorded in
 ``manager.failed_plugins``; the other plugins load as usual.
 
+Transport providers are the exception to eager loading: an entry point of the group
+:data:`TRANSPORT_GROUP`, named by the URL scheme it serves, is imported only when a client first needs
+that scheme (the model package ships the ``local`` one, and importing it imports torch).
+
 This module is light: it imports pluggy and the standard library only, never torch or transformers.
-The model package adds its own built-ins (``llava_next_plugin.hooks.BUILTIN_PLUGINS``) to the same
-manager when it is first asked for it.
+A package built on the SDK may add its own built-ins to the same manager with
+:meth:`PluginManager.register_builtins` (the model package does, when it is first asked for it).
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import os
 import threading
 import warnings
@@ -35,16 +40,20 @@ __all__ = [
     "FailedPlugin",
     "PluginLoadWarning",
     "PluginManager",
+    "TRANSPORT_GROUP",
+    "TransportProviderError",
     "build_plugin_manager",
     "get_plugin_manager",
 ]
 
-BUILTIN_PLUGINS: tuple[str, ...] = (
-    "llava_next_sdk.transports.http",
-    "llava_next_sdk.transports.local",
-)
-"""The SDK's own plugin modules, registered (in this order) before anything else. A module that does
-not exist is skipped silently, so a module path can be listed here before the module is written."""
+BUILTIN_PLUGINS: tuple[str, ...] = ("llava_next_sdk.transports.http",)
+"""The SDK's own plugin modules, registered (in this order) before anything else."""
+
+TRANSPORT_GROUP = "llava_next_sdk.transports"
+"""The entry-point group of transport providers, each named by the URL scheme it serves (``local`` for
+``local:<model>``: llava-next-plugin's in-process transport). A provider is a module implementing
+``llava_next_sdk_transport``; it is imported only when a URL of its scheme is first asked for, since it
+may be heavy (the model package imports torch), so a remote-only application never pays for it."""
 
 DISABLE_AUTOLOAD_ENV = "LLAVA_NEXT_DISABLE_PLUGIN_AUTOLOAD"
 """Set this environment variable to a non-empty value to load no entry-point plugins."""
@@ -170,10 +179,7 @@ class PluginManager(pluggy.PluginManager):
             name = entry_point.name
             if self.is_blocked(name) or self.has_plugin(name):
                 continue  # blocked, or the same plugin seen twice on sys.path
-            dist = entry_point.dist
-            origin = f"entry point '{name} = {entry_point.value}'"
-            if dist is not None:
-                origin += f" of {dist.metadata['Name']} {dist.version}"
+            origin = _origin(entry_point)
             try:
                 plugin = entry_point.load()
                 self.register(plugin, name=name)
@@ -183,10 +189,79 @@ class PluginManager(pluggy.PluginManager):
                 loaded.append(name)
         return loaded
 
+    def transport_providers(self, scheme: str) -> list[importlib.metadata.EntryPoint]:
+        """The installed providers of *scheme* (entry points of :data:`TRANSPORT_GROUP`) not loaded yet.
+
+        Reads package metadata and looks for the provider's top-level package on ``sys.path``; imports
+        nothing. Empty when autoloading is disabled (:data:`DISABLE_AUTOLOAD_ENV`).
+        """
+        return [entry_point for entry_point in self._unloaded_transport_providers(scheme)
+                if _findable(entry_point.module)]
+
+    def _unloaded_transport_providers(self, scheme: str) -> list[importlib.metadata.EntryPoint]:
+        if os.environ.get(DISABLE_AUTOLOAD_ENV):
+            return []
+        return [entry_point for entry_point in importlib.metadata.entry_points(group=TRANSPORT_GROUP, name=scheme)
+                if not self.has_plugin(_transport_plugin_name(entry_point))]
+
+    def load_transport_providers(self, scheme: str) -> list[str]:
+        """Import and register the providers of *scheme* (blocking: call it from a worker thread).
+
+        :return: the names of the plugins registered by this call.
+        :raises TransportProviderError: when a provider fails to import or to register (recorded in
+            :attr:`failed_plugins` too); the message names it and the distribution to reinstall.
+        """
+        loaded = []
+        with self._lock:
+            for entry_point in self._unloaded_transport_providers(scheme):  # a failed import says why
+                name = _transport_plugin_name(entry_point)
+                try:
+                    plugin = entry_point.load()
+                    if not self.is_registered(plugin):  # it may have been registered explicitly already
+                        self.register(plugin, name=name)
+                except Exception as exc:
+                    error = TransportProviderError(scheme, entry_point, exc)
+                    self.failed_plugins.append(FailedPlugin(name, _origin(entry_point), exc))
+                    raise error from exc
+                loaded.append(name)
+        return loaded
+
     def _record_failure(self, name: str, origin: str, error: BaseException) -> None:
         failure = FailedPlugin(name, origin, error)
         self.failed_plugins.append(failure)
         warnings.warn(failure.message, PluginLoadWarning, stacklevel=3)
+
+
+class TransportProviderError(ImportError):
+    """The installed provider of a URL scheme (an entry point of :data:`TRANSPORT_GROUP`) failed to load."""
+
+    def __init__(self, scheme: str, entry_point: importlib.metadata.EntryPoint, error: BaseException) -> None:
+        detail = f"{type(error).__name__}: {error}"
+        dist = entry_point.dist.metadata["Name"] if entry_point.dist is not None else None
+        fix = f"pip install --force-reinstall {dist}" if dist else "reinstall the package that provides it"
+        super().__init__(f"the transport for {scheme}: URLs ({_origin(entry_point)}) failed to load: {detail}; "
+                         f"fix the installation ({fix})", name=getattr(error, "name", None))
+        self.scheme, self.error = scheme, error
+
+
+def _findable(module_path: str) -> bool:
+    """Whether the top-level package of *module_path* is on ``sys.path`` (found, not imported)."""
+    try:
+        return importlib.util.find_spec(module_path.partition(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _transport_plugin_name(entry_point: importlib.metadata.EntryPoint) -> str:
+    return f"{TRANSPORT_GROUP}:{entry_point.name}"
+
+
+def _origin(entry_point: importlib.metadata.EntryPoint) -> str:
+    origin = f"entry point '{entry_point.name} = {entry_point.value}'"
+    dist = entry_point.dist
+    if dist is not None:
+        origin += f" of {dist.metadata['Name']} {dist.version}"
+    return origin
 
 
 def _import_if_present(module_path: str) -> Any:

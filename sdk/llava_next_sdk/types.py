@@ -56,34 +56,42 @@ class TextPart:
 
 @dataclass(frozen=True, slots=True)
 class ImagePart:
-    """An image in a message, already in a transportable form. Exactly one field is set:
+    """An image in a message. Exactly one field is set:
 
     - ``url``: an ``http(s)://`` URL (fetched by whoever runs the model, subject to its URL policy)
       or a ``data:image/<type>;base64,...`` URL;
-    - ``data``: the bytes of an encoded image file (PNG, JPEG, ...), as read from a path or
-      produced by ``llava_next_sdk.images`` from a PIL image or a numpy array.
+    - ``data``: the bytes of an encoded image file (PNG, JPEG, ...), as read from a path or given as bytes;
+    - ``image``: a decoded ``PIL.Image.Image``, as the user gave it (a numpy array becomes one), already
+      in a mode PNG stores losslessly and upright (``llava_next_sdk.images`` prepares it).
 
-    Decoded pixels (PIL, numpy) never cross the transport seam: the SDK encodes them once (PNG,
-    lossless), so the in-process and the HTTP transport see the very same image bytes.
+    A decoded image is not encoded until it must leave the process: the in-process transport uses it as it
+    is, the HTTP transport encodes it once (lossless PNG, :func:`llava_next_sdk.images.encode_for_wire`),
+    so both see the very same pixels.
     """
 
     url: str | None = None
     data: bytes | None = None
     media_type: str = "image/png"
-    """The MIME type of ``data`` (ignored for ``url``)."""
+    """The MIME type of ``data`` (ignored for ``url`` and ``image``)."""
+    image: Any = None
 
     def __post_init__(self) -> None:
-        if (self.url is None) == (self.data is None):
-            raise BadRequestError("an image part needs exactly one of url= or data=", param="messages")
+        if sum(value is not None for value in (self.url, self.data, self.image)) != 1:
+            raise BadRequestError("an image part needs exactly one of url=, data= or image=", param="messages")
 
     @property
     def is_data_url(self) -> bool:
         return self.url is not None and self.url[:5].lower() == "data:"
 
     def as_url(self) -> str:
-        """The image as a URL for the wire: ``url`` itself, or ``data`` as a base64 data URL."""
+        """The image as a URL for the wire: ``url`` itself, else a base64 data URL (``image`` is encoded
+        as PNG here, which takes a while: the HTTP transport does it beforehand, off the event loop)."""
         if self.url is not None:
             return self.url
+        if self.data is None:
+            from .images import encode_png
+
+            return f"data:image/png;base64,{base64.b64encode(encode_png(self.image)).decode('ascii')}"
         return f"data:{self.media_type};base64," + base64.b64encode(self.data).decode("ascii")
 
 
@@ -220,7 +228,7 @@ class ChatRequest:
     """A wire-neutral chat completion request, the one thing a transport is handed.
 
     ``messages`` are validated :class:`ChatMessage` objects whose images are :class:`ImagePart`
-    (URL or encoded bytes). ``model`` is the model name for endpoints that host several (the HTTP
+    (a URL, encoded bytes, or a decoded image from this process). ``model`` is the model name for endpoints that host several (the HTTP
     transport fills in the client's ``model`` when it is ``None``; the local transport ignores it).
     """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 
 import anyio
@@ -11,6 +12,12 @@ from PIL import Image
 from llava_next_sdk import AsyncClient, Client, GenerationResult, InvalidImageError, OverloadedError
 
 PROMPT = "Describe the picture."
+
+
+def local_engine(client: AsyncClient):
+    """The engine under a local client (its transport may still stand in for the not-yet-loaded one)."""
+    transport = client.transport
+    return (getattr(transport, "loaded", None) or transport)._engine
 
 
 def picture(color) -> Image.Image:
@@ -36,7 +43,7 @@ def test_clients_on_asyncio_and_trio_threads_share_one_engine(tiny_checkpoint):
                     results[backend] = [await greedy(client, c) for c in ("red", "blue")]
                     async with client.stream(picture("red"), PROMPT, max_tokens=4, temperature=0) as stream:
                         results[backend + "-stream"] = [d async for d in stream]
-                engines[backend] = client.transport._engine
+                engines[backend] = local_engine(client)
 
         try:
             anyio.run(main, backend=backend)
@@ -76,7 +83,7 @@ def test_a_local_map_wider_than_the_engine_queue_completes_every_item_by_retryin
     async def main(max_retries: int):
         async with AsyncClient(model=str(tiny_checkpoint), max_retries=max_retries, **small) as client:
             results = await client.map(prompts, concurrency=100, max_tokens=2, temperature=0)
-            return results, client.transport._engine.stats["requests_rejected"]
+            return results, local_engine(client).stats["requests_rejected"]
 
     without, _ = anyio.run(main, 0)
     assert any(isinstance(r, OverloadedError) for r in without)  # the queue does refuse this crowd
@@ -123,11 +130,16 @@ def test_the_sync_client_runs_a_local_model(tiny_checkpoint):
     assert result.usage.completion_tokens == 4
 
 
+async def _first_request(**options):
+    async with AsyncClient(**options) as client:  # the local transport may load at the first request
+        await client.generate(None, "Hi", max_tokens=1)
+
+
 def test_unknown_options_of_a_local_client_are_refused_by_name(tiny_checkpoint):
     with pytest.raises(TypeError, match=r"unknown option\(s\) for a local model: devcie; accepted: .*device"):
-        AsyncClient(model=str(tiny_checkpoint), devcie="cpu")
+        anyio.run(functools.partial(_first_request, model=str(tiny_checkpoint), devcie="cpu"))
     with pytest.raises(TypeError, match=r"timeout: options of a server client, with base_url="):
-        AsyncClient(model=str(tiny_checkpoint), timeout=5)
+        anyio.run(functools.partial(_first_request, model=str(tiny_checkpoint), timeout=5))
 
 
 # A process where the model package cannot be imported, as where only llava-next-sdk is installed.
@@ -172,7 +184,12 @@ def test_without_the_model_package_a_local_client_says_what_to_install(when):
                           timeout=120)
     assert done.returncode == 0, done.stderr
     assert "raised LlavaNextError" in done.stdout
-    assert "'llava_next_plugin' cannot be imported: pip install llava-next-plugin" in done.stdout
+    message = done.stdout.split("raised LlavaNextError", 1)[1]
+    if when == "at-construction":  # no provider of local: URLs can be found
+        assert "needs the model package, which is not installed: pip install llava-next-plugin" in message
+    else:  # its metadata is there but the import fails: the entry point and the fix are named
+        assert "entry point 'local = llava_next_plugin.local_transport'" in message
+        assert "No module named 'llava_next_plugin'" in message and "pip install" in message
     assert "torch imported: False" in done.stdout
 
 
@@ -228,3 +245,21 @@ def test_the_first_local_request_loads_the_model_package_without_stalling_the_ev
     # Importing torch and transformers alone takes seconds; done on the loop it stalled it that long. In a
     # worker thread only the GIL-holding moments of the import remain (a few tenths of a second on a busy CPU).
     assert longest < min(2.0, first / 2), done.stdout
+
+
+def test_a_local_client_hands_a_pil_image_over_without_encoding_it(tiny_checkpoint):
+    """No PNG round trip in-process: the image the user gave is never saved (encoded) on its way to the model."""
+    encoded = []
+
+    class RecordingImage(Image.Image):
+        def save(self, *args, **kwargs):
+            encoded.append(args)
+            return super().save(*args, **kwargs)
+
+    image = RecordingImage()
+    image.__dict__.update(picture("red").__dict__)
+    with Client(model=str(tiny_checkpoint)) as client:
+        given = client.generate(image, PROMPT, max_tokens=4, temperature=0)
+        plain = client.generate(picture("red"), PROMPT, max_tokens=4, temperature=0)
+    assert encoded == []
+    assert given.text == plain.text and given.usage == plain.usage

@@ -5,7 +5,8 @@ and hands it to a transport. A transport moves the request to a model and the re
 knows nothing of how the user called the client. Two built-in transports implement this seam:
 
 - ``transports/http.py``: any OpenAI-compatible Chat Completions endpoint, over httpx;
-- ``transports/local.py``: the llava-next engine in this process (imported lazily, with torch).
+- ``llava_next_plugin.local_transport``: the llava-next engine in this process, offered by the model
+  package under the entry-point group ``llava_next_sdk.transports`` (imported lazily, with torch).
 
 Transports are chosen through the ``llava_next_sdk_transport(url, options)`` hook (see
 ``hookspecs.py``): ``http(s)://...`` for remote endpoints, ``local:<path or hub id>`` for a local model.
@@ -14,8 +15,10 @@ A third-party plugin may answer other schemes.
 Contract every transport keeps
 ------------------------------
 - **Requests.** ``request.messages`` are validated ``ChatMessage`` objects; every image is an
-  ``ImagePart`` holding either ``url`` (``http(s)://`` or ``data:`` URL) or ``data`` (encoded
-  image file bytes). ``request.params`` is a validated ``GenerationParams`` (``None`` fields mean
+  ``ImagePart`` holding ``url`` (``http(s)://`` or ``data:`` URL), ``data`` (encoded image file bytes)
+  or ``image`` (a decoded PIL image from this process). A transport that sends the request elsewhere
+  encodes decoded images itself, once, off the loop (``llava_next_sdk.images.encoded_for_wire``); one
+  that runs the model in-process uses them as they are. ``request.params`` is a validated ``GenerationParams`` (``None`` fields mean
   the model's default). The transport applies its own checks that depend on the model (image size,
   images per request, allowed URL domains, context length) and raises the same error classes for
   the same bad input, whichever transport it is.

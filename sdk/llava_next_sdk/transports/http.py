@@ -27,6 +27,7 @@ import httpx
 from .. import wire
 from ..errors import APIConnectionError, APIError, APITimeoutError, LlavaNextError, NotFoundError, ServerError
 from ..hookspecs import hookimpl
+from ..images import encoded_for_wire
 from ..retry import DEFAULT_MAX_RETRIES, RetryPolicy
 from ..types import ChatRequest, GenerationResult, Timings, Usage
 from .base import StreamItem
@@ -95,6 +96,7 @@ class HTTPTransport:
     # ------------------------------------------------------------------------------------ public API
 
     async def generate(self, request: ChatRequest) -> GenerationResult:
+        request = await encoded_for_wire(request)  # decoded images become PNG once, in a worker thread
         body = wire.build_chat_request(request, model=self.model, stream=False)
         started = time.perf_counter()
         response = await self._open(body, stream=False)
@@ -106,6 +108,7 @@ class HTTPTransport:
 
     @asynccontextmanager
     async def stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[StreamItem]]:
+        request = await encoded_for_wire(request)  # decoded images become PNG once, in a worker thread
         body = wire.build_chat_request(request, model=self.model, stream=True, include_usage=self.include_usage)
         started = time.perf_counter()
         response = await self._open(body, stream=True)

@@ -1,30 +1,38 @@
-"""The in-process transport: the llava-next engine in this process, behind the same seam as HTTP.
+"""The SDK's in-process transport: the llava-next engine in this process, behind the same seam as HTTP.
 
-Chosen for ``local:<path or hub id>`` URLs (the ``llava_next_sdk_transport`` hook below). Nothing heavy is
-imported until the first request: then ``llava_next_plugin`` (torch, transformers) loads the model into a
-process-wide engine that every client, on any event loop, shares (one per model path and options).
+The SDK knows nothing of this module. The model package offers it through the SDK's transport hook:
+``pyproject.toml`` lists it under the entry-point group ``llava_next_sdk.transports`` as the provider of
+``local:`` URLs, so ``AsyncClient(model="./checkpoint")`` asks the ``llava_next_sdk_transport`` hook for
+``local:./checkpoint`` and gets a :class:`LocalTransport` (the SDK imports this module in a worker thread,
+at the first request, since importing the model package imports torch).
 
-Requests go through :func:`llava_next_plugin.validation.prepare_request`, the very checks the server runs,
-so the same bad input raises the same error class here and over HTTP. A request the engine's queue cannot
-take (:class:`OverloadedError`) is retried with the HTTP transport's :class:`~llava_next_sdk.retry.RetryPolicy`
-(``max_retries=``, ...), before it is queued, so before any token is produced. Preparation (image decoding,
-tokenizing) runs in a worker thread, generation on the engine's thread; the event loop never blocks.
-Cancelling ``generate`` or leaving ``stream`` early drops the request from the engine's batch.
+The model loads into a process-wide engine that every client, on any event loop, shares (one per model
+path and options). Requests go through :func:`llava_next_plugin.validation.prepare_request`, the very
+checks the server runs, so the same bad input raises the same error class here and over HTTP. Images the
+user gave decoded (a PIL image, an array) arrive decoded and are used as they are: no PNG round trip. A
+request the engine's queue cannot take (:class:`~llava_next_sdk.errors.OverloadedError`) is retried with the
+HTTP transport's :class:`~llava_next_sdk.retry.RetryPolicy` (``max_retries=``, ...) before it is queued, so
+before any token is produced. Loading the model and preparing a request (image decoding, tokenizing) run in
+a worker thread, generation on the engine's thread; the event loop never blocks. Cancelling ``generate`` or
+leaving ``stream`` early drops the request from the engine's batch.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import time
+import dataclasses
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator
 
 import anyio
+from llava_next_sdk.errors import LlavaNextError, OverloadedError, ServerError
+from llava_next_sdk.hookspecs import hookimpl
+from llava_next_sdk.retry import RetryPolicy
+from llava_next_sdk.types import ChatRequest, GenerationResult
 
-from ..errors import LlavaNextError, OverloadedError, ServerError
-from ..hookspecs import hookimpl
-from ..retry import RetryPolicy
-from ..types import ChatRequest, GenerationResult, Timings
+from .validation import Limits, prepare_request
+
+if TYPE_CHECKING:
+    from .engine import Engine, RequestHandle
 
 __all__ = ["LocalTransport", "llava_next_sdk_transport"]
 
@@ -35,43 +43,24 @@ RETRY_OPTIONS = ("max_retries", "backoff_base", "backoff_max", "max_retry_after"
 """Client options that make the :class:`RetryPolicy` (as for HTTP)."""
 OPTIONS = frozenset({"model", "engine", "request_limits", "allowed_url_domains", *ENGINE_OPTIONS, *RETRY_OPTIONS})
 """Every client option a local model accepts."""
-MODEL_PACKAGES = ("llava_next_plugin", "torch")
-"""What running a model in-process needs beyond the SDK."""
-
-
-def _missing_model_package_error(missing: str) -> LlavaNextError:
-    return LlavaNextError(
-        f"running a model in this process needs the model package, but {missing!r} cannot be imported: "
-        "pip install llava-next-plugin (or pass base_url= to use a llava-next server instead)")
-
-
-def _check_model_package() -> None:
-    """Raise our error, naming what to install, when the model package (or torch) is not importable."""
-    for name in MODEL_PACKAGES:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):
-            found = False
-        if not found:
-            raise _missing_model_package_error(name)
 
 
 class LocalTransport:
     """Runs requests on an in-process :class:`llava_next_plugin.engine.Engine`.
 
     Args:
-        model: a checkpoint folder or hub id (loaded once per process and options).
+        model: a checkpoint folder or hub id (loaded once per process and options, at the first request).
         engine: an engine to use instead (then *model* only names it).
-        limits: a :class:`llava_next_plugin.validation.Limits` (client option ``request_limits=``); by
-            default the server's limits except that ``http(s)`` image URLs from any host are fetched (this is
-            the user's own process).
+        limits: the request :class:`~llava_next_plugin.validation.Limits` (client option ``request_limits=``);
+            by default the server's limits except that ``http(s)`` image URLs from any host are fetched (this
+            is the user's own process).
         allowed_url_domains: hosts whose ``http(s)`` image URLs are fetched (a domain allows its subdomains;
             ``()`` none), for apps that pass their users' URLs through; replaces the one in *limits*.
         retry_policy: how a request refused by a full queue is retried (default: as the HTTP transport).
         engine_options: ``device``, ``dtype``, ``max_batch_size``, ... for the shared engine.
     """
 
-    def __init__(self, model: str | None = None, *, engine: Any = None, limits: Any = None,
+    def __init__(self, model: str | None = None, *, engine: Engine | None = None, limits: Limits | None = None,
                  allowed_url_domains: Any = None, retry_policy: RetryPolicy | None = None,
                  **engine_options: Any) -> None:
         if engine is None and not model:
@@ -80,57 +69,43 @@ class LocalTransport:
         if unknown:
             raise TypeError(f"unknown engine option(s) for a local model: {', '.join(unknown)}; "
                             f"accepted: {', '.join(ENGINE_OPTIONS)}")
-        if engine is None:
-            _check_model_package()
+        limits = limits or Limits(allowed_url_domains=None)
+        if allowed_url_domains is not None:
+            limits = dataclasses.replace(limits, allowed_url_domains=_domains(allowed_url_domains))
         self.model = model
-        self._engine = engine
-        self._limits = limits
-        self._engine_options = engine_options
-        self._allowed_url_domains = None if allowed_url_domains is None else _domains(allowed_url_domains)
+        self.limits = limits
         self.retry_policy = retry_policy or RetryPolicy()
+        self._engine = engine
+        self._engine_options = engine_options
         self._lock = anyio.Lock()
         self._closed = False
 
-    async def _get_engine(self):
+    def __repr__(self) -> str:
+        return f"LocalTransport(model={self.model!r})"
+
+    async def _get_engine(self) -> Engine:
         if self._closed:
             raise RuntimeError("this transport is closed")
         if self._engine is None:
             async with self._lock:
                 if self._engine is None:
+                    # Loading a model takes seconds: in a worker thread, never on the event loop.
                     self._engine = await anyio.to_thread.run_sync(self._load_engine)
-        if self._limits is None or self._allowed_url_domains is not None:
-            import dataclasses
-
-            from llava_next_plugin.validation import Limits
-
-            limits = self._limits or Limits(allowed_url_domains=None)
-            if self._allowed_url_domains is not None:
-                limits = dataclasses.replace(limits, allowed_url_domains=self._allowed_url_domains)
-            self._limits, self._allowed_url_domains = limits, None
         return self._engine
 
-    def _load_engine(self):
-        """Import the model package (torch, transformers: seconds) and load or find the shared engine.
+    def _load_engine(self) -> Engine:
+        from .engine import get_shared_engine
 
-        Runs in a worker thread: neither the import nor the model load may stall the event loop.
-        """
-        try:
-            from llava_next_plugin import validation  # noqa: F401  (imported here, not later on the loop)
-            from llava_next_plugin.engine import get_shared_engine
-        except ImportError as exc:
-            raise _missing_model_package_error(exc.name or "llava_next_plugin") from exc
         return get_shared_engine(self.model, **self._engine_options)
 
-    async def _submit(self, request: ChatRequest):
-        engine = await self._get_engine()  # first: it says what to install when the model package is missing
-        from llava_next_plugin.validation import prepare_request
-
+    async def _submit(self, request: ChatRequest) -> tuple[Engine, RequestHandle]:
+        engine = await self._get_engine()
         prepared, attempt = None, 0
         while True:
             try:
                 engine.check_admission()  # cheap: a full queue refuses before any image work
                 if prepared is None:
-                    prepared = await anyio.to_thread.run_sync(prepare_request, engine, request, self._limits)
+                    prepared = await anyio.to_thread.run_sync(prepare_request, engine, request, self.limits)
                 return engine, engine.submit(prepared)
             except OverloadedError as exc:  # not queued, so no token yet: retried as the HTTP transport does
                 delay = self.retry_policy.delay(attempt, exc.retry_after)
@@ -143,31 +118,25 @@ class LocalTransport:
             except Exception as exc:  # only our error classes leave a transport
                 raise ServerError(f"the local engine failed to prepare the request: {exc!r}") from exc
 
-    def _result(self, engine, outcome, started: float) -> GenerationResult:
-        result = outcome.to_generation_result(self.model or engine.model_name)
-        timings = result.timings
-        if timings.total_seconds is None:
-            timings = Timings(timings.queue_seconds, timings.time_to_first_token, time.monotonic() - started)
-        return GenerationResult(result.text, result.finish_reason, result.usage, timings, result.model, result.id)
+    def _result(self, engine: Engine, outcome: Any) -> GenerationResult:
+        return outcome.to_generation_result(self.model or engine.model_name)
 
     async def generate(self, request: ChatRequest) -> GenerationResult:
-        started = time.monotonic()
         engine, handle = await self._submit(request)
         try:
             outcome = await handle.aresult()
         finally:
             handle.cancel()  # no-op when finished; stops generation when this task is cancelled
-        return self._result(engine, outcome, started)
+        return self._result(engine, outcome)
 
     @asynccontextmanager
     async def stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[Any]]:
-        started = time.monotonic()
         engine, handle = await self._submit(request)
 
-        async def items():
+        async def items() -> AsyncGenerator[Any, None]:
             async for delta in handle:
                 yield delta
-            yield self._result(engine, await handle.aresult(), started)
+            yield self._result(engine, await handle.aresult())
 
         iterator = items()
         try:
