@@ -373,7 +373,7 @@ def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | N
                 return error
             error = _shutting_down()
         status = error.status or 500
-        if status >= 500 and not isinstance(error, OverloadedError):
+        if status >= 500 and status != 503:  # 503s (overload, shutdown) are ours to explain; the rest is internal
             logger.log(logging.DEBUG if handle is not None else logging.ERROR, "request %s failed: %s: %s",
                        request_id, type(error).__name__, error.message)
             return _internal(request_id)
