@@ -480,3 +480,21 @@ def test_a_stream_cut_by_the_drain_timeout_gets_an_error_event_before_it_closes(
     error = json.loads(events[-2])["error"]
     assert error["status"] == 503 and "server shutting down" in error["message"]
     assert "after draining" not in server.log() and "cut 1 request" in server.log()
+
+
+def test_the_readmes_limits_table_gives_serves_flags_and_their_defaults():
+    import argparse
+
+    from llava_next_plugin import serve_cli
+
+    readme = (TESTS.parent / "README.md").read_text()
+    section = readme.split("\n## Operating the server\n", 1)[1].split("\n## ", 1)[0]
+    defaults = vars(serve_cli._configure(argparse.ArgumentParser()).parse_args(["--model", "x"]))
+    rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ") and "`--" in line]
+    assert len(rows) >= 10
+    for limit, flag, default, beyond in rows:
+        name = flag.strip().strip("`")[2:].replace("-", "_")
+        assert name in defaults, flag
+        if defaults[name] not in (None, []):
+            assert default.split()[0] == f"{defaults[name]:g}" if isinstance(defaults[name], float) \
+                else default.split()[0] == str(defaults[name]), (flag, default, defaults[name])
