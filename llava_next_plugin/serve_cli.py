@@ -87,7 +87,8 @@ def run_serve(args: argparse.Namespace) -> int:
                     max_image_bytes=args.max_image_bytes, url_timeout=args.url_timeout,
                     max_stop_chars=args.max_stop_chars, max_body_bytes=args.max_body_bytes,
                     allowed_url_domains=tuple(d.lower().strip(".") for d in args.allow_url_domain))
-    app = create_app(engine, limits=limits, api_key=args.api_key, drain_timeout=args.drain_timeout)
+    app = create_app(engine, limits=limits, api_key=args.api_key, drain_timeout=args.drain_timeout,
+                     model_aliases=(args.model,))  # the name a client that started us knows
     run_server(app, host=args.host, port=args.port, log_level=args.log_level, drain_timeout=args.drain_timeout)
     return 0
 

@@ -342,7 +342,7 @@ class _StreamThenLeave(StreamingResponse):
 
 def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | None = None,
                model_name: str | None = None, drain_timeout: float = 30.0,
-               shutdown_engine: bool = True, max_preparing: int = 4) -> Starlette:
+               shutdown_engine: bool = True, max_preparing: int = 4, model_aliases: tuple[str, ...] = ()) -> Starlette:
     """The ASGI app serving *engine*.
 
     Args:
@@ -357,6 +357,8 @@ def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | N
         max_preparing: requests whose images are fetched, decoded and preprocessed at once, at most;
             others wait their turn. A request the engine's queue cannot take is refused (429) before
             any of that work, and again after waiting.
+        model_aliases: other names requests may give the model (``llava-next serve`` accepts the ``--model``
+            it was started with, which the client knows already); never shown.
     """
     limits = limits or Limits()
     name = model_name or default_served_name(engine.model_name)
@@ -386,8 +388,10 @@ def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | N
             return Response(status_code=CLIENT_CLOSED)
         return error_response(error)
 
+    accepted_names = {name, *model_aliases}
+
     def check_model(requested: str | None) -> None:
-        if requested is not None and requested != name:
+        if requested is not None and requested not in accepted_names:
             shown = repr(requested) if len(requested) <= 60 else repr(requested[:50]) + "..."
             raise ModelNotFoundError(f"the model {shown} does not exist on this server; it serves "
                                      f"{name!r} (see /v1/models)", param="model")

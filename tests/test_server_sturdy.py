@@ -331,6 +331,8 @@ def test_the_served_name_is_the_checkpoints_folder_name_and_no_path_is_shown(ser
     assert health.json()["model"] == name and answer.json()["model"] == name
     for response in (models, health, answer):
         assert path not in response.text and str(tiny_checkpoint) not in response.text
+    by_path = post(served, {"model": str(tiny_checkpoint), "messages": user("Hi"), "max_tokens": 2})
+    assert by_path.status_code == 200 and by_path.json()["model"] == name  # --model is accepted, never shown
 
 
 # --------------------------------------------------------------------------------------------- bounds
