@@ -322,6 +322,22 @@ def test_an_unknown_model_is_a_404_model_not_found(served, name):
     assert info.value.body["code"] == "model_not_found" and name in info.value.body["message"]
 
 
+def test_the_sdk_raises_model_not_found_for_an_unknown_model_and_needs_no_model_name(served, name):
+    from llava_next_sdk import AsyncClient
+    from llava_next_sdk.errors import ModelNotFoundError
+
+    async def main():
+        async with AsyncClient(base_url=served.url, model="gpt-4o", max_retries=0) as wrong:
+            with pytest.raises(ModelNotFoundError) as info:
+                await wrong.generate(None, "Hi", max_tokens=2)
+        async with AsyncClient(base_url=served.url, max_retries=0) as unnamed:  # the server's model answers
+            result = await unnamed.generate(None, "Hi", max_tokens=2)
+        return info.value, result
+
+    error, result = anyio.run(main)
+    assert error.status == 404 and error.param == "model" and result.model == name
+
+
 def test_the_served_name_is_the_checkpoints_folder_name_and_no_path_is_shown(served, name, tiny_checkpoint):
     path = str(Path(tiny_checkpoint).resolve())
     models = httpx.get(served.url + "/models")
