@@ -461,6 +461,16 @@ class Engine:
                                  if handle.cancelled else error)
 
     @property
+    def accepting(self) -> bool:
+        """Whether :meth:`submit` takes new requests (False once :meth:`shutdown` began)."""
+        return self._accepting
+
+    def stats_snapshot(self) -> dict[str, int]:
+        """A copy of :attr:`stats`, taken under the engine's lock (safe to iterate from any thread)."""
+        with self._lock:
+            return dict(self.stats)
+
+    @property
     def queue_depth(self) -> int:
         """Requests waiting to join the batch."""
         return len(self._pending)

@@ -9,8 +9,9 @@ The built-in sources are this module's hookimpl, registered beneath every other 
 that handles, say, ``https://`` URLs with credentials replaces ours):
 
 - a path (``str`` or ``os.PathLike``, ``~`` expanded) or a ``file://`` URL;
-- an ``http://`` / ``https://`` URL, fetched with httpx (``timeout`` seconds per network read,
-  redirects followed, at most :data:`MAX_DOWNLOAD_BYTES`);
+- an ``http://`` / ``https://`` URL, fetched with httpx (``timeout`` seconds per network read and
+  :data:`DEFAULT_TOTAL_TIMEOUT` overall, redirects followed, at most :data:`MAX_DOWNLOAD_BYTES`; an answer
+  whose content type says it is no image is refused without reading it);
 - a ``data:image/...;base64,...`` URL, or a bare base64 string;
 - ``bytes`` / ``bytearray`` / ``memoryview``, or a binary file object;
 - a ``PIL.Image.Image``;
@@ -28,6 +29,7 @@ import binascii
 import io
 import os
 import re
+import time
 import urllib.parse
 import urllib.request
 import warnings
@@ -42,12 +44,15 @@ from llava_next_sdk.errors import InvalidImageError, LlavaNextError
 from llava_next_sdk.wire import decode_data_url
 
 __all__ = [
-    "DEFAULT_TIMEOUT", "MAX_DOWNLOAD_BYTES", "decode_image_bytes", "fetch_url", "gray_to_uint8", "load_image",
+    "DEFAULT_TIMEOUT", "DEFAULT_TOTAL_TIMEOUT", "MAX_DOWNLOAD_BYTES", "decode_image_bytes", "fetch_url", "gray_to_uint8", "load_image",
     "load_images", "to_rgb",
 ]
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds allowed for each network read when an image is fetched from a URL."""
+
+DEFAULT_TOTAL_TIMEOUT = 60.0
+"""Seconds allowed for a whole image download (a server that drips bytes cannot hold a fetch longer)."""
 
 MAX_DOWNLOAD_BYTES = 50 * 2**20
 """The largest image download accepted, in bytes (read when each download starts)."""
@@ -190,14 +195,17 @@ def _load_path(path: str | os.PathLike) -> Image.Image:
 
 
 def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int | None = None,
-              follow_redirects: bool = True) -> bytes:
+              follow_redirects: bool = True, total_timeout: float | None = DEFAULT_TOTAL_TIMEOUT) -> bytes:
     """GET an image URL's bytes with httpx, bounded in size and time (the one image fetcher).
 
     :param timeout: seconds allowed for each network read.
     :param max_bytes: the largest body accepted (checked against ``Content-Length``, then while reading);
         None: :data:`MAX_DOWNLOAD_BYTES`.
     :param follow_redirects: False for the server, where a redirect could lead to a host it does not allow.
-    :raises InvalidImageError: any answer but HTTP 200, too large, too slow, or a network error.
+    :param total_timeout: seconds for the whole download (None: no overall bound). Checked as bytes arrive,
+        so the fetch ends at most one read timeout after it.
+    :raises InvalidImageError: any answer but HTTP 200, a content type that is no image, too large, too
+        slow, or a network error. Nothing of the answer's body is ever quoted back.
     """
     import httpx  # only when a URL is actually fetched
 
@@ -205,15 +213,22 @@ def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int | No
     max_bytes = MAX_DOWNLOAD_BYTES if default_limit else max_bytes
     too_large = (f"URL {url!r} serves more than {max_bytes:,} bytes, the download limit; use a smaller image"
                  + (" or raise the limit (llava_next_plugin.images.MAX_DOWNLOAD_BYTES)" if default_limit else ""))
+    read_timeout = timeout if total_timeout is None else min(timeout, total_timeout)
+    deadline = None if total_timeout is None else time.monotonic() + total_timeout
+    too_slow = f"URL {url!r} did not deliver the image within {total_timeout:g} s overall; check the URL"
     chunks: list[bytes] = []
     try:
-        with httpx.Client(timeout=timeout, follow_redirects=follow_redirects) as client:
+        with httpx.Client(timeout=read_timeout, follow_redirects=follow_redirects) as client:
             with client.stream("GET", url, headers={"Accept": "image/*"}) as response:
                 if response.status_code != 200:
                     hint = ("redirects are not followed: give the final URL" if response.is_redirect
                             and not follow_redirects else "check the URL")
                     raise InvalidImageError(f"URL {url!r} answered HTTP {response.status_code} "
                                             f"{response.reason_phrase}; {hint}")
+                content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
+                if content_type and not _may_be_an_image(content_type):
+                    raise InvalidImageError(f"URL {url!r} is not an image (content-type {content_type}); "
+                                            "give the URL of a PNG, JPEG, WebP, GIF, BMP or TIFF file")
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > max_bytes:
                     raise InvalidImageError(too_large)
@@ -222,14 +237,24 @@ def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int | No
                     size += len(chunk)
                     if size > max_bytes:
                         raise InvalidImageError(too_large)
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise InvalidImageError(too_slow)
                     chunks.append(chunk)
     except httpx.TimeoutException as exc:
-        raise InvalidImageError(f"URL {url!r} did not answer within {timeout:g} s ({type(exc).__name__}); "
+        raise InvalidImageError(f"URL {url!r} did not answer within {read_timeout:g} s ({type(exc).__name__}); "
                                 f"check the URL or pass a larger timeout") from exc
     except httpx.HTTPError as exc:
         raise InvalidImageError(f"URL {url!r} could not be fetched ({type(exc).__name__}: {exc}); "
                                 f"check the URL and the network") from exc
+    if deadline is not None and time.monotonic() > deadline:
+        raise InvalidImageError(too_slow)
     return b"".join(chunks)
+
+
+def _may_be_an_image(content_type: str) -> bool:
+    """Whether a response's media type allows image bytes (``image/*`` or a generic binary type)."""
+    return content_type.startswith("image/") or content_type in (
+        "application/octet-stream", "binary/octet-stream", "application/binary", "application/x-binary")
 
 
 def _decode_data_url(url: str) -> Image.Image:
@@ -280,10 +305,9 @@ def decode_image_bytes(data: bytes, what: str = "the bytes") -> Image.Image:
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
         raise InvalidImageError(_bomb_message(what, str(exc))) from exc
-    except UnidentifiedImageError as exc:
-        head = data[:16]
-        raise InvalidImageError(f"{what} is not an image PIL can read (unknown format or corrupted header; "
-                                f"starts with {head!r}); pass a PNG, JPEG, WebP, GIF, BMP or TIFF file") from exc
+    except UnidentifiedImageError as exc:  # its bytes are never quoted back: they may be another service's answer
+        raise InvalidImageError(f"{what} is not an image PIL can read (unknown format or corrupted header, "
+                                f"{len(data)} bytes); pass a PNG, JPEG, WebP, GIF, BMP or TIFF file") from exc
     except Exception as exc:
         raise InvalidImageError(f"{what} is corrupted ({type(exc).__name__}: {exc}); re-export or "
                                 f"re-download the image") from exc

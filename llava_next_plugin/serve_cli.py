@@ -29,7 +29,9 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "else llava-hf/llava-v1.6-mistral-7b-hf, as for ask)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("--served-model-name", default=None, help="model id reported to clients (default: --model)")
+    parser.add_argument("--served-model-name", default=None,
+                        help="model id reported to clients and the only one requests may name (default: the hub "
+                             "id, or the checkpoint folder's name)")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                         help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV})")
     parser.add_argument("--allow-url-domain", action="append", default=[], metavar="DOMAIN",
@@ -42,11 +44,21 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-images-per-request", type=int, default=defaults.max_images_per_request,
                         help="images in one request at most; then 400")
     parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,
-                        help="width x height of one image at most; then 400")
+                        help="width x height of one image at most (400 beyond)")
+    parser.add_argument("--max-request-pixels", type=int, default=defaults.max_request_pixels,
+                        help="pixels of a request's images together at most (413 beyond)")
+    parser.add_argument("--max-pixels-in-flight", type=int, default=defaults.max_pixels_in_flight,
+                        help="image pixels decoded at once across requests (429 beyond)")
+    parser.add_argument("--max-image-bytes", type=int, default=defaults.max_image_bytes,
+                        help="encoded size of one image, and of one image download, at most")
+    parser.add_argument("--url-timeout", type=float, default=defaults.url_timeout,
+                        help="seconds for one image URL download, overall")
+    parser.add_argument("--max-stop-chars", type=int, default=defaults.max_stop_chars,
+                        help="characters of one stop string at most")
     parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
-                        help="request body size at most; then 413")
+                        help="size of a request body at most (413 beyond)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
-                        help="seconds in-flight requests may take to finish after SIGTERM")
+                        help="seconds in-flight requests may take to finish after SIGTERM; then they are cut")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="server log level")
     return parser
@@ -64,18 +76,21 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 def run_serve(args: argparse.Namespace) -> int:
     """Load the model, start the engine and serve until SIGINT/SIGTERM (draining in-flight requests)."""
     from .engine import Engine
-    from .server import create_app, run_server
+    from .server import create_app, default_served_name, run_server
     from .validation import Limits
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     dtype = None if args.dtype in (None, "auto") else args.dtype
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype,  # None: the engine's default
                                     max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                                    model_name=args.served_model_name or args.model)
+                                    model_name=args.served_model_name or default_served_name(args.model))
     limits = Limits(max_images_per_request=args.max_images_per_request, max_image_pixels=args.max_image_pixels,
-                    max_body_bytes=args.max_body_bytes,
+                    max_request_pixels=args.max_request_pixels, max_pixels_in_flight=args.max_pixels_in_flight,
+                    max_image_bytes=args.max_image_bytes, url_timeout=args.url_timeout,
+                    max_stop_chars=args.max_stop_chars, max_body_bytes=args.max_body_bytes,
                     allowed_url_domains=tuple(d.lower().strip(".") for d in args.allow_url_domain))
-    app = create_app(engine, limits=limits, api_key=args.api_key, drain_timeout=args.drain_timeout)
+    app = create_app(engine, limits=limits, api_key=args.api_key, drain_timeout=args.drain_timeout,
+                     model_aliases=(args.model,))  # the name a client that started us knows
     run_server(app, host=args.host, port=args.port, log_level=args.log_level, drain_timeout=args.drain_timeout)
     return 0
 

@@ -4,17 +4,25 @@ Routes::
 
     POST /v1/chat/completions   non-stream JSON, or SSE with ``"stream": true`` (``stream_options.include_usage``)
     GET  /v1/models             the one model served
-    GET  /health                ``{"status": "ok" | "draining", "queue_depth", "batch_size"}``
-    GET  /metrics               Prometheus text: requests, tokens, queue depth, batch size, latency
+    GET  /health                ``{"status": "ok" | "draining", "model", "queue_depth", "batch_size"}`` (503 draining)
+    GET  /metrics               Prometheus text (``prometheus_client``, one registry per app)
 
-Every response carries ``x-request-id`` (the client's, if it sent a sane one). Errors are OpenAI-shaped
-(``{"error": {"message", "type", "param", "code"}}``) with the status of their ``llava_next_sdk.errors``
-class. Request bodies are parsed by ``llava_next_sdk.wire`` and checked by :mod:`llava_next_plugin.validation`,
+Every request has one id: the client's ``x-request-id`` when it sent a sane one, else ``chatcmpl-<hex>``
+(``req-<hex>`` off the chat route). It is the response's ``x-request-id`` header, the completion's ``id`` and
+the engine's request id, and every log line about the request names it.
+
+Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``) with the status of their
+``llava_next_sdk.errors`` class. Any malformed body is a 400; a model other than the one served is a 404
+``model_not_found``. An unexpected failure is logged once, with its traceback and request id, and answered
+``500 internal error, request id X``, nothing more; the connection stays usable (keep-alive) after any error.
+Request bodies are parsed by ``llava_next_sdk.wire`` and checked by :mod:`llava_next_plugin.validation`,
 exactly as the SDK's local transport does; a request the engine's queue cannot take gets 429 before its images
-are fetched or decoded, and at most ``max_preparing`` requests prepare images at once. A client that disconnects
-cancels its generation. On SIGTERM,
-uvicorn stops accepting connections and waits for the requests in flight (up to the drain timeout), then the
-engine drains and stops.
+are fetched or decoded, at most ``max_preparing`` requests prepare images at once, and their decoded pixels
+share one :class:`~llava_next_plugin.validation.PixelBudget`. A client that disconnects cancels its generation.
+
+On SIGTERM (or SIGINT) the server drains: ``/health`` answers 503 ``draining``, new chat requests get 503 with
+``Retry-After``, and the requests in flight run to their end, up to the drain timeout; then whatever still runs
+is cut (a stream gets an error event ``server shutting down`` before it closes) and the server stops.
 """
 
 from __future__ import annotations
@@ -22,18 +30,20 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import os
 import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from llava_next_sdk import wire
@@ -41,109 +51,122 @@ from llava_next_sdk.errors import (
     AuthenticationError,
     BadRequestError,
     LlavaNextError,
+    ModelNotFoundError,
     NotFoundError,
     OverloadedError,
+    RequestCancelledError,
     ServerError,
 )
 
-from .engine import Engine, RequestHandle
-from .validation import Limits, prepare_request
+from .engine import Engine, EngineResult, RequestHandle
+from .validation import Limits, PixelBudget, prepare_request
 
-__all__ = ["create_app", "run_server", "serve_in_thread", "RunningServer"]
+__all__ = ["create_app", "run_server", "serve_in_thread", "RunningServer", "default_served_name"]
 
 logger = logging.getLogger(__name__)
 
 JSON_ON_LOOP_BYTES = 64 * 1024  # request bodies up to this size are parsed on the event loop, larger in a thread
-LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, float("inf"))
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer: counted, never sent
+SHUTDOWN_RETRY_AFTER = 5.0  # seconds a client is asked to wait when this server is shutting down
 
 
-@dataclass
-class _Histogram:
-    buckets: tuple[float, ...] = LATENCY_BUCKETS
-    counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
-    total: float = 0.0
-    count: int = 0
-
-    def observe(self, seconds: float) -> None:
-        for i, bound in enumerate(self.buckets):
-            if seconds <= bound:
-                self.counts[i] += 1
-        self.total += seconds
-        self.count += 1
-
-    def lines(self, name: str, labels: str = "") -> list[str]:
-        out = []
-        for bound, count in zip(self.buckets, self.counts):
-            le = "+Inf" if bound == float("inf") else repr(bound)
-            out.append(f'{name}_bucket{{{labels}{"," if labels else ""}le="{le}"}} {count}')
-        suffix = f"{{{labels}}}" if labels else ""
-        out += [f"{name}_sum{suffix} {self.total}", f"{name}_count{suffix} {self.count}"]
-        return out
+def default_served_name(model: str) -> str:
+    """The model id clients see for checkpoint *model*: a hub id as it is, a local folder by its base name
+    (the server never shows the path it loads from)."""
+    text = str(model)
+    if os.path.exists(text) or os.path.isabs(text) or text.startswith((".", "~")):
+        return os.path.basename(os.path.normpath(os.path.abspath(os.path.expanduser(text)))) or "llava-next"
+    return text
 
 
-def _label_value(text: str) -> str:
-    """*text* escaped for a Prometheus label value (backslash, double quote, newline)."""
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+# ---------------------------------------------------------------------------------------------- metrics
+
+class _EngineCollector:
+    """The engine's counters and gauges, read (a consistent copy) whenever ``/metrics`` is scraped."""
+
+    def __init__(self, engine: Engine, budget: PixelBudget) -> None:
+        self.engine, self.budget = engine, budget
+
+    def describe(self):
+        return []  # unchecked: the families depend on what the engine has counted
+
+    def collect(self):
+        stats = self.engine.stats_snapshot()
+        outcomes = CounterMetricFamily("llava_next_generations", "Engine requests by outcome.", labels=["outcome"])
+        for key in sorted(k for k in stats if k.startswith("requests_")):
+            outcomes.add_metric([key[len("requests_"):]], stats[key])
+        yield outcomes
+        for name, key, what in (("prompt_tokens", "prompt_tokens", "Prompt tokens processed (images included)."),
+                                ("completion_tokens", "completion_tokens", "Tokens generated."),
+                                ("image_tokens", "image_tokens", "Prompt tokens that stand for images.")):
+            yield CounterMetricFamily(f"llava_next_{name}", what, value=stats.get(key, 0))
+        yield GaugeMetricFamily("llava_next_queue_depth", "Requests waiting to join the batch.",
+                                value=self.engine.queue_depth)
+        yield GaugeMetricFamily("llava_next_batch_size", "Requests decoding now.", value=self.engine.batch_size)
+        yield GaugeMetricFamily("llava_next_image_pixels_in_flight", "Image pixels being decoded and preprocessed.",
+                                value=self.budget.in_use)
 
 
 class Metrics:
-    """Counters for ``/metrics``: HTTP requests by route and status, chat latency and time to first token.
+    """``/metrics`` for one app: its own ``prometheus_client`` registry (so two apps in one process never share
+    counts), HTTP requests by route and status, and histograms of latency, time to first token and queue wait.
 
     Requests are labelled by route (``route_paths``); any other path counts as ``"other"``, so the label
     set stays bounded whatever paths clients send, authenticated or not.
     """
 
-    def __init__(self, route_paths: tuple[str, ...] = ()) -> None:
-        self.lock = threading.Lock()
+    def __init__(self, engine: Engine, budget: PixelBudget, route_paths: tuple[str, ...] = ()) -> None:
+        self.registry = CollectorRegistry()
         self.route_paths = frozenset(route_paths)
-        self.requests: dict[tuple[str, int], int] = {}
-        self.latency = _Histogram()
-        self.first_token = _Histogram()
+        self.requests = Counter("llava_next_http_requests", "HTTP requests by path and status.", ["path", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("llava_next_request_duration_seconds",
+                                 "Chat completion latency, request to last token.", buckets=LATENCY_BUCKETS,
+                                 registry=self.registry)
+        self.first_token = Histogram("llava_next_time_to_first_token_seconds", "Request to first generated token.",
+                                     buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.queue_wait = Histogram("llava_next_queue_wait_seconds", "Time a request waited to join the batch.",
+                                    buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.registry.register(_EngineCollector(engine, budget))
 
     def count_request(self, path: str, status: int) -> None:
-        key = (path if path in self.route_paths else "other", int(status))
-        with self.lock:
-            self.requests[key] = self.requests.get(key, 0) + 1
+        self.requests.labels(path if path in self.route_paths else "other", str(int(status))).inc()
 
-    def render(self, engine: Engine) -> str:
-        stats = engine.stats
-        lines = ["# HELP llava_next_http_requests_total HTTP requests by path and status.",
-                 "# TYPE llava_next_http_requests_total counter"]
-        with self.lock:
-            for (path, status), count in sorted(self.requests.items()):
-                labels = f'path="{_label_value(path)}",status="{status}"'
-                lines.append(f"llava_next_http_requests_total{{{labels}}} {count}")
-            lines += ["# HELP llava_next_request_duration_seconds Chat completion latency, request to last token.",
-                      "# TYPE llava_next_request_duration_seconds histogram"]
-            lines += self.latency.lines("llava_next_request_duration_seconds")
-            lines += ["# HELP llava_next_time_to_first_token_seconds Request to first generated token.",
-                      "# TYPE llava_next_time_to_first_token_seconds histogram"]
-            lines += self.first_token.lines("llava_next_time_to_first_token_seconds")
-        lines += ["# HELP llava_next_generations_total Engine requests by outcome.",
-                  "# TYPE llava_next_generations_total counter"]
-        for key in sorted(k for k in stats if k.startswith("requests_")):
-            outcome = _label_value(key[len("requests_"):])
-            lines.append(f'llava_next_generations_total{{outcome="{outcome}"}} {stats[key]}')
-        for name, key, what in (("prompt_tokens", "prompt_tokens", "Prompt tokens processed (images included)."),
-                                ("completion_tokens", "completion_tokens", "Tokens generated."),
-                                ("image_tokens", "image_tokens", "Prompt tokens that stand for images.")):
-            lines += [f"# HELP llava_next_{name}_total {what}", f"# TYPE llava_next_{name}_total counter",
-                      f"llava_next_{name}_total {stats[key]}"]
-        lines += ["# HELP llava_next_queue_depth Requests waiting to join the batch.",
-                  "# TYPE llava_next_queue_depth gauge", f"llava_next_queue_depth {engine.queue_depth}",
-                  "# HELP llava_next_batch_size Requests decoding now.",
-                  "# TYPE llava_next_batch_size gauge", f"llava_next_batch_size {engine.batch_size}"]
-        return "\n".join(lines) + "\n"
+    def observe(self, result: EngineResult) -> None:
+        self.latency.observe(result.total_seconds)
+        self.first_token.observe(result.time_to_first_token)
+        self.queue_wait.observe(result.queue_seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
-def error_response(error: LlavaNextError) -> JSONResponse:
-    """The OpenAI-shaped JSON response for *error*."""
+# ---------------------------------------------------------------------------------------------- errors
+
+def _json_response(body: Any, status: int = 200, headers: dict | None = None) -> Response:
+    # ASCII-escaped: a client's lone surrogate, quoted back in an error, cannot break the encoding
+    return Response(json.dumps(body, ensure_ascii=True, separators=(",", ":")), status_code=status,
+                    headers=headers, media_type="application/json")
+
+
+def error_response(error: LlavaNextError) -> Response:
+    """The OpenAI-shaped JSON response for *error* (``Retry-After`` for overload, ``WWW-Authenticate`` for 401)."""
     headers = {}
     if isinstance(error, OverloadedError) and error.retry_after is not None:
         headers["Retry-After"] = str(max(1, round(error.retry_after)))
     if isinstance(error, AuthenticationError):
         headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(wire.build_error_body(error), status_code=error.status or 500, headers=headers)
+    return _json_response(wire.build_error_body(error), error.status or 500, headers)
+
+
+def _internal(request_id: str) -> ServerError:
+    return ServerError(f"internal error, request id {request_id}")
+
+
+def _shutting_down() -> OverloadedError:
+    return OverloadedError("server shutting down; retry shortly (another instance may answer)", status=503,
+                           retry_after=SHUTDOWN_RETRY_AFTER)
 
 
 def _request_id(scope: dict) -> str:
@@ -152,11 +175,13 @@ def _request_id(scope: dict) -> str:
             text = value.decode("latin-1")
             if 0 < len(text) <= 128 and text.isprintable():
                 return text
-    return f"req-{uuid.uuid4().hex}"
+    return ("chatcmpl-" if scope.get("path") == "/v1/chat/completions" else "req-") + uuid.uuid4().hex
 
 
 class _Front:
-    """ASGI middleware: a request id on every response, the API key check, and request counting."""
+    """ASGI middleware: the request id, the API key check, request counting, and the last line of defence:
+    an exception that escaped a route is logged once and answered 500 here, so it never reaches uvicorn
+    (which would log it again and close the keep-alive connection)."""
 
     def __init__(self, app, api_key: str | None, metrics: Metrics) -> None:
         self.app = app
@@ -177,11 +202,12 @@ class _Front:
             return
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
-        status = [500]
+        status = [CLIENT_CLOSED]
+        started = [False]
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
-                status[0] = message["status"]
+                status[0], started[0] = message["status"], True
                 message = {**message, "headers": list(message.get("headers", [])) +
                            [(b"x-request-id", request_id.encode("latin-1"))]}
             await send(message)
@@ -192,14 +218,24 @@ class _Front:
                 await error_response(error)(scope, receive, send_with_id)
                 return
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            logger.info("request %s: the client went away before its request was read", request_id)
+        except Exception:
+            logger.exception("request %s: unhandled error in %s %s", request_id, scope.get("method"), scope["path"])
+            if not started[0]:
+                try:
+                    await error_response(_internal(request_id))(scope, receive, send_with_id)
+                except OSError:
+                    pass
+            status[0] = 500
         finally:
             self.metrics.count_request(scope["path"], status[0])
 
 
 async def _read_json(request: Request, max_bytes: int) -> Any:
     declared = request.headers.get("content-length")
-    too_big = BadRequestError(f"the request body is larger than {max_bytes} bytes; send fewer or smaller images",
-                              status=413, param=None)
+    too_big = BadRequestError(f"the request body is larger than {max_bytes} bytes (--max-body-bytes); send fewer "
+                              "or smaller images", status=413, param=None)
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise too_big
     chunks, size = [], 0
@@ -213,50 +249,194 @@ async def _read_json(request: Request, max_bytes: int) -> Any:
         if len(body) > JSON_ON_LOOP_BYTES:  # megabytes of base64 images: parse off the event loop
             return await anyio.to_thread.run_sync(json.loads, body)
         return json.loads(body)
-    except ValueError as exc:
-        raise BadRequestError(f"the request body is not valid JSON ({exc})", param=None) from None
+    except RecursionError:
+        raise BadRequestError("the request body nests JSON too deeply; a chat request needs a few levels",
+                              param=None) from None
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise BadRequestError(f"the request body is not valid JSON ({_first_line(exc)})", param=None) from None
 
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------- drain
+
+class _Drain:
+    """The chat requests in flight, and the drain at shutdown: refuse new work, wait for the rest, then cut
+    what is left (each cut request told ``server shutting down``)."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.active = 0
+        self.handles: set[RequestHandle] = set()
+        self.cut_ids: set[str] = set()
+        self.draining = False
+        self.cutting = False
+
+    def enter(self) -> None:
+        with self._changed:
+            self.active += 1
+
+    def leave(self) -> None:
+        with self._changed:
+            self.active -= 1
+            self._changed.notify_all()
+
+    def track(self, handle: RequestHandle) -> None:
+        with self._changed:
+            self.handles.add(handle)
+        if self.cutting:
+            self._cut(handle)
+
+    def untrack(self, handle: RequestHandle) -> None:
+        with self._changed:
+            self.handles.discard(handle)
+
+    def _cut(self, handle: RequestHandle) -> None:
+        with self._changed:
+            self.cut_ids.add(handle.id)
+        handle.cancel()
+
+    def was_cut(self, handle: RequestHandle) -> bool:
+        return handle.id in self.cut_ids
+
+    def begin(self) -> None:
+        self.draining = True
+
+    def wait(self, timeout: float, grace: float = 5.0) -> int:
+        """Block until no chat request is in flight, at most *timeout* seconds; then cut the rest and give them
+        *grace* seconds to send their last event. Returns how many were cut."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self.active and time.monotonic() < deadline:
+                self._changed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            if not self.active:
+                return 0
+            self.cutting = True
+            handles = list(self.handles)
+        for handle in handles:
+            self._cut(handle)
+        deadline = time.monotonic() + grace
+        with self._changed:
+            while self.active and time.monotonic() < deadline:
+                self._changed.wait(0.1)
+        return max(len(self.cut_ids), 1)
+
+
+class _StreamThenLeave(StreamingResponse):
+    """A streaming response that runs *on_end* however it ends (even if its body never started)."""
+
+    def __init__(self, content, on_end, **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self._on_end = on_end
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_end()
+
+
+# ---------------------------------------------------------------------------------------------- the app
 
 def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | None = None,
                model_name: str | None = None, drain_timeout: float = 30.0,
-               shutdown_engine: bool = True, max_preparing: int = 4) -> Starlette:
+               shutdown_engine: bool = True, max_preparing: int = 4, model_aliases: tuple[str, ...] = ()) -> Starlette:
     """The ASGI app serving *engine*.
 
     Args:
         engine: a started :class:`Engine` (the app shuts it down, draining, when the server stops).
-        limits: request limits (images, sizes, allowed URL hosts, body size).
+        limits: request limits (images, pixels, sizes, stop strings, allowed URL hosts, body size).
         api_key: when set, ``/v1/*`` needs ``Authorization: Bearer <api_key>``.
-        model_name: the id reported by ``/v1/models`` and in responses (default: the engine's).
+        model_name: the id reported by ``/v1/models`` and in responses, and the only ``model`` requests may
+            name (default: :func:`default_served_name` of the engine's).
         drain_timeout: seconds the engine may take to finish its requests at shutdown.
         shutdown_engine: shut the engine down (draining) when the app stops; False for an engine that
             outlives the app (shared with other apps or in-process clients).
         max_preparing: requests whose images are fetched, decoded and preprocessed at once, at most;
             others wait their turn. A request the engine's queue cannot take is refused (429) before
             any of that work, and again after waiting.
+        model_aliases: other names requests may give the model (``llava-next serve`` accepts the ``--model``
+            it was started with, which the client knows already); never shown.
     """
     limits = limits or Limits()
-    name = model_name or engine.model_name
-    metrics = Metrics()
+    name = model_name or default_served_name(engine.model_name)
+    budget = PixelBudget(limits.max_pixels_in_flight)
+    metrics = Metrics(engine, budget)
+    drain = _Drain()
+
+    def refusal(error: LlavaNextError, request_id: str, handle: RequestHandle | None = None) -> LlavaNextError:
+        """What the client is told about *error*, logged once with the request id (a failure of a submitted
+        request was logged by the engine, which names the same id, so here only at debug level)."""
+        if isinstance(error, RequestCancelledError):
+            if handle is None or not drain.was_cut(handle):
+                logger.info("request %s cancelled: the client went away", request_id)
+                return error
+            error = _shutting_down()
+        status = error.status or 500
+        if status >= 500 and status != 503:  # 503s (overload, shutdown) are ours to explain; the rest is internal
+            logger.log(logging.DEBUG if handle is not None else logging.ERROR, "request %s failed: %s: %s",
+                       request_id, type(error).__name__, error.message)
+            return _internal(request_id)
+        logger.info("request %s refused (%s %s): %s", request_id, status, error.code, error.message)
+        return error
+
+    def respond(error: LlavaNextError, request_id: str, handle: RequestHandle | None = None) -> Response:
+        error = refusal(error, request_id, handle)
+        if isinstance(error, RequestCancelledError):  # the client went away: nobody reads this
+            return Response(status_code=CLIENT_CLOSED)
+        return error_response(error)
+
+    accepted_names = {name, *model_aliases}
+
+    def check_model(requested: str | None) -> None:
+        if requested is not None and requested not in accepted_names:
+            shown = repr(requested) if len(requested) <= 60 else repr(requested[:50]) + "..."
+            raise ModelNotFoundError(f"the model {shown} does not exist on this server; it serves "
+                                     f"{name!r} (see /v1/models)", param="model")
 
     async def chat_completions(request: Request) -> Response:
+        request_id = request.scope["state"]["request_id"]
+        if drain.draining:
+            return respond(_shutting_down(), request_id)
+        drain.enter()
+        streaming = False
         try:
-            body = await _read_json(request, limits.max_body_bytes)
-            parsed = wire.parse_chat_request(body)
-            engine.check_admission()  # cheap: a full queue answers 429 before any image work
-            prepared = await anyio.to_thread.run_sync(_admit_and_prepare, parsed.request, limiter=_preparing())
-            handle = engine.submit(prepared)
-        except LlavaNextError as error:
-            return error_response(error)
-        if parsed.stream:
-            return StreamingResponse(_stream(handle, parsed.include_usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        try:
-            result = await _result_unless_disconnected(request, handle)
-        except LlavaNextError as error:
-            return error_response(error)
-        _observe(result)
-        return JSONResponse(wire.build_chat_response(result.to_generation_result(name), request_id=handle.id,
-                                                     model=name))
+            try:
+                body = await _read_json(request, limits.max_body_bytes)
+                parsed = wire.parse_chat_request(body)
+                check_model(parsed.request.model)
+                engine.check_admission()  # cheap: a full queue answers 429 before any image work
+                prepared = await anyio.to_thread.run_sync(_admit_and_prepare, parsed.request,
+                                                          limiter=_preparing())
+                if drain.cutting:
+                    raise _shutting_down()
+                handle = engine.submit(prepared, request_id=request_id)
+            except LlavaNextError as error:
+                return respond(error, request_id)
+            drain.track(handle)
+            if parsed.stream:
+                def stream_ended() -> None:
+                    handle.cancel()  # no-op when finished; stops generation when the stream never ran
+                    drain.untrack(handle)
+                    drain.leave()
+
+                streaming = True
+                return _StreamThenLeave(_stream(handle, parsed.include_usage, request_id), stream_ended,
+                                        media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            try:
+                result = await _result_unless_disconnected(request, handle)
+            except LlavaNextError as error:
+                return respond(error, request_id, handle)
+            finally:
+                drain.untrack(handle)
+            metrics.observe(result)
+            return _json_response(wire.build_chat_response(result.to_generation_result(name), request_id=request_id,
+                                                           model=name))
+        finally:
+            if not streaming:
+                drain.leave()
 
     preparing: list[anyio.CapacityLimiter] = []  # made on first use, inside the server's event loop
 
@@ -267,62 +447,71 @@ def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | N
 
     def _admit_and_prepare(chat_request):
         engine.check_admission()  # again: the queue may have filled while this request waited its turn
-        return prepare_request(engine, chat_request, limits)
+        return prepare_request(engine, chat_request, limits, budget)
 
-    async def _result_unless_disconnected(request: Request, handle: RequestHandle):
+    async def _result_unless_disconnected(request: Request, handle: RequestHandle) -> EngineResult:
+        """The request's result; a client that disconnects first cancels it. Errors come out bare (caught
+        inside the task group, so never wrapped in an ExceptionGroup)."""
+        outcome: list[Any] = []
+
+        async def cancel_on_disconnect() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            handle.cancel()
+
         async with anyio.create_task_group() as group:
-            async def cancel_on_disconnect() -> None:
-                while (await request.receive())["type"] != "http.disconnect":
-                    pass
-                handle.cancel()
-
             group.start_soon(cancel_on_disconnect)
             try:
-                return await handle.aresult()
-            finally:
-                group.cancel_scope.cancel()
+                outcome.append(await handle.aresult())
+            except LlavaNextError as error:
+                outcome.append(error)
+            group.cancel_scope.cancel()
+        if isinstance(outcome[0], LlavaNextError):
+            raise outcome[0]
+        return outcome[0]
 
-    def _observe(result) -> None:
-        with metrics.lock:
-            metrics.latency.observe(result.total_seconds)
-            metrics.first_token.observe(result.time_to_first_token)
-
-    async def _stream(handle: RequestHandle, include_usage: bool):
+    async def _stream(handle: RequestHandle, include_usage: bool, request_id: str):
         created = int(time.time())
 
         def chunk(**kwargs) -> bytes:
-            return wire.encode_sse(wire.build_stream_chunk(request_id=handle.id, model=name, created=created,
+            return wire.encode_sse(wire.build_stream_chunk(request_id=request_id, model=name, created=created,
                                                            **kwargs))
+
+        def error_event(error: LlavaNextError) -> bytes:
+            body = wire.build_error_body(error)
+            body["error"]["status"] = error.status or 500
+            return wire.encode_sse(json.dumps(body, ensure_ascii=True))
 
         try:
             yield chunk(role="assistant", delta="")
             async for delta in handle:
                 yield chunk(delta=delta)
             result = await handle.aresult()
-            _observe(result)
+            metrics.observe(result)
             yield chunk(finish_reason=result.finish_reason)
             if include_usage:
                 final = result.to_generation_result(name)
                 yield chunk(usage=final.usage, timings=final.timings)
         except LlavaNextError as error:
-            body = wire.build_error_body(error)
-            body["error"]["status"] = error.status or 500
-            yield wire.encode_sse(body)
+            yield error_event(refusal(error, request_id, handle))
+        except Exception:
+            logger.exception("request %s: the stream failed", request_id)
+            yield error_event(_internal(request_id))
         finally:
             handle.cancel()  # no-op when finished; stops generation when the client went away
         yield wire.SSE_DONE
 
     async def models(request: Request) -> Response:
-        return JSONResponse(wire.build_models_list([name]))
+        return _json_response(wire.build_models_list([name]))
 
     async def health(request: Request) -> Response:
-        draining = not engine._accepting
-        return JSONResponse({"status": "draining" if draining else "ok", "model": name,
-                             "queue_depth": engine.queue_depth, "batch_size": engine.batch_size},
-                            status_code=503 if draining else 200)
+        draining = drain.draining or not engine.accepting
+        return _json_response({"status": "draining" if draining else "ok", "model": name,
+                               "queue_depth": engine.queue_depth, "batch_size": engine.batch_size},
+                              503 if draining else 200)
 
     async def prometheus(request: Request) -> Response:
-        return PlainTextResponse(metrics.render(engine), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 404:
@@ -331,10 +520,6 @@ def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | N
         else:
             error = BadRequestError(f"{request.method} {request.url.path}: {exc.detail}", status=exc.status_code)
         return error_response(error)
-
-    async def server_error(request: Request, exc: Exception) -> Response:
-        logger.exception("unhandled error in %s", request.url.path)
-        return error_response(ServerError(f"internal error: {exc!r}"))
 
     @asynccontextmanager
     async def lifespan(app):
@@ -348,41 +533,75 @@ def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | N
               Route("/health", health, methods=["GET"]),
               Route("/metrics", prometheus, methods=["GET"])]
     metrics.route_paths = frozenset(route.path for route in routes)
-    app = Starlette(
-        routes=routes,
-        exception_handlers={HTTPException: http_error, Exception: server_error},
-        lifespan=lifespan)
+    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
     app.add_middleware(_Front, api_key=api_key, metrics=metrics)
     app.state.engine = engine
     app.state.metrics = metrics
+    app.state.drain = drain
+    app.state.pixel_budget = budget
+    app.state.drain_timeout = drain_timeout
     return app
 
+
+# ---------------------------------------------------------------------------------------------- running it
 
 def _uvicorn_config(app, host: str, port: int, log_level: str, drain_timeout: float):
     import uvicorn
 
+    # After our own drain only idle keep-alive connections are left for uvicorn's graceful shutdown.
     return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
                           timeout_graceful_shutdown=drain_timeout, access_log=log_level == "debug")
 
 
+def _draining_server(config, app):
+    """A uvicorn server whose first SIGTERM/SIGINT drains *app* (see the module docstring) before it stops;
+    a second signal stops at once, as uvicorn does."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        cut = 0
+        _drain_started = False
+
+        def handle_exit(self, sig, frame) -> None:
+            drain = getattr(app.state, "drain", None)
+            if drain is None or self._drain_started:
+                super().handle_exit(sig, frame)
+                return
+            self._drain_started = True
+            self._captured_signals.append(sig)
+            drain.begin()
+            threading.Thread(target=self._drain_then_exit, args=(drain,), name="llava-next-drain",
+                             daemon=True).start()
+
+        def _drain_then_exit(self, drain: _Drain) -> None:
+            self.cut = drain.wait(app.state.drain_timeout)
+            if self.cut:
+                logger.warning("the drain timeout (%gs) cut %d request(s) in flight", app.state.drain_timeout,
+                               self.cut)
+            self.should_exit = True
+
+    return DrainingServer(config)
+
+
 def run_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
                drain_timeout: float = 30.0) -> None:
-    """Serve *app* with uvicorn until SIGINT/SIGTERM; in-flight requests finish first (up to *drain_timeout*).
+    """Serve *app* with uvicorn until SIGINT/SIGTERM, draining first (up to *drain_timeout*, see the module doc).
 
-    Returns normally after a drained shutdown (exit status 0): uvicorn re-raises the signal it caught to
+    Returns normally after the shutdown (exit status 0): uvicorn re-raises the signal it caught to
     the handler that was installed before it, which here only notes it.
     """
     import signal
 
-    import uvicorn
+    server = _draining_server(_uvicorn_config(app, host, port, log_level, drain_timeout), app)
 
     def stopped(signum, frame) -> None:
-        logger.info("stopped by %s after draining", signal.Signals(signum).name)
+        how = f"after the drain timeout cut {server.cut} request(s)" if server.cut else "after draining"
+        logger.info("stopped by %s %s", signal.Signals(signum).name, how)
 
     if threading.current_thread() is threading.main_thread():
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, stopped)
-    uvicorn.Server(_uvicorn_config(app, host, port, log_level, drain_timeout)).run()
+    server.run()
 
 
 class RunningServer:

@@ -5,10 +5,17 @@ A :class:`~llava_next_sdk.types.ChatRequest` arrives already well formed (``llav
 deployment and the model, and happens before anything is queued:
 
 * images per request (:attr:`Limits.max_images_per_request`);
-* where images may come from: ``data:`` URLs and encoded bytes always; ``http(s)://`` URLs only for hosts in
+* where images may come from: images decoded in this process (the local transport), ``data:`` URLs and
+  encoded bytes always; ``http(s)://`` URLs only for hosts in
   :attr:`Limits.allowed_url_domains` (``None``: any host); never local paths or ``file://`` URLs;
-* image size: encoded bytes (:attr:`Limits.max_image_bytes`) and pixels (:attr:`Limits.max_image_pixels`),
-  read from the header before the pixels are decoded;
+* stop strings: at most :attr:`Limits.max_stop_chars` characters each (their count is bounded by
+  ``GenerationParams``);
+* prompt text: at most as many characters as the context could hold (the context length times the longest
+  token's length), checked *before* anything is tokenized, so a 10 MB prompt is refused at once;
+* image size: encoded bytes (:attr:`Limits.max_image_bytes`) and pixels (:attr:`Limits.max_image_pixels`
+  per image, :attr:`Limits.max_request_pixels` per request, 413 beyond), read from the headers before any
+  pixel is decoded; a :class:`PixelBudget` bounds the pixels decoded at once across requests (429 beyond);
+* image URLs: fetched within :attr:`Limits.url_timeout` seconds overall and :attr:`Limits.max_image_bytes`;
 * context length: prompt tokens (images expanded) plus ``max_tokens`` (by :meth:`Engine.prepare`).
 
 Every failure is an ``llava_next_sdk.errors`` class that says what was wrong and how to fix it, so the
@@ -18,20 +25,25 @@ fetching, tokenizing): call them from a worker thread.
 
 from __future__ import annotations
 
+import ctypes
 import io
+import threading
+import weakref
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 from urllib.parse import urlsplit
 
-from llava_next_sdk.errors import BadRequestError, InvalidImageError
+from llava_next_sdk.errors import BadRequestError, ContextLengthExceededError, InvalidImageError, OverloadedError
 from llava_next_sdk.types import ChatRequest, GenerationParams, TextPart
 from llava_next_sdk.wire import decode_data_url
 
 if TYPE_CHECKING:
     from .engine import Engine, PreparedRequest, SamplingParams
 
-__all__ = ["Limits", "check_image_count", "check_image_url", "load_request_images", "to_chat_messages",
-           "to_sampling_params", "prepare_request"]
+__all__ = ["Limits", "PixelBudget", "check_image_count", "check_image_url", "check_stop_strings",
+           "check_prompt_chars", "max_prompt_chars", "load_request_images", "to_chat_messages", "to_sampling_params",
+           "prepare_request"]
 
 DEFAULT_TEMPERATURE = 1.0
 """OpenAI's default when a request gives no temperature."""
@@ -44,19 +56,79 @@ class Limits:
     Args:
         max_images_per_request: images in one request at most.
         max_image_pixels: width x height of one image at most.
-        max_image_bytes: encoded size of one image at most.
+        max_request_pixels: width x height summed over a request's images at most (413 beyond).
+        max_pixels_in_flight: pixels decoded at once across all requests (the server's
+            :class:`PixelBudget`; a request that would exceed it gets 429). At least ``max_request_pixels``.
+        max_image_bytes: encoded size of one image at most (also the download limit of an image URL).
         allowed_url_domains: hosts whose ``http(s)://`` image URLs are fetched (a domain allows its
             subdomains too); ``()`` allows none, ``None`` allows any (in-process use only).
-        url_timeout: seconds for fetching one image URL.
+        url_timeout: seconds for fetching one image URL, overall (connect, headers and every byte).
         max_body_bytes: size of a request body at most (the server's limit).
+        max_stop_chars: characters of one stop string at most.
     """
 
     max_images_per_request: int = 8
     max_image_pixels: int = 4096 * 4096
+    max_request_pixels: int = 4096 * 4096
+    max_pixels_in_flight: int = 4 * 4096 * 4096
     max_image_bytes: int = 20 * 1024 * 1024
     allowed_url_domains: tuple[str, ...] | None = ()
     url_timeout: float = 10.0
     max_body_bytes: int = 64 * 1024 * 1024
+    max_stop_chars: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.max_pixels_in_flight < self.max_request_pixels:
+            raise ValueError(f"max_pixels_in_flight={self.max_pixels_in_flight} is below max_request_pixels="
+                             f"{self.max_request_pixels}: a request within its own limit could never run")
+
+
+class PixelBudget:
+    """The decoded pixels that requests may hold at once while their images are prepared (thread-safe).
+
+    A request takes its images' pixel count (read from their headers) before decoding them and gives it
+    back when its images are preprocessed; a request that does not fit now gets :class:`OverloadedError`
+    (429, retry later). When the budget falls back to zero after large images, freed memory is handed back
+    to the operating system (glibc keeps it otherwise, and the process's RSS stays at its peak).
+    """
+
+    TRIM_AFTER_PIXELS = 4096 * 4096
+    """Hand memory back to the OS when at least this many pixels were released since the last time."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.in_use = 0
+        self._released = 0
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self._lock:
+            if self.in_use + pixels > self.capacity:
+                raise OverloadedError(
+                    f"the server is decoding {self.in_use} image pixels for other requests and this request needs "
+                    f"{pixels} more, beyond its budget of {self.capacity} pixels in flight; retry shortly",
+                    retry_after=1.0)
+            self.in_use += pixels
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_use -= pixels
+                self._released += pixels
+                trim = self.in_use == 0 and self._released >= self.TRIM_AFTER_PIXELS
+                if trim:
+                    self._released = 0
+            if trim:
+                _return_free_memory()
+
+
+def _return_free_memory() -> None:
+    """Ask glibc to give freed heap pages back to the OS (a no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def check_image_count(request: ChatRequest, limits: Limits) -> None:
@@ -84,72 +156,117 @@ def check_image_url(url: str, index: int, limits: Limits) -> None:
             index=index, param="messages")
 
 
+def check_stop_strings(request: ChatRequest, limits: Limits) -> None:
+    """Refuse stop strings longer than :attr:`Limits.max_stop_chars` (their count is checked on parsing)."""
+    for i, stop in enumerate(request.params.stop or ()):
+        if len(stop) > limits.max_stop_chars:
+            raise BadRequestError(
+                f"stop[{i}] is {len(stop)} characters long; at most {limits.max_stop_chars} characters are allowed "
+                f"per stop string (the limit max_stop_chars), so shorten it", param="stop")
+
+
+_LONGEST_TOKEN: "weakref.WeakKeyDictionary[object, int]" = weakref.WeakKeyDictionary()
+
+
+def max_prompt_chars(engine: "Engine") -> int:
+    """The most prompt characters that could fit *engine*'s context: its length times the longest token's
+    text (a prompt with more characters has more tokens than the context holds, whatever they are)."""
+    longest = _LONGEST_TOKEN.get(engine)
+    if longest is None:
+        tokenizer = engine.tokenizer
+        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        longest = _LONGEST_TOKEN[engine] = max((len(t) for t in tokens if isinstance(t, str)), default=1) or 1
+    return engine.max_context * longest
+
+
+def check_prompt_chars(engine: "Engine", request: ChatRequest) -> None:
+    """Refuse a prompt whose text cannot fit the context, before any of it is tokenized."""
+    chars = sum(len(p.text) for m in request.messages for p in m.content if isinstance(p, TextPart))
+    bound = max_prompt_chars(engine)
+    if chars > bound:
+        raise ContextLengthExceededError(
+            f"the messages hold {chars} characters of text, more than the model's context length of "
+            f"{engine.max_context} tokens can hold (at most {bound} characters); send a shorter prompt",
+            param="messages")
+
+
 def _fetch(url: str, index: int, limits: Limits) -> bytes:
-    """GET an allowed image URL: no redirects (they could lead anywhere), bounded size and time."""
+    """GET an allowed image URL: no redirects (they could lead anywhere), bounded size and overall time."""
     from .images import fetch_url
 
     try:
-        return fetch_url(url, timeout=limits.url_timeout, max_bytes=limits.max_image_bytes, follow_redirects=False)
+        return fetch_url(url, timeout=limits.url_timeout, total_timeout=limits.url_timeout,
+                         max_bytes=limits.max_image_bytes, follow_redirects=False)
     except InvalidImageError as error:
         raise InvalidImageError(error.message, index=index, param="messages") from None
 
 
-def _decode(data: bytes, index: int, limits: Limits):
-    """An RGB PIL image from encoded bytes, its pixel count checked before the pixels are decoded."""
+def _image_size(source, index: int, limits: Limits) -> tuple[int, int]:
+    """``(width, height)`` of an image source, its limits checked: a decoded image's own size, or what an
+    encoded image's header says (0, 0 when unreadable: decoding says why)."""
     from PIL import Image
 
-    from .images import decode_image_bytes, to_rgb
-
-    if len(data) > limits.max_image_bytes:
-        raise InvalidImageError(f"the image is {len(data)} bytes; at most {limits.max_image_bytes} are allowed",
-                                index=index, param="messages")
-    try:
-        size = Image.open(io.BytesIO(data)).size  # reads the header only
-    except Exception:
-        size = (0, 0)  # undecodable: decode_image_bytes says why
-    _check_pixels(size, index, limits)
-    try:
-        return to_rgb(decode_image_bytes(data, "the image"), "the image")
-    except InvalidImageError as error:
-        raise InvalidImageError(error.message, index=index, param="messages") from None
-
-
-def _check_pixels(size: tuple[int, int], index: int, limits: Limits) -> None:
-    width, height = size
+    if isinstance(source, bytes):
+        if len(source) > limits.max_image_bytes:
+            raise InvalidImageError(f"the image is {len(source)} bytes; at most {limits.max_image_bytes} are "
+                                    "allowed", index=index, param="messages")
+        try:
+            width, height = Image.open(io.BytesIO(source)).size  # reads the header only
+        except Exception:
+            width = height = 0
+    else:
+        width, height = source.size
     if width * height > limits.max_image_pixels:
         raise InvalidImageError(
             f"the image is {width}x{height} = {width * height} pixels; at most {limits.max_image_pixels} are "
             "allowed, so downscale it", index=index, param="messages")
+    return width, height
 
 
-def _decoded(image, index: int, limits: Limits):
-    """An image decoded in this process (the SDK's local transport), used as it is: no encoding round trip."""
-    from .images import to_rgb
+def _to_rgb(source, index: int):
+    """An RGB PIL image from encoded bytes whose size was checked, or from an image decoded in this process
+    (the SDK's local transport hands those over as they are: no encoding round trip)."""
+    from .images import decode_image_bytes, to_rgb
 
-    _check_pixels(image.size, index, limits)
     try:
+        image = decode_image_bytes(source, "the image") if isinstance(source, bytes) else source
         return to_rgb(image, "the image")
     except InvalidImageError as error:
         raise InvalidImageError(error.message, index=index, param="messages") from None
 
 
-def load_request_images(request: ChatRequest, limits: Limits) -> list:
-    """Every image of *request* as an RGB PIL image, in order, under the deployment's source policy."""
+def _request_image_sources(request: ChatRequest, limits: Limits) -> list:
+    """Every image of *request*, in order, as encoded bytes or an already decoded image, under the
+    deployment's source policy."""
     check_image_count(request, limits)
-    images = []
+    sources: list = []
     for index, part in enumerate(request.images):
         if part.image is not None:
-            images.append(_decoded(part.image, index, limits))
-            continue
-        if part.data is not None:
-            data = part.data
+            sources.append(part.image)
+        elif part.data is not None:
+            sources.append(bytes(part.data))
         elif part.is_data_url:
-            _, data = decode_data_url(part.url, index=index)
+            sources.append(decode_data_url(part.url, index=index)[1])
         else:
             check_image_url(part.url, index, limits)
-            data = _fetch(part.url, index, limits)
-        images.append(_decode(data, index, limits))
-    return images
+            sources.append(_fetch(part.url, index, limits))
+    return sources
+
+
+def _request_pixels(sources: list, limits: Limits) -> int:
+    pixels = sum(w * h for w, h in (_image_size(source, i, limits) for i, source in enumerate(sources)))
+    if pixels > limits.max_request_pixels:
+        raise BadRequestError(
+            f"the request's images hold {pixels} pixels together; at most {limits.max_request_pixels} are allowed "
+            "per request, so send fewer or smaller images", status=413, param="messages")
+    return pixels
+
+
+def load_request_images(request: ChatRequest, limits: Limits) -> list:
+    """Every image of *request* as an RGB PIL image, in order, under the deployment's source policy."""
+    sources = _request_image_sources(request, limits)
+    _request_pixels(sources, limits)
+    return [_to_rgb(source, index) for index, source in enumerate(sources)]
 
 
 def to_chat_messages(request: ChatRequest) -> list[dict]:
@@ -171,15 +288,27 @@ def to_sampling_params(params: GenerationParams) -> "SamplingParams":
         seed=params.seed)
 
 
-def prepare_request(engine: "Engine", request: ChatRequest, limits: Limits) -> "PreparedRequest":
+def prepare_request(engine: "Engine", request: ChatRequest, limits: Limits,
+                    budget: PixelBudget | None = None) -> "PreparedRequest":
     """Check *request* against *limits* and the model, and turn it into the engine's input (blocking).
 
+    The cheap checks come first (user message, stop strings, prompt characters), then the images are fetched
+    and their headers read, and only then are pixels decoded, within *budget* when one is given.
+
     Raises:
-        BadRequestError: too many images.
+        BadRequestError: no user message, too many images, a stop string too long, or (413) too many pixels.
         InvalidImageError: an image from a forbidden source, too large, or undecodable (names its index).
         ContextLengthExceededError: the prompt plus ``max_tokens`` exceeds the model's context.
+        OverloadedError: *budget* has no room for this request's pixels now (429).
     """
-    images = load_request_images(request, limits)
     if not any(m.role == "user" for m in request.messages):
         raise BadRequestError("the request needs at least one user message", param="messages")
-    return engine.prepare(to_chat_messages(request), images, to_sampling_params(request.params))
+    check_stop_strings(request, limits)
+    check_prompt_chars(engine, request)
+    sources = _request_image_sources(request, limits)
+    pixels = _request_pixels(sources, limits)
+    with budget.hold(pixels) if budget is not None else nullcontext():
+        images = [_to_rgb(source, index) for index, source in enumerate(sources)]
+        del sources
+        return engine.prepare(to_chat_messages(request), images, to_sampling_params(request.params))
+

@@ -183,7 +183,7 @@ def test_http_errors_are_clear(image_server, monkeypatch):
         load_image(image_server + "/missing.png", index=2)
     with pytest.raises(InvalidImageError, match=r"did not answer within 0.3 s .*pass a larger timeout"):
         load_image(image_server + "/slow", timeout=0.3)
-    with pytest.raises(InvalidImageError, match=r"URL .*/page.* is not an image PIL can read"):
+    with pytest.raises(InvalidImageError, match=r"URL .*/page.* is not an image \(content-type text/html\)"):
         load_image(image_server + "/page")
     monkeypatch.setattr(images, "MAX_DOWNLOAD_BYTES", 1000)
     with pytest.raises(InvalidImageError, match=r"serves more than 1,000 bytes, the download limit"):
@@ -229,8 +229,9 @@ def test_truncated_files_are_caught_at_load(tmp_path, fmt):
 
 
 def test_corrupted_and_empty_bytes():
-    with pytest.raises(InvalidImageError, match=r"bytes \(11 bytes\) is not an image PIL can read .*starts with b'hello"):
+    with pytest.raises(InvalidImageError, match=r"bytes \(11 bytes\) is not an image PIL can read") as info:
         load_image(b"hello world")
+    assert "hello" not in info.value.message  # bytes that are no image are never quoted back
     with pytest.raises(InvalidImageError, match=r"is empty \(0 bytes\)"):
         load_image(b"")
     with pytest.raises(InvalidImageError, match=r"invalid base64"):

@@ -146,7 +146,7 @@ def test_every_response_carries_a_request_id_and_echoes_the_clients(server):
     for url in (server.url + "/models", base + "/health", base + "/metrics", base + "/nowhere"):
         response = httpx.get(url, headers={"x-request-id": "trace-123"})
         assert response.headers["x-request-id"] == "trace-123"
-        assert httpx.get(url).headers["x-request-id"].startswith("req-")
+        assert httpx.get(url).headers["x-request-id"].startswith("req-")  # chatcmpl- on the chat route
     missing = httpx.get(base + "/nowhere")
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
 
@@ -188,12 +188,6 @@ def test_metrics_label_requests_by_route_so_random_or_forged_paths_add_no_series
     assert "forged" not in text
     for line in text.splitlines():  # every line a comment or a sample of one of our metric families
         assert line.startswith("# ") or line.startswith("llava_next_") and "forged" not in line
-
-
-def test_metric_label_values_are_escaped():
-    from llava_next_plugin.server import _label_value
-
-    assert _label_value('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
 
 
 def test_api_key_is_required_when_set(engine):
@@ -369,3 +363,22 @@ def test_image_urls_are_fetched_only_from_allowed_hosts_and_redirects_are_not_fo
         assert redirected.status_code == 400 and "HTTP 307" in redirected.json()["error"]["message"]
         other_host = ask_about(f"http://localhost:{image_host.port}/cat.png")
         assert other_host.status_code == 400 and "allowed hosts: 127.0.0.1" in other_host.json()["error"]["message"]
+
+
+def test_each_app_counts_in_its_own_registry_and_reports_latency_ttft_and_queue_wait(engine):
+    body = {"messages": image_message("Hi", data_url(40, 40)), "max_tokens": 2, "temperature": 0}
+    with serve_in_thread(create_app(engine, limits=LIMITS, shutdown_engine=False)) as first, \
+            serve_in_thread(create_app(engine, limits=LIMITS, shutdown_engine=False)) as second:
+        for _ in range(3):
+            assert httpx.post(first.url + "/chat/completions", json=body, timeout=60).status_code == 200
+        texts = [httpx.get(s.url[:-len("/v1")] + "/metrics").text for s in (first, second)]
+
+    def value(text, name):
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+    for histogram in ("llava_next_request_duration_seconds", "llava_next_time_to_first_token_seconds",
+                      "llava_next_queue_wait_seconds"):
+        assert f"# TYPE {histogram} histogram" in texts[0]
+        assert value(texts[0], histogram + "_count") == 3 and value(texts[1], histogram + "_count") == 0
+    ok = 'llava_next_http_requests_total{path="/v1/chat/completions",status="200"}'
+    assert value(texts[0], ok) == 3 and value(texts[1], ok) == 0

@@ -180,3 +180,75 @@ def test_local_and_served_engines_pick_the_same_device_by_default(tiny_checkpoin
         assert local.device.type == served.device.type == default_device()
     finally:
         served.shutdown(drain=False)
+
+
+# Failures of the engine, not of the input: the same class (and status) from both transports.
+
+def _failure_on_both(make_engine, call, *, during=None) -> dict:
+    """``{kind: error}``: ``await call(client)`` with each transport, each over a new engine (HTTP through our
+    server); with *during*, ``await during(engine)`` runs while the call is in flight."""
+    from llava_next_sdk.errors import LlavaNextError
+
+    errors = {}
+    for kind in TRANSPORTS:
+        engine = make_engine()
+
+        async def main(url):
+            options = ({"base_url": url, "model": "tiny"} if url else
+                       {"model": "tiny", "engine": engine, "request_limits": LIMITS})
+            async with AsyncClient(max_retries=0, **options) as client:
+                async with anyio.create_task_group() as group:
+                    async def run():
+                        try:
+                            await call(client)
+                        except LlavaNextError as error:
+                            errors[kind] = error
+
+                    group.start_soon(run)
+                    if during is not None:
+                        await during(engine)
+
+        try:
+            if kind == "local":
+                anyio.run(main, None)
+            else:
+                with serve_in_thread(create_app(engine, limits=LIMITS, shutdown_engine=False)) as running:
+                    anyio.run(main, running.url)
+        finally:
+            engine.shutdown(drain=False)
+    return errors
+
+
+def test_the_same_engine_failure_raises_the_same_error_class_locally_and_over_http(tiny_checkpoint):
+    import faulty_serve
+
+    from llava_next_sdk.errors import OverloadedError, ServerError
+
+    def faulty():
+        return faulty_serve.inject_faults(Engine.from_pretrained(str(tiny_checkpoint), model_name="tiny"))
+
+    def full():
+        return Engine.from_pretrained(str(tiny_checkpoint), model_name="tiny", max_queue=0)
+
+    async def wait_then_shut_down(engine):
+        while engine.batch_size == 0:
+            await anyio.sleep(0.02)
+        await anyio.to_thread.run_sync(lambda: engine.shutdown(drain=False))
+
+    cases = {
+        "out of device memory": (faulty, lambda c: c.generate(None, faulty_serve.OOM_MARKER, max_tokens=2), None,
+                                 OverloadedError, 503),
+        "the model failed": (faulty, lambda c: c.generate(None, faulty_serve.RUNTIME_MARKER, max_tokens=2), None,
+                             ServerError, 500),
+        "the queue is full": (full, lambda c: c.generate(None, "Hi", max_tokens=2), None, OverloadedError, 429),
+        "the engine shut down mid-request": (
+            lambda: Engine.from_pretrained(str(tiny_checkpoint), model_name="tiny"),
+            lambda c: c.generate(None, "Go on", max_tokens=3000, temperature=0), wait_then_shut_down,
+            ServerError, 503),
+    }
+    for case, (make, call, during, expected, status) in cases.items():
+        errors = _failure_on_both(make, call, during=during)
+        assert set(errors) == set(TRANSPORTS), case
+        for kind, error in errors.items():
+            assert type(error) is expected and error.status == status, f"{case}, {kind}: {error!r}"
+        assert "RuntimeError" not in errors["http"].message, case

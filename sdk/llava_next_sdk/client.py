@@ -69,7 +69,10 @@ class AsyncClient:
         name sent to the endpoint.
     :param base_url: an OpenAI-compatible endpoint, e.g. ``"http://127.0.0.1:8000/v1"``.
     :param api_key: the endpoint's key (``Authorization: Bearer``).
-    :param timeout: seconds, or an ``httpx.Timeout``; finite by default (10 s connect, 300 s read).
+    :param timeout: seconds one call may take in all, retries and the whole answer or stream included
+        (default 600); beyond it the call raises ``APITimeoutError``. ``connect_timeout=`` (default 10 s) and
+        ``read_timeout=`` (default 120 s, how long a silent server is waited for) tune the phases; an
+        ``httpx.Timeout`` sets them all instead.
     :param max_retries: retries (default 2, with backoff: :class:`~llava_next_sdk.retry.RetryPolicy`) on
         connect errors, 429 and 5xx before a response starts; for a local model, when the engine's queue is
         full (``OverloadedError``), before the request is queued.

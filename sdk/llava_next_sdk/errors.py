@@ -13,6 +13,7 @@ bodies back into the same classes, so local and remote calls fail alike.
     │   │   └── UnsupportedParameterError
     │   ├── AuthenticationError (401)
     │   ├── NotFoundError (404)
+    │   │   └── ModelNotFoundError    the request names a model the endpoint does not serve
     │   ├── OverloadedError (429/503) queue full or rate limited; retry later
     │   └── ServerError (5xx)
     ├── APIConnectionError            nothing answered
@@ -33,6 +34,7 @@ __all__ = [
     "UnsupportedParameterError",
     "AuthenticationError",
     "NotFoundError",
+    "ModelNotFoundError",
     "OverloadedError",
     "ServerError",
     "APIConnectionError",
@@ -109,6 +111,10 @@ class NotFoundError(APIError):
     code = "not_found"
 
 
+class ModelNotFoundError(NotFoundError):
+    code = "model_not_found"
+
+
 class OverloadedError(APIError):
     """The queue is full or the endpoint rate-limits: retry later (``retry_after`` seconds if known)."""
 
@@ -145,7 +151,8 @@ class RequestCancelledError(LlavaNextError):
 
 
 _BY_CODE = {cls.code: cls for cls in (InvalidImageError, ContextLengthExceededError, UnsupportedParameterError,
-                                       AuthenticationError, NotFoundError, OverloadedError, ServerError)}
+                                       AuthenticationError, NotFoundError, ModelNotFoundError, OverloadedError,
+                                       ServerError)}
 
 
 def error_from_status(status: int, body: Any = None, *, request_id: str | None = None,

@@ -5,7 +5,8 @@ Accepted sources, and what they become:
 - ``http(s)://`` URL            -> ``ImagePart(url=...)``, passed through (the model side fetches it);
 - ``data:image/...;base64,`` URL -> ``ImagePart(url=...)`` after its header and payload are checked;
 - a path (``str``, ``os.PathLike``, ``file://`` URL) -> ``ImagePart(data=<file bytes>)``;
-- ``bytes`` / ``bytearray`` / ``memoryview`` of an image file -> ``ImagePart(data=...)``;
+- ``bytes`` / ``bytearray`` / ``memoryview`` of an image file, or a binary file object (anything with
+  ``read()``, e.g. ``open(path, "rb")`` or ``io.BytesIO``; read from its current position) -> ``ImagePart(data=...)``;
 - a ``PIL.Image.Image``         -> ``ImagePart(image=...)``: kept decoded (see below);
 - a numpy array ``[H, W]``, ``[H, W, 1|3|4]`` (uint8, bool, or floats in [0, 1]) -> ``ImagePart(image=...)``.
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import unquote, urlparse
@@ -38,7 +40,8 @@ __all__ = ["to_image_part", "to_image_parts", "as_image_list", "encode_png", "en
 
 _MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp",
                 "BMP": "image/bmp", "TIFF": "image/tiff"}
-_SOURCES = "a PIL image, a path, bytes, a numpy array, an http(s) URL or a data URL"
+_SOURCES = "a PIL image, a path, bytes, a binary file object, a numpy array, an http(s) URL or a data URL"
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 def _is_numpy_array(source: Any) -> bool:
@@ -69,8 +72,12 @@ def _check_image_bytes(data: bytes, index: int | None, what: str) -> str:
             img.verify()
     except Image.DecompressionBombError as exc:
         raise InvalidImageError(f"{what} is too large to decode safely ({exc})", index=index) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InvalidImageError(f"{what} is not a readable image ({exc}); pass PNG, JPEG, WebP, GIF, BMP "
+    except UnidentifiedImageError:  # its message names PIL's internal buffer, not anything the caller passed
+        raise InvalidImageError(f"{what} is not a readable image (unknown format or corrupt header); pass PNG, "
+                                "JPEG, WebP, GIF, BMP or TIFF data", index=index) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        detail = _OBJECT_REPR.sub("the data", str(exc)) or type(exc).__name__
+        raise InvalidImageError(f"{what} is not a readable image ({detail}); pass PNG, JPEG, WebP, GIF, BMP "
                                 "or TIFF data", index=index) from None
     return _MEDIA_TYPES.get(fmt or "", f"image/{(fmt or 'png').lower()}")
 
@@ -150,6 +157,37 @@ def _read_path(path: Path, index: int | None) -> bytes:
         raise InvalidImageError(f"cannot read image file {str(path)!r}: {exc.strerror or exc}", index=index) from None
 
 
+def _argument(index: int | None) -> str:
+    return "the image" if index is None else f"images[{index}]"
+
+
+def _file_object_name(source: Any, index: int | None) -> str:
+    """How an error names a file object: the argument, and the file's name when it has one (never its repr)."""
+    name = getattr(source, "name", None)
+    kind = type(source).__name__
+    return f"{_argument(index)} (a {kind}" + (f" of {os.fspath(name)!r})" if isinstance(name, (str, os.PathLike))
+                                              else ")")
+
+
+def _read_file_object(source: Any, index: int | None) -> ImagePart:
+    what = _file_object_name(source, index)
+    try:
+        data = source.read()
+    except (OSError, ValueError) as exc:  # closed, not readable, not seekable...
+        raise InvalidImageError(f"{what} could not be read ({type(exc).__name__}: "
+                                f"{_OBJECT_REPR.sub('the file', str(exc))}); pass a readable file opened in "
+                                "binary mode ('rb')", index=index) from None
+    if isinstance(data, str):
+        raise InvalidImageError(f"{what} is open in text mode; open the image with open(path, 'rb')", index=index)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidImageError(f"{what}: read() returned {type(data).__name__}, not bytes; pass a binary file "
+                                "object", index=index)
+    data = bytes(data)
+    if not data:
+        raise InvalidImageError(f"{what} is empty (read() returned no bytes; is it at its end?)", index=index)
+    return ImagePart(data=data, media_type=_check_image_bytes(data, index, what))
+
+
 def _encode_sync(source: Any, index: int | None) -> ImagePart:
     """The blocking part of :func:`to_image_part` (runs in a worker thread)."""
     if isinstance(source, ImagePart):
@@ -180,6 +218,8 @@ def _encode_sync(source: Any, index: int | None) -> ImagePart:
         return ImagePart(image=_prepared(source, index))
     if _is_numpy_array(source):
         return ImagePart(image=_array_image(source, index))
+    if callable(getattr(source, "read", None)):
+        return _read_file_object(source, index)
     raise InvalidImageError(f"unsupported image type {type(source).__name__}; pass {_SOURCES}", index=index)
 
 

@@ -82,6 +82,9 @@ _SSE_LINE_END = re.compile(r"\r\n|\r|\n")
 
 # Request fields we understand, besides the sampling parameters of GenerationParams.
 _REQUEST_FIELDS = {"model", "messages", "stream", "stream_options", "max_completion_tokens", "n", "user"}
+# Fields OpenAI clients send with their default value: accepted with that value only.
+_DEFAULT_ONLY = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False}
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # Message roles as OpenAI names them -> ours ("developer" is the newer name of "system").
 _STATUS_BY_ERROR_TYPE = {"invalid_request_error": 400, "authentication_error": 401, "not_found_error": 404,
                          "overloaded_error": 429, "server_error": 500}
@@ -114,13 +117,15 @@ def _message_to_wire(message: ChatMessage) -> dict:
 
 def build_chat_request(request: ChatRequest, *, model: str | None = None, stream: bool = False,
                        include_usage: bool = True) -> dict:
-    """The JSON body for *request*. ``model`` fills in when ``request.model`` is ``None``.
+    """The JSON body for *request*. ``model`` fills in when ``request.model`` is ``None``; with neither, the
+    body names no model and the endpoint answers with its own.
 
     Images with ``data`` become base64 data URLs. With *stream*, ``stream_options.include_usage`` asks
     for the final usage chunk (set *include_usage* False for endpoints that reject it).
     """
-    body: dict[str, Any] = {"model": request.model or model or "default",
-                            "messages": [_message_to_wire(m) for m in request.messages]}
+    body: dict[str, Any] = {"messages": [_message_to_wire(m) for m in request.messages]}
+    if request.model or model:  # else the endpoint's default model answers
+        body = {"model": request.model or model, **body}
     body.update(request.params.to_dict())
     if stream:
         body["stream"] = True
@@ -133,15 +138,30 @@ def _bad(message: str, param: str = "messages") -> BadRequestError:
     return BadRequestError(message, param=param)
 
 
+def _brief(value: Any) -> str:
+    """A short repr of a client's value for an error message (never the whole of it)."""
+    if isinstance(value, (dict, list)):
+        return f"a JSON {'object' if isinstance(value, dict) else 'array'}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:50] + "...'"
+
+
+def _text(text: str, where: str) -> TextPart:
+    if not text.isascii() and _SURROGATE.search(text):
+        raise _bad(f"{where}: the text holds a lone UTF-16 surrogate (an escape such as \\ud800 without its pair); "
+                   "send valid Unicode")
+    return TextPart(text)
+
+
 def _parse_part(part: Any, where: str, image_index: int) -> TextPart | ImagePart:
     if not isinstance(part, Mapping):
-        raise _bad(f"{where}: a content part must be an object, got {type(part).__name__}")
+        raise _bad(f"{where}: a content part must be an object, got {_json_type(part)}")
     kind = part.get("type")
     if kind == "text":
         text = part.get("text")
         if not isinstance(text, str):
             raise _bad(f"{where}: a text part needs a string 'text'")
-        return TextPart(text)
+        return _text(text, where)
     if kind == "image_url":
         image_url = part.get("image_url")
         url = image_url.get("url") if isinstance(image_url, Mapping) else image_url
@@ -149,19 +169,26 @@ def _parse_part(part: Any, where: str, image_index: int) -> TextPart | ImagePart
             raise InvalidImageError(f"{where}: an image_url part needs {{'image_url': {{'url': '...'}}}}",
                                     index=image_index, param="messages")
         return ImagePart(url=url)
-    raise _bad(f"{where}: unsupported content part type {kind!r}; use 'text' or 'image_url'")
+    raise _bad(f"{where}: unsupported content part type {_brief(kind)}; use 'text' or 'image_url'")
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _parse_message(message: Any, i: int, image_count: int) -> ChatMessage:
     where = f"messages[{i}]"
     if not isinstance(message, Mapping):
-        raise _bad(f"{where} must be an object with 'role' and 'content'")
-    role = _ROLE_ALIASES.get(message.get("role"))
+        raise _bad(f"{where} must be an object with 'role' and 'content', got {_json_type(message)}")
+    given = message.get("role")
+    role = _ROLE_ALIASES.get(given) if isinstance(given, str) else None
     if role is None:
-        raise _bad(f"{where}: unsupported role {message.get('role')!r}; use system, user or assistant")
+        raise _bad(f"{where}: unsupported role {_brief(given)}; use system, user or assistant")
     content = message.get("content")
     if isinstance(content, str):
-        return ChatMessage(role, (TextPart(content),))
+        return ChatMessage(role, (_text(content, where),))
     if not isinstance(content, list):
         raise _bad(f"{where}: 'content' must be a string or a list of content parts")
     parts = []
@@ -181,13 +208,16 @@ def parse_chat_request(body: Any) -> ParsedChatRequest:
     """
     if not isinstance(body, Mapping):
         raise _bad("the request body must be a JSON object", param=None)
-    unknown = sorted(k for k in body if k not in _REQUEST_FIELDS and k not in GenerationParams.names())
-    if unknown:
+    known = _REQUEST_FIELDS | set(_DEFAULT_ONLY) | set(GenerationParams.names())
+    unknown = sorted(k for k in body if k not in known)
+    not_default = sorted(k for k, default in _DEFAULT_ONLY.items()
+                         if body.get(k) is not None and not _is_default(body[k], default))
+    if unknown or not_default:
+        named = unknown + [f"{k}={_brief(body[k])} (only {k}={json.dumps(_DEFAULT_ONLY[k])})" for k in not_default]
+        defaults = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(_DEFAULT_ONLY.items()))
         raise UnsupportedParameterError(
-            f"unsupported parameter(s): {', '.join(unknown)}; supported: "
-            f"{', '.join(sorted(_REQUEST_FIELDS | set(GenerationParams.names())))}", param=unknown[0])
-    if body.get("n") not in (None, 1):
-        raise UnsupportedParameterError(f"n={body['n']!r} is not supported; only n=1", param="n")
+            f"unsupported parameter(s): {', '.join(named)}; supported: {', '.join(sorted(known - set(_DEFAULT_ONLY)))}"
+            f", and {defaults} (their defaults only)", param=(unknown + not_default)[0])
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list of messages")
@@ -213,6 +243,15 @@ def parse_chat_request(body: Any) -> ParsedChatRequest:
         raise _bad("'stream_options' must be an object", param="stream_options")
     request = ChatRequest(tuple(parsed_messages), GenerationParams.from_kwargs(params), model)
     return ParsedChatRequest(request, stream=stream, include_usage=bool(options.get("include_usage")))
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    """*value* is *default* and of its JSON type (``true`` is not ``1``, ``0.0`` is ``0``)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return value is default
+    if isinstance(default, int) and default == 1:  # n: an integer
+        return type(value) is int and value == default
+    return isinstance(value, (int, float)) and value == default
 
 
 # --------------------------------------------------------------------------------------------- responses

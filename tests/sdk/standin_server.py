@@ -122,6 +122,17 @@ async def _scenario(name: str, record: Record, body: dict):
     if name == "slow":
         await asyncio.sleep(2.0)
         return _ok(body)
+    if name == "drip":  # headers at once, then one byte every 0.2 s (whitespace, or an SSE comment): ~10 s
+
+        async def drip():
+            for _ in range(50):
+                await asyncio.sleep(0.2)
+                yield b":\n" if body.get("stream") else b" "
+            answer, usage = _completion(body)
+            yield json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                                           "finish_reason": "stop"}], "usage": usage}).encode()
+
+        return StreamingResponse(drip(), media_type="text/event-stream" if body.get("stream") else "application/json")
     if name == "concurrent":
         record.in_flight += 1
         record.max_in_flight = max(record.max_in_flight, record.in_flight)

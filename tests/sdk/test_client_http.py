@@ -279,6 +279,36 @@ async def test_a_slow_server_times_out(standin):
     assert record.count == 1  # a read timeout may have started work: never retried
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_server_that_drips_bytes_cannot_hold_a_call_past_its_total_timeout(standin, stream):
+    """A byte every 0.2 s never trips the 5 s read timeout; the call's 1 s total ends it (the drip lasts ~10 s)."""
+    url, record = standin.endpoint("drip")
+    async with client_for(url, timeout=1.0, read_timeout=5, max_retries=0) as client:
+        with pytest.raises(APITimeoutError, match="total timeout of 1 s") as info:
+            if stream:
+                async with client.stream(None, "hi") as chunks:
+                    async for _ in chunks:
+                        pass
+            else:
+                await client.generate(None, "hi")
+    assert "timeout=" in info.value.message and record.count == 1
+
+
+def test_timeouts_default_to_a_finite_total_and_phases_and_are_tunable():
+    from llava_next_sdk.transports.http import DEFAULT_TOTAL_TIMEOUT, HTTPTransport
+
+    default = HTTPTransport("http://127.0.0.1:9/v1")
+    assert default.total_timeout == DEFAULT_TOTAL_TIMEOUT == 600
+    assert (default.timeout.connect, default.timeout.read) == (10, 120)
+    tuned = HTTPTransport("http://127.0.0.1:9/v1", timeout=30, connect_timeout=2, read_timeout=20)
+    assert tuned.total_timeout == 30 and (tuned.timeout.connect, tuned.timeout.read) == (2, 20)
+    short = HTTPTransport("http://127.0.0.1:9/v1", timeout=3)
+    assert short.total_timeout == 3 and (short.timeout.connect, short.timeout.read) == (3, 3)
+    for bad in ({"timeout": 0}, {"read_timeout": -1}, {"connect_timeout": "5"}):
+        with pytest.raises(TypeError, match=list(bad)[0]):
+            HTTPTransport("http://127.0.0.1:9/v1", **bad)
+
+
 async def test_connection_refused_is_retried_then_raised(free_port):
     async with client_for(f"http://127.0.0.1:{free_port}/v1", max_retries=2) as client:
         started = time.monotonic()

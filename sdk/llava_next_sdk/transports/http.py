@@ -2,7 +2,9 @@
 
 Robust by default:
 
-- finite timeouts (:data:`DEFAULT_TIMEOUT`: 10 s to connect, 300 s between bytes read);
+- finite timeouts: each call (connect, retries, the whole body or stream) ends within ``timeout`` seconds
+  (:data:`DEFAULT_TOTAL_TIMEOUT`, 600 s), so a server that drips a byte every few seconds cannot hold it;
+  within that, :data:`DEFAULT_TIMEOUT` bounds each phase (10 s to connect, 120 s between bytes read);
 - retries (``max_retries``, default 2) with exponential backoff and jitter on connect errors, 429 and
   5xx, honouring ``Retry-After`` (up to ``max_retry_after`` seconds), and only before the first byte of
   a successful response: a stream that fails part-way raises, it is never replayed;
@@ -32,24 +34,43 @@ from ..retry import DEFAULT_MAX_RETRIES, RetryPolicy
 from ..types import ChatRequest, GenerationResult, Timings, Usage
 from .base import StreamItem
 
-__all__ = ["HTTPTransport", "DEFAULT_TIMEOUT", "DEFAULT_MAX_RETRIES", "llava_next_sdk_transport"]
+__all__ = ["HTTPTransport", "DEFAULT_TIMEOUT", "DEFAULT_TOTAL_TIMEOUT", "DEFAULT_MAX_RETRIES",
+           "llava_next_sdk_transport"]
 
 logger = logging.getLogger("llava_next_sdk.http")
 
-DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=300.0, write=60.0, pool=60.0)
-"""Seconds: to connect, between two reads (a slow generation), to send, to wait for a pooled connection."""
+DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=120.0, write=60.0, pool=60.0)
+"""Seconds per phase: to connect, between two reads (a slow generation), to send, to wait for a pooled connection."""
+DEFAULT_TOTAL_TIMEOUT = 600.0
+"""Seconds one call may take in all: connecting, retries and their waits, and reading the whole answer or stream."""
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 _USER_AGENT = "llava-next-sdk/0.1.0"
 
 
-def _as_timeout(timeout: Any) -> httpx.Timeout:
+def _seconds(name: str, value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    raise TypeError(f"{name}={value!r} is invalid; pass seconds (> 0)")
+
+
+def _timeouts(timeout: Any, connect_timeout: Any, read_timeout: Any) -> tuple[httpx.Timeout, float]:
+    """The per-phase ``httpx.Timeout`` and the per-call total (see :class:`HTTPTransport`)."""
+    total = DEFAULT_TOTAL_TIMEOUT
     if timeout is None:
-        return DEFAULT_TIMEOUT
-    if isinstance(timeout, httpx.Timeout):
-        return timeout
-    if isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and timeout > 0:
-        return httpx.Timeout(float(timeout), connect=min(float(timeout), DEFAULT_TIMEOUT.connect))
-    raise TypeError(f"timeout={timeout!r} is invalid; pass seconds (> 0) or an httpx.Timeout")
+        phases = DEFAULT_TIMEOUT
+    elif isinstance(timeout, httpx.Timeout):
+        phases = timeout
+    else:
+        total = _seconds("timeout", timeout)
+        phases = httpx.Timeout(connect=min(total, DEFAULT_TIMEOUT.connect), read=min(total, DEFAULT_TIMEOUT.read),
+                               write=min(total, DEFAULT_TIMEOUT.write), pool=min(total, DEFAULT_TIMEOUT.pool))
+    if connect_timeout is not None:
+        phases = httpx.Timeout(connect=_seconds("connect_timeout", connect_timeout), read=phases.read,
+                               write=phases.write, pool=phases.pool)
+    if read_timeout is not None:
+        phases = httpx.Timeout(connect=phases.connect, read=_seconds("read_timeout", read_timeout),
+                               write=phases.write, pool=phases.pool)
+    return phases, total
 
 
 class HTTPTransport:
@@ -58,7 +79,12 @@ class HTTPTransport:
     :param base_url: the endpoint's base, usually ending in ``/v1`` (``http://127.0.0.1:8000/v1``).
     :param model: the ``model`` field sent when a request names none.
     :param api_key: sent as ``Authorization: Bearer <api_key>``.
-    :param timeout: seconds (one number for read/write/pool, connect capped at 10 s) or an ``httpx.Timeout``.
+    :param timeout: seconds one call may take in all (default :data:`DEFAULT_TOTAL_TIMEOUT`, 600 s): connecting,
+        retries and their waits, and reading the whole answer or, for a stream, every event up to the end;
+        beyond it the call raises :class:`~llava_next_sdk.errors.APITimeoutError`. No phase waits longer than
+        the total. An ``httpx.Timeout`` sets the phases instead (the total stays at its default).
+    :param connect_timeout: seconds to connect (default 10).
+    :param read_timeout: seconds between two reads (default 120): how long a silent server is waited for.
     :param max_retries, backoff_base, backoff_max, max_retry_after: the :class:`~llava_next_sdk.retry.RetryPolicy`
         (the local transport's too): retries after the first attempt (0 disables them); the n-th retry waits
         ``min(backoff_max, backoff_base * 2**n)`` seconds, jittered down by up to 25 %, unless the server's
@@ -70,7 +96,8 @@ class HTTPTransport:
     """
 
     def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
-                 timeout: Any = None, max_retries: int | None = None, backoff_base: float = 0.5,
+                 timeout: float | httpx.Timeout | None = None, connect_timeout: float | None = None,
+                 read_timeout: float | None = None, max_retries: int | None = None, backoff_base: float = 0.5,
                  backoff_max: float = 8.0, max_retry_after: float = 60.0, include_usage: bool = True,
                  headers: Mapping[str, str] | None = None, http_client: httpx.AsyncClient | None = None,
                  limits: httpx.Limits | None = None) -> None:
@@ -81,7 +108,7 @@ class HTTPTransport:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.include_usage = include_usage
-        self.timeout = _as_timeout(timeout)
+        self.timeout, self.total_timeout = _timeouts(timeout, connect_timeout, read_timeout)
         self._headers = {"User-Agent": _USER_AGENT, **(headers or {})}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
@@ -99,9 +126,10 @@ class HTTPTransport:
         request = await encoded_for_wire(request)  # decoded images become PNG once, in a worker thread
         body = wire.build_chat_request(request, model=self.model, stream=False)
         started = time.perf_counter()
-        response = await self._open(body, stream=False)
+        deadline = anyio.current_time() + self.total_timeout
+        response = await self._within(deadline, self._open(body, stream=False))
         try:
-            content = await self._read(response.aread())
+            content = await self._within(deadline, self._read(response.aread()))
         finally:
             await _close_quietly(response)
         return self._parse_completion(content, response, started)
@@ -111,16 +139,18 @@ class HTTPTransport:
         request = await encoded_for_wire(request)  # decoded images become PNG once, in a worker thread
         body = wire.build_chat_request(request, model=self.model, stream=True, include_usage=self.include_usage)
         started = time.perf_counter()
-        response = await self._open(body, stream=True)
+        deadline = anyio.current_time() + self.total_timeout
+        response = await self._within(deadline, self._open(body, stream=True))
         if response.headers.get("content-type", "").startswith("application/json"):
             # An endpoint that ignores "stream": one delta with the whole text, then the result.
             try:
-                result = self._parse_completion(await self._read(response.aread()), response, started)
+                result = self._parse_completion(await self._within(deadline, self._read(response.aread())),
+                                                response, started)
             finally:
                 await _close_quietly(response)
             yield _ListItems([result.text, result] if result.text else [result])
             return
-        items = _SSEItems(self, response, started)
+        items = _SSEItems(self, response, started, deadline)
         try:
             yield items
         finally:
@@ -203,6 +233,15 @@ class HTTPTransport:
             timings = Timings(timings.queue_seconds, timings.time_to_first_token, time.perf_counter() - started)
         return _replace(result, timings=timings, id=result.id or _request_id(response))
 
+    async def _within(self, deadline: float, awaitable: Any) -> Any:
+        """Await *awaitable*, raising :class:`APITimeoutError` when the call's total *deadline* passes first."""
+        with anyio.move_on_after(deadline - anyio.current_time()) as scope:
+            return await awaitable
+        if scope.cancelled_caught:
+            raise APITimeoutError(f"timed out: the call to {self.base_url} took longer than its total timeout of "
+                                  f"{self.total_timeout:g} s; pass a larger timeout= if the endpoint is just slow")
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def _read(self, awaitable: Any) -> Any:
         """Await a body read, turning transport failures (after the response began) into our errors."""
         try:
@@ -233,8 +272,9 @@ class _ListItems:
 class _SSEItems:
     """The async iterator of one streamed response: ``str`` deltas, then one ``GenerationResult``."""
 
-    def __init__(self, transport: HTTPTransport, response: httpx.Response, started: float) -> None:
+    def __init__(self, transport: HTTPTransport, response: httpx.Response, started: float, deadline: float) -> None:
         self._transport = transport
+        self._deadline = deadline
         self._response = response
         self._started = started
         # One plain generator over the raw body, closed explicitly (httpx's nested line iterators would be
@@ -290,10 +330,13 @@ class _SSEItems:
             if self._body_ended:
                 return None
             try:
-                chunk = await self._transport._read(self._raw.__anext__())
+                chunk = await self._transport._within(self._deadline, self._transport._read(self._raw.__anext__()))
             except StopAsyncIteration:
                 self._body_ended = True
                 self._events.extend(self._decoder.end())
+            except APITimeoutError:
+                self._done = True
+                raise
             else:
                 self._events.extend(self._decoder.feed(chunk))
         return self._events.pop(0)
@@ -362,7 +405,7 @@ def _connection_error(exc: Exception, url: str, retries: int) -> APIConnectionEr
                               "base_url right?")
 
 
-_OPTIONS = {"model", "api_key", "timeout", "max_retries", "backoff_base", "backoff_max", "max_retry_after",
+_OPTIONS = {"model", "api_key", "timeout", "connect_timeout", "read_timeout", "max_retries", "backoff_base", "backoff_max", "max_retry_after",
             "include_usage", "headers", "http_client", "limits"}
 
 

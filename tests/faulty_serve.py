@@ -1,0 +1,55 @@
+"""``llava-next serve`` with injected model failures, for tests of what clients see when the model fails.
+
+    python tests/faulty_serve.py --model PATH --port N ...   (the arguments of ``llava-next serve``)
+
+Every engine this process loads runs a model whose forward raises, during a prefill, when a prompt holds a
+marker: ``RAISE-RUNTIME`` (a ``RuntimeError`` whose text is internal detail that must never reach a
+client) or ``RAISE-OOM`` (``torch.OutOfMemoryError``). Everything else is the real server, engine and model.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import torch
+
+from llava_next_plugin import serve_cli
+from llava_next_plugin.engine import Engine
+
+RUNTIME_MARKER = "RAISE-RUNTIME"
+OOM_MARKER = "RAISE-OOM"
+INTERNAL_DETAIL = "device-side assert at /opt/secret/kernels.cu:42"
+
+
+def inject_faults(engine: Engine) -> Engine:
+    """Make *engine*'s model fail on the markers (see the module docstring); returns *engine*."""
+    forward = engine.model.forward
+    tokenizer = copy.deepcopy(engine.tokenizer)  # its own: the engine's is used by other threads
+
+    def failing_forward(*args, **kwargs):
+        input_ids = kwargs.get("input_ids")
+        if input_ids is not None and input_ids.shape[-1] > 1:  # a prefill: look at the prompts
+            texts = [tokenizer.decode(row[row != engine.pad_token_id]) for row in input_ids]
+            if any(RUNTIME_MARKER in t for t in texts):
+                raise RuntimeError(INTERNAL_DETAIL)
+            if any(OOM_MARKER in t for t in texts):
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return forward(*args, **kwargs)
+
+    engine.model.forward = failing_forward
+    return engine
+
+
+def main(argv: list[str]) -> int:
+    load = Engine.from_pretrained.__func__
+
+    def from_pretrained(cls, *args, **kwargs):
+        return inject_faults(load(cls, *args, **kwargs))
+
+    Engine.from_pretrained = classmethod(from_pretrained)
+    return serve_cli.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,81 @@
+"""The SDK's image sources: binary file objects are read like bytes, and every error about an image names
+the argument (``images[i]``) and never an object's repr (``<_io.BytesIO object at 0x...>``)."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import anyio
+import pytest
+from PIL import Image
+
+from llava_next_sdk import AsyncClient, InvalidImageError
+from llava_next_sdk.images import to_image_part
+
+REPR = re.compile(r"object at 0x")
+
+
+def png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def encode(source, index=0):
+    return anyio.run(lambda: to_image_part(source, index=index))
+
+
+def test_a_binary_file_object_is_read_like_its_bytes(tmp_path):
+    path = tmp_path / "red.png"
+    path.write_bytes(png())
+    with open(path, "rb") as file:
+        assert encode(file).data == encode(io.BytesIO(png())).data == png()
+
+
+BAD = {
+    "bytes that are no image": (lambda tmp: io.BytesIO(b"not an image"), r"images\[1\] \(a BytesIO\) is not a readable"),
+    "a closed file": (lambda tmp: _closed(tmp), r"images\[1\] \(a BufferedReader of '.*x.png'\) could not be read"),
+    "a file open in text mode": (lambda tmp: _text(tmp), r"images\[1\] \(a TextIOWrapper of '.*x.png'\) is open in text"),
+    "a file at its end": (lambda tmp: _at_end(), r"images\[1\] \(a BytesIO\) is empty"),
+    "raw bytes that are no image": (lambda tmp: b"not an image", r"the bytes is not a readable image"),
+}
+
+
+def _closed(tmp):
+    (tmp / "x.png").write_bytes(png())
+    file = open(tmp / "x.png", "rb")
+    file.close()
+    return file
+
+
+def _text(tmp):
+    (tmp / "x.png").write_text("not binary")
+    return open(tmp / "x.png")
+
+
+def _at_end():
+    file = io.BytesIO(png())
+    file.read()
+    return file
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_errors_name_the_argument_never_an_objects_repr(tmp_path, case):
+    make, says = BAD[case]
+    source = make(tmp_path)
+    with pytest.raises(InvalidImageError) as info:
+        encode(source, index=1)
+    assert re.search(says, info.value.message), info.value.message
+    assert not REPR.search(info.value.message) and info.value.index == 1
+
+
+def test_the_client_names_the_argument_before_sending_anything():
+    async def main():
+        async with AsyncClient(base_url="http://127.0.0.1:9/v1", max_retries=0) as client:
+            with pytest.raises(InvalidImageError) as info:
+                await client.generate([png(), io.BytesIO(b"junk")], "What?")
+            return info.value
+
+    error = anyio.run(main)
+    assert error.message.startswith("image 1: images[1] (a BytesIO)") and not REPR.search(error.message)
