@@ -224,11 +224,11 @@ class Engine:
         return next(b for b in self._buckets() if b >= rows)
 
     def _kv_bucket(self, columns: int) -> int:
-        """Cache columns a step attends over: exact in eager mode, rounded up to a power of two (>= 256)
+        """Cache columns a step attends over: exact in eager mode, rounded up to a power of two (>= 512)
         when compiled, so the compiled step sees a few shapes only."""
         if not self.runner.compiled:
             return columns
-        size = 256
+        size = 512
         while size < columns:
             size *= 2
         return min(size, self.kv.max_len)
@@ -598,7 +598,7 @@ class Engine:
 
     @torch.inference_mode()
     def _decode(self, decoding: list[_Running]) -> None:
-        if len(decoding) == 1:
+        if len(decoding) == 1 and not self.runner.compiled:
             first, rows = decoding[0].slot, 1
         else:
             first, rows = 0, self._row_bucket(max(r.slot for r in decoding) + 1)

@@ -49,7 +49,12 @@ def language_model(model):
 
 
 class ModelRunner:
-    """Runs forwards over a :class:`KVSlots`; owns the compiled decode step when compiling."""
+    """Runs forwards over a :class:`KVSlots`; owns the compiled decode step when compiling.
+
+    Compiling (``torch.compile``, inductor, ``fullgraph=True``; CUDA graphs on CUDA) applies to the decode step
+    only, over static shapes: the engine feeds it a few row counts (batch-size buckets, rows ``[0, bucket)``)
+    and column counts (powers of two), so joins and leaves within a bucket reuse the same graph.
+    """
 
     def __init__(self, model, kv: KVSlots, *, image_token_id: int, compile: bool = False) -> None:
         self.model = model
@@ -64,11 +69,17 @@ class ModelRunner:
         self.image_token_id = image_token_id
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self._forward = self._run
+        self._decode_forward = self._run
         self.compiled = False
         self.warmup_seconds = 0.0
         if compile:
-            self._forward = torch.compile(self._run, dynamic=False, fullgraph=False)
+            mode = None
+            if self.device.type == "cuda":
+                mode = "reduce-overhead"  # CUDA graphs: the slots must keep their addresses
+                for tensor in kv.keys + kv.values:
+                    torch._dynamo.mark_static_address(tensor)
+            # static shapes: one graph per (rows bucket, columns bucket); no graph break allowed
+            self._decode_forward = torch.compile(self._run, dynamic=False, fullgraph=True, mode=mode)
             self.compiled = True
 
     # --- embeddings
@@ -118,8 +129,9 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, write_index: torch.Tensor,
                 last: torch.Tensor, rows: slice | torch.Tensor, kv_len: int) -> torch.Tensor:
-        """Run ``R`` rows (see the module docstring); ``logits [R, vocab]`` (float32) at ``last``."""
-        return self._forward(embeds, position_ids, write_index, last, rows, kv_len)
+        """Run ``R`` rows (see the module docstring); ``logits [R, vocab]`` (float32) at ``last``. Eager (prefill
+        chunks have too many shapes to compile)."""
+        return self._run(embeds, position_ids, write_index, last, rows, kv_len)
 
     @torch.inference_mode()
     def decode(self, tokens: torch.Tensor, position_ids: torch.Tensor, write_index: torch.Tensor,
@@ -127,15 +139,18 @@ class ModelRunner:
         """One token for the slot rows *rows*: ``tokens [R]`` -> ``logits [R, vocab]``."""
         embeds = self.embed_tokens(tokens[:, None])
         last = torch.zeros(tokens.shape[0], dtype=torch.long, device=self.device)
-        return self._forward(embeds, position_ids[:, None], write_index[:, None], last, rows, kv_len)
+        logits = self._decode_forward(embeds, position_ids[:, None], write_index[:, None], last, rows, kv_len)
+        return logits.clone() if self.compiled else logits  # CUDA graphs reuse their output buffers
 
+    @torch.inference_mode()  # the engine builds its inputs under inference mode too (dynamo guards on it)
     def warm_up(self, buckets: list[int], kv_len: int) -> float:
         """Run the decode step once per batch bucket (compiles when compiling); the seconds it took."""
         start = time.monotonic()
         for rows in buckets:
-            zeros = torch.zeros(rows, dtype=torch.long, device=self.device)
-            scratch = torch.full((rows,), self.kv.scratch, dtype=torch.long, device=self.device)
-            self.decode(zeros, zeros, scratch, slice(0, rows), kv_len)
+            inputs = torch.zeros((3, rows), dtype=torch.long)  # as the engine builds them: token, position, column
+            inputs[2] = self.kv.scratch
+            inputs = inputs.to(self.device)
+            self.decode(inputs[0], inputs[1], inputs[2], slice(0, rows), kv_len)
         self.warmup_seconds = time.monotonic() - start
         return self.warmup_seconds
 
