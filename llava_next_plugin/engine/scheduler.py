@@ -205,9 +205,10 @@ class Engine:
         """Bytes the static KV slots take (allocated at construction)."""
         return self.kv.nbytes
 
-    def warm_up(self) -> float:
-        """Run (and, when compiling, compile) the decode step once per batch-size bucket; its seconds, logged."""
-        seconds = self.runner.warm_up(self._buckets(), self._kv_bucket(1))
+    def warm_up(self, context: int = 1) -> float:
+        """Run (and, when compiling, compile) the decode step once per batch-size bucket, for the column bucket
+        of *context* tokens (the buckets of longer contexts compile on first use); its seconds, logged."""
+        seconds = self.runner.warm_up(self._buckets(), self._kv_bucket(context))
         logger.info("decode step warm-up (%s): %.1f s", "compiled" if self.runner.compiled else "eager", seconds)
         return seconds
 
