@@ -466,3 +466,24 @@ def test_tiny_temperatures_sample_safely_next_to_other_requests(engine, temperat
                                                                                  temperature=temperature)))
     assert tiny.result(timeout=120).token_ids == greedy
     assert all(len(h.result(timeout=120).token_ids) == 8 for h in others)
+
+
+def test_running_out_of_memory_in_a_prefill_fails_that_request_with_503_and_halves_the_chunk(tiny_checkpoint, engine):
+    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    failing = Engine(model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint), prefill_chunk=64).start()
+    try:
+        def oom_on_long_chunks(module, args, kwargs):
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is not None and embeds.shape[1] > 32:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+        model.model.language_model.register_forward_pre_hook(oom_on_long_chunks, with_kwargs=True)
+        victim = failing.submit(failing.prepare(ask("Too big"), [photo(60, 60)], GREEDY))
+        with pytest.raises(OverloadedError, match="ran out of memory") as info:
+            victim.result(timeout=120)
+        assert info.value.status == 503 and info.value.retry_after
+        assert failing.prefill_chunk == 32
+        expected = engine.generate(ask("Fits now"), [photo(60, 60)], GREEDY).token_ids
+        assert failing.generate(ask("Fits now"), [photo(60, 60)], GREEDY).token_ids == expected
+    finally:
+        failing.shutdown(drain=False)

@@ -536,6 +536,9 @@ class Engine:
         try:
             self._prefill(pieces)
         except Exception as exc:
+            if isinstance(exc, torch.OutOfMemoryError) and self.prefill_chunk > 16:
+                self.prefill_chunk //= 2  # smaller chunks need less memory for activations: carry on with them
+                logger.warning("out of memory in a prefill chunk: chunks are now %d tokens", self.prefill_chunk)
             if len(pieces) == 1:
                 self._fail_step(pieces[0][0], exc)
                 return
