@@ -414,13 +414,13 @@ class Engine:
             try:
                 self._pending.remove(handle)
             except ValueError:
-                pass
-            else:
-                self._withdrawn.append(handle)
+                return
             alive = self._thread is not None and self._thread.is_alive() and not self._stopping
-            self._lock.notify_all()
-        if not alive:  # no engine thread to end it: end it here
-            self._end_leftovers(ServerError("the engine shut down before this request finished", status=503))
+            if alive:
+                self._withdrawn.append(handle)
+                self._lock.notify_all()
+        if not alive:  # no engine thread (yet, or any more) to end it: end it here
+            self._end_cancelled(handle)
 
     # --- the loop
     def _run(self) -> None:
