@@ -45,7 +45,8 @@ def configs(smoke: bool):
                              num_key_value_heads=2, vocab_size=checkpoints.VOCAB_SIZE, max_position_embeddings=4096,
                              pad_token_id=checkpoints.PAD_TOKEN_ID)
         vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=checkpoints.TINY_TILE, patch_size=checkpoints.TINY_PATCH, projection_dim=32)
+                                  image_size=checkpoints.TINY_TILE, patch_size=checkpoints.TINY_PATCH,
+                                  projection_dim=32)
         tile, patch, pinpoints = checkpoints.TINY_TILE, checkpoints.TINY_PATCH, checkpoints.TINY_PINPOINTS
     else:
         text = MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

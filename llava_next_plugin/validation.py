@@ -163,4 +163,5 @@ def prepare_request(engine: "Engine", request: ChatRequest, limits: Limits) -> "
     images = load_request_images(request, limits)
     if not any(m.role == "user" for m in request.messages):
         raise BadRequestError("the request needs at least one user message", param="messages")
-    return engine.prepare(to_chat_messages(request), images, to_sampling_params(request.params))
+    return engine.prepare(to_chat_messages(request), images, to_sampling_params(request.params),
+                          image_detail=[part.detail for part in request.images])

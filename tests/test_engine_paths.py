@@ -49,7 +49,8 @@ def chunked(reference):
 
 def test_chunked_prefill_alone_and_joining_a_batch_gives_model_generate_tokens(reference, chunked):
     model, _ = reference
-    requests = [(ask("What is this?"), [photo(80, 50)]), (ask("Compare them.", images=2), [photo(64, 64), photo(30, 90)]),
+    requests = [(ask("What is this?"), [photo(80, 50)]),
+                (ask("Compare them.", images=2), [photo(64, 64), photo(30, 90)]),
                 ([{"role": "user", "content": [{"type": "text", "text": "A story about a cat"}]}], [])]
     prepared = [chunked.prepare(m, i, GREEDY) for m, i in requests]
     expected = [reference_greedy(model, p, 8) for p in prepared]
@@ -131,3 +132,43 @@ def test_running_streams_get_tokens_while_a_long_prompt_is_prefilled_in_chunks(r
         assert len(between) >= chunks // 2  # the running stream kept getting tokens between the chunks
     finally:
         engine.shutdown(drain=False)
+
+
+def test_low_detail_images_are_their_base_view_only_and_match_a_reference_built_from_the_models_pieces(reference):
+    model, processor = reference
+    engine = Engine(model, processor).start()
+    try:
+        images = [photo(96, 32), photo(64, 64)]
+        high = engine.prepare(ask("Compare.", images=2), images, GREEDY)
+        low = engine.prepare(ask("Compare.", images=2), images, GREEDY, image_detail=["low", "auto"])
+        base = (checkpoints.TINY_TILE // checkpoints.TINY_PATCH) ** 2
+        high_first = high.image_tokens - engine.prepare(ask("Compare."), images[1:], GREEDY).image_tokens
+        assert low.image_tokens == high.image_tokens - high_first + base
+        result = engine.submit(low).result(timeout=120)
+        assert result.image_tokens == low.image_tokens
+
+        # the reference: transformers' own vision tower and projector on the base view, its generate on embeddings
+        with torch.no_grad():
+            vision = model.model.vision_tower(low.pixel_values[0, :1], output_hidden_states=True)
+            selected = vision.hidden_states[model.config.vision_feature_layer][:, 1:]  # default strategy: no CLS
+            base_features = model.model.multi_modal_projector(selected)[0]
+            second = model.get_image_features(low.pixel_values[1:2], low.image_sizes[1:2]).pooler_output
+            second = torch.cat(list(second)) if isinstance(second, (list, tuple)) else second
+            ids = low.input_ids
+            embeds = model.get_input_embeddings()(ids)
+            embeds[ids == checkpoints.IMAGE_TOKEN_ID] = torch.cat([base_features, second])
+            out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                 do_sample=False)
+        assert result.token_ids == out[0].tolist()
+    finally:
+        engine.shutdown(drain=False)
+
+
+def test_an_unknown_detail_is_refused_with_the_values_allowed(reference):
+    from llava_next_sdk.errors import BadRequestError
+
+    engine = Engine(*reference, max_batch_size=1)
+    with pytest.raises(BadRequestError, match="'low', 'high' or 'auto'"):
+        engine.prepare(ask("Hi"), [photo(40, 40)], GREEDY, image_detail=["medium"])
+    with pytest.raises(BadRequestError, match="one per image"):
+        engine.prepare(ask("Hi"), [photo(40, 40)], GREEDY, image_detail=["low", "low"])

@@ -28,6 +28,8 @@ class PreparedRequest:
 
     ``input_ids [1, L]`` (image placeholders already expanded to ``image_tokens`` positions),
     ``pixel_values [num_images, patches, 3, h, w]`` or ``None``, ``image_sizes [num_images, 2]`` or ``None``.
+    ``image_detail``: per image, ``"low"`` (the base view only: its tile's features, no grid) or ``"high"``
+    (full anyres); empty means all high.
     """
 
     input_ids: torch.Tensor
@@ -37,6 +39,7 @@ class PreparedRequest:
     max_tokens: int
     num_images: int
     image_tokens: int
+    image_detail: tuple[str, ...] = ()
 
     @property
     def prompt_tokens(self) -> int:

@@ -328,7 +328,7 @@ class Engine:
         return processor
 
     def prepare(self, messages: list[dict], images: Sequence[Any] = (), params: SamplingParams | None = None,
-                *, prompt: str | None = None) -> PreparedRequest:
+                *, prompt: str | None = None, image_detail: Sequence[str] | None = None) -> PreparedRequest:
         """Build the prompt, preprocess the images and count tokens (run in the caller's thread; requests
         prepared in different threads do not wait for each other).
 
@@ -338,11 +338,15 @@ class Engine:
             images: PIL images, one per image part.
             params: sampling parameters.
             prompt: an already formatted prompt (then *messages* is ignored).
+            image_detail: per image, OpenAI's ``detail``: ``"low"`` (the base view only, one tile's tokens),
+                ``"high"`` or ``"auto"`` (full anyres, the default).
 
         Raises:
             ContextLengthExceededError: the prompt (plus ``max_tokens``) does not fit the context.
+            BadRequestError: an unknown *image_detail* value, or not one per image.
         """
         params = params or SamplingParams()
+        detail = _image_detail(image_detail, len(images))
         if prompt is None:
             from ..prompts import build_prompt
 
@@ -353,6 +357,8 @@ class Engine:
                 f"tokens can hold; shorten it", param="messages")
         inputs = self._processor()(images=list(images) or None, text=prompt, return_tensors="pt")
         input_ids = inputs["input_ids"]
+        if "low" in detail:
+            input_ids = self._base_view_placeholders(input_ids, detail)
         prompt_tokens = int(input_ids.shape[-1])
         room = self.max_context - prompt_tokens
         if room < 1:
@@ -368,7 +374,30 @@ class Engine:
         return PreparedRequest(
             input_ids=input_ids, pixel_values=inputs.get("pixel_values"), image_sizes=inputs.get("image_sizes"),
             params=params, max_tokens=max_tokens, num_images=len(images),
-            image_tokens=int((input_ids == self.image_token_id).sum()))
+            image_tokens=int((input_ids == self.image_token_id).sum()), image_detail=detail)
+
+    def _base_view_placeholders(self, input_ids: torch.Tensor, detail: tuple[str, ...]) -> torch.Tensor:
+        """*input_ids* with each ``low`` image's run of ``<image>`` tokens shortened to one base view's."""
+        ids = input_ids[0].tolist()
+        runs, start = [], None  # (start, end) of each run of image tokens, in order
+        for i, token in enumerate(ids + [None]):
+            if token == self.image_token_id and start is None:
+                start = i
+            elif token != self.image_token_id and start is not None:
+                runs.append((start, i))
+                start = None
+        if len(runs) != len(detail):
+            from llava_next_sdk.errors import BadRequestError
+
+            raise BadRequestError(f"detail='low' needs each image's placeholder apart from the others; the prompt "
+                                  f"has {len(runs)} runs of image tokens for {len(detail)} images", param="messages")
+        base = self.runner.base_view_tokens()
+        out, previous = [], 0
+        for (begin, end), level in zip(runs, detail):
+            out += ids[previous:begin] + [self.image_token_id] * (base if level == "low" else end - begin)
+            previous = end
+        out += ids[previous:]
+        return torch.tensor([out], dtype=input_ids.dtype)
 
     def submit(self, prepared: PreparedRequest, request_id: str | None = None) -> RequestHandle:
         """Queue a prepared request; returns its handle at once. Thread-safe.
@@ -492,11 +521,14 @@ class Engine:
             return [], []
         features, keys = [], []
         for i in range(prepared.num_images):
+            low = i < len(prepared.image_detail) and prepared.image_detail[i] == "low"
             pixels, size = prepared.pixel_values[i:i + 1], prepared.image_sizes[i:i + 1]
-            key = image_key(pixels, size[0].tolist())
+            if low:
+                pixels = pixels[:, 0]  # the base view: [1, 3, h, w]
+            key = image_key(pixels, size[0].tolist() + [low])
             cached = self.features.get(key) if self.features is not None else None
             if cached is None:
-                cached = self.runner.image_features(pixels, size)
+                cached = self.runner.base_view_features(pixels) if low else self.runner.image_features(pixels, size)
                 if self.features is not None:
                     self.features.put(key, cached)
             else:
@@ -700,6 +732,22 @@ class Engine:
             getattr(get_plugin_manager().hook, name)(**kwargs)
         except Exception:  # an observer must not break generation
             logger.exception("plugin hook %s failed", name)
+
+
+def _image_detail(detail: Sequence[str] | None, count: int) -> tuple[str, ...]:
+    """One ``"low"`` / ``"high"`` per image (``"auto"`` is high)."""
+    from llava_next_sdk.errors import BadRequestError
+
+    if detail is None:
+        return ()
+    detail = tuple(detail)
+    if len(detail) != count:
+        raise BadRequestError(f"image_detail has {len(detail)} values for {count} images; give one per image",
+                              param="messages")
+    for value in detail:
+        if value not in ("low", "high", "auto"):
+            raise BadRequestError(f"image detail must be 'low', 'high' or 'auto', got {value!r}", param="messages")
+    return tuple("low" if value == "low" else "high" for value in detail)
 
 
 def _longest_token_chars(tokenizer) -> int:

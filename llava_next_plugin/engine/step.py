@@ -65,7 +65,9 @@ class ModelRunner:
         self.cache_arg = cache_kwarg(self.language_model.forward)
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         window = getattr(text_config, "sliding_window", None)
-        self.sliding_window = int(window) if window and getattr(text_config, "use_sliding_window", True) is not False else None
+        if getattr(text_config, "use_sliding_window", True) is False:
+            window = None
+        self.sliding_window = int(window) if window else None
         self.image_token_id = image_token_id
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -91,6 +93,27 @@ class ModelRunner:
         if isinstance(features, (list, tuple)):
             features = torch.cat(list(features))
         return features
+
+    @torch.inference_mode()
+    def base_view_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[n_tokens, hidden]`` features of one image's base view alone (``pixel_values [1, 3, h, w]``): the
+        vision tower's selected layer(s), the CLS token dropped for the ``default`` strategy, projected. This is
+        OpenAI's ``detail: "low"`` (576 tokens at llava-v1.6's 336 px tiles)."""
+        inner = getattr(self.model, "model", self.model)
+        config = self.model.config
+        out = inner.vision_tower(pixel_values.to(self.device, self.dtype), output_hidden_states=True)
+        layer = config.vision_feature_layer
+        hidden = (out.hidden_states[layer] if isinstance(layer, int)
+                  else torch.cat([out.hidden_states[i] for i in layer], dim=-1))
+        if config.vision_feature_select_strategy == "default":
+            hidden = hidden[:, 1:]
+        return inner.multi_modal_projector(hidden)[0]
+
+    def base_view_tokens(self) -> int:
+        """Tokens of one base view (what :meth:`base_view_features` returns)."""
+        vision = self.model.config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        return side * side + (1 if self.model.config.vision_feature_select_strategy == "full" else 0)
 
     @torch.inference_mode()
     def prompt_embeddings(self, input_ids: torch.Tensor, image_features: list[torch.Tensor]) -> torch.Tensor:

@@ -71,10 +71,16 @@ class ImagePart:
     data: bytes | None = None
     media_type: str = "image/png"
     """The MIME type of ``data`` (ignored for ``url``)."""
+    detail: str = "auto"
+    """OpenAI's ``detail``: ``"low"`` (the base view only: one tile's tokens, 576 on llava-v1.6-mistral),
+    ``"high"`` or ``"auto"`` (full anyres)."""
 
     def __post_init__(self) -> None:
         if (self.url is None) == (self.data is None):
             raise BadRequestError("an image part needs exactly one of url= or data=", param="messages")
+        if self.detail not in ("low", "high", "auto"):
+            raise BadRequestError(f"image detail must be 'low', 'high' or 'auto', got {self.detail!r}",
+                                  param="messages")
 
     @property
     def is_data_url(self) -> bool:
