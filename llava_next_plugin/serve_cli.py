@@ -41,6 +41,13 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: the checkpoint's)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; then 429")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="prompt + completion tokens at most; sizes the KV slots with --max-batch-size "
+                             "(default: the model's context, lowered to fit 40%% of free GPU memory)")
+    parser.add_argument("--prefill-chunk", type=int, default=512,
+                        help="prompt tokens prefilled between two decode steps (running streams keep flowing)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="do not torch.compile the decode step (compiled by default on CUDA, warm-up logged)")
     parser.add_argument("--max-images-per-request", type=int, default=defaults.max_images_per_request,
                         help="images in one request at most; then 400")
     parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,
@@ -83,6 +90,8 @@ def run_serve(args: argparse.Namespace) -> int:
     dtype = None if args.dtype in (None, "auto") else args.dtype
     engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype,  # None: the engine's default
                                     max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+                                    max_context=args.max_model_len, prefill_chunk=args.prefill_chunk,
+                                    compile=False if args.no_compile else None,
                                     model_name=args.served_model_name or default_served_name(args.model))
     limits = Limits(max_images_per_request=args.max_images_per_request, max_image_pixels=args.max_image_pixels,
                     max_request_pixels=args.max_request_pixels, max_pixels_in_flight=args.max_pixels_in_flight,

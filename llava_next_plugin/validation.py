@@ -310,5 +310,5 @@ def prepare_request(engine: "Engine", request: ChatRequest, limits: Limits,
     with budget.hold(pixels) if budget is not None else nullcontext():
         images = [_to_rgb(source, index) for index, source in enumerate(sources)]
         del sources
-        return engine.prepare(to_chat_messages(request), images, to_sampling_params(request.params))
-
+        return engine.prepare(to_chat_messages(request), images, to_sampling_params(request.params),
+                              image_detail=[part.detail for part in request.images])

@@ -13,7 +13,8 @@ import torch
 import transformers
 
 import checkpoints
-from llava_next_plugin.engine import Engine, SamplingParams, _TextStream
+from llava_next_plugin.engine import Engine, SamplingParams
+from llava_next_plugin.engine.detokenizer import TextStream
 from llava_next_plugin.hooks import get_plugin_manager, hookimpl
 from llava_next_sdk.errors import ContextLengthExceededError, OverloadedError, RequestCancelledError, ServerError
 
@@ -88,7 +89,8 @@ def test_a_request_joining_a_running_batch_gets_its_solo_output(engine):
     alone_long = engine.generate(ask("A long answer please"), [photo(64, 64)], long)
     alone_short = engine.generate(ask("Short"), [photo(40, 90)], GREEDY)
     first = engine.submit(engine.prepare(ask("A long answer please"), [photo(64, 64)], long))
-    next(iter(first))  # it is decoding now
+    stream = iter(first)  # kept: leaving a stream unfinished cancels its request
+    next(stream)  # it is decoding now
     second = engine.submit(engine.prepare(ask("Short"), [photo(40, 90)], GREEDY))
     assert second.result(timeout=120).token_ids == alone_short.token_ids
     assert first.result(timeout=120).token_ids == alone_long.token_ids
@@ -134,7 +136,8 @@ def test_cancelling_a_request_drops_it_and_the_rest_of_the_batch_finishes(engine
     doomed = engine.submit(engine.prepare(ask("Go on forever"), [photo(50, 50)],
                                           SamplingParams(max_tokens=400, temperature=0)))
     other = engine.submit(engine.prepare(ask("Other"), [photo(60, 40)], GREEDY))
-    next(iter(doomed))
+    stream = iter(doomed)
+    next(stream)
     doomed.cancel()
     with pytest.raises(RequestCancelledError):
         doomed.result(timeout=60)
@@ -176,7 +179,7 @@ def test_incremental_detokenization_handles_multibyte_pieces(reference):
     tokenizer = reference[1].tokenizer
     text = "Café 東京 — 🐈‍⬛ naïve façade 😀!"
     ids = tokenizer.encode(text, add_special_tokens=False)
-    stream = _TextStream(tokenizer, stop=())
+    stream = TextStream(tokenizer, stop=())
     deltas = [stream.add(i) for i in ids] + [stream.flush()]
     assert "".join(deltas) == tokenizer.decode(ids) == text
     assert not any("\ufffd" in d for d in deltas)
@@ -356,15 +359,16 @@ def test_a_plugin_registered_on_a_refreshed_manager_observes_a_running_engine(en
         (handle.id, None, result.completion_tokens)]
 
 
-def raise_oom_on_decode_past(model, limit: int) -> None:
-    """Make *model* raise like a CUDA OOM on any decode step (one new token) at or past position *limit*."""
+def raise_oom_on_decode_at(model, position: int) -> None:
+    """Make *model*'s language model raise like a CUDA OOM on any decode step (one new token per row) in which
+    a row is at *position*."""
 
     def check(module, args, kwargs):
-        input_ids, position_ids = kwargs.get("input_ids"), kwargs.get("position_ids")
-        if input_ids is not None and input_ids.shape[1] == 1 and int(position_ids.max()) >= limit:
+        embeds, position_ids = kwargs.get("inputs_embeds"), kwargs.get("position_ids")
+        if embeds is not None and embeds.shape[1] == 1 and bool((position_ids == position).any()):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    model.register_forward_pre_hook(check, with_kwargs=True)
+    model.model.language_model.register_forward_pre_hook(check, with_kwargs=True)
 
 
 def test_a_decode_step_that_raises_fails_its_batch_with_a_typed_error_and_the_engine_keeps_serving(
@@ -378,7 +382,7 @@ def test_a_decode_step_that_raises_fails_its_batch_with_a_typed_error_and_the_en
         request = lambda max_tokens: failing.prepare(ask("Same"), [photo(40, 40)],
                                                      SamplingParams(max_tokens=max_tokens, temperature=0))
         long = request(8)
-        raise_oom_on_decode_past(model, long.prompt_tokens + 3)  # the long request's 4th decode step raises
+        raise_oom_on_decode_at(model, long.prompt_tokens + 3)  # the long request's 4th decode step raises
         handles = [failing.submit(long), failing.submit(request(2)), failing.submit(request(2))]
         with pytest.raises(OverloadedError, match="ran out of memory") as info:
             handles[0].result(timeout=120)
@@ -428,3 +432,58 @@ def test_shutdown_without_drain_ends_queued_and_running_requests_with_a_typed_er
     assert all("shut down" in e["error"] for e in ended.values())
     with pytest.raises(OverloadedError, match="shutting down"):
         engine.submit(request())
+
+
+def test_a_row_that_fails_in_a_batched_decode_step_ends_alone_and_the_others_continue(tiny_checkpoint, engine):
+    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    failing = Engine(model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint), max_batch_size=4).start()
+    try:
+        long_text = "Please describe every single detail of this picture, the colours, the shapes and the mood"
+        requests = [(ask(long_text), [photo(40, 40)]), (ask("Same", images=0), []), (ask(long_text), [photo(60, 40)])]
+        params = SamplingParams(max_tokens=8, temperature=0)
+        prepared = [failing.prepare(m, i, params) for m, i in requests]
+        culprit = prepared[1]
+        assert min(p.prompt_tokens for p in prepared[::2]) > culprit.prompt_tokens + 8
+        raise_oom_on_decode_at(model, culprit.prompt_tokens + 3)  # only the short prompt's row gets there
+        handles = [failing.submit(p) for p in prepared]  # they join together and decode in one batch
+        with pytest.raises(OverloadedError, match="ran out of memory") as info:
+            handles[1].result(timeout=120)
+        assert info.value.status == 503 and info.value.retry_after
+        for handle, (messages, images) in zip(handles[::2], requests[::2]):
+            assert handle.result(timeout=120).token_ids == engine.generate(messages, images, params).token_ids
+        assert failing.stats_snapshot()["batched_steps"] > 0
+    finally:
+        failing.shutdown(drain=False)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45, 1e-30, 1e-8])
+def test_tiny_temperatures_sample_safely_next_to_other_requests(engine, temperature):
+    """Every temperature the validator accepts samples (as greedy, barring exact ties) and never fails a batch."""
+    greedy = engine.generate(ask("Tiny"), [photo(50, 50)], GREEDY).token_ids
+    others = [engine.submit(engine.prepare(ask("Other"), [photo(40, 60)], SamplingParams(max_tokens=8, temperature=1.0,
+                                                                                      seed=i))) for i in range(2)]
+    tiny = engine.submit(engine.prepare(ask("Tiny"), [photo(50, 50)], SamplingParams(max_tokens=8,
+                                                                                 temperature=temperature)))
+    assert tiny.result(timeout=120).token_ids == greedy
+    assert all(len(h.result(timeout=120).token_ids) == 8 for h in others)
+
+
+def test_running_out_of_memory_in_a_prefill_fails_that_request_with_503_and_halves_the_chunk(tiny_checkpoint, engine):
+    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    failing = Engine(model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint), prefill_chunk=64).start()
+    try:
+        def oom_on_long_chunks(module, args, kwargs):
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is not None and embeds.shape[1] > 32:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+        model.model.language_model.register_forward_pre_hook(oom_on_long_chunks, with_kwargs=True)
+        victim = failing.submit(failing.prepare(ask("Too big"), [photo(60, 60)], GREEDY))
+        with pytest.raises(OverloadedError, match="ran out of memory") as info:
+            victim.result(timeout=120)
+        assert info.value.status == 503 and info.value.retry_after
+        assert failing.prefill_chunk == 32
+        expected = engine.generate(ask("Fits now"), [photo(60, 60)], GREEDY).token_ids
+        assert failing.generate(ask("Fits now"), [photo(60, 60)], GREEDY).token_ids == expected
+    finally:
+        failing.shutdown(drain=False)

@@ -74,10 +74,17 @@ class ImagePart:
     media_type: str = "image/png"
     """The MIME type of ``data`` (ignored for ``url`` and ``image``)."""
     image: Any = None
+    """An image decoded in this process (PIL), handed to an in-process model as it is."""
+    detail: str = "auto"
+    """OpenAI's ``detail``: ``"low"`` (the base view only: one tile's tokens, 576 on llava-v1.6-mistral),
+    ``"high"`` or ``"auto"`` (full anyres)."""
 
     def __post_init__(self) -> None:
         if sum(value is not None for value in (self.url, self.data, self.image)) != 1:
             raise BadRequestError("an image part needs exactly one of url=, data= or image=", param="messages")
+        if self.detail not in ("low", "high", "auto"):
+            raise BadRequestError(f"image detail must be 'low', 'high' or 'auto', got {self.detail!r}",
+                                  param="messages")
 
     @property
     def is_data_url(self) -> bool:

@@ -111,7 +111,8 @@ def _message_to_wire(message: ChatMessage) -> dict:
         if isinstance(part, TextPart):
             parts.append({"type": "text", "text": part.text})
         else:
-            parts.append({"type": "image_url", "image_url": {"url": part.as_url()}})
+            detail = {} if part.detail == "auto" else {"detail": part.detail}
+            parts.append({"type": "image_url", "image_url": {"url": part.as_url(), **detail}})
     return {"role": message.role, "content": parts}
 
 
@@ -168,7 +169,8 @@ def _parse_part(part: Any, where: str, image_index: int) -> TextPart | ImagePart
         if not isinstance(url, str) or not url:
             raise InvalidImageError(f"{where}: an image_url part needs {{'image_url': {{'url': '...'}}}}",
                                     index=image_index, param="messages")
-        return ImagePart(url=url)
+        detail = image_url.get("detail") if isinstance(image_url, Mapping) else None
+        return ImagePart(url=url, detail=detail or "auto")
     raise _bad(f"{where}: unsupported content part type {_brief(kind)}; use 'text' or 'image_url'")
 
 

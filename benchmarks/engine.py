@@ -1,0 +1,194 @@
+"""Benchmark the engine on CPU against the previous engine (the single-class one, run from git), in one run.
+
+Figures printed (ratios are what matter on a shared CPU; no assertions):
+
+* throughput: 16 concurrent streams of 32 tokens on a small checkpoint, tokens/s of the new engine and of
+  the previous one, and their ratio (issue 12 asks >= 2x);
+* stall: on a mid-size checkpoint, while a ~3k-token prompt joins two running streams, the largest gap
+  between two tokens of a running stream, as a fraction of that prompt's time to first token (<= 1/3);
+* second turn: time to first token of a follow-up question about the same image (same first exchange) over
+  the first turn's (<= 0.35x with prefix and image reuse);
+* optionally (``--compile``) the same throughput with the decode step compiled.
+
+Usage::
+
+    python benchmarks/engine.py                 # builds the checkpoints in a temp folder
+    python benchmarks/engine.py --previous c4886c1 --streams 16 --tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))
+
+
+def previous_engine_module(commit: str, folder: Path):
+    """The engine module as it was at *commit*, imported as a sibling of the current package's modules."""
+    source = subprocess.run(["git", "show", f"{commit}:llava_next_plugin/engine.py"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    path = folder / "previous_engine.py"
+    path.write_text(source)
+    import llava_next_plugin  # noqa: F401  (the package its relative imports resolve in)
+
+    spec = importlib.util.spec_from_file_location("llava_next_plugin._previous_engine", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def build(folder: Path, **kwargs) -> Path:
+    import checkpoints
+
+    return checkpoints.build_checkpoint(folder, **kwargs)
+
+
+def load(path: Path):
+    import transformers
+
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path).eval()
+    return model, transformers.AutoProcessor.from_pretrained(path)
+
+
+def photo(width: int, height: int):
+    import checkpoints
+
+    return checkpoints.real_photo().convert("RGB").resize((width, height))
+
+
+def ask(text: str, images: int = 1) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
+
+
+def throughput(engine, params_cls, streams: int, tokens: int) -> float:
+    """Generated tokens per second for *streams* requests submitted at once."""
+    params = params_cls(max_tokens=tokens, temperature=0)
+    engine.generate(ask("warm up"), [photo(64, 48)], params_cls(max_tokens=4, temperature=0))
+    prepared = [engine.prepare(ask(f"Describe picture number {i}."), [photo(40 + 4 * i, 64 - 2 * i)], params)
+                for i in range(streams)]
+    start = time.perf_counter()
+    handles = [engine.submit(p) for p in prepared]
+    generated = sum(h.result(timeout=600).completion_tokens for h in handles)
+    return generated / (time.perf_counter() - start)
+
+
+def stall(engine, params_cls, long_words: int) -> tuple[float, float, int]:
+    """(largest token gap of running streams while a long prompt joins, that prompt's TTFT, its tokens)."""
+    arrivals: list[list[float]] = [[], []]
+    running = [engine.submit(engine.prepare(ask(f"Talk {i}", images=0), [], params_cls(max_tokens=2000, temperature=0)))
+               for i in range(2)]
+
+    def read(handle, times):
+        try:
+            for _ in handle:
+                times.append(time.perf_counter())
+        except Exception:
+            pass
+
+    readers = [threading.Thread(target=read, args=(h, t)) for h, t in zip(running, arrivals)]
+    for reader in readers:
+        reader.start()
+    while min(map(len, arrivals)) < 5:
+        time.sleep(0.01)
+    prepared = engine.prepare(ask("word " * long_words), [photo(96, 32)], params_cls(max_tokens=1, temperature=0))
+    submitted = time.perf_counter()
+    result = engine.submit(prepared).result(timeout=600)
+    ttft = result.time_to_first_token
+    for handle in running:
+        handle.cancel()
+    for reader in readers:
+        reader.join(60)
+    gaps = []
+    for times in arrivals:
+        window = [t for t in times if submitted - 1.0 <= t <= submitted + ttft + 0.5]
+        gaps += [b - a for a, b in zip(window, window[1:])]
+    return max(gaps, default=float("nan")), ttft, prepared.prompt_tokens
+
+
+def second_turn(engine, params_cls, words: int) -> tuple[float, float]:
+    """(first turn's TTFT, follow-up's TTFT) for a long question about one image, then a follow-up."""
+    image = photo(96, 64)
+    question = "Look closely. " + "detail " * words
+    params = params_cls(max_tokens=8, temperature=0)
+    first = engine.generate(ask(question), [image], params)
+    follow_up = ask(question) + [{"role": "assistant", "content": [{"type": "text", "text": first.text}]},
+                                 {"role": "user", "content": [{"type": "text", "text": "And the colours?"}]}]
+    second = engine.generate(follow_up, [image], params)
+    return first.time_to_first_token, second.time_to_first_token
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--previous", default="c4886c1", help="git commit of the previous engine")
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--long-words", type=int, default=2900, help="words of the long prompt (~1 token each)")
+    parser.add_argument("--turn-words", type=int, default=1000)
+    parser.add_argument("--mid-width", type=int, default=512, help="text width of the mid-size checkpoint")
+    parser.add_argument("--compile", action="store_true", help="also measure the compiled decode step")
+    args = parser.parse_args()
+
+    import torch
+
+    from llava_next_plugin.engine import Engine, SamplingParams
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        previous = previous_engine_module(args.previous, tmp)
+        small = load(build(tmp / "small"))
+        mid = load(build(tmp / "mid", width=args.mid_width, vision_width=64))
+
+        print(f"throughput: {args.streams} streams x {args.tokens} tokens, small checkpoint, CPU "
+              f"({torch.get_num_threads()} threads)")
+        old = previous.Engine(*small, max_batch_size=args.streams).start()
+        old_tps = throughput(old, previous.SamplingParams, args.streams, args.tokens)
+        old.shutdown(drain=False)
+        new = Engine(*small, max_batch_size=args.streams, compile=False).start()
+        new_tps = throughput(new, SamplingParams, args.streams, args.tokens)
+        new.shutdown(drain=False)
+        print(f"  previous engine {old_tps:8.1f} tok/s")
+        print(f"  new engine      {new_tps:8.1f} tok/s   ratio {new_tps / old_tps:.2f}x (goal >= 2x)")
+        if args.compile:
+            compiled = Engine(*small, max_batch_size=args.streams, compile=True)
+            warm = compiled.warm_up()
+            compiled.start()
+            tps = throughput(compiled, SamplingParams, args.streams, args.tokens)
+            compiled.shutdown(drain=False)
+            print(f"  new, compiled   {tps:8.1f} tok/s   ratio {tps / old_tps:.2f}x (warm-up {warm:.1f} s)")
+
+        print(f"stall: a ~{args.long_words}-token prompt joins 2 running streams, mid-size checkpoint "
+              f"(width {args.mid_width})")
+        for name, make, params_cls in (
+                ("previous", lambda: previous.Engine(*mid, max_batch_size=4), previous.SamplingParams),
+                ("new", lambda: Engine(*mid, max_batch_size=4, compile=False, reuse_memory=0), SamplingParams)):
+            engine = make().start()
+            gap, ttft, tokens = stall(engine, params_cls, args.long_words)
+            engine.shutdown(drain=False)
+            print(f"  {name:8s} prompt {tokens} tokens: TTFT {ttft:.2f} s, largest gap {gap:.3f} s, "
+                  f"gap/TTFT {gap / ttft:.2f} (goal <= 0.33)")
+
+        print(f"second turn: follow-up about the same image (~{args.turn_words}-word first question), mid-size")
+        for name, make, params_cls in (
+                ("previous", lambda: previous.Engine(*mid, max_batch_size=4), previous.SamplingParams),
+                ("new", lambda: Engine(*mid, max_batch_size=4, compile=False), SamplingParams)):
+            engine = make().start()
+            engine.generate(ask("warm up"), [photo(32, 32)], params_cls(max_tokens=2, temperature=0))
+            first, second = second_turn(engine, params_cls, args.turn_words)
+            engine.shutdown(drain=False)
+            print(f"  {name:8s} first TTFT {first:.3f} s, second {second:.3f} s, ratio {second / first:.2f} "
+                  "(goal <= 0.35)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""The serving engine: continuous batching over static KV slots, on its own thread, for every front.
+
+The HTTP server and the SDK's local transport both use only what this package exports: :class:`Engine`
+(``prepare`` / ``submit`` / ``check_admission`` / ``generate``, ``start`` / ``shutdown``, ``accepting``,
+``queue_depth``, ``batch_size``, ``stats_snapshot()``), :class:`RequestHandle`, :class:`EngineResult`,
+:class:`SamplingParams`, :class:`PreparedRequest`, :func:`get_shared_engine` and :func:`default_device`.
+
+Data flow (one module per step)::
+
+    caller's thread                          engine thread (scheduler.Engine._serve)
+    ---------------                          -----------------------------------------------------------
+    Engine.prepare ──► PreparedRequest ──► queue ──► join: a free KV slot (kv.KVSlots)
+      prompt, processor (own copy              │       prompt embeddings [L, hidden] (step.ModelRunner;
+      per thread), context checks              │       vision features reused by image hash: step.FeatureCache)
+                                               │       longest cached prefix copied into the slot (kv.PrefixStore)
+    Engine.submit ──► RequestHandle            ├──► prefill chunk (<= prefill_chunk tokens, join order)
+      (handle.py: iterate from threads,        │       embeds [R, q, hidden] -> logits [R, vocab] at each row's last
+       asyncio or trio; cancel anywhere)       ├──► decode step: tokens [n] for slot rows [0, n) -> logits [n, vocab]
+                                               ├──► sampler.sample on the device -> tokens [n] (one transfer)
+                                               └──► detokenizer.TextStream: text deltas, stop strings -> handle
+
+Tensor shapes: KV slots ``[layers] x [slots, kv_heads, max_len + 1, head_dim]`` (column ``max_len`` is
+scratch for padding rows); attention masks ``[R, 1, q, K]`` additive; per-row ``position_ids`` and
+``write_index [R, q]``; every request's tokens start at column 0 of its slot (no left padding).
+"""
+
+from .handle import RequestHandle
+from .request import EngineResult, PreparedRequest, SamplingParams
+from .scheduler import Engine, default_device
+from .shared import get_shared_engine
+
+__all__ = ["Engine", "SamplingParams", "PreparedRequest", "RequestHandle", "EngineResult", "get_shared_engine",
+           "default_device"]

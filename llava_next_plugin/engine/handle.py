@@ -1,0 +1,170 @@
+"""The request handle: one request's stream of text, readable from threads, asyncio and trio, cancellable anywhere.
+
+The engine thread pushes text deltas and the ending (:meth:`RequestHandle._push`, :meth:`RequestHandle._finish`);
+readers wait on a condition (threads) or on an event of their own loop, woken from the engine thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import TYPE_CHECKING, Iterator
+
+from .request import EngineResult, PreparedRequest
+
+if TYPE_CHECKING:
+    from .scheduler import Engine
+
+__all__ = ["RequestHandle"]
+
+
+def _loop_waker():
+    """An event of the current event loop and a function that sets it from any thread."""
+    import anyio
+    from anyio.lowlevel import current_token  # anyio's own loop detection: no sniffio needed
+
+    event = anyio.Event()
+    native = getattr(current_token(), "native_token", None)  # the asyncio loop, or trio's TrioToken
+    if hasattr(native, "run_sync_soon"):
+        return event, lambda: native.run_sync_soon(event.set)
+    if native is None:
+        import asyncio
+
+        native = asyncio.get_running_loop()
+    return event, lambda: native.call_soon_threadsafe(event.set)
+
+
+class RequestHandle:
+    """One submitted request. Iterate it for text deltas; :meth:`result` / :meth:`aresult` for the end.
+
+    Thread-safe: the engine thread pushes, any thread or event loop reads, anyone may :meth:`cancel`.
+    When the request fails, iteration and ``result`` raise the error (an ``llava_next_sdk.errors`` class);
+    a cancelled request raises :class:`RequestCancelledError`. Leaving either iteration early (``break``,
+    an exception, a cancelled task) cancels the request.
+    """
+
+    def __init__(self, request_id: str, prepared: PreparedRequest, engine: "Engine") -> None:
+        self.id = request_id
+        self.prepared = prepared
+        self._engine = engine
+        self._cond = threading.Condition()
+        self._deltas: collections.deque[str] = collections.deque()
+        self._result: EngineResult | None = None
+        self._error: BaseException | None = None
+        self._wakers: list = []
+        self.cancelled = False
+        self.submitted_at = time.monotonic()
+        self.started = False  # before_generate was called (once, on the engine thread)
+        self._recorded = False  # its ending was counted and after_generate called (once; under the stats lock)
+
+    # --- engine side
+    def _notify(self) -> None:
+        self._cond.notify_all()
+        wakers, self._wakers = self._wakers, []
+        for wake in wakers:
+            try:
+                wake()
+            except RuntimeError:  # that event loop is closed: nobody is waiting there any more
+                pass
+
+    def _push(self, text: str) -> None:
+        if not text:
+            return
+        with self._cond:
+            self._deltas.append(text)
+            self._notify()
+
+    def _finish(self, result: EngineResult | None = None, error: BaseException | None = None) -> None:
+        with self._cond:
+            if self.done:
+                return
+            self._result, self._error = result, error
+            self._notify()
+
+    # --- consumer side
+    @property
+    def done(self) -> bool:
+        return self._result is not None or self._error is not None
+
+    def cancel(self) -> None:
+        """Stop this request: a queued one leaves the queue now (ending cancelled), a running one leaves the
+        batch at the engine's next step."""
+        if not self.done:
+            self.cancelled = True
+            self._engine._withdraw(self)
+
+    def _take(self) -> tuple[list[str], bool]:
+        deltas = list(self._deltas)
+        self._deltas.clear()
+        return deltas, self.done
+
+    def __iter__(self) -> Iterator[str]:
+        """Blocking iteration over text deltas (for plain threads); leaving it early cancels the request."""
+        finished = False
+        try:
+            while True:
+                with self._cond:
+                    while not self._deltas and not self.done:
+                        self._cond.wait()
+                    deltas, done = self._take()
+                yield from deltas
+                if done:
+                    finished = True
+                    if self._error is not None:
+                        raise self._error
+                    return
+        finally:
+            if not finished:
+                self.cancel()
+
+    def result(self, timeout: float | None = None) -> EngineResult:
+        """Block until the request ends; the :class:`EngineResult` (or raise its error)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.done, timeout):
+                raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    async def _wait(self) -> None:
+        with self._cond:
+            if self._deltas or self.done:
+                return
+            event, wake = _loop_waker()
+            self._wakers.append(wake)
+        await event.wait()
+
+    def __aiter__(self):
+        return self._aiter()
+
+    async def _aiter(self):
+        """Text deltas without blocking the event loop (asyncio or trio); cancelling the reader cancels the request."""
+        try:
+            while True:
+                await self._wait()
+                with self._cond:
+                    deltas, done = self._take()
+                for delta in deltas:
+                    yield delta
+                if done:
+                    if self._error is not None:
+                        raise self._error
+                    return
+        except BaseException:
+            self.cancel()
+            raise
+
+    async def aresult(self) -> EngineResult:
+        """Wait for the end without blocking the event loop; cancelling the waiter cancels the request."""
+        try:
+            while not self.done:
+                await self._wait()
+                with self._cond:
+                    self._deltas.clear()
+        except BaseException:
+            self.cancel()
+            raise
+        if self._error is not None:
+            raise self._error
+        return self._result

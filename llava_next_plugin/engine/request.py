@@ -1,0 +1,82 @@
+"""What a request is to the engine: its sampling parameters, its prepared tensors, and its outcome."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llava_next_sdk.errors import LlavaNextError, OverloadedError, ServerError
+
+__all__ = ["SamplingParams", "PreparedRequest", "EngineResult", "generation_error"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. ``temperature == 0`` means greedy (argmax)."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class PreparedRequest:
+    """A request ready for the engine: tokens and pixels, counted and checked.
+
+    ``input_ids [1, L]`` (image placeholders already expanded to ``image_tokens`` positions),
+    ``pixel_values [num_images, patches, 3, h, w]`` or ``None``, ``image_sizes [num_images, 2]`` or ``None``.
+    ``image_detail``: per image, ``"low"`` (the base view only: its tile's features, no grid) or ``"high"``
+    (full anyres); empty means all high.
+    """
+
+    input_ids: torch.Tensor
+    pixel_values: torch.Tensor | None
+    image_sizes: torch.Tensor | None
+    params: SamplingParams
+    max_tokens: int
+    num_images: int
+    image_tokens: int
+    image_detail: tuple[str, ...] = ()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.input_ids.shape[-1])
+
+
+@dataclass
+class EngineResult:
+    """The outcome of one request: its text, why it ended, its token counts and timings (seconds)."""
+
+    id: str
+    text: str
+    finish_reason: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    image_tokens: int
+    queue_seconds: float
+    time_to_first_token: float
+    total_seconds: float
+
+    def to_generation_result(self, model: str | None = None):
+        """The SDK's :class:`~llava_next_sdk.types.GenerationResult` for this outcome (what both fronts return)."""
+        from llava_next_sdk.types import GenerationResult, Timings, Usage
+
+        return GenerationResult(
+            text=self.text, finish_reason=self.finish_reason,
+            usage=Usage(self.prompt_tokens, self.completion_tokens, self.image_tokens),
+            timings=Timings(self.queue_seconds, self.time_to_first_token, self.total_seconds),
+            model=model, id=self.id)
+
+
+def generation_error(exc: BaseException) -> LlavaNextError:
+    """The typed error a request's caller gets when the model raised *exc* while generating it."""
+    if isinstance(exc, LlavaNextError):
+        return exc
+    if isinstance(exc, torch.OutOfMemoryError):
+        return OverloadedError(f"the device ran out of memory while generating ({exc}); retry later, or with "
+                               "fewer or smaller images or a smaller max_tokens", status=503, retry_after=1.0)
+    return ServerError(f"generation failed: {exc!r}")

@@ -1,0 +1,85 @@
+"""Batched sampling on the device: one call for every row of a step, no host sync inside.
+
+Inputs, for ``n`` rows: ``logits [n, vocab]``, and per row ``temperature [n]`` (float32), ``top_p [n]``,
+``seed [n]`` and ``step [n]`` (int64), ``do_sample [n]`` (bool: temperature > 0, else greedy). Output:
+``tokens [n]`` (int64) and ``ok [n]`` (bool: the row's logits were finite), both still on the device; the
+engine moves them to the host in one transfer per step.
+
+A sampled row draws from ``softmax(logits / temperature)`` restricted to the nucleus (the smallest set of most
+likely tokens whose mass reaches ``top_p``) by inverting its cumulative distribution at one uniform number.
+That number is a counter-based hash of ``(seed, step)``, so a seeded request draws the same tokens whatever
+else is in its batch, and no generator state is kept or synchronised.
+
+Numerically safe for every temperature the validator accepts (down to ``5e-324``): the logits are shifted so
+their maximum is 0 before dividing, and the temperature is clamped to float32's smallest normal number, so
+``0 / T`` stays 0, the rest goes to ``-inf`` and the softmax never sees ``inf - inf``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["sample", "row_params", "uniform"]
+
+_M32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B  # < 2**31: products of a 32-bit value with it fit in int64
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (int64 tensors holding values < 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * _MIX) & _M32
+    x = x ^ (x >> 16)
+    x = (x * _MIX) & _M32
+    return x ^ (x >> 16)
+
+
+def uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``[n]`` float32 in (0, 1): a pure function of each row's 64-bit seed and its step."""
+    bits = _mix((seed & _M32) ^ _mix(((seed >> 32) & _M32) ^ _mix((step * 0x2545F49) & _M32)))
+    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seed: torch.Tensor,
+           step: torch.Tensor, do_sample: torch.Tensor, *, any_sampled: bool = True,
+           top_p_rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens ``[n]`` and whether each row's logits were finite ``[n]`` (see the module docstring).
+
+    *any_sampled* (known on the host) skips the sampling when every row is greedy; *top_p_rows* lists the
+    rows with ``top_p < 1`` (``None``: find them on the device, all rows are sorted then).
+    """
+    logits = logits.float()
+    ok = torch.isfinite(logits.sum(dim=-1))  # a row with an inf or a NaN fails alone (its token is not used)
+    top, greedy = logits.max(dim=-1)  # the first maximum, as argmax
+    if not any_sampled:
+        return greedy, ok
+    shifted = logits - top[:, None]  # <= 0, the maximum exactly 0
+    temp = temperature.to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
+    probs = torch.softmax(shifted / temp[:, None], dim=-1)
+    u = uniform(seed, step)
+    sampled = _invert(probs, u)
+    rows = range(probs.shape[0]) if top_p_rows is None else top_p_rows
+    if len(rows):
+        index = torch.as_tensor(list(rows), dtype=torch.long, device=probs.device)
+        sorted_probs, order = probs.index_select(0, index).sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always the top token)
+        outside = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p.index_select(0, index)[:, None]
+        picked = _invert(sorted_probs.masked_fill(outside, 0.0), u.index_select(0, index))
+        sampled = sampled.index_copy(0, index, order.gather(-1, picked[:, None])[:, 0])
+    return torch.where(do_sample, sampled, greedy), ok
+
+
+def _invert(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token index where each row's cumulative mass first reaches ``u`` of its total ``[n]``."""
+    cdf = probs.cumsum(dim=-1)
+    target = (u * cdf[:, -1]).clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    return torch.searchsorted(cdf, target)[:, 0].clamp_max(probs.shape[-1] - 1)
+
+
+def row_params(params_list, steps: list[int], seeds: list[int], device) -> tuple[torch.Tensor, ...]:
+    """The per-row tensors :func:`sample` takes (after *logits*), built on the host, one transfer each."""
+    temperature = torch.tensor([max(float(p.temperature), 0.0) for p in params_list], dtype=torch.float32)
+    do_sample = torch.tensor([float(p.temperature) > 0 for p in params_list], dtype=torch.bool)
+    top_p = torch.tensor([float(p.top_p) for p in params_list], dtype=torch.float32)
+    return (temperature.to(device), top_p.to(device), torch.tensor(seeds, dtype=torch.int64).to(device),
+            torch.tensor(steps, dtype=torch.int64).to(device), do_sample.to(device))

@@ -1,0 +1,208 @@
+"""The engine's narrow interface to the model, and the two forwards it runs: a prefill chunk and a decode step.
+
+The model is used only through its public pieces: ``get_input_embeddings()``, ``get_image_features(pixel_values,
+image_sizes)``, its language model (``model.model.language_model``, a transformers decoder called with
+``inputs_embeds``, ``position_ids``, a 4-D ``attention_mask`` and our :class:`~.kv.SlotView` as its cache) and
+``get_output_embeddings()`` (the LM head, applied to the rows' last hidden states only). Ours and
+transformers' ``LlavaNextForConditionalGeneration`` both work.
+
+Shapes, for ``R`` rows of ``q`` queries each over the first ``K`` cache columns:
+
+* ``embeds [R, q, hidden]``, ``position_ids [R, q]`` (rotary positions), ``write_index [R, q]`` (cache
+  columns written: the position, or the scratch column for padding);
+* ``attention_mask [R, 1, q, K]``, additive (0 where query ``i`` of row ``r`` sees column ``j``, i.e.
+  ``j <= position_ids[r, i]`` and inside the sliding window if the model has one; a large negative value
+  elsewhere). Every row starts at column 0 of its own slot, so there is no left padding anywhere.
+* ``logits [R, vocab]`` at each row's ``last [R]`` query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+
+import torch
+
+from .._compat import cache_kwarg
+from .kv import KVSlots
+
+__all__ = ["ModelRunner", "FeatureCache", "image_key"]
+
+logger = logging.getLogger(__name__)
+
+
+def image_key(pixel_values: torch.Tensor, image_size) -> bytes:
+    """A content hash of one preprocessed image (its pixels and original size): the vision-feature cache key."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(repr(tuple(int(v) for v in image_size)).encode())
+    digest.update(pixel_values.detach().to("cpu").contiguous().numpy().tobytes())
+    return digest.digest()
+
+
+def language_model(model):
+    inner = getattr(model, "model", None)
+    lm = getattr(inner, "language_model", None) or getattr(model, "language_model", None)
+    if lm is None:
+        raise TypeError(f"{type(model).__name__} has no language_model: the engine needs a LLaVA-NeXT model")
+    return lm
+
+
+class ModelRunner:
+    """Runs forwards over a :class:`KVSlots`; owns the compiled decode step when compiling.
+
+    Compiling (``torch.compile``, inductor, ``fullgraph=True``; CUDA graphs on CUDA) applies to the decode step
+    only, over static shapes: the engine feeds it a few row counts (batch-size buckets, rows ``[0, bucket)``)
+    and column counts (powers of two), so joins and leaves within a bucket reuse the same graph.
+    """
+
+    def __init__(self, model, kv: KVSlots, *, image_token_id: int, compile: bool = False) -> None:
+        self.model = model
+        self.kv = kv
+        self.embed_tokens = model.get_input_embeddings()
+        self.lm_head = model.get_output_embeddings()
+        self.language_model = language_model(model)
+        self.cache_arg = cache_kwarg(self.language_model.forward)
+        text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        window = getattr(text_config, "sliding_window", None)
+        if getattr(text_config, "use_sliding_window", True) is False:
+            window = None
+        self.sliding_window = int(window) if window else None
+        self.image_token_id = image_token_id
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self._decode_forward = self._run
+        self.compiled = False
+        self.warmup_seconds = 0.0
+        if compile:
+            mode = None
+            if self.device.type == "cuda":
+                mode = "reduce-overhead"  # CUDA graphs: the slots must keep their addresses
+                for tensor in kv.keys + kv.values:
+                    torch._dynamo.mark_static_address(tensor)
+            # static shapes: one graph per (rows bucket, columns bucket); no graph break allowed
+            self._decode_forward = torch.compile(self._run, dynamic=False, fullgraph=True, mode=mode)
+            self.compiled = True
+
+    # --- embeddings
+    @torch.inference_mode()
+    def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
+        """``[n_tokens, hidden]`` features of ONE image (``pixel_values [1, patches, 3, h, w]``)."""
+        out = self.model.get_image_features(pixel_values.to(self.device, self.dtype), image_sizes.to(self.device))
+        features = getattr(out, "pooler_output", out)
+        if isinstance(features, (list, tuple)):
+            features = torch.cat(list(features))
+        return features
+
+    @torch.inference_mode()
+    def base_view_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[n_tokens, hidden]`` features of one image's base view alone (``pixel_values [1, 3, h, w]``): the
+        vision tower's selected layer(s), the CLS token dropped for the ``default`` strategy, projected. This is
+        OpenAI's ``detail: "low"`` (576 tokens at llava-v1.6's 336 px tiles)."""
+        inner = getattr(self.model, "model", self.model)
+        config = self.model.config
+        out = inner.vision_tower(pixel_values.to(self.device, self.dtype), output_hidden_states=True)
+        layer = config.vision_feature_layer
+        hidden = (out.hidden_states[layer] if isinstance(layer, int)
+                  else torch.cat([out.hidden_states[i] for i in layer], dim=-1))
+        if config.vision_feature_select_strategy == "default":
+            hidden = hidden[:, 1:]
+        return inner.multi_modal_projector(hidden)[0]
+
+    def base_view_tokens(self) -> int:
+        """Tokens of one base view (what :meth:`base_view_features` returns)."""
+        vision = self.model.config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        return side * side + (1 if self.model.config.vision_feature_select_strategy == "full" else 0)
+
+    @torch.inference_mode()
+    def prompt_embeddings(self, input_ids: torch.Tensor, image_features: list[torch.Tensor]) -> torch.Tensor:
+        """``[L, hidden]``: the prompt's token embeddings with its images' features at the ``<image>`` tokens."""
+        ids = input_ids.reshape(-1).to(self.device)
+        embeds = self.embed_tokens(ids)
+        if image_features:
+            features = torch.cat(image_features).to(embeds.dtype)
+            where = ids == self.image_token_id
+            if int(where.sum()) != features.shape[0]:
+                raise ValueError(f"the prompt has {int(where.sum())} <image> tokens but its images give "
+                                 f"{features.shape[0]} features (image_sizes do not match the pixels)")
+            embeds = embeds.masked_scatter(where[:, None], features)
+        return embeds
+
+    # --- forwards
+    def mask(self, position_ids: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """``[R, 1, q, kv_len]`` additive mask: each query sees its own row's columns up to its position."""
+        columns = torch.arange(kv_len, device=position_ids.device)
+        visible = columns[None, None, :] <= position_ids[:, :, None]
+        if self.sliding_window is not None:
+            visible &= columns[None, None, :] > position_ids[:, :, None] - self.sliding_window
+        zero = torch.zeros((), dtype=self.dtype, device=position_ids.device)
+        blocked = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=position_ids.device)
+        return torch.where(visible, zero, blocked)[:, None]
+
+    def _run(self, embeds, position_ids, write_index, last, rows, kv_len):
+        cache = self.kv.view(rows, write_index, kv_len)
+        out = self.language_model(inputs_embeds=embeds, position_ids=position_ids,
+                                  attention_mask=self.mask(position_ids, kv_len), use_cache=True,
+                                  **{self.cache_arg: cache})
+        hidden = out.last_hidden_state
+        hidden = hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
+        return self.lm_head(hidden).float()
+
+    @torch.inference_mode()
+    def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, write_index: torch.Tensor,
+                last: torch.Tensor, rows: slice | torch.Tensor, kv_len: int) -> torch.Tensor:
+        """Run ``R`` rows (see the module docstring); ``logits [R, vocab]`` (float32) at ``last``. Eager (prefill
+        chunks have too many shapes to compile)."""
+        return self._run(embeds, position_ids, write_index, last, rows, kv_len)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, position_ids: torch.Tensor, write_index: torch.Tensor,
+               rows: slice, kv_len: int) -> torch.Tensor:
+        """One token for the slot rows *rows*: ``tokens [R]`` -> ``logits [R, vocab]``."""
+        embeds = self.embed_tokens(tokens[:, None])
+        last = torch.zeros(tokens.shape[0], dtype=torch.long, device=self.device)
+        logits = self._decode_forward(embeds, position_ids[:, None], write_index[:, None], last, rows, kv_len)
+        return logits.clone() if self.compiled else logits  # CUDA graphs reuse their output buffers
+
+    @torch.inference_mode()  # the engine builds its inputs under inference mode too (dynamo guards on it)
+    def warm_up(self, buckets: list[int], kv_len: int) -> float:
+        """Run the decode step once per batch bucket (compiles when compiling); the seconds it took."""
+        start = time.monotonic()
+        for rows in buckets:
+            inputs = torch.zeros((3, rows), dtype=torch.long)  # as the engine builds them: token, position, column
+            inputs[2] = self.kv.scratch
+            inputs = inputs.to(self.device)
+            self.decode(inputs[0], inputs[1], inputs[2], slice(0, rows), kv_len)
+        self.warmup_seconds = time.monotonic() - start
+        return self.warmup_seconds
+
+
+class FeatureCache:
+    """Vision features of images already seen, by content hash (:func:`image_key`); LRU, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        import collections
+
+        self.max_bytes = max_bytes
+        self._entries: "collections.OrderedDict[bytes, torch.Tensor]" = collections.OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: bytes) -> torch.Tensor | None:
+        features = self._entries.get(key)
+        if features is not None:
+            self._entries.move_to_end(key)
+        return features
+
+    def put(self, key: bytes, features: torch.Tensor) -> None:
+        size = features.numel() * features.element_size()
+        if size > self.max_bytes or key in self._entries:
+            return
+        self._entries[key] = features
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, dropped = self._entries.popitem(last=False)
+            self._bytes -= dropped.numel() * dropped.element_size()
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -1,0 +1,56 @@
+"""OpenAI's ``detail`` on ``image_url``, end to end: parsed from the wire, carried by the SDK's ImagePart, and over
+HTTP ``low`` costs one base view of image tokens (usage says so) while ``high``/``auto`` cost the full anyres."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import httpx
+import pytest
+import transformers
+
+import checkpoints
+from llava_next_plugin.engine import Engine
+from llava_next_plugin.server import create_app, serve_in_thread
+from llava_next_plugin.validation import Limits
+from llava_next_sdk.errors import BadRequestError
+from llava_next_sdk.types import ImagePart
+from llava_next_sdk.wire import parse_chat_request
+
+
+def data_url(width: int, height: int) -> str:
+    buffer = io.BytesIO()
+    checkpoints.real_photo().convert("RGB").resize((width, height)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def body(detail: str | None) -> dict:
+    image_url = {"url": data_url(96, 32)} | ({} if detail is None else {"detail": detail})
+    return {"model": "tiny", "max_tokens": 2, "temperature": 0, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": image_url}, {"type": "text", "text": "What?"}]}]}
+
+
+def test_detail_is_parsed_from_the_wire_and_checked():
+    assert parse_chat_request(body("low")).request.images[0].detail == "low"
+    assert parse_chat_request(body(None)).request.images[0].detail == "auto"
+    with pytest.raises(BadRequestError, match="'low', 'high' or 'auto'"):
+        parse_chat_request(body("medium"))
+    with pytest.raises(BadRequestError, match="'low', 'high' or 'auto'"):
+        ImagePart(url="https://example.com/a.png", detail="tiny")
+
+
+def test_low_detail_over_http_costs_one_base_view_of_image_tokens(tiny_checkpoint):
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_checkpoint)
+    engine = Engine(model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint), model_name="tiny").start()
+    with serve_in_thread(create_app(engine, limits=Limits(), shutdown_engine=False)) as running:
+        usage = {}
+        for detail in ("low", "high", None):
+            response = httpx.post(running.url + "/chat/completions", json=body(detail), timeout=120)
+            assert response.status_code == 200, response.text
+            usage[detail] = response.json()["usage"]["prompt_tokens_details"]["image_tokens"]
+        bad = httpx.post(running.url + "/chat/completions", json=body("medium"), timeout=60)
+    engine.shutdown(drain=False)
+    assert usage["low"] == (checkpoints.TINY_TILE // checkpoints.TINY_PATCH) ** 2
+    assert usage["high"] == usage[None] > usage["low"]
+    assert bad.status_code == 400 and "'low', 'high' or 'auto'" in bad.json()["error"]["message"]

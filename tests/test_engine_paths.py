@@ -1,0 +1,174 @@
+"""Every path of the engine gives ``model.generate``'s greedy tokens: chunked prefill, a reused prompt prefix
+(a follow-up turn), reused image features; and a long prompt's chunks let running streams keep flowing."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+import transformers
+
+import checkpoints
+from llava_next_plugin.engine import Engine, SamplingParams
+from llava_next_sdk.errors import RequestCancelledError
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0)
+
+
+def photo(width: int, height: int):
+    return checkpoints.real_photo().convert("RGB").resize((width, height))
+
+
+def ask(text: str, images: int = 1) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    return model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint)
+
+
+def reference_greedy(model, prepared, max_new_tokens: int) -> list[int]:
+    images = {} if prepared.pixel_values is None else {"pixel_values": prepared.pixel_values,
+                                                         "image_sizes": prepared.image_sizes}
+    with torch.no_grad():
+        out = model.generate(input_ids=prepared.input_ids, attention_mask=torch.ones_like(prepared.input_ids),
+                             max_new_tokens=max_new_tokens, do_sample=False, **images)
+    return out[0, prepared.input_ids.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def chunked(reference):
+    engine = Engine(*reference, max_batch_size=4, prefill_chunk=7).start()
+    yield engine
+    engine.shutdown(drain=False)
+
+
+def test_chunked_prefill_alone_and_joining_a_batch_gives_model_generate_tokens(reference, chunked):
+    model, _ = reference
+    requests = [(ask("What is this?"), [photo(80, 50)]),
+                (ask("Compare them.", images=2), [photo(64, 64), photo(30, 90)]),
+                ([{"role": "user", "content": [{"type": "text", "text": "A story about a cat"}]}], [])]
+    prepared = [chunked.prepare(m, i, GREEDY) for m, i in requests]
+    expected = [reference_greedy(model, p, 8) for p in prepared]
+    assert [chunked.submit(p).result(timeout=120).token_ids for p in prepared] == expected
+    handles = [chunked.submit(p) for p in prepared]  # together: chunks of several prompts share forwards
+    assert [h.result(timeout=120).token_ids for h in handles] == expected
+    assert chunked.stats_snapshot()["prefill_chunks"] > 3 * len(prepared)
+
+
+def test_a_follow_up_turn_reuses_the_first_turns_prefix_and_image_and_gives_the_same_tokens(reference):
+    model, processor = reference
+    image = photo(90, 60)
+    reusing = Engine(model, processor).start()
+    plain = Engine(model, processor, reuse_memory=0).start()
+    try:
+        first = reusing.generate(ask("What is in the picture?"), [image], GREEDY)
+        follow_up = ask("What is in the picture?") + [
+            {"role": "assistant", "content": [{"type": "text", "text": first.text}]},
+            {"role": "user", "content": [{"type": "text", "text": "And what colour is it?"}]}]
+        before = reusing.stats_snapshot()
+        prepared = reusing.prepare(follow_up, [image], GREEDY)
+        second = reusing.submit(prepared).result(timeout=120)
+        after = reusing.stats_snapshot()
+        assert after.get("prefix_reused_tokens", 0) - before.get("prefix_reused_tokens", 0) >= first.prompt_tokens - 1
+        assert after.get("image_features_reused", 0) > before.get("image_features_reused", 0)
+        assert second.token_ids == plain.generate(follow_up, [image], GREEDY).token_ids
+        assert second.token_ids == reference_greedy(model, prepared, 8)
+        assert plain.stats_snapshot().get("prefix_reused_tokens", 0) == 0
+    finally:
+        reusing.shutdown(drain=False)
+        plain.shutdown(drain=False)
+
+
+def test_another_image_of_the_same_size_reuses_no_prefix(reference):
+    model, processor = reference
+    engine = Engine(model, processor).start()
+    try:
+        cat = engine.generate(ask("Describe."), [photo(60, 60)], GREEDY)
+        other_image = checkpoints.real_photo("astronaut.png").convert("RGB").resize((60, 60))
+        prepared = engine.prepare(ask("Describe."), [other_image], GREEDY)
+        other = engine.submit(prepared).result(timeout=120)
+        # the prompts' token ids are equal (same geometry), their images are not: only the text before them is shared
+        assert engine.stats_snapshot().get("prefix_reused_tokens", 0) < 8
+        assert other.token_ids == reference_greedy(model, prepared, 8)
+        assert cat.prompt_tokens == other.prompt_tokens
+    finally:
+        engine.shutdown(drain=False)
+
+
+def test_running_streams_get_tokens_while_a_long_prompt_is_prefilled_in_chunks(reference):
+    model, processor = reference
+    engine = Engine(model, processor, max_batch_size=2, prefill_chunk=16, reuse_memory=0).start()
+    try:
+        running = engine.submit(engine.prepare(ask("Talk", images=0), [], SamplingParams(max_tokens=300,
+                                                                                         temperature=0)))
+        stream = iter(running)
+        next(stream)
+        arrivals: list[float] = []
+
+        def read():
+            try:
+                for _ in stream:
+                    arrivals.append(time.monotonic())
+            except RequestCancelledError:  # the test cancels it once the long prompt has its first token
+                pass
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        long_prompt = engine.prepare(ask("Describe all of it. " * 6, images=2), [photo(96, 32), photo(32, 96)],
+                                     SamplingParams(max_tokens=1, temperature=0))
+        chunks = -(-long_prompt.prompt_tokens // 16)
+        long = engine.submit(long_prompt)
+        result = long.result(timeout=120)
+        first_token_at = long.submitted_at + result.time_to_first_token
+        running.cancel()
+        reader.join(60)
+        between = [t for t in arrivals if long.submitted_at <= t <= first_token_at]
+        assert chunks >= 8
+        assert len(between) >= chunks // 2  # the running stream kept getting tokens between the chunks
+    finally:
+        engine.shutdown(drain=False)
+
+
+def test_low_detail_images_are_their_base_view_only_and_match_a_reference_built_from_the_models_pieces(reference):
+    model, processor = reference
+    engine = Engine(model, processor).start()
+    try:
+        images = [photo(96, 32), photo(64, 64)]
+        high = engine.prepare(ask("Compare.", images=2), images, GREEDY)
+        low = engine.prepare(ask("Compare.", images=2), images, GREEDY, image_detail=["low", "auto"])
+        base = (checkpoints.TINY_TILE // checkpoints.TINY_PATCH) ** 2
+        high_first = high.image_tokens - engine.prepare(ask("Compare."), images[1:], GREEDY).image_tokens
+        assert low.image_tokens == high.image_tokens - high_first + base
+        result = engine.submit(low).result(timeout=120)
+        assert result.image_tokens == low.image_tokens
+
+        # the reference: transformers' own vision tower and projector on the base view, its generate on embeddings
+        with torch.no_grad():
+            vision = model.model.vision_tower(low.pixel_values[0, :1], output_hidden_states=True)
+            selected = vision.hidden_states[model.config.vision_feature_layer][:, 1:]  # default strategy: no CLS
+            base_features = model.model.multi_modal_projector(selected)[0]
+            second = model.get_image_features(low.pixel_values[1:2], low.image_sizes[1:2]).pooler_output
+            second = torch.cat(list(second)) if isinstance(second, (list, tuple)) else second
+            ids = low.input_ids
+            embeds = model.get_input_embeddings()(ids)
+            embeds[ids == checkpoints.IMAGE_TOKEN_ID] = torch.cat([base_features, second])
+            out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                 do_sample=False)
+        assert result.token_ids == out[0].tolist()
+    finally:
+        engine.shutdown(drain=False)
+
+
+def test_an_unknown_detail_is_refused_with_the_values_allowed(reference):
+    from llava_next_sdk.errors import BadRequestError
+
+    engine = Engine(*reference, max_batch_size=1)
+    with pytest.raises(BadRequestError, match="'low', 'high' or 'auto'"):
+        engine.prepare(ask("Hi"), [photo(40, 40)], GREEDY, image_detail=["medium"])
+    with pytest.raises(BadRequestError, match="one per image"):
+        engine.prepare(ask("Hi"), [photo(40, 40)], GREEDY, image_detail=["low", "low"])

@@ -1,0 +1,281 @@
+"""The engine under many threads: one engine thread, hooks on it and once per request, shutdown keeps its
+timeout, preparing one request never waits for another's, stats are safe to read anywhere, leaving a stream
+cancels it, and the shared engine is found whatever spelling its options use."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import pytest
+import torch
+import transformers
+
+import checkpoints
+from llava_next_plugin.engine import Engine, SamplingParams
+from llava_next_plugin.engine.detokenizer import StopMatcher, TextStream
+from llava_next_plugin.engine.shared import get_shared_engine, shared_key
+from llava_next_plugin.hooks import get_plugin_manager, hookimpl
+from llava_next_sdk.errors import RequestCancelledError, ServerError
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0)
+ENGINE_THREAD = "llava-next-engine"
+
+
+def ask(text: str, images: int = 1) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
+
+
+def photo(width: int = 40, height: int = 40):
+    return checkpoints.real_photo().convert("RGB").resize((width, height))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    return model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def engine(reference):
+    engine = Engine(*reference, max_batch_size=4).start()
+    yield engine
+    engine.shutdown(drain=False)
+
+
+class Observer:
+    """Records each hook call with the thread it ran on; ``before_generate`` waits for ``gate`` when held."""
+
+    def __init__(self, hold: bool = False) -> None:
+        self.gate = threading.Event()
+        if not hold:
+            self.gate.set()
+        self.started: list[tuple[str, str]] = []
+        self.ended: list[tuple[str, str, str | None]] = []
+
+    @hookimpl
+    def llava_next_before_generate(self, request_id, request):
+        self.started.append((request_id, threading.current_thread().name))
+        self.gate.wait(60)
+
+    @hookimpl
+    def llava_next_after_generate(self, request_id, result):
+        self.ended.append((request_id, threading.current_thread().name, result["error"]))
+
+
+@pytest.fixture
+def observer():
+    observers = []
+
+    def make(hold: bool = False) -> Observer:
+        observer = Observer(hold)
+        get_plugin_manager().register(observer)
+        observers.append(observer)
+        return observer
+
+    yield make
+    for observer in observers:
+        observer.gate.set()
+        get_plugin_manager().unregister(observer)
+
+
+def wait_for(condition, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_many_threads_starting_an_engine_at_once_start_one_engine_thread(reference):
+    engine = Engine(*reference, max_batch_size=1)
+    barrier = threading.Barrier(16)
+
+    def start():
+        barrier.wait()
+        engine.start()
+
+    before = {t.ident for t in threading.enumerate() if t.name == ENGINE_THREAD}
+    threads = [threading.Thread(target=start) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    try:
+        started = [t for t in threading.enumerate() if t.name == ENGINE_THREAD and t.ident not in before]
+        assert started == [engine._thread]
+    finally:
+        engine.shutdown(drain=False)
+
+
+def test_hooks_of_a_request_cancelled_in_the_queue_run_on_the_engine_thread(reference, observer):
+    engine = Engine(*reference, max_batch_size=1).start()
+    seen = observer(hold=True)
+    try:
+        running = engine.submit(engine.prepare(ask("Busy"), [photo()], GREEDY))
+        assert wait_for(lambda: seen.started)
+        queued = engine.submit(engine.prepare(ask("Queued"), [photo()], GREEDY))
+        queued.cancel()
+        assert engine.queue_depth == 0  # its place is free at once
+        seen.gate.set()
+        running.result(timeout=60)
+        with pytest.raises(RequestCancelledError):
+            queued.result(timeout=60)
+    finally:
+        engine.shutdown(drain=False)
+    assert {(rid, thread) for rid, thread, _ in seen.ended} == {(running.id, ENGINE_THREAD), (queued.id, ENGINE_THREAD)}
+    assert [rid for rid, _ in seen.started] == [running.id]
+
+
+def test_a_batched_prefill_retried_row_by_row_calls_before_generate_once_per_request(reference, engine, observer):
+    model, processor = reference
+    requests = [(ask("One"), [photo(40, 40)]), (ask("Two"), [photo(60, 30)]), (ask("Three"), [photo(30, 60)])]
+    expected = [engine.generate(m, i, GREEDY).token_ids for m, i in requests]
+    failing_model = transformers.LlavaNextForConditionalGeneration.from_pretrained(
+        model.config._name_or_path).eval()
+
+    def refuse_batched_prefill(module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None and embeds.shape[0] > 1 and embeds.shape[1] > 1:
+            raise RuntimeError("batched prefill refused")
+
+    failing_model.model.language_model.register_forward_pre_hook(refuse_batched_prefill, with_kwargs=True)
+    failing = Engine(failing_model, processor, max_batch_size=4)
+    seen = observer()
+    try:
+        handles = [failing.submit(failing.prepare(m, i, GREEDY)) for m, i in requests]
+        failing.start()  # all queued: they join together, their batched prefill fails, each is re-run alone
+        assert [h.result(timeout=120).token_ids for h in handles] == expected
+    finally:
+        failing.shutdown(drain=False)
+    assert sorted(rid for rid, _ in seen.started) == sorted(h.id for h in handles)
+    assert {thread for _, thread in seen.started} == {ENGINE_THREAD}
+
+
+def test_shutdown_keeps_its_timeout_and_records_each_request_once(reference, observer):
+    engine = Engine(*reference, max_batch_size=1).start()
+    seen = observer(hold=True)
+    stuck = engine.submit(engine.prepare(ask("Stuck"), [photo()], GREEDY))
+    queued = engine.submit(engine.prepare(ask("Queued"), [photo()], GREEDY))
+    assert wait_for(lambda: seen.started)  # the engine thread waits in before_generate
+    stopper = threading.Thread(target=engine.shutdown, kwargs={"drain": True, "timeout": 0.5})
+    stopper.start()
+    stopper.join(20)
+    returned = not stopper.is_alive()
+    seen.gate.set()  # the engine thread goes on, finds the engine stopped, and must not end them again
+    stopper.join(60)
+    engine._thread.join(60)
+    assert returned, "shutdown(timeout=0.5) was still waiting for the engine thread"
+    for handle in (stuck, queued):
+        with pytest.raises(ServerError, match="shut down"):
+            handle.result(timeout=1)
+    ends = [rid for rid, _, _ in seen.ended]
+    assert sorted(ends) == sorted([stuck.id, queued.id])
+    snapshot = engine.stats_snapshot()
+    assert sum(v for k, v in snapshot.items() if k.startswith("requests_")) == 2
+
+
+def test_breaking_out_of_a_thread_stream_cancels_the_request(engine):
+    handle = engine.submit(engine.prepare(ask("Long"), [photo()], SamplingParams(max_tokens=400, temperature=0)))
+    for _ in handle:
+        break
+    with pytest.raises(RequestCancelledError):
+        handle.result(timeout=60)
+    assert wait_for(lambda: engine.batch_size == 0)
+
+
+def test_stats_snapshot_is_a_plain_copy_safe_to_read_while_the_engine_counts(engine):
+    errors, stop = [], threading.Event()
+
+    def read():
+        while not stop.is_set():
+            try:
+                for key, value in engine.stats_snapshot().items():
+                    assert isinstance(key, str) and isinstance(value, int)
+                sum(engine.stats.values())
+            except Exception as exc:  # e.g. "dictionary changed size during iteration"
+                errors.append(exc)
+                return
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for t in readers:
+        t.start()
+    try:
+        handles = [engine.submit(engine.prepare(ask(f"Count {i}"), [photo()], GREEDY)) for i in range(6)]
+        for h in handles:
+            h.result(timeout=120)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join(30)
+    assert errors == []
+    snapshot = engine.stats_snapshot()
+    snapshot["requests_ok"] = -1
+    assert engine.stats_snapshot()["requests_ok"] >= 6  # a copy: changing it changes nothing
+    assert engine.accepting is True
+
+
+class GatedProcessor:
+    """transformers' processor, except that a prompt containing ``SLOW`` waits for ``gate`` in tokenization."""
+
+    def __init__(self, inner, gate: threading.Event) -> None:
+        self.inner, self.gate = inner, gate
+
+    def __call__(self, *args, text=None, **kwargs):
+        if text and "SLOW" in text:
+            self.gate.wait(60)
+        return self.inner(*args, text=text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __deepcopy__(self, memo):
+        return GatedProcessor(copy.deepcopy(self.inner, memo), self.gate)
+
+
+def test_preparing_one_request_never_waits_for_another_being_tokenized(reference):
+    model, processor = reference
+    gate = threading.Event()
+    engine = Engine(model, GatedProcessor(processor, gate))
+    try:
+        slow = threading.Thread(target=engine.prepare, args=(ask("SLOW one"), [photo()], GREEDY))
+        slow.start()
+        time.sleep(0.2)  # let it reach the tokenizer
+        done = threading.Event()
+        fast = threading.Thread(target=lambda: (engine.prepare(ask("quick"), [photo()], GREEDY), done.set()))
+        fast.start()
+        fast.join(30)
+        assert done.is_set() and slow.is_alive()  # the quick one finished while the slow one still tokenizes
+    finally:
+        gate.set()
+        slow.join(30)
+        engine.shutdown(drain=False)
+
+
+def test_shared_engines_are_keyed_by_what_options_mean(tiny_checkpoint):
+    assert shared_key(tiny_checkpoint, dtype="bfloat16") == shared_key(tiny_checkpoint, dtype=torch.bfloat16)
+    assert shared_key(tiny_checkpoint, dtype="float32", device="cpu") == shared_key(
+        tiny_checkpoint, dtype=torch.float32, device=torch.device("cpu"))
+    assert shared_key(tiny_checkpoint, dtype="float32") != shared_key(tiny_checkpoint, dtype="bfloat16")
+    first = get_shared_engine(tiny_checkpoint, dtype="float32", device="cpu", max_batch_size=2)
+    try:
+        assert get_shared_engine(tiny_checkpoint, dtype=torch.float32, device="cpu", max_batch_size=2) is first
+    finally:
+        first.shutdown(drain=False)
+
+
+def test_stop_strings_are_matched_across_tokens_overlaps_and_very_long_stops():
+    matcher = StopMatcher(["aab", "xyz"])
+    assert matcher.feed("aaa", 0) is None and matcher.partial == 2  # "aa" may start "aab": held back
+    assert matcher.feed("ab", 3) == 2  # "aaaab": the stop starts at character 2
+
+    class Characters:  # a tokenizer whose tokens are single characters
+        def decode(self, ids, skip_special_tokens=True):
+            return "".join(map(chr, ids))
+
+    long_stop = "ab" * 150_000
+    stream = TextStream(Characters(), stop=[long_stop, "!!"])
+    text = "hello " + "ab" * 1000 + " world!! more"
+    deltas = [stream.add(ord(c)) for c in text] + [stream.flush()]
+    assert "".join(deltas) == stream.text == "hello " + "ab" * 1000 + " world"
+    assert stream.stopped
