@@ -251,7 +251,7 @@ def encode_for_wire(request: ChatRequest) -> ChatRequest:
 
     def encoded(part: Any) -> Any:
         if isinstance(part, ImagePart) and part.image is not None:
-            return ImagePart(url=part.as_url())
+            return ImagePart(url=part.as_url(), detail=part.detail)
         return part
 
     messages = tuple(ChatMessage(m.role, tuple(encoded(p) for p in m.content)) for m in request.messages)
