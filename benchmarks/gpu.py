@@ -78,8 +78,9 @@ def build(smoke: bool, device: str, dtype):
         with torch.device(device):
             ours = LlavaNextForConditionalGeneration(config).eval()
             with torch.no_grad():
-                for parameter in ours.parameters():  # random weights of a sane scale (init may leave zeros)
-                    parameter.normal_(0, 0.02)
+                for parameter in ours.parameters():  # random matrices of a sane scale; norms stay at 1
+                    if parameter.dim() >= 2:
+                        parameter.normal_(0, 0.02)
             reference = transformers.LlavaNextForConditionalGeneration(transformers.LlavaNextConfig(
                 **{k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}))
     finally:
@@ -176,11 +177,12 @@ def main() -> None:
     # --- ours: the engine
     engine = Engine(ours, processor, max_batch_size=8, max_context=args.context,
                     compile=False if (args.no_compile or args.smoke) else None)
+    engine.eos_token_ids = set()  # random weights: every request generates its max_tokens (as min_new_tokens does)
     warm = engine.warm_up(context=args.context if engine.runner.compiled else 1)
     engine.start()
     greedy = SamplingParams(max_tokens=tokens, temperature=0)
     engine.generate(ask("Describe the picture."), [photo(*size)], SamplingParams(max_tokens=2, temperature=0))
-    first = engine.generate(ask("Describe the picture."), [photo(*size) .rotate(180)], SamplingParams(max_tokens=1,
+    first = engine.generate(ask("Describe the picture."), [photo(*size).rotate(180)], SamplingParams(max_tokens=1,
                                                                                                   temperature=0))
     single = engine.generate(ask("Describe the picture."), [photo(*size).transpose(0)], greedy)
     decode_ours = (single.completion_tokens - 1) / max(single.total_seconds - single.time_to_first_token, 1e-9)

@@ -172,3 +172,17 @@ def test_an_unknown_detail_is_refused_with_the_values_allowed(reference):
         engine.prepare(ask("Hi"), [photo(40, 40)], GREEDY, image_detail=["medium"])
     with pytest.raises(BadRequestError, match="one per image"):
         engine.prepare(ask("Hi"), [photo(40, 40)], GREEDY, image_detail=["low", "low"])
+
+
+@pytest.mark.parametrize("text", ["llama", "qwen2", "phi3"])
+def test_other_text_backbones_run_in_the_slots_with_chunked_prefill_and_match_model_generate(
+        tiny_checkpoint_factory, text):
+    folder = tiny_checkpoint_factory(text=text)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    engine = Engine(model, transformers.AutoProcessor.from_pretrained(folder), max_batch_size=2,
+                    prefill_chunk=16).start()
+    try:
+        prepared = engine.prepare(ask("What is this?"), [photo(80, 50)], GREEDY)
+        assert engine.submit(prepared).result(timeout=120).token_ids == reference_greedy(model, prepared, 8)
+    finally:
+        engine.shutdown(drain=False)

@@ -279,3 +279,12 @@ def test_stop_strings_are_matched_across_tokens_overlaps_and_very_long_stops():
     deltas = [stream.add(ord(c)) for c in text] + [stream.flush()]
     assert "".join(deltas) == stream.text == "hello " + "ab" * 1000 + " world"
     assert stream.stopped
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(engine):
+    from llava_next_sdk.errors import ContextLengthExceededError
+
+    huge = "word " * 400_000  # 2 MB: far more characters than the 4096-token context can hold
+    with pytest.raises(ContextLengthExceededError, match="characters") as info:
+        engine.prepare(ask(huge), [photo()], GREEDY)
+    assert info.value.status == 400 and "4096" in info.value.message

@@ -350,7 +350,7 @@ class Engine:
         if prompt is None:
             from ..prompts import build_prompt
 
-            prompt = build_prompt(messages, self.processor, self.model.config, num_images=len(images))
+            prompt = build_prompt(messages, self._processor(), self.model.config, num_images=len(images))
         if len(prompt) > self._max_prompt_chars:  # certainly too long: refuse before tokenizing it all
             raise ContextLengthExceededError(
                 f"the prompt is {len(prompt)} characters, more than the model's context of {self.max_context} "
