@@ -24,7 +24,6 @@ EXTRA_OF_MODULE = {
 }
 # Imported only when the caller already runs it, so it is there whenever the import runs.
 IMPORTED_ONLY_WHEN_IN_USE = {
-    ("llava_next_plugin/engine.py", "trio"): "wakes a trio event loop, only from inside one",
     ("llava_next_sdk/images.py", "numpy"): "encodes a numpy array the caller passed",
 }
 
