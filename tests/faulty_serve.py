@@ -2,7 +2,7 @@
 
     python tests/faulty_serve.py --model PATH --port N ...   (the arguments of ``llava-next serve``)
 
-Every engine this process loads runs a model whose forward raises, during a prefill, when a prompt holds a
+Every engine this process loads runs a model that raises, during a prefill, when a prompt holds a
 marker: ``RAISE-RUNTIME`` (a ``RuntimeError`` whose text is internal detail that must never reach a
 client) or ``RAISE-OOM`` (``torch.OutOfMemoryError``). Everything else is the real server, engine and model.
 """
@@ -23,21 +23,24 @@ INTERNAL_DETAIL = "device-side assert at /opt/secret/kernels.cu:42"
 
 
 def inject_faults(engine: Engine) -> Engine:
-    """Make *engine*'s model fail on the markers (see the module docstring); returns *engine*."""
-    forward = engine.model.forward
+    """Make *engine*'s model fail on the markers (see the module docstring); returns *engine*.
+
+    The failure is raised where every prefill starts, whichever path runs it: the token embedding of a whole
+    prompt (``input_ids [L]`` or ``[B, L]``; a decode step embeds ``[R, 1]`` and is left alone).
+    """
     tokenizer = copy.deepcopy(engine.tokenizer)  # its own: the engine's is used by other threads
 
-    def failing_forward(*args, **kwargs):
-        input_ids = kwargs.get("input_ids")
+    def fail_on_markers(module, args, kwargs):
+        input_ids = args[0] if args else kwargs.get("input")
         if input_ids is not None and input_ids.shape[-1] > 1:  # a prefill: look at the prompts
-            texts = [tokenizer.decode(row[row != engine.pad_token_id]) for row in input_ids]
+            rows = input_ids.reshape(-1, input_ids.shape[-1])
+            texts = [tokenizer.decode(row[row != engine.pad_token_id]) for row in rows]
             if any(RUNTIME_MARKER in t for t in texts):
                 raise RuntimeError(INTERNAL_DETAIL)
             if any(OOM_MARKER in t for t in texts):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return forward(*args, **kwargs)
 
-    engine.model.forward = failing_forward
+    engine.model.get_input_embeddings().register_forward_pre_hook(fail_on_markers, with_kwargs=True)
     return engine
 
 
