@@ -44,6 +44,9 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="seconds in-flight requests may take to finish after SIGTERM")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    from .distributed import add_serve_options  # parsing the Ray options needs no Ray
+
+    add_serve_options(parser)
     parser.set_defaults(func=run_serve)
     return parser
 
@@ -59,6 +62,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load the model, start the engine and serve until SIGINT/SIGTERM (draining in-flight requests)."""
+    if args.ray:
+        from .distributed import run_serve as run_serve_on_ray
+
+        return run_serve_on_ray(args)
     from .engine import Engine
     from .server import create_app, run_server
     from .validation import Limits
