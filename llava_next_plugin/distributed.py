@@ -438,6 +438,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     """``llava-next serve --ray ADDRESS|local``: deploy :func:`build_serve_app` and serve until interrupted."""
+    import signal
     import time
 
     if args.autoscale:
@@ -451,6 +452,11 @@ def run_serve(args: argparse.Namespace) -> int:
         max_images_per_request=args.max_images_per_request, max_image_pixels=args.max_image_pixels,
         max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout)
     replicas = parse_autoscale(args.autoscale)[1] if args.autoscale else args.replicas
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # SIGTERM stops the deployment as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, stop)
     with ray_runtime(args.ray, num_cpus=(replicas + 1 if args.ray == "local" else None)):
         from ray import serve
 
@@ -458,7 +464,7 @@ def run_serve(args: argparse.Namespace) -> int:
         try:
             serve.run(app, name="llava-next", route_prefix="/")
             print(f"llava-next: serving {args.model} on http://{args.host}:{args.port}/v1 with Ray Serve "
-                  f"({args.autoscale or args.replicas} replicas); Ctrl-C stops", file=sys.stderr, flush=True)
+                  f"({args.autoscale or args.replicas} replicas); Ctrl-C stops", flush=True)
             while True:
                 time.sleep(1)
         except KeyboardInterrupt:
