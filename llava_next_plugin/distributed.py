@@ -276,7 +276,8 @@ def run_caption(args: argparse.Namespace) -> int:
     journal = _journal(out)
     done = read_done(journal)
     limits = Limits(allowed_url_domains=tuple(d.lower().strip(".") for d in args.allow_url_domain))
-    cpus = 1 if args.gpus_per_worker else max(1, (os.cpu_count() or 1) // args.workers)
+    # CPUs (and torch threads) per actor: this machine's cores shared out when local, else 1 per actor
+    cpus = max(1, (os.cpu_count() or 1) // args.workers) if args.ray == "local" and not args.gpus_per_worker else 1
     try:
         runtime = ray_runtime(args.ray, num_cpus=(cpus * args.workers if args.ray == "local" else None))
         with runtime as ray:
