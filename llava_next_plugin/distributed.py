@@ -373,10 +373,10 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     return bounds
 
 
-def build_serve_app(args: Mapping[str, Any] | None = None, **kwargs: Any):
+def build_serve_app(args: Mapping[str, Any]):
     """The Ray Serve application (``serve run llava_next_plugin.distributed:build_serve_app model=PATH ...``).
 
-    Arguments (a dict from ``serve run key=value`` / a config file's ``args:``, or keywords): ``model``
+    *args* (one dict, as Ray Serve passes ``serve run key=value`` or a config file's ``args:``): ``model``
     (required), ``replicas`` (default 1), ``autoscale`` (``"MIN..MAX"``: replicas follow the load, each
     aiming at ``max_batch_size`` requests in flight), ``gpus_per_replica``, ``cpus_per_replica`` (default 1),
     ``threads`` (torch threads per replica), ``device``, ``dtype``, ``max_batch_size``, ``max_queue``,
@@ -385,7 +385,7 @@ def build_serve_app(args: Mapping[str, Any] | None = None, **kwargs: Any):
     """
     from .validation import Limits
 
-    options = {**(args or {}), **kwargs}
+    options = dict(args)
     model = options.pop("model", None)
     if not model:
         raise ValueError("build_serve_app needs model=PATH_OR_HUB_ID")
@@ -446,12 +446,12 @@ def run_serve(args: argparse.Namespace) -> int:
         parse_autoscale(args.autoscale)
     elif args.replicas < 1:
         raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
-    app = build_serve_app(
+    app = build_serve_app(dict(
         model=args.model, replicas=args.replicas, autoscale=args.autoscale, gpus_per_replica=args.gpus_per_replica,
         device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
         served_model_name=args.served_model_name, api_key=args.api_key, allow_url_domains=args.allow_url_domain,
         max_images_per_request=args.max_images_per_request, max_image_pixels=args.max_image_pixels,
-        max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout)
+        max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout))
     replicas = parse_autoscale(args.autoscale)[1] if args.autoscale else args.replicas
 
     def stop(signum, frame):

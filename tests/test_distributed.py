@@ -138,9 +138,20 @@ def test_bad_scaling_options_are_clear_errors():
         with pytest.raises(ValueError, match="MIN..MAX"):
             parse_autoscale(bad)
     with pytest.raises(ValueError, match="unknown serve option.*replica_count"):
-        build_serve_app(model="m", replica_count=2)
+        build_serve_app({"model": "m", "replica_count": 2})
     with pytest.raises(ValueError, match="model="):
-        build_serve_app(replicas=2)
+        build_serve_app({"replicas": 2})
+
+
+def test_the_serve_run_entry_point_builds_an_application_from_string_args():
+    """``serve run llava_next_plugin.distributed:build_serve_app model=... replicas=4`` hands over strings."""
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary  # what `serve run` calls
+
+    from llava_next_plugin.distributed import build_serve_app
+
+    for args in ({"model": "m", "replicas": "4", "gpus_per_replica": "1"}, {"model": "m", "autoscale": "1..3"}):
+        assert isinstance(call_user_app_builder_with_args_if_necessary(build_serve_app, args), Application)
 
 
 # --- Ray Data ----------------------------------------------------------------------------------------------------
@@ -221,8 +232,8 @@ def deployment(ray_session, demo_checkpoint):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_serve_app(model=str(demo_checkpoint), replicas=2, cpus_per_replica=0.5, threads=1,
-                          served_model_name="tiny", api_key=API_KEY, max_images_per_request=1)
+    app = build_serve_app({"model": str(demo_checkpoint), "replicas": 2, "cpus_per_replica": 0.5, "threads": 1,
+                           "served_model_name": "tiny", "api_key": API_KEY, "max_images_per_request": 1})
     serve.run(app, name="llava-next", route_prefix="/")
     try:
         yield f"http://127.0.0.1:{port}/v1"
