@@ -26,7 +26,8 @@ from typing import Any, Sequence
 
 from . import __version__
 
-__all__ = ["main", "build_parser", "resolve_model", "DEFAULT_MODEL", "IMAGE_SUFFIXES", "CAPTION_EXIT_RULE"]
+__all__ = ["main", "build_parser", "resolve_model", "read_done", "result_line", "DEFAULT_MODEL", "IMAGE_SUFFIXES",
+           "CAPTION_EXIT_RULE"]
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
 MODEL_ENV = "LLAVA_NEXT_MODEL"
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--strict", action="store_true",
                          help="exit with status 1 while any image of DIR is unreadable (default: 0, with a count)")
     _add_model_options(caption)
+    from .distributed import add_caption_options  # parsing the Ray options needs no Ray
+
+    add_caption_options(caption)
 
     tiny = commands.add_parser("tiny-checkpoint", help="write a small RANDOM-weight checkpoint for offline demos",
                                description="Write a small checkpoint with random weights in llava-hf layout (real "
@@ -278,8 +282,17 @@ def read_done(out: Path) -> set[str]:
     return done
 
 
+def result_line(image: str, prompt: str, text: str) -> str:
+    """One result of ``caption`` (single machine and Ray alike): a whole JSON line, newline included."""
+    return json.dumps({"image": image, "prompt": prompt, "generated_text": text}, ensure_ascii=False) + "\n"
+
+
 def run_caption(args: argparse.Namespace) -> int:
     """Caption the folder; see :data:`CAPTION_EXIT_RULE` for the exit status."""
+    if args.ray:
+        from .distributed import run_caption as run_caption_on_ray
+
+        return run_caption_on_ray(args)
     from tqdm.auto import tqdm
 
     _positive(args.batch_size, "--batch-size")
@@ -311,9 +324,8 @@ def run_caption(args: argparse.Namespace) -> int:
             pipe = pipe or _load_pipeline(args)
             answers = pipe(images, prompt=args.prompt, batch_size=len(images), max_new_tokens=args.max_new_tokens)
             for path, answer in zip(batch, answers, strict=True):
-                line = json.dumps({"image": path.name, "prompt": args.prompt,
-                                   "generated_text": answer[0]["generated_text"]}, ensure_ascii=False)
-                results.write(line + "\n")  # one whole line per write, flushed: never half a line on disk
+                line = result_line(path.name, args.prompt, answer[0]["generated_text"])
+                results.write(line)  # one whole line per write, flushed: never half a line on disk
                 results.flush()
             captioned += len(batch)
             progress.update(len(batch))

@@ -68,6 +68,9 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="seconds in-flight requests may take to finish after SIGTERM; then they are cut")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                         help="server log level")
+    from .distributed import add_serve_options  # parsing the Ray options needs no Ray
+
+    add_serve_options(parser)
     return parser
 
 
@@ -82,6 +85,10 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load the model, start the engine and serve until SIGINT/SIGTERM (draining in-flight requests)."""
+    if args.ray:
+        from .distributed import run_serve as run_serve_on_ray
+
+        return run_serve_on_ray(args)
     from .engine import Engine
     from .server import create_app, default_served_name, run_server
     from .validation import Limits

@@ -1,0 +1,475 @@
+"""Past one machine, on Ray: batch captioning with Ray Data, replicated serving with Ray Serve.
+
+Optional extra: ``pip install 'llava-next-plugin[ray]'`` (``ray[data,serve]``). Ray is imported only
+inside the functions below, never when ``llava_next_plugin`` (or this module) is imported.
+
+* :func:`caption_dataset` adds ``answer``, ``tokens`` and ``error`` columns to a ``ray.data.Dataset``:
+  ``map_batches`` over a pool of ``workers`` actors, each loading the model once into its own
+  :class:`~llava_next_plugin.engine.Engine` (``gpus_per_worker=1``: one actor per GPU). Images come from
+  paths, ``http(s)``/``data:`` URLs (the server's allow-list rules, :class:`~llava_next_plugin.validation.Limits`)
+  or encoded bytes; a row whose image or prompt is bad gets its ``error`` and no answer, and the job goes on.
+  An actor that dies is restarted by Ray Data and its batch is run again, so every row is answered once.
+* :func:`build_serve_app` is the Ray Serve application: the very ASGI app of
+  :func:`llava_next_plugin.server.create_app` (same routes, validation, limits, auth, metrics) behind a
+  deployment whose every replica holds one engine; Serve's proxy balances and autoscales. For a cluster::
+
+      serve run llava_next_plugin.distributed:build_serve_app model=/shared/llava replicas=4
+      serve deploy serve_config.yaml   # applications: [{import_path: llava_next_plugin.distributed:build_serve_app,
+                                       #                 args: {model: ..., replicas: 4}}]
+
+* ``llava-next caption ... --ray ADDRESS|local`` and ``llava-next serve ... --ray ADDRESS|local`` run
+  :func:`run_caption` and :func:`run_serve`; ``local`` starts a Ray runtime on this machine for the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+__all__ = ["caption_dataset", "build_serve_app", "ray_runtime", "parse_autoscale", "add_caption_options",
+           "add_serve_options", "run_caption", "run_serve", "RESULT_COLUMNS", "DETAILS"]
+
+RESULT_COLUMNS = ("answer", "tokens", "error")
+"""The columns :func:`caption_dataset` adds: the text (``None`` on failure), completion tokens, the error (or ``None``)."""
+DETAILS = ("auto", "high", "low")
+"""``auto``/``high``: the image as it is (any-resolution tiles); ``low``: downscaled to one tile's side first."""
+RAY_HINT = "install the ray extra: pip install 'llava-next-plugin[ray]'"
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError as exc:
+        raise ImportError(f"Ray is not installed ({exc}); {RAY_HINT}") from exc
+    return ray
+
+
+# --- the Ray runtime ----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def ray_runtime(address: str, *, num_cpus: int | None = None, num_gpus: int | None = None,
+                object_store_memory: int | None = None) -> Iterator[Any]:
+    """Connect to the Ray cluster at *address* (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``), or with
+    ``"local"`` start a Ray runtime on this machine (no dashboard); either way disconnect (and stop the
+    local runtime) on exit. Yields the ``ray`` module. An already connected driver is reused and left alone.
+    """
+    ray = _import_ray()
+    if ray.is_initialized():
+        yield ray
+        return
+    if address == "local":
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
+                 object_store_memory=object_store_memory, log_to_driver=False, configure_logging=False)
+    else:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+# --- batch captioning ------------------------------------------------------------------------------------
+def _image_part(value: Any):
+    """The SDK's ImagePart for one cell of the image column: bytes, URL, local path, or {"bytes", "path"}."""
+    from llava_next_sdk.errors import InvalidImageError
+    from llava_next_sdk.types import ImagePart
+
+    if isinstance(value, Mapping):  # Hugging Face datasets' Image feature: {"bytes": ..., "path": ...}
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return ImagePart(data=bytes(value))
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if not isinstance(value, str) or not value:
+        raise InvalidImageError(f"the image cell holds {type(value).__name__}, not a path, URL or encoded bytes; "
+                                "fix the image column")
+    if value[:5].lower() == "data:" or value.split("://", 1)[0].lower() in ("http", "https"):
+        return ImagePart(url=value)
+    path = Path(value[7:] if value.startswith("file://") else value)
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise InvalidImageError(f"the image path {value!r} {what}; give an image file readable on every worker "
+                                "(a shared or copied folder), a URL or bytes")
+    return ImagePart(data=path.read_bytes())
+
+
+class _Captioner:
+    """One actor of the pool: loads the model once, then answers a batch of rows per call."""
+
+    def __init__(self, model: str, prompt: str, image_column: str, max_tokens: int, detail: str,
+                 limits: Any, device: str | None, dtype: str | None, threads: int | None, batch_size: int) -> None:
+        import torch
+
+        from .engine import Engine
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.prompt, self.image_column, self.max_tokens, self.detail = prompt, image_column, max_tokens, detail
+        self.limits = limits
+        self.engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_batch_size=batch_size,
+                                             max_queue=max(64, batch_size))
+        size = getattr(self.engine.processor.image_processor, "crop_size", None) or {}
+        self.tile_side = int(size.get("height", 336)) if isinstance(size, Mapping) else 336
+
+    def _prepare(self, cell: Any):
+        from llava_next_sdk.types import ChatMessage, ChatRequest, GenerationParams, TextPart
+
+        from .validation import load_request_images, to_chat_messages, to_sampling_params
+
+        request = ChatRequest(messages=(ChatMessage("user", (_image_part(cell), TextPart(self.prompt))),),
+                              params=GenerationParams(max_tokens=self.max_tokens, temperature=0.0))
+        images = load_request_images(request, self.limits)  # the server's rules: URL allow-list, sizes
+        if self.detail == "low":
+            for image in images:
+                image.thumbnail((self.tile_side, self.tile_side))
+        return self.engine.prepare(to_chat_messages(request), images, to_sampling_params(request.params))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        cells = batch[self.image_column]
+        answers: list[str | None] = [None] * len(cells)
+        tokens = [0] * len(cells)
+        errors: list[str | None] = [None] * len(cells)
+        handles = {}
+        for row, cell in enumerate(cells):  # submit all, so the engine batches them together
+            try:
+                handles[row] = self.engine.submit(self._prepare(cell))
+            except Exception as exc:  # a bad row is answered with its error; the job goes on
+                errors[row] = _error_text(exc)
+        for row, handle in handles.items():
+            try:
+                result = handle.result()
+                answers[row], tokens[row] = result.text, result.completion_tokens
+            except Exception as exc:
+                errors[row] = _error_text(exc)
+        return {**batch, "answer": answers, "tokens": tokens, "error": errors}
+
+
+def _error_text(exc: BaseException) -> str:
+    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return f"{type(exc).__name__}: {message}"
+
+
+def caption_dataset(ds, model: str, *, prompt: str | None = None, image_column: str = "image",
+                    max_tokens: int = 64, detail: str = "auto", workers: int = 1, gpus_per_worker: float = 0,
+                    cpus_per_worker: float = 1, threads_per_worker: int | None = None, batch_size: int = 8,
+                    limits: Any = None, device: str | None = None, dtype: str | None = None):
+    """Caption (or question) every image of *ds*; returns a lazy ``ray.data.Dataset`` with the rows of *ds*
+    plus ``answer`` (str, ``None`` on failure), ``tokens`` (completion tokens) and ``error`` (``None`` or
+    ``"ErrorClass: what was wrong"``).
+
+    Args:
+        ds: a ``ray.data.Dataset`` with an *image_column* of paths, ``http(s)``/``data:`` URLs or encoded bytes.
+        model: checkpoint folder (reachable from every worker) or hub id.
+        prompt: the instruction (default: the pipeline's caption prompt).
+        max_tokens: longest answer in tokens. Decoding is greedy, so a rerun gives the same answers.
+        detail: one of :data:`DETAILS`.
+        workers: actors in the pool; each loads the model once and runs one engine.
+        gpus_per_worker: GPUs per actor (1: one actor per GPU); 0 runs on CPU.
+        cpus_per_worker, threads_per_worker: CPUs Ray reserves per actor, torch threads per actor
+            (default: the CPUs reserved, rounded up).
+        batch_size: rows per call to an actor; they are decoded together.
+        limits: :class:`~llava_next_plugin.validation.Limits` for the images (default: the server's
+            defaults, which fetch no ``http(s)`` URL; pass ``Limits(allowed_url_domains=(...))``).
+        device, dtype: where and how each engine loads the model (default: cuda when the actor has a GPU).
+    """
+    import math
+
+    from .validation import Limits
+
+    ray = _import_ray()
+    if detail not in DETAILS:
+        raise ValueError(f"detail={detail!r} is not one of {', '.join(DETAILS)}")
+    for name, value in (("workers", workers), ("batch_size", batch_size), ("max_tokens", max_tokens)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if image_column not in ds.schema().names:
+        raise ValueError(f"the dataset has no column {image_column!r} (columns: {', '.join(ds.schema().names)}); "
+                         "pass image_column=")
+    if prompt is None:
+        from .pipeline import DEFAULT_PROMPT
+
+        prompt = DEFAULT_PROMPT
+    threads = threads_per_worker or max(1, math.ceil(cpus_per_worker))
+    return ds.map_batches(
+        _Captioner, batch_size=batch_size, batch_format="numpy", zero_copy_batch=True,
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None,
+        fn_constructor_kwargs=dict(model=str(model), prompt=prompt, image_column=image_column,
+                                   max_tokens=max_tokens, detail=detail, limits=limits or Limits(),
+                                   device=device or ("cuda" if gpus_per_worker else "cpu"), dtype=dtype,
+                                   threads=threads, batch_size=batch_size))
+
+
+# --- the command line: llava-next caption --ray -------------------------------------------------------------
+def add_caption_options(parser: argparse.ArgumentParser) -> None:
+    """The ``caption`` subcommand's Ray options (parsing them needs no Ray)."""
+    group = parser.add_argument_group("past one machine (Ray; needs the ray extra)")
+    group.add_argument("--ray", default=None, metavar="ADDRESS|local",
+                       help="caption on a Ray cluster (ADDRESS: auto, host:6379, ray://host:10001) or on a Ray "
+                            "runtime started on this machine (local); DIR may then also be a .parquet file")
+    group.add_argument("--workers", type=int, default=1, metavar="N", help="model actors, one engine each (default: 1)")
+    group.add_argument("--gpus-per-worker", type=float, default=0, metavar="G",
+                       help="GPUs per actor (1: one actor per GPU; default: 0, CPU)")
+    group.add_argument("--image-column", default="image", metavar="NAME",
+                       help="parquet input: column of paths, URLs or image bytes (default: image)")
+    group.add_argument("--id-column", default=None, metavar="NAME",
+                       help="parquet input: column naming each row in --out (default: the image column)")
+    group.add_argument("--allow-url-domain", action="append", default=[], metavar="DOMAIN",
+                       help="fetch http(s) image URLs from DOMAIN and its subdomains (repeatable; default: none)")
+    group.add_argument("--detail", default="auto", choices=DETAILS,
+                       help="low: downscale each image to one tile's side before preprocessing (default: auto)")
+
+
+def _journal(out: Path) -> Path:
+    """Where results are appended line by line: *out* itself, or ``OUT.parquet.jsonl`` next to a parquet *out*."""
+    return out.with_name(out.name + ".jsonl") if out.suffix == ".parquet" else out
+
+
+def _input_dataset(ray, source: str, args, done: set[str], command_error) -> tuple[Any, str, int, int]:
+    """(dataset of rows still to caption, their id column, rows in all, rows already done)."""
+    from .cli import IMAGE_SUFFIXES
+
+    path = Path(source)
+    if path.is_dir() and not any(path.glob("*.parquet")):
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise command_error(f"{source!r} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no .parquet files")
+        todo = [{"image": p.name, "path": str(p.resolve())} for p in files if p.name not in done]
+        ds = ray.data.from_items(todo) if todo else None
+        return ds, "path", len(files), len(files) - len(todo)
+    if not path.exists():
+        raise command_error(f"{source!r} does not exist: give a folder of images or a parquet file/folder")
+    ds = ray.data.read_parquet(str(path))
+    names = ds.schema().names
+    id_column = args.id_column or args.image_column
+    for flag, column in (("--image-column", args.image_column), ("--id-column", id_column)):
+        if column not in names:
+            raise command_error(f"{source} has no column {column!r} ({flag}); its columns: {', '.join(names)}")
+    total = ds.count()
+    if done:
+        ds = ds.filter(lambda row, done=frozenset(done): str(row[id_column]) not in done)
+    return ds, args.image_column, total, None
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    """``llava-next caption SOURCE --ray ADDRESS|local``: the single-machine output format and resume rule
+    (:func:`llava_next_plugin.cli.read_done`, :func:`llava_next_plugin.cli.result_line`), results written as
+    they stream back, a progress bar, and a final count of done and failed rows."""
+    from tqdm.auto import tqdm
+
+    from .cli import CommandError, _check_model, _positive, read_done, result_line
+    from .validation import Limits
+
+    for name in ("workers", "max_new_tokens", "batch_size"):
+        _positive(getattr(args, name), "--" + name.replace("_", "-"))
+    out = Path(args.out)
+    if out.parent and not out.parent.exists():
+        raise CommandError(f"the folder of --out ({out.parent}) does not exist")
+    if out.suffix not in (".jsonl", ".parquet", ".json", ".txt", ""):
+        raise CommandError(f"--out {out}: write results to a .jsonl or a .parquet file")
+    model = args.model or os.environ.get("LLAVA_NEXT_MODEL") or ""
+    _check_model(model)
+    journal = _journal(out)
+    done = read_done(journal)
+    limits = Limits(allowed_url_domains=tuple(d.lower().strip(".") for d in args.allow_url_domain))
+    # CPUs (and torch threads) per actor: this machine's cores shared out when local, else 1 per actor
+    cpus = max(1, (os.cpu_count() or 1) // args.workers) if args.ray == "local" and not args.gpus_per_worker else 1
+    try:
+        runtime = ray_runtime(args.ray, num_cpus=(cpus * args.workers if args.ray == "local" else None))
+        with runtime as ray:
+            ray.data.DataContext.get_current().enable_progress_bars = False  # ours is the one bar
+            import logging
+
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
+            ds, image_column, total, already = _input_dataset(ray, args.folder, args, done, CommandError)
+            id_column = args.id_column or ("image" if image_column == "path" else image_column)
+            already = len(done) if already is None else already
+            captioned = failed = 0
+            if ds is not None:
+                results = caption_dataset(
+                    ds, model, prompt=args.prompt, image_column=image_column, max_tokens=args.max_new_tokens,
+                    detail=args.detail, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                    cpus_per_worker=1 if args.gpus_per_worker else cpus, batch_size=args.batch_size,
+                    limits=limits, device=args.device, dtype=None if args.dtype == "auto" else args.dtype)
+                progress = tqdm(total=total, initial=already, unit="image", file=sys.stderr, desc="captioning")
+                with open(journal, "a", encoding="utf-8") as lines:
+                    for row in results.iter_rows():
+                        key = str(row[id_column])
+                        if row["error"] is None:
+                            lines.write(result_line(key, args.prompt, row["answer"]))
+                            lines.flush()  # one whole line per write: an interruption leaves no half line
+                            captioned += 1
+                        else:
+                            failed += 1
+                            progress.write(f"failed {key}: {row['error']}", file=sys.stderr)
+                        progress.update(1)
+                progress.close()
+    except ImportError as exc:
+        raise CommandError(str(exc)) from exc
+    if out != journal:
+        _write_parquet(journal, out)
+    print(f"llava-next: {captioned} captioned, {failed} failed, {already} already in {journal}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _write_parquet(journal: Path, out: Path) -> None:
+    """Every result line of *journal* as a parquet table at *out*, replaced atomically."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in journal.read_text(encoding="utf-8").splitlines() if line.strip()]
+    partial = out.with_name(out.name + ".partial")
+    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([("image", pa.string()), ("prompt", pa.string()),
+                                                                 ("generated_text", pa.string())])), partial)
+    os.replace(partial, out)
+
+
+# --- serving: Ray Serve ---------------------------------------------------------------------------------------
+_DEPLOYMENT = None
+
+
+def _server_deployment():
+    """The Ray Serve deployment class (made on first use, so importing this module needs no Ray)."""
+    global _DEPLOYMENT
+    if _DEPLOYMENT is None:
+        from ray import serve
+
+        @serve.ingress()  # the app is built per replica by __serve_build_asgi_app__, around its engine
+        class LlavaNextServer:
+            """One replica: one engine, and the one app definition (:func:`llava_next_plugin.server.create_app`)."""
+
+            def __init__(self, model: str, engine_options: dict, app_options: dict, threads: int | None) -> None:
+                from .engine import Engine
+
+                if threads:
+                    import torch
+
+                    torch.set_num_threads(threads)
+                self.engine = Engine.from_pretrained(model, **engine_options)
+                self.app_options = app_options
+
+            def __serve_build_asgi_app__(self):
+                from .server import create_app
+
+                return create_app(self.engine, **self.app_options)
+
+        _DEPLOYMENT = serve.deployment(LlavaNextServer, name="LlavaNextServer")
+    return _DEPLOYMENT
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    """``"MIN..MAX"`` -> ``(MIN, MAX)``, with ``0 <= MIN <= MAX`` and ``MAX >= 1``."""
+    low, sep, high = str(text).partition("..")
+    try:
+        bounds = (int(low), int(high))
+    except ValueError:
+        bounds = None
+    if not sep or bounds is None or not 0 <= bounds[0] <= bounds[1] or bounds[1] < 1:
+        raise ValueError(f"--autoscale {text!r}: write MIN..MAX with 0 <= MIN <= MAX and MAX >= 1, e.g. 1..4")
+    return bounds
+
+
+def build_serve_app(args: Mapping[str, Any]):
+    """The Ray Serve application (``serve run llava_next_plugin.distributed:build_serve_app model=PATH ...``).
+
+    *args* (one dict, as Ray Serve passes ``serve run key=value`` or a config file's ``args:``): ``model``
+    (required), ``replicas`` (default 1), ``autoscale`` (``"MIN..MAX"``: replicas follow the load, each
+    aiming at ``max_batch_size`` requests in flight), ``gpus_per_replica``, ``cpus_per_replica`` (default 1),
+    ``threads`` (torch threads per replica), ``device``, ``dtype``, ``max_batch_size``, ``max_queue``,
+    ``served_model_name``, ``api_key``, ``allow_url_domains`` (list or comma-separated), and the request
+    limits ``max_images_per_request``, ``max_image_pixels``, ``max_body_bytes``; ``drain_timeout``.
+    """
+    from .validation import Limits
+
+    options = dict(args)
+    model = options.pop("model", None)
+    if not model:
+        raise ValueError("build_serve_app needs model=PATH_OR_HUB_ID")
+    replicas = int(options.pop("replicas", 1))
+    autoscale = options.pop("autoscale", None)
+    gpus = float(options.pop("gpus_per_replica", 0))
+    cpus = float(options.pop("cpus_per_replica", 1))
+    threads = options.pop("threads", None)
+    domains = options.pop("allow_url_domains", ()) or ()
+    if isinstance(domains, str):
+        domains = [d for d in domains.split(",") if d]
+    dtype = options.pop("dtype", None)
+    engine_options = {"device": options.pop("device", None) or ("cuda" if gpus else "cpu"),
+                      "dtype": None if dtype in (None, "auto") else dtype,
+                      "max_batch_size": int(options.pop("max_batch_size", 8)),
+                      "max_queue": int(options.pop("max_queue", 64)),
+                      "model_name": options.pop("served_model_name", None) or str(model)}
+    limit_names = ("max_images_per_request", "max_image_pixels", "max_body_bytes")
+    limits = Limits(allowed_url_domains=tuple(d.lower().strip(".") for d in domains),
+                    **{n: int(options.pop(n)) for n in limit_names if options.get(n) is not None})
+    app_options = {"limits": limits, "api_key": options.pop("api_key", None),
+                   "drain_timeout": float(options.pop("drain_timeout", 30.0))}
+    if options:
+        raise ValueError(f"unknown serve option(s): {', '.join(sorted(options))}; see build_serve_app's docstring")
+    deployment_options: dict[str, Any] = {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus},
+                                          "max_ongoing_requests": engine_options["max_batch_size"]
+                                          + engine_options["max_queue"]}
+    if autoscale:
+        low, high = parse_autoscale(autoscale)
+        deployment_options.update(num_replicas="auto", autoscaling_config={
+            "min_replicas": low, "max_replicas": high, "initial_replicas": min(max(replicas, low), high),
+            "target_ongoing_requests": engine_options["max_batch_size"]})
+    else:
+        if replicas < 1:
+            raise ValueError(f"replicas must be at least 1, got {replicas}")
+        deployment_options["num_replicas"] = replicas
+    deployment = _server_deployment().options(**deployment_options)
+    return deployment.bind(str(model), engine_options, app_options, int(threads) if threads else None)
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    """The ``serve`` subcommand's Ray options (parsing them needs no Ray)."""
+    group = parser.add_argument_group("past one machine (Ray Serve; needs the ray extra)")
+    group.add_argument("--ray", default=None, metavar="ADDRESS|local",
+                       help="deploy on a Ray cluster (auto, host:6379, ray://host:10001) or a Ray runtime started "
+                            "on this machine (local) as a Ray Serve application")
+    group.add_argument("--replicas", type=int, default=1, metavar="N", help="replicas, one engine each (default: 1)")
+    group.add_argument("--autoscale", default=None, metavar="MIN..MAX", help="let Ray Serve vary the replicas")
+    group.add_argument("--gpus-per-replica", type=float, default=0, metavar="G", help="GPUs per replica (default: 0)")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``llava-next serve --ray ADDRESS|local``: deploy :func:`build_serve_app` and serve until interrupted."""
+    import signal
+    import time
+
+    if args.autoscale:
+        parse_autoscale(args.autoscale)
+    elif args.replicas < 1:
+        raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
+    app = build_serve_app(dict(
+        model=args.model, replicas=args.replicas, autoscale=args.autoscale, gpus_per_replica=args.gpus_per_replica,
+        device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
+        served_model_name=args.served_model_name, api_key=args.api_key, allow_url_domains=args.allow_url_domain,
+        max_images_per_request=args.max_images_per_request, max_image_pixels=args.max_image_pixels,
+        max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout))
+    replicas = parse_autoscale(args.autoscale)[1] if args.autoscale else args.replicas
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # SIGTERM stops the deployment as Ctrl-C does
+
+    signal.signal(signal.SIGTERM, stop)
+    with ray_runtime(args.ray, num_cpus=(replicas + 1 if args.ray == "local" else None)):
+        from ray import serve
+
+        serve.start(http_options={"host": args.host, "port": args.port})
+        try:
+            serve.run(app, name="llava-next", route_prefix="/")
+            print(f"llava-next: serving {args.model} on http://{args.host}:{args.port}/v1 with Ray Serve "
+                  f"({args.autoscale or args.replicas} replicas); Ctrl-C stops", flush=True)
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            serve.shutdown()
+    return 0

@@ -1,0 +1,285 @@
+"""Past one machine on a real local Ray runtime: Ray Data captioning, the Ray Serve deployment, and what
+survives a killed actor or replica.
+
+One Ray runtime serves the whole module (2 CPUs, no dashboard, a small object store) and is shut down at
+the end of the session whatever happens. Actors and replicas run the tiny checkpoint on CPU, one torch
+thread each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+import checkpoints
+from llava_next_plugin.cli import main
+from llava_next_sdk import AsyncClient
+from llava_next_sdk.errors import AuthenticationError, BadRequestError, InvalidImageError
+
+ray = pytest.importorskip("ray", reason="the ray extra is part of the dev install (pip install -e '.[dev]')")
+
+PROMPT = "Describe this image."
+API_KEY = "test-key"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray runtime for the session, always shut down at its end (even when a test fails)."""
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=96 * 1024 * 1024, log_to_driver=False,
+             configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        yield ray
+    finally:
+        try:
+            from ray import serve
+
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def _ray_processes(title: str) -> list[psutil.Process]:
+    """This test process's own Ray workers whose process title starts with *title* (never anyone else's)."""
+    found = []
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if " ".join(process.cmdline()).startswith(title):
+                found.append(process)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _png(seed: int, size=(48, 40)) -> bytes:
+    image = checkpoints.real_photo().convert("RGB").rotate(seed * 37).resize(size)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def engine(demo_checkpoint):
+    """A single-process engine on the same checkpoint: what every distributed answer must equal (greedy)."""
+    from llava_next_plugin.engine import Engine
+
+    engine = Engine.from_pretrained(str(demo_checkpoint), device="cpu", model_name="tiny")
+    yield engine
+    engine.shutdown(drain=False)
+
+
+def _expected(engine, image_bytes: bytes | None, text: str, max_tokens: int) -> str:
+    from PIL import Image
+
+    from llava_next_plugin.engine import SamplingParams
+
+    content = [{"type": "text", "text": text}]
+    images = []
+    if image_bytes is not None:
+        content.insert(0, {"type": "image"})
+        images.append(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
+    return engine.generate([{"role": "user", "content": content}], images,
+                           SamplingParams(max_tokens=max_tokens, temperature=0.0)).text
+
+
+def _data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+# --- importing stays light ------------------------------------------------------------------------------------
+def test_importing_the_package_never_imports_ray_and_without_ray_the_api_says_how_to_install_it():
+    code = ("import sys, llava_next_plugin, llava_next_plugin.distributed as d, llava_next_plugin.cli as cli\n"
+            "cli.build_parser()\n"
+            "assert 'ray' not in sys.modules, 'ray was imported'\n"
+            "sys.modules['ray'] = None  # as if it were not installed\n"
+            "try:\n    d.caption_dataset(None, 'm')\nexcept ImportError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert "pip install 'llava-next-plugin[ray]'" in done.stdout
+
+
+def test_an_actor_answers_bytes_and_datasets_image_cells_and_bad_cells_with_an_error(demo_checkpoint, engine):
+    """The actor's work without Ray: encoded bytes, Hugging Face ``{"bytes", "path"}`` cells, bad cells."""
+    import numpy as np
+
+    from llava_next_plugin.distributed import _Captioner
+    from llava_next_plugin.validation import Limits
+
+    actor = _Captioner(str(demo_checkpoint), PROMPT, "picture", 6, "auto", Limits(), "cpu", None, 1, 4)
+    try:
+        cells = np.array([_png(1), {"bytes": _png(2), "path": None}, b"", None], dtype=object)
+        out = actor({"picture": cells, "n": np.arange(4)})
+    finally:
+        actor.engine.shutdown(drain=False)
+    assert list(out["n"]) == [0, 1, 2, 3]  # the input columns are kept
+    assert out["answer"][:2] == [_expected(engine, _png(1), PROMPT, 6), _expected(engine, _png(2), PROMPT, 6)]
+    assert out["error"][:2] == [None, None] and min(out["tokens"][:2]) >= 1
+    assert out["answer"][2:] == [None, None] and out["tokens"][2:] == [0, 0]
+    assert "InvalidImageError" in out["error"][2] and "NoneType, not a path, URL or encoded bytes" in out["error"][3]
+
+
+def test_bad_scaling_options_are_clear_errors():
+    from llava_next_plugin.distributed import build_serve_app, parse_autoscale
+
+    assert parse_autoscale("1..4") == (1, 4)
+    for bad in ("4..1", "3", "a..b", "0..0", "-1..2"):
+        with pytest.raises(ValueError, match="MIN..MAX"):
+            parse_autoscale(bad)
+    with pytest.raises(ValueError, match="unknown serve option.*replica_count"):
+        build_serve_app({"model": "m", "replica_count": 2})
+    with pytest.raises(ValueError, match="model="):
+        build_serve_app({"replicas": 2})
+
+
+def test_the_serve_run_entry_point_builds_an_application_from_string_args():
+    """``serve run llava_next_plugin.distributed:build_serve_app model=... replicas=4`` hands over strings."""
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary  # what `serve run` calls
+
+    from llava_next_plugin.distributed import build_serve_app
+
+    for args in ({"model": "m", "replicas": "4", "gpus_per_replica": "1"}, {"model": "m", "autoscale": "1..3"}):
+        assert isinstance(call_user_app_builder_with_args_if_necessary(build_serve_app, args), Application)
+
+
+# --- Ray Data ----------------------------------------------------------------------------------------------------
+def test_caption_dataset_answers_every_row_once_even_when_an_actor_is_killed(ray_session, demo_checkpoint, engine,
+                                                                              tmp_path):
+    from llava_next_plugin.distributed import caption_dataset
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(_png(100))
+    rows = [{"id": f"url-{i}", "image": _data_url(_png(i))} for i in range(14)]
+    rows += [{"id": "path", "image": _data_url(_png(100))},  # the same picture as the file below
+             {"id": "file", "image": str(photo)},
+             {"id": "garbage", "image": _data_url(b"not an image")},
+             {"id": "missing", "image": str(tmp_path / "nope.png")},
+             {"id": "url", "image": "http://example.com/cat.png"}]  # no host is allowed by default: never fetched
+    ds = ray.data.from_items(rows)
+    results = caption_dataset(ds, str(demo_checkpoint), prompt=PROMPT, max_tokens=12, workers=2,
+                              cpus_per_worker=0.5, threads_per_worker=1, batch_size=2)
+
+    seen: dict[str, dict] = {}
+    killed = None
+    after_kill = 0
+    for row in results.iter_rows():
+        assert row["id"] not in seen, f"row {row['id']} answered twice"
+        seen[row["id"]] = row
+        if killed is None:
+            actors = _ray_processes("ray::MapWorker(MapBatches(_Captioner))")
+            assert actors, "no Data actor process found"
+            killed = actors[0]
+            killed.send_signal(signal.SIGKILL)
+        else:
+            after_kill += 1
+    assert killed is not None and after_kill > 0
+    assert set(seen) == {r["id"] for r in rows}
+
+    for i in (0, 7):  # the same answers as one engine in one process
+        assert seen[f"url-{i}"]["answer"] == _expected(engine, _png(i), PROMPT, 12)
+        assert seen[f"url-{i}"]["error"] is None and seen[f"url-{i}"]["tokens"] >= 1
+    assert seen["file"]["answer"] == seen["path"]["answer"] is not None, seen["file"]["error"]
+    for bad, why in (("garbage", "InvalidImageError"), ("missing", "does not exist"),
+                     ("url", "--allow-url-domain example.com")):
+        assert seen[bad]["answer"] is None and why in seen[bad]["error"]
+
+
+def test_caption_command_on_ray_resumes_with_no_duplicates_and_no_half_lines(ray_session, demo_checkpoint,
+                                                                            tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = [f"p{i}.png" for i in range(5)]
+    for i, name in enumerate(names):
+        (folder / name).write_bytes(_png(i))
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n and nothing else")
+    out = tmp_path / "results.jsonl"
+    done_line = json.dumps({"image": "p0.png", "prompt": PROMPT, "generated_text": "from an earlier run"})
+    out.write_text(done_line + "\n" + '{"image": "p1.png", "prom')  # an earlier run, interrupted mid-line
+
+    code = main(["caption", str(folder), "--model", str(demo_checkpoint), "--prompt", PROMPT, "--out", str(out),
+                 "--ray", "local", "--workers", "1", "--max-new-tokens", "6", "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert code == 1  # one image could not be read: the same exit rule as on one machine
+    lines = out.read_text().splitlines()
+    assert lines[0] == done_line
+    results = [json.loads(line) for line in lines]  # every line whole
+    assert sorted(r["image"] for r in results) == names  # p0 kept, not redone; p1..p4 once each; broken.png absent
+    assert all(r["prompt"] == PROMPT and r["generated_text"] for r in results)
+    assert "failed broken.png" in err and "4 captioned, 1 failed, 1 already" in err
+
+
+# --- Ray Serve ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def deployment(ray_session, demo_checkpoint):
+    """The Ray Serve application with 2 replicas on a free loopback port; its base URL ends in /v1."""
+    from ray import serve
+
+    from llava_next_plugin.distributed import build_serve_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_serve_app({"model": str(demo_checkpoint), "replicas": 2, "cpus_per_replica": 0.5, "threads": 1,
+                           "served_model_name": "tiny", "api_key": API_KEY, "max_images_per_request": 1})
+    serve.run(app, name="llava-next", route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        serve.shutdown()
+
+
+def test_the_sdk_http_transport_works_against_ray_serve_unchanged(deployment, engine):
+    async def scenario():
+        async with AsyncClient(base_url=deployment, api_key=API_KEY, model="tiny") as client:
+            image = _png(3)
+            result = await client.generate(image, PROMPT, max_tokens=8, temperature=0)
+            assert result.text == _expected(engine, image, PROMPT, 8)
+            assert result.usage.image_tokens > 0 and result.model == "tiny"
+            async with client.stream(image, PROMPT, max_tokens=8, temperature=0) as stream:
+                streamed = "".join([delta async for delta in stream])
+            assert streamed == result.text
+            with pytest.raises(BadRequestError, match="at most 1"):  # the same limits as the one-process server
+                await client.generate([image, image], PROMPT, max_tokens=2)
+            with pytest.raises(InvalidImageError, match="not allowed"):
+                await client.generate("http://example.com/cat.png", PROMPT, max_tokens=2)
+        async with AsyncClient(base_url=deployment, api_key="wrong", model="tiny") as client:
+            with pytest.raises(AuthenticationError):
+                await client.generate(image, PROMPT, max_tokens=2)
+
+    asyncio.run(scenario())
+
+
+def test_killing_a_replica_during_32_requests_loses_nothing(deployment, engine):
+    prompts = [f"Say number {i}." for i in range(32)]
+    victims = _ray_processes("ray::ServeReplica:llava-next:LlavaNextServer")
+    assert len(victims) == 2
+
+    async def scenario():
+        async with AsyncClient(base_url=deployment, api_key=API_KEY, model="tiny", max_retries=8) as client:
+            async def ask(text):
+                return await client.chat([{"role": "user", "content": text}], max_tokens=24, temperature=0)
+
+            tasks = [asyncio.create_task(ask(text)) for text in prompts]
+            await asyncio.sleep(0.5)
+            assert not all(t.done() for t in tasks)
+            victims[0].send_signal(signal.SIGKILL)
+            return await asyncio.gather(*tasks)
+
+    results = asyncio.run(scenario())
+    assert not victims[0].is_running() or victims[0].status() == psutil.STATUS_ZOMBIE
+    assert len(results) == 32 and len({r.id for r in results}) == 32  # one answer per request
+    for text, result in zip(prompts, results):
+        assert result.text == _expected(engine, None, text, 24)
