@@ -12,6 +12,17 @@ import pytest
 
 import checkpoints
 
+# End-to-end runs of whole user journeys (every README block, every notebook, a Ray cluster): they drive
+# the same model, processor and engine code that the rest of the suite checks on each transformers version,
+# so CI runs them once, on the newest transformers (``-m "not journey"`` on the lowest; see .ci/run).
+JOURNEY_MODULES = {"test_readme.py", "test_notebooks.py", "test_distributed.py"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.path.name in JOURNEY_MODULES:
+            item.add_marker(pytest.mark.journey)
+
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
