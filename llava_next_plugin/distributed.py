@@ -249,6 +249,12 @@ def _input_dataset(ray, source: str, args, done: set[str], command_error) -> tup
     for flag, column in (("--image-column", args.image_column), ("--id-column", id_column)):
         if column not in names:
             raise command_error(f"{source} has no column {column!r} ({flag}); its columns: {', '.join(names)}")
+    import pyarrow as pa
+
+    id_type = dict(zip(names, ds.schema().types))[id_column]
+    if isinstance(id_type, pa.DataType) and (pa.types.is_binary(id_type) or pa.types.is_large_binary(id_type)):
+        raise command_error(f"{source}: the column {id_column!r} holds bytes, which cannot name rows in --out; "
+                            "give --id-column with a column of names or numbers")
     total = ds.count()
     if done:
         ds = ds.filter(lambda row, done=frozenset(done): str(row[id_column]) not in done)
@@ -276,10 +282,12 @@ def run_caption(args: argparse.Namespace) -> int:
     journal = _journal(out)
     done = read_done(journal)
     limits = Limits(allowed_url_domains=tuple(d.lower().strip(".") for d in args.allow_url_domain))
-    # CPUs (and torch threads) per actor: this machine's cores shared out when local, else 1 per actor
-    cpus = max(1, (os.cpu_count() or 1) // args.workers) if args.ray == "local" and not args.gpus_per_worker else 1
+    # CPUs (and torch threads) per actor: this machine's cores shared out when local, one kept free for the
+    # tasks that read the input (an actor pool holding every CPU would starve them); else 1 per actor
+    cores = os.cpu_count() or 1
+    cpus = max(1, (cores - 1) // args.workers) if args.ray == "local" and not args.gpus_per_worker else 1
     try:
-        runtime = ray_runtime(args.ray, num_cpus=(cpus * args.workers if args.ray == "local" else None))
+        runtime = ray_runtime(args.ray, num_cpus=(max(cores, cpus * args.workers + 1) if args.ray == "local" else None))
         with runtime as ray:
             ray.data.DataContext.get_current().enable_progress_bars = False  # ours is the one bar
             import logging

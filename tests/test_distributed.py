@@ -220,6 +220,28 @@ def test_caption_command_on_ray_resumes_with_no_duplicates_and_no_half_lines(ray
     assert "failed broken.png" in err and "4 captioned, 1 failed, 1 already" in err
 
 
+def test_caption_command_reads_parquet_image_bytes_and_writes_parquet(ray_session, demo_checkpoint, tmp_path,
+                                                                     capsys, engine):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = tmp_path / "images.parquet"
+    pq.write_table(pa.table({"name": ["a", "b", "c"], "image": [_png(1), _png(2), b"junk"]}), source)
+    out = tmp_path / "results.parquet"
+    argv = ["caption", str(source), "--model", str(demo_checkpoint), "--prompt", PROMPT, "--out", str(out),
+            "--ray", "local", "--max-new-tokens", "5"]
+    assert main(argv) == 1  # the bytes column cannot name the rows
+    assert "give --id-column" in capsys.readouterr().err and not out.exists()
+
+    assert main(argv + ["--id-column", "name"]) == 1
+    err = capsys.readouterr().err
+    assert "failed c: InvalidImageError" in err and "2 captioned, 1 failed, 0 already" in err
+    table = pq.read_table(out).to_pylist()
+    assert sorted(r["image"] for r in table) == ["a", "b"]
+    assert {r["image"]: r["generated_text"] for r in table}["b"] == _expected(engine, _png(2), PROMPT, 5)
+    assert len((tmp_path / "results.parquet.jsonl").read_text().splitlines()) == 2  # the resume journal
+
+
 # --- Ray Serve ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def deployment(ray_session, demo_checkpoint):
