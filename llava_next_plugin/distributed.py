@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -37,7 +38,8 @@ __all__ = ["caption_dataset", "build_serve_app", "ray_runtime", "parse_autoscale
 RESULT_COLUMNS = ("answer", "tokens", "error")
 """The columns :func:`caption_dataset` adds: the text (``None`` on failure), completion tokens, the error (or ``None``)."""
 DETAILS = ("auto", "high", "low")
-"""``auto``/``high``: the image as it is (any-resolution tiles); ``low``: downscaled to one tile's side first."""
+"""OpenAI's ``detail``, as the server takes it: ``auto``/``high``: any-resolution tiles; ``low``: the base view only
+(one tile's tokens: 576 on llava-v1.6-mistral)."""
 RAY_HINT = "install the ray extra: pip install 'llava-next-plugin[ray]'"
 
 
@@ -112,21 +114,16 @@ class _Captioner:
         self.limits = limits
         self.engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_batch_size=batch_size,
                                              max_queue=max(64, batch_size))
-        size = getattr(self.engine.processor.image_processor, "crop_size", None) or {}
-        self.tile_side = int(size.get("height", 336)) if isinstance(size, Mapping) else 336
 
     def _prepare(self, cell: Any):
         from llava_next_sdk.types import ChatMessage, ChatRequest, GenerationParams, TextPart
 
-        from .validation import load_request_images, to_chat_messages, to_sampling_params
+        from .validation import prepare_request
 
-        request = ChatRequest(messages=(ChatMessage("user", (_image_part(cell), TextPart(self.prompt))),),
+        part = dataclasses.replace(_image_part(cell), detail=self.detail)
+        request = ChatRequest(messages=(ChatMessage("user", (part, TextPart(self.prompt))),),
                               params=GenerationParams(max_tokens=self.max_tokens, temperature=0.0))
-        images = load_request_images(request, self.limits)  # the server's rules: URL allow-list, sizes
-        if self.detail == "low":
-            for image in images:
-                image.thumbnail((self.tile_side, self.tile_side))
-        return self.engine.prepare(to_chat_messages(request), images, to_sampling_params(request.params))
+        return prepare_request(self.engine, request, self.limits)  # the server's rules, and detail as it has it
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         cells = batch[self.image_column]
@@ -221,7 +218,7 @@ def add_caption_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--allow-url-domain", action="append", default=[], metavar="DOMAIN",
                        help="fetch http(s) image URLs from DOMAIN and its subdomains (repeatable; default: none)")
     group.add_argument("--detail", default="auto", choices=DETAILS,
-                       help="low: downscale each image to one tile's side before preprocessing (default: auto)")
+                       help="low: the base view only (one tile's tokens), as OpenAI's detail on the server (default: auto)")
 
 
 def _journal(out: Path) -> Path:

@@ -28,7 +28,7 @@ from llava_next_plugin.cli import main
 from llava_next_sdk import AsyncClient
 from llava_next_sdk.errors import AuthenticationError, BadRequestError, InvalidImageError
 
-ray = pytest.importorskip("ray", reason="the ray extra is part of the dev install (pip install -e '.[dev]')")
+import ray  # the ray extra is part of the dev install (pip install -e '.[dev]')
 
 PROMPT = "Describe this image."
 API_KEY = "test-key"
@@ -80,7 +80,7 @@ def engine(demo_checkpoint):
     engine.shutdown(drain=False)
 
 
-def _expected(engine, image_bytes: bytes | None, text: str, max_tokens: int) -> str:
+def _expected(engine, image_bytes: bytes | None, text: str, max_tokens: int, detail: str = "auto") -> str:
     from PIL import Image
 
     from llava_next_plugin.engine import SamplingParams
@@ -91,7 +91,8 @@ def _expected(engine, image_bytes: bytes | None, text: str, max_tokens: int) -> 
         content.insert(0, {"type": "image"})
         images.append(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
     return engine.generate([{"role": "user", "content": content}], images,
-                           SamplingParams(max_tokens=max_tokens, temperature=0.0)).text
+                           SamplingParams(max_tokens=max_tokens, temperature=0.0),
+                           image_detail=[detail] * len(images)).text
 
 
 def _data_url(data: bytes) -> str:
@@ -128,6 +129,28 @@ def test_an_actor_answers_bytes_and_datasets_image_cells_and_bad_cells_with_an_e
     assert out["error"][:2] == [None, None] and min(out["tokens"][:2]) >= 1
     assert out["answer"][2:] == [None, None] and out["tokens"][2:] == [0, 0]
     assert "InvalidImageError" in out["error"][2] and "NoneType, not a path, URL or encoded bytes" in out["error"][3]
+
+
+def test_an_actor_with_low_detail_answers_from_the_base_view_as_the_engine_does(demo_checkpoint, engine):
+    from llava_next_plugin.distributed import _Captioner
+    from llava_next_plugin.validation import Limits
+
+    actor = _Captioner(str(demo_checkpoint), PROMPT, "picture", 6, "low", Limits(), "cpu", None, 1, 4)
+    try:
+        prepared = actor._prepare(_png(3, size=(96, 40)))
+        full = actor.engine.prepare([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
+                                    [prepared_image(_png(3, size=(96, 40)))])
+        assert prepared.image_tokens < full.image_tokens  # the base view only
+        out = actor({"picture": [_png(3, size=(96, 40))]})
+    finally:
+        actor.engine.shutdown(drain=False)
+    assert out["answer"] == [_expected(engine, _png(3, size=(96, 40)), PROMPT, 6, detail="low")]
+
+
+def prepared_image(data: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert("RGB")
 
 
 def test_bad_scaling_options_are_clear_errors():
