@@ -205,3 +205,13 @@ def real_photo(name: str = "chelsea.png"):
     from PIL import Image
 
     return Image.open(Path(skimage.__file__).parent / "data" / name)
+
+
+def ask(text: str, images: int = 1) -> list[dict]:
+    """A one-turn chat in transformers' format: *images* ``{"type": "image"}`` parts, then *text*."""
+    return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
+
+
+def photo(width: int = 40, height: int = 40):
+    """The real photo, RGB, resized to ``width x height``."""
+    return real_photo().convert("RGB").resize((width, height))

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 import checkpoints
+from checkpoints import ask, photo
 from llava_next_plugin.engine import Engine, SamplingParams
 from llava_next_plugin.engine.detokenizer import TextStream
 from llava_next_plugin.hooks import get_plugin_manager, hookimpl
@@ -21,12 +22,6 @@ from llava_next_sdk.errors import ContextLengthExceededError, OverloadedError, R
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 
 
-def ask(text: str, images: int = 1) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
-
-
-def photo(width: int, height: int):
-    return checkpoints.real_photo().convert("RGB").resize((width, height))
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,10 @@ import torch
 import transformers
 from torch._dynamo.utils import counters
 
-import checkpoints
+from checkpoints import ask, photo
 from llava_next_plugin.engine import Engine, SamplingParams
 
 
-def ask(text: str) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-
-
-def photo(width: int, height: int):
-    return checkpoints.real_photo().convert("RGB").resize((width, height))
 
 
 @pytest.fixture(scope="module")

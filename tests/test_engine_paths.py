@@ -11,18 +11,13 @@ import torch
 import transformers
 
 import checkpoints
+from checkpoints import ask, photo
 from llava_next_plugin.engine import Engine, SamplingParams
 from llava_next_sdk.errors import RequestCancelledError
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 
 
-def photo(width: int, height: int):
-    return checkpoints.real_photo().convert("RGB").resize((width, height))
-
-
-def ask(text: str, images: int = 1) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
 
 
 @pytest.fixture(scope="module")

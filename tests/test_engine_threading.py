@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-import checkpoints
+from checkpoints import ask, photo
 from llava_next_plugin.engine import Engine, SamplingParams
 from llava_next_plugin.engine.detokenizer import StopMatcher, TextStream
 from llava_next_plugin.engine.shared import get_shared_engine, shared_key
@@ -23,12 +23,6 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0)
 ENGINE_THREAD = "llava-next-engine"
 
 
-def ask(text: str, images: int = 1) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
-
-
-def photo(width: int = 40, height: int = 40):
-    return checkpoints.real_photo().convert("RGB").resize((width, height))
 
 
 @pytest.fixture(scope="module")
