@@ -54,3 +54,26 @@ def test_low_detail_over_http_costs_one_base_view_of_image_tokens(tiny_checkpoin
     assert usage["low"] == (checkpoints.TINY_TILE // checkpoints.TINY_PATCH) ** 2
     assert usage["high"] == usage[None] > usage["low"]
     assert bad.status_code == 400 and "'low', 'high' or 'auto'" in bad.json()["error"]["message"]
+
+
+def test_the_sdk_takes_detail_on_both_transports_and_in_chat_image_url_parts(tiny_checkpoint):
+    from llava_next_sdk import Client
+
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_checkpoint)
+    engine = Engine(model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint), model_name="tiny").start()
+    photo = checkpoints.photo(96, 32)
+    base_view = (checkpoints.TINY_TILE // checkpoints.TINY_PATCH) ** 2
+    chat = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(96, 32), "detail": "low"}},
+                                         {"type": "text", "text": "What?"}]}]
+    try:
+        with serve_in_thread(create_app(engine, limits=Limits(), shutdown_engine=False)) as running:
+            with Client(base_url=running.url) as remote, Client(str(tiny_checkpoint), device="cpu") as local:
+                for client in (remote, local):
+                    low = client.generate(photo, "What?", detail="low", max_tokens=2, temperature=0)
+                    full = client.generate(photo, "What?", max_tokens=2, temperature=0)
+                    assert low.usage.image_tokens == base_view < full.usage.image_tokens
+                    assert client.chat(chat, max_tokens=2, temperature=0).usage.image_tokens == base_view
+                    with pytest.raises(BadRequestError, match="'low', 'high' or 'auto'"):
+                        client.generate(photo, "What?", detail="medium", max_tokens=2)
+    finally:
+        engine.shutdown(drain=False)

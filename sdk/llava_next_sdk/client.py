@@ -14,6 +14,7 @@ Everything is anyio: the async client works under asyncio and trio alike.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import queue
 import threading
@@ -121,12 +122,12 @@ class AsyncClient:
     def _params(self, params: Mapping[str, Any]) -> GenerationParams:
         return self.params.merged(**params) if params else self.params
 
-    async def _prompt_request(self, images: Any, prompt: Any, system: str | None,
+    async def _prompt_request(self, images: Any, prompt: Any, system: str | None, detail: str,
                               params: Mapping[str, Any]) -> ChatRequest:
         if not isinstance(prompt, str):
             raise BadRequestError(f"prompt must be a str, got {type(prompt).__name__}", param="prompt")
         generation_params = self._params(params)
-        parts: list = await to_image_parts(as_image_list(images))
+        parts: list = [_with_detail(part, detail) for part in await to_image_parts(as_image_list(images))]
         parts.append(TextPart(prompt))
         messages = [ChatMessage("user", tuple(parts))]
         if system is not None:
@@ -139,16 +140,18 @@ class AsyncClient:
 
     # --------------------------------------------------------------------------- calls
 
-    async def generate(self, images: Any, prompt: str, *, system: str | None = None,
+    async def generate(self, images: Any, prompt: str, *, system: str | None = None, detail: str = "auto",
                        **params: Any) -> GenerationResult:
         """Answer *prompt* about *images* (one image, a list of them, or ``None``).
 
         An image may be a PIL image, a path, bytes, a numpy array ``[H, W, C]``, an http(s) URL or a
-        data URL. *params* are generation parameters (``max_tokens``, ``temperature``, ``top_p``,
-        ``stop``, ``seed``); any other name raises ``UnsupportedParameterError``.
+        data URL. *detail* is OpenAI's image detail for every image: ``"low"`` sends the base view only
+        (one tile's tokens: 576 on llava-v1.6-mistral), ``"high"``/``"auto"`` the full any-resolution tiling.
+        *params* are generation parameters (``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``);
+        any other name raises ``UnsupportedParameterError``.
         """
         self._check_open()
-        return await self.transport.generate(await self._prompt_request(images, prompt, system, params))
+        return await self.transport.generate(await self._prompt_request(images, prompt, system, detail, params))
 
     async def chat(self, messages: Sequence[Mapping | ChatMessage], **params: Any) -> GenerationResult:
         """Continue a conversation given as OpenAI-style messages::
@@ -162,7 +165,8 @@ class AsyncClient:
         self._check_open()
         return await self.transport.generate(await self._chat_request(messages, params))
 
-    def stream(self, images: Any, prompt: str, *, system: str | None = None, **params: Any) -> "TextStream":
+    def stream(self, images: Any, prompt: str, *, system: str | None = None, detail: str = "auto",
+               **params: Any) -> "TextStream":
         """Like :meth:`generate`, as an async context manager yielding text deltas::
 
             async with client.stream(image, "Describe it.") as stream:
@@ -172,7 +176,7 @@ class AsyncClient:
 
         Leaving the block early (or being cancelled) stops the generation and closes the connection.
         """
-        return TextStream(self, lambda: self._prompt_request(images, prompt, system, params))
+        return TextStream(self, lambda: self._prompt_request(images, prompt, system, detail, params))
 
     def stream_chat(self, messages: Sequence[Mapping | ChatMessage], **params: Any) -> "TextStream":
         """Like :meth:`chat`, streamed as :meth:`stream` is."""
@@ -250,6 +254,7 @@ async def _to_messages(messages: Any) -> list[ChatMessage]:
     # First pass: shape, with image sources collected; second: prepare them all in one thread hop.
     shaped: list[tuple[str, list]] = []
     sources: list[Any] = []
+    details: dict[int, Any] = {}  # image index -> the detail its image_url part asked for
     for i, message in enumerate(messages):
         if isinstance(message, ChatMessage):
             parts = []
@@ -282,6 +287,8 @@ async def _to_messages(messages: Any) -> list[ChatMessage]:
             elif kind in ("image_url", "image"):
                 source = part.get(kind)
                 if kind == "image_url" and isinstance(source, Mapping):
+                    if source.get("detail") is not None:
+                        details[len(sources)] = source["detail"]
                     source = source.get("url")
                 if source is None:
                     raise InvalidImageError(f"{where}: an {kind} part needs its {kind!r} field",
@@ -294,8 +301,14 @@ async def _to_messages(messages: Any) -> list[ChatMessage]:
                                       "{'type': 'image', 'image': ...}", param="messages")
         shaped.append((role, parts))
     encoded = await to_image_parts(sources)
+    encoded = [_with_detail(part, details.get(i, part.detail)) for i, part in enumerate(encoded)]
     return [ChatMessage(role, tuple(encoded[p[1]] if isinstance(p, tuple) else p for p in parts))
             for role, parts in shaped]
+
+
+def _with_detail(part: ImagePart, detail: Any) -> ImagePart:
+    """*part* with OpenAI's image *detail* (``ImagePart`` checks the value: low, high or auto)."""
+    return part if detail == part.detail else dataclasses.replace(part, detail=detail)
 
 
 class TextStream:
