@@ -22,8 +22,6 @@ from llava_next_sdk.errors import ContextLengthExceededError, OverloadedError, R
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 
 
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint):
     """transformers' own model and processor (the reference the engine must match)."""

@@ -13,8 +13,6 @@ from checkpoints import ask, photo
 from llava_next_plugin.engine import Engine, SamplingParams
 
 
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint):
     model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_checkpoint).eval()

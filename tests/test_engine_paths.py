@@ -18,8 +18,6 @@ from llava_next_sdk.errors import RequestCancelledError
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 
 
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint):
     model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()

@@ -23,8 +23,6 @@ GREEDY = SamplingParams(max_tokens=6, temperature=0)
 ENGINE_THREAD = "llava-next-engine"
 
 
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint):
     model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
