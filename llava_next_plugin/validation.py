@@ -28,7 +28,6 @@ from __future__ import annotations
 import ctypes
 import io
 import threading
-import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
@@ -165,18 +164,9 @@ def check_stop_strings(request: ChatRequest, limits: Limits) -> None:
                 f"per stop string (the limit max_stop_chars), so shorten it", param="stop")
 
 
-_LONGEST_TOKEN: "weakref.WeakKeyDictionary[object, int]" = weakref.WeakKeyDictionary()
-
-
 def max_prompt_chars(engine: "Engine") -> int:
-    """The most prompt characters that could fit *engine*'s context: its length times the longest token's
-    text (a prompt with more characters has more tokens than the context holds, whatever they are)."""
-    longest = _LONGEST_TOKEN.get(engine)
-    if longest is None:
-        tokenizer = engine.tokenizer
-        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        longest = _LONGEST_TOKEN[engine] = max((len(t) for t in tokens if isinstance(t, str)), default=1) or 1
-    return engine.max_context * longest
+    """The most prompt characters that could fit *engine*'s context (:attr:`Engine.max_prompt_chars`)."""
+    return engine.max_prompt_chars
 
 
 def check_prompt_chars(engine: "Engine", request: ChatRequest) -> None:

@@ -132,7 +132,9 @@ class Engine:
         self.eos_token_ids = self._eos_ids()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self._max_prompt_chars = self.max_context * _longest_token_chars(self.tokenizer)
+        #: The most prompt characters the context could hold (its length times the longest token's text): a
+        #: longer prompt is refused before it is tokenized, here and by the fronts' validation.
+        self.max_prompt_chars = self.max_context * _longest_token_chars(self.tokenizer)
 
         self.kv = self._allocate_kv(text_config, kv_memory)
         reuse = reuse_memory if reuse_memory is not None else max(self.kv.nbytes // 4, 64 << 20)
@@ -351,7 +353,7 @@ class Engine:
             from ..prompts import build_prompt
 
             prompt = build_prompt(messages, self._processor(), self.model.config, num_images=len(images))
-        if len(prompt) > self._max_prompt_chars:  # certainly too long: refuse before tokenizing it all
+        if len(prompt) > self.max_prompt_chars:  # certainly too long: refuse before tokenizing it all
             raise ContextLengthExceededError(
                 f"the prompt is {len(prompt)} characters, more than the model's context of {self.max_context} "
                 f"tokens can hold; shorten it", param="messages")
@@ -751,9 +753,9 @@ def _image_detail(detail: Sequence[str] | None, count: int) -> tuple[str, ...]:
 
 
 def _longest_token_chars(tokenizer) -> int:
-    """Characters one token can stand for at most (a bound for refusing prompts before tokenizing them)."""
+    """Characters one token can stand for at most: its vocabulary string's length (a bound for refusing
+    prompts before tokenizing them)."""
     try:
-        vocab = tokenizer.get_vocab()
-        return max(8, max(map(len, vocab)) + 1)
+        return max((len(token) for token in tokenizer.get_vocab() if isinstance(token, str)), default=1) or 1
     except Exception:
         return 64
