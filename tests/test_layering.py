@@ -109,3 +109,18 @@ def test_each_version_is_written_once_and_read_from_the_metadata():
 
     assert llava_next_sdk.__version__ == importlib.metadata.version("llava-next-sdk")
     assert llava_next_plugin.__version__ == importlib.metadata.version("llava-next-plugin")
+
+
+def test_a_loaded_provider_still_counts_as_installed():
+    """Two threads building clients at once: one may register the provider between the other's hook call
+    and its provider check. The provider must still be found then, so that client waits for the import
+    (a DeferredTransport) instead of saying the model package is not installed."""
+    code = ("from llava_next_sdk.plugins import get_plugin_manager\n"
+            "manager = get_plugin_manager()\n"
+            "before = [ep.name for ep in manager.transport_providers('local')]\n"
+            "manager.load_transport_providers('local')\n"
+            "after = [ep.name for ep in manager.transport_providers('local')]\n"
+            "print(before, after)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["['local']", "['local']"]

@@ -40,7 +40,8 @@ LOCAL_SCHEME = "local"
 
 def _transport_for(url: str, options: dict) -> AsyncTransport:
     """The transport the ``llava_next_sdk_transport`` hook gives for *url*, or a :class:`DeferredTransport`
-    when the provider of *url*'s scheme is installed but not imported yet."""
+    when a provider of *url*'s scheme is installed: not imported yet, or being imported by another thread
+    right now (its first request then waits for that import instead of failing)."""
     from .plugins import DISABLE_AUTOLOAD_ENV, get_plugin_manager
     from .transports.deferred import DeferredTransport
 

@@ -190,12 +190,15 @@ class PluginManager(pluggy.PluginManager):
         return loaded
 
     def transport_providers(self, scheme: str) -> list[importlib.metadata.EntryPoint]:
-        """The installed providers of *scheme* (entry points of :data:`TRANSPORT_GROUP`) not loaded yet.
+        """The installed providers of *scheme* (entry points of :data:`TRANSPORT_GROUP`), loaded or not.
 
         Reads package metadata and looks for the provider's top-level package on ``sys.path``; imports
-        nothing. Empty when autoloading is disabled (:data:`DISABLE_AUTOLOAD_ENV`).
+        nothing. Loaded providers are listed too: another thread may be registering one right now, between
+        a caller's hook call and this one. Empty when autoloading is disabled (:data:`DISABLE_AUTOLOAD_ENV`).
         """
-        return [entry_point for entry_point in self._unloaded_transport_providers(scheme)
+        if os.environ.get(DISABLE_AUTOLOAD_ENV):
+            return []
+        return [entry_point for entry_point in importlib.metadata.entry_points(group=TRANSPORT_GROUP, name=scheme)
                 if _findable(entry_point.module)]
 
     def _unloaded_transport_providers(self, scheme: str) -> list[importlib.metadata.EntryPoint]:
