@@ -49,8 +49,16 @@ def run_job(ray, model: str, paths: list[str], workers: int, max_tokens: int, ba
     from llava_next_plugin.distributed import caption_dataset
 
     ds = ray.data.from_items([{"image": p} for p in paths])
-    results = caption_dataset(ds, model, prompt="Describe this image.", max_tokens=max_tokens, workers=workers,
-                              cpus_per_worker=1, threads_per_worker=1, batch_size=batch_size)
+    results = caption_dataset(
+        ds,
+        model,
+        prompt="Describe this image.",
+        max_tokens=max_tokens,
+        workers=workers,
+        cpus_per_worker=1,
+        threads_per_worker=1,
+        batch_size=batch_size,
+    )
     start = time.perf_counter()
     first = None
     rows = failed = 0
@@ -61,8 +69,15 @@ def run_job(ray, model: str, paths: list[str], workers: int, max_tokens: int, ba
             first = time.perf_counter()
     end = time.perf_counter()
     steady = (rows - 1) / (end - first) if rows > 1 and end > first else float("nan")
-    return {"workers": workers, "rows": rows, "failed": failed, "wall_s": end - start, "startup_s": first - start,
-            "images_per_s": rows / (end - start), "steady_images_per_s": steady}
+    return {
+        "workers": workers,
+        "rows": rows,
+        "failed": failed,
+        "wall_s": end - start,
+        "startup_s": first - start,
+        "images_per_s": rows / (end - start),
+        "steady_images_per_s": steady,
+    }
 
 
 def main() -> None:
@@ -71,8 +86,12 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--gpu-seconds-per-image", type=float, default=None,
-                        help="a measured per-image cost on one GPU (batched); default: the on-paper estimate")
+    parser.add_argument(
+        "--gpu-seconds-per-image",
+        type=float,
+        default=None,
+        help="a measured per-image cost on one GPU (batched); default: the on-paper estimate",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -88,8 +107,13 @@ def main() -> None:
         folder.mkdir()
         (folder / "source").mkdir()
         paths = write_images(folder, args.images)
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=96 * 1024 * 1024, log_to_driver=False,
-                 configure_logging=False)
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            object_store_memory=96 * 1024 * 1024,
+            log_to_driver=False,
+            configure_logging=False,
+        )
         ray.data.DataContext.get_current().enable_progress_bars = False
         try:
             figures = [run_job(ray, model, paths, workers, args.max_tokens, args.batch_size) for workers in (1, 2)]
@@ -97,17 +121,25 @@ def main() -> None:
             ray.shutdown()
 
     for f in figures:
-        print(f"{f['workers']} worker(s): {f['rows']} images ({f['failed']} failed) in {f['wall_s']:.1f} s = "
-              f"{f['images_per_s']:.2f} images/s overall; start-up (actor start + model load + first batch) "
-              f"{f['startup_s']:.1f} s; steady {f['steady_images_per_s']:.2f} images/s")
+        print(
+            f"{f['workers']} worker(s): {f['rows']} images ({f['failed']} failed) in {f['wall_s']:.1f} s = "
+            f"{f['images_per_s']:.2f} images/s overall; start-up (actor start + model load + first batch) "
+            f"{f['startup_s']:.1f} s; steady {f['steady_images_per_s']:.2f} images/s"
+        )
     one, two = figures
-    print(f"load average during the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores "
-          "(other work on the machine takes the second core from the second worker)")
-    print(f"2 workers vs 1: {two['steady_images_per_s'] / one['steady_images_per_s']:.2f}x steady, "
-          f"{two['images_per_s'] / one['images_per_s']:.2f}x overall (2 cores, shared: 2.0x is the ceiling)")
-    print(f"per-worker overhead: about {one['startup_s']:.0f} s before the first result (paid once per actor, "
-          "in parallel across actors); per-image CPU cost with one thread: "
-          f"{1 / one['steady_images_per_s']:.2f} s")
+    print(
+        f"load average during the run: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} cores "
+        "(other work on the machine takes the second core from the second worker)"
+    )
+    print(
+        f"2 workers vs 1: {two['steady_images_per_s'] / one['steady_images_per_s']:.2f}x steady, "
+        f"{two['images_per_s'] / one['images_per_s']:.2f}x overall (2 cores, shared: 2.0x is the ceiling)"
+    )
+    print(
+        f"per-worker overhead: about {one['startup_s']:.0f} s before the first result (paid once per actor, "
+        "in parallel across actors); per-image CPU cost with one thread: "
+        f"{1 / one['steady_images_per_s']:.2f} s"
+    )
 
     # 1M images on 8 GPUs: one actor per GPU (gpus_per_worker=1), the job spreads by Ray Data's actor pool.
     if args.gpu_seconds_per_image:
@@ -120,9 +152,11 @@ def main() -> None:
         per_image, where = 0.12, "on paper (7B, H100, bf16, ~2,900 prompt + 64 answer tokens)"
     images, gpus = 1_000_000, 8
     hours = images / gpus * per_image / 3600
-    print(f"1M images on 8 GPUs: {per_image:.3f} s/image/GPU {where} -> {images // gpus:,} images per GPU -> "
-          f"{hours:.1f} h, plus one start-up per actor (~minutes for a 15 GB model, in parallel) and no "
-          "coordination cost beyond Ray Data's streaming of rows to the pool")
+    print(
+        f"1M images on 8 GPUs: {per_image:.3f} s/image/GPU {where} -> {images // gpus:,} images per GPU -> "
+        f"{hours:.1f} h, plus one start-up per actor (~minutes for a 15 GB model, in parallel) and no "
+        "coordination cost beyond Ray Data's streaming of rows to the pool"
+    )
 
 
 if __name__ == "__main__":

@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 def previous_engine_module(commit: str, folder: Path):
     """The engine module as it was at *commit*, imported as a sibling of the current package's modules."""
-    source = subprocess.run(["git", "show", f"{commit}:llava_next_plugin/engine.py"], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
+    source = subprocess.run(
+        ["git", "show", f"{commit}:llava_next_plugin/engine.py"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
     path = folder / "previous_engine.py"
     path.write_text(source)
     import llava_next_plugin  # noqa: F401  (the package its relative imports resolve in)
@@ -74,8 +75,10 @@ def throughput(engine, params_cls, streams: int, tokens: int) -> float:
     """Generated tokens per second for *streams* requests submitted at once."""
     params = params_cls(max_tokens=tokens, temperature=0)
     engine.generate(ask("warm up"), [photo(64, 48)], params_cls(max_tokens=4, temperature=0))
-    prepared = [engine.prepare(ask(f"Describe picture number {i}."), [photo(40 + 4 * i, 64 - 2 * i)], params)
-                for i in range(streams)]
+    prepared = [
+        engine.prepare(ask(f"Describe picture number {i}."), [photo(40 + 4 * i, 64 - 2 * i)], params)
+        for i in range(streams)
+    ]
     start = time.perf_counter()
     handles = [engine.submit(p) for p in prepared]
     generated = sum(h.result(timeout=600).completion_tokens for h in handles)
@@ -85,8 +88,10 @@ def throughput(engine, params_cls, streams: int, tokens: int) -> float:
 def stall(engine, params_cls, long_words: int) -> tuple[float, float, int]:
     """(largest token gap of running streams while a long prompt joins, that prompt's TTFT, its tokens)."""
     arrivals: list[list[float]] = [[], []]
-    running = [engine.submit(engine.prepare(ask(f"Talk {i}", images=0), [], params_cls(max_tokens=2000, temperature=0)))
-               for i in range(2)]
+    running = [
+        engine.submit(engine.prepare(ask(f"Talk {i}", images=0), [], params_cls(max_tokens=2000, temperature=0)))
+        for i in range(2)
+    ]
 
     def read(handle, times):
         try:
@@ -121,8 +126,10 @@ def second_turn(engine, params_cls, words: int) -> tuple[float, float]:
     question = "Look closely. " + "detail " * words
     params = params_cls(max_tokens=8, temperature=0)
     first = engine.generate(ask(question), [image], params)
-    follow_up = ask(question) + [{"role": "assistant", "content": [{"type": "text", "text": first.text}]},
-                                 {"role": "user", "content": [{"type": "text", "text": "And the colours?"}]}]
+    follow_up = ask(question) + [
+        {"role": "assistant", "content": [{"type": "text", "text": first.text}]},
+        {"role": "user", "content": [{"type": "text", "text": "And the colours?"}]},
+    ]
     second = engine.generate(follow_up, [image], params)
     return first.time_to_first_token, second.time_to_first_token
 
@@ -149,8 +156,10 @@ def main() -> None:
         small = load(build(tmp / "small"))
         mid = load(build(tmp / "mid", width=args.mid_width, vision_width=64))
 
-        print(f"throughput: {args.streams} streams x {args.tokens} tokens, small checkpoint, CPU "
-              f"({torch.get_num_threads()} threads)")
+        print(
+            f"throughput: {args.streams} streams x {args.tokens} tokens, small checkpoint, CPU "
+            f"({torch.get_num_threads()} threads)"
+        )
         old = previous.Engine(*small, max_batch_size=args.streams).start()
         old_tps = throughput(old, previous.SamplingParams, args.streams, args.tokens)
         old.shutdown(drain=False)
@@ -167,27 +176,35 @@ def main() -> None:
             compiled.shutdown(drain=False)
             print(f"  new, compiled   {tps:8.1f} tok/s   ratio {tps / old_tps:.2f}x (warm-up {warm:.1f} s)")
 
-        print(f"stall: a ~{args.long_words}-token prompt joins 2 running streams, mid-size checkpoint "
-              f"(width {args.mid_width})")
+        print(
+            f"stall: a ~{args.long_words}-token prompt joins 2 running streams, mid-size checkpoint "
+            f"(width {args.mid_width})"
+        )
         for name, make, params_cls in (
-                ("previous", lambda: previous.Engine(*mid, max_batch_size=4), previous.SamplingParams),
-                ("new", lambda: Engine(*mid, max_batch_size=4, compile=False, reuse_memory=0), SamplingParams)):
+            ("previous", lambda: previous.Engine(*mid, max_batch_size=4), previous.SamplingParams),
+            ("new", lambda: Engine(*mid, max_batch_size=4, compile=False, reuse_memory=0), SamplingParams),
+        ):
             engine = make().start()
             gap, ttft, tokens = stall(engine, params_cls, args.long_words)
             engine.shutdown(drain=False)
-            print(f"  {name:8s} prompt {tokens} tokens: TTFT {ttft:.2f} s, largest gap {gap:.3f} s, "
-                  f"gap/TTFT {gap / ttft:.2f} (goal <= 0.33)")
+            print(
+                f"  {name:8s} prompt {tokens} tokens: TTFT {ttft:.2f} s, largest gap {gap:.3f} s, "
+                f"gap/TTFT {gap / ttft:.2f} (goal <= 0.33)"
+            )
 
         print(f"second turn: follow-up about the same image (~{args.turn_words}-word first question), mid-size")
         for name, make, params_cls in (
-                ("previous", lambda: previous.Engine(*mid, max_batch_size=4), previous.SamplingParams),
-                ("new", lambda: Engine(*mid, max_batch_size=4, compile=False), SamplingParams)):
+            ("previous", lambda: previous.Engine(*mid, max_batch_size=4), previous.SamplingParams),
+            ("new", lambda: Engine(*mid, max_batch_size=4, compile=False), SamplingParams),
+        ):
             engine = make().start()
             engine.generate(ask("warm up"), [photo(32, 32)], params_cls(max_tokens=2, temperature=0))
             first, second = second_turn(engine, params_cls, args.turn_words)
             engine.shutdown(drain=False)
-            print(f"  {name:8s} first TTFT {first:.3f} s, second {second:.3f} s, ratio {second / first:.2f} "
-                  "(goal <= 0.35)")
+            print(
+                f"  {name:8s} first TTFT {first:.3f} s, second {second:.3f} s, ratio {second / first:.2f} "
+                "(goal <= 0.35)"
+            )
 
 
 if __name__ == "__main__":

@@ -41,33 +41,68 @@ def configs(smoke: bool):
     if smoke:
         import checkpoints
 
-        text = MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=checkpoints.VOCAB_SIZE, max_position_embeddings=4096,
-                             pad_token_id=checkpoints.PAD_TOKEN_ID)
-        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  image_size=checkpoints.TINY_TILE, patch_size=checkpoints.TINY_PATCH,
-                                  projection_dim=32)
+        text = MistralConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=checkpoints.VOCAB_SIZE,
+            max_position_embeddings=4096,
+            pad_token_id=checkpoints.PAD_TOKEN_ID,
+        )
+        vision = CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=checkpoints.TINY_TILE,
+            patch_size=checkpoints.TINY_PATCH,
+            projection_dim=32,
+        )
         tile, patch, pinpoints = checkpoints.TINY_TILE, checkpoints.TINY_PATCH, checkpoints.TINY_PINPOINTS
     else:
-        text = MistralConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                             num_key_value_heads=8, vocab_size=32064, max_position_embeddings=32768,
-                             rope_theta=1000000.0, sliding_window=None, pad_token_id=32001)
-        vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                  num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+        text = MistralConfig(
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_hidden_layers=32,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=32064,
+            max_position_embeddings=32768,
+            rope_theta=1000000.0,
+            sliding_window=None,
+            pad_token_id=32001,
+        )
+        vision = CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
+        )
         tile, patch, pinpoints = 336, 14, REAL_PINPOINTS
-    config = LlavaNextConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=32000,
-                             vision_feature_select_strategy="default", vision_feature_layer=-2,
-                             image_grid_pinpoints=pinpoints, image_seq_length=(tile // patch) ** 2,
-                             tie_word_embeddings=False)
+    config = LlavaNextConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_index=32000,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_grid_pinpoints=pinpoints,
+        image_seq_length=(tile // patch) ** 2,
+        tie_word_embeddings=False,
+    )
     return config, tile, patch
 
 
 def build(smoke: bool, device: str, dtype):
     """(our model, transformers' model sharing its weights, processor)."""
+    import checkpoints
     import torch
     import transformers
 
-    import checkpoints
     from llava_next_plugin.modeling import LlavaNextForConditionalGeneration
 
     config, tile, patch = configs(smoke)
@@ -81,24 +116,34 @@ def build(smoke: bool, device: str, dtype):
                 for parameter in ours.parameters():  # random matrices of a sane scale; norms stay at 1
                     if parameter.dim() >= 2:
                         parameter.normal_(0, 0.02)
-            reference = transformers.LlavaNextForConditionalGeneration(transformers.LlavaNextConfig(
-                **{k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}))
+            reference = transformers.LlavaNextForConditionalGeneration(
+                transformers.LlavaNextConfig(
+                    **{k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
+                )
+            )
     finally:
         torch.set_default_dtype(previous)
     reference = reference.to(device, dtype).eval()
     missing, unexpected = reference.load_state_dict(ours.state_dict(), strict=False, assign=True)
     if missing or unexpected:
-        raise RuntimeError(f"weights do not map onto transformers' model: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"weights do not map onto transformers' model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     folder = Path(tempfile.mkdtemp())
     tokenizer = checkpoints.build_tokenizer(folder)
     image_processor = transformers.LlavaNextImageProcessor(
-        size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
-        image_grid_pinpoints=config.image_grid_pinpoints)
+        size={"shortest_edge": tile},
+        crop_size={"height": tile, "width": tile},
+        image_grid_pinpoints=config.image_grid_pinpoints,
+    )
     processor = transformers.LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-        vision_feature_select_strategy="default", num_additional_image_tokens=1,
-        chat_template=checkpoints.MISTRAL_CHAT_TEMPLATE)
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template=checkpoints.MISTRAL_CHAT_TEMPLATE,
+    )
     return ours, reference, processor
 
 
@@ -153,12 +198,17 @@ def main() -> None:
     dtype = torch.float32 if args.smoke else torch.bfloat16
     tokens = 8 if args.smoke else args.tokens
     size = (64, 48) if args.smoke else (1024, 768)
-    mixed = [(64, 48), (48, 64), (32, 32), (96, 32), (32, 96), (80, 60), (60, 80), (40, 40)] if args.smoke else [
-        (1024, 768), (768, 1024), (336, 336), (1008, 336), (336, 1008), (800, 600), (600, 800), (512, 512)]
+    mixed = (
+        [(64, 48), (48, 64), (32, 32), (96, 32), (32, 96), (80, 60), (60, 80), (40, 40)]
+        if args.smoke
+        else [(1024, 768), (768, 1024), (336, 336), (1008, 336), (336, 1008), (800, 600), (600, 800), (512, 512)]
+    )
     begun = time.perf_counter()
     ours, reference, processor = build(args.smoke, device, dtype)
-    print(f"built {'tiny' if args.smoke else '7B-geometry'} models on {device} ({dtype}) in "
-          f"{time.perf_counter() - begun:.1f} s")
+    print(
+        f"built {'tiny' if args.smoke else '7B-geometry'} models on {device} ({dtype}) in "
+        f"{time.perf_counter() - begun:.1f} s"
+    )
 
     # --- the reference: transformers' generate
     if device == "cuda":
@@ -175,15 +225,21 @@ def main() -> None:
         torch.cuda.reset_peak_memory_stats()
 
     # --- ours: the engine
-    engine = Engine(ours, processor, max_batch_size=8, max_context=args.context,
-                    compile=False if (args.no_compile or args.smoke) else None)
+    engine = Engine(
+        ours,
+        processor,
+        max_batch_size=8,
+        max_context=args.context,
+        compile=False if (args.no_compile or args.smoke) else None,
+    )
     engine.eos_token_ids = set()  # random weights: every request generates its max_tokens (as min_new_tokens does)
     warm = engine.warm_up(context=args.context if engine.runner.compiled else 1)
     engine.start()
     greedy = SamplingParams(max_tokens=tokens, temperature=0)
     engine.generate(ask("Describe the picture."), [photo(*size)], SamplingParams(max_tokens=2, temperature=0))
-    first = engine.generate(ask("Describe the picture."), [photo(*size).rotate(180)], SamplingParams(max_tokens=1,
-                                                                                                  temperature=0))
+    first = engine.generate(
+        ask("Describe the picture."), [photo(*size).rotate(180)], SamplingParams(max_tokens=1, temperature=0)
+    )
     single = engine.generate(ask("Describe the picture."), [photo(*size).transpose(0)], greedy)
     decode_ours = (single.completion_tokens - 1) / max(single.total_seconds - single.time_to_first_token, 1e-9)
     prepared = [engine.prepare(ask("Describe the picture."), [photo(*s)], greedy) for s in mixed]
@@ -196,17 +252,27 @@ def main() -> None:
 
     gib = 1 << 30
     print(f"prompt: {prepared[0].prompt_tokens} tokens for a {size[0]}x{size[1]} image; {tokens} tokens per request")
-    print(f"time to first token: engine {first.time_to_first_token * 1e3:.0f} ms, reference "
-          f"{ttft_ref * 1e3:.0f} ms  (goal: engine <= reference)")
-    print(f"decode, batch 1: engine {decode_ours:.1f} tok/s, reference generate {decode_ref:.1f} tok/s, "
-          f"ratio {decode_ours / decode_ref:.2f}x (goal >= 2.5x)")
-    print(f"batch of 8, mixed images: engine {n_batch / t_batch:.1f} tok/s, reference batched generate "
-          f"{n_batch_ref / t_batch_ref:.1f} tok/s, ratio {(n_batch / t_batch) / (n_batch_ref / t_batch_ref):.2f}x "
-          "(goal >= 2x)")
-    print(f"peak memory: engine {peak_ours / gib:.2f} GiB (KV slots {engine.kv_cache_bytes / gib:.2f} GiB), "
-          f"reference {peak_ref / gib:.2f} GiB")
-    print(f"warm-up ({'compiled' if engine.runner.compiled else 'eager'}): {warm:.1f} s; whole run "
-          f"{time.perf_counter() - begun:.0f} s")
+    print(
+        f"time to first token: engine {first.time_to_first_token * 1e3:.0f} ms, reference "
+        f"{ttft_ref * 1e3:.0f} ms  (goal: engine <= reference)"
+    )
+    print(
+        f"decode, batch 1: engine {decode_ours:.1f} tok/s, reference generate {decode_ref:.1f} tok/s, "
+        f"ratio {decode_ours / decode_ref:.2f}x (goal >= 2.5x)"
+    )
+    print(
+        f"batch of 8, mixed images: engine {n_batch / t_batch:.1f} tok/s, reference batched generate "
+        f"{n_batch_ref / t_batch_ref:.1f} tok/s, ratio {(n_batch / t_batch) / (n_batch_ref / t_batch_ref):.2f}x "
+        "(goal >= 2x)"
+    )
+    print(
+        f"peak memory: engine {peak_ours / gib:.2f} GiB (KV slots {engine.kv_cache_bytes / gib:.2f} GiB), "
+        f"reference {peak_ref / gib:.2f} GiB"
+    )
+    print(
+        f"warm-up ({'compiled' if engine.runner.compiled else 'eager'}): {warm:.1f} s; whole run "
+        f"{time.perf_counter() - begun:.0f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -20,17 +20,19 @@ import argparse
 import io
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import checkpoints  # noqa: E402
-from llava_next_plugin.validation import Limits, load_request_images  # noqa: E402
 from llava_next_sdk import images as sdk_images  # noqa: E402
 from llava_next_sdk.types import ChatMessage, ChatRequest, GenerationParams, ImagePart  # noqa: E402
+
+from llava_next_plugin.validation import Limits, load_request_images  # noqa: E402
 
 
 def best_ms(work: Callable[[], Any], repeats: int) -> tuple[float, Any]:
@@ -64,11 +66,18 @@ def main() -> None:
             (wire_part,) = wire.images
             server_ms, (decoded,) = best_ms(lambda: load_request_images(wire, limits), args.repeats)
             assert np.array_equal(np.asarray(decoded), np.asarray(rgb)), "local and remote disagree"
-            line += (f"  | http encode {http_ms:7.1f} ms ({len(wire_part.url) / 1e6:.2f} MB base64), "
-                     f"server decode {server_ms:7.1f} ms")
+            line += (
+                f"  | http encode {http_ms:7.1f} ms ({len(wire_part.url) / 1e6:.2f} MB base64), "
+                f"server decode {server_ms:7.1f} ms"
+            )
         print(line)
-    for options in ({"compress_level": 6}, {"compress_level": 1}, {"compress_level": 1, "compress_type": 3},
-                    {"compress_level": 0}):
+    for options in (
+        {"compress_level": 6},
+        {"compress_level": 1},
+        {"compress_level": 1, "compress_type": 3},
+        {"compress_level": 0},
+    ):
+
         def encode(options=options) -> bytes:
             buffer = io.BytesIO()
             photo.save(buffer, format="PNG", **options)

@@ -59,8 +59,7 @@ def cpu_inputs(folder: Path) -> dict:
 
     processor = LlavaNextProcessor.from_pretrained(folder)
     image = checkpoints.real_photo("chelsea.png").convert("RGB")
-    return dict(processor(images=[image], text=["[INST] <image>\nDescribe the picture. [/INST]"],
-                          return_tensors="pt"))
+    return dict(processor(images=[image], text=["[INST] <image>\nDescribe the picture. [/INST]"], return_tensors="pt"))
 
 
 def full_geometry_config():
@@ -69,28 +68,58 @@ def full_geometry_config():
 
     from llava_next_plugin.configuration import DEFAULT_PINPOINTS, LlavaNextConfig
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    text = AutoConfig.for_model("mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                                num_attention_heads=32, num_key_value_heads=8, vocab_size=32064,
-                                max_position_embeddings=32768, sliding_window=None, rms_norm_eps=1e-5,
-                                pad_token_id=32001, bos_token_id=1, eos_token_id=2)
-    return LlavaNextConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=32000,
-                           image_grid_pinpoints=DEFAULT_PINPOINTS, vision_feature_layer=-2,
-                           vision_feature_select_strategy="default", image_seq_length=576)
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+    )
+    text = AutoConfig.for_model(
+        "mistral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32064,
+        max_position_embeddings=32768,
+        sliding_window=None,
+        rms_norm_eps=1e-5,
+        pad_token_id=32001,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlavaNextConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_index=32000,
+        image_grid_pinpoints=DEFAULT_PINPOINTS,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=576,
+    )
 
 
 def full_geometry_inputs(config, device) -> dict:
     """A 1024x768 image (2340 image tokens) in a ~2361-token prompt; random pixels."""
     geom = config.image_geometry(768, 1024)
-    text_before, text_after = [1, 733, 16289, 28793, 28705], [13] + [1000 + i for i in range(15)] + [733, 28748, 16289, 28793]
+    text_before, text_after = (
+        [1, 733, 16289, 28793, 28705],
+        [13] + [1000 + i for i in range(15)] + [733, 28748, 16289, 28793],
+    )
     ids = text_before + [config.image_token_index] * geom.num_tokens + text_after
     input_ids = torch.tensor([ids], device=device)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(1, geom.num_tiles, 3, config.tile_size, config.tile_size, generator=generator)
-    return dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                pixel_values=pixels.to(device, torch.bfloat16),
-                image_sizes=torch.tensor([[768, 1024]], device=device))
+    return dict(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        pixel_values=pixels.to(device, torch.bfloat16),
+        image_sizes=torch.tensor([[768, 1024]], device=device),
+    )
 
 
 def load(which: str, source, device: str):
@@ -162,11 +191,15 @@ def report(title: str, speed: dict, memory: dict, tokens_in: int) -> bool:
     print(f"{'':12}{'first token':>14}{f'{NEW_TOKENS} tokens':>14}{'tokens/s':>10}{'peak MiB':>11}")
     for name in ("ours", "reference"):
         t = speed[name]
-        print(f"{name:12}{t['ttft'] * 1e3:>11.1f} ms{t['gen']:>12.3f} s{NEW_TOKENS / t['gen']:>10.1f}"
-              f"{memory[name]:>11.0f}")
+        print(
+            f"{name:12}{t['ttft'] * 1e3:>11.1f} ms{t['gen']:>12.3f} s{NEW_TOKENS / t['gen']:>10.1f}"
+            f"{memory[name]:>11.0f}"
+        )
     ok = ttft_ratio <= GOAL and gen_ratio <= GOAL
-    print(f"ratio ours/reference: first token {ttft_ratio:.3f}, {NEW_TOKENS} tokens {gen_ratio:.3f}, "
-          f"memory {memory['ours'] / memory['reference']:.3f} -> {'OK' if ok else 'SLOWER'} (goal <= {GOAL})")
+    print(
+        f"ratio ours/reference: first token {ttft_ratio:.3f}, {NEW_TOKENS} tokens {gen_ratio:.3f}, "
+        f"memory {memory['ours'] / memory['reference']:.3f} -> {'OK' if ok else 'SLOWER'} (goal <= {GOAL})"
+    )
     return ok
 
 
@@ -193,8 +226,12 @@ def run_cuda(runs: int) -> bool:
     del models
     torch.cuda.empty_cache()
     memory = {name: peak_memory(name, "full", device) for name in ("ours", "reference")}
-    return report(f"CUDA {torch.cuda.get_device_name()}, llava-v1.6-mistral-7b geometry, random bf16", speed,
-                  memory, inputs["input_ids"].shape[1])
+    return report(
+        f"CUDA {torch.cuda.get_device_name()}, llava-v1.6-mistral-7b geometry, random bf16",
+        speed,
+        memory,
+        inputs["input_ids"].shape[1],
+    )
 
 
 def main() -> None:

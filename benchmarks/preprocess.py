@@ -19,8 +19,8 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import checkpoints  # noqa: E402
+
 from llava_next_plugin.image_processing import LlavaNextImageProcessor  # noqa: E402
 from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast  # noqa: E402
 
@@ -41,6 +42,7 @@ BATCH_SIZES = [(768, 1024), (480, 640), (1080, 1920), (336, 336), (1000, 300), (
 
 def timings_of(run: Callable[[], object], repeats: int, device: str) -> tuple[float, float]:
     """``(median, min)`` wall seconds of ``run`` after two warm-up calls (CUDA work is waited for)."""
+
     def once() -> float:
         start = time.perf_counter()
         run()
@@ -69,12 +71,13 @@ def report(case: str, images: int, timings: dict[str, tuple[float, float]]) -> N
     """One line per processor, then ratios (reference / ours) of medians, and of minimums in brackets."""
     print(f"\n{case}")
     for name, (median, fastest) in timings.items():
-        print(f"  {name:16s} median {median * 1e3:8.2f} ms  min {fastest * 1e3:8.2f} ms  "
-              f"{images / median:8.1f} images/s")
+        print(
+            f"  {name:16s} median {median * 1e3:8.2f} ms  min {fastest * 1e3:8.2f} ms  {images / median:8.1f} images/s"
+        )
     refs = {k: v for k, v in timings.items() if k.startswith("ref-")}
 
     def ratio(ref: str, ours: str) -> str:
-        return (f"{timings[ref][0] / timings[ours][0]:.2f}x (min {timings[ref][1] / timings[ours][1]:.2f}x)")
+        return f"{timings[ref][0] / timings[ours][0]:.2f}x (min {timings[ref][1] / timings[ours][1]:.2f}x)"
 
     if refs and "ours-fast" in timings:
         best_ref = min(refs, key=lambda k: refs[k][0])
@@ -111,13 +114,15 @@ def cuda_cases(repeats: int) -> None:
     timings = {
         "ours-fast": timings_of(lambda: procs["ours-fast"](on_device), repeats, "cuda"),
         "ref-torchvision": timings_of(
-            lambda: procs["ref-torchvision"](on_device, return_tensors="pt", device="cuda"), repeats, "cuda"),
+            lambda: procs["ref-torchvision"](on_device, return_tensors="pt", device="cuda"), repeats, "cuda"
+        ),
     }
     report(f"cuda batch8-u8-device ({torch.cuda.get_device_name()}, 8 images per call)", 8, timings)
     timings = {
         "ours-fast": timings_of(lambda: procs["ours-fast"](pils, device="cuda"), repeats, "cuda"),
         "ref-torchvision": timings_of(
-            lambda: procs["ref-torchvision"](pils, return_tensors="pt", device="cuda"), repeats, "cuda"),
+            lambda: procs["ref-torchvision"](pils, return_tensors="pt", device="cuda"), repeats, "cuda"
+        ),
     }
     report("cuda batch8-pil (8 PIL images per call, processed on the GPU)", 8, timings)
 

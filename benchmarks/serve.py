@@ -105,6 +105,7 @@ async def one_stream(http: httpx.AsyncClient, url: str, body: dict) -> dict:
 async def load(url: str, bodies: list[dict], concurrency: int) -> tuple[float, list[dict]]:
     limit = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=600) as http:
+
         async def run(body):
             async with limit:
                 return await one_stream(http, url, body)
@@ -126,16 +127,21 @@ def measure(name: str, url: str, bodies: list[dict]) -> dict:
     tokens_seq = sum(r["tokens"] for r in sequential) or 1
     latencies = [r["latency"] for r in concurrent]
     figures = {
-        "concurrent_s": concurrent_s, "sequential_s": sequential_s,
-        "concurrent_tok_s": tokens / concurrent_s, "sequential_tok_s": tokens_seq / sequential_s,
+        "concurrent_s": concurrent_s,
+        "sequential_s": sequential_s,
+        "concurrent_tok_s": tokens / concurrent_s,
+        "sequential_tok_s": tokens_seq / sequential_s,
         "speedup": (tokens / concurrent_s) / (tokens_seq / sequential_s),
-        "p50_s": statistics.median(latencies), "p99_s": percentile(latencies, 99),
+        "p50_s": statistics.median(latencies),
+        "p99_s": percentile(latencies, 99),
         "ttft_p50_s": statistics.median(r["ttft"] for r in concurrent),
     }
-    print(f"{name}: {len(bodies)} concurrent streams {concurrent_s:.2f} s ({figures['concurrent_tok_s']:.1f} tok/s) | "
-          f"one at a time {sequential_s:.2f} s ({figures['sequential_tok_s']:.1f} tok/s) | "
-          f"batching speed-up x{figures['speedup']:.2f} | latency p50 {figures['p50_s']:.2f} s "
-          f"p99 {figures['p99_s']:.2f} s | ttft p50 {figures['ttft_p50_s']:.2f} s")
+    print(
+        f"{name}: {len(bodies)} concurrent streams {concurrent_s:.2f} s ({figures['concurrent_tok_s']:.1f} tok/s) | "
+        f"one at a time {sequential_s:.2f} s ({figures['sequential_tok_s']:.1f} tok/s) | "
+        f"batching speed-up x{figures['speedup']:.2f} | latency p50 {figures['p50_s']:.2f} s "
+        f"p99 {figures['p99_s']:.2f} s | ttft p50 {figures['ttft_p50_s']:.2f} s"
+    )
     return figures
 
 
@@ -155,16 +161,46 @@ def main() -> None:
 
         model = str(checkpoints.build_checkpoint(Path(tempfile.mkdtemp(prefix="llava-next-bench-"))))
     sizes = [(80, 50), (30, 90), (64, 64), (50, 50)]
-    bodies = [{"model": model, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": image_url(*sizes[i % len(sizes)])}},
-        {"type": "text", "text": f"Describe picture number {i}."}]}],
-        "max_tokens": args.max_tokens, "temperature": 0, "stream": True,
-        "stream_options": {"include_usage": True}} for i in range(args.requests)]
+    bodies = [
+        {
+            "model": model,
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": image_url(*sizes[i % len(sizes)])}},
+                        {"type": "text", "text": f"Describe picture number {i}."},
+                    ],
+                }
+            ],
+            "max_tokens": args.max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        for i in range(args.requests)
+    ]
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    server = start([sys.executable, "-m", "llava_next_plugin.serve_cli", "--model", model, "--port", str(port),
-                    "--max-batch-size", str(args.requests), "--max-queue", "1024", "--log-level", "warning"], base)
+    server = start(
+        [
+            sys.executable,
+            "-m",
+            "llava_next_plugin.serve_cli",
+            "--model",
+            model,
+            "--port",
+            str(port),
+            "--max-batch-size",
+            str(args.requests),
+            "--max-queue",
+            "1024",
+            "--log-level",
+            "warning",
+        ],
+        base,
+    )
     try:
         asyncio.run(load(base + "/v1/chat/completions", bodies[:2], 2))  # warm-up
         ours = measure("llava-next serve", base + "/v1/chat/completions", bodies)
@@ -173,10 +209,12 @@ def main() -> None:
             asyncio.run(load(base + "/v1/chat/completions", soak * 4, 16))  # settle allocator pools
             before = rss_mib(server.pid)
             started = time.perf_counter()
-            asyncio.run(load(base + "/v1/chat/completions", (soak * (args.soak // len(soak) + 1))[:args.soak], 16))
+            asyncio.run(load(base + "/v1/chat/completions", (soak * (args.soak // len(soak) + 1))[: args.soak], 16))
             after = rss_mib(server.pid)
-            print(f"llava-next serve: RSS {before:.0f} MiB before, {after:.0f} MiB after {args.soak} requests "
-                  f"({after - before:+.0f} MiB, {args.soak / (time.perf_counter() - started):.1f} req/s)")
+            print(
+                f"llava-next serve: RSS {before:.0f} MiB before, {after:.0f} MiB after {args.soak} requests "
+                f"({after - before:+.0f} MiB, {args.soak / (time.perf_counter() - started):.1f} req/s)"
+            )
     finally:
         stop(server)
 
@@ -190,8 +228,10 @@ def main() -> None:
             return
         try:
             theirs = measure("transformers serve", base + "/v1/chat/completions", bodies)
-            print(f"llava-next serve vs transformers serve, 16 concurrent streams: "
-                  f"x{ours['concurrent_tok_s'] / theirs['concurrent_tok_s']:.2f} tokens/s")
+            print(
+                f"llava-next serve vs transformers serve, 16 concurrent streams: "
+                f"x{ours['concurrent_tok_s'] / theirs['concurrent_tok_s']:.2f} tokens/s"
+            )
         except Exception as exc:
             print(f"transformers serve: failed under load ({str(exc)[:300]})")
         finally:

@@ -71,11 +71,15 @@ def take_cache(cache, kwargs: dict, owner: str):
     old = kwargs.pop("past_key_values")
     if CACHE_NAME == "cache" and not torch.compiler.is_compiling():
         if cache is not None:
-            message = (f"Both `past_key_values` and `cache` are set for `{owner}`. Using `cache` and ignoring "
-                       f"deprecated `past_key_values`.")
+            message = (
+                f"Both `past_key_values` and `cache` are set for `{owner}`. Using `cache` and ignoring "
+                f"deprecated `past_key_values`."
+            )
         else:
-            message = (f"`past_key_values` is deprecated and will be removed in version 5.40.0 for `{owner}`. "
-                       f"Use `cache` instead.")
+            message = (
+                f"`past_key_values` is deprecated and will be removed in version 5.40.0 for `{owner}`. "
+                f"Use `cache` instead."
+            )
         warnings.warn(message, FutureWarning, stacklevel=3)
     return old if cache is None else cache
 
@@ -84,7 +88,6 @@ if hasattr(modeling_outputs, "MultimodalBaseModelOutputWithPast"):
     MultimodalBaseModelOutputWithPast = modeling_outputs.MultimodalBaseModelOutputWithPast
     MultimodalCausalLMOutputWithPast = modeling_outputs.MultimodalCausalLMOutputWithPast
 else:  # transformers 5.23: the same fields, the cache under its 5.23 name ``past_key_values``
-
     _MODALITY_OUTPUTS = ("image_outputs", "video_outputs", "audio_outputs")
 
     class _MultimodalOutput(ModelOutput):

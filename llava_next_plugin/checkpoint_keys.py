@@ -53,5 +53,5 @@ def to_hub_key(key: str) -> str:
     """The llava-hf hub name of an in-memory key of ``LlavaNextForConditionalGeneration``."""
     for prefix, hub_prefix in _SAVE_RULES:
         if key.startswith(prefix):
-            return hub_prefix + key[len(prefix):]
+            return hub_prefix + key[len(prefix) :]
     return key

@@ -21,21 +21,32 @@ import json
 import os
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import __version__
 
-__all__ = ["main", "build_parser", "resolve_model", "read_done", "result_line", "DEFAULT_MODEL", "IMAGE_SUFFIXES",
-           "CAPTION_EXIT_RULE"]
+__all__ = [
+    "main",
+    "build_parser",
+    "resolve_model",
+    "read_done",
+    "result_line",
+    "DEFAULT_MODEL",
+    "IMAGE_SUFFIXES",
+    "CAPTION_EXIT_RULE",
+]
 
 DEFAULT_MODEL = "llava-hf/llava-v1.6-mistral-7b-hf"
 MODEL_ENV = "LLAVA_NEXT_MODEL"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DEFAULT_MAX_NEW_TOKENS = 256
-CAPTION_EXIT_RULE = ("0 when every readable image of DIR is in --out (unreadable images are skipped, counted in "
-                     "the summary, and tried again by the next run); with --strict, 1 while any image is "
-                     "unreadable; 1 when DIR, --out or the model cannot be used; 2 for wrong arguments")
+CAPTION_EXIT_RULE = (
+    "0 when every readable image of DIR is in --out (unreadable images are skipped, counted in "
+    "the summary, and tried again by the next run); with --strict, 1 while any image is "
+    "unreadable; 1 when DIR, --out or the model cannot be used; 2 for wrong arguments"
+)
 """``llava-next caption``'s exit status, the same for a first run and a rerun."""
 
 
@@ -63,17 +74,34 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, metavar="PATH_OR_ID",
-                        help=f"checkpoint folder or hub id (default: ${MODEL_ENV}, else {DEFAULT_MODEL}, "
-                             "which needs the network once; offline, build one with `llava-next tiny-checkpoint`)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH_OR_ID",
+        help=f"checkpoint folder or hub id (default: ${MODEL_ENV}, else {DEFAULT_MODEL}, "
+        "which needs the network once; offline, build one with `llava-next tiny-checkpoint`)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps... (default: cuda when available)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                        help="weights' dtype (default: the checkpoint's)")
-    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
-                        help=f"longest answer in tokens (default: {DEFAULT_MAX_NEW_TOKENS})")
-    parser.add_argument("--prompt-format", default=None, metavar="FAMILY",
-                        help="wrap prompts in this family's format (mistral, vicuna, chatml, llama3) instead of "
-                             "the checkpoint's chat template (default: the template, else the detected family)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="weights' dtype (default: the checkpoint's)",
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        metavar="N",
+        help=f"longest answer in tokens (default: {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    parser.add_argument(
+        "--prompt-format",
+        default=None,
+        metavar="FAMILY",
+        help="wrap prompts in this family's format (mistral, vicuna, chatml, llama3) instead of "
+        "the checkpoint's chat template (default: the template, else the detected family)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,45 +110,61 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llava-next",
         description="LLaVA-NeXT (llava v1.6) from the command line: ask about images, caption folders, "
-                    "build a tiny offline demo checkpoint, serve an OpenAI-compatible API.",
+        "build a tiny offline demo checkpoint, serve an OpenAI-compatible API.",
         formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND",
-                                     parser_class=functools.partial(argparse.ArgumentParser,
-                                                                    formatter_class=_HelpFormatter))
+    commands = parser.add_subparsers(
+        dest="command",
+        metavar="COMMAND",
+        parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_HelpFormatter),
+    )
     commands.required = True
 
-    ask = commands.add_parser("ask", help="ask a question about one or more images; the answer streams",
-                              description="Ask one question about the given images (all in one prompt) and "
-                                          "stream the answer to stdout.")
+    ask = commands.add_parser(
+        "ask",
+        help="ask a question about one or more images; the answer streams",
+        description="Ask one question about the given images (all in one prompt) and stream the answer to stdout.",
+    )
     ask.add_argument("images", nargs="+", metavar="IMAGE", help="image file or http(s) URL")
-    ask.add_argument("--prompt", default=DEFAULT_PROMPT,
-                     help=f"the question; <image> placeholders are added when missing (default: {DEFAULT_PROMPT!r})")
+    ask.add_argument(
+        "--prompt",
+        default=DEFAULT_PROMPT,
+        help=f"the question; <image> placeholders are added when missing (default: {DEFAULT_PROMPT!r})",
+    )
     _add_model_options(ask)
 
-    caption = commands.add_parser("caption", help="caption every image of a folder into a JSON-lines file",
-                                  description="Caption the images of DIR in batches. Each result is one JSON "
-                                              "line {image, prompt, generated_text} appended to --out; a rerun "
-                                              "skips the images already there. Files that are not images (by "
-                                              "suffix) are left alone and counted in the summary.",
-                                  epilog=f"Exit status: {CAPTION_EXIT_RULE}.")
+    caption = commands.add_parser(
+        "caption",
+        help="caption every image of a folder into a JSON-lines file",
+        description="Caption the images of DIR in batches. Each result is one JSON "
+        "line {image, prompt, generated_text} appended to --out; a rerun "
+        "skips the images already there. Files that are not images (by "
+        "suffix) are left alone and counted in the summary.",
+        epilog=f"Exit status: {CAPTION_EXIT_RULE}.",
+    )
     caption.add_argument("folder", metavar="DIR", help=f"folder of images ({', '.join(IMAGE_SUFFIXES)})")
     caption.add_argument("--out", required=True, metavar="FILE.jsonl", help="results file (appended to, resumable)")
     caption.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"instruction (default: {DEFAULT_PROMPT!r})")
     caption.add_argument("--batch-size", type=int, default=4, metavar="B", help="images per forward pass (default: 4)")
-    caption.add_argument("--strict", action="store_true",
-                         help="exit with status 1 while any image of DIR is unreadable (default: 0, with a count)")
+    caption.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit with status 1 while any image of DIR is unreadable (default: 0, with a count)",
+    )
     _add_model_options(caption)
     from .distributed import add_caption_options  # parsing the Ray options needs no Ray
 
     add_caption_options(caption)
 
-    tiny = commands.add_parser("tiny-checkpoint", help="write a small RANDOM-weight checkpoint for offline demos",
-                               description="Write a small checkpoint with random weights in llava-hf layout (real "
-                                           "Mistral tokenizer, chat template, 64+-wide layers so 4-bit loading "
-                                           "works on CPU). Its answers are gibberish: it is for demos and smoke "
-                                           "tests. Needs the demo extra: pip install 'llava-next-plugin[demo]'.")
+    tiny = commands.add_parser(
+        "tiny-checkpoint",
+        help="write a small RANDOM-weight checkpoint for offline demos",
+        description="Write a small checkpoint with random weights in llava-hf layout (real "
+        "Mistral tokenizer, chat template, 64+-wide layers so 4-bit loading "
+        "works on CPU). Its answers are gibberish: it is for demos and smoke "
+        "tests. Needs the demo extra: pip install 'llava-next-plugin[demo]'.",
+    )
     tiny.add_argument("out", metavar="OUT", help="folder to create (must be new or empty)")
     tiny.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
 
@@ -152,16 +196,22 @@ def _check_model(model: str) -> None:
     looks_local = model.startswith((".", "/", "~")) or path.exists() or model.count("/") != 1
     if looks_local and not (path / "config.json").is_file():
         what = "does not exist" if not path.exists() else "has no config.json"
-        raise CommandError(f"model {model!r} {what}: give a checkpoint folder or a hub id like {DEFAULT_MODEL} "
-                           "(offline, build one with `llava-next tiny-checkpoint ./tiny`)")
+        raise CommandError(
+            f"model {model!r} {what}: give a checkpoint folder or a hub id like {DEFAULT_MODEL} "
+            "(offline, build one with `llava-next tiny-checkpoint ./tiny`)"
+        )
     try:
         config = AutoConfig.from_pretrained(os.fspath(path) if looks_local else model)
     except Exception as exc:
-        raise CommandError(f"cannot load model {model!r}: {_first_line(exc)} (check the name, or that the "
-                           "hub is reachable; offline, use a local folder)") from exc
+        raise CommandError(
+            f"cannot load model {model!r}: {_first_line(exc)} (check the name, or that the "
+            "hub is reachable; offline, use a local folder)"
+        ) from exc
     if getattr(config, "model_type", None) != "llava_next":
-        raise CommandError(f"model {model!r} is a {config.model_type!r} checkpoint: llava-next needs a "
-                           "LLaVA-NeXT (llava_next) checkpoint")
+        raise CommandError(
+            f"model {model!r} is a {config.model_type!r} checkpoint: llava-next needs a "
+            "LLaVA-NeXT (llava_next) checkpoint"
+        )
 
 
 def _check_prompt_format(family: str | None) -> None:
@@ -187,12 +237,21 @@ def _load_pipeline(args: argparse.Namespace):
 
     model = resolve_model(args.model)
     if is_random_checkpoint(model):
-        print(f"note: {model} holds RANDOM weights (a tiny demo checkpoint): the answers are gibberish.",
-              file=sys.stderr, flush=True)
+        print(
+            f"note: {model} holds RANDOM weights (a tiny demo checkpoint): the answers are gibberish.",
+            file=sys.stderr,
+            flush=True,
+        )
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
-    return pipeline("image-text-to-text", model=model, device=device, dtype=dtype,
-                    pipeline_class=LlavaNextImageToTextPipeline, prompt_family=args.prompt_format)
+    return pipeline(
+        "image-text-to-text",
+        model=model,
+        device=device,
+        dtype=dtype,
+        pipeline_class=LlavaNextImageToTextPipeline,
+        prompt_family=args.prompt_format,
+    )
 
 
 def _load_images(sources: Sequence[Any]) -> list:
@@ -216,8 +275,10 @@ def _load_images(sources: Sequence[Any]) -> list:
 def _check_placeholders(prompt: str, num_images: int) -> None:
     count = prompt.count("<image>")
     if count > num_images:
-        raise CommandError(f"the prompt has {count} <image> placeholders but {num_images} image(s) were given: "
-                           "give one image per placeholder, or drop the extra placeholders")
+        raise CommandError(
+            f"the prompt has {count} <image> placeholders but {num_images} image(s) were given: "
+            "give one image per placeholder, or drop the extra placeholders"
+        )
 
 
 def run_ask(args: argparse.Namespace) -> int:
@@ -306,12 +367,18 @@ def run_caption(args: argparse.Namespace) -> int:
     todo = [f for f in files if f.name not in done]
     pipe = None  # loaded with the first readable image: a rerun with only unreadable ones left loads no model
     captioned, unreadable = 0, []
-    progress = tqdm(total=len(files), initial=len(files) - len(todo), unit="image", file=sys.stderr,
-                    desc="captioning", disable=not todo)
+    progress = tqdm(
+        total=len(files),
+        initial=len(files) - len(todo),
+        unit="image",
+        file=sys.stderr,
+        desc="captioning",
+        disable=not todo,
+    )
     with open(out, "a", encoding="utf-8") as results:
         for start in range(0, len(todo), args.batch_size):
             batch, images = [], []
-            for path in todo[start:start + args.batch_size]:
+            for path in todo[start : start + args.batch_size]:
                 try:
                     images.append(_load_images([str(path)])[0])
                     batch.append(path)
@@ -334,9 +401,11 @@ def run_caption(args: argparse.Namespace) -> int:
     return 1 if unreadable and args.strict else 0
 
 
-def _caption_summary(folder: str, out: Path, captioned: int, already: int, unreadable: list[str],
-                     others: list[Path]) -> str:
+def _caption_summary(
+    folder: str, out: Path, captioned: int, already: int, unreadable: list[str], others: list[Path]
+) -> str:
     """One line: what this run did, what was there before, and what it left out and why."""
+
     def names(items: Sequence[str]) -> str:
         return ", ".join(items[:5]) + (f", ... ({len(items) - 5} more)" if len(items) > 5 else "")
 
@@ -344,8 +413,9 @@ def _caption_summary(folder: str, out: Path, captioned: int, already: int, unrea
     if already:
         parts.append(f"{already} were already there")
     if unreadable:
-        parts.append(f"{len(unreadable)} unreadable image(s) skipped ({names(unreadable)}; see above; a rerun "
-                     "tries them again)")
+        parts.append(
+            f"{len(unreadable)} unreadable image(s) skipped ({names(unreadable)}; see above; a rerun tries them again)"
+        )
     if others:
         parts.append(f"{len(others)} non-image file(s) left alone ({names([p.name for p in others])})")
     return "; ".join(parts)
@@ -370,8 +440,10 @@ def run_tiny_checkpoint(args: argparse.Namespace) -> int:
 
 def run_serve_command(args: argparse.Namespace) -> int:
     if getattr(args, "unavailable", None):
-        raise CommandError(f"serve is not available in this install ({args.unavailable}); "
-                           "install it with: pip install 'llava-next-plugin[serve]'")
+        raise CommandError(
+            f"serve is not available in this install ({args.unavailable}); "
+            "install it with: pip install 'llava-next-plugin[serve]'"
+        )
     from .serve_cli import run_serve
 
     args.model = resolve_model(args.model)  # the same default and the same message as ask and caption
@@ -406,8 +478,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns (and, as a script, exits with) its status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    commands = {"ask": run_ask, "caption": run_caption, "tiny-checkpoint": run_tiny_checkpoint,
-                "serve": run_serve_command}
+    commands = {
+        "ask": run_ask,
+        "caption": run_caption,
+        "tiny-checkpoint": run_tiny_checkpoint,
+        "serve": run_serve_command,
+    }
     try:
         _quiet_libraries()
         return commands[args.command](args)

@@ -94,7 +94,7 @@ class LlavaNextConfig(PreTrainedConfig):
             raise ValueError(
                 f"vision_feature_select_strategy='full' keeps the CLS position of the "
                 f"{self.vision_config.model_type!r} tower, so a tile's "
-                f"{self.patches_per_side ** 2 + 1} features cannot form a square grid. Use "
+                f"{self.patches_per_side**2 + 1} features cannot form a square grid. Use "
                 f"strategy 'default' with this tower, or a tower without a CLS position (SigLIP)."
             )
 

@@ -29,11 +29,22 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
-__all__ = ["caption_dataset", "build_serve_app", "ray_runtime", "parse_autoscale", "add_caption_options",
-           "add_serve_options", "run_caption", "run_serve", "RESULT_COLUMNS", "DETAILS"]
+__all__ = [
+    "caption_dataset",
+    "build_serve_app",
+    "ray_runtime",
+    "parse_autoscale",
+    "add_caption_options",
+    "add_serve_options",
+    "run_caption",
+    "run_serve",
+    "RESULT_COLUMNS",
+    "DETAILS",
+]
 
 RESULT_COLUMNS = ("answer", "tokens", "error")
 """The columns :func:`caption_dataset` adds: the text (``None`` on failure), completion tokens, the error (or ``None``)."""
@@ -53,8 +64,9 @@ def _import_ray():
 
 # --- the Ray runtime ----------------------------------------------------------------------------------
 @contextlib.contextmanager
-def ray_runtime(address: str, *, num_cpus: int | None = None, num_gpus: int | None = None,
-                object_store_memory: int | None = None) -> Iterator[Any]:
+def ray_runtime(
+    address: str, *, num_cpus: int | None = None, num_gpus: int | None = None, object_store_memory: int | None = None
+) -> Iterator[Any]:
     """Connect to the Ray cluster at *address* (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``), or with
     ``"local"`` start a Ray runtime on this machine (no dashboard); either way disconnect (and stop the
     local runtime) on exit. Yields the ``ray`` module. An already connected driver is reused and left alone.
@@ -64,8 +76,14 @@ def ray_runtime(address: str, *, num_cpus: int | None = None, num_gpus: int | No
         yield ray
         return
     if address == "local":
-        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False,
-                 object_store_memory=object_store_memory, log_to_driver=False, configure_logging=False)
+        ray.init(
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            include_dashboard=False,
+            object_store_memory=object_store_memory,
+            log_to_driver=False,
+            configure_logging=False,
+        )
     else:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     try:
@@ -87,23 +105,37 @@ def _image_part(value: Any):
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if not isinstance(value, str) or not value:
-        raise InvalidImageError(f"the image cell holds {type(value).__name__}, not a path, URL or encoded bytes; "
-                                "fix the image column")
+        raise InvalidImageError(
+            f"the image cell holds {type(value).__name__}, not a path, URL or encoded bytes; fix the image column"
+        )
     if value[:5].lower() == "data:" or value.split("://", 1)[0].lower() in ("http", "https"):
         return ImagePart(url=value)
     path = Path(value[7:] if value.startswith("file://") else value)
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "does not exist"
-        raise InvalidImageError(f"the image path {value!r} {what}; give an image file readable on every worker "
-                                "(a shared or copied folder), a URL or bytes")
+        raise InvalidImageError(
+            f"the image path {value!r} {what}; give an image file readable on every worker "
+            "(a shared or copied folder), a URL or bytes"
+        )
     return ImagePart(data=path.read_bytes())
 
 
 class _Captioner:
     """One actor of the pool: loads the model once, then answers a batch of rows per call."""
 
-    def __init__(self, model: str, prompt: str, image_column: str, max_tokens: int, detail: str,
-                 limits: Any, device: str | None, dtype: str | None, threads: int | None, batch_size: int) -> None:
+    def __init__(
+        self,
+        model: str,
+        prompt: str,
+        image_column: str,
+        max_tokens: int,
+        detail: str,
+        limits: Any,
+        device: str | None,
+        dtype: str | None,
+        threads: int | None,
+        batch_size: int,
+    ) -> None:
         import torch
 
         from .engine import Engine
@@ -112,8 +144,9 @@ class _Captioner:
             torch.set_num_threads(threads)
         self.prompt, self.image_column, self.max_tokens, self.detail = prompt, image_column, max_tokens, detail
         self.limits = limits
-        self.engine = Engine.from_pretrained(model, device=device, dtype=dtype, max_batch_size=batch_size,
-                                             max_queue=max(64, batch_size))
+        self.engine = Engine.from_pretrained(
+            model, device=device, dtype=dtype, max_batch_size=batch_size, max_queue=max(64, batch_size)
+        )
 
     def _prepare(self, cell: Any):
         from llava_next_sdk.types import ChatMessage, ChatRequest, GenerationParams, TextPart
@@ -121,8 +154,10 @@ class _Captioner:
         from .validation import prepare_request
 
         part = dataclasses.replace(_image_part(cell), detail=self.detail)
-        request = ChatRequest(messages=(ChatMessage("user", (part, TextPart(self.prompt))),),
-                              params=GenerationParams(max_tokens=self.max_tokens, temperature=0.0))
+        request = ChatRequest(
+            messages=(ChatMessage("user", (part, TextPart(self.prompt))),),
+            params=GenerationParams(max_tokens=self.max_tokens, temperature=0.0),
+        )
         return prepare_request(self.engine, request, self.limits)  # the server's rules, and detail as it has it
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -150,10 +185,23 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}"
 
 
-def caption_dataset(ds, model: str, *, prompt: str | None = None, image_column: str = "image",
-                    max_tokens: int = 64, detail: str = "auto", workers: int = 1, gpus_per_worker: float = 0,
-                    cpus_per_worker: float = 1, threads_per_worker: int | None = None, batch_size: int = 8,
-                    limits: Any = None, device: str | None = None, dtype: str | None = None):
+def caption_dataset(
+    ds,
+    model: str,
+    *,
+    prompt: str | None = None,
+    image_column: str = "image",
+    max_tokens: int = 64,
+    detail: str = "auto",
+    workers: int = 1,
+    gpus_per_worker: float = 0,
+    cpus_per_worker: float = 1,
+    threads_per_worker: int | None = None,
+    batch_size: int = 8,
+    limits: Any = None,
+    device: str | None = None,
+    dtype: str | None = None,
+):
     """Caption (or question) every image of *ds*; returns a lazy ``ray.data.Dataset`` with the rows of *ds*
     plus ``answer`` (str, ``None`` on failure), ``tokens`` (completion tokens) and ``error`` (``None`` or
     ``"ErrorClass: what was wrong"``).
@@ -184,41 +232,81 @@ def caption_dataset(ds, model: str, *, prompt: str | None = None, image_column: 
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if image_column not in ds.schema().names:
-        raise ValueError(f"the dataset has no column {image_column!r} (columns: {', '.join(ds.schema().names)}); "
-                         "pass image_column=")
+        raise ValueError(
+            f"the dataset has no column {image_column!r} (columns: {', '.join(ds.schema().names)}); pass image_column="
+        )
     if prompt is None:
         from .pipeline import DEFAULT_PROMPT
 
         prompt = DEFAULT_PROMPT
     threads = threads_per_worker or max(1, math.ceil(cpus_per_worker))
     return ds.map_batches(
-        _Captioner, batch_size=batch_size, batch_format="numpy", zero_copy_batch=True,
+        _Captioner,
+        batch_size=batch_size,
+        batch_format="numpy",
+        zero_copy_batch=True,
         compute=ray.data.ActorPoolStrategy(size=workers),
-        num_cpus=cpus_per_worker, num_gpus=gpus_per_worker or None,
-        fn_constructor_kwargs=dict(model=str(model), prompt=prompt, image_column=image_column,
-                                   max_tokens=max_tokens, detail=detail, limits=limits or Limits(),
-                                   device=device or ("cuda" if gpus_per_worker else "cpu"), dtype=dtype,
-                                   threads=threads, batch_size=batch_size))
+        num_cpus=cpus_per_worker,
+        num_gpus=gpus_per_worker or None,
+        fn_constructor_kwargs=dict(
+            model=str(model),
+            prompt=prompt,
+            image_column=image_column,
+            max_tokens=max_tokens,
+            detail=detail,
+            limits=limits or Limits(),
+            device=device or ("cuda" if gpus_per_worker else "cpu"),
+            dtype=dtype,
+            threads=threads,
+            batch_size=batch_size,
+        ),
+    )
 
 
 # --- the command line: llava-next caption --ray -------------------------------------------------------------
 def add_caption_options(parser: argparse.ArgumentParser) -> None:
     """The ``caption`` subcommand's Ray options (parsing them needs no Ray)."""
     group = parser.add_argument_group("past one machine (Ray; needs the ray extra)")
-    group.add_argument("--ray", default=None, metavar="ADDRESS|local",
-                       help="caption on a Ray cluster (ADDRESS: auto, host:6379, ray://host:10001) or on a Ray "
-                            "runtime started on this machine (local); DIR may then also be a .parquet file")
+    group.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS|local",
+        help="caption on a Ray cluster (ADDRESS: auto, host:6379, ray://host:10001) or on a Ray "
+        "runtime started on this machine (local); DIR may then also be a .parquet file",
+    )
     group.add_argument("--workers", type=int, default=1, metavar="N", help="model actors, one engine each (default: 1)")
-    group.add_argument("--gpus-per-worker", type=float, default=0, metavar="G",
-                       help="GPUs per actor (1: one actor per GPU; default: 0, CPU)")
-    group.add_argument("--image-column", default="image", metavar="NAME",
-                       help="parquet input: column of paths, URLs or image bytes (default: image)")
-    group.add_argument("--id-column", default=None, metavar="NAME",
-                       help="parquet input: column naming each row in --out (default: the image column)")
-    group.add_argument("--allow-url-domain", action="append", default=[], metavar="DOMAIN",
-                       help="fetch http(s) image URLs from DOMAIN and its subdomains (repeatable; default: none)")
-    group.add_argument("--detail", default="auto", choices=DETAILS,
-                       help="low: the base view only (one tile's tokens), as OpenAI's detail on the server (default: auto)")
+    group.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=0,
+        metavar="G",
+        help="GPUs per actor (1: one actor per GPU; default: 0, CPU)",
+    )
+    group.add_argument(
+        "--image-column",
+        default="image",
+        metavar="NAME",
+        help="parquet input: column of paths, URLs or image bytes (default: image)",
+    )
+    group.add_argument(
+        "--id-column",
+        default=None,
+        metavar="NAME",
+        help="parquet input: column naming each row in --out (default: the image column)",
+    )
+    group.add_argument(
+        "--allow-url-domain",
+        action="append",
+        default=[],
+        metavar="DOMAIN",
+        help="fetch http(s) image URLs from DOMAIN and its subdomains (repeatable; default: none)",
+    )
+    group.add_argument(
+        "--detail",
+        default="auto",
+        choices=DETAILS,
+        help="low: the base view only (one tile's tokens), as OpenAI's detail on the server (default: auto)",
+    )
 
 
 def _journal(out: Path) -> Path:
@@ -250,8 +338,10 @@ def _input_dataset(ray, source: str, args, done: set[str], command_error) -> tup
 
     id_type = dict(zip(names, ds.schema().types))[id_column]
     if isinstance(id_type, pa.DataType) and (pa.types.is_binary(id_type) or pa.types.is_large_binary(id_type)):
-        raise command_error(f"{source}: the column {id_column!r} holds bytes, which cannot name rows in --out; "
-                            "give --id-column with a column of names or numbers")
+        raise command_error(
+            f"{source}: the column {id_column!r} holds bytes, which cannot name rows in --out; "
+            "give --id-column with a column of names or numbers"
+        )
     total = ds.count()
     if done:
         ds = ds.filter(lambda row, done=frozenset(done): str(row[id_column]) not in done)
@@ -296,10 +386,20 @@ def run_caption(args: argparse.Namespace) -> int:
             captioned = failed = 0
             if ds is not None:
                 results = caption_dataset(
-                    ds, model, prompt=args.prompt, image_column=image_column, max_tokens=args.max_new_tokens,
-                    detail=args.detail, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                    cpus_per_worker=1 if args.gpus_per_worker else cpus, batch_size=args.batch_size,
-                    limits=limits, device=args.device, dtype=None if args.dtype == "auto" else args.dtype)
+                    ds,
+                    model,
+                    prompt=args.prompt,
+                    image_column=image_column,
+                    max_tokens=args.max_new_tokens,
+                    detail=args.detail,
+                    workers=args.workers,
+                    gpus_per_worker=args.gpus_per_worker,
+                    cpus_per_worker=1 if args.gpus_per_worker else cpus,
+                    batch_size=args.batch_size,
+                    limits=limits,
+                    device=args.device,
+                    dtype=None if args.dtype == "auto" else args.dtype,
+                )
                 progress = tqdm(total=total, initial=already, unit="image", file=sys.stderr, desc="captioning")
                 with open(journal, "a", encoding="utf-8") as lines:
                     for row in results.iter_rows():
@@ -328,8 +428,12 @@ def _write_parquet(journal: Path, out: Path) -> None:
 
     rows = [json.loads(line) for line in journal.read_text(encoding="utf-8").splitlines() if line.strip()]
     partial = out.with_name(out.name + ".partial")
-    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([("image", pa.string()), ("prompt", pa.string()),
-                                                                 ("generated_text", pa.string())])), partial)
+    pq.write_table(
+        pa.Table.from_pylist(
+            rows, schema=pa.schema([("image", pa.string()), ("prompt", pa.string()), ("generated_text", pa.string())])
+        ),
+        partial,
+    )
     os.replace(partial, out)
 
 
@@ -403,26 +507,40 @@ def build_serve_app(args: Mapping[str, Any]):
     if isinstance(domains, str):
         domains = [d for d in domains.split(",") if d]
     dtype = options.pop("dtype", None)
-    engine_options = {"device": options.pop("device", None) or ("cuda" if gpus else "cpu"),
-                      "dtype": None if dtype in (None, "auto") else dtype,
-                      "max_batch_size": int(options.pop("max_batch_size", 8)),
-                      "max_queue": int(options.pop("max_queue", 64)),
-                      "model_name": options.pop("served_model_name", None) or str(model)}
+    engine_options = {
+        "device": options.pop("device", None) or ("cuda" if gpus else "cpu"),
+        "dtype": None if dtype in (None, "auto") else dtype,
+        "max_batch_size": int(options.pop("max_batch_size", 8)),
+        "max_queue": int(options.pop("max_queue", 64)),
+        "model_name": options.pop("served_model_name", None) or str(model),
+    }
     limit_names = ("max_images_per_request", "max_image_pixels", "max_body_bytes")
-    limits = Limits(allowed_url_domains=tuple(d.lower().strip(".") for d in domains),
-                    **{n: int(options.pop(n)) for n in limit_names if options.get(n) is not None})
-    app_options = {"limits": limits, "api_key": options.pop("api_key", None),
-                   "drain_timeout": float(options.pop("drain_timeout", 30.0))}
+    limits = Limits(
+        allowed_url_domains=tuple(d.lower().strip(".") for d in domains),
+        **{n: int(options.pop(n)) for n in limit_names if options.get(n) is not None},
+    )
+    app_options = {
+        "limits": limits,
+        "api_key": options.pop("api_key", None),
+        "drain_timeout": float(options.pop("drain_timeout", 30.0)),
+    }
     if options:
         raise ValueError(f"unknown serve option(s): {', '.join(sorted(options))}; see build_serve_app's docstring")
-    deployment_options: dict[str, Any] = {"ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus},
-                                          "max_ongoing_requests": engine_options["max_batch_size"]
-                                          + engine_options["max_queue"]}
+    deployment_options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus},
+        "max_ongoing_requests": engine_options["max_batch_size"] + engine_options["max_queue"],
+    }
     if autoscale:
         low, high = parse_autoscale(autoscale)
-        deployment_options.update(num_replicas="auto", autoscaling_config={
-            "min_replicas": low, "max_replicas": high, "initial_replicas": min(max(replicas, low), high),
-            "target_ongoing_requests": engine_options["max_batch_size"]})
+        deployment_options.update(
+            num_replicas="auto",
+            autoscaling_config={
+                "min_replicas": low,
+                "max_replicas": high,
+                "initial_replicas": min(max(replicas, low), high),
+                "target_ongoing_requests": engine_options["max_batch_size"],
+            },
+        )
     else:
         if replicas < 1:
             raise ValueError(f"replicas must be at least 1, got {replicas}")
@@ -434,9 +552,13 @@ def build_serve_app(args: Mapping[str, Any]):
 def add_serve_options(parser: argparse.ArgumentParser) -> None:
     """The ``serve`` subcommand's Ray options (parsing them needs no Ray)."""
     group = parser.add_argument_group("past one machine (Ray Serve; needs the ray extra)")
-    group.add_argument("--ray", default=None, metavar="ADDRESS|local",
-                       help="deploy on a Ray cluster (auto, host:6379, ray://host:10001) or a Ray runtime started "
-                            "on this machine (local) as a Ray Serve application")
+    group.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS|local",
+        help="deploy on a Ray cluster (auto, host:6379, ray://host:10001) or a Ray runtime started "
+        "on this machine (local) as a Ray Serve application",
+    )
     group.add_argument("--replicas", type=int, default=1, metavar="N", help="replicas, one engine each (default: 1)")
     group.add_argument("--autoscale", default=None, metavar="MIN..MAX", help="let Ray Serve vary the replicas")
     group.add_argument("--gpus-per-replica", type=float, default=0, metavar="G", help="GPUs per replica (default: 0)")
@@ -451,12 +573,25 @@ def run_serve(args: argparse.Namespace) -> int:
         parse_autoscale(args.autoscale)
     elif args.replicas < 1:
         raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
-    app = build_serve_app(dict(
-        model=args.model, replicas=args.replicas, autoscale=args.autoscale, gpus_per_replica=args.gpus_per_replica,
-        device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-        served_model_name=args.served_model_name, api_key=args.api_key, allow_url_domains=args.allow_url_domain,
-        max_images_per_request=args.max_images_per_request, max_image_pixels=args.max_image_pixels,
-        max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout))
+    app = build_serve_app(
+        dict(
+            model=args.model,
+            replicas=args.replicas,
+            autoscale=args.autoscale,
+            gpus_per_replica=args.gpus_per_replica,
+            device=args.device,
+            dtype=args.dtype,
+            max_batch_size=args.max_batch_size,
+            max_queue=args.max_queue,
+            served_model_name=args.served_model_name,
+            api_key=args.api_key,
+            allow_url_domains=args.allow_url_domain,
+            max_images_per_request=args.max_images_per_request,
+            max_image_pixels=args.max_image_pixels,
+            max_body_bytes=args.max_body_bytes,
+            drain_timeout=args.drain_timeout,
+        )
+    )
     replicas = parse_autoscale(args.autoscale)[1] if args.autoscale else args.replicas
 
     def stop(signum, frame):
@@ -469,8 +604,11 @@ def run_serve(args: argparse.Namespace) -> int:
         serve.start(http_options={"host": args.host, "port": args.port})
         try:
             serve.run(app, name="llava-next", route_prefix="/")
-            print(f"llava-next: serving {args.model} on http://{args.host}:{args.port}/v1 with Ray Serve "
-                  f"({args.autoscale or args.replicas} replicas); Ctrl-C stops", flush=True)
+            print(
+                f"llava-next: serving {args.model} on http://{args.host}:{args.port}/v1 with Ray Serve "
+                f"({args.autoscale or args.replicas} replicas); Ctrl-C stops",
+                flush=True,
+            )
             while True:
                 time.sleep(1)
         except KeyboardInterrupt:

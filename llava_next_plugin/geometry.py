@@ -28,8 +28,8 @@ Everything here is plain integer arithmetic on sizes: the processor calls it to 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 __all__ = [
     "ImageGeometry",
@@ -146,12 +146,12 @@ def unpadded_crop(height: int, width: int, map_rows: int, map_cols: int) -> tupl
     return 0, map_rows, pad, map_cols - pad
 
 
-def base_token_count(tile_size: int, patch_size: int, strategy: str = "default", num_additional_image_tokens: int = 1) -> int:
+def base_token_count(
+    tile_size: int, patch_size: int, strategy: str = "default", num_additional_image_tokens: int = 1
+) -> int:
     """Tokens of one tile: ``side * side`` patches, plus extra positions (CLIP's CLS) kept by ``full``."""
     if strategy not in VALID_STRATEGIES:
-        raise ValueError(
-            f"vision_feature_select_strategy must be one of {VALID_STRATEGIES}, got {strategy!r}"
-        )
+        raise ValueError(f"vision_feature_select_strategy must be one of {VALID_STRATEGIES}, got {strategy!r}")
     side = tile_size // patch_size
     count = side * side + num_additional_image_tokens
     if strategy == "default":

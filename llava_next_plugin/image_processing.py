@@ -28,16 +28,16 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+from llava_next_sdk.errors import BadRequestError, InvalidImageError
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
-
-from llava_next_sdk.errors import BadRequestError, InvalidImageError
 
 from . import geometry
 from .images import gray_to_uint8
@@ -169,8 +169,19 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
     model_input_names = ["pixel_values", "image_sizes"]
     valid_kwargs = LlavaNextImageProcessorKwargs
     SETTING_NAMES = (
-        "do_resize", "size", "image_grid_pinpoints", "resample", "do_center_crop", "crop_size", "do_rescale",
-        "rescale_factor", "do_normalize", "image_mean", "image_std", "do_pad", "do_convert_rgb",
+        "do_resize",
+        "size",
+        "image_grid_pinpoints",
+        "resample",
+        "do_center_crop",
+        "crop_size",
+        "do_rescale",
+        "rescale_factor",
+        "do_normalize",
+        "image_mean",
+        "image_std",
+        "do_pad",
+        "do_convert_rgb",
     )
 
     def __init__(
@@ -230,8 +241,9 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
             raise BadRequestError(f"size {size} and crop_size {crop} must be positive", param="size")
         pinpoints = tuple((int(p[0]), int(p[1])) for p in value["image_grid_pinpoints"])
         if not pinpoints:
-            raise BadRequestError("image_grid_pinpoints is empty: give at least one [height, width]",
-                                  param="image_grid_pinpoints")
+            raise BadRequestError(
+                "image_grid_pinpoints is empty: give at least one [height, width]", param="image_grid_pinpoints"
+            )
         for h, w in pinpoints:
             if h < 1 or w < 1:
                 raise BadRequestError(
@@ -257,8 +269,9 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
                 param="size",
             )
         if value["resample"] not in PIL_RESAMPLE_NAMES:
-            raise BadRequestError(f"resample={value['resample']!r} is not a PIL resampling filter (0-5)",
-                                  param="resample")
+            raise BadRequestError(
+                f"resample={value['resample']!r} is not a PIL resampling filter (0-5)", param="resample"
+            )
         mean = _channel_triple(value["image_mean"], "image_mean")
         std = _channel_triple(value["image_std"], "image_std")
         if value["do_normalize"] and min(abs(s) for s in std) == 0:
@@ -300,8 +313,11 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
         if isinstance(images, (list, tuple)):
             flat: list[Any] = []
             for item in images:
-                flat.extend(LlavaNextImageProcessorBase.flatten_images(item) if isinstance(item, (list, tuple))
-                            else _split_batch(item))
+                flat.extend(
+                    LlavaNextImageProcessorBase.flatten_images(item)
+                    if isinstance(item, (list, tuple))
+                    else _split_batch(item)
+                )
             return flat
         return _split_batch(images)
 
@@ -476,10 +492,10 @@ def _center_crop_hwc(views: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
     if crop_h > height or crop_w > width:
         out = np.zeros((views.shape[0], max(crop_h, height), max(crop_w, width), views.shape[3]), views.dtype)
         top, left = -(-(out.shape[1] - height) // 2), -(-(out.shape[2] - width) // 2)
-        out[:, top:top + height, left:left + width] = views
+        out[:, top : top + height, left : left + width] = views
         views, height, width = out, out.shape[1], out.shape[2]
     top, left = (height - crop_h) // 2, (width - crop_w) // 2
-    return views[:, top:top + crop_h, left:left + crop_w]
+    return views[:, top : top + crop_h, left : left + crop_w]
 
 
 class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
@@ -525,10 +541,12 @@ class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
             # numpy multiplies planar memory much faster than it reads the interleaved views
             np.multiply(np.ascontiguousarray(views), scale, out=out, dtype=np.float32)
             out += offset
-        return BatchFeature(data={
-            "pixel_values": _as_tensors(pixel_values, return_tensors),
-            "image_sizes": _as_tensors(sizes, return_tensors),
-        })
+        return BatchFeature(
+            data={
+                "pixel_values": _as_tensors(pixel_values, return_tensors),
+                "image_sizes": _as_tensors(sizes, return_tensors),
+            }
+        )
 
     @staticmethod
     def views(image: Image.Image, settings: PreprocessSettings) -> np.ndarray:
@@ -543,12 +561,12 @@ class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
         # PIL resizes on one core without the GIL: on more cores, the base view's runs beside the grid's.
         base_job = resize_worker().submit(_pil_resize, image, settings.base_size, settings.resample)
         canvas = np.zeros((best_h, best_w, 3), dtype=np.uint8)
-        canvas[top:top + new_h, left:left + new_w] = _pil_resize(image, (new_h, new_w), settings.resample)
+        canvas[top : top + new_h, left : left + new_w] = _pil_resize(image, (new_h, new_w), settings.resample)
         if settings.partial_tiles(best_h, best_w):
             views = [_center_crop_hwc(base_job.result()[None], settings.crop)[0]]
             for row in range(rows):
                 for col in range(cols):
-                    piece = canvas[row * tile:(row + 1) * tile, col * tile:(col + 1) * tile]
+                    piece = canvas[row * tile : (row + 1) * tile, col * tile : (col + 1) * tile]
                     target = settings.partial_view_size(*piece.shape[:2])
                     piece = _pil_resize(Image.fromarray(piece), target, settings.resample)
                     views.append(_center_crop_hwc(piece[None], settings.crop)[0])

@@ -28,9 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.image_processing_utils import BatchFeature
-
 from llava_next_sdk.errors import BadRequestError, InvalidImageError
+from transformers.image_processing_utils import BatchFeature
 
 from . import geometry
 from .image_processing import (
@@ -58,9 +57,7 @@ def _resize(image: torch.Tensor, size: tuple[int, int], mode: str, whole_pixels:
     if tuple(image.shape[-2:]) == tuple(size):
         return image
     smooth = mode in ("bilinear", "bicubic")
-    resized = F.interpolate(
-        image, size=size, mode=mode, antialias=smooth, align_corners=False if smooth else None
-    )
+    resized = F.interpolate(image, size=size, mode=mode, antialias=smooth, align_corners=False if smooth else None)
     if whole_pixels and resized.is_floating_point():
         resized = resized.clamp_(0, 255).round_()
     return resized
@@ -107,7 +104,7 @@ def _center_crop(views: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
         views = F.pad(views, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2))
         height, width = views.shape[-2:]
     top, left = (height - crop_h) // 2, (width - crop_w) // 2
-    return views[..., top:top + crop_h, left:left + crop_w]
+    return views[..., top : top + crop_h, left : left + crop_w]
 
 
 class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
@@ -169,12 +166,15 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
             for i, image in enumerate(pixels):
                 self.copy_views(image, settings, mode, pixel_values[i][: counts[i]], (scale, offset))
                 if settings.do_pad:
-                    pixel_values[i, counts[i]:].zero_()  # the padding views
+                    pixel_values[i, counts[i] :].zero_()  # the padding views
         kind = getattr(return_tensors, "value", return_tensors)
         image_sizes = torch.tensor(sizes, dtype=torch.int64).reshape(len(sizes), 2)
         if kind == "np":
-            pixel_values = ([p.cpu().numpy() for p in pixel_values] if isinstance(pixel_values, list)
-                            else pixel_values.cpu().numpy())
+            pixel_values = (
+                [p.cpu().numpy() for p in pixel_values]
+                if isinstance(pixel_values, list)
+                else pixel_values.cpu().numpy()
+            )
             image_sizes = image_sizes.numpy()
         elif kind not in (None, "pt"):
             raise BadRequestError(f"return_tensors={return_tensors!r}: use 'pt' or 'np'", param="return_tensors")
@@ -231,12 +231,12 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
             return
 
         canvas = resized.new_zeros((3, best_h, best_w))
-        canvas[:, top:top + new_h, left:left + new_w] = resized
+        canvas[:, top : top + new_h, left : left + new_w] = resized
         if partial:  # edge tiles smaller than the rest: each view resized and cropped on its own
             out[0].copy_(_center_crop(base, settings.crop)[0])
             for index in range(rows * cols):
                 row, col = divmod(index, cols)
-                piece = canvas[:, row * tile:(row + 1) * tile, col * tile:(col + 1) * tile][None]
+                piece = canvas[:, row * tile : (row + 1) * tile, col * tile : (col + 1) * tile][None]
                 target = settings.partial_view_size(*piece.shape[-2:])
                 if target != tuple(piece.shape[-2:]):
                     if piece.dtype == torch.uint8:  # torch's uint8 kernels, as torchvision: channels-last memory
@@ -274,7 +274,7 @@ def _paste_tile(image: torch.Tensor, origin: tuple[int, int], tile: torch.Tensor
     tile[:, y1:].zero_()
     tile[:, y0:y1, :x0].zero_()
     tile[:, y0:y1, x1:].zero_()
-    tile[:, y0:y1, x0:x1].copy_(image[:, y0 - top:y1 - top, x0 - left:x1 - left])
+    tile[:, y0:y1, x0:x1].copy_(image[:, y0 - top : y1 - top, x0 - left : x1 - left])
 
 
 def _target_device(images: list[Any], device: str | torch.device | None) -> torch.device:

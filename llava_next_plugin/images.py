@@ -33,19 +33,27 @@ import time
 import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+from llava_next_sdk.errors import InvalidImageError, LlavaNextError
+from llava_next_sdk.wire import decode_data_url
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from llava_next_plugin.hooks import get_plugin_manager, hookimpl
-from llava_next_sdk.errors import InvalidImageError, LlavaNextError
-from llava_next_sdk.wire import decode_data_url
 
 __all__ = [
-    "DEFAULT_TIMEOUT", "DEFAULT_TOTAL_TIMEOUT", "MAX_DOWNLOAD_BYTES", "decode_image_bytes", "fetch_url", "gray_to_uint8", "load_image",
-    "load_images", "to_rgb",
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_TOTAL_TIMEOUT",
+    "MAX_DOWNLOAD_BYTES",
+    "decode_image_bytes",
+    "fetch_url",
+    "gray_to_uint8",
+    "load_image",
+    "load_images",
+    "to_rgb",
 ]
 
 DEFAULT_TIMEOUT = 10.0
@@ -90,7 +98,9 @@ def load_image(source: Any, index: int | None = None, *, timeout: float = DEFAUL
     if not isinstance(image, Image.Image):
         raise InvalidImageError(
             f"an image-source plugin returned {type(image).__name__} for {what} instead of a PIL image; "
-            f"fix that plugin's llava_next_load_image", index=index)
+            f"fix that plugin's llava_next_load_image",
+            index=index,
+        )
     try:
         return to_rgb(image, what)
     except InvalidImageError as exc:
@@ -100,8 +110,9 @@ def load_image(source: Any, index: int | None = None, *, timeout: float = DEFAUL
 def load_images(sources: Sequence[Any], *, timeout: float = DEFAULT_TIMEOUT) -> list[Image.Image]:
     """:func:`load_image` for each of *sources* (a list or tuple), errors naming the failing index."""
     if not isinstance(sources, (list, tuple)):
-        raise InvalidImageError(f"expected a list of images, got {type(sources).__name__}; "
-                                f"wrap a single image as [image]")
+        raise InvalidImageError(
+            f"expected a list of images, got {type(sources).__name__}; wrap a single image as [image]"
+        )
     return [load_image(source, index, timeout=timeout) for index, source in enumerate(sources)]
 
 
@@ -124,19 +135,23 @@ def describe_source(source: Any) -> str:
 
 
 def _unsupported_message(source: Any, what: str) -> str:
-    plugin_hint = ("or register a plugin implementing llava_next_load_image for it "
-                   "(see docs/writing-a-plugin.md)")
+    plugin_hint = "or register a plugin implementing llava_next_load_image for it (see docs/writing-a-plugin.md)"
     if isinstance(source, str) and (match := _URL_SCHEME.match(source.strip())):
-        return (f"no image source handles the URL scheme '{match.group(1)}://' ({what}); use a path, an "
-                f"http(s) or data URL, or bytes, {plugin_hint}")
+        return (
+            f"no image source handles the URL scheme '{match.group(1)}://' ({what}); use a path, an "
+            f"http(s) or data URL, or bytes, {plugin_hint}"
+        )
     hint = ""
     if hasattr(source, "numpy") and hasattr(source, "permute"):
         hint = " (for a torch tensor (C, H, W), pass tensor.permute(1, 2, 0).cpu().numpy())"
-    return (f"unsupported image source: {what}{hint}; pass a path, an http(s) URL, a data URL, bytes, "
-            f"a PIL image or a numpy array (H, W) / (H, W, C), {plugin_hint}")
+    return (
+        f"unsupported image source: {what}{hint}; pass a path, an http(s) URL, a data URL, bytes, "
+        f"a PIL image or a numpy array (H, W) / (H, W, C), {plugin_hint}"
+    )
 
 
 # --- the built-in image sources ------------------------------------------------------------------
+
 
 @hookimpl
 def llava_next_load_image(source: Any, timeout: float) -> Image.Image | None:
@@ -189,13 +204,20 @@ def _load_path(path: str | os.PathLike) -> Image.Image:
     try:
         data = file.read_bytes()
     except OSError as exc:
-        raise InvalidImageError(f"file '{file}' could not be read ({type(exc).__name__}: {exc}); "
-                                f"check its permissions") from exc
+        raise InvalidImageError(
+            f"file '{file}' could not be read ({type(exc).__name__}: {exc}); check its permissions"
+        ) from exc
     return decode_image_bytes(data, f"file '{file}'")
 
 
-def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int | None = None,
-              follow_redirects: bool = True, total_timeout: float | None = DEFAULT_TOTAL_TIMEOUT) -> bytes:
+def fetch_url(
+    url: str,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_bytes: int | None = None,
+    follow_redirects: bool = True,
+    total_timeout: float | None = DEFAULT_TOTAL_TIMEOUT,
+) -> bytes:
     """GET an image URL's bytes with httpx, bounded in size and time (the one image fetcher).
 
     :param timeout: seconds allowed for each network read.
@@ -211,8 +233,9 @@ def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int | No
 
     default_limit = max_bytes is None
     max_bytes = MAX_DOWNLOAD_BYTES if default_limit else max_bytes
-    too_large = (f"URL {url!r} serves more than {max_bytes:,} bytes, the download limit; use a smaller image"
-                 + (" or raise the limit (llava_next_plugin.images.MAX_DOWNLOAD_BYTES)" if default_limit else ""))
+    too_large = f"URL {url!r} serves more than {max_bytes:,} bytes, the download limit; use a smaller image" + (
+        " or raise the limit (llava_next_plugin.images.MAX_DOWNLOAD_BYTES)" if default_limit else ""
+    )
     read_timeout = timeout if total_timeout is None else min(timeout, total_timeout)
     deadline = None if total_timeout is None else time.monotonic() + total_timeout
     too_slow = f"URL {url!r} did not deliver the image within {total_timeout:g} s overall; check the URL"
@@ -221,14 +244,20 @@ def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int | No
         with httpx.Client(timeout=read_timeout, follow_redirects=follow_redirects) as client:
             with client.stream("GET", url, headers={"Accept": "image/*"}) as response:
                 if response.status_code != 200:
-                    hint = ("redirects are not followed: give the final URL" if response.is_redirect
-                            and not follow_redirects else "check the URL")
-                    raise InvalidImageError(f"URL {url!r} answered HTTP {response.status_code} "
-                                            f"{response.reason_phrase}; {hint}")
+                    hint = (
+                        "redirects are not followed: give the final URL"
+                        if response.is_redirect and not follow_redirects
+                        else "check the URL"
+                    )
+                    raise InvalidImageError(
+                        f"URL {url!r} answered HTTP {response.status_code} {response.reason_phrase}; {hint}"
+                    )
                 content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
                 if content_type and not _may_be_an_image(content_type):
-                    raise InvalidImageError(f"URL {url!r} is not an image (content-type {content_type}); "
-                                            "give the URL of a PNG, JPEG, WebP, GIF, BMP or TIFF file")
+                    raise InvalidImageError(
+                        f"URL {url!r} is not an image (content-type {content_type}); "
+                        "give the URL of a PNG, JPEG, WebP, GIF, BMP or TIFF file"
+                    )
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > max_bytes:
                     raise InvalidImageError(too_large)
@@ -241,11 +270,14 @@ def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int | No
                         raise InvalidImageError(too_slow)
                     chunks.append(chunk)
     except httpx.TimeoutException as exc:
-        raise InvalidImageError(f"URL {url!r} did not answer within {read_timeout:g} s ({type(exc).__name__}); "
-                                f"check the URL or pass a larger timeout") from exc
+        raise InvalidImageError(
+            f"URL {url!r} did not answer within {read_timeout:g} s ({type(exc).__name__}); "
+            f"check the URL or pass a larger timeout"
+        ) from exc
     except httpx.HTTPError as exc:
-        raise InvalidImageError(f"URL {url!r} could not be fetched ({type(exc).__name__}: {exc}); "
-                                f"check the URL and the network") from exc
+        raise InvalidImageError(
+            f"URL {url!r} could not be fetched ({type(exc).__name__}: {exc}); check the URL and the network"
+        ) from exc
     if deadline is not None and time.monotonic() > deadline:
         raise InvalidImageError(too_slow)
     return b"".join(chunks)
@@ -254,7 +286,11 @@ def fetch_url(url: str, *, timeout: float = DEFAULT_TIMEOUT, max_bytes: int | No
 def _may_be_an_image(content_type: str) -> bool:
     """Whether a response's media type allows image bytes (``image/*`` or a generic binary type)."""
     return content_type.startswith("image/") or content_type in (
-        "application/octet-stream", "binary/octet-stream", "application/binary", "application/x-binary")
+        "application/octet-stream",
+        "binary/octet-stream",
+        "application/binary",
+        "application/x-binary",
+    )
 
 
 def _decode_data_url(url: str) -> Image.Image:
@@ -280,8 +316,10 @@ def _image_from_array(array: np.ndarray) -> Image.Image:
         if not np.isfinite(array).all():
             raise InvalidImageError(f"{what} contains NaN or infinite values")
         if array.min() < 0 or array.max() > 1:
-            raise InvalidImageError(f"{what} has values in [{array.min():g}, {array.max():g}]; float images "
-                                    f"must lie in [0, 1] (or pass uint8 values 0-255)")
+            raise InvalidImageError(
+                f"{what} has values in [{array.min():g}, {array.max():g}]; float images "
+                f"must lie in [0, 1] (or pass uint8 values 0-255)"
+            )
         array = np.round(array * 255.0).astype(np.uint8)
     elif array.dtype != np.uint8:
         raise InvalidImageError(f"{what}: unsupported dtype; use uint8 (0-255), uint16, bool or float in [0, 1]")
@@ -289,6 +327,7 @@ def _image_from_array(array: np.ndarray) -> Image.Image:
 
 
 # --- decoding and making an image usable ---------------------------------------------------------
+
 
 def decode_image_bytes(data: bytes, what: str = "the bytes") -> Image.Image:
     """Decode encoded image bytes (PNG, JPEG, WebP, ...) fully, refusing decompression bombs.
@@ -306,11 +345,14 @@ def decode_image_bytes(data: bytes, what: str = "the bytes") -> Image.Image:
     except Image.DecompressionBombError as exc:
         raise InvalidImageError(_bomb_message(what, str(exc))) from exc
     except UnidentifiedImageError as exc:  # its bytes are never quoted back: they may be another service's answer
-        raise InvalidImageError(f"{what} is not an image PIL can read (unknown format or corrupted header, "
-                                f"{len(data)} bytes); pass a PNG, JPEG, WebP, GIF, BMP or TIFF file") from exc
+        raise InvalidImageError(
+            f"{what} is not an image PIL can read (unknown format or corrupted header, "
+            f"{len(data)} bytes); pass a PNG, JPEG, WebP, GIF, BMP or TIFF file"
+        ) from exc
     except Exception as exc:
-        raise InvalidImageError(f"{what} is corrupted ({type(exc).__name__}: {exc}); re-export or "
-                                f"re-download the image") from exc
+        raise InvalidImageError(
+            f"{what} is corrupted ({type(exc).__name__}: {exc}); re-export or re-download the image"
+        ) from exc
     _load_pixels(image, what)
     return image
 
@@ -321,18 +363,24 @@ def _load_pixels(image: Image.Image, what: str) -> None:
         return  # already decoded
     limit = Image.MAX_IMAGE_PIXELS
     if limit and image.width * image.height > limit:
-        raise InvalidImageError(_bomb_message(
-            what, f"{image.width}x{image.height} = {image.width * image.height:,} pixels, limit {limit:,}"))
+        raise InvalidImageError(
+            _bomb_message(
+                what, f"{image.width}x{image.height} = {image.width * image.height:,} pixels, limit {limit:,}"
+            )
+        )
     try:
         image.load()
     except Exception as exc:  # PIL's decoders raise OSError, SyntaxError, ValueError, zlib.error...
-        raise InvalidImageError(f"{what} is truncated or corrupted ({type(exc).__name__}: {exc}); "
-                                f"re-export or re-download the image") from exc
+        raise InvalidImageError(
+            f"{what} is truncated or corrupted ({type(exc).__name__}: {exc}); re-export or re-download the image"
+        ) from exc
 
 
 def _bomb_message(what: str, detail: str) -> str:
-    return (f"{what} is too large ({detail}): PIL.Image.MAX_IMAGE_PIXELS guards against decompression "
-            f"bombs; use a smaller image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust this one")
+    return (
+        f"{what} is too large ({detail}): PIL.Image.MAX_IMAGE_PIXELS guards against decompression "
+        f"bombs; use a smaller image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust this one"
+    )
 
 
 def to_rgb(image: Image.Image, what: str = "the image") -> Image.Image:
@@ -359,8 +407,9 @@ def to_rgb(image: Image.Image, what: str = "the image") -> Image.Image:
             return Image.alpha_composite(white, rgba).convert("RGB")
         return image.convert("RGB")
     except ValueError as exc:
-        raise InvalidImageError(f"{what} has mode {image.mode}, which PIL cannot convert to RGB ({exc}); "
-                                f"convert it to RGB yourself first") from exc
+        raise InvalidImageError(
+            f"{what} has mode {image.mode}, which PIL cannot convert to RGB ({exc}); convert it to RGB yourself first"
+        ) from exc
 
 
 def _high_depth_gray_to_rgb(image: Image.Image) -> Image.Image:

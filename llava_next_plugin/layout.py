@@ -16,8 +16,8 @@ use); this module only turns them into rectangles on the best-resolution canvas:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from . import geometry
 
@@ -70,14 +70,17 @@ def anyres_layout(
 ) -> AnyresLayout:
     """The :class:`AnyresLayout` of a ``height x width`` image (arguments as :func:`geometry.image_geometry`)."""
     pinpoints = [tuple(p) for p in pinpoints]
-    geom = geometry.image_geometry(height, width, pinpoints, tile_size, patch_size, strategy,
-                                   num_additional_image_tokens)
+    geom = geometry.image_geometry(
+        height, width, pinpoints, tile_size, patch_size, strategy, num_additional_image_tokens
+    )
     canvas_h, canvas_w = geom.best_resolution
     new_h, new_w = geometry.resize_within(height, width, canvas_h, canvas_w)
     top, left = geometry.pad_offsets(new_h, new_w, canvas_h, canvas_w)
-    tiles = tuple(Box(col * tile_size, row * tile_size, (col + 1) * tile_size, (row + 1) * tile_size)
-                  for row in range(geom.grid_rows) for col in range(geom.grid_cols))
+    tiles = tuple(
+        Box(col * tile_size, row * tile_size, (col + 1) * tile_size, (row + 1) * tile_size)
+        for row in range(geom.grid_rows)
+        for col in range(geom.grid_cols)
+    )
     feature = tile_size // geom.side  # pixels per feature-map cell
-    kept = Box(geom.crop_left * feature, geom.crop_top * feature, geom.crop_right * feature,
-               geom.crop_bottom * feature)
+    kept = Box(geom.crop_left * feature, geom.crop_top * feature, geom.crop_right * feature, geom.crop_bottom * feature)
     return AnyresLayout(geom, tile_size, patch_size, Box(left, top, left + new_w, top + new_h), tiles, kept)

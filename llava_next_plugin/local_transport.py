@@ -20,8 +20,9 @@ leaving ``stream`` early drops the request from the engine's batch.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, AsyncGenerator, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from llava_next_sdk.errors import LlavaNextError, OverloadedError, ServerError
@@ -60,15 +61,24 @@ class LocalTransport:
         engine_options: ``device``, ``dtype``, ``max_batch_size``, ... for the shared engine.
     """
 
-    def __init__(self, model: str | None = None, *, engine: Engine | None = None, limits: Limits | None = None,
-                 allowed_url_domains: Any = None, retry_policy: RetryPolicy | None = None,
-                 **engine_options: Any) -> None:
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        engine: Engine | None = None,
+        limits: Limits | None = None,
+        allowed_url_domains: Any = None,
+        retry_policy: RetryPolicy | None = None,
+        **engine_options: Any,
+    ) -> None:
         if engine is None and not model:
             raise ValueError("LocalTransport needs a model path or hub id (or an engine)")
         unknown = sorted(set(engine_options) - set(ENGINE_OPTIONS))
         if unknown:
-            raise TypeError(f"unknown engine option(s) for a local model: {', '.join(unknown)}; "
-                            f"accepted: {', '.join(ENGINE_OPTIONS)}")
+            raise TypeError(
+                f"unknown engine option(s) for a local model: {', '.join(unknown)}; "
+                f"accepted: {', '.join(ENGINE_OPTIONS)}"
+            )
         limits = limits or Limits(allowed_url_domains=None)
         if allowed_url_domains is not None:
             limits = dataclasses.replace(limits, allowed_url_domains=_domains(allowed_url_domains))
@@ -155,8 +165,10 @@ def _domains(value: Any) -> tuple[str, ...]:
     """``allowed_url_domains=``: a host name or a list of them, lower-cased, without a trailing dot."""
     names = (value,) if isinstance(value, str) else value
     if not isinstance(names, (list, tuple, set, frozenset)) or not all(isinstance(n, str) and n for n in names):
-        raise TypeError(f"allowed_url_domains={value!r} must be a list of host names such as ['example.com'] "
-                        "(a domain allows its subdomains; [] allows none)")
+        raise TypeError(
+            f"allowed_url_domains={value!r} must be a list of host names such as ['example.com'] "
+            "(a domain allows its subdomains; [] allows none)"
+        )
     return tuple(n.lower().strip(".") for n in names)
 
 
@@ -169,10 +181,16 @@ def llava_next_sdk_transport(url: str, options: dict) -> LocalTransport | None:
     if unknown:
         server_only = sorted(set(unknown) & {"api_key", "timeout", "headers", "http_client"})
         hint = f" ({', '.join(server_only)}: options of a server client, with base_url=)" if server_only else ""
-        raise TypeError(f"unknown option(s) for a local model: {', '.join(unknown)}; accepted: "
-                        f"{', '.join(sorted(OPTIONS))}{hint}")
+        raise TypeError(
+            f"unknown option(s) for a local model: {', '.join(unknown)}; accepted: {', '.join(sorted(OPTIONS))}{hint}"
+        )
     engine_options = {k: options[k] for k in ENGINE_OPTIONS if options.get(k) is not None}
     retry_policy = RetryPolicy(**{k: options[k] for k in RETRY_OPTIONS if options.get(k) is not None})
-    return LocalTransport(url[len(LOCAL_SCHEME):], engine=options.get("engine"), limits=options.get("request_limits"),
-                          allowed_url_domains=options.get("allowed_url_domains"), retry_policy=retry_policy,
-                          **engine_options)
+    return LocalTransport(
+        url[len(LOCAL_SCHEME) :],
+        engine=options.get("engine"),
+        limits=options.get("request_limits"),
+        allowed_url_domains=options.get("allowed_url_domains"),
+        retry_policy=retry_policy,
+        **engine_options,
+    )

@@ -34,12 +34,11 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from llava_next_sdk.errors import BadRequestError
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-from llava_next_sdk.errors import BadRequestError
 
 from . import checkpoint_keys, geometry
 from ._compat import (
@@ -157,8 +156,11 @@ class LlavaNextPreTrainedModel(PreTrainedModel):
         except ImportError as exc:
             if not (isinstance(attn_implementation, str) and attn_implementation.startswith("flash_attention")):
                 raise
-            install = ("pip install 'llava-next-plugin[flash]' (flash-attn, for CUDA GPUs)"
-                       if attn_implementation == "flash_attention_2" else "install its flash-attn package")
+            install = (
+                "pip install 'llava-next-plugin[flash]' (flash-attn, for CUDA GPUs)"
+                if attn_implementation == "flash_attention_2"
+                else "install its flash-attn package"
+            )
             raise ImportError(
                 f"attn_implementation={attn_implementation!r} cannot be used here: {exc} To use it, "
                 f"{install}; or pass attn_implementation='sdpa' (the default, no extra package)."
@@ -284,7 +286,12 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                 geom = cfg.image_geometry(height, width)
             else:
                 geom = geometry.image_geometry(
-                    height, width, cfg.image_grid_pinpoints, cfg.tile_size, cfg.patch_size, strategy,
+                    height,
+                    width,
+                    cfg.image_grid_pinpoints,
+                    cfg.tile_size,
+                    cfg.patch_size,
+                    strategy,
                     cfg.num_additional_image_tokens,
                 )
             if len(self._geometry_cache) >= _GEOMETRY_CACHE_SIZE:
@@ -350,8 +357,9 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
             param="pixel_values",
         )
 
-    def _tile_features(self, tiles: torch.Tensor, feature_layer, strategy: str, output_hidden_states=None,
-                       output_attentions=None):
+    def _tile_features(
+        self, tiles: torch.Tensor, feature_layer, strategy: str, output_hidden_states=None, output_attentions=None
+    ):
         """``(projected features [T, positions, text_hidden], the vision tower's outputs)``.
 
         The tower records only the selected layers unless ``output_hidden_states`` asks for all of them.
@@ -360,7 +368,9 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         tower_dtype = self.vision_tower.dtype
         tower_kwargs = {"output_attentions": output_attentions} if output_attentions else {}
         out = self.vision_tower(
-            tiles.to(tower_dtype), output_hidden_states=True if output_hidden_states else layers, return_dict=True,
+            tiles.to(tower_dtype),
+            output_hidden_states=True if output_hidden_states else layers,
+            return_dict=True,
             **tower_kwargs,
         )
         if isinstance(layers, list):
@@ -371,9 +381,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
             selected = selected[:, 1:]
         return self.multi_modal_projector(selected), out
 
-    def pack_image_features(
-        self, tile_features: torch.Tensor, geoms: list[geometry.ImageGeometry]
-    ) -> torch.Tensor:
+    def pack_image_features(self, tile_features: torch.Tensor, geoms: list[geometry.ImageGeometry]) -> torch.Tensor:
         """All images' packed features ``[sum(num_tokens), text_hidden]`` from ``[T, F, text_hidden]``.
 
         One gather over the whole batch, in the order of :func:`packing_order`.
@@ -449,8 +457,12 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         packed, geoms, tower = self._image_features(
-            pixel_values, image_sizes, layer, strategy,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            pixel_values,
+            image_sizes,
+            layer,
+            strategy,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
         result = BaseModelOutputWithPooling(
             last_hidden_state=tower.last_hidden_state,
@@ -473,9 +485,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
 
     def _check_counts(self, token_mask: torch.Tensor, geoms: list[geometry.ImageGeometry]) -> None:
         """Raise a clear error unless each sample's ``<image>`` tokens match its images' features."""
-        self._check_feature_counts(
-            token_mask, [g.num_tokens for g in geoms], [f"{g.height}x{g.width}" for g in geoms]
-        )
+        self._check_feature_counts(token_mask, [g.num_tokens for g in geoms], [f"{g.height}x{g.width}" for g in geoms])
 
     @staticmethod
     def _check_feature_counts(token_mask: torch.Tensor, features: list[int], labels: list[str]) -> None:
@@ -490,9 +500,9 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                 n_features += features[image]
                 image += 1
             if n_features != n_tokens:
-                described = ", ".join(
-                    f"image {i} {labels[i]} -> {features[i]}" for i in range(first, image)
-                ) or "no image left"
+                described = (
+                    ", ".join(f"image {i} {labels[i]} -> {features[i]}" for i in range(first, image)) or "no image left"
+                )
                 raise BadRequestError(
                     f"sample {sample} has {n_tokens} <image> tokens but its images give {n_features} features "
                     f"({described}). The prompt's <image> expansion does not match the model: probably the "
@@ -647,8 +657,9 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
-    def get_image_features(self, pixel_values, image_sizes, vision_feature_layer=None,
-                           vision_feature_select_strategy=None, **kwargs) -> BaseModelOutputWithPooling:
+    def get_image_features(
+        self, pixel_values, image_sizes, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs
+    ) -> BaseModelOutputWithPooling:
         """See :meth:`LlavaNextModel.get_image_features`."""
         return self.model.get_image_features(
             pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy, **kwargs

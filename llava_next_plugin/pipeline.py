@@ -28,13 +28,13 @@ The answer holds only the generated text, never the prompt.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-from transformers import Pipeline
-
 from llava_next_sdk.errors import BadRequestError
+from transformers import Pipeline
 
 __all__ = ["LlavaNextImageToTextPipeline", "DEFAULT_PROMPT", "DEFAULT_MAX_NEW_TOKENS"]
 
@@ -103,8 +103,14 @@ class LlavaNextImageToTextPipeline(Pipeline):
     _load_feature_extractor = False
     _load_tokenizer = False
 
-    def __init__(self, *args: Any, timeout: float | None = None, prompt_family: str | None = None,
-                 default_prompt: str = DEFAULT_PROMPT, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        timeout: float | None = None,
+        prompt_family: str | None = None,
+        default_prompt: str = DEFAULT_PROMPT,
+        **kwargs: Any,
+    ) -> None:
         self.timeout = DEFAULT_IMAGE_TIMEOUT if timeout is None else float(timeout)
         self.prompt_family = prompt_family
         self.default_prompt = default_prompt
@@ -131,8 +137,9 @@ class LlavaNextImageToTextPipeline(Pipeline):
                 images.append(self._load_image(source, index=len(images), timeout=timeout))
             prompts.append(self._format(request))
         # Left padding: generation continues every row from its last column.
-        return self.processor(images=images or None, text=prompts, padding=True, padding_side="left",
-                              return_tensors="pt")
+        return self.processor(
+            images=images or None, text=prompts, padding=True, padding_side="left", return_tensors="pt"
+        )
 
     def _forward(self, model_inputs, **generate_kwargs):
         """``model.generate`` on one padded batch; returns only the new tokens, ``[batch, new]``."""
@@ -156,9 +163,18 @@ class LlavaNextImageToTextPipeline(Pipeline):
         return [[{"generated_text": text.strip()}] for text in texts]
 
     # --- the call ---------------------------------------------------------------------------
-    def __call__(self, inputs: Any = None, prompt: Any = None, *, images: Any = None, text: Any = None,
-                 batch_size: int | None = None, timeout: float | None = None, num_workers: int | None = None,
-                 **kwargs: Any):
+    def __call__(
+        self,
+        inputs: Any = None,
+        prompt: Any = None,
+        *,
+        images: Any = None,
+        text: Any = None,
+        batch_size: int | None = None,
+        timeout: float | None = None,
+        num_workers: int | None = None,
+        **kwargs: Any,
+    ):
         """Generate an answer for each request (see the module docstring for the accepted shapes).
 
         Returns ``[{"generated_text": str}]`` for one request, a list of those for a batch.
@@ -178,7 +194,7 @@ class LlavaNextImageToTextPipeline(Pipeline):
         forward_params = {**self._forward_params, **forward_params}
         results = []
         for start in range(0, len(requests), batch_size):
-            model_inputs = self.preprocess(requests[start:start + batch_size], timeout=timeout)
+            model_inputs = self.preprocess(requests[start : start + batch_size], timeout=timeout)
             results.extend(self.postprocess(self.forward(model_inputs, **forward_params)))
         return results[0] if single else results
 
@@ -188,8 +204,10 @@ class LlavaNextImageToTextPipeline(Pipeline):
             return [self._chat_request(inputs, images)], True
         if isinstance(inputs, (list, tuple)) and inputs and all(_is_conversation(c) for c in inputs):
             if images is not None:
-                raise BadRequestError("images= cannot be combined with a batch of conversations: put each "
-                                      "image in its conversation's content")
+                raise BadRequestError(
+                    "images= cannot be combined with a batch of conversations: put each "
+                    "image in its conversation's content"
+                )
             return [self._chat_request(c, None) for c in inputs], False
         if _is_conversation(prompt):
             return [self._chat_request(prompt, _as_list(inputs))], True
@@ -198,19 +216,26 @@ class LlavaNextImageToTextPipeline(Pipeline):
 
         if not isinstance(inputs, (list, tuple)):
             if isinstance(prompt, (list, tuple)):
-                raise BadRequestError(f"{len(prompt)} prompts were given for one image: give one prompt, "
-                                      "or a list of images as long as the list of prompts")
+                raise BadRequestError(
+                    f"{len(prompt)} prompts were given for one image: give one prompt, "
+                    "or a list of images as long as the list of prompts"
+                )
             return [_Request([inputs], prompt)], True
         items = list(inputs)
         if not items:
             raise BadRequestError("the list of images is empty")
-        if isinstance(prompt, str) and len(items) > 1 and prompt.count(IMAGE_PLACEHOLDER) == len(items) \
-                and not any(isinstance(item, (list, tuple)) for item in items):
+        if (
+            isinstance(prompt, str)
+            and len(items) > 1
+            and prompt.count(IMAGE_PLACEHOLDER) == len(items)
+            and not any(isinstance(item, (list, tuple)) for item in items)
+        ):
             return [_Request(items, prompt)], True  # one multi-image prompt
         prompts = _as_list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(items)
         if len(prompts) != len(items):
-            raise BadRequestError(f"{len(items)} images but {len(prompts)} prompts: give one prompt for all, "
-                                  "or exactly one per image")
+            raise BadRequestError(
+                f"{len(items)} images but {len(prompts)} prompts: give one prompt for all, or exactly one per image"
+            )
         return [_Request(_as_list(item), p) for item, p in zip(items, prompts)], False
 
     def _chat_request(self, messages: Sequence[dict], images: Any) -> _Request:
@@ -241,8 +266,10 @@ class LlavaNextImageToTextPipeline(Pipeline):
                     raise BadRequestError(f"unsupported content part type {part.get('type')!r}: use 'image' or 'text'")
             cleaned.append({"role": message["role"], "content": parts})
         if spare:
-            raise BadRequestError(f"{len(spare)} image(s) given but the messages have no image part for them: "
-                                  "add a {'type': 'image'} part per image")
+            raise BadRequestError(
+                f"{len(spare)} image(s) given but the messages have no image part for them: "
+                "add a {'type': 'image'} part per image"
+            )
         return _Request(found, None, cleaned)
 
     # --- images and prompts -------------------------------------------------------------------
@@ -256,8 +283,13 @@ class LlavaNextImageToTextPipeline(Pipeline):
         from .prompts import build_prompt
 
         if request.messages is not None:
-            return build_prompt(request.messages, self.processor, self.model.config, family=self.prompt_family,
-                                num_images=len(request.images))
+            return build_prompt(
+                request.messages,
+                self.processor,
+                self.model.config,
+                family=self.prompt_family,
+                num_images=len(request.images),
+            )
         text = self.default_prompt if request.prompt is None else request.prompt
         if not isinstance(text, str):
             raise BadRequestError(f"the prompt must be a string or chat messages, got {type(text).__name__}")
@@ -267,6 +299,6 @@ class LlavaNextImageToTextPipeline(Pipeline):
                 f"the prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(request.images)} "
                 f"image(s) were given: give one image per placeholder, or remove the extra placeholders"
             )
-        return build_prompt(text, self.processor, self.model.config, family=self.prompt_family,
-                            num_images=len(request.images))
-
+        return build_prompt(
+            text, self.processor, self.model.config, family=self.prompt_family, num_images=len(request.images)
+        )

@@ -26,11 +26,10 @@ import os
 import re
 from typing import Any
 
+from llava_next_sdk.errors import BadRequestError, InvalidImageError
 from transformers import AutoTokenizer, BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, cached_file
-
-from llava_next_sdk.errors import BadRequestError, InvalidImageError
 
 from . import geometry
 
@@ -143,8 +142,7 @@ def _load_image_sources(images: list) -> list:
     from .images import load_image
 
     return [
-        load_image(image, index) if isinstance(image, _ENCODED_SOURCES) else image
-        for index, image in enumerate(images)
+        load_image(image, index) if isinstance(image, _ENCODED_SOURCES) else image for index, image in enumerate(images)
     ]
 
 

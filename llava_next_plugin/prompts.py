@@ -26,15 +26,18 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-from llava_next_plugin.hooks import get_plugin_manager, hookimpl
 from llava_next_sdk.errors import BadRequestError
+
+from llava_next_plugin.hooks import get_plugin_manager, hookimpl
 
 __all__ = ["FAMILIES", "FAMILY_TEMPLATES", "IMAGE_PLACEHOLDER", "build_prompt", "detect_family", "text_model_type"]
 
 IMAGE_PLACEHOLDER = "<image>"
 
-VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
 
 # How every family renders one message's content: its images first, one placeholder line each, then its
 # texts joined by newlines (the layout LLaVA was trained on). Content is a list of {"type": ...} parts.
@@ -53,28 +56,34 @@ _SPLIT_SYSTEM = (
 _UNKNOWN_ROLE = "{% else %}{{ raise_exception('unsupported message role: ' + message['role']) }}{% endif %}"
 
 FAMILY_TEMPLATES: dict[str, str] = {
-    "mistral": _CONTENT + _SPLIT_SYSTEM + (
+    "mistral": _CONTENT
+    + _SPLIT_SYSTEM
+    + (
         "{% for message in turns %}"
         "{% if message['role'] == 'user' %}[INST] "
         "{% if loop.first and system %}{{ system + '\\n\\n' }}{% endif %}{{ content(message) }} [/INST]"
-        "{% elif message['role'] == 'assistant' %} {{ content(message) }}</s>"
-        + _UNKNOWN_ROLE + "{% endfor %}"
+        "{% elif message['role'] == 'assistant' %} {{ content(message) }}</s>" + _UNKNOWN_ROLE + "{% endfor %}"
     ),
-    "vicuna": _CONTENT + _SPLIT_SYSTEM + (
+    "vicuna": _CONTENT
+    + _SPLIT_SYSTEM
+    + (
         "{{ (system or '" + VICUNA_SYSTEM.replace("'", "\\'") + "') + ' ' }}"
         "{% for message in turns %}"
         "{% if message['role'] == 'user' %}USER: {{ content(message) }} "
         "{% elif message['role'] == 'assistant' %}ASSISTANT: {{ content(message) }}</s>"
-        + _UNKNOWN_ROLE + "{% endfor %}"
+        + _UNKNOWN_ROLE
+        + "{% endfor %}"
         "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
     ),
-    "llama3": _CONTENT + (
+    "llama3": _CONTENT
+    + (
         "{% for message in messages %}"
         "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + content(message) + '<|eot_id|>' }}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
     ),
-    "chatml": _CONTENT + (
+    "chatml": _CONTENT
+    + (
         "{% for message in messages %}"
         "{{ '<|im_start|>' + message['role'] + '\\n' + content(message) + '<|im_end|>\\n' }}"
         "{% endfor %}"
@@ -129,8 +138,14 @@ def _has_token(tokenizer: Any, token: str) -> bool:
     return token_id is not None and token_id != getattr(tokenizer, "unk_token_id", None)
 
 
-def build_prompt(prompt_or_messages: str | list, tokenizer: Any = None, config: Any = None, *,
-                 family: str | None = None, num_images: int | None = None) -> str:
+def build_prompt(
+    prompt_or_messages: str | list,
+    tokenizer: Any = None,
+    config: Any = None,
+    *,
+    family: str | None = None,
+    num_images: int | None = None,
+) -> str:
     """The text to hand the processor: the prompt in the checkpoint's chat format, ending where the
     assistant's answer starts, with one ``<image>`` placeholder per image.
 
@@ -152,9 +167,11 @@ def build_prompt(prompt_or_messages: str | list, tokenizer: Any = None, config: 
     if isinstance(prompt_or_messages, str) and _is_formatted(prompt_or_messages):
         found = prompt_or_messages.count(IMAGE_PLACEHOLDER)
         if found != wanted:
-            raise BadRequestError(f"the prompt is already in a chat format and has {found} {IMAGE_PLACEHOLDER} "
-                                  f"placeholder(s) for {wanted} image(s); put one {IMAGE_PLACEHOLDER} where "
-                                  f"each image goes, or pass the plain question and let it be formatted")
+            raise BadRequestError(
+                f"the prompt is already in a chat format and has {found} {IMAGE_PLACEHOLDER} "
+                f"placeholder(s) for {wanted} image(s); put one {IMAGE_PLACEHOLDER} where "
+                f"each image goes, or pass the plain question and let it be formatted"
+            )
         return prompt_or_messages
     messages = _to_messages(prompt_or_messages)
     _fit_placeholders(messages, wanted, strict=num_images is not None)
@@ -178,19 +195,22 @@ def _family_template(family: str | None, tokenizer: Any, config: Any) -> str:
         name = _FAMILY_ALIASES.get(family.strip().lower(), family.strip().lower())
     else:
         name = detect_family(tokenizer, config)
-    template = get_plugin_manager().hook.llava_next_prompt_format(family=name, model_type=model_type,
-                                                                    tokenizer=tokenizer)
+    template = get_plugin_manager().hook.llava_next_prompt_format(
+        family=name, model_type=model_type, tokenizer=tokenizer
+    )
     if template is not None:
         return template
     accepted = ", ".join(FAMILIES)
     if family is not None:
-        raise BadRequestError(f"unknown prompt family {family!r}; accepted: {accepted} (or one a plugin adds)",
-                              param="family")
+        raise BadRequestError(
+            f"unknown prompt family {family!r}; accepted: {accepted} (or one a plugin adds)", param="family"
+        )
     raise BadRequestError(
         f"cannot tell this checkpoint's prompt format: it has no chat template, and its text model type "
         f"{model_type or '(none)'!r} and tokenizer match no known family; pass family= one of {accepted} "
         f"(the pipeline's prompt_family=, the command line's --prompt-format)",
-        param="family")
+        param="family",
+    )
 
 
 def _to_messages(prompt_or_messages: Any) -> list[dict]:
@@ -200,22 +220,28 @@ def _to_messages(prompt_or_messages: Any) -> list[dict]:
     if isinstance(prompt_or_messages, Mapping):
         prompt_or_messages = [prompt_or_messages]
     if not isinstance(prompt_or_messages, (list, tuple)) or not prompt_or_messages:
-        raise BadRequestError(f"the prompt must be a string or a non-empty list of chat messages "
-                              f"{{'role': ..., 'content': ...}}, not {type(prompt_or_messages).__name__}",
-                              param="prompt")
+        raise BadRequestError(
+            f"the prompt must be a string or a non-empty list of chat messages "
+            f"{{'role': ..., 'content': ...}}, not {type(prompt_or_messages).__name__}",
+            param="prompt",
+        )
     messages = []
     for i, message in enumerate(prompt_or_messages):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) or "content" not in message:
-            raise BadRequestError(f"message {i} must be a dict with a 'role' string and a 'content'; "
-                                  f"got {message!r:.100}", param="messages")
+            raise BadRequestError(
+                f"message {i} must be a dict with a 'role' string and a 'content'; got {message!r:.100}",
+                param="messages",
+            )
         content = message["content"]
         if content is None or isinstance(content, str):
             parts = [{"type": "text", "text": content or ""}]
         elif isinstance(content, (list, tuple)):
             parts = [_to_part(part, i) for part in content]
         else:
-            raise BadRequestError(f"message {i}: 'content' must be a string or a list of parts, "
-                                  f"not {type(content).__name__}", param="messages")
+            raise BadRequestError(
+                f"message {i}: 'content' must be a string or a list of parts, not {type(content).__name__}",
+                param="messages",
+            )
         messages.append({"role": message["role"], "content": parts})
     return messages
 
@@ -226,23 +252,31 @@ def _to_part(part: Any, message_index: int) -> dict:
         return {"type": "image"}
     if kind == "text" and isinstance(part.get("text"), str):
         return {"type": "text", "text": part["text"]}
-    raise BadRequestError(f"message {message_index}: unsupported content part {part!r:.100}; use "
-                          f"{{'type': 'text', 'text': str}} or {{'type': 'image'}} (or 'image_url')",
-                          param="messages")
+    raise BadRequestError(
+        f"message {message_index}: unsupported content part {part!r:.100}; use "
+        f"{{'type': 'text', 'text': str}} or {{'type': 'image'}} (or 'image_url')",
+        param="messages",
+    )
 
 
 def _fit_placeholders(messages: list[dict], wanted: int, *, strict: bool) -> None:
     """Add *wanted* image parts to the first user message when the prompt has no placeholder at all."""
-    found = sum(1 if part["type"] == "image" else part["text"].count(IMAGE_PLACEHOLDER)
-                for message in messages for part in message["content"])
+    found = sum(
+        1 if part["type"] == "image" else part["text"].count(IMAGE_PLACEHOLDER)
+        for message in messages
+        for part in message["content"]
+    )
     if found == 0 and wanted > 0:
         user = next((m for m in messages if m["role"] == "user"), None)
         if user is None:
             raise BadRequestError("the messages have no user message to attach the image to", param="messages")
         user["content"] = [{"type": "image"} for _ in range(wanted)] + user["content"]
     elif strict and found != wanted:
-        raise BadRequestError(f"the prompt has {found} {IMAGE_PLACEHOLDER} placeholder(s) for {wanted} image(s); "
-                              f"use one per image, or none to have them added", param="prompt")
+        raise BadRequestError(
+            f"the prompt has {found} {IMAGE_PLACEHOLDER} placeholder(s) for {wanted} image(s); "
+            f"use one per image, or none to have them added",
+            param="prompt",
+        )
 
 
 def _render(template: str, messages: list[dict], tokenizer: Any) -> str:
@@ -250,8 +284,9 @@ def _render(template: str, messages: list[dict], tokenizer: Any) -> str:
 
     try:
         if tokenizer is not None and hasattr(tokenizer, "apply_chat_template"):
-            return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                                 add_generation_prompt=True)
+            return tokenizer.apply_chat_template(
+                messages, chat_template=template, tokenize=False, add_generation_prompt=True
+            )
         return _compile(template).render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
     except TemplateError as exc:  # raise_exception() in a template, or a template that does not fit the messages
         raise BadRequestError(f"the chat template refused these messages: {exc}", param="messages") from exc

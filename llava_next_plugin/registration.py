@@ -45,7 +45,8 @@ import contextlib
 import importlib
 import json
 import os
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 __all__ = ["register", "unregister", "is_registered", "use_transformers_builtins", "MODEL_TYPE"]
 
@@ -334,6 +335,7 @@ _INSTALLERS: list[Callable[[], Callable[[], None]]] = [
     _install_image_processor,
 ]
 
+
 # === pipeline routing: the pipeline engineer appends its installer below =========================
 # Patch 3: transformers 5 rewrites the task "image-to-text" to "image-text-to-text" before any registry
 # is consulted (pipelines._resolve_deprecated_task, whose warning is itself a logging error). The
@@ -346,8 +348,9 @@ def _model_type_of(model: Any, config: Any = None, hub_kwargs: dict | None = Non
     """The model type a checkpoint name/folder, config or loaded model is, or None when it can't be told."""
     for candidate in (config, model):
         if candidate is not None and not isinstance(candidate, (str, os.PathLike)):
-            found = getattr(candidate, "model_type", None) or getattr(getattr(candidate, "config", None),
-                                                                    "model_type", None)
+            found = getattr(candidate, "model_type", None) or getattr(
+                getattr(candidate, "config", None), "model_type", None
+            )
             if found:
                 return found
     source = config if isinstance(config, (str, os.PathLike)) else model

@@ -25,49 +25,108 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     from .validation import Limits
 
     defaults = Limits()
-    parser.add_argument("--model", default=None, help="checkpoint folder or hub id (default: $LLAVA_NEXT_MODEL, "
-                        "else llava-hf/llava-v1.6-mistral-7b-hf, as for ask)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint folder or hub id (default: $LLAVA_NEXT_MODEL, "
+        "else llava-hf/llava-v1.6-mistral-7b-hf, as for ask)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
-    parser.add_argument("--served-model-name", default=None,
-                        help="model id reported to clients and the only one requests may name (default: the hub "
-                             "id, or the checkpoint folder's name)")
-    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
-                        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV})")
-    parser.add_argument("--allow-url-domain", action="append", default=[], metavar="DOMAIN",
-                        help="fetch http(s) image URLs from DOMAIN and its subdomains (repeatable; default: none, "
-                             "only data: URLs)")
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model id reported to clients and the only one requests may name (default: the hub "
+        "id, or the checkpoint folder's name)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--allow-url-domain",
+        action="append",
+        default=[],
+        metavar="DOMAIN",
+        help="fetch http(s) image URLs from DOMAIN and its subdomains (repeatable; default: none, only data: URLs)",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: the checkpoint's)")
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; then 429")
-    parser.add_argument("--max-model-len", type=int, default=None,
-                        help="prompt + completion tokens at most; sizes the KV slots with --max-batch-size "
-                             "(default: the model's context, lowered to fit 40%% of free GPU memory)")
-    parser.add_argument("--prefill-chunk", type=int, default=512,
-                        help="prompt tokens prefilled between two decode steps (running streams keep flowing)")
-    parser.add_argument("--no-compile", action="store_true",
-                        help="do not torch.compile the decode step (compiled by default on CUDA, warm-up logged)")
-    parser.add_argument("--max-images-per-request", type=int, default=defaults.max_images_per_request,
-                        help="images in one request at most; then 400")
-    parser.add_argument("--max-image-pixels", type=int, default=defaults.max_image_pixels,
-                        help="width x height of one image at most (400 beyond)")
-    parser.add_argument("--max-request-pixels", type=int, default=defaults.max_request_pixels,
-                        help="pixels of a request's images together at most (413 beyond)")
-    parser.add_argument("--max-pixels-in-flight", type=int, default=defaults.max_pixels_in_flight,
-                        help="image pixels decoded at once across requests (429 beyond)")
-    parser.add_argument("--max-image-bytes", type=int, default=defaults.max_image_bytes,
-                        help="encoded size of one image, and of one image download, at most")
-    parser.add_argument("--url-timeout", type=float, default=defaults.url_timeout,
-                        help="seconds for one image URL download, overall")
-    parser.add_argument("--max-stop-chars", type=int, default=defaults.max_stop_chars,
-                        help="characters of one stop string at most")
-    parser.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes,
-                        help="size of a request body at most (413 beyond)")
-    parser.add_argument("--drain-timeout", type=float, default=30.0,
-                        help="seconds in-flight requests may take to finish after SIGTERM; then they are cut")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                        help="server log level")
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="prompt + completion tokens at most; sizes the KV slots with --max-batch-size "
+        "(default: the model's context, lowered to fit 40%% of free GPU memory)",
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=512,
+        help="prompt tokens prefilled between two decode steps (running streams keep flowing)",
+    )
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="do not torch.compile the decode step (compiled by default on CUDA, warm-up logged)",
+    )
+    parser.add_argument(
+        "--max-images-per-request",
+        type=int,
+        default=defaults.max_images_per_request,
+        help="images in one request at most; then 400",
+    )
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=defaults.max_image_pixels,
+        help="width x height of one image at most (400 beyond)",
+    )
+    parser.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=defaults.max_request_pixels,
+        help="pixels of a request's images together at most (413 beyond)",
+    )
+    parser.add_argument(
+        "--max-pixels-in-flight",
+        type=int,
+        default=defaults.max_pixels_in_flight,
+        help="image pixels decoded at once across requests (429 beyond)",
+    )
+    parser.add_argument(
+        "--max-image-bytes",
+        type=int,
+        default=defaults.max_image_bytes,
+        help="encoded size of one image, and of one image download, at most",
+    )
+    parser.add_argument(
+        "--url-timeout", type=float, default=defaults.url_timeout, help="seconds for one image URL download, overall"
+    )
+    parser.add_argument(
+        "--max-stop-chars", type=int, default=defaults.max_stop_chars, help="characters of one stop string at most"
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=defaults.max_body_bytes,
+        help="size of a request body at most (413 beyond)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests may take to finish after SIGTERM; then they are cut",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="server log level",
+    )
     from .distributed import add_serve_options  # parsing the Ray options needs no Ray
 
     add_serve_options(parser)
@@ -77,9 +136,11 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``serve`` subcommand to an ``argparse`` subparsers object (:func:`run_serve` runs it)."""
     parser = subparsers.add_parser(
-        "serve", help="serve a model over the OpenAI Chat Completions API",
+        "serve",
+        help="serve a model over the OpenAI Chat Completions API",
         description="Serve a LLaVA-NeXT checkpoint over an OpenAI-compatible HTTP API "
-                    "(POST /v1/chat/completions, GET /v1/models, /health, /metrics).")
+        "(POST /v1/chat/completions, GET /v1/models, /health, /metrics).",
+    )
     return _configure(parser)
 
 
@@ -95,18 +156,31 @@ def run_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     dtype = None if args.dtype in (None, "auto") else args.dtype
-    engine = Engine.from_pretrained(args.model, device=args.device, dtype=dtype,  # None: the engine's default
-                                    max_batch_size=args.max_batch_size, max_queue=args.max_queue,
-                                    max_context=args.max_model_len, prefill_chunk=args.prefill_chunk,
-                                    compile=False if args.no_compile else None,
-                                    model_name=args.served_model_name or default_served_name(args.model))
-    limits = Limits(max_images_per_request=args.max_images_per_request, max_image_pixels=args.max_image_pixels,
-                    max_request_pixels=args.max_request_pixels, max_pixels_in_flight=args.max_pixels_in_flight,
-                    max_image_bytes=args.max_image_bytes, url_timeout=args.url_timeout,
-                    max_stop_chars=args.max_stop_chars, max_body_bytes=args.max_body_bytes,
-                    allowed_url_domains=tuple(d.lower().strip(".") for d in args.allow_url_domain))
-    app = create_app(engine, limits=limits, api_key=args.api_key, drain_timeout=args.drain_timeout,
-                     model_aliases=(args.model,))  # the name a client that started us knows
+    engine = Engine.from_pretrained(
+        args.model,
+        device=args.device,
+        dtype=dtype,  # None: the engine's default
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_context=args.max_model_len,
+        prefill_chunk=args.prefill_chunk,
+        compile=False if args.no_compile else None,
+        model_name=args.served_model_name or default_served_name(args.model),
+    )
+    limits = Limits(
+        max_images_per_request=args.max_images_per_request,
+        max_image_pixels=args.max_image_pixels,
+        max_request_pixels=args.max_request_pixels,
+        max_pixels_in_flight=args.max_pixels_in_flight,
+        max_image_bytes=args.max_image_bytes,
+        url_timeout=args.url_timeout,
+        max_stop_chars=args.max_stop_chars,
+        max_body_bytes=args.max_body_bytes,
+        allowed_url_domains=tuple(d.lower().strip(".") for d in args.allow_url_domain),
+    )
+    app = create_app(
+        engine, limits=limits, api_key=args.api_key, drain_timeout=args.drain_timeout, model_aliases=(args.model,)
+    )  # the name a client that started us knows
     run_server(app, host=args.host, port=args.port, log_level=args.log_level, drain_timeout=args.drain_timeout)
     return 0
 

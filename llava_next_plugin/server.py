@@ -38,14 +38,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response, StreamingResponse
-from starlette.routing import Route
-
 from llava_next_sdk import wire
 from llava_next_sdk.errors import (
     AuthenticationError,
@@ -57,6 +49,13 @@ from llava_next_sdk.errors import (
     RequestCancelledError,
     ServerError,
 )
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
 
 from .engine import Engine, EngineResult, RequestHandle
 from .validation import Limits, PixelBudget, prepare_request
@@ -82,6 +81,7 @@ def default_served_name(model: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- metrics
 
+
 class _EngineCollector:
     """The engine's counters and gauges, read (a consistent copy) whenever ``/metrics`` is scraped."""
 
@@ -95,17 +95,23 @@ class _EngineCollector:
         stats = self.engine.stats_snapshot()
         outcomes = CounterMetricFamily("llava_next_generations", "Engine requests by outcome.", labels=["outcome"])
         for key in sorted(k for k in stats if k.startswith("requests_")):
-            outcomes.add_metric([key[len("requests_"):]], stats[key])
+            outcomes.add_metric([key[len("requests_") :]], stats[key])
         yield outcomes
-        for name, key, what in (("prompt_tokens", "prompt_tokens", "Prompt tokens processed (images included)."),
-                                ("completion_tokens", "completion_tokens", "Tokens generated."),
-                                ("image_tokens", "image_tokens", "Prompt tokens that stand for images.")):
+        for name, key, what in (
+            ("prompt_tokens", "prompt_tokens", "Prompt tokens processed (images included)."),
+            ("completion_tokens", "completion_tokens", "Tokens generated."),
+            ("image_tokens", "image_tokens", "Prompt tokens that stand for images."),
+        ):
             yield CounterMetricFamily(f"llava_next_{name}", what, value=stats.get(key, 0))
-        yield GaugeMetricFamily("llava_next_queue_depth", "Requests waiting to join the batch.",
-                                value=self.engine.queue_depth)
+        yield GaugeMetricFamily(
+            "llava_next_queue_depth", "Requests waiting to join the batch.", value=self.engine.queue_depth
+        )
         yield GaugeMetricFamily("llava_next_batch_size", "Requests decoding now.", value=self.engine.batch_size)
-        yield GaugeMetricFamily("llava_next_image_pixels_in_flight", "Image pixels being decoded and preprocessed.",
-                                value=self.budget.in_use)
+        yield GaugeMetricFamily(
+            "llava_next_image_pixels_in_flight",
+            "Image pixels being decoded and preprocessed.",
+            value=self.budget.in_use,
+        )
 
 
 class Metrics:
@@ -119,15 +125,27 @@ class Metrics:
     def __init__(self, engine: Engine, budget: PixelBudget, route_paths: tuple[str, ...] = ()) -> None:
         self.registry = CollectorRegistry()
         self.route_paths = frozenset(route_paths)
-        self.requests = Counter("llava_next_http_requests", "HTTP requests by path and status.", ["path", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("llava_next_request_duration_seconds",
-                                 "Chat completion latency, request to last token.", buckets=LATENCY_BUCKETS,
-                                 registry=self.registry)
-        self.first_token = Histogram("llava_next_time_to_first_token_seconds", "Request to first generated token.",
-                                     buckets=LATENCY_BUCKETS, registry=self.registry)
-        self.queue_wait = Histogram("llava_next_queue_wait_seconds", "Time a request waited to join the batch.",
-                                    buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter(
+            "llava_next_http_requests", "HTTP requests by path and status.", ["path", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "llava_next_request_duration_seconds",
+            "Chat completion latency, request to last token.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.first_token = Histogram(
+            "llava_next_time_to_first_token_seconds",
+            "Request to first generated token.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "llava_next_queue_wait_seconds",
+            "Time a request waited to join the batch.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_EngineCollector(engine, budget))
 
     def count_request(self, path: str, status: int) -> None:
@@ -144,10 +162,15 @@ class Metrics:
 
 # ---------------------------------------------------------------------------------------------- errors
 
+
 def _json_response(body: Any, status: int = 200, headers: dict | None = None) -> Response:
     # ASCII-escaped: a client's lone surrogate, quoted back in an error, cannot break the encoding
-    return Response(json.dumps(body, ensure_ascii=True, separators=(",", ":")), status_code=status,
-                    headers=headers, media_type="application/json")
+    return Response(
+        json.dumps(body, ensure_ascii=True, separators=(",", ":")),
+        status_code=status,
+        headers=headers,
+        media_type="application/json",
+    )
 
 
 def error_response(error: LlavaNextError) -> Response:
@@ -165,8 +188,11 @@ def _internal(request_id: str) -> ServerError:
 
 
 def _shutting_down() -> OverloadedError:
-    return OverloadedError("server shutting down; retry shortly (another instance may answer)", status=503,
-                           retry_after=SHUTDOWN_RETRY_AFTER)
+    return OverloadedError(
+        "server shutting down; retry shortly (another instance may answer)",
+        status=503,
+        retry_after=SHUTDOWN_RETRY_AFTER,
+    )
 
 
 def _request_id(scope: dict) -> str:
@@ -208,8 +234,10 @@ class _Front:
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
                 status[0], started[0] = message["status"], True
-                message = {**message, "headers": list(message.get("headers", [])) +
-                           [(b"x-request-id", request_id.encode("latin-1"))]}
+                message = {
+                    **message,
+                    "headers": list(message.get("headers", [])) + [(b"x-request-id", request_id.encode("latin-1"))],
+                }
             await send(message)
 
         try:
@@ -234,8 +262,11 @@ class _Front:
 
 async def _read_json(request: Request, max_bytes: int) -> Any:
     declared = request.headers.get("content-length")
-    too_big = BadRequestError(f"the request body is larger than {max_bytes} bytes (--max-body-bytes); send fewer "
-                              "or smaller images", status=413, param=None)
+    too_big = BadRequestError(
+        f"the request body is larger than {max_bytes} bytes (--max-body-bytes); send fewer or smaller images",
+        status=413,
+        param=None,
+    )
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise too_big
     chunks, size = [], 0
@@ -250,8 +281,9 @@ async def _read_json(request: Request, max_bytes: int) -> Any:
             return await anyio.to_thread.run_sync(json.loads, body)
         return json.loads(body)
     except RecursionError:
-        raise BadRequestError("the request body nests JSON too deeply; a chat request needs a few levels",
-                              param=None) from None
+        raise BadRequestError(
+            "the request body nests JSON too deeply; a chat request needs a few levels", param=None
+        ) from None
     except ValueError as exc:  # UnicodeDecodeError included
         raise BadRequestError(f"the request body is not valid JSON ({_first_line(exc)})", param=None) from None
 
@@ -261,6 +293,7 @@ def _first_line(exc: Exception) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- drain
+
 
 class _Drain:
     """The chat requests in flight, and the drain at shutdown: refuse new work, wait for the rest, then cut
@@ -340,9 +373,18 @@ class _StreamThenLeave(StreamingResponse):
 
 # ---------------------------------------------------------------------------------------------- the app
 
-def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | None = None,
-               model_name: str | None = None, drain_timeout: float = 30.0,
-               shutdown_engine: bool = True, max_preparing: int = 4, model_aliases: tuple[str, ...] = ()) -> Starlette:
+
+def create_app(
+    engine: Engine,
+    *,
+    limits: Limits | None = None,
+    api_key: str | None = None,
+    model_name: str | None = None,
+    drain_timeout: float = 30.0,
+    shutdown_engine: bool = True,
+    max_preparing: int = 4,
+    model_aliases: tuple[str, ...] = (),
+) -> Starlette:
     """The ASGI app serving *engine*.
 
     Args:
@@ -376,8 +418,13 @@ def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | N
             error = _shutting_down()
         status = error.status or 500
         if status >= 500 and status != 503:  # 503s (overload, shutdown) are ours to explain; the rest is internal
-            logger.log(logging.DEBUG if handle is not None else logging.ERROR, "request %s failed: %s: %s",
-                       request_id, type(error).__name__, error.message)
+            logger.log(
+                logging.DEBUG if handle is not None else logging.ERROR,
+                "request %s failed: %s: %s",
+                request_id,
+                type(error).__name__,
+                error.message,
+            )
             return _internal(request_id)
         logger.info("request %s refused (%s %s): %s", request_id, status, error.code, error.message)
         return error
@@ -393,8 +440,9 @@ def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | N
     def check_model(requested: str | None) -> None:
         if requested is not None and requested not in accepted_names:
             shown = repr(requested) if len(requested) <= 60 else repr(requested[:50]) + "..."
-            raise ModelNotFoundError(f"the model {shown} does not exist on this server; it serves "
-                                     f"{name!r} (see /v1/models)", param="model")
+            raise ModelNotFoundError(
+                f"the model {shown} does not exist on this server; it serves {name!r} (see /v1/models)", param="model"
+            )
 
     async def chat_completions(request: Request) -> Response:
         request_id = request.scope["state"]["request_id"]
@@ -408,8 +456,7 @@ def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | N
                 parsed = wire.parse_chat_request(body)
                 check_model(parsed.request.model)
                 engine.check_admission()  # cheap: a full queue answers 429 before any image work
-                prepared = await anyio.to_thread.run_sync(_admit_and_prepare, parsed.request,
-                                                          limiter=_preparing())
+                prepared = await anyio.to_thread.run_sync(_admit_and_prepare, parsed.request, limiter=_preparing())
                 if drain.cutting:
                     raise _shutting_down()
                 handle = engine.submit(prepared, request_id=request_id)
@@ -417,14 +464,19 @@ def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | N
                 return respond(error, request_id)
             drain.track(handle)
             if parsed.stream:
+
                 def stream_ended() -> None:
                     handle.cancel()  # no-op when finished; stops generation when the stream never ran
                     drain.untrack(handle)
                     drain.leave()
 
                 streaming = True
-                return _StreamThenLeave(_stream(handle, parsed.include_usage, request_id), stream_ended,
-                                        media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                return _StreamThenLeave(
+                    _stream(handle, parsed.include_usage, request_id),
+                    stream_ended,
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache"},
+                )
             try:
                 result = await _result_unless_disconnected(request, handle)
             except LlavaNextError as error:
@@ -432,8 +484,9 @@ def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | N
             finally:
                 drain.untrack(handle)
             metrics.observe(result)
-            return _json_response(wire.build_chat_response(result.to_generation_result(name), request_id=request_id,
-                                                           model=name))
+            return _json_response(
+                wire.build_chat_response(result.to_generation_result(name), request_id=request_id, model=name)
+            )
         finally:
             if not streaming:
                 drain.leave()
@@ -474,8 +527,9 @@ def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | N
         created = int(time.time())
 
         def chunk(**kwargs) -> bytes:
-            return wire.encode_sse(wire.build_stream_chunk(request_id=request_id, model=name, created=created,
-                                                           **kwargs))
+            return wire.encode_sse(
+                wire.build_stream_chunk(request_id=request_id, model=name, created=created, **kwargs)
+            )
 
         def error_event(error: LlavaNextError) -> bytes:
             body = wire.build_error_body(error)
@@ -506,17 +560,24 @@ def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | N
 
     async def health(request: Request) -> Response:
         draining = drain.draining or not engine.accepting
-        return _json_response({"status": "draining" if draining else "ok", "model": name,
-                               "queue_depth": engine.queue_depth, "batch_size": engine.batch_size},
-                              503 if draining else 200)
+        return _json_response(
+            {
+                "status": "draining" if draining else "ok",
+                "model": name,
+                "queue_depth": engine.queue_depth,
+                "batch_size": engine.batch_size,
+            },
+            503 if draining else 200,
+        )
 
     async def prometheus(request: Request) -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 404:
-            error: LlavaNextError = NotFoundError(f"no route {request.method} {request.url.path}; see /v1/models, "
-                                                  "/v1/chat/completions, /health, /metrics")
+            error: LlavaNextError = NotFoundError(
+                f"no route {request.method} {request.url.path}; see /v1/models, /v1/chat/completions, /health, /metrics"
+            )
         else:
             error = BadRequestError(f"{request.method} {request.url.path}: {exc.detail}", status=exc.status_code)
         return error_response(error)
@@ -528,10 +589,12 @@ def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | N
         if shutdown_engine:
             await anyio.to_thread.run_sync(lambda: engine.shutdown(drain=True, timeout=drain_timeout))
 
-    routes = [Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-              Route("/v1/models", models, methods=["GET"]),
-              Route("/health", health, methods=["GET"]),
-              Route("/metrics", prometheus, methods=["GET"])]
+    routes = [
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", prometheus, methods=["GET"]),
+    ]
     metrics.route_paths = frozenset(route.path for route in routes)
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
     app.add_middleware(_Front, api_key=api_key, metrics=metrics)
@@ -545,12 +608,20 @@ def create_app(engine: Engine, *, limits: Limits | None = None, api_key: str | N
 
 # ---------------------------------------------------------------------------------------------- running it
 
+
 def _uvicorn_config(app, host: str, port: int, log_level: str, drain_timeout: float):
     import uvicorn
 
     # After our own drain only idle keep-alive connections are left for uvicorn's graceful shutdown.
-    return uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
-                          timeout_graceful_shutdown=drain_timeout, access_log=log_level == "debug")
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=drain_timeout,
+        access_log=log_level == "debug",
+    )
 
 
 def _draining_server(config, app):
@@ -570,21 +641,20 @@ def _draining_server(config, app):
             self._drain_started = True
             self._captured_signals.append(sig)
             drain.begin()
-            threading.Thread(target=self._drain_then_exit, args=(drain,), name="llava-next-drain",
-                             daemon=True).start()
+            threading.Thread(target=self._drain_then_exit, args=(drain,), name="llava-next-drain", daemon=True).start()
 
         def _drain_then_exit(self, drain: _Drain) -> None:
             self.cut = drain.wait(app.state.drain_timeout)
             if self.cut:
-                logger.warning("the drain timeout (%gs) cut %d request(s) in flight", app.state.drain_timeout,
-                               self.cut)
+                logger.warning("the drain timeout (%gs) cut %d request(s) in flight", app.state.drain_timeout, self.cut)
             self.should_exit = True
 
     return DrainingServer(config)
 
 
-def run_server(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
-               drain_timeout: float = 30.0) -> None:
+def run_server(
+    app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info", drain_timeout: float = 30.0
+) -> None:
     """Serve *app* with uvicorn until SIGINT/SIGTERM, draining first (up to *drain_timeout*, see the module doc).
 
     Returns normally after the shutdown (exit status 0): uvicorn re-raises the signal it caught to
@@ -617,15 +687,16 @@ class RunningServer:
         self._server.should_exit = True
         self._thread.join(timeout)
 
-    def __enter__(self) -> "RunningServer":
+    def __enter__(self) -> RunningServer:
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
 
-def serve_in_thread(app, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
-                    drain_timeout: float = 30.0) -> RunningServer:
+def serve_in_thread(
+    app, *, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", drain_timeout: float = 30.0
+) -> RunningServer:
     """Start *app* on a free port (``port=0``) in a background thread; return when it accepts connections."""
     import uvicorn
 

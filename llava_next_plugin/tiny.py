@@ -19,7 +19,15 @@ import os
 import shutil
 from pathlib import Path
 
-__all__ = ["build_tiny_checkpoint", "is_random_checkpoint", "write_example_image", "EXAMPLE_IMAGE", "MARKER_FILE", "TINY_PINPOINTS", "CHAT_TEMPLATE"]
+__all__ = [
+    "build_tiny_checkpoint",
+    "is_random_checkpoint",
+    "write_example_image",
+    "EXAMPLE_IMAGE",
+    "MARKER_FILE",
+    "TINY_PINPOINTS",
+    "CHAT_TEMPLATE",
+]
 
 EXAMPLE_IMAGE = "example.png"
 """A generated picture written next to the weights, so the demo needs no image of the user's."""
@@ -198,15 +206,23 @@ def build_tiny_checkpoint(
     tokenizer.save_pretrained(str(folder))
     _write_processor(folder, tokenizer)
 
-    (folder / MARKER_FILE).write_text(json.dumps({
-        "random_weights": True,
-        "built_by": "llava-next tiny-checkpoint",
-        "seed": seed,
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }, indent=2) + "\n")
-    (folder / "README.md").write_text(_README.format(
-        vision_layers=vision_layers, vision_width=vision_width, text_layers=text_layers, text_width=text_width
-    ))
+    (folder / MARKER_FILE).write_text(
+        json.dumps(
+            {
+                "random_weights": True,
+                "built_by": "llava-next tiny-checkpoint",
+                "seed": seed,
+                "parameters": sum(p.numel() for p in model.parameters()),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    (folder / "README.md").write_text(
+        _README.format(
+            vision_layers=vision_layers, vision_width=vision_width, text_layers=text_layers, text_width=text_width
+        )
+    )
     write_example_image(folder / EXAMPLE_IMAGE)
     return folder
 

@@ -28,9 +28,10 @@ from __future__ import annotations
 import ctypes
 import io
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from llava_next_sdk.errors import BadRequestError, ContextLengthExceededError, InvalidImageError, OverloadedError
@@ -40,9 +41,19 @@ from llava_next_sdk.wire import decode_data_url
 if TYPE_CHECKING:
     from .engine import Engine, PreparedRequest, SamplingParams
 
-__all__ = ["Limits", "PixelBudget", "check_image_count", "check_image_url", "check_stop_strings",
-           "check_prompt_chars", "max_prompt_chars", "load_request_images", "to_chat_messages", "to_sampling_params",
-           "prepare_request"]
+__all__ = [
+    "Limits",
+    "PixelBudget",
+    "check_image_count",
+    "check_image_url",
+    "check_stop_strings",
+    "check_prompt_chars",
+    "max_prompt_chars",
+    "load_request_images",
+    "to_chat_messages",
+    "to_sampling_params",
+    "prepare_request",
+]
 
 DEFAULT_TEMPERATURE = 1.0
 """OpenAI's default when a request gives no temperature."""
@@ -78,8 +89,10 @@ class Limits:
 
     def __post_init__(self) -> None:
         if self.max_pixels_in_flight < self.max_request_pixels:
-            raise ValueError(f"max_pixels_in_flight={self.max_pixels_in_flight} is below max_request_pixels="
-                             f"{self.max_request_pixels}: a request within its own limit could never run")
+            raise ValueError(
+                f"max_pixels_in_flight={self.max_pixels_in_flight} is below max_request_pixels="
+                f"{self.max_request_pixels}: a request within its own limit could never run"
+            )
 
 
 class PixelBudget:
@@ -107,7 +120,8 @@ class PixelBudget:
                 raise OverloadedError(
                     f"the server is decoding {self.in_use} image pixels for other requests and this request needs "
                     f"{pixels} more, beyond its budget of {self.capacity} pixels in flight; retry shortly",
-                    retry_after=1.0)
+                    retry_after=1.0,
+                )
             self.in_use += pixels
         try:
             yield
@@ -135,7 +149,9 @@ def check_image_count(request: ChatRequest, limits: Limits) -> None:
     if count > limits.max_images_per_request:
         raise BadRequestError(
             f"the request has {count} images but at most {limits.max_images_per_request} are allowed per "
-            "request; send fewer images or split the request", param="messages")
+            "request; send fewer images or split the request",
+            param="messages",
+        )
 
 
 def check_image_url(url: str, index: int, limits: Limits) -> None:
@@ -144,15 +160,23 @@ def check_image_url(url: str, index: int, limits: Limits) -> None:
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise InvalidImageError(
             f"image URLs must be data: URLs or http(s) URLs, got {url[:60]!r}; local paths and file:// URLs "
-            "are never read from a request", index=index, param="messages")
+            "are never read from a request",
+            index=index,
+            param="messages",
+        )
     host = parts.hostname.lower().rstrip(".")
     allowed = limits.allowed_url_domains
     if allowed is not None and not any(host == d or host.endswith("." + d) for d in (a.lower() for a in allowed)):
-        hint = ("allow the host with --allow-url-domain " + host) if allowed == () else (
-            "allowed hosts: " + ", ".join(allowed))
+        hint = (
+            ("allow the host with --allow-url-domain " + host)
+            if allowed == ()
+            else ("allowed hosts: " + ", ".join(allowed))
+        )
         raise InvalidImageError(
             f"image URLs from {host!r} are not allowed; send the image as a data URL, or {hint}",
-            index=index, param="messages")
+            index=index,
+            param="messages",
+        )
 
 
 def check_stop_strings(request: ChatRequest, limits: Limits) -> None:
@@ -161,15 +185,17 @@ def check_stop_strings(request: ChatRequest, limits: Limits) -> None:
         if len(stop) > limits.max_stop_chars:
             raise BadRequestError(
                 f"stop[{i}] is {len(stop)} characters long; at most {limits.max_stop_chars} characters are allowed "
-                f"per stop string (the limit max_stop_chars), so shorten it", param="stop")
+                f"per stop string (the limit max_stop_chars), so shorten it",
+                param="stop",
+            )
 
 
-def max_prompt_chars(engine: "Engine") -> int:
+def max_prompt_chars(engine: Engine) -> int:
     """The most prompt characters that could fit *engine*'s context (:attr:`Engine.max_prompt_chars`)."""
     return engine.max_prompt_chars
 
 
-def check_prompt_chars(engine: "Engine", request: ChatRequest) -> None:
+def check_prompt_chars(engine: Engine, request: ChatRequest) -> None:
     """Refuse a prompt whose text cannot fit the context, before any of it is tokenized."""
     chars = sum(len(p.text) for m in request.messages for p in m.content if isinstance(p, TextPart))
     bound = max_prompt_chars(engine)
@@ -177,7 +203,8 @@ def check_prompt_chars(engine: "Engine", request: ChatRequest) -> None:
         raise ContextLengthExceededError(
             f"the messages hold {chars} characters of text, more than the model's context length of "
             f"{engine.max_context} tokens can hold (at most {bound} characters); send a shorter prompt",
-            param="messages")
+            param="messages",
+        )
 
 
 def _fetch(url: str, index: int, limits: Limits) -> bytes:
@@ -185,8 +212,13 @@ def _fetch(url: str, index: int, limits: Limits) -> bytes:
     from .images import fetch_url
 
     try:
-        return fetch_url(url, timeout=limits.url_timeout, total_timeout=limits.url_timeout,
-                         max_bytes=limits.max_image_bytes, follow_redirects=False)
+        return fetch_url(
+            url,
+            timeout=limits.url_timeout,
+            total_timeout=limits.url_timeout,
+            max_bytes=limits.max_image_bytes,
+            follow_redirects=False,
+        )
     except InvalidImageError as error:
         raise InvalidImageError(error.message, index=index, param="messages") from None
 
@@ -198,8 +230,11 @@ def _image_size(source, index: int, limits: Limits) -> tuple[int, int]:
 
     if isinstance(source, bytes):
         if len(source) > limits.max_image_bytes:
-            raise InvalidImageError(f"the image is {len(source)} bytes; at most {limits.max_image_bytes} are "
-                                    "allowed", index=index, param="messages")
+            raise InvalidImageError(
+                f"the image is {len(source)} bytes; at most {limits.max_image_bytes} are allowed",
+                index=index,
+                param="messages",
+            )
         try:
             width, height = Image.open(io.BytesIO(source)).size  # reads the header only
         except Exception:
@@ -209,7 +244,10 @@ def _image_size(source, index: int, limits: Limits) -> tuple[int, int]:
     if width * height > limits.max_image_pixels:
         raise InvalidImageError(
             f"the image is {width}x{height} = {width * height} pixels; at most {limits.max_image_pixels} are "
-            "allowed, so downscale it", index=index, param="messages")
+            "allowed, so downscale it",
+            index=index,
+            param="messages",
+        )
     return width, height
 
 
@@ -248,7 +286,10 @@ def _request_pixels(sources: list, limits: Limits) -> int:
     if pixels > limits.max_request_pixels:
         raise BadRequestError(
             f"the request's images hold {pixels} pixels together; at most {limits.max_request_pixels} are allowed "
-            "per request, so send fewer or smaller images", status=413, param="messages")
+            "per request, so send fewer or smaller images",
+            status=413,
+            param="messages",
+        )
     return pixels
 
 
@@ -261,13 +302,18 @@ def load_request_images(request: ChatRequest, limits: Limits) -> list:
 
 def to_chat_messages(request: ChatRequest) -> list[dict]:
     """The request's messages in transformers' chat format (``{"type": "image"}`` where each image was)."""
-    return [{"role": m.role,
-             "content": [{"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"}
-                         for p in m.content]}
-            for m in request.messages]
+    return [
+        {
+            "role": m.role,
+            "content": [
+                {"type": "text", "text": p.text} if isinstance(p, TextPart) else {"type": "image"} for p in m.content
+            ],
+        }
+        for m in request.messages
+    ]
 
 
-def to_sampling_params(params: GenerationParams) -> "SamplingParams":
+def to_sampling_params(params: GenerationParams) -> SamplingParams:
     from .engine import SamplingParams
 
     return SamplingParams(
@@ -275,11 +321,13 @@ def to_sampling_params(params: GenerationParams) -> "SamplingParams":
         temperature=DEFAULT_TEMPERATURE if params.temperature is None else params.temperature,
         top_p=1.0 if params.top_p is None else params.top_p,
         stop=tuple(params.stop or ()),
-        seed=params.seed)
+        seed=params.seed,
+    )
 
 
-def prepare_request(engine: "Engine", request: ChatRequest, limits: Limits,
-                    budget: PixelBudget | None = None) -> "PreparedRequest":
+def prepare_request(
+    engine: Engine, request: ChatRequest, limits: Limits, budget: PixelBudget | None = None
+) -> PreparedRequest:
     """Check *request* against *limits* and the model, and turn it into the engine's input (blocking).
 
     The cheap checks come first (user message, stop strings, prompt characters), then the images are fetched
@@ -300,5 +348,9 @@ def prepare_request(engine: "Engine", request: ChatRequest, limits: Limits,
     with budget.hold(pixels) if budget is not None else nullcontext():
         images = [_to_rgb(source, index) for index, source in enumerate(sources)]
         del sources
-        return engine.prepare(to_chat_messages(request), images, to_sampling_params(request.params),
-                              image_detail=[part.detail for part in request.images])
+        return engine.prepare(
+            to_chat_messages(request),
+            images,
+            to_sampling_params(request.params),
+            image_detail=[part.detail for part in request.images],
+        )

@@ -29,16 +29,22 @@ import html
 import io
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-
 from llava_next_sdk.errors import BadRequestError
 from llava_next_sdk.hookspecs import hookimpl
 
-__all__ = ["AttentionMaskVisualizer", "MaskPicture", "SequenceMask", "TokenBlock", "BUILTIN_RENDERERS",
-           "DEFAULT_IMAGE_SIZE"]
+__all__ = [
+    "AttentionMaskVisualizer",
+    "MaskPicture",
+    "SequenceMask",
+    "TokenBlock",
+    "BUILTIN_RENDERERS",
+    "DEFAULT_IMAGE_SIZE",
+]
 
 DEFAULT_IMAGE_SIZE = (1024, 768)
 """``(width, height)`` of the image generated when a prompt has ``<image>`` but none is given."""
@@ -86,13 +92,14 @@ class SequenceMask:
             # membership [seq, blocks] one-hot; allowed pairs per block pair = member^T @ mask @ member
             member = torch.zeros(self.mask.shape[0], len(self.blocks), dtype=torch.float64)  # exact counts
             for index, block in enumerate(self.blocks):
-                member[block.start:block.end, index] = 1
+                member[block.start : block.end, index] = 1
             allowed = member.T @ self.mask.double() @ member
             sizes = torch.tensor([float(block.size) for block in self.blocks], dtype=torch.float64)
             pairs = sizes[:, None] * sizes[None, :]
-            self._matrix = [[FULL if a == p else EMPTY if a == 0 else PARTIAL
-                             for a, p in zip(row_allowed, row_pairs)]
-                            for row_allowed, row_pairs in zip(allowed.tolist(), pairs.tolist())]
+            self._matrix = [
+                [FULL if a == p else EMPTY if a == 0 else PARTIAL for a, p in zip(row_allowed, row_pairs)]
+                for row_allowed, row_pairs in zip(allowed.tolist(), pairs.tolist())
+            ]
         return self._matrix
 
 
@@ -111,8 +118,10 @@ class MaskPicture:
         """Draw with the first ``llava_next_render_attention_mask`` plugin that knows *fmt*."""
         result = _plugin_manager().hook.llava_next_render_attention_mask(mask=self, fmt=fmt)
         if result is None:
-            raise BadRequestError(f"no renderer draws the format {fmt!r}: use 'ansi', 'html' or 'png', "
-                                  "or register a plugin that implements llava_next_render_attention_mask")
+            raise BadRequestError(
+                f"no renderer draws the format {fmt!r}: use 'ansi', 'html' or 'png', "
+                "or register a plugin that implements llava_next_render_attention_mask"
+            )
         return result
 
     def to_ansi(self) -> str:
@@ -175,8 +184,10 @@ class AttentionMaskVisualizer:
                 raise BadRequestError(f"expected a model path or a loaded model, got {type(model).__name__}")
             self.name = getattr(model, "name_or_path", "") or getattr(self.config, "_name_or_path", "")
         if getattr(self.config, "model_type", None) != "llava_next":
-            raise BadRequestError(f"{self.name!r} is a {self.config.model_type!r} model: this visualizer draws "
-                                  "LLaVA-NeXT (llava_next) checkpoints")
+            raise BadRequestError(
+                f"{self.name!r} is a {self.config.model_type!r} model: this visualizer draws "
+                "LLaVA-NeXT (llava_next) checkpoints"
+            )
         if processor is None:
             if not self.name:
                 raise BadRequestError("the model has no name_or_path to load its processor from: pass processor=")
@@ -214,8 +225,9 @@ class AttentionMaskVisualizer:
         pil_images = self._images(images, placeholders)
 
         tokenizer = self.processor.tokenizer
-        inputs = self.processor(images=pil_images or None, text=prompts, padding=True, padding_side="left",
-                                return_tensors="pt")
+        inputs = self.processor(
+            images=pil_images or None, text=prompts, padding=True, padding_side="left", return_tensors="pt"
+        )
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         allowed = self._model_mask(attention_mask)
 
@@ -225,7 +237,9 @@ class AttentionMaskVisualizer:
             tokens = tokenizer.convert_ids_to_tokens(input_ids[row].tolist())
             blocks, next_image = self._blocks(input_ids[row], attention_mask[row], tokens, geometries, next_image)
             sequences.append(SequenceMask(tokens, blocks, allowed[row]))
-        window = getattr(self.config.get_text_config(), "sliding_window", None) if self._first_layer_windowed() else None
+        window = (
+            getattr(self.config.get_text_config(), "sliding_window", None) if self._first_layer_windowed() else None
+        )
         title = f"Attention mask of {self.name or self.config.model_type} ({len(sequences)} sequence(s))"
         self.last_picture = MaskPicture(title, sequences, window)
         return self.last_picture
@@ -256,8 +270,10 @@ class AttentionMaskVisualizer:
             return [_generated_image() for _ in range(placeholders)]
         sources = list(images) if isinstance(images, (list, tuple)) else [images]
         if len(sources) != placeholders:
-            raise BadRequestError(f"the prompt(s) have {placeholders} <image> placeholder(s) but {len(sources)} "
-                                  "image(s) were given: give one image per placeholder")
+            raise BadRequestError(
+                f"the prompt(s) have {placeholders} <image> placeholder(s) but {len(sources)} "
+                "image(s) were given: give one image per placeholder"
+            )
         return [load_image(source, index) for index, source in enumerate(sources)]
 
     def _model_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -289,8 +305,9 @@ class AttentionMaskVisualizer:
             return layer_types[0] == "sliding_attention" and getattr(text_config, "sliding_window", None) is not None
         return getattr(text_config, "sliding_window", None) is not None
 
-    def _blocks(self, ids: torch.Tensor, attention: torch.Tensor, tokens: list[str], geometries: list,
-                next_image: int) -> tuple[list[TokenBlock], int]:
+    def _blocks(
+        self, ids: torch.Tensor, attention: torch.Tensor, tokens: list[str], geometries: list, next_image: int
+    ) -> tuple[list[TokenBlock], int]:
         """Collapse runs of ``<image>`` and of padding; every other token is its own block."""
         blocks, position, length = [], 0, len(tokens)
         while position < length:
@@ -322,11 +339,14 @@ def _generated_image():
     width, height = DEFAULT_IMAGE_SIZE
     ramp_x = torch.linspace(0, 255, width).to(torch.uint8)
     ramp_y = torch.linspace(0, 255, height).to(torch.uint8)
-    pixels = torch.stack([
-        ramp_x.expand(height, width),
-        ramp_y[:, None].expand(height, width),
-        torch.full((height, width), 128, dtype=torch.uint8),
-    ], dim=-1)
+    pixels = torch.stack(
+        [
+            ramp_x.expand(height, width),
+            ramp_y[:, None].expand(height, width),
+            torch.full((height, width), 128, dtype=torch.uint8),
+        ],
+        dim=-1,
+    )
     image = Image.fromarray(pixels.numpy(), "RGB")
     draw = ImageDraw.Draw(image)
     draw.ellipse((width // 8, height // 6, width // 2, height * 2 // 3), fill=(240, 200, 40))
@@ -363,9 +383,11 @@ def _png_label(label: str) -> str:
 def render_ansi(mask: MaskPicture) -> str:
     """Terminal text: one row per block, ``■`` full, ``◣`` partial (causal), ``⬚`` masked."""
     c = _ANSI
-    lines = [f"{c['bold']}{mask.title}{c['reset']}",
-             f"{_SYMBOLS[FULL]} attends   {_SYMBOLS[PARTIAL]} causal within the block   "
-             f"{_SYMBOLS[EMPTY]} masked   {c['image']}yellow{c['reset']}: image tokens"]
+    lines = [
+        f"{c['bold']}{mask.title}{c['reset']}",
+        f"{_SYMBOLS[FULL]} attends   {_SYMBOLS[PARTIAL]} causal within the block   "
+        f"{_SYMBOLS[EMPTY]} masked   {c['image']}yellow{c['reset']}: image tokens",
+    ]
     if mask.sliding_window:
         lines.append(f"sliding window: {mask.sliding_window} tokens")
     for number, sequence in enumerate(mask.sequences):
@@ -394,29 +416,36 @@ def render_ansi(mask: MaskPicture) -> str:
     return "\n".join(lines)
 
 
-_HTML_COLORS = {FULL: "#3b6fb6", PARTIAL: "linear-gradient(to top right, #3b6fb6 50%, #eef1f5 50%)",
-                EMPTY: "#eef1f5"}
+_HTML_COLORS = {FULL: "#3b6fb6", PARTIAL: "linear-gradient(to top right, #3b6fb6 50%, #eef1f5 50%)", EMPTY: "#eef1f5"}
 
 
 def render_html(mask: MaskPicture) -> str:
     """An HTML table for Jupyter: blocks as rows and columns, image blocks highlighted."""
-    out = ['<div class="llava-next-mask" style="font-family: monospace; font-size: 12px">',
-           f"<p><b>{html.escape(mask.title)}</b><br>"
-           "■ attends &nbsp; ◣ causal within the block &nbsp; ⬚ masked &nbsp; "
-           '<span style="background:#fff3b0">image tokens</span></p>']
+    out = [
+        '<div class="llava-next-mask" style="font-family: monospace; font-size: 12px">',
+        f"<p><b>{html.escape(mask.title)}</b><br>"
+        "■ attends &nbsp; ◣ causal within the block &nbsp; ⬚ masked &nbsp; "
+        '<span style="background:#fff3b0">image tokens</span></p>',
+    ]
     for number, sequence in enumerate(mask.sequences):
         out.append(f"<p>sequence {number}: {len(sequence.tokens)} tokens in {len(sequence.blocks)} blocks</p>")
         out.append('<table style="border-collapse: collapse">')
-        out.append("<tr><th></th>" + "".join(
-            f'<th style="font-weight: normal; padding: 0 2px">{j}</th>' for j in range(len(sequence.blocks))
-        ) + "</tr>")
+        out.append(
+            "<tr><th></th>"
+            + "".join(f'<th style="font-weight: normal; padding: 0 2px">{j}</th>' for j in range(len(sequence.blocks)))
+            + "</tr>"
+        )
         for i, (block, states) in enumerate(zip(sequence.blocks, sequence.block_matrix())):
             shade = {"image": "#fff3b0", "pad": "#dddddd"}.get(block.kind, "transparent")
-            row = [f'<td style="text-align: right; padding-right: 6px; background: {shade}" '
-                   f'title="positions {block.start}-{block.end - 1}">{html.escape(_short(block.label))} {i}</td>']
+            row = [
+                f'<td style="text-align: right; padding-right: 6px; background: {shade}" '
+                f'title="positions {block.start}-{block.end - 1}">{html.escape(_short(block.label))} {i}</td>'
+            ]
             for state in states:
-                row.append(f'<td title="{state}" style="width: 12px; height: 12px; border: 1px solid white; '
-                           f'background: {_HTML_COLORS[state]}"></td>')
+                row.append(
+                    f'<td title="{state}" style="width: 12px; height: 12px; border: 1px solid white; '
+                    f'background: {_HTML_COLORS[state]}"></td>'
+                )
             out.append("<tr>" + "".join(row) + "</tr>")
         out.append("</table>")
     out.append("</div>")
@@ -441,8 +470,9 @@ def render_png(mask: MaskPicture) -> bytes:
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     draw.text((margin, margin), mask.title, fill="black", font=font)
-    draw.text((margin, margin + line), "dark: attends   half: causal within the block   light: masked",
-              fill="gray", font=font)
+    draw.text(
+        (margin, margin + line), "dark: attends   half: causal within the block   light: masked", fill="gray", font=font
+    )
     top = margin + line * 2
     full, empty, image_shade, pad_shade = (59, 111, 182), (238, 241, 245), (255, 243, 176), (221, 221, 221)
     for number, sequence in enumerate(mask.sequences):
@@ -483,4 +513,3 @@ def _plugin_manager():
     from .hooks import get_plugin_manager
 
     return get_plugin_manager()
-

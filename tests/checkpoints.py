@@ -8,7 +8,6 @@ Nothing here touches the network: the tokenizer is the Mistral v1 sentencepiece 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -143,7 +142,7 @@ def to_hub_layout(folder: str | os.PathLike) -> None:
     renamed = {}
     for key, value in tensors.items():
         if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-            key = "vision_tower.vision_model." + key[len("vision_tower."):]
+            key = "vision_tower.vision_model." + key[len("vision_tower.") :]
         renamed[key] = value.contiguous()
     save_file(renamed, str(path), metadata={"format": "pt"})
 
@@ -166,7 +165,9 @@ def build_checkpoint(
 
     folder = Path(folder)
     torch.manual_seed(seed)
-    config = reference_config(text, vision, strategy, feature_layer, pinpoints, width, vision_width, tie_word_embeddings)
+    config = reference_config(
+        text, vision, strategy, feature_layer, pinpoints, width, vision_width, tie_word_embeddings
+    )
     model = LlavaNextForConditionalGeneration(config).eval()
     # Random init leaves image_newline at zeros in some versions: give it values so it matters.
     with torch.no_grad():

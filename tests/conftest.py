@@ -8,9 +8,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest
-
 import checkpoints
+import pytest
 
 # End-to-end runs of whole user journeys (every README block, every notebook, a Ray cluster): they drive
 # the same model, processor and engine code that the rest of the suite checks on each transformers version,

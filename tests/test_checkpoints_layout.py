@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+import checkpoints
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -13,12 +14,16 @@ from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextForConditionalGeneration as ReferenceForConditionalGeneration,
 )
 
-import checkpoints
 from llava_next_plugin.checkpoint_keys import to_hub_key, to_memory_key
 from llava_next_plugin.modeling import LlavaNextForConditionalGeneration, LlavaNextModel
 
-HUB_PREFIXES = ("language_model.model.", "language_model.lm_head.", "vision_tower.vision_model.",
-                "multi_modal_projector.", "image_newline")
+HUB_PREFIXES = (
+    "language_model.model.",
+    "language_model.lm_head.",
+    "vision_tower.vision_model.",
+    "multi_modal_projector.",
+    "image_newline",
+)
 
 
 def _assert_clean(info: dict) -> None:
@@ -29,8 +34,9 @@ def _assert_clean(info: dict) -> None:
 
 def _inputs(folder):
     processor = LlavaNextProcessor.from_pretrained(folder)
-    return processor(images=[checkpoints.real_photo()], text=["[INST] <image>\nWhat is this? [/INST]"],
-                     return_tensors="pt")
+    return processor(
+        images=[checkpoints.real_photo()], text=["[INST] <image>\nWhat is this? [/INST]"], return_tensors="pt"
+    )
 
 
 def _logits(model, inputs) -> torch.Tensor:
@@ -53,12 +59,20 @@ def _in_memory_folder(source, target, reference) -> None:
 
 
 def test_key_mapping_covers_all_three_layouts():
-    memory = ["model.language_model.layers.0.self_attn.q_proj.weight", "lm_head.weight",
-              "model.vision_tower.encoder.layers.0.mlp.fc1.weight", "model.multi_modal_projector.linear_1.bias",
-              "model.image_newline"]
-    hub = ["language_model.model.layers.0.self_attn.q_proj.weight", "language_model.lm_head.weight",
-           "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight", "multi_modal_projector.linear_1.bias",
-           "image_newline"]
+    memory = [
+        "model.language_model.layers.0.self_attn.q_proj.weight",
+        "lm_head.weight",
+        "model.vision_tower.encoder.layers.0.mlp.fc1.weight",
+        "model.multi_modal_projector.linear_1.bias",
+        "model.image_newline",
+    ]
+    hub = [
+        "language_model.model.layers.0.self_attn.q_proj.weight",
+        "language_model.lm_head.weight",
+        "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
+        "multi_modal_projector.linear_1.bias",
+        "image_newline",
+    ]
     saved_by_transformers5 = [k.replace("vision_tower.vision_model.", "vision_tower.") for k in hub]
     assert [to_memory_key(k) for k in hub] == memory
     assert [to_memory_key(k) for k in saved_by_transformers5] == memory
@@ -67,8 +81,9 @@ def test_key_mapping_covers_all_three_layouts():
 
 
 @pytest.mark.parametrize("layout", ["hub", "transformers5", "in_memory"])
-def test_every_layout_loads_cleanly_with_identical_logits(layout, tiny_checkpoint_factory, tiny_checkpoint,
-                                                          reference_logits, tmp_path):
+def test_every_layout_loads_cleanly_with_identical_logits(
+    layout, tiny_checkpoint_factory, tiny_checkpoint, reference_logits, tmp_path
+):
     inputs, expected, reference = reference_logits
     if layout == "hub":
         folder = tiny_checkpoint

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import checkpoints
 import pytest
 import torch
 
-import checkpoints
 from llava_next_plugin.cli import main, read_done
 from llava_next_plugin.tiny import MARKER_FILE
 
@@ -70,8 +70,19 @@ def test_help_everywhere(command, capsys):
 
 
 def test_ask_prints_the_answer_and_says_the_weights_are_random(checkpoint, images, pipe, capsys):
-    code, out, err = run(capsys, "ask", images / "a.png", "--model", checkpoint, "--prompt", QUESTION,
-                         "--max-new-tokens", 6, "--device", "cpu")
+    code, out, err = run(
+        capsys,
+        "ask",
+        images / "a.png",
+        "--model",
+        checkpoint,
+        "--prompt",
+        QUESTION,
+        "--max-new-tokens",
+        6,
+        "--device",
+        "cpu",
+    )
     assert code == 0
     expected = pipe(str(images / "a.png"), prompt=QUESTION, max_new_tokens=6)[0]["generated_text"]
     assert out.strip() == expected and out.endswith("\n")
@@ -95,8 +106,20 @@ class _Terminal:
 def test_ask_streams_the_answer(checkpoint, images, pipe, monkeypatch, capsys):
     terminal = _Terminal()
     monkeypatch.setattr(sys, "stdout", terminal)
-    code = main(["ask", str(images / "a.png"), "--model", str(checkpoint), "--prompt", QUESTION,
-                 "--max-new-tokens", "12", "--device", "cpu"])
+    code = main(
+        [
+            "ask",
+            str(images / "a.png"),
+            "--model",
+            str(checkpoint),
+            "--prompt",
+            QUESTION,
+            "--max-new-tokens",
+            "12",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     expected = pipe(str(images / "a.png"), prompt=QUESTION, max_new_tokens=12)[0]["generated_text"]
     assert "".join(terminal.writes).strip() == expected
@@ -104,11 +127,24 @@ def test_ask_streams_the_answer(checkpoint, images, pipe, monkeypatch, capsys):
 
 
 def test_ask_with_several_images_is_one_request(checkpoint, images, pipe, capsys):
-    code, out, _ = run(capsys, "ask", images / "a.png", images / "b.jpg", "--model", checkpoint,
-                       "--prompt", "Which is taller?", "--max-new-tokens", 5, "--device", "cpu")
+    code, out, _ = run(
+        capsys,
+        "ask",
+        images / "a.png",
+        images / "b.jpg",
+        "--model",
+        checkpoint,
+        "--prompt",
+        "Which is taller?",
+        "--max-new-tokens",
+        5,
+        "--device",
+        "cpu",
+    )
     assert code == 0
-    expected = pipe([[str(images / "a.png"), str(images / "b.jpg")]], prompt=["Which is taller?"],
-                    max_new_tokens=5)[0][0]["generated_text"]
+    expected = pipe([[str(images / "a.png"), str(images / "b.jpg")]], prompt=["Which is taller?"], max_new_tokens=5)[0][
+        0
+    ]["generated_text"]
     assert out.strip() == expected
 
 
@@ -118,13 +154,27 @@ def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(checkpoint, images, t
     cases = {
         "does not exist": ["ask", tmp_path / "missing.png", "--model", checkpoint],
         "not an image": ["ask", broken, "--model", checkpoint],
-        "2 <image> placeholders but 1 image": ["ask", images / "a.png", "--model", checkpoint,
-                                               "--prompt", "<image> <image> compare"],
+        "2 <image> placeholders but 1 image": [
+            "ask",
+            images / "a.png",
+            "--model",
+            checkpoint,
+            "--prompt",
+            "<image> <image> compare",
+        ],
         "model": ["ask", images / "a.png", "--model", tmp_path / "no-such-model"],
         "is not a folder": ["caption", tmp_path / "nowhere", "--out", tmp_path / "r.jsonl", "--model", checkpoint],
         "at least 1": ["caption", images, "--out", tmp_path / "r.jsonl", "--batch-size", 0],
-        "unknown prompt family 'klingon'": ["ask", images / "a.png", "--model", checkpoint, "--prompt-format",
-                                            "klingon", "--max-new-tokens", 1],
+        "unknown prompt family 'klingon'": [
+            "ask",
+            images / "a.png",
+            "--model",
+            checkpoint,
+            "--prompt-format",
+            "klingon",
+            "--max-new-tokens",
+            1,
+        ],
     }
     for expected, argv in cases.items():
         code, out, err = run(capsys, *argv)
@@ -134,8 +184,21 @@ def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(checkpoint, images, t
 
 
 def test_prompt_format_override(checkpoint, images, pipe, capsys):
-    code, out, _ = run(capsys, "ask", images / "a.png", "--model", checkpoint, "--prompt", QUESTION,
-                       "--prompt-format", "vicuna", "--max-new-tokens", 5, "--device", "cpu")
+    code, out, _ = run(
+        capsys,
+        "ask",
+        images / "a.png",
+        "--model",
+        checkpoint,
+        "--prompt",
+        QUESTION,
+        "--prompt-format",
+        "vicuna",
+        "--max-new-tokens",
+        5,
+        "--device",
+        "cpu",
+    )
     assert code == 0
     from llava_next_plugin.prompts import build_prompt
 
@@ -155,8 +218,23 @@ def test_caption_resumes_and_never_leaves_half_a_line(checkpoint, images, tmp_pa
     out = tmp_path / "results.jsonl"
     kept = json.dumps({"image": "a.png", "prompt": "earlier", "generated_text": "from an earlier run"})
     out.write_text(kept + "\n" + '{"image": "b.jpg", "prompt": "cut off mid-wri')  # an interrupted write
-    code, stdout, err = run(capsys, "caption", images, "--prompt", QUESTION, "--out", out, "--model", checkpoint,
-                            "--batch-size", 2, "--max-new-tokens", 5, "--device", "cpu")
+    code, stdout, err = run(
+        capsys,
+        "caption",
+        images,
+        "--prompt",
+        QUESTION,
+        "--out",
+        out,
+        "--model",
+        checkpoint,
+        "--batch-size",
+        2,
+        "--max-new-tokens",
+        5,
+        "--device",
+        "cpu",
+    )
     assert code == 0, err
     assert "captioning" in err  # the progress bar
     text = out.read_text()
@@ -182,8 +260,21 @@ def test_caption_skips_unreadable_images_and_reports_them(checkpoint, images, tm
     shutil.copytree(images, folder)
     (folder / "bad.png").write_bytes(b"garbage")
     out = tmp_path / "mixed.jsonl"
-    code, _, err = run(capsys, "caption", folder, "--out", out, "--model", checkpoint, "--max-new-tokens", 2,
-                       "--device", "cpu", "--batch-size", 3)
+    code, _, err = run(
+        capsys,
+        "caption",
+        folder,
+        "--out",
+        out,
+        "--model",
+        checkpoint,
+        "--max-new-tokens",
+        2,
+        "--device",
+        "cpu",
+        "--batch-size",
+        3,
+    )
     assert code == 0, err
     assert "skipped bad.png" in err and "Traceback" not in err
     summary = err.strip().splitlines()[-1]
@@ -235,12 +326,14 @@ def test_every_option_of_every_help_states_its_default(command, capsys):
     entries = [" ".join(e.split()) for e in [*entries, current] if e and not e.lstrip().startswith("-h, --help")]
     assert entries
     for entry in entries:
-        assert "default" in entry or entry.endswith("(required)"), \
+        assert "default" in entry or entry.endswith("(required)"), (
             f"llava-next {command} --help: {entry!r} does not say its default"
+        )
 
 
-def test_serve_takes_the_model_from_the_environment_and_reports_a_missing_one_as_ask_does(images, tmp_path,
-                                                                                         monkeypatch, capsys):
+def test_serve_takes_the_model_from_the_environment_and_reports_a_missing_one_as_ask_does(
+    images, tmp_path, monkeypatch, capsys
+):
     missing = str(tmp_path / "no-such-checkpoint")
     monkeypatch.setenv("LLAVA_NEXT_MODEL", missing)
     code, _, err = run(capsys, "ask", images / "a.png")
@@ -264,8 +357,12 @@ def test_serve_serves_the_model_named_by_the_environment(checkpoint):
 
     free_port = a_free_port()
     env = {**os.environ, "LLAVA_NEXT_MODEL": str(checkpoint), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "llava_next_plugin.serve_cli", "--port", str(free_port),
-                               "--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "llava_next_plugin.serve_cli", "--port", str(free_port), "--device", "cpu"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -300,8 +397,15 @@ def test_tiny_checkpoint_layers_are_64_wide_and_in_hub_layout(checkpoint):
     assert "language_model.lm_head.weight" in keys and "image_newline" in keys
     assert any(k.startswith("vision_tower.vision_model.encoder.") for k in keys)
     assert any(k.startswith("language_model.model.layers.") for k in keys)
-    for name in ("config.json", "tokenizer.json", "tokenizer.model", "processor_config.json", "chat_template.jinja",
-                 "README.md", MARKER_FILE):
+    for name in (
+        "config.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "processor_config.json",
+        "chat_template.jinja",
+        "README.md",
+        MARKER_FILE,
+    ):
         assert (checkpoint / name).is_file(), name
     assert "random" in (checkpoint / "README.md").read_text().lower()
 
@@ -320,9 +424,16 @@ def test_main_job_offline_through_the_installed_command(tmp_path, images, capsys
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert "llava-next tiny-checkpoint ./tiny" in readme
     assert "llava-next ask ./tiny/example.png --model ./tiny --prompt" in readme
-    asked = subprocess.run([*_command(), "ask", "./tiny/example.png", "--model", "./tiny", "--prompt", QUESTION,
-                            "--max-new-tokens", "4"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                           timeout=300)
+    asked = subprocess.run(
+        [*_command(), "ask", "./tiny/example.png", "--model", "./tiny", "--prompt", QUESTION, "--max-new-tokens", "4"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert asked.returncode == 0, asked.stderr
     assert asked.stdout.strip()
-    assert asked.stderr.strip() == "note: ./tiny holds RANDOM weights (a tiny demo checkpoint): the answers are gibberish."
+    assert (
+        asked.stderr.strip() == "note: ./tiny holds RANDOM weights (a tiny demo checkpoint): the answers are gibberish."
+    )

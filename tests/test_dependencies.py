@@ -35,8 +35,7 @@ def _dist_name(requirement: str) -> str:
 def _declared(pyproject: Path) -> tuple[set[str], dict[str, set[str]]]:
     project = tomllib.loads(pyproject.read_text())["project"]
     core = {_dist_name(r) for r in project.get("dependencies", [])}
-    extras = {name: {_dist_name(r) for r in reqs}
-              for name, reqs in project.get("optional-dependencies", {}).items()}
+    extras = {name: {_dist_name(r) for r in reqs} for name, reqs in project.get("optional-dependencies", {}).items()}
     return core, extras
 
 
@@ -71,8 +70,10 @@ def _undeclared(package_dir: Path, allowed_for) -> list[str]:
             if not dists:
                 problems.append(f"{relative}: imports {module!r}, which no installed distribution provides")
             elif not dists & allowed:
-                problems.append(f"{relative}: imports {module!r} (from {', '.join(sorted(dists))}), "
-                                f"which its pyproject.toml does not declare")
+                problems.append(
+                    f"{relative}: imports {module!r} (from {', '.join(sorted(dists))}), "
+                    f"which its pyproject.toml does not declare"
+                )
     return problems
 
 
@@ -98,7 +99,8 @@ def test_the_check_sees_an_import_that_only_the_dev_extra_provides(tmp_path):
     assert "hypothesis" in extras["dev"]
     package = tmp_path / "llava_next_plugin"
     package.mkdir()
-    (package / "bad.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import torchvision\n"
-                                    "def f():\n    import hypothesis\n")
+    (package / "bad.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import torchvision\ndef f():\n    import hypothesis\n"
+    )
     problems = _undeclared(package, lambda module: core)
     assert len(problems) == 1 and "'hypothesis'" in problems[0]

@@ -12,23 +12,19 @@ import asyncio
 import base64
 import io
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
-
-import psutil
-import pytest
 
 import checkpoints
-from llava_next_plugin.cli import main
+import psutil
+import pytest
+import ray  # the ray extra is part of the dev install (pip install -e '.[dev]')
 from llava_next_sdk import AsyncClient
 from llava_next_sdk.errors import AuthenticationError, BadRequestError, InvalidImageError
 
-import ray  # the ray extra is part of the dev install (pip install -e '.[dev]')
+from llava_next_plugin.cli import main
 
 PROMPT = "Describe this image."
 API_KEY = "test-key"
@@ -37,8 +33,13 @@ API_KEY = "test-key"
 @pytest.fixture(scope="session")
 def ray_session():
     """A local Ray runtime for the session, always shut down at its end (even when a test fails)."""
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=96 * 1024 * 1024, log_to_driver=False,
-             configure_logging=False)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=96 * 1024 * 1024,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         yield ray
@@ -90,9 +91,12 @@ def _expected(engine, image_bytes: bytes | None, text: str, max_tokens: int, det
     if image_bytes is not None:
         content.insert(0, {"type": "image"})
         images.append(Image.open(io.BytesIO(image_bytes)).convert("RGB"))
-    return engine.generate([{"role": "user", "content": content}], images,
-                           SamplingParams(max_tokens=max_tokens, temperature=0.0),
-                           image_detail=[detail] * len(images)).text
+    return engine.generate(
+        [{"role": "user", "content": content}],
+        images,
+        SamplingParams(max_tokens=max_tokens, temperature=0.0),
+        image_detail=[detail] * len(images),
+    ).text
 
 
 def _data_url(data: bytes) -> str:
@@ -101,11 +105,13 @@ def _data_url(data: bytes) -> str:
 
 # --- importing stays light ------------------------------------------------------------------------------------
 def test_importing_the_package_never_imports_ray_and_without_ray_the_api_says_how_to_install_it():
-    code = ("import sys, llava_next_plugin, llava_next_plugin.distributed as d, llava_next_plugin.cli as cli\n"
-            "cli.build_parser()\n"
-            "assert 'ray' not in sys.modules, 'ray was imported'\n"
-            "sys.modules['ray'] = None  # as if it were not installed\n"
-            "try:\n    d.caption_dataset(None, 'm')\nexcept ImportError as e:\n    print(e)\n")
+    code = (
+        "import sys, llava_next_plugin, llava_next_plugin.distributed as d, llava_next_plugin.cli as cli\n"
+        "cli.build_parser()\n"
+        "assert 'ray' not in sys.modules, 'ray was imported'\n"
+        "sys.modules['ray'] = None  # as if it were not installed\n"
+        "try:\n    d.caption_dataset(None, 'm')\nexcept ImportError as e:\n    print(e)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     assert "pip install 'llava-next-plugin[ray]'" in done.stdout
@@ -138,8 +144,10 @@ def test_an_actor_with_low_detail_answers_from_the_base_view_as_the_engine_does(
     actor = _Captioner(str(demo_checkpoint), PROMPT, "picture", 6, "low", Limits(), "cpu", None, 1, 4)
     try:
         prepared = actor._prepare(_png(3, size=(96, 40)))
-        full = actor.engine.prepare([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
-                                    [prepared_image(_png(3, size=(96, 40)))])
+        full = actor.engine.prepare(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}],
+            [prepared_image(_png(3, size=(96, 40)))],
+        )
         assert prepared.image_tokens < full.image_tokens  # the base view only
         out = actor({"picture": [_png(3, size=(96, 40))]})
     finally:
@@ -178,21 +186,32 @@ def test_the_serve_run_entry_point_builds_an_application_from_string_args():
 
 
 # --- Ray Data ----------------------------------------------------------------------------------------------------
-def test_caption_dataset_answers_every_row_once_even_when_an_actor_is_killed(ray_session, demo_checkpoint, engine,
-                                                                              tmp_path):
+def test_caption_dataset_answers_every_row_once_even_when_an_actor_is_killed(
+    ray_session, demo_checkpoint, engine, tmp_path
+):
     from llava_next_plugin.distributed import caption_dataset
 
     photo = tmp_path / "photo.png"
     photo.write_bytes(_png(100))
     rows = [{"id": f"url-{i}", "image": _data_url(_png(i))} for i in range(14)]
-    rows += [{"id": "path", "image": _data_url(_png(100))},  # the same picture as the file below
-             {"id": "file", "image": str(photo)},
-             {"id": "garbage", "image": _data_url(b"not an image")},
-             {"id": "missing", "image": str(tmp_path / "nope.png")},
-             {"id": "url", "image": "http://example.com/cat.png"}]  # no host is allowed by default: never fetched
+    rows += [
+        {"id": "path", "image": _data_url(_png(100))},  # the same picture as the file below
+        {"id": "file", "image": str(photo)},
+        {"id": "garbage", "image": _data_url(b"not an image")},
+        {"id": "missing", "image": str(tmp_path / "nope.png")},
+        {"id": "url", "image": "http://example.com/cat.png"},
+    ]  # no host is allowed by default: never fetched
     ds = ray.data.from_items(rows)
-    results = caption_dataset(ds, str(demo_checkpoint), prompt=PROMPT, max_tokens=12, workers=2,
-                              cpus_per_worker=0.5, threads_per_worker=1, batch_size=2)
+    results = caption_dataset(
+        ds,
+        str(demo_checkpoint),
+        prompt=PROMPT,
+        max_tokens=12,
+        workers=2,
+        cpus_per_worker=0.5,
+        threads_per_worker=1,
+        batch_size=2,
+    )
 
     seen: dict[str, dict] = {}
     killed = None
@@ -214,13 +233,17 @@ def test_caption_dataset_answers_every_row_once_even_when_an_actor_is_killed(ray
         assert seen[f"url-{i}"]["answer"] == _expected(engine, _png(i), PROMPT, 12)
         assert seen[f"url-{i}"]["error"] is None and seen[f"url-{i}"]["tokens"] >= 1
     assert seen["file"]["answer"] == seen["path"]["answer"] is not None, seen["file"]["error"]
-    for bad, why in (("garbage", "InvalidImageError"), ("missing", "does not exist"),
-                     ("url", "--allow-url-domain example.com")):
+    for bad, why in (
+        ("garbage", "InvalidImageError"),
+        ("missing", "does not exist"),
+        ("url", "--allow-url-domain example.com"),
+    ):
         assert seen[bad]["answer"] is None and why in seen[bad]["error"]
 
 
-def test_caption_command_on_ray_resumes_with_no_duplicates_and_no_half_lines(ray_session, demo_checkpoint,
-                                                                            tmp_path, capsys):
+def test_caption_command_on_ray_resumes_with_no_duplicates_and_no_half_lines(
+    ray_session, demo_checkpoint, tmp_path, capsys
+):
     folder = tmp_path / "photos"
     folder.mkdir()
     names = [f"p{i}.png" for i in range(5)]
@@ -231,8 +254,26 @@ def test_caption_command_on_ray_resumes_with_no_duplicates_and_no_half_lines(ray
     done_line = json.dumps({"image": "p0.png", "prompt": PROMPT, "generated_text": "from an earlier run"})
     out.write_text(done_line + "\n" + '{"image": "p1.png", "prom')  # an earlier run, interrupted mid-line
 
-    code = main(["caption", str(folder), "--model", str(demo_checkpoint), "--prompt", PROMPT, "--out", str(out),
-                 "--ray", "local", "--workers", "1", "--max-new-tokens", "6", "--batch-size", "2"])
+    code = main(
+        [
+            "caption",
+            str(folder),
+            "--model",
+            str(demo_checkpoint),
+            "--prompt",
+            PROMPT,
+            "--out",
+            str(out),
+            "--ray",
+            "local",
+            "--workers",
+            "1",
+            "--max-new-tokens",
+            "6",
+            "--batch-size",
+            "2",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1  # one image could not be read: the same exit rule as on one machine
     lines = out.read_text().splitlines()
@@ -243,16 +284,29 @@ def test_caption_command_on_ray_resumes_with_no_duplicates_and_no_half_lines(ray
     assert "failed broken.png" in err and "4 captioned, 1 failed, 1 already" in err
 
 
-def test_caption_command_reads_parquet_image_bytes_and_writes_parquet(ray_session, demo_checkpoint, tmp_path,
-                                                                     capsys, engine):
+def test_caption_command_reads_parquet_image_bytes_and_writes_parquet(
+    ray_session, demo_checkpoint, tmp_path, capsys, engine
+):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     source = tmp_path / "images.parquet"
     pq.write_table(pa.table({"name": ["a", "b", "c"], "image": [_png(1), _png(2), b"junk"]}), source)
     out = tmp_path / "results.parquet"
-    argv = ["caption", str(source), "--model", str(demo_checkpoint), "--prompt", PROMPT, "--out", str(out),
-            "--ray", "local", "--max-new-tokens", "5"]
+    argv = [
+        "caption",
+        str(source),
+        "--model",
+        str(demo_checkpoint),
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(out),
+        "--ray",
+        "local",
+        "--max-new-tokens",
+        "5",
+    ]
     assert main(argv) == 1  # the bytes column cannot name the rows
     assert "give --id-column" in capsys.readouterr().err and not out.exists()
 
@@ -277,8 +331,17 @@ def deployment(ray_session, demo_checkpoint):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_serve_app({"model": str(demo_checkpoint), "replicas": 2, "cpus_per_replica": 0.5, "threads": 1,
-                           "served_model_name": "tiny", "api_key": API_KEY, "max_images_per_request": 1})
+    app = build_serve_app(
+        {
+            "model": str(demo_checkpoint),
+            "replicas": 2,
+            "cpus_per_replica": 0.5,
+            "threads": 1,
+            "served_model_name": "tiny",
+            "api_key": API_KEY,
+            "max_images_per_request": 1,
+        }
+    )
     serve.run(app, name="llava-next", route_prefix="/")
     try:
         yield f"http://127.0.0.1:{port}/v1"
@@ -314,6 +377,7 @@ def test_killing_a_replica_during_32_requests_loses_nothing(deployment, engine):
 
     async def scenario():
         async with AsyncClient(base_url=deployment, api_key=API_KEY, model="tiny", max_retries=8) as client:
+
             async def ask(text):
                 return await client.chat([{"role": "user", "content": text}], max_tokens=24, temperature=0)
 

@@ -15,10 +15,9 @@ import re
 import pytest
 from PIL import Image, ImageDraw
 
-
 HUB_ID = "llava-hf/llava-v1.6-mistral-7b-hf"
 
-DOC_PIPELINE = '''
+DOC_PIPELINE = """
 from transformers import pipeline
 from PIL import Image
 import requests
@@ -28,9 +27,9 @@ image = Image.open(requests.get("https://huggingface.co/datasets/huggingface/doc
 
 result = pipe(image, prompt="What does this chart show?")
 print(result[0]["generated_text"])
-'''
+"""
 
-DOC_AUTOMODEL = '''
+DOC_AUTOMODEL = """
 from transformers import LlavaNextProcessor, LlavaNextForConditionalGeneration
 from PIL import Image
 import requests, torch
@@ -51,9 +50,9 @@ inputs = processor(image, prompt, return_tensors="pt").to("cuda")
 
 output = model.generate(**inputs, max_new_tokens=100)
 print(processor.decode(output[0], skip_special_tokens=True))
-'''
+"""
 
-DOC_BITSANDBYTES = '''
+DOC_BITSANDBYTES = """
 from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
 
 quant_config = BitsAndBytesConfig(
@@ -68,14 +67,14 @@ model = AutoModelForImageTextToText.from_pretrained(
     device_map="auto"
 )
 processor = AutoProcessor.from_pretrained("llava-hf/llava-v1.6-mistral-7b-hf")
-'''
+"""
 
-DOC_VISUALIZER = '''
+DOC_VISUALIZER = """
 from transformers.utils.attention_visualizer import AttentionMaskVisualizer
 
 viz = AttentionMaskVisualizer("llava-hf/llava-v1.6-mistral-7b-hf")
 viz("<image> What is shown in this image?")
-'''
+"""
 
 _INTERNET_IMAGE = re.compile(r'Image\.open\(requests\.get\(\s*"https://[^"]+",\s*stream=True\)\.raw\)')
 
@@ -85,8 +84,10 @@ def adapt(snippet: str, model: str, image: str) -> str:
     code = snippet.strip("\n").replace(f'"{HUB_ID}"', repr(model))
     code = code.replace('"cuda"', '"cpu"')
     code = _INTERNET_IMAGE.sub(f"Image.open({image!r})", code)
-    code = code.replace("from transformers import LlavaNextProcessor, LlavaNextForConditionalGeneration",
-                        "from llava_next_plugin import LlavaNextProcessor, LlavaNextForConditionalGeneration")
+    code = code.replace(
+        "from transformers import LlavaNextProcessor, LlavaNextForConditionalGeneration",
+        "from llava_next_plugin import LlavaNextProcessor, LlavaNextForConditionalGeneration",
+    )
     header = "import llava_next_plugin\n"
     if "torch" in code and not re.search(r"^import .*\btorch\b", code, re.MULTILINE):
         header += "import torch\n"

@@ -8,17 +8,17 @@ from __future__ import annotations
 import re
 import warnings
 
+import checkpoints
 import pytest
 import torch
+from llava_next_sdk.errors import BadRequestError
 from transformers import LlavaNextProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextForConditionalGeneration as ReferenceForConditionalGeneration,
 )
 
-import checkpoints
 from llava_next_plugin.modeling import LlavaNextForConditionalGeneration
-from llava_next_sdk.errors import BadRequestError
 
 FP32_ATOL = 1e-4
 
@@ -155,13 +155,15 @@ def test_past_key_values_still_works_with_transformers_deprecation_warning(model
             prefill = model(**inputs, use_cache=True)
             if CACHE_NAME == "cache":
                 with pytest.warns(FutureWarning, match=r"`past_key_values` is deprecated.*Use `cache` instead"):
-                    steps[name] = model(input_ids=next_ids, attention_mask=mask,
-                                        past_key_values=output_cache(prefill)).logits
+                    steps[name] = model(
+                        input_ids=next_ids, attention_mask=mask, past_key_values=output_cache(prefill)
+                    ).logits
             else:
                 with warnings.catch_warnings():
                     warnings.simplefilter("error")
-                    steps[name] = model(input_ids=next_ids, attention_mask=mask,
-                                        past_key_values=output_cache(prefill)).logits
+                    steps[name] = model(
+                        input_ids=next_ids, attention_mask=mask, past_key_values=output_cache(prefill)
+                    ).logits
     torch.testing.assert_close(steps["ours"], steps["reference"], rtol=0, atol=FP32_ATOL)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -180,8 +182,10 @@ def test_weights_missing_from_a_checkpoint_are_initialised_as_the_reference_does
 
     config = checkpoints.reference_config()
     models = []
-    for model_class, model_config in ((ReferenceForConditionalGeneration, config),
-                                      (LlavaNextForConditionalGeneration, LlavaNextConfig(**config.to_dict()))):
+    for model_class, model_config in (
+        (ReferenceForConditionalGeneration, config),
+        (LlavaNextForConditionalGeneration, LlavaNextConfig(**config.to_dict())),
+    ):
         torch.manual_seed(0)
         models.append(model_class.from_pretrained(None, config=model_config, state_dict={}))
     theirs, mine = (model.state_dict() for model in models)
@@ -199,8 +203,12 @@ def test_image_processor_keeps_an_explicit_none_setting_as_transformers_does():
     from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
 
     image = _photo()
-    settings = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                    image_grid_pinpoints=checkpoints.REAL_PINPOINTS, do_normalize=None)
+    settings = dict(
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
+        image_grid_pinpoints=checkpoints.REAL_PINPOINTS,
+        do_normalize=None,
+    )
     reference = ReferenceImageProcessor(**settings)
     expected = reference(image, return_tensors="pt")["pixel_values"]
     for processor_class in (LlavaNextImageProcessor, LlavaNextImageProcessorFast):
@@ -218,12 +226,15 @@ def test_device_map_auto_places_modules_as_the_reference_without_cutting_a_layer
     """A budget too small for the model: accelerate offloads, but never inside a decoder or vision
     layer (the sub-models' ``_no_split_modules``), and our map is the reference's, module for module."""
     maps = {}
-    for name, model_class in (("reference", ReferenceForConditionalGeneration),
-                              ("ours", LlavaNextForConditionalGeneration)):
+    for name, model_class in (
+        ("reference", ReferenceForConditionalGeneration),
+        ("ours", LlavaNextForConditionalGeneration),
+    ):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # accelerate's note on the bare image_newline parameter
-            model = model_class.from_pretrained(folder, device_map="auto", max_memory={"cpu": "12MB"},
-                                                offload_folder=str(tmp_path / name))
+            model = model_class.from_pretrained(
+                folder, device_map="auto", max_memory={"cpu": "12MB"}, offload_folder=str(tmp_path / name)
+            )
         maps[name] = model.hf_device_map
     assert maps["ours"] == maps["reference"]
     assert set(maps["ours"].values()) == {"cpu", "disk"}
@@ -234,14 +245,23 @@ def test_device_map_auto_places_modules_as_the_reference_without_cutting_a_layer
 def test_dtype_auto_loads_the_checkpoints_dtype_as_the_reference(folder, tmp_path):
     bf16 = tmp_path / "bf16"
     ReferenceForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16).save_pretrained(bf16)
-    for name in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "processor_config.json",
-                 "chat_template.json", "preprocessor_config.json", "tokenizer.json"):
+    for name in (
+        "tokenizer.model",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "processor_config.json",
+        "chat_template.json",
+        "preprocessor_config.json",
+        "tokenizer.json",
+    ):
         if (folder / name).exists():
             (bf16 / name).write_bytes((folder / name).read_bytes())
     inputs = _one_image(LlavaNextProcessor.from_pretrained(folder))
     logits = {}
-    for name, model_class in (("ours", LlavaNextForConditionalGeneration),
-                              ("reference", ReferenceForConditionalGeneration)):
+    for name, model_class in (
+        ("ours", LlavaNextForConditionalGeneration),
+        ("reference", ReferenceForConditionalGeneration),
+    ):
         model = model_class.from_pretrained(bf16, dtype="auto")
         assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
         with torch.no_grad():
@@ -253,9 +273,12 @@ ATTENTION_ATOL = 1e-4  # fp32 logits of the same model under two attention kerne
 
 
 def test_eager_sdpa_and_flex_attention_give_the_same_logits(folder, processor):
-    inputs = processor(images=[_photo(), _photo((40, 110))],
-                       text=["[INST] <image>\nWhat is this? [/INST]", "[INST] <image>\nHi [/INST]"],
-                       padding=True, return_tensors="pt")
+    inputs = processor(
+        images=[_photo(), _photo((40, 110))],
+        text=["[INST] <image>\nWhat is this? [/INST]", "[INST] <image>\nHi [/INST]"],
+        padding=True,
+        return_tensors="pt",
+    )
     mask = inputs["attention_mask"].bool()
     logits = {}
     for attn in ("eager", "sdpa", "flex_attention"):
@@ -282,9 +305,12 @@ def test_scores_and_logits_returned_by_generate_match_the_reference(models, proc
 
 
 def test_several_sampled_sequences_per_prompt_match_the_reference_under_one_seed(models, processor):
-    inputs = processor(images=[_photo(), _photo((40, 110))],
-                       text=["[INST] <image>\nWhat is this? [/INST]", "[INST] <image>\nHi [/INST]"],
-                       padding=True, return_tensors="pt")
+    inputs = processor(
+        images=[_photo(), _photo((40, 110))],
+        text=["[INST] <image>\nWhat is this? [/INST]", "[INST] <image>\nHi [/INST]"],
+        padding=True,
+        return_tensors="pt",
+    )
     kwargs = dict(do_sample=True, num_return_sequences=3, top_k=20, max_new_tokens=6)
     outputs = []
     for name in ("ours", "reference"):

@@ -8,16 +8,16 @@ import threading
 import time
 
 import anyio
+import checkpoints
 import pytest
 import torch
 import transformers
-
-import checkpoints
 from checkpoints import ask, photo
+from llava_next_sdk.errors import ContextLengthExceededError, OverloadedError, RequestCancelledError, ServerError
+
 from llava_next_plugin.engine import Engine, SamplingParams
 from llava_next_plugin.engine.detokenizer import TextStream
 from llava_next_plugin.hooks import get_plugin_manager, hookimpl
-from llava_next_sdk.errors import ContextLengthExceededError, OverloadedError, RequestCancelledError, ServerError
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 
@@ -39,16 +39,22 @@ def engine(reference):
 
 def reference_greedy(model, prepared, max_new_tokens: int) -> list[int]:
     with torch.no_grad():
-        out = model.generate(input_ids=prepared.input_ids, attention_mask=torch.ones_like(prepared.input_ids),
-                             pixel_values=prepared.pixel_values, image_sizes=prepared.image_sizes,
-                             max_new_tokens=max_new_tokens, do_sample=False)
-    return out[0, prepared.input_ids.shape[1]:].tolist()
+        out = model.generate(
+            input_ids=prepared.input_ids,
+            attention_mask=torch.ones_like(prepared.input_ids),
+            pixel_values=prepared.pixel_values,
+            image_sizes=prepared.image_sizes,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+        )
+    return out[0, prepared.input_ids.shape[1] :].tolist()
 
 
 def test_greedy_output_equals_model_generate_for_a_request_alone(engine, reference):
     model, processor = reference
-    prepared = engine.prepare(ask("What is in the picture?"), [photo(80, 50)], SamplingParams(max_tokens=10,
-                                                                                            temperature=0))
+    prepared = engine.prepare(
+        ask("What is in the picture?"), [photo(80, 50)], SamplingParams(max_tokens=10, temperature=0)
+    )
     result = engine.submit(prepared).result(timeout=120)
     expected = reference_greedy(model, prepared, 10)
     assert result.token_ids == expected
@@ -61,10 +67,12 @@ def test_greedy_output_equals_model_generate_for_a_request_alone(engine, referen
 
 
 def test_concurrent_requests_with_mixed_images_are_batched_and_match_their_solo_outputs(engine):
-    requests = [(ask("What is this?"), [photo(80, 50)]),
-                (ask("Describe it."), [photo(30, 90)]),
-                ([{"role": "user", "content": [{"type": "text", "text": "Tell me a story about a cat"}]}], []),
-                (ask("Compare them.", images=2), [photo(64, 64), photo(90, 30)])]
+    requests = [
+        (ask("What is this?"), [photo(80, 50)]),
+        (ask("Describe it."), [photo(30, 90)]),
+        ([{"role": "user", "content": [{"type": "text", "text": "Tell me a story about a cat"}]}], []),
+        (ask("Compare them.", images=2), [photo(64, 64), photo(90, 30)]),
+    ]
     solo = [engine.generate(m, i, GREEDY) for m, i in requests]
     steps_before = engine.stats["batched_steps"]
     prepared = [engine.prepare(m, i, GREEDY) for m, i in requests]
@@ -90,8 +98,7 @@ def test_a_request_joining_a_running_batch_gets_its_solo_output(engine):
 
 
 def test_streamed_deltas_add_up_to_the_result_in_threads_asyncio_and_trio(engine):
-    prepared = lambda: engine.prepare(ask("Stream this"), [photo(50, 50)], SamplingParams(max_tokens=12,
-                                                                                         temperature=0))
+    prepared = lambda: engine.prepare(ask("Stream this"), [photo(50, 50)], SamplingParams(max_tokens=12, temperature=0))
     handle = engine.submit(prepared())
     deltas = list(handle)
     assert "".join(deltas) == handle.result().text and len(deltas) > 1
@@ -114,6 +121,7 @@ def test_two_event_loops_in_two_threads_share_one_engine(engine):
         async def go():
             h = engine.submit(engine.prepare(ask("Shared"), [photo(50, 70)], GREEDY))
             return (await h.aresult()).text
+
         results[backend] = anyio.run(go, backend=backend)
 
     threads = [threading.Thread(target=run, args=(b,)) for b in ("asyncio", "trio")]
@@ -126,8 +134,9 @@ def test_two_event_loops_in_two_threads_share_one_engine(engine):
 
 def test_cancelling_a_request_drops_it_and_the_rest_of_the_batch_finishes(engine):
     other_alone = engine.generate(ask("Other"), [photo(60, 40)], GREEDY)
-    doomed = engine.submit(engine.prepare(ask("Go on forever"), [photo(50, 50)],
-                                          SamplingParams(max_tokens=400, temperature=0)))
+    doomed = engine.submit(
+        engine.prepare(ask("Go on forever"), [photo(50, 50)], SamplingParams(max_tokens=400, temperature=0))
+    )
     other = engine.submit(engine.prepare(ask("Other"), [photo(60, 40)], GREEDY))
     stream = iter(doomed)
     next(stream)
@@ -143,8 +152,7 @@ def test_cancelling_a_request_drops_it_and_the_rest_of_the_batch_finishes(engine
 
 def test_cancelling_the_async_reader_cancels_the_request(engine):
     async def main():
-        h = engine.submit(engine.prepare(ask("Long"), [photo(50, 50)], SamplingParams(max_tokens=400,
-                                                                                      temperature=0)))
+        h = engine.submit(engine.prepare(ask("Long"), [photo(50, 50)], SamplingParams(max_tokens=400, temperature=0)))
         with anyio.move_on_after(0.3):
             async for _ in h:
                 pass
@@ -158,10 +166,13 @@ def test_cancelling_the_async_reader_cancels_the_request(engine):
 def test_stop_strings_end_the_text_before_them_even_across_tokens(engine):
     full = engine.generate(ask("Say something"), [photo(70, 70)], SamplingParams(max_tokens=16, temperature=0))
     cut = len(full.text) // 2
-    stop = full.text[cut:cut + 3]
+    stop = full.text[cut : cut + 3]
     assert stop.strip() and stop not in full.text[:cut]
-    handle = engine.submit(engine.prepare(ask("Say something"), [photo(70, 70)],
-                                          SamplingParams(max_tokens=16, temperature=0, stop=("zzzz", stop))))
+    handle = engine.submit(
+        engine.prepare(
+            ask("Say something"), [photo(70, 70)], SamplingParams(max_tokens=16, temperature=0, stop=("zzzz", stop))
+        )
+    )
     deltas = list(handle)
     result = handle.result()
     assert result.text == full.text[:cut] == "".join(deltas)
@@ -179,13 +190,17 @@ def test_incremental_detokenization_handles_multibyte_pieces(reference):
 
 
 def test_seeded_sampling_repeats_and_a_tiny_top_p_is_greedy(engine):
-    sample = lambda seed: engine.generate(ask("Sample"), [photo(50, 50)],
-                                          SamplingParams(max_tokens=8, temperature=1.5, seed=seed)).token_ids
+    sample = lambda seed: (
+        engine.generate(
+            ask("Sample"), [photo(50, 50)], SamplingParams(max_tokens=8, temperature=1.5, seed=seed)
+        ).token_ids
+    )
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
     greedy = engine.generate(ask("Sample"), [photo(50, 50)], GREEDY).token_ids
-    nucleus = engine.generate(ask("Sample"), [photo(50, 50)],
-                              SamplingParams(max_tokens=8, temperature=1.0, top_p=1e-6, seed=3)).token_ids
+    nucleus = engine.generate(
+        ask("Sample"), [photo(50, 50)], SamplingParams(max_tokens=8, temperature=1.0, top_p=1e-6, seed=3)
+    ).token_ids
     assert nucleus == greedy
 
 
@@ -278,16 +293,17 @@ def test_cancelled_queued_requests_free_their_queue_places_at_once_and_end_cance
             handle.cancel()  # again: a no-op
     assert [s["id"] for s in gate.started] == [running.id, late.id]
     ended = [(e["id"], e["finish_reason"]) for e in gate.ended]
-    assert sorted(ended) == sorted([(h.id, "cancelled") for h in queued] + [(running.id, results[0].finish_reason),
-                                                                           (late.id, results[1].finish_reason)])
+    assert sorted(ended) == sorted(
+        [(h.id, "cancelled") for h in queued]
+        + [(running.id, results[0].finish_reason), (late.id, results[1].finish_reason)]
+    )
     assert engine.stats["requests_cancelled"] == 2 and engine.stats["requests_rejected"] == 0
 
 
 def test_shutdown_drains_running_requests_then_refuses_new_ones(reference):
     model, processor = reference
     engine = Engine(model, processor).start()
-    handle = engine.submit(engine.prepare(ask("Drain"), [photo(40, 40)], SamplingParams(max_tokens=6,
-                                                                                        temperature=0)))
+    handle = engine.submit(engine.prepare(ask("Drain"), [photo(40, 40)], SamplingParams(max_tokens=6, temperature=0)))
     engine.shutdown(drain=True, timeout=60)
     assert handle.result(timeout=1).completion_tokens == 6
     with pytest.raises(OverloadedError, match="shutting down"):
@@ -349,7 +365,8 @@ def test_a_plugin_registered_on_a_refreshed_manager_observes_a_running_engine(en
         manager.unregister(recorder)
     assert recorder.started == [handle.id]
     assert [(e["id"], e["error"], e["completion_tokens"]) for e in recorder.ended] == [
-        (handle.id, None, result.completion_tokens)]
+        (handle.id, None, result.completion_tokens)
+    ]
 
 
 def raise_oom_on_decode_at(model, position: int) -> None:
@@ -365,15 +382,17 @@ def raise_oom_on_decode_at(model, position: int) -> None:
 
 
 def test_a_decode_step_that_raises_fails_its_batch_with_a_typed_error_and_the_engine_keeps_serving(
-        tiny_checkpoint, engine):
+    tiny_checkpoint, engine
+):
     model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
     failing = Engine(model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint), max_batch_size=1).start()
     recorder = Recorder()
     manager = get_plugin_manager()
     manager.register(recorder)
     try:
-        request = lambda max_tokens: failing.prepare(ask("Same"), [photo(40, 40)],
-                                                     SamplingParams(max_tokens=max_tokens, temperature=0))
+        request = lambda max_tokens: failing.prepare(
+            ask("Same"), [photo(40, 40)], SamplingParams(max_tokens=max_tokens, temperature=0)
+        )
         long = request(8)
         raise_oom_on_decode_at(model, long.prompt_tokens + 3)  # the long request's 4th decode step raises
         handles = [failing.submit(long), failing.submit(request(2)), failing.submit(request(2))]
@@ -383,8 +402,10 @@ def test_a_decode_step_that_raises_fails_its_batch_with_a_typed_error_and_the_en
         expected = engine.generate(ask("Same"), [photo(40, 40)], SamplingParams(max_tokens=2, temperature=0))
         assert [h.result(timeout=120).token_ids for h in handles[1:]] == [expected.token_ids] * 2
         assert failing._thread.is_alive()
-        assert failing.generate(ask("Same"), [photo(40, 40)],
-                                SamplingParams(max_tokens=2, temperature=0)).token_ids == expected.token_ids
+        assert (
+            failing.generate(ask("Same"), [photo(40, 40)], SamplingParams(max_tokens=2, temperature=0)).token_ids
+            == expected.token_ids
+        )
     finally:
         manager.unregister(recorder)
         failing.shutdown(drain=False)
@@ -453,10 +474,15 @@ def test_a_row_that_fails_in_a_batched_decode_step_ends_alone_and_the_others_con
 def test_tiny_temperatures_sample_safely_next_to_other_requests(engine, temperature):
     """Every temperature the validator accepts samples (as greedy, barring exact ties) and never fails a batch."""
     greedy = engine.generate(ask("Tiny"), [photo(50, 50)], GREEDY).token_ids
-    others = [engine.submit(engine.prepare(ask("Other"), [photo(40, 60)], SamplingParams(max_tokens=8, temperature=1.0,
-                                                                                      seed=i))) for i in range(2)]
-    tiny = engine.submit(engine.prepare(ask("Tiny"), [photo(50, 50)], SamplingParams(max_tokens=8,
-                                                                                 temperature=temperature)))
+    others = [
+        engine.submit(
+            engine.prepare(ask("Other"), [photo(40, 60)], SamplingParams(max_tokens=8, temperature=1.0, seed=i))
+        )
+        for i in range(2)
+    ]
+    tiny = engine.submit(
+        engine.prepare(ask("Tiny"), [photo(50, 50)], SamplingParams(max_tokens=8, temperature=temperature))
+    )
     assert tiny.result(timeout=120).token_ids == greedy
     assert all(len(h.result(timeout=120).token_ids) == 8 for h in others)
 
@@ -465,6 +491,7 @@ def test_running_out_of_memory_in_a_prefill_fails_that_request_with_503_and_halv
     model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
     failing = Engine(model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint), prefill_chunk=64).start()
     try:
+
         def oom_on_long_chunks(module, args, kwargs):
             embeds = kwargs.get("inputs_embeds")
             if embeds is not None and embeds.shape[1] > 32:

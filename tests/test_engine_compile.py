@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from checkpoints import ask, photo
 from torch._dynamo.utils import counters
 
-from checkpoints import ask, photo
 from llava_next_plugin.engine import Engine, SamplingParams
 
 
@@ -42,7 +42,8 @@ def test_compiled_decode_step_warms_up_once_per_bucket_and_never_recompiles_on_j
         assert dict(counters["graph_break"]) == {}
         assert [r.token_ids for r in results] == [
             eager.generate(ask("Short"), [photo(40, 90)], short).token_ids,
-            eager.generate(ask("A long answer"), [photo(64, 64)], long).token_ids]
+            eager.generate(ask("A long answer"), [photo(64, 64)], long).token_ids,
+        ]
         assert third.token_ids == eager.generate(ask("Again"), [photo(50, 50)], short).token_ids
     finally:
         compiled.shutdown(drain=False)

@@ -6,17 +6,17 @@ from __future__ import annotations
 import base64
 import io
 
+import checkpoints
 import httpx
 import pytest
 import transformers
-
-import checkpoints
-from llava_next_plugin.engine import Engine
-from llava_next_plugin.server import create_app, serve_in_thread
-from llava_next_plugin.validation import Limits
 from llava_next_sdk.errors import BadRequestError
 from llava_next_sdk.types import ImagePart
 from llava_next_sdk.wire import parse_chat_request
+
+from llava_next_plugin.engine import Engine
+from llava_next_plugin.server import create_app, serve_in_thread
+from llava_next_plugin.validation import Limits
 
 
 def data_url(width: int, height: int) -> str:
@@ -27,8 +27,17 @@ def data_url(width: int, height: int) -> str:
 
 def body(detail: str | None) -> dict:
     image_url = {"url": data_url(96, 32)} | ({} if detail is None else {"detail": detail})
-    return {"model": "tiny", "max_tokens": 2, "temperature": 0, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": image_url}, {"type": "text", "text": "What?"}]}]}
+    return {
+        "model": "tiny",
+        "max_tokens": 2,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": image_url}, {"type": "text", "text": "What?"}],
+            }
+        ],
+    }
 
 
 def test_detail_is_parsed_from_the_wire_and_checked():
@@ -63,8 +72,15 @@ def test_the_sdk_takes_detail_on_both_transports_and_in_chat_image_url_parts(tin
     engine = Engine(model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint), model_name="tiny").start()
     photo = checkpoints.photo(96, 32)
     base_view = (checkpoints.TINY_TILE // checkpoints.TINY_PATCH) ** 2
-    chat = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(96, 32), "detail": "low"}},
-                                         {"type": "text", "text": "What?"}]}]
+    chat = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": data_url(96, 32), "detail": "low"}},
+                {"type": "text", "text": "What?"},
+            ],
+        }
+    ]
     try:
         with serve_in_thread(create_app(engine, limits=Limits(), shutdown_engine=False)) as running:
             with Client(base_url=running.url) as remote, Client(str(tiny_checkpoint), device="cpu") as local:

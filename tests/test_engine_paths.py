@@ -6,14 +6,14 @@ from __future__ import annotations
 import threading
 import time
 
+import checkpoints
 import pytest
 import torch
 import transformers
-
-import checkpoints
 from checkpoints import ask, photo
-from llava_next_plugin.engine import Engine, SamplingParams
 from llava_next_sdk.errors import RequestCancelledError
+
+from llava_next_plugin.engine import Engine, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 
@@ -25,12 +25,20 @@ def reference(tiny_checkpoint):
 
 
 def reference_greedy(model, prepared, max_new_tokens: int) -> list[int]:
-    images = {} if prepared.pixel_values is None else {"pixel_values": prepared.pixel_values,
-                                                         "image_sizes": prepared.image_sizes}
+    images = (
+        {}
+        if prepared.pixel_values is None
+        else {"pixel_values": prepared.pixel_values, "image_sizes": prepared.image_sizes}
+    )
     with torch.no_grad():
-        out = model.generate(input_ids=prepared.input_ids, attention_mask=torch.ones_like(prepared.input_ids),
-                             max_new_tokens=max_new_tokens, do_sample=False, **images)
-    return out[0, prepared.input_ids.shape[1]:].tolist()
+        out = model.generate(
+            input_ids=prepared.input_ids,
+            attention_mask=torch.ones_like(prepared.input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            **images,
+        )
+    return out[0, prepared.input_ids.shape[1] :].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +50,11 @@ def chunked(reference):
 
 def test_chunked_prefill_alone_and_joining_a_batch_gives_model_generate_tokens(reference, chunked):
     model, _ = reference
-    requests = [(ask("What is this?"), [photo(80, 50)]),
-                (ask("Compare them.", images=2), [photo(64, 64), photo(30, 90)]),
-                ([{"role": "user", "content": [{"type": "text", "text": "A story about a cat"}]}], [])]
+    requests = [
+        (ask("What is this?"), [photo(80, 50)]),
+        (ask("Compare them.", images=2), [photo(64, 64), photo(30, 90)]),
+        ([{"role": "user", "content": [{"type": "text", "text": "A story about a cat"}]}], []),
+    ]
     prepared = [chunked.prepare(m, i, GREEDY) for m, i in requests]
     expected = [reference_greedy(model, p, 8) for p in prepared]
     assert [chunked.submit(p).result(timeout=120).token_ids for p in prepared] == expected
@@ -62,7 +72,8 @@ def test_a_follow_up_turn_reuses_the_first_turns_prefix_and_image_and_gives_the_
         first = reusing.generate(ask("What is in the picture?"), [image], GREEDY)
         follow_up = ask("What is in the picture?") + [
             {"role": "assistant", "content": [{"type": "text", "text": first.text}]},
-            {"role": "user", "content": [{"type": "text", "text": "And what colour is it?"}]}]
+            {"role": "user", "content": [{"type": "text", "text": "And what colour is it?"}]},
+        ]
         before = reusing.stats_snapshot()
         prepared = reusing.prepare(follow_up, [image], GREEDY)
         second = reusing.submit(prepared).result(timeout=120)
@@ -97,8 +108,9 @@ def test_running_streams_get_tokens_while_a_long_prompt_is_prefilled_in_chunks(r
     model, processor = reference
     engine = Engine(model, processor, max_batch_size=2, prefill_chunk=16, reuse_memory=0).start()
     try:
-        running = engine.submit(engine.prepare(ask("Talk", images=0), [], SamplingParams(max_tokens=300,
-                                                                                         temperature=0)))
+        running = engine.submit(
+            engine.prepare(ask("Talk", images=0), [], SamplingParams(max_tokens=300, temperature=0))
+        )
         stream = iter(running)
         next(stream)
         arrivals: list[float] = []
@@ -112,8 +124,11 @@ def test_running_streams_get_tokens_while_a_long_prompt_is_prefilled_in_chunks(r
 
         reader = threading.Thread(target=read)
         reader.start()
-        long_prompt = engine.prepare(ask("Describe all of it. " * 6, images=2), [photo(96, 32), photo(32, 96)],
-                                     SamplingParams(max_tokens=1, temperature=0))
+        long_prompt = engine.prepare(
+            ask("Describe all of it. " * 6, images=2),
+            [photo(96, 32), photo(32, 96)],
+            SamplingParams(max_tokens=1, temperature=0),
+        )
         chunks = -(-long_prompt.prompt_tokens // 16)
         long = engine.submit(long_prompt)
         result = long.result(timeout=120)
@@ -150,8 +165,9 @@ def test_low_detail_images_are_their_base_view_only_and_match_a_reference_built_
             ids = low.input_ids
             embeds = model.get_input_embeddings()(ids)
             embeds[ids == checkpoints.IMAGE_TOKEN_ID] = torch.cat([base_features, second])
-            out = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=8,
-                                 do_sample=False)
+            out = model.generate(
+                inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False
+            )
         assert result.token_ids == out[0].tolist()
     finally:
         engine.shutdown(drain=False)
@@ -169,11 +185,13 @@ def test_an_unknown_detail_is_refused_with_the_values_allowed(reference):
 
 @pytest.mark.parametrize("text", ["llama", "qwen2", "phi3"])
 def test_other_text_backbones_run_in_the_slots_with_chunked_prefill_and_match_model_generate(
-        tiny_checkpoint_factory, text):
+    tiny_checkpoint_factory, text
+):
     folder = tiny_checkpoint_factory(text=text)
     model = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
-    engine = Engine(model, transformers.AutoProcessor.from_pretrained(folder), max_batch_size=2,
-                    prefill_chunk=16).start()
+    engine = Engine(
+        model, transformers.AutoProcessor.from_pretrained(folder), max_batch_size=2, prefill_chunk=16
+    ).start()
     try:
         prepared = engine.prepare(ask("What is this?"), [photo(80, 50)], GREEDY)
         assert engine.submit(prepared).result(timeout=120).token_ids == reference_greedy(model, prepared, 8)

@@ -11,13 +11,13 @@ import time
 import pytest
 import torch
 import transformers
-
 from checkpoints import ask, photo
+from llava_next_sdk.errors import RequestCancelledError, ServerError
+
 from llava_next_plugin.engine import Engine, SamplingParams
 from llava_next_plugin.engine.detokenizer import StopMatcher, TextStream
 from llava_next_plugin.engine.shared import get_shared_engine, shared_key
 from llava_next_plugin.hooks import get_plugin_manager, hookimpl
-from llava_next_sdk.errors import RequestCancelledError, ServerError
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0)
 ENGINE_THREAD = "llava-next-engine"
@@ -123,8 +123,7 @@ def test_a_batched_prefill_retried_row_by_row_calls_before_generate_once_per_req
     model, processor = reference
     requests = [(ask("One"), [photo(40, 40)]), (ask("Two"), [photo(60, 30)]), (ask("Three"), [photo(30, 60)])]
     expected = [engine.generate(m, i, GREEDY).token_ids for m, i in requests]
-    failing_model = transformers.LlavaNextForConditionalGeneration.from_pretrained(
-        model.config._name_or_path).eval()
+    failing_model = transformers.LlavaNextForConditionalGeneration.from_pretrained(model.config._name_or_path).eval()
 
     def refuse_batched_prefill(module, args, kwargs):
         embeds = kwargs.get("inputs_embeds")
@@ -247,7 +246,8 @@ def test_preparing_one_request_never_waits_for_another_being_tokenized(reference
 def test_shared_engines_are_keyed_by_what_options_mean(tiny_checkpoint):
     assert shared_key(tiny_checkpoint, dtype="bfloat16") == shared_key(tiny_checkpoint, dtype=torch.bfloat16)
     assert shared_key(tiny_checkpoint, dtype="float32", device="cpu") == shared_key(
-        tiny_checkpoint, dtype=torch.float32, device=torch.device("cpu"))
+        tiny_checkpoint, dtype=torch.float32, device=torch.device("cpu")
+    )
     assert shared_key(tiny_checkpoint, dtype="float32") != shared_key(tiny_checkpoint, dtype="bfloat16")
     first = get_shared_engine(tiny_checkpoint, dtype="float32", device="cpu", max_batch_size=2)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import threading
 
+import checkpoints
 import pytest
 import torch
 from PIL import Image
@@ -12,8 +13,8 @@ from safetensors.torch import load_file
 from transformers import (
     BitsAndBytesConfig,
     CompileConfig,
-    StaticCache,
     LlavaNextProcessor,
+    StaticCache,
     StoppingCriteria,
     StoppingCriteriaList,
     TextIteratorStreamer,
@@ -22,7 +23,6 @@ from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextForConditionalGeneration as ReferenceForConditionalGeneration,
 )
 
-import checkpoints
 from llava_next_plugin.modeling import LlavaNextForConditionalGeneration
 
 NEW_TOKENS = 5
@@ -45,7 +45,7 @@ def _inputs(folder):
 
 def _new_tokens(output, inputs) -> torch.Tensor:
     sequences = output.sequences if hasattr(output, "sequences") else output
-    return sequences[:, inputs["input_ids"].shape[1]:]
+    return sequences[:, inputs["input_ids"].shape[1] :]
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +209,9 @@ def test_device_map_auto_offloads_and_generates_the_same_tokens(pair, tiny_check
     bare_parameter = r"device_map keys do not match any submodules in the model: \['model\.image_newline'\]"
     for model_class in (ReferenceForConditionalGeneration, LlavaNextForConditionalGeneration):
         with pytest.warns(UserWarning, match=bare_parameter):
-            model = model_class.from_pretrained(tiny_checkpoint, offload_folder=str(tmp_path / model_class.__module__),
-                                                **placement)
+            model = model_class.from_pretrained(
+                tiny_checkpoint, offload_folder=str(tmp_path / model_class.__module__), **placement
+            )
     assert set(model.hf_device_map.values()) == {"cpu", "disk"}
     assert torch.equal(_generate(model, inputs, do_sample=False), _generate(ours, inputs, do_sample=False))
     # Saving an offloaded model writes every weight, in the hub layout (transformers warns that it reads
@@ -285,10 +286,10 @@ def _multi_image_inputs(processor, images_per_prompt):
 def _one_sample(inputs, row: int, images: range) -> dict:
     """Row ``row`` of a batch (same padding), with only its own images."""
     return {
-        "input_ids": inputs["input_ids"][row:row + 1],
-        "attention_mask": inputs["attention_mask"][row:row + 1],
-        "pixel_values": inputs["pixel_values"][images.start:images.stop],
-        "image_sizes": inputs["image_sizes"][images.start:images.stop],
+        "input_ids": inputs["input_ids"][row : row + 1],
+        "attention_mask": inputs["attention_mask"][row : row + 1],
+        "pixel_values": inputs["pixel_values"][images.start : images.stop],
+        "image_sizes": inputs["image_sizes"][images.start : images.stop],
     }
 
 
@@ -301,7 +302,7 @@ def test_beam_search_gives_each_sample_its_own_block_of_images(pair):
     assert batched.shape[0] == 4
     for row, block in enumerate(blocks):
         alone = _generate(ours, _one_sample(inputs, row, block), **kwargs)
-        assert torch.equal(batched[2 * row:2 * row + 2], alone)
+        assert torch.equal(batched[2 * row : 2 * row + 2], alone)
 
 
 def test_each_returned_sequence_sees_its_sample_images_in_order(pair):

@@ -7,13 +7,13 @@ computes (its private ``_get_number_of_features``, minus one for ``default``; no
 
 from __future__ import annotations
 
+import checkpoints
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from transformers import LlavaNextProcessor
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-import checkpoints
 from llava_next_plugin import geometry
 
 NAMED_PINPOINTS = {
@@ -33,8 +33,11 @@ def reference_count(tokenizer, height, width, pinpoints, tile, patch, strategy, 
         size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints
     )
     processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-        vision_feature_select_strategy=strategy, num_additional_image_tokens=additional,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=additional,
     )
     count = processor._get_number_of_features(height, width, tile, tile)
     return count - 1 if strategy == "default" else count
@@ -74,7 +77,8 @@ def test_view_count_follows_the_same_geometry(height, width):
     from llava_next_plugin.image_processing import LlavaNextImageProcessor
 
     s = LlavaNextImageProcessor(
-        size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+        size={"shortest_edge": 336},
+        crop_size={"height": 336, "width": 336},
         image_grid_pinpoints=checkpoints.REAL_PINPOINTS,
     ).settings()
     g = geometry.image_geometry(height, width, checkpoints.REAL_PINPOINTS, 336, 14)

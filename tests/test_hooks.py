@@ -18,16 +18,16 @@ import tomllib
 import warnings
 from pathlib import Path
 
+import llava_next_sdk.hookspecs as hookspecs
 import pluggy
 import pytest
+from llava_next_sdk import plugins
+from llava_next_sdk.errors import BadRequestError, InvalidImageError
 from PIL import Image
 
 import llava_next_plugin.hooks as hooks
-import llava_next_sdk.hookspecs as hookspecs
 from llava_next_plugin.images import load_image
 from llava_next_plugin.prompts import build_prompt
-from llava_next_sdk import plugins
-from llava_next_sdk.errors import BadRequestError, InvalidImageError
 
 PLUGIN_PROJECTS = Path(__file__).parent / "plugins"
 REPO = Path(__file__).parent.parent
@@ -94,9 +94,16 @@ def fresh_manager():
 
 # --- the hookspecs ---------------------------------------------------------------------------------
 
+
 def test_every_extension_point_is_documented_and_reexported():
-    assert HOOK_NAMES == ["llava_next_after_generate", "llava_next_before_generate", "llava_next_load_image",
-                          "llava_next_prompt_format", "llava_next_render_attention_mask", "llava_next_sdk_transport"]
+    assert HOOK_NAMES == [
+        "llava_next_after_generate",
+        "llava_next_before_generate",
+        "llava_next_load_image",
+        "llava_next_prompt_format",
+        "llava_next_render_attention_mask",
+        "llava_next_sdk_transport",
+    ]
     manager = plugins.PluginManager()
     for name in HOOK_NAMES:
         spec = getattr(hookspecs, name)
@@ -125,6 +132,7 @@ def test_builtins_are_plugins_of_the_same_hooks(fresh_manager):
 
 # --- third-party plugins found by entry point ------------------------------------------------------
 
+
 def test_installed_plugin_is_found_without_being_imported(example_plugin):
     assert "llava_next_example_plugin" not in sys.modules
     manager = hooks.get_plugin_manager(refresh=True)
@@ -151,7 +159,9 @@ def test_installed_plugin_adds_a_prompt_family(example_plugin):
 def test_without_the_plugin_its_sources_and_family_are_clear_errors(fresh_manager):
     with pytest.raises(InvalidImageError, match=r"no image source handles the URL scheme 'example://'"):
         load_image("example://teal", index=0)
-    with pytest.raises(BadRequestError, match=r"unknown prompt family 'plain'; accepted: mistral, vicuna, llama3, chatml"):
+    with pytest.raises(
+        BadRequestError, match=r"unknown prompt family 'plain'; accepted: mistral, vicuna, llama3, chatml"
+    ):
         build_prompt("Q", None, None, family="plain")
 
 
@@ -180,6 +190,7 @@ def test_autoload_can_be_switched_off(example_plugin, monkeypatch):
 
 # --- explicit registration and overriding built-ins -----------------------------------------------
 
+
 class GrayscaleBytes:
     """A user plugin replacing the built-in bytes source: bytes become a 3x3 image of the first byte."""
 
@@ -195,8 +206,11 @@ class ShortMistral:
 
     @hooks.hookimpl
     def llava_next_prompt_format(self, family, model_type, tokenizer):
-        return "{% for m in messages %}{{ m['content'] | map(attribute='type') | join(',') }}{% endfor %}" \
-            if family == "mistral" else None
+        return (
+            "{% for m in messages %}{{ m['content'] | map(attribute='type') | join(',') }}{% endfor %}"
+            if family == "mistral"
+            else None
+        )
 
 
 def test_user_plugin_registered_later_overrides_a_builtin(fresh_manager):
@@ -244,8 +258,11 @@ def test_misspelt_or_mis_signed_hooks_are_refused_with_a_clear_error():
         def llava_next_load_image(self, source, timeout, colour):
             return None
 
-    with pytest.raises(pluggy.PluginValidationError, match=r"implements llava_next_load_imag, which is no llava-next hook; "
-                                                           r"the hooks are: llava_next_after_generate"):
+    with pytest.raises(
+        pluggy.PluginValidationError,
+        match=r"implements llava_next_load_imag, which is no llava-next hook; "
+        r"the hooks are: llava_next_after_generate",
+    ):
         manager.register(Misspelt(), name="misspelt")
     assert manager.get_plugin("misspelt") is None
     with pytest.raises(pluggy.PluginValidationError, match="colour"):
@@ -258,8 +275,13 @@ def test_builtin_modules_not_written_yet_are_skipped_but_broken_ones_reported(tm
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # a module that does not exist yet is skipped silently
             manager = plugins.build_plugin_manager(
-                builtins=("llava_next_sdk.transports.not_written_yet", "llava_next_sdk.not_a_package.module",
-                          "llava_next_plugin.images"), entry_points=False)
+                builtins=(
+                    "llava_next_sdk.transports.not_written_yet",
+                    "llava_next_sdk.not_a_package.module",
+                    "llava_next_plugin.images",
+                ),
+                entry_points=False,
+            )
         assert manager.builtin_names == ("llava_next_plugin.images",)
         assert manager.failed_plugins == []
         # A built-in that exists but fails on import (here: its own dependency is missing) is reported.
@@ -299,8 +321,9 @@ print(json.dumps({
 
 def test_sdk_and_its_plugin_manager_import_neither_torch_nor_transformers(example_plugin):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(example_plugin), str(REPO / "sdk")]))
-    completed = subprocess.run([sys.executable, "-c", LIGHT_SCRIPT], capture_output=True, text=True, env=env,
-                               cwd=example_plugin, timeout=120)
+    completed = subprocess.run(
+        [sys.executable, "-c", LIGHT_SCRIPT], capture_output=True, text=True, env=env, cwd=example_plugin, timeout=120
+    )
     assert completed.returncode == 0, completed.stderr
     report = json.loads(completed.stdout.strip().splitlines()[-1])
     assert report["heavy"] == [], f"a remote-only SDK imported {report['heavy']}"
@@ -310,6 +333,7 @@ def test_sdk_and_its_plugin_manager_import_neither_torch_nor_transformers(exampl
 
 
 # --- the documented example ------------------------------------------------------------------------
+
 
 def test_the_documented_plugin_example_works_as_written(tmp_path):
     """The README's "Writing a plugin": its pyproject and module installed, its usage snippet run as written."""
@@ -329,8 +353,11 @@ def test_the_documented_plugin_example_works_as_written(tmp_path):
     assets.mkdir()
     Image.new("RGBA", (6, 4), (0, 0, 255, 255)).save(assets / "cat.png")
     usage = blocks["python"][1] + "\nprint(image.mode, image.size, image.getpixel((0, 0)), repr(prompt))\n"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(REPO), str(REPO / "sdk")]), LLAVA_ASSETS=str(assets))
-    completed = subprocess.run([sys.executable, "-c", usage], capture_output=True, text=True, env=env, cwd=tmp_path,
-                               timeout=300)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(site), str(REPO), str(REPO / "sdk")]), LLAVA_ASSETS=str(assets)
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", usage], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
+    )
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip().splitlines()[-1] == "RGB (6, 4) (0, 0, 255) '<image>\\nWhat is this?\\nAnswer:'"

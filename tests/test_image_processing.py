@@ -9,36 +9,67 @@ from __future__ import annotations
 import io
 import json
 
+import checkpoints
 import numpy as np
 import pytest
+from llava_next_sdk.errors import BadRequestError, InvalidImageError
 from PIL import Image
 from transformers.models.llava_next.image_processing_pil_llava_next import (
     LlavaNextImageProcessorPil as ReferencePil,
 )
 
-import checkpoints
 from llava_next_plugin import geometry
 from llava_next_plugin.image_processing import LlavaNextImageProcessor, LlavaNextImageProcessorPil
-from llava_next_sdk.errors import BadRequestError, InvalidImageError
 
 TOLERANCE = 1e-5
 
 # (height, width): tiny, extreme aspect ratios, odd sizes, around tile and pinpoint boundaries.
 SIZES = [
-    (1, 1), (1, 1000), (1000, 1), (2, 3), (7, 5), (13, 17), (31, 64), (99, 101), (200, 200),
-    (223, 225), (300, 451), (336, 336), (337, 335), (335, 673), (480, 640), (500, 1500), (511, 1023),
-    (640, 480), (671, 673), (768, 1024), (1000, 333), (1008, 336), (1009, 337), (1080, 1920),
-    (1500, 500), (2000, 37),
+    (1, 1),
+    (1, 1000),
+    (1000, 1),
+    (2, 3),
+    (7, 5),
+    (13, 17),
+    (31, 64),
+    (99, 101),
+    (200, 200),
+    (223, 225),
+    (300, 451),
+    (336, 336),
+    (337, 335),
+    (335, 673),
+    (480, 640),
+    (500, 1500),
+    (511, 1023),
+    (640, 480),
+    (671, 673),
+    (768, 1024),
+    (1000, 333),
+    (1008, 336),
+    (1009, 337),
+    (1080, 1920),
+    (1500, 500),
+    (2000, 37),
 ]
 WIDE_SIZES = [(1, 1), (1, 1000), (1000, 1), (333, 1400), (1400, 333), (700, 690), (1111, 1012), (3, 4000)]
-REAL_PHOTOS = ["chelsea.png", "astronaut.png", "coffee.png", "rocket.jpg", "camera.png", "logo.png", "horse.png",
-               "no_time_for_that_tiny.gif"]
+REAL_PHOTOS = [
+    "chelsea.png",
+    "astronaut.png",
+    "coffee.png",
+    "rocket.jpg",
+    "camera.png",
+    "logo.png",
+    "horse.png",
+    "no_time_for_that_tiny.gif",
+]
 
 
 def settings(pinpoints=checkpoints.REAL_PINPOINTS, tile: int = 336, **extra) -> dict:
     """llava-hf's preprocessor settings for a tile size and pinpoint set."""
-    return dict(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
-                image_grid_pinpoints=pinpoints, **extra)
+    return dict(
+        size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, image_grid_pinpoints=pinpoints, **extra
+    )
 
 
 def synthetic(height: int, width: int, seed: int = 0) -> Image.Image:
@@ -135,6 +166,7 @@ def test_sixteen_bit_images_are_scaled_not_clipped():
     assert np.asarray(image.convert("L")).mean() > 250
     # 16-bit arrays and tensors mean the same
     import torch
+
     from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
 
     np.testing.assert_allclose(processor(ramp)["pixel_values"], ours, atol=1e-5)
@@ -182,7 +214,7 @@ def test_mixed_size_batch_is_zero_padded_and_each_image_matches_alone():
     for i, image in enumerate(images):
         alone = processor(image)["pixel_values"][0]
         np.testing.assert_array_equal(batch["pixel_values"][i, : counts[i]].numpy(), alone)
-        assert not batch["pixel_values"][i, counts[i]:].any()
+        assert not batch["pixel_values"][i, counts[i] :].any()
     ours, ref = run_both(images, **settings())
     assert_matches_reference(ours, ref)
 
@@ -206,16 +238,23 @@ def test_without_padding_each_image_keeps_its_own_view_count():
 
 def test_per_call_overrides_match_the_reference():
     image = synthetic(123, 456)
-    for override in ({"do_normalize": False}, {"do_rescale": False}, {"image_mean": [0.5] * 3, "image_std": [0.5] * 3},
-                     {"resample": 2}):
+    for override in (
+        {"do_normalize": False},
+        {"do_rescale": False},
+        {"image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+        {"resample": 2},
+    ):
         ours = LlavaNextImageProcessor(**settings())(image, **override)
         ref = ReferencePil(**settings())(image, return_tensors="np", **override)
         assert_matches_reference(ours, ref)
 
 
 def test_size_and_crop_that_differ_from_the_tile_match_the_reference():
-    kwargs = dict(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32},
-                  image_grid_pinpoints=checkpoints.TINY_PINPOINTS)
+    kwargs = dict(
+        size={"shortest_edge": 40},
+        crop_size={"height": 32, "width": 32},
+        image_grid_pinpoints=checkpoints.TINY_PINPOINTS,
+    )
     ours, ref = run_both([synthetic(50, 90), synthetic(7, 3)], **kwargs)
     assert_matches_reference(ours, ref)
 
@@ -271,12 +310,15 @@ def test_images_past_pil_pixel_limit_are_refused(monkeypatch):
         LlavaNextImageProcessor(**settings())(np.zeros((50, 50, 3), np.uint8))
 
 
-@pytest.mark.parametrize("array,message", [
-    (np.zeros((8, 8, 3), np.float32), "must be uint8"),
-    (np.zeros((8, 8, 5), np.uint8), "1, 2, 3 or 4 channels"),
-    (np.zeros((2, 8, 8, 3, 1), np.uint8), "2 or 3 dimensions"),
-    ("cat.png", "unsupported image type str"),
-])
+@pytest.mark.parametrize(
+    "array,message",
+    [
+        (np.zeros((8, 8, 3), np.float32), "must be uint8"),
+        (np.zeros((8, 8, 5), np.uint8), "1, 2, 3 or 4 channels"),
+        (np.zeros((2, 8, 8, 3, 1), np.uint8), "2 or 3 dimensions"),
+        ("cat.png", "unsupported image type str"),
+    ],
+)
 def test_unusable_arrays_say_what_to_pass(array, message):
     with pytest.raises(InvalidImageError, match=message):
         LlavaNextImageProcessor(**settings())(array)
@@ -300,7 +342,6 @@ def test_bad_settings_are_bad_requests():
         LlavaNextImageProcessor(image_mean=[0.5, 0.5])
     with pytest.raises(InvalidImageError, match="no images"):
         LlavaNextImageProcessor(**settings())([])
-
 
 
 def test_pil_processor_works_in_a_forked_child_after_use_in_the_parent():
@@ -347,8 +388,9 @@ def test_integer_arrays_of_8bit_values_are_read_as_uint8_images():
         processor(pixels.astype(np.int64) * 2)
 
 
-PARTIAL_TILES = dict(size={"shortest_edge": 20}, crop_size={"height": 18, "width": 18},
-                     image_grid_pinpoints=checkpoints.REAL_PINPOINTS)  # 336, 672, 1008: not multiples of 18
+PARTIAL_TILES = dict(
+    size={"shortest_edge": 20}, crop_size={"height": 18, "width": 18}, image_grid_pinpoints=checkpoints.REAL_PINPOINTS
+)  # 336, 672, 1008: not multiples of 18
 
 
 @pytest.mark.parametrize("height,width", [(400, 400), (30, 50), (333, 127), (100, 350)])

@@ -13,18 +13,18 @@ import sys
 import textwrap
 from pathlib import Path
 
+import checkpoints
 import numpy as np
 import pytest
 import torch
+from llava_next_sdk.errors import BadRequestError, InvalidImageError
 from PIL import Image
+from test_image_processing import REAL_PHOTOS, SIZES, WIDE_SIZES, settings, synthetic
 from transformers import LlavaNextImageProcessor as ReferenceTorchvision
 
-import checkpoints
 from llava_next_plugin import geometry
 from llava_next_plugin.image_processing import LlavaNextImageProcessor
 from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
-from llava_next_sdk.errors import BadRequestError, InvalidImageError
-from test_image_processing import REAL_PHOTOS, SIZES, WIDE_SIZES, settings, synthetic
 
 MAX_ABS, MEAN_ABS = 0.05, 0.005
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -62,8 +62,12 @@ def test_matches_reference_on_another_pinpoint_set(height, width):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_matches_reference_on_a_4000x3000_photo_and_a_mixed_batch(device):
-    images = [checkpoints.real_photo("retina.jpg").resize((4000, 3000)), synthetic(1, 1000), synthetic(1000, 1),
-              checkpoints.real_photo("chelsea.png")]
+    images = [
+        checkpoints.real_photo("retina.jpg").resize((4000, 3000)),
+        synthetic(1, 1000),
+        synthetic(1000, 1),
+        checkpoints.real_photo("chelsea.png"),
+    ]
     ours, ref = run_both(images, device=device, **settings())
     assert ours["pixel_values"].device.type == device
     assert_close_to_reference(ours, ref)
@@ -71,8 +75,10 @@ def test_matches_reference_on_a_4000x3000_photo_and_a_mixed_batch(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_uint8_tensors_already_on_the_device(device):
-    images = [torch.from_numpy(np.asarray(synthetic(h, w))).permute(2, 0, 1).to(device)
-              for h, w in [(480, 640), (1000, 200), (33, 77), (768, 1024)]]
+    images = [
+        torch.from_numpy(np.asarray(synthetic(h, w))).permute(2, 0, 1).to(device)
+        for h, w in [(480, 640), (1000, 200), (33, 77), (768, 1024)]
+    ]
     ours = LlavaNextImageProcessorFast(**settings())(images)  # device follows the tensors
     assert ours["pixel_values"].device.type == device
     ref = ReferenceTorchvision(**settings())(images, return_tensors="pt")
@@ -160,8 +166,11 @@ def test_mixed_batch_is_zero_padded_and_counts_follow_geometry():
 
 
 def test_size_and_crop_that_differ_from_the_tile_match_the_reference():
-    kwargs = dict(size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32},
-                  image_grid_pinpoints=checkpoints.TINY_PINPOINTS)
+    kwargs = dict(
+        size={"shortest_edge": 40},
+        crop_size={"height": 32, "width": 32},
+        image_grid_pinpoints=checkpoints.TINY_PINPOINTS,
+    )
     ours, ref = run_both([synthetic(50, 90), synthetic(7, 3)], **kwargs)
     assert_close_to_reference(ours, ref)
 
@@ -216,8 +225,9 @@ def test_without_torchvision_plain_transformers_reads_our_files_and_we_still_wor
         assert "torchvision" not in sys.modules
         print("ok")
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            cwd=Path(__file__).parent)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
 

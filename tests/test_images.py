@@ -9,16 +9,16 @@ import threading
 import time
 import urllib.parse
 
+import checkpoints
 import numpy as np
 import pytest
+from llava_next_sdk.errors import BadRequestError, InvalidImageError
 from PIL import Image, PngImagePlugin
 from transformers.image_transforms import convert_to_rgb as reference_convert_to_rgb
 from transformers.image_utils import load_image as reference_load_image
 
-import checkpoints
 import llava_next_plugin.images as images
 from llava_next_plugin.images import load_image, load_images
-from llava_next_sdk.errors import BadRequestError, InvalidImageError
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **params) -> bytes:
@@ -44,6 +44,7 @@ def photo() -> Image.Image:
 
 # --- every built-in source ---------------------------------------------------------------------------
 
+
 def test_path_str_pathlike_and_file_url_give_the_same_pixels_as_the_reference(tmp_path, photo):
     path = tmp_path / "chelsea.png"
     photo.save(path)
@@ -65,22 +66,23 @@ def test_data_url_and_bare_base64(photo):
     data = encode(photo.resize((40, 30)))
     encoded = base64.b64encode(data).decode()
     expected = pixels(Image.open(io.BytesIO(data)))
-    wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))  # MIME-style line wrapping
+    wrapped = "\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))  # MIME-style line wrapping
     for source in (f"data:image/png;base64,{encoded}", encoded, f"data:image/png;base64,{wrapped}"):
         np.testing.assert_array_equal(np.asarray(load_image(source)), expected)
 
 
 def test_data_urls_are_read_alike_by_load_image_and_by_server_requests(photo):
     """One decoder (llava_next_sdk.wire.decode_data_url): what load_image accepts, a request accepts."""
-    from llava_next_plugin.validation import Limits, load_request_images
     from llava_next_sdk import wire
+
+    from llava_next_plugin.validation import Limits, load_request_images
 
     data = encode(photo.resize((40, 30)))
     encoded = base64.b64encode(data).decode()
     expected = pixels(Image.open(io.BytesIO(data)))
     urls = {
         "plain": f"data:image/png;base64,{encoded}",
-        "wrapped": "data:image/png;base64," + "\r\n".join(encoded[i:i + 64] for i in range(0, len(encoded), 64)),
+        "wrapped": "data:image/png;base64," + "\r\n".join(encoded[i : i + 64] for i in range(0, len(encoded), 64)),
         "percent-encoded": f"data:image/png,{urllib.parse.quote(data)}",
         "not an image type": f"data:text/plain;base64,{encoded}",
         "corrupt": "data:image/png;base64,!!!not base64!!!",
@@ -88,8 +90,10 @@ def test_data_urls_are_read_alike_by_load_image_and_by_server_requests(photo):
     for name, url in urls.items():
         body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
         outcomes = []
-        for read in (lambda: load_image(url, index=0),
-                     lambda: load_request_images(wire.parse_chat_request(body).request, Limits())[0]):
+        for read in (
+            lambda: load_image(url, index=0),
+            lambda: load_request_images(wire.parse_chat_request(body).request, Limits())[0],
+        ):
             try:
                 outcomes.append(pixels(read()))
             except InvalidImageError as error:
@@ -127,6 +131,7 @@ def test_numpy_arrays():
 
 
 # --- http(s) on a real loopback server -----------------------------------------------------------------
+
 
 class ImageServer(http.server.BaseHTTPRequestHandler):
     png = b""
@@ -179,7 +184,9 @@ def test_http_url_with_redirect(image_server):
 
 
 def test_http_errors_are_clear(image_server, monkeypatch):
-    with pytest.raises(InvalidImageError, match=r"^image 2: URL '.*/missing.png' answered HTTP 404 Not Found; check the URL"):
+    with pytest.raises(
+        InvalidImageError, match=r"^image 2: URL '.*/missing.png' answered HTTP 404 Not Found; check the URL"
+    ):
         load_image(image_server + "/missing.png", index=2)
     with pytest.raises(InvalidImageError, match=r"did not answer within 0.3 s .*pass a larger timeout"):
         load_image(image_server + "/slow", timeout=0.3)
@@ -197,9 +204,13 @@ def test_unreachable_url_is_an_invalid_image_not_a_hang():
 
 # --- bad input -------------------------------------------------------------------------------------------
 
+
 def test_unknown_sources_name_the_index_and_the_accepted_kinds():
-    with pytest.raises(InvalidImageError, match=r"^image 4: unsupported image source: a builtins.int; pass a path, "
-                                                r"an http\(s\) URL, a data URL, bytes, a PIL image or a numpy array"):
+    with pytest.raises(
+        InvalidImageError,
+        match=r"^image 4: unsupported image source: a builtins.int; pass a path, "
+        r"an http\(s\) URL, a data URL, bytes, a PIL image or a numpy array",
+    ):
         load_image(42, index=4)
     with pytest.raises(InvalidImageError, match=r"no image source handles the URL scheme 's3://'.*register a plugin"):
         load_image("s3://bucket/cat.png")
@@ -289,6 +300,7 @@ def test_load_images_names_the_failing_index(photo):
 
 # --- modes --------------------------------------------------------------------------------------------------
 
+
 def test_transparency_is_composited_on_white_like_the_reference():
     rgba = noise(16, 12, "RGBA", seed=3)
     la = noise(16, 12, "RGBA", seed=4).convert("LA")
@@ -343,8 +355,11 @@ def test_grey_images_give_the_same_pixels_loaded_first_or_given_to_the_processor
     ramp = np.linspace(0, high, 40 * 50).reshape(40, 50).round()
     image = Image.fromarray(ramp.astype(np.int32 if mode == "I" else np.uint16))
     assert image.mode == mode
-    processor = LlavaNextImageProcessor(crop_size={"height": 32, "width": 32}, size={"shortest_edge": 32},
-                                        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]])
+    processor = LlavaNextImageProcessor(
+        crop_size={"height": 32, "width": 32},
+        size={"shortest_edge": 32},
+        image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+    )
     direct = processor(image)["pixel_values"]
     loaded = processor(load_image(image))["pixel_values"]
     np.testing.assert_array_equal(loaded, direct)
@@ -372,6 +387,7 @@ def test_png_text_chunks_and_multi_frame_gifs_load_their_first_frame():
 
 # --- decoded images cross the SDK without a round trip -----------------------------------------------
 
+
 def decoded_sources() -> dict[str, object]:
     rng = np.random.default_rng(3)
     rgba = Image.fromarray(rng.integers(0, 256, (7, 9, 4), dtype=np.uint8), "RGBA")
@@ -385,16 +401,25 @@ def decoded_sources() -> dict[str, object]:
     rotated = Image.open(io.BytesIO(encode(rotated, "JPEG", exif=exif.tobytes())))  # a photo as a camera saves it
     wide = rng.integers(0, 65536, (7, 9), dtype=np.uint16)
     return {
-        "RGB": noise(9, 7), "RGBA": rgba, "L": noise(9, 7, "L"), "LA": rgba.convert("LA"), "P": palette,
-        "P with transparency": transparent, "1": noise(9, 7, "L").convert("1"),
-        "I;16": Image.fromarray(wide), "I": Image.fromarray(wide.astype(np.int32)),
-        "F": Image.fromarray(rng.random((7, 9), dtype=np.float32)), "CMYK": noise(9, 7).convert("CMYK"),
-        "YCbCr": noise(9, 7).convert("YCbCr"), "EXIF-rotated JPEG file": rotated,
+        "RGB": noise(9, 7),
+        "RGBA": rgba,
+        "L": noise(9, 7, "L"),
+        "LA": rgba.convert("LA"),
+        "P": palette,
+        "P with transparency": transparent,
+        "1": noise(9, 7, "L").convert("1"),
+        "I;16": Image.fromarray(wide),
+        "I": Image.fromarray(wide.astype(np.int32)),
+        "F": Image.fromarray(rng.random((7, 9), dtype=np.float32)),
+        "CMYK": noise(9, 7).convert("CMYK"),
+        "YCbCr": noise(9, 7).convert("YCbCr"),
+        "EXIF-rotated JPEG file": rotated,
         "uint8 HW": rng.integers(0, 256, (7, 9), dtype=np.uint8),
         "uint8 HW1": rng.integers(0, 256, (7, 9, 1), dtype=np.uint8),
         "uint8 HWC": rng.integers(0, 256, (7, 9, 3), dtype=np.uint8),
         "uint8 HWC RGBA": rng.integers(0, 256, (7, 9, 4), dtype=np.uint8),
-        "float HWC": rng.random((7, 9, 3)), "bool HW": rng.random((7, 9)) > 0.5,
+        "float HWC": rng.random((7, 9, 3)),
+        "bool HW": rng.random((7, 9)) > 0.5,
     }
 
 
@@ -402,9 +427,10 @@ def decoded_sources() -> dict[str, object]:
 def test_a_decoded_image_reaches_the_processor_as_it_would_over_http(kind):
     """The SDK keeps a PIL image or array decoded for the local transport and encodes it only for HTTP; the
     processor gets the same RGB pixels either way (the server decodes the PNG the HTTP transport sends)."""
-    from llava_next_plugin.validation import Limits, load_request_images
     from llava_next_sdk.images import _encode_sync, encode_for_wire
     from llava_next_sdk.types import ChatMessage, ChatRequest
+
+    from llava_next_plugin.validation import Limits, load_request_images
 
     source = decoded_sources()[kind]
     part = _encode_sync(source, 0)
@@ -431,9 +457,10 @@ def test_a_request_without_decoded_images_is_sent_as_it_is():
 
 
 def test_a_hand_built_decoded_part_in_a_mode_png_cannot_hold_is_still_sent():
-    from llava_next_plugin.validation import Limits, load_request_images
     from llava_next_sdk.images import encode_for_wire
     from llava_next_sdk.types import ChatMessage, ChatRequest, ImagePart
+
+    from llava_next_plugin.validation import Limits, load_request_images
 
     cmyk = noise(5, 4).convert("CMYK")
     sent = encode_for_wire(ChatRequest((ChatMessage("user", (ImagePart(image=cmyk),)),)))

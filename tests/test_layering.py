@@ -15,14 +15,15 @@ import sys
 import tomllib
 from pathlib import Path
 
-
 REPO = Path(__file__).resolve().parent.parent
 SDK = REPO / "sdk" / "llava_next_sdk"
 
 
 def sdk_modules() -> list[str]:
-    return sorted(".".join(path.relative_to(SDK.parent).with_suffix("").parts).removesuffix(".__init__")
-                  for path in SDK.rglob("*.py"))
+    return sorted(
+        ".".join(path.relative_to(SDK.parent).with_suffix("").parts).removesuffix(".__init__")
+        for path in SDK.rglob("*.py")
+    )
 
 
 def imported_names(path: Path) -> set[str]:
@@ -37,9 +38,10 @@ def imported_names(path: Path) -> set[str]:
 
 
 def test_no_sdk_source_imports_the_plugin():
-    offenders = {str(path.relative_to(REPO)): sorted(n for n in imported_names(path)
-                                                     if n.split(".")[0] == "llava_next_plugin")
-                 for path in SDK.rglob("*.py")}
+    offenders = {
+        str(path.relative_to(REPO)): sorted(n for n in imported_names(path) if n.split(".")[0] == "llava_next_plugin")
+        for path in SDK.rglob("*.py")
+    }
     assert {path: names for path, names in offenders.items() if names} == {}
 
 
@@ -70,8 +72,10 @@ print("failed plugins:", [f.name for f in manager.failed_plugins])
 
 def test_the_sdk_distribution_does_not_depend_on_the_plugin():
     project = tomllib.loads((REPO / "sdk" / "pyproject.toml").read_text())["project"]
-    requirements = [*project.get("dependencies", ()),
-                    *(r for extra in project.get("optional-dependencies", {}).values() for r in extra)]
+    requirements = [
+        *project.get("dependencies", ()),
+        *(r for extra in project.get("optional-dependencies", {}).values() for r in extra),
+    ]
     assert not [r for r in requirements if r.replace("_", "-").startswith("llava-next-plugin")]
     plugin = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert any(r.startswith("llava-next-sdk") for r in plugin["dependencies"])  # the one direction
@@ -87,7 +91,8 @@ def test_the_installed_metadata_offers_the_local_transport_to_the_sdk():
     ``pip install --no-deps -e . -e sdk``)."""
     found = importlib.metadata.entry_points(group="llava_next_sdk.transports", name="local")
     assert [(ep.value, ep.dist.metadata["Name"]) for ep in found] == [
-        ("llava_next_plugin.local_transport", "llava-next-plugin")]
+        ("llava_next_plugin.local_transport", "llava-next-plugin")
+    ]
     module = next(iter(found)).load()
     assert type(module.llava_next_sdk_transport(url="local:some/model", options={})).__name__ == "LocalTransport"
     assert module.llava_next_sdk_transport(url="http://127.0.0.1:9/v1", options={}) is None
@@ -95,17 +100,20 @@ def test_the_installed_metadata_offers_the_local_transport_to_the_sdk():
 
 def test_a_client_for_a_local_model_is_built_without_importing_the_plugin():
     """Building the client only reads metadata: the import (torch) waits for the first request."""
-    code = ("import sys\nfrom llava_next_sdk import AsyncClient\n"
-            "client = AsyncClient(model='some/model')\n"
-            "print(type(client.transport).__name__, 'llava_next_plugin' in sys.modules, 'torch' in sys.modules)\n")
+    code = (
+        "import sys\nfrom llava_next_sdk import AsyncClient\n"
+        "client = AsyncClient(model='some/model')\n"
+        "print(type(client.transport).__name__, 'llava_next_plugin' in sys.modules, 'torch' in sys.modules)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["DeferredTransport", "False", "False"]
 
 
 def test_each_version_is_written_once_and_read_from_the_metadata():
-    import llava_next_plugin
     import llava_next_sdk
+
+    import llava_next_plugin
 
     assert llava_next_sdk.__version__ == importlib.metadata.version("llava-next-sdk")
     assert llava_next_plugin.__version__ == importlib.metadata.version("llava-next-plugin")
@@ -115,12 +123,14 @@ def test_a_loaded_provider_still_counts_as_installed():
     """Two threads building clients at once: one may register the provider between the other's hook call
     and its provider check. The provider must still be found then, so that client waits for the import
     (a DeferredTransport) instead of saying the model package is not installed."""
-    code = ("from llava_next_sdk.plugins import get_plugin_manager\n"
-            "manager = get_plugin_manager()\n"
-            "before = [ep.name for ep in manager.transport_providers('local')]\n"
-            "manager.load_transport_providers('local')\n"
-            "after = [ep.name for ep in manager.transport_providers('local')]\n"
-            "print(before, after)\n")
+    code = (
+        "from llava_next_sdk.plugins import get_plugin_manager\n"
+        "manager = get_plugin_manager()\n"
+        "before = [ep.name for ep in manager.transport_providers('local')]\n"
+        "manager.load_transport_providers('local')\n"
+        "after = [ep.name for ep in manager.transport_providers('local')]\n"
+        "print(before, after)\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["['local']", "['local']"]

@@ -28,7 +28,7 @@ def test_boxes_follow_the_geometry(height, width):
     assert (image.left == 0 and image.right == canvas_w) or (image.top == 0 and image.bottom == canvas_h)
     assert abs(image.left - (canvas_w - image.right)) <= 1 and abs(image.top - (canvas_h - image.bottom)) <= 1
     assert (kept.height // 14, kept.width // 14) == (geom.unpadded_rows, geom.unpadded_cols)
-    assert kept.height * kept.width // 14 ** 2 == geom.tile_tokens
+    assert kept.height * kept.width // 14**2 == geom.tile_tokens
 
 
 def test_the_image_box_is_where_the_processor_puts_the_pixels():

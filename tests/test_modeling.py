@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import warnings
 
+import checkpoints
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from llava_next_sdk.errors import BadRequestError
 from PIL import Image
 from transformers import LlavaNextProcessor
 from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextForConditionalGeneration as ReferenceForConditionalGeneration,
 )
 
-import checkpoints
 from llava_next_plugin.modeling import LlavaNextForConditionalGeneration, LlavaNextModel
-from llava_next_sdk.errors import BadRequestError
 
 FP32_ATOL = 1e-4
 BF16_ATOL = 5e-2
@@ -68,17 +68,24 @@ def make_inputs(processor, case: str):
     if case == "single":
         return processor(images=[photo(*WIDE)], text=[prompt(1)], return_tensors="pt")
     if case == "batch_mixed_sizes":
-        return processor(images=[photo(*WIDE), photo(*TALL)], text=[prompt(1, "Hi"), prompt(1, "What is shown here?")],
-                         padding=True, return_tensors="pt")
+        return processor(
+            images=[photo(*WIDE), photo(*TALL)],
+            text=[prompt(1, "Hi"), prompt(1, "What is shown here?")],
+            padding=True,
+            return_tensors="pt",
+        )
     if case == "several_images":
-        return processor(images=[photo(*WIDE), photo(*TALL), photo(*SQUARE)], text=[prompt(3, "Compare them.")],
-                         return_tensors="pt")
+        return processor(
+            images=[photo(*WIDE), photo(*TALL), photo(*SQUARE)], text=[prompt(3, "Compare them.")], return_tensors="pt"
+        )
     if case == "image_and_text_only":
-        return processor(images=[photo(*TALL)], text=["[INST] Hi there [/INST]", prompt(1)], padding=True,
-                         return_tensors="pt")
+        return processor(
+            images=[photo(*TALL)], text=["[INST] Hi there [/INST]", prompt(1)], padding=True, return_tensors="pt"
+        )
     if case == "text_only":
-        return processor(text=["[INST] Tell me a story. [/INST]", "[INST] Hi [/INST]"], padding=True,
-                         return_tensors="pt")
+        return processor(
+            text=["[INST] Tell me a story. [/INST]", "[INST] Hi [/INST]"], padding=True, return_tensors="pt"
+        )
     raise ValueError(case)
 
 
@@ -126,13 +133,13 @@ def backbone(request, tiny_checkpoint_factory):
 # --- parity ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["single", "batch_mixed_sizes", "several_images", "image_and_text_only",
-                                  "text_only"])
+@pytest.mark.parametrize("case", ["single", "batch_mixed_sizes", "several_images", "image_and_text_only", "text_only"])
 def test_logits_match_reference(backbone, case):
     _, processor, ours, reference = backbone
     inputs = make_inputs(processor, case)
-    assert_close_where_attended(logits_of(ours, inputs), logits_of(reference, inputs), inputs["attention_mask"],
-                                FP32_ATOL)
+    assert_close_where_attended(
+        logits_of(ours, inputs), logits_of(reference, inputs), inputs["attention_mask"], FP32_ATOL
+    )
 
 
 @pytest.mark.parametrize("case", ["single", "batch_mixed_sizes"])
@@ -223,8 +230,9 @@ def test_stacked_or_listed_pixel_values_give_the_same_logits_as_padded_5d(mistra
     assert len(set(tiles)) > 1, "the case should pad one image's tiles"
     per_image = [pv[:n] for pv, n in zip(inputs["pixel_values"], tiles)]
     expected = logits_of(ours, inputs)
-    torch.testing.assert_close(logits_of(ours, dict(inputs, pixel_values=torch.cat(per_image))), expected,
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        logits_of(ours, dict(inputs, pixel_values=torch.cat(per_image))), expected, rtol=0, atol=0
+    )
     torch.testing.assert_close(logits_of(ours, dict(inputs, pixel_values=per_image)), expected, rtol=0, atol=0)
 
 
@@ -298,8 +306,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_checkpoint):
             assert model.is_activation_checkpointing
         model.train()
         model(**inputs, labels=inputs["input_ids"]).loss.backward()
-        grads.append((model.model.image_newline.grad, model.model.multi_modal_projector.linear_1.weight.grad,
-                      model.model.language_model.layers[0].self_attn.q_proj.weight.grad))
+        grads.append(
+            (
+                model.model.image_newline.grad,
+                model.model.multi_modal_projector.linear_1.weight.grad,
+                model.model.language_model.layers[0].self_attn.q_proj.weight.grad,
+            )
+        )
     for plain, checkpointed in zip(*grads):
         assert plain is not None and plain.abs().sum() > 0
         torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-6)
@@ -340,8 +353,13 @@ def test_pixel_values_without_image_tokens(mistral_pair):
     processor, ours, _ = mistral_pair
     images = make_inputs(processor, "single")
     text = processor(text=["[INST] Hi [/INST]"], return_tensors="pt")
-    _raises_bad_request(ours, "no <image> token", input_ids=text["input_ids"],
-                        pixel_values=images["pixel_values"], image_sizes=images["image_sizes"])
+    _raises_bad_request(
+        ours,
+        "no <image> token",
+        input_ids=text["input_ids"],
+        pixel_values=images["pixel_values"],
+        image_sizes=images["image_sizes"],
+    )
 
 
 def test_token_feature_mismatch_names_the_sample_and_the_cause(mistral_pair):
@@ -350,8 +368,9 @@ def test_token_feature_mismatch_names_the_sample_and_the_cause(mistral_pair):
     ids = inputs["input_ids"].clone()
     last_image_token = (ids[1] == ours.config.image_token_id).nonzero()[-1].item()
     ids[1, last_image_token] = 1
-    error = _raises_bad_request(ours, "sample 1 has", input_ids=ids, pixel_values=inputs["pixel_values"],
-                                image_sizes=inputs["image_sizes"])
+    error = _raises_bad_request(
+        ours, "sample 1 has", input_ids=ids, pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"]
+    )
     expected = ours.config.image_geometry(110, 40).num_tokens
     assert f"{expected - 1} <image> tokens" in str(error) and f"{expected} features" in str(error)
     assert "patch_size" in str(error)
@@ -360,15 +379,19 @@ def test_token_feature_mismatch_names_the_sample_and_the_cause(mistral_pair):
 def test_missing_image_sizes(mistral_pair):
     processor, ours, _ = mistral_pair
     inputs = make_inputs(processor, "single")
-    _raises_bad_request(ours, "without image_sizes", input_ids=inputs["input_ids"],
-                        pixel_values=inputs["pixel_values"])
+    _raises_bad_request(ours, "without image_sizes", input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"])
 
 
 def test_image_sizes_of_the_wrong_length(mistral_pair):
     processor, ours, _ = mistral_pair
     inputs = make_inputs(processor, "batch_mixed_sizes")
-    _raises_bad_request(ours, "image_sizes has 1", input_ids=inputs["input_ids"],
-                        pixel_values=inputs["pixel_values"], image_sizes=inputs["image_sizes"][:1])
+    _raises_bad_request(
+        ours,
+        "image_sizes has 1",
+        input_ids=inputs["input_ids"],
+        pixel_values=inputs["pixel_values"],
+        image_sizes=inputs["image_sizes"][:1],
+    )
 
 
 def test_full_strategy_with_clip_says_why(mistral_pair):
@@ -384,14 +407,14 @@ def test_tiles_of_the_wrong_size_say_which_setting_differs(mistral_pair):
     _raises_bad_request(ours, "crop_size", **dict(inputs, pixel_values=big))
 
 
-def test_full_strategy_given_to_from_pretrained_of_a_clip_model_fails_at_load_with_the_configs_message(
-        tiny_checkpoint):
+def test_full_strategy_given_to_from_pretrained_of_a_clip_model_fails_at_load_with_the_configs_message(tiny_checkpoint):
     from llava_next_plugin import LlavaNextConfig
 
     config = LlavaNextConfig.from_pretrained(tiny_checkpoint)
     with pytest.raises(ValueError, match="square grid") as at_config:
-        LlavaNextConfig(vision_config=config.vision_config, text_config=config.text_config,
-                        vision_feature_select_strategy="full")
+        LlavaNextConfig(
+            vision_config=config.vision_config, text_config=config.text_config, vision_feature_select_strategy="full"
+        )
     for model_class in (LlavaNextForConditionalGeneration, LlavaNextModel):
         with pytest.raises(ValueError, match="square grid") as at_load:
             model_class.from_pretrained(tiny_checkpoint, vision_feature_select_strategy="full")
@@ -416,8 +439,12 @@ def test_flash_attention_without_flash_attn_says_what_to_install_or_use_instead(
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", LOAD_WITH_FLASH_ATTENTION_ABSENT, str(tiny_checkpoint)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_WITH_FLASH_ATTENTION_ABSENT, str(tiny_checkpoint)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "ImportError: attn_implementation='flash_attention_2' cannot be used here" in done.stdout
     assert "pip install 'llava-next-plugin[flash]'" in done.stdout

@@ -29,8 +29,9 @@ def execute(name: str, tmp_path: Path, monkeypatch, notebook=None) -> nbformat.N
     scratch.mkdir()
     monkeypatch.setenv("TMPDIR", str(scratch))  # the kernel inherits it: checkpoints land here
     notebook = notebook or nbformat.read(NOTEBOOKS / name, as_version=4)
-    NotebookClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
-                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        notebook, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     left = sorted(p.name for p in scratch.glob("llava-next-*"))  # (libraries may keep caches of their own here)
     assert not left, f"{name} left its working folder behind: {left}"
     return notebook
@@ -52,11 +53,15 @@ def stdout(cell) -> str:
 
 
 def rich(cell, mime: str) -> list[str]:
-    return [o.data[mime] for o in cell.outputs if o.output_type in ("execute_result", "display_data") and mime in o.data]
+    return [
+        o.data[mime] for o in cell.outputs if o.output_type in ("execute_result", "display_data") and mime in o.data
+    ]
 
 
 def is_figure_cell(cell) -> bool:
-    return "figure" in cell.metadata.get("tags", []) or any(call in cell.source for call in ("plt.subplots(", "plt.figure("))
+    return "figure" in cell.metadata.get("tags", []) or any(
+        call in cell.source for call in ("plt.subplots(", "plt.figure(")
+    )
 
 
 def assert_clean(notebook) -> None:
@@ -156,13 +161,20 @@ def test_sdk(tmp_path, monkeypatch):
 
 def test_sdk_stops_its_server_when_a_cell_fails(tmp_path, monkeypatch):
     notebook = nbformat.read(NOTEBOOKS / "sdk.ipynb", as_version=4)
-    setup, start = [cell for cell in code_cells(notebook) if "build_tiny_checkpoint(" in cell.source or "Popen(" in cell.source]
-    notebook.cells = [setup, start, nbformat.v4.new_code_cell("print(server.pid)"),
-                      nbformat.v4.new_code_cell("raise RuntimeError('a cell fails before the clean-up cells')")]
+    setup, start = [
+        cell for cell in code_cells(notebook) if "build_tiny_checkpoint(" in cell.source or "Popen(" in cell.source
+    ]
+    notebook.cells = [
+        setup,
+        start,
+        nbformat.v4.new_code_cell("print(server.pid)"),
+        nbformat.v4.new_code_cell("raise RuntimeError('a cell fails before the clean-up cells')"),
+    ]
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the checkpoint it leaves goes with the test's folder
     with pytest.raises(CellExecutionError, match="a cell fails"):
-        NotebookClient(notebook, timeout=CELL_TIMEOUT, kernel_name="python3",
-                       resources={"metadata": {"path": str(tmp_path)}}).execute()
+        NotebookClient(
+            notebook, timeout=CELL_TIMEOUT, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        ).execute()
     server = int(stdout(notebook.cells[2]))
     try:  # the kernel has stopped, and its atexit handler stops the server
         psutil.Process(server).wait(timeout=30)

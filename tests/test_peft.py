@@ -3,6 +3,7 @@ only them, and a saved adapter reloaded onto a fresh model (by peft or by transf
 
 from __future__ import annotations
 
+import checkpoints
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -12,7 +13,6 @@ from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextForConditionalGeneration as ReferenceForConditionalGeneration,
 )
 
-import checkpoints
 from llava_next_plugin.modeling import LlavaNextForConditionalGeneration
 
 RANK = 4
@@ -79,8 +79,9 @@ def test_lora_trains_only_its_adapters_and_reloads_onto_a_fresh_model(tiny_check
 
     model.save_pretrained(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    reloaded = PeftModel.from_pretrained(LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint),
-                                         tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(
+        LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint), tmp_path / "adapter"
+    )
     torch.testing.assert_close(logits(reloaded, batch), trained, rtol=0, atol=1e-6)
     # transformers' own PEFT integration loads it too.
     fresh = LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)

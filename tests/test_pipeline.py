@@ -9,15 +9,15 @@ import shutil
 import threading
 import warnings
 
+import checkpoints
 import pytest
 import torch
+from llava_next_sdk.errors import BadRequestError, InvalidImageError
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
-import checkpoints
 import llava_next_plugin
 from llava_next_plugin.pipeline import DEFAULT_PROMPT, LlavaNextImageToTextPipeline
-from llava_next_sdk.errors import BadRequestError, InvalidImageError
 
 QUESTION = "What does this chart show?"
 NEW = 6  # generated tokens per test call: enough to compare, cheap on 2 cores
@@ -56,7 +56,7 @@ def reference_answer(checkpoint, image, prompt: str, max_new_tokens: int = NEW) 
     inputs = processor(images=image, text=prompt, return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=32001)
-    return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_image_to_text_task_builds_our_pipeline_without_warnings(checkpoint, capsys):
@@ -227,17 +227,32 @@ def test_other_models_reach_transformers_unchanged(checkpoint):
     )
 
     config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=2, image_size=32, patch_size=8),
-        text_config=MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                  num_key_value_heads=4, vocab_size=32064),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
+        text_config=MistralConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=32064,
+        ),
         image_token_index=32000,
     )
     model = LlavaForConditionalGeneration(config).eval()
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                                  crop_size={"height": 32, "width": 32}),
-                               tokenizer=AutoTokenizer.from_pretrained(str(checkpoint)), patch_size=8,
-                               num_additional_image_tokens=1, vision_feature_select_strategy="default")
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=AutoTokenizer.from_pretrained(str(checkpoint)),
+        patch_size=8,
+        num_additional_image_tokens=1,
+        vision_feature_select_strategy="default",
+    )
     logging.disable(logging.CRITICAL)  # transformers' own (broken) deprecation warning fires here
     try:
         built = pipeline("image-to-text", model=model, processor=processor, device="cpu")
@@ -280,10 +295,14 @@ def test_direct_construction_and_bytes_roundtrip(checkpoint, photo):
 
 # --- checkpoints without a chat template: the family's format, detected or named ----------------------------
 
-VICUNA_PROMPT = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-                 "helpful, detailed, and polite answers to the human's questions. USER: <image>\n{q} ASSISTANT:")
-LLAMA3_PROMPT = ("<|start_header_id|>user<|end_header_id|>\n\n<image>\n{q}<|eot_id|>"
-                 "<|start_header_id|>assistant<|end_header_id|>\n\n")
+VICUNA_PROMPT = (
+    "A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the human's questions. USER: <image>\n{q} ASSISTANT:"
+)
+LLAMA3_PROMPT = (
+    "<|start_header_id|>user<|end_header_id|>\n\n<image>\n{q}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
 CHATML_PROMPT = "<|im_start|>user\n<image>\n{q}<|im_end|>\n<|im_start|>assistant\n"
 
 
@@ -355,8 +374,9 @@ def test_checkpoint_whose_family_cannot_be_told_is_a_clear_error_until_named(tin
     ],
     ids=["llama3", "chatml", "vicuna"],
 )
-def test_llama_checkpoint_family_is_told_by_its_tokenizer(tiny_checkpoint_factory, photo, tmp_path,
-                                                           special_tokens, expected_prompt):
+def test_llama_checkpoint_family_is_told_by_its_tokenizer(
+    tiny_checkpoint_factory, photo, tmp_path, special_tokens, expected_prompt
+):
     """Vicuna, Llama-3 and Yi all report model type llama: their special tokens tell them apart."""
     from transformers import pipeline
 

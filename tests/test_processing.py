@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 import shutil
 
+import checkpoints
 import numpy as np
 import pytest
 import torch
+from llava_next_sdk.errors import BadRequestError, InvalidImageError
 from PIL import Image
 
-import checkpoints
 import llava_next_plugin
 from llava_next_plugin.configuration import LlavaNextConfig
 from llava_next_plugin.processing import LlavaNextProcessor
-from llava_next_sdk.errors import BadRequestError, InvalidImageError
 
 PROMPT_ONE = "[INST] <image>\nWhat is shown here? [/INST]"
 PROMPT_TWO = "[INST] Compare <image> with <image>, please. [/INST]"
@@ -299,8 +299,10 @@ def _both_built_by_hand(clip_pair, **settings):
     import transformers
 
     ours, ref = clip_pair
-    return (LlavaNextProcessor(ours.image_processor, ours.tokenizer, **settings),
-            transformers.LlavaNextProcessor(ref.image_processor, ref.tokenizer, **settings))
+    return (
+        LlavaNextProcessor(ours.image_processor, ours.tokenizer, **settings),
+        transformers.LlavaNextProcessor(ref.image_processor, ref.tokenizer, **settings),
+    )
 
 
 def test_num_additional_image_tokens_defaults_to_zero_as_in_transformers(clip_pair):
@@ -314,8 +316,9 @@ def test_num_additional_image_tokens_defaults_to_zero_as_in_transformers(clip_pa
 @pytest.mark.parametrize("patch_size", [5, 6, 7])
 def test_tile_not_a_whole_number_of_patches_counts_as_transformers(clip_pair, patch_size):
     """32 px tiles of 5, 6 or 7 px patches: the remainder is dropped (floor), by both."""
-    mine, theirs = _both_built_by_hand(clip_pair, patch_size=patch_size, vision_feature_select_strategy="default",
-                                       num_additional_image_tokens=1)
+    mine, theirs = _both_built_by_hand(
+        clip_pair, patch_size=patch_size, vision_feature_select_strategy="default", num_additional_image_tokens=1
+    )
     for height, width in [(60, 90), (110, 40), (32, 32)]:
         image = random_image(height, width)
         out, expected = mine(images=image, text=PROMPT_ONE), theirs(images=image, text=PROMPT_ONE)
@@ -399,12 +402,14 @@ def test_partial_edge_tiles_give_transformers_input_ids_and_pixel_values(clip_pa
     from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
 
     ours, ref = clip_pair
-    partial = dict(size={"shortest_edge": 20}, crop_size={"height": 18, "width": 18},
-                   image_grid_pinpoints=checkpoints.REAL_PINPOINTS)
+    partial = dict(
+        size={"shortest_edge": 20},
+        crop_size={"height": 18, "width": 18},
+        image_grid_pinpoints=checkpoints.REAL_PINPOINTS,
+    )
     settings = dict(patch_size=6, vision_feature_select_strategy="default", num_additional_image_tokens=1)
     mine = LlavaNextProcessor(LlavaNextImageProcessorFast(**partial), ours.tokenizer, **settings)
-    theirs = transformers.LlavaNextProcessor(transformers.LlavaNextImageProcessor(**partial), ref.tokenizer,
-                                             **settings)
+    theirs = transformers.LlavaNextProcessor(transformers.LlavaNextImageProcessor(**partial), ref.tokenizer, **settings)
     image = random_image(100, 350)
     out = mine(images=image, text=PROMPT_ONE, return_tensors="pt")
     expected = theirs(images=image, text=PROMPT_ONE, return_tensors="pt")

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from test_hooks import install_offline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -85,7 +84,7 @@ def check_install_line(line: str, block: Block) -> str | None:
     """Check a ``pip install`` line against the repository; return the local project it installs, if one
     outside the repository (the plugin example's folder)."""
     words = shlex.split(line.split("#", 1)[0])
-    words = words[words.index("install") + 1:]
+    words = words[words.index("install") + 1 :]
     outside = None
     for i, word in enumerate(words):
         if word == "--index-url":
@@ -108,10 +107,17 @@ class Runner:
     def __init__(self, folder: Path, port: int) -> None:
         self.folder = folder
         self.site = folder.parent / "site-packages"
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PORT": str(port),
-                    "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+        self.env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
         self.env["PYTHONPATH"] = os.pathsep.join(
-            [str(REPO), str(REPO / "sdk"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
+            [str(REPO), str(REPO / "sdk"), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        )
         self.server: subprocess.Popen | None = None
         self.written: dict[str, str] = {}  # the plugin example's files, by language
 
@@ -134,8 +140,9 @@ class Runner:
         return self.run([sys.executable, str(path)], block)
 
     def run(self, command: list[str], block: Block) -> str:
-        done = subprocess.run(command, cwd=self.folder, env=self.env, capture_output=True, text=True,
-                              timeout=BLOCK_TIMEOUT)
+        done = subprocess.run(
+            command, cwd=self.folder, env=self.env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT
+        )
         assert done.returncode == 0, f"{block} failed:\n{block.text}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
         exported = self.folder / ".env"
         if exported.exists():
@@ -158,8 +165,14 @@ class Runner:
 
     def start_server(self, block: Block) -> None:
         assert block.text.strip().count("\n") == 0, f"{block}: the serve block is one command"
-        self.server = subprocess.Popen(["bash", "-c", "exec " + block.text.strip()], cwd=self.folder, env=self.env,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        self.server = subprocess.Popen(
+            ["bash", "-c", "exec " + block.text.strip()],
+            cwd=self.folder,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 300
         url = f"http://127.0.0.1:{self.env['PORT']}/health"
         while True:
@@ -209,8 +222,9 @@ def outputs(tmp_path_factory):
                 runner.written["toml"] = block.text
                 results[block.line] = ""
             else:
-                raise AssertionError(f"{block}: no rule runs a {block.language or 'plain'!r} block; mark it "
-                                     "bash, python or toml")
+                raise AssertionError(
+                    f"{block}: no rule runs a {block.language or 'plain'!r} block; mark it bash, python or toml"
+                )
             following = blocks[number + 1] if number + 1 < len(blocks) else None
             if runner.server is not None and (following is None or following.section != block.section):
                 runner.stop_server()  # the server runs for the rest of its section
@@ -220,8 +234,9 @@ def outputs(tmp_path_factory):
 
 
 def blocks_of(outputs, section: str, language: str) -> list[tuple[Block, str]]:
-    return [(b, outputs["results"][b.line]) for b in outputs["blocks"]
-            if b.section == section and b.language == language]
+    return [
+        (b, outputs["results"][b.line]) for b in outputs["blocks"] if b.section == section and b.language == language
+    ]
 
 
 def test_every_block_of_the_readme_ran(outputs):
@@ -248,7 +263,7 @@ def test_the_python_examples_print_answers(outputs):
 
 
 def test_the_server_examples_get_answers_over_http(outputs):
-    (curl, body), = [(b, out) for b, out in blocks_of(outputs, "Serving", "bash") if "curl" in b.text]
+    ((curl, body),) = [(b, out) for b, out in blocks_of(outputs, "Serving", "bash") if "curl" in b.text]
     response = json.loads(body)
     assert response["object"] == "chat.completion" and response["choices"][0]["message"]["content"]
     assert response["usage"]["prompt_tokens"] > response["usage"]["completion_tokens"] > 0
@@ -257,8 +272,9 @@ def test_the_server_examples_get_answers_over_http(outputs):
 
 
 def test_the_plugin_example_loads_its_image_and_prompt(outputs):
-    (_, printed), = [(b, out) for b, out in blocks_of(outputs, "Writing a plugin", "python")
-                     if "import load_image" in b.text]
+    ((_, printed),) = [
+        (b, out) for b, out in blocks_of(outputs, "Writing a plugin", "python") if "import load_image" in b.text
+    ]
     example = outputs["folder"] / "tiny" / "example.png"
     from PIL import Image
 

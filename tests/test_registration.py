@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import checkpoints
 import pytest
 import transformers
 from transformers import (
@@ -22,7 +23,6 @@ from transformers import (
 )
 from transformers.models.auto import configuration_auto, processing_auto
 
-import checkpoints
 import llava_next_plugin
 from llava_next_plugin import registration
 

@@ -13,13 +13,13 @@ import sys
 import time
 import urllib.parse
 
+import checkpoints
 import httpx
 import openai
 import pytest
 import transformers
 from starlette.responses import Response
 
-import checkpoints
 from llava_next_plugin.engine import Engine, SamplingParams
 from llava_next_plugin.server import create_app, serve_in_thread
 from llava_next_plugin.validation import Limits
@@ -60,15 +60,17 @@ def client(server):
 def expected_greedy(engine, text: str, sizes, max_tokens: int):
     from PIL import Image
 
-    images = [Image.open(io.BytesIO(base64.b64decode(data_url(w, h).split(",", 1)[1]))).convert("RGB")
-              for w, h in sizes]
+    images = [
+        Image.open(io.BytesIO(base64.b64decode(data_url(w, h).split(",", 1)[1]))).convert("RGB") for w, h in sizes
+    ]
     messages = [{"role": "user", "content": [{"type": "image"}] * len(images) + [{"type": "text", "text": text}]}]
     return engine.generate(messages, images, SamplingParams(max_tokens=max_tokens, temperature=0))
 
 
 def test_openai_client_non_stream_gets_the_engines_greedy_answer_and_usage(client, engine):
     raw = client.chat.completions.with_raw_response.create(
-        model="tiny", messages=image_message("What is this?", data_url(80, 50)), max_tokens=9, temperature=0)
+        model="tiny", messages=image_message("What is this?", data_url(80, 50)), max_tokens=9, temperature=0
+    )
     assert raw.headers["x-request-id"]
     completion = raw.parse()
     expected = expected_greedy(engine, "What is this?", [(80, 50)], 9)
@@ -82,8 +84,13 @@ def test_openai_client_non_stream_gets_the_engines_greedy_answer_and_usage(clien
 
 def test_openai_client_stream_yields_the_same_text_then_usage(client, engine):
     stream = client.chat.completions.create(
-        model="tiny", messages=image_message("What is this?", data_url(80, 50)), max_tokens=9, temperature=0,
-        stream=True, stream_options={"include_usage": True})
+        model="tiny",
+        messages=image_message("What is this?", data_url(80, 50)),
+        max_tokens=9,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     expected = expected_greedy(engine, "What is this?", [(80, 50)], 9)
@@ -95,8 +102,13 @@ def test_openai_client_stream_yields_the_same_text_then_usage(client, engine):
 
 def test_unsupported_parameters_get_a_400_that_names_them(client):
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model="tiny", messages=image_message("Hi", data_url(40, 40)),
-                                       max_tokens=2, logprobs=True, frequency_penalty=0.5)
+        client.chat.completions.create(
+            model="tiny",
+            messages=image_message("Hi", data_url(40, 40)),
+            max_tokens=2,
+            logprobs=True,
+            frequency_penalty=0.5,
+        )
     error = info.value.body
     assert error["code"] == "unsupported_parameter" and error["type"] == "invalid_request_error"
     assert "frequency_penalty" in error["message"] and "logprobs" in error["message"]
@@ -104,16 +116,24 @@ def test_unsupported_parameters_get_a_400_that_names_them(client):
 
 BAD_REQUESTS = {
     "invalid JSON": (b"{not json", "bad_request", "not valid JSON"),
-    "too many images": ({"messages": image_message("x", *[data_url(32, 32)] * 3)}, "bad_request",
-                        "at most 2 are allowed"),
+    "too many images": (
+        {"messages": image_message("x", *[data_url(32, 32)] * 3)},
+        "bad_request",
+        "at most 2 are allowed",
+    ),
     "too many pixels": ({"messages": image_message("x", data_url(400, 400))}, "invalid_image", "400x400"),
     "a local file": ({"messages": image_message("x", "file:///etc/passwd")}, "invalid_image", "file://"),
-    "a URL of a host not allowed": ({"messages": image_message("x", "http://169.254.169.254/latest")},
-                                    "invalid_image", "--allow-url-domain"),
-    "a corrupt data URL": ({"messages": image_message("x", "data:image/png;base64,AAAA")}, "invalid_image",
-                           "image 0"),
-    "max_tokens beyond the context": ({"messages": image_message("x", data_url(40, 40)), "max_tokens": 9999},
-                                      "context_length_exceeded", "context length"),
+    "a URL of a host not allowed": (
+        {"messages": image_message("x", "http://169.254.169.254/latest")},
+        "invalid_image",
+        "--allow-url-domain",
+    ),
+    "a corrupt data URL": ({"messages": image_message("x", "data:image/png;base64,AAAA")}, "invalid_image", "image 0"),
+    "max_tokens beyond the context": (
+        {"messages": image_message("x", data_url(40, 40)), "max_tokens": 9999},
+        "context_length_exceeded",
+        "context length",
+    ),
     "a temperature out of range": ({"messages": image_message("x"), "temperature": 7}, "bad_request", "temperature"),
     "no messages": ({"messages": []}, "bad_request", "messages"),
 }
@@ -123,26 +143,31 @@ BAD_REQUESTS = {
 def test_bad_input_gets_an_openai_shaped_400_and_the_server_keeps_serving(server, client, case):
     body, code, says = BAD_REQUESTS[case]
     content = body if isinstance(body, bytes) else json.dumps({"model": "tiny", **body}).encode()
-    response = httpx.post(server.url + "/chat/completions", content=content,
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        server.url + "/chat/completions", content=content, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400, response.text
     assert response.headers["x-request-id"]
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == code and says in error["message"]
-    ok = client.chat.completions.create(model="tiny", messages=image_message("Still there?", data_url(40, 40)),
-                                        max_tokens=2, temperature=0)
+    ok = client.chat.completions.create(
+        model="tiny", messages=image_message("Still there?", data_url(40, 40)), max_tokens=2, temperature=0
+    )
     assert ok.usage.completion_tokens == 2
 
 
 def test_a_body_over_the_limit_gets_413(server):
-    response = httpx.post(server.url + "/chat/completions", content=b"x" * (LIMITS.max_body_bytes + 1),
-                          headers={"content-type": "application/json"})
+    response = httpx.post(
+        server.url + "/chat/completions",
+        content=b"x" * (LIMITS.max_body_bytes + 1),
+        headers={"content-type": "application/json"},
+    )
     assert response.status_code == 413 and "larger than" in response.json()["error"]["message"]
 
 
 def test_every_response_carries_a_request_id_and_echoes_the_clients(server):
-    base = server.url[:-len("/v1")]
+    base = server.url[: -len("/v1")]
     for url in (server.url + "/models", base + "/health", base + "/metrics", base + "/nowhere"):
         response = httpx.get(url, headers={"x-request-id": "trace-123"})
         assert response.headers["x-request-id"] == "trace-123"
@@ -153,27 +178,32 @@ def test_every_response_carries_a_request_id_and_echoes_the_clients(server):
 
 def test_models_health_and_metrics(server, client):
     assert [m.id for m in client.models.list()] == ["tiny"]
-    base = server.url[:-len("/v1")]
+    base = server.url[: -len("/v1")]
     health = httpx.get(base + "/health").json()
     assert health["status"] == "ok" and health["queue_depth"] == 0
     before = httpx.get(base + "/metrics").text
-    client.chat.completions.create(model="tiny", messages=image_message("Count me", data_url(40, 40)),
-                                   max_tokens=3, temperature=0)
+    client.chat.completions.create(
+        model="tiny", messages=image_message("Count me", data_url(40, 40)), max_tokens=3, temperature=0
+    )
     after = httpx.get(base + "/metrics").text
 
     def value(text, prefix):
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
 
-    assert value(after, 'llava_next_http_requests_total{path="/v1/chat/completions",status="200"}') == \
-        value(before, 'llava_next_http_requests_total{path="/v1/chat/completions",status="200"}') + 1
+    assert (
+        value(after, 'llava_next_http_requests_total{path="/v1/chat/completions",status="200"}')
+        == value(before, 'llava_next_http_requests_total{path="/v1/chat/completions",status="200"}') + 1
+    )
     assert value(after, "llava_next_completion_tokens_total") >= value(before, "llava_next_completion_tokens_total") + 3
-    assert value(after, "llava_next_request_duration_seconds_count") == \
-        value(before, "llava_next_request_duration_seconds_count") + 1
+    assert (
+        value(after, "llava_next_request_duration_seconds_count")
+        == value(before, "llava_next_request_duration_seconds_count") + 1
+    )
     assert "llava_next_queue_depth 0" in after and "# TYPE llava_next_request_duration_seconds histogram" in after
 
 
 def test_metrics_label_requests_by_route_so_random_or_forged_paths_add_no_series(server):
-    base = server.url[:-len("/v1")]
+    base = server.url[: -len("/v1")]
     forged = '/x"} 1\nllava_next_forged_total 99\n#'
     with httpx.Client() as http:
         for i in range(50):
@@ -181,8 +211,11 @@ def test_metrics_label_requests_by_route_so_random_or_forged_paths_add_no_series
         http.get(base + urllib.parse.quote(forged))  # uvicorn decodes the path: quote and newline reach the app
         http.get(base + "/v1/" + os.urandom(6).hex())  # unknown /v1 paths too
         text = http.get(base + "/metrics").text
-    paths = {line.split('path="', 1)[1].split('"', 1)[0]
-             for line in text.splitlines() if line.startswith("llava_next_http_requests_total{")}
+    paths = {
+        line.split('path="', 1)[1].split('"', 1)[0]
+        for line in text.splitlines()
+        if line.startswith("llava_next_http_requests_total{")
+    }
     assert paths <= {"/v1/chat/completions", "/v1/models", "/health", "/metrics", "other"}
     assert 'llava_next_http_requests_total{path="other",status="404"}' in text
     assert "forged" not in text
@@ -208,8 +241,9 @@ def test_api_key_is_required_when_set(engine):
 def test_a_full_queue_answers_429_with_retry_after(engine):
     refusing = Engine(engine.model, engine.processor, max_queue=0)
     with serve_in_thread(create_app(refusing, limits=LIMITS)) as running:
-        response = httpx.post(running.url + "/chat/completions",
-                              json={"messages": image_message("Hi", data_url(40, 40)), "max_tokens": 2})
+        response = httpx.post(
+            running.url + "/chat/completions", json={"messages": image_message("Hi", data_url(40, 40)), "max_tokens": 2}
+        )
     assert response.status_code == 429 and response.headers["retry-after"] == "1"
     assert response.json()["error"]["code"] == "overloaded"
 
@@ -249,12 +283,17 @@ def test_image_preparation_runs_at_most_max_preparing_requests_at_once(engine):
         return Response(png, media_type="image/png")
 
     limits = Limits(max_image_pixels=300 * 300, allowed_url_domains=("127.0.0.1",))
-    with serve_in_thread(Starlette(routes=[Route("/cat.png", slow_png)])) as image_host, \
-            serve_in_thread(create_app(engine, limits=limits, shutdown_engine=False, max_preparing=1)) as running:
+    with (
+        serve_in_thread(Starlette(routes=[Route("/cat.png", slow_png)])) as image_host,
+        serve_in_thread(create_app(engine, limits=limits, shutdown_engine=False, max_preparing=1)) as running,
+    ):
         body = {"messages": image_message("What?", f"http://127.0.0.1:{image_host.port}/cat.png"), "max_tokens": 1}
         with ThreadPoolExecutor(3) as pool:
-            statuses = list(pool.map(lambda _: httpx.post(running.url + "/chat/completions", json=body,
-                                                          timeout=60).status_code, range(3)))
+            statuses = list(
+                pool.map(
+                    lambda _: httpx.post(running.url + "/chat/completions", json=body, timeout=60).status_code, range(3)
+                )
+            )
     assert statuses == [200, 200, 200] and most[0] == 1
 
 
@@ -264,8 +303,9 @@ def test_a_large_body_is_parsed_like_a_small_one(server, engine):
     response = httpx.post(server.url + "/chat/completions", json=body, timeout=60)
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == expected_greedy(engine, "What?", [(290, 290)], 3).text
-    broken = httpx.post(server.url + "/chat/completions", content=json.dumps(body)[:-1],
-                        headers={"content-type": "application/json"})
+    broken = httpx.post(
+        server.url + "/chat/completions", content=json.dumps(body)[:-1], headers={"content-type": "application/json"}
+    )
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
 
 
@@ -281,8 +321,13 @@ def wait_for(condition, seconds: float = 30.0) -> bool:
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_disconnects_cancels_its_generation(server, engine, stream):
     cancelled = engine.stats["requests_cancelled"]
-    body = {"model": "tiny", "messages": image_message("Go on", data_url(40, 40)), "max_tokens": 2000,
-            "temperature": 0, "stream": stream}
+    body = {
+        "model": "tiny",
+        "messages": image_message("Go on", data_url(40, 40)),
+        "max_tokens": 2000,
+        "temperature": 0,
+        "stream": stream,
+    }
     with httpx.Client(timeout=httpx.Timeout(30, read=0.5 if not stream else 30)) as http:
         if stream:
             with http.stream("POST", server.url + "/chat/completions", json=body) as response:
@@ -306,18 +351,38 @@ def test_sigterm_drains_in_flight_requests_before_exit(tiny_checkpoint):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "llava_next_plugin.serve_cli", "--model", str(tiny_checkpoint), "--port", str(port),
-         "--log-level", "warning"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "llava_next_plugin.serve_cli",
+            "--model",
+            str(tiny_checkpoint),
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
+
         def up():
             try:
                 return httpx.get(base + "/health").status_code == 200
             except httpx.TransportError:
                 return process.poll() is None and False
+
         assert wait_for(up, 120), process.stdout.read().decode() if process.poll() is not None else "not up"
-        body = {"messages": image_message("Keep talking", data_url(40, 40)), "max_tokens": 60, "temperature": 0,
-                "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "messages": image_message("Keep talking", data_url(40, 40)),
+            "max_tokens": 60,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         events = []
         with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120) as response:
             for line in response.iter_lines():
@@ -343,17 +408,24 @@ def test_image_urls_are_fetched_only_from_allowed_hosts_and_redirects_are_not_fo
     from starlette.routing import Route
 
     png = base64.b64decode(data_url(40, 40).split(",", 1)[1])
-    images = Starlette(routes=[
-        Route("/cat.png", lambda request: Response(png, media_type="image/png")),
-        Route("/elsewhere", lambda request: RedirectResponse("http://169.254.169.254/cat.png"))])
+    images = Starlette(
+        routes=[
+            Route("/cat.png", lambda request: Response(png, media_type="image/png")),
+            Route("/elsewhere", lambda request: RedirectResponse("http://169.254.169.254/cat.png")),
+        ]
+    )
     limits = Limits(max_images_per_request=2, max_image_pixels=300 * 300, allowed_url_domains=("127.0.0.1",))
-    with serve_in_thread(images) as image_host, \
-            serve_in_thread(create_app(engine, limits=limits, shutdown_engine=False)) as running:
+    with (
+        serve_in_thread(images) as image_host,
+        serve_in_thread(create_app(engine, limits=limits, shutdown_engine=False)) as running,
+    ):
         origin = f"http://127.0.0.1:{image_host.port}"
 
         def ask_about(url):
-            return httpx.post(running.url + "/chat/completions",
-                              json={"messages": image_message("What?", url), "max_tokens": 2, "temperature": 0})
+            return httpx.post(
+                running.url + "/chat/completions",
+                json={"messages": image_message("What?", url), "max_tokens": 2, "temperature": 0},
+            )
 
         fetched = ask_about(origin + "/cat.png")
         inline = ask_about(data_url(40, 40))
@@ -367,17 +439,22 @@ def test_image_urls_are_fetched_only_from_allowed_hosts_and_redirects_are_not_fo
 
 def test_each_app_counts_in_its_own_registry_and_reports_latency_ttft_and_queue_wait(engine):
     body = {"messages": image_message("Hi", data_url(40, 40)), "max_tokens": 2, "temperature": 0}
-    with serve_in_thread(create_app(engine, limits=LIMITS, shutdown_engine=False)) as first, \
-            serve_in_thread(create_app(engine, limits=LIMITS, shutdown_engine=False)) as second:
+    with (
+        serve_in_thread(create_app(engine, limits=LIMITS, shutdown_engine=False)) as first,
+        serve_in_thread(create_app(engine, limits=LIMITS, shutdown_engine=False)) as second,
+    ):
         for _ in range(3):
             assert httpx.post(first.url + "/chat/completions", json=body, timeout=60).status_code == 200
-        texts = [httpx.get(s.url[:-len("/v1")] + "/metrics").text for s in (first, second)]
+        texts = [httpx.get(s.url[: -len("/v1")] + "/metrics").text for s in (first, second)]
 
     def value(text, name):
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
 
-    for histogram in ("llava_next_request_duration_seconds", "llava_next_time_to_first_token_seconds",
-                      "llava_next_queue_wait_seconds"):
+    for histogram in (
+        "llava_next_request_duration_seconds",
+        "llava_next_time_to_first_token_seconds",
+        "llava_next_queue_wait_seconds",
+    ):
         assert f"# TYPE {histogram} histogram" in texts[0]
         assert value(texts[0], histogram + "_count") == 3 and value(texts[1], histogram + "_count") == 0
     ok = 'llava_next_http_requests_total{path="/v1/chat/completions",status="200"}'

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import anyio
+import checkpoints
+import faulty_serve
 import httpx
 import openai
 import pytest
@@ -29,8 +31,6 @@ from starlette.applications import Starlette
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-import checkpoints
-import faulty_serve
 from llava_next_plugin.server import serve_in_thread
 
 TESTS = Path(__file__).resolve().parent
@@ -78,11 +78,18 @@ class Served:
         self.base = f"http://127.0.0.1:{self.port}"
         self.url = self.base + "/v1"
         self.log_path = log
-        env = {**os.environ, "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        }
         self._log = open(log, "wb")
-        self.process = subprocess.Popen([sys.executable, str(TESTS / "faulty_serve.py"), "--port", str(self.port),
-                                         *args], env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [sys.executable, str(TESTS / "faulty_serve.py"), "--port", str(self.port), *args],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
 
         def up() -> bool:
             if self.process.poll() is not None:
@@ -107,6 +114,7 @@ class Served:
 @pytest.fixture(scope="module")
 def hostile_host():
     """Answers that are no images: another service's metrics, a byte every 0.5 s, more bytes than allowed."""
+
     async def metrics(request):
         return Response("# HELP llava_next_secret internal\nllava_next_secret 1\n", media_type="text/plain")
 
@@ -119,28 +127,48 @@ def hostile_host():
             for _ in range(40):  # 20 s at most, far beyond the server's overall URL timeout
                 await anyio.sleep(0.5)
                 yield b"\0"
+
         return StreamingResponse(body(), media_type="image/png")
 
     async def huge(request):
         async def body():  # no Content-Length: only counting while reading catches it
             for _ in range(4):
                 yield b"\0" * MAX_IMAGE_BYTES
+
         return StreamingResponse(body(), media_type="image/png")
 
-    app = Starlette(routes=[Route("/metrics", metrics), Route("/octets", octets), Route("/drip", drip),
-                            Route("/huge.png", huge)])
+    app = Starlette(
+        routes=[Route("/metrics", metrics), Route("/octets", octets), Route("/drip", drip), Route("/huge.png", huge)]
+    )
     with serve_in_thread(app) as running:
         yield f"http://127.0.0.1:{running.port}"
 
 
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint, tmp_path_factory):
-    server = Served(["--model", str(tiny_checkpoint), "--log-level", "info", "--max-images-per-request", "2",
-                     "--max-image-pixels", str(MAX_IMAGE_PIXELS), "--max-request-pixels", str(MAX_REQUEST_PIXELS),
-                     "--max-pixels-in-flight", str(MAX_REQUEST_PIXELS), "--max-image-bytes", str(MAX_IMAGE_BYTES),
-                     "--url-timeout", str(URL_TIMEOUT),
-                     "--allow-url-domain", "127.0.0.1"],
-                    tmp_path_factory.mktemp("served") / "server.log")
+    server = Served(
+        [
+            "--model",
+            str(tiny_checkpoint),
+            "--log-level",
+            "info",
+            "--max-images-per-request",
+            "2",
+            "--max-image-pixels",
+            str(MAX_IMAGE_PIXELS),
+            "--max-request-pixels",
+            str(MAX_REQUEST_PIXELS),
+            "--max-pixels-in-flight",
+            str(MAX_REQUEST_PIXELS),
+            "--max-image-bytes",
+            str(MAX_IMAGE_BYTES),
+            "--url-timeout",
+            str(URL_TIMEOUT),
+            "--allow-url-domain",
+            "127.0.0.1",
+        ],
+        tmp_path_factory.mktemp("served") / "server.log",
+    )
     yield server
     server.stop()
 
@@ -152,8 +180,13 @@ def name(tiny_checkpoint) -> str:
 
 def post(served: Served, body, **kwargs) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    return httpx.post(served.url + "/chat/completions", content=content, timeout=kwargs.pop("timeout", 120),
-                      headers={"content-type": "application/json", **kwargs.pop("headers", {})}, **kwargs)
+    return httpx.post(
+        served.url + "/chat/completions",
+        content=content,
+        timeout=kwargs.pop("timeout", 120),
+        headers={"content-type": "application/json", **kwargs.pop("headers", {})},
+        **kwargs,
+    )
 
 
 def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
@@ -171,6 +204,7 @@ def still_serving(served: Served) -> None:
 
 
 # --------------------------------------------------------------------------------------------- the right errors
+
 
 def test_a_model_failure_is_a_500_naming_only_the_request_id_and_is_logged_once_with_it(served):
     response = post(served, {"messages": user(faulty_serve.RUNTIME_MARKER), "max_tokens": 2})
@@ -215,11 +249,13 @@ def test_one_request_id_in_the_header_the_body_and_every_stream_chunk(served):
 
 def test_the_connection_stays_usable_after_every_kind_of_error(served, name):
     connection = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
-    bodies = [json.dumps({"messages": user(faulty_serve.RUNTIME_MARKER), "max_tokens": 2}),  # 500
-              "{not json",  # 400
-              json.dumps({"model": "gpt-4o", "messages": user("Hi")}),  # 404
-              json.dumps({"messages": user(faulty_serve.OOM_MARKER), "max_tokens": 2}),  # 503
-              json.dumps({"model": name, "messages": user("Hi"), "max_tokens": 2})]  # 200
+    bodies = [
+        json.dumps({"messages": user(faulty_serve.RUNTIME_MARKER), "max_tokens": 2}),  # 500
+        "{not json",  # 400
+        json.dumps({"model": "gpt-4o", "messages": user("Hi")}),  # 404
+        json.dumps({"messages": user(faulty_serve.OOM_MARKER), "max_tokens": 2}),  # 503
+        json.dumps({"model": name, "messages": user("Hi"), "max_tokens": 2}),
+    ]  # 200
     statuses, sockets = [], []
     try:
         for body in bodies:
@@ -243,8 +279,11 @@ def test_a_client_that_gives_up_is_counted_as_499_not_as_a_server_error(served):
 
     before = count("499"), count("500")
     with pytest.raises(httpx.ReadTimeout):
-        post(served, {"messages": user("Go on"), "max_tokens": 2000, "temperature": 0},
-             timeout=httpx.Timeout(30, read=0.5))
+        post(
+            served,
+            {"messages": user("Go on"), "max_tokens": 2000, "temperature": 0},
+            timeout=httpx.Timeout(30, read=0.5),
+        )
     assert wait_for(lambda: count("499") == before[0] + 1, 30)
     assert count("500") == before[1]
 
@@ -260,26 +299,67 @@ def test_deep_nesting_and_wrong_types_are_400s_with_openai_error_bodies(served):
     still_serving(served)
 
 
-JSON_LEAVES = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.integers(), st.floats(allow_nan=False),
-                        st.text(max_size=20), st.sampled_from(["\ud800", "a\udfffb", "user", "text", "image_url"]))
-JSON_VALUES = st.recursive(JSON_LEAVES, lambda children: st.lists(children, max_size=3)
-                           | st.dictionaries(st.text(max_size=8), children, max_size=3), max_leaves=12)
-PARTS = st.one_of(st.fixed_dictionaries({"type": st.just("text"), "text": JSON_VALUES}),
-                  st.fixed_dictionaries({"type": st.just("image_url"),
-                                         "image_url": st.one_of(JSON_VALUES, st.fixed_dictionaries(
-                                             {"url": st.one_of(JSON_VALUES, st.just("data:image/png;base64,AAAA"))}))}),
-                  JSON_VALUES)
+JSON_LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 5),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.text(max_size=20),
+    st.sampled_from(["\ud800", "a\udfffb", "user", "text", "image_url"]),
+)
+JSON_VALUES = st.recursive(
+    JSON_LEAVES,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    max_leaves=12,
+)
+PARTS = st.one_of(
+    st.fixed_dictionaries({"type": st.just("text"), "text": JSON_VALUES}),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("image_url"),
+            "image_url": st.one_of(
+                JSON_VALUES,
+                st.fixed_dictionaries({"url": st.one_of(JSON_VALUES, st.just("data:image/png;base64,AAAA"))}),
+            ),
+        }
+    ),
+    JSON_VALUES,
+)
 MESSAGES = st.fixed_dictionaries(
-    {"role": st.one_of(st.sampled_from(["user", "system", "assistant", "developer", "tool"]), JSON_VALUES),
-     "content": st.one_of(st.text(max_size=30), st.lists(PARTS, max_size=3), JSON_VALUES)})
+    {
+        "role": st.one_of(st.sampled_from(["user", "system", "assistant", "developer", "tool"]), JSON_VALUES),
+        "content": st.one_of(st.text(max_size=30), st.lists(PARTS, max_size=3), JSON_VALUES),
+    }
+)
 PARAMS = st.dictionaries(
-    st.sampled_from(["max_tokens", "temperature", "top_p", "stop", "seed", "n", "logprobs", "frequency_penalty",
-                     "presence_penalty", "stream", "stream_options", "model", "user", "max_completion_tokens",
-                     "tools", "x"]),
-    JSON_VALUES, max_size=4)
+    st.sampled_from(
+        [
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "stop",
+            "seed",
+            "n",
+            "logprobs",
+            "frequency_penalty",
+            "presence_penalty",
+            "stream",
+            "stream_options",
+            "model",
+            "user",
+            "max_completion_tokens",
+            "tools",
+            "x",
+        ]
+    ),
+    JSON_VALUES,
+    max_size=4,
+)
 BODIES = st.one_of(
     st.builds(lambda messages, params: {"messages": messages, **params}, st.lists(MESSAGES, max_size=3), PARAMS),
-    JSON_VALUES)
+    JSON_VALUES,
+)
 
 
 def test_fuzzed_bodies_never_get_a_5xx_and_every_refusal_is_an_openai_error(served):
@@ -290,8 +370,11 @@ def test_fuzzed_bodies_never_get_a_5xx_and_every_refusal_is_an_openai_error(serv
             body["max_tokens"] = 1  # whatever is valid stays quick
         if isinstance(body, dict) and isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 0:
             body["max_tokens"] = min(body["max_tokens"], 4) if body["max_tokens"] < 4000 else body["max_tokens"]
-        response = session.post(served.url + "/chat/completions", content=json.dumps(body, ensure_ascii=True),
-                             headers={"content-type": "application/json"})
+        response = session.post(
+            served.url + "/chat/completions",
+            content=json.dumps(body, ensure_ascii=True),
+            headers={"content-type": "application/json"},
+        )
         assert response.status_code < 500, response.text
         if response.status_code >= 400:
             error = response.json()["error"]
@@ -304,10 +387,12 @@ def test_fuzzed_bodies_never_get_a_5xx_and_every_refusal_is_an_openai_error(serv
 
 # --------------------------------------------------------------------------------------------- OpenAI clients
 
+
 def test_openai_clients_defaults_are_accepted_and_other_values_refused(served, name):
     client = openai.OpenAI(base_url=served.url, api_key="unused", max_retries=0)
-    completion = client.chat.completions.create(model=name, messages=user("Hi"), max_tokens=2, n=1, logprobs=False,
-                                                frequency_penalty=0, presence_penalty=0.0)
+    completion = client.chat.completions.create(
+        model=name, messages=user("Hi"), max_tokens=2, n=1, logprobs=False, frequency_penalty=0, presence_penalty=0.0
+    )
     assert completion.usage.completion_tokens == 2
     for extra in ({"presence_penalty": 0.5}, {"logprobs": True}, {"n": 2}, {"frequency_penalty": -1}):
         with pytest.raises(openai.BadRequestError) as info:
@@ -353,6 +438,7 @@ def test_the_served_name_is_the_checkpoints_folder_name_and_no_path_is_shown(ser
 
 # --------------------------------------------------------------------------------------------- bounds
 
+
 def test_stop_strings_are_bounded_in_count_and_length_with_a_400_naming_the_limit(served):
     error = assert_openai_error(post(served, {"messages": user("Hi"), "stop": ["x" * 300_000]}), 400)
     assert error["param"] == "stop" and "at most 1000 characters" in error["message"]
@@ -363,8 +449,9 @@ def test_stop_strings_are_bounded_in_count_and_length_with_a_400_naming_the_limi
 
 
 def test_a_prompt_that_cannot_fit_is_refused_by_its_length_in_characters(served):
-    error = assert_openai_error(post(served, {"messages": user("word " * 2_000_000), "max_tokens": 2}), 400,
-                                "context_length_exceeded")
+    error = assert_openai_error(
+        post(served, {"messages": user("word " * 2_000_000), "max_tokens": 2}), 400, "context_length_exceeded"
+    )
     assert "10000000 characters" in error["message"] and "at most" in error["message"]
     still_serving(served)
 
@@ -380,11 +467,13 @@ def test_image_pixels_are_bounded_per_request_with_413_and_the_budget_is_returne
 
 
 def test_an_image_url_that_drips_is_cut_at_the_overall_timeout(served, hostile_host):
-    error = assert_openai_error(post(served, {"messages": user("?", hostile_host + "/drip"), "max_tokens": 2}),
-                                400, "invalid_image")
+    error = assert_openai_error(
+        post(served, {"messages": user("?", hostile_host + "/drip"), "max_tokens": 2}), 400, "invalid_image"
+    )
     assert f"within {URL_TIMEOUT:g} s overall" in error["message"]
-    error = assert_openai_error(post(served, {"messages": user("?", hostile_host + "/huge.png"), "max_tokens": 2}),
-                                400, "invalid_image")
+    error = assert_openai_error(
+        post(served, {"messages": user("?", hostile_host + "/huge.png"), "max_tokens": 2}), 400, "invalid_image"
+    )
     assert "download limit" in error["message"]
 
 
@@ -412,8 +501,9 @@ def test_a_local_client_quotes_no_bytes_of_an_answer_that_is_no_image(tiny_check
 
 
 def test_the_pixel_budget_refuses_what_does_not_fit_now_with_429_and_takes_it_once_freed():
-    from llava_next_plugin.validation import PixelBudget
     from llava_next_sdk.errors import OverloadedError
+
+    from llava_next_plugin.validation import PixelBudget
 
     budget = PixelBudget(100)
     with budget.hold(60):
@@ -445,12 +535,18 @@ def test_concurrent_requests_share_the_pixel_budget_and_give_it_all_back(served)
 
 # --------------------------------------------------------------------------------------------- draining
 
+
 def stream_until_sigterm(server: Served, max_tokens: int, during_drain=None) -> list[str]:
     """Stream a long answer; after its second event send SIGTERM, call *during_drain()*, read to the end."""
     import signal
 
-    body = {"messages": user("Keep talking"), "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "messages": user("Keep talking"),
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     events: list[str] = []
     with httpx.stream("POST", server.url + "/chat/completions", json=body, timeout=120) as response:
         for line in response.iter_lines():
@@ -464,8 +560,9 @@ def stream_until_sigterm(server: Served, max_tokens: int, during_drain=None) -> 
 
 
 def test_during_a_drain_health_says_draining_and_new_work_gets_503_while_streams_finish(tiny_checkpoint, tmp_path):
-    server = Served(["--model", str(tiny_checkpoint), "--log-level", "info", "--drain-timeout", "120"],
-                    tmp_path / "server.log")
+    server = Served(
+        ["--model", str(tiny_checkpoint), "--log-level", "info", "--drain-timeout", "120"], tmp_path / "server.log"
+    )
     seen = {}
 
     def during_drain():
@@ -487,8 +584,9 @@ def test_during_a_drain_health_says_draining_and_new_work_gets_503_while_streams
 
 
 def test_a_stream_cut_by_the_drain_timeout_gets_an_error_event_before_it_closes(tiny_checkpoint, tmp_path):
-    server = Served(["--model", str(tiny_checkpoint), "--log-level", "info", "--drain-timeout", "1"],
-                    tmp_path / "server.log")
+    server = Served(
+        ["--model", str(tiny_checkpoint), "--log-level", "info", "--drain-timeout", "1"], tmp_path / "server.log"
+    )
     try:
         events = stream_until_sigterm(server, 3000)
         assert server.process.wait(60) == 0
@@ -514,5 +612,8 @@ def test_the_readmes_limits_table_gives_serves_flags_and_their_defaults():
         name = flag.strip().strip("`")[2:].replace("-", "_")
         assert name in defaults, flag
         if defaults[name] not in (None, []):
-            assert default.split()[0] == f"{defaults[name]:g}" if isinstance(defaults[name], float) \
-                else default.split()[0] == str(defaults[name]), (flag, default, defaults[name])
+            assert (
+                default.split()[0] == f"{defaults[name]:g}"
+                if isinstance(defaults[name], float)
+                else default.split()[0] == str(defaults[name])
+            ), (flag, default, defaults[name])

@@ -5,12 +5,8 @@ time both give identical greedy text and usage, and the same bad input raises th
 from __future__ import annotations
 
 import anyio
-import pytest
-
 import checkpoints
-from llava_next_plugin.engine import Engine
-from llava_next_plugin.server import create_app, serve_in_thread
-from llava_next_plugin.validation import Limits
+import pytest
 from llava_next_sdk import AsyncClient
 from llava_next_sdk.errors import (
     BadRequestError,
@@ -18,6 +14,10 @@ from llava_next_sdk.errors import (
     InvalidImageError,
     UnsupportedParameterError,
 )
+
+from llava_next_plugin.engine import Engine
+from llava_next_plugin.server import create_app, serve_in_thread
+from llava_next_plugin.validation import Limits
 
 
 def local_engine(client: AsyncClient):
@@ -44,6 +44,7 @@ def server(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def open_client(server, tiny_checkpoint):
     """``open_client(kind)``: a new AsyncClient (inside the running event loop) for that transport."""
+
     def make(kind: str) -> AsyncClient:
         if kind == "local":
             return AsyncClient(model=str(tiny_checkpoint), request_limits=LIMITS)
@@ -56,9 +57,11 @@ def run_on_both(open_client, calls, backend: str = "asyncio") -> dict:
     """Run ``await calls(client)`` with each transport, one request at a time; ``{kind: result}``."""
     results = {}
     for kind in TRANSPORTS:
+
         async def main():
             async with open_client(kind) as client:
                 return await calls(client)
+
         results[kind] = anyio.run(main, backend=backend)
     return results
 
@@ -69,10 +72,13 @@ def same(result):
 
 def test_generate_gives_identical_greedy_text_and_usage(open_client):
     async def calls(client):
-        return [await client.generate(photo(80, 50), "What is in the picture?", max_tokens=10, temperature=0),
-                await client.generate([photo(40, 90), photo(64, 64)], "Compare", max_tokens=6, temperature=0,
-                                      system="You are terse."),
-                await client.generate(None, "No image at all", max_tokens=5, temperature=0)]
+        return [
+            await client.generate(photo(80, 50), "What is in the picture?", max_tokens=10, temperature=0),
+            await client.generate(
+                [photo(40, 90), photo(64, 64)], "Compare", max_tokens=6, temperature=0, system="You are terse."
+            ),
+            await client.generate(None, "No image at all", max_tokens=5, temperature=0),
+        ]
 
     results = run_on_both(open_client, calls)
     assert [same(r) for r in results["local"]] == [same(r) for r in results["http"]]
@@ -99,9 +105,13 @@ def test_streams_give_the_same_deltas_text_and_usage_on_trio(open_client):
 def test_chat_with_openai_style_messages_and_stop_strings_match(open_client):
     async def calls(client):
         full = await client.generate(photo(70, 70), "Say something", max_tokens=12, temperature=0)
-        stop = full.text[len(full.text) // 2:][:3]
-        messages = [{"role": "user", "content": [{"type": "image", "image": photo(70, 70)},
-                                                 {"type": "text", "text": "Say something"}]}]
+        stop = full.text[len(full.text) // 2 :][:3]
+        messages = [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": photo(70, 70)}, {"type": "text", "text": "Say something"}],
+            }
+        ]
         return full, await client.chat(messages, max_tokens=12, temperature=0, stop=[stop])
 
     results = run_on_both(open_client, calls)
@@ -113,12 +123,18 @@ def test_chat_with_openai_style_messages_and_stop_strings_match(open_client):
 BAD_INPUT = {
     "too many images": (BadRequestError, lambda c: c.generate([photo(32, 32)] * 3, "x", max_tokens=2)),
     "an image too large": (InvalidImageError, lambda c: c.generate(photo(400, 400), "x", max_tokens=2)),
-    "a URL from a host not allowed": (InvalidImageError,
-                                      lambda c: c.generate("http://169.254.169.254/cat.png", "x", max_tokens=2)),
-    "max_tokens beyond the context": (ContextLengthExceededError,
-                                      lambda c: c.generate(photo(40, 40), "x", max_tokens=9999)),
-    "an unsupported parameter": (UnsupportedParameterError,
-                                 lambda c: c.generate(photo(40, 40), "x", frequency_penalty=0.5)),
+    "a URL from a host not allowed": (
+        InvalidImageError,
+        lambda c: c.generate("http://169.254.169.254/cat.png", "x", max_tokens=2),
+    ),
+    "max_tokens beyond the context": (
+        ContextLengthExceededError,
+        lambda c: c.generate(photo(40, 40), "x", max_tokens=9999),
+    ),
+    "an unsupported parameter": (
+        UnsupportedParameterError,
+        lambda c: c.generate(photo(40, 40), "x", frequency_penalty=0.5),
+    ),
     "a temperature out of range": (BadRequestError, lambda c: c.generate(photo(40, 40), "x", temperature=9)),
     "a seed beyond 64 bits": (BadRequestError, lambda c: c.generate(photo(40, 40), "x", seed=2**70)),
     "bytes that are no image": (InvalidImageError, lambda c: c.generate(b"not an image", "x", max_tokens=2)),
@@ -147,7 +163,6 @@ def test_the_same_bad_input_raises_the_same_error_class(open_client, transport, 
 def test_the_server_refuses_a_seed_beyond_64_bits_as_a_bad_request_naming_it(server):
     """Sent as raw JSON (the SDK would refuse it before sending): a 400 naming ``seed``, not a 500 retried."""
     import httpx
-
     from llava_next_sdk import wire
 
     body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "seed": 2**70}
@@ -184,6 +199,7 @@ def test_local_and_served_engines_pick_the_same_device_by_default(tiny_checkpoin
 
 # Failures of the engine, not of the input: the same class (and status) from both transports.
 
+
 def _failure_on_both(make_engine, call, *, during=None) -> dict:
     """``{kind: error}``: ``await call(client)`` with each transport, each over a new engine (HTTP through our
     server); with *during*, ``await during(engine)`` runs while the call is in flight."""
@@ -194,10 +210,14 @@ def _failure_on_both(make_engine, call, *, during=None) -> dict:
         engine = make_engine()
 
         async def main(url):
-            options = ({"base_url": url, "model": "tiny"} if url else
-                       {"model": "tiny", "engine": engine, "request_limits": LIMITS})
+            options = (
+                {"base_url": url, "model": "tiny"}
+                if url
+                else {"model": "tiny", "engine": engine, "request_limits": LIMITS}
+            )
             async with AsyncClient(max_retries=0, **options) as client:
                 async with anyio.create_task_group() as group:
+
                     async def run():
                         try:
                             await call(client)
@@ -221,7 +241,6 @@ def _failure_on_both(make_engine, call, *, during=None) -> dict:
 
 def test_the_same_engine_failure_raises_the_same_error_class_locally_and_over_http(tiny_checkpoint):
     import faulty_serve
-
     from llava_next_sdk.errors import OverloadedError, ServerError
 
     def faulty():
@@ -236,15 +255,28 @@ def test_the_same_engine_failure_raises_the_same_error_class_locally_and_over_ht
         await anyio.to_thread.run_sync(lambda: engine.shutdown(drain=False))
 
     cases = {
-        "out of device memory": (faulty, lambda c: c.generate(None, faulty_serve.OOM_MARKER, max_tokens=2), None,
-                                 OverloadedError, 503),
-        "the model failed": (faulty, lambda c: c.generate(None, faulty_serve.RUNTIME_MARKER, max_tokens=2), None,
-                             ServerError, 500),
+        "out of device memory": (
+            faulty,
+            lambda c: c.generate(None, faulty_serve.OOM_MARKER, max_tokens=2),
+            None,
+            OverloadedError,
+            503,
+        ),
+        "the model failed": (
+            faulty,
+            lambda c: c.generate(None, faulty_serve.RUNTIME_MARKER, max_tokens=2),
+            None,
+            ServerError,
+            500,
+        ),
         "the queue is full": (full, lambda c: c.generate(None, "Hi", max_tokens=2), None, OverloadedError, 429),
         "the engine shut down mid-request": (
             lambda: Engine.from_pretrained(str(tiny_checkpoint), model_name="tiny"),
-            lambda c: c.generate(None, "Go on", max_tokens=3000, temperature=0), wait_then_shut_down,
-            ServerError, 503),
+            lambda c: c.generate(None, "Go on", max_tokens=3000, temperature=0),
+            wait_then_shut_down,
+            ServerError,
+            503,
+        ),
     }
     for case, (make, call, during, expected, status) in cases.items():
         errors = _failure_on_both(make, call, during=during)

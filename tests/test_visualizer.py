@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import io
 
+import checkpoints
 import pytest
 import torch
+from llava_next_sdk.errors import BadRequestError
 from PIL import Image
 
-import checkpoints
 import llava_next_plugin
 from llava_next_plugin import AttentionMaskVisualizer
 from llava_next_plugin.hooks import get_plugin_manager, hookimpl
 from llava_next_plugin.visualizer import DEFAULT_IMAGE_SIZE, EMPTY, FULL, PARTIAL, MaskPicture
-from llava_next_sdk.errors import BadRequestError
 
 PROMPT = "<image> What is shown in this image?"
 
@@ -68,7 +68,7 @@ def test_shows_the_mask_the_model_uses_with_padding(viz, checkpoint, photo):
     for sequence in picture.sequences:  # each cell summarises its part of the real mask
         for i, row in enumerate(sequence.blocks):
             for j, col in enumerate(sequence.blocks):
-                part = sequence.mask[row.start:row.end, col.start:col.end]
+                part = sequence.mask[row.start : row.end, col.start : col.end]
                 expected = FULL if bool(part.all()) else PARTIAL if bool(part.any()) else EMPTY
                 assert sequence.block_matrix()[i][j] == expected == sequence.cell(row, col)
     # The shorter prompt is left-padded: its padding is one block nobody attends to.
@@ -119,19 +119,35 @@ def test_llava_v16_mistral_geometry_label(checkpoint, tmp_path):
     from llava_next_plugin import LlavaNextConfig, LlavaNextImageProcessorFast, LlavaNextProcessor
 
     config = LlavaNextConfig(
-        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                       num_attention_heads=4, image_size=336, patch_size=14).to_dict(),
-        text_config=MistralConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                  num_attention_heads=4, num_key_value_heads=4, vocab_size=32064).to_dict(),
+        vision_config=CLIPVisionConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=336,
+            patch_size=14,
+        ).to_dict(),
+        text_config=MistralConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=32064,
+        ).to_dict(),
         image_grid_pinpoints=checkpoints.REAL_PINPOINTS,
     )
     config.save_pretrained(str(tmp_path))
     processor = LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessorFast(size={"shortest_edge": 336},
-                                                    crop_size={"height": 336, "width": 336},
-                                                    image_grid_pinpoints=checkpoints.REAL_PINPOINTS),
+        image_processor=LlavaNextImageProcessorFast(
+            size={"shortest_edge": 336},
+            crop_size={"height": 336, "width": 336},
+            image_grid_pinpoints=checkpoints.REAL_PINPOINTS,
+        ),
         tokenizer=AutoTokenizer.from_pretrained(str(checkpoint)),
-        patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
     )
     processor.save_pretrained(str(tmp_path))
     picture = AttentionMaskVisualizer(str(tmp_path))(PROMPT, show=False)  # a generated 1024x768 image

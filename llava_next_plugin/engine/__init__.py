@@ -29,5 +29,12 @@ from .request import EngineResult, PreparedRequest, SamplingParams
 from .scheduler import Engine, default_device
 from .shared import get_shared_engine
 
-__all__ = ["Engine", "SamplingParams", "PreparedRequest", "RequestHandle", "EngineResult", "get_shared_engine",
-           "default_device"]
+__all__ = [
+    "Engine",
+    "SamplingParams",
+    "PreparedRequest",
+    "RequestHandle",
+    "EngineResult",
+    "get_shared_engine",
+    "default_device",
+]

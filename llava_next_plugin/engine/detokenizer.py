@@ -9,7 +9,7 @@ is held back until it is known not to be one.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["TextStream", "StopMatcher"]
 
@@ -83,10 +83,10 @@ class TextStream:
         self.ids.append(token_id)
         if self.stopped:
             return ""
-        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        after = self._decode(self.ids[self.prefix_offset:])
+        before = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
-            self.text += after[len(before):]
+            self.text += after[len(before) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return self._release(final=False)
 
@@ -101,7 +101,7 @@ class TextStream:
     def _release(self, final: bool) -> str:
         if self.stopped:
             return ""
-        hit = self.matcher.feed(self.text[self.fed:], self.fed)
+        hit = self.matcher.feed(self.text[self.fed :], self.fed)
         self.fed = len(self.text)
         if hit is not None:
             self.text = self.text[:hit]
@@ -112,6 +112,6 @@ class TextStream:
 
     def _hand_out(self, upto: int) -> str:
         upto = max(upto, self.sent)
-        delta = self.text[self.sent:upto]
+        delta = self.text[self.sent : upto]
         self.sent = upto
         return delta

@@ -9,7 +9,8 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from .request import EngineResult, PreparedRequest
 
@@ -44,7 +45,7 @@ class RequestHandle:
     an exception, a cancelled task) cancels the request.
     """
 
-    def __init__(self, request_id: str, prepared: PreparedRequest, engine: "Engine") -> None:
+    def __init__(self, request_id: str, prepared: PreparedRequest, engine: Engine) -> None:
         self.id = request_id
         self.prepared = prepared
         self._engine = engine

@@ -25,8 +25,17 @@ __all__ = ["KVSlots", "SlotView", "PrefixStore"]
 class KVSlots:
     """The preallocated cache: ``[layers] x [slots, kv_heads, max_len + 1, head_dim]`` keys and values."""
 
-    def __init__(self, *, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(
+        self,
+        *,
+        layers: int,
+        slots: int,
+        kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
         shape = (slots, kv_heads, max_len + 1, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
@@ -53,7 +62,7 @@ class KVSlots:
     def release(self, slot: int) -> None:
         self._free.append(slot)
 
-    def view(self, rows: slice | torch.Tensor, write_index: torch.Tensor, kv_len: int) -> "SlotView":
+    def view(self, rows: slice | torch.Tensor, write_index: torch.Tensor, kv_len: int) -> SlotView:
         return SlotView(self, rows, write_index, kv_len)
 
     def copy_in(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
@@ -86,7 +95,7 @@ class SlotView:
         index = (self._row_index, slice(None), self.write_index)  # -> [R, q, H, D]
         keys[index] = key_states.transpose(1, 2).to(keys.dtype)
         values[index] = value_states.transpose(1, 2).to(values.dtype)
-        return keys[self.rows, :, :self.kv_len], values[self.rows, :, :self.kv_len]
+        return keys[self.rows, :, : self.kv_len], values[self.rows, :, : self.kv_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.kv_len

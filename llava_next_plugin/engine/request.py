@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 from llava_next_sdk.errors import LlavaNextError, OverloadedError, ServerError
 
 __all__ = ["SamplingParams", "PreparedRequest", "EngineResult", "generation_error"]
@@ -66,10 +65,13 @@ class EngineResult:
         from llava_next_sdk.types import GenerationResult, Timings, Usage
 
         return GenerationResult(
-            text=self.text, finish_reason=self.finish_reason,
+            text=self.text,
+            finish_reason=self.finish_reason,
             usage=Usage(self.prompt_tokens, self.completion_tokens, self.image_tokens),
             timings=Timings(self.queue_seconds, self.time_to_first_token, self.total_seconds),
-            model=model, id=self.id)
+            model=model,
+            id=self.id,
+        )
 
 
 def generation_error(exc: BaseException) -> LlavaNextError:
@@ -77,6 +79,10 @@ def generation_error(exc: BaseException) -> LlavaNextError:
     if isinstance(exc, LlavaNextError):
         return exc
     if isinstance(exc, torch.OutOfMemoryError):
-        return OverloadedError(f"the device ran out of memory while generating ({exc}); retry later, or with "
-                               "fewer or smaller images or a smaller max_tokens", status=503, retry_after=1.0)
+        return OverloadedError(
+            f"the device ran out of memory while generating ({exc}); retry later, or with "
+            "fewer or smaller images or a smaller max_tokens",
+            status=503,
+            retry_after=1.0,
+        )
     return ServerError(f"generation failed: {exc!r}")

@@ -40,9 +40,17 @@ def uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, seed: torch.Tensor,
-           step: torch.Tensor, do_sample: torch.Tensor, *, any_sampled: bool = True,
-           top_p_rows: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    seed: torch.Tensor,
+    step: torch.Tensor,
+    do_sample: torch.Tensor,
+    *,
+    any_sampled: bool = True,
+    top_p_rows: list[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens ``[n]`` and whether each row's logits were finite ``[n]`` (see the module docstring).
 
     *any_sampled* (known on the host) skips the sampling when every row is greedy; *top_p_rows* lists the
@@ -81,5 +89,10 @@ def row_params(params_list, steps: list[int], seeds: list[int], device) -> tuple
     temperature = torch.tensor([max(float(p.temperature), 0.0) for p in params_list], dtype=torch.float32)
     do_sample = torch.tensor([float(p.temperature) > 0 for p in params_list], dtype=torch.bool)
     top_p = torch.tensor([float(p.top_p) for p in params_list], dtype=torch.float32)
-    return (temperature.to(device), top_p.to(device), torch.tensor(seeds, dtype=torch.int64).to(device),
-            torch.tensor(steps, dtype=torch.int64).to(device), do_sample.to(device))
+    return (
+        temperature.to(device),
+        top_p.to(device),
+        torch.tensor(seeds, dtype=torch.int64).to(device),
+        torch.tensor(steps, dtype=torch.int64).to(device),
+        do_sample.to(device),
+    )

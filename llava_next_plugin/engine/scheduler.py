@@ -25,11 +25,11 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-
 from llava_next_sdk.errors import (
     ContextLengthExceededError,
     LlavaNextError,
@@ -104,10 +104,21 @@ class Engine:
             of the KV slots' size, at least 64 MiB); 0 switches reuse off.
     """
 
-    def __init__(self, model, processor, *, max_batch_size: int = 8, max_queue: int = 64,
-                 max_context: int | None = None, default_max_tokens: int = 512,
-                 model_name: str | None = None, compile: bool | None = None, prefill_chunk: int = 512,
-                 kv_memory: int | None = None, reuse_memory: int | None = None) -> None:
+    def __init__(
+        self,
+        model,
+        processor,
+        *,
+        max_batch_size: int = 8,
+        max_queue: int = 64,
+        max_context: int | None = None,
+        default_max_tokens: int = 512,
+        model_name: str | None = None,
+        compile: bool | None = None,
+        prefill_chunk: int = 512,
+        kv_memory: int | None = None,
+        reuse_memory: int | None = None,
+    ) -> None:
         if max_batch_size < 1 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be at least 1")
         self.model = model.eval()
@@ -125,7 +136,7 @@ class Engine:
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.max_context = max_context or int(getattr(text_config, "max_position_embeddings", 4096))
         self.model_name = model_name or str(getattr(config, "_name_or_path", "") or "llava-next")
-        self.image_token_id = int(getattr(config, "image_token_id", None) or getattr(config, "image_token_index"))
+        self.image_token_id = int(getattr(config, "image_token_id", None) or config.image_token_index)
         self.pad_token_id = self.tokenizer.pad_token_id
         if self.pad_token_id is None:
             self.pad_token_id = self.tokenizer.eos_token_id or 0
@@ -160,8 +171,9 @@ class Engine:
 
     # --- construction
     @classmethod
-    def from_pretrained(cls, path: str, *, device: str | None = None, dtype: torch.dtype | str | None = None,
-                        **kwargs: Any) -> "Engine":
+    def from_pretrained(
+        cls, path: str, *, device: str | None = None, dtype: torch.dtype | str | None = None, **kwargs: Any
+    ) -> Engine:
         """Load the model and processor from a folder or hub id with the Auto classes and start the engine.
 
         Importing this package registered our classes with the Auto classes, so they are ours. *device*
@@ -179,10 +191,13 @@ class Engine:
         return engine.start()
 
     def _allocate_kv(self, text_config, kv_memory: int | None) -> KVSlots:
-        heads = int(getattr(text_config, "num_attention_heads"))
-        geometry = dict(layers=int(text_config.num_hidden_layers), slots=self.max_batch_size,
-                        kv_heads=int(getattr(text_config, "num_key_value_heads", None) or heads),
-                        head_dim=int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads))
+        heads = int(text_config.num_attention_heads)
+        geometry = dict(
+            layers=int(text_config.num_hidden_layers),
+            slots=self.max_batch_size,
+            kv_heads=int(getattr(text_config, "num_key_value_heads", None) or heads),
+            head_dim=int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads),
+        )
         if kv_memory is None:
             if self.device.type == "cuda":
                 kv_memory = int(0.4 * torch.cuda.mem_get_info(self.device)[0])
@@ -192,14 +207,26 @@ class Engine:
         fits = kv_memory // per_token - 1
         if fits < self.max_context:
             if fits < 64:
-                raise ValueError(f"{kv_memory} bytes of KV memory hold {fits} tokens per slot for "
-                                 f"{self.max_batch_size} slots; give more kv_memory or a smaller max_batch_size")
-            logger.warning("KV slots: lowering the context from %d to %d tokens to fit %.2f GiB",
-                           self.max_context, fits, kv_memory / GiB)
+                raise ValueError(
+                    f"{kv_memory} bytes of KV memory hold {fits} tokens per slot for "
+                    f"{self.max_batch_size} slots; give more kv_memory or a smaller max_batch_size"
+                )
+            logger.warning(
+                "KV slots: lowering the context from %d to %d tokens to fit %.2f GiB",
+                self.max_context,
+                fits,
+                kv_memory / GiB,
+            )
             self.max_context = int(fits)
         kv = KVSlots(max_len=self.max_context, dtype=self.dtype, device=self.device, **geometry)
-        logger.info("KV slots: %d slots x %d tokens x %d layers, %.1f MiB on %s", kv.slots, kv.max_len,
-                    geometry["layers"], kv.nbytes / (1 << 20), self.device)
+        logger.info(
+            "KV slots: %d slots x %d tokens x %d layers, %.1f MiB on %s",
+            kv.slots,
+            kv.max_len,
+            geometry["layers"],
+            kv.nbytes / (1 << 20),
+            self.device,
+        )
         return kv
 
     @property
@@ -247,7 +274,7 @@ class Engine:
         return ids
 
     # --- lifecycle
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         """Start the engine thread (once, however many threads call this at the same time)."""
         with self._start_lock:
             if self._thread is None and not self._stopping:
@@ -280,14 +307,20 @@ class Engine:
         """End every queued and running request with *error* (each caller and after_generate hook hears it once)."""
         with self._lock:
             self._accepting = False
-            leftovers = ([(h, None) for h in self._withdrawn] + [(h, None) for h in self._pending]
-                         + [(r.handle, r) for r in self._running.values()])
+            leftovers = (
+                [(h, None) for h in self._withdrawn]
+                + [(h, None) for h in self._pending]
+                + [(r.handle, r) for r in self._running.values()]
+            )
             self._pending.clear()
             self._withdrawn = []
             self._running = {}
         for handle, running in leftovers:
-            self._record_end(handle, running, RequestCancelledError(f"request {handle.id} was cancelled")
-                             if handle.cancelled else error)
+            self._record_end(
+                handle,
+                running,
+                RequestCancelledError(f"request {handle.id} was cancelled") if handle.cancelled else error,
+            )
 
     @property
     def accepting(self) -> bool:
@@ -329,8 +362,15 @@ class Engine:
             processor = self._local.processor = copy.deepcopy(self.processor)
         return processor
 
-    def prepare(self, messages: list[dict], images: Sequence[Any] = (), params: SamplingParams | None = None,
-                *, prompt: str | None = None, image_detail: Sequence[str] | None = None) -> PreparedRequest:
+    def prepare(
+        self,
+        messages: list[dict],
+        images: Sequence[Any] = (),
+        params: SamplingParams | None = None,
+        *,
+        prompt: str | None = None,
+        image_detail: Sequence[str] | None = None,
+    ) -> PreparedRequest:
         """Build the prompt, preprocess the images and count tokens (run in the caller's thread; requests
         prepared in different threads do not wait for each other).
 
@@ -356,7 +396,9 @@ class Engine:
         if len(prompt) > self.max_prompt_chars:  # certainly too long: refuse before tokenizing it all
             raise ContextLengthExceededError(
                 f"the prompt is {len(prompt)} characters, more than the model's context of {self.max_context} "
-                f"tokens can hold; shorten it", param="messages")
+                f"tokens can hold; shorten it",
+                param="messages",
+            )
         inputs = self._processor()(images=list(images) or None, text=prompt, return_tensors="pt")
         input_ids = inputs["input_ids"]
         if "low" in detail:
@@ -366,17 +408,26 @@ class Engine:
         if room < 1:
             raise ContextLengthExceededError(
                 f"the prompt is {prompt_tokens} tokens (images included) but the model's context is "
-                f"{self.max_context} tokens; use fewer or smaller images or a shorter prompt", param="messages")
+                f"{self.max_context} tokens; use fewer or smaller images or a shorter prompt",
+                param="messages",
+            )
         if params.max_tokens is not None and params.max_tokens > room:
             raise ContextLengthExceededError(
                 f"the prompt is {prompt_tokens} tokens and max_tokens is {params.max_tokens}, which exceeds the "
                 f"model's context length of {self.max_context} tokens; ask for at most {room} tokens",
-                param="max_tokens")
+                param="max_tokens",
+            )
         max_tokens = params.max_tokens if params.max_tokens is not None else min(self.default_max_tokens, room)
         return PreparedRequest(
-            input_ids=input_ids, pixel_values=inputs.get("pixel_values"), image_sizes=inputs.get("image_sizes"),
-            params=params, max_tokens=max_tokens, num_images=len(images),
-            image_tokens=int((input_ids == self.image_token_id).sum()), image_detail=detail)
+            input_ids=input_ids,
+            pixel_values=inputs.get("pixel_values"),
+            image_sizes=inputs.get("image_sizes"),
+            params=params,
+            max_tokens=max_tokens,
+            num_images=len(images),
+            image_tokens=int((input_ids == self.image_token_id).sum()),
+            image_detail=detail,
+        )
 
     def _base_view_placeholders(self, input_ids: torch.Tensor, detail: tuple[str, ...]) -> torch.Tensor:
         """*input_ids* with each ``low`` image's run of ``<image>`` tokens shortened to one base view's."""
@@ -391,8 +442,11 @@ class Engine:
         if len(runs) != len(detail):
             from llava_next_sdk.errors import BadRequestError
 
-            raise BadRequestError(f"detail='low' needs each image's placeholder apart from the others; the prompt "
-                                  f"has {len(runs)} runs of image tokens for {len(detail)} images", param="messages")
+            raise BadRequestError(
+                f"detail='low' needs each image's placeholder apart from the others; the prompt "
+                f"has {len(runs)} runs of image tokens for {len(detail)} images",
+                param="messages",
+            )
         base = self.runner.base_view_tokens()
         out, previous = [], 0
         for (begin, end), level in zip(runs, detail):
@@ -426,15 +480,16 @@ class Engine:
 
     def _refuse_if_full(self) -> None:  # with self._lock held
         if not self._accepting:
-            raise OverloadedError("the engine is shutting down and takes no new requests", status=503,
-                                  retry_after=1.0)
+            raise OverloadedError("the engine is shutting down and takes no new requests", status=503, retry_after=1.0)
         if len(self._pending) >= self.max_queue:
             self._count("requests_rejected")
             raise OverloadedError(
-                f"the engine's queue is full ({self.max_queue} requests waiting); retry later", retry_after=1.0)
+                f"the engine's queue is full ({self.max_queue} requests waiting); retry later", retry_after=1.0
+            )
 
-    def generate(self, messages: list[dict], images: Sequence[Any] = (), params: SamplingParams | None = None,
-                 **kwargs: Any) -> EngineResult:
+    def generate(
+        self, messages: list[dict], images: Sequence[Any] = (), params: SamplingParams | None = None, **kwargs: Any
+    ) -> EngineResult:
         """Prepare, submit and wait (blocking): a convenience for scripts and tests."""
         return self.submit(self.prepare(messages, images, params, **kwargs)).result()
 
@@ -489,20 +544,34 @@ class Engine:
         """Give *handle* its slot: hooks, prompt embeddings, a reused prefix. A failure ends it alone."""
         prepared = handle.prepared
         params = prepared.params
-        running = _Running(handle=handle, slot=slot, text=TextStream(self._detokenizer, params.stop),
-                           seed=params.seed if params.seed is not None else secrets.randbits(63),
-                           prompt_len=prepared.prompt_tokens, started_at=time.monotonic())
+        running = _Running(
+            handle=handle,
+            slot=slot,
+            text=TextStream(self._detokenizer, params.stop),
+            seed=params.seed if params.seed is not None else secrets.randbits(63),
+            prompt_len=prepared.prompt_tokens,
+            started_at=time.monotonic(),
+        )
         self._running[slot] = running
         if handle.cancelled:
             self._leave(running, RequestCancelledError(f"request {handle.id} was cancelled"))
             return
         if not handle.started:
             handle.started = True
-            self._call_hook("llava_next_before_generate", request_id=handle.id, request={
-                "model": self.model_name, "num_images": prepared.num_images,
-                "prompt_tokens": prepared.prompt_tokens, "image_tokens": prepared.image_tokens,
-                "max_tokens": prepared.max_tokens, "temperature": params.temperature,
-                "top_p": params.top_p, "seed": params.seed})
+            self._call_hook(
+                "llava_next_before_generate",
+                request_id=handle.id,
+                request={
+                    "model": self.model_name,
+                    "num_images": prepared.num_images,
+                    "prompt_tokens": prepared.prompt_tokens,
+                    "image_tokens": prepared.image_tokens,
+                    "max_tokens": prepared.max_tokens,
+                    "temperature": params.temperature,
+                    "top_p": params.top_p,
+                    "seed": params.seed,
+                },
+            )
         try:
             features, keys = self._image_features(prepared)
             running.embeds = self.runner.prompt_embeddings(prepared.input_ids, features)
@@ -524,7 +593,7 @@ class Engine:
         features, keys = [], []
         for i in range(prepared.num_images):
             low = i < len(prepared.image_detail) and prepared.image_detail[i] == "low"
-            pixels, size = prepared.pixel_values[i:i + 1], prepared.image_sizes[i:i + 1]
+            pixels, size = prepared.pixel_values[i : i + 1], prepared.image_sizes[i : i + 1]
             if low:
                 pixels = pixels[:, 0]  # the base view: [1, 3, h, w]
             key = image_key(pixels, size[0].tolist() + [low])
@@ -591,15 +660,16 @@ class Engine:
         write = torch.full((len(pieces), width), self.kv.scratch, dtype=torch.long)
         for row, (running, n) in enumerate(pieces):
             start = running.prefilled
-            embeds[row, :n] = running.embeds[start:start + n]
+            embeds[row, :n] = running.embeds[start : start + n]
             positions[row, :n] = torch.arange(start, start + n)
             write[row, :n] = positions[row, :n]
         last = torch.tensor([n - 1 for _, n in pieces])
         kv_len = max(r.prefilled + n for r, n in pieces)
         slots = [r.slot for r, _ in pieces]
         rows = slice(slots[0], slots[0] + 1) if len(slots) == 1 else torch.tensor(slots, device=self.device)
-        logits = self.runner.forward(embeds, positions.to(self.device), write.to(self.device),
-                                     last.to(self.device), rows, kv_len)
+        logits = self.runner.forward(
+            embeds, positions.to(self.device), write.to(self.device), last.to(self.device), rows, kv_len
+        )
         done = []
         for row, (running, n) in enumerate(pieces):
             running.prefilled += n
@@ -656,15 +726,23 @@ class Engine:
         the host for all), stream it, and end the requests that are done."""
         params = [r.handle.prepared.params for r in batch]
         tensors = row_params(params, [len(r.generated) for r in batch], [r.seed for r in batch], self.device)
-        tokens, ok = sample(logits, *tensors, any_sampled=any(p.temperature > 0 for p in params),
-                            top_p_rows=[i for i, p in enumerate(params) if p.temperature > 0 and p.top_p < 1])
+        tokens, ok = sample(
+            logits,
+            *tensors,
+            any_sampled=any(p.temperature > 0 for p in params),
+            top_p_rows=[i for i, p in enumerate(params) if p.temperature > 0 and p.top_p < 1],
+        )
         tokens, ok = torch.stack([tokens, ok.long()]).tolist()
         now = time.monotonic()
         for running, token, good in zip(batch, tokens, ok):
             if not good:
-                self._leave(running, ServerError(
-                    f"generation failed: the model's logits for request {running.handle.id} are not finite "
-                    "(NaN or inf)"))
+                self._leave(
+                    running,
+                    ServerError(
+                        f"generation failed: the model's logits for request {running.handle.id} are not finite "
+                        "(NaN or inf)"
+                    ),
+                )
                 continue
             self._advance(running, token, now)
 
@@ -675,8 +753,7 @@ class Engine:
         running.handle._push(running.text.add(token))
         if running.text.stopped or token in self.eos_token_ids:
             running.finish_reason = "stop"
-        elif (len(running.generated) >= running.handle.prepared.max_tokens
-              or running.position + 1 >= self.max_context):
+        elif len(running.generated) >= running.handle.prepared.max_tokens or running.position + 1 >= self.max_context:
             running.finish_reason = "length"
         if running.finish_reason:
             running.handle._push(running.text.flush())
@@ -708,25 +785,41 @@ class Engine:
         prepared = handle.prepared
         started = running.started_at if running else now
         reason = (running.finish_reason if running and error is None else None) or (
-            "cancelled" if isinstance(error, RequestCancelledError) else "error")
+            "cancelled" if isinstance(error, RequestCancelledError) else "error"
+        )
         generated = list(running.generated) if running else []
         result = EngineResult(
-            id=handle.id, text=running.text.text if running else "", finish_reason=reason,
-            token_ids=generated, prompt_tokens=prepared.prompt_tokens, completion_tokens=len(generated),
-            image_tokens=prepared.image_tokens, queue_seconds=started - handle.submitted_at,
+            id=handle.id,
+            text=running.text.text if running else "",
+            finish_reason=reason,
+            token_ids=generated,
+            prompt_tokens=prepared.prompt_tokens,
+            completion_tokens=len(generated),
+            image_tokens=prepared.image_tokens,
+            queue_seconds=started - handle.submitted_at,
             time_to_first_token=((running.first_token_at or now) - handle.submitted_at) if running else 0.0,
-            total_seconds=now - handle.submitted_at)
+            total_seconds=now - handle.submitted_at,
+        )
         outcome = "ok" if error is None else getattr(error, "code", "error")
         with self._stats_lock:
             self._stats[f"requests_{outcome}"] += 1
             self._stats["prompt_tokens"] += result.prompt_tokens
             self._stats["completion_tokens"] += result.completion_tokens
             self._stats["image_tokens"] += result.image_tokens
-        self._call_hook("llava_next_after_generate", request_id=handle.id, result={
-            "finish_reason": result.finish_reason, "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens, "image_tokens": result.image_tokens,
-            "queue_seconds": result.queue_seconds, "time_to_first_token": result.time_to_first_token,
-            "total_seconds": result.total_seconds, "error": None if error is None else str(error)})
+        self._call_hook(
+            "llava_next_after_generate",
+            request_id=handle.id,
+            result={
+                "finish_reason": result.finish_reason,
+                "prompt_tokens": result.prompt_tokens,
+                "completion_tokens": result.completion_tokens,
+                "image_tokens": result.image_tokens,
+                "queue_seconds": result.queue_seconds,
+                "time_to_first_token": result.time_to_first_token,
+                "total_seconds": result.total_seconds,
+                "error": None if error is None else str(error),
+            },
+        )
         handle._finish(result if error is None else None, error)
 
     def _call_hook(self, name: str, **kwargs: Any) -> None:
@@ -744,8 +837,9 @@ def _image_detail(detail: Sequence[str] | None, count: int) -> tuple[str, ...]:
         return ()
     detail = tuple(detail)
     if len(detail) != count:
-        raise BadRequestError(f"image_detail has {len(detail)} values for {count} images; give one per image",
-                              param="messages")
+        raise BadRequestError(
+            f"image_detail has {len(detail)} values for {count} images; give one per image", param="messages"
+        )
     for value in detail:
         if value not in ("low", "high", "auto"):
             raise BadRequestError(f"image detail must be 'low', 'high' or 'auto', got {value!r}", param="messages")

@@ -103,8 +103,11 @@ class ModelRunner:
         config = self.model.config
         out = inner.vision_tower(pixel_values.to(self.device, self.dtype), output_hidden_states=True)
         layer = config.vision_feature_layer
-        hidden = (out.hidden_states[layer] if isinstance(layer, int)
-                  else torch.cat([out.hidden_states[i] for i in layer], dim=-1))
+        hidden = (
+            out.hidden_states[layer]
+            if isinstance(layer, int)
+            else torch.cat([out.hidden_states[i] for i in layer], dim=-1)
+        )
         if config.vision_feature_select_strategy == "default":
             hidden = hidden[:, 1:]
         return inner.multi_modal_projector(hidden)[0]
@@ -124,8 +127,10 @@ class ModelRunner:
             features = torch.cat(image_features).to(embeds.dtype)
             where = ids == self.image_token_id
             if int(where.sum()) != features.shape[0]:
-                raise ValueError(f"the prompt has {int(where.sum())} <image> tokens but its images give "
-                                 f"{features.shape[0]} features (image_sizes do not match the pixels)")
+                raise ValueError(
+                    f"the prompt has {int(where.sum())} <image> tokens but its images give "
+                    f"{features.shape[0]} features (image_sizes do not match the pixels)"
+                )
             embeds = embeds.masked_scatter(where[:, None], features)
         return embeds
 
@@ -142,23 +147,35 @@ class ModelRunner:
 
     def _run(self, embeds, position_ids, write_index, last, rows, kv_len):
         cache = self.kv.view(rows, write_index, kv_len)
-        out = self.language_model(inputs_embeds=embeds, position_ids=position_ids,
-                                  attention_mask=self.mask(position_ids, kv_len), use_cache=True,
-                                  **{self.cache_arg: cache})
+        out = self.language_model(
+            inputs_embeds=embeds,
+            position_ids=position_ids,
+            attention_mask=self.mask(position_ids, kv_len),
+            use_cache=True,
+            **{self.cache_arg: cache},
+        )
         hidden = out.last_hidden_state
         hidden = hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
         return self.lm_head(hidden).float()
 
     @torch.inference_mode()
-    def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, write_index: torch.Tensor,
-                last: torch.Tensor, rows: slice | torch.Tensor, kv_len: int) -> torch.Tensor:
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        write_index: torch.Tensor,
+        last: torch.Tensor,
+        rows: slice | torch.Tensor,
+        kv_len: int,
+    ) -> torch.Tensor:
         """Run ``R`` rows (see the module docstring); ``logits [R, vocab]`` (float32) at ``last``. Eager (prefill
         chunks have too many shapes to compile)."""
         return self._run(embeds, position_ids, write_index, last, rows, kv_len)
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, position_ids: torch.Tensor, write_index: torch.Tensor,
-               rows: slice, kv_len: int) -> torch.Tensor:
+    def decode(
+        self, tokens: torch.Tensor, position_ids: torch.Tensor, write_index: torch.Tensor, rows: slice, kv_len: int
+    ) -> torch.Tensor:
         """One token for the slot rows *rows*: ``tokens [R]`` -> ``logits [R, vocab]``."""
         embeds = self.embed_tokens(tokens[:, None])
         last = torch.zeros(tokens.shape[0], dtype=torch.long, device=self.device)
@@ -185,7 +202,7 @@ class FeatureCache:
         import collections
 
         self.max_bytes = max_bytes
-        self._entries: "collections.OrderedDict[bytes, torch.Tensor]" = collections.OrderedDict()
+        self._entries: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
         self._bytes = 0
 
     def get(self, key: bytes) -> torch.Tensor | None:

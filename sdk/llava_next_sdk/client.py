@@ -19,12 +19,13 @@ import os
 import queue
 import threading
 import weakref
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from typing import Any, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import anyio
 
-from .errors import BadRequestError, LlavaNextError, InvalidImageError
+from .errors import BadRequestError, InvalidImageError, LlavaNextError
 from .images import as_image_list, to_image_parts
 from .transports.base import AsyncTransport
 from .types import ChatMessage, ChatRequest, GenerationParams, GenerationResult, ImagePart, TextPart, Usage
@@ -53,15 +54,20 @@ def _transport_for(url: str, options: dict) -> AsyncTransport:
     if scheme and manager.transport_providers(scheme):
         return DeferredTransport(url, options, scheme)
     if scheme == LOCAL_SCHEME and os.environ.get(DISABLE_AUTOLOAD_ENV):
-        raise LlavaNextError(f"model= needs the model package's transport, which is loaded by entry point, but "
-                             f"{DISABLE_AUTOLOAD_ENV} is set; unset it, or pass transport= yourself")
+        raise LlavaNextError(
+            f"model= needs the model package's transport, which is loaded by entry point, but "
+            f"{DISABLE_AUTOLOAD_ENV} is set; unset it, or pass transport= yourself"
+        )
     if scheme == LOCAL_SCHEME:
         raise LlavaNextError(
-            f"running the model {url[len(LOCAL_SCHEME) + 1:]!r} in this process needs the model package, "
+            f"running the model {url[len(LOCAL_SCHEME) + 1 :]!r} in this process needs the model package, "
             "which is not installed: pip install llava-next-plugin (or pass base_url= to use a llava-next "
-            "server instead)")
-    raise LlavaNextError(f"no transport serves {url!r}; use an http(s):// base_url, or model= for a "
-                         "local model, or install the plugin that handles this scheme")
+            "server instead)"
+        )
+    raise LlavaNextError(
+        f"no transport serves {url!r}; use an http(s):// base_url, or model= for a "
+        "local model, or install the plugin that handles this scheme"
+    )
 
 
 class AsyncClient:
@@ -94,10 +100,18 @@ class AsyncClient:
     a dict.
     """
 
-    def __init__(self, model: str | os.PathLike | None = None, *, base_url: str | None = None,
-                 api_key: str | None = None, timeout: Any = None, max_retries: int | None = None,
-                 transport: AsyncTransport | None = None, params: GenerationParams | Mapping | None = None,
-                 **options: Any) -> None:
+    def __init__(
+        self,
+        model: str | os.PathLike | None = None,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        timeout: Any = None,
+        max_retries: int | None = None,
+        transport: AsyncTransport | None = None,
+        params: GenerationParams | Mapping | None = None,
+        **options: Any,
+    ) -> None:
         if isinstance(params, Mapping):
             params = GenerationParams.from_kwargs(params)
         self.params = params or GenerationParams()
@@ -105,8 +119,10 @@ class AsyncClient:
         self.base_url = base_url
         if transport is None:
             if base_url is None and model is None:
-                raise TypeError("pass model= (a local checkpoint path or hub id) or base_url= (an "
-                                "OpenAI-compatible endpoint such as 'http://127.0.0.1:8000/v1')")
+                raise TypeError(
+                    "pass model= (a local checkpoint path or hub id) or base_url= (an "
+                    "OpenAI-compatible endpoint such as 'http://127.0.0.1:8000/v1')"
+                )
             given = {"model": self.model, "api_key": api_key, "timeout": timeout, "max_retries": max_retries}
             options = {**{k: v for k, v in given.items() if v is not None}, **options}
             transport = _transport_for(base_url if base_url is not None else f"local:{self.model}", options)
@@ -123,8 +139,9 @@ class AsyncClient:
     def _params(self, params: Mapping[str, Any]) -> GenerationParams:
         return self.params.merged(**params) if params else self.params
 
-    async def _prompt_request(self, images: Any, prompt: Any, system: str | None, detail: str,
-                              params: Mapping[str, Any]) -> ChatRequest:
+    async def _prompt_request(
+        self, images: Any, prompt: Any, system: str | None, detail: str, params: Mapping[str, Any]
+    ) -> ChatRequest:
         if not isinstance(prompt, str):
             raise BadRequestError(f"prompt must be a str, got {type(prompt).__name__}", param="prompt")
         generation_params = self._params(params)
@@ -141,8 +158,9 @@ class AsyncClient:
 
     # --------------------------------------------------------------------------- calls
 
-    async def generate(self, images: Any, prompt: str, *, system: str | None = None, detail: str = "auto",
-                       **params: Any) -> GenerationResult:
+    async def generate(
+        self, images: Any, prompt: str, *, system: str | None = None, detail: str = "auto", **params: Any
+    ) -> GenerationResult:
         """Answer *prompt* about *images* (one image, a list of them, or ``None``).
 
         An image may be a PIL image, a path, bytes, a numpy array ``[H, W, C]``, an http(s) URL or a
@@ -166,8 +184,9 @@ class AsyncClient:
         self._check_open()
         return await self.transport.generate(await self._chat_request(messages, params))
 
-    def stream(self, images: Any, prompt: str, *, system: str | None = None, detail: str = "auto",
-               **params: Any) -> "TextStream":
+    def stream(
+        self, images: Any, prompt: str, *, system: str | None = None, detail: str = "auto", **params: Any
+    ) -> TextStream:
         """Like :meth:`generate`, as an async context manager yielding text deltas::
 
             async with client.stream(image, "Describe it.") as stream:
@@ -179,12 +198,13 @@ class AsyncClient:
         """
         return TextStream(self, lambda: self._prompt_request(images, prompt, system, detail, params))
 
-    def stream_chat(self, messages: Sequence[Mapping | ChatMessage], **params: Any) -> "TextStream":
+    def stream_chat(self, messages: Sequence[Mapping | ChatMessage], **params: Any) -> TextStream:
         """Like :meth:`chat`, streamed as :meth:`stream` is."""
         return TextStream(self, lambda: self._chat_request(messages, params))
 
-    async def map(self, items: Iterable[Any], *, concurrency: int = 4,
-                  **params: Any) -> list[GenerationResult | Exception]:
+    async def map(
+        self, items: Iterable[Any], *, concurrency: int = 4, **params: Any
+    ) -> list[GenerationResult | Exception]:
         """Run many requests, at most *concurrency* at a time, and return their results in input order.
 
         An item is ``(images, prompt)``, a prompt ``str``, a dict of :meth:`generate` arguments
@@ -225,8 +245,11 @@ class AsyncClient:
             if prompt is None:
                 raise BadRequestError("a map item dict needs 'prompt' (or 'messages')", param="prompt")
             return await self.generate(images, prompt, **{**params, **item})
-        raise BadRequestError(f"unsupported map item {type(item).__name__}: use (images, prompt), a prompt "
-                              "str, or a dict with 'prompt' or 'messages'", param="items")
+        raise BadRequestError(
+            f"unsupported map item {type(item).__name__}: use (images, prompt), a prompt "
+            "str, or a dict with 'prompt' or 'messages'",
+            param="items",
+        )
 
     # --------------------------------------------------------------------------- lifetime
 
@@ -240,7 +263,7 @@ class AsyncClient:
             self._closed = True
             await self.transport.aclose()
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -250,8 +273,9 @@ class AsyncClient:
 async def _to_messages(messages: Any) -> list[ChatMessage]:
     """OpenAI-style message dicts (or ChatMessage objects) -> ChatMessage, images prepared off the loop."""
     if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence) or not messages:
-        raise BadRequestError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts",
-                              param="messages")
+        raise BadRequestError(
+            "messages must be a non-empty list of {'role': ..., 'content': ...} dicts", param="messages"
+        )
     # First pass: shape, with image sources collected; second: prepare them all in one thread hop.
     shaped: list[tuple[str, list]] = []
     sources: list[Any] = []
@@ -271,8 +295,10 @@ async def _to_messages(messages: Any) -> list[ChatMessage]:
             raise BadRequestError(f"messages[{i}] must be a dict with 'role' and 'content'", param="messages")
         role = _ROLE_ALIASES.get(message.get("role"))
         if role is None:
-            raise BadRequestError(f"messages[{i}]: unsupported role {message.get('role')!r}; use system, user "
-                                  "or assistant", param="messages")
+            raise BadRequestError(
+                f"messages[{i}]: unsupported role {message.get('role')!r}; use system, user or assistant",
+                param="messages",
+            )
         content = message.get("content")
         if isinstance(content, str):
             shaped.append((role, [TextPart(content)]))
@@ -292,19 +318,24 @@ async def _to_messages(messages: Any) -> list[ChatMessage]:
                         details[len(sources)] = source["detail"]
                     source = source.get("url")
                 if source is None:
-                    raise InvalidImageError(f"{where}: an {kind} part needs its {kind!r} field",
-                                            index=len(sources), param="messages")
+                    raise InvalidImageError(
+                        f"{where}: an {kind} part needs its {kind!r} field", index=len(sources), param="messages"
+                    )
                 parts.append(("image", len(sources)))
                 sources.append(source)
             else:
-                raise BadRequestError(f"{where}: a part must be {{'type': 'text', 'text': ...}}, "
-                                      "{'type': 'image_url', 'image_url': {'url': ...}} or "
-                                      "{'type': 'image', 'image': ...}", param="messages")
+                raise BadRequestError(
+                    f"{where}: a part must be {{'type': 'text', 'text': ...}}, "
+                    "{'type': 'image_url', 'image_url': {'url': ...}} or "
+                    "{'type': 'image', 'image': ...}",
+                    param="messages",
+                )
         shaped.append((role, parts))
     encoded = await to_image_parts(sources)
     encoded = [_with_detail(part, details.get(i, part.detail)) for i, part in enumerate(encoded)]
-    return [ChatMessage(role, tuple(encoded[p[1]] if isinstance(p, tuple) else p for p in parts))
-            for role, parts in shaped]
+    return [
+        ChatMessage(role, tuple(encoded[p[1]] if isinstance(p, tuple) else p for p in parts)) for role, parts in shaped
+    ]
 
 
 def _with_detail(part: ImagePart, detail: Any) -> ImagePart:
@@ -328,7 +359,7 @@ class TextStream:
         self._deltas: list[str] = []
         self.result: GenerationResult | None = None
 
-    async def __aenter__(self) -> "TextStream":
+    async def __aenter__(self) -> TextStream:
         if self._context is not None:
             raise RuntimeError("a TextStream can be entered once; call client.stream(...) again")
         self._client._check_open()
@@ -347,7 +378,7 @@ class TextStream:
                     pass  # the transport's own exit below reports what matters
         return await self._context.__aexit__(*exc)
 
-    def __aiter__(self) -> "TextStream":
+    def __aiter__(self) -> TextStream:
         return self
 
     async def __anext__(self) -> str:
@@ -386,6 +417,7 @@ class TextStream:
 
 
 # ------------------------------------------------------------------------------------------ sync twin
+
 
 class _LoopThread:
     """An asyncio event loop on a daemon thread; ``run(coro)`` runs a coroutine there and waits.
@@ -462,10 +494,10 @@ class Client:
     def map(self, items: Iterable[Any], *, concurrency: int = 4, **params: Any) -> list[GenerationResult | Exception]:
         return self._runner.run(self._async.map(items, concurrency=concurrency, **params))
 
-    def stream(self, images: Any, prompt: str, **kwargs: Any) -> "SyncTextStream":
+    def stream(self, images: Any, prompt: str, **kwargs: Any) -> SyncTextStream:
         return SyncTextStream(self._runner, self._async.stream(images, prompt, **kwargs))
 
-    def stream_chat(self, messages: Sequence[Mapping | ChatMessage], **params: Any) -> "SyncTextStream":
+    def stream_chat(self, messages: Sequence[Mapping | ChatMessage], **params: Any) -> SyncTextStream:
         return SyncTextStream(self._runner, self._async.stream_chat(messages, **params))
 
     def close(self) -> None:
@@ -476,7 +508,7 @@ class Client:
         finally:
             self._finalizer()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -520,7 +552,7 @@ class SyncTextStream:
             raise value
         return kind, value
 
-    def __enter__(self) -> "SyncTextStream":
+    def __enter__(self) -> SyncTextStream:
         self._future = self._runner.submit(self._pump())
         try:
             self._next_event()  # "started": the request was accepted

@@ -51,8 +51,15 @@ class LlavaNextError(Exception):
     code: str = "error"
     type: str = "error"
 
-    def __init__(self, message: str, *, status: int | None = None, param: str | None = None,
-                 request_id: str | None = None, body: Any = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        param: str | None = None,
+        request_id: str | None = None,
+        body: Any = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         if status is not None:
@@ -150,13 +157,24 @@ class RequestCancelledError(LlavaNextError):
     code = "cancelled"
 
 
-_BY_CODE = {cls.code: cls for cls in (InvalidImageError, ContextLengthExceededError, UnsupportedParameterError,
-                                       AuthenticationError, NotFoundError, ModelNotFoundError, OverloadedError,
-                                       ServerError)}
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        InvalidImageError,
+        ContextLengthExceededError,
+        UnsupportedParameterError,
+        AuthenticationError,
+        NotFoundError,
+        ModelNotFoundError,
+        OverloadedError,
+        ServerError,
+    )
+}
 
 
-def error_from_status(status: int, body: Any = None, *, request_id: str | None = None,
-                      retry_after: float | None = None) -> APIError:
+def error_from_status(
+    status: int, body: Any = None, *, request_id: str | None = None, retry_after: float | None = None
+) -> APIError:
     """Rebuild the error class for an HTTP *status* and an OpenAI-shaped error *body*."""
     err = body.get("error") if isinstance(body, dict) else None
     message = (err or {}).get("message") if isinstance(err, dict) else None

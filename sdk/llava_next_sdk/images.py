@@ -26,8 +26,9 @@ import dataclasses
 import io
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 import anyio
@@ -38,8 +39,14 @@ from .wire import decode_data_url
 
 __all__ = ["to_image_part", "to_image_parts", "as_image_list", "encode_png", "encode_for_wire", "encoded_for_wire"]
 
-_MEDIA_TYPES = {"PNG": "image/png", "JPEG": "image/jpeg", "GIF": "image/gif", "WEBP": "image/webp",
-                "BMP": "image/bmp", "TIFF": "image/tiff"}
+_MEDIA_TYPES = {
+    "PNG": "image/png",
+    "JPEG": "image/jpeg",
+    "GIF": "image/gif",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+}
 _SOURCES = "a PIL image, a path, bytes, a binary file object, a numpy array, an http(s) URL or a data URL"
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
@@ -73,12 +80,16 @@ def _check_image_bytes(data: bytes, index: int | None, what: str) -> str:
     except Image.DecompressionBombError as exc:
         raise InvalidImageError(f"{what} is too large to decode safely ({exc})", index=index) from None
     except UnidentifiedImageError:  # its message names PIL's internal buffer, not anything the caller passed
-        raise InvalidImageError(f"{what} is not a readable image (unknown format or corrupt header); pass PNG, "
-                                "JPEG, WebP, GIF, BMP or TIFF data", index=index) from None
+        raise InvalidImageError(
+            f"{what} is not a readable image (unknown format or corrupt header); pass PNG, "
+            "JPEG, WebP, GIF, BMP or TIFF data",
+            index=index,
+        ) from None
     except (OSError, SyntaxError, ValueError) as exc:
         detail = _OBJECT_REPR.sub("the data", str(exc)) or type(exc).__name__
-        raise InvalidImageError(f"{what} is not a readable image ({detail}); pass PNG, JPEG, WebP, GIF, BMP "
-                                "or TIFF data", index=index) from None
+        raise InvalidImageError(
+            f"{what} is not a readable image ({detail}); pass PNG, JPEG, WebP, GIF, BMP or TIFF data", index=index
+        ) from None
     return _MEDIA_TYPES.get(fmt or "", f"image/{(fmt or 'png').lower()}")
 
 
@@ -127,22 +138,24 @@ def _array_image(array: Any, index: int | None) -> Any:
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise InvalidImageError(f"a numpy image must be [H, W] or [H, W, 1|3|4] (channels last), got shape "
-                                f"{tuple(array.shape)}", index=index)
+        raise InvalidImageError(
+            f"a numpy image must be [H, W] or [H, W, 1|3|4] (channels last), got shape {tuple(array.shape)}",
+            index=index,
+        )
     if array.shape[0] == 0 or array.shape[1] == 0:
         raise InvalidImageError(f"the numpy image is empty (shape {tuple(array.shape)})", index=index)
     if array.dtype == np.uint8:
         pixels = array
     elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
-            raise InvalidImageError("a float numpy image must hold finite values in [0, 1]; scale it or pass "
-                                    "uint8", index=index)
+            raise InvalidImageError(
+                "a float numpy image must hold finite values in [0, 1]; scale it or pass uint8", index=index
+            )
         pixels = np.round(array * 255).astype(np.uint8)
     elif array.dtype == np.bool_:
         pixels = array.astype(np.uint8) * 255
     else:
-        raise InvalidImageError(f"a numpy image must be uint8 or float in [0, 1], got dtype {array.dtype}",
-                                index=index)
+        raise InvalidImageError(f"a numpy image must be uint8 or float in [0, 1], got dtype {array.dtype}", index=index)
     return Image.fromarray(np.array(pixels, copy=True, order="C"))  # the user may reuse their array
 
 
@@ -165,8 +178,9 @@ def _file_object_name(source: Any, index: int | None) -> str:
     """How an error names a file object: the argument, and the file's name when it has one (never its repr)."""
     name = getattr(source, "name", None)
     kind = type(source).__name__
-    return f"{_argument(index)} (a {kind}" + (f" of {os.fspath(name)!r})" if isinstance(name, (str, os.PathLike))
-                                              else ")")
+    return f"{_argument(index)} (a {kind}" + (
+        f" of {os.fspath(name)!r})" if isinstance(name, (str, os.PathLike)) else ")"
+    )
 
 
 def _read_file_object(source: Any, index: int | None) -> ImagePart:
@@ -174,14 +188,18 @@ def _read_file_object(source: Any, index: int | None) -> ImagePart:
     try:
         data = source.read()
     except (OSError, ValueError) as exc:  # closed, not readable, not seekable...
-        raise InvalidImageError(f"{what} could not be read ({type(exc).__name__}: "
-                                f"{_OBJECT_REPR.sub('the file', str(exc))}); pass a readable file opened in "
-                                "binary mode ('rb')", index=index) from None
+        raise InvalidImageError(
+            f"{what} could not be read ({type(exc).__name__}: "
+            f"{_OBJECT_REPR.sub('the file', str(exc))}); pass a readable file opened in "
+            "binary mode ('rb')",
+            index=index,
+        ) from None
     if isinstance(data, str):
         raise InvalidImageError(f"{what} is open in text mode; open the image with open(path, 'rb')", index=index)
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise InvalidImageError(f"{what}: read() returned {type(data).__name__}, not bytes; pass a binary file "
-                                "object", index=index)
+        raise InvalidImageError(
+            f"{what}: read() returned {type(data).__name__}, not bytes; pass a binary file object", index=index
+        )
     data = bytes(data)
     if not data:
         raise InvalidImageError(f"{what} is empty (read() returned no bytes; is it at its end?)", index=index)
@@ -203,8 +221,9 @@ def _encode_sync(source: Any, index: int | None) -> ImagePart:
         if lowered.startswith("file://"):
             source = unquote(urlparse(source).path)
         elif "://" in source[:16]:
-            raise InvalidImageError(f"unsupported image URL scheme in {source[:40]!r}; use http(s)://, data: "
-                                    "or a file path", index=index)
+            raise InvalidImageError(
+                f"unsupported image URL scheme in {source[:40]!r}; use http(s)://, data: or a file path", index=index
+            )
         source = Path(source).expanduser()
     if isinstance(source, os.PathLike):
         data = _read_path(Path(source), index)
@@ -225,7 +244,9 @@ def _encode_sync(source: Any, index: int | None) -> ImagePart:
 
 async def to_image_part(source: Any, *, index: int | None = None) -> ImagePart:
     """Encode one image *source* (see the module doc) in a worker thread."""
-    if isinstance(source, ImagePart) or (isinstance(source, str) and source[:8].lower().startswith(("http://", "https://"))):
+    if isinstance(source, ImagePart) or (
+        isinstance(source, str) and source[:8].lower().startswith(("http://", "https://"))
+    ):
         return _encode_sync(source, index)
     return await anyio.to_thread.run_sync(_encode_sync, source, index)
 

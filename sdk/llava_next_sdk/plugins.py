@@ -26,8 +26,9 @@ import importlib.util
 import os
 import threading
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import pluggy
 
@@ -78,9 +79,11 @@ class FailedPlugin:
 
     @property
     def message(self) -> str:
-        return (f"llava-next plugin {self.name!r} ({self.origin}) failed to load and was skipped: "
-                f"{type(self.error).__name__}: {self.error}. Fix or uninstall it; the other plugins "
-                f"are unaffected.")
+        return (
+            f"llava-next plugin {self.name!r} ({self.origin}) failed to load and was skipped: "
+            f"{type(self.error).__name__}: {self.error}. Fix or uninstall it; the other plugins "
+            f"are unaffected."
+        )
 
     def __str__(self) -> str:
         return self.message
@@ -114,14 +117,19 @@ class PluginManager(pluggy.PluginManager):
             plugin_name = super().register(plugin, name)
             if plugin_name is None:  # blocked
                 return None
-            unknown = sorted(caller.name for caller in self.get_hookcallers(plugin) or ()
-                             if not caller.has_spec() and caller.name.startswith("llava_next_"))
+            unknown = sorted(
+                caller.name
+                for caller in self.get_hookcallers(plugin) or ()
+                if not caller.has_spec() and caller.name.startswith("llava_next_")
+            )
             if unknown:
                 self.unregister(plugin)
                 known = ", ".join(sorted(n for n in dir(hookspecs) if n.startswith("llava_next_")))
                 raise pluggy.PluginValidationError(
-                    plugin, f"plugin {plugin_name!r} implements {', '.join(unknown)}, which is no llava-next "
-                            f"hook; the hooks are: {known}")
+                    plugin,
+                    f"plugin {plugin_name!r} implements {', '.join(unknown)}, which is no llava-next "
+                    f"hook; the hooks are: {known}",
+                )
             return plugin_name
 
     def register_builtins(self, module_paths: Iterable[str]) -> None:
@@ -148,8 +156,11 @@ class PluginManager(pluggy.PluginManager):
                 return
             # Take every non-built-in plugin off, put the new built-ins in, then the others back on top,
             # so a third-party plugin keeps winning however late the built-ins arrive.
-            others = [(name, plugin) for name, plugin in self.list_name_plugin()
-                      if plugin is not None and name not in self._builtin_names]
+            others = [
+                (name, plugin)
+                for name, plugin in self.list_name_plugin()
+                if plugin is not None and name not in self._builtin_names
+            ]
             for _, plugin in others:
                 self.unregister(plugin)
             for path, module in modules:
@@ -198,14 +209,20 @@ class PluginManager(pluggy.PluginManager):
         """
         if os.environ.get(DISABLE_AUTOLOAD_ENV):
             return []
-        return [entry_point for entry_point in importlib.metadata.entry_points(group=TRANSPORT_GROUP, name=scheme)
-                if _findable(entry_point.module)]
+        return [
+            entry_point
+            for entry_point in importlib.metadata.entry_points(group=TRANSPORT_GROUP, name=scheme)
+            if _findable(entry_point.module)
+        ]
 
     def _unloaded_transport_providers(self, scheme: str) -> list[importlib.metadata.EntryPoint]:
         if os.environ.get(DISABLE_AUTOLOAD_ENV):
             return []
-        return [entry_point for entry_point in importlib.metadata.entry_points(group=TRANSPORT_GROUP, name=scheme)
-                if not self.has_plugin(_transport_plugin_name(entry_point))]
+        return [
+            entry_point
+            for entry_point in importlib.metadata.entry_points(group=TRANSPORT_GROUP, name=scheme)
+            if not self.has_plugin(_transport_plugin_name(entry_point))
+        ]
 
     def load_transport_providers(self, scheme: str) -> list[str]:
         """Import and register the providers of *scheme* (blocking: call it from a worker thread).
@@ -242,8 +259,11 @@ class TransportProviderError(ImportError):
         detail = f"{type(error).__name__}: {error}"
         dist = entry_point.dist.metadata["Name"] if entry_point.dist is not None else None
         fix = f"pip install --force-reinstall {dist}" if dist else "reinstall the package that provides it"
-        super().__init__(f"the transport for {scheme}: URLs ({_origin(entry_point)}) failed to load: {detail}; "
-                         f"fix the installation ({fix})", name=getattr(error, "name", None))
+        super().__init__(
+            f"the transport for {scheme}: URLs ({_origin(entry_point)}) failed to load: {detail}; "
+            f"fix the installation ({fix})",
+            name=getattr(error, "name", None),
+        )
         self.scheme, self.error = scheme, error
 
 

@@ -43,5 +43,5 @@ class RetryPolicy:
             return None
         if retry_after is not None:  # the other side's hint, jittered up so that a crowd does not return at once
             return retry_after * (1 + 0.25 * random.random()) if retry_after <= self.max_retry_after else None
-        backoff = min(self.backoff_max, self.backoff_base * (2 ** attempt))
+        backoff = min(self.backoff_max, self.backoff_base * (2**attempt))
         return backoff * (1 - 0.25 * random.random())

@@ -15,8 +15,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Union
 
 from .errors import BadRequestError, UnsupportedParameterError
 
@@ -50,8 +51,7 @@ class TextPart:
 
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
-            raise BadRequestError(f"a text part must hold a str, got {type(self.text).__name__}",
-                                  param="messages")
+            raise BadRequestError(f"a text part must hold a str, got {type(self.text).__name__}", param="messages")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,8 +83,9 @@ class ImagePart:
         if sum(value is not None for value in (self.url, self.data, self.image)) != 1:
             raise BadRequestError("an image part needs exactly one of url=, data= or image=", param="messages")
         if self.detail not in ("low", "high", "auto"):
-            raise BadRequestError(f"image detail must be 'low', 'high' or 'auto', got {self.detail!r}",
-                                  param="messages")
+            raise BadRequestError(
+                f"image detail must be 'low', 'high' or 'auto', got {self.detail!r}", param="messages"
+            )
 
     @property
     def is_data_url(self) -> bool:
@@ -115,8 +116,9 @@ class ChatMessage:
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
-            raise BadRequestError(f"unknown message role {self.role!r}; use one of {', '.join(ROLES)}",
-                                  param="messages")
+            raise BadRequestError(
+                f"unknown message role {self.role!r}; use one of {', '.join(ROLES)}", param="messages"
+            )
         content = self.content
         if isinstance(content, str):
             content = (TextPart(content),)
@@ -124,8 +126,9 @@ class ChatMessage:
             content = tuple(content)
         for part in content:
             if not isinstance(part, (TextPart, ImagePart)):
-                raise BadRequestError(f"a message part must be a TextPart or ImagePart, got {type(part).__name__}",
-                                      param="messages")
+                raise BadRequestError(
+                    f"a message part must be a TextPart or ImagePart, got {type(part).__name__}", param="messages"
+                )
         object.__setattr__(self, "content", content)
 
     @property
@@ -203,13 +206,12 @@ class GenerationParams:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> "GenerationParams":
+    def from_kwargs(cls, kwargs: Mapping[str, Any]) -> GenerationParams:
         """Build from keyword arguments; an unknown name raises :class:`UnsupportedParameterError`."""
         unknown = sorted(set(kwargs) - set(cls.names()))
         if unknown:
             raise UnsupportedParameterError(
-                f"unsupported generation parameter(s): {', '.join(unknown)}; "
-                f"supported: {', '.join(cls.names())}",
+                f"unsupported generation parameter(s): {', '.join(unknown)}; supported: {', '.join(cls.names())}",
                 param=unknown[0],
             )
         return cls(**kwargs)
@@ -223,7 +225,7 @@ class GenerationParams:
                 out[name] = list(value) if name == "stop" else value
         return out
 
-    def merged(self, **overrides: Any) -> "GenerationParams":
+    def merged(self, **overrides: Any) -> GenerationParams:
         """A copy with *overrides* applied (``None`` values are ignored)."""
         values = {n: getattr(self, n) for n in self.names()}
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -249,8 +251,7 @@ class ChatRequest:
             raise BadRequestError("a request needs at least one message", param="messages")
         for m in messages:
             if not isinstance(m, ChatMessage):
-                raise BadRequestError(f"messages must be ChatMessage objects, got {type(m).__name__}",
-                                      param="messages")
+                raise BadRequestError(f"messages must be ChatMessage objects, got {type(m).__name__}", param="messages")
         object.__setattr__(self, "messages", messages)
 
     @property

@@ -39,13 +39,20 @@ import email.utils
 import json
 import re
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-from .errors import APIError, BadRequestError, InvalidImageError, LlavaNextError, ServerError, \
-    UnsupportedParameterError, error_from_status
-from .types import ChatMessage, ChatRequest, GenerationParams, GenerationResult, ImagePart, TextPart, Timings, \
-    Usage
+from .errors import (
+    APIError,
+    BadRequestError,
+    InvalidImageError,
+    LlavaNextError,
+    ServerError,
+    UnsupportedParameterError,
+    error_from_status,
+)
+from .types import ChatMessage, ChatRequest, GenerationParams, GenerationResult, ImagePart, TextPart, Timings, Usage
 
 __all__ = [
     "CHAT_COMPLETIONS_PATH",
@@ -86,12 +93,18 @@ _REQUEST_FIELDS = {"model", "messages", "stream", "stream_options", "max_complet
 _DEFAULT_ONLY = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False}
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Message roles as OpenAI names them -> ours ("developer" is the newer name of "system").
-_STATUS_BY_ERROR_TYPE = {"invalid_request_error": 400, "authentication_error": 401, "not_found_error": 404,
-                         "overloaded_error": 429, "server_error": 500}
+_STATUS_BY_ERROR_TYPE = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "not_found_error": 404,
+    "overloaded_error": 429,
+    "server_error": 500,
+}
 _ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 # ---------------------------------------------------------------------------------------------- requests
+
 
 @dataclass(frozen=True, slots=True)
 class ParsedChatRequest:
@@ -116,8 +129,9 @@ def _message_to_wire(message: ChatMessage) -> dict:
     return {"role": message.role, "content": parts}
 
 
-def build_chat_request(request: ChatRequest, *, model: str | None = None, stream: bool = False,
-                       include_usage: bool = True) -> dict:
+def build_chat_request(
+    request: ChatRequest, *, model: str | None = None, stream: bool = False, include_usage: bool = True
+) -> dict:
     """The JSON body for *request*. ``model`` fills in when ``request.model`` is ``None``; with neither, the
     body names no model and the endpoint answers with its own.
 
@@ -149,8 +163,10 @@ def _brief(value: Any) -> str:
 
 def _text(text: str, where: str) -> TextPart:
     if not text.isascii() and _SURROGATE.search(text):
-        raise _bad(f"{where}: the text holds a lone UTF-16 surrogate (an escape such as \\ud800 without its pair); "
-                   "send valid Unicode")
+        raise _bad(
+            f"{where}: the text holds a lone UTF-16 surrogate (an escape such as \\ud800 without its pair); "
+            "send valid Unicode"
+        )
     return TextPart(text)
 
 
@@ -167,16 +183,26 @@ def _parse_part(part: Any, where: str, image_index: int) -> TextPart | ImagePart
         image_url = part.get("image_url")
         url = image_url.get("url") if isinstance(image_url, Mapping) else image_url
         if not isinstance(url, str) or not url:
-            raise InvalidImageError(f"{where}: an image_url part needs {{'image_url': {{'url': '...'}}}}",
-                                    index=image_index, param="messages")
+            raise InvalidImageError(
+                f"{where}: an image_url part needs {{'image_url': {{'url': '...'}}}}",
+                index=image_index,
+                param="messages",
+            )
         detail = image_url.get("detail") if isinstance(image_url, Mapping) else None
         return ImagePart(url=url, detail=detail or "auto")
     raise _bad(f"{where}: unsupported content part type {_brief(kind)}; use 'text' or 'image_url'")
 
 
 def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
-             float: "a number", type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+    }
     return names.get(type(value), type(value).__name__)
 
 
@@ -212,14 +238,17 @@ def parse_chat_request(body: Any) -> ParsedChatRequest:
         raise _bad("the request body must be a JSON object", param=None)
     known = _REQUEST_FIELDS | set(_DEFAULT_ONLY) | set(GenerationParams.names())
     unknown = sorted(k for k in body if k not in known)
-    not_default = sorted(k for k, default in _DEFAULT_ONLY.items()
-                         if body.get(k) is not None and not _is_default(body[k], default))
+    not_default = sorted(
+        k for k, default in _DEFAULT_ONLY.items() if body.get(k) is not None and not _is_default(body[k], default)
+    )
     if unknown or not_default:
         named = unknown + [f"{k}={_brief(body[k])} (only {k}={json.dumps(_DEFAULT_ONLY[k])})" for k in not_default]
         defaults = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(_DEFAULT_ONLY.items()))
         raise UnsupportedParameterError(
             f"unsupported parameter(s): {', '.join(named)}; supported: {', '.join(sorted(known - set(_DEFAULT_ONLY)))}"
-            f", and {defaults} (their defaults only)", param=(unknown + not_default)[0])
+            f", and {defaults} (their defaults only)",
+            param=(unknown + not_default)[0],
+        )
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty list of messages")
@@ -258,9 +287,13 @@ def _is_default(value: Any, default: Any) -> bool:
 
 # --------------------------------------------------------------------------------------------- responses
 
+
 def usage_to_wire(usage: Usage) -> dict:
-    out: dict[str, Any] = {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-                           "total_tokens": usage.total_tokens}
+    out: dict[str, Any] = {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
     if usage.image_tokens is not None:
         out["prompt_tokens_details"] = {"image_tokens": usage.image_tokens}
     return out
@@ -272,14 +305,19 @@ def usage_from_wire(data: Any) -> Usage | None:
         return None
     details = data.get("prompt_tokens_details")
     image_tokens = details.get("image_tokens") if isinstance(details, Mapping) else None
-    return Usage(prompt_tokens=int(data.get("prompt_tokens") or 0),
-                 completion_tokens=int(data.get("completion_tokens") or 0),
-                 image_tokens=int(image_tokens) if image_tokens is not None else None)
+    return Usage(
+        prompt_tokens=int(data.get("prompt_tokens") or 0),
+        completion_tokens=int(data.get("completion_tokens") or 0),
+        image_tokens=int(image_tokens) if image_tokens is not None else None,
+    )
 
 
 def timings_to_wire(timings: Timings) -> dict:
-    return {"queue_seconds": timings.queue_seconds, "time_to_first_token": timings.time_to_first_token,
-            "total_seconds": timings.total_seconds}
+    return {
+        "queue_seconds": timings.queue_seconds,
+        "time_to_first_token": timings.time_to_first_token,
+        "total_seconds": timings.total_seconds,
+    }
 
 
 def timings_from_wire(data: Any) -> Timings | None:
@@ -293,16 +331,21 @@ def timings_from_wire(data: Any) -> Timings | None:
     return Timings(seconds("queue_seconds"), seconds("time_to_first_token"), seconds("total_seconds"))
 
 
-def build_chat_response(result: GenerationResult, *, request_id: str, model: str,
-                        created: int | None = None) -> dict:
+def build_chat_response(result: GenerationResult, *, request_id: str, model: str, created: int | None = None) -> dict:
     """The non-stream response body for *result*."""
     return {
         "id": request_id,
         "object": "chat.completion",
         "created": int(time.time()) if created is None else created,
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                     "finish_reason": result.finish_reason, "logprobs": None}],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason,
+                "logprobs": None,
+            }
+        ],
         "usage": usage_to_wire(result.usage),
         "timings": timings_to_wire(result.timings),
     }
@@ -324,13 +367,18 @@ def parse_chat_response(body: Any) -> GenerationResult:
         raise _malformed("chat completion", body) from None
     if not isinstance(text, str):
         raise _malformed("chat completion", body)
-    return GenerationResult(text=text, finish_reason=choice.get("finish_reason"),
-                            usage=usage_from_wire(body.get("usage")) or Usage(),
-                            timings=timings_from_wire(body.get("timings")) or Timings(),
-                            model=body.get("model"), id=body.get("id"))
+    return GenerationResult(
+        text=text,
+        finish_reason=choice.get("finish_reason"),
+        usage=usage_from_wire(body.get("usage")) or Usage(),
+        timings=timings_from_wire(body.get("timings")) or Timings(),
+        model=body.get("model"),
+        id=body.get("id"),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ stream
+
 
 @dataclass(frozen=True, slots=True)
 class StreamChunk:
@@ -344,13 +392,20 @@ class StreamChunk:
     model: str | None = None
 
 
-def build_stream_chunk(*, request_id: str, model: str, created: int, delta: str | None = None,
-                       role: str | None = None, finish_reason: str | None = None,
-                       usage: Usage | None = None, timings: Timings | None = None) -> dict:
+def build_stream_chunk(
+    *,
+    request_id: str,
+    model: str,
+    created: int,
+    delta: str | None = None,
+    role: str | None = None,
+    finish_reason: str | None = None,
+    usage: Usage | None = None,
+    timings: Timings | None = None,
+) -> dict:
     """One ``chat.completion.chunk``. With *usage* (and no delta/finish) it is the final usage chunk
     (``choices: []``), as ``stream_options.include_usage`` asks."""
-    chunk: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": created,
-                             "model": model}
+    chunk: dict[str, Any] = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model}
     if usage is not None and delta is None and role is None and finish_reason is None:
         chunk["choices"] = []
         chunk["usage"] = usage_to_wire(usage)
@@ -387,8 +442,14 @@ def parse_stream_chunk(data: Any) -> StreamChunk:
         content = (choice.get("delta") or {}).get("content")
         delta = content if isinstance(content, str) else ""
         finish_reason = choice.get("finish_reason")
-    return StreamChunk(delta=delta, finish_reason=finish_reason, usage=usage_from_wire(data.get("usage")),
-                       timings=timings_from_wire(data.get("timings")), id=data.get("id"), model=data.get("model"))
+    return StreamChunk(
+        delta=delta,
+        finish_reason=finish_reason,
+        usage=usage_from_wire(data.get("usage")),
+        timings=timings_from_wire(data.get("timings")),
+        id=data.get("id"),
+        model=data.get("model"),
+    )
 
 
 def encode_sse(data: Mapping | str) -> bytes:
@@ -415,7 +476,7 @@ class SSEDecoder:
         for match in _SSE_LINE_END.finditer(text):
             if match.group() == "\r" and match.end() == len(text):
                 break  # perhaps the first half of a CRLF split across chunks
-            data = self.decode(text[start:match.start()])
+            data = self.decode(text[start : match.start()])
             start = match.end()
             if data is not None:
                 events.append(data)
@@ -449,13 +510,15 @@ class SSEDecoder:
 
 # ------------------------------------------------------------------------------------------------ errors
 
+
 def build_error_body(error: LlavaNextError) -> dict:
     """The OpenAI-shaped error body for *error* (its HTTP status is ``error.status or 500``)."""
     return error.to_dict()
 
 
-def parse_error(status: int, content: bytes | str | Any, *, request_id: str | None = None,
-                retry_after: float | None = None) -> APIError:
+def parse_error(
+    status: int, content: bytes | str | Any, *, request_id: str | None = None, retry_after: float | None = None
+) -> APIError:
     """The error class for an error response: *content* is the raw body (JSON or text)."""
     body: Any = content
     if isinstance(content, (bytes, bytearray)):
@@ -489,6 +552,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 
 # ------------------------------------------------------------------------------------------------ misc
 
+
 def decode_data_url(url: str, *, index: int | None = None) -> tuple[str, bytes]:
     """``(media_type, bytes)`` of a ``data:image/<type>;base64,<data>`` URL; ``InvalidImageError`` if it is not one.
 
@@ -500,21 +564,28 @@ def decode_data_url(url: str, *, index: int | None = None) -> tuple[str, bytes]:
     if header[:5].lower() != "data:":
         raise InvalidImageError("not a data URL; expected 'data:image/<type>;base64,<data>'", index=index)
     if not comma:
-        raise InvalidImageError("the data URL has no ',' before its data; expected "
-                                "'data:image/<type>;base64,<data>'", index=index)
+        raise InvalidImageError(
+            "the data URL has no ',' before its data; expected 'data:image/<type>;base64,<data>'", index=index
+        )
     meta = header[5:].split(";")
     media_type = meta[0].strip().lower() or "text/plain"
     if not media_type.startswith("image/"):
-        raise InvalidImageError(f"a data URL of type {media_type!r} is not an image; expected image/png, "
-                                "image/jpeg, ...", index=index)
+        raise InvalidImageError(
+            f"a data URL of type {media_type!r} is not an image; expected image/png, image/jpeg, ...", index=index
+        )
     if "base64" not in [m.strip().lower() for m in meta[1:]]:
-        raise InvalidImageError("image data URLs must be base64-encoded (';base64,'); encode the image bytes "
-                                "with base64.b64encode", index=index)
+        raise InvalidImageError(
+            "image data URLs must be base64-encoded (';base64,'); encode the image bytes with base64.b64encode",
+            index=index,
+        )
     try:
         data = base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise InvalidImageError(f"the data URL's base64 payload is corrupt (invalid base64: {exc}); encode the "
-                                "image bytes with base64.b64encode", index=index) from None
+        raise InvalidImageError(
+            f"the data URL's base64 payload is corrupt (invalid base64: {exc}); encode the "
+            "image bytes with base64.b64encode",
+            index=index,
+        ) from None
     if not data:
         raise InvalidImageError("the data URL holds no data", index=index)
     return media_type, data
@@ -523,5 +594,7 @@ def decode_data_url(url: str, *, index: int | None = None) -> tuple[str, bytes]:
 def build_models_list(model_ids: Iterable[str], *, created: int | None = None, owned_by: str = "llava-next") -> dict:
     """The ``GET /v1/models`` body."""
     created = int(time.time()) if created is None else created
-    return {"object": "list",
-            "data": [{"id": m, "object": "model", "created": created, "owned_by": owned_by} for m in model_ids]}
+    return {
+        "object": "list",
+        "data": [{"id": m, "object": "model", "created": created, "owned_by": owned_by} for m in model_ids],
+    }

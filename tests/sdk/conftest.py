@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from standin_server import StandinServer
 
 

@@ -51,8 +51,11 @@ def _user_text(body: dict) -> tuple[str, int]:
 def _completion(body: dict) -> tuple[str, dict]:
     text, images = _user_text(body)
     answer = f"echo[{images}]: {text}"
-    usage = {"prompt_tokens": 7 + 10 * images, "completion_tokens": len(answer.split()),
-             "total_tokens": 7 + 10 * images + len(answer.split())}
+    usage = {
+        "prompt_tokens": 7 + 10 * images,
+        "completion_tokens": len(answer.split()),
+        "total_tokens": 7 + 10 * images + len(answer.split()),
+    }
     if images:
         usage["prompt_tokens_details"] = {"cached_tokens": 0, "image_tokens": 10 * images}
     return answer, usage
@@ -63,18 +66,36 @@ def _sse(obj) -> bytes:
 
 
 def _chunk(delta: dict, finish_reason=None) -> dict:
-    return {"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 1, "model": "standin",
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+    return {
+        "id": "chatcmpl-standin",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "standin",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
 
 
 def _ok(body: dict):
     answer, usage = _completion(body)
     if not body.get("stream"):
-        return JSONResponse({
-            "id": "chatcmpl-standin", "object": "chat.completion", "created": 1, "model": body.get("model"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                         "finish_reason": "stop", "logprobs": None}],
-            "usage": usage}, headers={"x-request-id": "req-standin"})
+        return JSONResponse(
+            {
+                "id": "chatcmpl-standin",
+                "object": "chat.completion",
+                "created": 1,
+                "model": body.get("model"),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": answer},
+                        "finish_reason": "stop",
+                        "logprobs": None,
+                    }
+                ],
+                "usage": usage,
+            },
+            headers={"x-request-id": "req-standin"},
+        )
 
     async def events():
         yield _sse(_chunk({"role": "assistant", "content": ""}))
@@ -83,16 +104,27 @@ def _ok(body: dict):
             yield _sse(_chunk({"content": word if i == 0 else " " + word}))
         yield _sse(_chunk({}, "stop"))
         if (body.get("stream_options") or {}).get("include_usage"):
-            yield _sse({"id": "chatcmpl-standin", "object": "chat.completion.chunk", "created": 1,
-                        "model": "standin", "choices": [], "usage": usage})
+            yield _sse(
+                {
+                    "id": "chatcmpl-standin",
+                    "object": "chat.completion.chunk",
+                    "created": 1,
+                    "model": "standin",
+                    "choices": [],
+                    "usage": usage,
+                }
+            )
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
 def _error(status: int, message: str, code: str | None, headers: dict | None = None):
-    return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                   "code": code}}, status_code=status, headers=headers)
+    return JSONResponse(
+        {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}},
+        status_code=status,
+        headers=headers,
+    )
 
 
 async def _scenario(name: str, record: Record, body: dict):
@@ -117,8 +149,9 @@ async def _scenario(name: str, record: Record, body: dict):
     if name == "bad_param":
         return _error(400, "Unrecognized request argument supplied: foo", "unsupported_parameter")
     if name == "context":
-        return _error(400, "This model's maximum context length is 4096 tokens, you requested 5000",
-                      "context_length_exceeded")
+        return _error(
+            400, "This model's maximum context length is 4096 tokens, you requested 5000", "context_length_exceeded"
+        )
     if name == "slow":
         await asyncio.sleep(2.0)
         return _ok(body)
@@ -129,8 +162,14 @@ async def _scenario(name: str, record: Record, body: dict):
                 await asyncio.sleep(0.2)
                 yield b":\n" if body.get("stream") else b" "
             answer, usage = _completion(body)
-            yield json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                                           "finish_reason": "stop"}], "usage": usage}).encode()
+            yield json.dumps(
+                {
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}
+                    ],
+                    "usage": usage,
+                }
+            ).encode()
 
         return StreamingResponse(drip(), media_type="text/event-stream" if body.get("stream") else "application/json")
     if name == "concurrent":
@@ -175,8 +214,9 @@ class StandinServer:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
         self.port = self._sock.getsockname()[1]
-        self._server = uvicorn.Server(uvicorn.Config(app, log_level="error", lifespan="off",
-                                                     timeout_graceful_shutdown=1))
+        self._server = uvicorn.Server(
+            uvicorn.Config(app, log_level="error", lifespan="off", timeout_graceful_shutdown=1)
+        )
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
     async def _chat(self, request: Request):
@@ -187,7 +227,7 @@ class StandinServer:
         record.headers.append(dict(request.headers))
         return await _scenario(request.path_params["scenario"], record, body)
 
-    def start(self) -> "StandinServer":
+    def start(self) -> StandinServer:
         self._thread.start()
         deadline = time.monotonic() + 10
         while not self._server.started:

@@ -9,8 +9,6 @@ import time
 import anyio
 import numpy as np
 import pytest
-from PIL import Image
-
 from llava_next_sdk import (
     APIConnectionError,
     APITimeoutError,
@@ -26,6 +24,7 @@ from llava_next_sdk import (
     ServerError,
     UnsupportedParameterError,
 )
+from PIL import Image
 
 pytestmark = pytest.mark.anyio
 
@@ -36,8 +35,13 @@ def client_for(base_url: str, **kwargs) -> AsyncClient:
 
 
 def image_urls(body: dict) -> list[str]:
-    return [part["image_url"]["url"] for m in body["messages"] if isinstance(m["content"], list)
-            for part in m["content"] if part["type"] == "image_url"]
+    return [
+        part["image_url"]["url"]
+        for m in body["messages"]
+        if isinstance(m["content"], list)
+        for part in m["content"]
+        if part["type"] == "image_url"
+    ]
 
 
 def decode_png(url: str) -> np.ndarray:
@@ -47,11 +51,13 @@ def decode_png(url: str) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------ results
 
+
 async def test_generate_returns_a_typed_result(standin):
     url, record = standin.endpoint("ok")
     async with AsyncClient(base_url=url, model="standin-model", api_key="sk-test") as client:
-        result = await client.generate(Image.new("RGB", (8, 6), "red"), "What is it?", max_tokens=5,
-                                       temperature=0, top_p=0.5, stop=["\n"], seed=3)
+        result = await client.generate(
+            Image.new("RGB", (8, 6), "red"), "What is it?", max_tokens=5, temperature=0, top_p=0.5, stop=["\n"], seed=3
+        )
     assert isinstance(result, GenerationResult)
     assert result.text == "echo[1]: What is it?"
     assert result.finish_reason == "stop"
@@ -61,8 +67,13 @@ async def test_generate_returns_a_typed_result(standin):
     assert result.id == "chatcmpl-standin"
     body = record.bodies[0]
     assert body["model"] == "standin-model"
-    assert {k: body[k] for k in ("max_tokens", "temperature", "top_p", "stop", "seed")} == \
-        {"max_tokens": 5, "temperature": 0.0, "top_p": 0.5, "stop": ["\n"], "seed": 3}
+    assert {k: body[k] for k in ("max_tokens", "temperature", "top_p", "stop", "seed")} == {
+        "max_tokens": 5,
+        "temperature": 0.0,
+        "top_p": 0.5,
+        "stop": ["\n"],
+        "seed": 3,
+    }
     assert "stream" not in body
     assert record.headers[0]["authorization"] == "Bearer sk-test"
 
@@ -75,8 +86,16 @@ async def test_every_image_source_is_sent_as_the_same_pixels_or_url(standin, tmp
     path = tmp_path / "picture.png"
     path.write_bytes(png.getvalue())
     data_url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
-    sources = [Image.fromarray(pixels), pixels, pixels.astype(np.float32) / 255, png.getvalue(), str(path), path,
-               "https://example.com/cat.jpg", data_url]
+    sources = [
+        Image.fromarray(pixels),
+        pixels,
+        pixels.astype(np.float32) / 255,
+        png.getvalue(),
+        str(path),
+        path,
+        "https://example.com/cat.jpg",
+        data_url,
+    ]
     async with client_for(url) as client:
         result = await client.generate(sources, "Compare them.")
     assert result.text == f"echo[{len(sources)}]: Compare them."
@@ -112,15 +131,18 @@ async def test_images_are_read_and_encoded_off_the_event_loop(standin, tmp_path)
     assert decode_png(image_urls(record.bodies[0])[0])[0, 0].tolist() == [0, 128, 0]
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("/no/such/picture.png", "no such image file"),
-    (b"not an image at all", "not a readable image"),
-    (np.zeros((4, 4, 3), dtype=np.float32) + 2, "finite values in [0, 1]"),
-    (np.zeros((3, 4, 4, 2), dtype=np.uint8), "must be [H, W]"),
-    ("data:text/plain;base64,aGVsbG8=", "not an image"),
-    ("ftp://example.com/x.png", "unsupported image URL scheme"),
-    (12345, "unsupported image type int"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("/no/such/picture.png", "no such image file"),
+        (b"not an image at all", "not a readable image"),
+        (np.zeros((4, 4, 3), dtype=np.float32) + 2, "finite values in [0, 1]"),
+        (np.zeros((3, 4, 4, 2), dtype=np.uint8), "must be [H, W]"),
+        ("data:text/plain;base64,aGVsbG8=", "not an image"),
+        ("ftp://example.com/x.png", "unsupported image URL scheme"),
+        (12345, "unsupported image type int"),
+    ],
+)
 async def test_a_bad_image_fails_before_anything_is_sent_and_names_its_index(standin, bad, message):
     url, record = standin.endpoint("ok")
     async with client_for(url) as client:
@@ -151,12 +173,20 @@ async def test_unknown_and_invalid_parameters_are_rejected_before_sending(standi
 async def test_chat_takes_openai_content_parts(standin):
     url, record = standin.endpoint("ok")
     async with client_for(url) as client:
-        result = await client.chat([
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
-                                         {"type": "image", "image": Image.new("RGB", (5, 5), "blue")},
-                                         {"type": "text", "text": "Describe both."}]},
-        ], max_tokens=8)
+        result = await client.chat(
+            [
+                {"role": "system", "content": "Be brief."},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+                        {"type": "image", "image": Image.new("RGB", (5, 5), "blue")},
+                        {"type": "text", "text": "Describe both."},
+                    ],
+                },
+            ],
+            max_tokens=8,
+        )
     assert result.text == "echo[2]: Describe both."
     body = record.bodies[0]
     assert body["messages"][0] == {"role": "system", "content": "Be brief."}
@@ -190,6 +220,7 @@ async def test_a_stream_from_an_endpoint_that_ignores_stream_still_works(standin
 
 
 # ------------------------------------------------------------------------------------------ robustness
+
 
 async def test_429_is_retried_after_the_servers_retry_after(standin):
     url, record = standin.endpoint("rate_limited")
@@ -232,11 +263,14 @@ async def test_retries_are_bounded(standin):
     assert record.count == 1
 
 
-@pytest.mark.parametrize("scenario, error, status, text", [
-    ("unauthorized", AuthenticationError, 401, "Incorrect API key"),
-    ("bad_param", UnsupportedParameterError, 400, "Unrecognized request argument"),
-    ("context", ContextLengthExceededError, 400, "maximum context length"),
-])
+@pytest.mark.parametrize(
+    "scenario, error, status, text",
+    [
+        ("unauthorized", AuthenticationError, 401, "Incorrect API key"),
+        ("bad_param", UnsupportedParameterError, 400, "Unrecognized request argument"),
+        ("context", ContextLengthExceededError, 400, "maximum context length"),
+    ],
+)
 async def test_error_bodies_become_our_error_classes(standin, scenario, error, status, text):
     url, record = standin.endpoint(scenario)
     async with client_for(url) as client:
@@ -363,6 +397,7 @@ async def test_cancelling_generate_returns_promptly(standin):
 
 # ------------------------------------------------------------------------------------------ batches
 
+
 async def test_map_bounds_concurrency_keeps_order_and_records_failures(standin):
     url, record = standin.endpoint("concurrent")
     items = [(None, f"question {i}") for i in range(8)]
@@ -373,8 +408,10 @@ async def test_map_bounds_concurrency_keeps_order_and_records_failures(standin):
         results = await client.map(items, concurrency=3, max_tokens=4)
     assert isinstance(results[3], InvalidImageError)
     texts = [r.text for i, r in enumerate(results) if i != 3]
-    assert texts == [f"echo[0]: question {i}" for i in range(8) if i != 3] + \
-        ["echo[0]: as a dict", "echo[0]: as messages"]
+    assert texts == [f"echo[0]: question {i}" for i in range(8) if i != 3] + [
+        "echo[0]: as a dict",
+        "echo[0]: as messages",
+    ]
     assert record.count == 9
     assert record.max_in_flight == 3
     assert [b.get("max_tokens") for b in record.bodies].count(2) == 1

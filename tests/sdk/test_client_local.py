@@ -7,9 +7,8 @@ import threading
 
 import anyio
 import pytest
-from PIL import Image
-
 from llava_next_sdk import AsyncClient, Client, GenerationResult, InvalidImageError, OverloadedError
+from PIL import Image
 
 PROMPT = "Describe the picture."
 
@@ -69,8 +68,12 @@ def test_clients_on_asyncio_and_trio_threads_share_one_engine(tiny_checkpoint):
 async def test_the_local_client_maps_in_order_and_records_failures(tiny_checkpoint):
     async with AsyncClient(model=str(tiny_checkpoint)) as client:
         alone = [await greedy(client, c) for c in ("red", "green")]
-        results = await client.map([(picture("red"), PROMPT), ([b"not an image"], PROMPT), (picture("green"), PROMPT)],
-                                   concurrency=2, max_tokens=4, temperature=0)
+        results = await client.map(
+            [(picture("red"), PROMPT), ([b"not an image"], PROMPT), (picture("green"), PROMPT)],
+            concurrency=2,
+            max_tokens=4,
+            temperature=0,
+        )
     assert isinstance(results[1], InvalidImageError) and results[1].index == 0
     assert [results[0].text, results[2].text] == [r.text for r in alone]
 
@@ -116,7 +119,9 @@ def test_allowed_url_domains_makes_a_local_client_refuse_other_hosts_as_a_server
         server.server_close()
     assert fetched.usage.image_tokens > 0
     assert error.index == 1 and error.status == 400
-    assert "image URLs from 'localhost' are not allowed" in error.message and "allowed hosts: 127.0.0.1" in error.message
+    assert (
+        "image URLs from 'localhost' are not allowed" in error.message and "allowed hosts: 127.0.0.1" in error.message
+    )
     with pytest.raises(TypeError, match="allowed_url_domains=3 must be a list of host names"):
         AsyncClient(model=str(tiny_checkpoint), allowed_url_domains=3)
 
@@ -180,8 +185,9 @@ def test_without_the_model_package_a_local_client_says_what_to_install(when):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", WITHOUT_MODEL_PACKAGE, when], capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_MODEL_PACKAGE, when], capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert "raised LlavaNextError" in done.stdout
     message = done.stdout.split("raised LlavaNextError", 1)[1]
@@ -236,8 +242,12 @@ def test_the_first_local_request_loads_the_model_package_without_stalling_the_ev
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", TICKER_DURING_FIRST_REQUEST, str(tiny_checkpoint)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", TICKER_DURING_FIRST_REQUEST, str(tiny_checkpoint)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert "imported before: False" in done.stdout and "tokens: 2" in done.stdout
     first = float(re.search(r"first request seconds: (\S+)", done.stdout).group(1))

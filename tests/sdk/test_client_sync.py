@@ -9,10 +9,7 @@ import subprocess
 import sys
 import threading
 
-import anyio
 import pytest
-from PIL import Image
-
 from llava_next_sdk import (
     AsyncClient,
     AsyncTransport,
@@ -25,6 +22,7 @@ from llava_next_sdk import (
 )
 from llava_next_sdk.hookspecs import hookimpl
 from llava_next_sdk.plugins import get_plugin_manager
+from PIL import Image
 
 
 def test_the_sync_client_generates_streams_and_maps(standin):
@@ -90,11 +88,13 @@ def test_closing_the_sync_client_stops_its_thread(standin):
 
 
 def test_importing_the_sdk_and_a_remote_client_loads_neither_torch_nor_transformers():
-    code = ("import sys, llava_next_sdk\n"
-            "client = llava_next_sdk.AsyncClient(base_url='http://127.0.0.1:9/v1', model='m')\n"
-            "sync = llava_next_sdk.Client(base_url='http://127.0.0.1:9/v1', model='m'); sync.close()\n"
-            "heavy = sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules)\n"
-            "print(','.join(heavy) or 'light')\n")
+    code = (
+        "import sys, llava_next_sdk\n"
+        "client = llava_next_sdk.AsyncClient(base_url='http://127.0.0.1:9/v1', model='m')\n"
+        "sync = llava_next_sdk.Client(base_url='http://127.0.0.1:9/v1', model='m'); sync.close()\n"
+        "heavy = sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules)\n"
+        "print(','.join(heavy) or 'light')\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
@@ -129,6 +129,7 @@ class EchoTransport:
                     for word in ("a", "b"):
                         yield word
                     yield await transport.generate(request)
+
                 return items()
 
             async def __aexit__(self, *exc):

@@ -15,9 +15,8 @@ import time
 
 import httpx
 import pytest
-from PIL import Image
-
 from llava_next_sdk import AsyncClient, BadRequestError, GenerationResult
+from PIL import Image
 
 pytestmark = pytest.mark.anyio
 
@@ -37,10 +36,24 @@ def serve_process(tiny_checkpoint, tmp_path_factory):
     # An existing (empty) hub cache: transformers 5.23's ``/v1/models`` scans it and answers 500 when the
     # folder is missing (5.24 lists an empty cache instead); the model itself loads from FOLDER.
     hub_cache = tmp_path_factory.mktemp("hub-cache")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_CACHE=str(hub_cache))
-    command = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(tiny_checkpoint),
-               "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--log-level", "error"]
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_CACHE=str(hub_cache)
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "transformers.cli.transformers",
+        "serve",
+        str(tiny_checkpoint),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--log-level",
+        "error",
+    ]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         yield process, f"http://127.0.0.1:{port}/v1"
@@ -101,9 +114,11 @@ async def test_generate_and_stream_against_transformers_serve(transformers_serve
 
 async def test_chat_and_map_against_transformers_serve(transformers_serve, tiny_checkpoint):
     async with AsyncClient(base_url=transformers_serve, model=str(tiny_checkpoint)) as client:
-        chat = await client.chat([{"role": "user", "content": [{"type": "image", "image": image()},
-                                                               {"type": "text", "text": PROMPT}]}],
-                                 max_tokens=6, temperature=0)
+        chat = await client.chat(
+            [{"role": "user", "content": [{"type": "image", "image": image()}, {"type": "text", "text": PROMPT}]}],
+            max_tokens=6,
+            temperature=0,
+        )
         results = await client.map([(image(), PROMPT), (None, "Hello")], concurrency=2, max_tokens=3, temperature=0)
     assert all(isinstance(r, GenerationResult) for r in results), results
     assert results[0].text.startswith(chat.text[:5])

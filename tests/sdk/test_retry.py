@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from llava_next_sdk.retry import RetryPolicy
 
 

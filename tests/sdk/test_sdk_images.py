@@ -8,10 +8,9 @@ import re
 
 import anyio
 import pytest
-from PIL import Image
-
 from llava_next_sdk import AsyncClient, InvalidImageError
 from llava_next_sdk.images import to_image_part
+from PIL import Image
 
 REPR = re.compile(r"object at 0x")
 
@@ -34,9 +33,15 @@ def test_a_binary_file_object_is_read_like_its_bytes(tmp_path):
 
 
 BAD = {
-    "bytes that are no image": (lambda tmp: io.BytesIO(b"not an image"), r"images\[1\] \(a BytesIO\) is not a readable"),
+    "bytes that are no image": (
+        lambda tmp: io.BytesIO(b"not an image"),
+        r"images\[1\] \(a BytesIO\) is not a readable",
+    ),
     "a closed file": (lambda tmp: _closed(tmp), r"images\[1\] \(a BufferedReader of '.*x.png'\) could not be read"),
-    "a file open in text mode": (lambda tmp: _text(tmp), r"images\[1\] \(a TextIOWrapper of '.*x.png'\) is open in text"),
+    "a file open in text mode": (
+        lambda tmp: _text(tmp),
+        r"images\[1\] \(a TextIOWrapper of '.*x.png'\) is open in text",
+    ),
     "a file at its end": (lambda tmp: _at_end(), r"images\[1\] \(a BytesIO\) is empty"),
     "raw bytes that are no image": (lambda tmp: b"not an image", r"the bytes is not a readable image"),
 }

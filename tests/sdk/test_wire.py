@@ -9,7 +9,6 @@ import openai.types.chat as openai_chat
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from llava_next_sdk import wire
 from llava_next_sdk.errors import (
     AuthenticationError,
@@ -31,7 +30,9 @@ from llava_next_sdk.types import (
     Usage,
 )
 
-PNG_1PX = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC")
+PNG_1PX = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
+)
 
 
 def user_request(*parts, **params) -> ChatRequest:
@@ -40,16 +41,23 @@ def user_request(*parts, **params) -> ChatRequest:
 
 # ------------------------------------------------------------------------------------------ requests
 
+
 def test_a_request_survives_the_round_trip():
     request = ChatRequest(
-        (ChatMessage("system", "Be brief."),
-         ChatMessage("user", (ImagePart(data=PNG_1PX), TextPart("What is this?"),
-                              ImagePart(url="https://example.com/a.jpg")))),
-        GenerationParams(max_tokens=7, temperature=0.0, top_p=0.9, stop=("\n", "END"), seed=1))
+        (
+            ChatMessage("system", "Be brief."),
+            ChatMessage(
+                "user", (ImagePart(data=PNG_1PX), TextPart("What is this?"), ImagePart(url="https://example.com/a.jpg"))
+            ),
+        ),
+        GenerationParams(max_tokens=7, temperature=0.0, top_p=0.9, stop=("\n", "END"), seed=1),
+    )
     body = wire.build_chat_request(request, model="tiny", stream=True)
     assert body["messages"][0] == {"role": "system", "content": "Be brief."}
     assert body["messages"][1]["content"][0] == {
-        "type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(PNG_1PX).decode()}}
+        "type": "image_url",
+        "image_url": {"url": "data:image/png;base64," + base64.b64encode(PNG_1PX).decode()},
+    }
     assert body["stream_options"] == {"include_usage": True}
     parsed = wire.parse_chat_request(json.loads(json.dumps(body)))
     assert parsed.stream and parsed.include_usage
@@ -62,34 +70,62 @@ def test_a_request_survives_the_round_trip():
 
 
 def test_openai_aliases_are_understood():
-    parsed = wire.parse_chat_request({
-        "model": "m", "max_completion_tokens": 5, "n": 1, "user": "someone",
-        "messages": [{"role": "developer", "content": [{"type": "text", "text": "sys"}]},
-                     {"role": "user", "content": [{"type": "image_url", "image_url": "https://x.org/i.png"},
-                                                  {"type": "text", "text": "hi"}]}]})
+    parsed = wire.parse_chat_request(
+        {
+            "model": "m",
+            "max_completion_tokens": 5,
+            "n": 1,
+            "user": "someone",
+            "messages": [
+                {"role": "developer", "content": [{"type": "text", "text": "sys"}]},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": "https://x.org/i.png"},
+                        {"type": "text", "text": "hi"},
+                    ],
+                },
+            ],
+        }
+    )
     assert parsed.request.params.max_tokens == 5
     assert parsed.request.messages[0].role == "system"
     assert parsed.request.images[0].url == "https://x.org/i.png"
     assert not parsed.stream
 
 
-@pytest.mark.parametrize("body, error, match", [
-    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {}, "tools": []}, UnsupportedParameterError,
-     "logit_bias, tools"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, UnsupportedParameterError, "only n=1"),
-    ({"messages": []}, BadRequestError, "non-empty list"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, BadRequestError, "unsupported role 'tool'"),
-    ({"messages": [{"role": "user", "content": 3}]}, BadRequestError, "'content' must be"),
-    ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}, BadRequestError,
-     "unsupported content part type 'input_audio'"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, InvalidImageError,
-     "image 0"),
-    ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, BadRequestError, "temperature"),
-    ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, BadRequestError,
-     "at most 4"),
-    ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, BadRequestError, "'stream'"),
-    ([1, 2], BadRequestError, "JSON object"),
-])
+@pytest.mark.parametrize(
+    "body, error, match",
+    [
+        (
+            {"messages": [{"role": "user", "content": "x"}], "logit_bias": {}, "tools": []},
+            UnsupportedParameterError,
+            "logit_bias, tools",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, UnsupportedParameterError, "only n=1"),
+        ({"messages": []}, BadRequestError, "non-empty list"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, BadRequestError, "unsupported role 'tool'"),
+        ({"messages": [{"role": "user", "content": 3}]}, BadRequestError, "'content' must be"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+            BadRequestError,
+            "unsupported content part type 'input_audio'",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            InvalidImageError,
+            "image 0",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, BadRequestError, "temperature"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]},
+            BadRequestError,
+            "at most 4",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, BadRequestError, "'stream'"),
+        ([1, 2], BadRequestError, "JSON object"),
+    ],
+)
 def test_bad_request_bodies_get_clear_typed_errors(body, error, match):
     with pytest.raises(error, match=match):
         wire.parse_chat_request(body)
@@ -113,14 +149,23 @@ def test_a_response_survives_the_round_trip_and_is_valid_for_the_openai_client()
     assert completion.choices[0].message.content == "A cat."
     assert completion.usage.prompt_tokens == 1200 and completion.usage.total_tokens == 1203
     parsed = wire.parse_chat_response(json.loads(json.dumps(body)))
-    assert (parsed.text, parsed.finish_reason, parsed.usage, parsed.timings) == \
-        (RESULT.text, RESULT.finish_reason, RESULT.usage, RESULT.timings)
+    assert (parsed.text, parsed.finish_reason, parsed.usage, parsed.timings) == (
+        RESULT.text,
+        RESULT.finish_reason,
+        RESULT.usage,
+        RESULT.timings,
+    )
     assert parsed.id == "chatcmpl-1" and parsed.model == "tiny"
 
 
 def test_a_third_party_response_without_our_extensions_parses():
-    parsed = wire.parse_chat_response({"id": "x", "choices": [{"message": {"content": "hi"}, "finish_reason": "length"}],
-                                       "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}})
+    parsed = wire.parse_chat_response(
+        {
+            "id": "x",
+            "choices": [{"message": {"content": "hi"}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+        }
+    )
     assert parsed.usage == Usage(3, 1, None) and parsed.timings == Timings()
 
 
@@ -132,11 +177,13 @@ def test_a_malformed_response_is_a_server_error(body):
 
 def test_stream_chunks_are_valid_for_the_openai_client_and_parse_back():
     common = {"request_id": "chatcmpl-1", "model": "tiny", "created": 5}
-    chunks = [wire.build_stream_chunk(role="assistant", delta="", **common),
-              wire.build_stream_chunk(delta="A", **common),
-              wire.build_stream_chunk(delta=" cat.", **common),
-              wire.build_stream_chunk(finish_reason="stop", **common),
-              wire.build_stream_chunk(usage=RESULT.usage, timings=RESULT.timings, **common)]
+    chunks = [
+        wire.build_stream_chunk(role="assistant", delta="", **common),
+        wire.build_stream_chunk(delta="A", **common),
+        wire.build_stream_chunk(delta=" cat.", **common),
+        wire.build_stream_chunk(finish_reason="stop", **common),
+        wire.build_stream_chunk(usage=RESULT.usage, timings=RESULT.timings, **common),
+    ]
     for chunk in chunks:
         openai_chat.ChatCompletionChunk.model_validate(chunk)
     assert chunks[-1]["choices"] == []
@@ -146,8 +193,15 @@ def test_stream_chunks_are_valid_for_the_openai_client_and_parse_back():
     assert parsed[4].usage == RESULT.usage and parsed[4].timings == RESULT.timings
 
 
-@pytest.mark.parametrize("error", [ContextLengthExceededError("too long", param="messages"),
-                                   BadRequestError("bad"), OverloadedError("busy"), ServerError("boom")])
+@pytest.mark.parametrize(
+    "error",
+    [
+        ContextLengthExceededError("too long", param="messages"),
+        BadRequestError("bad"),
+        OverloadedError("busy"),
+        ServerError("boom"),
+    ],
+)
 def test_an_error_chunk_raises_its_error_class(error):
     with pytest.raises(type(error), match=error.message) as info:
         wire.parse_stream_chunk(wire.build_error_body(error))
@@ -155,8 +209,11 @@ def test_an_error_chunk_raises_its_error_class(error):
 
 
 @settings(max_examples=60, deadline=None)
-@given(texts=st.lists(st.text(), min_size=1, max_size=5), cuts=st.lists(st.integers(0, 400), max_size=6),
-       crlf=st.booleans())
+@given(
+    texts=st.lists(st.text(), min_size=1, max_size=5),
+    cuts=st.lists(st.integers(0, 400), max_size=6),
+    crlf=st.booleans(),
+)
 def test_sse_events_decode_whatever_the_chunking(texts, cuts, crlf):
     events = [{"delta": t} for t in texts]
     raw = b"".join(wire.encode_sse(e) for e in events) + wire.SSE_DONE
@@ -179,14 +236,21 @@ def test_sse_comments_and_other_fields_are_ignored():
 
 # ------------------------------------------------------------------------------------------ errors
 
-@pytest.mark.parametrize("status, content, error", [
-    (401, b'{"error": {"message": "bad key", "type": "invalid_request_error", "code": "invalid_api_key"}}',
-     AuthenticationError),
-    (400, b'{"error": {"message": "context length is 4096", "code": null}}', ContextLengthExceededError),
-    (429, "slow down", OverloadedError),
-    (503, b"", OverloadedError),
-    (502, b"<html>bad gateway</html>", ServerError),
-])
+
+@pytest.mark.parametrize(
+    "status, content, error",
+    [
+        (
+            401,
+            b'{"error": {"message": "bad key", "type": "invalid_request_error", "code": "invalid_api_key"}}',
+            AuthenticationError,
+        ),
+        (400, b'{"error": {"message": "context length is 4096", "code": null}}', ContextLengthExceededError),
+        (429, "slow down", OverloadedError),
+        (503, b"", OverloadedError),
+        (502, b"<html>bad gateway</html>", ServerError),
+    ],
+)
 def test_error_responses_map_to_classes(status, content, error):
     err = wire.parse_error(status, content, request_id="req-1", retry_after=2.0)
     assert type(err) is error
@@ -195,8 +259,12 @@ def test_error_responses_map_to_classes(status, content, error):
 
 
 def test_our_error_bodies_come_back_as_the_same_class():
-    for original in (InvalidImageError("cannot decode", index=2), UnsupportedParameterError("no", param="x"),
-                     OverloadedError("queue full"), AuthenticationError("no key")):
+    for original in (
+        InvalidImageError("cannot decode", index=2),
+        UnsupportedParameterError("no", param="x"),
+        OverloadedError("queue full"),
+        AuthenticationError("no key"),
+    ):
         body = json.dumps(wire.build_error_body(original)).encode()
         back = wire.parse_error(original.status, body)
         assert type(back) is type(original) and back.message == original.message
@@ -212,18 +280,21 @@ def test_retry_after_reads_seconds_and_dates():
 
 def test_line_wrapped_base64_data_urls_decode_to_the_same_bytes():
     encoded = base64.b64encode(PNG_1PX * 3).decode()
-    wrapped = "\r\n".join(encoded[i:i + 16] for i in range(0, len(encoded), 16))
+    wrapped = "\r\n".join(encoded[i : i + 16] for i in range(0, len(encoded), 16))
     assert wire.decode_data_url("data:image/png;base64," + wrapped) == ("image/png", PNG_1PX * 3)
 
 
-@pytest.mark.parametrize("url, match", [
-    ("https://example.com/x.png", "not a data URL"),
-    ("data:image/png;base64", "no ','"),
-    ("data:text/plain;base64,aGk=", "not an image"),
-    ("data:image/png,rawbytes", "base64-encoded"),
-    ("data:image/png;base64,@@@", "corrupt"),
-    ("data:image/png;base64,", "no data"),
-])
+@pytest.mark.parametrize(
+    "url, match",
+    [
+        ("https://example.com/x.png", "not a data URL"),
+        ("data:image/png;base64", "no ','"),
+        ("data:text/plain;base64,aGk=", "not an image"),
+        ("data:image/png,rawbytes", "base64-encoded"),
+        ("data:image/png;base64,@@@", "corrupt"),
+        ("data:image/png;base64,", "no data"),
+    ],
+)
 def test_bad_data_urls_are_invalid_images(url, match):
     with pytest.raises(InvalidImageError, match=match) as info:
         wire.decode_data_url(url, index=4)
@@ -232,13 +303,25 @@ def test_bad_data_urls_are_invalid_images(url, match):
 
 # ------------------------------------------------------------------------------------------ types
 
-@pytest.mark.parametrize("params, param", [
-    ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 2.5}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
-    ({"temperature": -1}, "temperature"), ({"temperature": 2.5}, "temperature"),
-    ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
-    ({"stop": [""]}, "stop"), ({"stop": 3}, "stop"), ({"seed": "x"}, "seed"),
-    ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"), ({"seed": 2**70}, "seed"),
-])
+
+@pytest.mark.parametrize(
+    "params, param",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 2.5}, "max_tokens"),
+        ({"max_tokens": True}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"stop": [""]}, "stop"),
+        ({"stop": 3}, "stop"),
+        ({"seed": "x"}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": 2**70}, "seed"),
+    ],
+)
 def test_generation_params_reject_bad_values_naming_them(params, param):
     with pytest.raises(BadRequestError) as info:
         GenerationParams(**params)
@@ -254,8 +337,11 @@ def test_generation_params_take_every_seed_a_generator_takes():
 def test_generation_params_normalise_and_merge():
     params = GenerationParams.from_kwargs({"stop": "END", "temperature": 0})
     assert params.stop == ("END",) and params.temperature == 0.0
-    assert params.merged(max_tokens=4, temperature=None).to_dict() == {"max_tokens": 4, "temperature": 0.0,
-                                                                       "stop": ["END"]}
+    assert params.merged(max_tokens=4, temperature=None).to_dict() == {
+        "max_tokens": 4,
+        "temperature": 0.0,
+        "stop": ["END"],
+    }
     with pytest.raises(UnsupportedParameterError, match="top_k"):
         params.merged(top_k=5)
 

@@ -39,8 +39,9 @@ Contract every transport keeps
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import AsyncIterator, Protocol, Union, runtime_checkable
+from typing import Protocol, Union, runtime_checkable
 
 from ..types import ChatRequest, GenerationResult
 

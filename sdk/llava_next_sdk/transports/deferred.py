@@ -13,8 +13,8 @@ the client is built, unless the provider was already loaded in this process.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
 
 import anyio
 
@@ -60,8 +60,10 @@ class DeferredTransport:
             raise LlavaNextError(str(exc)) from exc
         transport = manager.hook.llava_next_sdk_transport(url=self.url, options=self._options)
         if transport is None:
-            raise LlavaNextError(f"the installed transport for {self.scheme}: URLs loaded but did not take "
-                                 f"{self.url!r}; reinstall the package that provides it")
+            raise LlavaNextError(
+                f"the installed transport for {self.scheme}: URLs loaded but did not take "
+                f"{self.url!r}; reinstall the package that provides it"
+            )
         return transport
 
     async def _get(self) -> AsyncTransport:
@@ -86,4 +88,3 @@ class DeferredTransport:
         transport, self._transport = self._transport, None
         if transport is not None:
             await transport.aclose()
-

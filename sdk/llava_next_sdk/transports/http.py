@@ -20,22 +20,28 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Mapping
+from typing import Any
 
 import anyio
 import httpx
 
 from .. import wire
-from ..errors import APIConnectionError, APIError, APITimeoutError, LlavaNextError, NotFoundError, ServerError
+from ..errors import APIConnectionError, APITimeoutError, LlavaNextError, NotFoundError, ServerError
 from ..hookspecs import hookimpl
 from ..images import encoded_for_wire
 from ..retry import DEFAULT_MAX_RETRIES, RetryPolicy
 from ..types import ChatRequest, GenerationResult, Timings, Usage
 from .base import StreamItem
 
-__all__ = ["HTTPTransport", "DEFAULT_TIMEOUT", "DEFAULT_TOTAL_TIMEOUT", "DEFAULT_MAX_RETRIES",
-           "llava_next_sdk_transport"]
+__all__ = [
+    "HTTPTransport",
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_TOTAL_TIMEOUT",
+    "DEFAULT_MAX_RETRIES",
+    "llava_next_sdk_transport",
+]
 
 logger = logging.getLogger("llava_next_sdk.http")
 
@@ -62,14 +68,20 @@ def _timeouts(timeout: Any, connect_timeout: Any, read_timeout: Any) -> tuple[ht
         phases = timeout
     else:
         total = _seconds("timeout", timeout)
-        phases = httpx.Timeout(connect=min(total, DEFAULT_TIMEOUT.connect), read=min(total, DEFAULT_TIMEOUT.read),
-                               write=min(total, DEFAULT_TIMEOUT.write), pool=min(total, DEFAULT_TIMEOUT.pool))
+        phases = httpx.Timeout(
+            connect=min(total, DEFAULT_TIMEOUT.connect),
+            read=min(total, DEFAULT_TIMEOUT.read),
+            write=min(total, DEFAULT_TIMEOUT.write),
+            pool=min(total, DEFAULT_TIMEOUT.pool),
+        )
     if connect_timeout is not None:
-        phases = httpx.Timeout(connect=_seconds("connect_timeout", connect_timeout), read=phases.read,
-                               write=phases.write, pool=phases.pool)
+        phases = httpx.Timeout(
+            connect=_seconds("connect_timeout", connect_timeout), read=phases.read, write=phases.write, pool=phases.pool
+        )
     if read_timeout is not None:
-        phases = httpx.Timeout(connect=phases.connect, read=_seconds("read_timeout", read_timeout),
-                               write=phases.write, pool=phases.pool)
+        phases = httpx.Timeout(
+            connect=phases.connect, read=_seconds("read_timeout", read_timeout), write=phases.write, pool=phases.pool
+        )
     return phases, total
 
 
@@ -95,16 +107,29 @@ class HTTPTransport:
     :param http_client: an ``httpx.AsyncClient`` to use instead of our own (not closed by ``aclose``).
     """
 
-    def __init__(self, base_url: str, *, model: str | None = None, api_key: str | None = None,
-                 timeout: float | httpx.Timeout | None = None, connect_timeout: float | None = None,
-                 read_timeout: float | None = None, max_retries: int | None = None, backoff_base: float = 0.5,
-                 backoff_max: float = 8.0, max_retry_after: float = 60.0, include_usage: bool = True,
-                 headers: Mapping[str, str] | None = None, http_client: httpx.AsyncClient | None = None,
-                 limits: httpx.Limits | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        model: str | None = None,
+        api_key: str | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
+        max_retries: int | None = None,
+        backoff_base: float = 0.5,
+        backoff_max: float = 8.0,
+        max_retry_after: float = 60.0,
+        include_usage: bool = True,
+        headers: Mapping[str, str] | None = None,
+        http_client: httpx.AsyncClient | None = None,
+        limits: httpx.Limits | None = None,
+    ) -> None:
         if not isinstance(base_url, str) or not base_url.lower().startswith(("http://", "https://")):
             raise ValueError(f"base_url={base_url!r} must be an http(s) URL such as 'http://127.0.0.1:8000/v1'")
-        self.retry_policy = RetryPolicy(DEFAULT_MAX_RETRIES if max_retries is None else max_retries,
-                                        backoff_base, backoff_max, max_retry_after)
+        self.retry_policy = RetryPolicy(
+            DEFAULT_MAX_RETRIES if max_retries is None else max_retries, backoff_base, backoff_max, max_retry_after
+        )
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.include_usage = include_usage
@@ -114,7 +139,8 @@ class HTTPTransport:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._owns_client = http_client is None
         self._client = http_client or httpx.AsyncClient(
-            timeout=self.timeout, limits=limits or httpx.Limits(max_connections=100, max_keepalive_connections=20))
+            timeout=self.timeout, limits=limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
+        )
         self._closed = False
 
     def __repr__(self) -> str:
@@ -144,8 +170,9 @@ class HTTPTransport:
         if response.headers.get("content-type", "").startswith("application/json"):
             # An endpoint that ignores "stream": one delta with the whole text, then the result.
             try:
-                result = self._parse_completion(await self._within(deadline, self._read(response.aread())),
-                                                response, started)
+                result = self._parse_completion(
+                    await self._within(deadline, self._read(response.aread())), response, started
+                )
             finally:
                 await _close_quietly(response)
             yield _ListItems([result.text, result] if result.text else [result])
@@ -164,7 +191,7 @@ class HTTPTransport:
             with anyio.CancelScope(shield=True):
                 await self._client.aclose()
 
-    async def __aenter__(self) -> "HTTPTransport":
+    async def __aenter__(self) -> HTTPTransport:
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
@@ -207,8 +234,9 @@ class HTTPTransport:
             finally:
                 await _close_quietly(response)
             retry_after = wire.parse_retry_after(response.headers.get("retry-after"))
-            error = wire.parse_error(response.status_code, content, request_id=_request_id(response),
-                                     retry_after=retry_after)
+            error = wire.parse_error(
+                response.status_code, content, request_id=_request_id(response), retry_after=retry_after
+            )
             if isinstance(error, NotFoundError) and not self.base_url.endswith("/v1"):
                 error.message = f"{error.message} (is base_url missing '/v1'? it is {self.base_url!r})"
                 error.args = (error.message,)
@@ -225,8 +253,11 @@ class HTTPTransport:
         try:
             data = json.loads(content)
         except ValueError:
-            raise ServerError(f"the endpoint answered with a non-JSON body: {content[:200]!r}",
-                              status=response.status_code, request_id=_request_id(response)) from None
+            raise ServerError(
+                f"the endpoint answered with a non-JSON body: {content[:200]!r}",
+                status=response.status_code,
+                request_id=_request_id(response),
+            ) from None
         result = wire.parse_chat_response(data)
         timings = result.timings
         if timings.total_seconds is None:
@@ -238,8 +269,10 @@ class HTTPTransport:
         with anyio.move_on_after(deadline - anyio.current_time()) as scope:
             return await awaitable
         if scope.cancelled_caught:
-            raise APITimeoutError(f"timed out: the call to {self.base_url} took longer than its total timeout of "
-                                  f"{self.total_timeout:g} s; pass a larger timeout= if the endpoint is just slow")
+            raise APITimeoutError(
+                f"timed out: the call to {self.base_url} took longer than its total timeout of "
+                f"{self.total_timeout:g} s; pass a larger timeout= if the endpoint is just slow"
+            )
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _read(self, awaitable: Any) -> Any:
@@ -247,11 +280,14 @@ class HTTPTransport:
         try:
             return await awaitable
         except httpx.TimeoutException as exc:
-            raise APITimeoutError(f"timed out reading the response from {self.base_url} "
-                                  f"(read timeout {self.timeout.read}s): {exc or type(exc).__name__}") from exc
+            raise APITimeoutError(
+                f"timed out reading the response from {self.base_url} "
+                f"(read timeout {self.timeout.read}s): {exc or type(exc).__name__}"
+            ) from exc
         except httpx.TransportError as exc:
-            raise APIConnectionError(f"the connection to {self.base_url} broke while reading the response: "
-                                     f"{exc or type(exc).__name__}") from exc
+            raise APIConnectionError(
+                f"the connection to {self.base_url} broke while reading the response: {exc or type(exc).__name__}"
+            ) from exc
 
 
 class _ListItems:
@@ -260,7 +296,7 @@ class _ListItems:
     def __init__(self, items: list[StreamItem]) -> None:
         self._items = list(items)
 
-    def __aiter__(self) -> "_ListItems":
+    def __aiter__(self) -> _ListItems:
         return self
 
     async def __anext__(self) -> StreamItem:
@@ -292,7 +328,7 @@ class _SSEItems:
         self._model: str | None = None
         self._done = False
 
-    def __aiter__(self) -> "_SSEItems":
+    def __aiter__(self) -> _SSEItems:
         return self
 
     async def __anext__(self) -> StreamItem:
@@ -354,17 +390,27 @@ class _SSEItems:
     def _finish(self, *, ended_cleanly: bool) -> GenerationResult:
         self._done = True
         if not ended_cleanly and self._finish_reason is None:
-            raise APIConnectionError("the stream ended before the endpoint finished the generation "
-                                     "(no finish_reason and no [DONE])")
+            raise APIConnectionError(
+                "the stream ended before the endpoint finished the generation (no finish_reason and no [DONE])"
+            )
         now = time.perf_counter()
         reported = self._timings or Timings()
         ttft = reported.time_to_first_token
         if ttft is None and self._first_token_at is not None:
             ttft = self._first_token_at - self._started
-        timings = Timings(reported.queue_seconds, ttft,
-                          reported.total_seconds if reported.total_seconds is not None else now - self._started)
-        return GenerationResult(text="".join(self._text), finish_reason=self._finish_reason,
-                                usage=self._usage or Usage(), timings=timings, model=self._model, id=self._id)
+        timings = Timings(
+            reported.queue_seconds,
+            ttft,
+            reported.total_seconds if reported.total_seconds is not None else now - self._started,
+        )
+        return GenerationResult(
+            text="".join(self._text),
+            finish_reason=self._finish_reason,
+            usage=self._usage or Usage(),
+            timings=timings,
+            model=self._model,
+            id=self._id,
+        )
 
     async def aclose(self) -> None:
         """Close the response (and so the connection, if it was not read to the end)."""
@@ -399,14 +445,27 @@ def _connection_error(exc: Exception, url: str, retries: int) -> APIConnectionEr
     after = f" after {retries} retr{'y' if retries == 1 else 'ies'}" if retries else ""
     detail = str(exc) or type(exc).__name__
     if isinstance(exc, httpx.TimeoutException):
-        return APITimeoutError(f"timed out talking to {url}{after}: {detail}; raise timeout= if the "
-                               "endpoint is just slow")
-    return APIConnectionError(f"could not reach {url}{after}: {detail}; is the server running and the "
-                              "base_url right?")
+        return APITimeoutError(
+            f"timed out talking to {url}{after}: {detail}; raise timeout= if the endpoint is just slow"
+        )
+    return APIConnectionError(f"could not reach {url}{after}: {detail}; is the server running and the base_url right?")
 
 
-_OPTIONS = {"model", "api_key", "timeout", "connect_timeout", "read_timeout", "max_retries", "backoff_base", "backoff_max", "max_retry_after",
-            "include_usage", "headers", "http_client", "limits"}
+_OPTIONS = {
+    "model",
+    "api_key",
+    "timeout",
+    "connect_timeout",
+    "read_timeout",
+    "max_retries",
+    "backoff_base",
+    "backoff_max",
+    "max_retry_after",
+    "include_usage",
+    "headers",
+    "http_client",
+    "limits",
+}
 
 
 @hookimpl
@@ -416,6 +475,7 @@ def llava_next_sdk_transport(url: str, options: dict) -> HTTPTransport | None:
         return None
     unknown = sorted(set(options) - _OPTIONS)
     if unknown:
-        raise TypeError(f"unknown option(s) for an HTTP client: {', '.join(unknown)}; "
-                        f"accepted: {', '.join(sorted(_OPTIONS))}")
+        raise TypeError(
+            f"unknown option(s) for an HTTP client: {', '.join(unknown)}; accepted: {', '.join(sorted(_OPTIONS))}"
+        )
     return HTTPTransport(url, **options)

@@ -7,9 +7,8 @@
 
 from urllib.parse import parse_qs, urlparse
 
-from PIL import Image, ImageColor
-
 from llava_next_sdk.hookspecs import hookimpl  # the light import: no torch
+from PIL import Image, ImageColor
 
 PLAIN_TEMPLATE = (
     "{% for message in messages %}{% if message['role'] == 'user' %}"
