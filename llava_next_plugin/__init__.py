@@ -22,6 +22,7 @@ import importlib
 import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
+from .errors import ImageError, InputError
 from .registration import is_registered, register, unregister, use_transformers_builtins
 
 try:
@@ -40,8 +41,16 @@ _LAZY = {
     "AttentionMaskVisualizer": "visualizer",
 }
 
-__all__ = [
-    *_LAZY,
+__all__ = [  # the names of _LAZY, spelt out so that tools can read them
+    "LlavaNextConfig",
+    "LlavaNextImageProcessor",
+    "LlavaNextImageProcessorFast",
+    "LlavaNextProcessor",
+    "LlavaNextModel",
+    "LlavaNextForConditionalGeneration",
+    "AttentionMaskVisualizer",
+    "InputError",
+    "ImageError",
     "register",
     "unregister",
     "is_registered",

@@ -218,13 +218,12 @@ def _check_prompt_format(family: str | None) -> None:
     """Fail before loading a model when ``--prompt-format`` names no known family."""
     if family is None:
         return
-    from llava_next_sdk.errors import BadRequestError
-
+    from .errors import InputError
     from .prompts import build_prompt
 
     try:
         build_prompt("check", None, None, family=family, num_images=0)
-    except BadRequestError as exc:
+    except InputError as exc:
         raise CommandError(f"--prompt-format: {exc.message}") from exc
 
 
@@ -256,8 +255,7 @@ def _load_pipeline(args: argparse.Namespace):
 
 def _load_images(sources: Sequence[Any]) -> list:
     """Read every image up front, so bad input fails before a model is loaded."""
-    from llava_next_sdk.errors import InvalidImageError
-
+    from .errors import ImageError
     from .images import load_image
 
     images = []
@@ -267,7 +265,7 @@ def _load_images(sources: Sequence[Any]) -> list:
             raise CommandError(f"image {index}: {source!r} {what}")
         try:
             images.append(load_image(source, index))
-        except InvalidImageError as exc:
+        except ImageError as exc:
             raise CommandError(exc.message) from exc
     return images
 

@@ -35,11 +35,11 @@ from functools import cache
 from typing import Any
 
 import numpy as np
-from llava_next_sdk.errors import BadRequestError, InvalidImageError
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 from . import geometry
+from .errors import ImageError, InputError
 from .images import gray_to_uint8
 
 try:  # the typed kwargs transformers reads in from_dict / preprocess validation
@@ -83,7 +83,7 @@ def _size_dict(value: Any, name: str, int_means: str) -> dict[str, int]:
         given = {k: value[k] for k in value.keys() if value[k] is not None}
         if set(given) == {"shortest_edge"} or set(given) == {"height", "width"}:
             return {k: int(v) for k, v in given.items()}
-    raise BadRequestError(
+    raise InputError(
         f"{name}={value!r} is not supported: give {{'shortest_edge': n}} or {{'height': h, 'width': w}}"
         if name == "size"
         else f"{name}={value!r} is not supported: give {{'height': h, 'width': w}} or an int",
@@ -101,7 +101,7 @@ def _channel_triple(value: Any, name: str) -> tuple[float, float, float]:
         return (float(value),) * 3
     values = tuple(float(v) for v in value)
     if len(values) != 3:
-        raise BadRequestError(f"{name} needs one value per RGB channel (3), got {list(values)}", param=name)
+        raise InputError(f"{name} needs one value per RGB channel (3), got {list(values)}", param=name)
     return values  # type: ignore[return-value]
 
 
@@ -228,7 +228,7 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
         # None means "use the processor's value" (transformers' processors pass unset keys that way)
         unknown = {k for k, v in overrides.items() if v is not None} - set(self.SETTING_NAMES)
         if unknown:
-            raise BadRequestError(
+            raise InputError(
                 f"unknown image processor argument(s) {sorted(unknown)}; valid ones are {list(self.SETTING_NAMES)}"
             )
         value = {name: overrides.get(name, getattr(self, name)) for name in self.SETTING_NAMES}
@@ -238,20 +238,20 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
         base_size = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
         tile = crop["height"] if crop else base_size[0]
         if tile < 1 or min(base_size) < 1:
-            raise BadRequestError(f"size {size} and crop_size {crop} must be positive", param="size")
+            raise InputError(f"size {size} and crop_size {crop} must be positive", param="size")
         pinpoints = tuple((int(p[0]), int(p[1])) for p in value["image_grid_pinpoints"])
         if not pinpoints:
-            raise BadRequestError(
+            raise InputError(
                 "image_grid_pinpoints is empty: give at least one [height, width]", param="image_grid_pinpoints"
             )
         for h, w in pinpoints:
             if h < 1 or w < 1:
-                raise BadRequestError(
+                raise InputError(
                     f"image_grid_pinpoints entry {[h, w]} is not a positive resolution", param="image_grid_pinpoints"
                 )
         partial = any(h % tile or w % tile for h, w in pinpoints)
         if partial and not (value["do_center_crop"] and crop):
-            raise BadRequestError(
+            raise InputError(
                 f"image_grid_pinpoints {[list(p) for p in pinpoints]} are not whole grids of {tile}px tiles, so "
                 f"edge tiles are partial and only do_center_crop with a crop_size brings every view to one size: "
                 f"enable it, or use pinpoints that are multiples of the tile size",
@@ -263,19 +263,17 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
         if center_crop == base_size and center_crop == tile_out:
             center_crop = None
         if center_crop is None and tile_out != base_size:
-            raise BadRequestError(
+            raise InputError(
                 f"with these settings the base view is {base_size} but the tiles are {tile_out}: enable "
                 "do_resize or do_center_crop, or make size and crop_size agree",
                 param="size",
             )
         if value["resample"] not in PIL_RESAMPLE_NAMES:
-            raise BadRequestError(
-                f"resample={value['resample']!r} is not a PIL resampling filter (0-5)", param="resample"
-            )
+            raise InputError(f"resample={value['resample']!r} is not a PIL resampling filter (0-5)", param="resample")
         mean = _channel_triple(value["image_mean"], "image_mean")
         std = _channel_triple(value["image_std"], "image_std")
         if value["do_normalize"] and min(abs(s) for s in std) == 0:
-            raise BadRequestError(f"image_std {list(std)} holds a zero", param="image_std")
+            raise InputError(f"image_std {list(std)} holds a zero", param="image_std")
         rescale = float(value["rescale_factor"]) if value["do_rescale"] else 1.0
         if value["do_normalize"]:
             scale = tuple(rescale / s for s in std)
@@ -344,13 +342,13 @@ def _pixel_limit() -> int | None:
 def check_image_size(height: int, width: int, index: int) -> None:
     """Zero-size images and images past PIL's decompression-bomb limit are refused."""
     if height < 1 or width < 1:
-        raise InvalidImageError(
+        raise ImageError(
             f"the image is empty ({height}x{width} pixels): every image needs at least 1x1 pixels",
             index=index,
         )
     limit = _pixel_limit()
     if limit is not None and height * width > limit:
-        raise InvalidImageError(
+        raise ImageError(
             f"the image has {height * width} pixels ({height}x{width}), over the limit of {limit} "
             "(PIL.Image.MAX_IMAGE_PIXELS x 2, its decompression-bomb guard): downscale it first",
             index=index,
@@ -385,10 +383,10 @@ def pil_to_rgb_image(image: Image.Image, index: int) -> Image.Image:
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(white, rgba).convert("RGB")
         return image.convert("RGB")
-    except InvalidImageError:
+    except ImageError:
         raise
     except (OSError, ValueError, SyntaxError) as err:
-        raise InvalidImageError(
+        raise ImageError(
             f"the {image.mode!r} image could not be decoded or converted to RGB ({err}): check the file is "
             "complete, or convert it to RGB yourself",
             index=index,
@@ -408,7 +406,7 @@ def _layout(shape: Sequence[int], layout: Any, default: str) -> str:
     if layout is not None:
         layout = getattr(layout, "value", layout)
         if layout not in ("channels_first", "channels_last"):
-            raise BadRequestError(
+            raise InputError(
                 f"input_data_format={layout!r}: use 'channels_first' or 'channels_last'", param="input_data_format"
             )
         return layout
@@ -435,13 +433,13 @@ def to_rgb_array(image: Any, index: int, input_data_format: Any = None, convert_
             image = image.cpu()
         image, default = image.numpy(), "channels_first"
     if not isinstance(image, np.ndarray):
-        raise InvalidImageError(
+        raise ImageError(
             f"unsupported image type {type(image).__name__}: pass a PIL image, a numpy uint8 array [H, W, C] "
             "or a torch uint8 tensor [C, H, W]",
             index=index,
         )
     if image.ndim not in (2, 3):
-        raise InvalidImageError(f"an image array needs 2 or 3 dimensions, got shape {tuple(image.shape)}", index=index)
+        raise ImageError(f"an image array needs 2 or 3 dimensions, got shape {tuple(image.shape)}", index=index)
     pixels = _channels_last(image, input_data_format, default)
     check_image_size(pixels.shape[0], pixels.shape[1], index)
     if pixels.dtype == np.bool_:
@@ -451,7 +449,7 @@ def to_rgb_array(image: Any, index: int, input_data_format: Any = None, convert_
     elif pixels.dtype.kind in "iu" and pixels.size and pixels.min() >= 0 and pixels.max() <= 255:
         pixels = pixels.astype(np.uint8)  # int64 etc. holding 8-bit values
     if pixels.dtype != np.uint8:
-        raise InvalidImageError(
+        raise ImageError(
             f"arrays must be uint8 (or uint16, bool, integers within 0..255) for this processor, got "
             f"{pixels.dtype}: convert with "
             "(x * 255).round().astype(np.uint8) for [0, 1] floats, or use LlavaNextImageProcessorFast",
@@ -464,9 +462,7 @@ def to_rgb_array(image: Any, index: int, input_data_format: Any = None, convert_
         return np.repeat(pixels, 3, axis=-1)
     if channels in (2, 4):
         return _composite_on_white(pixels)
-    raise InvalidImageError(
-        f"an image needs 1, 2, 3 or 4 channels, got {channels} (shape {tuple(image.shape)})", index=index
-    )
+    raise ImageError(f"an image needs 1, 2, 3 or 4 channels, got {channels} (shape {tuple(image.shape)})", index=index)
 
 
 def _keep_rgb(pixels: np.ndarray, index: int) -> np.ndarray:
@@ -474,7 +470,7 @@ def _keep_rgb(pixels: np.ndarray, index: int) -> np.ndarray:
     if pixels.ndim == 3 and pixels.shape[-1] == 3 and pixels.dtype == np.uint8:
         check_image_size(pixels.shape[0], pixels.shape[1], index)
         return pixels
-    raise InvalidImageError(
+    raise ImageError(
         f"with do_convert_rgb=False the image must already be 8-bit RGB, got shape {pixels.shape} "
         f"{pixels.dtype}: pass do_convert_rgb=True",
         index=index,
@@ -520,11 +516,11 @@ class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
         **overrides: Any,
     ) -> BatchFeature:
         if data_format not in (None, "channels_first") and getattr(data_format, "value", None) != "channels_first":
-            raise BadRequestError("pixel_values are always channels_first [3, H, W]", param="data_format")
+            raise InputError("pixel_values are always channels_first [3, H, W]", param="data_format")
         settings = self.settings(**overrides)
         flat = self.flatten_images(images)
         if not flat:
-            raise InvalidImageError("no images were given: pass at least one image")
+            raise ImageError("no images were given: pass at least one image")
         rgb = [_to_rgb_image(img, i, input_data_format, settings.do_convert_rgb) for i, img in enumerate(flat)]
         sizes = np.array([(image.height, image.width) for image in rgb], dtype=np.int64).reshape(len(rgb), 2)
         counts = [settings.num_views(int(h), int(w)) for h, w in sizes]
@@ -630,7 +626,7 @@ def _as_tensors(value: Any, return_tensors: str | None) -> Any:
         import torch
 
         return [torch.from_numpy(v) for v in value] if isinstance(value, list) else torch.from_numpy(value)
-    raise BadRequestError(f"return_tensors={return_tensors!r}: use 'pt', 'np' or None", param="return_tensors")
+    raise InputError(f"return_tensors={return_tensors!r}: use 'pt', 'np' or None", param="return_tensors")
 
 
 LlavaNextImageProcessorPil = LlavaNextImageProcessor

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from llava_next_sdk.errors import BadRequestError, InvalidImageError
 from transformers.image_processing_utils import BatchFeature
 
 from . import geometry
+from .errors import ImageError, InputError
 from .image_processing import (
     LlavaNextImageProcessorBase,
     PreprocessSettings,
@@ -136,19 +136,19 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
         **overrides: Any,
     ) -> BatchFeature:
         if data_format not in (None, "channels_first") and getattr(data_format, "value", None) != "channels_first":
-            raise BadRequestError("pixel_values are always channels_first [3, H, W]", param="data_format")
+            raise InputError("pixel_values are always channels_first [3, H, W]", param="data_format")
         overrides.pop("disable_grouping", None)  # a torchvision-backend knob; nothing to group here
         settings = self.settings(**overrides)
         mode = INTERPOLATE_MODES.get(settings.resample)
         if mode is None:
-            raise BadRequestError(
+            raise InputError(
                 f"resample={settings.resample} has no torch kernel: use 0 (nearest), 2 (bilinear) or "
                 "3 (bicubic), or the PIL LlavaNextImageProcessor",
                 param="resample",
             )
         flat = self.flatten_images(images)
         if not flat:
-            raise InvalidImageError("no images were given: pass at least one image")
+            raise ImageError("no images were given: pass at least one image")
         device = _target_device(flat, device if device is not None else getattr(self, "device", None))
         with torch.no_grad():
             pixels = [
@@ -177,7 +177,7 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
             )
             image_sizes = image_sizes.numpy()
         elif kind not in (None, "pt"):
-            raise BadRequestError(f"return_tensors={return_tensors!r}: use 'pt' or 'np'", param="return_tensors")
+            raise InputError(f"return_tensors={return_tensors!r}: use 'pt' or 'np'", param="return_tensors")
         return BatchFeature(data={"pixel_values": pixel_values, "image_sizes": image_sizes})
 
     @staticmethod
@@ -311,7 +311,7 @@ def _tensor_to_rgb(image: torch.Tensor, index: int, input_data_format: Any, conv
         if _layout(image.shape, input_data_format, "channels_first") == "channels_last":
             image = image.permute(2, 0, 1)
     else:
-        raise InvalidImageError(f"an image tensor needs 2 or 3 dimensions, got shape {tuple(image.shape)}", index=index)
+        raise ImageError(f"an image tensor needs 2 or 3 dimensions, got shape {tuple(image.shape)}", index=index)
     check_image_size(image.shape[-2], image.shape[-1], index)
     if image.dtype == torch.bool:
         image = image.to(torch.uint8) * 255
@@ -320,7 +320,7 @@ def _tensor_to_rgb(image: torch.Tensor, index: int, input_data_format: Any, conv
     elif image.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint32, torch.uint64):
         image = image.to(torch.float32)  # pixel values as numbers, as transformers' torchvision backend reads them
     if image.dtype != torch.uint8 and image.dtype not in FLOAT_DTYPES:
-        raise InvalidImageError(
+        raise ImageError(
             f"tensors must be uint8 (0..255), uint16, bool, float or integer, got {image.dtype}: convert with "
             f".to(torch.uint8)",
             index=index,
@@ -331,7 +331,7 @@ def _tensor_to_rgb(image: torch.Tensor, index: int, input_data_format: Any, conv
     if channels == 3:
         return image
     if not convert_rgb or channels not in (1, 2, 4):
-        raise InvalidImageError(
+        raise ImageError(
             f"an image needs 3 channels{'' if not convert_rgb else ' (or 1, 2, 4 to convert)'}, got {channels} "
             f"(shape {tuple(image.shape)})" + (": pass do_convert_rgb=True" if not convert_rgb else ""),
             index=index,

@@ -2,7 +2,7 @@
 
 :func:`load_image` asks the ``llava_next_load_image`` hook for a PIL image, then makes it usable:
 fully decoded (so truncated files fail here, not deep inside preprocessing), turned upright by its EXIF
-orientation, non-empty, and RGB. Every failure is an :class:`~llava_next_sdk.errors.InvalidImageError`
+orientation, non-empty, and RGB. Every failure is an :class:`~llava_next_plugin.errors.ImageError`
 naming the image's index, what was wrong, and what to do.
 
 The built-in sources are this module's hookimpl, registered beneath every other plugin (so a plugin
@@ -44,6 +44,8 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from llava_next_plugin.hooks import get_plugin_manager, hookimpl
 
+from .errors import ImageError
+
 __all__ = [
     "DEFAULT_TIMEOUT",
     "DEFAULT_TOTAL_TIMEOUT",
@@ -77,42 +79,42 @@ def load_image(source: Any, index: int | None = None, *, timeout: float = DEFAUL
     :param index: the image's position in the request, named in error messages.
     :param timeout: seconds allowed for each network read.
     :return: a fully decoded RGB PIL image (the same object when *source* already was one).
-    :raises InvalidImageError: when the source is unsupported, missing, unreadable, corrupted,
+    :raises ImageError: when the source is unsupported, missing, unreadable, corrupted,
         truncated, empty, too large, or in a mode that has no RGB meaning.
     """
     what = describe_source(source)
     try:
         image = get_plugin_manager().hook.llava_next_load_image(source=source, timeout=timeout)
-    except InvalidImageError as exc:
+    except ImageError as exc:
         if exc.index is None and index is not None:
-            raise InvalidImageError(exc.message, index=index) from exc
+            raise ImageError(exc.message, index=index, param=exc.param) from exc
         raise
+    except InvalidImageError as exc:  # the SDK's error, raised by a third-party image source
+        raise ImageError(exc.message, index=index if exc.index is None else exc.index) from exc
     except LlavaNextError:
         raise
     except Image.DecompressionBombError as exc:
-        raise InvalidImageError(_bomb_message(what, str(exc)), index=index) from exc
+        raise ImageError(_bomb_message(what, str(exc)), index=index) from exc
     except (OSError, ValueError, SyntaxError) as exc:  # raised inside a third-party image source
-        raise InvalidImageError(f"{what} could not be loaded ({type(exc).__name__}: {exc})", index=index) from exc
+        raise ImageError(f"{what} could not be loaded ({type(exc).__name__}: {exc})", index=index) from exc
     if image is None:
-        raise InvalidImageError(_unsupported_message(source, what), index=index)
+        raise ImageError(_unsupported_message(source, what), index=index)
     if not isinstance(image, Image.Image):
-        raise InvalidImageError(
+        raise ImageError(
             f"an image-source plugin returned {type(image).__name__} for {what} instead of a PIL image; "
             f"fix that plugin's llava_next_load_image",
             index=index,
         )
     try:
         return to_rgb(image, what)
-    except InvalidImageError as exc:
-        raise InvalidImageError(exc.message, index=index) from exc
+    except ImageError as exc:
+        raise ImageError(exc.message, index=index) from exc
 
 
 def load_images(sources: Sequence[Any], *, timeout: float = DEFAULT_TIMEOUT) -> list[Image.Image]:
     """:func:`load_image` for each of *sources* (a list or tuple), errors naming the failing index."""
     if not isinstance(sources, (list, tuple)):
-        raise InvalidImageError(
-            f"expected a list of images, got {type(sources).__name__}; wrap a single image as [image]"
-        )
+        raise ImageError(f"expected a list of images, got {type(sources).__name__}; wrap a single image as [image]")
     return [load_image(source, index, timeout=timeout) for index, source in enumerate(sources)]
 
 
@@ -198,13 +200,13 @@ def _load_path(path: str | os.PathLike) -> Image.Image:
     file = Path(os.path.expanduser(os.fspath(path)))
     if not file.exists():
         where = "" if file.is_absolute() else f" (relative to the working directory {os.getcwd()})"
-        raise InvalidImageError(f"file not found: '{file}'{where}; check the path")
+        raise ImageError(f"file not found: '{file}'{where}; check the path")
     if file.is_dir():
-        raise InvalidImageError(f"'{file}' is a folder, not an image file; pass the path of an image inside it")
+        raise ImageError(f"'{file}' is a folder, not an image file; pass the path of an image inside it")
     try:
         data = file.read_bytes()
     except OSError as exc:
-        raise InvalidImageError(
+        raise ImageError(
             f"file '{file}' could not be read ({type(exc).__name__}: {exc}); check its permissions"
         ) from exc
     return decode_image_bytes(data, f"file '{file}'")
@@ -226,7 +228,7 @@ def fetch_url(
     :param follow_redirects: False for the server, where a redirect could lead to a host it does not allow.
     :param total_timeout: seconds for the whole download (None: no overall bound). Checked as bytes arrive,
         so the fetch ends at most one read timeout after it.
-    :raises InvalidImageError: any answer but HTTP 200, a content type that is no image, too large, too
+    :raises ImageError: any answer but HTTP 200, a content type that is no image, too large, too
         slow, or a network error. Nothing of the answer's body is ever quoted back.
     """
     import httpx  # only when a URL is actually fetched
@@ -249,37 +251,37 @@ def fetch_url(
                         if response.is_redirect and not follow_redirects
                         else "check the URL"
                     )
-                    raise InvalidImageError(
+                    raise ImageError(
                         f"URL {url!r} answered HTTP {response.status_code} {response.reason_phrase}; {hint}"
                     )
                 content_type = response.headers.get("content-type", "").split(";")[0].strip().lower()
                 if content_type and not _may_be_an_image(content_type):
-                    raise InvalidImageError(
+                    raise ImageError(
                         f"URL {url!r} is not an image (content-type {content_type}); "
                         "give the URL of a PNG, JPEG, WebP, GIF, BMP or TIFF file"
                     )
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > max_bytes:
-                    raise InvalidImageError(too_large)
+                    raise ImageError(too_large)
                 size = 0
                 for chunk in response.iter_bytes():
                     size += len(chunk)
                     if size > max_bytes:
-                        raise InvalidImageError(too_large)
+                        raise ImageError(too_large)
                     if deadline is not None and time.monotonic() > deadline:
-                        raise InvalidImageError(too_slow)
+                        raise ImageError(too_slow)
                     chunks.append(chunk)
     except httpx.TimeoutException as exc:
-        raise InvalidImageError(
+        raise ImageError(
             f"URL {url!r} did not answer within {read_timeout:g} s ({type(exc).__name__}); "
             f"check the URL or pass a larger timeout"
         ) from exc
     except httpx.HTTPError as exc:
-        raise InvalidImageError(
+        raise ImageError(
             f"URL {url!r} could not be fetched ({type(exc).__name__}: {exc}); check the URL and the network"
         ) from exc
     if deadline is not None and time.monotonic() > deadline:
-        raise InvalidImageError(too_slow)
+        raise ImageError(too_slow)
     return b"".join(chunks)
 
 
@@ -294,18 +296,21 @@ def _may_be_an_image(content_type: str) -> bool:
 
 
 def _decode_data_url(url: str) -> Image.Image:
-    media_type, data = decode_data_url(url)
+    try:
+        media_type, data = decode_data_url(url)
+    except InvalidImageError as exc:  # the SDK's wire-level check, shared with the server
+        raise ImageError(exc.message) from exc
     return decode_image_bytes(data, f"data URL ({media_type}, {len(data)} bytes)")
 
 
 def _image_from_array(array: np.ndarray) -> Image.Image:
     what = describe_source(array)
     if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
-        raise InvalidImageError(f"{what} looks channels-first (C, H, W); pass array.transpose(1, 2, 0)")
+        raise ImageError(f"{what} looks channels-first (C, H, W); pass array.transpose(1, 2, 0)")
     if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4))):
-        raise InvalidImageError(f"{what} is not an image; expected (H, W) or (H, W, C) with C in 1, 3, 4")
+        raise ImageError(f"{what} is not an image; expected (H, W) or (H, W, C) with C in 1, 3, 4")
     if array.shape[0] == 0 or array.shape[1] == 0:
-        raise InvalidImageError(f"{what} is empty; an image needs at least 1x1 pixels")
+        raise ImageError(f"{what} is empty; an image needs at least 1x1 pixels")
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.dtype == np.bool_:
@@ -314,15 +319,15 @@ def _image_from_array(array: np.ndarray) -> Image.Image:
         array = np.round(array / 257.0).astype(np.uint8)
     elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
-            raise InvalidImageError(f"{what} contains NaN or infinite values")
+            raise ImageError(f"{what} contains NaN or infinite values")
         if array.min() < 0 or array.max() > 1:
-            raise InvalidImageError(
+            raise ImageError(
                 f"{what} has values in [{array.min():g}, {array.max():g}]; float images "
                 f"must lie in [0, 1] (or pass uint8 values 0-255)"
             )
         array = np.round(array * 255.0).astype(np.uint8)
     elif array.dtype != np.uint8:
-        raise InvalidImageError(f"{what}: unsupported dtype; use uint8 (0-255), uint16, bool or float in [0, 1]")
+        raise ImageError(f"{what}: unsupported dtype; use uint8 (0-255), uint16, bool or float in [0, 1]")
     return Image.fromarray(np.ascontiguousarray(array))
 
 
@@ -333,24 +338,24 @@ def decode_image_bytes(data: bytes, what: str = "the bytes") -> Image.Image:
     """Decode encoded image bytes (PNG, JPEG, WebP, ...) fully, refusing decompression bombs.
 
     :param what: how to name the image in error messages (``"file 'cat.png'"``).
-    :raises InvalidImageError: for empty, unrecognised, corrupted, truncated or too large images.
+    :raises ImageError: for empty, unrecognised, corrupted, truncated or too large images.
     """
     if not data:
-        raise InvalidImageError(f"{what} is empty (0 bytes); pass the image file's content")
+        raise ImageError(f"{what} is empty (0 bytes); pass the image file's content")
     try:
         with warnings.catch_warnings():
             # PIL warns between MAX_IMAGE_PIXELS and twice that; we refuse instead (below).
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise InvalidImageError(_bomb_message(what, str(exc))) from exc
+        raise ImageError(_bomb_message(what, str(exc))) from exc
     except UnidentifiedImageError as exc:  # its bytes are never quoted back: they may be another service's answer
-        raise InvalidImageError(
+        raise ImageError(
             f"{what} is not an image PIL can read (unknown format or corrupted header, "
             f"{len(data)} bytes); pass a PNG, JPEG, WebP, GIF, BMP or TIFF file"
         ) from exc
     except Exception as exc:
-        raise InvalidImageError(
+        raise ImageError(
             f"{what} is corrupted ({type(exc).__name__}: {exc}); re-export or re-download the image"
         ) from exc
     _load_pixels(image, what)
@@ -363,7 +368,7 @@ def _load_pixels(image: Image.Image, what: str) -> None:
         return  # already decoded
     limit = Image.MAX_IMAGE_PIXELS
     if limit and image.width * image.height > limit:
-        raise InvalidImageError(
+        raise ImageError(
             _bomb_message(
                 what, f"{image.width}x{image.height} = {image.width * image.height:,} pixels, limit {limit:,}"
             )
@@ -371,7 +376,7 @@ def _load_pixels(image: Image.Image, what: str) -> None:
     try:
         image.load()
     except Exception as exc:  # PIL's decoders raise OSError, SyntaxError, ValueError, zlib.error...
-        raise InvalidImageError(
+        raise ImageError(
             f"{what} is truncated or corrupted ({type(exc).__name__}: {exc}); re-export or re-download the image"
         ) from exc
 
@@ -393,7 +398,7 @@ def to_rgb(image: Image.Image, what: str = "the image") -> Image.Image:
     """
     _load_pixels(image, what)
     if image.width == 0 or image.height == 0:
-        raise InvalidImageError(f"{what} is empty ({image.width}x{image.height}); an image needs at least 1x1 pixels")
+        raise ImageError(f"{what} is empty ({image.width}x{image.height}); an image needs at least 1x1 pixels")
     if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
         image = ImageOps.exif_transpose(image)
     if image.mode == "RGB":
@@ -407,7 +412,7 @@ def to_rgb(image: Image.Image, what: str = "the image") -> Image.Image:
             return Image.alpha_composite(white, rgba).convert("RGB")
         return image.convert("RGB")
     except ValueError as exc:
-        raise InvalidImageError(
+        raise ImageError(
             f"{what} has mode {image.mode}, which PIL cannot convert to RGB ({exc}); convert it to RGB yourself first"
         ) from exc
 
@@ -440,7 +445,7 @@ def gray_to_uint8(values: np.ndarray, mode: str, index: int | None = None) -> np
         return np.round(values.astype(np.float64) * (255 / 65535)).astype(np.uint8)
     elif low >= 0 and high <= 255:
         return values.astype(np.uint8)
-    raise InvalidImageError(
+    raise ImageError(
         f"the {mode!r} image holds values from {low:g} to {high:g}, which map to no 8-bit range: "
         "convert it to an 8-bit RGB image first",
         index=index,

@@ -34,7 +34,6 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from llava_next_sdk.errors import BadRequestError
 from torch import nn
 from transformers import AutoModel, GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
@@ -50,6 +49,7 @@ from ._compat import (
     take_cache,
 )
 from .configuration import LlavaNextConfig
+from .errors import InputError
 
 __all__ = [
     "LlavaNextPreTrainedModel",
@@ -304,13 +304,13 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         geoms = []
         for index, size in enumerate(sizes):
             if len(size) != 2:
-                raise BadRequestError(
+                raise InputError(
                     f"image_sizes[{index}] is {size}: give one (height, width) pair per image", param="image_sizes"
                 )
             try:
                 geoms.append(self.image_geometry(int(size[0]), int(size[1]), strategy))
             except ValueError as err:
-                raise BadRequestError(f"image_sizes[{index}] = {size}: {err}", param="image_sizes") from err
+                raise InputError(f"image_sizes[{index}] = {size}: {err}", param="image_sizes") from err
         return geoms
 
     def _gather_tiles(self, pixel_values: torch.Tensor, geoms: list[geometry.ImageGeometry]) -> torch.Tensor:
@@ -318,14 +318,14 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         needed = [g.num_tiles for g in geoms]
         tile = self.config.tile_size
         if pixel_values.dim() in (4, 5) and tuple(pixel_values.shape[-2:]) != (tile, tile):
-            raise BadRequestError(
+            raise InputError(
                 f"pixel_values tiles are {tuple(pixel_values.shape[-2:])} pixels but the vision tower takes "
                 f"{tile}x{tile}: the image processor's crop_size/size differ from vision_config.image_size",
                 param="pixel_values",
             )
         if pixel_values.dim() == 5:
             if pixel_values.shape[0] != len(geoms):
-                raise BadRequestError(
+                raise InputError(
                     f"pixel_values holds {pixel_values.shape[0]} images but image_sizes has {len(geoms)} "
                     f"entries: give one (height, width) per image, as the processor returns them",
                     param="image_sizes",
@@ -333,7 +333,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
             available = pixel_values.shape[1]
             for index, (g, n) in enumerate(zip(geoms, needed)):
                 if n > available:
-                    raise BadRequestError(
+                    raise InputError(
                         f"image {index} ({g.height}x{g.width}) needs {n} tiles (1 + {g.grid_rows}x{g.grid_cols} "
                         f"grid) but pixel_values holds {available} per image: the processor's "
                         f"image_grid_pinpoints or tile size differ from the model config's",
@@ -344,14 +344,14 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
             return torch.cat([pv[:n] for pv, n in zip(pixel_values, needed)])
         if pixel_values.dim() == 4:
             if pixel_values.shape[0] != sum(needed):
-                raise BadRequestError(
+                raise InputError(
                     f"pixel_values holds {pixel_values.shape[0]} tiles but the {len(geoms)} image_sizes need "
                     f"{sum(needed)} ({needed} per image): image_sizes or the processor's image_grid_pinpoints "
                     f"do not match the model config",
                     param="pixel_values",
                 )
             return pixel_values
-        raise BadRequestError(
+        raise InputError(
             f"pixel_values must be [images, tiles, channels, height, width] or [tiles, channels, height, "
             f"width]; got shape {tuple(pixel_values.shape)}",
             param="pixel_values",
@@ -394,7 +394,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                 if self.config.num_additional_image_tokens == 0
                 else "strategy 'full' keeps CLIP's CLS position: use 'default'"
             )
-            raise BadRequestError(
+            raise InputError(
                 f"each tile gives {per_tile} features but a {side}x{side} grid needs {side * side}; {cls_note}",
                 param="vision_feature_select_strategy",
             )
@@ -411,13 +411,13 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
     def _image_features(self, pixel_values, image_sizes, feature_layer, strategy, **tower_flags):
         """``(packed [sum(tokens), D], geometries, vision tower outputs)`` for every image in the batch."""
         if image_sizes is None:
-            raise BadRequestError(
+            raise InputError(
                 "pixel_values were given without image_sizes: pass the (height, width) of each image "
                 "(the processor returns them as 'image_sizes')",
                 param="image_sizes",
             )
         if strategy not in geometry.VALID_STRATEGIES:
-            raise BadRequestError(
+            raise InputError(
                 f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}",
                 param="vision_feature_select_strategy",
             )
@@ -503,7 +503,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                 described = (
                     ", ".join(f"image {i} {labels[i]} -> {features[i]}" for i in range(first, image)) or "no image left"
                 )
-                raise BadRequestError(
+                raise InputError(
                     f"sample {sample} has {n_tokens} <image> tokens but its images give {n_features} features "
                     f"({described}). The prompt's <image> expansion does not match the model: probably the "
                     f"processor's patch_size, vision_feature_select_strategy or image_grid_pinpoints differ "
@@ -511,7 +511,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                     param="input_ids",
                 )
         if image != len(features):
-            raise BadRequestError(
+            raise InputError(
                 f"the batch has {sum(tokens_per_sample)} <image> tokens but {len(features)} images giving "
                 f"{sum(features)} features: {len(features) - image} image(s) have no <image> tokens in the prompt",
                 param="pixel_values",
@@ -554,7 +554,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         cache = take_cache(cache, kwargs, f"{type(self).__name__}.forward")
         return_dict = kwargs.pop("return_dict", True)
         if (input_ids is None) == (inputs_embeds is None):
-            raise BadRequestError("give exactly one of input_ids and inputs_embeds", param="input_ids")
+            raise InputError("give exactly one of input_ids and inputs_embeds", param="input_ids")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if isinstance(pixel_values, (list, tuple)):  # one [tiles_i, C, H, W] tensor per image
@@ -563,7 +563,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
             pixel_values = None
         encoded = (mm_encoder_outputs or {}).get("image")
         if encoded is not None and pixel_values is not None:
-            raise BadRequestError(
+            raise InputError(
                 "give either pixel_values or mm_encoder_outputs['image'] (images already encoded), not both",
                 param="mm_encoder_outputs",
             )
@@ -583,7 +583,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         elif pixel_values is not None:
             token_mask = self._image_token_mask(input_ids, inputs_embeds)
             if not bool(token_mask.any()):
-                raise BadRequestError(
+                raise InputError(
                     f"pixel_values were given but the prompt has no <image> token (id "
                     f"{self.config.image_token_id}): put <image> where each image goes and let the processor "
                     f"expand it, or drop pixel_values",

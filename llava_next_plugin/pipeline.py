@@ -33,8 +33,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from llava_next_sdk.errors import BadRequestError
 from transformers import Pipeline
+
+from .errors import InputError
 
 __all__ = ["LlavaNextImageToTextPipeline", "DEFAULT_PROMPT", "DEFAULT_MAX_NEW_TOKENS"]
 
@@ -182,12 +183,12 @@ class LlavaNextImageToTextPipeline(Pipeline):
         """
         if text is not None:
             if prompt is not None:
-                raise BadRequestError("give the prompt once: either prompt= or text=, not both")
+                raise InputError("give the prompt once: either prompt= or text=, not both")
             prompt = text
         if inputs is None:
             inputs, images = images, None
         if inputs is None:
-            raise BadRequestError("no image given: call pipe(image, prompt=...) or pipe(messages)")
+            raise InputError("no image given: call pipe(image, prompt=...) or pipe(messages)")
         requests, single = self._requests(inputs, prompt, images)
         batch_size = batch_size or self._batch_size or 1
         _, forward_params, _ = self._sanitize_parameters(**kwargs)
@@ -204,7 +205,7 @@ class LlavaNextImageToTextPipeline(Pipeline):
             return [self._chat_request(inputs, images)], True
         if isinstance(inputs, (list, tuple)) and inputs and all(_is_conversation(c) for c in inputs):
             if images is not None:
-                raise BadRequestError(
+                raise InputError(
                     "images= cannot be combined with a batch of conversations: put each "
                     "image in its conversation's content"
                 )
@@ -212,18 +213,18 @@ class LlavaNextImageToTextPipeline(Pipeline):
         if _is_conversation(prompt):
             return [self._chat_request(prompt, _as_list(inputs))], True
         if images is not None:
-            raise BadRequestError("images were given twice: pass them as the first argument or as images=")
+            raise InputError("images were given twice: pass them as the first argument or as images=")
 
         if not isinstance(inputs, (list, tuple)):
             if isinstance(prompt, (list, tuple)):
-                raise BadRequestError(
+                raise InputError(
                     f"{len(prompt)} prompts were given for one image: give one prompt, "
                     "or a list of images as long as the list of prompts"
                 )
             return [_Request([inputs], prompt)], True
         items = list(inputs)
         if not items:
-            raise BadRequestError("the list of images is empty")
+            raise InputError("the list of images is empty")
         if (
             isinstance(prompt, str)
             and len(items) > 1
@@ -233,7 +234,7 @@ class LlavaNextImageToTextPipeline(Pipeline):
             return [_Request(items, prompt)], True  # one multi-image prompt
         prompts = _as_list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * len(items)
         if len(prompts) != len(items):
-            raise BadRequestError(
+            raise InputError(
                 f"{len(items)} images but {len(prompts)} prompts: give one prompt for all, or exactly one per image"
             )
         return [_Request(_as_list(item), p) for item, p in zip(items, prompts)], False
@@ -253,7 +254,7 @@ class LlavaNextImageToTextPipeline(Pipeline):
                     source = _image_of_part(part)
                     if source is None:
                         if not spare:
-                            raise BadRequestError(
+                            raise InputError(
                                 "the messages have more image parts than images: give each "
                                 "{'type': 'image'} part an 'image' (PIL, path, bytes or URL) or pass images="
                             )
@@ -263,10 +264,10 @@ class LlavaNextImageToTextPipeline(Pipeline):
                 elif part.get("type") == "text":
                     parts.append({"type": "text", "text": part.get("text", "")})
                 else:
-                    raise BadRequestError(f"unsupported content part type {part.get('type')!r}: use 'image' or 'text'")
+                    raise InputError(f"unsupported content part type {part.get('type')!r}: use 'image' or 'text'")
             cleaned.append({"role": message["role"], "content": parts})
         if spare:
-            raise BadRequestError(
+            raise InputError(
                 f"{len(spare)} image(s) given but the messages have no image part for them: "
                 "add a {'type': 'image'} part per image"
             )
@@ -292,10 +293,10 @@ class LlavaNextImageToTextPipeline(Pipeline):
             )
         text = self.default_prompt if request.prompt is None else request.prompt
         if not isinstance(text, str):
-            raise BadRequestError(f"the prompt must be a string or chat messages, got {type(text).__name__}")
+            raise InputError(f"the prompt must be a string or chat messages, got {type(text).__name__}")
         placeholders = text.count(IMAGE_PLACEHOLDER)
         if placeholders > len(request.images):
-            raise BadRequestError(
+            raise InputError(
                 f"the prompt has {placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(request.images)} "
                 f"image(s) were given: give one image per placeholder, or remove the extra placeholders"
             )

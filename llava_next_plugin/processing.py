@@ -26,12 +26,12 @@ import os
 import re
 from typing import Any
 
-from llava_next_sdk.errors import BadRequestError, InvalidImageError
 from transformers import AutoTokenizer, BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, cached_file
 
 from . import geometry
+from .errors import ImageError, InputError
 
 __all__ = ["LlavaNextProcessor", "TOKEN_COUNT_SETTINGS", "derive_token_count_settings"]
 
@@ -118,7 +118,7 @@ def _flatten_images(images: Any) -> tuple[list, list[int] | None]:
     if getattr(images, "ndim", None) == 4:
         return list(images), None
     if not isinstance(images, (list, tuple)):
-        raise InvalidImageError(
+        raise ImageError(
             f"images must be an image (PIL, numpy HWC array, torch CHW tensor, path or URL), a list of images, "
             f"or a list of lists of images (one list per prompt); got {type(images).__name__}"
         )
@@ -279,9 +279,9 @@ class LlavaNextProcessor(ProcessorMixin):
             ``pixel_values`` [images, max_tiles, 3, tile, tile] and ``image_sizes`` [images, 2].
         """
         if videos is not None or audio is not None:
-            raise BadRequestError("LlavaNextProcessor takes images and text only, not videos or audio")
+            raise InputError("LlavaNextProcessor takes images and text only, not videos or audio")
         if images is None and text is None:
-            raise BadRequestError("give text, images, or both")
+            raise InputError("give text, images, or both")
         texts = self._check_text(text)
         merged = self._merge_kwargs(ProcessingKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         text_kwargs, images_kwargs = dict(merged["text_kwargs"]), dict(merged["images_kwargs"])
@@ -326,12 +326,12 @@ class LlavaNextProcessor(ProcessorMixin):
             hint = ""
             if _is_single_image(text) or getattr(text, "ndim", None) == 4:
                 hint = " (an image? the first positional argument is images: call processor(images=..., text=...))"
-            raise BadRequestError(
+            raise InputError(
                 f"text must be a string or a list of strings, got {type(text).__name__}{hint}", param="text"
             )
         for index, sample in enumerate(text):
             if not isinstance(sample, str):
-                raise BadRequestError(
+                raise InputError(
                     f"text must be a string or a list of strings, but sample {index} is a "
                     f"{type(sample).__name__} ({sample!r:.60}); pass the prompt as a string with one "
                     f"<image> per image",
@@ -354,14 +354,14 @@ class LlavaNextProcessor(ProcessorMixin):
         per_text = ", ".join(f"sample {i}: {n}" for i, n in enumerate(in_text))
         if per_sample is not None:
             if len(per_sample) != len(texts):
-                raise BadRequestError(
+                raise InputError(
                     f"images were given as {len(per_sample)} lists (one per prompt) but there are {len(texts)} "
                     f"prompts; give one list of images per prompt",
                     param="images",
                 )
             for index, (n_text, n_given) in enumerate(zip(in_text, per_sample)):
                 if n_text != n_given:
-                    raise BadRequestError(
+                    raise InputError(
                         f"sample {index} has {n_text} {self.image_token} placeholder(s) but {n_given} image(s); "
                         f"put one {self.image_token} in the prompt for each image",
                         param="images",
@@ -370,12 +370,12 @@ class LlavaNextProcessor(ProcessorMixin):
         if sum(in_text) == n_images:
             return
         if not given:
-            raise BadRequestError(
+            raise InputError(
                 f"the text has {sum(in_text)} {self.image_token} placeholder(s) ({per_text}) but no images were "
                 f"given; pass images=... or remove the placeholders",
                 param="images",
             )
-        raise BadRequestError(
+        raise InputError(
             f"{n_images} image(s) given but the text has {sum(in_text)} {self.image_token} placeholder(s) "
             f"({per_text}); put exactly one {self.image_token} in the prompt for each image",
             param="images",
@@ -430,7 +430,7 @@ class LlavaNextProcessor(ProcessorMixin):
             expected = len(placeholder.findall(sample))
             found = list(row).count(self.image_token_id)
             if found != expected:
-                raise BadRequestError(
+                raise InputError(
                     f"sample {index}: {found} image tokens in input_ids but its images need {expected}; "
                     f"truncation cut into the image tokens. Raise max_length or disable truncation",
                     param="max_length",

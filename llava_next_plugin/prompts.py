@@ -26,9 +26,9 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-from llava_next_sdk.errors import BadRequestError
-
 from llava_next_plugin.hooks import get_plugin_manager, hookimpl
+
+from .errors import InputError
 
 __all__ = ["FAMILIES", "FAMILY_TEMPLATES", "IMAGE_PLACEHOLDER", "build_prompt", "detect_family", "text_model_type"]
 
@@ -160,14 +160,14 @@ def build_prompt(
         checkpoint has a chat template.
     :param num_images: how many images go with the prompt; placeholders are added at the start of the
         first user message when there are none (one when None), and a different count is an error.
-    :raises BadRequestError: for a malformed prompt, a placeholder count that does not match
+    :raises InputError: for a malformed prompt, a placeholder count that does not match
         *num_images*, an unknown *family*, or a checkpoint whose family cannot be told.
     """
     wanted = 1 if num_images is None else num_images
     if isinstance(prompt_or_messages, str) and _is_formatted(prompt_or_messages):
         found = prompt_or_messages.count(IMAGE_PLACEHOLDER)
         if found != wanted:
-            raise BadRequestError(
+            raise InputError(
                 f"the prompt is already in a chat format and has {found} {IMAGE_PLACEHOLDER} "
                 f"placeholder(s) for {wanted} image(s); put one {IMAGE_PLACEHOLDER} where "
                 f"each image goes, or pass the plain question and let it be formatted"
@@ -202,10 +202,10 @@ def _family_template(family: str | None, tokenizer: Any, config: Any) -> str:
         return template
     accepted = ", ".join(FAMILIES)
     if family is not None:
-        raise BadRequestError(
+        raise InputError(
             f"unknown prompt family {family!r}; accepted: {accepted} (or one a plugin adds)", param="family"
         )
-    raise BadRequestError(
+    raise InputError(
         f"cannot tell this checkpoint's prompt format: it has no chat template, and its text model type "
         f"{model_type or '(none)'!r} and tokenizer match no known family; pass family= one of {accepted} "
         f"(the pipeline's prompt_family=, the command line's --prompt-format)",
@@ -220,7 +220,7 @@ def _to_messages(prompt_or_messages: Any) -> list[dict]:
     if isinstance(prompt_or_messages, Mapping):
         prompt_or_messages = [prompt_or_messages]
     if not isinstance(prompt_or_messages, (list, tuple)) or not prompt_or_messages:
-        raise BadRequestError(
+        raise InputError(
             f"the prompt must be a string or a non-empty list of chat messages "
             f"{{'role': ..., 'content': ...}}, not {type(prompt_or_messages).__name__}",
             param="prompt",
@@ -228,7 +228,7 @@ def _to_messages(prompt_or_messages: Any) -> list[dict]:
     messages = []
     for i, message in enumerate(prompt_or_messages):
         if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) or "content" not in message:
-            raise BadRequestError(
+            raise InputError(
                 f"message {i} must be a dict with a 'role' string and a 'content'; got {message!r:.100}",
                 param="messages",
             )
@@ -238,7 +238,7 @@ def _to_messages(prompt_or_messages: Any) -> list[dict]:
         elif isinstance(content, (list, tuple)):
             parts = [_to_part(part, i) for part in content]
         else:
-            raise BadRequestError(
+            raise InputError(
                 f"message {i}: 'content' must be a string or a list of parts, not {type(content).__name__}",
                 param="messages",
             )
@@ -252,7 +252,7 @@ def _to_part(part: Any, message_index: int) -> dict:
         return {"type": "image"}
     if kind == "text" and isinstance(part.get("text"), str):
         return {"type": "text", "text": part["text"]}
-    raise BadRequestError(
+    raise InputError(
         f"message {message_index}: unsupported content part {part!r:.100}; use "
         f"{{'type': 'text', 'text': str}} or {{'type': 'image'}} (or 'image_url')",
         param="messages",
@@ -269,10 +269,10 @@ def _fit_placeholders(messages: list[dict], wanted: int, *, strict: bool) -> Non
     if found == 0 and wanted > 0:
         user = next((m for m in messages if m["role"] == "user"), None)
         if user is None:
-            raise BadRequestError("the messages have no user message to attach the image to", param="messages")
+            raise InputError("the messages have no user message to attach the image to", param="messages")
         user["content"] = [{"type": "image"} for _ in range(wanted)] + user["content"]
     elif strict and found != wanted:
-        raise BadRequestError(
+        raise InputError(
             f"the prompt has {found} {IMAGE_PLACEHOLDER} placeholder(s) for {wanted} image(s); "
             f"use one per image, or none to have them added",
             param="prompt",
@@ -289,7 +289,7 @@ def _render(template: str, messages: list[dict], tokenizer: Any) -> str:
             )
         return _compile(template).render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
     except TemplateError as exc:  # raise_exception() in a template, or a template that does not fit the messages
-        raise BadRequestError(f"the chat template refused these messages: {exc}", param="messages") from exc
+        raise InputError(f"the chat template refused these messages: {exc}", param="messages") from exc
 
 
 @functools.lru_cache(maxsize=16)

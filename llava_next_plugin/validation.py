@@ -38,6 +38,8 @@ from llava_next_sdk.errors import BadRequestError, ContextLengthExceededError, I
 from llava_next_sdk.types import ChatRequest, GenerationParams, TextPart
 from llava_next_sdk.wire import decode_data_url
 
+from .errors import ImageError
+
 if TYPE_CHECKING:
     from .engine import Engine, PreparedRequest, SamplingParams
 
@@ -219,7 +221,7 @@ def _fetch(url: str, index: int, limits: Limits) -> bytes:
             max_bytes=limits.max_image_bytes,
             follow_redirects=False,
         )
-    except InvalidImageError as error:
+    except ImageError as error:
         raise InvalidImageError(error.message, index=index, param="messages") from None
 
 
@@ -259,7 +261,7 @@ def _to_rgb(source, index: int):
     try:
         image = decode_image_bytes(source, "the image") if isinstance(source, bytes) else source
         return to_rgb(image, "the image")
-    except InvalidImageError as error:
+    except ImageError as error:
         raise InvalidImageError(error.message, index=index, param="messages") from None
 
 

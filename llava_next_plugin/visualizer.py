@@ -34,8 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from llava_next_sdk.errors import BadRequestError
 from llava_next_sdk.hookspecs import hookimpl
+
+from .errors import InputError
 
 __all__ = [
     "AttentionMaskVisualizer",
@@ -118,7 +119,7 @@ class MaskPicture:
         """Draw with the first ``llava_next_render_attention_mask`` plugin that knows *fmt*."""
         result = _plugin_manager().hook.llava_next_render_attention_mask(mask=self, fmt=fmt)
         if result is None:
-            raise BadRequestError(
+            raise InputError(
                 f"no renderer draws the format {fmt!r}: use 'ansi', 'html' or 'png', "
                 "or register a plugin that implements llava_next_render_attention_mask"
             )
@@ -177,24 +178,24 @@ class AttentionMaskVisualizer:
             try:
                 self.config = AutoConfig.from_pretrained(self.name)
             except (OSError, ValueError) as exc:
-                raise BadRequestError(f"cannot load a model config from {self.name!r}: {exc}") from exc
+                raise InputError(f"cannot load a model config from {self.name!r}: {exc}") from exc
         else:
             self.config = getattr(model, "config", None)
             if self.config is None:
-                raise BadRequestError(f"expected a model path or a loaded model, got {type(model).__name__}")
+                raise InputError(f"expected a model path or a loaded model, got {type(model).__name__}")
             self.name = getattr(model, "name_or_path", "") or getattr(self.config, "_name_or_path", "")
         if getattr(self.config, "model_type", None) != "llava_next":
-            raise BadRequestError(
+            raise InputError(
                 f"{self.name!r} is a {self.config.model_type!r} model: this visualizer draws "
                 "LLaVA-NeXT (llava_next) checkpoints"
             )
         if processor is None:
             if not self.name:
-                raise BadRequestError("the model has no name_or_path to load its processor from: pass processor=")
+                raise InputError("the model has no name_or_path to load its processor from: pass processor=")
             try:
                 processor = AutoProcessor.from_pretrained(self.name)
             except (OSError, ValueError) as exc:
-                raise BadRequestError(f"cannot load the processor of {self.name!r}: {exc}; pass processor=") from exc
+                raise InputError(f"cannot load the processor of {self.name!r}: {exc}; pass processor=") from exc
         self.processor = processor
         self.apply_chat_template = apply_chat_template
         self.image_token_id = int(self.config.image_token_index)
@@ -218,7 +219,7 @@ class AttentionMaskVisualizer:
         """The :class:`MaskPicture` for *text*, without showing it."""
         prompts = [text] if isinstance(text, str) else list(text)
         if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise BadRequestError("text must be a prompt string or a non-empty list of prompt strings")
+            raise InputError("text must be a prompt string or a non-empty list of prompt strings")
         if self.apply_chat_template:
             prompts = [self._templated(p) for p in prompts]
         placeholders = sum(p.count("<image>") for p in prompts)
@@ -270,7 +271,7 @@ class AttentionMaskVisualizer:
             return [_generated_image() for _ in range(placeholders)]
         sources = list(images) if isinstance(images, (list, tuple)) else [images]
         if len(sources) != placeholders:
-            raise BadRequestError(
+            raise InputError(
                 f"the prompt(s) have {placeholders} <image> placeholder(s) but {len(sources)} "
                 "image(s) were given: give one image per placeholder"
             )

@@ -11,13 +11,13 @@ import warnings
 import checkpoints
 import pytest
 import torch
-from llava_next_sdk.errors import BadRequestError
 from transformers import LlavaNextProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextForConditionalGeneration as ReferenceForConditionalGeneration,
 )
 
+from llava_next_plugin.errors import InputError
 from llava_next_plugin.modeling import LlavaNextForConditionalGeneration
 
 FP32_ATOL = 1e-4
@@ -108,9 +108,9 @@ def test_features_encoded_beforehand_must_match_the_image_tokens(models, process
     with torch.no_grad():
         encoded = ours.get_image_features(inputs["pixel_values"], inputs["image_sizes"])
     short = BaseModelOutputWithPooling(pooler_output=(encoded.pooler_output[0][:-1],))
-    with pytest.raises(BadRequestError, match="sample 0 has 70 <image> tokens but its images give 69 features"):
+    with pytest.raises(InputError, match="sample 0 has 70 <image> tokens but its images give 69 features"):
         ours(input_ids=inputs["input_ids"], mm_encoder_outputs={"image": short})
-    with pytest.raises(BadRequestError, match="either pixel_values or mm_encoder_outputs"):
+    with pytest.raises(InputError, match="either pixel_values or mm_encoder_outputs"):
         ours(**inputs, mm_encoder_outputs={"image": encoded})
 
 

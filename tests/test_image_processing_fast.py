@@ -17,12 +17,12 @@ import checkpoints
 import numpy as np
 import pytest
 import torch
-from llava_next_sdk.errors import BadRequestError, InvalidImageError
 from PIL import Image
 from test_image_processing import REAL_PHOTOS, SIZES, WIDE_SIZES, settings, synthetic
 from transformers import LlavaNextImageProcessor as ReferenceTorchvision
 
 from llava_next_plugin import geometry
+from llava_next_plugin.errors import ImageError, InputError
 from llava_next_plugin.image_processing import LlavaNextImageProcessor
 from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
 
@@ -267,15 +267,15 @@ def test_bad_tensors_are_invalid_images_with_their_index():
         (torch.zeros(8, dtype=torch.uint8), "2 or 3 dimensions"),
     ]
     for bad, message in cases:
-        with pytest.raises(InvalidImageError, match=rf"^image 1: .*{message}") as info:
+        with pytest.raises(ImageError, match=rf"^image 1: .*{message}") as info:
             processor([good, bad])
         assert info.value.index == 1
 
 
 def test_unsupported_resample_and_return_type_are_bad_requests():
-    with pytest.raises(BadRequestError, match="has no torch kernel"):
+    with pytest.raises(InputError, match="has no torch kernel"):
         LlavaNextImageProcessorFast(**settings(resample=4))(synthetic(9, 9))
-    with pytest.raises(BadRequestError, match="return_tensors"):
+    with pytest.raises(InputError, match="return_tensors"):
         LlavaNextImageProcessorFast(**settings())(synthetic(9, 9), return_tensors="tf")
 
 

@@ -12,12 +12,13 @@ import urllib.parse
 import checkpoints
 import numpy as np
 import pytest
-from llava_next_sdk.errors import BadRequestError, InvalidImageError
+from llava_next_sdk.errors import InvalidImageError
 from PIL import Image, PngImagePlugin
 from transformers.image_transforms import convert_to_rgb as reference_convert_to_rgb
 from transformers.image_utils import load_image as reference_load_image
 
 import llava_next_plugin.images as images
+from llava_next_plugin.errors import ImageError, InputError, as_api_error
 from llava_next_plugin.images import load_image, load_images
 
 
@@ -96,7 +97,7 @@ def test_data_urls_are_read_alike_by_load_image_and_by_server_requests(photo):
         ):
             try:
                 outcomes.append(pixels(read()))
-            except InvalidImageError as error:
+            except (ImageError, InvalidImageError) as error:  # load_image's error, or the server's
                 outcomes.append(error.message.removeprefix("image 0: "))
         if isinstance(outcomes[0], np.ndarray) and isinstance(outcomes[1], np.ndarray):
             np.testing.assert_array_equal(outcomes[0], expected)
@@ -184,21 +185,19 @@ def test_http_url_with_redirect(image_server):
 
 
 def test_http_errors_are_clear(image_server, monkeypatch):
-    with pytest.raises(
-        InvalidImageError, match=r"^image 2: URL '.*/missing.png' answered HTTP 404 Not Found; check the URL"
-    ):
+    with pytest.raises(ImageError, match=r"^image 2: URL '.*/missing.png' answered HTTP 404 Not Found; check the URL"):
         load_image(image_server + "/missing.png", index=2)
-    with pytest.raises(InvalidImageError, match=r"did not answer within 0.3 s .*pass a larger timeout"):
+    with pytest.raises(ImageError, match=r"did not answer within 0.3 s .*pass a larger timeout"):
         load_image(image_server + "/slow", timeout=0.3)
-    with pytest.raises(InvalidImageError, match=r"URL .*/page.* is not an image \(content-type text/html\)"):
+    with pytest.raises(ImageError, match=r"URL .*/page.* is not an image \(content-type text/html\)"):
         load_image(image_server + "/page")
     monkeypatch.setattr(images, "MAX_DOWNLOAD_BYTES", 1000)
-    with pytest.raises(InvalidImageError, match=r"serves more than 1,000 bytes, the download limit"):
+    with pytest.raises(ImageError, match=r"serves more than 1,000 bytes, the download limit"):
         load_image(image_server + "/cat.png")
 
 
 def test_unreachable_url_is_an_invalid_image_not_a_hang():
-    with pytest.raises(InvalidImageError, match=r"could not be fetched \(ConnectError"):
+    with pytest.raises(ImageError, match=r"could not be fetched \(ConnectError"):
         load_image("http://127.0.0.1:9/cat.png", timeout=2)
 
 
@@ -207,24 +206,27 @@ def test_unreachable_url_is_an_invalid_image_not_a_hang():
 
 def test_unknown_sources_name_the_index_and_the_accepted_kinds():
     with pytest.raises(
-        InvalidImageError,
+        ImageError,
         match=r"^image 4: unsupported image source: a builtins.int; pass a path, "
         r"an http\(s\) URL, a data URL, bytes, a PIL image or a numpy array",
     ):
         load_image(42, index=4)
-    with pytest.raises(InvalidImageError, match=r"no image source handles the URL scheme 's3://'.*register a plugin"):
+    with pytest.raises(ImageError, match=r"no image source handles the URL scheme 's3://'.*register a plugin"):
         load_image("s3://bucket/cat.png")
-    error = pytest.raises(InvalidImageError, load_image, object(), 1).value
-    assert error.index == 1 and isinstance(error, BadRequestError) and isinstance(error, ValueError)
-    assert error.status == 400 and error.code == "invalid_image"
+    error = pytest.raises(ImageError, load_image, object(), 1).value
+    assert error.index == 1 and isinstance(error, InputError) and isinstance(error, ValueError)
+    assert not hasattr(error, "status")  # model-level: no HTTP in it; the serving layer maps it
+    api = as_api_error(error)
+    assert isinstance(api, InvalidImageError) and api.status == 400 and api.code == "invalid_image"
+    assert api.index == 1 and str(api) == str(error) and api.__cause__ is error
 
 
 def test_missing_files_and_folders(tmp_path):
-    with pytest.raises(InvalidImageError, match=r"^image 0: file not found: '.*nope.png'; check the path"):
+    with pytest.raises(ImageError, match=r"^image 0: file not found: '.*nope.png'; check the path"):
         load_image(tmp_path / "nope.png", index=0)
-    with pytest.raises(InvalidImageError, match=r"file not found: 'nope.png' \(relative to the working directory"):
+    with pytest.raises(ImageError, match=r"file not found: 'nope.png' \(relative to the working directory"):
         load_image("nope.png")
-    with pytest.raises(InvalidImageError, match=r"is a folder, not an image file"):
+    with pytest.raises(ImageError, match=r"is a folder, not an image file"):
         load_image(tmp_path)
 
 
@@ -233,39 +235,39 @@ def test_truncated_files_are_caught_at_load(tmp_path, fmt):
     data = encode(noise(48, 40), fmt)
     path = tmp_path / f"cut.{fmt.lower()}"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(InvalidImageError, match=r"^image 3: file '.*' is (truncated or )?corrupted"):
+    with pytest.raises(ImageError, match=r"^image 3: file '.*' is (truncated or )?corrupted"):
         load_image(path, index=3)
-    with pytest.raises(InvalidImageError, match=r"^image 0: "):
+    with pytest.raises(ImageError, match=r"^image 0: "):
         load_image(data[: len(data) // 2], index=0)
 
 
 def test_corrupted_and_empty_bytes():
-    with pytest.raises(InvalidImageError, match=r"bytes \(11 bytes\) is not an image PIL can read") as info:
+    with pytest.raises(ImageError, match=r"bytes \(11 bytes\) is not an image PIL can read") as info:
         load_image(b"hello world")
     assert "hello" not in info.value.message  # bytes that are no image are never quoted back
-    with pytest.raises(InvalidImageError, match=r"is empty \(0 bytes\)"):
+    with pytest.raises(ImageError, match=r"is empty \(0 bytes\)"):
         load_image(b"")
-    with pytest.raises(InvalidImageError, match=r"invalid base64"):
+    with pytest.raises(ImageError, match=r"invalid base64"):
         load_image("data:image/png;base64,!!!not base64!!!")
-    with pytest.raises(InvalidImageError, match=r"data URL has no ','"):
+    with pytest.raises(ImageError, match=r"data URL has no ','"):
         load_image("data:image/png;base64")
 
 
 def test_zero_size_images_are_refused():
-    with pytest.raises(InvalidImageError, match=r"is empty \(0x5\); an image needs at least 1x1 pixels"):
+    with pytest.raises(ImageError, match=r"is empty \(0x5\); an image needs at least 1x1 pixels"):
         load_image(Image.new("RGB", (0, 5)), index=0)
-    with pytest.raises(InvalidImageError, match=r"array of shape \(0, 4, 3\).* is empty"):
+    with pytest.raises(ImageError, match=r"array of shape \(0, 4, 3\).* is empty"):
         load_image(np.zeros((0, 4, 3), np.uint8))
 
 
 def test_bad_arrays_say_how_to_fix_them():
-    with pytest.raises(InvalidImageError, match=r"looks channels-first \(C, H, W\); pass array.transpose\(1, 2, 0\)"):
+    with pytest.raises(ImageError, match=r"looks channels-first \(C, H, W\); pass array.transpose\(1, 2, 0\)"):
         load_image(np.zeros((3, 8, 8), np.uint8))
-    with pytest.raises(InvalidImageError, match=r"is not an image; expected \(H, W\) or \(H, W, C\)"):
+    with pytest.raises(ImageError, match=r"is not an image; expected \(H, W\) or \(H, W, C\)"):
         load_image(np.zeros((1, 8, 8, 3), np.uint8))
-    with pytest.raises(InvalidImageError, match=r"values in \[0, 2\]; float images must lie in \[0, 1\]"):
+    with pytest.raises(ImageError, match=r"values in \[0, 2\]; float images must lie in \[0, 1\]"):
         load_image(np.array([[0.0, 2.0]]))
-    with pytest.raises(InvalidImageError, match=r"NaN or infinite"):
+    with pytest.raises(ImageError, match=r"NaN or infinite"):
         load_image(np.full((2, 2), np.nan))
 
 
@@ -274,13 +276,13 @@ def test_decompression_bombs_respect_pils_limit(monkeypatch, tmp_path):
     large = encode(noise(60, 60))  # 3,600 pixels: over twice the limit, where PIL itself raises
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     for data in (small, large):
-        with pytest.raises(InvalidImageError, match=r"^image 1: bytes .* is too large .*PIL.Image.MAX_IMAGE_PIXELS"):
+        with pytest.raises(ImageError, match=r"^image 1: bytes .* is too large .*PIL.Image.MAX_IMAGE_PIXELS"):
             load_image(data, index=1)
     path = tmp_path / "bomb.png"
     path.write_bytes(small)
     with pytest.warns(Image.DecompressionBombWarning):  # PIL only warns for the user's own Image.open
         lazy = Image.open(path)
-    with pytest.raises(InvalidImageError, match=r"too large \(40x40 = 1,600 pixels, limit 1,000\)"):
+    with pytest.raises(ImageError, match=r"too large \(40x40 = 1,600 pixels, limit 1,000\)"):
         load_image(lazy)  # a lazily opened file is checked before it is decoded
     assert load_image(noise(40, 40)).size == (40, 40)  # an image already in memory is no bomb
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # the user's way to lift the limit
@@ -291,10 +293,10 @@ def test_load_images_names_the_failing_index(photo):
     good = encode(photo.resize((8, 8)))
     loaded = load_images([good, photo, np.zeros((2, 2, 3), np.uint8)])
     assert [image.size for image in loaded] == [(8, 8), photo.size, (2, 2)]
-    with pytest.raises(InvalidImageError, match=r"^image 2: bytes \(3 bytes\) is not an image") as caught:
+    with pytest.raises(ImageError, match=r"^image 2: bytes \(3 bytes\) is not an image") as caught:
         load_images([good, good, b"bad"])
     assert caught.value.index == 2
-    with pytest.raises(InvalidImageError, match=r"expected a list of images"):
+    with pytest.raises(ImageError, match=r"expected a list of images"):
         load_images(good)
 
 
@@ -343,7 +345,7 @@ def test_sixteen_bit_and_float_gray_are_scaled_not_clipped(tmp_path):
     wide = Image.fromarray(np.array([[0, 257 * 100, 65535]], dtype=np.int32))  # mode I: the 16-bit range
     assert [load_image(wide).getpixel((x, 0))[0] for x in range(3)] == [0, 100, 255]
     negative = Image.fromarray(np.array([[-10, 0, 990]], dtype=np.int32))
-    with pytest.raises(InvalidImageError, match="values from -10 to 990.*convert it to an 8-bit RGB image"):
+    with pytest.raises(ImageError, match="values from -10 to 990.*convert it to an 8-bit RGB image"):
         load_image(negative)
 
 

@@ -16,13 +16,13 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from llava_next_sdk.errors import BadRequestError
 from PIL import Image
 from transformers import LlavaNextProcessor
 from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextForConditionalGeneration as ReferenceForConditionalGeneration,
 )
 
+from llava_next_plugin.errors import InputError
 from llava_next_plugin.modeling import LlavaNextForConditionalGeneration, LlavaNextModel
 
 FP32_ATOL = 1e-4
@@ -329,7 +329,7 @@ def test_module_names_match_reference_for_peft(mistral_pair):
 
 
 def _raises_bad_request(model, match, **inputs):
-    with pytest.raises(BadRequestError, match=match) as info:
+    with pytest.raises(InputError, match=match) as info:
         with torch.no_grad():
             model(**inputs)
     assert isinstance(info.value, ValueError)

@@ -12,11 +12,11 @@ import warnings
 import checkpoints
 import pytest
 import torch
-from llava_next_sdk.errors import BadRequestError, InvalidImageError
 from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 import llava_next_plugin
+from llava_next_plugin.errors import ImageError, InputError
 from llava_next_plugin.pipeline import DEFAULT_PROMPT, LlavaNextImageToTextPipeline
 
 QUESTION = "What does this chart show?"
@@ -177,16 +177,16 @@ def test_image_sources_path_bytes_and_url_agree(pipe, photo, tmp_path):
 
 
 def test_bad_input_gives_clear_typed_errors(pipe, photo, tmp_path):
-    with pytest.raises(BadRequestError, match="2 <image> placeholders but 1 image"):
+    with pytest.raises(InputError, match="2 <image> placeholders but 1 image"):
         pipe(photo, prompt="<image> <image> compare", max_new_tokens=1)
-    with pytest.raises(InvalidImageError, match="image 0") as info:
+    with pytest.raises(ImageError, match="image 0") as info:
         pipe(b"not an image at all", prompt=QUESTION, max_new_tokens=1)
     assert info.value.index == 0
-    with pytest.raises(InvalidImageError, match="image 1"):
+    with pytest.raises(ImageError, match="image 1"):
         pipe([photo, str(tmp_path / "missing.png")], prompt=QUESTION, max_new_tokens=1, batch_size=2)
-    with pytest.raises(BadRequestError, match="2 images but 3 prompts"):
+    with pytest.raises(InputError, match="2 images but 3 prompts"):
         pipe([photo, photo], prompt=["a", "b", "c"], max_new_tokens=1)
-    with pytest.raises(BadRequestError, match="no image"):
+    with pytest.raises(InputError, match="no image"):
         pipe(prompt=QUESTION)
 
 
@@ -350,7 +350,7 @@ def test_checkpoint_whose_family_cannot_be_told_is_a_clear_error_until_named(tin
     built = pipeline("image-to-text", model=str(bare), device="cpu")
     assert type(built).__name__ == "LlavaNextImageToTextPipeline"
     assert not getattr(built.processor, "chat_template", None)
-    with pytest.raises(BadRequestError, match=r"cannot tell this checkpoint's prompt format") as error:
+    with pytest.raises(InputError, match=r"cannot tell this checkpoint's prompt format") as error:
         built(photo, prompt=QUESTION, max_new_tokens=1)
     message = str(error.value)
     assert "'phi3'" in message and "prompt_family=" in message
@@ -361,7 +361,7 @@ def test_checkpoint_whose_family_cannot_be_told_is_a_clear_error_until_named(tin
     received, expected = _received_and_expected(named, photo, VICUNA_PROMPT)
     assert torch.equal(received, expected)
     assert named(photo, prompt=QUESTION, max_new_tokens=NEW)[0]["generated_text"]
-    with pytest.raises(BadRequestError, match=r"unknown prompt family 'alpaca'; accepted: mistral, vicuna"):
+    with pytest.raises(InputError, match=r"unknown prompt family 'alpaca'; accepted: mistral, vicuna"):
         pipeline("image-to-text", model=str(bare), device="cpu", prompt_family="alpaca")(photo, prompt=QUESTION)
 
 

@@ -9,11 +9,11 @@ import checkpoints
 import numpy as np
 import pytest
 import torch
-from llava_next_sdk.errors import BadRequestError, InvalidImageError
 from PIL import Image
 
 import llava_next_plugin
 from llava_next_plugin.configuration import LlavaNextConfig
+from llava_next_plugin.errors import ImageError, InputError
 from llava_next_plugin.processing import LlavaNextProcessor
 
 PROMPT_ONE = "[INST] <image>\nWhat is shown here? [/INST]"
@@ -333,36 +333,36 @@ def ours(clip_pair):
 
 def test_more_images_than_placeholders(ours):
     images = [random_image(10, 10), random_image(12, 12)]
-    with pytest.raises(BadRequestError, match=r"2 image\(s\) given but the text has 1 <image>.*sample 0: 1"):
+    with pytest.raises(InputError, match=r"2 image\(s\) given but the text has 1 <image>.*sample 0: 1"):
         ours(images=images, text=PROMPT_ONE)
 
 
 def test_fewer_images_than_placeholders(ours):
-    with pytest.raises(BadRequestError, match=r"1 image\(s\) given.*3 <image>.*sample 0: 1, sample 1: 2"):
+    with pytest.raises(InputError, match=r"1 image\(s\) given.*3 <image>.*sample 0: 1, sample 1: 2"):
         ours(images=[random_image(10, 10)], text=[PROMPT_ONE, PROMPT_TWO], padding=True)
 
 
 def test_per_prompt_image_lists_name_the_sample(ours):
     a, b = random_image(10, 10), random_image(12, 12)
-    with pytest.raises(BadRequestError, match=r"sample 1 has 2 <image> placeholder\(s\) but 1 image"):
+    with pytest.raises(InputError, match=r"sample 1 has 2 <image> placeholder\(s\) but 1 image"):
         ours(images=[[a], [b]], text=[PROMPT_ONE, PROMPT_TWO], padding=True)
-    with pytest.raises(BadRequestError, match="2 lists.*3 prompts"):
+    with pytest.raises(InputError, match="2 lists.*3 prompts"):
         ours(images=[[a], [b]], text=[PROMPT_ONE, PROMPT_TWO, PROMPT_ONE], padding=True)
 
 
 def test_placeholders_without_images(ours):
-    with pytest.raises(BadRequestError, match="no images were given"):
+    with pytest.raises(InputError, match="no images were given"):
         ours(text=PROMPT_TWO)
 
 
 def test_images_without_placeholders(ours):
-    with pytest.raises(BadRequestError, match=r"1 image\(s\) given but the text has 0 <image>"):
+    with pytest.raises(InputError, match=r"1 image\(s\) given but the text has 0 <image>"):
         ours(images=random_image(10, 10), text="no placeholder")
 
 
 @pytest.mark.parametrize("text", [42, [PROMPT_ONE, None], [b"bytes"], {"text": "x"}])
 def test_non_string_text(ours, text):
-    with pytest.raises(BadRequestError, match="text must be a string or a list of strings") as error:
+    with pytest.raises(InputError, match="text must be a string or a list of strings") as error:
         ours(text=text)
     assert isinstance(error.value, ValueError)
 
@@ -380,18 +380,18 @@ def test_images_as_paths_and_bytes(ours, tmp_path):
     out = ours(images=[str(path), encoded.getvalue()], text=PROMPT_TWO, return_tensors="pt")
     assert out["input_ids"].tolist() == expected["input_ids"].tolist()
     assert torch.equal(out["pixel_values"], expected["pixel_values"])
-    with pytest.raises(InvalidImageError, match="^image 1: ") as error:
+    with pytest.raises(ImageError, match="^image 1: ") as error:
         ours(images=[image, b"not an image at all"], text=PROMPT_TWO)
     assert error.value.index == 1
 
 
 def test_image_and_text_swapped(ours):
-    with pytest.raises(BadRequestError, match=r"processor\(images=\.\.\., text=\.\.\.\)"):
+    with pytest.raises(InputError, match=r"processor\(images=\.\.\., text=\.\.\.\)"):
         ours(PROMPT_ONE, random_image(10, 10))
 
 
 def test_truncation_into_image_tokens_is_refused(ours):
-    with pytest.raises(BadRequestError, match="truncation cut into the image tokens"):
+    with pytest.raises(InputError, match="truncation cut into the image tokens"):
         ours(images=random_image(64, 64), text=PROMPT_ONE, truncation=True, max_length=8)
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import checkpoints
 import pytest
-from llava_next_sdk.errors import BadRequestError
 from transformers import LlavaNextImageProcessor
 from transformers import LlavaNextProcessor as ReferenceProcessor
 
+from llava_next_plugin.errors import InputError
 from llava_next_plugin.prompts import FAMILIES, VICUNA_SYSTEM, build_prompt, detect_family
 
 MISTRAL = {"text_config": {"model_type": "mistral"}}
@@ -110,7 +110,7 @@ def test_placeholders_are_added_when_missing_and_checked_when_counted():
     )
     assert build_prompt("Text only.", None, None, family="mistral", num_images=0) == "[INST] Text only. [/INST]"
     assert build_prompt("Left <image> right", None, None, family="mistral") == "[INST] Left <image> right [/INST]"
-    with pytest.raises(BadRequestError, match=r"the prompt has 2 <image> placeholder\(s\) for 1 image\(s\)"):
+    with pytest.raises(InputError, match=r"the prompt has 2 <image> placeholder\(s\) for 1 image\(s\)"):
         build_prompt("<image> and <image>", None, None, family="mistral", num_images=1)
     messages = [
         {
@@ -127,7 +127,7 @@ def test_a_prompt_already_in_chat_format_is_kept():
     formatted = "[INST] <image>\nWhat is shown? [/INST]"
     assert build_prompt(formatted, None, MISTRAL) == formatted
     assert build_prompt(EXPECTED["llama3"], None, MISTRAL) == EXPECTED["llama3"]
-    with pytest.raises(BadRequestError, match=r"already in a chat format and has 0 <image> placeholder\(s\) for 1"):
+    with pytest.raises(InputError, match=r"already in a chat format and has 0 <image> placeholder\(s\) for 1"):
         build_prompt("USER: What is shown? ASSISTANT:", None, LLAMA)
     # A question that merely mentions one marker is a question.
     assert build_prompt("Who is USER: in this log?", None, LLAMA) == (
@@ -160,7 +160,7 @@ def test_family_names_are_forgiving_and_unknown_ones_are_listed():
     assert build_prompt("What is shown?", None, None, family="Yi") == EXPECTED["chatml"]
     assert build_prompt("What is shown?", None, None, family="llama-3") == EXPECTED["llama3"]
     with pytest.raises(
-        BadRequestError, match=r"unknown prompt family 'gemma'; accepted: mistral, vicuna, llama3, chatml"
+        InputError, match=r"unknown prompt family 'gemma'; accepted: mistral, vicuna, llama3, chatml"
     ) as caught:
         build_prompt("Q", None, None, family="gemma")
     assert isinstance(caught.value, ValueError) and caught.value.param == "family"
@@ -168,7 +168,7 @@ def test_family_names_are_forgiving_and_unknown_ones_are_listed():
 
 def test_an_undetectable_checkpoint_says_how_to_choose(tokenizers):
     with pytest.raises(
-        BadRequestError,
+        InputError,
         match=r"cannot tell this checkpoint's prompt format: it has no chat template, "
         r"and its text model type 'gemma'.*pass family= one of mistral, vicuna, llama3, chatml",
     ):
@@ -192,5 +192,5 @@ def test_an_undetectable_checkpoint_says_how_to_choose(tokenizers):
     ],
 )
 def test_malformed_prompts_are_bad_requests(prompt, message):
-    with pytest.raises(BadRequestError, match=message):
+    with pytest.raises(InputError, match=message):
         build_prompt(prompt, None, None, family="mistral")

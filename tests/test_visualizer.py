@@ -7,11 +7,11 @@ import io
 import checkpoints
 import pytest
 import torch
-from llava_next_sdk.errors import BadRequestError
 from PIL import Image
 
 import llava_next_plugin
 from llava_next_plugin import AttentionMaskVisualizer
+from llava_next_plugin.errors import InputError
 from llava_next_plugin.hooks import get_plugin_manager, hookimpl
 from llava_next_plugin.visualizer import DEFAULT_IMAGE_SIZE, EMPTY, FULL, PARTIAL, MaskPicture
 
@@ -203,7 +203,7 @@ def test_renderers_are_plugins_and_third_party_ones_win(viz, photo):
     finally:
         manager.unregister(plugin)
     assert picture.to_ansi() == builtin
-    with pytest.raises(BadRequestError, match="no renderer draws the format 'svg'"):
+    with pytest.raises(InputError, match="no renderer draws the format 'svg'"):
         picture.render("svg")
 
 
@@ -232,9 +232,9 @@ def test_reachable_through_transformers_import_path(checkpoint):
 
 
 def test_bad_input(viz, photo, tmp_path):
-    with pytest.raises(BadRequestError, match="1 <image> placeholder\\(s\\) but 2 image"):
+    with pytest.raises(InputError, match="1 <image> placeholder\\(s\\) but 2 image"):
         viz(PROMPT, images=[photo, photo], show=False)
-    with pytest.raises(BadRequestError, match="prompt string"):
+    with pytest.raises(InputError, match="prompt string"):
         viz([], show=False)
-    with pytest.raises(BadRequestError, match="cannot load a model config"):
+    with pytest.raises(InputError, match="cannot load a model config"):
         AttentionMaskVisualizer(str(tmp_path / "nowhere"))

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 from llava_next_sdk.errors import LlavaNextError, OverloadedError, ServerError
 
+from ..errors import InputError, as_api_error
+
 __all__ = ["SamplingParams", "PreparedRequest", "EngineResult", "generation_error"]
 
 
@@ -78,6 +80,8 @@ def generation_error(exc: BaseException) -> LlavaNextError:
     """The typed error a request's caller gets when the model raised *exc* while generating it."""
     if isinstance(exc, LlavaNextError):
         return exc
+    if isinstance(exc, InputError):  # bad input found by the model itself (e.g. image features vs tokens)
+        return as_api_error(exc)
     if isinstance(exc, torch.OutOfMemoryError):
         return OverloadedError(
             f"the device ran out of memory while generating ({exc}); retry later, or with "

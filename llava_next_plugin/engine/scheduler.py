@@ -38,6 +38,7 @@ from llava_next_sdk.errors import (
     ServerError,
 )
 
+from ..errors import InputError, as_api_error
 from ..hooks import get_plugin_manager
 from .detokenizer import TextStream
 from .handle import RequestHandle
@@ -389,6 +390,19 @@ class Engine:
         """
         params = params or SamplingParams()
         detail = _image_detail(image_detail, len(images))
+        try:
+            return self._prepare(messages, images, params, prompt, detail)
+        except InputError as exc:  # the model package's error: the serving layer's typed (HTTP 400) one
+            raise as_api_error(exc) from exc
+
+    def _prepare(
+        self,
+        messages: list[dict],
+        images: Sequence[Any],
+        params: SamplingParams,
+        prompt: str | None,
+        detail: tuple[str, ...],
+    ) -> PreparedRequest:
         if prompt is None:
             from ..prompts import build_prompt
 
