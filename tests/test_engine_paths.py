@@ -197,3 +197,20 @@ def test_other_text_backbones_run_in_the_slots_with_chunked_prefill_and_match_mo
         assert engine.submit(prepared).result(timeout=120).token_ids == reference_greedy(model, prepared, 8)
     finally:
         engine.shutdown(drain=False)
+
+
+def test_the_same_prompt_again_reuses_all_but_its_last_token_and_gives_the_same_tokens(reference):
+    """The stored prompt is longer than what the repeat may reuse (its own prompt less the last token, which
+    must be prefilled to sample from): the store hands out the stored prefix cut to that length."""
+    model, processor = reference
+    engine = Engine(model, processor).start()
+    try:
+        messages, images = ask("Describe the picture in detail."), [photo(70, 40)]
+        first = engine.generate(messages, images, GREEDY)
+        before = engine.stats_snapshot().get("prefix_reused_tokens", 0)
+        prepared = engine.prepare(messages, images, GREEDY)
+        again = engine.submit(prepared).result(timeout=120)
+        assert engine.stats_snapshot()["prefix_reused_tokens"] - before == first.prompt_tokens - 1
+        assert again.token_ids == first.token_ids == reference_greedy(model, prepared, 8)
+    finally:
+        engine.shutdown(drain=False)

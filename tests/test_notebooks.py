@@ -192,3 +192,6 @@ def test_serving(tmp_path, monkeypatch):
     table = stdout(cell_with(notebook, "tokens/s"))
     rates = [float(x) for x in re.findall(r"([\d.]+) tokens/s", table)]
     assert len(rates) >= 3 and all(rate > 0 for rate in rates)
+    reused = stdout(cell_with(notebook, "prefix store"))
+    # each of the three "long text, again" requests finds the same text's prefix: all but its last token
+    assert int(re.search(r"instead of prefilled: (\d+)", reused).group(1)) > 3 * 1000

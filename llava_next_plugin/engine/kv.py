@@ -115,18 +115,26 @@ class PrefixStore:
         self._lock = threading.Lock()
 
     def longest(self, key: tuple) -> tuple[int, list[torch.Tensor], list[torch.Tensor]] | None:
-        """The longest stored prefix of *key* (``(length, keys, values)``), or ``None``."""
-        best = None
+        """The longest stored prefix of *key* (``(length, keys, values)``), or ``None``.
+
+        A stored prompt that *key* is itself a prefix of counts too, cut to ``len(key)``: the same prompt sent
+        again (a retry, the same question from another user) asks for its own key less the last token, which
+        is a prefix of the stored one.
+        """
+        best: tuple[int, tuple] | None = None
         with self._lock:
-            for stored, entry in self._entries.items():
-                n = len(stored)
-                if n <= len(key) and (best is None or n > best[0]) and key[:n] == stored:
+            for stored in self._entries:
+                n = min(len(stored), len(key))
+                if (best is None or n > best[0]) and key[:n] == stored[:n]:
                     best = (n, stored)
-            if best is None:
+            if best is None or best[0] < self.min_tokens:
                 return None
-            self._entries.move_to_end(best[1])
-            keys, values, _ = self._entries[best[1]]
-            return best[0], keys, values
+            n, stored = best
+            self._entries.move_to_end(stored)
+            keys, values, _ = self._entries[stored]
+            if n < len(stored):
+                keys, values = [k[:, :n] for k in keys], [v[:, :n] for v in values]
+            return n, keys, values
 
     def put(self, key: tuple, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         size = sum(t.numel() * t.element_size() for t in keys + values)
