@@ -66,12 +66,9 @@ class _Request:
 
 
 def _is_conversation(obj: Any) -> bool:
-    """Chat messages (dicts or the SDK's message objects; no image source is one of those)."""
-    return (
-        isinstance(obj, (list, tuple))
-        and len(obj) > 0
-        and all(isinstance(m, (Mapping, ChatMessage, ParsedMessage)) for m in obj)
-    )
+    """Chat messages: a list holding a message (a dict, or the SDK's message objects; no image source is one
+    of those), to be read by the message parser, which says what is wrong with the others."""
+    return isinstance(obj, (list, tuple)) and any(isinstance(m, (Mapping, ChatMessage, ParsedMessage)) for m in obj)
 
 
 def _as_list(obj: Any) -> list[Any]:
