@@ -17,8 +17,10 @@ What it accepts (each image may be a PIL image, a path, ``bytes``, or an ``http(
   one per image. An item may itself be a list of images for a multi-image prompt; a single string
   prompt with ``k >= 2`` ``<image>`` placeholders and ``k`` images is one multi-image request.
 - ``pipe(messages)``: chat format, ``[{"role": "user", "content": [{"type": "image", "image": img},
-  {"type": "text", "text": "..."}]}]`` (or a list of such conversations). ``{"type": "image"}``
-  parts without an image take the images given with ``images=``.
+  {"type": "text", "text": "..."}]}]`` (or a list of such conversations), in any shape the SDK's one
+  message parser reads (:func:`llava_next_sdk.messages.read_messages`: OpenAI ``image_url`` parts,
+  ``ChatMessage`` objects...). ``{"type": "image"}`` parts without an image take the images given with
+  ``images=``.
 - Any generate argument (``max_new_tokens``, ``do_sample``, ``streamer``...) passes through, either as
   a keyword or in ``generate_kwargs={...}``.
 
@@ -28,12 +30,15 @@ The answer holds only the generated text, never the prompt.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import Pipeline
+from llava_next_sdk.messages import ImageRef, ParsedMessage
+from llava_next_sdk.types import ChatMessage, ImagePart
+from transformers import GenerationMixin, Pipeline, ProcessorMixin
+from transformers.utils import ModelOutput
 
 from .errors import InputError
 
@@ -55,32 +60,28 @@ IMAGE_PLACEHOLDER = "<image>"
 class _Request:
     """One item of a call: its images, and either a prompt string or chat messages."""
 
-    images: list = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)
     prompt: str | None = None
-    messages: list | None = None
-
-
-def _is_message(obj: Any) -> bool:
-    return isinstance(obj, dict) and "role" in obj and "content" in obj
+    messages: tuple[ParsedMessage, ...] | None = None
 
 
 def _is_conversation(obj: Any) -> bool:
-    return isinstance(obj, (list, tuple)) and len(obj) > 0 and all(_is_message(m) for m in obj)
+    """Chat messages: a list holding a message (a dict, or the SDK's message objects; no image source is one
+    of those), to be read by the message parser, which says what is wrong with the others."""
+    return isinstance(obj, (list, tuple)) and any(isinstance(m, (Mapping, ChatMessage, ParsedMessage)) for m in obj)
 
 
-def _as_list(obj: Any) -> list:
+def _as_list(obj: Any) -> list[Any]:
     return list(obj) if isinstance(obj, (list, tuple)) else [obj]
 
 
-def _image_of_part(part: dict) -> Any:
-    """The image a chat content part carries, or ``None`` for a bare ``{"type": "image"}``."""
-    if part.get("type") == "image_url":
-        url = part.get("image_url")
-        return url.get("url") if isinstance(url, dict) else url
-    for key in ("image", "url", "path"):
-        if part.get(key) is not None:
-            return part[key]
-    return None
+def _source(ref: ImageRef) -> Any:
+    """What :func:`~llava_next_plugin.images.load_image` reads for an image part (an ``ImagePart`` of a
+    ``ChatMessage`` gives its decoded image, bytes or URL)."""
+    part = ref.source
+    if not isinstance(part, ImagePart):
+        return part
+    return next(value for value in (part.image, part.data, part.url) if value is not None)
 
 
 class LlavaNextImageToTextPipeline(Pipeline):
@@ -88,21 +89,21 @@ class LlavaNextImageToTextPipeline(Pipeline):
 
     Built by ``transformers.pipeline("image-to-text", model=...)`` once ``llava_next_plugin`` is
     imported, or directly: ``LlavaNextImageToTextPipeline(model=model, processor=processor)``.
+    Generate arguments (``max_new_tokens``...) given here apply to every call.
 
-    Args:
-        model: a LLaVA-NeXT model (ours or transformers').
-        processor: its processor (tokenizer with a chat template, anyres image processor).
-        timeout (`float`): seconds allowed to fetch each image URL.
-        prompt_family (`str`): the prompt format for a checkpoint without a chat template
-            (``"mistral"``, ``"vicuna"``, ``"chatml"``, ``"llama3"``); detected when not given.
-        default_prompt (`str`): the instruction for calls without a prompt.
-        Generate arguments (``max_new_tokens``...) given here apply to every call.
+    :param model: a LLaVA-NeXT model (ours or transformers').
+    :param processor: its processor (tokenizer with a chat template, anyres image processor).
+    :param timeout: seconds allowed to fetch each image URL.
+    :param prompt_family: the prompt format for a checkpoint without a chat template (``"mistral"``,
+        ``"vicuna"``, ``"chatml"``, ``"llama3"``); detected when not given.
+    :param default_prompt: the instruction for calls without a prompt.
     """
 
-    _load_processor = True
-    _load_image_processor = False
-    _load_feature_extractor = False
-    _load_tokenizer = False
+    # transformers declares these None in Pipeline while its own pipelines set them to bools.
+    _load_processor = True  # type: ignore[assignment]
+    _load_image_processor = False  # type: ignore[assignment]
+    _load_feature_extractor = False  # type: ignore[assignment]
+    _load_tokenizer = False  # type: ignore[assignment]
 
     def __init__(
         self,
@@ -122,65 +123,93 @@ class LlavaNextImageToTextPipeline(Pipeline):
                 "build it with pipeline('image-to-text', model=<checkpoint folder or hub id>)"
             )
 
+    @property
+    def _processor(self) -> ProcessorMixin:
+        """The processor, which ``__init__`` made sure of."""
+        if self.processor is None:
+            raise InputError("this pipeline has no processor: build it with processor=")
+        return self.processor
+
     # --- transformers' Pipeline protocol --------------------------------------------------
-    def _sanitize_parameters(self, generate_kwargs: dict | None = None, **kwargs: Any):
+    def _sanitize_parameters(
+        self, generate_kwargs: dict[str, Any] | None = None, **kwargs: Any
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         """Every keyword that is not the pipeline's own is a generate argument."""
         forward_params = dict(generate_kwargs or {})
         forward_params.update(kwargs)
         return {}, forward_params, {}
 
-    def preprocess(self, requests: list[_Request], timeout: float | None = None):
-        """Load the images of a batch, format the prompts, and run the processor (left padding)."""
+    def preprocess(self, input_: list[_Request], **preprocess_parameters: Any) -> dict[str, Any]:
+        """Load the images of a batch of requests, format the prompts, and run the processor (left padding).
+
+        :param input_: the batch's requests.
+        :param timeout: (keyword) seconds allowed to fetch each image URL (default: the pipeline's).
+        """
+        timeout = preprocess_parameters.get("timeout")
         timeout = self.timeout if timeout is None else float(timeout)
-        images, prompts = [], []
-        for request in requests:
+        images: list[Any] = []
+        prompts: list[str] = []
+        for request in input_:
             for source in request.images:
                 images.append(self._load_image(source, index=len(images), timeout=timeout))
             prompts.append(self._format(request))
         # Left padding: generation continues every row from its last column.
-        return self.processor(
-            images=images or None, text=prompts, padding=True, padding_side="left", return_tensors="pt"
+        return dict(
+            self._processor(images=images or None, text=prompts, padding=True, padding_side="left", return_tensors="pt")
         )
 
-    def _forward(self, model_inputs, **generate_kwargs):
-        """``model.generate`` on one padded batch; returns only the new tokens, ``[batch, new]``."""
-        generate_kwargs = dict(generate_kwargs)
-        config = getattr(self.model, "generation_config", None)
+    def _forward(self, input_tensors: dict[str, Any], **forward_parameters: Any) -> ModelOutput:
+        """``model.generate`` on one padded batch; returns only the new tokens, ``new_tokens: [batch, new]``."""
+        model = self.model
+        if not isinstance(model, GenerationMixin):
+            raise TypeError(f"{type(model).__name__} cannot generate; pass a LLaVA-NeXT model")
+        generate_kwargs = dict(forward_parameters)
+        config = getattr(model, "generation_config", None)
         bounded = any(k in generate_kwargs for k in ("max_new_tokens", "max_length"))
         if not bounded and getattr(config, "max_new_tokens", None) is None:
             generate_kwargs["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
-        if "pad_token_id" not in generate_kwargs and self.processor.tokenizer.pad_token_id is not None:
-            generate_kwargs["pad_token_id"] = self.processor.tokenizer.pad_token_id
-        model_inputs = dict(model_inputs)
-        if "pixel_values" in model_inputs and self.model.dtype.is_floating_point:
-            model_inputs["pixel_values"] = model_inputs["pixel_values"].to(self.model.dtype)
+        pad_token_id = self._processor.tokenizer.pad_token_id
+        if "pad_token_id" not in generate_kwargs and pad_token_id is not None:
+            generate_kwargs["pad_token_id"] = pad_token_id
+        model_inputs = dict(input_tensors)
+        if "pixel_values" in model_inputs and model.dtype.is_floating_point:
+            model_inputs["pixel_values"] = model_inputs["pixel_values"].to(model.dtype)
         prompt_length = model_inputs["input_ids"].shape[1]
-        output = self.model.generate(**model_inputs, **generate_kwargs)
+        output = model.generate(**model_inputs, **generate_kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        return {"new_tokens": sequences[:, prompt_length:]}
+        return ModelOutput({"new_tokens": sequences[:, prompt_length:]})
 
-    def postprocess(self, model_outputs):
-        texts = self.processor.tokenizer.batch_decode(model_outputs["new_tokens"], skip_special_tokens=True)
+    def postprocess(self, model_outputs: ModelOutput, **postprocess_parameters: Any) -> list[list[dict[str, str]]]:
+        texts = self._processor.tokenizer.batch_decode(model_outputs["new_tokens"], skip_special_tokens=True)
         return [[{"generated_text": text.strip()}] for text in texts]
 
     # --- the call ---------------------------------------------------------------------------
     def __call__(
         self,
         inputs: Any = None,
+        *args: Any,
         prompt: Any = None,
-        *,
         images: Any = None,
         text: Any = None,
         batch_size: int | None = None,
         timeout: float | None = None,
         num_workers: int | None = None,
         **kwargs: Any,
-    ):
+    ) -> Any:
         """Generate an answer for each request (see the module docstring for the accepted shapes).
 
-        Returns ``[{"generated_text": str}]`` for one request, a list of those for a batch.
-        ``num_workers`` is accepted for transformers' signature and unused (batches run in this thread).
+        ``pipe(image, "question")`` is ``pipe(image, prompt="question")``. ``num_workers`` is accepted for
+        transformers' signature and unused (batches run in this thread).
+
+        :return: ``[{"generated_text": str}]`` for one request, a list of those for a batch.
         """
+        if args:
+            if len(args) > 1 or prompt is not None:
+                raise InputError(
+                    f"{1 + len(args) + (prompt is not None)} positional arguments and prompts were given: "
+                    "call pipe(images, prompt) or pipe(messages)"
+                )
+            prompt = args[0]
         if text is not None:
             if prompt is not None:
                 raise InputError("give the prompt once: either prompt= or text=, not both")
@@ -193,7 +222,7 @@ class LlavaNextImageToTextPipeline(Pipeline):
         batch_size = batch_size or self._batch_size or 1
         _, forward_params, _ = self._sanitize_parameters(**kwargs)
         forward_params = {**self._forward_params, **forward_params}
-        results = []
+        results: list[Any] = []
         for start in range(0, len(requests), batch_size):
             model_inputs = self.preprocess(requests[start : start + batch_size], timeout=timeout)
             results.extend(self.postprocess(self.forward(model_inputs, **forward_params)))
@@ -237,44 +266,34 @@ class LlavaNextImageToTextPipeline(Pipeline):
             raise InputError(
                 f"{len(items)} images but {len(prompts)} prompts: give one prompt for all, or exactly one per image"
             )
-        return [_Request(_as_list(item), p) for item, p in zip(items, prompts)], False
+        return [_Request(_as_list(item), p) for item, p in zip(items, prompts, strict=True)], False
 
-    def _chat_request(self, messages: Sequence[dict], images: Any) -> _Request:
+    def _chat_request(self, messages: Sequence[Any], images: Any) -> _Request:
         """A request from chat messages: images come from content parts, bare parts take *images*."""
+        from .prompts import read_messages
+
+        parsed = read_messages(messages)
         spare = list(images or [])
-        found, cleaned = [], []
-        for message in messages:
-            content = message["content"]
-            if isinstance(content, str):
-                cleaned.append({"role": message["role"], "content": [{"type": "text", "text": content}]})
-                continue
-            parts = []
-            for part in content:
-                if part.get("type") in ("image", "image_url"):
-                    source = _image_of_part(part)
-                    if source is None:
-                        if not spare:
-                            raise InputError(
-                                "the messages have more image parts than images: give each "
-                                "{'type': 'image'} part an 'image' (PIL, path, bytes or URL) or pass images="
-                            )
-                        source = spare.pop(0)
-                    found.append(source)
-                    parts.append({"type": "image"})
-                elif part.get("type") == "text":
-                    parts.append({"type": "text", "text": part.get("text", "")})
-                else:
-                    raise InputError(f"unsupported content part type {part.get('type')!r}: use 'image' or 'text'")
-            cleaned.append({"role": message["role"], "content": parts})
+        found = []
+        for ref in (ref for message in parsed for ref in message.images):
+            if ref.source is None:
+                if not spare:
+                    raise InputError(
+                        "the messages have more image parts than images: give each "
+                        "{'type': 'image'} part an 'image' (PIL, path, bytes or URL) or pass images="
+                    )
+                found.append(spare.pop(0))
+            else:
+                found.append(_source(ref))
         if spare:
             raise InputError(
                 f"{len(spare)} image(s) given but the messages have no image part for them: "
                 "add a {'type': 'image'} part per image"
             )
-        return _Request(found, None, cleaned)
+        return _Request(found, None, parsed)
 
     # --- images and prompts -------------------------------------------------------------------
-    def _load_image(self, source: Any, index: int, timeout: float):
+    def _load_image(self, source: Any, index: int, timeout: float) -> Any:
         from .images import load_image
 
         return load_image(source, index, timeout=timeout)
@@ -285,8 +304,8 @@ class LlavaNextImageToTextPipeline(Pipeline):
 
         if request.messages is not None:
             return build_prompt(
-                request.messages,
-                self.processor,
+                list(request.messages),
+                self._processor,
                 self.model.config,
                 family=self.prompt_family,
                 num_images=len(request.images),
@@ -301,5 +320,5 @@ class LlavaNextImageToTextPipeline(Pipeline):
                 f"image(s) were given: give one image per placeholder, or remove the extra placeholders"
             )
         return build_prompt(
-            text, self.processor, self.model.config, family=self.prompt_family, num_images=len(request.images)
+            text, self._processor, self.model.config, family=self.prompt_family, num_images=len(request.images)
         )

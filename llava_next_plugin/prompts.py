@@ -26,11 +26,24 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
+from llava_next_sdk import messages as sdk_messages
+from llava_next_sdk.errors import BadRequestError, InvalidImageError
+from llava_next_sdk.messages import ParsedMessage
+from llava_next_sdk.types import TextPart
+
 from llava_next_plugin.hooks import get_plugin_manager, hookimpl
 
-from .errors import InputError
+from .errors import ImageError, InputError
 
-__all__ = ["FAMILIES", "FAMILY_TEMPLATES", "IMAGE_PLACEHOLDER", "build_prompt", "detect_family", "text_model_type"]
+__all__ = [
+    "FAMILIES",
+    "FAMILY_TEMPLATES",
+    "IMAGE_PLACEHOLDER",
+    "build_prompt",
+    "detect_family",
+    "read_messages",
+    "text_model_type",
+]
 
 IMAGE_PLACEHOLDER = "<image>"
 
@@ -151,7 +164,8 @@ def build_prompt(
 
     :param prompt_or_messages: a plain prompt (``"What does this chart show?"``), or chat messages
         ``[{"role": "user", "content": "..." | [{"type": "image"}, {"type": "text", "text": "..."}]}]``
-        (OpenAI ``image_url`` parts count as images). A string already in a chat format (it contains
+        in any shape :func:`llava_next_sdk.messages.read_messages` reads (OpenAI ``image_url`` parts count
+        as images; ``ChatMessage`` objects are accepted). A string already in a chat format (it contains
         ``[INST]`` and ``[/INST]``, ``USER:`` and ``ASSISTANT:``, ``<|im_start|>`` or
         ``<|start_header_id|>``) is returned unchanged.
     :param tokenizer: the checkpoint's processor or tokenizer; its ``chat_template`` is used when present.
@@ -213,6 +227,18 @@ def _family_template(family: str | None, tokenizer: Any, config: Any) -> str:
     )
 
 
+def read_messages(messages: Any) -> tuple[ParsedMessage, ...]:
+    """Chat *messages* read by the SDK's one parser (:func:`llava_next_sdk.messages.read_messages`), bare
+    ``{"type": "image"}`` parts allowed; its errors become :class:`InputError` / :class:`ImageError`, with
+    the same message, as model-level code raises."""
+    try:
+        return sdk_messages.read_messages(messages, bare_images=True)
+    except InvalidImageError as exc:
+        raise ImageError(exc.message, index=exc.index, param=exc.param) from None
+    except BadRequestError as exc:
+        raise InputError(exc.message, param=exc.param) from None
+
+
 def _to_messages(prompt_or_messages: Any) -> list[dict]:
     """Chat messages with list content of ``{"type": "image"}`` / ``{"type": "text", "text": str}`` parts."""
     if isinstance(prompt_or_messages, str):
@@ -225,38 +251,16 @@ def _to_messages(prompt_or_messages: Any) -> list[dict]:
             f"{{'role': ..., 'content': ...}}, not {type(prompt_or_messages).__name__}",
             param="prompt",
         )
-    messages = []
-    for i, message in enumerate(prompt_or_messages):
-        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str) or "content" not in message:
-            raise InputError(
-                f"message {i} must be a dict with a 'role' string and a 'content'; got {message!r:.100}",
-                param="messages",
-            )
-        content = message["content"]
-        if content is None or isinstance(content, str):
-            parts = [{"type": "text", "text": content or ""}]
-        elif isinstance(content, (list, tuple)):
-            parts = [_to_part(part, i) for part in content]
-        else:
-            raise InputError(
-                f"message {i}: 'content' must be a string or a list of parts, not {type(content).__name__}",
-                param="messages",
-            )
-        messages.append({"role": message["role"], "content": parts})
-    return messages
-
-
-def _to_part(part: Any, message_index: int) -> dict:
-    kind = part.get("type") if isinstance(part, Mapping) else None
-    if kind in ("image", "image_url", "input_image"):
-        return {"type": "image"}
-    if kind == "text" and isinstance(part.get("text"), str):
-        return {"type": "text", "text": part["text"]}
-    raise InputError(
-        f"message {message_index}: unsupported content part {part!r:.100}; use "
-        f"{{'type': 'text', 'text': str}} or {{'type': 'image'}} (or 'image_url')",
-        param="messages",
-    )
+    return [
+        {
+            "role": message.role,
+            "content": [
+                {"type": "text", "text": part.text} if isinstance(part, TextPart) else {"type": "image"}
+                for part in message.content
+            ],
+        }
+        for message in read_messages(prompt_or_messages)
+    ]
 
 
 def _fit_placeholders(messages: list[dict], wanted: int, *, strict: bool) -> None:

@@ -105,7 +105,7 @@ def test_placeholder_and_preformatted_prompts_give_the_same_request(pipe, photo)
 
 def test_batches_equal_single_calls(pipe, photo, tall):
     prompts = [QUESTION, "Describe the colours in a long sentence, please."]
-    singles = [pipe(image, prompt=p, max_new_tokens=NEW) for image, p in zip([photo, tall], prompts)]
+    singles = [pipe(image, prompt=p, max_new_tokens=NEW) for image, p in zip([photo, tall], prompts, strict=True)]
     assert pipe([photo, tall], prompt=prompts, max_new_tokens=NEW, batch_size=2) == singles
     assert pipe([photo, tall], prompt=prompts, max_new_tokens=NEW) == singles  # batch_size 1
     shared = pipe([photo, tall], prompt=QUESTION, max_new_tokens=NEW, batch_size=2)

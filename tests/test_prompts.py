@@ -181,14 +181,17 @@ def test_an_undetectable_checkpoint_says_how_to_choose(tokenizers):
     [
         (42, r"the prompt must be a string or a non-empty list of chat messages"),
         ([], r"the prompt must be a string or a non-empty list"),
-        ([{"content": "no role"}], r"message 0 must be a dict with a 'role' string and a 'content'"),
-        ([{"role": "user", "content": 3}], r"message 0: 'content' must be a string or a list of parts"),
+        ([{"content": "no role"}], r"messages\[0\] has no 'role'; use system \(or developer\), user or assistant"),
+        ([{"role": "user", "content": 3}], r"messages\[0\]: 'content' must be a string or a list of content parts"),
         (
             [{"role": "user", "content": [{"type": "video"}]}],
-            r"message 0: unsupported content part \{'type': 'video'\}",
+            r"messages\[0\].content\[0\]: unsupported content part type 'video'",
         ),
         ([{"role": "system", "content": "only a system message"}], r"no user message to attach the image to"),
-        ([{"role": "tool", "content": "x"}, {"role": "user", "content": "Q"}], r"unsupported message role: tool"),
+        (
+            [{"role": "tool", "content": "x"}, {"role": "user", "content": "Q"}],
+            r"messages\[0\]: unsupported role 'tool'",
+        ),
     ],
 )
 def test_malformed_prompts_are_bad_requests(prompt, message):

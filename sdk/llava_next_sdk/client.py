@@ -19,21 +19,19 @@ import os
 import queue
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from typing import Any
 
 import anyio
 
-from .errors import BadRequestError, InvalidImageError, LlavaNextError
+from .errors import BadRequestError, LlavaNextError
 from .images import as_image_list, to_image_parts
+from .messages import read_messages, to_chat_messages
 from .transports.base import AsyncTransport
 from .types import ChatMessage, ChatRequest, GenerationParams, GenerationResult, ImagePart, TextPart, Usage
 
 __all__ = ["AsyncClient", "Client", "TextStream", "SyncTextStream"]
-
-_ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-
 
 LOCAL_SCHEME = "local"
 """``AsyncClient(model=...)`` asks the transport hook for ``local:<model>``; llava-next-plugin serves it."""
@@ -154,7 +152,7 @@ class AsyncClient:
 
     async def _chat_request(self, messages: Any, params: Mapping[str, Any]) -> ChatRequest:
         generation_params = self._params(params)
-        return ChatRequest(tuple(await _to_messages(messages)), generation_params)
+        return ChatRequest(await _to_messages(messages), generation_params)
 
     # --------------------------------------------------------------------------- calls
 
@@ -178,8 +176,9 @@ class AsyncClient:
             [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://..."}},
                                           {"type": "text", "text": "What is this?"}]}]
 
-        Besides ``image_url`` parts (whose url may also be a local path here), a part
-        ``{"type": "image", "image": <PIL | path | bytes | array | URL>}`` is accepted.
+        Besides ``image_url`` parts (whose url may also be a local path here), transformers' parts
+        ``{"type": "image", "image": <PIL | path | bytes | array | URL>}`` and ``ChatMessage`` objects are
+        accepted: the shapes :func:`llava_next_sdk.messages.read_messages` reads, as the server does.
         """
         self._check_open()
         return await self.transport.generate(await self._chat_request(messages, params))
@@ -270,72 +269,12 @@ class AsyncClient:
         await self.aclose()
 
 
-async def _to_messages(messages: Any) -> list[ChatMessage]:
-    """OpenAI-style message dicts (or ChatMessage objects) -> ChatMessage, images prepared off the loop."""
-    if isinstance(messages, (str, Mapping)) or not isinstance(messages, Sequence) or not messages:
-        raise BadRequestError(
-            "messages must be a non-empty list of {'role': ..., 'content': ...} dicts", param="messages"
-        )
-    # First pass: shape, with image sources collected; second: prepare them all in one thread hop.
-    shaped: list[tuple[str, list]] = []
-    sources: list[Any] = []
-    details: dict[int, Any] = {}  # image index -> the detail its image_url part asked for
-    for i, message in enumerate(messages):
-        if isinstance(message, ChatMessage):
-            parts = []
-            for part in message.content:
-                if isinstance(part, ImagePart):
-                    parts.append(("image", len(sources)))
-                    sources.append(part)
-                else:
-                    parts.append(part)
-            shaped.append((message.role, parts))
-            continue
-        if not isinstance(message, Mapping):
-            raise BadRequestError(f"messages[{i}] must be a dict with 'role' and 'content'", param="messages")
-        role = _ROLE_ALIASES.get(message.get("role"))
-        if role is None:
-            raise BadRequestError(
-                f"messages[{i}]: unsupported role {message.get('role')!r}; use system, user or assistant",
-                param="messages",
-            )
-        content = message.get("content")
-        if isinstance(content, str):
-            shaped.append((role, [TextPart(content)]))
-            continue
-        if not isinstance(content, (list, tuple)):
-            raise BadRequestError(f"messages[{i}]: 'content' must be a str or a list of parts", param="messages")
-        parts = []
-        for j, part in enumerate(content):
-            where = f"messages[{i}].content[{j}]"
-            kind = part.get("type") if isinstance(part, Mapping) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                parts.append(TextPart(part["text"]))
-            elif kind in ("image_url", "image"):
-                source = part.get(kind)
-                if kind == "image_url" and isinstance(source, Mapping):
-                    if source.get("detail") is not None:
-                        details[len(sources)] = source["detail"]
-                    source = source.get("url")
-                if source is None:
-                    raise InvalidImageError(
-                        f"{where}: an {kind} part needs its {kind!r} field", index=len(sources), param="messages"
-                    )
-                parts.append(("image", len(sources)))
-                sources.append(source)
-            else:
-                raise BadRequestError(
-                    f"{where}: a part must be {{'type': 'text', 'text': ...}}, "
-                    "{'type': 'image_url', 'image_url': {'url': ...}} or "
-                    "{'type': 'image', 'image': ...}",
-                    param="messages",
-                )
-        shaped.append((role, parts))
-    encoded = await to_image_parts(sources)
-    encoded = [_with_detail(part, details.get(i, part.detail)) for i, part in enumerate(encoded)]
-    return [
-        ChatMessage(role, tuple(encoded[p[1]] if isinstance(p, tuple) else p for p in parts)) for role, parts in shaped
-    ]
+async def _to_messages(messages: Any) -> tuple[ChatMessage, ...]:
+    """Chat messages (see :mod:`llava_next_sdk.messages`) -> ChatMessage, their images prepared in one
+    worker-thread hop."""
+    read = read_messages(messages)
+    images = await to_image_parts([ref.source for message in read for ref in message.images])
+    return to_chat_messages(read, images)
 
 
 def _with_detail(part: ImagePart, detail: Any) -> ImagePart:
@@ -435,10 +374,10 @@ class _LoopThread:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    def submit(self, coro: Awaitable[Any]) -> Future:
+    def submit(self, coro: Coroutine[Any, Any, Any]) -> Future:
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
-    def run(self, coro: Awaitable[Any]) -> Any:
+    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         if threading.current_thread() is self._thread:
             raise RuntimeError("a sync Client cannot be called from its own event-loop thread")
         future = self.submit(coro)

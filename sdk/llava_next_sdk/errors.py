@@ -157,7 +157,7 @@ class RequestCancelledError(LlavaNextError):
     code = "cancelled"
 
 
-_BY_CODE = {
+_BY_CODE: dict[str, type[APIError]] = {
     cls.code: cls
     for cls in (
         InvalidImageError,
@@ -181,7 +181,7 @@ def error_from_status(
     message = message or (body if isinstance(body, str) and body else f"HTTP {status}")
     code = (err or {}).get("code") if isinstance(err, dict) else None
     param = (err or {}).get("param") if isinstance(err, dict) else None
-    cls = _BY_CODE.get(code)
+    cls: type[APIError] | None = _BY_CODE.get(code) if isinstance(code, str) else None
     if cls is None:
         if status == 400 or status == 422:
             cls = ContextLengthExceededError if "context length" in str(message).lower() else BadRequestError

@@ -19,12 +19,11 @@ DEFAULT_MAX_RETRIES = 2
 class RetryPolicy:
     """Bounded retries with exponential backoff and jitter.
 
-    Args:
-        max_retries: retries after the first attempt (0 disables them).
-        backoff_base, backoff_max: the n-th retry (from 0) waits ``min(backoff_max, backoff_base * 2**n)``
-            seconds, jittered down by up to 25 %; when the error carries a ``retry_after``, that, jittered up by
-            up to 25 %.
-        max_retry_after: a ``retry_after`` longer than this is not waited for: the error is raised.
+    :param max_retries: retries after the first attempt (0 disables them).
+    :param backoff_base: the n-th retry (from 0) waits ``min(backoff_max, backoff_base * 2**n)`` seconds,
+        jittered down by up to 25 %; when the error carries a ``retry_after``, that, jittered up by up to 25 %.
+    :param backoff_max: the longest backoff, in seconds (see *backoff_base*).
+    :param max_retry_after: a ``retry_after`` longer than this is not waited for: the error is raised.
     """
 
     max_retries: int = DEFAULT_MAX_RETRIES

@@ -17,7 +17,7 @@ import dataclasses
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from .errors import BadRequestError, UnsupportedParameterError
 
@@ -103,7 +103,7 @@ class ImagePart:
         return f"data:{self.media_type};base64," + base64.b64encode(self.data).decode("ascii")
 
 
-ContentPart = Union[TextPart, ImagePart]
+ContentPart = TextPart | ImagePart
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,9 +236,10 @@ class GenerationParams:
 class ChatRequest:
     """A wire-neutral chat completion request, the one thing a transport is handed.
 
-    ``messages`` are validated :class:`ChatMessage` objects whose images are :class:`ImagePart`
-    (a URL, encoded bytes, or a decoded image from this process). ``model`` is the model name for endpoints that host several (the HTTP
-    transport fills in the client's ``model`` when it is ``None``; the local transport ignores it).
+    ``messages`` are validated :class:`ChatMessage` objects whose images are :class:`ImagePart` (a URL,
+    encoded bytes, or a decoded image from this process). ``model`` is the model name for endpoints that
+    host several (the HTTP transport fills in the client's ``model`` when it is ``None``; the local
+    transport ignores it).
     """
 
     messages: tuple[ChatMessage, ...]

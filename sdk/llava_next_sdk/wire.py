@@ -52,6 +52,7 @@ from .errors import (
     UnsupportedParameterError,
     error_from_status,
 )
+from .messages import ImageRef, read_messages, to_chat_messages
 from .types import ChatMessage, ChatRequest, GenerationParams, GenerationResult, ImagePart, TextPart, Timings, Usage
 
 __all__ = [
@@ -91,8 +92,6 @@ _SSE_LINE_END = re.compile(r"\r\n|\r|\n")
 _REQUEST_FIELDS = {"model", "messages", "stream", "stream_options", "max_completion_tokens", "n", "user"}
 # Fields OpenAI clients send with their default value: accepted with that value only.
 _DEFAULT_ONLY = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False}
-_SURROGATE = re.compile("[\ud800-\udfff]")
-# Message roles as OpenAI names them -> ours ("developer" is the newer name of "system").
 _STATUS_BY_ERROR_TYPE = {
     "invalid_request_error": 400,
     "authentication_error": 401,
@@ -100,7 +99,6 @@ _STATUS_BY_ERROR_TYPE = {
     "overloaded_error": 429,
     "server_error": 500,
 }
-_ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
 # ---------------------------------------------------------------------------------------------- requests
@@ -119,7 +117,7 @@ def _message_to_wire(message: ChatMessage) -> dict:
     if all(isinstance(p, TextPart) for p in message.content):
         # Plain-string content is what every endpoint understands for text-only turns.
         return {"role": message.role, "content": message.text}
-    parts = []
+    parts: list[dict[str, Any]] = []
     for part in message.content:
         if isinstance(part, TextPart):
             parts.append({"type": "text", "text": part.text})
@@ -149,7 +147,7 @@ def build_chat_request(
     return body
 
 
-def _bad(message: str, param: str = "messages") -> BadRequestError:
+def _bad(message: str, param: str | None = "messages") -> BadRequestError:
     return BadRequestError(message, param=param)
 
 
@@ -161,36 +159,17 @@ def _brief(value: Any) -> str:
     return text if len(text) <= 60 else text[:50] + "...'"
 
 
-def _text(text: str, where: str) -> TextPart:
-    if not text.isascii() and _SURROGATE.search(text):
-        raise _bad(
-            f"{where}: the text holds a lone UTF-16 surrogate (an escape such as \\ud800 without its pair); "
-            "send valid Unicode"
+def _wire_image(ref: ImageRef) -> ImagePart:
+    """An image of a request body: a URL (fetched or decoded later, by the engine under its URL policy)."""
+    if isinstance(ref.source, ImagePart):
+        return ref.source
+    if not isinstance(ref.source, str):
+        raise InvalidImageError(
+            f"{ref.where}: an image's URL must be a string, got {_json_type(ref.source)}",
+            index=ref.index,
+            param="messages",
         )
-    return TextPart(text)
-
-
-def _parse_part(part: Any, where: str, image_index: int) -> TextPart | ImagePart:
-    if not isinstance(part, Mapping):
-        raise _bad(f"{where}: a content part must be an object, got {_json_type(part)}")
-    kind = part.get("type")
-    if kind == "text":
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise _bad(f"{where}: a text part needs a string 'text'")
-        return _text(text, where)
-    if kind == "image_url":
-        image_url = part.get("image_url")
-        url = image_url.get("url") if isinstance(image_url, Mapping) else image_url
-        if not isinstance(url, str) or not url:
-            raise InvalidImageError(
-                f"{where}: an image_url part needs {{'image_url': {{'url': '...'}}}}",
-                index=image_index,
-                param="messages",
-            )
-        detail = image_url.get("detail") if isinstance(image_url, Mapping) else None
-        return ImagePart(url=url, detail=detail or "auto")
-    raise _bad(f"{where}: unsupported content part type {_brief(kind)}; use 'text' or 'image_url'")
+    return ImagePart(url=ref.source, detail=ref.detail)
 
 
 def _json_type(value: Any) -> str:
@@ -204,27 +183,6 @@ def _json_type(value: Any) -> str:
         type(None): "null",
     }
     return names.get(type(value), type(value).__name__)
-
-
-def _parse_message(message: Any, i: int, image_count: int) -> ChatMessage:
-    where = f"messages[{i}]"
-    if not isinstance(message, Mapping):
-        raise _bad(f"{where} must be an object with 'role' and 'content', got {_json_type(message)}")
-    given = message.get("role")
-    role = _ROLE_ALIASES.get(given) if isinstance(given, str) else None
-    if role is None:
-        raise _bad(f"{where}: unsupported role {_brief(given)}; use system, user or assistant")
-    content = message.get("content")
-    if isinstance(content, str):
-        return ChatMessage(role, (_text(content, where),))
-    if not isinstance(content, list):
-        raise _bad(f"{where}: 'content' must be a string or a list of content parts")
-    parts = []
-    for j, part in enumerate(content):
-        parsed = _parse_part(part, f"{where}.content[{j}]", image_count)
-        image_count += isinstance(parsed, ImagePart)
-        parts.append(parsed)
-    return ChatMessage(role, tuple(parts))
 
 
 def parse_chat_request(body: Any) -> ParsedChatRequest:
@@ -249,14 +207,8 @@ def parse_chat_request(body: Any) -> ParsedChatRequest:
             f", and {defaults} (their defaults only)",
             param=(unknown + not_default)[0],
         )
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _bad("'messages' must be a non-empty list of messages")
-    parsed_messages, image_count = [], 0
-    for i, m in enumerate(messages):
-        parsed = _parse_message(m, i, image_count)
-        image_count += len(parsed.images)
-        parsed_messages.append(parsed)
+    read = read_messages(body.get("messages"))
+    parsed_messages = to_chat_messages(read, [_wire_image(ref) for m in read for ref in m.images])
 
     params = {name: body[name] for name in GenerationParams.names() if body.get(name) is not None}
     if body.get("max_completion_tokens") is not None:
@@ -430,7 +382,9 @@ def parse_stream_chunk(data: Any) -> StreamChunk:
     if "error" in data:
         err = data["error"] if isinstance(data["error"], Mapping) else {}
         # No HTTP status mid-stream: the error's type stands for it.
-        raise error_from_status(_STATUS_BY_ERROR_TYPE.get(err.get("type"), 500), dict(data))
+        kind = err.get("type")
+        status = _STATUS_BY_ERROR_TYPE.get(kind, 500) if isinstance(kind, str) else 500
+        raise error_from_status(status, dict(data))
     delta, finish_reason = "", None
     choices = data.get("choices") or []
     if not isinstance(choices, list):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import importlib.metadata
 import io
 import time
 
 import anyio
+import llava_next_sdk
 import numpy as np
 import pytest
 from llava_next_sdk import (
@@ -76,6 +78,9 @@ async def test_generate_returns_a_typed_result(standin):
     }
     assert "stream" not in body
     assert record.headers[0]["authorization"] == "Bearer sk-test"
+    # The User-Agent names the installed SDK's version, read from the package (not written twice).
+    assert record.headers[0]["user-agent"] == f"llava-next-sdk/{llava_next_sdk.__version__}"
+    assert llava_next_sdk.__version__ == importlib.metadata.version("llava-next-sdk")
 
 
 async def test_every_image_source_is_sent_as_the_same_pixels_or_url(standin, tmp_path):

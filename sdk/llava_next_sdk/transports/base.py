@@ -18,10 +18,10 @@ Contract every transport keeps
   ``ImagePart`` holding ``url`` (``http(s)://`` or ``data:`` URL), ``data`` (encoded image file bytes)
   or ``image`` (a decoded PIL image from this process). A transport that sends the request elsewhere
   encodes decoded images itself, once, off the loop (``llava_next_sdk.images.encoded_for_wire``); one
-  that runs the model in-process uses them as they are. ``request.params`` is a validated ``GenerationParams`` (``None`` fields mean
-  the model's default). The transport applies its own checks that depend on the model (image size,
-  images per request, allowed URL domains, context length) and raises the same error classes for
-  the same bad input, whichever transport it is.
+  that runs the model in-process uses them as they are. ``request.params`` is a validated
+  ``GenerationParams`` (``None`` fields mean the model's default). The transport applies its own checks
+  that depend on the model (image size, images per request, allowed URL domains, context length) and
+  raises the same error classes for the same bad input, whichever transport it is.
 - **Errors.** Only ``llava_next_sdk.errors`` classes escape: ``BadRequestError`` and its subclasses,
   ``AuthenticationError``, ``NotFoundError``, ``OverloadedError``, ``ServerError``,
   ``APIConnectionError``/``APITimeoutError``; never a raw httpx, torch or engine exception.
@@ -41,13 +41,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol, Union, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 from ..types import ChatRequest, GenerationResult
 
 __all__ = ["AsyncTransport", "StreamItem"]
 
-StreamItem = Union[str, GenerationResult]
+StreamItem = str | GenerationResult
 """What a stream yields: ``str`` text deltas, then exactly one ``GenerationResult`` as the last item."""
 
 

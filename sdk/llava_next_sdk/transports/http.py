@@ -45,12 +45,20 @@ __all__ = [
 
 logger = logging.getLogger("llava_next_sdk.http")
 
-DEFAULT_TIMEOUT = httpx.Timeout(connect=10.0, read=120.0, write=60.0, pool=60.0)
+_DEFAULT_PHASES = {"connect": 10.0, "read": 120.0, "write": 60.0, "pool": 60.0}
+DEFAULT_TIMEOUT = httpx.Timeout(**_DEFAULT_PHASES)
 """Seconds per phase: to connect, between two reads (a slow generation), to send, to wait for a pooled connection."""
 DEFAULT_TOTAL_TIMEOUT = 600.0
 """Seconds one call may take in all: connecting, retries and their waits, and reading the whole answer or stream."""
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-_USER_AGENT = "llava-next-sdk/0.1.0"
+
+
+def _user_agent() -> str:
+    """``llava-next-sdk/<version>``, the version as the package reports it (read when a transport is built:
+    the package has finished importing by then)."""
+    from .. import __version__
+
+    return f"llava-next-sdk/{__version__}"
 
 
 def _seconds(name: str, value: Any) -> float:
@@ -68,12 +76,7 @@ def _timeouts(timeout: Any, connect_timeout: Any, read_timeout: Any) -> tuple[ht
         phases = timeout
     else:
         total = _seconds("timeout", timeout)
-        phases = httpx.Timeout(
-            connect=min(total, DEFAULT_TIMEOUT.connect),
-            read=min(total, DEFAULT_TIMEOUT.read),
-            write=min(total, DEFAULT_TIMEOUT.write),
-            pool=min(total, DEFAULT_TIMEOUT.pool),
-        )
+        phases = httpx.Timeout(**{phase: min(total, seconds) for phase, seconds in _DEFAULT_PHASES.items()})
     if connect_timeout is not None:
         phases = httpx.Timeout(
             connect=_seconds("connect_timeout", connect_timeout), read=phases.read, write=phases.write, pool=phases.pool
@@ -134,7 +137,7 @@ class HTTPTransport:
         self.model = model
         self.include_usage = include_usage
         self.timeout, self.total_timeout = _timeouts(timeout, connect_timeout, read_timeout)
-        self._headers = {"User-Agent": _USER_AGENT, **(headers or {})}
+        self._headers = {"User-Agent": _user_agent(), **(headers or {})}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._owns_client = http_client is None
@@ -417,7 +420,9 @@ class _SSEItems:
         self._done = True
         with anyio.CancelScope(shield=True):
             try:
-                await self._raw.aclose()
+                aclose = getattr(self._raw, "aclose", None)  # httpx types it AsyncIterator; it is a generator
+                if aclose is not None:
+                    await aclose()
             except Exception:
                 pass
             await _close_quietly(self._response)
