@@ -103,7 +103,7 @@ def _channel_triple(value: Any, name: str) -> tuple[float, float, float]:
     values = tuple(float(v) for v in value)
     if len(values) != 3:
         raise InputError(f"{name} needs one value per RGB channel (3), got {list(values)}", param=name)
-    return values  # type: ignore[return-value]
+    return values[0], values[1], values[2]
 
 
 @dataclass(frozen=True)
@@ -470,8 +470,11 @@ def _keep_rgb(pixels: np.ndarray, index: int) -> np.ndarray:
 # The PIL + numpy processor
 
 
-def _center_crop_hwc(views: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
-    """``[N, H, W, C]`` centre-cropped (zero-padded where smaller) to ``crop``."""
+def _center_crop_hwc(views: np.ndarray, crop: tuple[int, int] | None) -> np.ndarray:
+    """``[N, H, W, C]`` centre-cropped (zero-padded where smaller) to ``crop``; as they are when None
+    (``do_center_crop=False``)."""
+    if crop is None:
+        return views
     height, width = views.shape[1:3]
     crop_h, crop_w = crop
     if crop_h > height or crop_w > width:

@@ -101,7 +101,7 @@ def load_image(source: Any, index: int | None = None, *, timeout: float = DEFAUL
     except LlavaNextError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(sdk_images._bomb_message(what, str(exc)), index=index) from exc
+        raise ImageError(sdk_images.bomb_message(what, str(exc)), index=index) from exc
     except (OSError, ValueError, SyntaxError) as exc:  # raised inside a third-party image source
         raise ImageError(f"{what} could not be loaded ({type(exc).__name__}: {exc})", index=index) from exc
     if image is None:

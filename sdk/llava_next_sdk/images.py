@@ -51,6 +51,7 @@ __all__ = [
     "PNG_MODES",
     "array_to_image",
     "as_image_list",
+    "bomb_message",
     "check_image_bytes",
     "decode_image_bytes",
     "describe_source",
@@ -136,7 +137,8 @@ def unsupported_source_message(source: Any) -> str:
     return f"unsupported image source: {describe_source(source)}{hint}; pass {_SOURCES}"
 
 
-def _bomb_message(what: str, detail: str) -> str:
+def bomb_message(what: str, detail: str) -> str:
+    """The error message for an image past PIL's decompression-bomb limit."""
     return (
         f"{what} is too large ({detail}): PIL.Image.MAX_IMAGE_PIXELS guards against decompression "
         f"bombs; use a smaller image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust this one"
@@ -163,7 +165,7 @@ def _open_image_bytes(data: bytes, what: str, index: int | None) -> Any:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             return Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise InvalidImageError(_bomb_message(what, str(exc)), index=index) from None
+        raise InvalidImageError(bomb_message(what, str(exc)), index=index) from None
     except UnidentifiedImageError:  # its bytes are never quoted back: they may be another service's answer
         raise InvalidImageError(
             f"{what} is not an image PIL can read (unknown format or corrupted header, "
@@ -221,7 +223,7 @@ def load_pixels(image: Any, what: str = "the image", *, index: int | None = None
     limit = Image.MAX_IMAGE_PIXELS
     if limit and image.width * image.height > limit:
         raise InvalidImageError(
-            _bomb_message(
+            bomb_message(
                 what, f"{image.width}x{image.height} = {image.width * image.height:,} pixels, limit {limit:,}"
             ),
             index=index,
