@@ -18,6 +18,11 @@ that handles, say, ``https://`` URLs with credentials replaces ours):
 - a numpy array (H, W) or (H, W, C) with C in 1, 3, 4: uint8, bool, uint16 (scaled by 1/257) or
   float in [0, 1].
 
+Reading files, bytes, file objects and arrays, and the RGB conversion, are the SDK's
+(:mod:`llava_next_sdk.images`): the SDK and this loader accept the same sources and give the same pixels
+or the same message; the SDK's :class:`~llava_next_sdk.errors.InvalidImageError` becomes our
+:class:`~llava_next_plugin.errors.ImageError` here (same message, index kept).
+
 Pictures decoded from bytes respect PIL's decompression-bomb limit ``PIL.Image.MAX_IMAGE_PIXELS``:
 larger ones are refused (raise the limit yourself if you trust the source).
 """

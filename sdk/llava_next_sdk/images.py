@@ -364,10 +364,8 @@ def to_rgb(image: Any, what: str = "the image", *, index: int | None = None) -> 
     if mode == "RGB":
         return image
     if _is_high_depth_gray(mode):
-        import numpy as np  # gray_to_uint8 has said so if it is missing
-
         grey = gray_to_uint8(_gray_values(image, index), mode, index=index)
-        return Image.fromarray(np.ascontiguousarray(grey)).convert("RGB")
+        return Image.fromarray(grey).convert("RGB")
     try:
         bands = image.getbands()
         if "A" in bands or "a" in bands or image.info.get("transparency") is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
+import sys
 
 import anyio
 import pytest
@@ -84,3 +86,31 @@ def test_the_client_names_the_argument_before_sending_anything():
 
     error = anyio.run(main)
     assert error.message.startswith("image 1: a BytesIO is not an image") and not REPR.search(error.message)
+
+
+WITHOUT_NUMPY = """
+import sys
+sys.modules["numpy"] = sys.modules["torch"] = None  # the SDK alone depends on neither
+import anyio
+from PIL import Image
+from llava_next_sdk import InvalidImageError
+from llava_next_sdk.images import to_image_part
+
+part = anyio.run(lambda: to_image_part(Image.new("CMYK", (3, 2)), index=0))
+print(part.image.mode)
+try:
+    anyio.run(lambda: to_image_part(Image.new("F", (3, 2)), index=1))
+except InvalidImageError as error:
+    print(error.message)
+"""
+
+
+def test_without_numpy_pil_images_work_and_high_depth_grey_says_what_it_needs():
+    result = subprocess.run([sys.executable, "-c", WITHOUT_NUMPY], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    mode, message = result.stdout.splitlines()
+    assert mode == "RGB"
+    assert message == (
+        "image 1: a 'F' (high bit depth grey) image needs numpy to be converted: pip install numpy, "
+        "or convert it to an 8-bit image first"
+    )
