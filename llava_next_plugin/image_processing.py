@@ -356,13 +356,6 @@ def check_image_size(height: int, width: int, index: int) -> None:
         )
 
 
-def _composite_on_white(pixels: np.ndarray) -> np.ndarray:
-    """``[H, W, 4]`` RGBA or ``[H, W, 2]`` LA uint8 -> ``[H, W, 3]`` RGB over a white background."""
-    colour, alpha = pixels[..., :-1], pixels[..., -1:] / 255.0
-    rgb = np.round(alpha * colour + (1 - alpha) * 255).astype(np.uint8)
-    return np.repeat(rgb, 3, axis=-1) if rgb.shape[-1] == 1 else rgb
-
-
 def pil_to_rgb(image: Image.Image, index: int) -> np.ndarray:
     """A PIL image of any mode as ``[H, W, 3]`` uint8 RGB; transparency is composited on white."""
     return np.asarray(pil_to_rgb_image(image, index))
@@ -447,10 +440,8 @@ def to_rgb_array(image: Any, index: int, input_data_format: Any = None, convert_
     channels = pixels.shape[-1]
     if channels == 3:
         return pixels
-    if channels == 1:
-        return np.repeat(pixels, 3, axis=-1)
-    if channels in (2, 4):
-        return _composite_on_white(pixels)
+    if channels in (1, 2, 4):  # grey, grey + alpha, RGBA: as PIL images L, LA, RGBA, by the one RGB conversion
+        return pil_to_rgb(Image.fromarray(pixels[..., 0] if channels == 1 else pixels), index)
     raise ImageError(f"an image needs 1, 2, 3 or 4 channels, got {channels} (shape {tuple(image.shape)})", index=index)
 
 

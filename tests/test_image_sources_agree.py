@@ -267,3 +267,17 @@ def test_the_processors_convert_pil_images_as_the_loader_does(kind):
 def test_sixteen_bit_arrays_give_the_processor_and_the_loader_the_same_pixels():
     wide = np.random.default_rng(9).integers(0, 65536, (7, 9, 3), dtype=np.uint16)
     np.testing.assert_array_equal(to_rgb_array(wide, 0), np.asarray(load_image(wide)))
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+def test_array_alpha_is_composited_exactly_as_the_processor_did_with_numpy(channels):
+    """Every (colour, alpha) pair: arrays with alpha now go through the one (PIL) RGB conversion, and give
+    what the processor's own numpy compositing gave, ``round(alpha * colour + (1 - alpha) * 255)``."""
+    colour, alpha = np.meshgrid(np.arange(256), np.arange(256))
+    grid = np.stack([colour] * (channels - 1) + [alpha], axis=-1).astype(np.uint8)
+    a = grid[..., -1:] / 255.0
+    expected = np.round(a * grid[..., :-1] + (1 - a) * 255).astype(np.uint8)
+    expected = np.repeat(expected, 3, axis=-1) if channels == 2 else expected
+    np.testing.assert_array_equal(to_rgb_array(grid, 0), expected)
+    if channels == 4:
+        np.testing.assert_array_equal(np.asarray(load_image(grid)), expected)
