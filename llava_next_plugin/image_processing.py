@@ -35,12 +35,13 @@ from functools import cache
 from typing import Any
 
 import numpy as np
+from llava_next_sdk import images as sdk_images
+from llava_next_sdk.errors import InvalidImageError
 from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 from . import geometry
 from .errors import ImageError, InputError
-from .images import gray_to_uint8
 
 try:  # the typed kwargs transformers reads in from_dict / preprocess validation
     from transformers.processing_utils import ImagesKwargs
@@ -102,7 +103,7 @@ def _channel_triple(value: Any, name: str) -> tuple[float, float, float]:
     values = tuple(float(v) for v in value)
     if len(values) != 3:
         raise InputError(f"{name} needs one value per RGB channel (3), got {list(values)}", param=name)
-    return values  # type: ignore[return-value]
+    return values[0], values[1], values[2]
 
 
 @dataclass(frozen=True)
@@ -277,7 +278,7 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
         rescale = float(value["rescale_factor"]) if value["do_rescale"] else 1.0
         if value["do_normalize"]:
             scale = tuple(rescale / s for s in std)
-            offset = tuple(-m / s for m, s in zip(mean, std))
+            offset = tuple(-m / s for m, s in zip(mean, std, strict=True))
         else:
             scale, offset = (rescale,) * 3, (0.0,) * 3
         return PreprocessSettings(
@@ -355,42 +356,23 @@ def check_image_size(height: int, width: int, index: int) -> None:
         )
 
 
-def _composite_on_white(pixels: np.ndarray) -> np.ndarray:
-    """``[H, W, 4]`` RGBA or ``[H, W, 2]`` LA uint8 -> ``[H, W, 3]`` RGB over a white background."""
-    colour, alpha = pixels[..., :-1], pixels[..., -1:] / 255.0
-    rgb = np.round(alpha * colour + (1 - alpha) * 255).astype(np.uint8)
-    return np.repeat(rgb, 3, axis=-1) if rgb.shape[-1] == 1 else rgb
-
-
 def pil_to_rgb(image: Image.Image, index: int) -> np.ndarray:
     """A PIL image of any mode as ``[H, W, 3]`` uint8 RGB; transparency is composited on white."""
     return np.asarray(pil_to_rgb_image(image, index))
 
 
 def pil_to_rgb_image(image: Image.Image, index: int) -> Image.Image:
-    """A PIL image of any mode as an RGB PIL image (RGB images themselves, uncopied); alpha over white."""
+    """A PIL image of any mode as an RGB PIL image (RGB images themselves, uncopied); alpha over white.
+
+    The size limits of :func:`check_image_size`, then the one RGB conversion,
+    :func:`llava_next_sdk.images.to_rgb` (no EXIF rotation here: transformers' processors apply none).
+    """
     check_image_size(image.height, image.width, index)
     try:
-        image.load()
-        mode = image.mode
-        if mode == "RGB":
-            return image
-        if mode.startswith("I") or mode == "F":
-            grey = gray_to_uint8(np.asarray(image), mode, index)
-            return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
-        if "A" in image.getbands() or "a" in image.getbands() or image.info.get("transparency") is not None:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return image.convert("RGB")
-    except ImageError:
-        raise
-    except (OSError, ValueError, SyntaxError) as err:
-        raise ImageError(
-            f"the {image.mode!r} image could not be decoded or converted to RGB ({err}): check the file is "
-            "complete, or convert it to RGB yourself",
-            index=index,
-        ) from err
+        rgb: Image.Image = sdk_images.to_rgb(image, f"the {image.mode!r} image", index=index)
+    except InvalidImageError as exc:
+        raise ImageError(exc.message, index=exc.index) from exc
+    return rgb
 
 
 def _channels_last(array: np.ndarray, layout: str | None, default: str) -> np.ndarray:
@@ -444,8 +426,8 @@ def to_rgb_array(image: Any, index: int, input_data_format: Any = None, convert_
     check_image_size(pixels.shape[0], pixels.shape[1], index)
     if pixels.dtype == np.bool_:
         pixels = pixels.astype(np.uint8) * 255
-    elif pixels.dtype == np.uint16:  # 16-bit images: scaled to 8 bits, as for PIL's I;16 images
-        pixels = np.round(pixels * (255 / 65535)).astype(np.uint8)
+    elif pixels.dtype == np.uint16:  # 16-bit images: scaled to 8 bits, as PIL's I;16 images are
+        pixels = sdk_images.gray_to_uint8(pixels, "I;16", index=index)
     elif pixels.dtype.kind in "iu" and pixels.size and pixels.min() >= 0 and pixels.max() <= 255:
         pixels = pixels.astype(np.uint8)  # int64 etc. holding 8-bit values
     if pixels.dtype != np.uint8:
@@ -458,10 +440,8 @@ def to_rgb_array(image: Any, index: int, input_data_format: Any = None, convert_
     channels = pixels.shape[-1]
     if channels == 3:
         return pixels
-    if channels == 1:
-        return np.repeat(pixels, 3, axis=-1)
-    if channels in (2, 4):
-        return _composite_on_white(pixels)
+    if channels in (1, 2, 4):  # grey, grey + alpha, RGBA: as PIL images L, LA, RGBA, by the one RGB conversion
+        return pil_to_rgb(Image.fromarray(pixels[..., 0] if channels == 1 else pixels), index)
     raise ImageError(f"an image needs 1, 2, 3 or 4 channels, got {channels} (shape {tuple(image.shape)})", index=index)
 
 
@@ -481,8 +461,11 @@ def _keep_rgb(pixels: np.ndarray, index: int) -> np.ndarray:
 # The PIL + numpy processor
 
 
-def _center_crop_hwc(views: np.ndarray, crop: tuple[int, int]) -> np.ndarray:
-    """``[N, H, W, C]`` centre-cropped (zero-padded where smaller) to ``crop``."""
+def _center_crop_hwc(views: np.ndarray, crop: tuple[int, int] | None) -> np.ndarray:
+    """``[N, H, W, C]`` centre-cropped (zero-padded where smaller) to ``crop``; as they are when None
+    (``do_center_crop=False``)."""
+    if crop is None:
+        return views
     height, width = views.shape[1:3]
     crop_h, crop_w = crop
     if crop_h > height or crop_w > width:

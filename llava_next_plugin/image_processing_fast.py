@@ -85,17 +85,24 @@ def _resize_source(image: torch.Tensor) -> torch.Tensor:
 def _interleave(planar: np.ndarray) -> np.ndarray:
     """``[3, H, W]`` -> ``[H, W, 3]``; with more than one torch thread, the top half on the background thread."""
     if torch.get_num_threads() == 1:
-        return np.stack(planar, axis=-1)
+        return np.stack(list(planar), axis=-1)
     interleaved = np.empty((*planar.shape[1:], planar.shape[0]), dtype=planar.dtype)
     half = planar.shape[1] // 2
-    top_job = resize_worker().submit(np.stack, planar[:, :half], -1, interleaved[:half])
-    np.stack(planar[:, half:], axis=-1, out=interleaved[half:])
+
+    def interleave_rows(rows: slice) -> None:
+        np.stack(list(planar[:, rows]), axis=-1, out=interleaved[rows])
+
+    top_job = resize_worker().submit(interleave_rows, slice(0, half))
+    interleave_rows(slice(half, None))
     top_job.result()
     return interleaved
 
 
-def _center_crop(views: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
-    """``[N, 3, H, W]`` centre-cropped (zero-padded where smaller) to ``crop``."""
+def _center_crop(views: torch.Tensor, crop: tuple[int, int] | None) -> torch.Tensor:
+    """``[N, 3, H, W]`` centre-cropped (zero-padded where smaller) to ``crop``; as they are when None
+    (``do_center_crop=False``)."""
+    if crop is None:
+        return views
     height, width = views.shape[-2:]
     crop_h, crop_w = crop
     if crop_h > height or crop_w > width:
@@ -168,7 +175,7 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
                 if settings.do_pad:
                     pixel_values[i, counts[i] :].zero_()  # the padding views
         kind = getattr(return_tensors, "value", return_tensors)
-        image_sizes = torch.tensor(sizes, dtype=torch.int64).reshape(len(sizes), 2)
+        image_sizes: Any = torch.tensor(sizes, dtype=torch.int64).reshape(len(sizes), 2)  # or numpy, below
         if kind == "np":
             pixel_values = (
                 [p.cpu().numpy() for p in pixel_values]

@@ -18,6 +18,11 @@ that handles, say, ``https://`` URLs with credentials replaces ours):
 - a numpy array (H, W) or (H, W, C) with C in 1, 3, 4: uint8, bool, uint16 (scaled by 1/257) or
   float in [0, 1].
 
+Reading files, bytes, file objects and arrays, and the RGB conversion, are the SDK's
+(:mod:`llava_next_sdk.images`): the SDK and this loader accept the same sources and give the same pixels
+or the same message; the SDK's :class:`~llava_next_sdk.errors.InvalidImageError` becomes our
+:class:`~llava_next_plugin.errors.ImageError` here (same message, index kept).
+
 Pictures decoded from bytes respect PIL's decompression-bomb limit ``PIL.Image.MAX_IMAGE_PIXELS``:
 larger ones are refused (raise the limit yourself if you trust the source).
 """
@@ -26,21 +31,19 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
 import re
 import time
 import urllib.parse
 import urllib.request
-import warnings
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
+from llava_next_sdk import images as sdk_images
 from llava_next_sdk.errors import InvalidImageError, LlavaNextError
 from llava_next_sdk.wire import decode_data_url
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from llava_next_plugin.hooks import get_plugin_manager, hookimpl
 
@@ -69,7 +72,16 @@ MAX_DOWNLOAD_BYTES = 50 * 2**20
 
 _URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")
 _BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=\s]{64,}")
-_EXIF_ORIENTATION = 0x0112
+_T = TypeVar("_T")
+
+
+def _model_level(call: Callable[..., _T], *args: Any, index: int | None = None, **kwargs: Any) -> _T:
+    """``call(*args, index=index, **kwargs)``, one of the SDK's image functions, its
+    :class:`~llava_next_sdk.errors.InvalidImageError` turned into our :class:`ImageError` (same message, index kept)."""
+    try:
+        return call(*args, index=index, **kwargs)
+    except InvalidImageError as exc:
+        raise ImageError(exc.message, index=exc.index) from exc
 
 
 def load_image(source: Any, index: int | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> Image.Image:
@@ -94,7 +106,7 @@ def load_image(source: Any, index: int | None = None, *, timeout: float = DEFAUL
     except LlavaNextError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError(_bomb_message(what, str(exc)), index=index) from exc
+        raise ImageError(sdk_images.bomb_message(what, str(exc)), index=index) from exc
     except (OSError, ValueError, SyntaxError) as exc:  # raised inside a third-party image source
         raise ImageError(f"{what} could not be loaded ({type(exc).__name__}: {exc})", index=index) from exc
     if image is None:
@@ -105,10 +117,7 @@ def load_image(source: Any, index: int | None = None, *, timeout: float = DEFAUL
             f"fix that plugin's llava_next_load_image",
             index=index,
         )
-    try:
-        return to_rgb(image, what)
-    except ImageError as exc:
-        raise ImageError(exc.message, index=index) from exc
+    return to_rgb(image, what, index=index)
 
 
 def load_images(sources: Sequence[Any], *, timeout: float = DEFAULT_TIMEOUT) -> list[Image.Image]:
@@ -119,21 +128,8 @@ def load_images(sources: Sequence[Any], *, timeout: float = DEFAULT_TIMEOUT) -> 
 
 
 def describe_source(source: Any) -> str:
-    """A short description of an image source for error messages."""
-    if isinstance(source, str):
-        text = source if len(source) <= 100 else source[:60] + "..." + source[-20:]
-        if source.startswith("data:"):
-            return f"data URL {text[:40]!r}... ({len(source)} characters)"
-        return f"URL {text!r}" if _URL_SCHEME.match(source) else f"file {text!r}"
-    if isinstance(source, os.PathLike):
-        return f"file '{os.fspath(source)}'"
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return f"bytes ({len(source)} bytes)"
-    if isinstance(source, np.ndarray):
-        return f"array of shape {tuple(source.shape)} and dtype {source.dtype}"
-    if isinstance(source, Image.Image):
-        return f"PIL image ({source.mode}, {source.width}x{source.height})"
-    return f"a {type(source).__module__}.{type(source).__qualname__}"
+    """A short description of an image source for error messages (the SDK's, so both name it alike)."""
+    return sdk_images.describe_source(source)
 
 
 def _unsupported_message(source: Any, what: str) -> str:
@@ -143,13 +139,7 @@ def _unsupported_message(source: Any, what: str) -> str:
             f"no image source handles the URL scheme '{match.group(1)}://' ({what}); use a path, an "
             f"http(s) or data URL, or bytes, {plugin_hint}"
         )
-    hint = ""
-    if hasattr(source, "numpy") and hasattr(source, "permute"):
-        hint = " (for a torch tensor (C, H, W), pass tensor.permute(1, 2, 0).cpu().numpy())"
-    return (
-        f"unsupported image source: {what}{hint}; pass a path, an http(s) URL, a data URL, bytes, "
-        f"a PIL image or a numpy array (H, W) / (H, W, C), {plugin_hint}"
-    )
+    return f"{sdk_images.unsupported_source_message(source)}, {plugin_hint}"
 
 
 # --- the built-in image sources ------------------------------------------------------------------
@@ -163,15 +153,14 @@ def llava_next_load_image(source: Any, timeout: float) -> Image.Image | None:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return decode_image_bytes(bytes(source), describe_source(source))
     if isinstance(source, np.ndarray):
-        return _image_from_array(source)
+        image: Image.Image = _model_level(sdk_images.array_to_image, source)
+        return image
     if isinstance(source, os.PathLike):
         return _load_path(source)
     if isinstance(source, str):
         return _load_string(source.strip(), timeout)
     if callable(getattr(source, "read", None)):  # a binary file object
-        data = source.read()
-        if isinstance(data, (bytes, bytearray)):
-            return decode_image_bytes(bytes(data), f"file object {getattr(source, 'name', '')!s}".rstrip())
+        return decode_image_bytes(_model_level(sdk_images.read_file_object, source), describe_source(source))
     return None
 
 
@@ -196,20 +185,9 @@ def _load_string(text: str, timeout: float) -> Image.Image | None:
     return _load_path(text)
 
 
-def _load_path(path: str | os.PathLike) -> Image.Image:
-    file = Path(os.path.expanduser(os.fspath(path)))
-    if not file.exists():
-        where = "" if file.is_absolute() else f" (relative to the working directory {os.getcwd()})"
-        raise ImageError(f"file not found: '{file}'{where}; check the path")
-    if file.is_dir():
-        raise ImageError(f"'{file}' is a folder, not an image file; pass the path of an image inside it")
-    try:
-        data = file.read_bytes()
-    except OSError as exc:
-        raise ImageError(
-            f"file '{file}' could not be read ({type(exc).__name__}: {exc}); check its permissions"
-        ) from exc
-    return decode_image_bytes(data, f"file '{file}'")
+def _load_path(path: str | os.PathLike[str]) -> Image.Image:
+    data = _model_level(sdk_images.read_image_file, path)
+    return decode_image_bytes(data, describe_source(os.path.expanduser(os.fspath(path))))
 
 
 def fetch_url(
@@ -234,8 +212,8 @@ def fetch_url(
     import httpx  # only when a URL is actually fetched
 
     default_limit = max_bytes is None
-    max_bytes = MAX_DOWNLOAD_BYTES if default_limit else max_bytes
-    too_large = f"URL {url!r} serves more than {max_bytes:,} bytes, the download limit; use a smaller image" + (
+    limit = MAX_DOWNLOAD_BYTES if max_bytes is None else max_bytes
+    too_large = f"URL {url!r} serves more than {limit:,} bytes, the download limit; use a smaller image" + (
         " or raise the limit (llava_next_plugin.images.MAX_DOWNLOAD_BYTES)" if default_limit else ""
     )
     read_timeout = timeout if total_timeout is None else min(timeout, total_timeout)
@@ -261,12 +239,12 @@ def fetch_url(
                         "give the URL of a PNG, JPEG, WebP, GIF, BMP or TIFF file"
                     )
                 declared = response.headers.get("content-length", "")
-                if declared.isdigit() and int(declared) > max_bytes:
+                if declared.isdigit() and int(declared) > limit:
                     raise ImageError(too_large)
                 size = 0
                 for chunk in response.iter_bytes():
                     size += len(chunk)
-                    if size > max_bytes:
+                    if size > limit:
                         raise ImageError(too_large)
                     if deadline is not None and time.monotonic() > deadline:
                         raise ImageError(too_slow)
@@ -303,150 +281,45 @@ def _decode_data_url(url: str) -> Image.Image:
     return decode_image_bytes(data, f"data URL ({media_type}, {len(data)} bytes)")
 
 
-def _image_from_array(array: np.ndarray) -> Image.Image:
-    what = describe_source(array)
-    if array.ndim == 3 and array.shape[-1] not in (1, 3, 4) and array.shape[0] in (1, 3, 4):
-        raise ImageError(f"{what} looks channels-first (C, H, W); pass array.transpose(1, 2, 0)")
-    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (1, 3, 4))):
-        raise ImageError(f"{what} is not an image; expected (H, W) or (H, W, C) with C in 1, 3, 4")
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ImageError(f"{what} is empty; an image needs at least 1x1 pixels")
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.dtype == np.bool_:
-        array = array.astype(np.uint8) * 255
-    elif array.dtype == np.uint16:
-        array = np.round(array / 257.0).astype(np.uint8)
-    elif np.issubdtype(array.dtype, np.floating):
-        if not np.isfinite(array).all():
-            raise ImageError(f"{what} contains NaN or infinite values")
-        if array.min() < 0 or array.max() > 1:
-            raise ImageError(
-                f"{what} has values in [{array.min():g}, {array.max():g}]; float images "
-                f"must lie in [0, 1] (or pass uint8 values 0-255)"
-            )
-        array = np.round(array * 255.0).astype(np.uint8)
-    elif array.dtype != np.uint8:
-        raise ImageError(f"{what}: unsupported dtype; use uint8 (0-255), uint16, bool or float in [0, 1]")
-    return Image.fromarray(np.ascontiguousarray(array))
-
-
 # --- decoding and making an image usable ---------------------------------------------------------
 
 
 def decode_image_bytes(data: bytes, what: str = "the bytes") -> Image.Image:
-    """Decode encoded image bytes (PNG, JPEG, WebP, ...) fully, refusing decompression bombs.
+    """Decode encoded image bytes (PNG, JPEG, WebP, ...) fully, refusing decompression bombs
+    (:func:`llava_next_sdk.images.decode_image_bytes`).
 
     :param what: how to name the image in error messages (``"file 'cat.png'"``).
     :raises ImageError: for empty, unrecognised, corrupted, truncated or too large images.
     """
-    if not data:
-        raise ImageError(f"{what} is empty (0 bytes); pass the image file's content")
-    try:
-        with warnings.catch_warnings():
-            # PIL warns between MAX_IMAGE_PIXELS and twice that; we refuse instead (below).
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise ImageError(_bomb_message(what, str(exc))) from exc
-    except UnidentifiedImageError as exc:  # its bytes are never quoted back: they may be another service's answer
-        raise ImageError(
-            f"{what} is not an image PIL can read (unknown format or corrupted header, "
-            f"{len(data)} bytes); pass a PNG, JPEG, WebP, GIF, BMP or TIFF file"
-        ) from exc
-    except Exception as exc:
-        raise ImageError(
-            f"{what} is corrupted ({type(exc).__name__}: {exc}); re-export or re-download the image"
-        ) from exc
-    _load_pixels(image, what)
+    image: Image.Image = _model_level(sdk_images.decode_image_bytes, data, what)
     return image
 
 
-def _load_pixels(image: Image.Image, what: str) -> None:
-    """Decode a lazily opened image now, so truncation and bombs are caught here."""
-    if not (isinstance(image, ImageFile.ImageFile) and image.tile):
-        return  # already decoded
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit and image.width * image.height > limit:
-        raise ImageError(
-            _bomb_message(
-                what, f"{image.width}x{image.height} = {image.width * image.height:,} pixels, limit {limit:,}"
-            )
-        )
-    try:
-        image.load()
-    except Exception as exc:  # PIL's decoders raise OSError, SyntaxError, ValueError, zlib.error...
-        raise ImageError(
-            f"{what} is truncated or corrupted ({type(exc).__name__}: {exc}); re-export or re-download the image"
-        ) from exc
-
-
-def _bomb_message(what: str, detail: str) -> str:
-    return (
-        f"{what} is too large ({detail}): PIL.Image.MAX_IMAGE_PIXELS guards against decompression "
-        f"bombs; use a smaller image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust this one"
-    )
-
-
-def to_rgb(image: Image.Image, what: str = "the image") -> Image.Image:
+def to_rgb(image: Image.Image, what: str = "the image", *, index: int | None = None) -> Image.Image:
     """A fully decoded, upright, non-empty RGB version of *image* (the same object if it already is).
 
-    Transparency (RGBA, LA, PA, P with a transparent colour) is composited onto white, as transformers'
-    processors do; 16-bit and 32-bit grayscale (I;16, I, F) is scaled to 8 bits rather than clipped
-    (:func:`gray_to_uint8`);
-    CMYK, YCbCr, LAB, HSV, P, L and 1 convert with PIL's colour conversion.
+    Turned upright by its EXIF orientation (:func:`llava_next_sdk.images.upright`), then converted by the
+    one RGB conversion, :func:`llava_next_sdk.images.to_rgb`: transparency composited onto white, 16-bit
+    and 32-bit grey scaled to 8 bits (:func:`gray_to_uint8`), other modes by PIL's colour conversion.
+
+    :param what: how to name the image in error messages.
+    :param index: the image's position in the request, named in the error.
+    :raises ImageError: when the image cannot be decoded, is empty, or its mode has no RGB meaning.
     """
-    _load_pixels(image, what)
-    if image.width == 0 or image.height == 0:
-        raise ImageError(f"{what} is empty ({image.width}x{image.height}); an image needs at least 1x1 pixels")
-    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-        image = ImageOps.exif_transpose(image)
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
-        return _high_depth_gray_to_rgb(image)
+    _model_level(sdk_images.load_pixels, image, what, index=index)
     try:
-        if image.has_transparency_data:
-            rgba = image.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(white, rgba).convert("RGB")
-        return image.convert("RGB")
-    except ValueError as exc:
-        raise ImageError(
-            f"{what} has mode {image.mode}, which PIL cannot convert to RGB ({exc}); convert it to RGB yourself first"
-        ) from exc
-
-
-def _high_depth_gray_to_rgb(image: Image.Image) -> Image.Image:
-    """16/32-bit integer or float grayscale as 8-bit RGB, by :func:`gray_to_uint8`."""
-    return Image.fromarray(gray_to_uint8(np.asarray(image), image.mode)).convert("RGB")
+        image = sdk_images.upright(image)
+    except (OSError, ValueError, SyntaxError) as exc:  # a corrupt EXIF block
+        raise ImageError(f"{what} has unreadable EXIF data ({exc}); re-export the image", index=index) from exc
+    rgb: Image.Image = _model_level(sdk_images.to_rgb, image, what, index=index)
+    return rgb
 
 
 def gray_to_uint8(values: np.ndarray, mode: str, index: int | None = None) -> np.ndarray:
-    """16-bit / 32-bit integer and float grey pixels ``[H, W]`` as 8-bit grey ``[H, W]`` uint8.
+    """16-bit / 32-bit integer and float grey pixels ``[H, W]`` as 8-bit grey ``[H, W]`` uint8, by the SDK's
+    :func:`llava_next_sdk.images.gray_to_uint8` (see there for the scales).
 
-    The one conversion every route uses (:func:`to_rgb` and the image processors), so a grey image
-    gives the same pixels whether it is loaded first or given to the processor directly. PIL's own
-    ``convert("RGB")`` clips such images at 255, which turns most 16-bit images white. Here the scale
-    is the type's range: ``I;16*`` images (and ``I`` images with values up to 65535) by 255/65535;
-    ``I`` images that already fit 0..255 are kept; ``F`` images in [0, 1] by 255, in [0, 255] kept.
-    Anything else (negative values, beyond 16 bits) has no 8-bit meaning and is refused.
+    :raises ImageError: for values with no 8-bit meaning (negative, beyond 16 bits).
     """
-    values = np.asarray(values)
-    if values.size == 0:
-        return values.astype(np.uint8)
-    low, high = float(values.min()), float(values.max())
-    if mode == "F":
-        if low >= 0 and high <= 1:
-            return np.round(values.astype(np.float64) * 255).astype(np.uint8)
-        if low >= 0 and high <= 255:
-            return np.round(values).astype(np.uint8)
-    elif low >= 0 and (mode.startswith("I;16") or high > 255) and high <= 65535:
-        return np.round(values.astype(np.float64) * (255 / 65535)).astype(np.uint8)
-    elif low >= 0 and high <= 255:
-        return values.astype(np.uint8)
-    raise ImageError(
-        f"the {mode!r} image holds values from {low:g} to {high:g}, which map to no 8-bit range: "
-        "convert it to an 8-bit RGB image first",
-        index=index,
-    )
+    grey: np.ndarray = _model_level(sdk_images.gray_to_uint8, values, mode, index=index)
+    return grey

@@ -92,8 +92,8 @@ def test_data_urls_are_read_alike_by_load_image_and_by_server_requests(photo):
         body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
         outcomes = []
         for read in (
-            lambda: load_image(url, index=0),
-            lambda: load_request_images(wire.parse_chat_request(body).request, Limits())[0],
+            lambda url=url: load_image(url, index=0),
+            lambda body=body: load_request_images(wire.parse_chat_request(body).request, Limits())[0],
         ):
             try:
                 outcomes.append(pixels(read()))
@@ -208,7 +208,7 @@ def test_unknown_sources_name_the_index_and_the_accepted_kinds():
     with pytest.raises(
         ImageError,
         match=r"^image 4: unsupported image source: a builtins.int; pass a path, "
-        r"an http\(s\) URL, a data URL, bytes, a PIL image or a numpy array",
+        r"an http\(s\) URL, a data URL, bytes, a binary file object, a PIL image or a numpy array",
     ):
         load_image(42, index=4)
     with pytest.raises(ImageError, match=r"no image source handles the URL scheme 's3://'.*register a plugin"):

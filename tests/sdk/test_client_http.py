@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import importlib.metadata
 import io
+import re
 import time
 
 import anyio
@@ -139,19 +140,19 @@ async def test_images_are_read_and_encoded_off_the_event_loop(standin, tmp_path)
 @pytest.mark.parametrize(
     "bad, message",
     [
-        ("/no/such/picture.png", "no such image file"),
-        (b"not an image at all", "not a readable image"),
-        (np.zeros((4, 4, 3), dtype=np.float32) + 2, "finite values in [0, 1]"),
-        (np.zeros((3, 4, 4, 2), dtype=np.uint8), "must be [H, W]"),
+        ("/no/such/picture.png", "file not found"),
+        (b"not an image at all", "is not an image PIL can read"),
+        (np.zeros((4, 4, 3), dtype=np.float32) + 2, "must lie in [0, 1]"),
+        (np.zeros((3, 4, 4, 2), dtype=np.uint8), "expected (H, W) or (H, W, C)"),
         ("data:text/plain;base64,aGVsbG8=", "not an image"),
         ("ftp://example.com/x.png", "unsupported image URL scheme"),
-        (12345, "unsupported image type int"),
+        (12345, "unsupported image source: a builtins.int"),
     ],
 )
 async def test_a_bad_image_fails_before_anything_is_sent_and_names_its_index(standin, bad, message):
     url, record = standin.endpoint("ok")
     async with client_for(url) as client:
-        with pytest.raises(InvalidImageError, match=message.replace("[", r"\[").replace("]", r"\]")) as info:
+        with pytest.raises(InvalidImageError, match=re.escape(message)) as info:
             await client.generate([Image.new("RGB", (4, 4)), bad], "hi")
     assert info.value.index == 1
     assert info.value.message.startswith("image 1:")

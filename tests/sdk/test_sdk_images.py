@@ -1,10 +1,12 @@
 """The SDK's image sources: binary file objects are read like bytes, and every error about an image names
-the argument (``images[i]``) and never an object's repr (``<_io.BytesIO object at 0x...>``)."""
+its index (``image i:``) and the kind of source, never an object's repr (``<_io.BytesIO object at 0x...>``)."""
 
 from __future__ import annotations
 
 import io
 import re
+import subprocess
+import sys
 
 import anyio
 import pytest
@@ -35,15 +37,15 @@ def test_a_binary_file_object_is_read_like_its_bytes(tmp_path):
 BAD = {
     "bytes that are no image": (
         lambda tmp: io.BytesIO(b"not an image"),
-        r"images\[1\] \(a BytesIO\) is not a readable",
+        r"^image 1: a BytesIO is not an image PIL can read",
     ),
-    "a closed file": (lambda tmp: _closed(tmp), r"images\[1\] \(a BufferedReader of '.*x.png'\) could not be read"),
+    "a closed file": (lambda tmp: _closed(tmp), r"^image 1: a BufferedReader of '.*x.png' could not be read"),
     "a file open in text mode": (
         lambda tmp: _text(tmp),
-        r"images\[1\] \(a TextIOWrapper of '.*x.png'\) is open in text",
+        r"^image 1: a TextIOWrapper of '.*x.png' is open in text",
     ),
-    "a file at its end": (lambda tmp: _at_end(), r"images\[1\] \(a BytesIO\) is empty"),
-    "raw bytes that are no image": (lambda tmp: b"not an image", r"the bytes is not a readable image"),
+    "a file at its end": (lambda tmp: _at_end(), r"^image 1: a BytesIO is empty"),
+    "raw bytes that are no image": (lambda tmp: b"not an image", r"^image 1: bytes \(12 bytes\) is not an image PIL"),
 }
 
 
@@ -83,4 +85,32 @@ def test_the_client_names_the_argument_before_sending_anything():
             return info.value
 
     error = anyio.run(main)
-    assert error.message.startswith("image 1: images[1] (a BytesIO)") and not REPR.search(error.message)
+    assert error.message.startswith("image 1: a BytesIO is not an image") and not REPR.search(error.message)
+
+
+WITHOUT_NUMPY = """
+import sys
+sys.modules["numpy"] = sys.modules["torch"] = None  # the SDK alone depends on neither
+import anyio
+from PIL import Image
+from llava_next_sdk import InvalidImageError
+from llava_next_sdk.images import to_image_part
+
+part = anyio.run(lambda: to_image_part(Image.new("CMYK", (3, 2)), index=0))
+print(part.image.mode)
+try:
+    anyio.run(lambda: to_image_part(Image.new("F", (3, 2)), index=1))
+except InvalidImageError as error:
+    print(error.message)
+"""
+
+
+def test_without_numpy_pil_images_work_and_high_depth_grey_says_what_it_needs():
+    result = subprocess.run([sys.executable, "-c", WITHOUT_NUMPY], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    mode, message = result.stdout.splitlines()
+    assert mode == "RGB"
+    assert message == (
+        "image 1: a 'F' (high bit depth grey) image needs numpy to be converted: pip install numpy, "
+        "or convert it to an 8-bit image first"
+    )
