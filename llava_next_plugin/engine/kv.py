@@ -67,7 +67,7 @@ class KVSlots:
 
     def copy_in(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Write a cached prefix (per layer ``[kv_heads, n, head_dim]``) into *slot*'s first ``n`` columns."""
-        for layer, (k, v) in enumerate(zip(keys, values)):
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
             n = k.shape[1]
             self.keys[layer][slot, :, :n].copy_(k)
             self.values[layer][slot, :, :n].copy_(v)
@@ -118,7 +118,7 @@ class PrefixStore:
         """The longest stored prefix of *key* (``(length, keys, values)``), or ``None``."""
         best = None
         with self._lock:
-            for stored, entry in self._entries.items():
+            for stored in self._entries:
                 n = len(stored)
                 if n <= len(key) and (best is None or n > best[0]) and key[:n] == stored:
                     best = (n, stored)
