@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import subprocess
 import sys
 import tempfile
@@ -100,7 +101,7 @@ def stall(engine, params_cls, long_words: int) -> tuple[float, float, int]:
         except Exception:
             pass
 
-    readers = [threading.Thread(target=read, args=(h, t)) for h, t in zip(running, arrivals)]
+    readers = [threading.Thread(target=read, args=(h, t)) for h, t in zip(running, arrivals, strict=True)]
     for reader in readers:
         reader.start()
     while min(map(len, arrivals)) < 5:
@@ -116,7 +117,7 @@ def stall(engine, params_cls, long_words: int) -> tuple[float, float, int]:
     gaps = []
     for times in arrivals:
         window = [t for t in times if submitted - 1.0 <= t <= submitted + ttft + 0.5]
-        gaps += [b - a for a, b in zip(window, window[1:])]
+        gaps += [b - a for a, b in itertools.pairwise(window)]
     return max(gaps, default=float("nan")), ttft, prepared.prompt_tokens
 
 

@@ -57,14 +57,14 @@ def main() -> None:
     limits = Limits(allowed_url_domains=None)
     encode_for_wire = getattr(sdk_images, "encode_for_wire", None)
     for kind, source in (("PIL", photo), ("numpy", np.asarray(photo))):
-        sdk_ms, part = best_ms(lambda: sdk_images._encode_sync(source, 0), args.repeats)
-        local_ms, (rgb,) = best_ms(lambda: load_request_images(request_of(part), limits), args.repeats)
+        sdk_ms, part = best_ms(lambda source=source: sdk_images._encode_sync(source, 0), args.repeats)
+        local_ms, (rgb,) = best_ms(lambda part=part: load_request_images(request_of(part), limits), args.repeats)
         assert np.array_equal(np.asarray(rgb), np.asarray(photo)), "the local path changed the pixels"
         line = f"{kind:6s} sdk {sdk_ms:7.1f} ms  local {local_ms:7.1f} ms  in-process total {sdk_ms + local_ms:7.1f} ms"
         if encode_for_wire is not None:
-            http_ms, wire = best_ms(lambda: encode_for_wire(request_of(part)), args.repeats)
+            http_ms, wire = best_ms(lambda part=part: encode_for_wire(request_of(part)), args.repeats)
             (wire_part,) = wire.images
-            server_ms, (decoded,) = best_ms(lambda: load_request_images(wire, limits), args.repeats)
+            server_ms, (decoded,) = best_ms(lambda wire=wire: load_request_images(wire, limits), args.repeats)
             assert np.array_equal(np.asarray(decoded), np.asarray(rgb)), "local and remote disagree"
             line += (
                 f"  | http encode {http_ms:7.1f} ms ({len(wire_part.url) / 1e6:.2f} MB base64), "

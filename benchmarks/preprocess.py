@@ -95,7 +95,7 @@ def cpu_cases(repeats: int) -> None:
     timings = {}
     for name, proc in procs.items():
         kwargs = {} if name == "ours-fast" else {"return_tensors": "pt"}
-        timings[name] = timings_of(lambda: proc(photo, **kwargs), repeats, "cpu")
+        timings[name] = timings_of(lambda proc=proc, kwargs=kwargs: proc(photo, **kwargs), repeats, "cpu")
     report("cpu photo-1024x768-pil (1 image per call)", 1, timings)
 
     tensor = torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1).contiguous()

@@ -16,7 +16,6 @@ see tracebacks.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -73,6 +72,15 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)".lstrip()
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser whose help shows defaults (:class:`_HelpFormatter`); its sub-command parsers are of this class
+    too."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
@@ -107,18 +115,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .pipeline import DEFAULT_PROMPT
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="llava-next",
         description="LLaVA-NeXT (llava v1.6) from the command line: ask about images, caption folders, "
         "build a tiny offline demo checkpoint, serve an OpenAI-compatible API.",
-        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(
-        dest="command",
-        metavar="COMMAND",
-        parser_class=functools.partial(argparse.ArgumentParser, formatter_class=_HelpFormatter),
-    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")  # sub-parsers: _Parser, as parser
     commands.required = True
 
     ask = commands.add_parser(

@@ -47,7 +47,8 @@ __all__ = [
 ]
 
 RESULT_COLUMNS = ("answer", "tokens", "error")
-"""The columns :func:`caption_dataset` adds: the text (``None`` on failure), completion tokens, the error (or ``None``)."""
+"""The columns :func:`caption_dataset` adds: the text (``None`` on failure), completion tokens, the error
+(or ``None``)."""
 DETAILS = ("auto", "high", "low")
 """OpenAI's ``detail``, as the server takes it: ``auto``/``high``: any-resolution tiles; ``low``: the base view only
 (one tile's tokens: 576 on llava-v1.6-mistral)."""
@@ -206,20 +207,21 @@ def caption_dataset(
     plus ``answer`` (str, ``None`` on failure), ``tokens`` (completion tokens) and ``error`` (``None`` or
     ``"ErrorClass: what was wrong"``).
 
-    Args:
-        ds: a ``ray.data.Dataset`` with an *image_column* of paths, ``http(s)``/``data:`` URLs or encoded bytes.
-        model: checkpoint folder (reachable from every worker) or hub id.
-        prompt: the instruction (default: the pipeline's caption prompt).
-        max_tokens: longest answer in tokens. Decoding is greedy, so a rerun gives the same answers.
-        detail: one of :data:`DETAILS`.
-        workers: actors in the pool; each loads the model once and runs one engine.
-        gpus_per_worker: GPUs per actor (1: one actor per GPU); 0 runs on CPU.
-        cpus_per_worker, threads_per_worker: CPUs Ray reserves per actor, torch threads per actor
-            (default: the CPUs reserved, rounded up).
-        batch_size: rows per call to an actor; they are decoded together.
-        limits: :class:`~llava_next_plugin.validation.Limits` for the images (default: the server's
-            defaults, which fetch no ``http(s)`` URL; pass ``Limits(allowed_url_domains=(...))``).
-        device, dtype: where and how each engine loads the model (default: cuda when the actor has a GPU).
+    :param ds: a ``ray.data.Dataset`` with an *image_column* of paths, ``http(s)``/``data:`` URLs or encoded
+        bytes.
+    :param model: checkpoint folder (reachable from every worker) or hub id.
+    :param prompt: the instruction (default: the pipeline's caption prompt).
+    :param max_tokens: longest answer in tokens. Decoding is greedy, so a rerun gives the same answers.
+    :param detail: one of :data:`DETAILS`.
+    :param workers: actors in the pool; each loads the model once and runs one engine.
+    :param gpus_per_worker: GPUs per actor (1: one actor per GPU); 0 runs on CPU.
+    :param cpus_per_worker: CPUs Ray reserves per actor.
+    :param threads_per_worker: torch threads per actor (default: the CPUs reserved, rounded up).
+    :param batch_size: rows per call to an actor; they are decoded together.
+    :param limits: :class:`~llava_next_plugin.validation.Limits` for the images (default: the server's
+        defaults, which fetch no ``http(s)`` URL; pass ``Limits(allowed_url_domains=(...))``).
+    :param device: where each engine loads the model (default: cuda when the actor has a GPU).
+    :param dtype: the dtype each engine loads the model in (default: the checkpoint's).
     """
     import math
 
@@ -314,8 +316,9 @@ def _journal(out: Path) -> Path:
     return out.with_name(out.name + ".jsonl") if out.suffix == ".parquet" else out
 
 
-def _input_dataset(ray, source: str, args, done: set[str], command_error) -> tuple[Any, str, int, int]:
-    """(dataset of rows still to caption, their id column, rows in all, rows already done)."""
+def _input_dataset(ray, source: str, args, done: set[str], command_error) -> tuple[Any, str, int, int | None]:
+    """(dataset of rows still to caption, their id column, rows in all, rows already done: ``None`` for a
+    parquet input, whose done rows are those of the journal)."""
     from .cli import IMAGE_SUFFIXES
 
     path = Path(source)
@@ -334,9 +337,9 @@ def _input_dataset(ray, source: str, args, done: set[str], command_error) -> tup
     for flag, column in (("--image-column", args.image_column), ("--id-column", id_column)):
         if column not in names:
             raise command_error(f"{source} has no column {column!r} ({flag}); its columns: {', '.join(names)}")
-    import pyarrow as pa
+    import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type information
 
-    id_type = dict(zip(names, ds.schema().types))[id_column]
+    id_type = dict(zip(names, ds.schema().types, strict=True))[id_column]
     if isinstance(id_type, pa.DataType) and (pa.types.is_binary(id_type) or pa.types.is_large_binary(id_type)):
         raise command_error(
             f"{source}: the column {id_column!r} holds bytes, which cannot name rows in --out; "
@@ -380,9 +383,9 @@ def run_caption(args: argparse.Namespace) -> int:
             import logging
 
             logging.getLogger("ray.data").setLevel(logging.WARNING)
-            ds, image_column, total, already = _input_dataset(ray, args.folder, args, done, CommandError)
+            ds, image_column, total, found_done = _input_dataset(ray, args.folder, args, done, CommandError)
             id_column = args.id_column or ("image" if image_column == "path" else image_column)
-            already = len(done) if already is None else already
+            already = len(done) if found_done is None else found_done
             captioned = failed = 0
             if ds is not None:
                 results = caption_dataset(
@@ -424,7 +427,7 @@ def run_caption(args: argparse.Namespace) -> int:
 def _write_parquet(journal: Path, out: Path) -> None:
     """Every result line of *journal* as a parquet table at *out*, replaced atomically."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # type: ignore[import-untyped]  # pyarrow ships no type information
 
     rows = [json.loads(line) for line in journal.read_text(encoding="utf-8").splitlines() if line.strip()]
     partial = out.with_name(out.name + ".partial")
@@ -507,11 +510,12 @@ def build_serve_app(args: Mapping[str, Any]):
     if isinstance(domains, str):
         domains = [d for d in domains.split(",") if d]
     dtype = options.pop("dtype", None)
+    max_batch_size, max_queue = int(options.pop("max_batch_size", 8)), int(options.pop("max_queue", 64))
     engine_options = {
         "device": options.pop("device", None) or ("cuda" if gpus else "cpu"),
         "dtype": None if dtype in (None, "auto") else dtype,
-        "max_batch_size": int(options.pop("max_batch_size", 8)),
-        "max_queue": int(options.pop("max_queue", 64)),
+        "max_batch_size": max_batch_size,
+        "max_queue": max_queue,
         "model_name": options.pop("served_model_name", None) or str(model),
     }
     limit_names = ("max_images_per_request", "max_image_pixels", "max_body_bytes")
@@ -528,7 +532,7 @@ def build_serve_app(args: Mapping[str, Any]):
         raise ValueError(f"unknown serve option(s): {', '.join(sorted(options))}; see build_serve_app's docstring")
     deployment_options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus},
-        "max_ongoing_requests": engine_options["max_batch_size"] + engine_options["max_queue"],
+        "max_ongoing_requests": max_batch_size + max_queue,
     }
     if autoscale:
         low, high = parse_autoscale(autoscale)
@@ -538,7 +542,7 @@ def build_serve_app(args: Mapping[str, Any]):
                 "min_replicas": low,
                 "max_replicas": high,
                 "initial_replicas": min(max(replicas, low), high),
-                "target_ongoing_requests": engine_options["max_batch_size"],
+                "target_ongoing_requests": max_batch_size,
             },
         )
     else:

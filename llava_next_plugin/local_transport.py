@@ -49,16 +49,15 @@ OPTIONS = frozenset({"model", "engine", "request_limits", "allowed_url_domains",
 class LocalTransport:
     """Runs requests on an in-process :class:`llava_next_plugin.engine.Engine`.
 
-    Args:
-        model: a checkpoint folder or hub id (loaded once per process and options, at the first request).
-        engine: an engine to use instead (then *model* only names it).
-        limits: the request :class:`~llava_next_plugin.validation.Limits` (client option ``request_limits=``);
-            by default the server's limits except that ``http(s)`` image URLs from any host are fetched (this
-            is the user's own process).
-        allowed_url_domains: hosts whose ``http(s)`` image URLs are fetched (a domain allows its subdomains;
-            ``()`` none), for apps that pass their users' URLs through; replaces the one in *limits*.
-        retry_policy: how a request refused by a full queue is retried (default: as the HTTP transport).
-        engine_options: ``device``, ``dtype``, ``max_batch_size``, ... for the shared engine.
+    :param model: a checkpoint folder or hub id (loaded once per process and options, at the first request).
+    :param engine: an engine to use instead (then *model* only names it).
+    :param limits: the request :class:`~llava_next_plugin.validation.Limits` (client option ``request_limits=``);
+        by default the server's limits except that ``http(s)`` image URLs from any host are fetched (this
+        is the user's own process).
+    :param allowed_url_domains: hosts whose ``http(s)`` image URLs are fetched (a domain allows its subdomains;
+        ``()`` none), for apps that pass their users' URLs through; replaces the one in *limits*.
+    :param retry_policy: how a request refused by a full queue is retried (default: as the HTTP transport).
+    :param engine_options: ``device``, ``dtype``, ``max_batch_size``, ... for the shared engine.
     """
 
     def __init__(
@@ -106,6 +105,8 @@ class LocalTransport:
     def _load_engine(self) -> Engine:
         from .engine import get_shared_engine
 
+        if self.model is None:  # __init__ refuses neither a model nor an engine: only a subclass could get here
+            raise RuntimeError("this transport has no model to load")
         return get_shared_engine(self.model, **self._engine_options)
 
     async def _submit(self, request: ChatRequest) -> tuple[Engine, RequestHandle]:

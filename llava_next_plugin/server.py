@@ -30,6 +30,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -387,20 +388,19 @@ def create_app(
 ) -> Starlette:
     """The ASGI app serving *engine*.
 
-    Args:
-        engine: a started :class:`Engine` (the app shuts it down, draining, when the server stops).
-        limits: request limits (images, pixels, sizes, stop strings, allowed URL hosts, body size).
-        api_key: when set, ``/v1/*`` needs ``Authorization: Bearer <api_key>``.
-        model_name: the id reported by ``/v1/models`` and in responses, and the only ``model`` requests may
-            name (default: :func:`default_served_name` of the engine's).
-        drain_timeout: seconds the engine may take to finish its requests at shutdown.
-        shutdown_engine: shut the engine down (draining) when the app stops; False for an engine that
-            outlives the app (shared with other apps or in-process clients).
-        max_preparing: requests whose images are fetched, decoded and preprocessed at once, at most;
-            others wait their turn. A request the engine's queue cannot take is refused (429) before
-            any of that work, and again after waiting.
-        model_aliases: other names requests may give the model (``llava-next serve`` accepts the ``--model``
-            it was started with, which the client knows already); never shown.
+    :param engine: a started :class:`Engine` (the app shuts it down, draining, when the server stops).
+    :param limits: request limits (images, pixels, sizes, stop strings, allowed URL hosts, body size).
+    :param api_key: when set, ``/v1/*`` needs ``Authorization: Bearer <api_key>``.
+    :param model_name: the id reported by ``/v1/models`` and in responses, and the only ``model`` requests may
+        name (default: :func:`default_served_name` of the engine's).
+    :param drain_timeout: seconds the engine may take to finish its requests at shutdown.
+    :param shutdown_engine: shut the engine down (draining) when the app stops; False for an engine that
+        outlives the app (shared with other apps or in-process clients).
+    :param max_preparing: requests whose images are fetched, decoded and preprocessed at once, at most;
+        others wait their turn. A request the engine's queue cannot take is refused (429) before
+        any of that work, and again after waiting.
+    :param model_aliases: other names requests may give the model (``llava-next serve`` accepts the ``--model``
+        it was started with, which the client knows already); never shown.
     """
     limits = limits or Limits()
     name = model_name or default_served_name(engine.model_name)
@@ -573,7 +573,10 @@ def create_app(
     async def prometheus(request: Request) -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def http_error(request: Request, exc: HTTPException) -> Response:
+    async def http_error(request: Request, exc: Exception) -> Response:
+        """Starlette's own errors (no such route, wrong method) in our error shape."""
+        if not isinstance(exc, HTTPException):  # registered for HTTPException only
+            raise exc
         if exc.status_code == 404:
             error: LlavaNextError = NotFoundError(
                 f"no route {request.method} {request.url.path}; see /v1/models, /v1/chat/completions, /health, /metrics"
@@ -619,7 +622,7 @@ def _uvicorn_config(app, host: str, port: int, log_level: str, drain_timeout: fl
         port=port,
         log_level=log_level,
         lifespan="on",
-        timeout_graceful_shutdown=drain_timeout,
+        timeout_graceful_shutdown=math.ceil(drain_timeout),  # uvicorn takes whole seconds
         access_log=log_level == "debug",
     )
 

@@ -65,18 +65,17 @@ DEFAULT_TEMPERATURE = 1.0
 class Limits:
     """What one request may ask for.
 
-    Args:
-        max_images_per_request: images in one request at most.
-        max_image_pixels: width x height of one image at most.
-        max_request_pixels: width x height summed over a request's images at most (413 beyond).
-        max_pixels_in_flight: pixels decoded at once across all requests (the server's
-            :class:`PixelBudget`; a request that would exceed it gets 429). At least ``max_request_pixels``.
-        max_image_bytes: encoded size of one image at most (also the download limit of an image URL).
-        allowed_url_domains: hosts whose ``http(s)://`` image URLs are fetched (a domain allows its
-            subdomains too); ``()`` allows none, ``None`` allows any (in-process use only).
-        url_timeout: seconds for fetching one image URL, overall (connect, headers and every byte).
-        max_body_bytes: size of a request body at most (the server's limit).
-        max_stop_chars: characters of one stop string at most.
+    :param max_images_per_request: images in one request at most.
+    :param max_image_pixels: width x height of one image at most.
+    :param max_request_pixels: width x height summed over a request's images at most (413 beyond).
+    :param max_pixels_in_flight: pixels decoded at once across all requests (the server's
+        :class:`PixelBudget`; a request that would exceed it gets 429). At least ``max_request_pixels``.
+    :param max_image_bytes: encoded size of one image at most (also the download limit of an image URL).
+    :param allowed_url_domains: hosts whose ``http(s)://`` image URLs are fetched (a domain allows its
+        subdomains too); ``()`` allows none, ``None`` allows any (in-process use only).
+    :param url_timeout: seconds for fetching one image URL, overall (connect, headers and every byte).
+    :param max_body_bytes: size of a request body at most (the server's limit).
+    :param max_stop_chars: characters of one stop string at most.
     """
 
     max_images_per_request: int = 8
@@ -271,15 +270,16 @@ def _request_image_sources(request: ChatRequest, limits: Limits) -> list:
     check_image_count(request, limits)
     sources: list = []
     for index, part in enumerate(request.images):
-        if part.image is not None:
-            sources.append(part.image)
+        if part.url is not None:  # an ImagePart holds exactly one of url, data, image
+            if part.is_data_url:
+                sources.append(decode_data_url(part.url, index=index)[1])
+            else:
+                check_image_url(part.url, index, limits)
+                sources.append(_fetch(part.url, index, limits))
         elif part.data is not None:
             sources.append(bytes(part.data))
-        elif part.is_data_url:
-            sources.append(decode_data_url(part.url, index=index)[1])
         else:
-            check_image_url(part.url, index, limits)
-            sources.append(_fetch(part.url, index, limits))
+            sources.append(part.image)
     return sources
 
 
@@ -335,11 +335,10 @@ def prepare_request(
     The cheap checks come first (user message, stop strings, prompt characters), then the images are fetched
     and their headers read, and only then are pixels decoded, within *budget* when one is given.
 
-    Raises:
-        BadRequestError: no user message, too many images, a stop string too long, or (413) too many pixels.
-        InvalidImageError: an image from a forbidden source, too large, or undecodable (names its index).
-        ContextLengthExceededError: the prompt plus ``max_tokens`` exceeds the model's context.
-        OverloadedError: *budget* has no room for this request's pixels now (429).
+    :raises BadRequestError: no user message, too many images, a stop string too long, or (413) too many pixels.
+    :raises InvalidImageError: an image from a forbidden source, too large, or undecodable (names its index).
+    :raises ContextLengthExceededError: the prompt plus ``max_tokens`` exceeds the model's context.
+    :raises OverloadedError: *budget* has no room for this request's pixels now (429).
     """
     if not any(m.role == "user" for m in request.messages):
         raise BadRequestError("the request needs at least one user message", param="messages")

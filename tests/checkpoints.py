@@ -4,26 +4,33 @@ Nothing here touches the network: the tokenizer is the Mistral v1 sentencepiece 
 ``mistral_common`` wheel, the weights are random, and the folders look like llava-hf's on the hub
 (``config.json``, ``model.safetensors`` with hub key names, tokenizer files, ``processor_config.json``,
 ``preprocessor_config.json``, ``chat_template.json``).
+
+Also the small helpers the tests share: a chat (:func:`ask`), a photo (:func:`photo`), transformers' greedy
+decoding of a prepared request (:func:`reference_greedy`) and a bounded wait (:func:`wait_for`).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 MISTRAL_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}\n"
+    "{% if message['role'] == 'system' %}"
+    "{{ message['content'] if message['content'] is string else message['content'][0]['text'] }}\n"
     "{% elif message['role'] == 'user' %}[INST] "
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
     "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
     "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
     "{% endif %} [/INST]"
     "{% elif message['role'] == 'assistant' %} "
-    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{{ message['content'][0]['text'] }}{% endif %}</s>"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{{ message['content'][0]['text'] }}{% endif %}</s>"
     "{% endif %}{% endfor %}"
 )
 
@@ -216,3 +223,30 @@ def ask(text: str, images: int = 1) -> list[dict]:
 def photo(width: int = 40, height: int = 40):
     """The real photo, RGB, resized to ``width x height``."""
     return real_photo().convert("RGB").resize((width, height))
+
+
+def reference_greedy(model, prepared, max_new_tokens: int) -> list[int]:
+    """*model*'s ``generate`` (greedy) on an engine's prepared request: the completion's token ids."""
+    images = (
+        {}
+        if prepared.pixel_values is None
+        else {"pixel_values": prepared.pixel_values, "image_sizes": prepared.image_sizes}
+    )
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=prepared.input_ids,
+            attention_mask=torch.ones_like(prepared.input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            **images,
+        )
+    return out[0, prepared.input_ids.shape[1] :].tolist()
+
+
+def wait_for(condition: Callable[[], object], seconds: float = 30) -> bool:
+    """Poll *condition* until it holds or *seconds* pass (a guard against hanging, not a measure); its last
+    value, as a bool."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return bool(condition())

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random checkpoints in llava-hf layout, built once per session."""
+"""Shared fixtures: tiny random checkpoints in llava-hf layout, built once per session; transformers' reference
+model and an engine over it, once per test module."""
 
 from __future__ import annotations
 
@@ -50,3 +51,23 @@ def demo_checkpoint(tmp_path_factory):
     from llava_next_plugin.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("llava-next-demo") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    """transformers' own model (eval mode) and processor on :func:`tiny_checkpoint`: what the engine must match.
+    One per test module, so that a module's changes to it stay in that module."""
+    import transformers
+
+    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    return model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def engine(reference):
+    """A started engine with 8 batch slots over :func:`reference`, shut down after the module's tests."""
+    from llava_next_plugin.engine import Engine
+
+    engine = Engine(*reference, max_batch_size=8).start()
+    yield engine
+    engine.shutdown(drain=False)

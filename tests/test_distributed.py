@@ -390,5 +390,5 @@ def test_killing_a_replica_during_32_requests_loses_nothing(deployment, engine):
     results = asyncio.run(scenario())
     assert not victims[0].is_running() or victims[0].status() == psutil.STATUS_ZOMBIE
     assert len(results) == 32 and len({r.id for r in results}) == 32  # one answer per request
-    for text, result in zip(prompts, results):
+    for text, result in zip(prompts, results, strict=True):
         assert result.text == _expected(engine, None, text, 24)

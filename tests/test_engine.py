@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 
 import anyio
 import checkpoints
 import pytest
 import torch
 import transformers
-from checkpoints import ask, photo
+from checkpoints import ask, photo, reference_greedy, wait_for
 from llava_next_sdk.errors import ContextLengthExceededError, OverloadedError, RequestCancelledError, ServerError
 
 from llava_next_plugin.engine import Engine, SamplingParams
@@ -20,34 +19,6 @@ from llava_next_plugin.engine.detokenizer import TextStream
 from llava_next_plugin.hooks import get_plugin_manager, hookimpl
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_checkpoint):
-    """transformers' own model and processor (the reference the engine must match)."""
-    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
-    return model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def engine(reference):
-    model, processor = reference
-    engine = Engine(model, processor, max_batch_size=8).start()
-    yield engine
-    engine.shutdown(drain=False)
-
-
-def reference_greedy(model, prepared, max_new_tokens: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=prepared.input_ids,
-            attention_mask=torch.ones_like(prepared.input_ids),
-            pixel_values=prepared.pixel_values,
-            image_sizes=prepared.image_sizes,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-        )
-    return out[0, prepared.input_ids.shape[1] :].tolist()
 
 
 def test_greedy_output_equals_model_generate_for_a_request_alone(engine, reference):
@@ -79,7 +50,7 @@ def test_concurrent_requests_with_mixed_images_are_batched_and_match_their_solo_
     handles = [engine.submit(p) for p in prepared]  # all waiting when a step starts: they join together
     together = [h.result(timeout=120) for h in handles]
     assert engine.stats["batched_steps"] > steps_before
-    for alone, batched in zip(solo, together):
+    for alone, batched in zip(solo, together, strict=True):
         assert batched.token_ids == alone.token_ids
         assert batched.text == alone.text
         assert (batched.prompt_tokens, batched.image_tokens) == (alone.prompt_tokens, alone.image_tokens)
@@ -98,7 +69,9 @@ def test_a_request_joining_a_running_batch_gets_its_solo_output(engine):
 
 
 def test_streamed_deltas_add_up_to_the_result_in_threads_asyncio_and_trio(engine):
-    prepared = lambda: engine.prepare(ask("Stream this"), [photo(50, 50)], SamplingParams(max_tokens=12, temperature=0))
+    def prepared():
+        return engine.prepare(ask("Stream this"), [photo(50, 50)], SamplingParams(max_tokens=12, temperature=0))
+
     handle = engine.submit(prepared())
     deltas = list(handle)
     assert "".join(deltas) == handle.result().text and len(deltas) > 1
@@ -144,10 +117,7 @@ def test_cancelling_a_request_drops_it_and_the_rest_of_the_batch_finishes(engine
     with pytest.raises(RequestCancelledError):
         doomed.result(timeout=60)
     assert other.result(timeout=120).token_ids == other_alone.token_ids
-    deadline = time.monotonic() + 30
-    while engine.batch_size and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert engine.batch_size == 0
+    assert wait_for(lambda: engine.batch_size == 0)
 
 
 def test_cancelling_the_async_reader_cancels_the_request(engine):
@@ -190,11 +160,10 @@ def test_incremental_detokenization_handles_multibyte_pieces(reference):
 
 
 def test_seeded_sampling_repeats_and_a_tiny_top_p_is_greedy(engine):
-    sample = lambda seed: (
-        engine.generate(
-            ask("Sample"), [photo(50, 50)], SamplingParams(max_tokens=8, temperature=1.5, seed=seed)
-        ).token_ids
-    )
+    def sample(seed):
+        params = SamplingParams(max_tokens=8, temperature=1.5, seed=seed)
+        return engine.generate(ask("Sample"), [photo(50, 50)], params).token_ids
+
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
     greedy = engine.generate(ask("Sample"), [photo(50, 50)], GREEDY).token_ids
@@ -250,11 +219,12 @@ def one_slot_engine_held_on_its_running_request(reference):
     manager = get_plugin_manager()
     manager.register(gate)
     try:
-        request = lambda: engine.prepare(ask("Queue"), [photo(40, 40)], SamplingParams(max_tokens=2, temperature=0))
+
+        def request():
+            return engine.prepare(ask("Queue"), [photo(40, 40)], SamplingParams(max_tokens=2, temperature=0))
+
         running = engine.submit(request())
-        deadline = time.monotonic() + 30
-        while not gate.started and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: gate.started)
         yield engine, gate, request, running
     finally:
         manager.unregister(gate)
@@ -273,7 +243,7 @@ def test_a_full_queue_refuses_work_as_overloaded_and_hooks_see_every_request(ref
     assert [s["id"] for s in gate.started] == [h.id for h in [running, *queued]]
     assert gate.started[0]["num_images"] == 1 and gate.started[0]["max_tokens"] == 2
     ended = {e["id"]: e for e in gate.ended}
-    for handle, result in zip([running, *queued], results):
+    for handle, result in zip([running, *queued], results, strict=True):
         assert ended[handle.id]["error"] is None
         assert ended[handle.id]["completion_tokens"] == result.completion_tokens == 2
 
@@ -390,9 +360,10 @@ def test_a_decode_step_that_raises_fails_its_batch_with_a_typed_error_and_the_en
     manager = get_plugin_manager()
     manager.register(recorder)
     try:
-        request = lambda max_tokens: failing.prepare(
-            ask("Same"), [photo(40, 40)], SamplingParams(max_tokens=max_tokens, temperature=0)
-        )
+
+        def request(max_tokens):
+            return failing.prepare(ask("Same"), [photo(40, 40)], SamplingParams(max_tokens=max_tokens, temperature=0))
+
         long = request(8)
         raise_oom_on_decode_at(model, long.prompt_tokens + 3)  # the long request's 4th decode step raises
         handles = [failing.submit(long), failing.submit(request(2)), failing.submit(request(2))]
@@ -421,16 +392,16 @@ def test_shutdown_without_drain_ends_queued_and_running_requests_with_a_typed_er
     manager = get_plugin_manager()
     manager.register(gate)
     try:
-        request = lambda: engine.prepare(ask("Stop"), [photo(40, 40)], SamplingParams(max_tokens=50, temperature=0))
+
+        def request():
+            return engine.prepare(ask("Stop"), [photo(40, 40)], SamplingParams(max_tokens=50, temperature=0))
+
         running = engine.submit(request())
-        deadline = time.monotonic() + 30
-        while not gate.started and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: gate.started)
         handles = [running, engine.submit(request()), engine.submit(request())]
         stopper = threading.Thread(target=engine.shutdown, kwargs={"drain": False})
         stopper.start()
-        while engine._accepting and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: not engine.accepting)
         gate.open.set()  # the running request's prefill ends; the engine then stops
         stopper.join(60)
     finally:
@@ -463,7 +434,7 @@ def test_a_row_that_fails_in_a_batched_decode_step_ends_alone_and_the_others_con
         with pytest.raises(OverloadedError, match="ran out of memory") as info:
             handles[1].result(timeout=120)
         assert info.value.status == 503 and info.value.retry_after
-        for handle, (messages, images) in zip(handles[::2], requests[::2]):
+        for handle, (messages, images) in zip(handles[::2], requests[::2], strict=True):
             assert handle.result(timeout=120).token_ids == engine.generate(messages, images, params).token_ids
         assert failing.stats_snapshot()["batched_steps"] > 0
     finally:

@@ -14,16 +14,17 @@ from llava_next_plugin.engine import Engine, SamplingParams
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_checkpoint):
+def ours(tiny_checkpoint):
+    """Our model (the Auto classes give ours once the plugin is imported) and its processor."""
     model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_checkpoint).eval()
     return model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint)
 
 
-def test_compiled_decode_step_warms_up_once_per_bucket_and_never_recompiles_on_joins_and_leaves(reference):
+def test_compiled_decode_step_warms_up_once_per_bucket_and_never_recompiles_on_joins_and_leaves(ours):
     torch._dynamo.reset()
     counters.clear()
-    compiled = Engine(*reference, max_batch_size=2, compile=True)
-    eager = Engine(*reference, max_batch_size=2, compile=False).start()
+    compiled = Engine(*ours, max_batch_size=2, compile=True)
+    eager = Engine(*ours, max_batch_size=2, compile=False).start()
     try:
         assert compiled.runner.compiled and not eager.runner.compiled
         assert compiled.warm_up() > 0
@@ -50,6 +51,6 @@ def test_compiled_decode_step_warms_up_once_per_bucket_and_never_recompiles_on_j
         eager.shutdown(drain=False)
 
 
-def test_compiling_is_off_by_default_on_cpu(reference):
-    engine = Engine(*reference, max_batch_size=1)
+def test_compiling_is_off_by_default_on_cpu(ours):
+    engine = Engine(*ours, max_batch_size=1)
     assert not engine.runner.compiled

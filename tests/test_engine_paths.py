@@ -10,35 +10,12 @@ import checkpoints
 import pytest
 import torch
 import transformers
-from checkpoints import ask, photo
+from checkpoints import ask, photo, reference_greedy
 from llava_next_sdk.errors import RequestCancelledError
 
 from llava_next_plugin.engine import Engine, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_checkpoint):
-    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
-    return model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint)
-
-
-def reference_greedy(model, prepared, max_new_tokens: int) -> list[int]:
-    images = (
-        {}
-        if prepared.pixel_values is None
-        else {"pixel_values": prepared.pixel_values, "image_sizes": prepared.image_sizes}
-    )
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=prepared.input_ids,
-            attention_mask=torch.ones_like(prepared.input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            **images,
-        )
-    return out[0, prepared.input_ids.shape[1] :].tolist()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 import transformers
-from checkpoints import ask, photo
+from checkpoints import ask, photo, wait_for
 from llava_next_sdk.errors import RequestCancelledError, ServerError
 
 from llava_next_plugin.engine import Engine, SamplingParams
@@ -21,19 +21,6 @@ from llava_next_plugin.hooks import get_plugin_manager, hookimpl
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0)
 ENGINE_THREAD = "llava-next-engine"
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_checkpoint):
-    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
-    return model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint)
-
-
-@pytest.fixture(scope="module")
-def engine(reference):
-    engine = Engine(*reference, max_batch_size=4).start()
-    yield engine
-    engine.shutdown(drain=False)
 
 
 class Observer:
@@ -70,13 +57,6 @@ def observer():
     for observer in observers:
         observer.gate.set()
         get_plugin_manager().unregister(observer)
-
-
-def wait_for(condition, seconds: float = 30) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return condition()
 
 
 def test_many_threads_starting_an_engine_at_once_start_one_engine_thread(reference):

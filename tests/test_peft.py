@@ -59,7 +59,10 @@ def test_lora_trains_only_its_adapters_and_reloads_onto_a_fresh_model(tiny_check
     assert all("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
     reference = get_peft_model(ReferenceForConditionalGeneration.from_pretrained(tiny_checkpoint), lora_config())
     assert reference.get_nb_trainable_parameters() == model.get_nb_trainable_parameters()
-    adapted = lambda m: sorted(n for n, _ in m.named_parameters() if "lora_" in n)
+
+    def adapted(m):
+        return sorted(n for n, _ in m.named_parameters() if "lora_" in n)
+
     assert adapted(model) == adapted(reference)
 
     # One training step: the loss flows back to the adapters, only they move.

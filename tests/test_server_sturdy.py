@@ -608,7 +608,7 @@ def test_the_readmes_limits_table_gives_serves_flags_and_their_defaults():
     defaults = vars(serve_cli._configure(argparse.ArgumentParser()).parse_args(["--model", "x"]))
     rows = [line.split("|")[1:-1] for line in section.splitlines() if line.startswith("| ") and "`--" in line]
     assert len(rows) >= 10
-    for limit, flag, default, beyond in rows:
+    for _limit, flag, default, _beyond in rows:
         name = flag.strip().strip("`")[2:].replace("-", "_")
         assert name in defaults, flag
         if defaults[name] not in (None, []):

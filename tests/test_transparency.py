@@ -58,11 +58,11 @@ def run_on_both(open_client, calls, backend: str = "asyncio") -> dict:
     results = {}
     for kind in TRANSPORTS:
 
-        async def main():
+        async def main(kind):
             async with open_client(kind) as client:
                 return await calls(client)
 
-        results[kind] = anyio.run(main, backend=backend)
+        results[kind] = anyio.run(main, kind, backend=backend)
     return results
 
 
@@ -209,7 +209,7 @@ def _failure_on_both(make_engine, call, *, during=None) -> dict:
     for kind in TRANSPORTS:
         engine = make_engine()
 
-        async def main(url):
+        async def main(url, kind, engine):
             options = (
                 {"base_url": url, "model": "tiny"}
                 if url
@@ -230,10 +230,10 @@ def _failure_on_both(make_engine, call, *, during=None) -> dict:
 
         try:
             if kind == "local":
-                anyio.run(main, None)
+                anyio.run(main, None, kind, engine)
             else:
                 with serve_in_thread(create_app(engine, limits=LIMITS, shutdown_engine=False)) as running:
-                    anyio.run(main, running.url)
+                    anyio.run(main, running.url, kind, engine)
         finally:
             engine.shutdown(drain=False)
     return errors

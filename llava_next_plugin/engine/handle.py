@@ -9,31 +9,37 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING
 
 from .request import EngineResult, PreparedRequest
 
 if TYPE_CHECKING:
+    import anyio
+
     from .scheduler import Engine
 
 __all__ = ["RequestHandle"]
 
 
-def _loop_waker():
+def _loop_waker() -> tuple[anyio.Event, Callable[[], None]]:
     """An event of the current event loop and a function that sets it from any thread."""
+    import asyncio
+
     import anyio
     from anyio.lowlevel import current_token  # anyio's own loop detection: no sniffio needed
 
     event = anyio.Event()
     native = getattr(current_token(), "native_token", None)  # the asyncio loop, or trio's TrioToken
-    if hasattr(native, "run_sync_soon"):
-        return event, lambda: native.run_sync_soon(event.set)
-    if native is None:
-        import asyncio
+    if native is not None and hasattr(native, "run_sync_soon"):
+        run_sync_soon = native.run_sync_soon
+        return event, lambda: run_sync_soon(event.set)
+    loop = native if native is not None else asyncio.get_running_loop()
 
-        native = asyncio.get_running_loop()
-    return event, lambda: native.call_soon_threadsafe(event.set)
+    def wake() -> None:
+        loop.call_soon_threadsafe(event.set)
+
+    return event, wake
 
 
 class RequestHandle:
@@ -53,7 +59,7 @@ class RequestHandle:
         self._deltas: collections.deque[str] = collections.deque()
         self._result: EngineResult | None = None
         self._error: BaseException | None = None
-        self._wakers: list = []
+        self._wakers: list[Callable[[], None]] = []
         self.cancelled = False
         self.submitted_at = time.monotonic()
         self.started = False  # before_generate was called (once, on the engine thread)
@@ -95,6 +101,14 @@ class RequestHandle:
             self.cancelled = True
             self._engine._withdraw(self)
 
+    def _outcome(self) -> EngineResult:
+        """The ending of a finished request: its result, or its error raised."""
+        if self._error is not None:
+            raise self._error
+        if self._result is None:
+            raise RuntimeError(f"request {self.id} has not finished")
+        return self._result
+
     def _take(self) -> tuple[list[str], bool]:
         deltas = list(self._deltas)
         self._deltas.clear()
@@ -124,9 +138,7 @@ class RequestHandle:
         with self._cond:
             if not self._cond.wait_for(lambda: self.done, timeout):
                 raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
-        if self._error is not None:
-            raise self._error
-        return self._result
+        return self._outcome()
 
     async def _wait(self) -> None:
         with self._cond:
@@ -136,10 +148,10 @@ class RequestHandle:
             self._wakers.append(wake)
         await event.wait()
 
-    def __aiter__(self):
+    def __aiter__(self) -> AsyncIterator[str]:
         return self._aiter()
 
-    async def _aiter(self):
+    async def _aiter(self) -> AsyncIterator[str]:
         """Text deltas without blocking the event loop (asyncio or trio); cancelling the reader cancels the request."""
         try:
             while True:
@@ -166,6 +178,4 @@ class RequestHandle:
         except BaseException:
             self.cancel()
             raise
-        if self._error is not None:
-            raise self._error
-        return self._result
+        return self._outcome()

@@ -67,7 +67,7 @@ class KVSlots:
 
     def copy_in(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Write a cached prefix (per layer ``[kv_heads, n, head_dim]``) into *slot*'s first ``n`` columns."""
-        for layer, (k, v) in enumerate(zip(keys, values)):
+        for layer, (k, v) in enumerate(zip(keys, values, strict=True)):
             n = k.shape[1]
             self.keys[layer][slot, :, :n].copy_(k)
             self.values[layer][slot, :, :n].copy_(v)

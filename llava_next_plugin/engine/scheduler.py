@@ -86,23 +86,25 @@ class _Running:
         return self.prompt_len + len(self.generated) - 1
 
 
+_Piece = tuple[_Running, torch.Tensor, int]  # a prefilling request, its prompt embeddings [L, hidden], tokens now
+
+
 class Engine:
     """Continuous-batching text generation over a LLaVA-NeXT model, on its own thread.
 
-    Args:
-        model: a ``LlavaNextForConditionalGeneration`` (ours or transformers'), in eval mode.
-        processor: its ``LlavaNextProcessor`` (tokenizer + image processor + chat template).
-        max_batch_size: requests holding a KV slot at most (prefilling or decoding); more wait in the queue.
-        max_queue: requests waiting at most; beyond it :meth:`submit` raises :class:`OverloadedError`.
-        max_context: prompt + completion tokens at most (default: the text model's
-            ``max_position_embeddings``, lowered if the KV slots would not fit *kv_memory*).
-        default_max_tokens: completion tokens when a request gives no ``max_tokens`` (capped by the context).
-        model_name: the name reported to clients.
-        compile: ``torch.compile`` the decode step (default: on for CUDA, off on CPU).
-        prefill_chunk: prompt tokens prefilled per step at most (between two decode steps).
-        kv_memory: bytes the KV slots may take (default: 40% of free CUDA memory; 8 GiB on CPU).
-        reuse_memory: bytes for reused prompt prefixes' KV and images' vision features (default: a quarter
-            of the KV slots' size, at least 64 MiB); 0 switches reuse off.
+    :param model: a ``LlavaNextForConditionalGeneration`` (ours or transformers'), in eval mode.
+    :param processor: its ``LlavaNextProcessor`` (tokenizer + image processor + chat template).
+    :param max_batch_size: requests holding a KV slot at most (prefilling or decoding); more wait in the queue.
+    :param max_queue: requests waiting at most; beyond it :meth:`submit` raises :class:`OverloadedError`.
+    :param max_context: prompt + completion tokens at most (default: the text model's
+        ``max_position_embeddings``, lowered if the KV slots would not fit *kv_memory*).
+    :param default_max_tokens: completion tokens when a request gives no ``max_tokens`` (capped by the context).
+    :param model_name: the name reported to clients.
+    :param compile: ``torch.compile`` the decode step (default: on for CUDA, off on CPU).
+    :param prefill_chunk: prompt tokens prefilled per step at most (between two decode steps).
+    :param kv_memory: bytes the KV slots may take (default: 40% of free CUDA memory; 8 GiB on CPU).
+    :param reuse_memory: bytes for reused prompt prefixes' KV and images' vision features (default: a quarter
+        of the KV slots' size, at least 64 MiB); 0 switches reuse off.
     """
 
     def __init__(
@@ -184,7 +186,8 @@ class Engine:
 
         processor = AutoProcessor.from_pretrained(path)
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or "auto")
-        model = model.to(device or default_device())
+        # transformers wraps PreTrainedModel.to with functools.wraps, which typeshed types as an unbound function
+        model = model.to(device or default_device())  # type: ignore[arg-type]
         kwargs.setdefault("model_name", str(path))
         engine = cls(model, processor, **kwargs)
         if engine.runner.compiled:
@@ -287,7 +290,10 @@ class Engine:
         """Stop accepting work; with *drain*, let queued and running requests finish first. *timeout* bounds
         the whole call (``None``: no bound). Whatever is still running when the engine stops is ended."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        left = lambda: None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
         with self._lock:
             self._accepting = False
             if drain:
@@ -375,18 +381,15 @@ class Engine:
         """Build the prompt, preprocess the images and count tokens (run in the caller's thread; requests
         prepared in different threads do not wait for each other).
 
-        Args:
-            messages: a chat in transformers' format: ``[{"role", "content": [{"type": "text", "text"},
-                {"type": "image"}]}]`` (one ``{"type": "image"}`` part per image, in order).
-            images: PIL images, one per image part.
-            params: sampling parameters.
-            prompt: an already formatted prompt (then *messages* is ignored).
-            image_detail: per image, OpenAI's ``detail``: ``"low"`` (the base view only, one tile's tokens),
-                ``"high"`` or ``"auto"`` (full anyres, the default).
-
-        Raises:
-            ContextLengthExceededError: the prompt (plus ``max_tokens``) does not fit the context.
-            BadRequestError: an unknown *image_detail* value, or not one per image.
+        :param messages: a chat in transformers' format: ``[{"role", "content": [{"type": "text", "text"},
+            {"type": "image"}]}]`` (one ``{"type": "image"}`` part per image, in order).
+        :param images: PIL images, one per image part.
+        :param params: sampling parameters.
+        :param prompt: an already formatted prompt (then *messages* is ignored).
+        :param image_detail: per image, OpenAI's ``detail``: ``"low"`` (the base view only, one tile's tokens),
+            ``"high"`` or ``"auto"`` (full anyres, the default).
+        :raises ContextLengthExceededError: the prompt (plus ``max_tokens``) does not fit the context.
+        :raises BadRequestError: an unknown *image_detail* value, or not one per image.
         """
         params = params or SamplingParams()
         detail = _image_detail(image_detail, len(images))
@@ -463,7 +466,7 @@ class Engine:
             )
         base = self.runner.base_view_tokens()
         out, previous = [], 0
-        for (begin, end), level in zip(runs, detail):
+        for (begin, end), level in zip(runs, detail, strict=True):
             out += ids[previous:begin] + [self.image_token_id] * (base if level == "low" else end - begin)
             previous = end
         out += ids[previous:]
@@ -472,8 +475,7 @@ class Engine:
     def submit(self, prepared: PreparedRequest, request_id: str | None = None) -> RequestHandle:
         """Queue a prepared request; returns its handle at once. Thread-safe.
 
-        Raises:
-            OverloadedError: the queue is full (retry later) or the engine is shutting down.
+        :raises OverloadedError: the queue is full (retry later) or the engine is shutting down.
         """
         handle = RequestHandle(request_id or f"chatcmpl-{uuid.uuid4().hex}", prepared, self)
         with self._lock:
@@ -602,12 +604,13 @@ class Engine:
             self._leave(running, generation_error(exc))
 
     def _image_features(self, prepared: PreparedRequest) -> tuple[list[torch.Tensor], list[bytes]]:
-        if prepared.pixel_values is None or not prepared.num_images:
+        pixel_values, image_sizes = prepared.pixel_values, prepared.image_sizes
+        if pixel_values is None or image_sizes is None or not prepared.num_images:
             return [], []
         features, keys = [], []
         for i in range(prepared.num_images):
             low = i < len(prepared.image_detail) and prepared.image_detail[i] == "low"
-            pixels, size = prepared.pixel_values[i : i + 1], prepared.image_sizes[i : i + 1]
+            pixels, size = pixel_values[i : i + 1], image_sizes[i : i + 1]
             if low:
                 pixels = pixels[:, 0]  # the base view: [1, 3, h, w]
             key = image_key(pixels, size[0].tolist() + [low])
@@ -640,12 +643,13 @@ class Engine:
     # --- prefill
     def _prefill_chunk(self) -> None:
         """Up to ``prefill_chunk`` prompt tokens of the prefilling requests, in join order, in one forward."""
-        pieces, budget = [], self.prefill_chunk
+        pieces: list[_Piece] = []
+        budget = self.prefill_chunk
         for running in self._running.values():
             if running.embeds is None or running.finish_reason or budget == 0:
                 continue
             n = min(running.prompt_len - running.prefilled, budget)
-            pieces.append((running, n))
+            pieces.append((running, running.embeds, n))
             budget -= n
         if not pieces:
             return
@@ -666,26 +670,26 @@ class Engine:
                     self._fail_step(piece[0], exc_alone)
 
     @torch.inference_mode()
-    def _prefill(self, pieces: list[tuple[_Running, int]]) -> None:
-        width = max(n for _, n in pieces)
-        hidden = pieces[0][0].embeds.shape[-1]
+    def _prefill(self, pieces: list[_Piece]) -> None:
+        width = max(n for _, _, n in pieces)
+        hidden = pieces[0][1].shape[-1]
         embeds = torch.zeros((len(pieces), width, hidden), dtype=self.dtype, device=self.device)
         positions = torch.zeros((len(pieces), width), dtype=torch.long)
         write = torch.full((len(pieces), width), self.kv.scratch, dtype=torch.long)
-        for row, (running, n) in enumerate(pieces):
+        for row, (running, prompt, n) in enumerate(pieces):
             start = running.prefilled
-            embeds[row, :n] = running.embeds[start : start + n]
+            embeds[row, :n] = prompt[start : start + n]
             positions[row, :n] = torch.arange(start, start + n)
             write[row, :n] = positions[row, :n]
-        last = torch.tensor([n - 1 for _, n in pieces])
-        kv_len = max(r.prefilled + n for r, n in pieces)
-        slots = [r.slot for r, _ in pieces]
+        last = torch.tensor([n - 1 for _, _, n in pieces])
+        kv_len = max(r.prefilled + n for r, _, n in pieces)
+        slots = [r.slot for r, _, _ in pieces]
         rows = slice(slots[0], slots[0] + 1) if len(slots) == 1 else torch.tensor(slots, device=self.device)
         logits = self.runner.forward(
             embeds, positions.to(self.device), write.to(self.device), last.to(self.device), rows, kv_len
         )
         done = []
-        for row, (running, n) in enumerate(pieces):
+        for row, (running, _, n) in enumerate(pieces):
             running.prefilled += n
             if running.prefilled == running.prompt_len:
                 done.append(row)
@@ -748,7 +752,7 @@ class Engine:
         )
         tokens, ok = torch.stack([tokens, ok.long()]).tolist()
         now = time.monotonic()
-        for running, token, good in zip(batch, tokens, ok):
+        for running, token, good in zip(batch, tokens, ok, strict=True):
             if not good:
                 self._leave(
                     running,

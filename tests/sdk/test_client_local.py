@@ -199,38 +199,78 @@ def test_without_the_model_package_a_local_client_says_what_to_install(when):
     assert "torch imported: False" in done.stdout
 
 
-# A fresh process (the model package not imported yet) whose event loop counts how long it is ever held up
-# while the first request imports torch and transformers and loads the model.
+# A fresh process (the model package not imported yet) in which a ticker task shares the event loop with the
+# first request. When the import of each heavy package (the plugin, torch, transformers) runs, a finder first
+# on sys.meta_path holds it until the ticker has ticked three more times, and records the thread it runs on.
+# In a worker thread the loop ticks on and the import goes ahead; on the loop's own thread the ticker cannot
+# tick, so the hold gives up (after HOLD_UP_TO seconds, a deadlock guard, not a measure) and the import is
+# reported as having stalled the loop. No duration is compared.
 TICKER_DURING_FIRST_REQUEST = """
 import sys
-import time
+import threading
 
 import anyio
 
 from llava_next_sdk import AsyncClient
 
+WATCHED = ("llava_next_plugin", "torch", "transformers")
+HOLD_UP_TO = 120.0
+loop_thread = threading.get_ident()
+ticks = 0
+ticked = threading.Condition()
+imports = {}
+
+
+def hold(name):
+    on_loop = threading.get_ident() == loop_thread
+    with ticked:
+        start = ticks
+        loop_ran = ticked.wait_for(lambda: ticks >= start + 3, timeout=HOLD_UP_TO)
+    imports[name] = (on_loop, loop_ran)
+
+
+class HoldHeavyImports:  # finds what the other finders find; holds its execution (the import itself) first
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name not in WATCHED:
+            return None
+        for finder in sys.meta_path:
+            spec = finder.find_spec(name, path, target) if finder is not cls and hasattr(finder, "find_spec") else None
+            if spec is not None and spec.loader is not None:
+                run = spec.loader.exec_module
+
+                def exec_module(module):
+                    hold(name)
+                    run(module)
+
+                spec.loader.exec_module = exec_module
+                return spec
+        return None
+
 
 async def main():
-    gaps, done = [], anyio.Event()
+    global ticks
+    done = anyio.Event()
 
     async def ticker():
-        last = time.monotonic()
+        global ticks
         while not done.is_set():
-            await anyio.sleep(0.01)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
+            await anyio.sleep(0.001)
+            with ticked:
+                ticks += 1
+                ticked.notify_all()
 
-    print("imported before:", "llava_next_plugin" in sys.modules or "torch" in sys.modules)
+    print("imported before:", any(name in sys.modules for name in WATCHED))
+    sys.meta_path.insert(0, HoldHeavyImports)
     async with anyio.create_task_group() as group:
         group.start_soon(ticker)
         async with AsyncClient(model=sys.argv[1]) as client:
-            started = time.monotonic()
             result = await client.generate(None, "Hi", max_tokens=2, temperature=0)
-        print("first request seconds:", time.monotonic() - started)
         done.set()
     print("tokens:", result.usage.completion_tokens)
-    print("longest stall:", max(gaps))
+    for name in WATCHED:
+        on_loop, loop_ran = imports.get(name, (None, None))
+        print(f"import {name}: on the loop's thread: {on_loop}, the loop ticked meanwhile: {loop_ran}")
 
 
 anyio.run(main)
@@ -238,7 +278,8 @@ anyio.run(main)
 
 
 def test_the_first_local_request_loads_the_model_package_without_stalling_the_event_loop(tiny_checkpoint):
-    import re
+    """Importing torch and transformers takes seconds: the first local request does it in a worker thread, and
+    a task on the same event loop keeps running while it does."""
     import subprocess
     import sys
 
@@ -246,15 +287,13 @@ def test_the_first_local_request_loads_the_model_package_without_stalling_the_ev
         [sys.executable, "-c", TICKER_DURING_FIRST_REQUEST, str(tiny_checkpoint)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr
     assert "imported before: False" in done.stdout and "tokens: 2" in done.stdout
-    first = float(re.search(r"first request seconds: (\S+)", done.stdout).group(1))
-    longest = float(re.search(r"longest stall: (\S+)", done.stdout).group(1))
-    # Importing torch and transformers alone takes seconds; done on the loop it stalled it that long. In a
-    # worker thread only the GIL-holding moments of the import remain (a few tenths of a second on a busy CPU).
-    assert longest < min(2.0, first / 2), done.stdout
+    for name in ("llava_next_plugin", "torch", "transformers"):
+        expected = f"import {name}: on the loop's thread: False, the loop ticked meanwhile: True"
+        assert expected in done.stdout, done.stdout
 
 
 def test_a_local_client_hands_a_pil_image_over_without_encoding_it(tiny_checkpoint):
