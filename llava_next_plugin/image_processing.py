@@ -369,7 +369,7 @@ def pil_to_rgb_image(image: Image.Image, index: int) -> Image.Image:
     """
     check_image_size(image.height, image.width, index)
     try:
-        rgb: Image.Image = sdk_images.to_rgb(image, f"the {image.mode!r} image", index=index)
+        rgb: Image.Image = sdk_images.to_rgb(image, f"the {image.mode!r} image", index=index, bomb_factor=2)
     except InvalidImageError as exc:
         raise ImageError(exc.message, index=exc.index) from exc
     return rgb

@@ -310,6 +310,18 @@ def test_images_past_pil_pixel_limit_are_refused(monkeypatch):
         LlavaNextImageProcessor(**settings())(np.zeros((50, 50, 3), np.uint8))
 
 
+def test_a_lazily_opened_image_that_pil_only_warns_about_is_processed_as_transformers_does(monkeypatch):
+    """Between MAX_IMAGE_PIXELS and twice that, PIL opens an image with a warning and transformers' processors
+    use it; ours do too (the loader for outside sources refuses from 1x: that is a serving rule, not theirs)."""
+    encoded = io.BytesIO()
+    synthetic(40, 30).save(encoded, format="PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the image has 1200 pixels: 1.2x
+    images = [Image.open(io.BytesIO(encoded.getvalue())) for _ in range(2)]  # lazily opened, not decoded
+    ours = LlavaNextImageProcessor(**settings())(images[0], return_tensors="np")
+    ref = ReferencePil(**settings())(images[1], return_tensors="np")
+    assert_matches_reference(ours, ref)
+
+
 @pytest.mark.parametrize(
     "array,message",
     [

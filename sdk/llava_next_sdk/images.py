@@ -210,17 +210,19 @@ def decode_image_bytes(data: bytes, what: str = "the bytes", *, index: int | Non
     return image
 
 
-def load_pixels(image: Any, what: str = "the image", *, index: int | None = None) -> None:
+def load_pixels(image: Any, what: str = "the image", *, index: int | None = None, bomb_factor: int = 1) -> None:
     """Decode a lazily opened PIL image now, so that truncation and decompression bombs are caught here.
 
-    :raises InvalidImageError: when the image has more than ``PIL.Image.MAX_IMAGE_PIXELS`` pixels or cannot
-        be decoded.
+    :param bomb_factor: refuse past ``bomb_factor x PIL.Image.MAX_IMAGE_PIXELS`` pixels. 1 (the default) for
+        images that come from outside; the image processors pass 2, the point where PIL itself refuses to open
+        an image, so that they accept what transformers' processors accept (PIL only warns below it).
+    :raises InvalidImageError: when the image has too many pixels or cannot be decoded.
     """
     from PIL import Image, ImageFile
 
     if not (isinstance(image, ImageFile.ImageFile) and image.tile):
         return  # already decoded
-    limit = Image.MAX_IMAGE_PIXELS
+    limit = Image.MAX_IMAGE_PIXELS and Image.MAX_IMAGE_PIXELS * bomb_factor
     if limit and image.width * image.height > limit:
         raise InvalidImageError(
             bomb_message(
@@ -340,7 +342,7 @@ def _is_high_depth_gray(mode: str) -> bool:
     return mode in ("I", "F") or mode.startswith("I;")
 
 
-def to_rgb(image: Any, what: str = "the image", *, index: int | None = None) -> Any:
+def to_rgb(image: Any, what: str = "the image", *, index: int | None = None, bomb_factor: int = 1) -> Any:
     """A fully decoded, non-empty RGB version of a PIL image (the same object if it already is one).
 
     The one RGB conversion of both packages: the SDK's decoded images, the plugin's image loader and its
@@ -351,11 +353,12 @@ def to_rgb(image: Any, what: str = "the image", *, index: int | None = None) -> 
 
     :param what: how to name the image in error messages.
     :param index: the image's position in the request, kept on the error.
+    :param bomb_factor: as for :func:`load_pixels`.
     :raises InvalidImageError: when the image cannot be decoded, is empty, or its mode has no RGB meaning.
     """
     from PIL import Image
 
-    load_pixels(image, what, index=index)
+    load_pixels(image, what, index=index, bomb_factor=bomb_factor)
     if image.width == 0 or image.height == 0:
         raise InvalidImageError(
             f"{what} is empty ({image.width}x{image.height}); an image needs at least 1x1 pixels", index=index
