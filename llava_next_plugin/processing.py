@@ -31,15 +31,13 @@ from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, cached_file
 
 from . import geometry
+from ._hub import IMAGE_BACKENDS, hub_kwargs, image_backend, image_processor_class
 from .errors import ImageError, InputError
 
 __all__ = ["LlavaNextProcessor", "TOKEN_COUNT_SETTINGS", "derive_token_count_settings"]
 
 # processor_config.json keys that, with the image processor's tile size and pinpoints, fix an image's token count.
 TOKEN_COUNT_SETTINGS = ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens")
-
-# from_pretrained keyword arguments that locate files (passed to every file lookup).
-_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 _LAYOUTS = ("nested", "separate")
 
@@ -80,19 +78,16 @@ def _read_json_next_to(path: str | os.PathLike, filename: str, hub_kwargs: dict)
         return json.load(f)
 
 
-def _image_processor_class(backend: str | None, use_fast: bool | None):
-    """Our fast processor unless the PIL backend is asked for (``backend="pil"`` or ``use_fast=False``)."""
-    if backend is None and use_fast is not None:
-        backend = "torchvision" if use_fast else "pil"
-    if backend in (None, "torchvision", "torch", "fast"):
-        from .image_processing_fast import LlavaNextImageProcessorFast
-
-        return LlavaNextImageProcessorFast
-    if backend in ("pil", "slow", "numpy"):
-        from .image_processing import LlavaNextImageProcessor
-
-        return LlavaNextImageProcessor
-    raise ValueError(f"unknown image processor backend {backend!r}: use 'torchvision' (our torch processor) or 'pil'")
+def _image_processor_class(backend: str | None, use_fast: bool | None) -> type:
+    """Our fast processor unless the PIL backend is asked for (the rule of :func:`._hub.image_backend`)."""
+    chosen = image_backend(backend, use_fast)
+    if chosen is not None:
+        return image_processor_class(chosen)
+    raise InputError(
+        f"unknown image processor backend {backend!r}: use one of {', '.join(map(repr, IMAGE_BACKENDS))} "
+        f"('torchvision' is our torch processor, 'pil' the PIL one)",
+        param="backend",
+    )
 
 
 # Image sources read by llava_next_plugin.images (paths, URLs, encoded bytes), not pixels already.
@@ -444,8 +439,7 @@ class LlavaNextProcessor(ProcessorMixin):
         processor_dict, rest = super().get_processor_dict(pretrained_model_name_or_path, **kwargs)
         given = {key for key in TOKEN_COUNT_SETTINGS if kwargs.get(key) is not None}
         missing = [k for k in TOKEN_COUNT_SETTINGS if processor_dict.get(k) is None and k not in given]
-        hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if kwargs.get(k) is not None}
-        model_config = _read_json_next_to(pretrained_model_name_or_path, CONFIG_NAME, hub_kwargs)
+        model_config = _read_json_next_to(pretrained_model_name_or_path, CONFIG_NAME, hub_kwargs(kwargs))
         if model_config is not None and model_config.get("model_type") in (None, "llava_next"):
             derived = derive_token_count_settings(model_config)
             for key in missing:

@@ -48,6 +48,9 @@ import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from ._hub import hub_kwargs as hub_kwargs_of
+from ._hub import image_backend, image_processor_class
+
 __all__ = ["register", "unregister", "is_registered", "use_transformers_builtins", "MODEL_TYPE"]
 
 MODEL_TYPE = "llava_next"
@@ -137,16 +140,6 @@ def _our_models() -> dict[str, type]:
         raise
     names = ("LlavaNextModel", "LlavaNextForConditionalGeneration")
     return {name: getattr(modeling, name) for name in names if hasattr(modeling, name)}
-
-
-def _our_image_processor(backend: str):
-    if backend == "pil":
-        from .image_processing import LlavaNextImageProcessor
-
-        return LlavaNextImageProcessor
-    from .image_processing_fast import LlavaNextImageProcessorFast
-
-    return LlavaNextImageProcessorFast
 
 
 def _restore_dict_entry(table: dict, key: Any, previous: Any) -> Callable[[], None]:
@@ -267,20 +260,14 @@ def _read_json(path: str, filename: str, hub_kwargs: dict) -> dict | None:
 
 def _llava_next_image_backend(path: Any, kwargs: dict) -> str | None:
     """``"torchvision"``/``"pil"`` when this ``AutoImageProcessor.from_pretrained`` call is ours, else None."""
-    backend, use_fast = kwargs.get("backend"), kwargs.get("use_fast")
-    if backend is None and use_fast is not None:
-        backend = "torchvision" if use_fast else "pil"
-    if backend not in (None, "torchvision", "pil"):
+    backend = image_backend(kwargs.get("backend"), kwargs.get("use_fast"))
+    if backend is None:
         return None
     from transformers import PreTrainedConfig
     from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME, PROCESSOR_NAME
 
     path = str(path)
-    hub_kwargs = {
-        k: kwargs[k]
-        for k in ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
-        if kwargs.get(k) is not None
-    }
+    hub_kwargs = hub_kwargs_of(kwargs)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             image_config = json.load(f)
@@ -301,7 +288,7 @@ def _llava_next_image_backend(path: Any, kwargs: dict) -> str | None:
         return None
     if model_type is None and image_type is None:
         return None
-    return backend or "torchvision"
+    return backend
 
 
 def _install_image_processor() -> Callable[[], None]:
@@ -315,7 +302,7 @@ def _install_image_processor() -> Callable[[], None]:
             return original.__get__(None, cls)(pretrained_model_name_or_path, *inputs, **kwargs)
         for key in ("config", "backend", "use_fast", "trust_remote_code", "_from_auto"):
             kwargs.pop(key, None)
-        return _our_image_processor(backend).from_pretrained(pretrained_model_name_or_path, *inputs, **kwargs)
+        return image_processor_class(backend).from_pretrained(pretrained_model_name_or_path, *inputs, **kwargs)
 
     from_pretrained.__doc__ = original.__func__.__doc__
     from_pretrained.__wrapped__ = original.__func__
