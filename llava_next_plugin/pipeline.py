@@ -21,6 +21,9 @@ What it accepts (each image may be a PIL image, a path, ``bytes``, or an ``http(
   parts without an image take the images given with ``images=``.
 - Any generate argument (``max_new_tokens``, ``do_sample``, ``streamer``...) passes through, either as
   a keyword or in ``generate_kwargs={...}``.
+- ``detail="low"``: OpenAI's ``detail`` for every image of the call: the base view only (one tile's
+  tokens, 576 on llava-v1.6-mistral); ``"high"``/``"auto"`` (the default) the full any-resolution tiles.
+  It goes to the processor and to ``generate`` alike (``image_detail=``).
 
 A single request returns ``[{"generated_text": answer}]``; a batch returns one such list per item.
 The answer holds only the generated text, never the prompt.
@@ -129,7 +132,7 @@ class LlavaNextImageToTextPipeline(Pipeline):
         forward_params.update(kwargs)
         return {}, forward_params, {}
 
-    def preprocess(self, requests: list[_Request], timeout: float | None = None):
+    def preprocess(self, requests: list[_Request], timeout: float | None = None, image_detail: str | None = None):
         """Load the images of a batch, format the prompts, and run the processor (left padding)."""
         timeout = self.timeout if timeout is None else float(timeout)
         images, prompts = [], []
@@ -138,8 +141,9 @@ class LlavaNextImageToTextPipeline(Pipeline):
                 images.append(self._load_image(source, index=len(images), timeout=timeout))
             prompts.append(self._format(request))
         # Left padding: generation continues every row from its last column.
+        detail = {} if image_detail is None else {"image_detail": image_detail}
         return self.processor(
-            images=images or None, text=prompts, padding=True, padding_side="left", return_tensors="pt"
+            images=images or None, text=prompts, padding=True, padding_side="left", return_tensors="pt", **detail
         )
 
     def _forward(self, model_inputs, **generate_kwargs):
@@ -193,9 +197,12 @@ class LlavaNextImageToTextPipeline(Pipeline):
         batch_size = batch_size or self._batch_size or 1
         _, forward_params, _ = self._sanitize_parameters(**kwargs)
         forward_params = {**self._forward_params, **forward_params}
+        detail = forward_params.pop("detail", None)  # OpenAI's detail: for the processor and generate alike
+        if detail is not None:
+            forward_params["image_detail"] = detail
         results = []
         for start in range(0, len(requests), batch_size):
-            model_inputs = self.preprocess(requests[start : start + batch_size], timeout=timeout)
+            model_inputs = self.preprocess(requests[start : start + batch_size], timeout=timeout, image_detail=detail)
             results.extend(self.postprocess(self.forward(model_inputs, **forward_params)))
         return results[0] if single else results
 
