@@ -10,7 +10,10 @@ take the keyword list and the backend rule from here. Nothing here imports trans
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from .image_processing import LlavaNextImageProcessorBase
 
 __all__ = ["HUB_KWARGS", "hub_kwargs", "IMAGE_BACKENDS", "image_backend", "image_processor_class"]
 
@@ -50,7 +53,7 @@ def image_backend(backend: str | None, use_fast: bool | None) -> Literal["torchv
     return IMAGE_BACKENDS.get(backend)
 
 
-def image_processor_class(backend: Literal["torchvision", "pil"]) -> type:
+def image_processor_class(backend: Literal["torchvision", "pil"]) -> type[LlavaNextImageProcessorBase]:
     """Our image processor class for a backend :func:`image_backend` chose (imported on demand)."""
     if backend == "pil":
         from .image_processing import LlavaNextImageProcessor
