@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import modeling_outputs
@@ -84,7 +85,8 @@ def take_cache(cache, kwargs: dict, owner: str):
     return old if cache is None else cache
 
 
-if hasattr(modeling_outputs, "MultimodalBaseModelOutputWithPast"):
+# mypy checks against the newest transformers (TYPE_CHECKING is true for it), where these two exist.
+if TYPE_CHECKING or hasattr(modeling_outputs, "MultimodalBaseModelOutputWithPast"):
     MultimodalBaseModelOutputWithPast = modeling_outputs.MultimodalBaseModelOutputWithPast
     MultimodalCausalLMOutputWithPast = modeling_outputs.MultimodalCausalLMOutputWithPast
 else:  # transformers 5.23: the same fields, the cache under its 5.23 name ``past_key_values``

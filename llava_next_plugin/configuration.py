@@ -20,21 +20,20 @@ _TOWERS_WITH_CLS = ("clip_vision_model", "clip")
 class LlavaNextConfig(PreTrainedConfig):
     r"""Configuration of a LLaVA-NeXT model: a vision tower, a projector and a language backbone.
 
-    Args:
-        vision_config (`dict` or `PreTrainedConfig`): the vision tower's config (CLIP, SigLIP...).
-            Defaults to CLIP ViT-L/14 at 336 px.
-        text_config (`dict` or `PreTrainedConfig`): the language backbone's config, of any type
-            transformers knows (mistral, llama, qwen2...). Defaults to llama.
-        image_token_index (`int`): the id of the ``<image>`` token (also readable as ``image_token_id``).
-        projector_hidden_act (`str`): the activation between the projector's two linear layers.
-        vision_feature_select_strategy (`str`): ``"default"`` drops the first position of each
-            tile's features (CLIP's CLS), ``"full"`` keeps every position.
-        vision_feature_layer (`int` or `list[int]`): the vision hidden state(s) to use; a list's
-            states are concatenated along the feature axis.
-        image_grid_pinpoints (`list[[height, width]]`): the resolutions an image may be tiled to.
-        image_seq_length (`int`): tokens of one tile (informational, as in llava-hf configs).
-        multimodal_projector_bias (`bool`): whether the projector's linear layers have biases.
-        tie_word_embeddings (`bool`): tie the LM head to the input embeddings.
+    :param vision_config: the vision tower's config (CLIP, SigLIP...), a dict or a ``PreTrainedConfig``.
+        Defaults to CLIP ViT-L/14 at 336 px.
+    :param text_config: the language backbone's config, of any type transformers knows (mistral, llama,
+        qwen2...), a dict or a ``PreTrainedConfig``. Defaults to llama.
+    :param image_token_index: the id of the ``<image>`` token (also readable as ``image_token_id``).
+    :param projector_hidden_act: the activation between the projector's two linear layers.
+    :param vision_feature_select_strategy: ``"default"`` drops the first position of each tile's features
+        (CLIP's CLS), ``"full"`` keeps every position.
+    :param vision_feature_layer: the vision hidden state(s) to use (an int or a list of ints); a list's
+        states are concatenated along the feature axis.
+    :param image_grid_pinpoints: the ``[height, width]`` resolutions an image may be tiled to.
+    :param image_seq_length: tokens of one tile (informational, as in llava-hf configs).
+    :param multimodal_projector_bias: whether the projector's linear layers have biases.
+    :param tie_word_embeddings: tie the LM head to the input embeddings.
     """
 
     model_type = "llava_next"
@@ -93,20 +92,30 @@ class LlavaNextConfig(PreTrainedConfig):
         if self.vision_feature_select_strategy == "full" and self.num_additional_image_tokens:
             raise ValueError(
                 f"vision_feature_select_strategy='full' keeps the CLS position of the "
-                f"{self.vision_config.model_type!r} tower, so a tile's "
+                f"{self.vision_tower_config.model_type!r} tower, so a tile's "
                 f"{self.patches_per_side**2 + 1} features cannot form a square grid. Use "
                 f"strategy 'default' with this tower, or a tower without a CLS position (SigLIP)."
             )
 
     # --- Derived facts the processor and the model share -----------------------------------
     @property
+    def vision_tower_config(self) -> PreTrainedConfig:
+        """``vision_config`` as the config object construction made of it (a dict or None becomes one)."""
+        return _built(self.vision_config, "vision_config")
+
+    @property
+    def language_model_config(self) -> PreTrainedConfig:
+        """``text_config`` as the config object construction made of it (a dict or None becomes one)."""
+        return _built(self.text_config, "text_config")
+
+    @property
     def tile_size(self) -> int:
         """Pixels on a side of one vision-tower tile (``vision_config.image_size``)."""
-        return int(self.vision_config.image_size)
+        return int(self.vision_tower_config.image_size)
 
     @property
     def patch_size(self) -> int:
-        return int(self.vision_config.patch_size)
+        return int(self.vision_tower_config.patch_size)
 
     @property
     def patches_per_side(self) -> int:
@@ -115,16 +124,33 @@ class LlavaNextConfig(PreTrainedConfig):
     @property
     def num_additional_image_tokens(self) -> int:
         """Positions the tower emits before its patches: 1 for CLIP (CLS), 0 for SigLIP."""
-        return 1 if self.vision_config.model_type in _TOWERS_WITH_CLS else 0
+        return 1 if self.vision_tower_config.model_type in _TOWERS_WITH_CLS else 0
+
+    @property
+    def pinpoints(self) -> list:
+        """``image_grid_pinpoints`` as construction set them (the defaults when none were given)."""
+        if self.image_grid_pinpoints is None:
+            raise TypeError("image_grid_pinpoints is None: LlavaNextConfig sets it at construction")
+        return self.image_grid_pinpoints
 
     def image_geometry(self, height: int, width: int) -> geometry.ImageGeometry:
         """The token layout of one ``height x width`` image under this config."""
         return geometry.image_geometry(
             height,
             width,
-            self.image_grid_pinpoints,
+            self.pinpoints,
             self.tile_size,
             self.patch_size,
             self.vision_feature_select_strategy,
             self.num_additional_image_tokens,
         )
+
+
+def _built(sub_config: dict | PreTrainedConfig | None, name: str) -> PreTrainedConfig:
+    """*sub_config* once ``__post_init__`` has made a config object of it; a clear error before that."""
+    if not isinstance(sub_config, PreTrainedConfig):
+        raise TypeError(
+            f"{name} is a {type(sub_config).__name__}, not a config object: LlavaNextConfig builds it at "
+            f"construction; set it through LlavaNextConfig(...) rather than by assignment"
+        )
+    return sub_config

@@ -21,15 +21,22 @@ Worked example (llava-v1.6-mistral, 1024 wide x 768 high): the best pinpoint is 
 a 2x2 grid, a 48x48 map; the image is wider than tall, so 6 rows of padding are cut from
 top and bottom, leaving 36 x 48: ``576 + 1728 + 36 = 2340`` tokens.
 
+OpenAI's ``detail`` on an image: ``"high"`` and ``"auto"`` are the above; ``"low"`` keeps the base view
+alone (``base`` tokens, 576 on llava-v1.6-mistral): :meth:`ImageGeometry.base_view` is that layout, an
+empty grid, and :func:`low_detail_images` reads the per-image choice.
+
 Everything here is plain integer arithmetic on sizes: the processor calls it to expand
 ``<image>`` and the model calls it to unpad, so the two can never disagree.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from .errors import InputError
 
 __all__ = [
     "ImageGeometry",
@@ -43,9 +50,14 @@ __all__ = [
     "base_token_count",
     "num_image_tokens",
     "image_geometry",
+    "DETAILS",
+    "low_detail_images",
 ]
 
 VALID_STRATEGIES = ("default", "full")
+
+DETAILS = ("low", "high", "auto")
+"""OpenAI's ``detail`` values: ``"low"`` is the base view only, ``"high"`` and ``"auto"`` the full anyres."""
 
 
 def _as_pairs(pinpoints: Iterable[Sequence[int]]) -> list[tuple[int, int]]:
@@ -71,7 +83,7 @@ def select_best_resolution(height: int, width: int, pinpoints: Iterable[Sequence
     score wins; ties go to the candidate that wastes the least area.
     """
     _check_size(height, width)
-    best, best_kept, best_waste = None, -1, None
+    best, best_kept, best_waste = (0, 0), -1, 0  # replaced by the first candidate (there is at least one)
     for cand_h, cand_w in _as_pairs(pinpoints):
         scale = min(cand_w / width, cand_h / height)
         kept = min(int(width * scale) * int(height * scale), width * height)
@@ -215,6 +227,11 @@ class ImageGeometry:
     def num_tokens(self) -> int:
         return self.base_tokens + self.tile_tokens + self.newline_tokens
 
+    def base_view(self) -> ImageGeometry:
+        """This image at ``detail="low"``: the base view alone (one tile, ``base_tokens`` tokens, no grid,
+        no newlines). ``best_resolution`` still says what the full view would use."""
+        return dataclasses.replace(self, grid_rows=0, grid_cols=0, crop_top=0, crop_bottom=0, crop_left=0, crop_right=0)
+
     def describe(self) -> str:
         """``"<image> x2340 = base 576 + tiles 1728 + newlines 36"``."""
         return (
@@ -231,8 +248,17 @@ def image_geometry(
     patch_size: int,
     strategy: str = "default",
     num_additional_image_tokens: int = 1,
+    *,
+    detail: str = "auto",
 ) -> ImageGeometry:
-    """The full :class:`ImageGeometry` of one image (sizes in pixels, ``height`` first)."""
+    """The :class:`ImageGeometry` of one image (sizes in pixels, ``height`` first).
+
+    :param detail: ``"low"`` gives the :meth:`~ImageGeometry.base_view` layout; ``"high"``/``"auto"`` the full one.
+    :raises ValueError: a size, pinpoint or strategy that cannot be used (an :class:`~.errors.InputError`
+        for an unknown *detail*).
+    """
+    if detail not in DETAILS:
+        raise InputError(_detail_message(detail), param="image_detail")
     base = base_token_count(tile_size, patch_size, strategy, num_additional_image_tokens)
     best = select_best_resolution(height, width, pinpoints)
     rows, cols = best[0] // tile_size, best[1] // tile_size
@@ -240,7 +266,8 @@ def image_geometry(
         raise ValueError(f"pinpoint {list(best)} is smaller than one {tile_size}px tile")
     side = tile_size // patch_size
     top, bottom, left, right = unpadded_crop(height, width, rows * side, cols * side)
-    return ImageGeometry(height, width, best, rows, cols, side, top, bottom, left, right, base)
+    geom = ImageGeometry(height, width, best, rows, cols, side, top, bottom, left, right, base)
+    return geom.base_view() if detail == "low" else geom
 
 
 def num_image_tokens(
@@ -251,8 +278,50 @@ def num_image_tokens(
     patch_size: int,
     strategy: str = "default",
     num_additional_image_tokens: int = 1,
+    *,
+    detail: str = "auto",
 ) -> int:
     """How many ``<image>`` tokens (and model features) one ``height x width`` image becomes."""
     return image_geometry(
-        height, width, pinpoints, tile_size, patch_size, strategy, num_additional_image_tokens
+        height, width, pinpoints, tile_size, patch_size, strategy, num_additional_image_tokens, detail=detail
     ).num_tokens
+
+
+def low_detail_images(image_detail: str | Sequence[str] | None, count: int) -> list[bool]:
+    """For each of *count* images, whether it is seen at ``detail="low"`` (the base view only).
+
+    :param image_detail: one of :data:`DETAILS` for every image, one per image, or None (all ``"auto"``).
+    :param count: how many images there are.
+    :raises InputError: a value not in :data:`DETAILS`, or a sequence not one per image.
+    """
+    if image_detail is None:
+        return [False] * count
+    if isinstance(image_detail, str):
+        if image_detail not in DETAILS:
+            raise InputError(_detail_message(image_detail), param="image_detail")
+        values = [image_detail] * count
+    elif isinstance(image_detail, Sequence):
+        values = list(image_detail)
+        if len(values) != count:
+            raise InputError(
+                f"image_detail has {len(values)} values for {count} image(s): give one per image, or one "
+                f"string ({_accepted()}) for all",
+                param="image_detail",
+            )
+    else:
+        raise InputError(_detail_message(image_detail), param="image_detail")
+    for value in values:
+        if value not in DETAILS:
+            raise InputError(_detail_message(value), param="image_detail")
+    return [value == "low" for value in values]
+
+
+def _accepted() -> str:
+    return ", ".join(repr(d) for d in DETAILS)
+
+
+def _detail_message(value: object) -> str:
+    return (
+        f"image_detail must be one of {_accepted()} (low: the base view only; high/auto: the full any-resolution "
+        f"tiles), got {value!r}"
+    )

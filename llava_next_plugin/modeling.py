@@ -30,8 +30,11 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,9 +88,9 @@ class LlavaNextMultiModalProjector(nn.Module):
         super().__init__()
         layers = config.vision_feature_layer
         n_layers = len(layers) if isinstance(layers, (list, tuple)) else 1
-        text_hidden = config.text_config.hidden_size
+        text_hidden = config.language_model_config.hidden_size
         bias = config.multimodal_projector_bias
-        self.linear_1 = nn.Linear(config.vision_config.hidden_size * n_layers, text_hidden, bias=bias)
+        self.linear_1 = nn.Linear(config.vision_tower_config.hidden_size * n_layers, text_hidden, bias=bias)
         self.act = ACT2FN[config.projector_hidden_act]
         self.linear_2 = nn.Linear(text_hidden, text_hidden, bias=bias)
 
@@ -131,6 +134,49 @@ def _packing_order_of_layout(
     return torch.cat([torch.arange(base_tokens), grid])
 
 
+# --- Which images go with which sample ------------------------------------------------------------
+
+
+def images_of_samples(tokens_per_sample: list[int], features: list[int], labels: list[str]) -> list[range]:
+    """The images whose features fill each sample's ``<image>`` tokens: the one walk over a batch.
+
+    Images are given in prompt order over the whole batch, so sample ``s`` takes the next images until
+    their features cover its tokens. Used to check a batch before its features are placed, and to
+    find each sample's block of images when ``generate`` repeats samples.
+
+    :param tokens_per_sample: ``<image>`` tokens in each sample (``token_mask.sum(-1)``).
+    :param features: features of each image (its geometry's ``num_tokens``, or an encoded image's length).
+    :param labels: how errors name each image (e.g. its ``height x width``).
+    :return: per sample, the range of indices of its images.
+    :raises InputError: a sample's tokens are not exactly its images' features, or images are left over.
+    """
+    blocks, image = [], 0
+    for sample, n_tokens in enumerate(tokens_per_sample):
+        first, n_features = image, 0
+        while image < len(features) and n_features < n_tokens:
+            n_features += features[image]
+            image += 1
+        if n_features != n_tokens:
+            described = (
+                ", ".join(f"image {i} {labels[i]} -> {features[i]}" for i in range(first, image)) or "no image left"
+            )
+            raise InputError(
+                f"sample {sample} has {n_tokens} <image> tokens but its images give {n_features} features "
+                f"({described}). The prompt's <image> expansion does not match the model: probably the "
+                f"processor's patch_size, vision_feature_select_strategy or image_grid_pinpoints differ "
+                f"from the model config, or image_sizes are not the sizes the processor saw.",
+                param="input_ids",
+            )
+        blocks.append(range(first, image))
+    if image != len(features):
+        raise InputError(
+            f"the batch has {sum(tokens_per_sample)} <image> tokens but {len(features)} images giving "
+            f"{sum(features)} features: {len(features) - image} image(s) have no <image> tokens in the prompt",
+            param="pixel_values",
+        )
+    return blocks
+
+
 # --- Models ----------------------------------------------------------------------------------------
 
 
@@ -140,7 +186,7 @@ class LlavaNextPreTrainedModel(PreTrainedModel):
     config_class = LlavaNextConfig
     config: LlavaNextConfig
     base_model_prefix = "model"
-    input_modalities = ("image", "text")
+    input_modalities = ["image", "text"]
     supports_gradient_checkpointing = True
     _skip_keys_device_placement = [CACHE_NAME]
     _supports_flash_attn = True
@@ -171,7 +217,7 @@ class LlavaNextPreTrainedModel(PreTrainedModel):
         # Weights already loaded from a checkpoint carry ``_is_hf_initialized``: leave those alone.
         if isinstance(module, LlavaNextModel) and not getattr(module.image_newline, "_is_hf_initialized", False):
             with torch.no_grad():
-                module.image_newline.normal_(0.0, 1.0 / math.sqrt(self.config.text_config.hidden_size))
+                module.image_newline.normal_(0.0, 1.0 / math.sqrt(self.config.language_model_config.hidden_size))
 
     def initialize_weights(self) -> None:
         """transformers' initialisation of every weight not yet initialised, each sub-model by its own rules.
@@ -181,11 +227,11 @@ class LlavaNextPreTrainedModel(PreTrainedModel):
         got the generic init instead of CLIP's. Our ``_init_weights`` honours ``_is_hf_initialized`` per
         tensor, as transformers' own classes do, so we run the initialisation as for those.
         """
-        self.is_custom_code = _not_custom_code  # this call only: an instance attribute over the classmethod
+        vars(self)["is_custom_code"] = _not_custom_code  # this call only: an instance attribute over the classmethod
         try:
             super().initialize_weights()
         finally:
-            del self.is_custom_code
+            del vars(self)["is_custom_code"]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -194,19 +240,26 @@ class LlavaNextPreTrainedModel(PreTrainedModel):
         kwargs["key_mapping"] = {**(kwargs.get("key_mapping") or {}), **checkpoint_keys.LOAD_KEY_MAPPING}
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
-    def save_pretrained(self, save_directory, *args, state_dict: dict | None = None, **kwargs):
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        is_main_process: bool = True,
+        state_dict: dict | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
         """Save in the llava-hf hub layout (``language_model.model.*``, ``vision_tower.vision_model.*``...).
 
         Tied weights (``lm_head`` tied to the input embeddings) are written once, under the
         embeddings' name, as transformers expects. Quantized models are saved the same way.
         """
         if getattr(self, "_hf_peft_config_loaded", False):
-            return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+            return super().save_pretrained(save_directory, is_main_process, state_dict, *args, **kwargs)
         kwargs["save_original_format"] = False
         quantizer = getattr(self, "hf_quantizer", None)
         if quantizer is None:
             state_dict = self._hub_state_dict(self.state_dict() if state_dict is None else state_dict)
-            return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+            return super().save_pretrained(save_directory, is_main_process, state_dict, *args, **kwargs)
         # A quantized model's state dict comes from its quantizer, inside transformers' save_pretrained:
         # rename it on the way out, for this call only.
         quantized_state_dict = quantizer.get_state_dict_and_metadata
@@ -219,7 +272,7 @@ class LlavaNextPreTrainedModel(PreTrainedModel):
 
         quantizer.get_state_dict_and_metadata = hub_state_dict_and_metadata
         try:
-            return super().save_pretrained(save_directory, *args, state_dict=state_dict, **kwargs)
+            return super().save_pretrained(save_directory, is_main_process, state_dict, *args, **kwargs)
         finally:
             del quantizer.get_state_dict_and_metadata
 
@@ -255,7 +308,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
         self.multi_modal_projector = LlavaNextMultiModalProjector(config)
-        text_hidden = config.text_config.hidden_size
+        text_hidden = config.language_model_config.hidden_size
         self.image_newline = nn.Parameter(torch.randn(text_hidden, dtype=self.dtype) / math.sqrt(text_hidden))
         self.language_model = AutoModel.from_config(config.text_config)
         self._lm_cache_kwarg = cache_kwarg(self.language_model.forward)  # "cache" or "past_key_values"
@@ -288,7 +341,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                 geom = geometry.image_geometry(
                     height,
                     width,
-                    cfg.image_grid_pinpoints,
+                    cfg.pinpoints,
                     cfg.tile_size,
                     cfg.patch_size,
                     strategy,
@@ -299,8 +352,12 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
             self._geometry_cache[key] = geom
         return geom
 
-    def _image_geometries(self, image_sizes, strategy: str) -> list[geometry.ImageGeometry]:
+    def _image_geometries(
+        self, image_sizes, strategy: str, image_detail: str | Sequence[str] | None = None
+    ) -> list[geometry.ImageGeometry]:
+        """Each image's geometry; at ``detail="low"`` its :meth:`~.geometry.ImageGeometry.base_view`."""
         sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(s) for s in image_sizes]
+        low = geometry.low_detail_images(image_detail, len(sizes))
         geoms = []
         for index, size in enumerate(sizes):
             if len(size) != 2:
@@ -308,14 +365,30 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                     f"image_sizes[{index}] is {size}: give one (height, width) pair per image", param="image_sizes"
                 )
             try:
-                geoms.append(self.image_geometry(int(size[0]), int(size[1]), strategy))
+                geom = self.image_geometry(int(size[0]), int(size[1]), strategy)
             except ValueError as err:
                 raise InputError(f"image_sizes[{index}] = {size}: {err}", param="image_sizes") from err
+            geoms.append(geom.base_view() if low[index] else geom)
         return geoms
 
-    def _gather_tiles(self, pixel_values: torch.Tensor, geoms: list[geometry.ImageGeometry]) -> torch.Tensor:
-        """Every tile the images need, ``[T, C, tile, tile]``, from 5-D padded or 4-D stacked input."""
+    def _gather_tiles(
+        self, pixel_values: torch.Tensor | Sequence[torch.Tensor], geoms: list[geometry.ImageGeometry]
+    ) -> torch.Tensor:
+        """Every tile the images need, ``[T, C, tile, tile]``, from 5-D padded, a list of one ``[tiles_i, C,
+        tile, tile]`` per image, or 4-D stacked input.
+
+        Each image uses its first ``num_tiles`` tiles (the base view first): all of them at full detail, the
+        base view alone at ``detail="low"``. The 4-D form holds exactly the tiles used.
+        """
         needed = [g.num_tiles for g in geoms]
+        if not isinstance(pixel_values, torch.Tensor):
+            if len(pixel_values) != len(geoms):
+                raise InputError(
+                    f"pixel_values holds {len(pixel_values)} images but image_sizes has {len(geoms)} entries: "
+                    f"give one (height, width) per image, as the processor returns them",
+                    param="image_sizes",
+                )
+            return self._gather_tiles(torch.cat([pv[:n] for pv, n in zip(pixel_values, needed, strict=True)]), geoms)
         tile = self.config.tile_size
         if pixel_values.dim() in (4, 5) and tuple(pixel_values.shape[-2:]) != (tile, tile):
             raise InputError(
@@ -331,7 +404,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                     param="image_sizes",
                 )
             available = pixel_values.shape[1]
-            for index, (g, n) in enumerate(zip(geoms, needed)):
+            for index, (g, n) in enumerate(zip(geoms, needed, strict=True)):
                 if n > available:
                     raise InputError(
                         f"image {index} ({g.height}x{g.width}) needs {n} tiles (1 + {g.grid_rows}x{g.grid_cols} "
@@ -341,7 +414,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                     )
             if all(n == available for n in needed):
                 return pixel_values.flatten(0, 1)
-            return torch.cat([pv[:n] for pv, n in zip(pixel_values, needed)])
+            return torch.cat([pv[:n] for pv, n in zip(pixel_values, needed, strict=True)])
         if pixel_values.dim() == 4:
             if pixel_values.shape[0] != sum(needed):
                 raise InputError(
@@ -408,8 +481,20 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         table = torch.cat([tile_features.reshape(n_tiles * per_tile, hidden), newline[None]])
         return table.index_select(0, index)
 
-    def _image_features(self, pixel_values, image_sizes, feature_layer, strategy, **tower_flags):
-        """``(packed [sum(tokens), D], geometries, vision tower outputs)`` for every image in the batch."""
+    def _image_features(
+        self,
+        pixel_values: torch.Tensor | Sequence[torch.Tensor],
+        image_sizes: torch.Tensor | Sequence[Sequence[int]] | None,
+        feature_layer: int | list[int],
+        strategy: str,
+        image_detail: str | Sequence[str] | None = None,
+        **tower_flags: bool | None,
+    ) -> tuple[torch.Tensor, list[geometry.ImageGeometry], BaseModelOutputWithPooling]:
+        """``(packed [sum(tokens), D], geometries, vision tower outputs)`` for every image in the batch.
+
+        A ``detail="low"`` image's geometry is its base view: only its first tile goes through the tower and
+        its packing order is that tile's features, so it gives exactly the tokens the processor counted.
+        """
         if image_sizes is None:
             raise InputError(
                 "pixel_values were given without image_sizes: pass the (height, width) of each image "
@@ -421,38 +506,40 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                 f"vision_feature_select_strategy must be 'default' or 'full', got {strategy!r}",
                 param="vision_feature_select_strategy",
             )
-        geoms = self._image_geometries(image_sizes, strategy)
-        if isinstance(pixel_values, (list, tuple)):  # one [tiles_i, C, H, W] tensor per image
-            pixel_values = torch.cat(list(pixel_values))
+        geoms = self._image_geometries(image_sizes, strategy, image_detail)
         tiles = self._gather_tiles(pixel_values, geoms)
         tile_features, tower_outputs = self._tile_features(tiles, feature_layer, strategy, **tower_flags)
         return self.pack_image_features(tile_features, geoms), geoms, tower_outputs
 
     def get_image_features(
         self,
-        pixel_values: torch.Tensor,
-        image_sizes: torch.Tensor | list,
+        pixel_values: torch.Tensor | Sequence[torch.Tensor],
+        image_sizes: torch.Tensor | Sequence[Sequence[int]],
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
+        image_detail: str | Sequence[str] | None = None,
+        **kwargs: Any,
     ) -> BaseModelOutputWithPooling | tuple:
         """Image embeddings, as the language model receives them.
 
-        Args:
-            pixel_values: ``[images, tiles, C, H, W]`` (padded, as the processor returns),
-                ``[all_tiles, C, H, W]``, or a list of one ``[tiles_i, C, H, W]`` tensor per image.
-            image_sizes: ``[images, 2]``, each image's original ``(height, width)``.
-            output_hidden_states, output_attentions: also return all of the vision tower's hidden
-                states / attentions (over all tiles, ``[T, positions, vision_hidden]`` each).
-            return_dict: ``False`` gives the same fields as a tuple.
-
-        Returns:
-            ``BaseModelOutputWithPooling``: ``pooler_output`` is a tuple of ``[num_tokens_i, text_hidden]``
-            tensors, one per image; ``last_hidden_state`` is the vision tower's ``[T, positions,
+        :param pixel_values: ``[images, tiles, C, H, W]`` (padded, as the processor returns),
+            ``[all_tiles, C, H, W]``, or a list of one ``[tiles_i, C, H, W]`` tensor per image.
+        :param image_sizes: ``[images, 2]``, each image's original ``(height, width)``.
+        :param vision_feature_layer: the tower's layer(s) to use instead of the config's.
+        :param vision_feature_select_strategy: ``"default"`` or ``"full"`` instead of the config's.
+        :param output_hidden_states: also return all of the vision tower's hidden states (over all tiles,
+            ``[T, positions, vision_hidden]`` each).
+        :param output_attentions: also return the vision tower's attentions.
+        :param return_dict: ``False`` gives the same fields as a tuple.
+        :param image_detail: OpenAI's ``detail``, one for all images or one per image: ``"low"`` gives the base
+            view's features only (``base_tokens``), ``"high"``/``"auto"`` (the default) the full any-resolution ones.
+        :return: a ``BaseModelOutputWithPooling``: ``pooler_output`` is a tuple of ``[num_tokens_i,
+            text_hidden]`` tensors, one per image; ``last_hidden_state`` is the vision tower's ``[T, positions,
             vision_hidden]``; ``hidden_states`` and ``attentions`` as requested.
+        :raises InputError: sizes, tiles or settings that do not fit the model, or an unknown *image_detail*.
         """
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
@@ -461,12 +548,14 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
             image_sizes,
             layer,
             strategy,
+            image_detail,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
         result = BaseModelOutputWithPooling(
             last_hidden_state=tower.last_hidden_state,
-            pooler_output=torch.split(packed, [g.num_tokens for g in geoms]),
+            # one [num_tokens_i, D] tensor per image, as transformers' multimodal models give (typed as one tensor)
+            pooler_output=torch.split(packed, [g.num_tokens for g in geoms]),  # type: ignore[arg-type]
             hidden_states=tower.hidden_states if output_hidden_states else None,
             attentions=tower.attentions if output_attentions else None,
         )
@@ -483,39 +572,11 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         )
         return (inputs_embeds == image_embedding).all(-1)
 
-    def _check_counts(self, token_mask: torch.Tensor, geoms: list[geometry.ImageGeometry]) -> None:
-        """Raise a clear error unless each sample's ``<image>`` tokens match its images' features."""
-        self._check_feature_counts(token_mask, [g.num_tokens for g in geoms], [f"{g.height}x{g.width}" for g in geoms])
-
-    @staticmethod
-    def _check_feature_counts(token_mask: torch.Tensor, features: list[int], labels: list[str]) -> None:
-        """:meth:`_check_counts` from each image's feature count (``labels`` name the images in errors)."""
-        tokens_per_sample = token_mask.sum(-1).tolist()
-        if sum(tokens_per_sample) == sum(features) and len(tokens_per_sample) == 1:
-            return
-        image = 0
-        for sample, n_tokens in enumerate(tokens_per_sample):
-            first, n_features = image, 0
-            while image < len(features) and n_features < n_tokens:
-                n_features += features[image]
-                image += 1
-            if n_features != n_tokens:
-                described = (
-                    ", ".join(f"image {i} {labels[i]} -> {features[i]}" for i in range(first, image)) or "no image left"
-                )
-                raise InputError(
-                    f"sample {sample} has {n_tokens} <image> tokens but its images give {n_features} features "
-                    f"({described}). The prompt's <image> expansion does not match the model: probably the "
-                    f"processor's patch_size, vision_feature_select_strategy or image_grid_pinpoints differ "
-                    f"from the model config, or image_sizes are not the sizes the processor saw.",
-                    param="input_ids",
-                )
-        if image != len(features):
-            raise InputError(
-                f"the batch has {sum(tokens_per_sample)} <image> tokens but {len(features)} images giving "
-                f"{sum(features)} features: {len(features) - image} image(s) have no <image> tokens in the prompt",
-                param="pixel_values",
-            )
+    def _check_counts(self, token_mask: torch.Tensor, geoms: list[geometry.ImageGeometry]) -> list[range]:
+        """Each sample's images (see :func:`images_of_samples`); a clear error unless tokens and features match."""
+        return images_of_samples(
+            token_mask.sum(-1).tolist(), [g.num_tokens for g in geoms], [f"{g.height}x{g.width}" for g in geoms]
+        )
 
     def forward(
         self,
@@ -530,26 +591,35 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         vision_feature_select_strategy: str | None = None,
         use_cache: bool | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-        **kwargs,
+        image_detail: str | Sequence[str] | None = None,
+        **kwargs: Any,
     ) -> LlavaNextModelOutputWithPast | tuple:
         """Embed the text, put image features at the ``<image>`` positions, run the language model.
 
-        Args:
-            input_ids: ``[batch, seq]`` with each image's ``<image>`` token already expanded to its
-                ``num_tokens`` (the processor does this).
-            pixel_values: ``[images, tiles, C, H, W]``, ``[all_tiles, C, H, W]``, or a list of one
-                ``[tiles_i, C, H, W]`` tensor per image; images in prompt order.
-            image_sizes: ``[images, 2]`` original ``(height, width)`` of each image.
-            attention_mask: ``[batch, seq]`` (1 = attend), or a 4-D mask.
-            cache: a transformers ``Cache`` (``past_key_values`` is accepted as an alias; ``generate``
-                passes the name of the installed transformers, see :mod:`._compat`).
-            inputs_embeds: ``[batch, seq, text_hidden]`` instead of ``input_ids``.
-            mm_encoder_outputs: ``{"image": get_image_features(...)}``, images encoded beforehand, instead
-                of ``pixel_values`` (``generate`` encodes the images once this way and passes the features
-                on, to an assistant model too).
-
         ``<image>`` ids in a prompt given no images at all are embedded as ordinary tokens (with a
         one-time warning), as transformers does; with images, every ``<image>`` token must get a feature.
+
+        :param input_ids: ``[batch, seq]`` with each image's ``<image>`` token already expanded to its
+            ``num_tokens`` (the processor does this).
+        :param pixel_values: ``[images, tiles, C, H, W]``, ``[all_tiles, C, H, W]``, or a list of one
+            ``[tiles_i, C, H, W]`` tensor per image; images in prompt order.
+        :param image_sizes: ``[images, 2]`` original ``(height, width)`` of each image.
+        :param attention_mask: ``[batch, seq]`` (1 = attend), or a 4-D mask.
+        :param position_ids: ``[batch, seq]`` positions, when not the default ones.
+        :param cache: a transformers ``Cache`` (``past_key_values`` is accepted as an alias; ``generate``
+            passes the name of the installed transformers, see :mod:`._compat`).
+        :param inputs_embeds: ``[batch, seq, text_hidden]`` instead of ``input_ids``.
+        :param vision_feature_layer: the tower's layer(s) to use instead of the config's.
+        :param vision_feature_select_strategy: ``"default"`` or ``"full"`` instead of the config's.
+        :param use_cache: whether to return the cache.
+        :param mm_encoder_outputs: ``{"image": get_image_features(...)}``, images encoded beforehand, instead
+            of ``pixel_values`` (``generate`` encodes the images once this way and passes the features
+            on, to an assistant model too).
+        :param image_detail: OpenAI's ``detail``, one for all images or one per image: ``"low"`` puts only the
+            base view's features (``base_tokens``), ``"high"``/``"auto"`` (the default) the full any-resolution
+            ones. Give the processor the same value, so its ``<image>`` expansion matches.
+        :return: :class:`LlavaNextModelOutputWithPast`, or a tuple with ``return_dict=False``.
+        :raises InputError: images and ``<image>`` tokens that do not match, or settings the model cannot use.
         """
         cache = take_cache(cache, kwargs, f"{type(self).__name__}.forward")
         return_dict = kwargs.pop("return_dict", True)
@@ -558,8 +628,9 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if isinstance(pixel_values, (list, tuple)):  # one [tiles_i, C, H, W] tensor per image
-            pixel_values = torch.cat(list(pixel_values)) if len(pixel_values) else None
-        if pixel_values is not None and pixel_values.numel() == 0:
+            if not any(pv.numel() for pv in pixel_values):
+                pixel_values = None
+        elif pixel_values is not None and pixel_values.numel() == 0:
             pixel_values = None
         encoded = (mm_encoder_outputs or {}).get("image")
         if encoded is not None and pixel_values is not None:
@@ -570,12 +641,19 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
 
         image_outputs = None
         if encoded is not None:
-            per_image = encoded.pooler_output if isinstance(encoded, BaseModelOutputWithPooling) else encoded[1]
+            pooled = encoded.pooler_output if isinstance(encoded, BaseModelOutputWithPooling) else encoded[1]
+            if pooled is None:
+                raise InputError(
+                    "mm_encoder_outputs['image'] has no pooler_output: pass what get_image_features returns",
+                    param="mm_encoder_outputs",
+                )
             # one [tokens_i, D] tensor per image; a single [sum(tokens), D] tensor is one block
-            per_image = [per_image] if isinstance(per_image, torch.Tensor) and per_image.dim() == 2 else list(per_image)
+            per_image: list[torch.Tensor] = (
+                [pooled] if isinstance(pooled, torch.Tensor) and pooled.dim() == 2 else list(pooled)
+            )
             token_mask = self._image_token_mask(input_ids, inputs_embeds)
             counts = [len(features) for features in per_image]
-            self._check_feature_counts(token_mask, counts, ["(encoded)"] * len(counts))
+            images_of_samples(token_mask.sum(-1).tolist(), counts, ["(encoded)"] * len(counts))
             if per_image:
                 features = torch.cat(per_image).to(inputs_embeds.device, inputs_embeds.dtype)
                 inputs_embeds = inputs_embeds.masked_scatter(token_mask.unsqueeze(-1), features)
@@ -591,12 +669,12 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                 )
             layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
             strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-            features, geoms, _ = self._image_features(pixel_values, image_sizes, layer, strategy)
+            features, geoms, _ = self._image_features(pixel_values, image_sizes, layer, strategy, image_detail)
             self._check_counts(token_mask, geoms)
             features = features.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(token_mask.unsqueeze(-1), features)
             image_outputs = BaseModelOutputWithPooling(
-                pooler_output=torch.split(features, [g.num_tokens for g in geoms])
+                pooler_output=torch.split(features, [g.num_tokens for g in geoms])  # type: ignore[arg-type]
             )
         elif (
             not self._warned_image_tokens_as_text
@@ -642,7 +720,8 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
     def __init__(self, config: LlavaNextConfig):
         super().__init__(config)
         self.model = LlavaNextModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        text = config.language_model_config
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -658,11 +737,22 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
         self.lm_head = value
 
     def get_image_features(
-        self, pixel_values, image_sizes, vision_feature_layer=None, vision_feature_select_strategy=None, **kwargs
-    ) -> BaseModelOutputWithPooling:
+        self,
+        pixel_values: torch.Tensor | Sequence[torch.Tensor],
+        image_sizes: torch.Tensor | Sequence[Sequence[int]],
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        image_detail: str | Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling | tuple:
         """See :meth:`LlavaNextModel.get_image_features`."""
         return self.model.get_image_features(
-            pixel_values, image_sizes, vision_feature_layer, vision_feature_select_strategy, **kwargs
+            pixel_values,
+            image_sizes,
+            vision_feature_layer,
+            vision_feature_select_strategy,
+            image_detail=image_detail,
+            **kwargs,
         )
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
@@ -674,39 +764,44 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
         """
         pixel_values, image_sizes = model_kwargs.get("pixel_values"), model_kwargs.get("image_sizes")
         if expand_size == 1 or pixel_values is None or image_sizes is None:
-            return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+            # transformers types GenerationMixin's self as a protocol our PreTrainedModel meets at runtime
+            return super()._expand_inputs_for_generation(  # type: ignore[misc]
+                expand_size, is_encoder_decoder, input_ids, **model_kwargs
+            )
         strategy = model_kwargs.get("vision_feature_select_strategy") or self.config.vision_feature_select_strategy
-        tiles, image_sizes = self._images_by_sample_block(
-            input_ids, model_kwargs.get("inputs_embeds"), pixel_values, image_sizes, strategy, expand_size
+        tiles, image_sizes, image_detail = self._images_by_sample_block(
+            input_ids,
+            model_kwargs.get("inputs_embeds"),
+            pixel_values,
+            image_sizes,
+            strategy,
+            expand_size,
+            model_kwargs.get("image_detail"),
         )
         model_kwargs["pixel_values"] = model_kwargs["image_sizes"] = None  # not repeated per row below
-        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(  # type: ignore[misc]  # as above
             expand_size, is_encoder_decoder, input_ids, **model_kwargs
         )
         model_kwargs["pixel_values"], model_kwargs["image_sizes"] = tiles, image_sizes
+        if image_detail is not None:
+            model_kwargs["image_detail"] = image_detail
         return input_ids, model_kwargs
 
-    def _images_by_sample_block(self, input_ids, inputs_embeds, pixel_values, image_sizes, strategy, repeats):
-        """``(tiles [T', C, H, W], image_sizes [images', 2])`` with each sample's images repeated ``repeats`` times.
+    def _images_by_sample_block(
+        self, input_ids, inputs_embeds, pixel_values, image_sizes, strategy, repeats, image_detail=None
+    ):
+        """``(tiles [T', C, H, W], image_sizes [images', 2], image_detail)`` with each sample's images repeated
+        ``repeats`` times (a per-image *image_detail* with them; one string stays as it is).
 
         Sample ``s`` owning images ``first_s..last_s`` becomes ``repeats`` copies of that block, in sample
         order, as :meth:`forward` expects after ``input_ids.repeat_interleave(repeats, 0)``.
         """
         inner = self.model
-        geoms = inner._image_geometries(image_sizes, strategy)
-        if isinstance(pixel_values, (list, tuple)):  # one [tiles_i, C, H, W] tensor per image
-            pixel_values = torch.cat(list(pixel_values))
+        geoms = inner._image_geometries(image_sizes, strategy, image_detail)
         tiles = inner._gather_tiles(pixel_values, geoms)  # validates shapes; [sum(num_tiles), C, H, W]
         use_ids = input_ids is not None and input_ids.shape[-1] > 0
         token_mask = inner._image_token_mask(input_ids if use_ids else None, None if use_ids else inputs_embeds)
-        inner._check_counts(token_mask, geoms)  # a clear error when tokens and images do not match
-        image_blocks, image = [], 0  # per sample: the indices of its images
-        for n_tokens in token_mask.sum(-1).tolist():
-            first, n_features = image, 0
-            while n_features < n_tokens:
-                n_features += geoms[image].num_tokens
-                image += 1
-            image_blocks.append(list(range(first, image)))
+        image_blocks = inner._check_counts(token_mask, geoms)  # per sample, its images (or a clear error)
         tile_starts = [0]
         for g in geoms:
             tile_starts.append(tile_starts[-1] + g.num_tiles)
@@ -717,7 +812,9 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
             image_sizes = image_sizes.index_select(0, torch.tensor(image_index, device=image_sizes.device))
         else:
             image_sizes = [image_sizes[i] for i in image_index]
-        return tiles, image_sizes
+        if image_detail is not None and not isinstance(image_detail, str):
+            image_detail = [image_detail[i] for i in image_index]
+        return tiles, image_sizes, image_detail
 
     def forward(
         self,
@@ -734,14 +831,16 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
-        **kwargs,
+        image_detail: str | Sequence[str] | None = None,
+        **kwargs: Any,
     ) -> LlavaNextCausalLMOutputWithPast | tuple:
-        """Arguments as :meth:`LlavaNextModel.forward`, plus:
+        """Arguments as :meth:`LlavaNextModel.forward` (``image_detail`` included), plus *labels* and
+        *logits_to_keep*.
 
-        Args:
-            labels: ``[batch, seq]`` token ids to predict (``-100`` = ignore); gives ``loss``.
-            logits_to_keep: compute logits for the last ``n`` positions only (0 = all), or for the
-                positions in a 1-D index tensor.
+        :param labels: ``[batch, seq]`` token ids to predict (``-100`` = ignore); gives ``loss``.
+        :param logits_to_keep: compute logits for the last ``n`` positions only (0 = all), or for the
+            positions in a 1-D index tensor.
+        :return: :class:`LlavaNextCausalLMOutputWithPast`, or a tuple with ``return_dict=False``.
         """
         cache = take_cache(cache, kwargs, f"{type(self).__name__}.forward")
         return_dict = kwargs.pop("return_dict", True)
@@ -757,6 +856,7 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
             vision_feature_select_strategy=vision_feature_select_strategy,
             use_cache=use_cache,
             mm_encoder_outputs=mm_encoder_outputs,
+            image_detail=image_detail,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -770,7 +870,7 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
         loss = None
         if labels is not None:
             loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+                logits=logits, labels=labels, vocab_size=self.config.language_model_config.vocab_size, **kwargs
             )
         result = LlavaNextCausalLMOutputWithPast(
             loss=loss,
@@ -787,15 +887,17 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
 
 
 def _pinpoints_key(config: LlavaNextConfig) -> tuple:
-    return tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints)
+    return tuple((int(h), int(w)) for h, w in config.pinpoints)
 
 
-def _head_is_tied(model: nn.Module) -> bool:
+def _head_is_tied(model: PreTrainedModel) -> bool:
     """Whether ``lm_head.weight`` is the input embedding matrix itself (then it is saved once)."""
     head = getattr(model, "lm_head", None)
     if head is None or not isinstance(getattr(head, "weight", None), torch.Tensor):
         return False
     embeddings = model.get_input_embeddings().weight
+    if not isinstance(embeddings, torch.Tensor):
+        return False
     if head.weight is embeddings:
         return True
     on_data = head.weight.device.type != "meta" and embeddings.device.type != "meta"

@@ -23,6 +23,9 @@ What it accepts (each image may be a PIL image, a path, ``bytes``, or an ``http(
   ``images=``.
 - Any generate argument (``max_new_tokens``, ``do_sample``, ``streamer``...) passes through, either as
   a keyword or in ``generate_kwargs={...}``.
+- ``detail="low"``: OpenAI's ``detail`` for every image of the call: the base view only (one tile's
+  tokens, 576 on llava-v1.6-mistral); ``"high"``/``"auto"`` (the default) the full any-resolution tiles.
+  It goes to the processor and to ``generate`` alike (``image_detail=``).
 
 A single request returns ``[{"generated_text": answer}]``; a batch returns one such list per item.
 The answer holds only the generated text, never the prompt.
@@ -144,8 +147,10 @@ class LlavaNextImageToTextPipeline(Pipeline):
 
         :param input_: the batch's requests.
         :param timeout: (keyword) seconds allowed to fetch each image URL (default: the pipeline's).
+        :param image_detail: (keyword) OpenAI's ``detail`` for every image (default: full any-resolution).
         """
         timeout = preprocess_parameters.get("timeout")
+        image_detail = preprocess_parameters.get("image_detail")
         timeout = self.timeout if timeout is None else float(timeout)
         images: list[Any] = []
         prompts: list[str] = []
@@ -154,8 +159,16 @@ class LlavaNextImageToTextPipeline(Pipeline):
                 images.append(self._load_image(source, index=len(images), timeout=timeout))
             prompts.append(self._format(request))
         # Left padding: generation continues every row from its last column.
+        detail = {} if image_detail is None else {"image_detail": image_detail}
         return dict(
-            self._processor(images=images or None, text=prompts, padding=True, padding_side="left", return_tensors="pt")
+            self._processor(
+                images=images or None,
+                text=prompts,
+                padding=True,
+                padding_side="left",
+                return_tensors="pt",
+                **detail,
+            )
         )
 
     def _forward(self, input_tensors: dict[str, Any], **forward_parameters: Any) -> ModelOutput:
@@ -222,9 +235,12 @@ class LlavaNextImageToTextPipeline(Pipeline):
         batch_size = batch_size or self._batch_size or 1
         _, forward_params, _ = self._sanitize_parameters(**kwargs)
         forward_params = {**self._forward_params, **forward_params}
+        detail = forward_params.pop("detail", None)  # OpenAI's detail: for the processor and generate alike
+        if detail is not None:
+            forward_params["image_detail"] = detail
         results: list[Any] = []
         for start in range(0, len(requests), batch_size):
-            model_inputs = self.preprocess(requests[start : start + batch_size], timeout=timeout)
+            model_inputs = self.preprocess(requests[start : start + batch_size], timeout=timeout, image_detail=detail)
             results.extend(self.postprocess(self.forward(model_inputs, **forward_params)))
         return results[0] if single else results
 

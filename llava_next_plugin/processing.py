@@ -24,22 +24,24 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from transformers import AutoTokenizer, BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, cached_file
 
 from . import geometry
+from ._hub import IMAGE_BACKENDS, hub_kwargs, image_backend, image_processor_class
 from .errors import ImageError, InputError
+
+if TYPE_CHECKING:
+    from .image_processing import LlavaNextImageProcessorBase
 
 __all__ = ["LlavaNextProcessor", "TOKEN_COUNT_SETTINGS", "derive_token_count_settings"]
 
 # processor_config.json keys that, with the image processor's tile size and pinpoints, fix an image's token count.
 TOKEN_COUNT_SETTINGS = ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens")
-
-# from_pretrained keyword arguments that locate files (passed to every file lookup).
-_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 _LAYOUTS = ("nested", "separate")
 
@@ -80,19 +82,16 @@ def _read_json_next_to(path: str | os.PathLike, filename: str, hub_kwargs: dict)
         return json.load(f)
 
 
-def _image_processor_class(backend: str | None, use_fast: bool | None):
-    """Our fast processor unless the PIL backend is asked for (``backend="pil"`` or ``use_fast=False``)."""
-    if backend is None and use_fast is not None:
-        backend = "torchvision" if use_fast else "pil"
-    if backend in (None, "torchvision", "torch", "fast"):
-        from .image_processing_fast import LlavaNextImageProcessorFast
-
-        return LlavaNextImageProcessorFast
-    if backend in ("pil", "slow", "numpy"):
-        from .image_processing import LlavaNextImageProcessor
-
-        return LlavaNextImageProcessor
-    raise ValueError(f"unknown image processor backend {backend!r}: use 'torchvision' (our torch processor) or 'pil'")
+def _image_processor_class(backend: str | None, use_fast: bool | None) -> type[LlavaNextImageProcessorBase]:
+    """Our fast processor unless the PIL backend is asked for (the rule of :func:`._hub.image_backend`)."""
+    chosen = image_backend(backend, use_fast)
+    if chosen is not None:
+        return image_processor_class(chosen)
+    raise InputError(
+        f"unknown image processor backend {backend!r}: use one of {', '.join(map(repr, IMAGE_BACKENDS))} "
+        f"('torchvision' is our torch processor, 'pil' the PIL one)",
+        param="backend",
+    )
 
 
 # Image sources read by llava_next_plugin.images (paths, URLs, encoded bytes), not pixels already.
@@ -149,18 +148,18 @@ def _load_image_sources(images: list) -> list:
 class LlavaNextProcessor(ProcessorMixin):
     r"""Tokenizer + image processor for LLaVA-NeXT, expanding each ``<image>`` to the model's feature count.
 
-    Args:
-        image_processor: our ``LlavaNextImageProcessorFast`` (default) or ``LlavaNextImageProcessor``, or any
-            image processor returning ``pixel_values`` [images, tiles, 3, tile, tile] and ``image_sizes``
-            [images, 2] as (height, width).
-        tokenizer: a tokenizer that knows ``image_token``.
-        patch_size (`int`): pixels on a side of one vision patch (``vision_config.patch_size``).
-        vision_feature_select_strategy (`str`): ``"default"`` (drop the first position of each tile) or
-            ``"full"``, as in the model's config.
-        chat_template (`str`, *optional*): the Jinja chat template.
-        image_token (`str`): the placeholder, ``"<image>"``.
-        num_additional_image_tokens (`int`, defaults to 0): positions the tower emits before its patches (1 for
-            CLIP, 0 for SigLIP). The default is transformers'; llava-hf's CLIP checkpoints need 1.
+    :param image_processor: our ``LlavaNextImageProcessorFast`` (default) or ``LlavaNextImageProcessor``, or
+        any image processor returning ``pixel_values`` [images, tiles, 3, tile, tile] and ``image_sizes``
+        [images, 2] as (height, width).
+    :param tokenizer: a tokenizer that knows ``image_token``.
+    :param patch_size: pixels on a side of one vision patch (``vision_config.patch_size``).
+    :param vision_feature_select_strategy: ``"default"`` (drop the first position of each tile) or
+        ``"full"``, as in the model's config.
+    :param chat_template: the Jinja chat template (optional).
+    :param image_token: the placeholder, ``"<image>"``.
+    :param num_additional_image_tokens: positions the tower emits before its patches (1 for CLIP, 0 for
+        SigLIP; default 0). The default is transformers'; llava-hf's CLIP checkpoints need 1.
+    :raises ValueError: a token-count setting missing or out of range, or a tokenizer without ``image_token``.
 
     ``patch_size`` and ``vision_feature_select_strategy`` are required: a processor without them would count
     image tokens wrongly. :meth:`from_pretrained` reads all three from the folder's ``processor_config.json``
@@ -189,7 +188,9 @@ class LlavaNextProcessor(ProcessorMixin):
         missing = [
             name
             for name, value in zip(
-                TOKEN_COUNT_SETTINGS, (patch_size, vision_feature_select_strategy, num_additional_image_tokens)
+                TOKEN_COUNT_SETTINGS,
+                (patch_size, vision_feature_select_strategy, num_additional_image_tokens),
+                strict=False,
             )
             if value is None
         ]
@@ -228,9 +229,18 @@ class LlavaNextProcessor(ProcessorMixin):
 
     # --- token counts ------------------------------------------------------------------------
     def image_geometry(
-        self, height: int, width: int, tile_size: int | None = None, pinpoints=None
+        self,
+        height: int,
+        width: int,
+        tile_size: int | None = None,
+        pinpoints: Sequence[Sequence[int]] | None = None,
+        *,
+        detail: str = "auto",
     ) -> geometry.ImageGeometry:
-        """The token layout of one ``height x width`` image (see :func:`geometry.image_geometry`)."""
+        """The token layout of one ``height x width`` image (see :func:`geometry.image_geometry`).
+
+        :param detail: ``"low"`` for the base view only, ``"high"``/``"auto"`` for the full any-resolution tiles.
+        """
         return geometry.image_geometry(
             int(height),
             int(width),
@@ -239,11 +249,12 @@ class LlavaNextProcessor(ProcessorMixin):
             self.patch_size,
             self.vision_feature_select_strategy,
             self.num_additional_image_tokens,
+            detail=detail,
         )
 
-    def num_image_tokens(self, height: int, width: int) -> int:
-        """How many ``<image>`` tokens one ``height x width`` image becomes."""
-        return self.image_geometry(height, width).num_tokens
+    def num_image_tokens(self, height: int, width: int, *, detail: str = "auto") -> int:
+        """How many ``<image>`` tokens one ``height x width`` image becomes (at OpenAI's *detail*)."""
+        return self.image_geometry(height, width, detail=detail).num_tokens
 
     @property
     def tile_size(self) -> int:
@@ -265,25 +276,40 @@ class LlavaNextProcessor(ProcessorMixin):
         return MultiModalData(num_image_tokens=counts, num_image_patches=[1] * len(counts))
 
     # --- calling -----------------------------------------------------------------------------
-    def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs) -> BatchFeature:
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | list[str] | None = None,
+        videos: Any = None,
+        audio: Any = None,
+        *,
+        image_detail: str | Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
         """Tokenize *text* with every ``<image>`` expanded, and preprocess *images*.
 
-        Args:
-            images: one image, a list (given to the placeholders in order), or a list per prompt.
-            text (`str` or `list[str]`): prompts with one ``<image>`` per image.
-            **kwargs: tokenizer and image-processor arguments (``padding``, ``return_tensors``, ...), flat or as
-                ``text_kwargs={...}`` / ``images_kwargs={...}``.
-
-        Returns:
-            `BatchFeature` with ``input_ids``, ``attention_mask`` [batch, seq] and, with images,
+        :param images: one image, a list (given to the placeholders in order), or a list per prompt.
+        :param text: prompts with one ``<image>`` per image.
+        :param image_detail: OpenAI's ``detail``, one for all images or one per image (in the flat order):
+            ``"low"`` expands an image's ``<image>`` to its base view's tokens only (one tile, e.g. 576 on
+            llava-v1.6-mistral), ``"high"``/``"auto"`` (the default) to the full any-resolution count. Give
+            the model the same value (``model.generate(**inputs, image_detail=...)``).
+        :param kwargs: tokenizer and image-processor arguments (``padding``, ``return_tensors``, ...), flat or
+            as ``text_kwargs={...}`` / ``images_kwargs={...}``.
+        :return: a ``BatchFeature`` with ``input_ids``, ``attention_mask`` [batch, seq] and, with images,
             ``pixel_values`` [images, max_tiles, 3, tile, tile] and ``image_sizes`` [images, 2].
+        :raises InputError: images and placeholders that do not match, or an unknown *image_detail*.
         """
         if videos is not None or audio is not None:
             raise InputError("LlavaNextProcessor takes images and text only, not videos or audio")
         if images is None and text is None:
             raise InputError("give text, images, or both")
         texts = self._check_text(text)
-        merged = self._merge_kwargs(ProcessingKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        merged = self._merge_kwargs(
+            ProcessingKwargs,  # type: ignore[arg-type]  # transformers passes the class; its hint says an instance
+            tokenizer_init_kwargs=self.tokenizer.init_kwargs,
+            **kwargs,
+        )
         text_kwargs, images_kwargs = dict(merged["text_kwargs"]), dict(merged["images_kwargs"])
         want_type_ids = text_kwargs.pop("return_mm_token_type_ids", None) or merged.get("return_mm_token_type_ids")
         want_offsets = text_kwargs.pop("return_text_replacement_offsets", None) or merged.get(
@@ -301,7 +327,10 @@ class LlavaNextProcessor(ProcessorMixin):
         if flat_images:
             image_inputs = self.image_processor(_load_image_sources(flat_images), **images_kwargs)
             data.update(image_inputs)
-            counts = self._token_counts(image_inputs, images_kwargs)
+            low = geometry.low_detail_images(image_detail, len(flat_images))
+            counts = self._token_counts(image_inputs, images_kwargs, low)
+        else:
+            geometry.low_detail_images(image_detail, 0)  # a bad value is refused even without images
 
         if texts is not None:
             expanded, offsets = self._expand_placeholders(texts, placeholder, counts)
@@ -359,7 +388,7 @@ class LlavaNextProcessor(ProcessorMixin):
                     f"prompts; give one list of images per prompt",
                     param="images",
                 )
-            for index, (n_text, n_given) in enumerate(zip(in_text, per_sample)):
+            for index, (n_text, n_given) in enumerate(zip(in_text, per_sample, strict=True)):
                 if n_text != n_given:
                     raise InputError(
                         f"sample {index} has {n_text} {self.image_token} placeholder(s) but {n_given} image(s); "
@@ -381,8 +410,9 @@ class LlavaNextProcessor(ProcessorMixin):
             param="images",
         )
 
-    def _token_counts(self, image_inputs, images_kwargs) -> list[int]:
-        """Tokens for each processed image, from its original size, the tile size and the pinpoints."""
+    def _token_counts(self, image_inputs, images_kwargs, low: list[bool]) -> list[int]:
+        """Tokens for each processed image, from its original size, the tile size, the pinpoints and whether
+        it is seen at ``detail="low"`` (*low*, one per image)."""
         pixel_values = image_inputs["pixel_values"]
         tile_height, tile_width = pixel_values[0][0].shape[-2:]
         if tile_height != tile_width:
@@ -391,8 +421,8 @@ class LlavaNextProcessor(ProcessorMixin):
         sizes = image_inputs["image_sizes"]
         sizes = sizes.tolist() if hasattr(sizes, "tolist") else sizes
         return [
-            self.image_geometry(int(h), int(w), int(tile_height), pinpoints).num_tokens
-            for h, w in (list(map(int, size)) for size in sizes)
+            self.image_geometry(h, w, int(tile_height), pinpoints, detail="low" if is_low else "auto").num_tokens
+            for (h, w), is_low in zip(((int(size[0]), int(size[1])) for size in sizes), low, strict=True)
         ]
 
     def _expand_placeholders(self, texts, placeholder, counts) -> tuple[list[str], list[list[dict]]]:
@@ -426,7 +456,7 @@ class LlavaNextProcessor(ProcessorMixin):
         ids = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
         if ids and isinstance(ids[0], int):
             ids = [ids]
-        for index, (row, sample) in enumerate(zip(ids, expanded)):
+        for index, (row, sample) in enumerate(zip(ids, expanded, strict=True)):
             expected = len(placeholder.findall(sample))
             found = list(row).count(self.image_token_id)
             if found != expected:
@@ -444,8 +474,7 @@ class LlavaNextProcessor(ProcessorMixin):
         processor_dict, rest = super().get_processor_dict(pretrained_model_name_or_path, **kwargs)
         given = {key for key in TOKEN_COUNT_SETTINGS if kwargs.get(key) is not None}
         missing = [k for k in TOKEN_COUNT_SETTINGS if processor_dict.get(k) is None and k not in given]
-        hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if kwargs.get(k) is not None}
-        model_config = _read_json_next_to(pretrained_model_name_or_path, CONFIG_NAME, hub_kwargs)
+        model_config = _read_json_next_to(pretrained_model_name_or_path, CONFIG_NAME, hub_kwargs(kwargs))
         if model_config is not None and model_config.get("model_type") in (None, "llava_next"):
             derived = derive_token_count_settings(model_config)
             for key in missing:
@@ -471,14 +500,45 @@ class LlavaNextProcessor(ProcessorMixin):
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path, backend: str | None = None, use_fast: bool | None = None, **kwargs
-    ):
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        cache_dir: str | os.PathLike | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        revision: str = "main",
+        *,
+        backend: str | None = None,
+        use_fast: bool | None = None,
+        **kwargs: Any,
+    ) -> LlavaNextProcessor:
         """Load from a llava-hf folder or hub repo, in either layout (see the module docstring).
 
-        The image processor is our ``LlavaNextImageProcessorFast``, or ``LlavaNextImageProcessor`` with
-        ``backend="pil"`` / ``use_fast=False``. ``patch_size``, ``vision_feature_select_strategy`` and
-        ``num_additional_image_tokens`` may be passed to override the folder's values.
+        The file-locating arguments (:data:`._hub.HUB_KWARGS`: these five, ``proxies``, ``subfolder``) reach
+        every lookup alike: the tokenizer, the image processor, and the ``config.json`` the token-count
+        settings may be derived from.
+
+        :param pretrained_model_name_or_path: a folder or a hub repo id.
+        :param cache_dir: the hub cache to use instead of the default one.
+        :param force_download: download files again even when cached.
+        :param local_files_only: never reach the network.
+        :param token: the hub token, or True for the stored one.
+        :param revision: the branch, tag or commit to load.
+        :param backend: ``"torchvision"`` (our ``LlavaNextImageProcessorFast``, the default) or ``"pil"``
+            (``LlavaNextImageProcessor``); see :data:`._hub.IMAGE_BACKENDS`.
+        :param use_fast: transformers' older switch: ``False`` means ``backend="pil"``.
+        :param kwargs: ``patch_size``, ``vision_feature_select_strategy``, ``num_additional_image_tokens`` or
+            ``chat_template`` to override the folder's values; anything else goes to both loaders.
+        :raises InputError: an unknown *backend*.
+        :raises ValueError: token-count settings that are missing or contradict the model's ``config.json``.
         """
+        kwargs.update(
+            cache_dir=cache_dir,
+            force_download=force_download,
+            local_files_only=local_files_only,
+            token=token,
+            revision=revision,
+        )
         image_processor_class = _image_processor_class(backend, use_fast)
         processor_dict, instance_kwargs = cls.get_processor_dict(pretrained_model_name_or_path, **kwargs)
         loader_kwargs = {k: v for k, v in kwargs.items() if k not in TOKEN_COUNT_SETTINGS and k != "chat_template"}
@@ -493,11 +553,14 @@ class LlavaNextProcessor(ProcessorMixin):
     def save_pretrained(self, save_directory, push_to_hub: bool = False, layout: str = "nested", **kwargs):
         """Save tokenizer, chat template and ``processor_config.json`` (+ ``preprocessor_config.json``).
 
-        Args:
-            layout (`str`): ``"nested"`` (transformers >= 5: the image processor inside
-                ``processor_config.json``) or ``"separate"`` (llava-hf's hub layout: the image processor in
-                ``preprocessor_config.json``, only the processor's settings in ``processor_config.json``).
-                Both load in transformers' own ``LlavaNextProcessor``.
+        :param save_directory: the folder to write.
+        :param push_to_hub: also upload it (transformers' behaviour).
+        :param layout: ``"nested"`` (transformers >= 5: the image processor inside ``processor_config.json``)
+            or ``"separate"`` (llava-hf's hub layout: the image processor in ``preprocessor_config.json``, only
+            the processor's settings in ``processor_config.json``). Both load in transformers' own
+            ``LlavaNextProcessor``.
+        :return: the files written.
+        :raises ValueError: an unknown *layout*.
         """
         if layout not in _LAYOUTS:
             raise ValueError(f"layout must be one of {_LAYOUTS}, got {layout!r}")

@@ -42,11 +42,15 @@ the function undoing it, and append it to ``_INSTALLERS`` (see the marked place 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import os
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Literal
+
+from ._hub import hub_kwargs as hub_kwargs_of
+from ._hub import image_backend, image_processor_class
 
 __all__ = ["register", "unregister", "is_registered", "use_transformers_builtins", "MODEL_TYPE"]
 
@@ -139,16 +143,6 @@ def _our_models() -> dict[str, type]:
     return {name: getattr(modeling, name) for name in names if hasattr(modeling, name)}
 
 
-def _our_image_processor(backend: str):
-    if backend == "pil":
-        from .image_processing import LlavaNextImageProcessor
-
-        return LlavaNextImageProcessor
-    from .image_processing_fast import LlavaNextImageProcessorFast
-
-    return LlavaNextImageProcessorFast
-
-
 def _restore_dict_entry(table: dict, key: Any, previous: Any) -> Callable[[], None]:
     def undo() -> None:
         if previous is _MISSING:
@@ -170,13 +164,18 @@ def _install_config() -> Callable[[], None]:
 
 
 # --- AutoModel and every AutoModelFor* that maps llava_next -------------------------------------
-def auto_model_classes_for_llava_next() -> list[tuple[type, Any]]:
+def auto_model_classes_for_llava_next() -> list[tuple[Any, Any]]:
     """``(AutoClass, class name(s) it maps llava_next to)`` for every Auto model class of this
-    transformers version whose table has ``llava_next`` (one Auto class per table)."""
+    transformers version whose table has ``llava_next`` (one Auto class per table).
+
+    The Auto classes are typed ``Any``: transformers gives each its ``_model_mapping`` at runtime (the
+    base class declares it None).
+    """
     from transformers.models.auto import modeling_auto
     from transformers.models.auto.auto_factory import _BaseAutoModelClass
 
-    found, seen_tables = [], set()
+    found: list[tuple[Any, Any]] = []
+    seen_tables: set[int] = set()
     for name in sorted(dir(modeling_auto)):
         auto_class = getattr(modeling_auto, name)
         if not (isinstance(auto_class, type) and issubclass(auto_class, _BaseAutoModelClass)):
@@ -229,12 +228,12 @@ def _install_processor() -> Callable[[], None]:
     # Patch 1: the processor_class name of llava-hf folders.
     original = processing_auto.processor_class_from_name
 
-    def processor_class_from_name(class_name: str):
+    @functools.wraps(original)
+    def processor_class_from_name(class_name: str) -> Any:
         if class_name == _PROCESSOR_NAME:
             return processor_class
         return original(class_name)
 
-    processor_class_from_name.__wrapped__ = original
     processing_auto.processor_class_from_name = processor_class_from_name
 
     def undo() -> None:
@@ -265,22 +264,16 @@ def _read_json(path: str, filename: str, hub_kwargs: dict) -> dict | None:
         return json.load(f)
 
 
-def _llava_next_image_backend(path: Any, kwargs: dict) -> str | None:
+def _llava_next_image_backend(path: Any, kwargs: dict) -> Literal["torchvision", "pil"] | None:
     """``"torchvision"``/``"pil"`` when this ``AutoImageProcessor.from_pretrained`` call is ours, else None."""
-    backend, use_fast = kwargs.get("backend"), kwargs.get("use_fast")
-    if backend is None and use_fast is not None:
-        backend = "torchvision" if use_fast else "pil"
-    if backend not in (None, "torchvision", "pil"):
+    backend = image_backend(kwargs.get("backend"), kwargs.get("use_fast"))
+    if backend is None:
         return None
     from transformers import PreTrainedConfig
     from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME, PROCESSOR_NAME
 
     path = str(path)
-    hub_kwargs = {
-        k: kwargs[k]
-        for k in ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
-        if kwargs.get(k) is not None
-    }
+    hub_kwargs = hub_kwargs_of(kwargs)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
             image_config = json.load(f)
@@ -292,6 +285,7 @@ def _llava_next_image_backend(path: Any, kwargs: dict) -> str | None:
             image_config = _read_json(path, IMAGE_PROCESSOR_NAME, hub_kwargs) or {}
         model_config = _read_json(path, CONFIG_NAME, hub_kwargs)
     config = kwargs.get("config")
+    model_type: str | None
     if isinstance(config, PreTrainedConfig):
         model_type = config.model_type
     else:
@@ -301,7 +295,7 @@ def _llava_next_image_backend(path: Any, kwargs: dict) -> str | None:
         return None
     if model_type is None and image_type is None:
         return None
-    return backend or "torchvision"
+    return backend
 
 
 def _install_image_processor() -> Callable[[], None]:
@@ -309,20 +303,20 @@ def _install_image_processor() -> Callable[[], None]:
 
     original = AutoImageProcessor.__dict__["from_pretrained"]  # the classmethod object itself
 
-    def from_pretrained(cls, pretrained_model_name_or_path, *inputs, **kwargs):
+    @functools.wraps(original.__func__)
+    def from_pretrained(cls: Any, pretrained_model_name_or_path: Any, *inputs: Any, **kwargs: Any) -> Any:
         backend = _llava_next_image_backend(pretrained_model_name_or_path, kwargs)
         if backend is None:
             return original.__get__(None, cls)(pretrained_model_name_or_path, *inputs, **kwargs)
         for key in ("config", "backend", "use_fast", "trust_remote_code", "_from_auto"):
             kwargs.pop(key, None)
-        return _our_image_processor(backend).from_pretrained(pretrained_model_name_or_path, *inputs, **kwargs)
+        return image_processor_class(backend).from_pretrained(pretrained_model_name_or_path, *inputs, **kwargs)
 
-    from_pretrained.__doc__ = original.__func__.__doc__
-    from_pretrained.__wrapped__ = original.__func__
-    AutoImageProcessor.from_pretrained = classmethod(from_pretrained)
+    # Replacing transformers' classmethod is this patch's purpose (mypy forbids assigning to methods).
+    AutoImageProcessor.from_pretrained = classmethod(from_pretrained)  # type: ignore[method-assign,assignment]
 
     def undo() -> None:
-        AutoImageProcessor.from_pretrained = original
+        AutoImageProcessor.from_pretrained = original  # type: ignore[method-assign]
 
     return undo
 
@@ -373,7 +367,8 @@ def _install_image_to_text_route() -> Callable[[], None]:
     original = pipelines.pipeline
     signature = inspect.signature(original)
 
-    def pipeline(*args: Any, **kwargs: Any):
+    @functools.wraps(original)
+    def pipeline(*args: Any, **kwargs: Any) -> Any:
         try:
             bound = signature.bind(*args, **kwargs)
         except TypeError:
@@ -392,8 +387,6 @@ def _install_image_to_text_route() -> Callable[[], None]:
         pipe.task = "image-to-text"
         return pipe
 
-    pipeline.__doc__ = original.__doc__
-    pipeline.__wrapped__ = original
     had_attribute = "pipeline" in vars(transformers)
     previous = vars(transformers).get("pipeline")
     pipelines.pipeline = pipeline
@@ -402,7 +395,7 @@ def _install_image_to_text_route() -> Callable[[], None]:
     def undo() -> None:
         pipelines.pipeline = original
         if had_attribute:
-            transformers.pipeline = previous
+            vars(transformers)["pipeline"] = previous
         else:
             vars(transformers).pop("pipeline", None)
 
@@ -411,23 +404,23 @@ def _install_image_to_text_route() -> Callable[[], None]:
 
 def _install_visualizer_route() -> Callable[[], None]:
     from transformers.utils import attention_visualizer
-
-    original = attention_visualizer.AttentionMaskVisualizer
+    from transformers.utils.attention_visualizer import AttentionMaskVisualizer as original
 
     class AttentionMaskVisualizer(original):
         __doc__ = original.__doc__
 
-        def __new__(cls, model_name: Any, *args: Any, **kwargs: Any):
+        def __new__(cls, model_name: Any, *args: Any, **kwargs: Any) -> Any:
             if _model_type_of(model_name) == MODEL_TYPE:
                 from .visualizer import AttentionMaskVisualizer as ours
 
                 return ours(model_name, *args, **kwargs)  # not a cls instance: original __init__ is skipped
             return super().__new__(cls)
 
-    attention_visualizer.AttentionMaskVisualizer = AttentionMaskVisualizer
+    # Rebinding transformers' class name is this patch's purpose (mypy forbids assigning to a class).
+    attention_visualizer.AttentionMaskVisualizer = AttentionMaskVisualizer  # type: ignore[misc]
 
     def undo() -> None:
-        attention_visualizer.AttentionMaskVisualizer = original
+        attention_visualizer.AttentionMaskVisualizer = original  # type: ignore[misc]
 
     return undo
 

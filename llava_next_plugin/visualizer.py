@@ -29,7 +29,7 @@ import html
 import io
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,8 +98,8 @@ class SequenceMask:
             sizes = torch.tensor([float(block.size) for block in self.blocks], dtype=torch.float64)
             pairs = sizes[:, None] * sizes[None, :]
             self._matrix = [
-                [FULL if a == p else EMPTY if a == 0 else PARTIAL for a, p in zip(row_allowed, row_pairs)]
-                for row_allowed, row_pairs in zip(allowed.tolist(), pairs.tolist())
+                [FULL if a == p else EMPTY if a == 0 else PARTIAL for a, p in zip(row_allowed, row_pairs, strict=True)]
+                for row_allowed, row_pairs in zip(allowed.tolist(), pairs.tolist(), strict=True)
             ]
         return self._matrix
 
@@ -163,11 +163,11 @@ class MaskPicture:
 class AttentionMaskVisualizer:
     """Draw the attention mask a LLaVA-NeXT model applies to a prompt.
 
-    Args:
-        model: a checkpoint folder or hub id (only its config and processor are read), or a loaded
-            LLaVA-NeXT model (its processor is loaded from ``model.name_or_path`` unless given).
-        processor: the processor to use instead of the checkpoint's.
-        apply_chat_template (`bool`): wrap each prompt in the checkpoint's chat template first.
+    :param model: a checkpoint folder or hub id (only its config and processor are read), or a loaded
+        LLaVA-NeXT model (its processor is loaded from ``model.name_or_path`` unless given).
+    :param processor: the processor to use instead of the checkpoint's.
+    :param apply_chat_template: wrap each prompt in the checkpoint's chat template first.
+    :raises InputError: not a LLaVA-NeXT model, or no processor to be found.
     """
 
     def __init__(self, model: Any, processor: Any = None, *, apply_chat_template: bool = False) -> None:
@@ -436,7 +436,7 @@ def render_html(mask: MaskPicture) -> str:
             + "".join(f'<th style="font-weight: normal; padding: 0 2px">{j}</th>' for j in range(len(sequence.blocks)))
             + "</tr>"
         )
-        for i, (block, states) in enumerate(zip(sequence.blocks, sequence.block_matrix())):
+        for i, (block, states) in enumerate(zip(sequence.blocks, sequence.block_matrix(), strict=True)):
             shade = {"image": "#fff3b0", "pad": "#dddddd"}.get(block.kind, "transparent")
             row = [
                 f'<td style="text-align: right; padding-right: 6px; background: {shade}" '
@@ -479,7 +479,7 @@ def render_png(mask: MaskPicture) -> bytes:
     for number, sequence in enumerate(mask.sequences):
         draw.text((margin, top), f"sequence {number}: {len(sequence.tokens)} tokens", fill="black", font=font)
         top += line
-        for i, (block, states) in enumerate(zip(sequence.blocks, sequence.block_matrix())):
+        for i, (block, states) in enumerate(zip(sequence.blocks, sequence.block_matrix(), strict=True)):
             y = top + i * cell
             shade = {"image": image_shade, "pad": pad_shade}.get(block.kind)
             if shade:
@@ -499,7 +499,11 @@ def render_png(mask: MaskPicture) -> bytes:
     return buffer.getvalue()
 
 
-BUILTIN_RENDERERS = {"ansi": render_ansi, "html": render_html, "png": render_png}
+BUILTIN_RENDERERS: dict[str, Callable[[MaskPicture], str | bytes]] = {
+    "ansi": render_ansi,
+    "html": render_html,
+    "png": render_png,
+}
 """The formats this module draws; a plugin may add formats or replace these."""
 
 

@@ -1,5 +1,6 @@
 """OpenAI's ``detail`` on ``image_url``, end to end: parsed from the wire, carried by the SDK's ImagePart, and over
-HTTP ``low`` costs one base view of image tokens (usage says so) while ``high``/``auto`` cost the full anyres."""
+HTTP ``low`` costs one base view of image tokens (usage says so) while ``high``/``auto`` cost the full anyres.
+``pipeline("image-to-text")`` takes the same ``detail`` and gives the engine's prompt and greedy answer."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import io
 import checkpoints
 import httpx
 import pytest
+import torch
 import transformers
 from llava_next_sdk.errors import BadRequestError
 from llava_next_sdk.types import ImagePart
 from llava_next_sdk.wire import parse_chat_request
+from transformers import LogitsProcessor, LogitsProcessorList
 
-from llava_next_plugin.engine import Engine
+from llava_next_plugin.engine import Engine, SamplingParams
+from llava_next_plugin.errors import InputError
 from llava_next_plugin.server import create_app, serve_in_thread
 from llava_next_plugin.validation import Limits
 
@@ -93,3 +97,70 @@ def test_the_sdk_takes_detail_on_both_transports_and_in_chat_image_url_parts(tin
                         client.generate(photo, "What?", detail="medium", max_tokens=2)
     finally:
         engine.shutdown(drain=False)
+
+
+# --- the same detail through pipeline("image-to-text") and model.generate -----------------------------------
+class _PromptRecorder(LogitsProcessor):
+    """Keeps the token ids generate() starts from (the prompt the model received); changes no score."""
+
+    def __init__(self) -> None:
+        self.prompt_ids: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prompt_ids is None:
+            self.prompt_ids = input_ids.clone()
+        return scores
+
+
+@pytest.fixture(scope="module")
+def engine_and_pipe(tiny_checkpoint):
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_checkpoint).eval()
+    processor = transformers.AutoProcessor.from_pretrained(tiny_checkpoint)
+    engine = Engine(model, processor, model_name="tiny").start()
+    pipe = transformers.pipeline("image-to-text", model=model, processor=processor, device="cpu")
+    yield engine, pipe
+    engine.shutdown(drain=False)
+
+
+def _pipeline_run(pipe, image, detail_kwargs: dict) -> tuple[str, torch.Tensor]:
+    recorder = _PromptRecorder()
+    chat = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}]
+    answer = pipe(
+        chat, max_new_tokens=8, do_sample=False, logits_processor=LogitsProcessorList([recorder]), **detail_kwargs
+    )
+    assert recorder.prompt_ids is not None
+    return answer[0]["generated_text"], recorder.prompt_ids
+
+
+@pytest.mark.parametrize("size", [(96, 32), (40, 90)])
+def test_pipeline_detail_low_gives_the_engines_prompt_and_greedy_answer(engine_and_pipe, size):
+    engine, pipe = engine_and_pipe
+    image = checkpoints.photo(*size)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    served = engine.generate(chat, [image], SamplingParams(max_tokens=8, temperature=0), image_detail=["low"])
+    base_view = (checkpoints.TINY_TILE // checkpoints.TINY_PATCH) ** 2
+    for detail_kwargs in ({"detail": "low"}, {"generate_kwargs": {"detail": "low"}}):
+        text, prompt_ids = _pipeline_run(pipe, image, detail_kwargs)
+        assert int((prompt_ids == checkpoints.IMAGE_TOKEN_ID).sum()) == served.image_tokens == base_view
+        assert prompt_ids.shape[1] == served.prompt_tokens
+        assert text == served.text.strip()
+    high = engine.generate(chat, [image], SamplingParams(max_tokens=8, temperature=0), image_detail=["high"])
+    assert high.prompt_tokens > served.prompt_tokens
+
+
+def test_pipeline_default_detail_is_the_full_view_unchanged(engine_and_pipe):
+    engine, pipe = engine_and_pipe
+    image = checkpoints.photo(96, 32)
+    default_text, default_ids = _pipeline_run(pipe, image, {})
+    for detail in ("auto", "high"):
+        text, prompt_ids = _pipeline_run(pipe, image, {"detail": detail})
+        assert text == default_text and torch.equal(prompt_ids, default_ids)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    served = engine.generate(chat, [image], SamplingParams(max_tokens=8, temperature=0))
+    assert default_ids.shape[1] == served.prompt_tokens and default_text == served.text.strip()
+
+
+def test_pipeline_refuses_an_unknown_detail_naming_the_accepted_values(engine_and_pipe):
+    _, pipe = engine_and_pipe
+    with pytest.raises(InputError, match="'low', 'high', 'auto'"):
+        pipe(checkpoints.photo(96, 32), prompt="What?", detail="medium", max_new_tokens=1)

@@ -38,3 +38,34 @@ def test_shortest_edge_size_keeps_the_aspect_and_truncates_the_longer_side():
     for height, width in [(18, 12), (12, 18), (18, 18), (7, 18), (336, 335)]:
         expected = get_resize_output_image_size(np.zeros((height, width, 3)), 20, default_to_square=False)
         assert geometry.shortest_edge_size(height, width, 20) == tuple(expected)
+
+
+def test_low_detail_is_the_base_view_alone():
+    full = geometry.image_geometry(768, 1024, MISTRAL, 336, 14, "default", 1)
+    low = geometry.image_geometry(768, 1024, MISTRAL, 336, 14, "default", 1, detail="low")
+    assert low == full.base_view()
+    assert (low.num_tokens, low.num_tiles, low.tile_tokens, low.newline_tokens) == (576, 1, 0, 0)
+    assert low.base_tokens == full.base_tokens and low.best_resolution == full.best_resolution
+    for detail in ("high", "auto"):
+        assert geometry.image_geometry(768, 1024, MISTRAL, 336, 14, "default", 1, detail=detail) == full
+    assert geometry.num_image_tokens(768, 1024, MISTRAL, 336, 14, "full", 1, detail="low") == 577
+
+
+def test_detail_per_image_one_for_all_or_one_each_and_bad_values_name_the_accepted_ones():
+    import pytest
+
+    from llava_next_plugin.errors import InputError
+
+    assert geometry.low_detail_images(None, 2) == [False, False]
+    assert geometry.low_detail_images("low", 3) == [True, True, True]
+    assert geometry.low_detail_images(["high", "low", "auto"], 3) == [False, True, False]
+    for bad in ("medium", ["low", "tiny"], 3):
+        with pytest.raises(InputError, match="'low', 'high', 'auto'") as error:
+            geometry.low_detail_images(bad, 2)
+        assert error.value.param == "image_detail"
+    with pytest.raises(InputError, match="image_detail has 1 values for 2 image"):
+        geometry.low_detail_images(["low"], 2)
+    with pytest.raises(InputError, match="'low', 'high', 'auto'"):
+        geometry.low_detail_images("medium", 0)  # refused even without images
+    with pytest.raises(InputError, match="'low', 'high', 'auto'"):
+        geometry.image_geometry(768, 1024, MISTRAL, 336, 14, detail="medium")

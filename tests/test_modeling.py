@@ -167,7 +167,7 @@ def test_image_features_match_reference(backbone):
         mine = ours.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
         theirs = reference.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
     assert len(mine) == len(theirs) == 3
-    for a, b in zip(mine, theirs):
+    for a, b in zip(mine, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=FP32_ATOL)
 
 
@@ -219,7 +219,7 @@ def test_output_hidden_states_and_attentions_match_reference(tiny_checkpoint):
     assert len(mine.hidden_states) == layers + 1 and len(mine.attentions) == layers
     seq = inputs["input_ids"].shape[1]
     assert mine.attentions[0].shape == (1, ours.config.text_config.num_attention_heads, seq, seq)
-    for a, b in zip(mine.hidden_states + mine.attentions, theirs.hidden_states + theirs.attentions):
+    for a, b in zip(mine.hidden_states + mine.attentions, theirs.hidden_states + theirs.attentions, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=FP32_ATOL)
 
 
@@ -228,7 +228,7 @@ def test_stacked_or_listed_pixel_values_give_the_same_logits_as_padded_5d(mistra
     inputs = make_inputs(processor, "batch_mixed_sizes")
     tiles = [ours.config.image_geometry(h, w).num_tiles for h, w in inputs["image_sizes"].tolist()]
     assert len(set(tiles)) > 1, "the case should pad one image's tiles"
-    per_image = [pv[:n] for pv, n in zip(inputs["pixel_values"], tiles)]
+    per_image = [pv[:n] for pv, n in zip(inputs["pixel_values"], tiles, strict=True)]
     expected = logits_of(ours, inputs)
     torch.testing.assert_close(
         logits_of(ours, dict(inputs, pixel_values=torch.cat(per_image))), expected, rtol=0, atol=0
@@ -313,7 +313,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_checkpoint):
                 model.model.language_model.layers[0].self_attn.q_proj.weight.grad,
             )
         )
-    for plain, checkpointed in zip(*grads):
+    for plain, checkpointed in zip(*grads, strict=True):
         assert plain is not None and plain.abs().sum() > 0
         torch.testing.assert_close(checkpointed, plain, rtol=1e-4, atol=1e-6)
 
@@ -462,6 +462,90 @@ def test_packing_orders_are_cached_per_layout_not_per_image_size():
     _packing_order_of_layout.cache_clear()
     orders = [packing_order(g, 576) for g in geoms]
     assert _packing_order_of_layout.cache_info().currsize == len(layouts) < len(sizes) // 4
-    for g, order in zip(geoms, orders):
+    for g, order in zip(geoms, orders, strict=True):
         assert order.shape == (g.num_tokens,)
         assert int((order == -1).sum()) == g.unpadded_rows  # one newline per kept row
+
+
+# --- which images belong to which sample: the one walk ------------------------------------------------------
+
+
+def test_images_of_samples_gives_each_sample_its_block_of_images():
+    from llava_next_plugin.modeling import images_of_samples
+
+    labels = ["a", "b", "c", "d"]
+    assert images_of_samples([3, 0, 5, 4], [1, 2, 5, 4], labels) == [range(0, 2), range(2, 2), range(2, 3), range(3, 4)]
+    with pytest.raises(InputError, match=r"sample 0 has 2 <image> tokens but its images give 3 features \(image 0 a"):
+        images_of_samples([2, 5], [3, 4], labels[:2])
+    with pytest.raises(InputError, match=r"sample 1 has 5 <image> tokens .*\(no image left\)"):
+        images_of_samples([3, 5], [3], labels[:1])
+    with pytest.raises(InputError, match="1 image\\(s\\) have no <image> tokens"):
+        images_of_samples([3], [3, 4], labels[:2])
+
+
+# --- OpenAI's detail: low is the base view alone ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def our_processor(tiny_checkpoint):
+    from llava_next_plugin import LlavaNextProcessor as OurProcessor
+
+    processor = OurProcessor.from_pretrained(tiny_checkpoint)
+    processor.tokenizer.padding_side = "left"
+    return processor
+
+
+def test_low_detail_features_are_the_base_view_of_the_full_features(mistral_pair, our_processor):
+    _, ours, reference = mistral_pair
+    images = [photo(*WIDE), photo(*TALL), photo(*SQUARE)]
+    inputs = our_processor(images=images, text=[prompt(3)], return_tensors="pt")
+    base = ours.config.image_geometry(60, 90).base_tokens
+    with torch.no_grad():
+        full = reference.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+        per_image = [pv[: 1 + 4] for pv in inputs["pixel_values"]]  # a list with more tiles than a low image uses
+        for pixel_values in (inputs["pixel_values"], per_image):
+            low = ours.get_image_features(pixel_values, inputs["image_sizes"], image_detail="low").pooler_output
+            assert [len(f) for f in low] == [base] * 3
+            for low_i, full_i in zip(low, full, strict=True):
+                torch.testing.assert_close(low_i, full_i[:base], atol=FP32_ATOL, rtol=0)
+        mixed = ours.get_image_features(
+            inputs["pixel_values"], inputs["image_sizes"], image_detail=["low", "high", "auto"]
+        ).pooler_output
+    assert [len(f) for f in mixed] == [base, len(full[1]), len(full[2])]
+    torch.testing.assert_close(mixed[2], full[2], atol=FP32_ATOL, rtol=0)
+
+
+def test_low_detail_generate_takes_the_processors_expansion_and_expands_by_sample(mistral_pair, our_processor):
+    _, ours, _ = mistral_pair
+    detail = ["low", "high", "low"]
+    inputs = our_processor(
+        images=[photo(*WIDE), photo(*TALL), photo(*SQUARE)],
+        text=[prompt(2, "Compare."), prompt(1, "Hi")],
+        padding=True,
+        return_tensors="pt",
+        image_detail=detail,
+    )
+    start = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        greedy = ours.generate(**inputs, image_detail=detail, max_new_tokens=4, do_sample=False)[:, start:]
+        # two rows per sample: each sample's block of images (and its details) repeated, rows stay greedy
+        rows = ours.generate(
+            **inputs, image_detail=detail, max_new_tokens=4, do_sample=True, top_k=1, num_return_sequences=2
+        )[:, start:]
+        logits = ours(**inputs, image_detail=detail).logits
+    assert torch.equal(rows, greedy.repeat_interleave(2, dim=0))
+    assert torch.equal(logits[:, -1].argmax(-1), greedy[:, 0])
+    expected = [ours.config.image_geometry(60, 90).base_tokens, ours.config.image_geometry(110, 40).num_tokens]
+    assert (inputs["input_ids"][1] == ours.config.image_token_id).sum() == ours.config.image_geometry(
+        64, 64
+    ).base_tokens
+    assert (inputs["input_ids"][0] == ours.config.image_token_id).sum() == sum(expected)
+
+
+def test_a_detail_the_processor_did_not_use_is_a_clear_error(mistral_pair, our_processor):
+    _, ours, _ = mistral_pair
+    inputs = our_processor(images=[photo(*WIDE)], text=[prompt(1)], return_tensors="pt", image_detail="low")
+    _raises_bad_request(ours, "sample 0 has 16 <image> tokens but its images give", **inputs)  # model at full
+    full = our_processor(images=[photo(*WIDE)], text=[prompt(1)], return_tensors="pt")
+    _raises_bad_request(ours, "but its images give 16 features", **full, image_detail="low")
+    _raises_bad_request(ours, "'low', 'high', 'auto'", **inputs, image_detail="medium")

@@ -416,3 +416,111 @@ def test_partial_edge_tiles_give_transformers_input_ids_and_pixel_values(clip_pa
     assert out["pixel_values"].shape == expected["pixel_values"].shape == (1, 1 + 38 * 19, 3, 18, 18)
     assert_same_text_side(out, expected)
     assert_same_images(out, expected)
+
+
+# --- OpenAI's detail: the base view's tokens only ------------------------------------------------------------
+def test_image_detail_low_expands_to_the_base_view_and_leaves_the_pixels_alone(ours, clip_folder):
+    images = [random_image(33, 65), random_image(97, 31, seed=1)]
+    base = ours.image_geometry(33, 65).base_tokens
+    full = ours(images=images, text=PROMPT_TWO, return_tensors="pt")
+    low = ours(images=images, text=PROMPT_TWO, return_tensors="pt", image_detail="low")
+    mixed = ours(images=images, text=PROMPT_TWO, return_tensors="pt", image_detail=["high", "low"])
+    assert image_token_count(low) == 2 * base == 2 * ours.num_image_tokens(33, 65, detail="low")
+    assert image_token_count(mixed) == ours.num_image_tokens(33, 65) + base
+    assert image_token_count(full) == ours.num_image_tokens(33, 65) + ours.num_image_tokens(97, 31)
+    for batch in (low, mixed):
+        assert torch.equal(batch["pixel_values"], full["pixel_values"])
+        assert batch["image_sizes"].tolist() == full["image_sizes"].tolist()
+    text_ids = [t for t in full["input_ids"][0].tolist() if t != checkpoints.IMAGE_TOKEN_ID]
+    assert [t for t in low["input_ids"][0].tolist() if t != checkpoints.IMAGE_TOKEN_ID] == text_ids
+    for auto in ("auto", ["high", "auto"]):
+        same = ours(images=images, text=PROMPT_TWO, return_tensors="pt", image_detail=auto)
+        assert torch.equal(same["input_ids"], full["input_ids"])
+
+
+def test_unknown_image_detail_names_the_accepted_values(ours):
+    with pytest.raises(InputError, match="'low', 'high', 'auto'"):
+        ours(images=random_image(40, 40), text=PROMPT_ONE, image_detail="medium")
+    with pytest.raises(InputError, match="image_detail has 1 values for 2 image"):
+        ours(images=[random_image(40, 40)] * 2, text=PROMPT_TWO, image_detail=["low"])
+
+
+# --- one hub-lookup rule: the same keywords reach every file lookup ---------------------------------------
+def _hub_cache(source, cache_dir):
+    """A hub cache (as huggingface_hub lays it out) of repo ``acme/tiny`` with two revisions: ``main`` is
+    *source*; ``v2`` has one more tokenizer token, another image mean, and no patch_size in its
+    processor_config.json, so it comes from v2's config.json (where it is 16, not 8)."""
+    from transformers import AutoTokenizer
+
+    repo = cache_dir / "models--acme--tiny"
+    for revision, commit in (("main", "a" * 40), ("v2", "b" * 40)):
+        snapshot = repo / "snapshots" / commit
+        shutil.copytree(source, snapshot)
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / revision).write_text(commit)
+    v2 = repo / "snapshots" / ("b" * 40)
+    tokenizer = AutoTokenizer.from_pretrained(str(v2))
+    tokenizer.add_tokens(["<v2-only>"])
+    tokenizer.save_pretrained(str(v2))
+    processor_config = json.loads((v2 / "processor_config.json").read_text())
+    processor_config["image_processor"]["image_mean"] = [0.25, 0.25, 0.25]
+    del processor_config["patch_size"]
+    (v2 / "processor_config.json").write_text(json.dumps(processor_config))
+    config = json.loads((v2 / "config.json").read_text())
+    config["vision_config"]["patch_size"] = 16
+    (v2 / "config.json").write_text(json.dumps(config))
+    return cache_dir
+
+
+@pytest.mark.parametrize("revision", ["main", "v2"])
+def test_hub_keywords_reach_the_tokenizer_the_image_processor_and_config_json_alike(clip_folder, tmp_path, revision):
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    cache = _hub_cache(clip_folder, tmp_path / "cache")
+    where = {"cache_dir": str(cache), "revision": revision, "local_files_only": True}
+    v2 = revision == "v2"
+    expected_vocab = len(AutoTokenizer.from_pretrained(str(clip_folder))) + (1 if v2 else 0)
+    main_mean = list(LlavaNextProcessor.from_pretrained(str(clip_folder)).image_processor.image_mean)
+    expected_mean = [0.25] * 3 if v2 else main_mean
+    assert main_mean != [0.25] * 3
+    for processor in (
+        LlavaNextProcessor.from_pretrained("acme/tiny", **where),
+        AutoProcessor.from_pretrained("acme/tiny", **where),
+    ):
+        assert isinstance(processor, LlavaNextProcessor)
+        assert len(processor.tokenizer) == expected_vocab
+        assert list(processor.image_processor.image_mean) == expected_mean
+        assert processor.patch_size == (16 if v2 else checkpoints.TINY_PATCH)
+    image_processor = AutoImageProcessor.from_pretrained("acme/tiny", **where)
+    assert type(image_processor).__module__ == "llava_next_plugin.image_processing_fast"
+    assert list(image_processor.image_mean) == expected_mean
+
+
+@pytest.mark.parametrize(
+    "kwargs, module",
+    [
+        ({}, "image_processing_fast"),
+        ({"use_fast": True}, "image_processing_fast"),
+        ({"use_fast": False}, "image_processing"),
+        ({"backend": "torchvision"}, "image_processing_fast"),
+        ({"backend": "pil"}, "image_processing"),
+        ({"backend": "pil", "use_fast": True}, "image_processing"),  # backend wins, as in transformers
+        ({"backend": "torch"}, "image_processing_fast"),
+        ({"backend": "slow"}, "image_processing"),
+    ],
+)
+def test_use_fast_and_backend_pick_the_same_class_through_every_entry_point(clip_folder, kwargs, module):
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    expected = f"llava_next_plugin.{module}"
+    for loaded in (
+        LlavaNextProcessor.from_pretrained(str(clip_folder), **kwargs).image_processor,
+        AutoProcessor.from_pretrained(str(clip_folder), **kwargs).image_processor,
+        AutoImageProcessor.from_pretrained(str(clip_folder), **kwargs),
+    ):
+        assert type(loaded).__module__ == expected
+
+
+def test_unknown_backend_is_refused_by_our_processor_naming_the_accepted_ones(clip_folder):
+    with pytest.raises(InputError, match="'torchvision'.*'pil'"):
+        LlavaNextProcessor.from_pretrained(str(clip_folder), backend="opencv")

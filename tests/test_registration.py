@@ -261,4 +261,4 @@ def test_public_names_resolve():
     assert llava_next_plugin.LlavaNextForConditionalGeneration is modeling.LlavaNextForConditionalGeneration
     assert llava_next_plugin.AttentionMaskVisualizer.__module__ == "llava_next_plugin.visualizer"
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
-        llava_next_plugin.Nope
+        _ = llava_next_plugin.Nope
