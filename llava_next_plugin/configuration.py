@@ -124,7 +124,7 @@ class LlavaNextConfig(PreTrainedConfig):
     @property
     def num_additional_image_tokens(self) -> int:
         """Positions the tower emits before its patches: 1 for CLIP (CLS), 0 for SigLIP."""
-        return 1 if self.vision_tower_config.model_type in _TOWERS_WITH_CLS else 0
+        return tower_extra_positions(self.vision_tower_config)
 
     @property
     def pinpoints(self) -> list:
@@ -144,6 +144,15 @@ class LlavaNextConfig(PreTrainedConfig):
             self.vision_feature_select_strategy,
             self.num_additional_image_tokens,
         )
+
+
+def tower_extra_positions(vision_config: Any) -> int:
+    """Positions a vision tower emits before its patches: 1 for CLIP (its CLS token), 0 for SigLIP.
+
+    :param vision_config: the tower's config (ours or transformers', whose LLaVA-NeXT config has no
+        :attr:`LlavaNextConfig.num_additional_image_tokens`).
+    """
+    return 1 if getattr(vision_config, "model_type", None) in _TOWERS_WITH_CLS else 0
 
 
 def _built(sub_config: dict | PreTrainedConfig | None, name: str) -> PreTrainedConfig:

@@ -164,3 +164,25 @@ def test_pipeline_refuses_an_unknown_detail_naming_the_accepted_values(engine_an
     _, pipe = engine_and_pipe
     with pytest.raises(InputError, match="'low', 'high', 'auto'"):
         pipe(checkpoints.photo(96, 32), prompt="What?", detail="medium", max_new_tokens=1)
+
+
+@pytest.mark.parametrize("vision,strategy", [("siglip", "full"), ("clip", "default")])
+def test_low_detail_counts_the_towers_own_positions_in_the_engine_and_the_pipeline(tmp_path, vision, strategy):
+    """One count for the base view (geometry.base_token_count): SigLIP has no CLS position, so its ``full``
+    keeps side² features (the engine once counted side² + 1 there); the engine and the pipeline agree."""
+    folder = checkpoints.build_checkpoint(tmp_path / vision, vision=vision, strategy=strategy)
+    model = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    engine = Engine(model, processor, model_name="tiny").start()
+    try:
+        image = checkpoints.photo(96, 32)
+        chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+        served = engine.generate(chat, [image], SamplingParams(max_tokens=6, temperature=0), image_detail=["low"])
+        side = checkpoints.TINY_TILE // checkpoints.TINY_PATCH
+        assert served.image_tokens == side * side
+        pipe = transformers.pipeline("image-to-text", model=model, processor=processor, device="cpu")
+        text, prompt_ids = _pipeline_run(pipe, image, {"detail": "low"})
+        assert int((prompt_ids == checkpoints.IMAGE_TOKEN_ID).sum()) == served.image_tokens
+        assert prompt_ids.shape[1] == served.prompt_tokens
+    finally:
+        engine.shutdown(drain=False)

@@ -114,9 +114,17 @@ class ModelRunner:
 
     def base_view_tokens(self) -> int:
         """Tokens of one base view (what :meth:`base_view_features` returns)."""
-        vision = self.model.config.vision_config
-        side = int(vision.image_size) // int(vision.patch_size)
-        return side * side + (1 if self.model.config.vision_feature_select_strategy == "full" else 0)
+        from .. import geometry
+        from ..configuration import tower_extra_positions
+
+        config = self.model.config
+        vision = config.vision_config
+        return geometry.base_token_count(
+            int(vision.image_size),
+            int(vision.patch_size),
+            config.vision_feature_select_strategy,
+            tower_extra_positions(vision),
+        )
 
     @torch.inference_mode()
     def prompt_embeddings(self, input_ids: torch.Tensor, image_features: list[torch.Tensor]) -> torch.Tensor:
