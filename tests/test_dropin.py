@@ -219,6 +219,40 @@ def test_image_processor_keeps_an_explicit_none_setting_as_transformers_does():
         assert out.min() >= 0
 
 
+def test_image_processor_classes_carry_transformers_defaults_and_an_explicit_none_survives_a_save(tmp_path):
+    from transformers import LlavaNextImageProcessor as ReferenceImageProcessor
+
+    from llava_next_plugin.image_processing import LlavaNextImageProcessor
+    from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
+
+    for name in ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_pad", "do_convert_rgb"):
+        expected = getattr(ReferenceImageProcessor, name)
+        assert expected is not None
+        assert getattr(LlavaNextImageProcessor, name) == expected
+        assert getattr(LlavaNextImageProcessorFast, name) == expected
+    for processor_class in (LlavaNextImageProcessor, LlavaNextImageProcessorFast):
+        processor = processor_class(do_normalize=None)
+        assert "do_normalize" in processor.to_dict() and processor.to_dict()["do_normalize"] is None
+        processor.save_pretrained(tmp_path / processor_class.__name__)
+        assert processor_class.from_pretrained(tmp_path / processor_class.__name__).do_normalize is None
+        # transformers' class reads the saved file the same way
+        assert ReferenceImageProcessor.from_pretrained(tmp_path / processor_class.__name__).do_normalize is None
+
+
+def test_image_processor_kwargs_are_found_under_transformers_naming_convention():
+    import sys
+
+    from llava_next_plugin.image_processing import LlavaNextImageProcessor, LlavaNextImageProcessorKwargs
+    from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
+
+    for processor_class in (LlavaNextImageProcessor, LlavaNextImageProcessorFast):
+        module = sys.modules[processor_class.__module__]
+        # transformers looks for "<class name>Kwargs" in the class's module
+        assert getattr(module, f"{processor_class.__name__}Kwargs") is processor_class.valid_kwargs
+        assert processor_class.valid_kwargs is LlavaNextImageProcessorKwargs
+        assert "image_grid_pinpoints" in processor_class.valid_kwargs.__annotations__
+
+
 # --- loading and generation habits -------------------------------------------------------------------
 
 
