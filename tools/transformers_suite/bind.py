@@ -8,6 +8,7 @@ not import llava_next_plugin at all).
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
 
 MODE = os.environ.get("LLAVA_SUITE_MODE", "reference")
@@ -22,6 +23,16 @@ _MODEL_NAMES = ("LlavaNextConfig", "LlavaNextModel", "LlavaNextForConditionalGen
 
 
 def _bind_ours() -> None:
+    import importlib
+
+    # The shared testers re-execute transformers/__init__.py (test_configuration_common's
+    # direct_transformers_import), which would reset names bound before: import them first.
+    for name in ("tests.test_configuration_common", "tests.test_image_processing_common"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # the suite folder has no such tester
+            pass
+
     import transformers
     from transformers.models.auto import image_processing_auto
 
@@ -38,11 +49,9 @@ def _bind_ours() -> None:
 
     # transformers' image-processing tester imports the function by name: bind it where it will look
     image_processing_auto.get_image_processor_class_from_name = get_image_processor_class_from_name
-    try:
-        import tests.test_image_processing_common as common
-    except ImportError:  # the suite folder has no image-processing tester
-        return
-    common.get_image_processor_class_from_name = get_image_processor_class_from_name
+    common = sys.modules.get("tests.test_image_processing_common")
+    if common is not None:
+        common.get_image_processor_class_from_name = get_image_processor_class_from_name  # type: ignore[attr-defined]
 
 
 if MODE == "ours":
