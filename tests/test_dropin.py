@@ -137,6 +137,40 @@ def test_get_image_features_returns_the_vision_towers_outputs_when_asked(folder,
     torch.testing.assert_close(as_tuple[1][0], reference_tuple[1][0], rtol=0, atol=FP32_ATOL)  # packed features
 
 
+def test_get_image_features_follows_the_configs_output_flags_as_the_reference(folder, processor):
+    inputs = _one_image(processor)
+    args = (inputs["pixel_values"], inputs["image_sizes"])
+    outputs = {}
+    for name, model_class in (
+        ("ours", LlavaNextForConditionalGeneration),
+        ("reference", ReferenceForConditionalGeneration),
+    ):
+        model = model_class.from_pretrained(folder, attn_implementation="eager").eval()
+        for config in (model.config, model.config.vision_config):  # as users set them: everywhere
+            config.output_hidden_states = config.output_attentions = True
+        with torch.no_grad():
+            flagged = model.get_image_features(*args)
+        for config in (model.config, model.config.vision_config):
+            config.output_hidden_states = config.output_attentions = False
+        model.config.return_dict = False
+        with torch.no_grad():
+            outputs[name] = (flagged, model.get_image_features(*args))
+    (mine, mine_tuple), (theirs, theirs_tuple) = outputs["ours"], outputs["reference"]
+    assert mine.hidden_states is not None and mine.attentions is not None
+    assert len(mine.hidden_states) == len(theirs.hidden_states) and len(mine.attentions) == len(theirs.attentions)
+    assert all(h is not None for h in mine.hidden_states)
+    # transformers 5.24 leaves some hidden states of the vision tower None here (those its feature layer does
+    # not read); compare the ones it gives, and every attention map
+    pairs = [(a, b) for a, b in zip(mine.hidden_states, theirs.hidden_states, strict=True) if b is not None]
+    assert pairs
+    for a, b in pairs + list(zip(mine.attentions, theirs.attentions, strict=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=FP32_ATOL)
+    assert isinstance(mine_tuple, tuple) and isinstance(theirs_tuple, tuple)
+    # (transformers' tuple also carries the hidden states its feature layer needed; the first two agree)
+    torch.testing.assert_close(mine_tuple[0], theirs_tuple[0], rtol=0, atol=FP32_ATOL)  # last_hidden_state
+    torch.testing.assert_close(mine_tuple[1][0], theirs_tuple[1][0], rtol=0, atol=FP32_ATOL)  # packed features
+
+
 # --- the cache's old name -----------------------------------------------------------------------------
 
 
