@@ -140,10 +140,11 @@ def main() -> int:
         only_ours = sorted(
             t for t, (o, _) in reference.items() if o == "passed" and ours.get(t, ("missing", ""))[0] != "passed"
         )
-        print(f"pass on the reference, fail on ours: {len(only_ours)}")
+        print(f"pass on the reference, not on ours (failed or skipped): {len(only_ours)}")
         for test_id in only_ours:
-            msg = ours.get(test_id, ("missing", "not run"))[1].strip().splitlines()
-            print(f"  {test_id}: {msg[0][:160] if msg else ''}")
+            outcome, msg = ours.get(test_id, ("missing", "not run"))
+            lines = msg.strip().splitlines()
+            print(f"  {test_id} [{outcome}]: {lines[0][:160] if lines else ''}")
     print(f"logs and junit reports: {out}")
     return 0
 
