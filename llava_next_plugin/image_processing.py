@@ -169,6 +169,14 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
 
     model_input_names = ["pixel_values", "image_sizes"]
     valid_kwargs = LlavaNextImageProcessorKwargs
+    # Class-level defaults, as transformers' classes have them: code that reads a default from the class
+    # finds it, while an instance keeps an explicit None (unset) through to_dict and save/load.
+    do_resize: bool | None = True
+    do_center_crop: bool | None = True
+    do_rescale: bool | None = True
+    do_normalize: bool | None = True
+    do_pad: bool | None = True
+    do_convert_rgb: bool | None = True
     SETTING_NAMES = (
         "do_resize",
         "size",

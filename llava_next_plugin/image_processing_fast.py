@@ -34,6 +34,7 @@ from . import geometry
 from .errors import ImageError, InputError
 from .image_processing import (
     LlavaNextImageProcessorBase,
+    LlavaNextImageProcessorKwargs,
     PreprocessSettings,
     _layout,
     check_image_size,
@@ -41,7 +42,11 @@ from .image_processing import (
     to_rgb_array,
 )
 
-__all__ = ["LlavaNextImageProcessorFast"]
+__all__ = ["LlavaNextImageProcessorFast", "LlavaNextImageProcessorFastKwargs"]
+
+# The keyword arguments of this processor under the name transformers' convention gives them
+# (``<processor class>Kwargs`` in the processor's module): the same TypedDict as the PIL processor's.
+LlavaNextImageProcessorFastKwargs = LlavaNextImageProcessorKwargs
 
 # PIL resampling filter -> interpolate mode. LANCZOS has no torch kernel: bicubic is its closest.
 INTERPOLATE_MODES = {0: "nearest-exact", 1: "bicubic", 2: "bilinear", 3: "bicubic"}

@@ -543,6 +543,13 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         """
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
+        # unset flags follow the config, as in transformers (config.output_attentions=True, return_dict=False, ...)
+        if output_hidden_states is None:
+            output_hidden_states = bool(getattr(self.config, "output_hidden_states", False))
+        if output_attentions is None:
+            output_attentions = bool(getattr(self.config, "output_attentions", False))
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
         packed, geoms, tower = self._image_features(
             pixel_values,
             image_sizes,

@@ -137,6 +137,40 @@ def test_get_image_features_returns_the_vision_towers_outputs_when_asked(folder,
     torch.testing.assert_close(as_tuple[1][0], reference_tuple[1][0], rtol=0, atol=FP32_ATOL)  # packed features
 
 
+def test_get_image_features_follows_the_configs_output_flags_as_the_reference(folder, processor):
+    inputs = _one_image(processor)
+    args = (inputs["pixel_values"], inputs["image_sizes"])
+    outputs = {}
+    for name, model_class in (
+        ("ours", LlavaNextForConditionalGeneration),
+        ("reference", ReferenceForConditionalGeneration),
+    ):
+        model = model_class.from_pretrained(folder, attn_implementation="eager").eval()
+        for config in (model.config, model.config.vision_config):  # as users set them: everywhere
+            config.output_hidden_states = config.output_attentions = True
+        with torch.no_grad():
+            flagged = model.get_image_features(*args)
+        for config in (model.config, model.config.vision_config):
+            config.output_hidden_states = config.output_attentions = False
+        model.config.return_dict = False
+        with torch.no_grad():
+            outputs[name] = (flagged, model.get_image_features(*args))
+    (mine, mine_tuple), (theirs, theirs_tuple) = outputs["ours"], outputs["reference"]
+    assert mine.hidden_states is not None and mine.attentions is not None
+    assert len(mine.hidden_states) == len(theirs.hidden_states) and len(mine.attentions) == len(theirs.attentions)
+    assert all(h is not None for h in mine.hidden_states)
+    # transformers 5.24 leaves some hidden states of the vision tower None here (those its feature layer does
+    # not read); compare the ones it gives, and every attention map
+    pairs = [(a, b) for a, b in zip(mine.hidden_states, theirs.hidden_states, strict=True) if b is not None]
+    assert pairs
+    for a, b in pairs + list(zip(mine.attentions, theirs.attentions, strict=True)):
+        torch.testing.assert_close(a, b, rtol=0, atol=FP32_ATOL)
+    assert isinstance(mine_tuple, tuple) and isinstance(theirs_tuple, tuple)
+    # (transformers' tuple also carries the hidden states its feature layer needed; the first two agree)
+    torch.testing.assert_close(mine_tuple[0], theirs_tuple[0], rtol=0, atol=FP32_ATOL)  # last_hidden_state
+    torch.testing.assert_close(mine_tuple[1][0], theirs_tuple[1][0], rtol=0, atol=FP32_ATOL)  # packed features
+
+
 # --- the cache's old name -----------------------------------------------------------------------------
 
 
@@ -217,6 +251,40 @@ def test_image_processor_keeps_an_explicit_none_setting_as_transformers_does():
         out = torch.as_tensor(processor(image, return_tensors="pt")["pixel_values"])
         assert out.shape == expected.shape and (out - expected).abs().max() <= 0.05  # rescaled, not normalized
         assert out.min() >= 0
+
+
+def test_image_processor_classes_carry_transformers_defaults_and_an_explicit_none_survives_a_save(tmp_path):
+    from transformers import LlavaNextImageProcessor as ReferenceImageProcessor
+
+    from llava_next_plugin.image_processing import LlavaNextImageProcessor
+    from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
+
+    for name in ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_pad", "do_convert_rgb"):
+        expected = getattr(ReferenceImageProcessor, name)
+        assert expected is not None
+        assert getattr(LlavaNextImageProcessor, name) == expected
+        assert getattr(LlavaNextImageProcessorFast, name) == expected
+    for processor_class in (LlavaNextImageProcessor, LlavaNextImageProcessorFast):
+        processor = processor_class(do_normalize=None)
+        assert "do_normalize" in processor.to_dict() and processor.to_dict()["do_normalize"] is None
+        processor.save_pretrained(tmp_path / processor_class.__name__)
+        assert processor_class.from_pretrained(tmp_path / processor_class.__name__).do_normalize is None
+        # transformers' class reads the saved file the same way
+        assert ReferenceImageProcessor.from_pretrained(tmp_path / processor_class.__name__).do_normalize is None
+
+
+def test_image_processor_kwargs_are_found_under_transformers_naming_convention():
+    import sys
+
+    from llava_next_plugin.image_processing import LlavaNextImageProcessor, LlavaNextImageProcessorKwargs
+    from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
+
+    for processor_class in (LlavaNextImageProcessor, LlavaNextImageProcessorFast):
+        module = sys.modules[processor_class.__module__]
+        # transformers looks for "<class name>Kwargs" in the class's module
+        assert getattr(module, f"{processor_class.__name__}Kwargs") is processor_class.valid_kwargs
+        assert processor_class.valid_kwargs is LlavaNextImageProcessorKwargs
+        assert "image_grid_pinpoints" in processor_class.valid_kwargs.__annotations__
 
 
 # --- loading and generation habits -------------------------------------------------------------------
