@@ -130,7 +130,7 @@ def test_get_image_features_returns_the_vision_towers_outputs_when_asked(folder,
     layers = ours.config.vision_config.num_hidden_layers
     assert len(mine.hidden_states) == layers + 1 and len(mine.attentions) == layers
     torch.testing.assert_close(mine.last_hidden_state, theirs.last_hidden_state, rtol=0, atol=FP32_ATOL)
-    for a, b in zip(mine.hidden_states + mine.attentions, theirs.hidden_states + theirs.attentions):
+    for a, b in zip(mine.hidden_states + mine.attentions, theirs.hidden_states + theirs.attentions, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=FP32_ATOL)
     assert isinstance(as_tuple, tuple) and isinstance(reference_tuple, tuple)
     torch.testing.assert_close(as_tuple[0], reference_tuple[0], rtol=0, atol=FP32_ATOL)  # last_hidden_state
@@ -368,7 +368,7 @@ def test_scores_and_logits_returned_by_generate_match_the_reference(models, proc
     theirs = _greedy(models["reference", "main"], inputs, **kwargs)
     assert torch.equal(mine.sequences, theirs.sequences)
     assert len(mine.scores) == len(theirs.scores) == mine.sequences.shape[1] - inputs["input_ids"].shape[1]
-    for a, b in zip(mine.scores + mine.logits, theirs.scores + theirs.logits):
+    for a, b in zip(mine.scores + mine.logits, theirs.scores + theirs.logits, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=FP32_ATOL)
 
 
