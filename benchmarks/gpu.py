@@ -27,9 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT))
-
-REAL_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
 
 def configs(smoke: bool):
@@ -38,52 +37,32 @@ def configs(smoke: bool):
 
     from llava_next_plugin import LlavaNextConfig
 
-    if smoke:
-        import checkpoints
+    if not smoke:  # llava-v1.6-mistral-7b's geometry: one definition, shared with benchmarks/model.py
+        from model import full_geometry_config
 
-        text = MistralConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=checkpoints.VOCAB_SIZE,
-            max_position_embeddings=4096,
-            pad_token_id=checkpoints.PAD_TOKEN_ID,
-        )
-        vision = CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=checkpoints.TINY_TILE,
-            patch_size=checkpoints.TINY_PATCH,
-            projection_dim=32,
-        )
-        tile, patch, pinpoints = checkpoints.TINY_TILE, checkpoints.TINY_PATCH, checkpoints.TINY_PINPOINTS
-    else:
-        text = MistralConfig(
-            hidden_size=4096,
-            intermediate_size=14336,
-            num_hidden_layers=32,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=32064,
-            max_position_embeddings=32768,
-            rope_theta=1000000.0,
-            sliding_window=None,
-            pad_token_id=32001,
-        )
-        vision = CLIPVisionConfig(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=336,
-            patch_size=14,
-            projection_dim=768,
-        )
-        tile, patch, pinpoints = 336, 14, REAL_PINPOINTS
+        return full_geometry_config(), 336, 14
+    import checkpoints
+
+    text = MistralConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=checkpoints.VOCAB_SIZE,
+        max_position_embeddings=4096,
+        pad_token_id=checkpoints.PAD_TOKEN_ID,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=checkpoints.TINY_TILE,
+        patch_size=checkpoints.TINY_PATCH,
+        projection_dim=32,
+    )
+    tile, patch, pinpoints = checkpoints.TINY_TILE, checkpoints.TINY_PATCH, checkpoints.TINY_PINPOINTS
     config = LlavaNextConfig(
         vision_config=vision.to_dict(),
         text_config=text.to_dict(),

@@ -86,6 +86,7 @@ def full_geometry_config():
         num_key_value_heads=8,
         vocab_size=32064,
         max_position_embeddings=32768,
+        rope_theta=1000000.0,
         sliding_window=None,
         rms_norm_eps=1e-5,
         pad_token_id=32001,
@@ -100,6 +101,7 @@ def full_geometry_config():
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         image_seq_length=576,
+        tie_word_embeddings=False,
     )
 
 
