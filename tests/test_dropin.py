@@ -417,15 +417,18 @@ def test_generate_with_an_image_returns_the_references_attentions_and_hidden_sta
     with one tensor per layer, equal to the reference's. The image is encoded once before the first step;
     the language model's flags must still reach every step (assisted decoding reads them at each step)."""
     inputs = _one_image(processor, "<image>\nWhat is this? What is")
-    kwargs: dict = dict(return_dict_in_generate=True, output_attentions=True, output_hidden_states=True)
-    kwargs.update(
-        {
-            "greedy": {},
-            "beam search": {"num_beams": 2},
-            "assisted": {"assistant_model": None},
-            "prompt lookup": {"prompt_lookup_num_tokens": 2},
-        }[method]
-    )
+    extra: dict[str, dict[str, object]] = {
+        "greedy": {},
+        "beam search": {"num_beams": 2},
+        "assisted": {},
+        "prompt lookup": {"prompt_lookup_num_tokens": 2},
+    }
+    kwargs: dict[str, object] = {
+        "return_dict_in_generate": True,
+        "output_attentions": True,
+        "output_hidden_states": True,
+        **extra[method],
+    }
     outputs = {}
     for name, model in eager_models.items():
         if method == "assisted":
