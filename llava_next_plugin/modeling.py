@@ -517,25 +517,26 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         image_sizes: torch.Tensor | Sequence[Sequence[int]],
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        return_dict: bool | None = None,
         image_detail: str | Sequence[str] | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPooling | tuple:
         """Image embeddings, as the language model receives them.
+
+        The output flags (*output_hidden_states*, *output_attentions*, *return_dict*) are keyword-only and
+        read from ``kwargs``, as transformers' own models take them: ``generate`` hands this method every
+        model kwarg that is one of its named parameters and drops those from the language model's call, so
+        a named ``output_attentions`` would leave ``generate(output_attentions=True)`` without attentions.
 
         :param pixel_values: ``[images, tiles, C, H, W]`` (padded, as the processor returns),
             ``[all_tiles, C, H, W]``, or a list of one ``[tiles_i, C, H, W]`` tensor per image.
         :param image_sizes: ``[images, 2]``, each image's original ``(height, width)``.
         :param vision_feature_layer: the tower's layer(s) to use instead of the config's.
         :param vision_feature_select_strategy: ``"default"`` or ``"full"`` instead of the config's.
-        :param output_hidden_states: also return all of the vision tower's hidden states (over all tiles,
-            ``[T, positions, vision_hidden]`` each).
-        :param output_attentions: also return the vision tower's attentions.
-        :param return_dict: ``False`` gives the same fields as a tuple.
         :param image_detail: OpenAI's ``detail``, one for all images or one per image: ``"low"`` gives the base
             view's features only (``base_tokens``), ``"high"``/``"auto"`` (the default) the full any-resolution ones.
+        :param kwargs: ``output_hidden_states`` (also return all of the vision tower's hidden states, over all
+            tiles, ``[T, positions, vision_hidden]`` each), ``output_attentions`` (also return the vision tower's
+            attentions), ``return_dict`` (``False`` gives the same fields as a tuple); unset ones follow the config.
         :return: a ``BaseModelOutputWithPooling``: ``pooler_output`` is a tuple of ``[num_tokens_i,
             text_hidden]`` tensors, one per image; ``last_hidden_state`` is the vision tower's ``[T, positions,
             vision_hidden]``; ``hidden_states`` and ``attentions`` as requested.
@@ -544,10 +545,13 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
         strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
         # unset flags follow the config, as in transformers (config.output_attentions=True, return_dict=False, ...)
+        output_hidden_states = kwargs.get("output_hidden_states")
         if output_hidden_states is None:
             output_hidden_states = bool(getattr(self.config, "output_hidden_states", False))
+        output_attentions = kwargs.get("output_attentions")
         if output_attentions is None:
             output_attentions = bool(getattr(self.config, "output_attentions", False))
+        return_dict = kwargs.get("return_dict")
         if return_dict is None:
             return_dict = getattr(self.config, "return_dict", True)
         packed, geoms, tower = self._image_features(

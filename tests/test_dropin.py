@@ -5,6 +5,7 @@ Each test runs one habit on ours and on transformers' class over the same tiny f
 
 from __future__ import annotations
 
+import inspect
 import re
 import warnings
 
@@ -399,3 +400,64 @@ def test_contrastive_search_is_the_hub_recipe_in_both(models, processor):
             _greedy(models[name, "main"], inputs, penalty_alpha=0.6, top_k=4)
         messages.append(str(info.value))
     assert messages[0] == messages[1]
+
+
+@pytest.fixture(scope="module")
+def eager_models(folder):
+    """Ours and the reference with eager attention: the kernel that can return attention weights."""
+    return {
+        "ours": LlavaNextForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval(),
+        "reference": ReferenceForConditionalGeneration.from_pretrained(folder, attn_implementation="eager").eval(),
+    }
+
+
+@pytest.mark.parametrize("method", ["greedy", "beam search", "assisted", "prompt lookup"])
+def test_generate_with_an_image_returns_the_references_attentions_and_hidden_states(eager_models, processor, method):
+    """generate(output_attentions=True, output_hidden_states=True) with an image: one tuple per step, each
+    with one tensor per layer, equal to the reference's. The image is encoded once before the first step;
+    the language model's flags must still reach every step (assisted decoding reads them at each step)."""
+    inputs = _one_image(processor, "<image>\nWhat is this? What is")
+    extra: dict[str, dict[str, object]] = {
+        "greedy": {},
+        "beam search": {"num_beams": 2},
+        "assisted": {},
+        "prompt lookup": {"prompt_lookup_num_tokens": 2},
+    }
+    kwargs: dict[str, object] = {
+        "return_dict_in_generate": True,
+        "output_attentions": True,
+        "output_hidden_states": True,
+        **extra[method],
+    }
+    outputs = {}
+    for name, model in eager_models.items():
+        if method == "assisted":
+            kwargs["assistant_model"] = model
+        outputs[name] = _greedy(model, inputs, **kwargs)
+    mine, theirs = outputs["ours"], outputs["reference"]
+    assert torch.equal(mine.sequences, theirs.sequences)
+    layers = eager_models["ours"].config.text_config.num_hidden_layers
+    for field, per_step in (("attentions", layers), ("hidden_states", layers + 1)):
+        steps, reference_steps = getattr(mine, field), getattr(theirs, field)
+        assert len(steps) == len(reference_steps) > 0
+        for step, reference_step in zip(steps, reference_steps, strict=True):
+            assert isinstance(step, tuple) and len(step) == per_step
+            for a, b in zip(step, reference_step, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=FP32_ATOL)
+
+
+def test_get_image_features_takes_the_output_flags_by_keyword_only(eager_models, processor):
+    """generate() passes get_image_features the model kwargs named in its signature and keeps them from
+    the language model: the output flags are keyword arguments (**kwargs), as in transformers' model."""
+    ours = eager_models["ours"]
+    for method in (ours.get_image_features, ours.model.get_image_features):
+        named = set(inspect.signature(method).parameters)
+        assert not named & {"output_attentions", "output_hidden_states", "return_dict"}
+    inputs = _one_image(processor)
+    args = (inputs["pixel_values"], inputs["image_sizes"])
+    flags = dict(output_attentions=True, output_hidden_states=True)
+    mine, theirs = ours.get_image_features(*args, **flags), eager_models["reference"].get_image_features(*args, **flags)
+    for field in ("attentions", "hidden_states"):
+        assert len(getattr(mine, field)) == len(getattr(theirs, field)) > 0
+        for a, b in zip(getattr(mine, field), getattr(theirs, field), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=FP32_ATOL)
