@@ -4,6 +4,8 @@ The model, its processors, the pipeline, prompt formats, image loading and the v
 when given bad input; each message says what was wrong and how to fix it. They know nothing of serving:
 the serving layer (the engine, and through it the server and the SDK's local transport) turns them into
 the SDK's typed errors with :func:`as_api_error`, and the server answers those with their HTTP status.
+Where model-level code calls the SDK (its one message parser, its image functions), :func:`as_model_error`
+goes the other way.
 
 Hierarchy::
 
@@ -17,9 +19,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from llava_next_sdk.errors import BadRequestError
+    from llava_next_sdk.errors import BadRequestError, LlavaNextError
 
-__all__ = ["InputError", "ImageError", "as_api_error"]
+__all__ = ["InputError", "ImageError", "as_api_error", "as_model_error"]
 
 
 class InputError(ValueError):
@@ -63,3 +65,13 @@ def as_api_error(error: ValueError) -> BadRequestError:
         api = BadRequestError(str(error), param=param)
     api.__cause__ = error
     return api
+
+
+def as_model_error(error: LlavaNextError, *, index: int | None = None) -> InputError:
+    """The model-level error for an SDK *error* raised where model code calls the SDK: ``InvalidImageError`` →
+    :class:`ImageError` (its index kept, else *index*), any other → :class:`InputError`; same message and param."""
+    from llava_next_sdk.errors import InvalidImageError
+
+    if isinstance(error, InvalidImageError):
+        return ImageError(error.message, index=index if error.index is None else error.index, param=error.param)
+    return InputError(error.message, param=error.param)

@@ -41,7 +41,7 @@ from PIL import Image
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
 from . import geometry
-from .errors import ImageError, InputError
+from .errors import ImageError, InputError, as_model_error
 
 try:  # the typed kwargs transformers reads in from_dict / preprocess validation
     from transformers.processing_utils import ImagesKwargs
@@ -379,7 +379,7 @@ def pil_to_rgb_image(image: Image.Image, index: int) -> Image.Image:
     try:
         rgb: Image.Image = sdk_images.to_rgb(image, f"the {image.mode!r} image", index=index, bomb_factor=2)
     except InvalidImageError as exc:
-        raise ImageError(exc.message, index=exc.index) from exc
+        raise as_model_error(exc) from exc
     return rgb
 
 

@@ -47,7 +47,7 @@ from PIL import Image
 
 from llava_next_plugin.hooks import get_plugin_manager, hookimpl
 
-from .errors import ImageError
+from .errors import ImageError, as_model_error
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -81,7 +81,7 @@ def _model_level(call: Callable[..., _T], *args: Any, index: int | None = None, 
     try:
         return call(*args, index=index, **kwargs)
     except InvalidImageError as exc:
-        raise ImageError(exc.message, index=exc.index) from exc
+        raise as_model_error(exc) from exc
 
 
 def load_image(source: Any, index: int | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> Image.Image:
@@ -102,7 +102,7 @@ def load_image(source: Any, index: int | None = None, *, timeout: float = DEFAUL
             raise ImageError(exc.message, index=index, param=exc.param) from exc
         raise
     except InvalidImageError as exc:  # the SDK's error, raised by a third-party image source
-        raise ImageError(exc.message, index=index if exc.index is None else exc.index) from exc
+        raise as_model_error(exc, index=index) from exc
     except LlavaNextError:
         raise
     except Image.DecompressionBombError as exc:
@@ -274,10 +274,7 @@ def _may_be_an_image(content_type: str) -> bool:
 
 
 def _decode_data_url(url: str) -> Image.Image:
-    try:
-        media_type, data = decode_data_url(url)
-    except InvalidImageError as exc:  # the SDK's wire-level check, shared with the server
-        raise ImageError(exc.message) from exc
+    media_type, data = _model_level(decode_data_url, url)  # the SDK's wire-level check, shared with the server
     return decode_image_bytes(data, f"data URL ({media_type}, {len(data)} bytes)")
 
 

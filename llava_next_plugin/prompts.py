@@ -27,13 +27,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from llava_next_sdk import messages as sdk_messages
-from llava_next_sdk.errors import BadRequestError, InvalidImageError
+from llava_next_sdk.errors import BadRequestError
 from llava_next_sdk.messages import ParsedMessage
 from llava_next_sdk.types import TextPart
 
 from llava_next_plugin.hooks import get_plugin_manager, hookimpl
 
-from .errors import ImageError, InputError
+from .errors import InputError, as_model_error
 
 __all__ = [
     "FAMILIES",
@@ -233,10 +233,8 @@ def read_messages(messages: Any) -> tuple[ParsedMessage, ...]:
     the same message, as model-level code raises."""
     try:
         return sdk_messages.read_messages(messages, bare_images=True)
-    except InvalidImageError as exc:
-        raise ImageError(exc.message, index=exc.index, param=exc.param) from None
-    except BadRequestError as exc:
-        raise InputError(exc.message, param=exc.param) from None
+    except BadRequestError as exc:  # InvalidImageError included
+        raise as_model_error(exc) from None
 
 
 def _to_messages(prompt_or_messages: Any) -> list[dict]:
