@@ -191,3 +191,33 @@ def test_the_same_prompt_again_reuses_all_but_its_last_token_and_gives_the_same_
         assert again.token_ids == first.token_ids == reference_greedy(model, prepared, 8)
     finally:
         engine.shutdown(drain=False)
+
+
+@pytest.mark.parametrize("model_class", ["reference", "ours"])
+def test_joiners_images_go_through_the_vision_tower_together_and_each_gets_its_solo_tokens(
+    reference, tiny_checkpoint, model_class
+):
+    model, processor = reference
+    if model_class == "ours":  # our class gives one feature tensor per image; transformers' packs them in one
+        model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_checkpoint).eval()
+        assert type(model).__module__.startswith("llava_next_plugin")
+    requests = [
+        (ask("What is this?"), [photo(80, 50)], None),
+        (ask("Compare them.", images=2), [photo(64, 64), photo(30, 90)], None),  # tiles differ: padded together
+        (ask("And this?"), [photo(40, 96)], ["low"]),
+        (ask("Small one"), [photo(50, 50)], ["low"]),
+    ]
+    alone = Engine(model, processor, max_batch_size=1, reuse_memory=0).start()
+    try:
+        solo = [alone.generate(m, i, GREEDY, image_detail=d).token_ids for m, i, d in requests]
+    finally:
+        alone.shutdown(drain=False)
+    engine = Engine(model, processor, max_batch_size=4).start()
+    try:
+        prepared = [engine.prepare(m, i, GREEDY, image_detail=d) for m, i, d in requests]
+        with engine._lock:  # the engine thread takes the queue under this lock: all four join in one step
+            handles = [engine.submit(p) for p in prepared]
+        assert [h.result(timeout=120).token_ids for h in handles] == solo
+        assert engine.stats_snapshot()["images_batched"] == 5  # 3 full-detail images in one call, 2 base views
+    finally:
+        engine.shutdown(drain=False)

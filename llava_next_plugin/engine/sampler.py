@@ -2,7 +2,7 @@
 
 Inputs, for ``n`` rows: ``logits [n, vocab]``, and per row ``temperature [n]`` (float32), ``top_p [n]``,
 ``seed [n]`` and ``step [n]`` (int64), ``do_sample [n]`` (bool: temperature > 0, else greedy). Output:
-``tokens [n]`` (int64) and ``ok [n]`` (bool: the row's logits were finite), both still on the device; the
+``tokens [n]`` (int64) and ``ok [n]`` (bool: the row's maximum is finite, so no NaN), both on the device; the
 engine moves them to the host in one transfer per step.
 
 A sampled row draws from ``softmax(logits / temperature)`` restricted to the nucleus (the smallest set of most
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["sample", "row_params", "uniform"]
+__all__ = ["greedy", "sample", "row_params", "uniform"]
 
 _M32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # < 2**31: products of a 32-bit value with it fit in int64
@@ -40,6 +40,14 @@ def uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
+def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's most likely token ``[n]`` (the first maximum, as argmax) and whether the row is usable ``[n]``:
+    its maximum is finite (``max`` propagates a NaN; a row whose maximum is +inf or -inf has no distribution).
+    One pass over the logits."""
+    top, tokens = logits.max(dim=-1)
+    return tokens, torch.isfinite(top)
+
+
 def sample(
     logits: torch.Tensor,
     temperature: torch.Tensor,
@@ -48,19 +56,16 @@ def sample(
     step: torch.Tensor,
     do_sample: torch.Tensor,
     *,
-    any_sampled: bool = True,
     top_p_rows: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next tokens ``[n]`` and whether each row's logits were finite ``[n]`` (see the module docstring).
+    """Next tokens ``[n]`` and whether each row is usable ``[n]`` (see :func:`greedy` and the module docstring).
 
-    *any_sampled* (known on the host) skips the sampling when every row is greedy; *top_p_rows* lists the
-    rows with ``top_p < 1`` (``None``: find them on the device, all rows are sorted then).
+    *top_p_rows* lists the rows with ``top_p < 1`` (``None``: find them on the device, all rows are sorted then).
+    A batch of greedy rows only is cheaper through :func:`greedy`.
     """
     logits = logits.float()
-    ok = torch.isfinite(logits.sum(dim=-1))  # a row with an inf or a NaN fails alone (its token is not used)
-    top, greedy = logits.max(dim=-1)  # the first maximum, as argmax
-    if not any_sampled:
-        return greedy, ok
+    top, greedy_tokens = logits.max(dim=-1)
+    ok = torch.isfinite(top)
     shifted = logits - top[:, None]  # <= 0, the maximum exactly 0
     temp = temperature.to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
     probs = torch.softmax(shifted / temp[:, None], dim=-1)
@@ -74,7 +79,7 @@ def sample(
         outside = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p.index_select(0, index)[:, None]
         picked = _invert(sorted_probs.masked_fill(outside, 0.0), u.index_select(0, index))
         sampled = sampled.index_copy(0, index, order.gather(-1, picked[:, None])[:, 0])
-    return torch.where(do_sample, sampled, greedy), ok
+    return torch.where(do_sample, sampled, greedy_tokens), ok
 
 
 def _invert(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

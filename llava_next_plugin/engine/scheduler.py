@@ -44,7 +44,7 @@ from .detokenizer import TextStream
 from .handle import RequestHandle
 from .kv import KVSlots, PrefixStore
 from .request import EngineResult, PreparedRequest, SamplingParams, generation_error
-from .sampler import row_params, sample
+from .sampler import greedy, row_params, sample
 from .step import FeatureCache, ModelRunner, image_key
 
 __all__ = ["Engine", "default_device"]
@@ -59,6 +59,25 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+_Image = tuple[bytes, torch.Tensor, torch.Tensor, bool]  # content key, pixels, size [1, 2], low detail
+
+
+def _images(prepared: PreparedRequest) -> list[_Image]:
+    """Each image of the request as ``(content key, pixels, size [1, 2], low detail)``: the pixels are
+    ``[1, tiles, 3, h, w]``, or the base view ``[1, 3, h, w]`` for a low-detail image."""
+    pixel_values, image_sizes = prepared.pixel_values, prepared.image_sizes
+    if pixel_values is None or image_sizes is None or not prepared.num_images:
+        return []
+    images = []
+    for i in range(prepared.num_images):
+        low = i < len(prepared.image_detail) and prepared.image_detail[i] == "low"
+        pixels, size = pixel_values[i : i + 1], image_sizes[i : i + 1]
+        if low:
+            pixels = pixels[:, 0]  # the base view: [1, 3, h, w]
+        images.append((image_key(pixels, size[0].tolist() + [low]), pixels, size, low))
+    return images
+
+
 @dataclass
 class _Running:
     """A request that holds a KV slot."""
@@ -69,6 +88,7 @@ class _Running:
     seed: int
     prompt_len: int
     started_at: float
+    images: list[_Image] = field(default_factory=list)
     embeds: torch.Tensor | None = None  # [L, hidden] until the prompt is prefilled
     prefix_key: tuple | None = None
     prefilled: int = 0
@@ -168,7 +188,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         # requests_<outcome> (ok, cancelled, server_error...), requests_rejected, prompt_tokens,
         # completion_tokens, image_tokens, batched_steps (decode steps with more than one request),
-        # prefill_chunks, prefix_reused_tokens, image_features_reused
+        # prefill_chunks, prefix_reused_tokens, image_features_reused, images_batched (vision features computed
+        # for several joiners in one call)
         self._stats: collections.Counter = collections.Counter()
         self._stats_lock = threading.Lock()
 
@@ -547,8 +568,7 @@ class Engine:
                     joiners.append((self._pending.popleft(), self.kv.allocate()))
             for handle in withdrawn:
                 self._end_cancelled(handle)
-            for handle, slot in joiners:
-                self._join(handle, slot)
+            self._join(joiners)
             for running in [r for r in self._running.values() if r.handle.cancelled]:
                 self._leave(running, RequestCancelledError(f"request {running.handle.id} was cancelled"))
             self._prefill_chunk()
@@ -556,8 +576,31 @@ class Engine:
             with self._lock:
                 self._lock.notify_all()  # wakes shutdown(drain=True)
 
-    def _join(self, handle: RequestHandle, slot: int) -> None:
-        """Give *handle* its slot: hooks, prompt embeddings, a reused prefix. A failure ends it alone."""
+    def _join(self, joiners: list[tuple[RequestHandle, int]]) -> None:
+        """Give each joiner its slot: hooks, its images' vision features (the ones not cached yet computed for
+        all joiners together), prompt embeddings, a reused prefix. A failure ends its request alone."""
+        admitted = [running for running in (self._admit(handle, slot) for handle, slot in joiners) if running]
+        computed = self._vision_features(admitted) if len(admitted) > 1 else {}
+        for running in admitted:
+            prepared = running.handle.prepared
+            try:
+                features = self._image_features(running.images, computed)
+                running.embeds = self.runner.prompt_embeddings(prepared.input_ids, features)
+                if self.prefixes is not None:
+                    running.prefix_key = self._prefix_key(prepared.input_ids, [key for key, *_ in running.images])
+                    found = self.prefixes.longest(running.prefix_key[:-1])  # at least one token left to prefill
+                    if found is not None:
+                        n, keys, values = found
+                        self.kv.copy_in(running.slot, keys, values)
+                        running.prefilled = n
+                        self._count("prefix_reused_tokens", n)
+            except Exception as exc:
+                logger.exception("preparing the prefill of request %s failed", running.handle.id)
+                self._leave(running, generation_error(exc))
+
+    def _admit(self, handle: RequestHandle, slot: int) -> _Running | None:
+        """*handle* in its slot, its ``before_generate`` hook called and its images listed; ``None`` if it
+        was cancelled or its images could not be read (it has ended then)."""
         prepared = handle.prepared
         params = prepared.params
         running = _Running(
@@ -571,7 +614,7 @@ class Engine:
         self._running[slot] = running
         if handle.cancelled:
             self._leave(running, RequestCancelledError(f"request {handle.id} was cancelled"))
-            return
+            return None
         if not handle.started:
             handle.started = True
             self._call_hook(
@@ -589,41 +632,65 @@ class Engine:
                 },
             )
         try:
-            features, keys = self._image_features(prepared)
-            running.embeds = self.runner.prompt_embeddings(prepared.input_ids, features)
-            if self.prefixes is not None:
-                running.prefix_key = self._prefix_key(prepared.input_ids, keys)
-                found = self.prefixes.longest(running.prefix_key[:-1])  # at least one token left to prefill
-                if found is not None:
-                    n, keys_, values_ = found
-                    self.kv.copy_in(slot, keys_, values_)
-                    running.prefilled = n
-                    self._count("prefix_reused_tokens", n)
+            running.images = _images(prepared)
         except Exception as exc:
-            logger.exception("preparing the prefill of request %s failed", handle.id)
+            logger.exception("reading the images of request %s failed", handle.id)
             self._leave(running, generation_error(exc))
+            return None
+        return running
 
-    def _image_features(self, prepared: PreparedRequest) -> tuple[list[torch.Tensor], list[bytes]]:
-        pixel_values, image_sizes = prepared.pixel_values, prepared.image_sizes
-        if pixel_values is None or image_sizes is None or not prepared.num_images:
-            return [], []
-        features, keys = [], []
-        for i in range(prepared.num_images):
-            low = i < len(prepared.image_detail) and prepared.image_detail[i] == "low"
-            pixels, size = pixel_values[i : i + 1], image_sizes[i : i + 1]
-            if low:
-                pixels = pixels[:, 0]  # the base view: [1, 3, h, w]
-            key = image_key(pixels, size[0].tolist() + [low])
-            cached = self.features.get(key) if self.features is not None else None
-            if cached is None:
-                cached = self.runner.base_view_features(pixels) if low else self.runner.image_features(pixels, size)
-                if self.features is not None:
-                    self.features.put(key, cached)
-            else:
+    def _vision_features(self, joined: list[_Running]) -> dict[bytes, torch.Tensor]:
+        """Vision features of the joiners' images that are not cached, by key: the full-detail images in one
+        batched tower call (their tiles padded to the most of any; the sizes say which are real), the
+        low-detail base views in another. If a batched call fails, its images are left out: each request then
+        runs its own alone in :meth:`_image_features`, so a bad image fails its own request only."""
+        full: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        low: dict[bytes, torch.Tensor] = {}
+        for running in joined:
+            for key, pixels, size, is_low in running.images:
+                if self.features is not None and self.features.get(key) is not None:
+                    continue
+                if is_low:
+                    low[key] = pixels
+                else:
+                    full[key] = (pixels, size)
+        computed: dict[bytes, torch.Tensor] = {}
+        if len(full) > 1:
+            tiles = max(pixels.shape[1] for pixels, _ in full.values())
+            pixel_values = torch.cat(
+                [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, tiles - p.shape[1])) for p, _ in full.values()]
+            )
+            try:
+                features = self.runner.image_features(pixel_values, torch.cat([size for _, size in full.values()]))
+                computed.update(zip(full, features, strict=True))
+                self._count("images_batched", len(full))
+            except Exception:
+                logger.warning("a vision call for %d images failed: each request runs its own", len(full))
+        if len(low) > 1:
+            try:
+                computed.update(zip(low, self.runner.base_view_features(torch.cat(list(low.values()))), strict=True))
+                self._count("images_batched", len(low))
+            except Exception:
+                logger.warning("a base-view call for %d images failed: each request runs its own", len(low))
+        return computed
+
+    def _image_features(self, images: list[_Image], computed: dict[bytes, torch.Tensor]) -> list[torch.Tensor]:
+        """``[n_tokens_i, hidden]`` per image: cached, *computed* for this step, or run now."""
+        features = []
+        for key, pixels, size, low in images:
+            found = self.features.get(key) if self.features is not None else None
+            if found is not None:
                 self._count("image_features_reused")
-            features.append(cached)
-            keys.append(key)
-        return features, keys
+            else:
+                found = computed.get(key)
+                if found is None:
+                    found = (
+                        self.runner.base_view_features(pixels) if low else self.runner.image_features(pixels, size)
+                    )[0]
+                if self.features is not None:
+                    self.features.put(key, found)
+            features.append(found)
+        return features
 
     def _prefix_key(self, input_ids: torch.Tensor, image_keys: list[bytes]) -> tuple:
         """The prompt's ids with each image's tokens replaced by a number standing for its content."""
@@ -724,32 +791,33 @@ class Engine:
 
     @torch.inference_mode()
     def _decode(self, decoding: list[_Running]) -> None:
+        decoding.sort(key=lambda r: r.slot)
         if len(decoding) == 1 and not self.runner.compiled:
             first, rows = decoding[0].slot, 1
         else:
-            first, rows = 0, self._row_bucket(max(r.slot for r in decoding) + 1)
-        inputs = torch.zeros((3, rows), dtype=torch.long)  # token, position, write column per row
-        inputs[2] = self.kv.scratch  # rows without a decoding request write to the scratch column
+            first, rows = 0, self._row_bucket(decoding[-1].slot + 1)
+        # token, position, write column per row; rows without a decoding request write to the scratch column
+        tokens, positions, columns = [0] * rows, [0] * rows, [self.kv.scratch] * rows
         for running in decoding:
             row = running.slot - first
-            inputs[:, row] = torch.tensor([running.generated[-1], running.position, running.position])
-        inputs = inputs.to(self.device)
-        kv_len = self._kv_bucket(max(r.position for r in decoding) + 1)
+            tokens[row], positions[row], columns[row] = running.generated[-1], running.position, running.position
+        inputs = torch.tensor([tokens, positions, columns], dtype=torch.long).to(self.device)
+        kv_len = self._kv_bucket(max(positions) + 1)
         logits = self.runner.decode(inputs[0], inputs[1], inputs[2], slice(first, first + rows), kv_len)
-        index = torch.tensor([r.slot - first for r in decoding], device=self.device)
-        self._sample_and_advance(decoding, logits.index_select(0, index))
+        if len(decoding) < rows:  # else the rows are the slots first..first+rows-1, in order: all of them
+            logits = logits.index_select(0, torch.tensor([r.slot - first for r in decoding], device=self.device))
+        self._sample_and_advance(decoding, logits)
 
     def _sample_and_advance(self, batch: list[_Running], logits: torch.Tensor) -> None:
         """Sample each request's next token from its row of ``logits [len(batch), vocab]`` (one transfer to
         the host for all), stream it, and end the requests that are done."""
         params = [r.handle.prepared.params for r in batch]
-        tensors = row_params(params, [len(r.generated) for r in batch], [r.seed for r in batch], self.device)
-        tokens, ok = sample(
-            logits,
-            *tensors,
-            any_sampled=any(p.temperature > 0 for p in params),
-            top_p_rows=[i for i, p in enumerate(params) if p.temperature > 0 and p.top_p < 1],
-        )
+        if any(p.temperature > 0 for p in params):
+            tensors = row_params(params, [len(r.generated) for r in batch], [r.seed for r in batch], self.device)
+            top_p_rows = [i for i, p in enumerate(params) if p.temperature > 0 and p.top_p < 1]
+            tokens, ok = sample(logits, *tensors, top_p_rows=top_p_rows)
+        else:  # all greedy: one argmax, no per-row parameters to build
+            tokens, ok = greedy(logits)
         tokens, ok = torch.stack([tokens, ok.long()]).tolist()
         now = time.monotonic()
         for running, token, good in zip(batch, tokens, ok, strict=True):

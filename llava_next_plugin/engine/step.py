@@ -86,19 +86,21 @@ class ModelRunner:
 
     # --- embeddings
     @torch.inference_mode()
-    def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> torch.Tensor:
-        """``[n_tokens, hidden]`` features of ONE image (``pixel_values [1, patches, 3, h, w]``)."""
+    def image_features(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[torch.Tensor]:
+        """One ``[n_tokens_i, hidden]`` tensor per image, for ``pixel_values [N, tiles, 3, h, w]`` (tiles padded
+        to the most of any image; each image's size says how many are its own) and ``image_sizes [N, 2]``."""
         out = self.model.get_image_features(pixel_values.to(self.device, self.dtype), image_sizes.to(self.device))
         features = getattr(out, "pooler_output", out)
-        if isinstance(features, (list, tuple)):
-            features = torch.cat(list(features))
-        return features
+        if isinstance(features, (list, tuple)):  # ours: one tensor per image
+            return list(features)
+        # transformers' model packs every image into one [total, hidden]: split it by each image's token count
+        return list(torch.split(features, [self.image_tokens(h, w) for h, w in image_sizes.tolist()]))
 
     @torch.inference_mode()
     def base_view_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[n_tokens, hidden]`` features of one image's base view alone (``pixel_values [1, 3, h, w]``): the
-        vision tower's selected layer(s), the CLS token dropped for the ``default`` strategy, projected. This is
-        OpenAI's ``detail: "low"`` (576 tokens at llava-v1.6's 336 px tiles)."""
+        """``[N, n_tokens, hidden]``: the features of images' base views alone (``pixel_values [N, 3, h, w]``):
+        the vision tower's selected layer(s), the CLS token dropped for the ``default`` strategy, projected.
+        This is OpenAI's ``detail: "low"`` (576 tokens at llava-v1.6's 336 px tiles)."""
         inner = getattr(self.model, "model", self.model)
         config = self.model.config
         out = inner.vision_tower(pixel_values.to(self.device, self.dtype), output_hidden_states=True)
@@ -110,10 +112,27 @@ class ModelRunner:
         )
         if config.vision_feature_select_strategy == "default":
             hidden = hidden[:, 1:]
-        return inner.multi_modal_projector(hidden)[0]
+        return inner.multi_modal_projector(hidden)
+
+    def image_tokens(self, height: int, width: int) -> int:
+        """Tokens (and features) of one ``height x width`` image at full detail, from geometry.py."""
+        from .. import geometry
+        from ..configuration import tower_extra_positions
+
+        config = self.model.config
+        vision = config.vision_config
+        return geometry.num_image_tokens(
+            height,
+            width,
+            config.image_grid_pinpoints,
+            int(vision.image_size),
+            int(vision.patch_size),
+            config.vision_feature_select_strategy,
+            tower_extra_positions(vision),
+        )
 
     def base_view_tokens(self) -> int:
-        """Tokens of one base view (what :meth:`base_view_features` returns)."""
+        """Tokens of one base view (what :meth:`base_view_features` returns per image)."""
         from .. import geometry
         from ..configuration import tower_extra_positions
 
@@ -223,6 +242,8 @@ class FeatureCache:
         size = features.numel() * features.element_size()
         if size > self.max_bytes or key in self._entries:
             return
+        if features.untyped_storage().nbytes() > size:  # a view into a batch's features: keep (and count) its own
+            features = features.clone()
         self._entries[key] = features
         self._bytes += size
         while self._bytes > self.max_bytes:
