@@ -128,10 +128,15 @@ def test_anyres(tmp_path, monkeypatch):
     assert len(figures) == 4
     expected = LlavaNextConfig().image_geometry(480, 640)  # the generated example picture
     assert expected.describe() in stdout(cell_with(notebook, "print(geom.describe())"))
-    tokens = stdout(cell_with(notebook, "processor wrote"))
+    tokens = stdout(cell_with(notebook, "total <image> tokens"))
     assert f"total <image> tokens: {expected.num_tokens:5d}" in tokens
     written, computed = re.search(r"processor wrote (\d+) <image> tokens; geometry says (\d+)", tokens).groups()
     assert written == computed
+    budgets = stdout(cell_with(notebook, "image_detail=detail"))
+    found = re.findall(r'detail="(\w+)": processor wrote +(\d+) <image> tokens; geometry says +(\d+)', budgets)
+    assert [detail for detail, _, _ in found] == ["low", "high"]
+    assert all(written == computed for _, written, computed in found)
+    assert int(found[0][1]) < int(found[1][1])  # the base view alone costs less than the whole layout
 
 
 def test_attention(tmp_path, monkeypatch):
