@@ -145,9 +145,12 @@ def test_attention(tmp_path, monkeypatch):
     assert sum(bool(rich(cell, "image/png")) for cell in code_cells(notebook)) == 4
     assert "&lt;image&gt; x" in rich(cell_with(notebook, 'viz("<image> What is shown'), "text/html")[-1]
     assert rich(cell_with(notebook, "display(HTML(two.to_html()))"), "text/html")[-1].count("&lt;image&gt; x") == 2
-    padding = stdout(cell_with(notebook, "of them padding"))
+    batch = cell_with(notebook, "of them padding")
+    padding = stdout(batch)
     assert re.search(r"sequence \d: \d+ positions, 0 of them padding", padding)
     assert re.search(r"sequence \d: \d+ positions, [1-9]\d* of them padding", padding)
+    page = rich(batch, "text/html")[-1]  # the padded batch as HTML too, one table per sequence
+    assert page.count("<table") == 3 and "&lt;pad&gt;" in page and page.count("&lt;image&gt; x") == 3
 
 
 def test_sdk(tmp_path, monkeypatch):
