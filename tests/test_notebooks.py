@@ -74,8 +74,9 @@ def assert_clean(notebook) -> None:
                 assert output.name == "stdout", f"{where} wrote to {output.name}: {output.text[:500]}"
                 assert not WARNING_TEXT.search(output.text), f"{where} printed a warning: {output.text[:500]}"
             else:
-                plain = output.get("data", {}).get("text/plain", "")
-                assert not WARNING_TEXT.search(plain), f"{where} shows a warning: {plain[:500]}"
+                for mime in ("text/plain", "text/html", "text/markdown"):
+                    text = output.get("data", {}).get(mime, "")
+                    assert not WARNING_TEXT.search(text), f"{where} shows a warning ({mime}): {text[:500]}"
         if is_figure_cell(cell):
             assert rich(cell, "image/png"), f"{where} is a figure cell but shows no image/png"
 
