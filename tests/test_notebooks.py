@@ -74,8 +74,9 @@ def assert_clean(notebook) -> None:
                 assert output.name == "stdout", f"{where} wrote to {output.name}: {output.text[:500]}"
                 assert not WARNING_TEXT.search(output.text), f"{where} printed a warning: {output.text[:500]}"
             else:
-                plain = output.get("data", {}).get("text/plain", "")
-                assert not WARNING_TEXT.search(plain), f"{where} shows a warning: {plain[:500]}"
+                for mime in ("text/plain", "text/html", "text/markdown"):
+                    text = output.get("data", {}).get(mime, "")
+                    assert not WARNING_TEXT.search(text), f"{where} shows a warning ({mime}): {text[:500]}"
         if is_figure_cell(cell):
             assert rich(cell, "image/png"), f"{where} is a figure cell but shows no image/png"
 
@@ -128,10 +129,15 @@ def test_anyres(tmp_path, monkeypatch):
     assert len(figures) == 4
     expected = LlavaNextConfig().image_geometry(480, 640)  # the generated example picture
     assert expected.describe() in stdout(cell_with(notebook, "print(geom.describe())"))
-    tokens = stdout(cell_with(notebook, "processor wrote"))
+    tokens = stdout(cell_with(notebook, "total <image> tokens"))
     assert f"total <image> tokens: {expected.num_tokens:5d}" in tokens
     written, computed = re.search(r"processor wrote (\d+) <image> tokens; geometry says (\d+)", tokens).groups()
     assert written == computed
+    budgets = stdout(cell_with(notebook, "image_detail=detail"))
+    found = re.findall(r'detail="(\w+)": processor wrote +(\d+) <image> tokens; geometry says +(\d+)', budgets)
+    assert [detail for detail, _, _ in found] == ["low", "high"]
+    assert all(written == computed for _, written, computed in found)
+    assert int(found[0][1]) < int(found[1][1])  # the base view alone costs less than the whole layout
 
 
 def test_attention(tmp_path, monkeypatch):
@@ -140,9 +146,12 @@ def test_attention(tmp_path, monkeypatch):
     assert sum(bool(rich(cell, "image/png")) for cell in code_cells(notebook)) == 4
     assert "&lt;image&gt; x" in rich(cell_with(notebook, 'viz("<image> What is shown'), "text/html")[-1]
     assert rich(cell_with(notebook, "display(HTML(two.to_html()))"), "text/html")[-1].count("&lt;image&gt; x") == 2
-    padding = stdout(cell_with(notebook, "of them padding"))
+    batch = cell_with(notebook, "of them padding")
+    padding = stdout(batch)
     assert re.search(r"sequence \d: \d+ positions, 0 of them padding", padding)
     assert re.search(r"sequence \d: \d+ positions, [1-9]\d* of them padding", padding)
+    page = rich(batch, "text/html")[-1]  # the padded batch as HTML too, one table per sequence
+    assert page.count("<table") == 3 and "&lt;pad&gt;" in page and page.count("&lt;image&gt; x") == 3
 
 
 def test_sdk(tmp_path, monkeypatch):
