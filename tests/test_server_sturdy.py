@@ -71,9 +71,10 @@ def wait_for(condition, seconds: float = 120.0) -> bool:
 
 
 class Served:
-    """A ``llava-next serve`` subprocess; its log goes to a file the tests read."""
+    """A ``llava-next serve`` subprocess run by *script* (default: ``faulty_serve.py``); its log goes to a file
+    the tests read."""
 
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, script: str = "faulty_serve.py") -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.url = self.base + "/v1"
@@ -85,7 +86,7 @@ class Served:
         }
         self._log = open(log, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, str(TESTS / "faulty_serve.py"), "--port", str(self.port), *args],
+            [sys.executable, str(TESTS / script), "--port", str(self.port), *args],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -201,6 +202,40 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None 
 def still_serving(served: Served) -> None:
     ok = post(served, {"messages": user("Still there?"), "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+# --------------------------------------------------------------------------------------------- a clean install
+
+
+def test_a_server_whose_code_can_import_only_what_pyproject_declares_answers_chat(tiny_checkpoint, tmp_path):
+    """As after ``pip install "llava-next-plugin[serve]"``: an undeclared import (sniffio once) would fail here."""
+    server = Served(["--model", str(tiny_checkpoint)], tmp_path / "server.log", script="declared_only_serve.py")
+    try:
+        answer = post(server, {"messages": user("Hi", data_url(40, 40)), "max_tokens": 2, "temperature": 0})
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 2, answer.text
+        body = {"messages": user("Hi"), "max_tokens": 2, "stream": True}
+        with httpx.stream("POST", server.url + "/chat/completions", json=body, timeout=60) as stream:
+            events = [line[6:] for line in stream.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and all("error" not in event for event in events)
+        assert httpx.get(server.base + "/metrics").status_code == 200
+    finally:
+        server.stop()
+    assert "ModuleNotFoundError" not in server.log()
+
+
+def test_the_declared_only_server_refuses_our_code_a_module_only_the_dev_extra_brings():
+    """The check itself: hypothesis (dev extra, installed and loaded here) cannot be imported by our code there,
+    while the libraries we declare may import what they like."""
+    check = (
+        "import hypothesis, declared_only_serve; declared_only_serve.block_undeclared_imports()\n"
+        "exec('import torch, anyio, starlette', {'__name__': 'llava_next_plugin.engine'})\n"
+        "try:\n    exec('import hypothesis', {'__name__': 'llava_next_plugin.engine'})\n"
+        "except ModuleNotFoundError as error:\n    print(error)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "llava_next_plugin.engine imports 'hypothesis'" in out.stdout and "declare it" in out.stdout
 
 
 # --------------------------------------------------------------------------------------------- the right errors
@@ -362,10 +397,17 @@ BODIES = st.one_of(
 )
 
 
+FUZZ_SECONDS = 45.0  # CI's bound for the fuzz is 60 s: past this, examples are still drawn but no longer sent
+
+
 def test_fuzzed_bodies_never_get_a_5xx_and_every_refusal_is_an_openai_error(served):
+    send_until = time.monotonic() + FUZZ_SECONDS
+
     @settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(BODIES)
     def check(body):
+        if time.monotonic() > send_until:
+            return
         if isinstance(body, dict) and "max_tokens" not in body and "max_completion_tokens" not in body:
             body["max_tokens"] = 1  # whatever is valid stays quick
         if isinstance(body, dict) and isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 0:
