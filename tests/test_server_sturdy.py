@@ -481,6 +481,27 @@ def test_the_served_name_is_the_checkpoints_folder_name_and_no_path_is_shown(ser
 # --------------------------------------------------------------------------------------------- bounds
 
 
+def test_the_tiniest_temperatures_and_top_ps_accepted_sample_as_greedy_beside_other_streams(served):
+    """Values that underflow float32 (5e-324, 1e-300, 1e-46) are valid: they mean "the most likely token"."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def text(response: httpx.Response) -> str:
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    ask = {"messages": user("Tell me more", data_url(50, 50)), "max_tokens": 8}
+    greedy = text(post(served, {**ask, "temperature": 0}))
+    tiny = [{"temperature": t} for t in (5e-324, 1e-300, 1e-45)] + [
+        {"temperature": 1, "top_p": p} for p in (5e-324, 1e-46)
+    ]
+    others = {"messages": user("Something else"), "max_tokens": 8, "temperature": 1.0, "seed": 3}
+    with ThreadPoolExecutor(4) as pool:
+        beside = [pool.submit(post, served, others) for _ in range(2)]
+        answers = list(pool.map(lambda params: text(post(served, {**ask, **params})), tiny))
+        assert all(f.result().status_code == 200 for f in beside)
+    assert answers == [greedy] * len(tiny)
+
+
 def test_stop_strings_are_bounded_in_count_and_length_with_a_400_naming_the_limit(served):
     error = assert_openai_error(post(served, {"messages": user("Hi"), "stop": ["x" * 300_000]}), 400)
     assert error["param"] == "stop" and "at most 1000 characters" in error["message"]
