@@ -146,6 +146,32 @@ def hostile_host():
 
 
 @pytest.fixture(scope="module")
+def header_dripper():
+    """An HTTP host that answers its status line, then one byte of a header every 0.5 s for 20 s: no single
+    read times out, and no body ever starts."""
+    import socketserver
+    import threading
+
+    class Drip(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.recv(65536)
+            try:
+                self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n")
+                for _ in range(40):
+                    time.sleep(0.5)
+                    self.request.sendall(b"X")
+            except OSError:
+                pass  # the client hung up, as it should
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Drip)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/slow-headers.png"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
 def served(tiny_checkpoint, tmp_path_factory):
     server = Served(
         [
@@ -529,11 +555,10 @@ def test_image_pixels_are_bounded_per_request_with_413_and_the_budget_is_returne
     assert "llava_next_image_pixels_in_flight 0.0" in metrics
 
 
-def test_an_image_url_that_drips_is_cut_at_the_overall_timeout(served, hostile_host):
-    error = assert_openai_error(
-        post(served, {"messages": user("?", hostile_host + "/drip"), "max_tokens": 2}), 400, "invalid_image"
-    )
-    assert f"within {URL_TIMEOUT:g} s overall" in error["message"]
+def test_an_image_url_that_drips_is_cut_at_the_overall_timeout(served, hostile_host, header_dripper):
+    for url in (hostile_host + "/drip", header_dripper):  # its body, or its headers before any body
+        error = assert_openai_error(post(served, {"messages": user("?", url), "max_tokens": 2}), 400, "invalid_image")
+        assert f"within {URL_TIMEOUT:g} s overall" in error["message"], url
     error = assert_openai_error(
         post(served, {"messages": user("?", hostile_host + "/huge.png"), "max_tokens": 2}), 400, "invalid_image"
     )
