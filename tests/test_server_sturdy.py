@@ -504,6 +504,16 @@ def test_the_served_name_is_the_checkpoints_folder_name_and_no_path_is_shown(ser
     assert by_path.status_code == 200 and by_path.json()["model"] == name  # --model is accepted, never shown
 
 
+def test_the_default_served_name_is_a_hub_id_as_it_is_or_a_folders_base_name(tmp_path):
+    from llava_next_plugin.server import default_served_name
+
+    assert default_served_name("llava-hf/llava-v1.6-mistral-7b-hf") == "llava-hf/llava-v1.6-mistral-7b-hf"
+    folder = tmp_path / "checkpoints" / "my-llava"
+    folder.mkdir(parents=True)
+    for spelling in (str(folder), str(folder) + "/", "/srv/models/my-llava"):
+        assert default_served_name(spelling) == "my-llava", spelling
+
+
 # --------------------------------------------------------------------------------------------- bounds
 
 
