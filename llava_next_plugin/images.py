@@ -33,6 +33,8 @@ import base64
 import binascii
 import os
 import re
+import socket
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -204,8 +206,8 @@ def fetch_url(
     :param max_bytes: the largest body accepted (checked against ``Content-Length``, then while reading);
         None: :data:`MAX_DOWNLOAD_BYTES`.
     :param follow_redirects: False for the server, where a redirect could lead to a host it does not allow.
-    :param total_timeout: seconds for the whole download (None: no overall bound). Checked as bytes arrive,
-        so the fetch ends at most one read timeout after it.
+    :param total_timeout: seconds for the whole download (None: no overall bound): at that deadline the
+        connection is shut down, however slowly its headers or body still arrive.
     :raises ImageError: any answer but HTTP 200, a content type that is no image, too large, too
         slow, or a network error. Nothing of the answer's body is ever quoted back.
     """
@@ -218,11 +220,34 @@ def fetch_url(
     )
     read_timeout = timeout if total_timeout is None else min(timeout, total_timeout)
     deadline = None if total_timeout is None else time.monotonic() + total_timeout
-    too_slow = f"URL {url!r} did not deliver the image within {total_timeout:g} s overall; check the URL"
+    too_slow = f"URL {url!r} did not deliver the image within {total_timeout or 0:g} s overall; check the URL"
     chunks: list[bytes] = []
+    connections: list[Any] = []  # httpcore's network streams, reported by its trace once connected
+    past_deadline = threading.Event()
+
+    def shut_down() -> None:  # wakes a read blocked on a host that drips bytes, so nothing outlasts the deadline
+        past_deadline.set()
+        for stream in list(connections):
+            sock = stream.get_extra_info("socket")
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def trace(event: str, info: dict) -> None:
+        if hasattr(info.get("return_value"), "get_extra_info"):
+            connections.append(info["return_value"])
+            if past_deadline.is_set():
+                shut_down()
+
+    watchdog = None if total_timeout is None else threading.Timer(total_timeout, shut_down)
+    if watchdog is not None:
+        watchdog.daemon = True
+        watchdog.start()
     try:
         with httpx.Client(timeout=read_timeout, follow_redirects=follow_redirects) as client:
-            with client.stream("GET", url, headers={"Accept": "image/*"}) as response:
+            with client.stream("GET", url, headers={"Accept": "image/*"}, extensions={"trace": trace}) as response:
                 if response.status_code != 200:
                     hint = (
                         "redirects are not followed: give the final URL"
@@ -249,15 +274,20 @@ def fetch_url(
                     if deadline is not None and time.monotonic() > deadline:
                         raise ImageError(too_slow)
                     chunks.append(chunk)
-    except httpx.TimeoutException as exc:
-        raise ImageError(
-            f"URL {url!r} did not answer within {read_timeout:g} s ({type(exc).__name__}); "
-            f"check the URL or pass a larger timeout"
-        ) from exc
     except httpx.HTTPError as exc:
+        if past_deadline.is_set():
+            raise ImageError(too_slow) from exc
+        if isinstance(exc, httpx.TimeoutException):
+            raise ImageError(
+                f"URL {url!r} did not answer within {read_timeout:g} s ({type(exc).__name__}); "
+                f"check the URL or pass a larger timeout"
+            ) from exc
         raise ImageError(
             f"URL {url!r} could not be fetched ({type(exc).__name__}: {exc}); check the URL and the network"
         ) from exc
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
     if deadline is not None and time.monotonic() > deadline:
         raise ImageError(too_slow)
     return b"".join(chunks)

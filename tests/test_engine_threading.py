@@ -236,6 +236,33 @@ def test_shared_engines_are_keyed_by_what_options_mean(tiny_checkpoint):
         first.shutdown(drain=False)
 
 
+def test_shared_engines_load_once_per_key_and_a_load_holds_up_no_other_key(tiny_checkpoint):
+    from llava_next_plugin.engine import shared
+
+    options = {"dtype": "float32", "device": "cpu", "max_batch_size": 3}
+    other_key = shared_key(str(tiny_checkpoint) + "-elsewhere", **options)
+    with shared._LOCK:
+        other_load = shared._KEY_LOCKS.setdefault(other_key, threading.Lock())
+    barrier, engines = threading.Barrier(4), []
+
+    def get():
+        barrier.wait()
+        engines.append(get_shared_engine(tiny_checkpoint, **options))
+
+    with other_load:  # as while another caller loads another model, for as long as this test runs
+        threads = [threading.Thread(target=get) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        loaded = len(engines)
+    try:
+        assert loaded == 4, "a caller for this model waited for the load of another"
+        assert all(e is engines[0] for e in engines)  # four callers at once, one engine loaded
+    finally:
+        engines[0].shutdown(drain=False)
+
+
 def test_stop_strings_are_matched_across_tokens_overlaps_and_very_long_stops():
     matcher = StopMatcher(["aab", "xyz"])
     assert matcher.feed("aaa", 0) is None and matcher.partial == 2  # "aa" may start "aab": held back

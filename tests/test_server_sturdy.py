@@ -71,9 +71,10 @@ def wait_for(condition, seconds: float = 120.0) -> bool:
 
 
 class Served:
-    """A ``llava-next serve`` subprocess; its log goes to a file the tests read."""
+    """A ``llava-next serve`` subprocess run by *script* (default: ``faulty_serve.py``); its log goes to a file
+    the tests read."""
 
-    def __init__(self, args: list[str], log: Path) -> None:
+    def __init__(self, args: list[str], log: Path, script: str = "faulty_serve.py") -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.url = self.base + "/v1"
@@ -85,7 +86,7 @@ class Served:
         }
         self._log = open(log, "wb")
         self.process = subprocess.Popen(
-            [sys.executable, str(TESTS / "faulty_serve.py"), "--port", str(self.port), *args],
+            [sys.executable, str(TESTS / script), "--port", str(self.port), *args],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -145,6 +146,32 @@ def hostile_host():
 
 
 @pytest.fixture(scope="module")
+def header_dripper():
+    """An HTTP host that answers its status line, then one byte of a header every 0.5 s for 20 s: no single
+    read times out, and no body ever starts."""
+    import socketserver
+    import threading
+
+    class Drip(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.recv(65536)
+            try:
+                self.request.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\n")
+                for _ in range(40):
+                    time.sleep(0.5)
+                    self.request.sendall(b"X")
+            except OSError:
+                pass  # the client hung up, as it should
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Drip)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/slow-headers.png"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
 def served(tiny_checkpoint, tmp_path_factory):
     server = Served(
         [
@@ -201,6 +228,40 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None 
 def still_serving(served: Served) -> None:
     ok = post(served, {"messages": user("Still there?"), "max_tokens": 2, "temperature": 0})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
+
+
+# --------------------------------------------------------------------------------------------- a clean install
+
+
+def test_a_server_whose_code_can_import_only_what_pyproject_declares_answers_chat(tiny_checkpoint, tmp_path):
+    """As after ``pip install "llava-next-plugin[serve]"``: an undeclared import (sniffio once) would fail here."""
+    server = Served(["--model", str(tiny_checkpoint)], tmp_path / "server.log", script="declared_only_serve.py")
+    try:
+        answer = post(server, {"messages": user("Hi", data_url(40, 40)), "max_tokens": 2, "temperature": 0})
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 2, answer.text
+        body = {"messages": user("Hi"), "max_tokens": 2, "stream": True}
+        with httpx.stream("POST", server.url + "/chat/completions", json=body, timeout=60) as stream:
+            events = [line[6:] for line in stream.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and all("error" not in event for event in events)
+        assert httpx.get(server.base + "/metrics").status_code == 200
+    finally:
+        server.stop()
+    assert "ModuleNotFoundError" not in server.log()
+
+
+def test_the_declared_only_server_refuses_our_code_a_module_only_the_dev_extra_brings():
+    """The check itself: hypothesis (dev extra, installed and loaded here) cannot be imported by our code there,
+    while the libraries we declare may import what they like."""
+    check = (
+        "import hypothesis, declared_only_serve; declared_only_serve.block_undeclared_imports()\n"
+        "exec('import torch, anyio, starlette', {'__name__': 'llava_next_plugin.engine'})\n"
+        "try:\n    exec('import hypothesis', {'__name__': 'llava_next_plugin.engine'})\n"
+        "except ModuleNotFoundError as error:\n    print(error)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "llava_next_plugin.engine imports 'hypothesis'" in out.stdout and "declare it" in out.stdout
 
 
 # --------------------------------------------------------------------------------------------- the right errors
@@ -362,10 +423,17 @@ BODIES = st.one_of(
 )
 
 
+FUZZ_SECONDS = 45.0  # CI's bound for the fuzz is 60 s: past this, examples are still drawn but no longer sent
+
+
 def test_fuzzed_bodies_never_get_a_5xx_and_every_refusal_is_an_openai_error(served):
+    send_until = time.monotonic() + FUZZ_SECONDS
+
     @settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(BODIES)
     def check(body):
+        if time.monotonic() > send_until:
+            return
         if isinstance(body, dict) and "max_tokens" not in body and "max_completion_tokens" not in body:
             body["max_tokens"] = 1  # whatever is valid stays quick
         if isinstance(body, dict) and isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 0:
@@ -436,7 +504,38 @@ def test_the_served_name_is_the_checkpoints_folder_name_and_no_path_is_shown(ser
     assert by_path.status_code == 200 and by_path.json()["model"] == name  # --model is accepted, never shown
 
 
+def test_the_default_served_name_is_a_hub_id_as_it_is_or_a_folders_base_name(tmp_path):
+    from llava_next_plugin.server import default_served_name
+
+    assert default_served_name("llava-hf/llava-v1.6-mistral-7b-hf") == "llava-hf/llava-v1.6-mistral-7b-hf"
+    folder = tmp_path / "checkpoints" / "my-llava"
+    folder.mkdir(parents=True)
+    for spelling in (str(folder), str(folder) + "/", "/srv/models/my-llava"):
+        assert default_served_name(spelling) == "my-llava", spelling
+
+
 # --------------------------------------------------------------------------------------------- bounds
+
+
+def test_the_tiniest_temperatures_and_top_ps_accepted_sample_as_greedy_beside_other_streams(served):
+    """Values that underflow float32 (5e-324, 1e-300, 1e-46) are valid: they mean "the most likely token"."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def text(response: httpx.Response) -> str:
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    ask = {"messages": user("Tell me more", data_url(50, 50)), "max_tokens": 8}
+    greedy = text(post(served, {**ask, "temperature": 0}))
+    tiny = [{"temperature": t} for t in (5e-324, 1e-300, 1e-45)] + [
+        {"temperature": 1, "top_p": p} for p in (5e-324, 1e-46)
+    ]
+    others = {"messages": user("Something else"), "max_tokens": 8, "temperature": 1.0, "seed": 3}
+    with ThreadPoolExecutor(4) as pool:
+        beside = [pool.submit(post, served, others) for _ in range(2)]
+        answers = list(pool.map(lambda params: text(post(served, {**ask, **params})), tiny))
+        assert all(f.result().status_code == 200 for f in beside)
+    assert answers == [greedy] * len(tiny)
 
 
 def test_stop_strings_are_bounded_in_count_and_length_with_a_400_naming_the_limit(served):
@@ -466,11 +565,10 @@ def test_image_pixels_are_bounded_per_request_with_413_and_the_budget_is_returne
     assert "llava_next_image_pixels_in_flight 0.0" in metrics
 
 
-def test_an_image_url_that_drips_is_cut_at_the_overall_timeout(served, hostile_host):
-    error = assert_openai_error(
-        post(served, {"messages": user("?", hostile_host + "/drip"), "max_tokens": 2}), 400, "invalid_image"
-    )
-    assert f"within {URL_TIMEOUT:g} s overall" in error["message"]
+def test_an_image_url_that_drips_is_cut_at_the_overall_timeout(served, hostile_host, header_dripper):
+    for url in (hostile_host + "/drip", header_dripper):  # its body, or its headers before any body
+        error = assert_openai_error(post(served, {"messages": user("?", url), "max_tokens": 2}), 400, "invalid_image")
+        assert f"within {URL_TIMEOUT:g} s overall" in error["message"], url
     error = assert_openai_error(
         post(served, {"messages": user("?", hostile_host + "/huge.png"), "max_tokens": 2}), 400, "invalid_image"
     )

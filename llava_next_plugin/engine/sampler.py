@@ -12,7 +12,8 @@ else is in its batch, and no generator state is kept or synchronised.
 
 Numerically safe for every temperature the validator accepts (down to ``5e-324``): the logits are shifted so
 their maximum is 0 before dividing, and the temperature is clamped to float32's smallest normal number, so
-``0 / T`` stays 0, the rest goes to ``-inf`` and the softmax never sees ``inf - inf``.
+``0 / T`` stays 0, the rest goes to ``-inf`` and the softmax never sees ``inf - inf``; a ``top_p`` that is 0 in
+float32 (``5e-324``) keeps the most likely token, as any ``top_p`` does.
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ def sample(
     if len(rows):
         index = torch.as_tensor(list(rows), dtype=torch.long, device=probs.device)
         sorted_probs, order = probs.index_select(0, index).sort(dim=-1, descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always the top token)
-        outside = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p.index_select(0, index)[:, None]
+        # keep the smallest prefix whose mass reaches top_p (always the top token, even when top_p is 0 in float32)
+        keep = top_p.index_select(0, index).clamp_min(torch.finfo(torch.float32).tiny)
+        outside = (sorted_probs.cumsum(-1) - sorted_probs) >= keep[:, None]
         picked = _invert(sorted_probs.masked_fill(outside, 0.0), u.index_select(0, index))
         sampled = sampled.index_copy(0, index, order.gather(-1, picked[:, None])[:, 0])
     return torch.where(do_sample, sampled, greedy_tokens), ok
