@@ -54,3 +54,33 @@ def test_compiled_decode_step_warms_up_once_per_bucket_and_never_recompiles_on_j
 def test_compiling_is_off_by_default_on_cpu(ours):
     engine = Engine(*ours, max_batch_size=1)
     assert not engine.runner.compiled
+
+
+def test_the_compiled_step_attends_over_the_kv_heads_as_they_are_with_transformers_arithmetic():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from llava_next_plugin.engine.step import slot_attention
+
+    module = torch.nn.Module()
+    module.num_key_value_groups = 2  # 4 query heads over 2 key/value heads
+    module.is_causal = True
+    gen = torch.Generator().manual_seed(0)
+    key, value = torch.randn(3, 2, 10, 8, generator=gen), torch.randn(3, 2, 10, 8, generator=gen)
+    mask = torch.zeros(3, 1, 1, 10)
+    mask[0, ..., 6:] = torch.finfo(torch.float32).min  # rows see different lengths of their slots
+    one = torch.randn(3, 4, 1, 8, generator=gen)
+    ours, _ = slot_attention(module, one, key, value, mask, scaling=0.3)
+    theirs, _ = sdpa_attention_forward(module, one, key, value, mask, scaling=0.3)  # eager: transformers packs too
+    assert ours.shape == (3, 1, 4, 8)
+    assert torch.equal(ours, theirs)
+    chunk = torch.randn(3, 4, 5, 8, generator=gen)  # prefill chunks are transformers' own path
+    causal = torch.zeros(3, 1, 5, 10)
+    assert torch.equal(
+        slot_attention(module, chunk, key, value, causal)[0],
+        sdpa_attention_forward(module, chunk, key, value, causal)[0],
+    )
+
+
+def test_a_compiled_engine_runs_the_slot_attention(ours):
+    engine = Engine(*ours, max_batch_size=1, compile=True)
+    assert engine.runner.language_model.config._attn_implementation == "llava_next_slots"

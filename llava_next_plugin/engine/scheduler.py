@@ -120,7 +120,8 @@ class Engine:
         ``max_position_embeddings``, lowered if the KV slots would not fit *kv_memory*).
     :param default_max_tokens: completion tokens when a request gives no ``max_tokens`` (capped by the context).
     :param model_name: the name reported to clients.
-    :param compile: ``torch.compile`` the decode step (default: on for CUDA, off on CPU).
+    :param compile: ``torch.compile`` the decode step (default: on for CUDA, off on CPU). An SDPA model then
+        runs :func:`~.step.slot_attention` (the same arithmetic, grouped-query heads not repeated).
     :param prefill_chunk: prompt tokens prefilled per step at most (between two decode steps).
     :param kv_memory: bytes the KV slots may take (default: 40% of free CUDA memory; 8 GiB on CPU).
     :param reuse_memory: bytes for reused prompt prefixes' KV and images' vision features (default: a quarter

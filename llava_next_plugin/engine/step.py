@@ -31,6 +31,29 @@ __all__ = ["ModelRunner", "FeatureCache", "image_key"]
 
 logger = logging.getLogger(__name__)
 
+#: The attention the compiled decode step runs (registered with transformers' ``AttentionInterface``).
+SLOT_ATTENTION = "llava_next_slots"
+
+
+def slot_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """transformers' SDPA attention, except that a one-token query of a grouped-query model attends over the
+    key/value heads as they are, under ``torch.compile`` too: the query ``[B, heads, 1, D]`` is read as
+    ``[B, kv_heads, heads / kv_heads, D]``, so the cache is not repeated per head in every layer of every step
+    (transformers does this in eager mode only). Same arithmetic as transformers' eager decode step.
+
+    :returns: ``([B, 1, heads, D], None)``, as transformers' attention functions.
+    """
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups > 1 and query.shape[2] == 1:
+        batch, heads, _, dim = query.shape
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query.reshape(batch, heads // groups, groups, dim), key, value, attn_mask=attention_mask, scale=scaling
+        )
+        return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous(), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
 
 def image_key(pixel_values: torch.Tensor, image_size) -> bytes:
     """A content hash of one preprocessed image (its pixels and original size): the vision-feature cache key."""
@@ -80,6 +103,11 @@ class ModelRunner:
                 mode = "reduce-overhead"  # CUDA graphs: the slots must keep their addresses
                 for tensor in kv.keys + kv.values:
                     torch._dynamo.mark_static_address(tensor)
+            if getattr(self.language_model.config, "_attn_implementation", None) == "sdpa":
+                from transformers import AttentionInterface
+
+                AttentionInterface.register(SLOT_ATTENTION, slot_attention)
+                self.language_model.set_attn_implementation(SLOT_ATTENTION)
             # static shapes: one graph per (rows bucket, columns bucket); no graph break allowed
             self._decode_forward = torch.compile(self._run, dynamic=False, fullgraph=True, mode=mode)
             self.compiled = True
