@@ -428,7 +428,11 @@ def deployment(ray_session, demo_checkpoint, tmp_path_factory):
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         command.send_signal(signal.SIGTERM)
-        code = command.wait(timeout=120)
+        try:
+            code = command.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            command.kill()  # never leave it behind; the session's runtime shutdown takes its replicas
+            raise
     assert code == 0, log.read_text()[-3000:]
     deadline = time.monotonic() + 60  # a stopped actor's process exits soon after
     while _ray_processes("ray::ServeReplica") and time.monotonic() < deadline:
