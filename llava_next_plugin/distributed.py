@@ -78,6 +78,7 @@ def ray_runtime(
         return
     if address == "local":
         ray.init(
+            address="local",  # a new runtime even where RAY_ADDRESS or a `ray start` cluster would be picked up
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             include_dashboard=False,
@@ -485,19 +486,40 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     return bounds
 
 
+def _flag(value: Any) -> bool | None:
+    """A yes/no option as Python or ``serve run key=value`` gives it (``None``: unset)."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not a yes/no value; write true or false")
+
+
 def build_serve_app(args: Mapping[str, Any]):
     """The Ray Serve application (``serve run llava_next_plugin.distributed:build_serve_app model=PATH ...``).
 
-    *args* (one dict, as Ray Serve passes ``serve run key=value`` or a config file's ``args:``): ``model``
-    (required), ``replicas`` (default 1), ``autoscale`` (``"MIN..MAX"``: replicas follow the load, each
-    aiming at ``max_batch_size`` requests in flight), ``gpus_per_replica``, ``cpus_per_replica`` (default 1),
-    ``threads`` (torch threads per replica), ``device``, ``dtype``, ``max_batch_size``, ``max_queue``,
-    ``served_model_name``, ``api_key``, ``allow_url_domains`` (list or comma-separated), and the request
-    limits ``max_images_per_request``, ``max_image_pixels``, ``max_body_bytes``; ``drain_timeout``.
+    *args* (one dict, as Ray Serve passes ``serve run key=value`` or a config file's ``args:``; values may be
+    strings): ``model`` (required), ``replicas`` (default 1), ``autoscale`` (``"MIN..MAX"``: replicas follow
+    the load, each aiming at ``max_batch_size`` requests in flight), ``gpus_per_replica``,
+    ``cpus_per_replica`` (default 1), ``threads`` (torch threads per replica); the engine's ``device``,
+    ``dtype``, ``max_batch_size``, ``max_queue``, ``max_model_len``, ``prefill_chunk``, ``compile``; the
+    app's ``served_model_name`` (default: as ``llava-next serve`` names it), ``api_key``, ``drain_timeout``,
+    ``allow_url_domains`` (list or comma-separated) and every other field of
+    :class:`~llava_next_plugin.validation.Limits` (``max_images_per_request``, ``max_image_pixels``,
+    ``max_request_pixels``, ``max_pixels_in_flight``, ``max_image_bytes``, ``url_timeout``,
+    ``max_body_bytes``, ``max_stop_chars``): the options of ``llava-next serve``, with the same defaults.
+
+    :param args: the options above.
+    :returns: the bound ``ray.serve.Application``.
+    :raises ValueError: no ``model``, an unknown option, or a value out of range.
     """
+    from .server import default_served_name
     from .validation import Limits
 
-    options = dict(args)
+    options = {name: value for name, value in dict(args).items() if value is not None}
     model = options.pop("model", None)
     if not model:
         raise ValueError("build_serve_app needs model=PATH_OR_HUB_ID")
@@ -511,22 +533,31 @@ def build_serve_app(args: Mapping[str, Any]):
         domains = [d for d in domains.split(",") if d]
     dtype = options.pop("dtype", None)
     max_batch_size, max_queue = int(options.pop("max_batch_size", 8)), int(options.pop("max_queue", 64))
+    max_model_len = options.pop("max_model_len", None)
     engine_options = {
         "device": options.pop("device", None) or ("cuda" if gpus else "cpu"),
         "dtype": None if dtype in (None, "auto") else dtype,
         "max_batch_size": max_batch_size,
         "max_queue": max_queue,
-        "model_name": options.pop("served_model_name", None) or str(model),
+        "max_context": int(max_model_len) if max_model_len else None,
+        "prefill_chunk": int(options.pop("prefill_chunk", 512)),
+        "compile": _flag(options.pop("compile", None)),
+        "model_name": options.pop("served_model_name", None) or default_served_name(str(model)),
     }
-    limit_names = ("max_images_per_request", "max_image_pixels", "max_body_bytes")
+    limit_types: dict[str, Any] = {  # the numeric fields: seconds are floats, the rest counts
+        f.name: float if isinstance(f.default, float) else int
+        for f in dataclasses.fields(Limits)
+        if f.name != "allowed_url_domains"
+    }
     limits = Limits(
         allowed_url_domains=tuple(d.lower().strip(".") for d in domains),
-        **{n: int(options.pop(n)) for n in limit_names if options.get(n) is not None},
+        **{name: kind(options.pop(name)) for name, kind in limit_types.items() if name in options},
     )
     app_options = {
         "limits": limits,
         "api_key": options.pop("api_key", None),
         "drain_timeout": float(options.pop("drain_timeout", 30.0)),
+        "model_aliases": (str(model),),  # the name a client that started us knows, as `llava-next serve` has it
     }
     if options:
         raise ValueError(f"unknown serve option(s): {', '.join(sorted(options))}; see build_serve_app's docstring")
@@ -573,6 +604,8 @@ def run_serve(args: argparse.Namespace) -> int:
     import signal
     import time
 
+    from .validation import Limits
+
     if args.autoscale:
         parse_autoscale(args.autoscale)
     elif args.replicas < 1:
@@ -587,13 +620,15 @@ def run_serve(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_batch_size=args.max_batch_size,
             max_queue=args.max_queue,
+            max_model_len=args.max_model_len,
+            prefill_chunk=args.prefill_chunk,
+            compile=False if args.no_compile else None,
             served_model_name=args.served_model_name,
             api_key=args.api_key,
-            allow_url_domains=args.allow_url_domain,
-            max_images_per_request=args.max_images_per_request,
-            max_image_pixels=args.max_image_pixels,
-            max_body_bytes=args.max_body_bytes,
             drain_timeout=args.drain_timeout,
+            allow_url_domains=args.allow_url_domain,
+            # every request limit `llava-next serve` takes, by the same names (Limits' fields)
+            **{f.name: getattr(args, f.name) for f in dataclasses.fields(Limits) if hasattr(args, f.name)},
         )
     )
     replicas = parse_autoscale(args.autoscale)[1] if args.autoscale else args.replicas
@@ -601,12 +636,12 @@ def run_serve(args: argparse.Namespace) -> int:
     def stop(signum, frame):
         raise KeyboardInterrupt  # SIGTERM stops the deployment as Ctrl-C does
 
-    signal.signal(signal.SIGTERM, stop)
     with ray_runtime(args.ray, num_cpus=(replicas + 1 if args.ray == "local" else None)):
         from ray import serve
 
-        serve.start(http_options={"host": args.host, "port": args.port})
+        signal.signal(signal.SIGTERM, stop)  # after ray.init, whose core worker installs its own (which aborts)
         try:
+            serve.start(http_options={"host": args.host, "port": args.port})
             serve.run(app, name="llava-next", route_prefix="/")
             print(
                 f"llava-next: serving {args.model} on http://{args.host}:{args.port}/v1 with Ray Serve "
@@ -618,5 +653,8 @@ def run_serve(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             pass
         finally:
-            serve.shutdown()
+            # our application only: a cluster's Serve may hold others; Serve itself goes when nothing is left
+            serve.delete("llava-next")
+            if not serve.status().applications:
+                serve.shutdown()
     return 0

@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import io
 import json
+import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import checkpoints
 import psutil
@@ -34,6 +41,7 @@ API_KEY = "test-key"
 def ray_session():
     """A local Ray runtime for the session, always shut down at its end (even when a test fails)."""
     ray.init(
+        address="local",
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=96 * 1024 * 1024,
@@ -97,6 +105,50 @@ def _expected(engine, image_bytes: bytes | None, text: str, max_tokens: int, det
         SamplingParams(max_tokens=max_tokens, temperature=0.0),
         image_detail=[detail] * len(images),
     ).text
+
+
+def _iterate_killing_an_actor(results) -> tuple[dict[str, dict], psutil.Process | None, int]:
+    """Read *results*, killing one Data actor's process once the first row is in: (rows by id, the process
+    killed, rows read after the kill). A row read twice fails the test."""
+    seen: dict[str, dict] = {}
+    killed = None
+    after_kill = 0
+    for row in results.iter_rows():
+        assert row["id"] not in seen, f"row {row['id']} answered twice"
+        seen[row["id"]] = row
+        if killed is None:
+            actors = _ray_processes("ray::MapWorker(MapBatches(_Captioner))")
+            assert actors, "no Data actor process found"
+            killed = actors[0]
+            killed.send_signal(signal.SIGKILL)
+        else:
+            after_kill += 1
+    return seen, killed, after_kill
+
+
+@contextlib.contextmanager
+def _image_host(data: bytes):
+    """An HTTP server on 127.0.0.1 in a thread, serving *data* as a PNG; yields its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/cat.png"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def _data_url(data: bytes) -> str:
@@ -172,6 +224,50 @@ def test_bad_scaling_options_are_clear_errors():
         build_serve_app({"model": "m", "replica_count": 2})
     with pytest.raises(ValueError, match="model="):
         build_serve_app({"replicas": 2})
+    with pytest.raises(ValueError, match="replicas must be at least 1"):
+        build_serve_app({"model": "m", "replicas": "0"})
+    with pytest.raises(ValueError, match="'maybe' is not a yes/no value"):
+        build_serve_app({"model": "m", "compile": "maybe"})
+
+
+def test_serve_options_reach_the_deployment_the_engine_and_the_app_as_llava_next_serve_passes_them():
+    """Autoscaling becomes Serve's autoscaling config; every request limit and engine option of
+    ``llava-next serve`` reaches each replica's engine and app (strings too, as ``serve run`` gives them)."""
+    from llava_next_plugin.distributed import build_serve_app
+    from llava_next_plugin.validation import Limits
+
+    app = build_serve_app(
+        {
+            "model": "/models/llava-tiny",
+            "autoscale": "1..3",
+            "replicas": "2",
+            "max_batch_size": "4",
+            "max_model_len": "2048",
+            "prefill_chunk": "128",
+            "compile": "false",
+            "max_stop_chars": "5",
+            "url_timeout": "2.5",
+            "max_request_pixels": "1000000",
+            "allow_url_domains": "example.com,images.example.org",
+        }
+    )
+    deployment = app._bound_deployment  # what Serve deploys (no public accessor)
+    scaling = deployment._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas, scaling.initial_replicas) == (1, 3, 2)
+    assert scaling.target_ongoing_requests == 4
+    model, engine_options, app_options, _threads = deployment.init_args
+    assert model == "/models/llava-tiny"
+    assert engine_options["max_context"] == 2048 and engine_options["prefill_chunk"] == 128
+    assert engine_options["compile"] is False and engine_options["max_batch_size"] == 4
+    assert engine_options["model_name"] == "llava-tiny"  # a folder is served by its base name, as on one machine
+    assert app_options["model_aliases"] == ("/models/llava-tiny",)
+    assert app_options["limits"] == Limits(
+        max_stop_chars=5,
+        url_timeout=2.5,
+        max_request_pixels=1_000_000,
+        allowed_url_domains=("example.com", "images.example.org"),
+    )
+    assert build_serve_app({"model": "m", "replicas": 3})._bound_deployment.num_replicas == 3
 
 
 def test_the_serve_run_entry_point_builds_an_application_from_string_args():
@@ -186,64 +282,10 @@ def test_the_serve_run_entry_point_builds_an_application_from_string_args():
 
 
 # --- Ray Data ----------------------------------------------------------------------------------------------------
-def test_caption_dataset_answers_every_row_once_even_when_an_actor_is_killed(
-    ray_session, demo_checkpoint, engine, tmp_path
-):
-    from llava_next_plugin.distributed import caption_dataset
-
-    photo = tmp_path / "photo.png"
-    photo.write_bytes(_png(100))
-    rows = [{"id": f"url-{i}", "image": _data_url(_png(i))} for i in range(14)]
-    rows += [
-        {"id": "path", "image": _data_url(_png(100))},  # the same picture as the file below
-        {"id": "file", "image": str(photo)},
-        {"id": "garbage", "image": _data_url(b"not an image")},
-        {"id": "missing", "image": str(tmp_path / "nope.png")},
-        {"id": "url", "image": "http://example.com/cat.png"},
-    ]  # no host is allowed by default: never fetched
-    ds = ray.data.from_items(rows)
-    results = caption_dataset(
-        ds,
-        str(demo_checkpoint),
-        prompt=PROMPT,
-        max_tokens=12,
-        workers=2,
-        cpus_per_worker=0.5,
-        threads_per_worker=1,
-        batch_size=2,
-    )
-
-    seen: dict[str, dict] = {}
-    killed = None
-    after_kill = 0
-    for row in results.iter_rows():
-        assert row["id"] not in seen, f"row {row['id']} answered twice"
-        seen[row["id"]] = row
-        if killed is None:
-            actors = _ray_processes("ray::MapWorker(MapBatches(_Captioner))")
-            assert actors, "no Data actor process found"
-            killed = actors[0]
-            killed.send_signal(signal.SIGKILL)
-        else:
-            after_kill += 1
-    assert killed is not None and after_kill > 0
-    assert set(seen) == {r["id"] for r in rows}
-
-    for i in (0, 7):  # the same answers as one engine in one process
-        assert seen[f"url-{i}"]["answer"] == _expected(engine, _png(i), PROMPT, 12)
-        assert seen[f"url-{i}"]["error"] is None and seen[f"url-{i}"]["tokens"] >= 1
-    assert seen["file"]["answer"] == seen["path"]["answer"] is not None, seen["file"]["error"]
-    for bad, why in (
-        ("garbage", "InvalidImageError"),
-        ("missing", "does not exist"),
-        ("url", "--allow-url-domain example.com"),
-    ):
-        assert seen[bad]["answer"] is None and why in seen[bad]["error"]
-
-
-def test_caption_command_on_ray_resumes_with_no_duplicates_and_no_half_lines(
-    ray_session, demo_checkpoint, tmp_path, capsys
-):
+def test_caption_command_with_ray_local_resumes_shows_progress_and_stops_its_runtime(demo_checkpoint, tmp_path):
+    """``llava-next caption DIR --ray local`` as a user runs it: its own Ray runtime (even with RAY_ADDRESS
+    pointing elsewhere), resumed with no duplicates and no half lines, a progress bar, the final counts, and
+    no Ray process of its runtime left once it exits."""
     folder = tmp_path / "photos"
     folder.mkdir()
     names = [f"p{i}.png" for i in range(5)]
@@ -254,34 +296,73 @@ def test_caption_command_on_ray_resumes_with_no_duplicates_and_no_half_lines(
     done_line = json.dumps({"image": "p0.png", "prompt": PROMPT, "generated_text": "from an earlier run"})
     out.write_text(done_line + "\n" + '{"image": "p1.png", "prom')  # an earlier run, interrupted mid-line
 
-    code = main(
-        [
-            "caption",
-            str(folder),
-            "--model",
-            str(demo_checkpoint),
-            "--prompt",
-            PROMPT,
-            "--out",
-            str(out),
-            "--ray",
-            "local",
-            "--workers",
-            "1",
-            "--max-new-tokens",
-            "6",
-            "--batch-size",
-            "2",
-        ]
-    )
-    err = capsys.readouterr().err
-    assert code == 1  # one image could not be read: the same exit rule as on one machine
+    ray_root = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
+    argv = ["caption", str(folder), "--model", str(demo_checkpoint), "--prompt", PROMPT, "--out", str(out)]
+    argv += ["--ray", "local", "--workers", "1", "--max-new-tokens", "6", "--batch-size", "2"]
+    env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9", "RAY_TMPDIR": ray_root}  # no cluster there
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "llava_next_plugin.cli", *argv], env=env, capture_output=True, text=True, timeout=300
+        )
+        left = [p for p in psutil.process_iter(["cmdline"]) if ray_root in " ".join(p.info["cmdline"] or ())]
+    finally:
+        shutil.rmtree(ray_root, ignore_errors=True)
+    assert done.returncode == 1, done.stderr  # one image could not be read: the same exit rule as on one machine
+    assert not left, f"the local Ray runtime outlived the command: {[p.info['cmdline'][:1] for p in left]}"
     lines = out.read_text().splitlines()
     assert lines[0] == done_line
     results = [json.loads(line) for line in lines]  # every line whole
     assert sorted(r["image"] for r in results) == names  # p0 kept, not redone; p1..p4 once each; broken.png absent
     assert all(r["prompt"] == PROMPT and r["generated_text"] for r in results)
-    assert "failed broken.png" in err and "4 captioned, 1 failed, 1 already" in err
+    assert "captioning" in done.stderr and "6/6" in done.stderr  # the progress bar, from the row already done on
+    assert "failed broken.png" in done.stderr and "4 captioned, 1 failed, 1 already" in done.stderr
+
+
+def test_caption_dataset_answers_every_row_once_even_when_an_actor_is_killed(
+    ray_session, demo_checkpoint, engine, tmp_path
+):
+    from llava_next_plugin.distributed import caption_dataset
+    from llava_next_plugin.validation import Limits
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(_png(100))
+    rows = [{"id": f"url-{i}", "image": _data_url(_png(i))} for i in range(14)]
+    rows += [
+        {"id": "path", "image": _data_url(_png(100))},  # the same picture as the file below
+        {"id": "file", "image": str(photo)},
+        {"id": "garbage", "image": _data_url(b"not an image")},
+        {"id": "missing", "image": str(tmp_path / "nope.png")},
+        {"id": "url", "image": "http://example.com/cat.png"},  # not an allowed host: never fetched
+    ]
+    with _image_host(_png(101)) as allowed_url:  # an allowed host: fetched by the actor, as by the server
+        rows.append({"id": "allowed", "image": allowed_url})
+        ds = ray.data.from_items(rows)
+        results = caption_dataset(
+            ds,
+            str(demo_checkpoint),
+            prompt=PROMPT,
+            max_tokens=12,
+            workers=2,
+            cpus_per_worker=0.5,
+            threads_per_worker=1,
+            batch_size=2,
+            limits=Limits(allowed_url_domains=("127.0.0.1",)),
+        )
+        seen, killed, after_kill = _iterate_killing_an_actor(results)
+    assert killed is not None and after_kill > 0
+    assert set(seen) == {r["id"] for r in rows}
+
+    for i in range(14):  # every good row answered, with the same answer as one engine in one process
+        assert seen[f"url-{i}"]["error"] is None and seen[f"url-{i}"]["tokens"] >= 1, seen[f"url-{i}"]["error"]
+        assert seen[f"url-{i}"]["answer"] == _expected(engine, _png(i), PROMPT, 12)
+    assert seen["allowed"]["answer"] == _expected(engine, _png(101), PROMPT, 12), seen["allowed"]["error"]
+    assert seen["file"]["answer"] == seen["path"]["answer"] is not None, seen["file"]["error"]
+    for bad, why in (
+        ("garbage", "InvalidImageError"),
+        ("missing", "does not exist"),
+        ("url", "from 'example.com' are not allowed"),
+    ):
+        assert seen[bad]["answer"] is None and why in seen[bad]["error"]
 
 
 def test_caption_command_reads_parquet_image_bytes_and_writes_parquet(
@@ -321,32 +402,42 @@ def test_caption_command_reads_parquet_image_bytes_and_writes_parquet(
 
 # --- Ray Serve ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def deployment(ray_session, demo_checkpoint):
-    """The Ray Serve application with 2 replicas on a free loopback port; its base URL ends in /v1."""
-    from ray import serve
-
-    from llava_next_plugin.distributed import build_serve_app
+def deployment(ray_session, demo_checkpoint, tmp_path_factory):
+    """``llava-next serve --ray ADDRESS --replicas 2`` run as a user runs it, against the session's Ray runtime
+    (as against an existing cluster), on a free loopback port; yields the base URL (ending in /v1). SIGTERM
+    stops it: it must exit 0 and take its application down."""
+    import httpx
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_serve_app(
-        {
-            "model": str(demo_checkpoint),
-            "replicas": 2,
-            "cpus_per_replica": 0.5,
-            "threads": 1,
-            "served_model_name": "tiny",
-            "api_key": API_KEY,
-            "max_images_per_request": 1,
-        }
-    )
-    serve.run(app, name="llava-next", route_prefix="/")
+    address = ray_session.get_runtime_context().gcs_address
+    argv = ["serve", "--model", str(demo_checkpoint), "--ray", address, "--replicas", "2", "--host", "127.0.0.1"]
+    argv += ["--port", str(port), "--served-model-name", "tiny", "--api-key", API_KEY]
+    argv += ["--max-images-per-request", "1", "--max-stop-chars", "5"]
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "w") as output:
+        command = subprocess.Popen(
+            [sys.executable, "-m", "llava_next_plugin.cli", *argv], stdout=output, stderr=subprocess.STDOUT
+        )
     try:
+        while "llava-next: serving" not in log.read_text():  # printed once serve.run returns: replicas are up
+            assert command.poll() is None, f"llava-next serve --ray exited: {log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=30).status_code == 200
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        serve.shutdown()
+        command.send_signal(signal.SIGTERM)
+        try:
+            code = command.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            command.kill()  # never leave it behind; the session's runtime shutdown takes its replicas
+            raise
+    assert code == 0, log.read_text()[-3000:]
+    deadline = time.monotonic() + 60  # a stopped actor's process exits soon after
+    while _ray_processes("ray::ServeReplica") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _ray_processes("ray::ServeReplica"), "llava-next serve --ray left its replicas running"
 
 
 def test_the_sdk_http_transport_works_against_ray_serve_unchanged(deployment, engine):
@@ -363,11 +454,20 @@ def test_the_sdk_http_transport_works_against_ray_serve_unchanged(deployment, en
                 await client.generate([image, image], PROMPT, max_tokens=2)
             with pytest.raises(InvalidImageError, match="not allowed"):
                 await client.generate("http://example.com/cat.png", PROMPT, max_tokens=2)
+            with pytest.raises(BadRequestError, match="at most 5 characters"):  # --max-stop-chars 5 reached it
+                await client.generate(image, PROMPT, max_tokens=2, stop=["longer"])
         async with AsyncClient(base_url=deployment, api_key="wrong", model="tiny") as client:
             with pytest.raises(AuthenticationError):
                 await client.generate(image, PROMPT, max_tokens=2)
 
     asyncio.run(scenario())
+    import httpx
+
+    models = httpx.get(deployment + "/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+    assert [m["id"] for m in models.json()["data"]] == ["tiny"]
+    metrics = httpx.get(deployment.removesuffix("/v1") + "/metrics", timeout=30)  # the replica that answers
+    assert metrics.status_code == 200 and "llava_next_http_requests_total" in metrics.text
+    assert "llava_next_queue_depth" in metrics.text
 
 
 def test_killing_a_replica_during_32_requests_loses_nothing(deployment, engine):
