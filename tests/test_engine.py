@@ -460,7 +460,9 @@ def test_tiny_temperatures_sample_safely_next_to_other_requests(engine, temperat
 
 def test_running_out_of_memory_in_a_prefill_fails_that_request_with_503_and_halves_the_chunk(tiny_checkpoint, engine):
     model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
-    failing = Engine(model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint), prefill_chunk=64).start()
+    failing = Engine(
+        model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint), prefill_chunk=64, idle_prefill=64
+    ).start()
     try:
 
         def oom_on_long_chunks(module, args, kwargs):
@@ -473,7 +475,7 @@ def test_running_out_of_memory_in_a_prefill_fails_that_request_with_503_and_halv
         with pytest.raises(OverloadedError, match="ran out of memory") as info:
             victim.result(timeout=120)
         assert info.value.status == 503 and info.value.retry_after
-        assert failing.prefill_chunk == 32
+        assert failing.prefill_chunk == failing.idle_prefill == 32  # half the forward that failed
         expected = engine.generate(ask("Fits now"), [photo(60, 60)], GREEDY).token_ids
         assert failing.generate(ask("Fits now"), [photo(60, 60)], GREEDY).token_ids == expected
     finally:

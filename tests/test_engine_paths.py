@@ -20,7 +20,7 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0)
 
 @pytest.fixture(scope="module")
 def chunked(reference):
-    engine = Engine(*reference, max_batch_size=4, prefill_chunk=7).start()
+    engine = Engine(*reference, max_batch_size=4, prefill_chunk=7, idle_prefill=7).start()
     yield engine
     engine.shutdown(drain=False)
 
@@ -219,5 +219,19 @@ def test_joiners_images_go_through_the_vision_tower_together_and_each_gets_its_s
             handles = [engine.submit(p) for p in prepared]
         assert [h.result(timeout=120).token_ids for h in handles] == solo
         assert engine.stats_snapshot()["images_batched"] == 5  # 3 full-detail images in one call, 2 base views
+    finally:
+        engine.shutdown(drain=False)
+
+
+def test_with_nothing_decoding_a_prompt_is_prefilled_in_idle_prefill_sized_forwards(reference):
+    model, _ = reference
+    engine = Engine(*reference, max_batch_size=2, prefill_chunk=16, reuse_memory=0).start()
+    try:
+        assert engine.idle_prefill == 8 * 16
+        prepared = engine.prepare(ask("What is this?"), [photo(80, 50)], GREEDY)
+        assert 16 < prepared.prompt_tokens <= engine.idle_prefill
+        before = engine.stats_snapshot().get("prefill_chunks", 0)
+        assert engine.submit(prepared).result(timeout=120).token_ids == reference_greedy(model, prepared, 8)
+        assert engine.stats_snapshot()["prefill_chunks"] == before + 1  # nothing to stall: one forward
     finally:
         engine.shutdown(drain=False)

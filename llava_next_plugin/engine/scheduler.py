@@ -5,7 +5,8 @@ One iteration of the loop (on the engine thread):
 1. under the lock: end the requests cancelled while queued; move queued requests into free KV slots;
 2. start each joiner: ``before_generate`` hook, its prompt embeddings (vision features reused by image
    content hash), the longest cached prefix of its prompt copied into its slot;
-3. one prefill chunk: at most ``prefill_chunk`` prompt tokens, from the joiners in join order; a joiner
+3. one prefill chunk: at most ``prefill_chunk`` prompt tokens, from the joiners in join order (``idle_prefill``
+   when no request is decoding: nothing can stall then, and fewer, larger forwards are faster); a joiner
    whose prompt is done samples its first token;
 4. one decode step: every running request with a token gets its next one (rows ``[0, n)`` of the slots);
 5. tokens are streamed, stop strings and ``eos`` checked, finished requests leave (their slot is free).
@@ -123,6 +124,8 @@ class Engine:
     :param compile: ``torch.compile`` the decode step (default: on for CUDA, off on CPU). An SDPA model then
         runs :func:`~.step.slot_attention` (the same arithmetic, grouped-query heads not repeated).
     :param prefill_chunk: prompt tokens prefilled per step at most (between two decode steps).
+    :param idle_prefill: prompt tokens prefilled per step at most while no request is decoding (default: 8
+        chunks). An out-of-memory in a prefill lowers both to half the tokens of the forward that failed.
     :param kv_memory: bytes the KV slots may take (default: 40% of free CUDA memory; 8 GiB on CPU).
     :param reuse_memory: bytes for reused prompt prefixes' KV and images' vision features (default: a quarter
         of the KV slots' size, at least 64 MiB); 0 switches reuse off.
@@ -140,6 +143,7 @@ class Engine:
         model_name: str | None = None,
         compile: bool | None = None,
         prefill_chunk: int = 512,
+        idle_prefill: int | None = None,
         kv_memory: int | None = None,
         reuse_memory: int | None = None,
     ) -> None:
@@ -156,6 +160,7 @@ class Engine:
         self.max_queue = max_queue
         self.default_max_tokens = default_max_tokens
         self.prefill_chunk = prefill_chunk
+        self.idle_prefill = max(idle_prefill or 8 * prefill_chunk, prefill_chunk)
         config = model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.max_context = max_context or int(getattr(text_config, "max_position_embeddings", 4096))
@@ -710,9 +715,10 @@ class Engine:
 
     # --- prefill
     def _prefill_chunk(self) -> None:
-        """Up to ``prefill_chunk`` prompt tokens of the prefilling requests, in join order, in one forward."""
+        """Up to ``prefill_chunk`` prompt tokens of the prefilling requests (``idle_prefill`` if none is
+        decoding), in join order, in one forward."""
         pieces: list[_Piece] = []
-        budget = self.prefill_chunk
+        budget = self.prefill_chunk if any(r.decoding for r in self._running.values()) else self.idle_prefill
         for running in self._running.values():
             if running.embeds is None or running.finish_reason or budget == 0:
                 continue
@@ -725,9 +731,11 @@ class Engine:
         try:
             self._prefill(pieces)
         except Exception as exc:
-            if isinstance(exc, torch.OutOfMemoryError) and self.prefill_chunk > 16:
-                self.prefill_chunk //= 2  # smaller chunks need less memory for activations: carry on with them
-                logger.warning("out of memory in a prefill chunk: chunks are now %d tokens", self.prefill_chunk)
+            if isinstance(exc, torch.OutOfMemoryError):
+                # smaller chunks need less memory for activations: carry on with them
+                limit = max(16, sum(n for _, _, n in pieces) // 2)
+                self.prefill_chunk, self.idle_prefill = min(self.prefill_chunk, limit), min(self.idle_prefill, limit)
+                logger.warning("out of memory in a prefill chunk: chunks are now %d tokens at most", limit)
             if len(pieces) == 1:
                 self._fail_step(pieces[0][0], exc)
                 return
