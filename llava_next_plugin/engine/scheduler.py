@@ -4,7 +4,8 @@ One iteration of the loop (on the engine thread):
 
 1. under the lock: end the requests cancelled while queued; move queued requests into free KV slots;
 2. start each joiner: ``before_generate`` hook, its prompt embeddings (vision features reused by image
-   content hash), the longest cached prefix of its prompt copied into its slot;
+   content hash; the joiners' other images through the vision tower in one call), the longest cached prefix
+   of its prompt copied into its slot;
 3. one prefill chunk: at most ``prefill_chunk`` prompt tokens, from the joiners in join order (``idle_prefill``
    when no request is decoding: nothing can stall then, and fewer, larger forwards are faster); a joiner
    whose prompt is done samples its first token;
