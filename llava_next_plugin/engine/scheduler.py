@@ -748,6 +748,7 @@ class Engine:
 
     @torch.inference_mode()
     def _prefill(self, pieces: list[_Piece]) -> None:
+        pieces = sorted(pieces, key=lambda piece: piece[0].slot)  # neighbouring slots are one slice of the cache
         width = max(n for _, _, n in pieces)
         hidden = pieces[0][1].shape[-1]
         embeds = torch.zeros((len(pieces), width, hidden), dtype=self.dtype, device=self.device)
@@ -761,7 +762,8 @@ class Engine:
         last = torch.tensor([n - 1 for _, _, n in pieces])
         kv_len = max(r.prefilled + n for r, _, n in pieces)
         slots = [r.slot for r, _, _ in pieces]
-        rows = slice(slots[0], slots[0] + 1) if len(slots) == 1 else torch.tensor(slots, device=self.device)
+        contiguous = slots[-1] - slots[0] + 1 == len(slots)  # then attention reads the slots, copying none
+        rows = slice(slots[0], slots[-1] + 1) if contiguous else torch.tensor(slots, device=self.device)
         logits = self.runner.forward(
             embeds, positions.to(self.device), write.to(self.device), last.to(self.device), rows, kv_len
         )
