@@ -9,6 +9,8 @@ Figures printed (ratios are what matter on a shared CPU; no assertions):
   between two tokens of a running stream, as a fraction of that prompt's time to first token (<= 1/3);
 * second turn: time to first token of a follow-up question about the same image (same first exchange) over
   the first turn's (<= 0.35x with prefix and image reuse);
+* the same throughput with long prompts (``--prompt-words``, ~600-1200 words: the previous engine prefills
+  them all in one padded forward, the new one 8 chunks at once and then a chunk per step while streams decode);
 * optionally (``--compile``) the same throughput with the decode step compiled.
 
 Usage::
@@ -73,12 +75,14 @@ def ask(text: str, images: int = 1) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
 
 
-def throughput(engine, params_cls, streams: int, tokens: int) -> float:
-    """Generated tokens per second for *streams* requests submitted at once."""
+def throughput(engine, params_cls, streams: int, tokens: int, words: int = 0) -> float:
+    """Generated tokens per second for *streams* requests submitted at once (with *words*, prompts of about
+    ``words + 37 * i`` words, so that their lengths differ)."""
     params = params_cls(max_tokens=tokens, temperature=0)
     engine.generate(ask("warm up"), [photo(64, 48)], params_cls(max_tokens=4, temperature=0))
+    padding = [" ".join(["word"] * (words + 37 * i)) if words else "" for i in range(streams)]
     prepared = [
-        engine.prepare(ask(f"Describe picture number {i}."), [photo(40 + 4 * i, 64 - 2 * i)], params)
+        engine.prepare(ask(f"{padding[i]} Describe picture number {i}."), [photo(40 + 4 * i, 64 - 2 * i)], params)
         for i in range(streams)
     ]
     start = time.perf_counter()
@@ -164,6 +168,9 @@ def main() -> None:
     parser.add_argument("--turn-words", type=int, default=1000)
     parser.add_argument("--mid-width", type=int, default=512, help="text width of the mid-size checkpoint")
     parser.add_argument("--compile", action="store_true", help="also measure the compiled decode step")
+    parser.add_argument(
+        "--prompt-words", type=int, default=600, help="also measure throughput with long prompts (0: skip)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -198,6 +205,18 @@ def main() -> None:
         new.shutdown(drain=False)
         print(f"  previous engine {old_staggered:8.1f} tok/s")
         print(f"  new engine      {new_staggered:8.1f} tok/s   ratio {new_staggered / old_staggered:.2f}x")
+        if args.prompt_words:
+            print(f"  the same streams with prompts of ~{args.prompt_words}-{args.prompt_words + 37 * 15} words:")
+            rates = []
+            for make, params_cls in (
+                (lambda: previous.Engine(*small, max_batch_size=args.streams), previous.SamplingParams),
+                (lambda: Engine(*small, max_batch_size=args.streams, compile=False, reuse_memory=0), SamplingParams),
+            ):
+                engine = make().start()
+                rates.append(throughput(engine, params_cls, args.streams, args.tokens, args.prompt_words))
+                engine.shutdown(drain=False)
+            print(f"  previous engine {rates[0]:8.1f} tok/s")
+            print(f"  new engine      {rates[1]:8.1f} tok/s   ratio {rates[1] / rates[0]:.2f}x")
         if args.compile:
             compiled = Engine(*small, max_batch_size=args.streams, compile=True)
             warm = compiled.warm_up()
