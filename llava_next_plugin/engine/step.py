@@ -142,16 +142,14 @@ class ModelRunner:
             hidden = hidden[:, 1:]
         return inner.multi_modal_projector(hidden)
 
-    def image_tokens(self, height: int, width: int) -> int:
-        """Tokens (and features) of one ``height x width`` image at full detail, from geometry.py."""
-        from .. import geometry
+    def _geometry(self) -> tuple[list, int, int, str, int]:
+        """The model's anyres settings as geometry.py takes them: pinpoints, tile size, patch size, feature
+        strategy, positions the tower emits before its patches."""
         from ..configuration import tower_extra_positions
 
         config = self.model.config
         vision = config.vision_config
-        return geometry.num_image_tokens(
-            height,
-            width,
+        return (
             config.image_grid_pinpoints,
             int(vision.image_size),
             int(vision.patch_size),
@@ -159,19 +157,18 @@ class ModelRunner:
             tower_extra_positions(vision),
         )
 
+    def image_tokens(self, height: int, width: int) -> int:
+        """Tokens (and features) of one ``height x width`` image at full detail, from geometry.py."""
+        from .. import geometry
+
+        return geometry.num_image_tokens(height, width, *self._geometry())
+
     def base_view_tokens(self) -> int:
         """Tokens of one base view (what :meth:`base_view_features` returns per image)."""
         from .. import geometry
-        from ..configuration import tower_extra_positions
 
-        config = self.model.config
-        vision = config.vision_config
-        return geometry.base_token_count(
-            int(vision.image_size),
-            int(vision.patch_size),
-            config.vision_feature_select_strategy,
-            tower_extra_positions(vision),
-        )
+        _, tile, patch, strategy, extra = self._geometry()
+        return geometry.base_token_count(tile, patch, strategy, extra)
 
     @torch.inference_mode()
     def prompt_embeddings(self, input_ids: torch.Tensor, image_features: list[torch.Tensor]) -> torch.Tensor:
