@@ -25,7 +25,9 @@ What it accepts (each image may be a PIL image, a path, ``bytes``, or an ``http(
   a keyword or in ``generate_kwargs={...}``.
 - ``detail="low"``: OpenAI's ``detail`` for every image of the call: the base view only (one tile's
   tokens, 576 on llava-v1.6-mistral); ``"high"``/``"auto"`` (the default) the full any-resolution tiles.
-  It goes to the processor and to ``generate`` alike (``image_detail=``).
+  An image part of chat messages may set its own (``{"type": "image", "image": img, "detail": "low"}``, or
+  in an OpenAI ``image_url``); a part's ``low`` or ``high`` wins over the call's. It goes to the processor
+  and to ``generate`` alike (``image_detail=``, one per image of a batch).
 
 A single request returns ``[{"generated_text": answer}]``; a batch returns one such list per item.
 The answer holds only the generated text, never the prompt.
@@ -66,6 +68,12 @@ class _Request:
     images: list[Any] = field(default_factory=list)
     prompt: str | None = None
     messages: tuple[ParsedMessage, ...] | None = None
+    details: list[str] = field(default_factory=list)  # per image, as its chat part set it (empty: all "auto")
+
+    def image_detail(self, default: str | None) -> list[str]:
+        """Each image's ``detail``: its part's ``low``/``high``, else *default* (the call's), else ``auto``."""
+        details = self.details or ["auto"] * len(self.images)
+        return [d if d != "auto" else (default or "auto") for d in details]
 
 
 def _is_conversation(obj: Any) -> bool:
@@ -147,7 +155,8 @@ class LlavaNextImageToTextPipeline(Pipeline):
 
         :param input_: the batch's requests.
         :param timeout: (keyword) seconds allowed to fetch each image URL (default: the pipeline's).
-        :param image_detail: (keyword) OpenAI's ``detail`` for every image (default: full any-resolution).
+        :param image_detail: (keyword) OpenAI's ``detail``, one for every image or one per image (default: full
+            any-resolution).
         """
         timeout = preprocess_parameters.get("timeout")
         image_detail = preprocess_parameters.get("image_detail")
@@ -236,12 +245,15 @@ class LlavaNextImageToTextPipeline(Pipeline):
         _, forward_params, _ = self._sanitize_parameters(**kwargs)
         forward_params = {**self._forward_params, **forward_params}
         detail = forward_params.pop("detail", None)  # OpenAI's detail: for the processor and generate alike
-        if detail is not None:
-            forward_params["image_detail"] = detail
         results: list[Any] = []
         for start in range(0, len(requests), batch_size):
-            model_inputs = self.preprocess(requests[start : start + batch_size], timeout=timeout, image_detail=detail)
-            results.extend(self.postprocess(self.forward(model_inputs, **forward_params)))
+            batch = requests[start : start + batch_size]
+            image_detail: str | list[str] | None = detail
+            if any(r.details for r in batch):  # a part set its own: one value per image of the batch
+                image_detail = [d for r in batch for d in r.image_detail(detail)]
+            model_inputs = self.preprocess(batch, timeout=timeout, image_detail=image_detail)
+            detail_kwargs = {} if image_detail is None else {"image_detail": image_detail}
+            results.extend(self.postprocess(self.forward(model_inputs, **forward_params, **detail_kwargs)))
         return results[0] if single else results
 
     def _requests(self, inputs: Any, prompt: Any, images: Any) -> tuple[list[_Request], bool]:
@@ -290,8 +302,9 @@ class LlavaNextImageToTextPipeline(Pipeline):
 
         parsed = read_messages(messages)
         spare = list(images or [])
-        found = []
+        found, details = [], []
         for ref in (ref for message in parsed for ref in message.images):
+            details.append(ref.detail)
             if ref.source is None:
                 if not spare:
                     raise InputError(
@@ -306,7 +319,7 @@ class LlavaNextImageToTextPipeline(Pipeline):
                 f"{len(spare)} image(s) given but the messages have no image part for them: "
                 "add a {'type': 'image'} part per image"
             )
-        return _Request(found, None, parsed)
+        return _Request(found, None, parsed, details if any(d != "auto" for d in details) else [])
 
     # --- images and prompts -------------------------------------------------------------------
     def _load_image(self, source: Any, index: int, timeout: float) -> Any:

@@ -160,6 +160,47 @@ def test_pipeline_default_detail_is_the_full_view_unchanged(engine_and_pipe):
     assert default_ids.shape[1] == served.prompt_tokens and default_text == served.text.strip()
 
 
+def test_a_chat_parts_own_detail_reaches_the_pipeline_and_wins_over_the_calls(engine_and_pipe):
+    engine, pipe = engine_and_pipe
+    images = [checkpoints.photo(96, 32), checkpoints.photo(40, 90)]
+    bare = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "Compare."}]}]
+    served = engine.generate(bare, images, SamplingParams(max_tokens=8, temperature=0), image_detail=["low", "high"])
+    low_first = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": images[0], "detail": "low"},
+                {"type": "image", "image": images[1]},
+                {"type": "text", "text": "Compare."},
+            ],
+        }
+    ]
+    high_second = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": images[0]},
+                {"type": "image", "image": images[1], "detail": "high"},
+                {"type": "text", "text": "Compare."},
+            ],
+        }
+    ]
+    for messages, call_detail in ((low_first, {}), (high_second, {"detail": "low"})):
+        recorder = _PromptRecorder()
+        answer = pipe(
+            messages, max_new_tokens=8, do_sample=False, logits_processor=LogitsProcessorList([recorder]), **call_detail
+        )
+        assert recorder.prompt_ids is not None
+        assert recorder.prompt_ids.shape[1] == served.prompt_tokens
+        assert int((recorder.prompt_ids == checkpoints.IMAGE_TOKEN_ID).sum()) == served.image_tokens
+        assert answer[0]["generated_text"] == served.text.strip()
+    # a batch of two conversations, padded together: each image keeps its own detail, the call's fills the rest
+    answers = pipe([low_first, high_second], batch_size=2, max_new_tokens=8, do_sample=False, detail="high")
+    for answer, image_detail in zip(answers, (["low", "high"], ["high", "high"]), strict=True):
+        alone = engine.generate(bare, images, SamplingParams(max_tokens=8, temperature=0), image_detail=image_detail)
+        assert answer[0]["generated_text"] == alone.text.strip()
+
+
 def test_pipeline_refuses_an_unknown_detail_naming_the_accepted_values(engine_and_pipe):
     _, pipe = engine_and_pipe
     with pytest.raises(InputError, match="'low', 'high', 'auto'"):
