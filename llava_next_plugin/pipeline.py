@@ -68,7 +68,7 @@ class _Request:
     images: list[Any] = field(default_factory=list)
     prompt: str | None = None
     messages: tuple[ParsedMessage, ...] | None = None
-    details: list[str] = field(default_factory=list)  # per image, as its chat part set it (empty: all "auto")
+    details: list[str] = field(default_factory=list)  # per image, as its chat part set it (none: all "auto")
 
     def image_detail(self, default: str | None) -> list[str]:
         """Each image's ``detail``: its part's ``low``/``high``, else *default* (the call's), else ``auto``."""
@@ -249,7 +249,7 @@ class LlavaNextImageToTextPipeline(Pipeline):
         for start in range(0, len(requests), batch_size):
             batch = requests[start : start + batch_size]
             image_detail: str | list[str] | None = detail
-            if any(r.details for r in batch):  # a part set its own: one value per image of the batch
+            if any(d != "auto" for r in batch for d in r.details):  # a part set its own: one value per image
                 image_detail = [d for r in batch for d in r.image_detail(detail)]
             model_inputs = self.preprocess(batch, timeout=timeout, image_detail=image_detail)
             detail_kwargs = {} if image_detail is None else {"image_detail": image_detail}
@@ -319,7 +319,7 @@ class LlavaNextImageToTextPipeline(Pipeline):
                 f"{len(spare)} image(s) given but the messages have no image part for them: "
                 "add a {'type': 'image'} part per image"
             )
-        return _Request(found, None, parsed, details if any(d != "auto" for d in details) else [])
+        return _Request(found, None, parsed, details)
 
     # --- images and prompts -------------------------------------------------------------------
     def _load_image(self, source: Any, index: int, timeout: float) -> Any:
