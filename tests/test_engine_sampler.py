@@ -1,6 +1,7 @@
 """The engine's on-device sampler: greedy rows are argmax, one bad row is flagged alone, and a seeded row draws
 the same token whatever shares its batch."""
 
+import pytest
 import torch
 
 from llava_next_plugin.engine.request import SamplingParams
@@ -19,6 +20,21 @@ def test_greedy_is_argmax_and_flags_only_the_rows_without_a_finite_maximum():
     tokens, ok = greedy(logits)
     assert ok.tolist() == [True, False, False, True]
     assert tokens[0] == logits[0].argmax() and tokens[3] == logits[3].argmax()
+
+
+@pytest.mark.parametrize("vocab", [32064, 32000, 128256, 152064, 32003, 50])
+def test_greedy_finds_the_first_maximum_for_vocabularies_that_split_into_blocks_and_for_those_that_do_not(vocab):
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(vocab))
+    top = float(logits.max()) + 1
+    logits[1, [vocab - 1, 3, vocab // 2]] = top  # ties in different blocks: the first wins
+    logits[2, [5, 6]] = top  # ties inside one block
+    logits[3, -1] = top  # the very last token
+    logits[4, vocab // 3] = float("nan")
+    logits[5] = float("-inf")
+    tokens, ok = greedy(logits)
+    assert tokens[:4].tolist() == logits[:4].argmax(dim=-1).tolist() == [tokens[0].item(), 3, 5, vocab - 1]
+    assert ok.tolist() == [True, True, True, True, False, False]
+    assert tokens[5] == 0  # a row of -inf: its first token (it is flagged anyway)
 
 
 def test_sample_gives_greedy_rows_their_argmax_and_flags_a_row_with_an_infinite_maximum():
