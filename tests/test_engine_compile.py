@@ -81,6 +81,17 @@ def test_the_compiled_step_attends_over_the_kv_heads_as_they_are_with_transforme
     )
 
 
-def test_a_compiled_engine_runs_the_slot_attention(ours):
+def test_a_compiled_engine_runs_the_plain_decoder_and_leaves_the_models_attention_as_it_was(ours):
     engine = Engine(*ours, max_batch_size=1, compile=True)
+    assert engine.runner.decoder is not None
+    assert engine.runner.language_model.config._attn_implementation == "sdpa"
+
+
+def test_a_compiled_engine_over_a_backbone_the_plain_decoder_does_not_know_runs_the_slot_attention(
+    tiny_checkpoint_factory,
+):
+    folder = tiny_checkpoint_factory(text="phi3")  # fused qkv and gate-up projections: transformers' forward
+    model = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
+    engine = Engine(model, transformers.AutoProcessor.from_pretrained(folder), max_batch_size=1, compile=True)
+    assert engine.runner.decoder is None
     assert engine.runner.language_model.config._attn_implementation == "llava_next_slots"

@@ -25,6 +25,7 @@ import time
 import torch
 
 from .._compat import cache_kwarg
+from .decoder import PlainDecoder
 from .kv import KVSlots
 
 __all__ = ["ModelRunner", "FeatureCache", "image_key"]
@@ -86,6 +87,8 @@ class ModelRunner:
         self.lm_head = model.get_output_embeddings()
         self.language_model = language_model(model)
         self.cache_arg = cache_kwarg(self.language_model.forward)
+        #: The decoder forward written out (a Llama-family backbone), else ``None``: transformers' forward runs.
+        self.decoder = PlainDecoder.of(self.language_model)
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         window = getattr(text_config, "sliding_window", None)
         if getattr(text_config, "use_sliding_window", True) is False:
@@ -96,14 +99,17 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self._decode_forward = self._run
         self.compiled = False
+        self._graphs = False  # CUDA graphs: the decode step's output is overwritten by the next replay
         self.warmup_seconds = 0.0
         if compile:
             mode = None
             if self.device.type == "cuda":
                 mode = "reduce-overhead"  # CUDA graphs: the slots must keep their addresses
+                self._graphs = True
                 for tensor in kv.keys + kv.values:
                     torch._dynamo.mark_static_address(tensor)
-            if getattr(self.language_model.config, "_attn_implementation", None) == "sdpa":
+            attention = getattr(self.language_model.config, "_attn_implementation", None)
+            if self.decoder is None and attention == "sdpa":  # the plain decoder packs grouped queries itself
                 from transformers import AttentionInterface
 
                 AttentionInterface.register(SLOT_ATTENTION, slot_attention)
@@ -197,16 +203,23 @@ class ModelRunner:
         blocked = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=position_ids.device)
         return torch.where(visible, zero, blocked)[:, None]
 
-    def _run(self, embeds, position_ids, write_index, last, rows, kv_len):
+    def _plain(self) -> bool:
+        """Whether this forward runs the :class:`PlainDecoder` (known backbone, no hook set on its modules)."""
+        return self.decoder is not None and not self.decoder.hooked()
+
+    def _run(self, embeds, position_ids, write_index, last, rows, kv_len, plain):
         cache = self.kv.view(rows, write_index, kv_len)
-        out = self.language_model(
-            inputs_embeds=embeds,
-            position_ids=position_ids,
-            attention_mask=self.mask(position_ids, kv_len),
-            use_cache=True,
-            **{self.cache_arg: cache},
-        )
-        hidden = out.last_hidden_state
+        mask = self.mask(position_ids, kv_len)
+        if plain and self.decoder is not None:
+            hidden = self.decoder(embeds, position_ids, mask, cache)
+        else:
+            hidden = self.language_model(
+                inputs_embeds=embeds,
+                position_ids=position_ids,
+                attention_mask=mask,
+                use_cache=True,
+                **{self.cache_arg: cache},
+            ).last_hidden_state
         hidden = hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
         return self.lm_head(hidden).float()
 
@@ -222,7 +235,7 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Run ``R`` rows (see the module docstring); ``logits [R, vocab]`` (float32) at ``last``. Eager (prefill
         chunks have too many shapes to compile)."""
-        return self._run(embeds, position_ids, write_index, last, rows, kv_len)
+        return self._run(embeds, position_ids, write_index, last, rows, kv_len, self._plain())
 
     @torch.inference_mode()
     def decode(
@@ -231,8 +244,10 @@ class ModelRunner:
         """One token for the slot rows *rows*: ``tokens [R]`` -> ``logits [R, vocab]``."""
         embeds = self.embed_tokens(tokens[:, None])
         last = torch.zeros(tokens.shape[0], dtype=torch.long, device=self.device)
-        logits = self._decode_forward(embeds, position_ids[:, None], write_index[:, None], last, rows, kv_len)
-        return logits.clone() if self.compiled else logits  # CUDA graphs reuse their output buffers
+        logits = self._decode_forward(
+            embeds, position_ids[:, None], write_index[:, None], last, rows, kv_len, self._plain()
+        )
+        return logits.clone() if self._graphs else logits  # CUDA graphs reuse their output buffers
 
     @torch.inference_mode()  # the engine builds its inputs under inference mode too (dynamo guards on it)
     def warm_up(self, buckets: list[int], kv_len: int) -> float:
