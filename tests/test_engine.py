@@ -159,6 +159,27 @@ def test_incremental_detokenization_handles_multibyte_pieces(reference):
     assert not any("\ufffd" in d for d in deltas)
 
 
+def test_the_detokenizers_direct_decode_gives_the_tokenizers_text_and_a_cleaning_tokenizer_keeps_its_own(reference):
+    import copy
+    import random
+
+    from llava_next_plugin.engine.detokenizer import decoder_of
+
+    tokenizer = reference[1].tokenizer
+    decode = decoder_of(tokenizer)
+    assert decode.func == tokenizer._tokenizer.decode  # the Rust tokenizer, called directly
+    text = "[INST] <image>\nCafé 東京 — 🐈‍⬛ naïve, façade ; 😀 ! [/INST] Yes ."
+    ids = tokenizer.encode(text, add_special_tokens=True)
+    ids += [tokenizer.eos_token_id, tokenizer.unk_token_id, 32000]  # special tokens are skipped alike
+    rng = random.Random(0)
+    windows = [ids[a:b] for a in range(len(ids)) for b in range(a, len(ids) + 1)]
+    windows += [[rng.randrange(32064) for _ in range(rng.randrange(1, 6))] for _ in range(300)]
+    assert [decode(w) for w in windows] == [tokenizer.decode(w, skip_special_tokens=True) for w in windows]
+    cleaning = copy.deepcopy(tokenizer)
+    cleaning.clean_up_tokenization_spaces = True
+    assert decoder_of(cleaning).func == cleaning.decode  # its own decode (which cleans up) runs
+
+
 def test_seeded_sampling_repeats_and_a_tiny_top_p_is_greedy(engine):
     def sample(seed):
         params = SamplingParams(max_tokens=8, temperature=1.5, seed=seed)
