@@ -4,6 +4,7 @@ cancellation, stop strings, sampling, limits and hooks behave as users rely on."
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 
 import anyio
@@ -319,13 +320,24 @@ def test_a_request_the_model_rejects_fails_alone_and_the_engine_keeps_serving(en
     from llava_next_sdk.errors import ServerError
 
     good_alone = engine.generate(ask("Fine"), [photo(60, 60)], GREEDY)
-    bad = engine.prepare(ask("Broken"), [photo(80, 50)], GREEDY)
-    bad.image_sizes = torch.tensor([[500, 20]])  # image tokens no longer match the image's features
+    prepared = engine.prepare(ask("Broken"), [photo(80, 50)], GREEDY)
+    # image tokens no longer match the image's features
+    bad = dataclasses.replace(prepared, image_sizes=torch.tensor([[500, 20]]))
     handles = [engine.submit(bad), engine.submit(engine.prepare(ask("Fine"), [photo(60, 60)], GREEDY))]
     with pytest.raises(ServerError, match="generation failed"):
         handles[0].result(timeout=120)
     assert handles[1].result(timeout=120).token_ids == good_alone.token_ids
     assert engine.generate(ask("Fine"), [photo(60, 60)], GREEDY).token_ids == good_alone.token_ids
+
+
+def test_prepare_hashes_the_images_on_the_callers_thread_and_equal_pixels_get_equal_keys(engine):
+    from llava_next_plugin.engine.step import image_key
+
+    prepared = engine.prepare(ask("Two", images=3), [photo(60, 40), photo(60, 40), photo(40, 60)], GREEDY)
+    assert "images" in vars(prepared)  # computed by prepare: the engine thread only reads it
+    keys = [key for key, *_ in prepared.images]
+    assert keys[0] == keys[1] != keys[2]
+    assert keys[2] == image_key(prepared.pixel_values[2:3], prepared.image_sizes[2].tolist() + [False])
 
 
 class Recorder:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from llava_next_sdk.errors import LlavaNextError, OverloadedError, ServerError
 
 from ..errors import InputError, as_api_error
+from .step import image_key
 
 __all__ = ["SamplingParams", "PreparedRequest", "EngineResult", "generation_error"]
 
@@ -45,6 +47,26 @@ class PreparedRequest:
     @property
     def prompt_tokens(self) -> int:
         return int(self.input_ids.shape[-1])
+
+    @functools.cached_property
+    def images(self) -> list[tuple[bytes, torch.Tensor, torch.Tensor, bool]]:
+        """Each image as ``(content key, pixels, size [1, 2], low detail)``: the pixels are ``[1, tiles, 3, h, w]``,
+        or the base view ``[1, 3, h, w]`` for a low-detail image; the key is :func:`~.step.image_key`.
+
+        Computed once: :meth:`Engine.prepare` asks for it, so the pixels are hashed on the caller's thread, not on
+        the engine's.
+        """
+        pixel_values, image_sizes = self.pixel_values, self.image_sizes
+        if pixel_values is None or image_sizes is None or not self.num_images:
+            return []
+        images = []
+        for i in range(self.num_images):
+            low = i < len(self.image_detail) and self.image_detail[i] == "low"
+            pixels, size = pixel_values[i : i + 1], image_sizes[i : i + 1]
+            if low:
+                pixels = pixels[:, 0]  # the base view: [1, 3, h, w]
+            images.append((image_key(pixels, size[0].tolist() + [low]), pixels, size, low))
+        return images
 
 
 @dataclass

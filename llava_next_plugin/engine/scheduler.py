@@ -47,7 +47,7 @@ from .handle import RequestHandle
 from .kv import KVSlots, PrefixStore
 from .request import EngineResult, PreparedRequest, SamplingParams, generation_error
 from .sampler import greedy, row_params, sample
-from .step import FeatureCache, ModelRunner, image_key
+from .step import FeatureCache, ModelRunner
 
 __all__ = ["Engine", "default_device"]
 
@@ -62,22 +62,6 @@ def default_device() -> str:
 
 
 _Image = tuple[bytes, torch.Tensor, torch.Tensor, bool]  # content key, pixels, size [1, 2], low detail
-
-
-def _images(prepared: PreparedRequest) -> list[_Image]:
-    """Each image of the request as ``(content key, pixels, size [1, 2], low detail)``: the pixels are
-    ``[1, tiles, 3, h, w]``, or the base view ``[1, 3, h, w]`` for a low-detail image."""
-    pixel_values, image_sizes = prepared.pixel_values, prepared.image_sizes
-    if pixel_values is None or image_sizes is None or not prepared.num_images:
-        return []
-    images = []
-    for i in range(prepared.num_images):
-        low = i < len(prepared.image_detail) and prepared.image_detail[i] == "low"
-        pixels, size = pixel_values[i : i + 1], image_sizes[i : i + 1]
-        if low:
-            pixels = pixels[:, 0]  # the base view: [1, 3, h, w]
-        images.append((image_key(pixels, size[0].tolist() + [low]), pixels, size, low))
-    return images
 
 
 @dataclass
@@ -463,7 +447,7 @@ class Engine:
                 param="max_tokens",
             )
         max_tokens = params.max_tokens if params.max_tokens is not None else min(self.default_max_tokens, room)
-        return PreparedRequest(
+        prepared = PreparedRequest(
             input_ids=input_ids,
             pixel_values=inputs.get("pixel_values"),
             image_sizes=inputs.get("image_sizes"),
@@ -473,6 +457,8 @@ class Engine:
             image_tokens=int((input_ids == self.image_token_id).sum()),
             image_detail=detail,
         )
+        prepared.images  # noqa: B018  (hashed here, on the caller's thread; the engine thread reads the result)
+        return prepared
 
     def _base_view_placeholders(self, input_ids: torch.Tensor, detail: tuple[str, ...]) -> torch.Tensor:
         """*input_ids* with each ``low`` image's run of ``<image>`` tokens shortened to one base view's."""
@@ -639,7 +625,7 @@ class Engine:
                 },
             )
         try:
-            running.images = _images(prepared)
+            running.images = prepared.images
         except Exception as exc:
             logger.exception("reading the images of request %s failed", handle.id)
             self._leave(running, generation_error(exc))
