@@ -3,8 +3,9 @@
 Figures printed (ratios are what matter on a shared CPU; no assertions):
 
 * throughput: 16 concurrent streams of 32 tokens on a small checkpoint, tokens/s of the new engine and of
-  the previous one, and their ratio (issue 12 asks >= 2x); then the same streams arriving ``--gap`` seconds
-  apart, so that each joins a batch already decoding;
+  the previous one, and their ratio (issue 12 asks >= 2x): the median of ``--rounds`` runs of each, taking
+  turns, since one run lasts a fraction of a second and a shared CPU is not steady for that long; then the
+  same streams arriving ``--gap`` seconds apart, so that each joins a batch already decoding;
 * stall: on a mid-size checkpoint, while a ~3k-token prompt joins two running streams, the largest gap
   between two tokens of a running stream, as a fraction of that prompt's time to first token (<= 1/3);
 * second turn: time to first token of a follow-up question about the same image (same first exchange) over
@@ -16,7 +17,7 @@ Figures printed (ratios are what matter on a shared CPU; no assertions):
 Usage::
 
     python benchmarks/engine.py                 # builds the checkpoints in a temp folder
-    python benchmarks/engine.py --previous c4886c1 --streams 16 --tokens 32
+    python benchmarks/engine.py --previous c4886c1 --streams 16 --tokens 32 --rounds 7
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import itertools
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -163,6 +165,7 @@ def main() -> None:
     parser.add_argument("--previous", default="c4886c1", help="git commit of the previous engine")
     parser.add_argument("--streams", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved throughput runs of each engine")
     parser.add_argument("--gap", type=float, default=0.01, help="seconds between arrivals in the staggered run")
     parser.add_argument("--long-words", type=int, default=2900, help="words of the long prompt (~1 token each)")
     parser.add_argument("--turn-words", type=int, default=1000)
@@ -186,16 +189,26 @@ def main() -> None:
 
         print(
             f"throughput: {args.streams} streams x {args.tokens} tokens, small checkpoint, CPU "
-            f"({torch.get_num_threads()} threads)"
+            f"({torch.get_num_threads()} threads), {args.rounds} rounds, the two engines taking turns"
         )
-        old = previous.Engine(*small, max_batch_size=args.streams).start()
-        old_tps = throughput(old, previous.SamplingParams, args.streams, args.tokens)
-        old.shutdown(drain=False)
-        new = Engine(*small, max_batch_size=args.streams, compile=False).start()
-        new_tps = throughput(new, SamplingParams, args.streams, args.tokens)
-        new.shutdown(drain=False)
-        print(f"  previous engine {old_tps:8.1f} tok/s")
-        print(f"  new engine      {new_tps:8.1f} tok/s   ratio {new_tps / old_tps:.2f}x (goal >= 2x)")
+        rates: dict[str, list[float]] = {"previous": [], "new": []}
+        for _ in range(args.rounds):  # a run takes a fraction of a second: one slow moment must not decide it
+            for name, make, params_cls in (
+                ("previous", lambda: previous.Engine(*small, max_batch_size=args.streams), previous.SamplingParams),
+                ("new", lambda: Engine(*small, max_batch_size=args.streams, compile=False), SamplingParams),
+            ):
+                engine = make().start()
+                rates[name].append(throughput(engine, params_cls, args.streams, args.tokens))
+                engine.shutdown(drain=False)
+        old_tps, new_tps = statistics.median(rates["previous"]), statistics.median(rates["new"])
+        ratios = sorted(n / o for n, o in zip(rates["new"], rates["previous"], strict=True))
+        for name, median in (("previous", old_tps), ("new", new_tps)):
+            spread = f"{min(rates[name]):.0f}-{max(rates[name]):.0f}"
+            print(f"  {name + ' engine':15s} {median:8.1f} tok/s (median of {args.rounds}; {spread})")
+        print(
+            f"  ratio of medians {new_tps / old_tps:.2f}x (goal >= 2x); per round {ratios[0]:.2f}-{ratios[-1]:.2f}x, "
+            f"median {statistics.median(ratios):.2f}x"
+        )
         print(f"  the same streams arriving {args.gap * 1000:.0f} ms apart (each joins a decoding batch):")
         old = previous.Engine(*small, max_batch_size=args.streams).start()
         old_staggered = staggered(old, previous.SamplingParams, args.streams, args.tokens, args.gap)
@@ -218,12 +231,18 @@ def main() -> None:
             print(f"  previous engine {rates[0]:8.1f} tok/s")
             print(f"  new engine      {rates[1]:8.1f} tok/s   ratio {rates[1] / rates[0]:.2f}x")
         if args.compile:
-            compiled = Engine(*small, max_batch_size=args.streams, compile=True)
+            # one engine, compiled once; no reuse, so that a round does not reuse the previous round's prompts
+            compiled = Engine(*small, max_batch_size=args.streams, compile=True, reuse_memory=0)
             warm = compiled.warm_up()
             compiled.start()
-            tps = throughput(compiled, SamplingParams, args.streams, args.tokens)
+            tps = statistics.median(
+                throughput(compiled, SamplingParams, args.streams, args.tokens) for _ in range(args.rounds)
+            )
             compiled.shutdown(drain=False)
-            print(f"  new, compiled   {tps:8.1f} tok/s   ratio {tps / old_tps:.2f}x (warm-up {warm:.1f} s)")
+            print(
+                f"  new, compiled   {tps:8.1f} tok/s (median of {args.rounds})   ratio {tps / old_tps:.2f}x "
+                f"(warm-up {warm:.1f} s)"
+            )
 
         print(
             f"stall: a ~{args.long_words}-token prompt joins 2 running streams, mid-size checkpoint "
