@@ -220,7 +220,10 @@ class ModelRunner:
                 use_cache=True,
                 **{self.cache_arg: cache},
             ).last_hidden_state
-        hidden = hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
+        if last is None:  # a decode step: each row's one query
+            hidden = hidden[:, -1]
+        else:
+            hidden = hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
         return self.lm_head(hidden).float()
 
     @torch.inference_mode()
@@ -243,9 +246,8 @@ class ModelRunner:
     ) -> torch.Tensor:
         """One token for the slot rows *rows*: ``tokens [R]`` -> ``logits [R, vocab]``."""
         embeds = self.embed_tokens(tokens[:, None])
-        last = torch.zeros(tokens.shape[0], dtype=torch.long, device=self.device)
         logits = self._decode_forward(
-            embeds, position_ids[:, None], write_index[:, None], last, rows, kv_len, self._plain()
+            embeds, position_ids[:, None], write_index[:, None], None, rows, kv_len, self._plain()
         )
         return logits.clone() if self._graphs else logits  # CUDA graphs reuse their output buffers
 
