@@ -1,6 +1,6 @@
 """The compiled decode step (torch.compile, inductor's CPU codegen): one graph per batch-size bucket, made at
-warm-up, no graph break, no recompile when requests join and leave within the warmed buckets, and the same
-greedy tokens as the eager engine."""
+warm-up, no graph break, no recompile when requests join and leave within the warmed buckets or contexts grow,
+and the same greedy tokens as the eager engine."""
 
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ def test_compiled_decode_step_warms_up_once_per_bucket_and_never_recompiles_on_j
         second = compiled.submit(compiled.prepare(ask("Short"), [photo(40, 90)], short))  # joins: bucket 2
         results = [second.result(timeout=300), first.result(timeout=300)]  # leaves: back to fewer rows
         third = compiled.generate(ask("Again"), [photo(50, 50)], short)
+        long_prompt = ask("word " * 700)  # a context of 700+ tokens: the same graph (dynamic in the length)
+        fourth = compiled.generate(long_prompt, [photo(50, 50)], short)
+        assert fourth.prompt_tokens > 700
         assert counters["stats"]["unique_graphs"] == graphs
         assert dict(counters["graph_break"]) == {}
         assert [r.token_ids for r in results] == [
@@ -46,6 +49,7 @@ def test_compiled_decode_step_warms_up_once_per_bucket_and_never_recompiles_on_j
             eager.generate(ask("A long answer"), [photo(64, 64)], long).token_ids,
         ]
         assert third.token_ids == eager.generate(ask("Again"), [photo(50, 50)], short).token_ids
+        assert fourth.token_ids == eager.generate(long_prompt, [photo(50, 50)], short).token_ids
     finally:
         compiled.shutdown(drain=False)
         eager.shutdown(drain=False)

@@ -47,7 +47,8 @@ def _slots(model) -> KVSlots:
 def _forward(model, kv: KVSlots, plain: bool, embeds, positions, rows: slice):
     """One engine forward of *rows* (slot rows), as :class:`ModelRunner` runs it, by either path."""
     kv_len = int(positions.max()) + 1
-    mask = ModelRunner.mask(SimpleNamespace(sliding_window=None, dtype=embeds.dtype), positions, kv_len)
+    runner = SimpleNamespace(sliding_window=None, dtype=embeds.dtype)
+    mask = ModelRunner.mask(runner, positions, torch.arange(kv_len))
     cache = kv.view(rows, positions, kv_len)
     with torch.inference_mode():
         if plain:

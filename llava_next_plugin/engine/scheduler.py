@@ -251,8 +251,11 @@ class Engine:
         return self.kv.nbytes
 
     def warm_up(self, context: int = 1) -> float:
-        """Run (and, when compiling, compile) the decode step once per batch-size bucket, for the column bucket
-        of *context* tokens (the buckets of longer contexts compile on first use); its seconds, logged."""
+        """Run the decode step once per batch-size bucket at a context of *context* tokens; its seconds, logged.
+
+        Compiling makes two graphs here (one row; any rows), dynamic in the row count and the context length:
+        nothing compiles later. Under CUDA graphs each bucket is also recorded here; a longer context's length
+        bucket is recorded on first use (a capture, not a compile)."""
         seconds = self.runner.warm_up(self._buckets(), self._kv_bucket(context))
         logger.info("decode step warm-up (%s): %.1f s", "compiled" if self.runner.compiled else "eager", seconds)
         return seconds
@@ -265,14 +268,16 @@ class Engine:
         return sizes + [self.max_batch_size]
 
     def _row_bucket(self, rows: int) -> int:
-        if not self.runner.compiled:
+        """Rows a decode step runs: exact, except under CUDA graphs (one graph per row count): a power of two."""
+        if not self.runner.graphs:
             return rows
         return next(b for b in self._buckets() if b >= rows)
 
     def _kv_bucket(self, columns: int) -> int:
-        """Cache columns a step attends over: exact in eager mode, rounded up to a power of two (>= 512)
-        when compiled, so the compiled step sees a few shapes only."""
-        if not self.runner.compiled:
+        """Cache columns a step attends over: exact, except under CUDA graphs, which record one graph per length:
+        there a power of two (>= 512), so a few lengths serve every context. The compiled step's graph takes
+        any length (it is dynamic in it): contexts that grow never recompile it."""
+        if not self.runner.graphs:
             return columns
         size = 512
         while size < columns:

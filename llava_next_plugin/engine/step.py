@@ -76,8 +76,8 @@ class ModelRunner:
     """Runs forwards over a :class:`KVSlots`; owns the compiled decode step when compiling.
 
     Compiling (``torch.compile``, inductor, ``fullgraph=True``; CUDA graphs on CUDA) applies to the decode step
-    only, over static shapes: the engine feeds it a few row counts (batch-size buckets, rows ``[0, bucket)``)
-    and column counts (powers of two), so joins and leaves within a bucket reuse the same graph.
+    only: two graphs (one row; any rows ``[0, R)`` from 2), dynamic in the row count and the context length (the
+    columns read), so joins, leaves and growing contexts reuse them.
     """
 
     def __init__(self, model, kv: KVSlots, *, image_token_id: int, compile: bool = False) -> None:
@@ -99,13 +99,15 @@ class ModelRunner:
         self.dtype = next(model.parameters()).dtype
         self._decode_forward = self._run
         self.compiled = False
-        self._graphs = False  # CUDA graphs: the decode step's output is overwritten by the next replay
+        #: Whether the compiled step runs as CUDA graphs (its output is overwritten by the next replay; each
+        #: context length is a graph of its own, so the engine rounds lengths up to a few)
+        self.graphs = False
         self.warmup_seconds = 0.0
         if compile:
             mode = None
             if self.device.type == "cuda":
                 mode = "reduce-overhead"  # CUDA graphs: the slots must keep their addresses
-                self._graphs = True
+                self.graphs = True
                 for tensor in kv.keys + kv.values:
                     torch._dynamo.mark_static_address(tensor)
             attention = getattr(self.language_model.config, "_attn_implementation", None)
@@ -114,7 +116,7 @@ class ModelRunner:
 
                 AttentionInterface.register(SLOT_ATTENTION, slot_attention)
                 self.language_model.set_attn_implementation(SLOT_ATTENTION)
-            # static shapes: one graph per (rows bucket, columns bucket); no graph break allowed
+            # one graph per rows bucket, the context length dynamic (the columns read); no graph break allowed
             self._decode_forward = torch.compile(self._run, dynamic=False, fullgraph=True, mode=mode)
             self.compiled = True
 
@@ -193,9 +195,9 @@ class ModelRunner:
         return embeds
 
     # --- forwards
-    def mask(self, position_ids: torch.Tensor, kv_len: int) -> torch.Tensor:
-        """``[R, 1, q, kv_len]`` additive mask: each query sees its own row's columns up to its position."""
-        columns = torch.arange(kv_len, device=position_ids.device)
+    def mask(self, position_ids: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """``[R, 1, q, K]`` additive mask over ``columns [K]`` (``0 .. K-1``): each query sees its own row's columns
+        up to its position."""
         visible = columns[None, None, :] <= position_ids[:, :, None]
         if self.sliding_window is not None:
             visible &= columns[None, None, :] > position_ids[:, :, None] - self.sliding_window
@@ -207,9 +209,11 @@ class ModelRunner:
         """Whether this forward runs the :class:`PlainDecoder` (known backbone, no hook set on its modules)."""
         return self.decoder is not None and not self.decoder.hooked()
 
-    def _run(self, embeds, position_ids, write_index, last, rows, kv_len, plain):
-        cache = self.kv.view(rows, write_index, kv_len)
-        mask = self.mask(position_ids, kv_len)
+    def _run(self, embeds, position_ids, write_index, last, rows, columns, plain):
+        if rows is None:  # the compiled decode step: slots [0, R)
+            rows = slice(0, embeds.shape[0])
+        cache = self.kv.view(rows, write_index, columns.shape[0])
+        mask = self.mask(position_ids, columns)
         if plain and self.decoder is not None:
             hidden = self.decoder(embeds, position_ids, mask, cache)
         else:
@@ -238,7 +242,8 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Run ``R`` rows (see the module docstring); ``logits [R, vocab]`` (float32) at ``last``. Eager (prefill
         chunks have too many shapes to compile)."""
-        return self._run(embeds, position_ids, write_index, last, rows, kv_len, self._plain())
+        columns = torch.arange(kv_len, device=self.device)
+        return self._run(embeds, position_ids, write_index, last, rows, columns, self._plain())
 
     @torch.inference_mode()
     def decode(
@@ -246,10 +251,23 @@ class ModelRunner:
     ) -> torch.Tensor:
         """One token for the slot rows *rows*: ``tokens [R]`` -> ``logits [R, vocab]``."""
         embeds = self.embed_tokens(tokens[:, None])
-        logits = self._decode_forward(
-            embeds, position_ids[:, None], write_index[:, None], None, rows, kv_len, self._plain()
-        )
-        return logits.clone() if self._graphs else logits  # CUDA graphs reuse their output buffers
+        position_ids, write_index = position_ids[:, None], write_index[:, None]
+        columns = torch.arange(kv_len, device=self.device)
+        if self.compiled:
+            # Two graphs in all: one row, and any rows from 2 (slots [0, R)), dynamic in the context length too,
+            # so neither joins and leaves nor growing contexts compile again. (CUDA graphs still record one
+            # graph per shape: the engine rounds both to a few.)
+            if rows.start != 0:
+                raise ValueError("the compiled decode step runs slot rows [0, R)")
+            slots: slice | None = None
+            torch._dynamo.mark_dynamic(columns, 0, min=2, max=self.kv.max_len)
+            if embeds.shape[0] > 1:
+                for tensor in (embeds, position_ids, write_index):
+                    torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.kv.slots)
+        else:
+            slots = rows
+        logits = self._decode_forward(embeds, position_ids, write_index, None, slots, columns, self._plain())
+        return logits.clone() if self.graphs else logits  # CUDA graphs reuse their output buffers
 
     @torch.inference_mode()  # the engine builds its inputs under inference mode too (dynamo guards on it)
     def warm_up(self, buckets: list[int], kv_len: int) -> float:
@@ -259,7 +277,7 @@ class ModelRunner:
             inputs = torch.zeros((3, rows), dtype=torch.long)  # as the engine builds them: token, position, column
             inputs[2] = self.kv.scratch
             inputs = inputs.to(self.device)
-            self.decode(inputs[0], inputs[1], inputs[2], slice(0, rows), kv_len)
+            self.decode(inputs[0], inputs[1], inputs[2], slice(0, rows), max(kv_len, 2))
         self.warmup_seconds = time.monotonic() - start
         return self.warmup_seconds
 
