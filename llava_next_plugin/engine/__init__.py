@@ -15,7 +15,8 @@ Data flow (one module per step)::
                                                │       longest cached prefix copied into the slot (kv.PrefixStore)
     Engine.submit ──► RequestHandle            ├──► prefill chunk (<= prefill_chunk tokens, join order)
       (handle.py: iterate from threads,        │       embeds [R, q, hidden] -> logits [R, vocab] at each row's last
-       asyncio or trio; cancel anywhere)       ├──► decode step: tokens [n] for slot rows [0, n) -> logits [n, vocab]
+       asyncio or trio; cancel anywhere)       │       (decoder.PlainDecoder: a Llama-family forward written out)
+                                               ├──► decode step: tokens [n] for slot rows [0, n) -> logits [n, vocab]
                                                ├──► sampler.sample on the device -> tokens [n] (one transfer)
                                                └──► detokenizer.TextStream: text deltas, stop strings -> handle
 
