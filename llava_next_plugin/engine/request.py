@@ -13,6 +13,9 @@ from .step import image_key
 
 __all__ = ["SamplingParams", "PreparedRequest", "EngineResult", "generation_error"]
 
+#: One image of a request: its content key, its pixels, its size ``[1, 2]``, whether it is low detail.
+Image = tuple[bytes, torch.Tensor, torch.Tensor, bool]
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -49,7 +52,7 @@ class PreparedRequest:
         return int(self.input_ids.shape[-1])
 
     @functools.cached_property
-    def images(self) -> list[tuple[bytes, torch.Tensor, torch.Tensor, bool]]:
+    def images(self) -> list[Image]:
         """Each image as ``(content key, pixels, size [1, 2], low detail)``: the pixels are ``[1, tiles, 3, h, w]``,
         or the base view ``[1, 3, h, w]`` for a low-detail image; the key is :func:`~.step.image_key`.
 
@@ -59,7 +62,7 @@ class PreparedRequest:
         pixel_values, image_sizes = self.pixel_values, self.image_sizes
         if pixel_values is None or image_sizes is None or not self.num_images:
             return []
-        images = []
+        images: list[Image] = []
         for i in range(self.num_images):
             low = i < len(self.image_detail) and self.image_detail[i] == "low"
             pixels, size = pixel_values[i : i + 1], image_sizes[i : i + 1]

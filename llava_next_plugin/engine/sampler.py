@@ -45,7 +45,13 @@ def uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
 def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's most likely token ``[n]`` (the first maximum, as argmax) and whether the row is usable ``[n]``:
-    its maximum is finite (a NaN propagates to it; a row whose maximum is +inf or -inf has no distribution).
+    its maximum is finite (a NaN propagates to it; a row whose maximum is +inf or -inf has no distribution)."""
+    top, tokens = _first_max(logits)
+    return tokens, torch.isfinite(top)
+
+
+def _first_max(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's maximum ``[n]`` and the index of its first occurrence ``[n]``.
 
     In two stages when the vocabulary splits into equal blocks: each block's maximum (``amax``, one vectorised
     pass), the first block holding the row's maximum, then the first maximum inside that block. That is the
@@ -55,12 +61,11 @@ def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows, vocab = logits.shape
     block = _block(vocab)
     if block is None:
-        top, tokens = logits.max(dim=-1)
-        return tokens, torch.isfinite(top)
+        return logits.max(dim=-1)
     blocks = logits.reshape(rows, vocab // block, block)
     top, which = blocks.amax(dim=-1).max(dim=-1)  # [n]: the row's maximum and the first block holding it
     inside = blocks.gather(1, which[:, None, None].expand(rows, 1, block))[:, 0].max(dim=-1).indices
-    return which * block + inside, torch.isfinite(top)
+    return top, which * block + inside
 
 
 @functools.cache
@@ -85,8 +90,8 @@ def sample(
     A batch of greedy rows only is cheaper through :func:`greedy`.
     """
     logits = logits.float()
-    greedy_tokens, ok = greedy(logits)
-    top = logits.amax(dim=-1)
+    top, greedy_tokens = _first_max(logits)
+    ok = torch.isfinite(top)
     shifted = logits - top[:, None]  # <= 0, the maximum exactly 0
     temp = temperature.to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny)
     probs = torch.softmax(shifted / temp[:, None], dim=-1)

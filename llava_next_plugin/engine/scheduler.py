@@ -45,7 +45,7 @@ from ..hooks import get_plugin_manager
 from .detokenizer import TextStream
 from .handle import RequestHandle
 from .kv import KVSlots, PrefixStore
-from .request import EngineResult, PreparedRequest, SamplingParams, generation_error
+from .request import EngineResult, Image, PreparedRequest, SamplingParams, generation_error
 from .sampler import greedy, row_params, sample
 from .step import FeatureCache, ModelRunner
 
@@ -61,9 +61,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-_Image = tuple[bytes, torch.Tensor, torch.Tensor, bool]  # content key, pixels, size [1, 2], low detail
-
-
 @dataclass
 class _Running:
     """A request that holds a KV slot."""
@@ -74,7 +71,7 @@ class _Running:
     seed: int
     prompt_len: int
     started_at: float
-    images: list[_Image] = field(default_factory=list)
+    images: list[Image] = field(default_factory=list)
     embeds: torch.Tensor | None = None  # [L, hidden] until the prompt is prefilled
     prefix_key: tuple | None = None
     prefilled: int = 0
@@ -674,7 +671,7 @@ class Engine:
                 logger.warning("a base-view call for %d images failed: each request runs its own", len(low))
         return computed
 
-    def _image_features(self, images: list[_Image], computed: dict[bytes, torch.Tensor]) -> list[torch.Tensor]:
+    def _image_features(self, images: list[Image], computed: dict[bytes, torch.Tensor]) -> list[torch.Tensor]:
         """``[n_tokens_i, hidden]`` per image: cached, *computed* for this step, or run now."""
         features = []
         for key, pixels, size, low in images:
