@@ -11,6 +11,7 @@ import torch
 import transformers
 from checkpoints import text_config
 
+from llava_next_plugin._compat import cache_kwarg
 from llava_next_plugin.engine.decoder import PlainDecoder
 from llava_next_plugin.engine.kv import KVSlots
 from llava_next_plugin.engine.step import ModelRunner
@@ -53,8 +54,9 @@ def _forward(model, kv: KVSlots, plain: bool, embeds, positions, rows: slice):
     with torch.inference_mode():
         if plain:
             return PlainDecoder(model)(embeds, positions, mask, cache)
+        cache_arg = cache_kwarg(model.forward)  # transformers 5.24 renamed past_key_values to cache
         return model(
-            inputs_embeds=embeds, position_ids=positions, attention_mask=mask, use_cache=True, cache=cache
+            inputs_embeds=embeds, position_ids=positions, attention_mask=mask, use_cache=True, **{cache_arg: cache}
         ).last_hidden_state
 
 
