@@ -116,7 +116,7 @@ class ModelRunner:
 
                 AttentionInterface.register(SLOT_ATTENTION, slot_attention)
                 self.language_model.set_attn_implementation(SLOT_ATTENTION)
-            # one graph per rows bucket, the context length dynamic (the columns read); no graph break allowed
+            # two graphs (decode() marks rows and columns dynamic); no graph break allowed
             self._decode_forward = torch.compile(self._run, dynamic=False, fullgraph=True, mode=mode)
             self.compiled = True
 
