@@ -331,7 +331,7 @@ def test_a_request_the_model_rejects_fails_alone_and_the_engine_keeps_serving(en
 
 
 def test_prepare_hashes_the_images_on_the_callers_thread_and_equal_pixels_get_equal_keys(engine):
-    from llava_next_plugin.engine.step import image_key
+    from llava_next_plugin.engine.reuse import image_key
 
     prepared = engine.prepare(ask("Two", images=3), [photo(60, 40), photo(60, 40), photo(40, 60)], GREEDY)
     assert "images" in vars(prepared)  # computed by prepare: the engine thread only reads it

@@ -5,14 +5,14 @@ The HTTP server and the SDK's local transport both use only what this package ex
 ``queue_depth``, ``batch_size``, ``stats_snapshot()``), :class:`RequestHandle`, :class:`EngineResult`,
 :class:`SamplingParams`, :class:`PreparedRequest`, :func:`get_shared_engine` and :func:`default_device`.
 
-Data flow (one module per step)::
+Data flow (a module for each idea)::
 
-    caller's thread                          engine thread (scheduler.Engine._serve)
+    caller's thread                          engine thread (scheduler.Engine._serve: queue, slots, the loop)
     ---------------                          -----------------------------------------------------------
-    Engine.prepare ──► PreparedRequest ──► queue ──► join: a free KV slot (kv.KVSlots)
-      prompt, processor (own copy              │       prompt embeddings [L, hidden] (step.ModelRunner;
-      per thread), context checks              │       vision features reused by image hash: step.FeatureCache)
-                                               │       longest cached prefix copied into the slot (kv.PrefixStore)
+    Engine.prepare ──► PreparedRequest ──► queue ──► a free KV slot (kv.KVSlots) ──► the batch (batch.Batch):
+      (prepare.Preparer: prompt, own           │   join: prompt embeddings [L, hidden] (step.ModelRunner);
+      processor copy per thread, context       │         vision features reused by image hash, the longest
+      checks, images hashed)                   │         cached prefix copied into the slot (reuse.py)
     Engine.submit ──► RequestHandle            ├──► prefill chunk (<= prefill_chunk tokens, join order)
       (handle.py: iterate from threads,        │       embeds [R, q, hidden] -> logits [R, vocab] at each row's last
        asyncio or trio; cancel anywhere)       │       (decoder.PlainDecoder: a Llama-family forward written out)

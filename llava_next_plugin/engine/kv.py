@@ -2,8 +2,8 @@
 
 Per layer, ``keys`` and ``values`` are ``[slots, kv_heads, max_len + 1, head_dim]``. A request owns one slot
 from its join to its leave; its token at position ``p`` has its keys and values in column ``p`` of its
-row. Nothing is copied when a request joins or leaves (a prefix reused from :class:`PrefixStore` copies
-into the joiner's row only). Column ``max_len`` is scratch: rows that take part in a forward without a
+row. Nothing is copied when a request joins or leaves (a prefix reused from :class:`~.reuse.PrefixStore`
+copies into the joiner's row only). Column ``max_len`` is scratch: rows that take part in a forward without a
 token of their own (padding) write there.
 
 The model writes through :class:`SlotView`, the object passed as its cache: transformers' attention layers
@@ -14,12 +14,9 @@ index tensor for a gather) and, for each query, the column it writes (``write_in
 
 from __future__ import annotations
 
-import collections
-import threading
-
 import torch
 
-__all__ = ["KVSlots", "SlotView", "PrefixStore"]
+__all__ = ["KVSlots", "SlotView"]
 
 
 class KVSlots:
@@ -102,53 +99,3 @@ class SlotView:
 
     def __len__(self) -> int:
         return len(self.slots.keys)
-
-
-class PrefixStore:
-    """Cached prompt prefixes' KV (per layer ``[kv_heads, n, head_dim]``), keyed by their token ids; LRU, bounded
-    in bytes. A joiner whose prompt starts with a stored prefix copies it into its slot and prefills the rest."""
-
-    def __init__(self, max_bytes: int, min_tokens: int = 16) -> None:
-        self.max_bytes, self.min_tokens = max_bytes, min_tokens
-        self._entries: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def longest(self, key: tuple) -> tuple[int, list[torch.Tensor], list[torch.Tensor]] | None:
-        """The longest stored prefix of *key* (``(length, keys, values)``), or ``None``.
-
-        A stored prompt that *key* is itself a prefix of counts too, cut to ``len(key)``: the same prompt sent
-        again (a retry, the same question from another user) asks for its own key less the last token, which
-        is a prefix of the stored one.
-        """
-        best: tuple[int, tuple] | None = None
-        with self._lock:
-            for stored in self._entries:
-                n = min(len(stored), len(key))
-                if (best is None or n > best[0]) and key[:n] == stored[:n]:
-                    best = (n, stored)
-            if best is None or best[0] < self.min_tokens:
-                return None
-            n, stored = best
-            self._entries.move_to_end(stored)
-            keys, values, _ = self._entries[stored]
-            if n < len(stored):
-                keys, values = [k[:, :n] for k in keys], [v[:, :n] for v in values]
-            return n, keys, values
-
-    def put(self, key: tuple, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        size = sum(t.numel() * t.element_size() for t in keys + values)
-        if len(key) < self.min_tokens or size > self.max_bytes:
-            return
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return
-            self._entries[key] = (keys, values, size)
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, (_, _, dropped) = self._entries.popitem(last=False)
-                self._bytes -= dropped
-
-    def __len__(self) -> int:
-        return len(self._entries)

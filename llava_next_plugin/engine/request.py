@@ -9,7 +9,7 @@ import torch
 from llava_next_sdk.errors import LlavaNextError, OverloadedError, ServerError
 
 from ..errors import InputError, as_api_error
-from .step import image_key
+from .reuse import image_key
 
 __all__ = ["SamplingParams", "PreparedRequest", "EngineResult", "generation_error"]
 
@@ -54,7 +54,7 @@ class PreparedRequest:
     @functools.cached_property
     def images(self) -> list[Image]:
         """Each image as ``(content key, pixels, size [1, 2], low detail)``: the pixels are ``[1, tiles, 3, h, w]``,
-        or the base view ``[1, 3, h, w]`` for a low-detail image; the key is :func:`~.step.image_key`.
+        or the base view ``[1, 3, h, w]`` for a low-detail image; the key is :func:`~.reuse.image_key`.
 
         Computed once: :meth:`Engine.prepare` asks for it, so the pixels are hashed on the caller's thread, not on
         the engine's.

@@ -1,21 +1,16 @@
-"""The engine: the queue, admission, joins and leaves, and the loop that runs steps on its own thread.
+"""The scheduler: the queue, admission, the engine thread's loop, and the engine's lifecycle and counters.
 
-One iteration of the loop (on the engine thread):
+:class:`Engine` is the engine's public face. Callers prepare requests on their own threads (:mod:`.prepare`)
+and submit them; the queue holds them until a KV slot is free (first come, first served; a full queue refuses
+with :class:`OverloadedError`). One iteration of the loop, on the engine thread:
 
-1. under the lock: end the requests cancelled while queued; move queued requests into free KV slots;
-2. start each joiner: ``before_generate`` hook, its prompt embeddings (vision features reused by image
-   content hash; the joiners' other images through the vision tower in one call), the longest cached prefix
-   of its prompt copied into its slot;
-3. one prefill chunk: at most ``prefill_chunk`` prompt tokens, from the joiners in join order (``idle_prefill``
-   when no request is decoding: nothing can stall then, and fewer, larger forwards are faster); a joiner
-   whose prompt is done samples its first token;
-4. one decode step: every running request with a token gets its next one (rows ``[0, n)`` of the slots);
-5. tokens are streamed, stop strings and ``eos`` checked, finished requests leave (their slot is free).
+1. under the lock: end the requests cancelled while queued; give queued requests the free KV slots;
+2. the joiners join the batch (:meth:`.batch.Batch.join`), cancelled running requests leave it;
+3. one prefill chunk (:meth:`.batch.Batch.prefill_step`), then one decode step (:meth:`.batch.Batch.decode_step`).
 
 A long prompt is thus prefilled a chunk at a time between decode steps, and running streams keep flowing.
-Sampling is done on the device for all rows at once; one transfer per step brings the tokens to the host.
-A step that raises is re-run row by row (each row writes only its own slot, so re-running is harmless); a
-request whose row fails alone is ended with a typed error, the others carry on.
+Every request ends exactly once (:meth:`Engine._record_end`: counters, ``after_generate``, its handle), whether it
+finished, failed, was cancelled, or the engine stopped under it.
 """
 
 from __future__ import annotations
@@ -23,31 +18,28 @@ from __future__ import annotations
 import collections
 import copy
 import logging
-import secrets
 import threading
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from llava_next_sdk.errors import (
-    ContextLengthExceededError,
     LlavaNextError,
     OverloadedError,
     RequestCancelledError,
     ServerError,
 )
 
-from ..errors import InputError, as_api_error
 from ..hooks import get_plugin_manager
-from .detokenizer import TextStream
+from .batch import Batch, Running
 from .handle import RequestHandle
-from .kv import KVSlots, PrefixStore
-from .request import EngineResult, Image, PreparedRequest, SamplingParams, generation_error
-from .sampler import greedy, row_params, sample
-from .step import FeatureCache, ModelRunner
+from .kv import KVSlots
+from .prepare import Preparer
+from .request import EngineResult, PreparedRequest, SamplingParams
+from .reuse import FeatureCache, PrefixStore
+from .step import ModelRunner
 
 __all__ = ["Engine", "default_device"]
 
@@ -59,37 +51,6 @@ GiB = 1 << 30
 def default_device() -> str:
     """Where an engine loads a model when no device is given: ``"cuda"`` when a GPU is available, else ``"cpu"``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@dataclass
-class _Running:
-    """A request that holds a KV slot."""
-
-    handle: RequestHandle
-    slot: int
-    text: TextStream
-    seed: int
-    prompt_len: int
-    started_at: float
-    images: list[Image] = field(default_factory=list)
-    embeds: torch.Tensor | None = None  # [L, hidden] until the prompt is prefilled
-    prefix_key: tuple | None = None
-    prefilled: int = 0
-    generated: list[int] = field(default_factory=list)
-    first_token_at: float | None = None
-    finish_reason: str | None = None
-
-    @property
-    def decoding(self) -> bool:
-        return bool(self.generated) and self.finish_reason is None
-
-    @property
-    def position(self) -> int:
-        """The position of the last generated token (the one the next decode step feeds)."""
-        return self.prompt_len + len(self.generated) - 1
-
-
-_Piece = tuple[_Running, torch.Tensor, int]  # a prefilling request, its prompt embeddings [L, hidden], tokens now
 
 
 class Engine:
@@ -134,15 +95,9 @@ class Engine:
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
-        # Tokenizers must not encode in two threads at once: each preparing thread gets its own copy of the
-        # processor (no lock shared between requests); the engine thread decodes with its own copy.
-        self._local = threading.local()
-        self._detokenizer = copy.deepcopy(self.tokenizer)
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.default_max_tokens = default_max_tokens
-        self.prefill_chunk = prefill_chunk
-        self.idle_prefill = max(idle_prefill or 8 * prefill_chunk, prefill_chunk)
         config = model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.max_context = max_context or int(getattr(text_config, "max_position_embeddings", 4096))
@@ -154,10 +109,6 @@ class Engine:
         self.eos_token_ids = self._eos_ids()
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        #: The most prompt characters the context could hold (its length times the longest token's text): a
-        #: longer prompt is refused before it is tokenized, here and by the fronts' validation.
-        self.max_prompt_chars = self.max_context * _longest_token_chars(self.tokenizer)
-
         self.kv = self._allocate_kv(text_config, kv_memory)
         reuse = reuse_memory if reuse_memory is not None else max(self.kv.nbytes // 4, 64 << 20)
         self.prefixes = PrefixStore(reuse // 2) if reuse else None
@@ -165,12 +116,37 @@ class Engine:
         if compile is None:
             compile = self.device.type == "cuda"
         self.runner = ModelRunner(model, self.kv, image_token_id=self.image_token_id, compile=compile)
+        # Tokenizers must not encode in two threads at once: each preparing thread gets its own copy of the
+        # processor (no lock shared between requests); the engine thread decodes with its own copy.
+        self.preparer = Preparer(
+            processor,
+            config,
+            max_context=self.max_context,
+            default_max_tokens=default_max_tokens,
+            image_token_id=self.image_token_id,
+            base_view_tokens=self.runner.base_view_tokens(),
+        )
 
         self._lock = threading.Condition()
         self._start_lock = threading.Lock()
         self._pending: collections.deque[RequestHandle] = collections.deque()
         self._withdrawn: list[RequestHandle] = []  # cancelled while queued: the engine thread ends them
-        self._running: dict[int, _Running] = {}  # by slot, in join order
+        self._batch = Batch(
+            self.runner,
+            self.kv,
+            detokenizer=copy.deepcopy(self.tokenizer),
+            model_name=self.model_name,
+            eos_token_ids=self.eos_token_ids,
+            max_context=self.max_context,
+            prefill_chunk=prefill_chunk,
+            idle_prefill=max(idle_prefill or 8 * prefill_chunk, prefill_chunk),
+            prefixes=self.prefixes,
+            features=self.features,
+            slot_lock=self._lock,
+            count=self._count,
+            call_hook=self._call_hook,
+            record_end=self._record_end,
+        )
         self._accepting = True
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -243,6 +219,16 @@ class Engine:
         return kv
 
     @property
+    def prefill_chunk(self) -> int:
+        """Prompt tokens prefilled per step at most while requests decode (lowered by an out-of-memory)."""
+        return self._batch.prefill_chunk
+
+    @property
+    def idle_prefill(self) -> int:
+        """Prompt tokens prefilled per step at most while none decodes (lowered by an out-of-memory)."""
+        return self._batch.idle_prefill
+
+    @property
     def kv_cache_bytes(self) -> int:
         """Bytes the static KV slots take (allocated at construction)."""
         return self.kv.nbytes
@@ -253,33 +239,9 @@ class Engine:
         Compiling makes two graphs here (one row; any rows), dynamic in the row count and the context length:
         nothing compiles later. Under CUDA graphs each bucket is also recorded here; a longer context's length
         bucket is recorded on first use (a capture, not a compile)."""
-        seconds = self.runner.warm_up(self._buckets(), self._kv_bucket(context))
+        seconds = self.runner.warm_up(context)
         logger.info("decode step warm-up (%s): %.1f s", "compiled" if self.runner.compiled else "eager", seconds)
         return seconds
-
-    def _buckets(self) -> list[int]:
-        sizes, size = [], 1
-        while size < self.max_batch_size:
-            sizes.append(size)
-            size *= 2
-        return sizes + [self.max_batch_size]
-
-    def _row_bucket(self, rows: int) -> int:
-        """Rows a decode step runs: exact, except under CUDA graphs (one graph per row count): a power of two."""
-        if not self.runner.graphs:
-            return rows
-        return next(b for b in self._buckets() if b >= rows)
-
-    def _kv_bucket(self, columns: int) -> int:
-        """Cache columns a step attends over: exact, except under CUDA graphs, which record one graph per length:
-        there a power of two (>= 512), so a few lengths serve every context. The compiled step's graph takes
-        any length (it is dynamic in it): contexts that grow never recompile it."""
-        if not self.runner.graphs:
-            return columns
-        size = 512
-        while size < columns:
-            size *= 2
-        return min(size, self.kv.max_len)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -311,7 +273,7 @@ class Engine:
         with self._lock:
             self._accepting = False
             if drain:
-                while self._pending or self._running:
+                while self._pending or self._batch.running:
                     if left() == 0.0:
                         break
                     self._lock.wait(left() if deadline is not None else 0.5)
@@ -331,11 +293,10 @@ class Engine:
             leftovers = (
                 [(h, None) for h in self._withdrawn]
                 + [(h, None) for h in self._pending]
-                + [(r.handle, r) for r in self._running.values()]
+                + [(r.handle, r) for r in self._batch.take_all()]
             )
             self._pending.clear()
             self._withdrawn = []
-            self._running = {}
         for handle, running in leftovers:
             self._record_end(
                 handle,
@@ -356,7 +317,7 @@ class Engine:
     @property
     def batch_size(self) -> int:
         """Requests holding a KV slot now (prefilling or decoding)."""
-        return len(self._running)
+        return len(self._batch)
 
     @property
     def stats(self) -> collections.Counter:
@@ -376,13 +337,6 @@ class Engine:
             self._stats[key] += n
 
     # --- submission
-    def _processor(self):
-        """This thread's own copy of the processor (tokenizers are not safe to share between threads)."""
-        processor = getattr(self._local, "processor", None)
-        if processor is None:
-            processor = self._local.processor = copy.deepcopy(self.processor)
-        return processor
-
     def prepare(
         self,
         messages: list[dict],
@@ -405,88 +359,13 @@ class Engine:
         :raises ContextLengthExceededError: the prompt (plus ``max_tokens``) does not fit the context.
         :raises BadRequestError: an unknown *image_detail* value, or not one per image.
         """
-        params = params or SamplingParams()
-        detail = _image_detail(image_detail, len(images))
-        try:
-            return self._prepare(messages, images, params, prompt, detail)
-        except InputError as exc:  # the model package's error: the serving layer's typed (HTTP 400) one
-            raise as_api_error(exc) from exc
+        return self.preparer(messages, images, params or SamplingParams(), prompt, image_detail)
 
-    def _prepare(
-        self,
-        messages: list[dict],
-        images: Sequence[Any],
-        params: SamplingParams,
-        prompt: str | None,
-        detail: tuple[str, ...],
-    ) -> PreparedRequest:
-        if prompt is None:
-            from ..prompts import build_prompt
-
-            prompt = build_prompt(messages, self._processor(), self.model.config, num_images=len(images))
-        if len(prompt) > self.max_prompt_chars:  # certainly too long: refuse before tokenizing it all
-            raise ContextLengthExceededError(
-                f"the prompt is {len(prompt)} characters, more than the model's context of {self.max_context} "
-                f"tokens can hold; shorten it",
-                param="messages",
-            )
-        inputs = self._processor()(images=list(images) or None, text=prompt, return_tensors="pt")
-        input_ids = inputs["input_ids"]
-        if "low" in detail:
-            input_ids = self._base_view_placeholders(input_ids, detail)
-        prompt_tokens = int(input_ids.shape[-1])
-        room = self.max_context - prompt_tokens
-        if room < 1:
-            raise ContextLengthExceededError(
-                f"the prompt is {prompt_tokens} tokens (images included) but the model's context is "
-                f"{self.max_context} tokens; use fewer or smaller images or a shorter prompt",
-                param="messages",
-            )
-        if params.max_tokens is not None and params.max_tokens > room:
-            raise ContextLengthExceededError(
-                f"the prompt is {prompt_tokens} tokens and max_tokens is {params.max_tokens}, which exceeds the "
-                f"model's context length of {self.max_context} tokens; ask for at most {room} tokens",
-                param="max_tokens",
-            )
-        max_tokens = params.max_tokens if params.max_tokens is not None else min(self.default_max_tokens, room)
-        prepared = PreparedRequest(
-            input_ids=input_ids,
-            pixel_values=inputs.get("pixel_values"),
-            image_sizes=inputs.get("image_sizes"),
-            params=params,
-            max_tokens=max_tokens,
-            num_images=len(images),
-            image_tokens=int((input_ids == self.image_token_id).sum()),
-            image_detail=detail,
-        )
-        prepared.images  # noqa: B018  (hashed here, on the caller's thread; the engine thread reads the result)
-        return prepared
-
-    def _base_view_placeholders(self, input_ids: torch.Tensor, detail: tuple[str, ...]) -> torch.Tensor:
-        """*input_ids* with each ``low`` image's run of ``<image>`` tokens shortened to one base view's."""
-        ids = input_ids[0].tolist()
-        runs, start = [], None  # (start, end) of each run of image tokens, in order
-        for i, token in enumerate(ids + [None]):
-            if token == self.image_token_id and start is None:
-                start = i
-            elif token != self.image_token_id and start is not None:
-                runs.append((start, i))
-                start = None
-        if len(runs) != len(detail):
-            from llava_next_sdk.errors import BadRequestError
-
-            raise BadRequestError(
-                f"detail='low' needs each image's placeholder apart from the others; the prompt "
-                f"has {len(runs)} runs of image tokens for {len(detail)} images",
-                param="messages",
-            )
-        base = self.runner.base_view_tokens()
-        out, previous = [], 0
-        for (begin, end), level in zip(runs, detail, strict=True):
-            out += ids[previous:begin] + [self.image_token_id] * (base if level == "low" else end - begin)
-            previous = end
-        out += ids[previous:]
-        return torch.tensor([out], dtype=input_ids.dtype)
+    @property
+    def max_prompt_chars(self) -> int:
+        """The most prompt characters the context could hold: a longer prompt is refused before it is tokenized,
+        by :meth:`prepare` and by the fronts' validation."""
+        return self.preparer.max_prompt_chars
 
     def submit(self, prepared: PreparedRequest, request_id: str | None = None) -> RequestHandle:
         """Queue a prepared request; returns its handle at once. Thread-safe.
@@ -553,7 +432,7 @@ class Engine:
     def _serve(self) -> None:
         while True:
             with self._lock:
-                while not (self._stopping or self._pending or self._running or self._withdrawn):
+                while not (self._stopping or self._pending or self._batch.running or self._withdrawn):
                     self._lock.wait()
                 if self._stopping:
                     return
@@ -563,307 +442,18 @@ class Engine:
                     joiners.append((self._pending.popleft(), self.kv.allocate()))
             for handle in withdrawn:
                 self._end_cancelled(handle)
-            self._join(joiners)
-            for running in [r for r in self._running.values() if r.handle.cancelled]:
-                self._leave(running, RequestCancelledError(f"request {running.handle.id} was cancelled"))
-            self._prefill_chunk()
-            self._decode_step()
+            self._batch.join(joiners)
+            self._batch.leave_cancelled()
+            self._batch.prefill_step()
+            self._batch.decode_step()
             with self._lock:
                 self._lock.notify_all()  # wakes shutdown(drain=True)
 
-    def _join(self, joiners: list[tuple[RequestHandle, int]]) -> None:
-        """Give each joiner its slot: hooks, its images' vision features (the ones not cached yet computed for
-        all joiners together), prompt embeddings, a reused prefix. A failure ends its request alone."""
-        admitted = [running for running in (self._admit(handle, slot) for handle, slot in joiners) if running]
-        computed = self._vision_features(admitted) if len(admitted) > 1 else {}
-        for running in admitted:
-            prepared = running.handle.prepared
-            try:
-                features = self._image_features(running.images, computed)
-                running.embeds = self.runner.prompt_embeddings(prepared.input_ids, features)
-                if self.prefixes is not None:
-                    running.prefix_key = self._prefix_key(prepared.input_ids, [key for key, *_ in running.images])
-                    found = self.prefixes.longest(running.prefix_key[:-1])  # at least one token left to prefill
-                    if found is not None:
-                        n, keys, values = found
-                        self.kv.copy_in(running.slot, keys, values)
-                        running.prefilled = n
-                        self._count("prefix_reused_tokens", n)
-            except Exception as exc:
-                logger.exception("preparing the prefill of request %s failed", running.handle.id)
-                self._leave(running, generation_error(exc))
-
-    def _admit(self, handle: RequestHandle, slot: int) -> _Running | None:
-        """*handle* in its slot, its ``before_generate`` hook called and its images listed; ``None`` if it
-        was cancelled or its images could not be read (it has ended then)."""
-        prepared = handle.prepared
-        params = prepared.params
-        running = _Running(
-            handle=handle,
-            slot=slot,
-            text=TextStream(self._detokenizer, params.stop),
-            seed=params.seed if params.seed is not None else secrets.randbits(63),
-            prompt_len=prepared.prompt_tokens,
-            started_at=time.monotonic(),
-        )
-        self._running[slot] = running
-        if handle.cancelled:
-            self._leave(running, RequestCancelledError(f"request {handle.id} was cancelled"))
-            return None
-        if not handle.started:
-            handle.started = True
-            self._call_hook(
-                "llava_next_before_generate",
-                request_id=handle.id,
-                request={
-                    "model": self.model_name,
-                    "num_images": prepared.num_images,
-                    "prompt_tokens": prepared.prompt_tokens,
-                    "image_tokens": prepared.image_tokens,
-                    "max_tokens": prepared.max_tokens,
-                    "temperature": params.temperature,
-                    "top_p": params.top_p,
-                    "seed": params.seed,
-                },
-            )
-        try:
-            running.images = prepared.images
-        except Exception as exc:
-            logger.exception("reading the images of request %s failed", handle.id)
-            self._leave(running, generation_error(exc))
-            return None
-        return running
-
-    def _vision_features(self, joined: list[_Running]) -> dict[bytes, torch.Tensor]:
-        """Vision features of the joiners' images that are not cached, by key: the full-detail images in one
-        batched tower call (their tiles padded to the most of any; the sizes say which are real), the
-        low-detail base views in another. If a batched call fails, its images are left out: each request then
-        runs its own alone in :meth:`_image_features`, so a bad image fails its own request only."""
-        full: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
-        low: dict[bytes, torch.Tensor] = {}
-        for running in joined:
-            for key, pixels, size, is_low in running.images:
-                if self.features is not None and self.features.get(key) is not None:
-                    continue
-                if is_low:
-                    low[key] = pixels
-                else:
-                    full[key] = (pixels, size)
-        computed: dict[bytes, torch.Tensor] = {}
-        if len(full) > 1:
-            tiles = max(pixels.shape[1] for pixels, _ in full.values())
-            first = next(iter(full.values()))[0]
-            # [N, tiles, 3, h, w], zero tiles after each image's own (a copy each: F.pad of 5-D tensors is slow)
-            pixel_values = first.new_zeros((len(full), tiles, *first.shape[2:]))
-            for row, (pixels, _) in enumerate(full.values()):
-                pixel_values[row, : pixels.shape[1]] = pixels[0]
-            try:
-                features = self.runner.image_features(pixel_values, torch.cat([size for _, size in full.values()]))
-                computed.update(zip(full, features, strict=True))
-                self._count("images_batched", len(full))
-            except Exception:
-                logger.warning("a vision call for %d images failed: each request runs its own", len(full))
-        if len(low) > 1:
-            try:
-                computed.update(zip(low, self.runner.base_view_features(torch.cat(list(low.values()))), strict=True))
-                self._count("images_batched", len(low))
-            except Exception:
-                logger.warning("a base-view call for %d images failed: each request runs its own", len(low))
-        return computed
-
-    def _image_features(self, images: list[Image], computed: dict[bytes, torch.Tensor]) -> list[torch.Tensor]:
-        """``[n_tokens_i, hidden]`` per image: cached, *computed* for this step, or run now."""
-        features = []
-        for key, pixels, size, low in images:
-            found = self.features.get(key) if self.features is not None else None
-            if found is not None:
-                self._count("image_features_reused")
-            else:
-                found = computed.get(key)
-                if found is None:
-                    found = (
-                        self.runner.base_view_features(pixels) if low else self.runner.image_features(pixels, size)
-                    )[0]
-                if self.features is not None:
-                    self.features.put(key, found)
-            features.append(found)
-        return features
-
-    def _prefix_key(self, input_ids: torch.Tensor, image_keys: list[bytes]) -> tuple:
-        """The prompt's ids with each image's tokens replaced by a number standing for its content."""
-        ids = input_ids.reshape(-1).tolist()
-        if image_keys:
-            marks = iter(-1 - int.from_bytes(k[:8], "little") for k in image_keys)
-            mark, previous = None, False
-            for i, token in enumerate(ids):
-                is_image = token == self.image_token_id
-                if is_image and not previous:
-                    mark = next(marks, mark)
-                if is_image:
-                    ids[i] = mark
-                previous = is_image
-        return tuple(ids)
-
-    # --- prefill
-    def _prefill_chunk(self) -> None:
-        """Up to ``prefill_chunk`` prompt tokens of the prefilling requests (``idle_prefill`` if none is
-        decoding), in join order, in one forward."""
-        pieces: list[_Piece] = []
-        budget = self.prefill_chunk if any(r.decoding for r in self._running.values()) else self.idle_prefill
-        for running in self._running.values():
-            if running.embeds is None or running.finish_reason or budget == 0:
-                continue
-            n = min(running.prompt_len - running.prefilled, budget)
-            pieces.append((running, running.embeds, n))
-            budget -= n
-        if not pieces:
-            return
-        self._count("prefill_chunks")
-        try:
-            self._prefill(pieces)
-        except Exception as exc:
-            if isinstance(exc, torch.OutOfMemoryError):
-                # smaller chunks need less memory for activations: carry on with them
-                limit = max(16, sum(n for _, _, n in pieces) // 2)
-                self.prefill_chunk, self.idle_prefill = min(self.prefill_chunk, limit), min(self.idle_prefill, limit)
-                logger.warning("out of memory in a prefill chunk: chunks are now %d tokens at most", limit)
-            if len(pieces) == 1:
-                self._fail_step(pieces[0][0], exc)
-                return
-            for piece in pieces:  # each row writes only its own slot: re-running one alone is harmless
-                try:
-                    self._prefill([piece])
-                except Exception as exc_alone:
-                    self._fail_step(piece[0], exc_alone)
-
-    @torch.inference_mode()
-    def _prefill(self, pieces: list[_Piece]) -> None:
-        pieces = sorted(pieces, key=lambda piece: piece[0].slot)  # neighbouring slots are one slice of the cache
-        width = max(n for _, _, n in pieces)
-        hidden = pieces[0][1].shape[-1]
-        embeds = torch.zeros((len(pieces), width, hidden), dtype=self.dtype, device=self.device)
-        positions = torch.zeros((len(pieces), width), dtype=torch.long)
-        write = torch.full((len(pieces), width), self.kv.scratch, dtype=torch.long)
-        for row, (running, prompt, n) in enumerate(pieces):
-            start = running.prefilled
-            embeds[row, :n] = prompt[start : start + n]
-            positions[row, :n] = torch.arange(start, start + n)
-            write[row, :n] = positions[row, :n]
-        last = torch.tensor([n - 1 for _, _, n in pieces])
-        kv_len = max(r.prefilled + n for r, _, n in pieces)
-        slots = [r.slot for r, _, _ in pieces]
-        contiguous = slots[-1] - slots[0] + 1 == len(slots)  # then attention reads the slots, copying none
-        rows = slice(slots[0], slots[-1] + 1) if contiguous else torch.tensor(slots, device=self.device)
-        logits = self.runner.forward(
-            embeds, positions.to(self.device), write.to(self.device), last.to(self.device), rows, kv_len
-        )
-        done = []
-        for row, (running, _, n) in enumerate(pieces):
-            running.prefilled += n
-            if running.prefilled == running.prompt_len:
-                done.append(row)
-        if not done:
-            return
-        finished = [pieces[row][0] for row in done]
-        for running in finished:
-            running.embeds = None
-            if self.prefixes is not None and running.prefix_key is not None:
-                self.prefixes.put(running.prefix_key, *self.kv.copy_out(running.slot, running.prompt_len))
-        index = torch.tensor(done, device=self.device)
-        self._sample_and_advance(finished, logits.index_select(0, index))
-
-    # --- decode
-    def _decode_step(self) -> None:
-        decoding = [r for r in self._running.values() if r.decoding]
-        if not decoding:
-            return
-        if len(decoding) > 1:
-            self._count("batched_steps")
-        try:
-            self._decode(decoding)
-        except Exception as exc:
-            if len(decoding) == 1:
-                self._fail_step(decoding[0], exc)
-                return
-            for running in decoding:  # find the culprit: each row alone (it rewrites only its own column)
-                try:
-                    self._decode([running])
-                except Exception as exc_alone:
-                    self._fail_step(running, exc_alone)
-
-    @torch.inference_mode()
-    def _decode(self, decoding: list[_Running]) -> None:
-        decoding.sort(key=lambda r: r.slot)
-        if len(decoding) == 1 and not self.runner.compiled:
-            first, rows = decoding[0].slot, 1
-        else:
-            first, rows = 0, self._row_bucket(decoding[-1].slot + 1)
-        # token, position, write column per row; rows without a decoding request write to the scratch column
-        tokens, positions, columns = [0] * rows, [0] * rows, [self.kv.scratch] * rows
-        for running in decoding:
-            row = running.slot - first
-            tokens[row], positions[row], columns[row] = running.generated[-1], running.position, running.position
-        inputs = torch.tensor([tokens, positions, columns], dtype=torch.long).to(self.device)
-        kv_len = self._kv_bucket(max(positions) + 1)
-        logits = self.runner.decode(inputs[0], inputs[1], inputs[2], slice(first, first + rows), kv_len)
-        if len(decoding) < rows:  # else the rows are the slots first..first+rows-1, in order: all of them
-            logits = logits.index_select(0, torch.tensor([r.slot - first for r in decoding], device=self.device))
-        self._sample_and_advance(decoding, logits)
-
-    def _sample_and_advance(self, batch: list[_Running], logits: torch.Tensor) -> None:
-        """Sample each request's next token from its row of ``logits [len(batch), vocab]`` (one transfer to
-        the host for all), stream it, and end the requests that are done."""
-        params = [r.handle.prepared.params for r in batch]
-        if any(p.temperature > 0 for p in params):
-            tensors = row_params(params, [len(r.generated) for r in batch], [r.seed for r in batch], self.device)
-            top_p_rows = [i for i, p in enumerate(params) if p.temperature > 0 and p.top_p < 1]
-            tokens, ok = sample(logits, *tensors, top_p_rows=top_p_rows)
-        else:  # all greedy: one argmax, no per-row parameters to build
-            tokens, ok = greedy(logits)
-        tokens, ok = torch.stack([tokens, ok.long()]).tolist()
-        now = time.monotonic()
-        for running, token, good in zip(batch, tokens, ok, strict=True):
-            if not good:
-                self._leave(
-                    running,
-                    ServerError(
-                        f"generation failed: the model's logits for request {running.handle.id} are not finite "
-                        "(NaN or inf)"
-                    ),
-                )
-                continue
-            self._advance(running, token, now)
-
-    def _advance(self, running: _Running, token: int, now: float) -> None:
-        if running.first_token_at is None:
-            running.first_token_at = now
-        running.generated.append(token)
-        running.handle._push(running.text.add(token))
-        if running.text.stopped or token in self.eos_token_ids:
-            running.finish_reason = "stop"
-        elif len(running.generated) >= running.handle.prepared.max_tokens or running.position + 1 >= self.max_context:
-            running.finish_reason = "length"
-        if running.finish_reason:
-            running.handle._push(running.text.flush())
-            self._leave(running, None)
-
     # --- endings
-    def _fail_step(self, running: _Running, exc: BaseException) -> None:
-        logger.error("generation failed for request %s", running.handle.id, exc_info=exc)
-        self._leave(running, generation_error(exc))
-
-    def _leave(self, running: _Running, error: BaseException | None) -> None:
-        """End a running request and free its slot."""
-        if self._running.get(running.slot) is running:
-            del self._running[running.slot]
-            with self._lock:
-                self.kv.release(running.slot)
-        self._record_end(running.handle, running, error)
-
     def _end_cancelled(self, handle: RequestHandle) -> None:
         self._record_end(handle, None, RequestCancelledError(f"request {handle.id} was cancelled"))
 
-    def _record_end(self, handle: RequestHandle, running: _Running | None, error: BaseException | None) -> None:
+    def _record_end(self, handle: RequestHandle, running: Running | None, error: BaseException | None) -> None:
         """Count the request's ending, call ``after_generate`` and end its handle: once per request."""
         with self._stats_lock:
             if handle._recorded:  # ended already (shutdown may race the engine thread)
@@ -915,29 +505,3 @@ class Engine:
             getattr(get_plugin_manager().hook, name)(**kwargs)
         except Exception:  # an observer must not break generation
             logger.exception("plugin hook %s failed", name)
-
-
-def _image_detail(detail: Sequence[str] | None, count: int) -> tuple[str, ...]:
-    """One ``"low"`` / ``"high"`` per image (``"auto"`` is high)."""
-    from llava_next_sdk.errors import BadRequestError
-
-    if detail is None:
-        return ()
-    detail = tuple(detail)
-    if len(detail) != count:
-        raise BadRequestError(
-            f"image_detail has {len(detail)} values for {count} images; give one per image", param="messages"
-        )
-    for value in detail:
-        if value not in ("low", "high", "auto"):
-            raise BadRequestError(f"image detail must be 'low', 'high' or 'auto', got {value!r}", param="messages")
-    return tuple("low" if value == "low" else "high" for value in detail)
-
-
-def _longest_token_chars(tokenizer) -> int:
-    """Characters one token can stand for at most: its vocabulary string's length (a bound for refusing
-    prompts before tokenizing them)."""
-    try:
-        return max((len(token) for token in tokenizer.get_vocab() if isinstance(token, str)), default=1) or 1
-    except Exception:
-        return 64

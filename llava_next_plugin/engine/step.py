@@ -18,7 +18,6 @@ Shapes, for ``R`` rows of ``q`` queries each over the first ``K`` cache columns:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 
@@ -28,7 +27,7 @@ from .._compat import cache_kwarg
 from .decoder import PlainDecoder
 from .kv import KVSlots
 
-__all__ = ["ModelRunner", "FeatureCache", "image_key"]
+__all__ = ["ModelRunner"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +53,6 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, **kw
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-
-
-def image_key(pixel_values: torch.Tensor, image_size) -> bytes:
-    """A content hash of one preprocessed image (its pixels and original size): the vision-feature cache key."""
-    digest = hashlib.blake2b(digest_size=16)
-    digest.update(repr(tuple(int(v) for v in image_size)).encode())
-    digest.update(pixel_values.detach().to("cpu").contiguous().numpy().tobytes())
-    return digest.digest()
 
 
 def language_model(model):
@@ -269,46 +260,42 @@ class ModelRunner:
         logits = self._decode_forward(embeds, position_ids, write_index, None, slots, columns, self._plain())
         return logits.clone() if self.graphs else logits  # CUDA graphs reuse their output buffers
 
+    # --- shapes of the decode step
+    def buckets(self) -> list[int]:
+        """Row counts the decode step is warmed up at: powers of two below the slot count, and the slot count."""
+        sizes, size = [], 1
+        while size < self.kv.slots:
+            sizes.append(size)
+            size *= 2
+        return sizes + [self.kv.slots]
+
+    def row_bucket(self, rows: int) -> int:
+        """Rows a decode step runs: exact, except under CUDA graphs (one graph per row count): a bucket."""
+        if not self.graphs:
+            return rows
+        return next(b for b in self.buckets() if b >= rows)
+
+    def kv_bucket(self, columns: int) -> int:
+        """Cache columns a step attends over: exact, except under CUDA graphs, which record one graph per length:
+        there a power of two (>= 512), so a few lengths serve every context. The compiled step's graph takes
+        any length (it is dynamic in it): contexts that grow never recompile it."""
+        if not self.graphs:
+            return columns
+        size = 512
+        while size < columns:
+            size *= 2
+        return min(size, self.kv.max_len)
+
     @torch.inference_mode()  # the engine builds its inputs under inference mode too (dynamo guards on it)
-    def warm_up(self, buckets: list[int], kv_len: int) -> float:
-        """Run the decode step once per batch bucket (compiles when compiling); the seconds it took."""
+    def warm_up(self, context: int = 1) -> float:
+        """Run the decode step once per row bucket at a context of *context* tokens (compiles when compiling);
+        the seconds it took."""
         start = time.monotonic()
-        for rows in buckets:
+        kv_len = max(self.kv_bucket(context), 2)
+        for rows in self.buckets():
             inputs = torch.zeros((3, rows), dtype=torch.long)  # as the engine builds them: token, position, column
             inputs[2] = self.kv.scratch
             inputs = inputs.to(self.device)
-            self.decode(inputs[0], inputs[1], inputs[2], slice(0, rows), max(kv_len, 2))
+            self.decode(inputs[0], inputs[1], inputs[2], slice(0, rows), kv_len)
         self.warmup_seconds = time.monotonic() - start
         return self.warmup_seconds
-
-
-class FeatureCache:
-    """Vision features of images already seen, by content hash (:func:`image_key`); LRU, bounded in bytes."""
-
-    def __init__(self, max_bytes: int) -> None:
-        import collections
-
-        self.max_bytes = max_bytes
-        self._entries: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
-        self._bytes = 0
-
-    def get(self, key: bytes) -> torch.Tensor | None:
-        features = self._entries.get(key)
-        if features is not None:
-            self._entries.move_to_end(key)
-        return features
-
-    def put(self, key: bytes, features: torch.Tensor) -> None:
-        size = features.numel() * features.element_size()
-        if size > self.max_bytes or key in self._entries:
-            return
-        if features.untyped_storage().nbytes() > size:  # a view into a batch's features: keep (and count) its own
-            features = features.clone()
-        self._entries[key] = features
-        self._bytes += size
-        while self._bytes > self.max_bytes:
-            _, dropped = self._entries.popitem(last=False)
-            self._bytes -= dropped.numel() * dropped.element_size()
-
-    def __len__(self) -> int:
-        return len(self._entries)

@@ -1,0 +1,422 @@
+"""The batch: the requests that hold a KV slot, and the steps that advance them. Used by the engine thread only.
+
+A request in the batch (:class:`Running`) goes through:
+
+1. **join** (:meth:`Batch.join`): its ``before_generate`` hook; its prompt embeddings ``[L, hidden]``, with its
+   images' vision features reused by content hash or computed for all joiners in one tower call; the longest
+   cached prefix of its prompt copied into its slot;
+2. **prefill** (:meth:`Batch.prefill_step`), a chunk per engine step: at most ``prefill_chunk`` prompt tokens
+   of the prefilling requests in join order, ``[R, q, hidden]`` in one forward (``idle_prefill`` tokens while
+   nothing decodes: no stream can stall then, and fewer, larger forwards are faster); a request whose prompt
+   is done samples its first token and offers its prompt's KV for reuse;
+3. **decode** (:meth:`Batch.decode_step`): every decoding request's last token, rows ``[0, n)`` of the slots,
+   ``tokens [n] -> logits [n, vocab]``; sampled on the device, one transfer to the host for all rows;
+4. **stream and leave**: each token's text goes to the request's handle; a stop string, ``eos``, ``max_tokens``
+   or the context's end finishes the request, which leaves: its slot is freed and its ending recorded.
+
+A step that raises is re-run row by row (each row writes only its own slot, so re-running is harmless): the
+row that fails alone ends its own request with a typed error; the others carry on.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from llava_next_sdk.errors import RequestCancelledError, ServerError
+
+from .detokenizer import TextStream
+from .handle import RequestHandle
+from .kv import KVSlots
+from .request import Image, generation_error
+from .reuse import FeatureCache, PrefixStore, prefix_key
+from .sampler import greedy, row_params, sample
+from .step import ModelRunner
+
+__all__ = ["Batch", "Running"]
+
+logger = logging.getLogger("llava_next_plugin.engine")
+
+
+@dataclass
+class Running:
+    """A request that holds a KV slot (prefilling or decoding)."""
+
+    handle: RequestHandle
+    slot: int
+    text: TextStream
+    seed: int
+    prompt_len: int
+    started_at: float
+    images: list[Image] = field(default_factory=list)
+    embeds: torch.Tensor | None = None  # [L, hidden] until the prompt is prefilled
+    prefix_key: tuple | None = None
+    prefilled: int = 0
+    generated: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+    finish_reason: str | None = None
+
+    @property
+    def decoding(self) -> bool:
+        return bool(self.generated) and self.finish_reason is None
+
+    @property
+    def position(self) -> int:
+        """The position of the last generated token (the one the next decode step feeds)."""
+        return self.prompt_len + len(self.generated) - 1
+
+
+_Piece = tuple[Running, torch.Tensor, int]  # a prefilling request, its prompt embeddings [L, hidden], tokens now
+
+
+class Batch:
+    """The requests in KV slots (by slot, in join order) and the steps that advance them.
+
+    :param runner: runs the forwards.
+    :param kv: the slots; a leaving request's slot is released under *slot_lock* (the scheduler hands free
+        slots out under it).
+    :param detokenizer: the tokenizer the engine thread decodes with (its own copy).
+    :param model_name: the name ``before_generate`` hooks are told.
+    :param eos_token_ids: tokens that end a request.
+    :param max_context: prompt + completion tokens at most.
+    :param prefill_chunk: prompt tokens per step at most while requests decode.
+    :param idle_prefill: prompt tokens per step at most while none decodes.
+    :param prefixes: prompt prefixes' KV to reuse, or ``None``.
+    :param features: images' vision features to reuse, or ``None``.
+    :param count: adds to one of the engine's counters.
+    :param call_hook: calls a plugin hook by name (an observer's failure is logged, never raised).
+    :param record_end: records a request's ending (counters, ``after_generate``, its handle): called once for
+        each request that leaves.
+    """
+
+    def __init__(
+        self,
+        runner: ModelRunner,
+        kv: KVSlots,
+        *,
+        detokenizer,
+        model_name: str,
+        eos_token_ids: set[int],
+        max_context: int,
+        prefill_chunk: int,
+        idle_prefill: int,
+        prefixes: PrefixStore | None,
+        features: FeatureCache | None,
+        slot_lock: threading.Condition,
+        count: Callable[..., None],
+        call_hook: Callable[..., None],
+        record_end: Callable[[RequestHandle, Running | None, BaseException | None], None],
+    ) -> None:
+        self.runner = runner
+        self.kv = kv
+        self.detokenizer = detokenizer
+        self.model_name = model_name
+        self.eos_token_ids = eos_token_ids
+        self.max_context = max_context
+        self.prefill_chunk = prefill_chunk
+        self.idle_prefill = idle_prefill
+        self.prefixes = prefixes
+        self.features = features
+        self.slot_lock = slot_lock
+        self.count = count
+        self.call_hook = call_hook
+        self.record_end = record_end
+        self.device = runner.device
+        self.dtype = runner.dtype
+        self.running: dict[int, Running] = {}  # by slot, in join order
+
+    def __len__(self) -> int:
+        return len(self.running)
+
+    # --- joins
+    def join(self, joiners: list[tuple[RequestHandle, int]]) -> None:
+        """Give each joiner its slot: hooks, its images' vision features (the ones not cached yet computed for
+        all joiners together), prompt embeddings, a reused prefix. A failure ends its request alone."""
+        admitted = [running for running in (self._admit(handle, slot) for handle, slot in joiners) if running]
+        computed = self._vision_features(admitted) if len(admitted) > 1 else {}
+        for running in admitted:
+            prepared = running.handle.prepared
+            try:
+                features = self._image_features(running.images, computed)
+                running.embeds = self.runner.prompt_embeddings(prepared.input_ids, features)
+                if self.prefixes is not None:
+                    image_keys = [key for key, *_ in running.images]
+                    running.prefix_key = prefix_key(prepared.input_ids, image_keys, self.runner.image_token_id)
+                    found = self.prefixes.longest(running.prefix_key[:-1])  # at least one token left to prefill
+                    if found is not None:
+                        n, keys, values = found
+                        self.kv.copy_in(running.slot, keys, values)
+                        running.prefilled = n
+                        self.count("prefix_reused_tokens", n)
+            except Exception as exc:
+                logger.exception("preparing the prefill of request %s failed", running.handle.id)
+                self.leave(running, generation_error(exc))
+
+    def _admit(self, handle: RequestHandle, slot: int) -> Running | None:
+        """*handle* in its slot, its ``before_generate`` hook called and its images listed; ``None`` if it
+        was cancelled or its images could not be read (it has ended then)."""
+        prepared = handle.prepared
+        params = prepared.params
+        running = Running(
+            handle=handle,
+            slot=slot,
+            text=TextStream(self.detokenizer, params.stop),
+            seed=params.seed if params.seed is not None else secrets.randbits(63),
+            prompt_len=prepared.prompt_tokens,
+            started_at=time.monotonic(),
+        )
+        self.running[slot] = running
+        if handle.cancelled:
+            self.leave(running, RequestCancelledError(f"request {handle.id} was cancelled"))
+            return None
+        if not handle.started:
+            handle.started = True
+            self.call_hook(
+                "llava_next_before_generate",
+                request_id=handle.id,
+                request={
+                    "model": self.model_name,
+                    "num_images": prepared.num_images,
+                    "prompt_tokens": prepared.prompt_tokens,
+                    "image_tokens": prepared.image_tokens,
+                    "max_tokens": prepared.max_tokens,
+                    "temperature": params.temperature,
+                    "top_p": params.top_p,
+                    "seed": params.seed,
+                },
+            )
+        try:
+            running.images = prepared.images
+        except Exception as exc:
+            logger.exception("reading the images of request %s failed", handle.id)
+            self.leave(running, generation_error(exc))
+            return None
+        return running
+
+    def _vision_features(self, joined: list[Running]) -> dict[bytes, torch.Tensor]:
+        """Vision features of the joiners' images that are not cached, by key: the full-detail images in one
+        batched tower call (their tiles padded to the most of any; the sizes say which are real), the
+        low-detail base views in another. If a batched call fails, its images are left out: each request then
+        runs its own alone in :meth:`_image_features`, so a bad image fails its own request only."""
+        full: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        low: dict[bytes, torch.Tensor] = {}
+        for running in joined:
+            for key, pixels, size, is_low in running.images:
+                if self.features is not None and self.features.get(key) is not None:
+                    continue
+                if is_low:
+                    low[key] = pixels
+                else:
+                    full[key] = (pixels, size)
+        computed: dict[bytes, torch.Tensor] = {}
+        if len(full) > 1:
+            tiles = max(pixels.shape[1] for pixels, _ in full.values())
+            first = next(iter(full.values()))[0]
+            # [N, tiles, 3, h, w], zero tiles after each image's own (a copy each: F.pad of 5-D tensors is slow)
+            pixel_values = first.new_zeros((len(full), tiles, *first.shape[2:]))
+            for row, (pixels, _) in enumerate(full.values()):
+                pixel_values[row, : pixels.shape[1]] = pixels[0]
+            try:
+                features = self.runner.image_features(pixel_values, torch.cat([size for _, size in full.values()]))
+                computed.update(zip(full, features, strict=True))
+                self.count("images_batched", len(full))
+            except Exception:
+                logger.warning("a vision call for %d images failed: each request runs its own", len(full))
+        if len(low) > 1:
+            try:
+                computed.update(zip(low, self.runner.base_view_features(torch.cat(list(low.values()))), strict=True))
+                self.count("images_batched", len(low))
+            except Exception:
+                logger.warning("a base-view call for %d images failed: each request runs its own", len(low))
+        return computed
+
+    def _image_features(self, images: list[Image], computed: dict[bytes, torch.Tensor]) -> list[torch.Tensor]:
+        """``[n_tokens_i, hidden]`` per image: cached, *computed* for this step, or run now."""
+        features = []
+        for key, pixels, size, low in images:
+            found = self.features.get(key) if self.features is not None else None
+            if found is not None:
+                self.count("image_features_reused")
+            else:
+                found = computed.get(key)
+                if found is None:
+                    found = (
+                        self.runner.base_view_features(pixels) if low else self.runner.image_features(pixels, size)
+                    )[0]
+                if self.features is not None:
+                    self.features.put(key, found)
+            features.append(found)
+        return features
+
+    def leave_cancelled(self) -> None:
+        """End the running requests whose callers cancelled them."""
+        for running in [r for r in self.running.values() if r.handle.cancelled]:
+            self.leave(running, RequestCancelledError(f"request {running.handle.id} was cancelled"))
+
+    # --- prefill
+    def prefill_step(self) -> None:
+        """Up to ``prefill_chunk`` prompt tokens of the prefilling requests (``idle_prefill`` if none is
+        decoding), in join order, in one forward."""
+        pieces: list[_Piece] = []
+        budget = self.prefill_chunk if any(r.decoding for r in self.running.values()) else self.idle_prefill
+        for running in self.running.values():
+            if running.embeds is None or running.finish_reason or budget == 0:
+                continue
+            n = min(running.prompt_len - running.prefilled, budget)
+            pieces.append((running, running.embeds, n))
+            budget -= n
+        if not pieces:
+            return
+        self.count("prefill_chunks")
+        try:
+            self._prefill(pieces)
+        except Exception as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
+                # smaller chunks need less memory for activations: carry on with them
+                limit = max(16, sum(n for _, _, n in pieces) // 2)
+                self.prefill_chunk, self.idle_prefill = min(self.prefill_chunk, limit), min(self.idle_prefill, limit)
+                logger.warning("out of memory in a prefill chunk: chunks are now %d tokens at most", limit)
+            if len(pieces) == 1:
+                self._fail(pieces[0][0], exc)
+                return
+            for piece in pieces:  # each row writes only its own slot: re-running one alone is harmless
+                try:
+                    self._prefill([piece])
+                except Exception as exc_alone:
+                    self._fail(piece[0], exc_alone)
+
+    @torch.inference_mode()
+    def _prefill(self, pieces: list[_Piece]) -> None:
+        pieces = sorted(pieces, key=lambda piece: piece[0].slot)  # neighbouring slots are one slice of the cache
+        width = max(n for _, _, n in pieces)
+        hidden = pieces[0][1].shape[-1]
+        embeds = torch.zeros((len(pieces), width, hidden), dtype=self.dtype, device=self.device)
+        positions = torch.zeros((len(pieces), width), dtype=torch.long)
+        write = torch.full((len(pieces), width), self.kv.scratch, dtype=torch.long)
+        for row, (running, prompt, n) in enumerate(pieces):
+            start = running.prefilled
+            embeds[row, :n] = prompt[start : start + n]
+            positions[row, :n] = torch.arange(start, start + n)
+            write[row, :n] = positions[row, :n]
+        last = torch.tensor([n - 1 for _, _, n in pieces])
+        kv_len = max(r.prefilled + n for r, _, n in pieces)
+        slots = [r.slot for r, _, _ in pieces]
+        contiguous = slots[-1] - slots[0] + 1 == len(slots)  # then attention reads the slots, copying none
+        rows = slice(slots[0], slots[-1] + 1) if contiguous else torch.tensor(slots, device=self.device)
+        logits = self.runner.forward(
+            embeds, positions.to(self.device), write.to(self.device), last.to(self.device), rows, kv_len
+        )
+        done = []
+        for row, (running, _, n) in enumerate(pieces):
+            running.prefilled += n
+            if running.prefilled == running.prompt_len:
+                done.append(row)
+        if not done:
+            return
+        finished = [pieces[row][0] for row in done]
+        for running in finished:
+            running.embeds = None
+            if self.prefixes is not None and running.prefix_key is not None:
+                self.prefixes.put(running.prefix_key, *self.kv.copy_out(running.slot, running.prompt_len))
+        index = torch.tensor(done, device=self.device)
+        self._sample_and_advance(finished, logits.index_select(0, index))
+
+    # --- decode
+    def decode_step(self) -> None:
+        """One token for every decoding request, in one forward."""
+        decoding = [r for r in self.running.values() if r.decoding]
+        if not decoding:
+            return
+        if len(decoding) > 1:
+            self.count("batched_steps")
+        try:
+            self._decode(decoding)
+        except Exception as exc:
+            if len(decoding) == 1:
+                self._fail(decoding[0], exc)
+                return
+            for running in decoding:  # find the culprit: each row alone (it rewrites only its own column)
+                try:
+                    self._decode([running])
+                except Exception as exc_alone:
+                    self._fail(running, exc_alone)
+
+    @torch.inference_mode()
+    def _decode(self, decoding: list[Running]) -> None:
+        decoding.sort(key=lambda r: r.slot)
+        if len(decoding) == 1 and not self.runner.compiled:
+            first, rows = decoding[0].slot, 1
+        else:
+            first, rows = 0, self.runner.row_bucket(decoding[-1].slot + 1)
+        # token, position, write column per row; rows without a decoding request write to the scratch column
+        tokens, positions, columns = [0] * rows, [0] * rows, [self.kv.scratch] * rows
+        for running in decoding:
+            row = running.slot - first
+            tokens[row], positions[row], columns[row] = running.generated[-1], running.position, running.position
+        inputs = torch.tensor([tokens, positions, columns], dtype=torch.long).to(self.device)
+        kv_len = self.runner.kv_bucket(max(positions) + 1)
+        logits = self.runner.decode(inputs[0], inputs[1], inputs[2], slice(first, first + rows), kv_len)
+        if len(decoding) < rows:  # else the rows are the slots first..first+rows-1, in order: all of them
+            logits = logits.index_select(0, torch.tensor([r.slot - first for r in decoding], device=self.device))
+        self._sample_and_advance(decoding, logits)
+
+    # --- sampling and streaming
+    def _sample_and_advance(self, batch: list[Running], logits: torch.Tensor) -> None:
+        """Sample each request's next token from its row of ``logits [len(batch), vocab]`` (one transfer to
+        the host for all), stream it, and end the requests that are done."""
+        params = [r.handle.prepared.params for r in batch]
+        if any(p.temperature > 0 for p in params):
+            tensors = row_params(params, [len(r.generated) for r in batch], [r.seed for r in batch], self.device)
+            top_p_rows = [i for i, p in enumerate(params) if p.temperature > 0 and p.top_p < 1]
+            tokens, ok = sample(logits, *tensors, top_p_rows=top_p_rows)
+        else:  # all greedy: one argmax, no per-row parameters to build
+            tokens, ok = greedy(logits)
+        tokens, ok = torch.stack([tokens, ok.long()]).tolist()
+        now = time.monotonic()
+        for running, token, good in zip(batch, tokens, ok, strict=True):
+            if not good:
+                self.leave(
+                    running,
+                    ServerError(
+                        f"generation failed: the model's logits for request {running.handle.id} are not finite "
+                        "(NaN or inf)"
+                    ),
+                )
+                continue
+            self._advance(running, token, now)
+
+    def _advance(self, running: Running, token: int, now: float) -> None:
+        if running.first_token_at is None:
+            running.first_token_at = now
+        running.generated.append(token)
+        running.handle._push(running.text.add(token))
+        if running.text.stopped or token in self.eos_token_ids:
+            running.finish_reason = "stop"
+        elif len(running.generated) >= running.handle.prepared.max_tokens or running.position + 1 >= self.max_context:
+            running.finish_reason = "length"
+        if running.finish_reason:
+            running.handle._push(running.text.flush())
+            self.leave(running, None)
+
+    # --- leaving
+    def _fail(self, running: Running, exc: BaseException) -> None:
+        logger.error("generation failed for request %s", running.handle.id, exc_info=exc)
+        self.leave(running, generation_error(exc))
+
+    def leave(self, running: Running, error: BaseException | None) -> None:
+        """End a running request (*error* ``None``: it finished) and free its slot."""
+        if self.running.get(running.slot) is running:
+            del self.running[running.slot]
+            with self.slot_lock:
+                self.kv.release(running.slot)
+        self.record_end(running.handle, running, error)
+
+    def take_all(self) -> list[Running]:
+        """Empty the batch (the engine is stopping): its requests, whose endings the caller records."""
+        running, self.running = list(self.running.values()), {}
+        return running
