@@ -143,3 +143,19 @@ def test_a_hook_on_any_module_of_the_decoder_sends_the_engine_through_the_module
         engine.shutdown(drain=False)
     assert len(calls) == 4  # the prefill and three decode steps went through the hooked module
     assert hooked.token_ids == plain.token_ids
+
+
+def test_pre_hooks_and_global_hooks_count_as_hooks_while_they_are_set():
+    model = _decoder_model("mistral")
+    decoder = PlainDecoder.of(model)
+    assert not decoder.hooked()
+    handle = model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda module, args: None)
+    assert decoder.hooked()
+    handle.remove()
+    assert not decoder.hooked()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
+    try:
+        assert decoder.hooked()
+    finally:
+        handle.remove()
+    assert not decoder.hooked()
