@@ -360,22 +360,26 @@ class Batch:
             tokens[row], positions[row], columns[row] = running.generated[-1], running.position, running.position
         inputs = torch.tensor([tokens, positions, columns], dtype=torch.long).to(self.device)
         kv_len = self.runner.kv_bucket(max(positions) + 1)
-        logits = self.runner.decode(inputs[0], inputs[1], inputs[2], slice(first, first + rows), kv_len)
+        logits, top, index = self.runner.decode(inputs[0], inputs[1], inputs[2], slice(first, first + rows), kv_len)
         if len(decoding) < rows:  # else the rows are the slots first..first+rows-1, in order: all of them
-            logits = logits.index_select(0, torch.tensor([r.slot - first for r in decoding], device=self.device))
-        self._sample_and_advance(decoding, logits)
+            own = torch.tensor([r.slot - first for r in decoding], device=self.device)
+            logits, top, index = (t.index_select(0, own) for t in (logits, top, index))
+        self._sample_and_advance(decoding, logits, (top, index))
 
     # --- sampling and streaming
-    def _sample_and_advance(self, batch: list[Running], logits: torch.Tensor) -> None:
+    def _sample_and_advance(
+        self, batch: list[Running], logits: torch.Tensor, first: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
         """Sample each request's next token from its row of ``logits [len(batch), vocab]`` (one transfer to
-        the host for all), stream it, and end the requests that are done."""
+        the host for all), stream it, and end the requests that are done. *first*: the rows'
+        :func:`~.sampler.first_max`, if the step computed it."""
         params = [r.handle.prepared.params for r in batch]
         if any(p.temperature > 0 for p in params):
             tensors = row_params(params, [len(r.generated) for r in batch], [r.seed for r in batch], self.device)
             top_p_rows = [i for i, p in enumerate(params) if p.temperature > 0 and p.top_p < 1]
-            tokens, ok = sample(logits, *tensors, top_p_rows=top_p_rows)
-        else:  # all greedy: one argmax, no per-row parameters to build
-            tokens, ok = greedy(logits)
+            tokens, ok = sample(logits, *tensors, top_p_rows=top_p_rows, first=first)
+        else:  # all greedy: the first maximum, no per-row parameters to build
+            tokens, ok = greedy(logits, first)
         tokens, ok = torch.stack([tokens, ok.long()]).tolist()
         now = time.monotonic()
         for running, token, good in zip(batch, tokens, ok, strict=True):

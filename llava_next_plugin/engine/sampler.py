@@ -18,11 +18,9 @@ float32 (``5e-324``) keeps the most likely token, as any ``top_p`` does.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-__all__ = ["greedy", "sample", "row_params", "uniform"]
+__all__ = ["first_max", "greedy", "sample", "row_params", "uniform"]
 
 _M32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # < 2**31: products of a 32-bit value with it fit in int64
@@ -43,15 +41,19 @@ def uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy(
+    logits: torch.Tensor, first: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's most likely token ``[n]`` (the first maximum, as argmax) and whether the row is usable ``[n]``:
-    its maximum is finite (a NaN propagates to it; a row whose maximum is +inf or -inf has no distribution)."""
-    top, tokens = _first_max(logits)
+    its maximum is finite (a NaN propagates to it; a row whose maximum is +inf or -inf has no distribution).
+    *first*: the rows' :func:`first_max`, when the step computed it already."""
+    top, tokens = first if first is not None else first_max(logits)
     return tokens, torch.isfinite(top)
 
 
-def _first_max(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's maximum ``[n]`` and the index of its first occurrence ``[n]``.
+def first_max(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's maximum ``[n]`` and the index of its first occurrence ``[n]`` (the compiled decode step
+    computes it in its graph, fused with the LM head's output).
 
     In two stages when the vocabulary splits into equal blocks: each block's maximum (``amax``, one vectorised
     pass), the first block holding the row's maximum, then the first maximum inside that block. That is the
@@ -68,9 +70,9 @@ def _first_max(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return top, which * block + inside
 
 
-@functools.cache
 def _block(vocab: int) -> int | None:
-    """The largest divisor of *vocab* from 16 to 256 (a block of :func:`greedy`), or ``None``."""
+    """The largest divisor of *vocab* from 16 to 256 (a block of :func:`first_max`), or ``None``. (A few us: not
+    cached, so the compiled step traces it to a constant without a cache for dynamo to see through.)"""
     return next((size for size in range(256, 15, -1) if vocab % size == 0), None)
 
 
@@ -83,14 +85,16 @@ def sample(
     do_sample: torch.Tensor,
     *,
     top_p_rows: list[int] | None = None,
+    first: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens ``[n]`` and whether each row is usable ``[n]`` (see :func:`greedy` and the module docstring).
 
     *top_p_rows* lists the rows with ``top_p < 1`` (``None``: find them on the device, all rows are sorted then).
-    A batch of greedy rows only is cheaper through :func:`greedy`.
+    *first*: the rows' :func:`first_max`, when the step computed it already. A batch of greedy rows only is
+    cheaper through :func:`greedy`.
     """
     logits = logits.float()
-    top, greedy_tokens = _first_max(logits)
+    top, greedy_tokens = first if first is not None else first_max(logits)
     ok = torch.isfinite(top)
     shifted = logits - top[:, None]  # <= 0, the maximum exactly 0
     temp = temperature.to(torch.float32).clamp_min(torch.finfo(torch.float32).tiny)

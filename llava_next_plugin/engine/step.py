@@ -26,6 +26,7 @@ import torch
 from .._compat import cache_kwarg
 from .decoder import PlainDecoder
 from .kv import KVSlots
+from .sampler import first_max
 
 __all__ = ["ModelRunner"]
 
@@ -88,7 +89,7 @@ class ModelRunner:
         self.image_token_id = image_token_id
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self._decode_forward = self._run
+        self._decode_forward = self._decode_run
         self.compiled = False
         #: Whether the compiled step runs as CUDA graphs (its output is overwritten by the next replay; each
         #: context length is a graph of its own, so the engine rounds lengths up to a few)
@@ -108,7 +109,7 @@ class ModelRunner:
                 AttentionInterface.register(SLOT_ATTENTION, slot_attention)
                 self.language_model.set_attn_implementation(SLOT_ATTENTION)
             # two graphs (decode() marks rows and columns dynamic); no graph break allowed
-            self._decode_forward = torch.compile(self._run, dynamic=False, fullgraph=True, mode=mode)
+            self._decode_forward = torch.compile(self._decode_run, dynamic=False, fullgraph=True, mode=mode)
             self.compiled = True
 
     # --- embeddings
@@ -221,6 +222,11 @@ class ModelRunner:
             hidden = hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
         return self.lm_head(hidden).float()
 
+    def _decode_run(self, embeds, position_ids, write_index, rows, columns, plain):
+        logits = self._run(embeds, position_ids, write_index, None, rows, columns, plain)
+        top, index = first_max(logits)
+        return logits, top, index
+
     @torch.inference_mode()
     def forward(
         self,
@@ -239,8 +245,9 @@ class ModelRunner:
     @torch.inference_mode()
     def decode(
         self, tokens: torch.Tensor, position_ids: torch.Tensor, write_index: torch.Tensor, rows: slice, kv_len: int
-    ) -> torch.Tensor:
-        """One token for the slot rows *rows*: ``tokens [R]`` -> ``logits [R, vocab]``."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One token for the slot rows *rows*: ``tokens [R]`` -> ``logits [R, vocab]``, with each row's
+        :func:`~.sampler.first_max` (``top [R]``, ``index [R]``), computed in the same (compiled) step."""
         embeds = self.embed_tokens(tokens[:, None])
         position_ids, write_index = position_ids[:, None], write_index[:, None]
         columns = torch.arange(kv_len, device=self.device)
@@ -257,8 +264,8 @@ class ModelRunner:
                     torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.kv.slots)
         else:
             slots = rows
-        logits = self._decode_forward(embeds, position_ids, write_index, None, slots, columns, self._plain())
-        return logits.clone() if self.graphs else logits  # CUDA graphs reuse their output buffers
+        out = self._decode_forward(embeds, position_ids, write_index, slots, columns, self._plain())
+        return tuple(t.clone() for t in out) if self.graphs else out  # CUDA graphs reuse their output buffers
 
     # --- shapes of the decode step
     def buckets(self) -> list[int]:
