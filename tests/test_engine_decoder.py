@@ -159,3 +159,34 @@ def test_pre_hooks_and_global_hooks_count_as_hooks_while_they_are_set():
     finally:
         handle.remove()
     assert not decoder.hooked()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backbone", ["mistral", "qwen2 (q, k, v biases)"])
+def test_a_chunk_from_position_0_attends_causally_without_a_mask_with_the_same_result(backbone, dtype):
+    """The first chunk of new prompts (rows of 7 and 4 tokens, the second padded) runs SDPA's ``is_causal``
+    instead of a built mask: the hidden states of real tokens and the keys and values written are the same."""
+    kind, overrides = BACKBONES[backbone]
+    model = _decoder_model(kind, **overrides).to(dtype)
+    gen = torch.Generator().manual_seed(2)
+    embeds = torch.randn(2, 7, model.config.hidden_size, generator=gen).to(dtype)
+    positions = torch.stack([torch.arange(7), torch.tensor([0, 1, 2, 3, 0, 0, 0])])
+    theirs_kv, ours_kv = _slots(model), _slots(model)
+    write = positions.clone()
+    write[1, 4:] = theirs_kv.scratch  # padding writes to the scratch column, as the engine's prefill does
+    runner = SimpleNamespace(sliding_window=None, dtype=dtype)
+    mask = ModelRunner.mask(runner, positions, torch.arange(7))
+    with torch.inference_mode():
+        cache_arg = cache_kwarg(model.forward)
+        theirs = model(
+            inputs_embeds=embeds,
+            position_ids=positions,
+            attention_mask=mask,
+            use_cache=True,
+            **{cache_arg: theirs_kv.view(slice(1, 3), write, 7)},
+        ).last_hidden_state
+        ours = PlainDecoder(model)(embeds, positions, None, ours_kv.view(slice(1, 3), write, 7))
+    assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1, :4], theirs[1, :4])
+    for layer in range(model.config.num_hidden_layers):
+        assert torch.equal(ours_kv.keys[layer][:, :, :7], theirs_kv.keys[layer][:, :, :7])
+        assert torch.equal(ours_kv.values[layer][:, :, :7], theirs_kv.values[layer][:, :, :7])

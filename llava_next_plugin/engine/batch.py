@@ -308,8 +308,9 @@ class Batch:
         slots = [r.slot for r, _, _ in pieces]
         contiguous = slots[-1] - slots[0] + 1 == len(slots)  # then attention reads the slots, copying none
         rows = slice(slots[0], slots[-1] + 1) if contiguous else torch.tensor(slots, device=self.device)
+        fresh = all(running.prefilled == 0 for running, _, _ in pieces)  # then kv_len == width: plainly causal
         logits = self.runner.forward(
-            embeds, positions.to(self.device), write.to(self.device), last.to(self.device), rows, kv_len
+            embeds, positions.to(self.device), write.to(self.device), last.to(self.device), rows, kv_len, fresh=fresh
         )
         done = []
         for row, (running, _, n) in enumerate(pieces):

@@ -130,9 +130,13 @@ class PlainDecoder:
         sin = (angles.sin() * rope.attention_scaling).to(dtype)
         return cos[:, None], sin[:, None]
 
-    def __call__(self, embeds: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+    def __call__(
+        self, embeds: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None, cache
+    ) -> torch.Tensor:
         """``[R, q, hidden]`` final hidden states for ``embeds [R, q, hidden]``; *cache* is a :class:`~.kv.SlotView`
-        (its ``update`` writes this forward's keys and values and returns the rows' ``[R, kv_heads, K, D]``)."""
+        (its ``update`` writes this forward's keys and values and returns the rows' ``[R, kv_heads, K, D]``).
+        *mask* ``[R, 1, q, K]`` additive, or ``None`` for a chunk at positions ``0..q-1`` of every row (``K == q``):
+        plain causal attention."""
         rows, length, _ = embeds.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         groups = heads // kv_heads
@@ -155,7 +159,7 @@ class PlainDecoder:
                 if groups > 1:
                     k = k[:, :, None].expand(-1, -1, groups, -1, -1).reshape(rows, heads, -1, dim)
                     v = v[:, :, None].expand(-1, -1, groups, -1, -1).reshape(rows, heads, -1, dim)
-                a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling)
             a = a.reshape(rows, heads, length, dim).transpose(1, 2).reshape(rows, length, heads * dim)
             x = x + _linear(attention.o_proj, a)
             h = _rms_norm(layer.post_attention_layernorm, x)
