@@ -21,7 +21,8 @@ Data flow (a module for each idea)::
                                                └──► detokenizer.TextStream: text deltas, stop strings -> handle
 
 Tensor shapes: KV slots ``[layers] x [slots, kv_heads, max_len + 1, head_dim]`` (column ``max_len`` is
-scratch for padding rows); attention masks ``[R, 1, q, K]`` additive; per-row ``position_ids`` and
+scratch for padding rows); attention masks ``[R, 1, q, K]`` additive (none for a chunk of new prompts: causal
+SDPA); per-row ``position_ids`` and
 ``write_index [R, q]``; every request's tokens start at column 0 of its slot (no left padding).
 """
 

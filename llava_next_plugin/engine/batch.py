@@ -1,4 +1,5 @@
-"""The batch: the requests that hold a KV slot, and the steps that advance them. Used by the engine thread only.
+"""The batch: the requests that hold a KV slot, and the steps that advance them. Used by the engine thread (and,
+once it has stopped or is stuck, by shutdown, which empties it with :meth:`Batch.take_all`).
 
 A request in the batch (:class:`Running`) goes through:
 

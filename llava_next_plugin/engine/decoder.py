@@ -16,7 +16,8 @@ One forward, for ``R`` rows of ``q`` queries (see :mod:`.step` for the inputs)::
         q [R, heads, q, D], k, v [R, kv_heads, q, D]   projections; rotary on q and k
         k, v = cache.update(k, v, layer)                written in the rows' slots; [R, kv_heads, K, D] read back
         a = sdpa(q, k, v, mask [R, 1, q, K])            one query: q read as [R, kv_heads, groups, D] (no repeat);
-                                                        a chunk: k and v repeated per query head, as transformers
+                                                        a chunk: k and v repeated per query head, as transformers;
+                                                        a chunk from position 0: no mask, is_causal
         x = x + o_proj(a);  x = x + down(silu(gate(rms_norm(x))) * up(rms_norm(x)))
     rms_norm(x) -> [R, q, hidden]
 """

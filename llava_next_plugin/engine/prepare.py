@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -32,7 +32,8 @@ class Preparer:
     :param max_context: prompt + completion tokens at most.
     :param default_max_tokens: completion tokens when a request gives no ``max_tokens`` (capped by the context).
     :param image_token_id: the ``<image>`` placeholder's id.
-    :param base_view_tokens: tokens of one image at ``detail: "low"`` (its base view).
+    :param base_view_tokens: tokens of one image at ``detail: "low"`` (its base view), asked when a request has
+        such an image.
     """
 
     def __init__(
@@ -43,7 +44,7 @@ class Preparer:
         max_context: int,
         default_max_tokens: int,
         image_token_id: int,
-        base_view_tokens: int,
+        base_view_tokens: Callable[[], int],
     ) -> None:
         self.processor = processor
         self.config = config
@@ -146,7 +147,7 @@ class Preparer:
             )
         out, previous = [], 0
         for (begin, end), level in zip(runs, detail, strict=True):
-            tokens = self.base_view_tokens if level == "low" else end - begin
+            tokens = self.base_view_tokens() if level == "low" else end - begin
             out += ids[previous:begin] + [self.image_token_id] * tokens
             previous = end
         out += ids[previous:]

@@ -73,7 +73,10 @@ def first_max(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _block(vocab: int) -> int | None:
     """The largest divisor of *vocab* from 16 to 256 (a block of :func:`first_max`), or ``None``. (A few us: not
     cached, so the compiled step traces it to a constant without a cache for dynamo to see through.)"""
-    return next((size for size in range(256, 15, -1) if vocab % size == 0), None)
+    for size in range(256, 15, -1):  # a plain loop: older dynamo versions trace generators less well
+        if vocab % size == 0:
+            return size
+    return None
 
 
 def sample(

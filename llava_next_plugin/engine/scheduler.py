@@ -124,7 +124,7 @@ class Engine:
             max_context=self.max_context,
             default_max_tokens=default_max_tokens,
             image_token_id=self.image_token_id,
-            base_view_tokens=self.runner.base_view_tokens(),
+            base_view_tokens=self.runner.base_view_tokens,
         )
 
         self._lock = threading.Condition()

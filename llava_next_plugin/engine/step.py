@@ -12,7 +12,9 @@ Shapes, for ``R`` rows of ``q`` queries each over the first ``K`` cache columns:
   columns written: the position, or the scratch column for padding);
 * ``attention_mask [R, 1, q, K]``, additive (0 where query ``i`` of row ``r`` sees column ``j``, i.e.
   ``j <= position_ids[r, i]`` and inside the sliding window if the model has one; a large negative value
-  elsewhere). Every row starts at column 0 of its own slot, so there is no left padding anywhere.
+  elsewhere). Every row starts at column 0 of its own slot, so there is no left padding anywhere. A chunk whose
+  rows all start at position 0 (``K == q``) is plainly causal: the plain decoder then gets no mask and runs
+  SDPA's ``is_causal``.
 * ``logits [R, vocab]`` at each row's ``last [R]`` query.
 """
 
@@ -92,7 +94,7 @@ class ModelRunner:
         self._decode_forward = self._decode_run
         self.compiled = False
         #: Whether the compiled step runs as CUDA graphs (its output is overwritten by the next replay; each
-        #: context length is a graph of its own, so the engine rounds lengths up to a few)
+        #: shape is a graph of its own, so :meth:`row_bucket` and :meth:`kv_bucket` round rows and lengths)
         self.graphs = False
         self.warmup_seconds = 0.0
         if compile:
@@ -260,7 +262,7 @@ class ModelRunner:
         if self.compiled:
             # Two graphs in all: one row, and any rows from 2 (slots [0, R)), dynamic in the context length too,
             # so neither joins and leaves nor growing contexts compile again. (CUDA graphs still record one
-            # graph per shape: the engine rounds both to a few.)
+            # graph per shape: row_bucket and kv_bucket round both to a few.)
             if rows.start != 0:
                 raise ValueError("the compiled decode step runs slot rows [0, R)")
             slots: slice | None = None
