@@ -97,7 +97,6 @@ class Engine:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.default_max_tokens = default_max_tokens
         config = model.config
         text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.max_context = max_context or int(getattr(text_config, "max_position_embeddings", 4096))
@@ -111,8 +110,6 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.kv = self._allocate_kv(text_config, kv_memory)
         reuse = reuse_memory if reuse_memory is not None else max(self.kv.nbytes // 4, 64 << 20)
-        self.prefixes = PrefixStore(reuse // 2) if reuse else None
-        self.features = FeatureCache(reuse // 2) if reuse else None
         if compile is None:
             compile = self.device.type == "cuda"
         self.runner = ModelRunner(model, self.kv, image_token_id=self.image_token_id, compile=compile)
@@ -140,8 +137,8 @@ class Engine:
             max_context=self.max_context,
             prefill_chunk=prefill_chunk,
             idle_prefill=max(idle_prefill or 8 * prefill_chunk, prefill_chunk),
-            prefixes=self.prefixes,
-            features=self.features,
+            prefixes=PrefixStore(reuse // 2) if reuse else None,
+            features=FeatureCache(reuse // 2) if reuse else None,
             slot_lock=self._lock,
             count=self._count,
             call_hook=self._call_hook,
