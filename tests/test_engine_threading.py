@@ -287,3 +287,65 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing(eng
     with pytest.raises(ContextLengthExceededError, match="characters") as info:
         engine.prepare(ask(huge), [photo()], GREEDY)
     assert info.value.status == 400 and "4096" in info.value.message
+
+
+# --- OpenMP workers ---------------------------------------------------------------------------------
+def _in_fresh_thread(job):
+    """Run *job* in a new thread with a two-thread OpenMP team (one worker besides itself); its result."""
+    out: dict = {}
+
+    def run():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            out["result"] = job()
+        except BaseException as exc:  # re-raised in the test's thread
+            out["error"] = exc
+        finally:
+            torch.set_num_threads(threads)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(120)
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
+def _workers_of(action) -> tuple[set[str], set[str]]:
+    """(the OS threads a parallel op of this thread started, those of them still alive after *action*)."""
+    import os
+
+    def threads() -> set[str]:
+        return set(os.listdir("/proc/self/task"))
+
+    before = threads()
+    torch.ones(1 << 22).mul_(3)  # far above torch's grain size: runs on this thread's OpenMP team
+    workers = threads() - before
+    action()
+    return workers, workers & threads()
+
+
+def test_threads_that_start_or_prepare_let_their_idle_openmp_workers_go(tiny_checkpoint):
+    """The thread that starts the engine and each thread that prepares a request keep no idle OpenMP workers:
+    the engine thread's are then the only ones, and spin between ops instead of sleeping (engine/openmp.py)."""
+    from llava_next_plugin.engine.openmp import release_idle_workers
+
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_checkpoint).eval()
+    engine = Engine(model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint), compile=False)
+    params = SamplingParams(max_tokens=3, temperature=0)
+    engine.prepare(ask("Hello?"), [photo(40, 30)], params)  # starts the image processor's resize thread
+
+    workers, alive = _in_fresh_thread(lambda: _workers_of(lambda: release_idle_workers()))
+    assert len(workers) == 1 and not alive
+    prepared = []
+    workers, alive = _in_fresh_thread(
+        lambda: _workers_of(lambda: prepared.append(engine.prepare(ask("What is it?"), [photo(40, 30)], params)))
+    )
+    assert len(workers) == 1 and not alive, "prepare kept its thread's OpenMP workers"
+    workers, alive = _in_fresh_thread(lambda: _workers_of(engine.start))
+    assert len(workers) == 1 and not alive, "start kept its thread's OpenMP workers"
+    try:
+        assert engine.submit(prepared[0]).result(timeout=120).completion_tokens == 3
+    finally:
+        engine.shutdown()

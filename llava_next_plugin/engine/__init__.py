@@ -24,6 +24,9 @@ Tensor shapes: KV slots ``[layers] x [slots, kv_heads, max_len + 1, head_dim]`` 
 scratch for padding rows); attention masks ``[R, 1, q, K]`` additive (none for a chunk of new prompts: causal
 SDPA); per-row ``position_ids`` and
 ``write_index [R, q]``; every request's tokens start at column 0 of its slot (no left padding).
+
+On CPU the engine thread's OpenMP workers should be the only ones alive: the threads that start the engine or
+prepare requests let theirs go (openmp.py), else libgomp puts every worker to sleep between ops.
 """
 
 from .handle import RequestHandle

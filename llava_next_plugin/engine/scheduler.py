@@ -36,6 +36,7 @@ from ..hooks import get_plugin_manager
 from .batch import Batch, Running
 from .handle import RequestHandle
 from .kv import KVSlots
+from .openmp import release_idle_workers
 from .prepare import Preparer
 from .request import EngineResult, PreparedRequest, SamplingParams
 from .reuse import FeatureCache, PrefixStore
@@ -252,7 +253,11 @@ class Engine:
 
     # --- lifecycle
     def start(self) -> Engine:
-        """Start the engine thread (once, however many threads call this at the same time)."""
+        """Start the engine thread (once, however many threads call this at the same time).
+
+        The calling thread's idle OpenMP workers are let go (:mod:`.openmp`): on CPU the engine thread's own
+        then keep spinning between ops instead of sleeping."""
+        release_idle_workers()
         with self._start_lock:
             if self._thread is None and not self._stopping:
                 self._thread = threading.Thread(target=self._run, name="llava-next-engine", daemon=True)
@@ -355,8 +360,13 @@ class Engine:
             ``"high"`` or ``"auto"`` (full anyres, the default).
         :raises ContextLengthExceededError: the prompt (plus ``max_tokens``) does not fit the context.
         :raises BadRequestError: an unknown *image_detail* value, or not one per image.
+
+        The calling thread's idle OpenMP workers are let go afterwards (see :meth:`start`).
         """
-        return self.preparer(messages, images, params or SamplingParams(), prompt, image_detail)
+        try:
+            return self.preparer(messages, images, params or SamplingParams(), prompt, image_detail)
+        finally:
+            release_idle_workers()  # a large image's tensors ran on OpenMP workers of this thread: let them go
 
     @property
     def max_prompt_chars(self) -> int:
