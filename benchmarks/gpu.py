@@ -245,8 +245,9 @@ def main() -> None:
         "(goal >= 2x)"
     )
     print(
-        f"peak memory: engine {peak_ours / gib:.2f} GiB (KV slots {engine.kv_cache_bytes / gib:.2f} GiB), "
-        f"reference {peak_ref / gib:.2f} GiB"
+        f"peak memory: engine {peak_ours / gib:.2f} GiB (KV slots {engine.kv_cache_bytes / gib:.2f} GiB, reuse up to "
+        f"{engine.reuse_bytes / gib:.2f} GiB), reference {peak_ref / gib:.2f} GiB (goal: engine <= reference + KV "
+        "slots + reuse)"
     )
     print(
         f"warm-up ({'compiled' if engine.runner.compiled else 'eager'}): {warm:.1f} s; whole run "

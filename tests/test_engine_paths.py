@@ -60,6 +60,8 @@ def test_a_follow_up_turn_reuses_the_first_turns_prefix_and_image_and_gives_the_
         assert second.token_ids == plain.generate(follow_up, [image], GREEDY).token_ids
         assert second.token_ids == reference_greedy(model, prepared, 8)
         assert plain.stats_snapshot().get("prefix_reused_tokens", 0) == 0
+        # the reuse budget, reported: a quarter of the KV slots (at least 64 MiB) by default, 0 when off
+        assert reusing.reuse_bytes == max(reusing.kv_cache_bytes // 4, 64 << 20) and plain.reuse_bytes == 0
     finally:
         reusing.shutdown(drain=False)
         plain.shutdown(drain=False)

@@ -111,6 +111,10 @@ class Engine:
         self.dtype = next(model.parameters()).dtype
         self.kv = self._allocate_kv(text_config, kv_memory)
         reuse = reuse_memory if reuse_memory is not None else max(self.kv.nbytes // 4, 64 << 20)
+        #: Bytes reused prompt prefixes and vision features hold at most, half each (0: reuse is off).
+        self.reuse_bytes = max(int(reuse), 0)
+        if self.reuse_bytes:
+            logger.info("reuse: up to %.1f MiB of prompt prefixes and vision features", self.reuse_bytes / (1 << 20))
         if compile is None:
             compile = self.device.type == "cuda"
         self.runner = ModelRunner(model, self.kv, image_token_id=self.image_token_id, compile=compile)
@@ -138,8 +142,8 @@ class Engine:
             max_context=self.max_context,
             prefill_chunk=prefill_chunk,
             idle_prefill=max(idle_prefill or 8 * prefill_chunk, prefill_chunk),
-            prefixes=PrefixStore(reuse // 2) if reuse else None,
-            features=FeatureCache(reuse // 2) if reuse else None,
+            prefixes=PrefixStore(self.reuse_bytes // 2) if self.reuse_bytes else None,
+            features=FeatureCache(self.reuse_bytes // 2) if self.reuse_bytes else None,
             slot_lock=self._lock,
             count=self._count,
             call_hook=self._call_hook,
