@@ -21,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +46,8 @@ def _pause() -> Callable[[], int] | None:
     if not libraries:
         return None
     try:
-        gomp = ctypes.CDLL(str(libraries[0]))  # already loaded by torch: the same library, not a second copy
+        # RTLD_NOLOAD: the copy torch has loaded, or nothing (never a second copy of the runtime)
+        gomp = ctypes.CDLL(str(libraries[0]), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
         pause, host = gomp.omp_pause_resource, gomp.omp_get_initial_device
     except (OSError, AttributeError) as exc:
         logger.debug("OpenMP workers are not released: %s", exc)
