@@ -211,7 +211,9 @@ def main() -> None:
         max_context=args.context,
         compile=False if (args.no_compile or args.smoke) else None,
     )
-    engine.eos_token_ids = set()  # random weights: every request generates its max_tokens (as min_new_tokens does)
+    # random weights: every request generates its max_tokens, as min_new_tokens makes the reference do (the set is
+    # the engine's own, which its batch reads)
+    engine.eos_token_ids.clear()
     warm = engine.warm_up(context=args.context if engine.runner.compiled else 1)
     engine.start()
     greedy = SamplingParams(max_tokens=tokens, temperature=0)

@@ -361,10 +361,12 @@ class Batch:
             row = running.slot - first
             tokens[row], positions[row], columns[row] = running.generated[-1], running.position, running.position
         inputs = torch.tensor([tokens, positions, columns], dtype=torch.long).to(self.device)
+        own = None  # the rows of decoding requests, if not all rows are (copied before the step: on CUDA a copy to
+        if len(decoding) < rows:  # the device waits for the stream, and would wait for the whole step)
+            own = torch.tensor([r.slot - first for r in decoding]).to(self.device)
         kv_len = self.runner.kv_bucket(max(positions) + 1)
         logits, top, index = self.runner.decode(inputs[0], inputs[1], inputs[2], slice(first, first + rows), kv_len)
-        if len(decoding) < rows:  # else the rows are the slots first..first+rows-1, in order: all of them
-            own = torch.tensor([r.slot - first for r in decoding], device=self.device)
+        if own is not None:  # else the rows are the slots first..first+rows-1, in order: all of them
             logits, top, index = (t.index_select(0, own) for t in (logits, top, index))
         self._sample_and_advance(decoding, logits, (top, index))
 
