@@ -4,13 +4,17 @@ and the same greedy tokens as the eager engine."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 import transformers
 from checkpoints import ask, photo
+from llava_next_sdk.errors import ServerError
 from torch._dynamo.utils import counters
 
 from llava_next_plugin.engine import Engine, SamplingParams
+from llava_next_plugin.engine.step import length_bucket
 
 
 @pytest.fixture(scope="module")
@@ -20,14 +24,18 @@ def ours(tiny_checkpoint):
     return model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint)
 
 
-def test_compiled_decode_step_warms_up_once_per_bucket_and_never_recompiles_on_joins_and_leaves(ours):
+def test_compiled_decode_step_warms_up_once_per_bucket_and_never_recompiles_on_joins_and_leaves(ours, caplog):
     torch._dynamo.reset()
     counters.clear()
     compiled = Engine(*ours, max_batch_size=2, compile=True)
     eager = Engine(*ours, max_batch_size=2, compile=False).start()
     try:
         assert compiled.runner.compiled and not eager.runner.compiled
-        assert compiled.warm_up() > 0
+        with caplog.at_level(logging.INFO, logger="llava_next_plugin.engine"):
+            assert compiled.warm_up() > 0
+        # on the engine thread, started for it: CUDA graphs are recorded per thread, and that thread replays them
+        (record,) = [r for r in caplog.records if "warm-up" in r.getMessage()]
+        assert record.threadName == "llava-next-engine"
         graphs = counters["stats"]["unique_graphs"]
         assert graphs == 2  # buckets of 1 and 2 rows
         compiled.start()
@@ -99,3 +107,19 @@ def test_a_compiled_engine_over_a_backbone_the_plain_decoder_does_not_know_runs_
     engine = Engine(model, transformers.AutoProcessor.from_pretrained(folder), max_batch_size=1, compile=True)
     assert engine.runner.decoder is None
     assert engine.runner.language_model.config._attn_implementation == "llava_next_slots"
+
+
+def test_warming_up_a_shut_down_engine_says_so(ours):
+    engine = Engine(*ours, max_batch_size=1, compile=False)
+    assert engine.warm_up() >= 0  # eager: one step per bucket, on the engine thread it starts
+    engine.shutdown()
+    with pytest.raises(ServerError, match="cannot warm up"):
+        engine.warm_up()
+
+
+def test_cuda_graph_length_buckets_read_at_most_a_quarter_more_columns_than_needed():
+    sizes = [length_bucket(n, 10_000) for n in (1, 512, 513, 641, 1000, 1025, 2489, 4096, 4097)]
+    assert sizes == [512, 512, 640, 768, 1024, 1280, 2560, 4096, 5120]
+    assert length_bucket(9000, 8193) == 8193  # capped at the slots' length
+    for n in range(513, 40_000, 97):
+        assert n <= length_bucket(n, 1 << 20) <= 1.25 * n

@@ -16,6 +16,7 @@ finished, failed, was cancelled, or the engine stopped under it.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import copy
 import logging
 import threading
@@ -133,6 +134,7 @@ class Engine:
         self._start_lock = threading.Lock()
         self._pending: collections.deque[RequestHandle] = collections.deque()
         self._withdrawn: list[RequestHandle] = []  # cancelled while queued: the engine thread ends them
+        self._warm_ups: list[tuple[int, concurrent.futures.Future]] = []  # (context, its seconds): run on the thread
         self._batch = Batch(
             self.runner,
             self.kv,
@@ -236,14 +238,34 @@ class Engine:
         return self.kv.nbytes
 
     def warm_up(self, context: int = 1) -> float:
-        """Run the decode step once per batch-size bucket at a context of *context* tokens; its seconds, logged.
+        """Run the decode step for every batch-size bucket at a context of *context* tokens, on the engine thread
+        (started here if it is not yet); its seconds, logged.
 
         Compiling makes two graphs here (one row; any rows), dynamic in the row count and the context length:
-        nothing compiles later. Under CUDA graphs each bucket is also recorded here; a longer context's length
-        bucket is recorded on first use (a capture, not a compile)."""
-        seconds = self.runner.warm_up(context)
+        nothing compiles later. Under CUDA graphs every bucket up to *context* is also recorded here, on the
+        thread that replays them (torch keeps CUDA graphs per thread); a longer context's length bucket is
+        recorded on first use (a capture, not a compile)."""
+        self.start()
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        if threading.current_thread() is self._thread:  # asked by a hook, on the engine thread itself
+            self._warm_up_here(context, done)
+            return done.result()
+        with self._lock:
+            if self._stopping or not self._accepting:
+                raise ServerError("the engine is shutting down or stopped: it cannot warm up", status=503)
+            self._warm_ups.append((context, done))
+            self._lock.notify_all()
+        return done.result()
+
+    def _warm_up_here(self, context: int, done: concurrent.futures.Future) -> None:
+        """The engine thread's part of :meth:`warm_up`."""
+        try:
+            seconds = self.runner.warm_up(context)
+        except Exception as exc:  # the caller hears it; the engine thread carries on
+            done.set_exception(exc)
+            return
         logger.info("decode step warm-up (%s): %.1f s", "compiled" if self.runner.compiled else "eager", seconds)
-        return seconds
+        done.set_result(seconds)
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -303,6 +325,9 @@ class Engine:
             )
             self._pending.clear()
             self._withdrawn = []
+            warm_ups, self._warm_ups = self._warm_ups, []
+        for _, done in warm_ups:
+            done.set_exception(error)
         for handle, running in leftovers:
             self._record_end(
                 handle,
@@ -443,14 +468,17 @@ class Engine:
     def _serve(self) -> None:
         while True:
             with self._lock:
-                while not (self._stopping or self._pending or self._batch.running or self._withdrawn):
+                while not (self._stopping or self._pending or self._batch.running or self._withdrawn or self._warm_ups):
                     self._lock.wait()
                 if self._stopping:
                     return
+                warm_ups, self._warm_ups = self._warm_ups, []
                 withdrawn, self._withdrawn = self._withdrawn, []
                 joiners = []
                 while self._pending and self.kv.free:
                     joiners.append((self._pending.popleft(), self.kv.allocate()))
+            for context, done in warm_ups:
+                self._warm_up_here(context, done)
             for handle in withdrawn:
                 self._end_cancelled(handle)
             self._batch.join(joiners)

@@ -30,7 +30,7 @@ from .decoder import PlainDecoder
 from .kv import KVSlots
 from .sampler import first_max
 
-__all__ = ["ModelRunner"]
+__all__ = ["ModelRunner", "length_bucket"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,15 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, **kw
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+def length_bucket(columns: int, max_len: int) -> int:
+    """The smallest of 512, 640, 768, 896, 1024, 1280, 1536, ... (four sizes per doubling: at most a quarter more
+    than *columns*) that holds *columns*, capped at *max_len*: the cache lengths CUDA graphs are recorded at."""
+    size = 512
+    while size < columns:
+        size += (1 << (size.bit_length() - 1)) // 4  # a quarter of the power of two at or below size
+    return min(size, max_len)
 
 
 def language_model(model):
@@ -292,25 +301,28 @@ class ModelRunner:
 
     def kv_bucket(self, columns: int) -> int:
         """Cache columns a step attends over: exact, except under CUDA graphs, which record one graph per length:
-        there a power of two (>= 512), so a few lengths serve every context. The compiled step's graph takes
-        any length (it is dynamic in it): contexts that grow never recompile it."""
-        if not self.graphs:
-            return columns
-        size = 512
-        while size < columns:
-            size *= 2
-        return min(size, self.kv.max_len)
+        there a :func:`length_bucket`. The compiled step's graph takes any length (it is dynamic in it): contexts
+        that grow never recompile it."""
+        return length_bucket(columns, self.kv.max_len) if self.graphs else columns
 
     @torch.inference_mode()  # the engine builds its inputs under inference mode too (dynamo guards on it)
     def warm_up(self, context: int = 1) -> float:
         """Run the decode step once per row bucket at a context of *context* tokens (compiles when compiling);
         the seconds it took."""
         start = time.monotonic()
-        kv_len = max(self.kv_bucket(context), 2)
-        for rows in self.buckets():
-            inputs = torch.zeros((3, rows), dtype=torch.long)  # as the engine builds them: token, position, column
-            inputs[2] = self.kv.scratch
-            inputs = inputs.to(self.device)
-            self.decode(inputs[0], inputs[1], inputs[2], slice(0, rows), kv_len)
+        lengths = [max(self.kv_bucket(context), 2)]
+        if self.graphs:  # every length bucket up to the context's, each called twice: CUDA graph trees run a new
+            # shape once eagerly (their warm-up) and record it at its second call
+            lengths, size = [], 0
+            while size < self.kv_bucket(context):
+                size = self.kv_bucket(size + 1)
+                lengths.append(size)
+            lengths *= 2
+        for kv_len in lengths:
+            for rows in self.buckets():
+                inputs = torch.zeros((3, rows), dtype=torch.long)  # as the engine builds them: token, position, column
+                inputs[2] = self.kv.scratch
+                inputs = inputs.to(self.device)
+                self.decode(inputs[0], inputs[1], inputs[2], slice(0, rows), kv_len)
         self.warmup_seconds = time.monotonic() - start
         return self.warmup_seconds
