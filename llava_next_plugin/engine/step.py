@@ -307,8 +307,10 @@ class ModelRunner:
 
     @torch.inference_mode()  # the engine builds its inputs under inference mode too (dynamo guards on it)
     def warm_up(self, context: int = 1) -> float:
-        """Run the decode step once per row bucket at a context of *context* tokens (compiles when compiling);
-        the seconds it took."""
+        """Run the decode step once per row bucket at a context of *context* tokens (compiles when compiling), and
+        under CUDA graphs twice per row bucket at every length bucket up to that context's (records them); the
+        seconds it took. Run it on the thread that runs the steps: CUDA graphs belong to the thread that records
+        them (:meth:`.scheduler.Engine.warm_up` does)."""
         start = time.monotonic()
         lengths = [max(self.kv_bucket(context), 2)]
         if self.graphs:  # every length bucket up to the context's, each called twice: CUDA graph trees run a new
