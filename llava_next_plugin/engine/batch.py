@@ -361,8 +361,10 @@ class Batch:
             row = running.slot - first
             tokens[row], positions[row], columns[row] = running.generated[-1], running.position, running.position
         inputs = torch.tensor([tokens, positions, columns], dtype=torch.long).to(self.device)
-        own = None  # the rows of decoding requests, if not all rows are (copied before the step: on CUDA a copy to
-        if len(decoding) < rows:  # the device waits for the stream, and would wait for the whole step)
+        # The rows of the decoding requests, when not all rows are theirs. Copied before the step is launched: on
+        # CUDA a copy from pageable memory waits for the stream, so after the launch it would wait for the whole step.
+        own = None
+        if len(decoding) < rows:
             own = torch.tensor([r.slot - first for r in decoding]).to(self.device)
         kv_len = self.runner.kv_bucket(max(positions) + 1)
         logits, top, index = self.runner.decode(inputs[0], inputs[1], inputs[2], slice(first, first + rows), kv_len)
