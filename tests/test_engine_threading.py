@@ -349,3 +349,37 @@ def test_threads_that_start_or_prepare_let_their_idle_openmp_workers_go(tiny_che
         assert engine.submit(prepared[0]).result(timeout=120).completion_tokens == 3
     finally:
         engine.shutdown()
+
+
+def test_an_idle_engine_thread_lets_its_openmp_workers_go(tiny_checkpoint):
+    """When its batch empties, the engine thread lets its OpenMP workers go too, so that an idle engine does not
+    make the application's own parallel ops sleep and wake (engine/openmp.py); its next request starts them again."""
+    import os
+
+    def threads() -> set[str]:
+        return set(os.listdir("/proc/self/task"))
+
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_checkpoint).eval()
+    engine = Engine(model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint), compile=False)
+    params = SamplingParams(max_tokens=40, temperature=0)
+    prepared = [engine.prepare(ask(f"Hello {i}?"), [photo(40, 30)], params) for i in range(2)]
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(2)  # a worker besides each thread itself, however many cores
+    before = threads()
+    engine.start()
+    try:
+        (engine_thread,) = [t for t in threading.enumerate() if t.name == "llava-next-engine"]
+        for request in prepared:  # twice: the second request's parallel ops start a new team
+            handle = engine.submit(request)
+            seen: set[str] = set()
+            while not handle.done:
+                seen |= threads() - before
+                time.sleep(0.001)
+            workers = seen - {str(engine_thread.native_id)}
+            assert workers, "no OpenMP worker ran the engine's parallel ops"
+            assert handle.result(timeout=60).completion_tokens >= 1
+            gone = wait_for(lambda workers=workers: not workers & threads())
+            assert gone, "the idle engine thread kept its OpenMP workers"
+    finally:
+        engine.shutdown()
+        torch.set_num_threads(threads_before)

@@ -12,8 +12,9 @@ team alive and 4.1 ms without it (medians of ten runs, taking turns); the LM hea
 :func:`release_idle_workers` lets the calling thread's idle workers go (OpenMP's soft pause of the host: the
 next parallel op in that thread starts them again, a few tens of microseconds once). The engine calls it in
 the thread that starts it and at the end of every ``prepare``, so the engine thread's team is the one that
-stays. Any other OpenMP runtime (LLVM's libomp pauses every thread's workers at once, Intel's likewise), or
-none, is left alone.
+stays; and in the engine thread whenever its batch empties, so that an idle engine leaves the cores' spinning
+to the application's own threads. Any other OpenMP runtime (LLVM's libomp pauses every thread's workers at
+once, Intel's likewise), or none, is left alone.
 """
 
 from __future__ import annotations

@@ -485,6 +485,10 @@ class Engine:
             self._batch.leave_cancelled()
             self._batch.prefill_step()
             self._batch.decode_step()
+            if not self._batch.running:
+                # idle, likely until the next request: let this thread's OpenMP workers go too, so that they
+                # do not slow the application's own CPU work (engine/openmp.py); the next step starts them again
+                release_idle_workers()
             with self._lock:
                 self._lock.notify_all()  # wakes shutdown(drain=True)
 
