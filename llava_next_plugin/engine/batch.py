@@ -73,6 +73,7 @@ class Running:
 
 
 _Piece = tuple[Running, torch.Tensor, int]  # a prefilling request, its prompt embeddings [L, hidden], tokens now
+_Sampling = tuple[tuple[torch.Tensor, ...], "list[int] | torch.Tensor"]  # row_params, the top-p rows
 
 
 class Batch:
@@ -366,23 +367,39 @@ class Batch:
         own = None
         if len(decoding) < rows:
             own = torch.tensor([r.slot - first for r in decoding]).to(self.device)
+        sampling = self._sampling_inputs(decoding)  # before the launch too, for the same reason
         kv_len = self.runner.kv_bucket(max(positions) + 1)
         logits, top, index = self.runner.decode(inputs[0], inputs[1], inputs[2], slice(first, first + rows), kv_len)
         if own is not None:  # else the rows are the slots first..first+rows-1, in order: all of them
             logits, top, index = (t.index_select(0, own) for t in (logits, top, index))
-        self._sample_and_advance(decoding, logits, (top, index))
+        self._sample_and_advance(decoding, logits, (top, index), sampling)
 
     # --- sampling and streaming
+    def _sampling_inputs(self, batch: list[Running]) -> _Sampling | None:
+        """The rows' sampling parameters and top-p rows on the device (:func:`~.sampler.sample`'s inputs), or
+        ``None`` when every row is greedy."""
+        params = [r.handle.prepared.params for r in batch]
+        if not any(p.temperature > 0 for p in params):
+            return None
+        tensors = row_params(params, [len(r.generated) for r in batch], [r.seed for r in batch], self.device)
+        top_p_rows = [i for i, p in enumerate(params) if p.temperature > 0 and p.top_p < 1]
+        return tensors, torch.tensor(top_p_rows).to(self.device) if top_p_rows else []
+
     def _sample_and_advance(
-        self, batch: list[Running], logits: torch.Tensor, first: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        batch: list[Running],
+        logits: torch.Tensor,
+        first: tuple[torch.Tensor, torch.Tensor] | None = None,
+        sampling: _Sampling | None = None,
     ) -> None:
         """Sample each request's next token from its row of ``logits [len(batch), vocab]`` (one transfer to
         the host for all), stream it, and end the requests that are done. *first*: the rows'
-        :func:`~.sampler.first_max`, if the step computed it."""
-        params = [r.handle.prepared.params for r in batch]
-        if any(p.temperature > 0 for p in params):
-            tensors = row_params(params, [len(r.generated) for r in batch], [r.seed for r in batch], self.device)
-            top_p_rows = [i for i, p in enumerate(params) if p.temperature > 0 and p.top_p < 1]
+        :func:`~.sampler.first_max`, if the step computed it; *sampling*: the batch's :meth:`_sampling_inputs`,
+        if built already."""
+        if sampling is None:
+            sampling = self._sampling_inputs(batch)
+        if sampling is not None:
+            tensors, top_p_rows = sampling
             tokens, ok = sample(logits, *tensors, top_p_rows=top_p_rows, first=first)
         else:  # all greedy: the first maximum, no per-row parameters to build
             tokens, ok = greedy(logits, first)

@@ -87,12 +87,13 @@ def sample(
     step: torch.Tensor,
     do_sample: torch.Tensor,
     *,
-    top_p_rows: list[int] | None = None,
+    top_p_rows: list[int] | torch.Tensor | None = None,
     first: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Next tokens ``[n]`` and whether each row is usable ``[n]`` (see :func:`greedy` and the module docstring).
 
-    *top_p_rows* lists the rows with ``top_p < 1`` (``None``: find them on the device, all rows are sorted then).
+    *top_p_rows* lists the rows with ``top_p < 1``, or holds them in a tensor on the logits' device (``None``: all
+    rows are sorted).
     *first*: the rows' :func:`first_max`, when the step computed it already. A batch of greedy rows only is
     cheaper through :func:`greedy`.
     """
@@ -106,7 +107,7 @@ def sample(
     sampled = _invert(probs, u)
     rows = range(probs.shape[0]) if top_p_rows is None else top_p_rows
     if len(rows):
-        index = torch.as_tensor(list(rows), dtype=torch.long, device=probs.device)
+        index = rows if isinstance(rows, torch.Tensor) else torch.as_tensor(list(rows), device=probs.device)
         sorted_probs, order = probs.index_select(0, index).sort(dim=-1, descending=True)
         # keep the smallest prefix whose mass reaches top_p (always the top token, even when top_p is 0 in float32)
         keep = top_p.index_select(0, index).clamp_min(torch.finfo(torch.float32).tiny)
