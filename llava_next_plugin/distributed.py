@@ -622,7 +622,7 @@ def run_serve(args: argparse.Namespace) -> int:
             max_queue=args.max_queue,
             max_model_len=args.max_model_len,
             prefill_chunk=args.prefill_chunk,
-            compile=False if args.no_compile else None,
+            compile=args.compile,
             served_model_name=args.served_model_name,
             api_key=args.api_key,
             drain_timeout=args.drain_timeout,

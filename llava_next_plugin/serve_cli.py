@@ -69,9 +69,11 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="prompt tokens prefilled between two decode steps (running streams keep flowing)",
     )
     parser.add_argument(
-        "--no-compile",
-        action="store_true",
-        help="do not torch.compile the decode step (compiled by default on CUDA, warm-up logged)",
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the decode step, warm-up logged (default: on CUDA only; on CPU it needs a C++ "
+        "compiler and takes seconds to warm up)",
     )
     parser.add_argument(
         "--max-images-per-request",
@@ -164,7 +166,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_context=args.max_model_len,
         prefill_chunk=args.prefill_chunk,
-        compile=False if args.no_compile else None,
+        compile=args.compile,
         model_name=args.served_model_name or default_served_name(args.model),
     )
     limits = Limits(

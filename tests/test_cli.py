@@ -351,33 +351,61 @@ def a_free_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_serve_serves_the_model_named_by_the_environment(checkpoint):
+def _serve_until_healthy(argv: list[str], env: dict) -> tuple[subprocess.Popen, int, dict]:
+    """``python -m llava_next_plugin.serve_cli ARGV --port P --device cpu`` up and answering ``/health``."""
     import time
     import urllib.request
 
     free_port = a_free_port()
-    env = {**os.environ, "LLAVA_NEXT_MODEL": str(checkpoint), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "llava_next_plugin.serve_cli", "--port", str(free_port), "--device", "cpu"],
-        env=env,
+        [sys.executable, "-m", "llava_next_plugin.serve_cli", *argv, "--port", str(free_port), "--device", "cpu"],
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
+    deadline = time.monotonic() + 240
+    while True:
+        assert server.poll() is None, server.stderr.read().decode()
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{free_port}/health", timeout=5) as response:
+                return server, free_port, json.loads(response.read())
+        except OSError:
+            if time.monotonic() > deadline:
+                server.kill()
+                raise AssertionError("the server did not come up") from None
+            time.sleep(0.5)
+
+
+def test_serve_serves_the_model_named_by_the_environment(checkpoint):
+    server, _, health = _serve_until_healthy([], {"LLAVA_NEXT_MODEL": str(checkpoint)})
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, server.stderr.read().decode()
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{free_port}/health", timeout=5) as response:
-                    health = json.loads(response.read())
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(0.5)
         assert health["model"] == Path(checkpoint).name  # the served name: the folder's, never its path
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_serve_compile_turns_the_compiled_decode_step_on_on_cpu(checkpoint):
+    """``--compile`` compiles the decode step where it is off by default (CPU): the server warms it up before
+    serving, logs it, and answers with it."""
+    import urllib.request
+
+    server, port, _ = _serve_until_healthy(["--model", str(checkpoint), "--compile"], {})
+    try:
+        body = {"model": Path(checkpoint).name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer = json.loads(response.read())
+        assert answer["usage"]["completion_tokens"] >= 1
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    log = server.stderr.read().decode()
+    assert "decode step warm-up (compiled)" in log, log
 
 
 def test_tiny_checkpoint_refuses_a_non_empty_folder(checkpoint, capsys):
