@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["LocalTransport", "llava_next_sdk_transport"]
 
 LOCAL_SCHEME = "local:"
-ENGINE_OPTIONS = ("device", "dtype", "max_batch_size", "max_queue", "max_context", "default_max_tokens")
+ENGINE_OPTIONS = ("device", "dtype", "max_batch_size", "max_queue", "max_context", "default_max_tokens", "compile")
 """Client options that configure the shared engine (the others are the HTTP transport's)."""
 RETRY_OPTIONS = ("max_retries", "backoff_base", "backoff_max", "max_retry_after")
 """Client options that make the :class:`RetryPolicy` (as for HTTP)."""
@@ -57,7 +57,8 @@ class LocalTransport:
     :param allowed_url_domains: hosts whose ``http(s)`` image URLs are fetched (a domain allows its subdomains;
         ``()`` none), for apps that pass their users' URLs through; replaces the one in *limits*.
     :param retry_policy: how a request refused by a full queue is retried (default: as the HTTP transport).
-    :param engine_options: ``device``, ``dtype``, ``max_batch_size``, ... for the shared engine.
+    :param engine_options: ``device``, ``dtype``, ``max_batch_size``, ... for the shared engine (``compile=True``:
+        its decode step compiled on CPU too, after a warm-up of seconds; by default on CUDA only).
     """
 
     def __init__(

@@ -229,6 +229,9 @@ def test_shared_engines_are_keyed_by_what_options_mean(tiny_checkpoint):
         tiny_checkpoint, dtype=torch.float32, device=torch.device("cpu")
     )
     assert shared_key(tiny_checkpoint, dtype="float32") != shared_key(tiny_checkpoint, dtype="bfloat16")
+    # compile: unset means the device's default (eager on CPU)
+    assert shared_key(tiny_checkpoint, device="cpu") == shared_key(tiny_checkpoint, device="cpu", compile=False)
+    assert shared_key(tiny_checkpoint, device="cpu") != shared_key(tiny_checkpoint, device="cpu", compile=True)
     first = get_shared_engine(tiny_checkpoint, dtype="float32", device="cpu", max_batch_size=2)
     try:
         assert get_shared_engine(tiny_checkpoint, dtype=torch.float32, device="cpu", max_batch_size=2) is first

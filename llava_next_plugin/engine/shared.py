@@ -40,6 +40,8 @@ def shared_key(path: str, **kwargs: Any) -> tuple:
     options.setdefault("device", _normalized("device", default_device()))
     if options["device"] is None:
         options["device"] = _normalized("device", default_device())
+    if options.get("compile") is None:  # what the engine does by default on that device
+        options["compile"] = options["device"].startswith("cuda")
     options = {k: v for k, v in options.items() if v is not None or k == "device"}
     return (str(path),) + tuple(sorted((k, repr(v)) for k, v in options.items()))
 

@@ -135,6 +135,24 @@ def test_the_sync_client_runs_a_local_model(tiny_checkpoint):
     assert result.usage.completion_tokens == 4
 
 
+def test_a_local_client_asks_for_the_compiled_decode_step_with_compile(tiny_checkpoint):
+    """``compile=True`` reaches the shared engine: on CPU, where the default is eager, its decode step is then
+    compiled (and warmed up) before it serves; ``compile=False`` there is the default engine itself."""
+    from llava_next_plugin.engine import get_shared_engine
+
+    with Client(model=str(tiny_checkpoint), device="cpu", compile=True) as client:
+        result = client.generate(picture("red"), PROMPT, max_tokens=4, temperature=0)
+    assert result.usage.completion_tokens == 4
+    compiled = get_shared_engine(str(tiny_checkpoint), device="cpu", compile=True)  # the client's, shared
+    try:
+        assert compiled.runner.compiled
+        default = get_shared_engine(str(tiny_checkpoint), device="cpu")
+        assert get_shared_engine(str(tiny_checkpoint), device="cpu", compile=False) is default
+        assert default is not compiled and not default.runner.compiled
+    finally:
+        compiled.shutdown(drain=False)
+
+
 async def _first_request(**options):
     async with AsyncClient(**options) as client:  # the local transport may load at the first request
         await client.generate(None, "Hi", max_tokens=1)
