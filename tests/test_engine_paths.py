@@ -237,3 +237,27 @@ def test_with_nothing_decoding_a_prompt_is_prefilled_in_idle_prefill_sized_forwa
         assert engine.stats_snapshot()["prefill_chunks"] == before + 1  # nothing to stall: one forward
     finally:
         engine.shutdown(drain=False)
+
+
+def test_an_idle_engine_lets_a_burst_arrive_and_starts_it_with_one_vision_call_and_one_prefill(reference):
+    """Requests arriving at an idle engine within ``burst_window`` of each other start together: one batched
+    vision call, one prefill forward, and each gets its solo tokens. With ``burst_window=0`` the first starts
+    alone and the others join later."""
+    model, _ = reference
+    for window in (0.25, 0.0):
+        engine = Engine(*reference, max_batch_size=4, reuse_memory=0, burst_window=window).start()
+        try:
+            prepared = [engine.prepare(ask(f"Picture {i}?"), [photo(40 + 8 * i, 48)], GREEDY) for i in range(3)]
+            handles = []
+            for request in prepared:
+                handles.append(engine.submit(request))
+                time.sleep(0.05)  # arrivals 50 ms apart: within the window, far beyond a start
+            results = [h.result(timeout=120).token_ids for h in handles]
+            stats = engine.stats_snapshot()
+        finally:
+            engine.shutdown(drain=False)
+        if window:
+            assert stats["prefill_chunks"] == 1 and stats["images_batched"] == 3, stats
+            assert results == [reference_greedy(model, p, GREEDY.max_tokens) for p in prepared]
+        else:
+            assert stats["prefill_chunks"] >= 2 and stats.get("images_batched", 0) < 3, stats

@@ -25,8 +25,12 @@ scratch for padding rows); attention masks ``[R, 1, q, K]`` additive (none for a
 SDPA); per-row ``position_ids`` and
 ``write_index [R, q]``; every request's tokens start at column 0 of its slot (no left padding).
 
+An idle engine that a request wakes waits ``burst_window`` (1 ms) for others arriving with it, so that a burst
+starts in one vision call and one prefill forward.
+
 On CPU the engine thread's OpenMP workers should be the only ones alive: the threads that start the engine or
-prepare requests let theirs go (openmp.py), else libgomp puts every worker to sleep between ops.
+prepare requests let theirs go (openmp.py), else libgomp puts every worker to sleep between ops; the engine
+thread lets its own go when its batch empties.
 """
 
 from .handle import RequestHandle

@@ -74,6 +74,10 @@ class Engine:
     :param kv_memory: bytes the KV slots may take (default: 40% of free CUDA memory; 8 GiB on CPU).
     :param reuse_memory: bytes for reused prompt prefixes' KV and images' vision features (default: a quarter
         of the KV slots' size, at least 64 MiB); 0 switches reuse off.
+    :param burst_window: seconds an idle engine waits, once a request arrives, for more to arrive with it (each
+        arrival waits again, ``4 * burst_window`` in all), so that a burst of requests starts together: one vision
+        call and one prefill forward for all, instead of its first request starting alone and the others joining
+        a step later. 0: start at once.
     """
 
     def __init__(
@@ -91,9 +95,13 @@ class Engine:
         idle_prefill: int | None = None,
         kv_memory: int | None = None,
         reuse_memory: int | None = None,
+        burst_window: float = 0.001,
     ) -> None:
         if max_batch_size < 1 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be at least 1")
+        if not burst_window >= 0:
+            raise ValueError(f"burst_window must be a number of seconds >= 0, got {burst_window!r}")
+        self.burst_window = float(burst_window)
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
@@ -281,11 +289,15 @@ class Engine:
     def start(self) -> Engine:
         """Start the engine thread (once, however many threads call this at the same time).
 
-        The calling thread's idle OpenMP workers are let go (:mod:`.openmp`): on CPU the engine thread's own
-        then keep spinning between ops instead of sleeping."""
-        release_idle_workers()
+        The thread that starts it lets its idle OpenMP workers go (:mod:`.openmp`): on CPU the engine thread's
+        own then keep spinning between ops instead of sleeping. (Only then: :meth:`submit` calls this for every
+        request, and a call into the OpenMP runtime would also let the engine thread take the interpreter lock
+        in the middle of a burst of submissions, and start on part of it.)"""
+        if self._thread is not None:
+            return self
         with self._start_lock:
             if self._thread is None and not self._stopping:
+                release_idle_workers()
                 self._thread = threading.Thread(target=self._run, name="llava-next-engine", daemon=True)
                 self._thread.start()
         return self
@@ -472,6 +484,9 @@ class Engine:
                     self._lock.wait()
                 if self._stopping:
                     return
+                self._let_a_burst_arrive()
+                if self._stopping:
+                    return
                 warm_ups, self._warm_ups = self._warm_ups, []
                 withdrawn, self._withdrawn = self._withdrawn, []
                 joiners = []
@@ -491,6 +506,21 @@ class Engine:
                 release_idle_workers()
             with self._lock:
                 self._lock.notify_all()  # wakes shutdown(drain=True)
+
+    def _let_a_burst_arrive(self) -> None:  # on the engine thread, with self._lock held
+        """When an idle engine has requests to start: wait while more keep arriving (see ``burst_window``), until
+        the slots are full or the engine stops."""
+        if self.burst_window <= 0 or self._batch.running or not self._pending:
+            return
+        deadline = time.monotonic() + 4 * self.burst_window
+        while not self._stopping and len(self._pending) < self.kv.free:
+            arrived = len(self._pending)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._lock.wait(min(self.burst_window, left))  # submit notifies
+            if len(self._pending) <= arrived:  # none came within the window: the burst is over
+                return
 
     # --- endings
     def _end_cancelled(self, handle: RequestHandle) -> None:
