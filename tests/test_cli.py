@@ -351,33 +351,36 @@ def a_free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _serve_until_healthy(argv: list[str], env: dict) -> tuple[subprocess.Popen, int, dict]:
-    """``python -m llava_next_plugin.serve_cli ARGV --port P --device cpu`` up and answering ``/health``."""
+def _serve_until_healthy(argv: list[str], env: dict, log: Path) -> tuple[subprocess.Popen, int, dict]:
+    """``python -m llava_next_plugin.serve_cli ARGV --port P --device cpu`` up and answering ``/health``; its
+    standard error goes to the file *log* (a pipe nobody reads could fill up and stall it)."""
     import time
     import urllib.request
 
     free_port = a_free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "llava_next_plugin.serve_cli", *argv, "--port", str(free_port), "--device", "cpu"],
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    with open(log, "wb") as stderr:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "llava_next_plugin.serve_cli", *argv, "--port", str(free_port), "--device", "cpu"],
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env},
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
     deadline = time.monotonic() + 240
     while True:
-        assert server.poll() is None, server.stderr.read().decode()
+        assert server.poll() is None, log.read_text()
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{free_port}/health", timeout=5) as response:
                 return server, free_port, json.loads(response.read())
         except OSError:
             if time.monotonic() > deadline:
                 server.kill()
-                raise AssertionError("the server did not come up") from None
+                server.wait(timeout=60)
+                raise AssertionError(f"the server did not come up:\n{log.read_text()}") from None
             time.sleep(0.5)
 
 
-def test_serve_serves_the_model_named_by_the_environment(checkpoint):
-    server, _, health = _serve_until_healthy([], {"LLAVA_NEXT_MODEL": str(checkpoint)})
+def test_serve_serves_the_model_named_by_the_environment(checkpoint, tmp_path):
+    server, _, health = _serve_until_healthy([], {"LLAVA_NEXT_MODEL": str(checkpoint)}, tmp_path / "serve.log")
     try:
         assert health["model"] == Path(checkpoint).name  # the served name: the folder's, never its path
     finally:
@@ -385,12 +388,13 @@ def test_serve_serves_the_model_named_by_the_environment(checkpoint):
         server.wait(timeout=60)
 
 
-def test_serve_compile_turns_the_compiled_decode_step_on_on_cpu(checkpoint):
+def test_serve_compile_turns_the_compiled_decode_step_on_on_cpu(checkpoint, tmp_path):
     """``--compile`` compiles the decode step where it is off by default (CPU): the server warms it up before
     serving, logs it, and answers with it."""
     import urllib.request
 
-    server, port, _ = _serve_until_healthy(["--model", str(checkpoint), "--compile"], {})
+    log = tmp_path / "serve.log"
+    server, port, _ = _serve_until_healthy(["--model", str(checkpoint), "--compile"], {}, log)
     try:
         body = {"model": Path(checkpoint).name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
         request = urllib.request.Request(
@@ -404,8 +408,7 @@ def test_serve_compile_turns_the_compiled_decode_step_on_on_cpu(checkpoint):
     finally:
         server.terminate()
         server.wait(timeout=60)
-    log = server.stderr.read().decode()
-    assert "decode step warm-up (compiled)" in log, log
+    assert "decode step warm-up (compiled)" in log.read_text(), log.read_text()
 
 
 def test_tiny_checkpoint_refuses_a_non_empty_folder(checkpoint, capsys):

@@ -261,3 +261,23 @@ def test_an_idle_engine_lets_a_burst_arrive_and_starts_it_with_one_vision_call_a
             assert results == [reference_greedy(model, p, GREEDY.max_tokens) for p in prepared]
         else:
             assert stats["prefill_chunks"] >= 2 and stats.get("images_batched", 0) < 3, stats
+
+
+@pytest.mark.parametrize("window", [-0.001, float("inf"), float("nan")])
+def test_a_burst_window_that_is_not_a_finite_number_of_seconds_is_refused(reference, window):
+    with pytest.raises(ValueError, match="burst_window must be a finite number of seconds >= 0"):
+        Engine(*reference, burst_window=window)
+
+
+def test_the_burst_wait_ends_once_no_more_requests_could_start_with_the_burst(reference):
+    """The slots are full (2 requests, 2 slots), or the queue is (2 requests, a queue of 2): the engine starts at
+    once, however long its ``burst_window``."""
+    for slots, queue in ((2, 8), (4, 2)):
+        engine = Engine(*reference, max_batch_size=slots, max_queue=queue, burst_window=60, reuse_memory=0).start()
+        try:
+            prepared = [engine.prepare(ask(f"Hi {i}?", images=0), [], GREEDY) for i in range(2)]
+            with engine._lock:  # both queued before the engine thread looks
+                handles = [engine.submit(p) for p in prepared]
+            assert [h.result(timeout=30).completion_tokens for h in handles] == [GREEDY.max_tokens] * 2
+        finally:
+            engine.shutdown(drain=False)

@@ -311,23 +311,23 @@ class Batch:
         contiguous = slots[-1] - slots[0] + 1 == len(slots)  # then attention reads the slots, copying none
         rows = slice(slots[0], slots[-1] + 1) if contiguous else torch.tensor(slots, device=self.device)
         fresh = all(running.prefilled == 0 for running, _, _ in pieces)  # then kv_len == width: plainly causal
+        # the rows whose prompts this forward completes, and their sampling inputs, before it is launched
+        done = [row for row, (running, _, n) in enumerate(pieces) if running.prefilled + n == running.prompt_len]
+        finished = [pieces[row][0] for row in done]
+        sampling = self._sampling_inputs(finished) if finished else None
+        index = torch.tensor(done).to(self.device) if done else None
         logits = self.runner.forward(
             embeds, positions.to(self.device), write.to(self.device), last.to(self.device), rows, kv_len, fresh=fresh
         )
-        done = []
-        for row, (running, _, n) in enumerate(pieces):
+        for running, _, n in pieces:
             running.prefilled += n
-            if running.prefilled == running.prompt_len:
-                done.append(row)
-        if not done:
+        if index is None:
             return
-        finished = [pieces[row][0] for row in done]
         for running in finished:
             running.embeds = None
             if self.prefixes is not None and running.prefix_key is not None:
                 self.prefixes.put(running.prefix_key, *self.kv.copy_out(running.slot, running.prompt_len))
-        index = torch.tensor(done, device=self.device)
-        self._sample_and_advance(finished, logits.index_select(0, index))
+        self._sample_and_advance(finished, logits.index_select(0, index), sampling=sampling)
 
     # --- decode
     def decode_step(self) -> None:

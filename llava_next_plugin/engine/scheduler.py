@@ -19,6 +19,7 @@ import collections
 import concurrent.futures
 import copy
 import logging
+import math
 import threading
 import time
 import uuid
@@ -99,8 +100,8 @@ class Engine:
     ) -> None:
         if max_batch_size < 1 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be at least 1")
-        if not burst_window >= 0:
-            raise ValueError(f"burst_window must be a number of seconds >= 0, got {burst_window!r}")
+        if not (math.isfinite(burst_window) and burst_window >= 0):
+            raise ValueError(f"burst_window must be a finite number of seconds >= 0, got {burst_window!r}")
         self.burst_window = float(burst_window)
         self.model = model.eval()
         self.processor = processor
@@ -500,7 +501,7 @@ class Engine:
             self._batch.leave_cancelled()
             self._batch.prefill_step()
             self._batch.decode_step()
-            if not self._batch.running:
+            if not self._batch.running and not self._pending:
                 # idle, likely until the next request: let this thread's OpenMP workers go too, so that they
                 # do not slow the application's own CPU work (engine/openmp.py); the next step starts them again
                 release_idle_workers()
@@ -508,19 +509,16 @@ class Engine:
                 self._lock.notify_all()  # wakes shutdown(drain=True)
 
     def _let_a_burst_arrive(self) -> None:  # on the engine thread, with self._lock held
-        """When an idle engine has requests to start: wait while more keep arriving (see ``burst_window``), until
-        the slots are full or the engine stops."""
+        """When an idle engine has requests to start: wait until ``burst_window`` has passed since the last one
+        arrived (``4 * burst_window`` since the first at most), or no more can be admitted, or the engine stops."""
         if self.burst_window <= 0 or self._batch.running or not self._pending:
             return
-        deadline = time.monotonic() + 4 * self.burst_window
-        while not self._stopping and len(self._pending) < self.kv.free:
-            arrived = len(self._pending)
-            left = deadline - time.monotonic()
+        cap = self._pending[0].submitted_at + 4 * self.burst_window
+        while not self._stopping and self._pending and len(self._pending) < min(self.kv.free, self.max_queue):
+            left = min(self._pending[-1].submitted_at + self.burst_window, cap) - time.monotonic()
             if left <= 0:
                 return
-            self._lock.wait(min(self.burst_window, left))  # submit notifies
-            if len(self._pending) <= arrived:  # none came within the window: the burst is over
-                return
+            self._lock.wait(left)  # submit notifies
 
     # --- endings
     def _end_cancelled(self, handle: RequestHandle) -> None:
