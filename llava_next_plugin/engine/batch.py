@@ -314,7 +314,7 @@ class Batch:
         # the rows whose prompts this forward completes, and their sampling inputs, before it is launched
         done = [row for row, (running, _, n) in enumerate(pieces) if running.prefilled + n == running.prompt_len]
         finished = [pieces[row][0] for row in done]
-        sampling = self._sampling_inputs(finished) if finished else None
+        sampling = self._sampling_inputs(finished)
         index = torch.tensor(done).to(self.device) if done else None
         logits = self.runner.forward(
             embeds, positions.to(self.device), write.to(self.device), last.to(self.device), rows, kv_len, fresh=fresh
@@ -327,7 +327,7 @@ class Batch:
             running.embeds = None
             if self.prefixes is not None and running.prefix_key is not None:
                 self.prefixes.put(running.prefix_key, *self.kv.copy_out(running.slot, running.prompt_len))
-        self._sample_and_advance(finished, logits.index_select(0, index), sampling=sampling)
+        self._sample_and_advance(finished, logits.index_select(0, index), sampling)
 
     # --- decode
     def decode_step(self) -> None:
@@ -372,7 +372,7 @@ class Batch:
         logits, top, index = self.runner.decode(inputs[0], inputs[1], inputs[2], slice(first, first + rows), kv_len)
         if own is not None:  # else the rows are the slots first..first+rows-1, in order: all of them
             logits, top, index = (t.index_select(0, own) for t in (logits, top, index))
-        self._sample_and_advance(decoding, logits, (top, index), sampling)
+        self._sample_and_advance(decoding, logits, sampling, (top, index))
 
     # --- sampling and streaming
     def _sampling_inputs(self, batch: list[Running]) -> _Sampling | None:
@@ -389,15 +389,13 @@ class Batch:
         self,
         batch: list[Running],
         logits: torch.Tensor,
+        sampling: _Sampling | None,
         first: tuple[torch.Tensor, torch.Tensor] | None = None,
-        sampling: _Sampling | None = None,
     ) -> None:
         """Sample each request's next token from its row of ``logits [len(batch), vocab]`` (one transfer to
-        the host for all), stream it, and end the requests that are done. *first*: the rows'
-        :func:`~.sampler.first_max`, if the step computed it; *sampling*: the batch's :meth:`_sampling_inputs`,
-        if built already."""
-        if sampling is None:
-            sampling = self._sampling_inputs(batch)
+        the host for all), stream it, and end the requests that are done. *sampling*: the batch's
+        :meth:`_sampling_inputs`, built before the forward was launched; *first*: the rows'
+        :func:`~.sampler.first_max`, if the step computed it."""
         if sampling is not None:
             tensors, top_p_rows = sampling
             tokens, ok = sample(logits, *tensors, top_p_rows=top_p_rows, first=first)

@@ -292,8 +292,7 @@ class Engine:
 
         The thread that starts it lets its idle OpenMP workers go (:mod:`.openmp`): on CPU the engine thread's
         own then keep spinning between ops instead of sleeping. (Only then: :meth:`submit` calls this for every
-        request, and a call into the OpenMP runtime would also let the engine thread take the interpreter lock
-        in the middle of a burst of submissions, and start on part of it.)"""
+        request, and a submitting thread's next parallel op would have to start its workers again.)"""
         if self._thread is not None:
             return self
         with self._start_lock:
@@ -483,8 +482,6 @@ class Engine:
             with self._lock:
                 while not (self._stopping or self._pending or self._batch.running or self._withdrawn or self._warm_ups):
                     self._lock.wait()
-                if self._stopping:
-                    return
                 self._let_a_burst_arrive()
                 if self._stopping:
                     return
