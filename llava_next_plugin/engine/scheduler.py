@@ -56,6 +56,11 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def compiles_by_default(device: torch.device | str) -> bool:
+    """Whether an engine on *device* compiles its decode step when ``compile`` is not given: on CUDA only."""
+    return torch.device(device).type == "cuda"
+
+
 class Engine:
     """Continuous-batching text generation over a LLaVA-NeXT model, on its own thread.
 
@@ -126,7 +131,7 @@ class Engine:
         if self.reuse_bytes:
             logger.info("reuse: up to %.1f MiB of prompt prefixes and vision features", self.reuse_bytes / (1 << 20))
         if compile is None:
-            compile = self.device.type == "cuda"
+            compile = compiles_by_default(self.device)
         self.runner = ModelRunner(model, self.kv, image_token_id=self.image_token_id, compile=compile)
         # Tokenizers must not encode in two threads at once: each preparing thread gets its own copy of the
         # processor (no lock shared between requests); the engine thread decodes with its own copy.

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .scheduler import Engine, default_device
+from .scheduler import Engine, compiles_by_default, default_device
 
 __all__ = ["get_shared_engine"]
 
@@ -41,7 +41,7 @@ def shared_key(path: str, **kwargs: Any) -> tuple:
     if options["device"] is None:
         options["device"] = _normalized("device", default_device())
     if options.get("compile") is None:  # what the engine does by default on that device
-        options["compile"] = options["device"].startswith("cuda")
+        options["compile"] = compiles_by_default(options["device"])
     options = {k: v for k, v in options.items() if v is not None or k == "device"}
     return (str(path),) + tuple(sorted((k, repr(v)) for k, v in options.items()))
 
