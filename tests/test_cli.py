@@ -12,6 +12,7 @@ from pathlib import Path
 import checkpoints
 import pytest
 import torch
+from served import ServerProcess
 
 from llava_next_plugin.cli import main, read_done
 from llava_next_plugin.tiny import MARKER_FILE
@@ -343,72 +344,22 @@ def test_serve_takes_the_model_from_the_environment_and_reports_a_missing_one_as
     assert code == 1 and one_error_line(err) == asked
 
 
-def a_free_port() -> int:
-    import socket
+def test_serve_takes_its_model_from_the_environment_and_compiles_on_cpu_when_asked(checkpoint, tmp_path):
+    """``$LLAVA_NEXT_MODEL`` names the model when ``--model`` is not given, and ``/health`` shows the folder's
+    name, never its path; ``--compile`` compiles the decode step where it is off by default (CPU): the server
+    warms it up before serving, logs it, and answers with it. (One server for both: each start costs seconds.)"""
+    import httpx
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _serve_until_healthy(argv: list[str], env: dict, log: Path) -> tuple[subprocess.Popen, int, dict]:
-    """``python -m llava_next_plugin.serve_cli ARGV --port P --device cpu`` up and answering ``/health``; its
-    standard error goes to the file *log* (a pipe nobody reads could fill up and stall it)."""
-    import time
-    import urllib.request
-
-    free_port = a_free_port()
-    with open(log, "wb") as stderr:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "llava_next_plugin.serve_cli", *argv, "--port", str(free_port), "--device", "cpu"],
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env},
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    deadline = time.monotonic() + 240
-    while True:
-        assert server.poll() is None, log.read_text()
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{free_port}/health", timeout=5) as response:
-                return server, free_port, json.loads(response.read())
-        except OSError:
-            if time.monotonic() > deadline:
-                server.kill()
-                server.wait(timeout=60)
-                raise AssertionError(f"the server did not come up:\n{log.read_text()}") from None
-            time.sleep(0.5)
-
-
-def test_serve_serves_the_model_named_by_the_environment(checkpoint, tmp_path):
-    server, _, health = _serve_until_healthy([], {"LLAVA_NEXT_MODEL": str(checkpoint)}, tmp_path / "serve.log")
+    command = [sys.executable, "-m", "llava_next_plugin.serve_cli", "--compile", "--device", "cpu"]
+    server = ServerProcess(command, tmp_path / "serve.log", env={"LLAVA_NEXT_MODEL": str(checkpoint)})
     try:
-        assert health["model"] == Path(checkpoint).name  # the served name: the folder's, never its path
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
-
-
-def test_serve_compile_turns_the_compiled_decode_step_on_on_cpu(checkpoint, tmp_path):
-    """``--compile`` compiles the decode step where it is off by default (CPU): the server warms it up before
-    serving, logs it, and answers with it."""
-    import urllib.request
-
-    log = tmp_path / "serve.log"
-    server, port, _ = _serve_until_healthy(["--model", str(checkpoint), "--compile"], {}, log)
-    try:
+        assert server.health()["model"] == Path(checkpoint).name
         body = {"model": Path(checkpoint).name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3}
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/chat/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=120) as response:
-            answer = json.loads(response.read())
-        assert answer["usage"]["completion_tokens"] >= 1
+        answer = httpx.post(server.url + "/chat/completions", json=body, timeout=120)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1, answer.text
     finally:
-        server.terminate()
-        server.wait(timeout=60)
-    assert "decode step warm-up (compiled)" in log.read_text(), log.read_text()
+        assert server.terminate() == 0, server.log()
+    assert "decode step warm-up (compiled)" in server.log(), server.log()
 
 
 def test_tiny_checkpoint_refuses_a_non_empty_folder(checkpoint, capsys):

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import pytest
 import ray  # the ray extra is part of the dev install (pip install -e '.[dev]')
 from llava_next_sdk import AsyncClient
 from llava_next_sdk.errors import AuthenticationError, BadRequestError, InvalidImageError
+from served import free_port
 
 from llava_next_plugin.cli import main
 
@@ -408,9 +408,7 @@ def deployment(ray_session, demo_checkpoint, tmp_path_factory):
     stops it: it must exit 0 and take its application down."""
     import httpx
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     address = ray_session.get_runtime_context().gcs_address
     argv = ["serve", "--model", str(demo_checkpoint), "--ray", address, "--replicas", "2", "--host", "127.0.0.1"]
     argv += ["--port", str(port), "--served-model-name", "tiny", "--api-key", API_KEY]

@@ -21,7 +21,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from served import free_port
 from test_hooks import install_offline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,12 +69,6 @@ def readme_blocks() -> list[Block]:
             blocks.append(Block(section, language, "\n".join(body) + "\n", start))
         index += 1
     return blocks
-
-
-def a_free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 INSTALL = re.compile(r"^\s*(python3 -m )?pip install\b")
@@ -202,7 +196,7 @@ def outputs(tmp_path_factory):
     assert shutil.which("llava-next"), "the llava-next command is not installed"
     folder = tmp_path_factory.mktemp("readme") / "newcomer"
     folder.mkdir()
-    runner = Runner(folder, a_free_port())
+    runner = Runner(folder, free_port())
     results: dict[int, str] = {}
     blocks = readme_blocks()
     try:

@@ -6,11 +6,6 @@ import base64
 import io
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import urllib.parse
 
 import checkpoints
@@ -309,15 +304,6 @@ def test_a_large_body_is_parsed_like_a_small_one(server, engine):
     assert broken.status_code == 400 and "not valid JSON" in broken.json()["error"]["message"]
 
 
-def wait_for(condition, seconds: float = 30.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 @pytest.mark.parametrize("stream", [True, False])
 def test_a_client_that_disconnects_cancels_its_generation(server, engine, stream):
     cancelled = engine.stats["requests_cancelled"]
@@ -333,73 +319,12 @@ def test_a_client_that_disconnects_cancels_its_generation(server, engine, stream
             with http.stream("POST", server.url + "/chat/completions", json=body) as response:
                 lines = response.iter_lines()
                 assert next(lines).startswith("data: ")
-                assert wait_for(lambda: engine.batch_size == 1)
+                assert checkpoints.wait_for(lambda: engine.batch_size == 1)
         else:
             with pytest.raises(httpx.ReadTimeout):
                 http.post(server.url + "/chat/completions", json=body)
-    assert wait_for(lambda: engine.stats["requests_cancelled"] == cancelled + 1)
-    assert wait_for(lambda: engine.batch_size == 0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_sigterm_drains_in_flight_requests_before_exit(tiny_checkpoint):
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llava_next_plugin.serve_cli",
-            "--model",
-            str(tiny_checkpoint),
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-
-        def up():
-            try:
-                return httpx.get(base + "/health").status_code == 200
-            except httpx.TransportError:
-                return process.poll() is None and False
-
-        assert wait_for(up, 120), process.stdout.read().decode() if process.poll() is not None else "not up"
-        body = {
-            "messages": image_message("Keep talking", data_url(40, 40)),
-            "max_tokens": 60,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        events = []
-        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=120) as response:
-            for line in response.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                events.append(line[6:])
-                if len(events) == 2:
-                    process.send_signal(signal.SIGTERM)
-        assert process.wait(60) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert events[-1] == "[DONE]"
-    usage = json.loads(events[-2])["usage"]
-    assert usage["completion_tokens"] == 60
-    with pytest.raises(httpx.TransportError):
-        httpx.get(base + "/health")
+    assert checkpoints.wait_for(lambda: engine.stats["requests_cancelled"] == cancelled + 1)
+    assert checkpoints.wait_for(lambda: engine.batch_size == 0)
 
 
 def test_image_urls_are_fetched_only_from_allowed_hosts_and_redirects_are_not_followed(engine):

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from served import ServerProcess
 from starlette.applications import Starlette
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
@@ -55,61 +55,13 @@ def user(text: str, *urls: str) -> list[dict]:
     return [{"role": "user", "content": parts}]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(condition, seconds: float = 120.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
-
-
-class Served:
-    """A ``llava-next serve`` subprocess run by *script* (default: ``faulty_serve.py``); its log goes to a file
-    the tests read."""
+class Served(ServerProcess):
+    """A ``llava-next serve`` subprocess run by *script* (default: ``faulty_serve.py``, the real server whose model
+    fails on a marker in the prompt); its log goes to a file the tests read."""
 
     def __init__(self, args: list[str], log: Path, script: str = "faulty_serve.py") -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.url = self.base + "/v1"
-        self.log_path = log
-        env = {
-            **os.environ,
-            "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-        }
-        self._log = open(log, "wb")
-        self.process = subprocess.Popen(
-            [sys.executable, str(TESTS / script), "--port", str(self.port), *args],
-            env=env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-
-        def up() -> bool:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.log()}")
-            try:
-                return httpx.get(self.base + "/health", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        assert wait_for(up), self.log()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(30)
-        self._log.close()
+        path = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+        super().__init__([sys.executable, str(TESTS / script), *args], log, env={"PYTHONPATH": path}, seconds=120)
 
 
 @pytest.fixture(scope="module")
@@ -273,7 +225,7 @@ def test_a_model_failure_is_a_500_naming_only_the_request_id_and_is_logged_once_
     request_id = response.headers["x-request-id"]
     assert error["message"] == f"internal error, request id {request_id}"
     assert "RuntimeError" not in response.text and "secret" not in response.text
-    assert wait_for(lambda: faulty_serve.INTERNAL_DETAIL in served.log(), 10)
+    assert checkpoints.wait_for(lambda: faulty_serve.INTERNAL_DETAIL in served.log(), 10)
     lines = [line for line in served.log().splitlines() if request_id in line]
     assert len(lines) == 1 and "failed" in lines[0] and lines[0].startswith("ERROR")
     assert "ExceptionGroup" not in served.log()
@@ -345,7 +297,7 @@ def test_a_client_that_gives_up_is_counted_as_499_not_as_a_server_error(served):
             {"messages": user("Go on"), "max_tokens": 2000, "temperature": 0},
             timeout=httpx.Timeout(30, read=0.5),
         )
-    assert wait_for(lambda: count("499") == before[0] + 1, 30)
+    assert checkpoints.wait_for(lambda: count("499") == before[0] + 1, 30)
     assert count("500") == before[1]
 
 
@@ -635,11 +587,12 @@ def test_concurrent_requests_share_the_pixel_budget_and_give_it_all_back(served)
 
 
 def stream_until_sigterm(server: Served, max_tokens: int, during_drain=None) -> list[str]:
-    """Stream a long answer; after its second event send SIGTERM, call *during_drain()*, read to the end."""
+    """Stream a long answer about an image; after its second event send SIGTERM, call *during_drain()*, read to
+    the end."""
     import signal
 
     body = {
-        "messages": user("Keep talking"),
+        "messages": user("Keep talking", data_url(40, 40)),
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
@@ -664,7 +617,7 @@ def test_during_a_drain_health_says_draining_and_new_work_gets_503_while_streams
     seen = {}
 
     def during_drain():
-        assert wait_for(lambda: httpx.get(server.base + "/health", timeout=10).status_code == 503, 30)
+        assert checkpoints.wait_for(lambda: httpx.get(server.base + "/health", timeout=10).status_code == 503, 30)
         seen["health"] = httpx.get(server.base + "/health", timeout=10).json()["status"]
         seen["new"] = post(server, {"messages": user("Hi"), "max_tokens": 2}, timeout=10)
 

@@ -12,6 +12,7 @@ import anyio
 import llava_next_sdk
 import numpy as np
 import pytest
+import served
 from llava_next_sdk import (
     APIConnectionError,
     APITimeoutError,
@@ -437,8 +438,4 @@ async def test_a_closed_client_says_so(standin):
 @pytest.fixture
 def free_port():
     """A loopback port with nothing listening on it."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return served.free_port()

@@ -8,7 +8,6 @@ in-process transport on the same checkpoint.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import httpx
 import pytest
 from llava_next_sdk import AsyncClient, BadRequestError, GenerationResult
 from PIL import Image
+from served import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -30,9 +30,7 @@ def image():
 @pytest.fixture(scope="module")
 def serve_process(tiny_checkpoint, tmp_path_factory):
     """``transformers serve FOLDER`` started on a free loopback port (not yet waited for)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     # An existing (empty) hub cache: transformers 5.23's ``/v1/models`` scans it and answers 500 when the
     # folder is missing (5.24 lists an empty cache instead); the model itself loads from FOLDER.
     hub_cache = tmp_path_factory.mktemp("hub-cache")
