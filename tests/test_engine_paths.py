@@ -14,6 +14,7 @@ from checkpoints import ask, photo, reference_greedy
 from llava_next_sdk.errors import RequestCancelledError
 
 from llava_next_plugin.engine import Engine, SamplingParams
+from llava_next_plugin.engine.reuse import prefix_key
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0)
 
@@ -79,6 +80,36 @@ def test_another_image_of_the_same_size_reuses_no_prefix(reference):
         assert engine.stats_snapshot().get("prefix_reused_tokens", 0) < 8
         assert other.token_ids == reference_greedy(model, prepared, 8)
         assert cat.prompt_tokens == other.prompt_tokens
+    finally:
+        engine.shutdown(drain=False)
+
+
+def test_a_prefix_key_marks_each_image_by_its_token_count_even_where_placeholders_touch():
+    ids = torch.tensor([1, 2, 9, 9, 9, 9, 9, 3])  # 9: <image>; two images, 2 and 3 tokens, in one run
+    a_b = prefix_key(ids, [(b"A" * 16, 2), (b"B" * 16, 3)], 9)
+    assert prefix_key(ids, [(b"A" * 16, 2), (b"C" * 16, 3)], 9)[:4] == a_b[:4]  # the first image: shared
+    assert prefix_key(ids, [(b"A" * 16, 2), (b"C" * 16, 3)], 9)[4:] != a_b[4:]  # the second: not
+    assert a_b[:2] == (1, 2) and a_b[-1] == 3 and len(set(a_b[2:4])) == 1 and a_b[3] != a_b[4]
+    with pytest.raises(ValueError, match="5 <image> tokens"):
+        prefix_key(ids, [(b"A" * 16, 2)], 9)
+
+
+def test_images_whose_placeholders_touch_are_told_apart_by_prefix_reuse(reference):
+    """``<image><image>``: one run of image tokens for two images. A request whose second image differs (same
+    size) reuses none of the first request's KV; the same two images again reuse all but the last token."""
+    model, processor = reference
+    engine = Engine(model, processor).start()
+    prompt = "[INST] <image><image> Compare the two pictures. [/INST]"
+    first, second = photo(60, 60), photo(50, 70)
+    other = checkpoints.real_photo("astronaut.png").convert("RGB").resize((50, 70))
+    try:
+        engine.generate([], [first, second], GREEDY, prompt=prompt)
+        prepared = engine.prepare([], [first, other], GREEDY, prompt=prompt)
+        assert engine.submit(prepared).result(timeout=120).token_ids == reference_greedy(model, prepared, 8)
+        assert engine.stats_snapshot().get("prefix_reused_tokens", 0) == 0
+        again = engine.prepare([], [first, second], GREEDY, prompt=prompt)
+        assert engine.submit(again).result(timeout=120).token_ids == reference_greedy(model, again, 8)
+        assert engine.stats_snapshot()["prefix_reused_tokens"] == again.prompt_tokens - 1
     finally:
         engine.shutdown(drain=False)
 

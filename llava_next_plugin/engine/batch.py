@@ -147,8 +147,8 @@ class Batch:
                 features = self._image_features(running.images, computed)
                 running.embeds = self.runner.prompt_embeddings(prepared.input_ids, features)
                 if self.prefixes is not None:
-                    image_keys = [key for key, *_ in running.images]
-                    running.prefix_key = prefix_key(prepared.input_ids, image_keys, self.runner.image_token_id)
+                    images = [(key, int(f.shape[0])) for (key, *_), f in zip(running.images, features, strict=True)]
+                    running.prefix_key = prefix_key(prepared.input_ids, images, self.runner.image_token_id)
                     found = self.prefixes.longest(running.prefix_key[:-1])  # at least one token left to prefill
                     if found is not None:
                         n, keys, values = found

@@ -27,20 +27,22 @@ def image_key(pixel_values: torch.Tensor, image_size) -> bytes:
     return digest.digest()
 
 
-def prefix_key(input_ids: torch.Tensor, image_keys: list[bytes], image_token_id: int) -> tuple:
-    """The prompt's ids with each image's run of ``<image>`` tokens replaced by a number standing for its content
-    (the first 8 bytes of its :func:`image_key`, as a negative number: never a token id)."""
+def prefix_key(input_ids: torch.Tensor, images: list[tuple[bytes, int]], image_token_id: int) -> tuple:
+    """The prompt's ids with each image's ``<image>`` tokens replaced by a number standing for its content (the
+    first 8 bytes of its :func:`image_key`, as a negative number: never a token id).
+
+    *images*: each image's key and token count, in prompt order. The images' tokens are assigned by count, not by
+    runs: two images whose placeholders touch (``<image><image>``) make one run of tokens.
+    """
     ids = input_ids.reshape(-1).tolist()
-    if image_keys:
-        marks = iter(-1 - int.from_bytes(k[:8], "little") for k in image_keys)
-        mark, previous = None, False
-        for i, token in enumerate(ids):
-            is_image = token == image_token_id
-            if is_image and not previous:
-                mark = next(marks, mark)
-            if is_image:
-                ids[i] = mark
-            previous = is_image
+    where = [i for i, token in enumerate(ids) if token == image_token_id]
+    if sum(count for _, count in images) != len(where):
+        raise ValueError(f"the prompt has {len(where)} <image> tokens but its images count {[c for _, c in images]}")
+    positions = iter(where)
+    for key, count in images:
+        mark = -1 - int.from_bytes(key[:8], "little")
+        for _ in range(count):
+            ids[next(positions)] = mark
     return tuple(ids)
 
 
