@@ -13,7 +13,13 @@ import pytest
 import torch
 import transformers
 from checkpoints import ask, photo, reference_greedy, wait_for
-from llava_next_sdk.errors import ContextLengthExceededError, OverloadedError, RequestCancelledError, ServerError
+from llava_next_sdk.errors import (
+    BadRequestError,
+    ContextLengthExceededError,
+    OverloadedError,
+    RequestCancelledError,
+    ServerError,
+)
 
 from llava_next_plugin.engine import Engine, SamplingParams
 from llava_next_plugin.engine.detokenizer import TextStream
@@ -193,6 +199,36 @@ def test_seeded_sampling_repeats_and_a_tiny_top_p_is_greedy(engine):
         ask("Sample"), [photo(50, 50)], SamplingParams(max_tokens=8, temperature=1.0, top_p=1e-6, seed=3)
     ).token_ids
     assert nucleus == greedy
+
+
+def test_every_64_bit_seed_samples_and_repeats(engine):
+    """The SDK takes seeds up to 2**64 - 1; those from 2**63 do not fit int64 as they are, and sample too."""
+
+    def sample(seed):
+        params = SamplingParams(max_tokens=8, temperature=1.5, seed=seed)
+        return engine.generate(ask("Sample"), [photo(50, 50)], params).token_ids
+
+    for seed in (2**63 - 1, 2**63, 2**64 - 1):
+        assert sample(seed) == sample(seed)
+    assert len({tuple(sample(seed)) for seed in (2**63 - 1, 2**63, 2**64 - 1)}) > 1
+
+
+def test_sampling_params_are_checked_as_the_sdk_checks_them_and_none_means_the_default():
+    assert SamplingParams(stop="END").stop == ("END",)  # one string is one stop, not its characters
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+    none = SamplingParams(temperature=None, top_p=None, stop=None)
+    assert (none.temperature, none.top_p, none.stop) == (1.0, 1.0, ())
+    for bad, name in [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"stop": [""]}, "stop"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**64}, "seed"),
+    ]:
+        with pytest.raises(BadRequestError) as info:
+            SamplingParams(**bad)
+        assert info.value.param == name and name in str(info.value)
 
 
 def test_unseeded_sampling_leaves_the_global_torch_rng_alone(engine):

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 from llava_next_sdk.errors import LlavaNextError, OverloadedError, ServerError
+from llava_next_sdk.types import GenerationParams
 
 from ..errors import InputError, as_api_error
 from .reuse import image_key
@@ -19,13 +20,29 @@ Image = tuple[bytes, torch.Tensor, torch.Tensor, bool]
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request is decoded. ``temperature == 0`` means greedy (argmax)."""
+    """How one request is decoded. ``temperature == 0`` means greedy (argmax).
+
+    Checked as the SDK's :class:`~llava_next_sdk.types.GenerationParams` checks them (the same
+    :class:`~llava_next_sdk.errors.BadRequestError`, naming the parameter): ``max_tokens >= 1`` or ``None`` (as
+    many as the context allows), ``0 <= temperature <= 2``, ``0 < top_p <= 1``, up to 4 non-empty stop strings
+    (one string is one stop), a seed from 0 to 2**64 - 1. ``None`` for ``temperature``, ``top_p`` or ``stop``
+    means the default, as ``null`` does in OpenAI's API.
+    """
 
     max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checked = GenerationParams(
+            max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, stop=self.stop, seed=self.seed
+        )
+        defaults = {"temperature": 1.0, "top_p": 1.0, "stop": ()}
+        for name in ("max_tokens", "temperature", "top_p", "stop", "seed"):
+            value = getattr(checked, name)
+            object.__setattr__(self, name, defaults.get(name) if value is None and name in defaults else value)
 
 
 @dataclass
