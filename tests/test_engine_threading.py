@@ -123,6 +123,73 @@ def test_a_batched_prefill_retried_row_by_row_calls_before_generate_once_per_req
     assert {thread for _, thread in seen.started} == {ENGINE_THREAD}
 
 
+class StopsTheEngineThread:
+    """``before_generate`` holds the first request until ``gate`` is set, and raises ``SystemExit`` (which no
+    ``except Exception`` catches: the engine thread stops) for the request ``stop_on``."""
+
+    def __init__(self) -> None:
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.stop_on: str | None = None
+
+    @hookimpl
+    def llava_next_before_generate(self, request_id, request):
+        if request_id == self.stop_on:
+            raise SystemExit("a plugin stopped the engine thread")
+        self.entered.set()
+        self.gate.wait(60)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread stops on purpose
+def test_requests_taken_from_the_queue_with_one_that_stops_the_engine_thread_are_ended_not_lost(reference):
+    """Three requests leave the queue together; the first one's hook stops the engine thread. The two others,
+    no longer queued and not yet in the batch, end with the engine's error instead of waiting forever."""
+    plugin = StopsTheEngineThread()
+    get_plugin_manager().register(plugin)
+    engine = Engine(*reference, max_batch_size=4)
+    try:
+        first = engine.submit(engine.prepare(ask("First"), [photo()], GREEDY))
+        assert plugin.entered.wait(60)  # the engine thread holds the first request in its hook
+        plugin.stop_on = "stops"
+        handles = [engine.submit(engine.prepare(ask(t), [photo()], GREEDY), request_id=t) for t in ("stops", "a", "b")]
+        plugin.gate.set()  # the next step takes all three from the queue; the first of them stops the thread
+        for handle in [first, *handles]:
+            with pytest.raises(ServerError, match="the engine stopped"):
+                handle.result(timeout=60)
+        assert not engine.accepting
+    finally:
+        plugin.gate.set()
+        get_plugin_manager().unregister(plugin)
+        engine.shutdown(drain=False)
+
+
+def test_a_hook_that_shuts_the_engine_down_does_not_wait_for_itself(reference):
+    """``shutdown()`` (draining, by default) from a hook on the engine thread, with another request running:
+    only that thread could end it, so the call does not wait; both requests end, typed."""
+    engine = Engine(*reference, max_batch_size=2).start()
+
+    class ShutsDown:
+        @hookimpl
+        def llava_next_before_generate(self, request_id, request):
+            if request_id == "shuts-down":
+                engine.shutdown()
+
+    plugin = ShutsDown()
+    get_plugin_manager().register(plugin)
+    try:
+        running = engine.submit(engine.prepare(ask("Long"), [photo()], SamplingParams(max_tokens=400, temperature=0)))
+        stream = iter(running)  # kept: an iterator left early cancels its request
+        next(stream)
+        last = engine.submit(engine.prepare(ask("Last"), [photo()], GREEDY), request_id="shuts-down")
+        for handle in (running, last):
+            with pytest.raises(ServerError) as info:
+                handle.result(timeout=60)
+            assert info.value.status == 503
+        assert not engine.accepting
+    finally:
+        get_plugin_manager().unregister(plugin)
+        engine.shutdown(drain=False)
+
+
 def test_shutdown_keeps_its_timeout_and_records_each_request_once(reference, observer):
     engine = Engine(*reference, max_batch_size=1).start()
     seen = observer(hold=True)

@@ -164,14 +164,21 @@ class Batch:
         was cancelled or its images could not be read (it has ended then)."""
         prepared = handle.prepared
         params = prepared.params
-        running = Running(
-            handle=handle,
-            slot=slot,
-            text=TextStream(self.detokenizer, params.stop),
-            seed=params.seed if params.seed is not None else secrets.randbits(63),
-            prompt_len=prepared.prompt_tokens,
-            started_at=time.monotonic(),
-        )
+        try:
+            running = Running(
+                handle=handle,
+                slot=slot,
+                text=TextStream(self.detokenizer, params.stop),
+                seed=params.seed if params.seed is not None else secrets.randbits(63),
+                prompt_len=prepared.prompt_tokens,
+                started_at=time.monotonic(),
+            )
+        except Exception as exc:  # not a request the engine can run (a SamplingParams changed after its checks)
+            logger.exception("request %s could not join", handle.id)
+            with self.slot_lock:
+                self.kv.release(slot)
+            self.record_end(handle, None, generation_error(exc))
+            return None
         self.running[slot] = running
         if handle.cancelled:
             self.leave(running, RequestCancelledError(f"request {handle.id} was cancelled"))
@@ -276,8 +283,8 @@ class Batch:
             return
         self.count("prefill_chunks")
         try:
-            self._prefill(pieces)
-        except Exception as exc:
+            outcomes = [self._prefill(pieces)]
+        except Exception as exc:  # the forward failed (nothing has advanced): find the culprit
             if isinstance(exc, torch.OutOfMemoryError):
                 # smaller chunks need less memory for activations: carry on with them
                 limit = max(16, sum(n for _, _, n in pieces) // 2)
@@ -286,14 +293,33 @@ class Batch:
             if len(pieces) == 1:
                 self._fail(pieces[0][0], exc)
                 return
+            outcomes = []
             for piece in pieces:  # each row writes only its own slot: re-running one alone is harmless
                 try:
-                    self._prefill([piece])
+                    outcomes.append(self._prefill([piece]))
                 except Exception as exc_alone:
                     self._fail(piece[0], exc_alone)
+        for finished, logits, sampling in outcomes:
+            for running in finished:
+                running.embeds = None
+                self._keep_prefix(running)
+            self._sample_and_advance(finished, logits, sampling)
+
+    def _keep_prefix(self, running: Running) -> None:
+        """Offer a prefilled prompt's KV to the prefix store (best effort: a failure to copy it is logged)."""
+        if self.prefixes is None or running.prefix_key is None:
+            return
+        if not self.prefixes.would_keep(running.prompt_len, self.kv.bytes_per_token * running.prompt_len):
+            return
+        try:
+            self.prefixes.put(running.prefix_key, *self.kv.copy_out(running.slot, running.prompt_len))
+        except Exception:  # e.g. out of memory for the copy: the request itself is fine
+            logger.warning("request %s's prompt could not be kept for reuse", running.handle.id, exc_info=True)
 
     @torch.inference_mode()
-    def _prefill(self, pieces: list[_Piece]) -> None:
+    def _prefill(self, pieces: list[_Piece]) -> tuple[list[Running], torch.Tensor, _Sampling | None]:
+        """One forward over *pieces*; each piece's ``prefilled`` advances. The requests whose prompts it completed,
+        their rows of logits and sampling inputs (:meth:`_sample_and_advance`'s arguments)."""
         pieces = sorted(pieces, key=lambda piece: piece[0].slot)  # neighbouring slots are one slice of the cache
         width = max(n for _, _, n in pieces)
         hidden = pieces[0][1].shape[-1]
@@ -321,13 +347,7 @@ class Batch:
         )
         for running, _, n in pieces:
             running.prefilled += n
-        if index is None:
-            return
-        for running in finished:
-            running.embeds = None
-            if self.prefixes is not None and running.prefix_key is not None:
-                self.prefixes.put(running.prefix_key, *self.kv.copy_out(running.slot, running.prompt_len))
-        self._sample_and_advance(finished, logits.index_select(0, index), sampling)
+        return finished, (logits if index is None else logits.index_select(0, index)), sampling
 
     # --- decode
     def decode_step(self) -> None:
@@ -338,19 +358,25 @@ class Batch:
         if len(decoding) > 1:
             self.count("batched_steps")
         try:
-            self._decode(decoding)
-        except Exception as exc:
+            outcomes = [self._decode(decoding)]
+        except Exception as exc:  # the forward failed (nothing has advanced): find the culprit
             if len(decoding) == 1:
                 self._fail(decoding[0], exc)
                 return
-            for running in decoding:  # find the culprit: each row alone (it rewrites only its own column)
+            outcomes = []
+            for running in decoding:  # each row alone (it rewrites only its own column)
                 try:
-                    self._decode([running])
+                    outcomes.append(self._decode([running]))
                 except Exception as exc_alone:
                     self._fail(running, exc_alone)
+        for rows, logits, sampling, first in outcomes:
+            self._sample_and_advance(rows, logits, sampling, first)
 
     @torch.inference_mode()
-    def _decode(self, decoding: list[Running]) -> None:
+    def _decode(
+        self, decoding: list[Running]
+    ) -> tuple[list[Running], torch.Tensor, _Sampling | None, tuple[torch.Tensor, torch.Tensor]]:
+        """One decode forward for *decoding*: :meth:`_sample_and_advance`'s arguments (the rows in slot order)."""
         decoding.sort(key=lambda r: r.slot)
         if len(decoding) == 1 and not self.runner.compiled:
             first, rows = decoding[0].slot, 1
@@ -372,7 +398,7 @@ class Batch:
         logits, top, index = self.runner.decode(inputs[0], inputs[1], inputs[2], slice(first, first + rows), kv_len)
         if own is not None:  # else the rows are the slots first..first+rows-1, in order: all of them
             logits, top, index = (t.index_select(0, own) for t in (logits, top, index))
-        self._sample_and_advance(decoding, logits, sampling, (top, index))
+        return decoding, logits, sampling, (top, index)
 
     # --- sampling and streaming
     def _sampling_inputs(self, batch: list[Running]) -> _Sampling | None:
@@ -396,12 +422,19 @@ class Batch:
         the host for all), stream it, and end the requests that are done. *sampling*: the batch's
         :meth:`_sampling_inputs`, built before the forward was launched; *first*: the rows'
         :func:`~.sampler.first_max`, if the step computed it."""
-        if sampling is not None:
-            tensors, top_p_rows = sampling
-            tokens, ok = sample(logits, *tensors, top_p_rows=top_p_rows, first=first)
-        else:  # all greedy: the first maximum, no per-row parameters to build
-            tokens, ok = greedy(logits, first)
-        tokens, ok = torch.stack([tokens, ok.long()]).tolist()
+        if not batch:
+            return
+        try:
+            if sampling is not None:
+                tensors, top_p_rows = sampling
+                tokens, ok = sample(logits, *tensors, top_p_rows=top_p_rows, first=first)
+            else:  # all greedy: the first maximum, no per-row parameters to build
+                tokens, ok = greedy(logits, first)
+            tokens, ok = torch.stack([tokens, ok.long()]).tolist()
+        except Exception as exc:  # after the forward: these rows cannot go on (their KV is written, not a token)
+            for running in batch:
+                self._fail(running, exc)
+            return
         now = time.monotonic()
         for running, token, good in zip(batch, tokens, ok, strict=True):
             if not good:
@@ -413,7 +446,10 @@ class Batch:
                     ),
                 )
                 continue
-            self._advance(running, token, now)
+            try:
+                self._advance(running, token, now)
+            except Exception as exc:  # e.g. a token the tokenizer cannot decode: this request alone
+                self._fail(running, exc)
 
     def _advance(self, running: Running, token: int, now: float) -> None:
         if running.first_token_at is None:

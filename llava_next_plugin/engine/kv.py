@@ -43,6 +43,11 @@ class KVSlots:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token's keys and values take in all layers (one column of a slot)."""
+        return sum(t[0, :, 0].numel() * t.element_size() for t in self.keys + self.values)
+
     @staticmethod
     def bytes_needed(*, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int, dtype) -> int:
         return 2 * layers * slots * kv_heads * (max_len + 1) * head_dim * torch.empty((), dtype=dtype).element_size()

@@ -108,9 +108,14 @@ class PrefixStore:
                 keys, values = [k[:, :n] for k in keys], [v[:, :n] for v in values]
             return n, keys, values
 
+    def would_keep(self, tokens: int, size: int) -> bool:
+        """Whether a prompt of *tokens* tokens whose KV takes *size* bytes is worth copying out (:meth:`put`
+        keeps it): long enough to be reused, and no larger than the whole store."""
+        return tokens >= self.min_tokens and size <= self.max_bytes
+
     def put(self, key: tuple, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         size = sum(t.numel() * t.element_size() for t in keys + values)
-        if len(key) < self.min_tokens or size > self.max_bytes:
+        if not self.would_keep(len(key), size):
             return
         with self._lock:
             if key in self._entries:

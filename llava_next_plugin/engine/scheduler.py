@@ -148,6 +148,7 @@ class Engine:
         self._start_lock = threading.Lock()
         self._pending: collections.deque[RequestHandle] = collections.deque()
         self._withdrawn: list[RequestHandle] = []  # cancelled while queued: the engine thread ends them
+        self._joining: list[tuple[RequestHandle, int]] = []  # taken from the queue by the step now joining them
         self._warm_ups: list[tuple[int, concurrent.futures.Future]] = []  # (context, its seconds): run on the thread
         self._batch = Batch(
             self.runner,
@@ -309,7 +310,8 @@ class Engine:
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop accepting work; with *drain*, let queued and running requests finish first. *timeout* bounds
-        the whole call (``None``: no bound). Whatever is still running when the engine stops is ended."""
+        the whole call (``None``: no bound). Whatever is still running when the engine stops is ended. Called
+        on the engine thread (by a plugin hook) it does not wait, since only that thread could end the work."""
         deadline = None if timeout is None else time.monotonic() + timeout
 
         def left() -> float | None:
@@ -317,8 +319,10 @@ class Engine:
 
         with self._lock:
             self._accepting = False
-            if drain:
-                while self._pending or self._batch.running:
+            # drained: nothing queued, joining or running; not waited for on the engine thread (a hook), which
+            # alone could empty the batch
+            if drain and threading.current_thread() is not self._thread:
+                while self._pending or self._joining or self._batch.running:
                     if left() == 0.0:
                         break
                     self._lock.wait(left() if deadline is not None else 0.5)
@@ -339,7 +343,9 @@ class Engine:
                 [(h, None) for h in self._withdrawn]
                 + [(h, None) for h in self._pending]
                 + [(r.handle, r) for r in self._batch.take_all()]
+                + [(h, None) for h, _ in self._joining]  # those that joined are in the batch: ended once, above
             )
+            self._joining = []
             self._pending.clear()
             self._withdrawn = []
             warm_ups, self._warm_ups = self._warm_ups, []
@@ -495,11 +501,13 @@ class Engine:
                 joiners = []
                 while self._pending and self.kv.free:
                     joiners.append((self._pending.popleft(), self.kv.allocate()))
+                self._joining = joiners  # out of the queue, not yet in the batch: a drain waits for them too
             for context, done in warm_ups:
                 self._warm_up_here(context, done)
             for handle in withdrawn:
                 self._end_cancelled(handle)
             self._batch.join(joiners)
+            self._joining = []
             self._batch.leave_cancelled()
             self._batch.prefill_step()
             self._batch.decode_step()
