@@ -86,6 +86,7 @@ class LocalTransport:
         self.limits = limits
         self.retry_policy = retry_policy or RetryPolicy()
         self._engine = engine
+        self._loads_engine = engine is None
         self._engine_options = engine_options
         self._lock = anyio.Lock()
         self._closed = False
@@ -93,14 +94,20 @@ class LocalTransport:
     def __repr__(self) -> str:
         return f"LocalTransport(model={self.model!r})"
 
+    def _needs_engine(self) -> bool:
+        """No engine yet, or the shared one it loaded has stopped (shut down, or its thread failed): the next
+        request loads the model's shared engine again. An engine given to it is its owner's to replace."""
+        return self._engine is None or (self._loads_engine and not self._engine.accepting)
+
     async def _get_engine(self) -> Engine:
         if self._closed:
             raise RuntimeError("this transport is closed")
-        if self._engine is None:
+        if self._needs_engine():
             async with self._lock:
-                if self._engine is None:
+                if self._needs_engine():
                     # Loading a model takes seconds: in a worker thread, never on the event loop.
                     self._engine = await anyio.to_thread.run_sync(self._load_engine)
+        assert self._engine is not None
         return self._engine
 
     def _load_engine(self) -> Engine:
@@ -111,9 +118,11 @@ class LocalTransport:
         return get_shared_engine(self.model, **self._engine_options)
 
     async def _submit(self, request: ChatRequest) -> tuple[Engine, RequestHandle]:
-        engine = await self._get_engine()
-        prepared, attempt = None, 0
+        prepared, attempt, prepared_for = None, 0, None
         while True:
+            engine = await self._get_engine()  # asked at each attempt: a stopped shared engine is replaced
+            if engine is not prepared_for:
+                prepared, prepared_for = None, engine
             try:
                 engine.check_admission()  # cheap: a full queue refuses before any image work
                 if prepared is None:

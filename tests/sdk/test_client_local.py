@@ -158,6 +158,21 @@ async def _first_request(**options):
         await client.generate(None, "Hi", max_tokens=1)
 
 
+def test_a_local_client_whose_shared_engine_stopped_loads_it_again(tiny_checkpoint):
+    """The model's shared engine shut down (by another part of the application, or its thread failed): the
+    client's next request loads a new one instead of being refused as "shutting down" for ever."""
+    from llava_next_plugin.engine import get_shared_engine
+
+    options = {"device": "cpu", "max_batch_size": 3}  # an engine of this test's own
+    with Client(model=str(tiny_checkpoint), **options) as client:
+        first = client.generate(None, PROMPT, max_tokens=4, temperature=0)
+        stopped = get_shared_engine(str(tiny_checkpoint), **options)
+        stopped.shutdown()
+        again = client.generate(None, PROMPT, max_tokens=4, temperature=0)
+    assert again.text == first.text
+    assert get_shared_engine(str(tiny_checkpoint), **options) is not stopped
+
+
 def test_unknown_options_of_a_local_client_are_refused_by_name(tiny_checkpoint):
     with pytest.raises(TypeError, match=r"unknown option\(s\) for a local model: devcie; accepted: .*device"):
         anyio.run(functools.partial(_first_request, model=str(tiny_checkpoint), devcie="cpu"))
