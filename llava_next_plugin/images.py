@@ -274,6 +274,8 @@ def fetch_url(
                     if deadline is not None and time.monotonic() > deadline:
                         raise ImageError(too_slow)
                     chunks.append(chunk)
+    except httpx.InvalidURL as exc:  # not an HTTPError: a URL httpx cannot send (a control character, ...)
+        raise ImageError(f"URL {url!r} is malformed ({exc}); check the URL") from exc
     except httpx.HTTPError as exc:
         if past_deadline.is_set():
             raise ImageError(too_slow) from exc

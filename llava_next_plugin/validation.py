@@ -157,7 +157,15 @@ def check_image_count(request: ChatRequest, limits: Limits) -> None:
 
 def check_image_url(url: str, index: int, limits: Limits) -> None:
     """Refuse image URLs the deployment does not fetch (any scheme but http(s), hosts not allowed)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  (a port that is not a number raises here, as httpx would later)
+    except ValueError as exc:
+        raise InvalidImageError(
+            f"image URL {url[:60]!r} is malformed ({exc}); check the URL, or send the image as a data URL",
+            index=index,
+            param="messages",
+        ) from None
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise InvalidImageError(
             f"image URLs must be data: URLs or http(s) URLs, got {url[:60]!r}; local paths and file:// URLs "

@@ -517,6 +517,20 @@ def test_image_pixels_are_bounded_per_request_with_413_and_the_budget_is_returne
     assert "llava_next_image_pixels_in_flight 0.0" in metrics
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://[x/",  # Python cannot split it
+        "http://127.0.0.1:abc/cat.png",  # a port that is no number
+        "http://127.0.0.1/a\nb.png",  # an allowed host, a URL httpx refuses to send
+    ],
+)
+def test_a_malformed_image_url_is_a_400_invalid_image_not_a_server_error(served, url):
+    error = assert_openai_error(post(served, {"messages": user("?", url), "max_tokens": 2}), 400, "invalid_image")
+    assert "malformed" in error["message"] or "must be data: URLs" in error["message"], error
+    still_serving(served)
+
+
 def test_an_image_url_that_drips_is_cut_at_the_overall_timeout(served, hostile_host, header_dripper):
     for url in (hostile_host + "/drip", header_dripper):  # its body, or its headers before any body
         error = assert_openai_error(post(served, {"messages": user("?", url), "max_tokens": 2}), 400, "invalid_image")
