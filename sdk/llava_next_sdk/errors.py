@@ -160,6 +160,7 @@ class RequestCancelledError(LlavaNextError):
 _BY_CODE: dict[str, type[APIError]] = {
     cls.code: cls
     for cls in (
+        BadRequestError,
         InvalidImageError,
         ContextLengthExceededError,
         UnsupportedParameterError,
@@ -183,7 +184,8 @@ def error_from_status(
     param = (err or {}).get("param") if isinstance(err, dict) else None
     cls: type[APIError] | None = _BY_CODE.get(code) if isinstance(code, str) else None
     if cls is None:
-        if status == 400 or status == 422:
+        kind = (err or {}).get("type") if isinstance(err, dict) else None
+        if status == 400 or status == 422 or (400 <= status < 500 and kind == "invalid_request_error"):
             cls = ContextLengthExceededError if "context length" in str(message).lower() else BadRequestError
         elif status in (401, 403):
             cls = AuthenticationError

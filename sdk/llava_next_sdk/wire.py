@@ -381,9 +381,14 @@ def parse_stream_chunk(data: Any) -> StreamChunk:
         raise _malformed("stream chunk", data)
     if "error" in data:
         err = data["error"] if isinstance(data["error"], Mapping) else {}
-        # No HTTP status mid-stream: the error's type stands for it.
+        # No HTTP status mid-stream: the event's own "status" (ours), else a numeric "code" (vLLM's), else the
+        # error's type stands for it.
         kind = err.get("type")
         status = _STATUS_BY_ERROR_TYPE.get(kind, 500) if isinstance(kind, str) else 500
+        for given in (err.get("status"), err.get("code")):
+            if isinstance(given, int) and not isinstance(given, bool) and 400 <= given <= 599:
+                status = given
+                break
         raise error_from_status(status, dict(data))
     delta, finish_reason = "", None
     choices = data.get("choices") or []

@@ -208,6 +208,26 @@ def test_an_error_chunk_raises_its_error_class(error):
     assert type(info.value) is type(error) and info.value.status == error.status
 
 
+@pytest.mark.parametrize(
+    "err, error, status",
+    [
+        # ours: the server adds the status (a stream cut by a drain, an engine shutting down)
+        (
+            {"message": "shutting down", "type": "overloaded_error", "code": "overloaded", "status": 503},
+            OverloadedError,
+            503,
+        ),
+        ({"message": "stopped", "type": "server_error", "code": "server_error", "status": 503}, ServerError, 503),
+        # vLLM's: a numeric code and its own type names
+        ({"message": "bad", "type": "BadRequestError", "code": 400}, BadRequestError, 400),
+    ],
+)
+def test_an_error_chunk_keeps_the_status_it_carries(err, error, status):
+    with pytest.raises(error) as info:
+        wire.parse_stream_chunk({"error": err})
+    assert type(info.value) is error and info.value.status == status
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     texts=st.lists(st.text(), min_size=1, max_size=5),
@@ -249,6 +269,12 @@ def test_sse_comments_and_other_fields_are_ignored():
         (429, "slow down", OverloadedError),
         (503, b"", OverloadedError),
         (502, b"<html>bad gateway</html>", ServerError),
+        (
+            413,
+            b'{"error": {"message": "too big", "type": "invalid_request_error", "code": "bad_request"}}',
+            BadRequestError,
+        ),
+        (405, b'{"error": {"message": "use POST", "type": "invalid_request_error", "code": null}}', BadRequestError),
     ],
 )
 def test_error_responses_map_to_classes(status, content, error):
@@ -260,6 +286,7 @@ def test_error_responses_map_to_classes(status, content, error):
 
 def test_our_error_bodies_come_back_as_the_same_class():
     for original in (
+        BadRequestError("too many pixels", status=413),
         InvalidImageError("cannot decode", index=2),
         UnsupportedParameterError("no", param="x"),
         OverloadedError("queue full"),
