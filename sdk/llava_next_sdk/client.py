@@ -504,6 +504,8 @@ class SyncTextStream:
         return self
 
     def __next__(self) -> str:
+        if self._future is None:  # not entered: nothing would ever arrive
+            raise RuntimeError("use the stream inside 'with client.stream(...) as stream:'")
         if self._finished:
             raise StopIteration
         kind, value = self._next_event()

@@ -61,6 +61,14 @@ def test_leaving_a_sync_stream_early_closes_the_connection(standin):
         assert stream.result is None and stream.text.startswith("tok0 tok1 ")
 
 
+def test_a_sync_stream_iterated_without_with_says_how_to_use_it_instead_of_waiting_forever(standin):
+    url, record = standin.endpoint("ok")
+    with Client(base_url=url, model="m") as client:
+        with pytest.raises(RuntimeError, match="with client.stream"):
+            next(iter(client.stream(None, "hi")))
+    assert record.count == 0  # nothing was sent
+
+
 def test_the_sync_client_works_inside_a_running_event_loop(standin):
     """As in Jupyter, where the cell already runs inside an asyncio loop."""
     url, _ = standin.endpoint("ok")
