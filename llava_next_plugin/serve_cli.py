@@ -158,17 +158,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     dtype = None if args.dtype in (None, "auto") else args.dtype
-    engine = Engine.from_pretrained(
-        args.model,
-        device=args.device,
-        dtype=dtype,  # None: the engine's default
-        max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
-        max_context=args.max_model_len,
-        prefill_chunk=args.prefill_chunk,
-        compile=args.compile,
-        model_name=args.served_model_name or default_served_name(args.model),
-    )
+    # the flags first: a bad combination is said before minutes of loading a checkpoint
     limits = Limits(
         max_images_per_request=args.max_images_per_request,
         max_image_pixels=args.max_image_pixels,
@@ -179,6 +169,17 @@ def run_serve(args: argparse.Namespace) -> int:
         max_stop_chars=args.max_stop_chars,
         max_body_bytes=args.max_body_bytes,
         allowed_url_domains=tuple(d.lower().strip(".") for d in args.allow_url_domain),
+    )
+    engine = Engine.from_pretrained(
+        args.model,
+        device=args.device,
+        dtype=dtype,  # None: the engine's default
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_context=args.max_model_len,
+        prefill_chunk=args.prefill_chunk,
+        compile=args.compile,
+        model_name=args.served_model_name or default_served_name(args.model),
     )
     app = create_app(
         engine, limits=limits, api_key=args.api_key, drain_timeout=args.drain_timeout, model_aliases=(args.model,)

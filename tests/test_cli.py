@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -342,6 +343,16 @@ def test_serve_takes_the_model_from_the_environment_and_reports_a_missing_one_as
     assert code == 1 and missing in asked and "does not exist" in asked
     code, _, err = run(capsys, "serve", "--port", 9)
     assert code == 1 and one_error_line(err) == asked
+
+
+def test_serve_refuses_limits_that_contradict_each_other_before_it_loads_the_model(checkpoint, capsys, caplog):
+    """A request may hold more pixels than may be in flight at once: said before the model is loaded (which
+    takes minutes for a real checkpoint): no engine is built."""
+    caplog.set_level(logging.INFO, logger="llava_next_plugin")
+    code, _, err = run(capsys, "serve", "--model", checkpoint, "--max-request-pixels", 10**9, "--port", 9)
+    said = one_error_line(err)
+    assert code == 1 and "max_pixels_in_flight" in said, said
+    assert "KV slots" not in caplog.text, caplog.text  # what an engine logs when it is built
 
 
 def test_serve_takes_its_model_from_the_environment_and_compiles_on_cpu_when_asked(checkpoint, tmp_path):
