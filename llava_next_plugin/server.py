@@ -629,7 +629,7 @@ def _uvicorn_config(app, host: str, port: int, log_level: str, drain_timeout: fl
 
 def _draining_server(config, app):
     """A uvicorn server whose first SIGTERM/SIGINT drains *app* (see the module docstring) before it stops;
-    a second signal stops at once, as uvicorn does."""
+    a second signal stops at once, not waiting for connections or the engine."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
@@ -638,7 +638,10 @@ def _draining_server(config, app):
 
         def handle_exit(self, sig, frame) -> None:
             drain = getattr(app.state, "drain", None)
-            if drain is None or self._drain_started:
+            if self._drain_started:  # a second signal while draining: stop now (uvicorn alone would wait again)
+                self.should_exit = self.force_exit = True
+                return
+            if drain is None:
                 super().handle_exit(sig, frame)
                 return
             self._drain_started = True

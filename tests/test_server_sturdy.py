@@ -663,6 +663,27 @@ def test_a_stream_cut_by_the_drain_timeout_gets_an_error_event_before_it_closes(
     assert "after draining" not in server.log() and "cut 1 request" in server.log()
 
 
+def test_a_second_signal_during_a_drain_stops_the_server_at_once(tiny_checkpoint, tmp_path):
+    """The README: "A second signal stops at once", however long the drain timeout and the streams in flight."""
+    import signal
+
+    server = Served(["--model", str(tiny_checkpoint), "--drain-timeout", "120"], tmp_path / "server.log")
+    try:
+        body = {"messages": user("Keep talking"), "max_tokens": 3000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", server.url + "/chat/completions", json=body, timeout=120) as response:
+            lines = response.iter_lines()
+            while not next(lines).startswith("data: "):
+                pass
+            server.process.send_signal(signal.SIGTERM)  # drains: the stream would go on for its 3000 tokens
+            assert checkpoints.wait_for(lambda: "draining" in httpx.get(server.base + "/health").text, 30)
+            server.process.send_signal(signal.SIGTERM)
+            second = time.monotonic()
+            server.process.wait(60)
+            assert time.monotonic() - second < 5, server.log()
+    finally:
+        server.stop()
+
+
 def test_the_readmes_limits_table_gives_serves_flags_and_their_defaults():
     import argparse
 
