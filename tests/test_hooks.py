@@ -350,7 +350,11 @@ def test_the_documented_plugin_example_works_as_written(tmp_path):
     assets = tmp_path / "assets"
     assets.mkdir()
     Image.new("RGBA", (6, 4), (0, 0, 255, 255)).save(assets / "cat.png")
-    usage = blocks["python"][1] + "\nprint(image.mode, image.size, image.getpixel((0, 0)), repr(prompt))\n"
+    Image.new("RGB", (2, 2)).save(tmp_path / "outside.png")  # a file next to the folder, not in it
+    usage = blocks["python"][1] + (
+        "\nprint(image.mode, image.size, image.getpixel((0, 0)), repr(prompt))\n"
+        "try:\n    load_image('assets://../outside.png')\nexcept ValueError as exc:\n    print('refused:', exc)\n"
+    )
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join([str(site), str(REPO), str(REPO / "sdk")]), LLAVA_ASSETS=str(assets)
     )
@@ -358,4 +362,6 @@ def test_the_documented_plugin_example_works_as_written(tmp_path):
         [sys.executable, "-c", usage], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300
     )
     assert completed.returncode == 0, completed.stderr
-    assert completed.stdout.strip().splitlines()[-1] == "RGB (6, 4) (0, 0, 255) '<image>\\nWhat is this?\\nAnswer:'"
+    *_, shown, refused = completed.stdout.strip().splitlines()
+    assert shown == "RGB (6, 4) (0, 0, 255) '<image>\\nWhat is this?\\nAnswer:'"
+    assert refused.startswith("refused:") and "outside the assets folder" in refused, refused
