@@ -444,12 +444,24 @@ def create_app(
                 f"the model {shown} does not exist on this server; it serves {name!r} (see /v1/models)", param="model"
             )
 
+    reading = [0]  # requests whose bodies are being read and images prepared (on the event loop: no lock)
+
     async def chat_completions(request: Request) -> Response:
         request_id = request.scope["state"]["request_id"]
         if drain.draining:
             return respond(_shutting_down(), request_id)
+        if reading[0] >= engine.max_queue:  # each holds a body of up to max_body_bytes: as many as may queue
+            return respond(
+                OverloadedError(
+                    f"{reading[0]} requests are being read and prepared, as many as may wait in the queue "
+                    f"(--max-queue {engine.max_queue}); retry later",
+                    retry_after=1.0,
+                ),
+                request_id,
+            )
         drain.enter()
         streaming = False
+        reading[0] += 1
         try:
             try:
                 body = await _read_json(request, limits.max_body_bytes)
@@ -462,6 +474,8 @@ def create_app(
                 handle = engine.submit(prepared, request_id=request_id)
             except LlavaNextError as error:
                 return respond(error, request_id)
+            finally:
+                reading[0] -= 1
             drain.track(handle)
             if parsed.stream:
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import io
 import json
 import os
+import time
 import urllib.parse
 
 import checkpoints
@@ -290,6 +292,35 @@ def test_image_preparation_runs_at_most_max_preparing_requests_at_once(engine):
                 )
             )
     assert statuses == [200, 200, 200] and most[0] == 1
+
+
+def test_requests_being_read_are_bounded_by_the_queue_size_with_a_429(reference):
+    """Each request being read holds its body (up to --max-body-bytes): no more of them than may wait in the
+    queue. A request beyond that is refused at once with 429 and Retry-After; once the slow one is in, there is
+    room again."""
+    import threading
+
+    engine = Engine(*reference, max_queue=1)
+    body = json.dumps({"messages": image_message("What?", data_url(40, 40)), "max_tokens": 1}).encode()
+    sent_half = threading.Event()
+
+    def slowly():
+        yield body[: len(body) // 2]
+        sent_half.set()
+        time.sleep(1.0)
+        yield body[len(body) // 2 :]
+
+    with serve_in_thread(create_app(engine)) as running:
+        url = running.url + "/chat/completions"
+        headers = {"content-type": "application/json"}
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(httpx.post, url, content=slowly(), headers=headers, timeout=60)
+            assert sent_half.wait(30)
+            refused = httpx.post(url, content=body, headers=headers, timeout=60)
+            assert slow.result().status_code == 200
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert "being read and prepared" in refused.json()["error"]["message"]
+        assert httpx.post(url, content=body, headers=headers, timeout=60).status_code == 200
 
 
 def test_a_large_body_is_parsed_like_a_small_one(server, engine):
