@@ -325,28 +325,36 @@ def _folder_files(folder: str) -> tuple[list[Path], list[Path]]:
 
 
 def read_done(out: Path) -> set[str]:
-    """The images already captioned in *out*; a trailing partial line (an interrupted write) is cut off."""
+    """The images already captioned in *out*. A trailing partial result line (an interrupted write) is cut off,
+    but only once every complete line has been read as a result line: a file that is not a results file is
+    refused untouched."""
     if not out.exists():
         return set()
     data = out.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with open(out, "r+b") as handle:
-            handle.truncate(len(complete))
+    *lines, tail = data.split(b"\n")  # not splitlines(): a result may hold U+2028 and the like
     done = set()
-    for number, line in enumerate(complete.decode("utf-8", errors="replace").splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            done.add(json.loads(line)["image"])
+            done.add(json.loads(line.decode("utf-8"))["image"])
         except (ValueError, KeyError, TypeError) as exc:
             raise CommandError(f"{out}: line {number} is not a result line ({exc}): fix or move the file") from exc
+    if tail:
+        if not tail.startswith(b'{"image": '):
+            raise CommandError(
+                f"{out}: its last line is neither a result line nor the start of one: fix or move the file"
+            )
+        with open(out, "r+b") as handle:
+            handle.truncate(len(data) - len(tail))
     return done
 
 
 def result_line(image: str, prompt: str, text: str) -> str:
-    """One result of ``caption`` (single machine and Ray alike): a whole JSON line, newline included."""
-    return json.dumps({"image": image, "prompt": prompt, "generated_text": text}, ensure_ascii=False) + "\n"
+    """One result of ``caption`` (single machine and Ray alike): a whole JSON line, newline included. ASCII: a
+    file name that is not UTF-8 (Python holds it with surrogates) and line separators inside a text are
+    escaped."""
+    return json.dumps({"image": image, "prompt": prompt, "generated_text": text}, ensure_ascii=True) + "\n"
 
 
 def run_caption(args: argparse.Namespace) -> int:

@@ -182,6 +182,10 @@ class _Captioner:
         return {**batch, "answer": answers, "tokens": tokens, "error": errors}
 
 
+#: The ``error`` texts of rows whose image could not be read or used (:func:`_error_text` starts with the class).
+IMAGE_ERRORS = ("InvalidImageError:", "ImageError:")
+
+
 def _error_text(exc: BaseException) -> str:
     message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
     return f"{type(exc).__name__}: {message}"
@@ -317,13 +321,17 @@ def _journal(out: Path) -> Path:
     return out.with_name(out.name + ".jsonl") if out.suffix == ".parquet" else out
 
 
-def _input_dataset(ray, source: str, args, done: set[str], command_error) -> tuple[Any, str, int, int | None]:
+def _input_dataset(
+    ray, source: str, args, done: set[str], command_error, out: Path
+) -> tuple[Any, str, int, int | None]:
     """(dataset of rows still to caption, their id column, rows in all, rows already done: ``None`` for a
-    parquet input, whose done rows are those of the journal)."""
+    parquet input, whose done rows are those of the journal). *out*, the results table, is never read as input
+    (a folder of images may hold it)."""
     from .cli import IMAGE_SUFFIXES
 
     path = Path(source)
-    if path.is_dir() and not any(path.glob("*.parquet")):
+    tables = [p for p in path.glob("*.parquet") if p.resolve() != out.resolve()] if path.is_dir() else []
+    if path.is_dir() and not tables:
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise command_error(f"{source!r} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no .parquet files")
@@ -332,7 +340,7 @@ def _input_dataset(ray, source: str, args, done: set[str], command_error) -> tup
         return ds, "path", len(files), len(files) - len(todo)
     if not path.exists():
         raise command_error(f"{source!r} does not exist: give a folder of images or a parquet file/folder")
-    ds = ray.data.read_parquet(str(path))
+    ds = ray.data.read_parquet([str(p) for p in tables] if path.is_dir() else str(path))
     names = ds.schema().names
     id_column = args.id_column or args.image_column
     for flag, column in (("--image-column", args.image_column), ("--id-column", id_column)):
@@ -358,7 +366,7 @@ def run_caption(args: argparse.Namespace) -> int:
     they stream back, a progress bar, and a final count of done and failed rows."""
     from tqdm.auto import tqdm
 
-    from .cli import CommandError, _check_model, _positive, read_done, result_line
+    from .cli import CommandError, _positive, read_done, resolve_model, result_line
     from .validation import Limits
 
     for name in ("workers", "max_new_tokens", "batch_size"):
@@ -368,8 +376,7 @@ def run_caption(args: argparse.Namespace) -> int:
         raise CommandError(f"the folder of --out ({out.parent}) does not exist")
     if out.suffix not in (".jsonl", ".parquet", ".json", ".txt", ""):
         raise CommandError(f"--out {out}: write results to a .jsonl or a .parquet file")
-    model = args.model or os.environ.get("LLAVA_NEXT_MODEL") or ""
-    _check_model(model)
+    model = resolve_model(args.model)  # --model, else $LLAVA_NEXT_MODEL, else the default, as on one machine
     journal = _journal(out)
     done = read_done(journal)
     limits = Limits(allowed_url_domains=tuple(d.lower().strip(".") for d in args.allow_url_domain))
@@ -384,10 +391,10 @@ def run_caption(args: argparse.Namespace) -> int:
             import logging
 
             logging.getLogger("ray.data").setLevel(logging.WARNING)
-            ds, image_column, total, found_done = _input_dataset(ray, args.folder, args, done, CommandError)
+            ds, image_column, total, found_done = _input_dataset(ray, args.folder, args, done, CommandError, out)
             id_column = args.id_column or ("image" if image_column == "path" else image_column)
             already = len(done) if found_done is None else found_done
-            captioned = failed = 0
+            captioned = failed = unreadable = 0
             if ds is not None:
                 results = caption_dataset(
                     ds,
@@ -414,6 +421,7 @@ def run_caption(args: argparse.Namespace) -> int:
                             captioned += 1
                         else:
                             failed += 1
+                            unreadable += row["error"].startswith(IMAGE_ERRORS)
                             progress.write(f"failed {key}: {row['error']}", file=sys.stderr)
                         progress.update(1)
                 progress.close()
@@ -422,7 +430,8 @@ def run_caption(args: argparse.Namespace) -> int:
     if out != journal:
         _write_parquet(journal, out)
     print(f"llava-next: {captioned} captioned, {failed} failed, {already} already in {journal}", file=sys.stderr)
-    return 1 if failed else 0
+    # the single machine's rule (CAPTION_EXIT_RULE): unreadable images fail the run only with --strict
+    return 1 if failed > unreadable or (unreadable and args.strict) else 0
 
 
 def _write_parquet(journal: Path, out: Path) -> None:
@@ -430,7 +439,8 @@ def _write_parquet(journal: Path, out: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq  # type: ignore[import-untyped]  # pyarrow ships no type information
 
-    rows = [json.loads(line) for line in journal.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = journal.read_text(encoding="utf-8").split("\n")  # not splitlines(): a text may hold U+2028
+    rows = [json.loads(line) for line in lines if line.strip()]
     partial = out.with_name(out.name + ".partial")
     pq.write_table(
         pa.Table.from_pylist(

@@ -15,7 +15,7 @@ import pytest
 import torch
 from served import ServerProcess
 
-from llava_next_plugin.cli import main, read_done
+from llava_next_plugin.cli import CommandError, main, read_done, result_line
 from llava_next_plugin.tiny import MARKER_FILE
 
 QUESTION = "What is in this picture?"
@@ -253,6 +253,27 @@ def test_caption_resumes_and_never_leaves_half_a_line(checkpoint, images, tmp_pa
     assert code == 0 and "already" in err
     assert out.read_text() == text
     assert read_done(out) == {"a.png", "b.jpg", "c.png"}
+
+
+def test_result_lines_hold_any_file_name_and_text_and_read_back(tmp_path):
+    """A file name that is not UTF-8 (held with surrogates) and line separators in a text (U+2028, U+0085):
+    written as ASCII JSON lines, read back whole; an interrupted last line is cut off."""
+    out = tmp_path / "results.jsonl"
+    odd = b"caf\xe9.png".decode("utf-8", "surrogateescape")
+    first = result_line(odd, "Describe.", "one\u2028two\x85three")
+    second = result_line("b.png", "Describe.", "plain")
+    out.write_bytes(first.encode("ascii") + second.encode("ascii") + b'{"image": "c.p')
+    assert read_done(out) == {odd, "b.png"}
+    assert out.read_bytes() == (first + second).encode("ascii")
+
+
+@pytest.mark.parametrize("content", [b'{"images": ["a.png"]}', b"notes\nmore notes", b'{"image": "a.png"}\nnotes'])
+def test_an_out_file_that_is_no_results_file_is_refused_untouched(tmp_path, content):
+    out = tmp_path / "results.json"
+    out.write_bytes(content)
+    with pytest.raises(CommandError, match="fix or move the file"):
+        read_done(out)
+    assert out.read_bytes() == content
 
 
 def test_caption_skips_unreadable_images_and_reports_them(checkpoint, images, tmp_path, capsys):

@@ -307,7 +307,7 @@ def test_caption_command_with_ray_local_resumes_shows_progress_and_stops_its_run
         left = [p for p in psutil.process_iter(["cmdline"]) if ray_root in " ".join(p.info["cmdline"] or ())]
     finally:
         shutil.rmtree(ray_root, ignore_errors=True)
-    assert done.returncode == 1, done.stderr  # one image could not be read: the same exit rule as on one machine
+    assert done.returncode == 0, done.stderr  # one image could not be read: skipped and counted, as on one machine
     assert not left, f"the local Ray runtime outlived the command: {[p.info['cmdline'][:1] for p in left]}"
     lines = out.read_text().splitlines()
     assert lines[0] == done_line
