@@ -187,7 +187,7 @@ class LlavaNextImageToTextPipeline(Pipeline):
             raise TypeError(f"{type(model).__name__} cannot generate; pass a LLaVA-NeXT model")
         generate_kwargs = dict(forward_parameters)
         config = getattr(model, "generation_config", None)
-        bounded = any(k in generate_kwargs for k in ("max_new_tokens", "max_length"))
+        bounded = any(k in generate_kwargs for k in ("max_new_tokens", "max_length", "generation_config"))
         if not bounded and getattr(config, "max_new_tokens", None) is None:
             generate_kwargs["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
         pad_token_id = self._processor.tokenizer.pad_token_id
@@ -238,6 +238,11 @@ class LlavaNextImageToTextPipeline(Pipeline):
             prompt = text
         if inputs is None:
             inputs, images = images, None
+        if inputs is None and (
+            _is_conversation(prompt)
+            or (isinstance(prompt, (list, tuple)) and prompt and all(_is_conversation(c) for c in prompt))
+        ):
+            inputs, prompt = prompt, None  # pipe(text=messages), as transformers' image-text-to-text is called
         if inputs is None:
             raise InputError("no image given: call pipe(image, prompt=...) or pipe(messages)")
         requests, single = self._requests(inputs, prompt, images)

@@ -13,7 +13,7 @@ import checkpoints
 import pytest
 import torch
 from PIL import Image
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 import llava_next_plugin
 from llava_next_plugin.errors import ImageError, InputError
@@ -119,6 +119,8 @@ def test_chat_messages(pipe, photo):
     bare = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
     assert pipe(photo, prompt=bare, max_new_tokens=NEW) == plain
     assert pipe([messages, messages], max_new_tokens=NEW) == [plain, plain]
+    assert pipe(text=messages, max_new_tokens=NEW) == plain  # as image-text-to-text pipelines are called
+    assert pipe(text=[messages, messages], max_new_tokens=NEW) == [plain, plain]
 
 
 def test_multi_image_prompt(pipe, photo, tall, checkpoint):
@@ -137,6 +139,8 @@ def test_generate_arguments_pass_through(pipe, photo):
     assert six.startswith(one) and len(six) > len(one)
     tokenizer = pipe.processor.tokenizer
     assert len(tokenizer(one, add_special_tokens=False)["input_ids"]) <= 2
+    configured = pipe(photo, prompt=QUESTION, generation_config=GenerationConfig(max_new_tokens=1))
+    assert configured[0]["generated_text"] == one  # its length limit kept, not replaced by the pipeline's default
     sampled = pipe(photo, prompt=QUESTION, max_new_tokens=NEW, do_sample=True, top_k=5)
     assert sampled[0]["generated_text"] != ""
 
