@@ -182,6 +182,9 @@ class _Captioner:
         return {**batch, "answer": answers, "tokens": tokens, "error": errors}
 
 
+#: The largest encoded image ``caption --ray`` reads (the server's default is 20 MiB; these are the user's files).
+CAPTION_MAX_IMAGE_BYTES = 512 * 1024 * 1024
+
 #: The ``error`` texts of rows whose image could not be read or used (:func:`_error_text` starts with the class).
 IMAGE_ERRORS = ("InvalidImageError:", "ImageError:")
 
@@ -242,10 +245,10 @@ def caption_dataset(
         raise ValueError(
             f"the dataset has no column {image_column!r} (columns: {', '.join(ds.schema().names)}); pass image_column="
         )
-    if prompt is None:
-        from .pipeline import DEFAULT_PROMPT
+    from .pipeline import DEFAULT_PROMPT, IMAGE_PLACEHOLDER
 
-        prompt = DEFAULT_PROMPT
+    # the image goes before the text as a part of its own: a placeholder in the text would count a second image
+    prompt = DEFAULT_PROMPT if prompt is None else prompt.replace(IMAGE_PLACEHOLDER, "").strip()
     threads = threads_per_worker or max(1, math.ceil(cpus_per_worker))
     return ds.map_batches(
         _Captioner,
@@ -364,6 +367,7 @@ def run_caption(args: argparse.Namespace) -> int:
     """``llava-next caption SOURCE --ray ADDRESS|local``: the single-machine output format and resume rule
     (:func:`llava_next_plugin.cli.read_done`, :func:`llava_next_plugin.cli.result_line`), results written as
     they stream back, a progress bar, and a final count of done and failed rows."""
+    from PIL import Image
     from tqdm.auto import tqdm
 
     from .cli import CommandError, _positive, read_done, resolve_model, result_line
@@ -379,7 +383,17 @@ def run_caption(args: argparse.Namespace) -> int:
     model = resolve_model(args.model)  # --model, else $LLAVA_NEXT_MODEL, else the default, as on one machine
     journal = _journal(out)
     done = read_done(journal)
-    limits = Limits(allowed_url_domains=tuple(d.lower().strip(".") for d in args.allow_url_domain))
+    if args.prompt_format:
+        raise CommandError("--prompt-format does not apply with --ray: the workers use the checkpoint's chat template")
+    # the user's own images, as on one machine: up to PIL's decompression-bomb limit, not the server's 16 MP
+    pixels = int(Image.MAX_IMAGE_PIXELS or 2**31)
+    limits = Limits(
+        max_image_pixels=pixels,
+        max_request_pixels=pixels,
+        max_pixels_in_flight=pixels,
+        max_image_bytes=CAPTION_MAX_IMAGE_BYTES,
+        allowed_url_domains=tuple(d.lower().strip(".") for d in args.allow_url_domain),
+    )
     # CPUs (and torch threads) per actor: this machine's cores shared out when local, one kept free for the
     # tasks that read the input (an actor pool holding every CPU would starve them); else 1 per actor
     cores = os.cpu_count() or 1

@@ -276,6 +276,12 @@ def test_an_out_file_that_is_no_results_file_is_refused_untouched(tmp_path, cont
     assert out.read_bytes() == content
 
 
+def test_caption_with_ray_refuses_a_prompt_format_it_would_not_use(checkpoint, images, tmp_path, capsys):
+    argv = ["caption", images, "--model", checkpoint, "--out", tmp_path / "r.jsonl", "--ray", "local"]
+    code, _, err = run(capsys, *argv, "--prompt-format", "mistral")
+    assert code == 1 and "--prompt-format does not apply with --ray" in one_error_line(err)
+
+
 def test_caption_skips_unreadable_images_and_reports_them(checkpoint, images, tmp_path, capsys):
     """Exit status 0 once every readable image is done, on the first run and on reruns; --strict makes an
     unreadable image fail the run; the summary counts unreadable images and non-image files."""

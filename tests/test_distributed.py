@@ -29,6 +29,7 @@ import pytest
 import ray  # the ray extra is part of the dev install (pip install -e '.[dev]')
 from llava_next_sdk import AsyncClient
 from llava_next_sdk.errors import AuthenticationError, BadRequestError, InvalidImageError
+from PIL import Image
 from served import free_port
 
 from llava_next_plugin.cli import main
@@ -291,13 +292,15 @@ def test_caption_command_with_ray_local_resumes_shows_progress_and_stops_its_run
     names = [f"p{i}.png" for i in range(5)]
     for i, name in enumerate(names):
         (folder / name).write_bytes(_png(i))
+    Image.new("RGB", (4200, 4100), (90, 120, 60)).save(folder / names[4])  # 17 MP: over the server's 16, a photo
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n and nothing else")
     out = tmp_path / "results.jsonl"
-    done_line = json.dumps({"image": "p0.png", "prompt": PROMPT, "generated_text": "from an earlier run"})
+    prompt = "<image>\n" + PROMPT  # a placeholder in the prompt, as the single-machine caption takes it too
+    done_line = json.dumps({"image": "p0.png", "prompt": prompt, "generated_text": "from an earlier run"})
     out.write_text(done_line + "\n" + '{"image": "p1.png", "prom')  # an earlier run, interrupted mid-line
 
     ray_root = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must stay under 108 bytes
-    argv = ["caption", str(folder), "--model", str(demo_checkpoint), "--prompt", PROMPT, "--out", str(out)]
+    argv = ["caption", str(folder), "--model", str(demo_checkpoint), "--prompt", prompt, "--out", str(out)]
     argv += ["--ray", "local", "--workers", "1", "--max-new-tokens", "6", "--batch-size", "2"]
     env = {**os.environ, "RAY_ADDRESS": "127.0.0.1:9", "RAY_TMPDIR": ray_root}  # no cluster there
     try:
@@ -313,7 +316,7 @@ def test_caption_command_with_ray_local_resumes_shows_progress_and_stops_its_run
     assert lines[0] == done_line
     results = [json.loads(line) for line in lines]  # every line whole
     assert sorted(r["image"] for r in results) == names  # p0 kept, not redone; p1..p4 once each; broken.png absent
-    assert all(r["prompt"] == PROMPT and r["generated_text"] for r in results)
+    assert all(r["prompt"] == prompt and r["generated_text"] for r in results)
     assert "captioning" in done.stderr and "6/6" in done.stderr  # the progress bar, from the row already done on
     assert "failed broken.png" in done.stderr and "4 captioned, 1 failed, 1 already" in done.stderr
 
