@@ -33,6 +33,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from llava_next_sdk.errors import InvalidImageError
+
+from .errors import ImageError
+
 __all__ = [
     "caption_dataset",
     "build_serve_app",
@@ -186,7 +190,7 @@ class _Captioner:
 CAPTION_MAX_IMAGE_BYTES = 512 * 1024 * 1024
 
 #: The ``error`` texts of rows whose image could not be read or used (:func:`_error_text` starts with the class).
-IMAGE_ERRORS = ("InvalidImageError:", "ImageError:")
+IMAGE_ERRORS = tuple(f"{cls.__name__}:" for cls in (InvalidImageError, ImageError))
 
 
 def _error_text(exc: BaseException) -> str:
@@ -334,6 +338,7 @@ def _input_dataset(
 
     path = Path(source)
     tables = [p for p in path.glob("*.parquet") if p.resolve() != out.resolve()] if path.is_dir() else []
+    holds_out = path.is_dir() and out.resolve().parent == path.resolve()  # read the tables beside it, not it
     if path.is_dir() and not tables:
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -343,7 +348,7 @@ def _input_dataset(
         return ds, "path", len(files), len(files) - len(todo)
     if not path.exists():
         raise command_error(f"{source!r} does not exist: give a folder of images or a parquet file/folder")
-    ds = ray.data.read_parquet([str(p) for p in tables] if path.is_dir() else str(path))
+    ds = ray.data.read_parquet([str(p) for p in tables] if holds_out else str(path))
     names = ds.schema().names
     id_column = args.id_column or args.image_column
     for flag, column in (("--image-column", args.image_column), ("--id-column", id_column)):
@@ -373,6 +378,8 @@ def run_caption(args: argparse.Namespace) -> int:
     from .cli import CommandError, _positive, read_done, resolve_model, result_line
     from .validation import Limits
 
+    if args.prompt_format:
+        raise CommandError("--prompt-format does not apply with --ray: the workers use the checkpoint's chat template")
     for name in ("workers", "max_new_tokens", "batch_size"):
         _positive(getattr(args, name), "--" + name.replace("_", "-"))
     out = Path(args.out)
@@ -383,8 +390,6 @@ def run_caption(args: argparse.Namespace) -> int:
     model = resolve_model(args.model)  # --model, else $LLAVA_NEXT_MODEL, else the default, as on one machine
     journal = _journal(out)
     done = read_done(journal)
-    if args.prompt_format:
-        raise CommandError("--prompt-format does not apply with --ray: the workers use the checkpoint's chat template")
     # the user's own images, as on one machine: up to PIL's decompression-bomb limit, not the server's 16 MP
     pixels = int(Image.MAX_IMAGE_PIXELS or 2**31)
     limits = Limits(

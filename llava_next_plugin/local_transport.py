@@ -96,8 +96,9 @@ class LocalTransport:
 
     def _needs_engine(self) -> bool:
         """No engine yet, or the shared one it loaded has stopped (shut down, or its thread failed): the next
-        request loads the model's shared engine again. An engine given to it is its owner's to replace."""
-        return self._engine is None or (self._loads_engine and not self._engine.accepting)
+        request loads the model's shared engine again (while it drains, its refusals are retried). An engine
+        given to it is its owner's to replace."""
+        return self._engine is None or (self._loads_engine and self._engine.stopped)
 
     async def _get_engine(self) -> Engine:
         if self._closed:

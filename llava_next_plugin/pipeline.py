@@ -82,6 +82,11 @@ def _is_conversation(obj: Any) -> bool:
     return isinstance(obj, (list, tuple)) and any(isinstance(m, (Mapping, ChatMessage, ParsedMessage)) for m in obj)
 
 
+def _is_conversations(obj: Any) -> bool:
+    """A non-empty list of conversations (a batch of chats)."""
+    return isinstance(obj, (list, tuple)) and bool(obj) and all(_is_conversation(c) for c in obj)
+
+
 def _as_list(obj: Any) -> list[Any]:
     return list(obj) if isinstance(obj, (list, tuple)) else [obj]
 
@@ -238,10 +243,7 @@ class LlavaNextImageToTextPipeline(Pipeline):
             prompt = text
         if inputs is None:
             inputs, images = images, None
-        if inputs is None and (
-            _is_conversation(prompt)
-            or (isinstance(prompt, (list, tuple)) and prompt and all(_is_conversation(c) for c in prompt))
-        ):
+        if inputs is None and (_is_conversation(prompt) or _is_conversations(prompt)):
             inputs, prompt = prompt, None  # pipe(text=messages), as transformers' image-text-to-text is called
         if inputs is None:
             raise InputError("no image given: call pipe(image, prompt=...) or pipe(messages)")
@@ -265,7 +267,7 @@ class LlavaNextImageToTextPipeline(Pipeline):
         """Turn the call's arguments into requests; ``single`` says whether one result is returned."""
         if _is_conversation(inputs):
             return [self._chat_request(inputs, images)], True
-        if isinstance(inputs, (list, tuple)) and inputs and all(_is_conversation(c) for c in inputs):
+        if _is_conversations(inputs):
             if images is not None:
                 raise InputError(
                     "images= cannot be combined with a batch of conversations: put each "

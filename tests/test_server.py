@@ -307,7 +307,7 @@ def test_requests_being_read_are_bounded_by_the_queue_size_with_a_429(reference)
     def slowly():
         yield body[: len(body) // 2]
         sent_half.set()
-        time.sleep(1.0)
+        time.sleep(3.0)
         yield body[len(body) // 2 :]
 
     with serve_in_thread(create_app(engine)) as running:
@@ -316,9 +316,15 @@ def test_requests_being_read_are_bounded_by_the_queue_size_with_a_429(reference)
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             slow = pool.submit(httpx.post, url, content=slowly(), headers=headers, timeout=60)
             assert sent_half.wait(30)
-            refused = httpx.post(url, content=body, headers=headers, timeout=60)
+            deadline = time.monotonic() + 2.5  # the slow one's second half comes after 3 s
+            while True:  # until the server has begun reading the slow one (a request before that is served)
+                refused = httpx.post(url, content=body, headers=headers, timeout=60)
+                if refused.status_code == 429 or time.monotonic() > deadline:
+                    break
+            assert refused.status_code == 429, refused.text
+            assert not slow.done()  # refused while the slow one was still being read
             assert slow.result().status_code == 200
-        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert refused.headers["retry-after"] == "1"
         assert "being read and prepared" in refused.json()["error"]["message"]
         assert httpx.post(url, content=body, headers=headers, timeout=60).status_code == 200
 

@@ -1,7 +1,7 @@
 """The serving engine: continuous batching over static KV slots, on its own thread, for every front.
 
 The HTTP server and the SDK's local transport both use only what this package exports: :class:`Engine`
-(``prepare`` / ``submit`` / ``check_admission`` / ``generate``, ``start`` / ``shutdown``, ``accepting``,
+(``prepare`` / ``submit`` / ``check_admission`` / ``generate``, ``start`` / ``shutdown``, ``accepting``, ``stopped``,
 ``queue_depth``, ``batch_size``, ``stats_snapshot()``), :class:`RequestHandle`, :class:`EngineResult`,
 :class:`SamplingParams`, :class:`PreparedRequest`, :func:`get_shared_engine` and :func:`default_device`.
 

@@ -164,21 +164,15 @@ class Batch:
         was cancelled or its images could not be read (it has ended then)."""
         prepared = handle.prepared
         params = prepared.params
-        try:
-            running = Running(
-                handle=handle,
-                slot=slot,
-                text=TextStream(self.detokenizer, params.stop),
-                seed=params.seed if params.seed is not None else secrets.randbits(63),
-                prompt_len=prepared.prompt_tokens,
-                started_at=time.monotonic(),
-            )
-        except Exception as exc:  # not a request the engine can run (a SamplingParams changed after its checks)
-            logger.exception("request %s could not join", handle.id)
-            with self.slot_lock:
-                self.kv.release(slot)
-            self.record_end(handle, None, generation_error(exc))
-            return None
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
+        running = Running(
+            handle=handle,
+            slot=slot,
+            text=TextStream(self.detokenizer, params.stop),
+            seed=seed - (1 << 64) if seed >= 1 << 63 else seed,  # 64 bits, as the sampler's int64 holds them
+            prompt_len=prepared.prompt_tokens,
+            started_at=time.monotonic(),
+        )
         self.running[slot] = running
         if handle.cancelled:
             self.leave(running, RequestCancelledError(f"request {handle.id} was cancelled"))
@@ -431,9 +425,13 @@ class Batch:
             else:  # all greedy: the first maximum, no per-row parameters to build
                 tokens, ok = greedy(logits, first)
             tokens, ok = torch.stack([tokens, ok.long()]).tolist()
-        except Exception as exc:  # after the forward: these rows cannot go on (their KV is written, not a token)
-            for running in batch:
-                self._fail(running, exc)
+        except Exception as exc:  # the forward is done: find the culprit by sampling each row alone
+            if len(batch) == 1:
+                self._fail(batch[0], exc)
+                return
+            for row, running in enumerate(batch):
+                alone = None if first is None else (first[0][row : row + 1], first[1][row : row + 1])
+                self._sample_and_advance([running], logits[row : row + 1], self._sampling_inputs([running]), alone)
             return
         now = time.monotonic()
         for running, token, good in zip(batch, tokens, ok, strict=True):

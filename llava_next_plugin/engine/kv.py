@@ -37,16 +37,13 @@ class KVSlots:
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.slots, self.max_len, self.scratch = slots, max_len, max_len
+        #: Bytes one token's keys and values take in all layers (one column of a slot).
+        self.bytes_per_token = self.nbytes // (slots * (max_len + 1))
         self._free = list(range(slots))
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
-    @property
-    def bytes_per_token(self) -> int:
-        """Bytes one token's keys and values take in all layers (one column of a slot)."""
-        return sum(t[0, :, 0].numel() * t.element_size() for t in self.keys + self.values)
 
     @staticmethod
     def bytes_needed(*, layers: int, slots: int, kv_heads: int, head_dim: int, max_len: int, dtype) -> int:

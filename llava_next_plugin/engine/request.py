@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -39,10 +40,9 @@ class SamplingParams:
         checked = GenerationParams(
             max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p, stop=self.stop, seed=self.seed
         )
-        defaults = {"temperature": 1.0, "top_p": 1.0, "stop": ()}
-        for name in ("max_tokens", "temperature", "top_p", "stop", "seed"):
-            value = getattr(checked, name)
-            object.__setattr__(self, name, defaults.get(name) if value is None and name in defaults else value)
+        for field in dataclasses.fields(self):
+            value = getattr(checked, field.name)
+            object.__setattr__(self, field.name, field.default if value is None else value)
 
 
 @dataclass

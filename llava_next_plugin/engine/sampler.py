@@ -129,7 +129,6 @@ def row_params(params_list, steps: list[int], seeds: list[int], device) -> tuple
     temperature = torch.tensor([max(float(p.temperature), 0.0) for p in params_list], dtype=torch.float32)
     do_sample = torch.tensor([float(p.temperature) > 0 for p in params_list], dtype=torch.bool)
     top_p = torch.tensor([float(p.top_p) for p in params_list], dtype=torch.float32)
-    seeds = [seed - (1 << 64) if seed >= 1 << 63 else seed for seed in seeds]  # 64 bits, as int64 holds them
     return (
         temperature.to(device),
         top_p.to(device),

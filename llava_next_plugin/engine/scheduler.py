@@ -364,6 +364,13 @@ class Engine:
         return self._accepting
 
     @property
+    def stopped(self) -> bool:
+        """Whether the engine has stopped for good: shut down (after its drain), or its thread ended. An engine
+        still draining is not stopped: it holds its model and finishes its requests."""
+        thread = self._thread
+        return self._stopping or (thread is not None and not thread.is_alive())
+
+    @property
     def queue_depth(self) -> int:
         """Requests waiting to join the batch."""
         return len(self._pending)

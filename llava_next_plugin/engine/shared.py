@@ -54,13 +54,13 @@ def get_shared_engine(path: str, **kwargs: Any) -> Engine:
     key = shared_key(path, **kwargs)
     with _LOCK:
         engine = _SHARED.get(key)
-        if engine is not None and engine.accepting:
+        if engine is not None and not engine.stopped:  # one draining still holds its model: no second copy
             return engine
         key_lock = _KEY_LOCKS.setdefault(key, threading.Lock())
     with key_lock:
         with _LOCK:
             engine = _SHARED.get(key)
-        if engine is None or not engine.accepting:
+        if engine is None or engine.stopped:
             options = {name: _normalized(name, value) for name, value in kwargs.items()}
             engine = Engine.from_pretrained(str(path), **options)
             with _LOCK:

@@ -185,7 +185,7 @@ def error_from_status(
     cls: type[APIError] | None = _BY_CODE.get(code) if isinstance(code, str) else None
     if cls is None:
         kind = (err or {}).get("type") if isinstance(err, dict) else None
-        if status == 400 or status == 422 or (400 <= status < 500 and kind == "invalid_request_error"):
+        if status == 400 or status == 422:
             cls = ContextLengthExceededError if "context length" in str(message).lower() else BadRequestError
         elif status in (401, 403):
             cls = AuthenticationError
@@ -193,6 +193,8 @@ def error_from_status(
             cls = NotFoundError
         elif status in (429, 503):
             cls = OverloadedError
+        elif status < 500 and kind == "invalid_request_error":  # 405, 413, ...: the request itself was wrong
+            cls = BadRequestError
         else:
             cls = ServerError if status >= 500 else APIError
     kwargs: dict = {"status": status, "param": param, "request_id": request_id, "body": body}

@@ -15,6 +15,7 @@ from llava_next_sdk.errors import (
     BadRequestError,
     ContextLengthExceededError,
     InvalidImageError,
+    NotFoundError,
     OverloadedError,
     ServerError,
     UnsupportedParameterError,
@@ -275,6 +276,9 @@ def test_sse_comments_and_other_fields_are_ignored():
             BadRequestError,
         ),
         (405, b'{"error": {"message": "use POST", "type": "invalid_request_error", "code": null}}', BadRequestError),
+        # OpenAI's own 401 and 404 carry this type too: their status still decides
+        (401, b'{"error": {"message": "no key", "type": "invalid_request_error", "code": null}}', AuthenticationError),
+        (404, b'{"error": {"message": "Invalid URL", "type": "invalid_request_error", "code": null}}', NotFoundError),
     ],
 )
 def test_error_responses_map_to_classes(status, content, error):
