@@ -187,6 +187,7 @@ def build_tiny_checkpoint(
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} exists and is not a folder: choose another output path")
+    _mistral_tokenizer_model()  # what it needs first: a missing one leaves no half-written folder behind
     folder.mkdir(parents=True, exist_ok=True)
 
     generator_state = torch.random.get_rng_state()

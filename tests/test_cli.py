@@ -400,6 +400,13 @@ def test_serve_takes_its_model_from_the_environment_and_compiles_on_cpu_when_ask
     assert "decode step warm-up (compiled)" in server.log(), server.log()
 
 
+def test_tiny_checkpoint_without_the_demo_extra_says_what_to_install_and_writes_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mistral_common", None)  # as if not installed: importing it fails
+    code, _, err = run(capsys, "tiny-checkpoint", tmp_path / "tiny")
+    assert code == 1 and "llava-next-plugin[demo]" in one_error_line(err)
+    assert not (tmp_path / "tiny").exists()  # so the same command works once the extra is installed
+
+
 def test_tiny_checkpoint_refuses_a_non_empty_folder(checkpoint, capsys):
     code, _, err = run(capsys, "tiny-checkpoint", checkpoint)
     assert code == 1 and "not an empty folder" in one_error_line(err)
