@@ -450,7 +450,7 @@ def create_app(
         request_id = request.scope["state"]["request_id"]
         if drain.draining:
             return respond(_shutting_down(), request_id)
-        if reading[0] >= engine.max_queue:  # each holds a body of up to max_body_bytes: as many as may queue
+        if reading[0] >= max(engine.max_queue, 1):  # each holds a body of up to max_body_bytes: as many as may queue
             return respond(
                 OverloadedError(
                     f"{reading[0]} requests are being read and prepared, as many as may wait in the queue "

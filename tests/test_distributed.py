@@ -394,13 +394,15 @@ def test_caption_command_reads_parquet_image_bytes_and_writes_parquet(
     assert main(argv) == 1  # the bytes column cannot name the rows
     assert "give --id-column" in capsys.readouterr().err and not out.exists()
 
-    assert main(argv + ["--id-column", "name"]) == 1
+    assert main(argv + ["--id-column", "name"]) == 0  # the unreadable row is skipped and counted, as on one machine
     err = capsys.readouterr().err
     assert "failed c: InvalidImageError" in err and "2 captioned, 1 failed, 0 already" in err
     table = pq.read_table(out).to_pylist()
     assert sorted(r["image"] for r in table) == ["a", "b"]
     assert {r["image"]: r["generated_text"] for r in table}["b"] == _expected(engine, _png(2), PROMPT, 5)
     assert len((tmp_path / "results.parquet.jsonl").read_text().splitlines()) == 2  # the resume journal
+    assert main(argv + ["--id-column", "name", "--strict"]) == 1  # a rerun tries c again; --strict fails on it
+    assert "0 captioned, 1 failed, 2 already" in capsys.readouterr().err
 
 
 # --- Ray Serve ---------------------------------------------------------------------------------------------------
