@@ -357,9 +357,16 @@ def _input_dataset(
     import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type information
 
     id_type = dict(zip(names, ds.schema().types, strict=True))[id_column]
-    if isinstance(id_type, pa.DataType) and (pa.types.is_binary(id_type) or pa.types.is_large_binary(id_type)):
+    # bytes, or a struct such as Hugging Face's image column ({bytes, path}): a row's id would be its whole image
+    kind = None
+    if isinstance(id_type, pa.DataType):
+        if pa.types.is_binary(id_type) or pa.types.is_large_binary(id_type):
+            kind = "bytes"
+        elif pa.types.is_struct(id_type) or pa.types.is_list(id_type) or pa.types.is_large_list(id_type):
+            kind = f"{id_type}"[:60] + " values"
+    if kind:
         raise command_error(
-            f"{source}: the column {id_column!r} holds bytes, which cannot name rows in --out; "
+            f"{source}: the column {id_column!r} holds {kind}, which cannot name rows in --out; "
             "give --id-column with a column of names or numbers"
         )
     total = ds.count()

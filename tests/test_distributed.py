@@ -393,6 +393,14 @@ def test_caption_command_reads_parquet_image_bytes_and_writes_parquet(
     ]
     assert main(argv) == 1  # the bytes column cannot name the rows
     assert "give --id-column" in capsys.readouterr().err and not out.exists()
+    # nor can Hugging Face's image column, a struct of the image's bytes and path (each id would hold the image)
+    hf_source = tmp_path / "hf" / "images.parquet"
+    hf_source.parent.mkdir()
+    pq.write_table(pa.table({"image": [{"bytes": _png(1), "path": "a.png"}]}), hf_source)
+    assert main([*argv[:1], str(hf_source), *argv[2:]]) == 1
+    err = capsys.readouterr().err
+    assert "'image' holds struct<bytes: binary, path: string> values" in err and "give --id-column" in err
+    assert not out.exists()
 
     assert main(argv + ["--id-column", "name"]) == 0  # the unreadable row is skipped and counted, as on one machine
     err = capsys.readouterr().err
