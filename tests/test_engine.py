@@ -331,8 +331,25 @@ def test_cancelled_queued_requests_free_their_queue_places_at_once_and_end_cance
 def test_shutdown_drains_running_requests_then_refuses_new_ones(reference):
     model, processor = reference
     engine = Engine(model, processor).start()
-    handle = engine.submit(engine.prepare(ask("Drain"), [photo(40, 40)], SamplingParams(max_tokens=6, temperature=0)))
-    engine.shutdown(drain=True, timeout=60)
+    gate = Gate()
+    manager = get_plugin_manager()
+    manager.register(gate)
+    try:
+        handle = engine.submit(
+            engine.prepare(ask("Drain"), [photo(40, 40)], SamplingParams(max_tokens=6, temperature=0))
+        )
+        wait_for(lambda: gate.started)
+        drainer = threading.Thread(target=engine.shutdown, kwargs={"drain": True, "timeout": 60})
+        drainer.start()
+        wait_for(lambda: not engine.accepting)
+        # draining: refusing work, yet not stopped (a local client must not replace an engine finishing requests)
+        assert not engine.stopped and not handle.done
+        gate.open.set()
+        drainer.join(60)
+    finally:
+        gate.open.set()
+        manager.unregister(gate)
+    assert engine.stopped and not drainer.is_alive()
     assert handle.result(timeout=1).completion_tokens == 6
     with pytest.raises(OverloadedError, match="shutting down"):
         engine.submit(engine.prepare(ask("Late"), [photo(40, 40)], GREEDY))
