@@ -104,7 +104,7 @@ def view_grid_shape(best_height: int, best_width: int, tile_size: int) -> tuple[
 
     Whole tiles where the pinpoint is a multiple of the tile size (then this is :func:`grid_shape`);
     otherwise the last row / column holds the partial remainder, as transformers' processors cut it.
-    The model reads only the :func:`grid_shape` whole tiles, in row-major order.
+    The model reads only the :func:`grid_shape` whole tiles (:meth:`ImageGeometry.view_indices`).
     """
     return -(-best_height // tile_size), -(-best_width // tile_size)
 
@@ -226,6 +226,18 @@ class ImageGeometry:
     @property
     def num_tokens(self) -> int:
         return self.base_tokens + self.tile_tokens + self.newline_tokens
+
+    def view_indices(self, tile_size: int) -> range | list[int]:
+        """Which of the processors' views of this image the model reads, in order: the base view (0), then the
+        grid's whole tiles, row by row. The processors cut the best resolution on :func:`view_grid_shape`'s
+        grid, so where its width is not a multiple of *tile_size* each row of views ends with a partial tile,
+        which is skipped (a partial last row comes after every whole tile: the first :attr:`num_tiles` views)."""
+        if self.grid_cols == 0:  # the base view alone (detail="low")
+            return range(1)
+        _, view_cols = view_grid_shape(self.best_resolution[0], self.best_resolution[1], tile_size)
+        if view_cols == self.grid_cols:
+            return range(self.num_tiles)
+        return [0] + [1 + r * view_cols + c for r in range(self.grid_rows) for c in range(self.grid_cols)]
 
     def base_view(self) -> ImageGeometry:
         """This image at ``detail="low"``: the base view alone (one tile, ``base_tokens`` tokens, no grid,

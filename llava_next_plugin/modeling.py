@@ -377,10 +377,17 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         """Every tile the images need, ``[T, C, tile, tile]``, from 5-D padded, a list of one ``[tiles_i, C,
         tile, tile]`` per image, or 4-D stacked input.
 
-        Each image uses its first ``num_tiles`` tiles (the base view first): all of them at full detail, the
-        base view alone at ``detail="low"``. The 4-D form holds exactly the tiles used.
+        Each image uses ``num_tiles`` of its views (the base view first; :meth:`~.geometry.ImageGeometry.view_indices`
+        says which): all of them at full detail, the base view alone at ``detail="low"``. The 4-D form holds
+        exactly the tiles used.
         """
+        tile = self.config.tile_size
         needed = [g.num_tiles for g in geoms]
+        views = [g.view_indices(tile) for g in geoms]
+
+        def used(pv: torch.Tensor, index: range | list[int]) -> torch.Tensor:
+            return pv[: len(index)] if isinstance(index, range) else pv[index]
+
         if not isinstance(pixel_values, torch.Tensor):
             if len(pixel_values) != len(geoms):
                 raise InputError(
@@ -388,8 +395,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                     f"give one (height, width) per image, as the processor returns them",
                     param="image_sizes",
                 )
-            return self._gather_tiles(torch.cat([pv[:n] for pv, n in zip(pixel_values, needed, strict=True)]), geoms)
-        tile = self.config.tile_size
+            return self._gather_tiles(torch.cat([used(pv, v) for pv, v in zip(pixel_values, views, strict=True)]), geoms)
         if pixel_values.dim() in (4, 5) and tuple(pixel_values.shape[-2:]) != (tile, tile):
             raise InputError(
                 f"pixel_values tiles are {tuple(pixel_values.shape[-2:])} pixels but the vision tower takes "
@@ -404,17 +410,17 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                     param="image_sizes",
                 )
             available = pixel_values.shape[1]
-            for index, (g, n) in enumerate(zip(geoms, needed, strict=True)):
-                if n > available:
+            for index, (g, v) in enumerate(zip(geoms, views, strict=True)):
+                if v[-1] >= available:
                     raise InputError(
-                        f"image {index} ({g.height}x{g.width}) needs {n} tiles (1 + {g.grid_rows}x{g.grid_cols} "
-                        f"grid) but pixel_values holds {available} per image: the processor's "
-                        f"image_grid_pinpoints or tile size differ from the model config's",
+                        f"image {index} ({g.height}x{g.width}) needs {v[-1] + 1} views (1 + its "
+                        f"{g.grid_rows}x{g.grid_cols} grid of tiles) but pixel_values holds {available} per image: "
+                        f"the processor's image_grid_pinpoints or tile size differ from the model config's",
                         param="pixel_values",
                     )
             if all(n == available for n in needed):
                 return pixel_values.flatten(0, 1)
-            return torch.cat([pv[:n] for pv, n in zip(pixel_values, needed, strict=True)])
+            return torch.cat([used(pv, v) for pv, v in zip(pixel_values, views, strict=True)])
         if pixel_values.dim() == 4:
             if pixel_values.shape[0] != sum(needed):
                 raise InputError(
@@ -442,7 +448,8 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         tower_kwargs = {"output_attentions": output_attentions} if output_attentions else {}
         out = self.vision_tower(
             tiles.to(tower_dtype),
-            output_hidden_states=True if output_hidden_states else layers,
+            # the layers to record, always as a list: a bare 0 (the embeddings) would read as "record none"
+            output_hidden_states=True if output_hidden_states else (layers if isinstance(layers, list) else [layers]),
             return_dict=True,
             **tower_kwargs,
         )

@@ -549,3 +549,71 @@ def test_a_detail_the_processor_did_not_use_is_a_clear_error(mistral_pair, our_p
     full = our_processor(images=[photo(*WIDE)], text=[prompt(1)], return_tensors="pt")
     _raises_bad_request(ours, "but its images give 16 features", **full, image_detail="low")
     _raises_bad_request(ours, "'low', 'high', 'auto'", **inputs, image_detail="medium")
+
+
+def test_pinpoints_that_are_not_whole_tiles_feed_the_tower_the_whole_tiles_in_their_places():
+    """With a 64x80 pinpoint and 32 px tiles the processors cut a 2x3 grid of views, the third column a 16 px
+    strip; the model's grid is the 2x2 whole tiles. It must read views 1, 2, 4, 5 (not the first four, which
+    would put a strip where a tile belongs)."""
+    from llava_next_plugin.configuration import LlavaNextConfig
+    from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
+
+    torch.manual_seed(0)
+    pinpoints = [[64, 80]]
+    config = LlavaNextConfig(
+        vision_config=checkpoints.vision_config().to_dict(),
+        text_config=checkpoints.text_config().to_dict(),
+        image_token_index=32000,
+        image_grid_pinpoints=pinpoints,
+    )
+    model = LlavaNextForConditionalGeneration(config).eval()
+    processor = LlavaNextImageProcessorFast(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=pinpoints
+    )
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    inputs = processor(image, return_tensors="pt")
+    pixels, sizes = inputs["pixel_values"], inputs["image_sizes"]
+    geometry = config.image_geometry(64, 80)
+    assert pixels.shape[1] == 7 and (geometry.grid_rows, geometry.grid_cols) == (2, 2)
+    assert list(geometry.view_indices(32)) == [0, 1, 2, 4, 5]
+
+    def features(pixel_values):
+        with torch.no_grad():
+            return model.get_image_features(pixel_values, sizes).pooler_output[0]
+
+    plain = features(pixels)
+    for view in range(7):
+        changed = pixels.clone()
+        changed[0, view] += 1.0
+        assert torch.equal(features(changed), plain) == (view in (3, 6)), view  # the strips are not read
+    # the same from a list, and from 4-D input holding exactly the tiles used
+    assert torch.equal(features([pixels[0]]), plain)
+    assert torch.equal(features(pixels[0, [0, 1, 2, 4, 5]]), plain)
+
+
+def test_vision_feature_layer_0_reads_the_towers_embeddings():
+    """Layer 0 is the embeddings' output, the same hidden state as layer -(layers + 1): a bare 0 once asked the
+    tower to record no layer at all."""
+    from llava_next_plugin.configuration import LlavaNextConfig
+    from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
+
+    torch.manual_seed(0)
+    vision = checkpoints.vision_config()
+    config = LlavaNextConfig(
+        vision_config=vision.to_dict(),
+        text_config=checkpoints.text_config().to_dict(),
+        image_token_index=32000,
+        vision_feature_layer=0,
+        image_grid_pinpoints=[[64, 64]],
+    )
+    model = LlavaNextForConditionalGeneration(config).eval()
+    processor = LlavaNextImageProcessorFast(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=[[64, 64]]
+    )
+    inputs = processor(photo("astronaut.png", (60, 50)), return_tensors="pt")
+    with torch.no_grad():
+        first = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]
+        same = model.get_image_features(
+            inputs["pixel_values"], inputs["image_sizes"], vision_feature_layer=-(vision.num_hidden_layers + 1)
+        ).pooler_output[0]
+    assert torch.equal(first, same)
