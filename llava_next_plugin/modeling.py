@@ -164,7 +164,8 @@ def images_of_samples(tokens_per_sample: list[int], features: list[int], labels:
                 f"sample {sample} has {n_tokens} <image> tokens but its images give {n_features} features "
                 f"({described}). The prompt's <image> expansion does not match the model: probably the "
                 f"processor's patch_size, vision_feature_select_strategy or image_grid_pinpoints differ "
-                f"from the model config, or image_sizes are not the sizes the processor saw.",
+                f"from the model config, the processor and the model were given different image_detail values, or "
+                f"image_sizes are not the sizes the processor saw.",
                 param="input_ids",
             )
         blocks.append(range(first, image))
@@ -356,10 +357,18 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         self, image_sizes, strategy: str, image_detail: str | Sequence[str] | None = None
     ) -> list[geometry.ImageGeometry]:
         """Each image's geometry; at ``detail="low"`` its :meth:`~.geometry.ImageGeometry.base_view`."""
-        sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(s) for s in image_sizes]
+        shape_hint = "image_sizes must be [images, 2]: one (height, width) pair per image, as the processor returns"
+        try:
+            sizes = image_sizes.tolist() if isinstance(image_sizes, torch.Tensor) else [list(s) for s in image_sizes]
+        except TypeError as err:  # e.g. [50, 70]: one image's pair without its list
+            raise InputError(f"{shape_hint}; got {image_sizes!r}", param="image_sizes") from err
+        if not isinstance(sizes, list):
+            raise InputError(f"{shape_hint}; got {image_sizes!r}", param="image_sizes")
         low = geometry.low_detail_images(image_detail, len(sizes))
         geoms = []
         for index, size in enumerate(sizes):
+            if not isinstance(size, list):
+                raise InputError(f"{shape_hint}; got {image_sizes!r}", param="image_sizes")
             if len(size) != 2:
                 raise InputError(
                     f"image_sizes[{index}] is {size}: give one (height, width) pair per image", param="image_sizes"
@@ -389,6 +398,12 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
             return pv[: len(index)] if isinstance(index, range) else pv[index]
 
         if not isinstance(pixel_values, torch.Tensor):
+            if not isinstance(pixel_values, (list, tuple)) or not all(isinstance(p, torch.Tensor) for p in pixel_values):
+                raise InputError(
+                    f"pixel_values must be a torch tensor or a list of them (one per image), got "
+                    f"{type(pixel_values).__name__}: ask the processor for return_tensors='pt'",
+                    param="pixel_values",
+                )
             if len(pixel_values) != len(geoms):
                 raise InputError(
                     f"pixel_values holds {len(pixel_values)} images but image_sizes has {len(geoms)} entries: "
@@ -444,6 +459,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         The tower records only the selected layers unless ``output_hidden_states`` asks for all of them.
         """
         layers = list(feature_layer) if isinstance(feature_layer, (list, tuple)) else feature_layer
+        self._check_tower_inputs(tiles, layers)
         tower_dtype = self.vision_tower.dtype
         tower_kwargs = {"output_attentions": output_attentions} if output_attentions else {}
         out = self.vision_tower(
@@ -460,6 +476,34 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         if strategy == "default":
             selected = selected[:, 1:]
         return self.multi_modal_projector(selected), out
+
+    def _check_tower_inputs(self, tiles: torch.Tensor, layers: int | list[int]) -> None:
+        """Channels and feature layers the vision tower and the projector can take (else a typed error)."""
+        vision = self.config.vision_config
+        channels = int(getattr(vision, "num_channels", 3))
+        if tiles.dim() != 4 or tiles.shape[1] != channels:
+            raise InputError(
+                f"pixel_values tiles have shape {tuple(tiles.shape[1:])} but the vision tower takes {channels} "
+                f"channels ([channels, height, width] per tile): convert the images to RGB",
+                param="pixel_values",
+            )
+        count = int(vision.num_hidden_layers) + 1  # the embeddings, then each layer's output
+        chosen = layers if isinstance(layers, list) else [layers]
+        for layer in chosen:
+            if not isinstance(layer, int) or not -count <= layer < count:
+                raise InputError(
+                    f"vision_feature_layer {layer!r} is not a hidden state of the {count - 1}-layer vision tower: "
+                    f"give an index from {-count} to {count - 1}",
+                    param="vision_feature_layer",
+                )
+        width = getattr(getattr(self.multi_modal_projector, "linear_1", None), "in_features", None)
+        if width is not None and len(chosen) * int(vision.hidden_size) != width:
+            expected = width // int(vision.hidden_size)
+            raise InputError(
+                f"vision_feature_layer selects {len(chosen)} layer(s) but the projector takes {expected} "
+                f"(the config has {self.config.vision_feature_layer!r}): select as many layers as it",
+                param="vision_feature_layer",
+            )
 
     def pack_image_features(self, tile_features: torch.Tensor, geoms: list[geometry.ImageGeometry]) -> torch.Tensor:
         """All images' packed features ``[sum(num_tokens), text_hidden]`` from ``[T, F, text_hidden]``.
@@ -646,8 +690,15 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if isinstance(pixel_values, (list, tuple)):  # one [tiles_i, C, H, W] tensor per image
-            if not any(pv.numel() for pv in pixel_values):
+            tensors = all(isinstance(pv, torch.Tensor) for pv in pixel_values)  # else refused by _gather_tiles
+            if tensors and not any(pv.numel() for pv in pixel_values):
                 pixel_values = None
+        elif pixel_values is not None and not isinstance(pixel_values, torch.Tensor):
+            raise InputError(
+                f"pixel_values must be a torch tensor or a list of them (one per image), got "
+                f"{type(pixel_values).__name__}: ask the processor for return_tensors='pt'",
+                param="pixel_values",
+            )
         elif pixel_values is not None and pixel_values.numel() == 0:
             pixel_values = None
         encoded = (mm_encoder_outputs or {}).get("image")

@@ -394,6 +394,24 @@ def test_image_sizes_of_the_wrong_length(mistral_pair):
     )
 
 
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda i: {"image_sizes": i["image_sizes"][0]}, r"image_sizes must be \[images, 2\]"),
+        (lambda i: {"image_sizes": i["image_sizes"][0].tolist()}, r"image_sizes must be \[images, 2\]"),
+        (lambda i: {"pixel_values": i["pixel_values"].numpy()}, "return_tensors='pt'"),
+        (lambda i: {"pixel_values": i["pixel_values"][:, :, :2]}, "takes 3 channels"),
+        (lambda i: {"vision_feature_layer": 3}, "not a hidden state of the 2-layer vision tower"),
+        (lambda i: {"vision_feature_layer": [0, -1]}, "selects 2 layer.s. but the projector takes 1"),
+    ],
+    ids=["sizes-1d", "sizes-flat-list", "numpy-pixels", "two-channels", "layer-out-of-range", "layers-vs-projector"],
+)
+def test_bad_image_inputs_name_the_parameter_and_the_fix(mistral_pair, change, match):
+    processor, ours, _ = mistral_pair
+    inputs = make_inputs(processor, "single")
+    _raises_bad_request(ours, match, **dict(inputs, **change(inputs)))
+
+
 def test_full_strategy_with_clip_says_why(mistral_pair):
     processor, ours, _ = mistral_pair
     inputs = make_inputs(processor, "single")
