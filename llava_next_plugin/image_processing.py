@@ -248,15 +248,32 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
         tile = crop["height"] if crop else base_size[0]
         if tile < 1 or min(base_size) < 1:
             raise InputError(f"size {size} and crop_size {crop} must be positive", param="size")
-        pinpoints = tuple((int(p[0]), int(p[1])) for p in value["image_grid_pinpoints"])
+        if crop and crop["height"] != crop["width"]:
+            raise InputError(
+                f"crop_size {crop} is not square: the vision tower takes square tiles (height == width)",
+                param="crop_size",
+            )
+        try:
+            pinpoints = tuple((int(p[0]), int(p[1])) for p in value["image_grid_pinpoints"] if len(p) == 2)
+            whole = len(pinpoints) == len(value["image_grid_pinpoints"])
+        except (TypeError, ValueError):
+            whole = False
+        if not whole:
+            raise InputError(
+                f"image_grid_pinpoints must be a list of [height, width] pairs of pixels, got "
+                f"{value['image_grid_pinpoints']!r}",
+                param="image_grid_pinpoints",
+            )
         if not pinpoints:
             raise InputError(
                 "image_grid_pinpoints is empty: give at least one [height, width]", param="image_grid_pinpoints"
             )
         for h, w in pinpoints:
-            if h < 1 or w < 1:
+            if h < tile or w < tile:
                 raise InputError(
-                    f"image_grid_pinpoints entry {[h, w]} is not a positive resolution", param="image_grid_pinpoints"
+                    f"image_grid_pinpoints entry {[h, w]} is smaller than one {tile}px tile: each resolution must "
+                    f"hold at least one tile on each side",
+                    param="image_grid_pinpoints",
                 )
         partial = any(h % tile or w % tile for h, w in pinpoints)
         if partial and not (value["do_center_crop"] and crop):
@@ -419,8 +436,9 @@ def to_rgb_array(image: Any, index: int, input_data_format: Any = None, convert_
         return pil_to_rgb(image, index) if convert_rgb else _keep_rgb(np.asarray(image), index)
     default = "channels_last"
     if type(image).__module__.startswith("torch"):
-        if image.device.type != "cpu":
-            image = image.cpu()
+        image = image.detach().cpu()
+        if str(image.dtype) == "torch.bfloat16":  # numpy has no bfloat16: as float32 (then read as floats are)
+            image = image.float()
         image, default = image.numpy(), "channels_first"
     if not isinstance(image, np.ndarray):
         raise ImageError(

@@ -122,15 +122,20 @@ def _flatten_images(images: Any) -> tuple[list, list[int] | None]:
             f"or a list of lists of images (one list per prompt); got {type(images).__name__}"
         )
     if images and all(isinstance(item, (list, tuple)) for item in images):
-        flat = [image for sample in images for image in sample]
-        return flat, [len(sample) for sample in images]
+        samples = [_unbatch(sample) for sample in images]
+        return [image for sample in samples for image in sample], [len(sample) for sample in samples]
+    return _unbatch(images), None
+
+
+def _unbatch(items: Any) -> list:
+    """*items* with each 4-d array or tensor (a batch) replaced by its images."""
     flat = []
-    for item in images:
+    for item in items:
         if getattr(item, "ndim", None) == 4:
             flat.extend(list(item))
         else:
             flat.append(item)
-    return flat, None
+    return flat
 
 
 def _load_image_sources(images: list) -> list:
@@ -240,17 +245,23 @@ class LlavaNextProcessor(ProcessorMixin):
         """The token layout of one ``height x width`` image (see :func:`geometry.image_geometry`).
 
         :param detail: ``"low"`` for the base view only, ``"high"``/``"auto"`` for the full any-resolution tiles.
+        :raises InputError: a size, pinpoint or setting the geometry cannot use (what, and the value).
         """
-        return geometry.image_geometry(
-            int(height),
-            int(width),
-            pinpoints if pinpoints is not None else self.image_processor.image_grid_pinpoints,
-            int(tile_size) if tile_size is not None else self.tile_size,
-            self.patch_size,
-            self.vision_feature_select_strategy,
-            self.num_additional_image_tokens,
-            detail=detail,
-        )
+        try:
+            return geometry.image_geometry(
+                int(height),
+                int(width),
+                pinpoints if pinpoints is not None else self.image_processor.image_grid_pinpoints,
+                int(tile_size) if tile_size is not None else self.tile_size,
+                self.patch_size,
+                self.vision_feature_select_strategy,
+                self.num_additional_image_tokens,
+                detail=detail,
+            )
+        except InputError:
+            raise
+        except ValueError as err:  # geometry's own checks: say which image size it was
+            raise InputError(f"an image of height {height} and width {width}: {err}", param="image_sizes") from err
 
     def num_image_tokens(self, height: int, width: int, *, detail: str = "auto") -> int:
         """How many ``<image>`` tokens one ``height x width`` image becomes (at OpenAI's *detail*)."""
@@ -343,7 +354,11 @@ class LlavaNextProcessor(ProcessorMixin):
             if want_offsets:
                 text_inputs["text_replacement_offsets"] = offsets
             data = {**text_inputs, **data}
-        return BatchFeature(data, tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets"])
+        # images with different tile counts (do_pad=False) stay a list of tensors, which the model takes
+        ragged = ["pixel_values"] if isinstance(data.get("pixel_values"), (list, tuple)) else []
+        return BatchFeature(
+            data, tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets", *ragged]
+        )
 
     @staticmethod
     def _check_text(text) -> list[str] | None:

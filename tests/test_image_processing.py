@@ -11,6 +11,7 @@ import json
 
 import checkpoints
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 from transformers.models.llava_next.image_processing_pil_llava_next import (
@@ -343,9 +344,24 @@ def test_grey_and_alpha_arrays_convert():
     np.testing.assert_array_equal(processor(grey_alpha)["pixel_values"], white)
 
 
+def test_float_torch_images_that_need_grad_or_are_bfloat16_get_the_processors_own_advice():
+    """This processor takes 0..255 integers; float tensors, even needing grad or in bfloat16 (which numpy lacks),
+    get its ImageError pointing to the fast processor, not torch's own RuntimeError or TypeError."""
+    processor = LlavaNextImageProcessor(**settings())
+    for tensor in (torch.rand(3, 20, 30).requires_grad_(), torch.rand(3, 20, 30).to(torch.bfloat16)):
+        with pytest.raises(ImageError, match="must be uint8 .* got float32.*LlavaNextImageProcessorFast"):
+            processor(tensor)
+
+
 def test_bad_settings_are_bad_requests():
-    with pytest.raises(InputError, match="entry \\[336, 0\\] is not a positive resolution"):
+    with pytest.raises(InputError, match="entry \\[336, 0\\] is smaller than one 336px tile"):
         LlavaNextImageProcessor(**settings([[336, 0]]))(synthetic(9, 9))
+    with pytest.raises(InputError, match="entry \\[16, 16\\] is smaller than one 336px tile"):
+        LlavaNextImageProcessor(**settings())(synthetic(9, 9), image_grid_pinpoints=[[16, 16]])
+    with pytest.raises(InputError, match="list of \\[height, width\\] pairs"):
+        LlavaNextImageProcessor(**settings())(synthetic(9, 9), image_grid_pinpoints=[[336]])
+    with pytest.raises(InputError, match="crop_size .* is not square"):
+        LlavaNextImageProcessor(**settings())(synthetic(9, 9), crop_size={"height": 336, "width": 300})
     with pytest.raises(InputError, match="unknown image processor argument"):
         LlavaNextImageProcessor(**settings())(synthetic(9, 9), do_magic=True)
     with pytest.raises(InputError, match="size="):

@@ -119,6 +119,28 @@ def test_images_given_per_prompt(clip_pair):
     flat = ours(images=[a, b, c], text=texts, return_tensors="pt", padding=True)
     assert nested["input_ids"].tolist() == flat["input_ids"].tolist()
     assert torch.equal(nested["pixel_values"], flat["pixel_values"])
+    # a prompt's list may hold a 4-d batch of images: its images, counted as such
+    batch = np.stack([np.asarray(b.resize((20, 100))), np.asarray(c.resize((20, 100)))])
+    batched = ours(images=[[a], [batch]], text=texts, return_tensors="pt", padding=True)
+    listed = ours(images=[[a], list(batch)], text=texts, return_tensors="pt", padding=True)
+    assert batched["input_ids"].tolist() == listed["input_ids"].tolist()
+    assert torch.equal(batched["pixel_values"], listed["pixel_values"])
+
+
+def test_unpadded_images_of_different_tile_counts_come_back_as_a_list_the_model_takes(clip_pair, clip_folder):
+    """do_pad=False with return_tensors="pt": one tensor per image (they cannot stack); the model gives the same
+    logits as from the padded 5-d tensor."""
+    from llava_next_plugin.modeling import LlavaNextForConditionalGeneration
+
+    ours, _ = clip_pair
+    images, texts = [random_image(30, 50, 1), random_image(100, 20, 2)], ["<image> a", "<image> b"]
+    ragged = ours(images=images, text=texts, return_tensors="pt", padding=True, do_pad=False)
+    padded = ours(images=images, text=texts, return_tensors="pt", padding=True)
+    assert isinstance(ragged["pixel_values"], list)
+    assert [t.shape[0] for t in ragged["pixel_values"]] != [padded["pixel_values"].shape[1]] * 2
+    model = LlavaNextForConditionalGeneration.from_pretrained(clip_folder).eval()
+    with torch.no_grad():
+        assert torch.equal(model(**ragged).logits, model(**padded).logits)
 
 
 def test_full_strategy_with_siglip_matches_reference(siglip_pair, siglip_folder):
@@ -173,6 +195,8 @@ def test_num_image_tokens_without_pixels(clip_pair, clip_folder):
     assert ours._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens == [
         config.image_geometry(h, w).num_tokens for h, w in sizes
     ]
+    with pytest.raises(InputError, match="height 0 and width 5: image size must be at least 1x1"):
+        ours.num_image_tokens(0, 5)
 
 
 def test_pil_backend(clip_folder):
