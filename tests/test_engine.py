@@ -425,6 +425,34 @@ def test_a_plugin_registered_on_a_refreshed_manager_observes_a_running_engine(en
     ]
 
 
+class Broken:
+    """An observer whose hooks raise."""
+
+    @hookimpl
+    def llava_next_before_generate(self, request_id, request):
+        raise KeyError("broken before")
+
+    @hookimpl
+    def llava_next_after_generate(self, request_id, result):
+        raise KeyError("broken after")
+
+
+def test_an_observer_that_raises_neither_fails_the_request_nor_silences_the_other_observers(engine, caplog):
+    recorder, broken = Recorder(), Broken()
+    manager = get_plugin_manager()
+    manager.register(recorder)
+    manager.register(broken)  # registered last: pluggy calls it first
+    try:
+        handle = engine.submit(engine.prepare(ask("Observed"), [photo(40, 40)], GREEDY))
+        result = handle.result(timeout=120)
+    finally:
+        manager.unregister(broken)
+        manager.unregister(recorder)
+    assert result.finish_reason in ("stop", "length")
+    assert recorder.started == [handle.id] and [e["id"] for e in recorder.ended] == [handle.id]
+    assert "broken before" in caplog.text and "broken after" in caplog.text
+
+
 def raise_oom_on_decode_at(model, position: int) -> None:
     """Make *model*'s language model raise like a CUDA OOM on any decode step (one new token per row) in which
     a row is at *position*."""

@@ -589,7 +589,18 @@ class Engine:
         handle._finish(result if error is None else None, error)
 
     def _call_hook(self, name: str, **kwargs: Any) -> None:
-        try:  # asked each time: get_plugin_manager caches it, and refresh=True replaces it
-            getattr(get_plugin_manager().hook, name)(**kwargs)
-        except Exception:  # an observer must not break generation
-            logger.exception("plugin hook %s failed", name)
+        """Call every plugin's *name* observer, each on its own: one that raises is logged, and neither generation
+        nor the other observers are affected (pluggy's own call would stop at the first that raises)."""
+        hook = getattr(get_plugin_manager().hook, name)  # asked each time: refresh=True replaces the manager
+        implementations = hook.get_hookimpls()
+        if any(impl.hookwrapper or impl.wrapper for impl in implementations):  # wrappers need pluggy's own call
+            try:
+                hook(**kwargs)
+            except Exception:
+                logger.exception("plugin hook %s failed", name)
+            return
+        for impl in reversed(implementations):  # pluggy's order: the last registered first
+            try:
+                impl.function(*[kwargs[arg] for arg in impl.argnames])
+            except Exception:  # an observer must not break generation
+                logger.exception("plugin %s's hook %s failed", impl.plugin_name, name)
