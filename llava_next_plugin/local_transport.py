@@ -22,10 +22,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from llava_next_sdk.errors import LlavaNextError, OverloadedError, ServerError
+from llava_next_sdk.errors import LlavaNextError, ModelNotFoundError, OverloadedError, ServerError
 from llava_next_sdk.hookspecs import hookimpl
 from llava_next_sdk.retry import RetryPolicy
 from llava_next_sdk.types import ChatRequest, GenerationResult
@@ -79,6 +80,7 @@ class LocalTransport:
                 f"unknown engine option(s) for a local model: {', '.join(unknown)}; "
                 f"accepted: {', '.join(ENGINE_OPTIONS)}"
             )
+        _check_engine_options(engine_options)
         limits = limits or Limits(allowed_url_domains=None)
         if allowed_url_domains is not None:
             limits = dataclasses.replace(limits, allowed_url_domains=_domains(allowed_url_domains))
@@ -107,7 +109,18 @@ class LocalTransport:
             async with self._lock:
                 if self._needs_engine():
                     # Loading a model takes seconds: in a worker thread, never on the event loop.
-                    self._engine = await anyio.to_thread.run_sync(self._load_engine)
+                    try:
+                        self._engine = await anyio.to_thread.run_sync(self._load_engine)
+                    except LlavaNextError:
+                        raise
+                    except OSError as exc:  # transformers' word for a folder or hub id it cannot find or read
+                        raise ModelNotFoundError(
+                            f"cannot load model {self.model!r}: {_first_line(exc)} (give a checkpoint folder or a "
+                            "hub id; offline, a local folder)",
+                            param="model",
+                        ) from exc
+                    except Exception as exc:  # only our error classes leave a transport
+                        raise ServerError(f"loading model {self.model!r} failed: {_first_line(exc)}") from exc
         assert self._engine is not None
         return self._engine
 
@@ -116,6 +129,13 @@ class LocalTransport:
 
         if self.model is None:  # __init__ refuses neither a model nor an engine: only a subclass could get here
             raise RuntimeError("this transport has no model to load")
+        path = Path(self.model).expanduser()
+        if self.model.startswith((".", "/", "~")) and not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"model {self.model!r} {'has no config.json' if path.exists() else 'does not exist'}: give a "
+                "checkpoint folder or a hub id",
+                param="model",
+            )
         return get_shared_engine(self.model, **self._engine_options)
 
     async def _submit(self, request: ChatRequest) -> tuple[Engine, RequestHandle]:
@@ -171,6 +191,29 @@ class LocalTransport:
         """Forget the engine (it is shared and stays up for the process's other clients)."""
         self._closed = True
         self._engine = None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_engine_options(options: dict[str, Any]) -> None:
+    """``device=`` and ``dtype=`` that cannot work are refused when the client is made, not at a model load."""
+    import torch
+
+    device, dtype = options.get("device"), options.get("dtype")
+    if device is not None:
+        try:
+            parsed = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as exc:
+            raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {exc}") from exc
+        if parsed.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}, but this torch sees no CUDA device: use device='cpu'")
+    if dtype is not None and not isinstance(dtype, torch.dtype) and dtype != "auto":
+        named = getattr(torch, str(dtype).removeprefix("torch."), None) if isinstance(dtype, str) else None
+        if not isinstance(named, torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not a torch dtype: use 'auto', 'float32', 'bfloat16' or 'float16'")
 
 
 def _domains(value: Any) -> tuple[str, ...]:

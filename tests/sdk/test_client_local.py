@@ -7,7 +7,7 @@ import threading
 
 import anyio
 import pytest
-from llava_next_sdk import AsyncClient, Client, GenerationResult, InvalidImageError, OverloadedError
+from llava_next_sdk import AsyncClient, Client, GenerationResult, InvalidImageError, ModelNotFoundError, OverloadedError
 from PIL import Image
 
 PROMPT = "Describe the picture."
@@ -178,6 +178,20 @@ def test_unknown_options_of_a_local_client_are_refused_by_name(tiny_checkpoint):
         anyio.run(functools.partial(_first_request, model=str(tiny_checkpoint), devcie="cpu"))
     with pytest.raises(TypeError, match=r"timeout: options of a server client, with base_url="):
         anyio.run(functools.partial(_first_request, model=str(tiny_checkpoint), timeout=5))
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"model": "./no/such/checkpoint"}, ModelNotFoundError, "'./no/such/checkpoint' does not exist"),
+        ({"device": "gpu0"}, ValueError, "device='gpu0' is not a torch device"),
+        ({"dtype": "float17"}, ValueError, "dtype='float17' is not a torch dtype"),
+    ],
+    ids=["missing-folder", "bad-device", "bad-dtype"],
+)
+def test_a_local_model_that_cannot_load_says_why_with_a_typed_error(tiny_checkpoint, options, error, match):
+    with pytest.raises(error, match=match):
+        anyio.run(functools.partial(_first_request, **{"model": str(tiny_checkpoint), **options}))
 
 
 # A process where the model package cannot be imported, as where only llava-next-sdk is installed.
