@@ -48,6 +48,9 @@ __all__ = [
 ]
 
 DEFAULT_IMAGE_SIZE = (1024, 768)
+#: Blocks per sequence at most: beyond, runs of text tokens are drawn a few tokens per block (a picture has
+#: blocks x blocks cells: a 2000-token prompt drawn token by token was 400 MB of HTML).
+MAX_BLOCKS = 160
 """``(width, height)`` of the image generated when a prompt has ``<image>`` but none is given."""
 
 FULL, PARTIAL, EMPTY = "full", "partial", "empty"
@@ -202,24 +205,38 @@ class AttentionMaskVisualizer:
         self.last_picture: MaskPicture | None = None
 
     # --- the public calls -------------------------------------------------------------------
-    def __call__(self, text: str | Sequence[str], images: Any = None, *, show: bool = True) -> MaskPicture:
+    def __call__(
+        self, text: str | Sequence[str], suffix: str = "", *, images: Any = None, show: bool = True
+    ) -> MaskPicture:
         """Build the picture for *text* (a prompt or a batch of prompts) and show it.
 
+        *suffix*: text appended to each prompt (transformers' visualizer takes it too, second).
         *images*: one image per ``<image>`` placeholder, in order over the whole batch (PIL, path,
         bytes, or URL); when omitted, a generated :data:`DEFAULT_IMAGE_SIZE` image fills each one.
         In a terminal the picture is printed as ANSI text; in Jupyter it is returned and displays as
         HTML. Returns the :class:`MaskPicture`.
         """
-        picture = self.mask_picture(text, images)
+        picture = self.mask_picture(text, images, suffix=suffix)
         if show and not _in_notebook():
             print(picture.to_ansi())
         return picture
 
-    def mask_picture(self, text: str | Sequence[str], images: Any = None) -> MaskPicture:
-        """The :class:`MaskPicture` for *text*, without showing it."""
+    def visualize_attention_mask(
+        self, input_sentence: str | Sequence[str], suffix: str = "", *, images: Any = None, show: bool = True
+    ) -> MaskPicture:
+        """transformers' name for calling the visualizer: the same as ``viz(input_sentence, suffix)``."""
+        return self(input_sentence, suffix, images=images, show=show)
+
+    def mask_picture(self, text: str | Sequence[str], images: Any = None, *, suffix: str = "") -> MaskPicture:
+        """The :class:`MaskPicture` for *text* (each prompt followed by *suffix*), without showing it."""
         prompts = [text] if isinstance(text, str) else list(text)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InputError("text must be a prompt string or a non-empty list of prompt strings")
+        if not isinstance(suffix, str):
+            raise InputError(
+                f"suffix must be a string appended to each prompt, got {type(suffix).__name__} (images go in images=)"
+            )
+        prompts = [p + suffix for p in prompts]
         if self.apply_chat_template:
             prompts = [self._templated(p) for p in prompts]
         placeholders = sum(p.count("<image>") for p in prompts)
@@ -309,7 +326,9 @@ class AttentionMaskVisualizer:
     def _blocks(
         self, ids: torch.Tensor, attention: torch.Tensor, tokens: list[str], geometries: list, next_image: int
     ) -> tuple[list[TokenBlock], int]:
-        """Collapse runs of ``<image>`` and of padding; every other token is its own block."""
+        """Collapse padding, and each image's ``<image>`` tokens (a run of touching images split by their token
+        counts); every other token is its own block, unless that makes more than :data:`MAX_BLOCKS`
+        (:func:`_group_text`)."""
         blocks, position, length = [], 0, len(tokens)
         while position < length:
             if not attention[position]:
@@ -318,19 +337,44 @@ class AttentionMaskVisualizer:
                     end += 1
                 blocks.append(TokenBlock(f"<pad> x{end - position}", position, end, "pad"))
             elif int(ids[position]) == self.image_token_id:
-                end = position
-                while end < length and int(ids[end]) == self.image_token_id and attention[end]:
-                    end += 1
-                label = f"<image> x{end - position}"
-                if next_image < len(geometries) and geometries[next_image].num_tokens == end - position:
-                    label = geometries[next_image].describe()
-                next_image += 1
-                blocks.append(TokenBlock(label, position, end, "image"))
+                run_end = position
+                while run_end < length and int(ids[run_end]) == self.image_token_id and attention[run_end]:
+                    run_end += 1
+                while position < run_end:  # one block per image, by its token count
+                    geometry = geometries[next_image] if next_image < len(geometries) else None
+                    if geometry is not None and geometry.num_tokens <= run_end - position:
+                        end, label = position + geometry.num_tokens, geometry.describe()
+                    else:  # counts that do not fit: the rest of the run, as it is
+                        end, label = run_end, f"<image> x{run_end - position}"
+                    next_image += 1
+                    blocks.append(TokenBlock(label, position, end, "image"))
+                    position = end
+                continue
             else:
                 end = position + 1
                 blocks.append(TokenBlock(tokens[position], position, end, "text"))
             position = end
-        return blocks, next_image
+        return _group_text(blocks, tokens), next_image
+
+
+def _group_text(blocks: list[TokenBlock], tokens: list[str]) -> list[TokenBlock]:
+    """*blocks* with runs of one-token text blocks merged a few tokens per block, as few per block as keeps the
+    count within :data:`MAX_BLOCKS` (unchanged when it is within already)."""
+    texts = sum(block.kind == "text" for block in blocks)
+    if len(blocks) <= MAX_BLOCKS or texts == 0:
+        return blocks
+    room = max(MAX_BLOCKS - (len(blocks) - texts), 1)
+    per_block = -(-texts // room)
+    grouped: list[TokenBlock] = []
+    for block in blocks:
+        last = grouped[-1] if grouped else None
+        if block.kind == "text" and last is not None and last.kind == "text" and last.size < per_block:
+            start = last.start
+            label = f"{tokens[start]}…{tokens[block.end - 1]} x{block.end - start}"
+            grouped[-1] = TokenBlock(label, start, block.end, "text")
+        else:
+            grouped.append(block)
+    return grouped
 
 
 def _generated_image():

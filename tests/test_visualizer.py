@@ -13,7 +13,7 @@ import llava_next_plugin
 from llava_next_plugin import AttentionMaskVisualizer
 from llava_next_plugin.errors import InputError
 from llava_next_plugin.hooks import get_plugin_manager, hookimpl
-from llava_next_plugin.visualizer import DEFAULT_IMAGE_SIZE, EMPTY, FULL, PARTIAL, MaskPicture
+from llava_next_plugin.visualizer import DEFAULT_IMAGE_SIZE, EMPTY, FULL, MAX_BLOCKS, PARTIAL, MaskPicture
 
 PROMPT = "<image> What is shown in this image?"
 
@@ -229,6 +229,31 @@ def test_reachable_through_transformers_import_path(checkpoint):
     finally:
         llava_next_plugin.register()
     assert isinstance(attention_visualizer.AttentionMaskVisualizer(str(checkpoint)), AttentionMaskVisualizer)
+
+
+def test_a_suffix_is_appended_to_the_prompt_as_in_transformers_visualizer(viz, photo):
+    whole = viz(PROMPT + " Answer:", images=photo, show=False)
+    for picture in (
+        viz(PROMPT, " Answer:", images=photo, show=False),
+        viz.visualize_attention_mask(PROMPT, suffix=" Answer:", images=photo, show=False),
+    ):
+        assert [s.tokens for s in picture.sequences] == [s.tokens for s in whole.sequences]
+    with pytest.raises(InputError, match=r"suffix must be a string .* \(images go in images=\)"):
+        viz(PROMPT, photo, show=False)
+
+
+def test_touching_images_are_a_block_each_and_a_long_prompt_stays_a_readable_size(viz, photo):
+    small = photo.resize((30, 80))
+    picture = viz("<image><image> compare", images=[photo, small], show=False)
+    config = viz._geometry_config()
+    images = [b.label for b in picture.sequences[0].blocks if b.kind == "image"]
+    assert images == [config.image_geometry(im.height, im.width).describe() for im in (photo, small)]
+
+    long = viz("<image> " + "word " * 2000, images=small, show=False).sequences[0]
+    assert len(long.blocks) <= MAX_BLOCKS
+    assert [b.start for b in long.blocks[1:]] == [b.end for b in long.blocks[:-1]]  # every position, in order
+    assert long.blocks[-1].end == len(long.tokens) and any(b.kind == "text" and b.size > 1 for b in long.blocks)
+    assert len(long.mask) == len(long.tokens) and len(MaskPicture("t", [long]).to_html()) < 5_000_000
 
 
 def test_bad_input(viz, photo, tmp_path):
