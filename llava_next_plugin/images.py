@@ -98,7 +98,7 @@ def load_image(source: Any, index: int | None = None, *, timeout: float = DEFAUL
     """
     what = describe_source(source)
     try:
-        image = get_plugin_manager().hook.llava_next_load_image(source=source, timeout=timeout)
+        image = _first_image(source, timeout, what, index)
     except ImageError as exc:
         if exc.index is None and index is not None:
             raise ImageError(exc.message, index=index, param=exc.param) from exc
@@ -120,6 +120,30 @@ def load_image(source: Any, index: int | None = None, *, timeout: float = DEFAUL
             index=index,
         )
     return to_rgb(image, what, index=index)
+
+
+def _first_image(source: Any, timeout: float, what: str, index: int | None) -> Any:
+    """The first image-source plugin's answer that is not ``None`` (pluggy's order: the last registered, ours
+    last of all), each plugin called on its own so that one failing in an unexpected way is named."""
+    hook = get_plugin_manager().hook.llava_next_load_image
+    implementations = hook.get_hookimpls()
+    if any(impl.hookwrapper or impl.wrapper for impl in implementations):  # wrappers need pluggy's own call
+        return hook(source=source, timeout=timeout)
+    arguments = {"source": source, "timeout": timeout}
+    for impl in reversed(implementations):
+        try:
+            image = impl.function(*[arguments[name] for name in impl.argnames])
+        except (LlavaNextError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            raise  # the image's own fault, or an error that already says what went wrong
+        except Exception as exc:  # a bug in that plugin: it would fail every image, so say which one
+            raise ImageError(
+                f"the image-source plugin {impl.plugin_name!r} failed on {what} ({type(exc).__name__}: {exc}): "
+                "fix or unregister that plugin",
+                index=index,
+            ) from exc
+        if image is not None:
+            return image
+    return None
 
 
 def load_images(sources: Sequence[Any], *, timeout: float = DEFAULT_TIMEOUT) -> list[Image.Image]:

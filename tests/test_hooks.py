@@ -229,6 +229,22 @@ def test_user_plugin_registered_later_overrides_a_builtin(fresh_manager):
         load_image(b"\x05 not an image")
 
 
+class NaiveBucket:
+    """A user image source that assumes every source is a string (a bug: PIL images reach it too)."""
+
+    @hooks.hookimpl
+    def llava_next_load_image(self, source, timeout):
+        return None if not source.startswith("bucket://") else Image.new("RGB", (2, 2))
+
+
+def test_an_image_source_plugin_with_a_bug_is_named_in_a_typed_error(fresh_manager):
+    fresh_manager.register(NaiveBucket(), name="naive-bucket")
+    assert load_image("bucket://a").size == (2, 2)
+    with pytest.raises(ImageError, match=r"plugin 'naive-bucket' failed on .*AttributeError.*fix or unregister") as info:
+        load_image(Image.new("RGB", (1, 1)), index=3)
+    assert info.value.index == 3
+
+
 def test_user_plugin_wins_even_when_registered_before_the_model_side_builtins():
     """The SDK side may build the manager (and a user register a plugin) before the model package adds
     its built-ins: those go in beneath, so the user's plugin still wins."""
