@@ -350,12 +350,12 @@ def _model_type_of(model: Any, config: Any = None, hub_kwargs: dict | None = Non
     source = config if isinstance(config, (str, os.PathLike)) else model
     if not isinstance(source, (str, os.PathLike)):
         return None
-    from transformers import AutoConfig
-
+    # config.json read as JSON: building a config could run a checkpoint's remote code (or ask whether to)
     try:
-        return AutoConfig.from_pretrained(os.fspath(source), **(hub_kwargs or {})).model_type
-    except Exception:  # noqa: BLE001 - transformers reports a bad model its own way
+        found = (_read_json(os.fspath(source), "config.json", hub_kwargs or {}) or {}).get("model_type")
+    except (OSError, ValueError, AttributeError):  # not JSON, or not an object: transformers will say so
         return None
+    return found if isinstance(found, str) else None
 
 
 def _install_image_to_text_route() -> Callable[[], None]:

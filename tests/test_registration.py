@@ -262,3 +262,18 @@ def test_public_names_resolve():
     assert llava_next_plugin.AttentionMaskVisualizer.__module__ == "llava_next_plugin.visualizer"
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         _ = llava_next_plugin.Nope
+
+
+def test_routing_a_pipeline_reads_a_checkpoints_model_type_without_running_its_remote_code(tmp_path):
+    """The image-to-text route asks each checkpoint's type; a remote-code checkpoint must not have its code run
+    (nor be asked whether to run it: that prompt blocked on stdin) just to learn it is not ours."""
+    from llava_next_plugin.registration import _model_type_of
+
+    marker = tmp_path / "ran"
+    (tmp_path / "custom.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = {"model_type": "mycustom", "auto_map": {"AutoConfig": "custom.MyConfig"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert _model_type_of(str(tmp_path)) == "mycustom"
+    assert not marker.exists()
+    (tmp_path / "config.json").write_text("[1, 2]")  # JSON, but no config
+    assert _model_type_of(str(tmp_path)) is None
