@@ -398,7 +398,9 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
             return pv[: len(index)] if isinstance(index, range) else pv[index]
 
         if not isinstance(pixel_values, torch.Tensor):
-            if not isinstance(pixel_values, (list, tuple)) or not all(isinstance(p, torch.Tensor) for p in pixel_values):
+            if not isinstance(pixel_values, (list, tuple)) or not all(
+                isinstance(p, torch.Tensor) for p in pixel_values
+            ):
                 raise InputError(
                     f"pixel_values must be a torch tensor or a list of them (one per image), got "
                     f"{type(pixel_values).__name__}: ask the processor for return_tensors='pt'",
@@ -410,7 +412,9 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                     f"give one (height, width) per image, as the processor returns them",
                     param="image_sizes",
                 )
-            return self._gather_tiles(torch.cat([used(pv, v) for pv, v in zip(pixel_values, views, strict=True)]), geoms)
+            return self._gather_tiles(
+                torch.cat([used(pv, v) for pv, v in zip(pixel_values, views, strict=True)]), geoms
+            )
         if pixel_values.dim() in (4, 5) and tuple(pixel_values.shape[-2:]) != (tile, tile):
             raise InputError(
                 f"pixel_values tiles are {tuple(pixel_values.shape[-2:])} pixels but the vision tower takes "
@@ -479,7 +483,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
 
     def _check_tower_inputs(self, tiles: torch.Tensor, layers: int | list[int]) -> None:
         """Channels and feature layers the vision tower and the projector can take (else a typed error)."""
-        vision = self.config.vision_config
+        vision: Any = self.config.vision_config
         channels = int(getattr(vision, "num_channels", 3))
         if tiles.dim() != 4 or tiles.shape[1] != channels:
             raise InputError(

@@ -333,11 +333,13 @@ _INSTALLERS: list[Callable[[], Callable[[], None]]] = [
 # === pipeline routing: the pipeline engineer appends its installer below =========================
 # Patch 3: transformers 5 rewrites the task "image-to-text" to "image-text-to-text" before any registry
 # is consulted (pipelines._resolve_deprecated_task, whose warning is itself a logging error). The
-# wrapped ``transformers.pipeline`` sends "image-to-text" calls whose model is of type llava_next to
+# patched ``transformers.pipeline`` sends "image-to-text" calls whose model is of type llava_next to
 # the factory as "image-text-to-text" with our pipeline class (so neither the rewrite nor its warning
 # happens); every other call reaches the original factory untouched.
 # Patch 4: ``transformers.utils.attention_visualizer.AttentionMaskVisualizer(<llava_next>)`` builds
 # our visualizer; any other model gets transformers' class, untouched.
+# Both patch the objects themselves (a function's code, a class's __new__), not the names bound to them, so
+# users who imported them before this package get the route too.
 def _model_type_of(model: Any, config: Any = None, hub_kwargs: dict | None = None) -> str | None:
     """The model type a checkpoint name/folder, config or loaded model is, or None when it can't be told."""
     for candidate in (config, model):
@@ -358,17 +360,38 @@ def _model_type_of(model: Any, config: Any = None, hub_kwargs: dict | None = Non
     return found if isinstance(found, str) else None
 
 
-def _install_image_to_text_route() -> Callable[[], None]:
-    import inspect
+_ROUTE = "_llava_next_pipeline_route"
+"""The name, in ``transformers.pipelines``' globals, of the route :func:`_trampoline` calls while registered."""
 
-    import transformers
+
+def _trampoline(*args: Any, **kwargs: Any) -> Any:
+    """The body ``transformers.pipeline`` runs while we are registered (its ``__code__``; globals are
+    ``transformers.pipelines``', where the route is set)."""
+    return _llava_next_pipeline_route(*args, **kwargs)  # type: ignore[name-defined]  # noqa: F821
+
+
+def _install_image_to_text_route() -> Callable[[], None]:
+    """Route ``pipeline("image-to-text", <llava_next model>)`` to our pipeline class.
+
+    The function object ``transformers.pipeline`` itself runs the route (its code is swapped, and put back by
+    the undo), so a ``from transformers import pipeline`` done before ``import llava_next_plugin`` is routed
+    too. Its original code runs, as a copy of the function, for every other call."""
+    import inspect
+    import types
+
     import transformers.pipelines as pipelines
 
-    original = pipelines.pipeline
+    function = pipelines.pipeline  # the object transformers.pipeline and every earlier import hold
+    saved = (function.__code__, function.__defaults__, function.__kwdefaults__)
+    original = types.FunctionType(
+        function.__code__, function.__globals__, function.__name__, function.__defaults__, function.__closure__
+    )
+    original.__kwdefaults__ = function.__kwdefaults__
+    original.__qualname__, original.__doc__ = function.__qualname__, function.__doc__
+    original.__annotations__ = dict(function.__annotations__)
     signature = inspect.signature(original)
 
-    @functools.wraps(original)
-    def pipeline(*args: Any, **kwargs: Any) -> Any:
+    def route(*args: Any, **kwargs: Any) -> Any:
         try:
             bound = signature.bind(*args, **kwargs)
         except TypeError:
@@ -387,40 +410,42 @@ def _install_image_to_text_route() -> Callable[[], None]:
         pipe.task = "image-to-text"
         return pipe
 
-    had_attribute = "pipeline" in vars(transformers)
-    previous = vars(transformers).get("pipeline")
-    pipelines.pipeline = pipeline
-    transformers.pipeline = pipeline
+    function.__globals__[_ROUTE] = route
+    function.__code__ = _trampoline.__code__
+    function.__defaults__, function.__kwdefaults__ = None, None
+    function.__wrapped__ = original  # type: ignore[attr-defined]  # inspect.signature shows the real parameters
 
     def undo() -> None:
-        pipelines.pipeline = original
-        if had_attribute:
-            vars(transformers)["pipeline"] = previous
-        else:
-            vars(transformers).pop("pipeline", None)
+        function.__code__, function.__defaults__, function.__kwdefaults__ = saved
+        vars(function).pop("__wrapped__", None)
+        function.__globals__.pop(_ROUTE, None)
 
     return undo
 
 
 def _install_visualizer_route() -> Callable[[], None]:
-    from transformers.utils import attention_visualizer
+    """``AttentionMaskVisualizer(<llava_next model>)`` of transformers builds ours: the class's own ``__new__`` is
+    set (and removed by the undo), so the class imported before ``import llava_next_plugin`` routes too."""
     from transformers.utils.attention_visualizer import AttentionMaskVisualizer as original
 
-    class AttentionMaskVisualizer(original):
-        __doc__ = original.__doc__
+    had_new = "__new__" in vars(original)
+    previous_new = vars(original).get("__new__")
 
-        def __new__(cls, model_name: Any, *args: Any, **kwargs: Any) -> Any:
-            if _model_type_of(model_name) == MODEL_TYPE:
-                from .visualizer import AttentionMaskVisualizer as ours
+    def __new__(cls: type, model_name: Any, *args: Any, **kwargs: Any) -> Any:
+        if cls is original and _model_type_of(model_name) == MODEL_TYPE:
+            from .visualizer import AttentionMaskVisualizer as ours
 
-                return ours(model_name, *args, **kwargs)  # not a cls instance: original __init__ is skipped
-            return super().__new__(cls)
+            return ours(model_name, *args, **kwargs)  # not an instance of cls: its __init__ is skipped
+        return object.__new__(cls)
 
-    # Rebinding transformers' class name is this patch's purpose (mypy forbids assigning to a class).
-    attention_visualizer.AttentionMaskVisualizer = AttentionMaskVisualizer  # type: ignore[misc]
+    # Setting transformers' class's constructor is this patch's purpose (mypy forbids assigning to a method).
+    original.__new__ = __new__  # type: ignore[method-assign,assignment]
 
     def undo() -> None:
-        attention_visualizer.AttentionMaskVisualizer = original  # type: ignore[misc]
+        if had_new:
+            original.__new__ = previous_new  # type: ignore[method-assign,assignment]
+        else:
+            del original.__new__
 
     return undo
 

@@ -240,7 +240,9 @@ class NaiveBucket:
 def test_an_image_source_plugin_with_a_bug_is_named_in_a_typed_error(fresh_manager):
     fresh_manager.register(NaiveBucket(), name="naive-bucket")
     assert load_image("bucket://a").size == (2, 2)
-    with pytest.raises(ImageError, match=r"plugin 'naive-bucket' failed on .*AttributeError.*fix or unregister") as info:
+    with pytest.raises(
+        ImageError, match=r"plugin 'naive-bucket' failed on .*AttributeError.*fix or unregister"
+    ) as info:
         load_image(Image.new("RGB", (1, 1)), index=3)
     assert info.value.index == 3
 

@@ -11,8 +11,8 @@ import json
 
 import checkpoints
 import numpy as np
-import torch
 import pytest
+import torch
 from PIL import Image
 from transformers.models.llava_next.image_processing_pil_llava_next import (
     LlavaNextImageProcessorPil as ReferencePil,

@@ -266,19 +266,24 @@ def test_other_models_reach_transformers_unchanged(checkpoint):
     assert not isinstance(built, LlavaNextImageToTextPipeline)
 
 
-def test_unregister_gives_back_transformers_factory(checkpoint):
+def test_unregister_gives_back_transformers_factory_and_an_early_import_is_routed_too(checkpoint):
+    import inspect
+
     import transformers
     import transformers.pipelines as pipelines
 
-    ours = transformers.pipeline
+    code = pipelines.pipeline.__code__
     llava_next_plugin.unregister()
     try:
-        assert pipelines.pipeline is not ours and transformers.pipeline is pipelines.pipeline
-        assert not hasattr(pipelines.pipeline, "__wrapped__")
+        early = transformers.pipeline  # as `from transformers import pipeline` before `import llava_next_plugin`
+        assert early is pipelines.pipeline and early.__code__ is not code
+        assert not hasattr(early, "__wrapped__") and "_llava_next_pipeline_route" not in vars(pipelines)
+        plain = early("image-to-text", model=str(checkpoint), device="cpu")
+        assert type(plain).__name__ == "ImageTextToTextPipeline"
     finally:
         llava_next_plugin.register()
-    assert transformers.pipeline is not pipelines.pipeline.__wrapped__
-    built = transformers.pipeline("image-to-text", model=str(checkpoint), device="cpu")
+    assert early.__code__ is code and "model" in inspect.signature(early).parameters
+    built = early("image-to-text", model=str(checkpoint), device="cpu")
     assert isinstance(built, LlavaNextImageToTextPipeline)
 
 

@@ -225,10 +225,11 @@ def test_reachable_through_transformers_import_path(checkpoint):
     assert isinstance(built, AttentionMaskVisualizer)
     llava_next_plugin.unregister()
     try:
-        assert attention_visualizer.AttentionMaskVisualizer.__module__ == "transformers.utils.attention_visualizer"
+        early = attention_visualizer.AttentionMaskVisualizer  # imported before `import llava_next_plugin`
+        assert early.__module__ == "transformers.utils.attention_visualizer" and "__new__" not in vars(early)
     finally:
         llava_next_plugin.register()
-    assert isinstance(attention_visualizer.AttentionMaskVisualizer(str(checkpoint)), AttentionMaskVisualizer)
+    assert isinstance(early(str(checkpoint)), AttentionMaskVisualizer)
 
 
 def test_a_suffix_is_appended_to_the_prompt_as_in_transformers_visualizer(viz, photo):
