@@ -21,16 +21,20 @@ What it accepts (each image may be a PIL image, a path, ``bytes``, or an ``http(
   message parser reads (:func:`llava_next_sdk.messages.read_messages`: OpenAI ``image_url`` parts,
   ``ChatMessage`` objects...). ``{"type": "image"}`` parts without an image take the images given with
   ``images=``.
-- Any generate argument (``max_new_tokens``, ``do_sample``, ``streamer``...) passes through, either as
-  a keyword or in ``generate_kwargs={...}``.
+- Any generate argument (``max_new_tokens``, ``do_sample``, ``num_return_sequences``, ``streamer``...) passes
+  through, either as a keyword or in ``generate_kwargs={...}`` (the same name in both must agree).
+- transformers' pipeline arguments: ``stop_sequence`` (generation stops with the token that completes it), ``continue_final_message``
+  (chat messages ending with an assistant turn are continued, by default), ``processor_kwargs``,
+  ``return_tensors=True`` (token ids instead of text), ``skip_special_tokens``, ``clean_up_tokenization_spaces``;
+  ``return_full_text`` may only be ``False`` (the answer never holds the prompt).
 - ``detail="low"``: OpenAI's ``detail`` for every image of the call: the base view only (one tile's
   tokens, 576 on llava-v1.6-mistral); ``"high"``/``"auto"`` (the default) the full any-resolution tiles.
   An image part of chat messages may set its own (``{"type": "image", "image": img, "detail": "low"}``, or
   in an OpenAI ``image_url``); a part's ``low`` or ``high`` wins over the call's. It goes to the processor
   and to ``generate`` alike (``image_detail=``, one per image of a batch).
 
-A single request returns ``[{"generated_text": answer}]``; a batch returns one such list per item.
-The answer holds only the generated text, never the prompt.
+A single request returns ``[{"generated_text": answer}]`` (one dict per returned sequence); a batch returns
+one such list per item. The answer holds only the generated text, never the prompt.
 """
 
 from __future__ import annotations
@@ -59,6 +63,13 @@ DEFAULT_IMAGE_TIMEOUT = 10.0
 """Seconds allowed for fetching one image from an ``http(s)://`` URL."""
 
 IMAGE_PLACEHOLDER = "<image>"
+
+PREPROCESS_PARAMETERS = frozenset({"continue_final_message", "processor_kwargs"})
+"""transformers' pipeline arguments that shape the prompt and the processor's call."""
+POSTPROCESS_PARAMETERS = frozenset(
+    {"return_full_text", "return_tensors", "skip_special_tokens", "clean_up_tokenization_spaces"}
+)
+"""transformers' pipeline arguments that shape the answer."""
 
 
 @dataclass
@@ -148,12 +159,44 @@ class LlavaNextImageToTextPipeline(Pipeline):
 
     # --- transformers' Pipeline protocol --------------------------------------------------
     def _sanitize_parameters(
-        self, generate_kwargs: dict[str, Any] | None = None, **kwargs: Any
+        self, generate_kwargs: dict[str, Any] | None = None, stop_sequence: Any = None, **kwargs: Any
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """Every keyword that is not the pipeline's own is a generate argument."""
+        """``(preprocess, generate, postprocess)`` arguments: transformers' pipeline arguments go where they act;
+        every other keyword is a generate argument, as is each of *generate_kwargs*."""
+        if generate_kwargs is not None and not isinstance(generate_kwargs, Mapping):
+            raise InputError(f"generate_kwargs must be a dict, got {type(generate_kwargs).__name__}")
         forward_params = dict(generate_kwargs or {})
-        forward_params.update(kwargs)
-        return {}, forward_params, {}
+        for name, value in kwargs.items():
+            if name in PREPROCESS_PARAMETERS or name in POSTPROCESS_PARAMETERS:
+                continue
+            if name in forward_params and forward_params[name] != value:
+                raise InputError(
+                    f"{name} was given twice, as {value!r} and in generate_kwargs as {forward_params[name]!r}: "
+                    "give it once"
+                )
+            forward_params[name] = value
+        if stop_sequence is not None:  # generation stops with the token completing it (kept in the answer)
+            stops = [stop_sequence] if isinstance(stop_sequence, str) else stop_sequence
+            if not isinstance(stops, (list, tuple)) or not stops or not all(isinstance(x, str) and x for x in stops):
+                raise InputError(f"stop_sequence must be a non-empty string (or a list of them), got {stop_sequence!r}")
+            forward_params["stop_strings"] = list(stops)
+        for name in ("max_new_tokens", "num_return_sequences"):
+            value = forward_params.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise InputError(f"{name} must be a whole number of at least 1, got {value!r}")
+        preprocess_params = {k: v for k, v in kwargs.items() if k in PREPROCESS_PARAMETERS}
+        postprocess_params = {k: v for k, v in kwargs.items() if k in POSTPROCESS_PARAMETERS}
+        if postprocess_params.get("return_full_text"):
+            raise InputError(
+                "return_full_text=True is not offered: this pipeline's answer is the generated text alone "
+                "(prepend the prompt yourself if you need it)"
+            )
+        processor_kwargs = preprocess_params.get("processor_kwargs")
+        if processor_kwargs is not None and not isinstance(processor_kwargs, Mapping):
+            raise InputError(f"processor_kwargs must be a dict, got {type(processor_kwargs).__name__}")
+        if processor_kwargs and "image_detail" in processor_kwargs:  # the model must be told too
+            raise InputError("give the image detail as detail=, not in processor_kwargs: the model needs it too")
+        return preprocess_params, forward_params, postprocess_params
 
     def preprocess(self, input_: list[_Request], **preprocess_parameters: Any) -> dict[str, Any]:
         """Load the images of a batch of requests, format the prompts, and run the processor (left padding).
@@ -171,19 +214,13 @@ class LlavaNextImageToTextPipeline(Pipeline):
         for request in input_:
             for source in request.images:
                 images.append(self._load_image(source, index=len(images), timeout=timeout))
-            prompts.append(self._format(request))
+            prompts.append(self._format(request, preprocess_parameters.get("continue_final_message")))
         # Left padding: generation continues every row from its last column.
-        detail = {} if image_detail is None else {"image_detail": image_detail}
-        return dict(
-            self._processor(
-                images=images or None,
-                text=prompts,
-                padding=True,
-                padding_side="left",
-                return_tensors="pt",
-                **detail,
-            )
-        )
+        settings = {**(preprocess_parameters.get("processor_kwargs") or {})}
+        settings.update(padding=True, padding_side="left", return_tensors="pt")
+        if image_detail is not None:
+            settings["image_detail"] = image_detail
+        return dict(self._processor(images=images or None, text=prompts, **settings))
 
     def _forward(self, input_tensors: dict[str, Any], **forward_parameters: Any) -> ModelOutput:
         """``model.generate`` on one padded batch; returns only the new tokens, ``new_tokens: [batch, new]``."""
@@ -198,17 +235,35 @@ class LlavaNextImageToTextPipeline(Pipeline):
         pad_token_id = self._processor.tokenizer.pad_token_id
         if "pad_token_id" not in generate_kwargs and pad_token_id is not None:
             generate_kwargs["pad_token_id"] = pad_token_id
+        if "stop_strings" in generate_kwargs:
+            generate_kwargs.setdefault("tokenizer", self._processor.tokenizer)
         model_inputs = dict(input_tensors)
-        if "pixel_values" in model_inputs and model.dtype.is_floating_point:
-            model_inputs["pixel_values"] = model_inputs["pixel_values"].to(model.dtype)
+        pixels = model_inputs.get("pixel_values")
+        if pixels is not None and model.dtype.is_floating_point:  # a list with do_pad=False: one tensor per image
+            model_inputs["pixel_values"] = (
+                [p.to(model.dtype) for p in pixels] if isinstance(pixels, list) else pixels.to(model.dtype)
+            )
         prompt_length = model_inputs["input_ids"].shape[1]
         output = model.generate(**model_inputs, **generate_kwargs)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        return ModelOutput({"new_tokens": sequences[:, prompt_length:]})
+        # num_return_sequences: each request's sequences are consecutive rows
+        per_request = sequences.shape[0] // model_inputs["input_ids"].shape[0]
+        return ModelOutput({"new_tokens": sequences[:, prompt_length:], "per_request": per_request})
 
-    def postprocess(self, model_outputs: ModelOutput, **postprocess_parameters: Any) -> list[list[dict[str, str]]]:
-        texts = self._processor.tokenizer.batch_decode(model_outputs["new_tokens"], skip_special_tokens=True)
-        return [[{"generated_text": text.strip()}] for text in texts]
+    def postprocess(self, model_outputs: ModelOutput, **postprocess_parameters: Any) -> list[list[dict[str, Any]]]:
+        """One list per request, of one dict per returned sequence: ``{"generated_text": str}``, or with
+        ``return_tensors=True`` ``{"generated_token_ids": list[int]}``."""
+        tokens, per_request = model_outputs["new_tokens"], int(model_outputs.get("per_request", 1))
+        if postprocess_parameters.get("return_tensors"):
+            items: list[dict[str, Any]] = [{"generated_token_ids": row.tolist()} for row in tokens]
+        else:
+            decode = {
+                "skip_special_tokens": postprocess_parameters.get("skip_special_tokens", True),
+                "clean_up_tokenization_spaces": postprocess_parameters.get("clean_up_tokenization_spaces"),
+            }
+            texts = self._processor.tokenizer.batch_decode(tokens, **decode)
+            items = [{"generated_text": text.strip()} for text in texts]
+        return [items[start : start + per_request] for start in range(0, len(items), per_request)]
 
     # --- the call ---------------------------------------------------------------------------
     def __call__(
@@ -249,8 +304,10 @@ class LlavaNextImageToTextPipeline(Pipeline):
             raise InputError("no image given: call pipe(image, prompt=...) or pipe(messages)")
         requests, single = self._requests(inputs, prompt, images)
         batch_size = batch_size or self._batch_size or 1
-        _, forward_params, _ = self._sanitize_parameters(**kwargs)
+        preprocess_params, forward_params, postprocess_params = self._sanitize_parameters(**kwargs)
+        preprocess_params = {**self._preprocess_params, **preprocess_params}
         forward_params = {**self._forward_params, **forward_params}
+        postprocess_params = {**self._postprocess_params, **postprocess_params}
         detail = forward_params.pop("detail", None)  # OpenAI's detail: for the processor and generate alike
         results: list[Any] = []
         for start in range(0, len(requests), batch_size):
@@ -258,9 +315,10 @@ class LlavaNextImageToTextPipeline(Pipeline):
             image_detail: str | list[str] | None = detail
             if any(d != "auto" for r in batch for d in r.details):  # a part set its own: one value per image
                 image_detail = [d for r in batch for d in r.image_detail(detail)]
-            model_inputs = self.preprocess(batch, timeout=timeout, image_detail=image_detail)
+            model_inputs = self.preprocess(batch, timeout=timeout, image_detail=image_detail, **preprocess_params)
             detail_kwargs = {} if image_detail is None else {"image_detail": image_detail}
-            results.extend(self.postprocess(self.forward(model_inputs, **forward_params, **detail_kwargs)))
+            outputs = self.forward(model_inputs, **forward_params, **detail_kwargs)
+            results.extend(self.postprocess(outputs, **postprocess_params))
         return results[0] if single else results
 
     def _requests(self, inputs: Any, prompt: Any, images: Any) -> tuple[list[_Request], bool]:
@@ -334,17 +392,21 @@ class LlavaNextImageToTextPipeline(Pipeline):
 
         return load_image(source, index, timeout=timeout)
 
-    def _format(self, request: _Request) -> str:
-        """The model-ready prompt string for one request."""
+    def _format(self, request: _Request, continue_final_message: bool | None = None) -> str:
+        """The model-ready prompt string for one request. Chat messages ending with an assistant turn are
+        continued from its text unless *continue_final_message* is ``False`` (as transformers' pipeline)."""
         from .prompts import build_prompt
 
         if request.messages is not None:
+            if continue_final_message is None:
+                continue_final_message = bool(request.messages) and request.messages[-1].role == "assistant"
             return build_prompt(
                 list(request.messages),
                 self._processor,
                 self.model.config,
                 family=self.prompt_family,
                 num_images=len(request.images),
+                continue_final_message=bool(continue_final_message),
             )
         text = self.default_prompt if request.prompt is None else request.prompt
         if not isinstance(text, str):

@@ -158,6 +158,7 @@ def build_prompt(
     *,
     family: str | None = None,
     num_images: int | None = None,
+    continue_final_message: bool = False,
 ) -> str:
     """The text to hand the processor: the prompt in the checkpoint's chat format, ending where the
     assistant's answer starts, with one ``<image>`` placeholder per image.
@@ -174,6 +175,8 @@ def build_prompt(
         checkpoint has a chat template.
     :param num_images: how many images go with the prompt; placeholders are added at the start of the
         first user message when there are none (one when None), and a different count is an error.
+    :param continue_final_message: end the text inside the last message (an assistant's answer begun, to be
+        continued), without the turn's end or a new assistant turn.
     :raises InputError: for a malformed prompt, a placeholder count that does not match
         *num_images*, an unknown *family*, or a checkpoint whose family cannot be told.
     """
@@ -194,9 +197,9 @@ def build_prompt(
     if family is None:
         checkpoint_template = getattr(tokenizer, "chat_template", None) or getattr(tok, "chat_template", None)
         if checkpoint_template:
-            return _render(checkpoint_template, messages, tok)
+            return _render(checkpoint_template, messages, tok, continue_final_message)
     template = _family_template(family, tok, config)
-    return _render(template, messages, tok)
+    return _render(template, messages, tok, continue_final_message)
 
 
 def _is_formatted(prompt: str) -> bool:
@@ -281,17 +284,33 @@ def _fit_placeholders(messages: list[dict], wanted: int, *, strict: bool) -> Non
         )
 
 
-def _render(template: str, messages: list[dict], tokenizer: Any) -> str:
+def _render(template: str, messages: list[dict], tokenizer: Any, continue_final_message: bool = False) -> str:
     from jinja2 import TemplateError
 
     try:
         if tokenizer is not None and hasattr(tokenizer, "apply_chat_template"):
             return tokenizer.apply_chat_template(
-                messages, chat_template=template, tokenize=False, add_generation_prompt=True
+                messages,
+                chat_template=template,
+                tokenize=False,
+                add_generation_prompt=not continue_final_message,
+                continue_final_message=continue_final_message,
             )
-        return _compile(template).render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
+        text = _compile(template).render(
+            messages=messages, add_generation_prompt=not continue_final_message, bos_token="", eos_token=""
+        )
     except TemplateError as exc:  # raise_exception() in a template, or a template that does not fit the messages
         raise InputError(f"the chat template refused these messages: {exc}", param="messages") from exc
+    except ValueError as exc:  # transformers: a final message it cannot find in the text to continue it
+        raise InputError(f"cannot continue the final message: {exc}", param="messages") from exc
+    if continue_final_message:  # cut the text right after the last message's own words
+        texts = [part["text"] for part in messages[-1]["content"] if part["type"] == "text"]
+        last = texts[-1].strip() if texts else ""
+        end = text.rfind(last)
+        if not last or end < 0:
+            raise InputError("cannot continue the final message: it has no text to continue", param="messages")
+        text = text[: end + len(last)]
+    return text
 
 
 @functools.lru_cache(maxsize=16)

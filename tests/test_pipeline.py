@@ -145,6 +145,68 @@ def test_generate_arguments_pass_through(pipe, photo):
     assert sampled[0]["generated_text"] != ""
 
 
+def test_several_sequences_per_request_come_back_as_a_list_per_request(pipe, photo, tall):
+    beams = {"max_new_tokens": NEW, "num_beams": 2, "num_return_sequences": 2}
+    one = pipe(photo, prompt=QUESTION, **beams)
+    assert len(one) == 2 and all(set(item) == {"generated_text"} for item in one)
+    batch = pipe([photo, tall], prompt=[QUESTION, "Hi"], batch_size=2, **beams)
+    assert [len(items) for items in batch] == [2, 2]
+    assert batch[0] == one and batch[1] == pipe(tall, prompt="Hi", **beams)  # not shifted by the first's
+
+
+def test_transformers_pipeline_arguments_act_where_they_belong(pipe, photo):
+    text = pipe(photo, prompt=QUESTION, max_new_tokens=NEW)[0]["generated_text"]
+    ids = pipe(photo, prompt=QUESTION, max_new_tokens=NEW, return_tensors=True)[0]["generated_token_ids"]
+    tokenizer = pipe.processor.tokenizer
+    assert tokenizer.decode(ids, skip_special_tokens=True).strip() == text
+    assert pipe(photo, prompt=QUESTION, max_new_tokens=NEW, return_full_text=False)[0]["generated_text"] == text
+    kept = pipe(
+        photo, prompt=QUESTION, max_new_tokens=NEW, skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+    assert kept[0]["generated_text"] == tokenizer.decode(ids, skip_special_tokens=False).strip()
+    # stop_sequence: generation stops with the token that completes it
+    stop = text.split()[0][:2]
+    stopped = pipe(photo, prompt=QUESTION, max_new_tokens=NEW, stop_sequence=stop)[0]["generated_text"]
+    assert stop in stopped and text.startswith(stopped) and len(stopped) < len(text)
+    unpadded = pipe(photo, prompt=QUESTION, max_new_tokens=NEW, processor_kwargs={"do_pad": False})
+    assert unpadded[0]["generated_text"] == text
+
+
+@pytest.mark.parametrize(
+    "arguments, match",
+    [
+        ({"max_new_tokens": "x"}, "max_new_tokens must be a whole number of at least 1, got 'x'"),
+        ({"max_new_tokens": 4, "generate_kwargs": {"max_new_tokens": 3}}, "max_new_tokens was given twice"),
+        ({"return_full_text": True}, "return_full_text=True is not offered"),
+        ({"stop_sequence": ""}, "stop_sequence must be a non-empty string"),
+        ({"processor_kwargs": {"image_detail": "low"}}, "give the image detail as detail="),
+    ],
+    ids=["not-a-number", "given-twice", "full-text", "empty-stop", "detail-to-the-processor-alone"],
+)
+def test_pipeline_arguments_that_cannot_work_are_refused_by_name(pipe, photo, arguments, match):
+    with pytest.raises(InputError, match=match):
+        pipe(photo, prompt=QUESTION, **arguments)
+
+
+def test_chat_ending_with_an_assistant_turn_is_continued_as_transformers_does(pipe, checkpoint, photo):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.pipelines import ImageTextToTextPipeline
+
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": photo}, {"type": "text", "text": QUESTION}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "The chart"}]},
+    ]
+    with llava_next_plugin.use_transformers_builtins():
+        reference = ImageTextToTextPipeline(
+            model=AutoModelForImageTextToText.from_pretrained(str(checkpoint)),
+            processor=AutoProcessor.from_pretrained(str(checkpoint)),
+        )
+    expected = reference(text=messages, max_new_tokens=NEW, return_full_text=False)[0]["generated_text"]
+    assert pipe(messages, max_new_tokens=NEW)[0]["generated_text"] == expected.strip()
+    new_turn = pipe(messages, max_new_tokens=NEW, continue_final_message=False)[0]["generated_text"]
+    assert new_turn != expected.strip()
+
+
 class _ImageHandler(http.server.BaseHTTPRequestHandler):
     payload = b""
 
