@@ -23,8 +23,9 @@ What it accepts (each image may be a PIL image, a path, ``bytes``, or an ``http(
   ``images=``.
 - Any generate argument (``max_new_tokens``, ``do_sample``, ``num_return_sequences``, ``streamer``...) passes
   through, either as a keyword or in ``generate_kwargs={...}`` (the same name in both must agree).
-- transformers' pipeline arguments: ``stop_sequence`` (generation stops with the token that completes it), ``continue_final_message``
-  (chat messages ending with an assistant turn are continued, by default), ``processor_kwargs``,
+- transformers' pipeline arguments: ``stop_sequence`` (generation stops with the token that completes it),
+  ``continue_final_message`` (chat messages ending with an assistant turn are continued, by default),
+  ``processor_kwargs``,
   ``return_tensors=True`` (token ids instead of text), ``skip_special_tokens``, ``clean_up_tokenization_spaces``;
   ``return_full_text`` may only be ``False`` (the answer never holds the prompt).
 - ``detail="low"``: OpenAI's ``detail`` for every image of the call: the base view only (one tile's
