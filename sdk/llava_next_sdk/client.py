@@ -20,7 +20,7 @@ import queue
 import threading
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from typing import Any
 
 import anyio
@@ -362,11 +362,13 @@ class _LoopThread:
     """An asyncio event loop on a daemon thread; ``run(coro)`` runs a coroutine there and waits.
 
     This is what lets the sync client work in Jupyter, whose own loop is already running in the main
-    thread: our loop is a different one, on a different thread.
+    thread: our loop is a different one, on a different thread. :meth:`stop` cancels what still runs there
+    (a call waiting on another thread then raises :class:`LlavaNextError`), then stops the loop.
     """
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
+        self.stopping = False
         self._thread = threading.Thread(target=self._main, name="llava-next-sdk-loop", daemon=True)
         self._thread.start()
 
@@ -375,27 +377,64 @@ class _LoopThread:
         self.loop.run_forever()
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> Future:
+        if self.stopping or self.loop.is_closed():
+            coro.close()  # never started: no "never awaited" warning
+            raise LlavaNextError("this client is closed")
         return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         if threading.current_thread() is self._thread:
+            coro.close()
             raise RuntimeError("a sync Client cannot be called from its own event-loop thread")
         future = self.submit(coro)
         try:
             return future.result()
+        except CancelledError:
+            if self.stopping:  # close() on another thread cancelled this call
+                raise LlavaNextError("the client was closed while this call was running") from None
+            raise
         except BaseException:
             future.cancel()  # KeyboardInterrupt in the caller cancels the work on the loop
             raise
 
-    def stop(self) -> None:
-        if self.loop.is_closed():
+    def stop(self, before: Coroutine[Any, Any, Any] | None = None) -> None:
+        """Run *before* (the client's ``aclose``), cancel every task still on the loop, stop it, close it."""
+        if self.loop.is_closed() or self.stopping:
+            if before is not None:
+                before.close()
             return
+        self.stopping = True
+
+        async def wind_down() -> None:
+            if before is not None:
+                try:
+                    await before
+                except Exception:
+                    pass  # closing is best effort; the tasks below are cancelled anyway
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+
+        if threading.current_thread() is self._thread:  # collected on our own thread: cannot wait here
+            if before is not None:
+                before.close()
+            self.loop.call_soon(self.loop.stop)
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(wind_down(), self.loop).result(timeout=10)
+        except Exception:
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
-        if threading.current_thread() is self._thread:
-            return  # collected on our own thread: the loop stops when this callback returns
         self._thread.join(timeout=10)
         if not self._thread.is_alive():
             self.loop.close()
+
+
+def _close_client(runner: _LoopThread, client: AsyncClient) -> None:
+    """Close *client*'s transport (its connections) and stop *runner*: ``Client.close()``, and the finalizer of
+    a client dropped without closing it."""
+    runner.stop(client.aclose())
 
 
 class Client:
@@ -403,7 +442,8 @@ class Client:
     methods without ``await``; ``stream`` is a plain context manager and iterator).
 
     It runs an event loop on a background thread, so it also works where a loop is already running
-    (Jupyter). Close it with ``close()`` or a ``with`` block.
+    (Jupyter). Close it with ``close()`` or a ``with`` block; a call still running on another thread then
+    raises :class:`LlavaNextError`.
     """
 
     def __init__(self, model: str | os.PathLike | None = None, **kwargs: Any) -> None:
@@ -417,8 +457,8 @@ class Client:
         except BaseException:
             self._runner.stop()
             raise
-        # A client dropped without close() still stops its thread when it is garbage collected.
-        self._finalizer = weakref.finalize(self, self._runner.stop)
+        # A client dropped without close() still closes its connections and stops its thread when collected.
+        self._finalizer = weakref.finalize(self, _close_client, self._runner, self._async)
 
     @property
     def async_client(self) -> AsyncClient:
@@ -434,18 +474,13 @@ class Client:
         return self._runner.run(self._async.map(items, concurrency=concurrency, **params))
 
     def stream(self, images: Any, prompt: str, **kwargs: Any) -> SyncTextStream:
-        return SyncTextStream(self._runner, self._async.stream(images, prompt, **kwargs))
+        return SyncTextStream(self, self._async.stream(images, prompt, **kwargs))
 
     def stream_chat(self, messages: Sequence[Mapping | ChatMessage], **params: Any) -> SyncTextStream:
-        return SyncTextStream(self._runner, self._async.stream_chat(messages, **params))
+        return SyncTextStream(self, self._async.stream_chat(messages, **params))
 
     def close(self) -> None:
-        if self._runner.loop.is_closed():
-            return
-        try:
-            self._runner.run(self._async.aclose())
-        finally:
-            self._finalizer()
+        self._finalizer()  # once: closes the transport, cancels calls still running, stops the thread
 
     def __enter__(self) -> Client:
         return self
@@ -459,15 +494,18 @@ class SyncTextStream:
 
     The async stream runs as one task on the client's loop thread and hands deltas over a queue;
     leaving the block early cancels that task, which closes the connection or stops the generation.
+    ``text``, ``result``, ``usage`` and ``finish_reason`` tell what this side has read (as the async stream's do).
     """
 
-    def __init__(self, runner: _LoopThread, stream: TextStream) -> None:
-        self._runner = runner
+    def __init__(self, client: Client, stream: TextStream) -> None:
+        self._client = client  # held: a Client(...).stream(...) one-liner must not be collected under the stream
+        self._runner = client._runner
         self._stream = stream
         self._queue: queue.Queue = queue.Queue()
         self._future: Future | None = None
         self._pump_done = threading.Event()
         self._finished = False
+        self._deltas: list[str] = []
 
     async def _pump(self) -> None:
         try:
@@ -512,7 +550,16 @@ class SyncTextStream:
         if kind == "end":
             self._finished = True
             raise StopIteration
+        self._deltas.append(value)
         return value
+
+    def until_done(self) -> GenerationResult:
+        """Read the rest of the stream and return the result."""
+        for _ in self:
+            pass
+        if self.result is None:
+            raise LlavaNextError("the stream ended without a result")
+        return self.result
 
     def __exit__(self, *exc: Any) -> None:
         future = self._future
@@ -522,12 +569,21 @@ class SyncTextStream:
 
     @property
     def result(self) -> GenerationResult | None:
-        return self._stream.result
+        """The result, once this side has read to the end (``None`` before)."""
+        return self._stream.result if self._finished else None
 
     @property
     def text(self) -> str:
-        return self._stream.text
+        """The deltas read so far; the whole text once finished."""
+        result = self.result
+        return result.text if result is not None else "".join(self._deltas)
 
     @property
     def usage(self) -> Usage | None:
-        return self._stream.usage
+        result = self.result
+        return result.usage if result is not None else None
+
+    @property
+    def finish_reason(self) -> str | None:
+        result = self.result
+        return result.finish_reason if result is not None else None

@@ -95,6 +95,42 @@ def test_closing_the_sync_client_stops_its_thread(standin):
     assert not thread.is_alive()
 
 
+def test_closing_the_sync_client_ends_a_call_running_on_another_thread_and_later_calls_say_it_is_closed(standin):
+    url, _ = standin.endpoint("slow")  # answers after 2 s
+    client = Client(base_url=url, model="m")
+    outcome: dict = {}
+
+    def call() -> None:
+        try:
+            client.generate(None, "hi")
+        except BaseException as exc:  # noqa: BLE001 - what the call raised is the point
+            outcome["error"] = exc
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    threading.Event().wait(0.3)  # the call is waiting for the answer
+    client.close()
+    caller.join(5)
+    assert not caller.is_alive()
+    error = outcome["error"]
+    assert isinstance(error, LlavaNextError) and "closed while this call was running" in str(error)
+    with pytest.raises(LlavaNextError, match="this client is closed"):
+        client.generate(None, "again")
+    with pytest.raises(LlavaNextError, match="this client is closed"):
+        with client.stream(None, "again"):
+            pass
+
+
+def test_a_sync_stream_of_a_client_made_on_the_same_line_and_what_it_tells_while_read(standin):
+    url, _ = standin.endpoint("ok")
+    with Client(base_url=url, model="m").stream(None, "one two") as stream:  # the client is not kept by the caller
+        gc.collect()
+        first = next(stream)
+        assert stream.text == first == "echo[0]:" and stream.result is None and stream.finish_reason is None
+        result = stream.until_done()
+    assert result.text == stream.text == "echo[0]: one two" and stream.finish_reason == "stop"
+
+
 def test_importing_the_sdk_and_a_remote_client_loads_neither_torch_nor_transformers():
     code = (
         "import sys, llava_next_sdk\n"
