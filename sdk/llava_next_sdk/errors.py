@@ -173,13 +173,35 @@ _BY_CODE: dict[str, type[APIError]] = {
 }
 
 
+MESSAGE_LIMIT = 500
+"""Characters of an error body kept as the message (an HTML page from a proxy can be long)."""
+
+
+def _message_of(body: Any, err: Any) -> str | None:
+    """The human message of an error body, in the shapes servers send: OpenAI's ``{"error": {"message"}}``, a
+    plain ``{"error": "..."}``, vLLM's ``{"object": "error", "message"}``, FastAPI's ``{"detail": "..."}``, or text."""
+    candidates: list[Any] = []
+    if isinstance(err, dict):
+        candidates.append(err.get("message"))
+    elif isinstance(err, str):
+        candidates.append(err)
+    if isinstance(body, dict):
+        candidates += [body.get("message"), body.get("detail")]
+    elif isinstance(body, str):
+        candidates.append(body)
+    for candidate in candidates:
+        if isinstance(candidate, str) and candidate.strip():
+            text = candidate.strip()
+            return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT] + "..."
+    return None
+
+
 def error_from_status(
     status: int, body: Any = None, *, request_id: str | None = None, retry_after: float | None = None
 ) -> APIError:
     """Rebuild the error class for an HTTP *status* and an OpenAI-shaped error *body*."""
     err = body.get("error") if isinstance(body, dict) else None
-    message = (err or {}).get("message") if isinstance(err, dict) else None
-    message = message or (body if isinstance(body, str) and body else f"HTTP {status}")
+    message = _message_of(body, err) or f"HTTP {status}"
     code = (err or {}).get("code") if isinstance(err, dict) else None
     param = (err or {}).get("param") if isinstance(err, dict) else None
     cls: type[APIError] | None = _BY_CODE.get(code) if isinstance(code, str) else None

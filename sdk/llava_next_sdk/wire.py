@@ -309,7 +309,7 @@ def _malformed(what: str, body: Any) -> ServerError:
 
 def parse_chat_response(body: Any) -> GenerationResult:
     """A :class:`GenerationResult` from a response body (``ServerError`` when it is malformed)."""
-    if isinstance(body, Mapping) and "error" in body:
+    if isinstance(body, Mapping) and body.get("error"):  # "error": null in a success body is no error
         raise error_from_status(500, dict(body))
     try:
         choice = body["choices"][0]
@@ -379,7 +379,7 @@ def parse_stream_chunk(data: Any) -> StreamChunk:
     """Read one decoded chunk. An ``{"error": ...}`` chunk raises its error class (mid-stream errors)."""
     if not isinstance(data, Mapping):
         raise _malformed("stream chunk", data)
-    if "error" in data:
+    if data.get("error"):  # "error": null in an ordinary chunk is no error
         err = data["error"] if isinstance(data["error"], Mapping) else {}
         # No HTTP status mid-stream: the event's own "status" (ours), else a numeric "code" (vLLM's), else the
         # error's type stands for it.

@@ -189,6 +189,16 @@ async def _scenario(name: str, record: Record, body: dict):
             raise RuntimeError("the stand-in server dies mid-stream")
 
         return StreamingResponse(broken(), media_type="text/event-stream")
+    if name == "done_then_hang":  # a whole stream, then the body stays open for 5 s
+
+        async def hang_after_done():
+            answer, usage = _completion(body)
+            yield _sse(_chunk({"role": "assistant", "content": answer.split(" ")[0]}))
+            yield _sse(_chunk({"content": " " + answer.split(" ", 1)[1]}, finish_reason="stop"))
+            yield b"data: [DONE]\n\n"
+            await asyncio.sleep(5)
+
+        return StreamingResponse(hang_after_done(), media_type="text/event-stream")
     if name == "endless":  # a delta every 20 ms until the client goes away (at most ~10 s)
 
         async def endless():

@@ -248,6 +248,45 @@ async def test_a_retry_after_longer_than_we_wait_raises_overloaded(standin):
     assert record.count == 1
 
 
+async def test_a_retry_after_past_the_calls_timeout_raises_the_servers_error_at_once(standin):
+    url, record = standin.endpoint("rate_limited")  # 429 with Retry-After: 1
+    async with client_for(url, timeout=0.5) as client:
+        with pytest.raises(OverloadedError) as info:  # not APITimeoutError after sleeping into the deadline
+            await client.generate(None, "hi")
+    assert info.value.retry_after == 1 and record.count == 1
+
+
+async def test_a_stream_whose_server_keeps_the_body_open_after_done_still_ends(standin):
+    url, _ = standin.endpoint("done_then_hang")  # [DONE], then the body stays open 5 s
+    async with client_for(url, read_timeout=1) as client:
+        async with client.stream(None, "hi") as stream:
+            assert [d async for d in stream] == ["echo[0]:", " hi"]
+    assert stream.result.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        ({"base_url": "http://127.0.0.1:99999/v1"}, "not a usable URL: Port out of range"),
+        ({"base_url": "http:///v1"}, "has no host"),
+        ({"api_key": "sk-\u00e9"}, "api_key must be ASCII text on one line"),
+        ({"headers": {"X-User": "Zo\u00eb"}}, "header 'X-User' must be ASCII"),
+    ],
+    ids=["port", "no-host", "api-key", "header"],
+)
+def test_a_client_that_could_not_send_is_refused_when_made(options, match):
+    with pytest.raises(ValueError, match=match):
+        AsyncClient(**{"base_url": "http://127.0.0.1:9/v1", "model": "m", **options})
+
+
+async def test_a_prompt_that_cannot_be_encoded_is_a_bad_request(standin):
+    url, record = standin.endpoint("ok")
+    async with client_for(url) as client:
+        with pytest.raises(BadRequestError, match="cannot be encoded"):
+            await client.generate(None, "half a pair \ud800")
+    assert record.count == 0
+
+
 async def test_500_is_retried(standin):
     url, record = standin.endpoint("flaky")
     async with client_for(url) as client:

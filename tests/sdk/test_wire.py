@@ -288,6 +288,35 @@ def test_error_responses_map_to_classes(status, content, error):
     assert err.message
 
 
+@pytest.mark.parametrize(
+    "status, content, error, message",
+    [
+        (400, b'{"error": "max_tokens is too large"}', BadRequestError, "max_tokens is too large"),
+        (404, b'{"detail": "Model \'foo\' not found"}', NotFoundError, "Model 'foo' not found"),
+        (
+            400,
+            b'{"object": "error", "message": "This model\'s maximum context length is 4096 tokens", "code": 400}',
+            ContextLengthExceededError,
+            "This model's maximum context length is 4096 tokens",
+        ),
+    ],
+    ids=["error-string", "fastapi-detail", "vllm-top-level"],
+)
+def test_error_messages_are_read_from_the_shapes_servers_send(status, content, error, message):
+    err = wire.parse_error(status, content)
+    assert type(err) is error and err.message == message
+
+
+def test_a_long_error_page_is_cut_and_an_error_that_is_null_is_no_error():
+    err = wire.parse_error(502, b"<html>" + b"x" * 5000 + b"</html>")
+    assert type(err) is ServerError and len(err.message) <= 503 and err.message.endswith("...")
+    ok = {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}], "error": None}
+    assert wire.parse_chat_response(ok).text == "hi"
+    assert wire.parse_stream_chunk({"choices": [{"delta": {"content": "hi"}}], "error": None}).delta == "hi"
+    with pytest.raises(ServerError, match="CUDA out of memory"):
+        wire.parse_stream_chunk({"error": "CUDA out of memory"})
+
+
 def test_our_error_bodies_come_back_as_the_same_class():
     for original in (
         BadRequestError("too many pixels", status=413),

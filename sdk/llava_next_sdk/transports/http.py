@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -28,7 +29,14 @@ import anyio
 import httpx
 
 from .. import wire
-from ..errors import APIConnectionError, APITimeoutError, LlavaNextError, NotFoundError, ServerError
+from ..errors import (
+    APIConnectionError,
+    APITimeoutError,
+    BadRequestError,
+    LlavaNextError,
+    NotFoundError,
+    ServerError,
+)
 from ..hookspecs import hookimpl
 from ..images import encoded_for_wire
 from ..retry import DEFAULT_MAX_RETRIES, RetryPolicy
@@ -51,6 +59,14 @@ DEFAULT_TIMEOUT = httpx.Timeout(**_DEFAULT_PHASES)
 DEFAULT_TOTAL_TIMEOUT = 600.0
 """Seconds one call may take in all: connecting, retries and their waits, and reading the whole answer or stream."""
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+RETRIED_TRANSPORT_ERRORS = (
+    httpx.ConnectError,
+    httpx.ConnectTimeout,
+    httpx.RemoteProtocolError,
+    httpx.ReadError,
+    httpx.WriteError,
+)
+"""Failures before any response began (refused, reset, closed early): sent again, as openai-python does."""
 
 
 def _user_agent() -> str:
@@ -130,6 +146,19 @@ class HTTPTransport:
     ) -> None:
         if not isinstance(base_url, str) or not base_url.lower().startswith(("http://", "https://")):
             raise ValueError(f"base_url={base_url!r} must be an http(s) URL such as 'http://127.0.0.1:8000/v1'")
+        try:
+            parts = urllib.parse.urlsplit(base_url)
+            parts.port  # noqa: B018 - reading it checks it (0-65535, digits)
+        except ValueError as exc:
+            raise ValueError(f"base_url={base_url!r} is not a usable URL: {exc}") from None
+        if not parts.hostname:
+            raise ValueError(f"base_url={base_url!r} has no host: give one such as 'http://127.0.0.1:8000/v1'")
+        for name, value in {**(headers or {}), **({"api_key": api_key} if api_key else {})}.items():
+            if not isinstance(value, str) or not value.isascii() or any(c in value for c in "\r\n"):
+                raise ValueError(
+                    f"{'api_key' if name == 'api_key' else f'header {name!r}'} must be ASCII text on one line "
+                    "(HTTP headers cannot carry other characters)"
+                )
         self.retry_policy = RetryPolicy(
             DEFAULT_MAX_RETRIES if max_retries is None else max_retries, backoff_base, backoff_max, max_retry_after
         )
@@ -156,7 +185,7 @@ class HTTPTransport:
         body = wire.build_chat_request(request, model=self.model, stream=False)
         started = time.perf_counter()
         deadline = anyio.current_time() + self.total_timeout
-        response = await self._within(deadline, self._open(body, stream=False))
+        response = await self._within(deadline, self._open(body, stream=False, deadline=deadline))
         try:
             content = await self._within(deadline, self._read(response.aread()))
         finally:
@@ -169,7 +198,7 @@ class HTTPTransport:
         body = wire.build_chat_request(request, model=self.model, stream=True, include_usage=self.include_usage)
         started = time.perf_counter()
         deadline = anyio.current_time() + self.total_timeout
-        response = await self._within(deadline, self._open(body, stream=True))
+        response = await self._within(deadline, self._open(body, stream=True, deadline=deadline))
         if response.headers.get("content-type", "").startswith("application/json"):
             # An endpoint that ignores "stream": one delta with the whole text, then the result.
             try:
@@ -202,23 +231,33 @@ class HTTPTransport:
 
     # ------------------------------------------------------------------------------------ internals
 
-    async def _open(self, body: dict, *, stream: bool) -> httpx.Response:
+    async def _open(self, body: dict, *, stream: bool, deadline: float) -> httpx.Response:
         """Send *body* and return the response once its status line and headers are in (body unread),
-        retrying what may be retried. Raises a ``llava_next_sdk.errors`` class."""
+        retrying what may be retried while the call's *deadline* allows. Raises a ``llava_next_sdk.errors``
+        class."""
         if self._closed:
             raise APIConnectionError("this client is closed; create a new one")
         url = self.base_url + wire.CHAT_COMPLETIONS_PATH
         headers = dict(self._headers, Accept="text/event-stream" if stream else "application/json")
         if stream:
             headers["Accept-Encoding"] = "identity"
+        try:
+            request = self._client.build_request("POST", url, json=body, headers=headers)
+        except (UnicodeError, ValueError, TypeError) as exc:  # e.g. a lone surrogate in the prompt
+            raise BadRequestError(f"the request cannot be encoded as JSON: {exc}") from exc
+
+        def in_time(delay: float | None) -> float | None:
+            """*delay*, or ``None`` (no retry) when waiting it would pass the deadline: the caller hears the
+            server's own error rather than a timeout."""
+            return delay if delay is not None and anyio.current_time() + delay < deadline else None
+
         attempt = 0
         while True:
-            request = self._client.build_request("POST", url, json=body, headers=headers)
             try:
                 response = await self._client.send(request, stream=True)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
-                # Nothing was answered: the request may be sent again.
-                delay = self.retry_policy.delay(attempt)
+            except RETRIED_TRANSPORT_ERRORS as exc:
+                # No response began (refused, reset, closed early): the request may be sent again.
+                delay = in_time(self.retry_policy.delay(attempt))
                 if delay is not None:
                     logger.info("retrying %s in %.2fs after %s", url, delay, type(exc).__name__)
                     attempt += 1
@@ -229,6 +268,8 @@ class HTTPTransport:
                 raise _connection_error(exc, url, attempt) from exc
             except httpx.TransportError as exc:
                 raise _connection_error(exc, url, attempt) from exc
+            except Exception as exc:  # anything else from the socket layer: only our error classes leave here
+                raise APIConnectionError(f"sending the request to {url} failed: {exc!r}") from exc
 
             if response.status_code < 400:
                 return response
@@ -244,7 +285,7 @@ class HTTPTransport:
                 error.message = f"{error.message} (is base_url missing '/v1'? it is {self.base_url!r})"
                 error.args = (error.message,)
             retryable = response.status_code in RETRY_STATUSES or response.status_code >= 500
-            delay = self.retry_policy.delay(attempt, retry_after) if retryable else None
+            delay = in_time(self.retry_policy.delay(attempt, retry_after)) if retryable else None
             if delay is not None:
                 logger.info("retrying %s in %.2fs after HTTP %d", url, delay, response.status_code)
                 attempt += 1
@@ -316,9 +357,10 @@ class _SSEItems:
         self._deadline = deadline
         self._response = response
         self._started = started
-        # One plain generator over the raw body, closed explicitly (httpx's nested line iterators would be
-        # left to the garbage collector when a stream is abandoned). Streams ask for no content-encoding.
-        self._raw = response.aiter_raw()
+        # One plain generator over the body, closed explicitly (httpx's nested line iterators would be left to
+        # the garbage collector when a stream is abandoned). Streams ask for no content-encoding; a server or
+        # proxy that compresses anyway is decoded.
+        self._raw = response.aiter_bytes()
         self._decoder = wire.SSEDecoder()
         self._events: list[str] = []
         self._body_ended = False
@@ -380,15 +422,19 @@ class _SSEItems:
                 self._events.extend(self._decoder.feed(chunk))
         return self._events.pop(0)
 
-    async def _drain(self, limit: int = 65536) -> None:
+    async def _drain(self, limit: int = 65536, seconds: float = 0.5) -> None:
         """Read what little follows ``[DONE]`` (the body's end), so the connection returns to the pool
-        whole instead of being dropped; give up past *limit* bytes."""
+        whole instead of being dropped; give up past *limit* bytes or *seconds* (the generation is complete:
+        a server that keeps the body open costs a connection, never the result)."""
         seen = 0
-        while not self._body_ended and seen <= limit:
-            try:
-                seen += len(await self._transport._read(self._raw.__anext__()))
-            except StopAsyncIteration:
-                self._body_ended = True
+        with anyio.move_on_after(seconds):
+            while not self._body_ended and seen <= limit:
+                try:
+                    seen += len(await self._transport._read(self._raw.__anext__()))
+                except StopAsyncIteration:
+                    self._body_ended = True
+                except LlavaNextError:
+                    return
 
     def _finish(self, *, ended_cleanly: bool) -> GenerationResult:
         self._done = True
