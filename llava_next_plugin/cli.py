@@ -16,8 +16,10 @@ see tracebacks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shlex
 import sys
 import threading
 from collections.abc import Sequence
@@ -273,17 +275,31 @@ def _load_images(sources: Sequence[Any]) -> list:
     return images
 
 
+class _Stopped:
+    """A generate stopping criterion: every row is done once *event* is set."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
 def _check_placeholders(prompt: str, num_images: int) -> None:
+    """Placeholders, when the prompt has any, must be one per image (none: they are added), checked before a
+    model loads."""
     count = prompt.count("<image>")
-    if count > num_images:
+    if count and count != num_images:
         raise CommandError(
-            f"the prompt has {count} <image> placeholders but {num_images} image(s) were given: "
-            "give one image per placeholder, or drop the extra placeholders"
+            f"the prompt has {count} <image> placeholder(s) but {num_images} image(s) were given: "
+            "give one image per placeholder, or leave the placeholders out to have them added"
         )
 
 
 def run_ask(args: argparse.Namespace) -> int:
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteriaList, TextIteratorStreamer
 
     _positive(args.max_new_tokens, "--max-new-tokens")
     _check_prompt_format(args.prompt_format)
@@ -292,19 +308,32 @@ def run_ask(args: argparse.Namespace) -> int:
     pipe = _load_pipeline(args)
     streamer = TextIteratorStreamer(pipe.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     failure: list[BaseException] = []
+    stop = threading.Event()  # set when the reader gives up (Ctrl-C, a closed pipe): generation ends at its next token
 
     def generate() -> None:
         try:
-            pipe([images], prompt=[args.prompt], max_new_tokens=args.max_new_tokens, streamer=streamer)
+            pipe(
+                [images],
+                prompt=[args.prompt],
+                max_new_tokens=args.max_new_tokens,
+                streamer=streamer,
+                stopping_criteria=StoppingCriteriaList([_Stopped(stop)]),
+            )
         except BaseException as exc:  # handed to the main thread, which reports it
             failure.append(exc)
             streamer.end()
 
     worker = threading.Thread(target=generate, name="llava-next-ask", daemon=True)
     worker.start()
-    for chunk in streamer:
-        sys.stdout.write(chunk)
-        sys.stdout.flush()
+    try:
+        for chunk in streamer:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+    except BaseException:
+        # the worker must end before this thread does: torch aborts the process under a thread still in an op
+        stop.set()
+        worker.join(timeout=60)
+        raise
     worker.join()
     if failure:
         raise failure[0]
@@ -372,6 +401,9 @@ def run_caption(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.parent and not out.parent.exists():
         raise CommandError(f"the folder of --out ({out.parent}) does not exist")
+    if out.is_dir():
+        raise CommandError(f"--out {args.out!r} is a folder: give a results file such as results.jsonl")
+    args.model = resolve_model(args.model)  # a wrong model is said before any image is read or file opened
     done = read_done(out)
     todo = [f for f in files if f.name not in done]
     pipe = None  # loaded with the first readable image: a rerun with only unreadable ones left loads no model
@@ -441,10 +473,17 @@ def run_tiny_checkpoint(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise CommandError(str(exc)) from exc
     info = json.loads((folder / "llava_next_tiny.json").read_text())
-    print(f"wrote a tiny checkpoint with RANDOM weights ({info['parameters'] / 1e6:.1f} M parameters) to {folder}")
+    size = info["parameters"] / 1e6
+    print(f"wrote a tiny checkpoint with RANDOM weights ({size:.1f} M parameters) to {_shell_word(folder)}")
     print("its answers are gibberish: use it for offline demos and smoke tests, e.g.")
-    print(f"  llava-next ask {folder / EXAMPLE_IMAGE} --model {folder} --prompt 'What is in this picture?'")
+    image, model = _shell_word(folder / EXAMPLE_IMAGE), _shell_word(folder)
+    print(f"  llava-next ask {image} --model {model} --prompt 'What is in this picture?'")
     return 0
+
+
+def _shell_word(path: Path) -> str:
+    """*path* as a shell reads it back (quoted; bytes that are not UTF-8 shown as escapes)."""
+    return shlex.quote(os.fsencode(path).decode("utf-8", errors="backslashreplace"))
 
 
 def run_serve_command(args: argparse.Namespace) -> int:
@@ -485,8 +524,6 @@ def _quiet_libraries() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command; returns (and, as a script, exits with) its status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
     commands = {
         "ask": run_ask,
         "caption": run_caption,
@@ -494,11 +531,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "serve": run_serve_command,
     }
     try:
+        args = build_parser().parse_args(argv)
         _quiet_libraries()
         return commands[args.command](args)
     except KeyboardInterrupt:
         print("llava-next: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as other commands do
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141
     except Exception as exc:
         if os.environ.get("LLAVA_NEXT_DEBUG"):
             raise

@@ -294,6 +294,20 @@ class LlavaNextPreTrainedModel(PreTrainedModel):
         return renamed
 
 
+def as_our_config(config: Any) -> LlavaNextConfig:
+    """*config* as our :class:`LlavaNextConfig`: transformers' own (``from transformers import LlavaNextConfig``
+    still names it after this package is imported) is rebuilt from its values, attention choice included."""
+    if isinstance(config, LlavaNextConfig) or getattr(config, "model_type", None) != "llava_next":
+        return config
+    ours = LlavaNextConfig.from_dict(config.to_dict())
+    for name in ("", "vision_config", "text_config"):  # the attention set per config at load, not in to_dict
+        source, target = (getattr(config, name), getattr(ours, name)) if name else (config, ours)
+        chosen = getattr(source, "_attn_implementation_internal", None)
+        if chosen is not None and target is not None:
+            target._attn_implementation_internal = chosen
+    return ours
+
+
 class LlavaNextModel(LlavaNextPreTrainedModel):
     """The vision tower, the projector and the language model, without the LM head.
 
@@ -305,6 +319,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"^lm_head\.weight$"]
 
     def __init__(self, config: LlavaNextConfig):
+        config = as_our_config(config)
         config.validate_vision_feature_select_strategy()  # again: from_pretrained's kwargs bypass the config's check
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config)
@@ -791,6 +806,7 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
     _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: LlavaNextConfig):
+        config = as_our_config(config)
         super().__init__(config)
         self.model = LlavaNextModel(config)
         text = config.language_model_config

@@ -10,6 +10,7 @@ import argparse
 import importlib.util
 import logging
 import os
+import socket
 import sys
 
 for _module in ("starlette", "uvicorn"):
@@ -52,7 +53,12 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="fetch http(s) image URLs from DOMAIN and its subdomains (repeatable; default: none, only data: URLs)",
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or auto (default: the checkpoint's)")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights' dtype (default: the checkpoint's)",
+    )
     parser.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
     parser.add_argument("--max-queue", type=int, default=64, help="requests waiting at most; then 429")
     parser.add_argument(
@@ -148,6 +154,7 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load the model, start the engine and serve until SIGINT/SIGTERM (draining in-flight requests)."""
+    _check_flags(args)
     if args.ray:
         from .distributed import run_serve as run_serve_on_ray
 
@@ -170,6 +177,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         allowed_url_domains=tuple(d.lower().strip(".") for d in args.allow_url_domain),
     )
+    _check_port(args)
     engine = Engine.from_pretrained(
         args.model,
         device=args.device,
@@ -184,8 +192,46 @@ def run_serve(args: argparse.Namespace) -> int:
     app = create_app(
         engine, limits=limits, api_key=args.api_key, drain_timeout=args.drain_timeout, model_aliases=(args.model,)
     )  # the name a client that started us knows
-    run_server(app, host=args.host, port=args.port, log_level=args.log_level, drain_timeout=args.drain_timeout)
+    try:
+        run_server(app, host=args.host, port=args.port, log_level=args.log_level, drain_timeout=args.drain_timeout)
+    except SystemExit as exc:  # uvicorn's own exit (a port taken since the check above): the command's rule
+        if exc.code not in (0, None):
+            from .cli import CommandError
+
+            raise CommandError(f"the server could not start on {args.host}:{args.port} (see the log above)") from None
     return 0
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Numbers that cannot work, said in one line before a model loads."""
+    from .cli import CommandError
+
+    if not 1 <= args.port <= 65535:
+        raise CommandError(f"--port must be from 1 to 65535, got {args.port}")
+    for flag, value, least in (
+        ("--max-batch-size", args.max_batch_size, 1),
+        ("--prefill-chunk", args.prefill_chunk, 1),
+        ("--max-queue", args.max_queue, 0),
+        ("--max-model-len", 1 if args.max_model_len is None else args.max_model_len, 1),
+        ("--drain-timeout", args.drain_timeout, 0),
+    ):
+        if value < least:
+            raise CommandError(f"{flag} must be at least {least}, got {value}")
+
+
+def _check_port(args: argparse.Namespace) -> None:
+    """A port already taken (or not ours to take) is said before a model loads."""
+    from .cli import CommandError
+
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((args.host, args.port))
+    except OSError as exc:
+        raise CommandError(
+            f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}; choose another --port or --host"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:

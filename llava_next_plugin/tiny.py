@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 __all__ = [
@@ -173,22 +174,44 @@ def build_tiny_checkpoint(
 ) -> Path:
     """Write a random llava-hf-style checkpoint to *folder* (created if needed) and return its path.
 
-    Widths below 64 are refused: bitsandbytes' 4-bit CPU kernels need 64+ features per linear layer.
+    Widths below 64 are refused: bitsandbytes' 4-bit CPU kernels need 64+ features per linear layer. The files
+    are written in a hidden sibling folder and moved into place once all are written.
     """
-    import torch
-
-    from .modeling import LlavaNextForConditionalGeneration
-
     if min(text_width, vision_width) < 64 or text_width % 4 or vision_width % 4:
         raise ValueError(
             f"text_width and vision_width must be multiples of 4 and at least 64 (got {text_width}, "
             f"{vision_width}): every linear layer must be 64+ features wide for 4-bit loading on CPU"
         )
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{folder} exists and is not a folder: choose another output path")
+    target = Path(folder)
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder: choose another output path")
     _mistral_tokenizer_model()  # what it needs first: a missing one leaves no half-written folder behind
-    folder.mkdir(parents=True, exist_ok=True)
+    # written in a hidden sibling folder, renamed into place once whole: an interrupted run leaves nothing
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # as a folder made by mkdir would be, not mkdtemp's owner-only
+    try:
+        _write_checkpoint(staging, text_width, text_layers, vision_width, vision_layers, seed)
+        if target.is_dir() and any(target.iterdir()):  # a folder with files already: the new ones join them
+            for item in staging.iterdir():
+                os.replace(item, target / item.name)
+            staging.rmdir()
+        else:
+            os.replace(staging, target)  # onto nothing, or an empty folder: at once
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_checkpoint(
+    folder: Path, text_width: int, text_layers: int, vision_width: int, vision_layers: int, seed: int
+) -> None:
+    import torch
+
+    from .modeling import LlavaNextForConditionalGeneration
 
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -225,7 +248,6 @@ def build_tiny_checkpoint(
         )
     )
     write_example_image(folder / EXAMPLE_IMAGE)
-    return folder
 
 
 def write_example_image(path: str | os.PathLike) -> Path:

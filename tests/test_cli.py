@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -156,7 +157,7 @@ def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(checkpoint, images, t
     cases = {
         "does not exist": ["ask", tmp_path / "missing.png", "--model", checkpoint],
         "not an image": ["ask", broken, "--model", checkpoint],
-        "2 <image> placeholders but 1 image": [
+        "2 <image> placeholder(s) but 1 image": [
             "ask",
             images / "a.png",
             "--model",
@@ -164,6 +165,16 @@ def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(checkpoint, images, t
             "--prompt",
             "<image> <image> compare",
         ],
+        "1 <image> placeholder(s) but 2 image": [
+            "ask",
+            images / "a.png",
+            images / "a.png",
+            "--model",
+            tmp_path / "never-loaded",  # said before the model is looked at
+            "--prompt",
+            "one <image> only",
+        ],
+        "is a folder: give a results file": ["caption", images, "--out", tmp_path, "--model", checkpoint],
         "model": ["ask", images / "a.png", "--model", tmp_path / "no-such-model"],
         "is not a folder": ["caption", tmp_path / "nowhere", "--out", tmp_path / "r.jsonl", "--model", checkpoint],
         "at least 1": ["caption", images, "--out", tmp_path / "r.jsonl", "--batch-size", 0],
@@ -183,6 +194,10 @@ def test_bad_input_gives_one_clear_line_and_a_nonzero_exit(checkpoint, images, t
         assert code == 1, (argv, err)
         assert expected in one_error_line(err), err
         assert out == ""
+    # caption: a model that does not exist is said before any image is read or --out is made
+    code, _, err = run(capsys, "caption", images, "--out", tmp_path / "r.jsonl", "--model", tmp_path / "no-model")
+    assert code == 1 and "does not exist" in one_error_line(err) and "captioning" not in err
+    assert not (tmp_path / "r.jsonl").exists()
 
 
 def test_prompt_format_override(checkpoint, images, pipe, capsys):
@@ -398,6 +413,56 @@ def test_serve_takes_its_model_from_the_environment_and_compiles_on_cpu_when_ask
     finally:
         assert server.terminate() == 0, server.log()
     assert "decode step warm-up (compiled)" in server.log(), server.log()
+
+
+def test_serve_flags_that_cannot_work_are_said_before_the_model_loads(checkpoint, capsys, caplog):
+    import socket
+
+    caplog.set_level(logging.INFO, logger="llava_next_plugin")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags, expected in (
+            (["--port", 99999], "--port must be from 1 to 65535, got 99999"),
+            (["--max-queue", -1], "--max-queue must be at least 0, got -1"),
+            (["--prefill-chunk", 0], "--prefill-chunk must be at least 1, got 0"),
+            (["--port", port], f"cannot listen on 127.0.0.1:{port}"),
+        ):
+            code, _, err = run(capsys, "serve", "--model", checkpoint, *flags)
+            assert code == 1 and expected in one_error_line(err), err
+    assert "KV slots" not in caplog.text  # no engine was built
+    with pytest.raises(SystemExit):  # argparse's own usage error, exit 2
+        main(["serve", "--model", str(checkpoint), "--dtype", "float17"])
+    assert "invalid choice: 'float17'" in capsys.readouterr().err
+
+
+def test_tiny_checkpoint_prints_a_command_a_shell_reads_back_and_leaves_no_partial_folder(tmp_path, capsys):
+    folder = tmp_path / "my tiny"
+    code, out, _ = run(capsys, "tiny-checkpoint", folder)
+    assert code == 0 and f"--model '{folder}'" in out and f"ask '{folder / 'example.png'}'" in out
+    assert [p.name for p in tmp_path.iterdir()] == ["my tiny"]  # the staging folder was renamed into place
+    assert (folder / "config.json").is_file() and (folder / "llava_next_tiny.json").is_file()
+
+
+def test_interrupting_ask_or_closing_its_output_ends_it_cleanly(checkpoint, images):
+    """Ctrl-C while it streams: exit 130; a reader that goes away (`| head -c 3`): exit 141, quietly. Either
+    way generation stops before the process ends (torch aborted a process whose worker was mid-op)."""
+    argv = [*_command(), "ask", str(images / "a.png"), "--model", str(checkpoint), "--max-new-tokens", "100000"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    interrupted = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert interrupted.stdout.read(3)  # it is streaming
+    interrupted.send_signal(signal.SIGINT)
+    _, err = interrupted.communicate(timeout=120)
+    assert interrupted.returncode == 130, err
+    assert b"interrupted" in err and b"terminate called" not in err and b"Traceback" not in err
+
+    closed = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert closed.stdout.read(3)
+    closed.stdout.close()
+    err = closed.stderr.read()
+    assert closed.wait(timeout=120) == 141, err
+    assert b"terminate called" not in err and b"Traceback" not in err and b"error" not in err
 
 
 def test_tiny_checkpoint_without_the_demo_extra_says_what_to_install_and_writes_nothing(tmp_path, capsys, monkeypatch):

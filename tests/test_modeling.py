@@ -22,6 +22,7 @@ from transformers.models.llava_next.modeling_llava_next import (
     LlavaNextForConditionalGeneration as ReferenceForConditionalGeneration,
 )
 
+from llava_next_plugin.configuration import LlavaNextConfig as OurConfig
 from llava_next_plugin.errors import InputError
 from llava_next_plugin.modeling import LlavaNextForConditionalGeneration, LlavaNextModel
 
@@ -635,3 +636,18 @@ def test_vision_feature_layer_0_reads_the_towers_embeddings():
             inputs["pixel_values"], inputs["image_sizes"], vision_feature_layer=-(vision.num_hidden_layers + 1)
         ).pooler_output[0]
     assert torch.equal(first, same)
+
+
+def test_transformers_own_config_builds_our_model_with_the_same_weights(tiny_checkpoint):
+    """`from transformers import LlavaNextConfig` still names transformers' class after our import: given to our
+    classes, it is read as ours (it crashed on a method only ours has)."""
+    import transformers
+
+    theirs = transformers.LlavaNextConfig.from_pretrained(tiny_checkpoint)
+    assert not isinstance(theirs, OurConfig)
+    built = LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint, config=theirs).eval()
+    plain = LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    assert isinstance(built.config, OurConfig) and isinstance(LlavaNextModel(theirs).config, type(built.config))
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(built(input_ids=ids).logits, plain(input_ids=ids).logits)
