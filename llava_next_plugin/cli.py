@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .errors import first_line
 
 __all__ = [
     "main",
@@ -209,7 +210,7 @@ def _check_model(model: str) -> None:
         config = AutoConfig.from_pretrained(os.fspath(path) if looks_local else model)
     except Exception as exc:
         raise CommandError(
-            f"cannot load model {model!r}: {_first_line(exc)} (check the name, or that the "
+            f"cannot load model {model!r}: {first_line(exc)} (check the name, or that the "
             "hub is reachable; offline, use a local folder)"
         ) from exc
     if getattr(config, "model_type", None) != "llava_next":
@@ -505,11 +506,6 @@ def _positive(value: int, name: str) -> None:
         raise CommandError(f"{name} must be at least 1, got {value}")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
-
-
 def _quiet_libraries() -> None:
     """Keep the terminal for answers: transformers' info/warnings only with LLAVA_NEXT_DEBUG."""
     if os.environ.get("LLAVA_NEXT_DEBUG"):
@@ -544,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("LLAVA_NEXT_DEBUG"):
             raise
-        message = str(exc) if isinstance(exc, CommandError) else _first_line(exc)
+        message = str(exc) if isinstance(exc, CommandError) else first_line(exc)
         print(f"llava-next: error: {message}", file=sys.stderr)
         return 1
 

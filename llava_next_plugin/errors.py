@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from llava_next_sdk.errors import BadRequestError, LlavaNextError
 
-__all__ = ["InputError", "ImageError", "as_api_error", "as_model_error"]
+__all__ = ["InputError", "ImageError", "as_api_error", "as_model_error", "first_line"]
 
 
 class InputError(ValueError):
@@ -75,3 +75,10 @@ def as_model_error(error: LlavaNextError, *, index: int | None = None) -> InputE
     if isinstance(error, InvalidImageError):
         return ImageError(error.message, index=index if error.index is None else error.index, param=error.param)
     return InputError(error.message, param=error.param)
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first line of *exc*'s message (its class name when it has none), at most *limit* characters: what a
+    one-line error report quotes of an underlying library's error."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:limit]

@@ -31,6 +31,7 @@ from llava_next_sdk.hookspecs import hookimpl
 from llava_next_sdk.retry import RetryPolicy
 from llava_next_sdk.types import ChatRequest, GenerationResult
 
+from .errors import first_line
 from .validation import Limits, prepare_request
 
 if TYPE_CHECKING:
@@ -115,12 +116,12 @@ class LocalTransport:
                         raise
                     except OSError as exc:  # transformers' word for a folder or hub id it cannot find or read
                         raise ModelNotFoundError(
-                            f"cannot load model {self.model!r}: {_first_line(exc)} (give a checkpoint folder or a "
+                            f"cannot load model {self.model!r}: {first_line(exc)} (give a checkpoint folder or a "
                             "hub id; offline, a local folder)",
                             param="model",
                         ) from exc
                     except Exception as exc:  # only our error classes leave a transport
-                        raise ServerError(f"loading model {self.model!r} failed: {_first_line(exc)}") from exc
+                        raise ServerError(f"loading model {self.model!r} failed: {first_line(exc)}") from exc
         assert self._engine is not None
         return self._engine
 
@@ -191,11 +192,6 @@ class LocalTransport:
         """Forget the engine (it is shared and stays up for the process's other clients)."""
         self._closed = True
         self._engine = None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _check_engine_options(options: dict[str, Any]) -> None:

@@ -59,6 +59,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from .engine import Engine, EngineResult, RequestHandle
+from .errors import first_line
 from .validation import Limits, PixelBudget, prepare_request
 
 __all__ = ["create_app", "run_server", "serve_in_thread", "RunningServer", "default_served_name"]
@@ -286,11 +287,7 @@ async def _read_json(request: Request, max_bytes: int) -> Any:
             "the request body nests JSON too deeply; a chat request needs a few levels", param=None
         ) from None
     except ValueError as exc:  # UnicodeDecodeError included
-        raise BadRequestError(f"the request body is not valid JSON ({_first_line(exc)})", param=None) from None
-
-
-def _first_line(exc: Exception) -> str:
-    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        raise BadRequestError(f"the request body is not valid JSON ({first_line(exc)})", param=None) from None
 
 
 # ---------------------------------------------------------------------------------------------- drain
