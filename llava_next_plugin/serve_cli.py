@@ -124,6 +124,18 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="size of a request body at most (413 beyond)",
     )
     parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=defaults.body_timeout,
+        help="seconds to receive a request body, overall (408 beyond)",
+    )
+    parser.add_argument(
+        "--max-messages",
+        type=int,
+        default=defaults.max_messages,
+        help="messages in one request, and content parts in one message, at most (400 beyond)",
+    )
+    parser.add_argument(
         "--drain-timeout",
         type=float,
         default=30.0,
@@ -175,6 +187,8 @@ def run_serve(args: argparse.Namespace) -> int:
         url_timeout=args.url_timeout,
         max_stop_chars=args.max_stop_chars,
         max_body_bytes=args.max_body_bytes,
+        body_timeout=args.body_timeout,
+        max_messages=args.max_messages,
         allowed_url_domains=tuple(d.lower().strip(".") for d in args.allow_url_domain),
     )
     _check_port(args)
@@ -214,6 +228,8 @@ def _check_flags(args: argparse.Namespace) -> None:
         ("--max-queue", args.max_queue, 0),
         ("--max-model-len", 1 if args.max_model_len is None else args.max_model_len, 1),
         ("--drain-timeout", args.drain_timeout, 0),
+        ("--body-timeout", args.body_timeout, 0.001),
+        ("--max-messages", args.max_messages, 1),
     ):
         if value < least:
             raise CommandError(f"{flag} must be at least {least}, got {value}")

@@ -262,7 +262,33 @@ class _Front:
             self.metrics.count_request(scope["path"], status[0])
 
 
-async def _read_json(request: Request, max_bytes: int) -> Any:
+async def _read_json(request: Request, max_bytes: int, seconds: float, max_messages: int) -> Any:
+    """The request's JSON body, received within *seconds* (408 beyond) and at most *max_bytes* (413), with at
+    most *max_messages* messages and parts per message (400): all before any of it is parsed further."""
+    with anyio.move_on_after(seconds) as scope:
+        body = await _receive_json(request, max_bytes)
+    if scope.cancelled_caught:
+        raise BadRequestError(
+            f"the request body did not arrive within {seconds:g} s (--body-timeout); send it at once",
+            status=408,
+            param=None,
+        )
+    messages = body.get("messages") if isinstance(body, dict) else None
+    if isinstance(messages, list):
+        parts = max(
+            (len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)),
+            default=0,
+        )
+        if len(messages) > max_messages or parts > max_messages:
+            raise BadRequestError(
+                f"the request holds {len(messages)} messages and up to {parts} content parts in one; at most "
+                f"{max_messages} of each are accepted",
+                param="messages",
+            )
+    return body
+
+
+async def _receive_json(request: Request, max_bytes: int) -> Any:
     declared = request.headers.get("content-length")
     too_big = BadRequestError(
         f"the request body is larger than {max_bytes} bytes (--max-body-bytes); send fewer or smaller images",
@@ -461,7 +487,7 @@ def create_app(
         reading[0] += 1
         try:
             try:
-                body = await _read_json(request, limits.max_body_bytes)
+                body = await _read_json(request, limits.max_body_bytes, limits.body_timeout, limits.max_messages)
                 parsed = wire.parse_chat_request(body)
                 check_model(parsed.request.model)
                 engine.check_admission()  # cheap: a full queue answers 429 before any image work

@@ -75,7 +75,11 @@ class Limits:
         subdomains too); ``()`` allows none, ``None`` allows any (in-process use only).
     :param url_timeout: seconds for fetching one image URL, overall (connect, headers and every byte).
     :param max_body_bytes: size of a request body at most (the server's limit).
+    :param body_timeout: seconds to receive a request body, overall (the server's limit: a client that sends
+        its body slowly must not hold a reading place for ever).
     :param max_stop_chars: characters of one stop string at most.
+    :param max_messages: messages of one request at most, and content parts of one message at most (parsing and
+        templating a million empty messages took the server's event loop for seconds).
     """
 
     max_images_per_request: int = 8
@@ -86,7 +90,9 @@ class Limits:
     allowed_url_domains: tuple[str, ...] | None = ()
     url_timeout: float = 10.0
     max_body_bytes: int = 64 * 1024 * 1024
+    body_timeout: float = 60.0
     max_stop_chars: int = 1000
+    max_messages: int = 4096
 
     def __post_init__(self) -> None:
         if self.max_pixels_in_flight < self.max_request_pixels:
@@ -246,6 +252,13 @@ def _image_size(source, index: int, limits: Limits) -> tuple[int, int]:
             )
         try:
             width, height = Image.open(io.BytesIO(source)).size  # reads the header only
+        except Image.DecompressionBombError:  # PIL's own ceiling, far above ours: our message, our flag
+            raise InvalidImageError(
+                f"the image is larger than PIL opens ({Image.MAX_IMAGE_PIXELS} pixels); at most "
+                f"{limits.max_image_pixels} are allowed, so downscale it",
+                index=index,
+                param="messages",
+            ) from None
         except Exception:
             width = height = 0
     else:

@@ -145,6 +145,10 @@ def served(tiny_checkpoint, tmp_path_factory):
             str(URL_TIMEOUT),
             "--allow-url-domain",
             "127.0.0.1",
+            "--body-timeout",
+            "2",
+            "--max-messages",
+            "50",
         ],
         tmp_path_factory.mktemp("served") / "server.log",
     )
@@ -505,6 +509,42 @@ def test_a_prompt_that_cannot_fit_is_refused_by_its_length_in_characters(served)
     )
     assert "10000000 characters" in error["message"] and "at most" in error["message"]
     still_serving(served)
+
+
+def test_a_body_sent_too_slowly_is_a_408_and_gives_its_reading_place_back(served):
+    import socket
+
+    with socket.create_connection(("127.0.0.1", served.port), timeout=30) as slow:
+        slow.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n{"
+        )
+        answer = slow.recv(65536).decode()  # the server gives up on the body after --body-timeout (2 s)
+    assert answer.startswith("HTTP/1.1 408") and "--body-timeout" in answer, answer
+    still_serving(served)
+
+
+def test_too_many_messages_or_parts_are_refused_before_they_are_parsed(served):
+    many = [{"role": "user", "content": ""}] * 51
+    error = assert_openai_error(post(served, {"messages": many, "max_tokens": 2}), 400)
+    assert error["param"] == "messages" and "at most 50" in error["message"], error
+    parts = [{"role": "user", "content": [{"type": "text", "text": "x"}] * 51}]
+    assert "at most 50" in assert_openai_error(post(served, {"messages": parts, "max_tokens": 2}), 400)["message"]
+    still_serving(served)
+
+
+def test_an_image_beyond_pils_own_ceiling_gets_the_servers_pixel_limit_message(served):
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)  # a 20000x20000 RGB PNG with no pixels
+    image = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    url = "data:image/png;base64," + base64.b64encode(image).decode()
+    error = assert_openai_error(post(served, {"messages": user("?", url), "max_tokens": 2}), 400, "invalid_image")
+    assert f"at most {MAX_IMAGE_PIXELS} are allowed, so downscale it" in error["message"], error
 
 
 def test_image_pixels_are_bounded_per_request_with_413_and_the_budget_is_returned(served):
