@@ -19,6 +19,8 @@ and list it under the entry-point group ``llava_next_plugin`` (see docs/writing-
 
 from __future__ import annotations
 
+from typing import Any
+
 from llava_next_sdk import plugins as _sdk_plugins
 from llava_next_sdk.hookspecs import (
     PROJECT_NAME,
@@ -39,8 +41,10 @@ __all__ = [
     "PROJECT_NAME",
     "PluginLoadWarning",
     "PluginManager",
+    "call_one",
     "get_plugin_manager",
     "hookimpl",
+    "in_call_order",
     "hookspec",
     "llava_next_after_generate",
     "llava_next_before_generate",
@@ -71,3 +75,18 @@ def get_plugin_manager(*, refresh: bool = False) -> PluginManager:
     manager = _sdk_plugins.get_plugin_manager(refresh=refresh)
     manager.register_builtins(BUILTIN_PLUGINS)
     return manager
+
+
+def in_call_order(hook: Any) -> list | None:
+    """*hook*'s implementations in the order pluggy calls them (the last registered first; ``tryfirst`` and
+    ``trylast`` kept), so that a caller can call each on its own and tell which one failed; ``None`` when one is a
+    wrapper, which only pluggy's own call runs."""
+    implementations = hook.get_hookimpls()
+    if any(impl.hookwrapper or impl.wrapper for impl in implementations):
+        return None
+    return implementations[::-1]
+
+
+def call_one(implementation: Any, arguments: dict[str, Any]) -> Any:
+    """Call one implementation (from :func:`in_call_order`) with the arguments it takes, as pluggy would."""
+    return implementation.function(*[arguments[name] for name in implementation.argnames])

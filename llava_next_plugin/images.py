@@ -47,7 +47,7 @@ from llava_next_sdk.errors import InvalidImageError, LlavaNextError
 from llava_next_sdk.wire import decode_data_url
 from PIL import Image
 
-from llava_next_plugin.hooks import get_plugin_manager, hookimpl
+from llava_next_plugin.hooks import call_one, get_plugin_manager, hookimpl, in_call_order
 
 from .errors import ImageError, as_model_error
 
@@ -126,13 +126,13 @@ def _first_image(source: Any, timeout: float, what: str, index: int | None) -> A
     """The first image-source plugin's answer that is not ``None`` (pluggy's order: the last registered, ours
     last of all), each plugin called on its own so that one failing in an unexpected way is named."""
     hook = get_plugin_manager().hook.llava_next_load_image
-    implementations = hook.get_hookimpls()
-    if any(impl.hookwrapper or impl.wrapper for impl in implementations):  # wrappers need pluggy's own call
+    implementations = in_call_order(hook)
+    if implementations is None:  # a wrapper: pluggy's own call
         return hook(source=source, timeout=timeout)
     arguments = {"source": source, "timeout": timeout}
-    for impl in reversed(implementations):
+    for impl in implementations:
         try:
-            image = impl.function(*[arguments[name] for name in impl.argnames])
+            image = call_one(impl, arguments)
         except (LlavaNextError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             raise  # the image's own fault, or an error that already says what went wrong
         except Exception as exc:  # a bug in that plugin: it would fail every image, so say which one

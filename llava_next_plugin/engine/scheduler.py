@@ -34,7 +34,7 @@ from llava_next_sdk.errors import (
     ServerError,
 )
 
-from ..hooks import get_plugin_manager
+from ..hooks import call_one, get_plugin_manager, in_call_order
 from .batch import Batch, Running
 from .handle import RequestHandle
 from .kv import KVSlots
@@ -592,15 +592,15 @@ class Engine:
         """Call every plugin's *name* observer, each on its own: one that raises is logged, and neither generation
         nor the other observers are affected (pluggy's own call would stop at the first that raises)."""
         hook = getattr(get_plugin_manager().hook, name)  # asked each time: refresh=True replaces the manager
-        implementations = hook.get_hookimpls()
-        if any(impl.hookwrapper or impl.wrapper for impl in implementations):  # wrappers need pluggy's own call
+        implementations = in_call_order(hook)
+        if implementations is None:  # a wrapper: pluggy's own call
             try:
                 hook(**kwargs)
             except Exception:
                 logger.exception("plugin hook %s failed", name)
             return
-        for impl in reversed(implementations):  # pluggy's order: the last registered first
+        for impl in implementations:
             try:
-                impl.function(*[kwargs[arg] for arg in impl.argnames])
+                call_one(impl, kwargs)
             except Exception:  # an observer must not break generation
                 logger.exception("plugin %s's hook %s failed", impl.plugin_name, name)
