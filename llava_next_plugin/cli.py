@@ -233,14 +233,14 @@ def _check_prompt_format(family: str | None) -> None:
         raise CommandError(f"--prompt-format: {exc.message}") from exc
 
 
-def _load_pipeline(args: argparse.Namespace):
+def _load_pipeline(args: argparse.Namespace, model: str):
+    """The pipeline for *model*, already checked by :func:`resolve_model`."""
     import torch
     from transformers import pipeline
 
     from .pipeline import LlavaNextImageToTextPipeline
     from .tiny import is_random_checkpoint
 
-    model = resolve_model(args.model)
     if is_random_checkpoint(model):
         print(
             f"note: {model} holds RANDOM weights (a tiny demo checkpoint): the answers are gibberish.",
@@ -306,7 +306,7 @@ def run_ask(args: argparse.Namespace) -> int:
     _check_prompt_format(args.prompt_format)
     images = _load_images(args.images)
     _check_placeholders(args.prompt, len(images))
-    pipe = _load_pipeline(args)
+    pipe = _load_pipeline(args, resolve_model(args.model))
     streamer = TextIteratorStreamer(pipe.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     failure: list[BaseException] = []
     stop = threading.Event()  # set when the reader gives up (Ctrl-C, a closed pipe): generation ends at its next token
@@ -404,7 +404,7 @@ def run_caption(args: argparse.Namespace) -> int:
         raise CommandError(f"the folder of --out ({out.parent}) does not exist")
     if out.is_dir():
         raise CommandError(f"--out {args.out!r} is a folder: give a results file such as results.jsonl")
-    args.model = resolve_model(args.model)  # a wrong model is said before any image is read or file opened
+    model = resolve_model(args.model)  # a wrong model is said before any image is read or file opened
     done = read_done(out)
     todo = [f for f in files if f.name not in done]
     pipe = None  # loaded with the first readable image: a rerun with only unreadable ones left loads no model
@@ -430,7 +430,7 @@ def run_caption(args: argparse.Namespace) -> int:
                     progress.update(1)
             if not batch:
                 continue
-            pipe = pipe or _load_pipeline(args)
+            pipe = pipe or _load_pipeline(args, model)
             answers = pipe(images, prompt=args.prompt, batch_size=len(images), max_new_tokens=args.max_new_tokens)
             for path, answer in zip(batch, answers, strict=True):
                 line = result_line(path.name, args.prompt, answer[0]["generated_text"])
@@ -501,9 +501,10 @@ def run_serve_command(args: argparse.Namespace) -> int:
 
 
 # --- entry point ----------------------------------------------------------------------------------------
-def _positive(value: int, name: str) -> None:
-    if value < 1:
-        raise CommandError(f"{name} must be at least 1, got {value}")
+def _positive(value: float, name: str, least: float = 1) -> None:
+    """A flag's number below *least* is said in one line."""
+    if value < least:
+        raise CommandError(f"{name} must be at least {least:g}, got {value:g}")
 
 
 def _quiet_libraries() -> None:

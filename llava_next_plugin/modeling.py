@@ -708,17 +708,11 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
             raise InputError("give exactly one of input_ids and inputs_embeds", param="input_ids")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        # no pixels at all: a text-only call (anything that is no tensor is refused by _gather_tiles)
         if isinstance(pixel_values, (list, tuple)):  # one [tiles_i, C, H, W] tensor per image
-            tensors = all(isinstance(pv, torch.Tensor) for pv in pixel_values)  # else refused by _gather_tiles
-            if tensors and not any(pv.numel() for pv in pixel_values):
+            if all(isinstance(pv, torch.Tensor) and pv.numel() == 0 for pv in pixel_values):
                 pixel_values = None
-        elif pixel_values is not None and not isinstance(pixel_values, torch.Tensor):
-            raise InputError(
-                f"pixel_values must be a torch tensor or a list of them (one per image), got "
-                f"{type(pixel_values).__name__}: ask the processor for return_tensors='pt'",
-                param="pixel_values",
-            )
-        elif pixel_values is not None and pixel_values.numel() == 0:
+        elif isinstance(pixel_values, torch.Tensor) and pixel_values.numel() == 0:
             pixel_values = None
         encoded = (mm_encoder_outputs or {}).get("image")
         if encoded is not None and pixel_values is not None:

@@ -218,7 +218,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def _check_flags(args: argparse.Namespace) -> None:
     """Numbers that cannot work, said in one line before a model loads."""
-    from .cli import CommandError
+    from .cli import CommandError, _positive
 
     if not 1 <= args.port <= 65535:
         raise CommandError(f"--port must be from 1 to 65535, got {args.port}")
@@ -231,8 +231,7 @@ def _check_flags(args: argparse.Namespace) -> None:
         ("--body-timeout", args.body_timeout, 0.001),
         ("--max-messages", args.max_messages, 1),
     ):
-        if value < least:
-            raise CommandError(f"{flag} must be at least {least}, got {value}")
+        _positive(value, flag, least)
 
 
 def _check_port(args: argparse.Namespace) -> None:

@@ -275,15 +275,17 @@ async def _read_json(request: Request, max_bytes: int, seconds: float, max_messa
         )
     messages = body.get("messages") if isinstance(body, dict) else None
     if isinstance(messages, list):
+        if len(messages) > max_messages:  # said before any pass over them
+            raise BadRequestError(
+                f"the request holds {len(messages)} messages; at most {max_messages} are accepted", param="messages"
+            )
         parts = max(
             (len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)),
             default=0,
         )
-        if len(messages) > max_messages or parts > max_messages:
+        if parts > max_messages:
             raise BadRequestError(
-                f"the request holds {len(messages)} messages and up to {parts} content parts in one; at most "
-                f"{max_messages} of each are accepted",
-                param="messages",
+                f"a message holds {parts} content parts; at most {max_messages} are accepted", param="messages"
             )
     return body
 

@@ -48,10 +48,10 @@ __all__ = [
 ]
 
 DEFAULT_IMAGE_SIZE = (1024, 768)
-#: Blocks per sequence at most: beyond, runs of text tokens are drawn a few tokens per block (a picture has
-#: blocks x blocks cells: a 2000-token prompt drawn token by token was 400 MB of HTML).
-MAX_BLOCKS = 160
 """``(width, height)`` of the image generated when a prompt has ``<image>`` but none is given."""
+MAX_BLOCKS = 160
+"""Blocks per sequence at most: beyond, runs of text tokens are drawn a few tokens per block (a picture has
+blocks x blocks cells: a 2000-token prompt drawn token by token was 400 MB of HTML)."""
 
 FULL, PARTIAL, EMPTY = "full", "partial", "empty"
 
