@@ -212,7 +212,12 @@ def parse_chat_request(body: Any) -> ParsedChatRequest:
 
     params = {name: body[name] for name in GenerationParams.names() if body.get(name) is not None}
     if body.get("max_completion_tokens") is not None:
-        if "max_tokens" in params and params["max_tokens"] != body["max_completion_tokens"]:
+        given = body["max_completion_tokens"]
+        if isinstance(given, bool) or not isinstance(given, int):
+            raise _bad(
+                f"'max_completion_tokens' must be an integer, got {_brief(given)}", param="max_completion_tokens"
+            )
+        if "max_tokens" in params and params["max_tokens"] != given:
             raise _bad("max_tokens and max_completion_tokens disagree; send one", param="max_completion_tokens")
         params["max_tokens"] = body["max_completion_tokens"]
     model = body.get("model")
@@ -224,8 +229,11 @@ def parse_chat_request(body: Any) -> ParsedChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, Mapping):
         raise _bad("'stream_options' must be an object", param="stream_options")
+    include_usage = options.get("include_usage") or False
+    if not isinstance(include_usage, bool):  # "false" as a string would read as true
+        raise _bad("'stream_options.include_usage' must be true or false", param="stream_options")
     request = ChatRequest(tuple(parsed_messages), GenerationParams.from_kwargs(params), model)
-    return ParsedChatRequest(request, stream=stream, include_usage=bool(options.get("include_usage")))
+    return ParsedChatRequest(request, stream=stream, include_usage=include_usage)
 
 
 def _is_default(value: Any, default: Any) -> bool:

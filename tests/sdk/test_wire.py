@@ -104,7 +104,17 @@ def test_openai_aliases_are_understood():
             "logit_bias, tools",
         ),
         ({"messages": [{"role": "user", "content": "x"}], "n": 2}, UnsupportedParameterError, "only n=1"),
-        ({"messages": []}, BadRequestError, "non-empty list"),
+        ({"messages": []}, BadRequestError, "non-empty list .* got an empty list"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "stream": True, "stream_options": {"include_usage": "no"}},
+            BadRequestError,
+            "include_usage' must be true or false",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 5, "max_completion_tokens": "5"},
+            BadRequestError,
+            "'max_completion_tokens' must be an integer",
+        ),
         ({"messages": [{"role": "tool", "content": "x"}]}, BadRequestError, "unsupported role 'tool'"),
         ({"messages": [{"role": "user", "content": 3}]}, BadRequestError, "'content' must be"),
         (
