@@ -10,12 +10,20 @@ take the keyword list and the backend rule from here. Nothing here imports trans
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from .image_processing import LlavaNextImageProcessorBase
 
-__all__ = ["HUB_KWARGS", "hub_kwargs", "IMAGE_BACKENDS", "image_backend", "image_processor_class"]
+__all__ = [
+    "HUB_KWARGS",
+    "hub_kwargs",
+    "IMAGE_BACKENDS",
+    "image_backend",
+    "image_processor_class",
+    "not_a_local_checkpoint",
+]
 
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 """``from_pretrained`` keyword arguments that say where files come from; passed on to every file lookup."""
@@ -62,3 +70,13 @@ def image_processor_class(backend: Literal["torchvision", "pil"]) -> type[LlavaN
     from .image_processing_fast import LlavaNextImageProcessorFast
 
     return LlavaNextImageProcessorFast
+
+
+def not_a_local_checkpoint(model: str) -> str | None:
+    """Why *model*, read as a checkpoint folder, is none (``"does not exist"``, ``"has no config.json"``), or
+    ``None``: it is one, or it reads as a hub id (``owner/name``, not starting with ``.``, ``/`` or ``~``)."""
+    path = Path(model).expanduser()
+    looks_local = model.startswith((".", "/", "~")) or path.exists() or model.count("/") != 1
+    if looks_local and not (path / "config.json").is_file():
+        return "has no config.json" if path.exists() else "does not exist"
+    return None

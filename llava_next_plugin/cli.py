@@ -198,16 +198,17 @@ def _check_model(model: str) -> None:
     """Fail with one clear line when *model* is neither a checkpoint folder nor a reachable hub id."""
     from transformers import AutoConfig
 
-    path = Path(model).expanduser()
-    looks_local = model.startswith((".", "/", "~")) or path.exists() or model.count("/") != 1
-    if looks_local and not (path / "config.json").is_file():
-        what = "does not exist" if not path.exists() else "has no config.json"
+    from ._hub import not_a_local_checkpoint
+
+    why = not_a_local_checkpoint(model)
+    if why:
         raise CommandError(
-            f"model {model!r} {what}: give a checkpoint folder or a hub id like {DEFAULT_MODEL} "
+            f"model {model!r} {why}: give a checkpoint folder or a hub id like {DEFAULT_MODEL} "
             "(offline, build one with `llava-next tiny-checkpoint ./tiny`)"
         )
+    path = Path(model).expanduser()
     try:
-        config = AutoConfig.from_pretrained(os.fspath(path) if looks_local else model)
+        config = AutoConfig.from_pretrained(os.fspath(path) if path.is_dir() else model)
     except Exception as exc:
         raise CommandError(
             f"cannot load model {model!r}: {first_line(exc)} (check the name, or that the "

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -31,6 +30,7 @@ from llava_next_sdk.hookspecs import hookimpl
 from llava_next_sdk.retry import RetryPolicy
 from llava_next_sdk.types import ChatRequest, GenerationResult
 
+from ._hub import not_a_local_checkpoint
 from .errors import first_line
 from .validation import Limits, prepare_request
 
@@ -130,13 +130,9 @@ class LocalTransport:
 
         if self.model is None:  # __init__ refuses neither a model nor an engine: only a subclass could get here
             raise RuntimeError("this transport has no model to load")
-        path = Path(self.model).expanduser()
-        if self.model.startswith((".", "/", "~")) and not (path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"model {self.model!r} {'has no config.json' if path.exists() else 'does not exist'}: give a "
-                "checkpoint folder or a hub id",
-                param="model",
-            )
+        why = not_a_local_checkpoint(self.model)
+        if why:
+            raise ModelNotFoundError(f"model {self.model!r} {why}: give a checkpoint folder or a hub id", param="model")
         return get_shared_engine(self.model, **self._engine_options)
 
     async def _submit(self, request: ChatRequest) -> tuple[Engine, RequestHandle]:
@@ -198,18 +194,18 @@ def _check_engine_options(options: dict[str, Any]) -> None:
     """``device=`` and ``dtype=`` that cannot work are refused when the client is made, not at a model load."""
     import torch
 
+    from .engine.shared import _normalized  # the shared engines' own reading of these options
+
     device, dtype = options.get("device"), options.get("dtype")
     if device is not None:
         try:
-            parsed = torch.device(device)
+            parsed = torch.device(_normalized("device", device))
         except (RuntimeError, TypeError, ValueError) as exc:
             raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {exc}") from exc
         if parsed.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={device!r}, but this torch sees no CUDA device: use device='cpu'")
-    if dtype is not None and not isinstance(dtype, torch.dtype) and dtype != "auto":
-        named = getattr(torch, str(dtype).removeprefix("torch."), None) if isinstance(dtype, str) else None
-        if not isinstance(named, torch.dtype):
-            raise ValueError(f"dtype={dtype!r} is not a torch dtype: use 'auto', 'float32', 'bfloat16' or 'float16'")
+    if dtype is not None and not isinstance(_normalized("dtype", dtype), (torch.dtype, type(None))):
+        raise ValueError(f"dtype={dtype!r} is not a torch dtype: use 'auto', 'float32', 'bfloat16' or 'float16'")
 
 
 def _domains(value: Any) -> tuple[str, ...]:
