@@ -106,8 +106,8 @@ def _kind(value: Any) -> str:
         return "null (None)"
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return "a number"
-    if isinstance(value, (list, tuple)) and not value:
-        return f"an empty {names[type(value)].removeprefix('a ')}"
+    if isinstance(value, (list, tuple)) and not value:  # subclasses too: never a KeyError inside an error message
+        return "an empty tuple" if isinstance(value, tuple) else "an empty list"
     return names.get(type(value), type(value).__name__)
 
 
