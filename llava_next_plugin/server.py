@@ -17,8 +17,10 @@ Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``) w
 ``500 internal error, request id X``, nothing more; the connection stays usable (keep-alive) after any error.
 Request bodies are parsed by ``llava_next_sdk.wire`` and checked by :mod:`llava_next_plugin.validation`,
 exactly as the SDK's local transport does; a request the engine's queue cannot take gets 429 before its images
-are fetched or decoded, at most ``max_preparing`` requests prepare images at once, and their decoded pixels
-share one :class:`~llava_next_plugin.validation.PixelBudget`. A client that disconnects cancels its generation.
+are fetched or decoded. A request's image URLs are fetched all at once, on threads apart from the CPU work (a
+slow host delays only its own requests); then at most ``max_preparing`` requests decode and preprocess images at
+once, and their decoded pixels share one :class:`~llava_next_plugin.validation.PixelBudget`. A client that
+disconnects cancels its generation.
 
 On SIGTERM (or SIGINT) the server drains: ``/health`` answers 503 ``draining``, new chat requests get 503 with
 ``Retry-After``, and the requests in flight run to their end, up to the drain timeout; then whatever still runs
@@ -60,7 +62,7 @@ from starlette.routing import Route
 
 from .engine import Engine, EngineResult, RequestHandle
 from .errors import first_line
-from .validation import Limits, PixelBudget, prepare_request
+from .validation import Limits, PixelBudget, check_request, fetch_image, prepare_request
 
 __all__ = ["create_app", "run_server", "serve_in_thread", "RunningServer", "default_served_name"]
 
@@ -409,6 +411,7 @@ def create_app(
     drain_timeout: float = 30.0,
     shutdown_engine: bool = True,
     max_preparing: int = 4,
+    max_fetching: int = 32,
     model_aliases: tuple[str, ...] = (),
 ) -> Starlette:
     """The ASGI app serving *engine*.
@@ -421,9 +424,12 @@ def create_app(
     :param drain_timeout: seconds the engine may take to finish its requests at shutdown.
     :param shutdown_engine: shut the engine down (draining) when the app stops; False for an engine that
         outlives the app (shared with other apps or in-process clients).
-    :param max_preparing: requests whose images are fetched, decoded and preprocessed at once, at most;
-        others wait their turn. A request the engine's queue cannot take is refused (429) before
-        any of that work, and again after waiting.
+    :param max_preparing: requests whose images are decoded and preprocessed at once, at most; others wait
+        their turn. A request the engine's queue cannot take is refused (429) before any of that work, and again
+        after waiting.
+    :param max_fetching: image URLs fetched at once, at most, across requests (each on a worker thread; a
+        request's URLs are fetched together, before it waits for a preparing turn, so that slow hosts hold
+        back no one else's preparation).
     :param model_aliases: other names requests may give the model (``llava-next serve`` accepts the ``--model``
         it was started with, which the client knows already); never shown.
     """
@@ -493,7 +499,11 @@ def create_app(
                 parsed = wire.parse_chat_request(body)
                 check_model(parsed.request.model)
                 engine.check_admission()  # cheap: a full queue answers 429 before any image work
-                prepared = await anyio.to_thread.run_sync(_admit_and_prepare, parsed.request, limiter=_preparing())
+                urls = check_request(engine, parsed.request, limits)
+                fetched = await _fetch_all(urls) if urls else None
+                prepared = await anyio.to_thread.run_sync(
+                    _admit_and_prepare, parsed.request, fetched, limiter=_limiter(preparing, max_preparing)
+                )
                 if drain.cutting:
                     raise _shutting_down()
                 handle = engine.submit(prepared, request_id=request_id)
@@ -530,16 +540,41 @@ def create_app(
             if not streaming:
                 drain.leave()
 
-    preparing: list[anyio.CapacityLimiter] = []  # made on first use, inside the server's event loop
+    # made on first use, inside the server's event loop
+    preparing: list[anyio.CapacityLimiter] = []
+    fetching: list[anyio.CapacityLimiter] = []
 
-    def _preparing() -> anyio.CapacityLimiter:
-        if not preparing:
-            preparing.append(anyio.CapacityLimiter(max_preparing))
-        return preparing[0]
+    def _limiter(made: list[anyio.CapacityLimiter], capacity: int) -> anyio.CapacityLimiter:
+        if not made:
+            made.append(anyio.CapacityLimiter(capacity))
+        return made[0]
 
-    def _admit_and_prepare(chat_request):
+    async def _fetch_all(urls: list[tuple[int, str]]) -> dict[int, bytes]:
+        """The bytes of a request's image URLs, by image index, all fetched at once on worker threads of their
+        own (at most *max_fetching* across requests), apart from the preparing limiter: a slow host delays only
+        the requests whose images it serves. The first failing image's error is raised (in image order)."""
+        got: dict[int, bytes | LlavaNextError] = {}
+
+        async def fetch(index: int, url: str) -> None:
+            try:
+                got[index] = await anyio.to_thread.run_sync(
+                    fetch_image, url, index, limits, limiter=_limiter(fetching, max_fetching)
+                )
+            except LlavaNextError as error:
+                got[index] = error
+
+        async with anyio.create_task_group() as group:
+            for index, url in urls:
+                group.start_soon(fetch, index, url)
+        for index, _ in urls:
+            outcome = got[index]
+            if isinstance(outcome, LlavaNextError):
+                raise outcome
+        return {index: outcome for index, outcome in got.items() if isinstance(outcome, bytes)}
+
+    def _admit_and_prepare(chat_request, fetched: dict[int, bytes] | None):
         engine.check_admission()  # again: the queue may have filled while this request waited its turn
-        return prepare_request(engine, chat_request, limits, budget)
+        return prepare_request(engine, chat_request, limits, budget, fetched=fetched)
 
     async def _result_unless_disconnected(request: Request, handle: RequestHandle) -> EngineResult:
         """The request's result; a client that disconnects first cancels it. Errors come out bare (caught

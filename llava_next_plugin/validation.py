@@ -28,7 +28,7 @@ from __future__ import annotations
 import ctypes
 import io
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -222,8 +222,9 @@ def check_prompt_chars(engine: Engine, request: ChatRequest) -> None:
         )
 
 
-def _fetch(url: str, index: int, limits: Limits) -> bytes:
-    """GET an allowed image URL: no redirects (they could lead anywhere), bounded size and overall time."""
+def fetch_image(url: str, index: int, limits: Limits) -> bytes:
+    """GET an image URL that :func:`check_request` allowed: no redirects (they could lead anywhere), bounded size
+    and overall time (blocks: the server runs each URL of a request on a worker thread of its own)."""
     from .images import fetch_url
 
     try:
@@ -285,18 +286,31 @@ def _to_rgb(source, index: int):
         raise InvalidImageError(error.message, index=index, param="messages") from None
 
 
-def _request_image_sources(request: ChatRequest, limits: Limits) -> list:
-    """Every image of *request*, in order, as encoded bytes or an already decoded image, under the
-    deployment's source policy."""
+def remote_image_urls(request: ChatRequest, limits: Limits) -> list[tuple[int, str]]:
+    """``(index, url)`` of every ``http(s)://`` image of *request*, in order, each allowed by the deployment's
+    source policy (the image count checked first)."""
     check_image_count(request, limits)
+    urls = []
+    for index, part in enumerate(request.images):
+        if part.url is not None and not part.is_data_url:
+            check_image_url(part.url, index, limits)
+            urls.append((index, part.url))
+    return urls
+
+
+def _request_image_sources(request: ChatRequest, limits: Limits, fetched: Mapping[int, bytes] | None = None) -> list:
+    """Every image of *request*, in order, as encoded bytes or an already decoded image (its sources allowed by
+    :func:`remote_image_urls` first); URLs are fetched here unless *fetched* has their bytes (by image index)."""
+    fetched = fetched or {}
     sources: list = []
     for index, part in enumerate(request.images):
         if part.url is not None:  # an ImagePart holds exactly one of url, data, image
             if part.is_data_url:
-                sources.append(decode_data_url(part.url, index=index)[1])
+                sources.append(decode_data_url(part.url, index=index, param="messages")[1])
+            elif index in fetched:
+                sources.append(fetched[index])
             else:
-                check_image_url(part.url, index, limits)
-                sources.append(_fetch(part.url, index, limits))
+                sources.append(fetch_image(part.url, index, limits))
         elif part.data is not None:
             sources.append(bytes(part.data))
         else:
@@ -318,6 +332,7 @@ def _request_pixels(sources: list, limits: Limits) -> int:
 
 def load_request_images(request: ChatRequest, limits: Limits) -> list:
     """Every image of *request* as an RGB PIL image, in order, under the deployment's source policy."""
+    remote_image_urls(request, limits)
     sources = _request_image_sources(request, limits)
     _request_pixels(sources, limits)
     return [_to_rgb(source, index) for index, source in enumerate(sources)]
@@ -348,24 +363,37 @@ def to_sampling_params(params: GenerationParams) -> SamplingParams:
     )
 
 
+def check_request(engine: Engine, request: ChatRequest, limits: Limits) -> list[tuple[int, str]]:
+    """The cheap checks of *request*, before any image is fetched or decoded (a user message, stop strings,
+    prompt characters, image count, image sources); the :func:`remote_image_urls` to fetch."""
+    if not any(m.role == "user" for m in request.messages):
+        raise BadRequestError("the request needs at least one user message", param="messages")
+    check_stop_strings(request, limits)
+    check_prompt_chars(engine, request)
+    return remote_image_urls(request, limits)
+
+
 def prepare_request(
-    engine: Engine, request: ChatRequest, limits: Limits, budget: PixelBudget | None = None
+    engine: Engine,
+    request: ChatRequest,
+    limits: Limits,
+    budget: PixelBudget | None = None,
+    *,
+    fetched: Mapping[int, bytes] | None = None,
 ) -> PreparedRequest:
     """Check *request* against *limits* and the model, and turn it into the engine's input (blocking).
 
-    The cheap checks come first (user message, stop strings, prompt characters), then the images are fetched
-    and their headers read, and only then are pixels decoded, within *budget* when one is given.
+    The cheap checks come first (:func:`check_request`), then the images are fetched (unless *fetched* holds
+    their bytes by image index: the server fetches a request's URLs at once, apart from the CPU work) and their
+    headers read, and only then are pixels decoded, within *budget* when one is given.
 
     :raises BadRequestError: no user message, too many images, a stop string too long, or (413) too many pixels.
     :raises InvalidImageError: an image from a forbidden source, too large, or undecodable (names its index).
     :raises ContextLengthExceededError: the prompt plus ``max_tokens`` exceeds the model's context.
     :raises OverloadedError: *budget* has no room for this request's pixels now (429).
     """
-    if not any(m.role == "user" for m in request.messages):
-        raise BadRequestError("the request needs at least one user message", param="messages")
-    check_stop_strings(request, limits)
-    check_prompt_chars(engine, request)
-    sources = _request_image_sources(request, limits)
+    check_request(engine, request, limits)
+    sources = _request_image_sources(request, limits, fetched)
     pixels = _request_pixels(sources, limits)
     with budget.hold(pixels) if budget is not None else nullcontext():
         images = [_to_rgb(source, index) for index, source in enumerate(sources)]

@@ -126,6 +126,7 @@ BAD_REQUESTS = {
         "--allow-url-domain",
     ),
     "a corrupt data URL": ({"messages": image_message("x", "data:image/png;base64,AAAA")}, "invalid_image", "image 0"),
+    "a data URL not in base64": ({"messages": image_message("x", "data:image/png,abc")}, "invalid_image", "base64"),
     "max_tokens beyond the context": (
         {"messages": image_message("x", data_url(40, 40)), "max_tokens": 9999},
         "context_length_exceeded",
@@ -148,6 +149,8 @@ def test_bad_input_gets_an_openai_shaped_400_and_the_server_keeps_serving(server
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["code"] == code and says in error["message"]
+    if code == "invalid_image":  # every image error points at the messages, a data URL's as any other's
+        assert error["param"] == "messages"
     ok = client.chat.completions.create(
         model="tiny", messages=image_message("Still there?", data_url(40, 40)), max_tokens=2, temperature=0
     )
@@ -257,7 +260,10 @@ def test_a_full_queue_answers_429_before_any_image_is_decoded(engine):
         assert httpx.post(running.url + "/chat/completions", json=body).status_code == 400  # with room: decoded
 
 
-def test_image_preparation_runs_at_most_max_preparing_requests_at_once(engine):
+def test_image_urls_are_fetched_at_once_and_a_slow_host_holds_back_only_its_own_requests(engine, monkeypatch):
+    """Image URLs are fetched apart from the CPU work: three requests whose host hangs are all fetching at once
+    though one request may prepare at a time (max_preparing=1), and a text-only request is answered meanwhile.
+    Once the host answers, the three are prepared one at a time and all answered."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -265,33 +271,99 @@ def test_image_preparation_runs_at_most_max_preparing_requests_at_once(engine):
     from starlette.routing import Route
 
     png = base64.b64decode(data_url(40, 40).split(",", 1)[1])
-    in_flight, most = [0], [0]
+    fetching, preparing, most_preparing = [0], [0], [0]
+    release = threading.Event()
     lock = threading.Lock()
 
-    async def slow_png(request):
+    async def hanging_png(request):
         import anyio
 
         with lock:
-            in_flight[0] += 1
-            most[0] = max(most[0], in_flight[0])
-        await anyio.sleep(0.3)
-        with lock:
-            in_flight[0] -= 1
+            fetching[0] += 1
+        while not release.is_set():
+            await anyio.sleep(0.01)
         return Response(png, media_type="image/png")
 
+    prepare = engine.prepare
+
+    def counted_prepare(*args, **kwargs):  # the engine's own prepare, counted
+        with lock:
+            preparing[0] += 1
+            most_preparing[0] = max(most_preparing[0], preparing[0])
+        try:
+            time.sleep(0.05)
+            return prepare(*args, **kwargs)
+        finally:
+            with lock:
+                preparing[0] -= 1
+
+    monkeypatch.setattr(engine, "prepare", counted_prepare)
     limits = Limits(max_image_pixels=300 * 300, allowed_url_domains=("127.0.0.1",))
     with (
-        serve_in_thread(Starlette(routes=[Route("/cat.png", slow_png)])) as image_host,
+        serve_in_thread(Starlette(routes=[Route("/cat.png", hanging_png)])) as image_host,
+        serve_in_thread(create_app(engine, limits=limits, shutdown_engine=False, max_preparing=1)) as running,
+        ThreadPoolExecutor(3) as pool,
+    ):
+        url = f"http://127.0.0.1:{image_host.port}/cat.png"
+        body = {"messages": image_message("What?", url), "max_tokens": 1}
+        slow = [pool.submit(httpx.post, running.url + "/chat/completions", json=body, timeout=60) for _ in range(3)]
+        try:
+            assert checkpoints.wait_for(lambda: fetching[0] == 3)
+            text_only = httpx.post(
+                running.url + "/chat/completions",
+                json={"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 1},
+                timeout=60,
+            )
+            assert text_only.status_code == 200 and not any(f.done() for f in slow)
+        finally:
+            release.set()
+        assert [f.result().status_code for f in slow] == [200, 200, 200]
+    assert most_preparing[0] == 1
+
+
+def test_a_request_with_several_image_urls_fetches_them_together_and_names_the_first_bad_one(engine):
+    import threading
+
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    png = base64.b64decode(data_url(40, 40).split(",", 1)[1])
+    arrived = threading.Barrier(2, timeout=30)  # both fetches must be in flight at once to get past it
+
+    async def together(request):
+        import anyio
+
+        await anyio.to_thread.run_sync(arrived.wait)
+        return Response(png, media_type="image/png")
+
+    routes = [
+        Route("/a.png", together),
+        Route("/b.png", together),
+        Route("/gone.png", lambda r: Response(status_code=404)),
+    ]
+    limits = Limits(max_images_per_request=3, max_image_pixels=300 * 300, allowed_url_domains=("127.0.0.1",))
+    with (
+        serve_in_thread(Starlette(routes=routes)) as image_host,
         serve_in_thread(create_app(engine, limits=limits, shutdown_engine=False, max_preparing=1)) as running,
     ):
-        body = {"messages": image_message("What?", f"http://127.0.0.1:{image_host.port}/cat.png"), "max_tokens": 1}
-        with ThreadPoolExecutor(3) as pool:
-            statuses = list(
-                pool.map(
-                    lambda _: httpx.post(running.url + "/chat/completions", json=body, timeout=60).status_code, range(3)
-                )
-            )
-    assert statuses == [200, 200, 200] and most[0] == 1
+        origin = f"http://127.0.0.1:{image_host.port}"
+        both = httpx.post(
+            running.url + "/chat/completions",
+            json={"messages": image_message("What?", origin + "/a.png", origin + "/b.png"), "max_tokens": 1},
+            timeout=60,
+        )
+        assert both.status_code == 200, both.text
+        bad = httpx.post(
+            running.url + "/chat/completions",
+            json={
+                "messages": image_message("What?", data_url(40, 40), origin + "/gone.png", origin + "/gone.png"),
+                "max_tokens": 1,
+            },
+            timeout=60,
+        )
+        error = bad.json()["error"]
+        assert bad.status_code == 400 and error["message"].startswith("image 1: ") and "404" in error["message"]
+        assert error["param"] == "messages"
 
 
 def test_requests_being_read_are_bounded_by_the_queue_size_with_a_429(reference):

@@ -520,30 +520,36 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
 # ------------------------------------------------------------------------------------------------ misc
 
 
-def decode_data_url(url: str, *, index: int | None = None) -> tuple[str, bytes]:
+def decode_data_url(url: str, *, index: int | None = None, param: str | None = None) -> tuple[str, bytes]:
     """``(media_type, bytes)`` of a ``data:image/<type>;base64,<data>`` URL; ``InvalidImageError`` if it is not one.
 
     The one data-URL decoder: the server, the SDK and ``llava_next_plugin.load_image`` all read data URLs
     with it, so they accept and refuse the same ones. Whitespace inside the base64 (line-wrapped base64)
     is ignored; percent-encoded (non-base64) payloads and media types other than ``image/*`` are refused.
+    *param*: the request field the URL came from, for the error (the server says ``"messages"``).
     """
     header, comma, payload = url.partition(",")
     if header[:5].lower() != "data:":
-        raise InvalidImageError("not a data URL; expected 'data:image/<type>;base64,<data>'", index=index)
+        raise InvalidImageError("not a data URL; expected 'data:image/<type>;base64,<data>'", index=index, param=param)
     if not comma:
         raise InvalidImageError(
-            "the data URL has no ',' before its data; expected 'data:image/<type>;base64,<data>'", index=index
+            "the data URL has no ',' before its data; expected 'data:image/<type>;base64,<data>'",
+            index=index,
+            param=param,
         )
     meta = header[5:].split(";")
     media_type = meta[0].strip().lower() or "text/plain"
     if not media_type.startswith("image/"):
         raise InvalidImageError(
-            f"a data URL of type {media_type!r} is not an image; expected image/png, image/jpeg, ...", index=index
+            f"a data URL of type {media_type!r} is not an image; expected image/png, image/jpeg, ...",
+            index=index,
+            param=param,
         )
     if "base64" not in [m.strip().lower() for m in meta[1:]]:
         raise InvalidImageError(
             "image data URLs must be base64-encoded (';base64,'); encode the image bytes with base64.b64encode",
             index=index,
+            param=param,
         )
     try:
         data = base64.b64decode("".join(payload.split()), validate=True)
@@ -552,9 +558,10 @@ def decode_data_url(url: str, *, index: int | None = None) -> tuple[str, bytes]:
             f"the data URL's base64 payload is corrupt (invalid base64: {exc}); encode the "
             "image bytes with base64.b64encode",
             index=index,
+            param=param,
         ) from None
     if not data:
-        raise InvalidImageError("the data URL holds no data", index=index)
+        raise InvalidImageError("the data URL holds no data", index=index, param=param)
     return media_type, data
 
 
