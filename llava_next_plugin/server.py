@@ -261,7 +261,8 @@ class _Front:
                     pass
             status[0] = 500
         finally:
-            self.metrics.count_request(scope["path"], status[0])
+            closed = scope["state"].get("client_closed") and status[0] < 400  # a stream the client left
+            self.metrics.count_request(scope["path"], CLIENT_CLOSED if closed else status[0])
 
 
 async def _read_json(request: Request, max_bytes: int, seconds: float, max_messages: int) -> Any:
@@ -386,16 +387,26 @@ class _Drain:
 
 
 class _StreamThenLeave(StreamingResponse):
-    """A streaming response that runs *on_end* however it ends (even if its body never started)."""
+    """A streaming response that runs *on_end* however it ends (even if its body never started), and marks the
+    request ``client_closed`` (counted 499, not 200) when the client left before the last event was sent."""
 
     def __init__(self, content, on_end, **kwargs: Any) -> None:
-        super().__init__(content, **kwargs)
+        self._sent_all = False
+
+        async def tracked():
+            async for event in content:
+                yield event  # resumed only once the event was sent
+            self._sent_all = True
+
+        super().__init__(tracked(), **kwargs)
         self._on_end = on_end
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
+            if not self._sent_all:
+                scope.setdefault("state", {})["client_closed"] = True
             self._on_end()
 
 

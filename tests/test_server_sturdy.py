@@ -303,6 +303,16 @@ def test_a_client_that_gives_up_is_counted_as_499_not_as_a_server_error(served):
         )
     assert checkpoints.wait_for(lambda: count("499") == before[0] + 1, 30)
     assert count("500") == before[1]
+    ok = count("200")
+    with httpx.stream(  # a stream the client leaves after its first event: 499 too, though its status was 200
+        "POST",
+        served.base + "/v1/chat/completions",
+        json={"messages": user("Go on"), "max_tokens": 2000, "temperature": 0, "stream": True},
+        timeout=30,
+    ) as response:
+        assert response.status_code == 200 and next(response.iter_lines()).startswith("data: ")
+    assert checkpoints.wait_for(lambda: count("499") == before[0] + 2, 30)
+    assert count("200") == ok and count("500") == before[1]
 
 
 def test_deep_nesting_and_wrong_types_are_400s_with_openai_error_bodies(served):
