@@ -37,8 +37,9 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from llava_next_sdk import wire
@@ -70,6 +71,8 @@ logger = logging.getLogger(__name__)
 
 JSON_ON_LOOP_BYTES = 64 * 1024  # request bodies up to this size are parsed on the event loop, larger in a thread
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_T = TypeVar("_T")
+
 CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer: counted, never sent
 SHUTDOWN_RETRY_AFTER = 5.0  # seconds a client is asked to wait when this server is shutting down
 
@@ -89,8 +92,8 @@ def default_served_name(model: str) -> str:
 class _EngineCollector:
     """The engine's counters and gauges, read (a consistent copy) whenever ``/metrics`` is scraped."""
 
-    def __init__(self, engine: Engine, budget: PixelBudget) -> None:
-        self.engine, self.budget = engine, budget
+    def __init__(self, engine: Engine, budget: PixelBudget, in_flight: Callable[[], int]) -> None:
+        self.engine, self.budget, self.in_flight = engine, budget, in_flight
 
     def describe(self):
         return []  # unchecked: the families depend on what the engine has counted
@@ -112,6 +115,11 @@ class _EngineCollector:
         )
         yield GaugeMetricFamily("llava_next_batch_size", "Requests decoding now.", value=self.engine.batch_size)
         yield GaugeMetricFamily(
+            "llava_next_requests_in_flight",
+            "Chat requests being read, prepared or generated (what a drain waits for).",
+            value=self.in_flight(),
+        )
+        yield GaugeMetricFamily(
             "llava_next_image_pixels_in_flight",
             "Image pixels being decoded and preprocessed.",
             value=self.budget.in_use,
@@ -126,7 +134,9 @@ class Metrics:
     set stays bounded whatever paths clients send, authenticated or not.
     """
 
-    def __init__(self, engine: Engine, budget: PixelBudget, route_paths: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, engine: Engine, budget: PixelBudget, in_flight: Callable[[], int], route_paths: tuple[str, ...] = ()
+    ) -> None:
         self.registry = CollectorRegistry()
         self.route_paths = frozenset(route_paths)
         self.requests = Counter(
@@ -150,7 +160,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_EngineCollector(engine, budget))
+        self.registry.register(_EngineCollector(engine, budget, in_flight))
 
     def count_request(self, path: str, status: int) -> None:
         self.requests.labels(path if path in self.route_paths else "other", str(int(status))).inc()
@@ -375,7 +385,8 @@ class _Drain:
                 self._changed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             if not self.active:
                 return 0
-            self.cutting = True
+            self.cutting = True  # requests still reading a body or fetching images see it and answer 503
+            cut = self.active
             handles = list(self.handles)
         for handle in handles:
             self._cut(handle)
@@ -383,7 +394,33 @@ class _Drain:
         with self._changed:
             while self.active and time.monotonic() < deadline:
                 self._changed.wait(0.1)
-        return max(len(self.cut_ids), 1)
+        return cut
+
+    async def unless_cut(self, work: Callable[[], Awaitable[_T]]) -> _T:
+        """``await work()``, unless the drain starts cutting first: then its error is
+        :func:`_shutting_down` (a request still reading its body or fetching its images, which no handle
+        stands for yet, gets the same 503 as a cut stream)."""
+        outcome: list[Any] = []
+
+        async def run(scope: anyio.CancelScope) -> None:
+            try:
+                outcome.append(await work())
+            except BaseException as error:  # noqa: BLE001  (re-raised below, outside the task group)
+                if isinstance(error, anyio.get_cancelled_exc_class()):
+                    raise
+                outcome.append(error)
+            scope.cancel()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(run, group.cancel_scope)
+            while not self.cutting:
+                await anyio.sleep(0.05)
+            group.cancel_scope.cancel()
+        if not outcome:
+            raise _shutting_down()
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
 
 
 class _StreamThenLeave(StreamingResponse):
@@ -447,8 +484,8 @@ def create_app(
     limits = limits or Limits()
     name = model_name or default_served_name(engine.model_name)
     budget = PixelBudget(limits.max_pixels_in_flight)
-    metrics = Metrics(engine, budget)
     drain = _Drain()
+    metrics = Metrics(engine, budget, lambda: drain.active)
 
     def refusal(error: LlavaNextError, request_id: str, handle: RequestHandle | None = None) -> LlavaNextError:
         """What the client is told about *error*, logged once with the request id (a failure of a submitted
@@ -506,12 +543,16 @@ def create_app(
         reading[0] += 1
         try:
             try:
-                body = await _read_json(request, limits.max_body_bytes, limits.body_timeout, limits.max_messages)
-                parsed = wire.parse_chat_request(body)
-                check_model(parsed.request.model)
-                engine.check_admission()  # cheap: a full queue answers 429 before any image work
-                urls = check_request(engine, parsed.request, limits)
-                fetched = await _fetch_all(urls) if urls else None
+
+                async def read_and_fetch():
+                    body = await _read_json(request, limits.max_body_bytes, limits.body_timeout, limits.max_messages)
+                    parsed = wire.parse_chat_request(body)
+                    check_model(parsed.request.model)
+                    engine.check_admission()  # cheap: a full queue answers 429 before any image work
+                    urls = check_request(engine, parsed.request, limits)
+                    return parsed, (await _fetch_all(urls) if urls else None)
+
+                parsed, fetched = await drain.unless_cut(read_and_fetch)
                 prepared = await anyio.to_thread.run_sync(
                     _admit_and_prepare, parsed.request, fetched, limiter=_limiter(preparing, max_preparing)
                 )
@@ -568,8 +609,8 @@ def create_app(
 
         async def fetch(index: int, url: str) -> None:
             try:
-                got[index] = await anyio.to_thread.run_sync(
-                    fetch_image, url, index, limits, limiter=_limiter(fetching, max_fetching)
+                got[index] = await anyio.to_thread.run_sync(  # left to finish alone if the drain cuts it
+                    fetch_image, url, index, limits, limiter=_limiter(fetching, max_fetching), abandon_on_cancel=True
                 )
             except LlavaNextError as error:
                 got[index] = error

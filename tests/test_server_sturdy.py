@@ -715,6 +715,35 @@ def test_a_stream_cut_by_the_drain_timeout_gets_an_error_event_before_it_closes(
     assert "after draining" not in server.log() and "cut 1 request" in server.log()
 
 
+def test_a_body_still_arriving_when_the_drain_timeout_ends_gets_a_503_and_counts_as_cut(tiny_checkpoint, tmp_path):
+    import signal
+    import socket
+
+    server = Served(
+        ["--model", str(tiny_checkpoint), "--log-level", "info", "--drain-timeout", "1"], tmp_path / "server.log"
+    )
+    try:
+        body = json.dumps({"messages": user("Hi"), "max_tokens": 2}).encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=60) as connection:
+            head = (
+                f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            )
+            connection.sendall(head.encode() + body[:10])  # and the rest never comes
+            # the request is in (its head was read): the drain waits for it
+            in_flight = "\nllava_next_requests_in_flight 1.0\n"
+            assert checkpoints.wait_for(lambda: in_flight in httpx.get(server.base + "/metrics").text, 30)
+            server.process.send_signal(signal.SIGTERM)
+            answer = connection.makefile("rb").read().decode()
+        assert server.process.wait(60) == 0
+    finally:
+        server.stop()
+    status_line, _, rest = answer.partition("\r\n")
+    assert " 503 " in status_line, answer
+    assert "server shutting down" in rest and "retry-after" in rest.lower()
+    assert "cut 1 request" in server.log() and "Internal Server Error" not in answer
+
+
 def test_a_second_signal_during_a_drain_stops_the_server_at_once(tiny_checkpoint, tmp_path):
     """The README: "A second signal stops at once", however long the drain timeout and the streams in flight."""
     import signal
