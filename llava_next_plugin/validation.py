@@ -370,7 +370,24 @@ def check_request(engine: Engine, request: ChatRequest, limits: Limits) -> list[
         raise BadRequestError("the request needs at least one user message", param="messages")
     check_stop_strings(request, limits)
     check_prompt_chars(engine, request)
+    check_no_placeholder_in_text(engine, request)
     return remote_image_urls(request, limits)
+
+
+def check_no_placeholder_in_text(engine: Engine, request: ChatRequest) -> None:
+    """Refuse message text holding the model's image placeholder (``<image>``): images are parts of their own,
+    each placed where its part is, so a placeholder typed in the text would stand for an image that is not there
+    (the processor would count one placeholder too many)."""
+    placeholder = getattr(engine.processor, "image_token", None) or "<image>"
+    for i, message in enumerate(request.messages):
+        for part in message.content:
+            if isinstance(part, TextPart) and placeholder in part.text:
+                raise BadRequestError(
+                    f"messages[{i}] has {placeholder!r} in its text, the model's image placeholder; send each image "
+                    f"as an image part (its placeholder is added where the part is) and leave {placeholder!r} out "
+                    "of the text",
+                    param="messages",
+                )
 
 
 def prepare_request(

@@ -134,6 +134,11 @@ BAD_REQUESTS = {
     ),
     "a temperature out of range": ({"messages": image_message("x"), "temperature": 7}, "bad_request", "temperature"),
     "no messages": ({"messages": []}, "bad_request", "messages"),
+    "the image placeholder typed in the text": (
+        {"messages": image_message("What does <image> mean in HTML?", data_url(40, 40))},
+        "bad_request",
+        "messages[0] has '<image>' in its text",
+    ),
 }
 
 
