@@ -63,6 +63,28 @@ def test_compiled_decode_step_warms_up_once_per_bucket_and_never_recompiles_on_j
         eager.shutdown(drain=False)
 
 
+def test_a_hook_set_on_the_model_after_compiling_is_run_by_the_compiled_engine(ours):
+    """The compiled step checks no guard on the model's modules (step_guards): a hook set later still runs,
+    since the engine asks for hooks at each step and runs the modules' own forwards then."""
+    engine = Engine(*ours, max_batch_size=1, compile=True).start()
+    try:
+        engine.warm_up()
+        params = SamplingParams(max_tokens=4, temperature=0)
+        before = engine.generate(ask("Hooks"), [photo(48, 48)], params)
+        calls = []
+        layer = engine.runner.language_model.layers[0]
+        handle = layer.register_forward_hook(lambda module, args, output: calls.append(1))
+        try:
+            hooked = engine.generate(ask("Hooks"), [photo(48, 48)], params)
+        finally:
+            handle.remove()
+        assert len(calls) >= 4 and hooked.token_ids == before.token_ids  # the prefill and each decode step
+        calls.clear()
+        assert engine.generate(ask("Hooks"), [photo(48, 48)], params).token_ids == before.token_ids and not calls
+    finally:
+        engine.shutdown(drain=False)
+
+
 def test_compiling_is_off_by_default_on_cpu(ours):
     engine = Engine(*ours, max_batch_size=1)
     assert not engine.runner.compiled
