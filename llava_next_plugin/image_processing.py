@@ -510,7 +510,9 @@ class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
     tensors ``[C, H, W]``, lists of them and 4-D batches. Returns a ``BatchFeature`` with
     ``pixel_values`` ``[batch, max_views, 3, H, W]`` float32 (views: the base image then the grid
     tiles row by row; missing views are zeros) and ``image_sizes`` ``[batch, 2]`` int64 ``(height, width)``.
-    With ``do_pad=False``, ``pixel_values`` is a list of ``[views_i, 3, H, W]`` arrays.
+    With ``do_pad=False``, ``pixel_values`` is a list of ``[views_i, 3, H, W]`` arrays. With
+    ``return_tensors=None`` (the default), as transformers: a list of one array per image and a list of
+    ``(height, width)`` tuples.
 
     Matches transformers' ``LlavaNextImageProcessorPil`` (same PIL resampling, same arithmetic)
     except for 16-bit and float images, which are scaled to 8 bits instead of clipped.
@@ -546,6 +548,8 @@ class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
             # numpy multiplies planar memory much faster than it reads the interleaved views
             np.multiply(np.ascontiguousarray(views), scale, out=out, dtype=np.float32)
             out += offset
+        if getattr(return_tensors, "value", return_tensors) is None:  # transformers' shape of "no tensors"
+            return BatchFeature(data=per_image(pixel_values, sizes))
         return BatchFeature(
             data={
                 "pixel_values": _as_tensors(pixel_values, return_tensors),
@@ -624,6 +628,15 @@ def _pil_resize(image: Image.Image, size: tuple[int, int], resample: int) -> np.
     if image.size == (size[1], size[0]):
         return np.asarray(image)
     return np.asarray(image.resize((size[1], size[0]), resample=resample))
+
+
+def per_image(pixel_values: Any, sizes: Any) -> dict[str, list]:
+    """``return_tensors=None``'s output, as transformers' image processors give it: ``pixel_values`` a list of
+    one ``[views, 3, H, W]`` array or tensor per image, ``image_sizes`` a list of ``(height, width)`` tuples."""
+    return {
+        "pixel_values": list(pixel_values),
+        "image_sizes": [(int(size[0]), int(size[1])) for size in sizes.tolist()],
+    }
 
 
 def _as_tensors(value: Any, return_tensors: str | None) -> Any:

@@ -38,6 +38,7 @@ from .image_processing import (
     PreprocessSettings,
     _layout,
     check_image_size,
+    per_image,
     resize_worker,
     to_rgb_array,
 )
@@ -122,12 +123,14 @@ def _center_crop(views: torch.Tensor, crop: tuple[int, int] | None) -> torch.Ten
 class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
     """LLaVA-NeXT anyres image processor in torch (CPU and CUDA), without torchvision.
 
-    ``processor(images, device="cuda")`` returns a ``BatchFeature`` with ``pixel_values``
+    ``processor(images, return_tensors="pt", device="cuda")`` returns a ``BatchFeature`` with ``pixel_values``
     ``[batch, max_views, 3, H, W]`` float32 on ``device`` (zeros where an image has fewer views) and
     ``image_sizes`` ``[batch, 2]`` int64 ``(height, width)`` on the CPU. ``device`` defaults to the
     processor's ``device`` attribute (``LlavaNextImageProcessorFast(device="cuda")`` or
     ``from_pretrained(path, device="cuda")``), else the device of the first tensor given, else the
-    CPU. With ``do_pad=False``, ``pixel_values`` is a list of ``[views_i, 3, H, W]`` tensors.
+    CPU. With ``do_pad=False``, ``pixel_values`` is a list of ``[views_i, 3, H, W]`` tensors. With
+    ``return_tensors=None`` (the default), as transformers: a list of one tensor per image and a list of
+    ``(height, width)`` tuples.
 
     Against transformers' torchvision ``LlavaNextImageProcessor``: same shapes, sizes and views;
     on CPU the pixels agree to float rounding (the same uint8 resize kernels).
@@ -141,7 +144,7 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
     def preprocess(
         self,
         images: Any,
-        return_tensors: str | None = "pt",
+        return_tensors: str | None = None,
         device: str | torch.device | None = None,
         input_data_format: Any = None,
         data_format: Any = None,
@@ -188,8 +191,10 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
                 else pixel_values.cpu().numpy()
             )
             image_sizes = image_sizes.numpy()
-        elif kind not in (None, "pt"):
-            raise InputError(f"return_tensors={return_tensors!r}: use 'pt' or 'np'", param="return_tensors")
+        elif kind is None:  # transformers' shape of "no tensors": one tensor per image, sizes as tuples
+            return BatchFeature(data=per_image(pixel_values, image_sizes))
+        elif kind != "pt":
+            raise InputError(f"return_tensors={return_tensors!r}: use 'pt', 'np' or None", param="return_tensors")
         return BatchFeature(data={"pixel_values": pixel_values, "image_sizes": image_sizes})
 
     @staticmethod

@@ -161,8 +161,8 @@ def test_sixteen_bit_images_are_scaled_not_clipped():
     assert image.mode == "I;16"
     as_8bit = Image.fromarray(np.round(ramp / 257).astype(np.uint8), "L")
     processor = LlavaNextImageProcessor(**settings())
-    ours = processor(image)["pixel_values"]
-    np.testing.assert_allclose(ours, processor(as_8bit)["pixel_values"], atol=1e-5)
+    ours = processor(image, return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(ours, processor(as_8bit, return_tensors="np")["pixel_values"], atol=1e-5)
     # transformers' own conversion clips at 255: most of this ramp would be white
     assert np.asarray(image.convert("L")).mean() > 250
     # 16-bit arrays and tensors mean the same
@@ -170,7 +170,7 @@ def test_sixteen_bit_images_are_scaled_not_clipped():
 
     from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
 
-    np.testing.assert_allclose(processor(ramp)["pixel_values"], ours, atol=1e-5)
+    np.testing.assert_allclose(processor(ramp, return_tensors="np")["pixel_values"], ours, atol=1e-5)
     fast = LlavaNextImageProcessorFast(**settings())
     torch.testing.assert_close(fast(torch.from_numpy(ramp)[None])["pixel_values"], fast(as_8bit)["pixel_values"])
 
@@ -179,10 +179,12 @@ def test_32_bit_and_float_grey_images_are_scaled_meaningfully():
     ramp = np.linspace(0, 1, 32 * 48, dtype=np.float32).reshape(32, 48)
     as_8bit = Image.fromarray(np.round(ramp * 255).astype(np.uint8), "L")
     processor = LlavaNextImageProcessor(**settings())
-    expected = processor(as_8bit)["pixel_values"]
-    np.testing.assert_allclose(processor(Image.fromarray(ramp, "F"))["pixel_values"], expected, atol=1e-5)
+    expected = processor(as_8bit, return_tensors="np")["pixel_values"]
+    np.testing.assert_allclose(
+        processor(Image.fromarray(ramp, "F"), return_tensors="np")["pixel_values"], expected, atol=1e-5
+    )
     wide = Image.fromarray((np.round(ramp * 255) * 257).astype(np.int32), "I")
-    np.testing.assert_allclose(processor(wide)["pixel_values"], expected, atol=1e-5)
+    np.testing.assert_allclose(processor(wide, return_tensors="np")["pixel_values"], expected, atol=1e-5)
 
 
 def test_numpy_torch_and_pil_inputs_agree():
@@ -191,16 +193,19 @@ def test_numpy_torch_and_pil_inputs_agree():
     photo = checkpoints.real_photo("coffee.png")
     array = np.asarray(photo)
     processor = LlavaNextImageProcessor(**settings())
-    expected = processor(photo)["pixel_values"]
+    expected = processor(photo, return_tensors="np")["pixel_values"]
     for image in (array, array.transpose(2, 0, 1), torch.from_numpy(array.copy()).permute(2, 0, 1)):
-        np.testing.assert_array_equal(processor(image)["pixel_values"], expected)
+        np.testing.assert_array_equal(processor(image, return_tensors="np")["pixel_values"], expected)
     grey = np.asarray(photo.convert("L"))
-    np.testing.assert_array_equal(processor(grey)["pixel_values"], processor(photo.convert("L"))["pixel_values"])
+    np.testing.assert_array_equal(
+        processor(grey, return_tensors="np")["pixel_values"],
+        processor(photo.convert("L"), return_tensors="np")["pixel_values"],
+    )
 
 
 def test_rgba_arrays_composite_on_white_like_the_reference():
     rgba = np.asarray(checkpoints.real_photo("logo.png"))
-    ours = LlavaNextImageProcessor(**settings())(rgba)
+    ours = LlavaNextImageProcessor(**settings())(rgba, return_tensors="np")
     ref = ReferencePil(**settings())(rgba, return_tensors="np", input_data_format="channels_last")
     assert_matches_reference(ours, ref)
 
@@ -209,11 +214,11 @@ def test_mixed_size_batch_is_zero_padded_and_each_image_matches_alone():
     images = [synthetic(40, 900), synthetic(768, 1024), synthetic(1, 1), checkpoints.real_photo("camera.png")]
     processor = LlavaNextImageProcessor(**settings())
     batch = processor(images, return_tensors="pt")
-    counts = [processor(image)["pixel_values"].shape[1] for image in images]
+    counts = [processor(image, return_tensors="np")["pixel_values"].shape[1] for image in images]
     assert tuple(batch["pixel_values"].shape) == (4, max(counts), 3, 336, 336)
     assert batch["image_sizes"].tolist() == [[40, 900], [768, 1024], [1, 1], [512, 512]]
     for i, image in enumerate(images):
-        alone = processor(image)["pixel_values"][0]
+        alone = processor(image, return_tensors="np")["pixel_values"][0]
         np.testing.assert_array_equal(batch["pixel_values"][i, : counts[i]].numpy(), alone)
         assert not batch["pixel_values"][i, counts[i] :].any()
     ours, ref = run_both(images, **settings())
@@ -223,8 +228,8 @@ def test_mixed_size_batch_is_zero_padded_and_each_image_matches_alone():
 def test_nested_lists_flatten_like_several_images_per_prompt():
     a, b, c = synthetic(50, 60), synthetic(300, 20), synthetic(9, 9)
     processor = LlavaNextImageProcessor(**settings())
-    nested = processor([[a, b], [c]])
-    flat = processor([a, b, c])
+    nested = processor([[a, b], [c]], return_tensors="np")
+    flat = processor([a, b, c], return_tensors="np")
     np.testing.assert_array_equal(nested["pixel_values"], flat["pixel_values"])
 
 
@@ -245,7 +250,7 @@ def test_per_call_overrides_match_the_reference():
         {"image_mean": [0.5] * 3, "image_std": [0.5] * 3},
         {"resample": 2},
     ):
-        ours = LlavaNextImageProcessor(**settings())(image, **override)
+        ours = LlavaNextImageProcessor(**settings())(image, return_tensors="np", **override)
         ref = ReferencePil(**settings())(image, return_tensors="np", **override)
         assert_matches_reference(ours, ref)
 
@@ -267,7 +272,7 @@ def test_saved_files_load_in_transformers_class_and_back(tmp_path):
     assert saved["image_processor_type"] == "LlavaNextImageProcessor"
     reference = ReferencePil.from_pretrained(tmp_path)
     image = synthetic(333, 1400)
-    assert_matches_reference(ours(image), reference(image, return_tensors="np"))
+    assert_matches_reference(ours(image, return_tensors="np"), reference(image, return_tensors="np"))
     again = LlavaNextImageProcessor.from_pretrained(tmp_path)
     assert again.to_dict() == ours.to_dict()
 
@@ -278,7 +283,7 @@ def test_loads_a_llava_hf_checkpoint_folder(tiny_checkpoint):
     assert ours.crop_size == {"height": checkpoints.TINY_TILE, "width": checkpoints.TINY_TILE}
     ref = ReferencePil.from_pretrained(tiny_checkpoint)
     image = synthetic(70, 20)
-    assert_matches_reference(ours(image), ref(image, return_tensors="np"))
+    assert_matches_reference(ours(image, return_tensors="np"), ref(image, return_tensors="np"))
 
 
 def test_pil_alias_is_the_same_class():
@@ -292,7 +297,7 @@ def test_zero_size_images_are_refused_with_their_index():
     processor = LlavaNextImageProcessor(**settings())
     for empty in (Image.new("RGB", (0, 5)), np.zeros((5, 0, 3), np.uint8)):
         with pytest.raises(ImageError, match=r"^image 1: .*empty \(\d+x\d+ pixels\)") as info:
-            processor([synthetic(5, 5), empty])
+            processor([synthetic(5, 5), empty], return_tensors="np")
         assert info.value.index == 1
         assert isinstance(info.value, ValueError)
 
@@ -302,13 +307,13 @@ def test_truncated_image_bytes_are_an_invalid_image():
     synthetic(200, 200).save(buffer, format="PNG")
     truncated = Image.open(io.BytesIO(buffer.getvalue()[:400]))
     with pytest.raises(ImageError, match="image 0: .*is truncated or corrupted"):
-        LlavaNextImageProcessor(**settings())(truncated)
+        LlavaNextImageProcessor(**settings())(truncated, return_tensors="np")
 
 
 def test_images_past_pil_pixel_limit_are_refused(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(ImageError, match="image 0: .*over the limit of 2000"):
-        LlavaNextImageProcessor(**settings())(np.zeros((50, 50, 3), np.uint8))
+        LlavaNextImageProcessor(**settings())(np.zeros((50, 50, 3), np.uint8), return_tensors="np")
 
 
 def test_a_lazily_opened_image_that_pil_only_warns_about_is_processed_as_transformers_does(monkeypatch):
@@ -334,14 +339,14 @@ def test_a_lazily_opened_image_that_pil_only_warns_about_is_processed_as_transfo
 )
 def test_unusable_arrays_say_what_to_pass(array, message):
     with pytest.raises(ImageError, match=message):
-        LlavaNextImageProcessor(**settings())(array)
+        LlavaNextImageProcessor(**settings())(array, return_tensors="np")
 
 
 def test_grey_and_alpha_arrays_convert():
     processor = LlavaNextImageProcessor(**settings())
     grey_alpha = np.stack([np.full((9, 9), 100, np.uint8), np.full((9, 9), 0, np.uint8)], axis=-1)
-    white = processor(np.full((9, 9, 3), 255, np.uint8))["pixel_values"]
-    np.testing.assert_array_equal(processor(grey_alpha)["pixel_values"], white)
+    white = processor(np.full((9, 9, 3), 255, np.uint8), return_tensors="np")["pixel_values"]
+    np.testing.assert_array_equal(processor(grey_alpha, return_tensors="np")["pixel_values"], white)
 
 
 def test_float_torch_images_that_need_grad_or_are_bfloat16_get_the_processors_own_advice():
@@ -350,26 +355,28 @@ def test_float_torch_images_that_need_grad_or_are_bfloat16_get_the_processors_ow
     processor = LlavaNextImageProcessor(**settings())
     for tensor in (torch.rand(3, 20, 30).requires_grad_(), torch.rand(3, 20, 30).to(torch.bfloat16)):
         with pytest.raises(ImageError, match="must be uint8 .* got float32.*LlavaNextImageProcessorFast"):
-            processor(tensor)
+            processor(tensor, return_tensors="np")
 
 
 def test_bad_settings_are_bad_requests():
     with pytest.raises(InputError, match="entry \\[336, 0\\] is smaller than one 336px tile"):
-        LlavaNextImageProcessor(**settings([[336, 0]]))(synthetic(9, 9))
+        LlavaNextImageProcessor(**settings([[336, 0]]))(synthetic(9, 9), return_tensors="np")
     with pytest.raises(InputError, match="entry \\[16, 16\\] is smaller than one 336px tile"):
-        LlavaNextImageProcessor(**settings())(synthetic(9, 9), image_grid_pinpoints=[[16, 16]])
+        LlavaNextImageProcessor(**settings())(synthetic(9, 9), image_grid_pinpoints=[[16, 16]], return_tensors="np")
     with pytest.raises(InputError, match="list of \\[height, width\\] pairs"):
-        LlavaNextImageProcessor(**settings())(synthetic(9, 9), image_grid_pinpoints=[[336]])
+        LlavaNextImageProcessor(**settings())(synthetic(9, 9), image_grid_pinpoints=[[336]], return_tensors="np")
     with pytest.raises(InputError, match="crop_size .* is not square"):
-        LlavaNextImageProcessor(**settings())(synthetic(9, 9), crop_size={"height": 336, "width": 300})
+        LlavaNextImageProcessor(**settings())(
+            synthetic(9, 9), crop_size={"height": 336, "width": 300}, return_tensors="np"
+        )
     with pytest.raises(InputError, match="unknown image processor argument"):
-        LlavaNextImageProcessor(**settings())(synthetic(9, 9), do_magic=True)
+        LlavaNextImageProcessor(**settings())(synthetic(9, 9), do_magic=True, return_tensors="np")
     with pytest.raises(InputError, match="size="):
         LlavaNextImageProcessor(size={"longest_edge": 3})
     with pytest.raises(InputError, match="image_mean needs one value per RGB channel"):
         LlavaNextImageProcessor(image_mean=[0.5, 0.5])
     with pytest.raises(ImageError, match="no images"):
-        LlavaNextImageProcessor(**settings())([])
+        LlavaNextImageProcessor(**settings())([], return_tensors="np")
 
 
 def test_pil_processor_works_in_a_forked_child_after_use_in_the_parent():
@@ -406,14 +413,14 @@ def test_pil_processor_works_in_a_forked_child_after_use_in_the_parent():
 def test_integer_arrays_of_8bit_values_are_read_as_uint8_images():
     pixels = np.random.default_rng(1).integers(0, 256, (50, 70, 3), dtype=np.uint8)
     processor = LlavaNextImageProcessor(**settings())
-    expected = processor(pixels)["pixel_values"]
+    expected = processor(pixels, return_tensors="np")["pixel_values"]
     reference = ReferencePil(**settings())
     for dtype in (np.int64, np.int32):
-        np.testing.assert_array_equal(processor(pixels.astype(dtype))["pixel_values"], expected)
+        np.testing.assert_array_equal(processor(pixels.astype(dtype), return_tensors="np")["pixel_values"], expected)
         theirs = reference(pixels.astype(dtype), return_tensors="np")["pixel_values"]
         np.testing.assert_allclose(expected, theirs, rtol=0, atol=1e-5)
     with pytest.raises(ImageError, match="integers within 0..255"):
-        processor(pixels.astype(np.int64) * 2)
+        processor(pixels.astype(np.int64) * 2, return_tensors="np")
 
 
 PARTIAL_TILES = dict(
@@ -436,4 +443,4 @@ def test_pinpoints_that_are_not_whole_tiles_give_transformers_partial_edge_tiles
 
 def test_partial_edge_tiles_need_a_center_crop_to_one_view_size():
     with pytest.raises(InputError, match="not whole grids of 18px tiles.*do_center_crop"):
-        LlavaNextImageProcessor(**PARTIAL_TILES)(synthetic(40, 40), do_center_crop=False)
+        LlavaNextImageProcessor(**PARTIAL_TILES)(synthetic(40, 40), do_center_crop=False, return_tensors="np")

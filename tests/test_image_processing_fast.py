@@ -40,7 +40,7 @@ def assert_close_to_reference(ours, ref):
 
 
 def run_both(images, device="cpu", **kwargs):
-    ours = LlavaNextImageProcessorFast(**kwargs)(images, device=device)
+    ours = LlavaNextImageProcessorFast(**kwargs)(images, device=device, return_tensors="pt")
     ref = ReferenceTorchvision(**kwargs)(images, return_tensors="pt", device=device)
     return ours, ref
 
@@ -79,7 +79,7 @@ def test_uint8_tensors_already_on_the_device(device):
         torch.from_numpy(np.asarray(synthetic(h, w))).permute(2, 0, 1).to(device)
         for h, w in [(480, 640), (1000, 200), (33, 77), (768, 1024)]
     ]
-    ours = LlavaNextImageProcessorFast(**settings())(images)  # device follows the tensors
+    ours = LlavaNextImageProcessorFast(**settings())(images, return_tensors="pt")  # device follows the tensors
     assert ours["pixel_values"].device.type == device
     ref = ReferenceTorchvision(**settings())(images, return_tensors="pt")
     assert_close_to_reference(ours, ref)
@@ -108,8 +108,8 @@ def test_tiny_checkpoint_geometry_and_siglip_normalization():
 
 def test_agrees_with_our_pil_processor():
     images = [checkpoints.real_photo("astronaut.png"), synthetic(99, 1234), synthetic(5, 5)]
-    fast = LlavaNextImageProcessorFast(**settings())(images)["pixel_values"]
-    pil = LlavaNextImageProcessor(**settings())(images)["pixel_values"]
+    fast = LlavaNextImageProcessorFast(**settings())(images, return_tensors="pt")["pixel_values"]
+    pil = LlavaNextImageProcessor(**settings())(images, return_tensors="np")["pixel_values"]
     assert fast.shape == pil.shape
     diff = (fast - torch.from_numpy(pil)).abs()
     assert diff.max() <= 0.25 and diff.mean() <= 0.02  # two resamplers (PIL vs torch), same geometry
@@ -120,25 +120,30 @@ def test_every_input_kind_gives_the_same_pixels():
     array = np.asarray(photo)
     chw = torch.from_numpy(array.copy()).permute(2, 0, 1)
     processor = LlavaNextImageProcessorFast(**settings())
-    expected = processor(photo)["pixel_values"]
+    expected = processor(photo, return_tensors="pt")["pixel_values"]
     for image in (array, chw, chw.contiguous(), array.transpose(2, 0, 1), chw.permute(1, 2, 0)):
-        torch.testing.assert_close(processor(image)["pixel_values"], expected, atol=0, rtol=0)
+        torch.testing.assert_close(processor(image, return_tensors="pt")["pixel_values"], expected, atol=0, rtol=0)
     batch_nchw = torch.stack([chw, chw.flip(-1)])
-    batch = processor(batch_nchw)["pixel_values"]
+    batch = processor(batch_nchw, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(batch[0], expected[0], atol=0, rtol=0)
-    torch.testing.assert_close(processor([[photo], [chw.flip(-1)]])["pixel_values"], batch, atol=0, rtol=0)
+    torch.testing.assert_close(
+        processor([[photo], [chw.flip(-1)]], return_tensors="pt")["pixel_values"], batch, atol=0, rtol=0
+    )
     grey = np.asarray(photo.convert("L"))
-    torch.testing.assert_close(processor(grey)["pixel_values"], processor(photo.convert("L"))["pixel_values"])
+    torch.testing.assert_close(
+        processor(grey, return_tensors="pt")["pixel_values"],
+        processor(photo.convert("L"), return_tensors="pt")["pixel_values"],
+    )
 
 
 def test_float_tensors_match_the_reference_and_the_uint8_image():
     chw = torch.from_numpy(np.asarray(synthetic(300, 500)).copy()).permute(2, 0, 1)
     floats = chw.float() / 255
-    ours = LlavaNextImageProcessorFast(**settings())(floats, do_rescale=False)
+    ours = LlavaNextImageProcessorFast(**settings())(floats, do_rescale=False, return_tensors="pt")
     ref = ReferenceTorchvision(**settings())(floats, do_rescale=False, return_tensors="pt")
     assert_close_to_reference(ours, ref)
     # resized in float (not rounded, not clipped): close to the uint8 result on average
-    from_uint8 = LlavaNextImageProcessorFast(**settings())(chw)["pixel_values"]
+    from_uint8 = LlavaNextImageProcessorFast(**settings())(chw, return_tensors="pt")["pixel_values"]
     assert (ours["pixel_values"] - from_uint8).abs().mean() < 0.01
 
 
@@ -146,9 +151,9 @@ def test_alpha_tensors_composite_on_white():
     processor = LlavaNextImageProcessorFast(**settings())
     transparent = torch.zeros(4, 20, 30, dtype=torch.uint8)
     grey_alpha = torch.zeros(2, 20, 30, dtype=torch.uint8)
-    white = processor(torch.full((3, 20, 30), 255, dtype=torch.uint8))["pixel_values"]
-    torch.testing.assert_close(processor(transparent)["pixel_values"], white, atol=0, rtol=0)
-    torch.testing.assert_close(processor(grey_alpha)["pixel_values"], white, atol=0, rtol=0)
+    white = processor(torch.full((3, 20, 30), 255, dtype=torch.uint8), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(processor(transparent, return_tensors="pt")["pixel_values"], white, atol=0, rtol=0)
+    torch.testing.assert_close(processor(grey_alpha, return_tensors="pt")["pixel_values"], white, atol=0, rtol=0)
 
 
 def test_mixed_batch_is_zero_padded_and_counts_follow_geometry():
@@ -161,7 +166,9 @@ def test_mixed_batch_is_zero_padded_and_counts_follow_geometry():
     for i, count in enumerate(counts):
         assert not out["pixel_values"][i, count:].any()
         assert out["pixel_values"][i, count - 1].any()
-    unpadded = LlavaNextImageProcessorFast(**settings())([synthetic(h, w) for h, w in sizes], do_pad=False)
+    unpadded = LlavaNextImageProcessorFast(**settings())(
+        [synthetic(h, w) for h, w in sizes], do_pad=False, return_tensors="pt"
+    )
     assert [v.shape[0] for v in unpadded["pixel_values"]] == counts
 
 
@@ -189,7 +196,7 @@ def test_loads_llava_hf_folders_and_saves_files_transformers_reads(tiny_checkpoi
     assert saved["image_processor_type"] == "LlavaNextImageProcessor"
     image = synthetic(70, 20)
     reference = ReferenceTorchvision.from_pretrained(tmp_path)
-    assert_close_to_reference(ours(image), reference(image, return_tensors="pt"))
+    assert_close_to_reference(ours(image, return_tensors="pt"), reference(image, return_tensors="pt"))
     assert LlavaNextImageProcessorFast.from_pretrained(tmp_path).to_dict() == ours.to_dict()
 
 
@@ -219,7 +226,8 @@ def test_without_torchvision_plain_transformers_reads_our_files_and_we_still_wor
         expected = plain(image, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
 
         from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
-        ours = LlavaNextImageProcessorFast.from_pretrained({str(tmp_path)!r})(image)["pixel_values"]
+        fast = LlavaNextImageProcessorFast.from_pretrained({str(tmp_path)!r})
+        ours = fast(image, return_tensors="pt")["pixel_values"]
         assert ours.shape == expected.shape, (ours.shape, expected.shape)
         assert (ours - expected).abs().mean() < 0.02  # PIL's resampler there, torch's here
         assert "torchvision" not in sys.modules
@@ -234,7 +242,7 @@ def test_without_torchvision_plain_transformers_reads_our_files_and_we_still_wor
 
 def test_defaults_are_llava_v16_and_unset_keys_are_ignored():
     image = synthetic(600, 800)
-    ours = LlavaNextImageProcessorFast()(image, do_pad=None, default_to_square=None)
+    ours = LlavaNextImageProcessorFast()(image, do_pad=None, default_to_square=None, return_tensors="pt")
     ref = ReferenceTorchvision(**settings())(image, return_tensors="pt")
     assert_close_to_reference(ours, ref)
 
@@ -243,13 +251,13 @@ def test_flipped_and_strided_arrays_are_accepted():
     array = np.asarray(synthetic(90, 120))
     processor = LlavaNextImageProcessorFast(**settings())
     for view in (array[::-1], array[:, ::2], array[..., ::-1]):
-        expected = processor(np.ascontiguousarray(view))["pixel_values"]
-        torch.testing.assert_close(processor(view)["pixel_values"], expected, atol=0, rtol=0)
+        expected = processor(np.ascontiguousarray(view), return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(processor(view, return_tensors="pt")["pixel_values"], expected, atol=0, rtol=0)
 
 
 def test_a_default_device_can_be_set_and_is_saved_as_text(tmp_path):
     processor = LlavaNextImageProcessorFast(device=torch.device(DEVICES[-1]), **settings())
-    assert processor(synthetic(30, 40))["pixel_values"].device.type == DEVICES[-1]
+    assert processor(synthetic(30, 40), return_tensors="pt")["pixel_values"].device.type == DEVICES[-1]
     processor.save_pretrained(tmp_path)
     assert LlavaNextImageProcessorFast.from_pretrained(tmp_path).device == DEVICES[-1]
 
@@ -268,13 +276,13 @@ def test_bad_tensors_are_invalid_images_with_their_index():
     ]
     for bad, message in cases:
         with pytest.raises(ImageError, match=rf"^image 1: .*{message}") as info:
-            processor([good, bad])
+            processor([good, bad], return_tensors="pt")
         assert info.value.index == 1
 
 
 def test_unsupported_resample_and_return_type_are_bad_requests():
     with pytest.raises(InputError, match="has no torch kernel"):
-        LlavaNextImageProcessorFast(**settings(resample=4))(synthetic(9, 9))
+        LlavaNextImageProcessorFast(**settings(resample=4))(synthetic(9, 9), return_tensors="pt")
     with pytest.raises(InputError, match="return_tensors"):
         LlavaNextImageProcessorFast(**settings())(synthetic(9, 9), return_tensors="tf")
 
@@ -285,9 +293,9 @@ def test_integer_tensors_are_read_as_pixel_numbers_as_transformers_does():
     pixels = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 50, 70), dtype=np.uint8))
     processor = LlavaNextImageProcessorFast(**settings())
     reference = ReferenceTorchvision(**settings())
-    as_float = processor(pixels.float())["pixel_values"]
+    as_float = processor(pixels.float(), return_tensors="pt")["pixel_values"]
     for dtype in (torch.int64, torch.int32, torch.int16):
-        out = processor(pixels.to(dtype))["pixel_values"]
+        out = processor(pixels.to(dtype), return_tensors="pt")["pixel_values"]
         assert torch.equal(out, as_float)
         theirs = reference(pixels.to(dtype), return_tensors="pt")["pixel_values"]
         assert out.shape == theirs.shape and (out - theirs).abs().max() <= 0.05
@@ -298,7 +306,7 @@ def test_pinpoints_that_are_not_whole_tiles_give_transformers_partial_edge_tiles
     from test_image_processing import PARTIAL_TILES
 
     image = synthetic(height, width)
-    ours = LlavaNextImageProcessorFast(**PARTIAL_TILES)(image)["pixel_values"]
+    ours = LlavaNextImageProcessorFast(**PARTIAL_TILES)(image, return_tensors="pt")["pixel_values"]
     theirs = ReferenceTorchvision(**PARTIAL_TILES)(image, return_tensors="pt")["pixel_values"]
     assert ours.shape == theirs.shape
     assert ours.shape[1] in (1 + 38 * 19, 1 + 38 * 38)

@@ -14,6 +14,7 @@ from PIL import Image
 import llava_next_plugin
 from llava_next_plugin.configuration import LlavaNextConfig
 from llava_next_plugin.errors import ImageError, InputError
+from llava_next_plugin.image_processing import LlavaNextImageProcessor
 from llava_next_plugin.processing import LlavaNextProcessor
 
 PROMPT_ONE = "[INST] <image>\nWhat is shown here? [/INST]"
@@ -165,12 +166,22 @@ def test_text_only_prompt(clip_pair):
 
 
 def test_return_tensors_none_gives_lists(clip_pair):
+    """As transformers: token ids as lists, one pixel tensor per image, sizes as (height, width) tuples."""
     ours, ref = clip_pair
-    image = random_image(20, 45)
-    out = ours(images=image, text=PROMPT_ONE)
-    expected = ref(images=image, text=PROMPT_ONE)
-    assert out["input_ids"] == expected["input_ids"]
-    assert isinstance(out["input_ids"], list)
+    images = [random_image(20, 45), random_image(60, 30)]
+    for do_pad in (True, False):
+        out = ours(images=images, text=PROMPT_TWO, do_pad=do_pad)
+        expected = ref(images=images, text=PROMPT_TWO, do_pad=do_pad)
+        assert out["input_ids"] == expected["input_ids"]
+        assert isinstance(out["input_ids"], list)
+        assert out["image_sizes"] == expected["image_sizes"] == [(20, 45), (60, 30)]
+        assert type(out["pixel_values"]) is type(expected["pixel_values"]) is list
+        for mine, theirs in zip(out["pixel_values"], expected["pixel_values"], strict=True):
+            assert type(mine) is type(theirs) and mine.shape == theirs.shape
+            torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)
+    for processor in (ours.image_processor, LlavaNextImageProcessor(**ours.image_processor.to_dict())):
+        alone = processor(images)  # the PIL processor gives numpy arrays, as transformers' PIL one does
+        assert alone["image_sizes"] == [(20, 45), (60, 30)] and len(alone["pixel_values"]) == 2
 
 
 def test_apply_chat_template_matches_reference(clip_pair):
