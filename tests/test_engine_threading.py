@@ -391,7 +391,8 @@ def _workers_of(action) -> tuple[set[str], set[str]]:
 
     before = threads()
     torch.ones(1 << 22).mul_(3)  # far above torch's grain size: runs on this thread's OpenMP team
-    workers = threads() - before
+    # new OS threads that Python did not start (a Python thread another test's leftovers start meanwhile is none)
+    workers = threads() - before - {str(t.native_id) for t in threading.enumerate()}
     action()
     return workers, workers & threads()
 
