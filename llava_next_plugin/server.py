@@ -271,8 +271,12 @@ class _Front:
                     pass
             status[0] = 500
         finally:
-            closed = scope["state"].get("client_closed") and status[0] < 400  # a stream the client left
-            self.metrics.count_request(scope["path"], CLIENT_CLOSED if closed else status[0])
+            state = scope["state"]
+            if status[0] < 400 and state.get("client_closed"):  # a stream the client left
+                status[0] = CLIENT_CLOSED
+            elif status[0] < 400 and state.get("stream_status"):  # a stream that ended with an error event
+                status[0] = state["stream_status"]
+            self.metrics.count_request(scope["path"], status[0])
 
 
 async def _read_json(request: Request, max_bytes: int, seconds: float, max_messages: int) -> Any:
@@ -424,11 +428,13 @@ class _Drain:
 
 
 class _StreamThenLeave(StreamingResponse):
-    """A streaming response that runs *on_end* however it ends (even if its body never started), and marks the
-    request ``client_closed`` (counted 499, not 200) when the client left before the last event was sent."""
+    """A streaming response that runs *on_end* however it ends (even if its body never started), and tells the
+    metrics the request's real outcome: ``client_closed`` (counted 499, not 200) when the client left before the
+    last event was sent, or the status of the error event that ended it (*ended_with*, filled by the stream)."""
 
-    def __init__(self, content, on_end, **kwargs: Any) -> None:
+    def __init__(self, content, on_end, ended_with: dict[str, int], **kwargs: Any) -> None:
         self._sent_all = False
+        self._ended_with = ended_with
 
         async def tracked():
             async for event in content:
@@ -442,8 +448,11 @@ class _StreamThenLeave(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
+            state = scope.setdefault("state", {})
             if not self._sent_all:
-                scope.setdefault("state", {})["client_closed"] = True
+                state["client_closed"] = True
+            elif "status" in self._ended_with:
+                state["stream_status"] = self._ended_with["status"]
             self._on_end()
 
 
@@ -544,18 +553,24 @@ def create_app(
         try:
             try:
 
-                async def read_and_fetch():
+                async def read_fetch_and_prepare():
                     body = await _read_json(request, limits.max_body_bytes, limits.body_timeout, limits.max_messages)
                     parsed = wire.parse_chat_request(body)
                     check_model(parsed.request.model)
                     engine.check_admission()  # cheap: a full queue answers 429 before any image work
                     urls = check_request(engine, parsed.request, limits)
-                    return parsed, (await _fetch_all(urls) if urls else None)
+                    fetched = await _fetch_all(urls) if urls else None
+                    try:
+                        prepared = await anyio.to_thread.run_sync(
+                            _admit_and_prepare, parsed.request, fetched, limiter=_limiter(preparing, max_preparing)
+                        )
+                    finally:
+                        if fetched:
+                            held_bytes[0] -= sum(map(len, fetched.values()))
+                    return parsed, prepared
 
-                parsed, fetched = await drain.unless_cut(read_and_fetch)
-                prepared = await anyio.to_thread.run_sync(
-                    _admit_and_prepare, parsed.request, fetched, limiter=_limiter(preparing, max_preparing)
-                )
+                # the drain's cut answers 503 at once to a request still reading, fetching or waiting its turn
+                parsed, prepared = await drain.unless_cut(read_fetch_and_prepare)
                 if drain.cutting:
                     raise _shutting_down()
                 handle = engine.submit(prepared, request_id=request_id)
@@ -572,9 +587,11 @@ def create_app(
                     drain.leave()
 
                 streaming = True
+                ended_with: dict[str, int] = {}  # the status of an error event that ended the stream
                 return _StreamThenLeave(
-                    _stream(handle, parsed.include_usage, request_id),
+                    _stream(handle, parsed.include_usage, request_id, ended_with),
                     stream_ended,
+                    ended_with,
                     media_type="text/event-stream",
                     headers={"Cache-Control": "no-cache"},
                 )
@@ -601,30 +618,56 @@ def create_app(
             made.append(anyio.CapacityLimiter(capacity))
         return made[0]
 
+    held_bytes = [0]  # bytes fetched and not yet prepared, all requests (on the event loop: no lock)
+    max_held_bytes = max_preparing * limits.max_images_per_request * limits.max_image_bytes
+
     async def _fetch_all(urls: list[tuple[int, str]]) -> dict[int, bytes]:
         """The bytes of a request's image URLs, by image index, all fetched at once on worker threads of their
         own (at most *max_fetching* across requests), apart from the preparing limiter: a slow host delays only
-        the requests whose images it serves. The first failing image's error is raised (in image order)."""
+        the requests whose images it serves. The first failing image's error (in image order) is raised as soon
+        as it is known, the other fetches left to end alone. The bytes count in ``held_bytes`` until the request
+        is prepared (the caller gives them back); beyond ``max_held_bytes``, as many as *max_preparing* requests
+        could hold before they are fetched apart, a 429."""
         got: dict[int, bytes | LlavaNextError] = {}
+        order = [index for index, _ in urls]
 
-        async def fetch(index: int, url: str) -> None:
+        def first_error() -> LlavaNextError | None:
+            for index in order:  # decided once every image before the failing one has arrived
+                outcome = got.get(index)
+                if not isinstance(outcome, bytes):
+                    return outcome
+            return None
+
+        async def fetch(index: int, url: str, scope: anyio.CancelScope) -> None:
             try:
-                got[index] = await anyio.to_thread.run_sync(  # left to finish alone if the drain cuts it
+                got[index] = await anyio.to_thread.run_sync(  # left to finish alone when cancelled
                     fetch_image, url, index, limits, limiter=_limiter(fetching, max_fetching), abandon_on_cancel=True
                 )
             except LlavaNextError as error:
                 got[index] = error
+            if first_error() is not None:
+                scope.cancel()
 
         async with anyio.create_task_group() as group:
             for index, url in urls:
-                group.start_soon(fetch, index, url)
-        for index, _ in urls:
-            outcome = got[index]
-            if isinstance(outcome, LlavaNextError):
-                raise outcome
-        return {index: outcome for index, outcome in got.items() if isinstance(outcome, bytes)}
+                group.start_soon(fetch, index, url, group.cancel_scope)
+        error = first_error()
+        if error is not None:
+            raise error
+        fetched = {index: outcome for index, outcome in got.items() if isinstance(outcome, bytes)}
+        size = sum(map(len, fetched.values()))
+        if held_bytes[0] + size > max_held_bytes:
+            raise OverloadedError(
+                f"the server holds {held_bytes[0]} bytes of fetched images waiting to be prepared; this request's "
+                f"{size} would pass its bound of {max_held_bytes}; retry later",
+                retry_after=1.0,
+            )
+        held_bytes[0] += size
+        return fetched
 
     def _admit_and_prepare(chat_request, fetched: dict[int, bytes] | None):
+        if drain.cutting:  # its turn came after the drain's cut: no work, the 503
+            raise _shutting_down()
         engine.check_admission()  # again: the queue may have filled while this request waited its turn
         return prepare_request(engine, chat_request, limits, budget, fetched=fetched)
 
@@ -649,7 +692,7 @@ def create_app(
             raise outcome[0]
         return outcome[0]
 
-    async def _stream(handle: RequestHandle, include_usage: bool, request_id: str):
+    async def _stream(handle: RequestHandle, include_usage: bool, request_id: str, ended_with: dict[str, int]):
         created = int(time.time())
 
         def chunk(**kwargs) -> bytes:
@@ -673,9 +716,13 @@ def create_app(
                 final = result.to_generation_result(name)
                 yield chunk(usage=final.usage, timings=final.timings)
         except LlavaNextError as error:
-            yield error_event(refusal(error, request_id, handle))
+            told = refusal(error, request_id, handle)
+            if not isinstance(told, RequestCancelledError):
+                ended_with["status"] = told.status or 500
+            yield error_event(told)
         except Exception:
             logger.exception("request %s: the stream failed", request_id)
+            ended_with["status"] = 500
             yield error_event(_internal(request_id))
         finally:
             handle.cancel()  # no-op when finished; stops generation when the client went away

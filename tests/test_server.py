@@ -341,10 +341,19 @@ def test_a_request_with_several_image_urls_fetches_them_together_and_names_the_f
         await anyio.to_thread.run_sync(arrived.wait)
         return Response(png, media_type="image/png")
 
+    release = threading.Event()
+
+    async def hanging(request):
+        import anyio
+
+        await anyio.to_thread.run_sync(release.wait, 30)
+        return Response(png, media_type="image/png")
+
     routes = [
         Route("/a.png", together),
         Route("/b.png", together),
         Route("/gone.png", lambda r: Response(status_code=404)),
+        Route("/hangs.png", hanging),
     ]
     limits = Limits(max_images_per_request=3, max_image_pixels=300 * 300, allowed_url_domains=("127.0.0.1",))
     with (
@@ -369,6 +378,38 @@ def test_a_request_with_several_image_urls_fetches_them_together_and_names_the_f
         error = bad.json()["error"]
         assert bad.status_code == 400 and error["message"].startswith("image 1: ") and "404" in error["message"]
         assert error["param"] == "messages"
+        try:  # the first image fails at once: the answer does not wait for the second, still hanging
+            first_bad = httpx.post(
+                running.url + "/chat/completions",
+                json={"messages": image_message("What?", origin + "/gone.png", origin + "/hangs.png"), "max_tokens": 1},
+                timeout=60,
+            )
+            assert first_bad.status_code == 400 and not release.is_set()
+            assert first_bad.json()["error"]["message"].startswith("image 0: ")
+        finally:
+            release.set()
+
+
+def test_a_stream_ended_by_an_error_event_is_counted_with_that_events_status(engine):
+    app = create_app(engine, limits=LIMITS, shutdown_engine=False)
+    with serve_in_thread(app) as running:
+
+        def count(status: str) -> float:
+            text = httpx.get(running.url.removesuffix("/v1") + "/metrics").text
+            line = f'llava_next_http_requests_total{{path="/v1/chat/completions",status="{status}"}} '
+            return sum(float(row[len(line) :]) for row in text.splitlines() if row.startswith(line))
+
+        body = {"messages": image_message("Go on"), "max_tokens": 3000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", running.url + "/chat/completions", json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            drain = app.state.drain
+            drain.begin()
+            drain.wait(0.0, grace=0.0)  # cuts the stream at once: an error event, then [DONE]
+            events = [line for line in lines if line.startswith("data: ")]
+        assert "server shutting down" in events[-2] and events[-1] == "data: [DONE]"
+        assert checkpoints.wait_for(lambda: count("503") == 1)
+        assert count("200") == 0 and count("499") == 0
 
 
 def test_requests_being_read_are_bounded_by_the_queue_size_with_a_429(reference):
