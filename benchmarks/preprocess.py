@@ -94,13 +94,12 @@ def cpu_cases(repeats: int) -> None:
     photo = checkpoints.real_photo("chelsea.png").convert("RGB").resize((1024, 768))
     timings = {}
     for name, proc in procs.items():
-        kwargs = {} if name == "ours-fast" else {"return_tensors": "pt"}
-        timings[name] = timings_of(lambda proc=proc, kwargs=kwargs: proc(photo, **kwargs), repeats, "cpu")
+        timings[name] = timings_of(lambda proc=proc: proc(photo, return_tensors="pt"), repeats, "cpu")
     report("cpu photo-1024x768-pil (1 image per call)", 1, timings)
 
     tensor = torch.from_numpy(np.asarray(photo).copy()).permute(2, 0, 1).contiguous()
     timings = {
-        "ours-fast": timings_of(lambda: procs["ours-fast"](tensor), repeats, "cpu"),
+        "ours-fast": timings_of(lambda: procs["ours-fast"](tensor, return_tensors="pt"), repeats, "cpu"),
         "ref-torchvision": timings_of(lambda: procs["ref-torchvision"](tensor, return_tensors="pt"), repeats, "cpu"),
     }
     report("cpu photo-1024x768-u8 tensor (1 image per call)", 1, timings)
@@ -112,14 +111,14 @@ def cuda_cases(repeats: int) -> None:
     pils = [photo.resize((w, h)) for h, w in BATCH_SIZES]
     on_device = [torch.from_numpy(np.asarray(p).copy()).permute(2, 0, 1).contiguous().cuda() for p in pils]
     timings = {
-        "ours-fast": timings_of(lambda: procs["ours-fast"](on_device), repeats, "cuda"),
+        "ours-fast": timings_of(lambda: procs["ours-fast"](on_device, return_tensors="pt"), repeats, "cuda"),
         "ref-torchvision": timings_of(
             lambda: procs["ref-torchvision"](on_device, return_tensors="pt", device="cuda"), repeats, "cuda"
         ),
     }
     report(f"cuda batch8-u8-device ({torch.cuda.get_device_name()}, 8 images per call)", 8, timings)
     timings = {
-        "ours-fast": timings_of(lambda: procs["ours-fast"](pils, device="cuda"), repeats, "cuda"),
+        "ours-fast": timings_of(lambda: procs["ours-fast"](pils, return_tensors="pt", device="cuda"), repeats, "cuda"),
         "ref-torchvision": timings_of(
             lambda: procs["ref-torchvision"](pils, return_tensors="pt", device="cuda"), repeats, "cuda"
         ),
