@@ -555,6 +555,40 @@ def test_a_row_that_fails_in_a_batched_decode_step_ends_alone_and_the_others_con
         failing.shutdown(drain=False)
 
 
+def test_a_request_whose_cache_went_nan_fails_alone_and_leaves_neither_its_slot_nor_the_prefix_store_poisoned(
+    tiny_checkpoint, engine
+):
+    """A NaN in a slot's stale columns is not hidden by the additive mask (0 * NaN): the failed request's columns
+    are zeroed when it leaves, and a prompt whose logits came out non-finite is not kept for reuse."""
+    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    poisoned = Engine(model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint), max_batch_size=2).start()
+    try:
+        params = SamplingParams(max_tokens=4, temperature=0)
+        faulty = poisoned.prepare(ask("word " * 60, images=0), [], params)
+
+        def nan_in_its_prefill(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.shape[1] == faulty.prompt_tokens:
+                hidden.fill_(float("nan"))
+
+        hook = model.model.language_model.layers[0].register_forward_hook(nan_in_its_prefill)
+        try:
+            with pytest.raises(ServerError, match="not finite"):
+                poisoned.submit(faulty).result(timeout=120)
+        finally:
+            hook.remove()
+        assert poisoned.stats_snapshot().get("prefix_reused_tokens", 0) == 0
+        short, long = (ask("hi", images=0), []), (ask("story " * 80, images=0), [])
+        # the short one takes the failed request's slot and decodes next to a longer one, reading its old columns
+        handles = [poisoned.submit(poisoned.prepare(m, i, params)) for m, i in (short, long)]
+        for handle, (messages, images) in zip(handles, (short, long), strict=True):
+            assert handle.result(timeout=120).token_ids == engine.generate(messages, images, params).token_ids
+        again = poisoned.generate(ask("word " * 60, images=0), [], params)  # the same prompt: not a NaN prefix
+        assert again.token_ids == engine.generate(ask("word " * 60, images=0), [], params).token_ids
+    finally:
+        poisoned.shutdown(drain=False)
+
+
 @pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45, 1e-30, 1e-8])
 def test_tiny_temperatures_sample_safely_next_to_other_requests(engine, temperature):
     """Every temperature the validator accepts samples (as greedy, barring exact ties) and never fails a batch."""
@@ -594,3 +628,48 @@ def test_running_out_of_memory_in_a_prefill_fails_that_request_with_503_and_halv
         assert failing.generate(ask("Fits now"), [photo(60, 60)], GREEDY).token_ids == expected
     finally:
         failing.shutdown(drain=False)
+
+
+def test_a_request_prepared_by_an_engine_with_a_longer_context_is_refused_by_a_shorter_one(reference, engine):
+    short = Engine(*reference, max_batch_size=1, max_context=32)
+    prepared = engine.prepare(ask("word " * 24, images=0), [], SamplingParams(max_tokens=3, temperature=0))
+    assert prepared.prompt_tokens + 3 > 32
+    with pytest.raises(ContextLengthExceededError, match="this engine's context of 32 tokens"):
+        short.submit(prepared)
+    assert short.queue_depth == 0
+
+
+def test_an_engine_thread_that_cannot_start_refuses_the_request_and_the_next_submit_starts_it(reference, monkeypatch):
+    fresh = Engine(*reference, max_batch_size=1)
+    start = threading.Thread.start
+
+    def fails_once(thread):
+        if thread.name == "llava-next-engine" and not fails_once.failed:
+            fails_once.failed = True
+            raise RuntimeError("can't start new thread")
+        return start(thread)
+
+    fails_once.failed = False
+    monkeypatch.setattr(threading.Thread, "start", fails_once)
+    prepared = fresh.prepare(ask("Hello", images=0), [], SamplingParams(max_tokens=2, temperature=0))
+    try:
+        with pytest.raises(ServerError, match="engine thread could not start"):
+            fresh.submit(prepared)
+        assert fresh.queue_depth == 0
+        assert fresh.submit(prepared).result(timeout=120).completion_tokens == 2
+    finally:
+        fresh.shutdown(drain=False)
+
+
+def test_awaiting_the_result_leaves_the_text_to_a_reader_of_the_stream(engine):
+    handle = engine.submit(engine.prepare(ask("Tell", images=0), [], SamplingParams(max_tokens=40, temperature=0)))
+    read: list[str] = []
+    reader = threading.Thread(target=lambda: read.extend(handle))
+    reader.start()
+
+    async def wait():
+        return await handle.aresult()
+
+    result = anyio.run(wait)
+    reader.join(60)
+    assert "".join(read) == result.text

@@ -61,6 +61,7 @@ class Running:
     generated: list[int] = field(default_factory=list)
     first_token_at: float | None = None
     finish_reason: str | None = None
+    failed: bool = False  # it left with an error (its prompt is not kept for reuse, its slot is cleared)
 
     @property
     def decoding(self) -> bool:
@@ -161,7 +162,12 @@ class Batch:
 
     def _admit(self, handle: RequestHandle, slot: int) -> Running | None:
         """*handle* in its slot, its ``before_generate`` hook called and its images listed; ``None`` if it
-        was cancelled or its images could not be read (it has ended then)."""
+        was cancelled or its images could not be read (it has ended then), or had ended already (a shutdown's
+        timeout ends requests on their way to a slot: no hook runs for them after their end)."""
+        if handle.done:
+            with self.slot_lock:
+                self.kv.release(slot)
+            return None
         prepared = handle.prepared
         params = prepared.params
         seed = params.seed if params.seed is not None else secrets.randbits(63)
@@ -296,8 +302,10 @@ class Batch:
         for finished, logits, sampling in outcomes:
             for running in finished:
                 running.embeds = None
-                self._keep_prefix(running)
             self._sample_and_advance(finished, logits, sampling)
+            for running in finished:  # only prompts whose logits came out finite (a NaN prefix would be reused)
+                if not running.failed:  # (a slot that has just been released is not handed out before the next join)
+                    self._keep_prefix(running)
 
     def _keep_prefix(self, running: Running) -> None:
         """Offer a prefilled prompt's KV to the prefix store (best effort: a failure to copy it is logged)."""
@@ -468,9 +476,14 @@ class Batch:
         self.leave(running, generation_error(exc))
 
     def leave(self, running: Running, error: BaseException | None) -> None:
-        """End a running request (*error* ``None``: it finished) and free its slot."""
+        """End a running request (*error* ``None``: it finished) and free its slot. A request that failed may have
+        written NaN or inf into its slot, which the next requests there would read (an additive mask does not hide
+        a NaN: ``0 * NaN`` is NaN): its columns are zeroed first."""
         if self.running.get(running.slot) is running:
             del self.running[running.slot]
+            if error is not None and not isinstance(error, RequestCancelledError):
+                running.failed = True
+                self.kv.clear(running.slot, running.prompt_len + len(running.generated))
             with self.slot_lock:
                 self.kv.release(running.slot)
         self.record_end(running.handle, running, error)

@@ -140,9 +140,10 @@ class RequestHandle:
                 raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
         return self._outcome()
 
-    async def _wait(self) -> None:
+    async def _wait(self, deltas: bool = True) -> None:
+        """Until there is text to read (with *deltas*) or the request has ended; at least until the next push."""
         with self._cond:
-            if self._deltas or self.done:
+            if (deltas and self._deltas) or self.done:
                 return
             event, wake = _loop_waker()
             self._wakers.append(wake)
@@ -172,9 +173,7 @@ class RequestHandle:
         """Wait for the end without blocking the event loop; cancelling the waiter cancels the request."""
         try:
             while not self.done:
-                await self._wait()
-                with self._cond:
-                    self._deltas.clear()
+                await self._wait(deltas=False)  # the text stays for a reader of the stream
         except BaseException:
             self.cancel()
             raise

@@ -64,6 +64,13 @@ class KVSlots:
     def view(self, rows: slice | torch.Tensor, write_index: torch.Tensor, kv_len: int) -> SlotView:
         return SlotView(self, rows, write_index, kv_len)
 
+    def clear(self, slot: int, n: int) -> None:
+        """Zero *slot*'s first *n* columns (and its scratch column) in every layer."""
+        n = min(n, self.max_len)
+        for tensor in self.keys + self.values:
+            tensor[slot, :, :n].zero_()
+            tensor[slot, :, self.scratch].zero_()
+
     def copy_in(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Write a cached prefix (per layer ``[kv_heads, n, head_dim]``) into *slot*'s first ``n`` columns."""
         for layer, (k, v) in enumerate(zip(keys, values, strict=True)):

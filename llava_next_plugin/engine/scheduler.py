@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from llava_next_sdk.errors import (
+    ContextLengthExceededError,
     LlavaNextError,
     OverloadedError,
     RequestCancelledError,
@@ -304,8 +305,9 @@ class Engine:
         with self._start_lock:
             if self._thread is None and not self._stopping:
                 release_idle_workers()
-                self._thread = threading.Thread(target=self._run, name="llava-next-engine", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="llava-next-engine", daemon=True)
+                thread.start()  # may raise ("can't start new thread"): then a later call tries again
+                self._thread = thread
         return self
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
@@ -437,13 +439,24 @@ class Engine:
         """Queue a prepared request; returns its handle at once. Thread-safe.
 
         :raises OverloadedError: the queue is full (retry later) or the engine is shutting down.
+        :raises ContextLengthExceededError: *prepared* (by another engine) does not fit this engine's context.
+        :raises ServerError: the engine thread could not start (the request is not queued).
         """
+        if prepared.prompt_tokens + prepared.max_tokens > self.max_context:  # prepared by another engine
+            raise ContextLengthExceededError(
+                f"the prompt ({prepared.prompt_tokens} tokens) plus max_tokens ({prepared.max_tokens}) exceeds this "
+                f"engine's context of {self.max_context} tokens; prepare the request with this engine",
+                param="messages",
+            )
         handle = RequestHandle(request_id or f"chatcmpl-{uuid.uuid4().hex}", prepared, self)
+        try:
+            self.start()
+        except RuntimeError as exc:  # no thread to run it: refuse it rather than queue it for nobody
+            raise ServerError(f"the engine thread could not start ({exc}); retry later") from exc
         with self._lock:
             self._refuse_if_full()
             self._pending.append(handle)
             self._lock.notify_all()
-        self.start()
         return handle
 
     def check_admission(self) -> None:

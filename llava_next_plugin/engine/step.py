@@ -58,24 +58,33 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, **kw
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
+#: Guards on state the compiled step's ``plain`` argument stands for (hooks: :meth:`ModelRunner._plain`).
+_HOOK_GUARDS = frozenset({"EMPTY_NN_MODULE_HOOKS_DICT"})
+
+
 def step_guards(guards) -> list[bool]:
-    """Which of dynamo's guards the compiled decode step of a :class:`PlainDecoder` over plain ``nn.Linear``
-    layers checks at each call: the global state (grad and inference modes, ...), the symbolic shapes, the
-    tensors it is handed or reads that are not weights (its inputs, the KV slots: shapes, dtypes, devices) and
-    its own arguments. Not the ~400 on the model (its modules' types, constants, empty hook dicts, the weights'
-    metadata) and on library globals: none of the model's Python runs in that step, the model stays as it is
-    while an engine runs it, and checking them took 0.3 of a 2 ms step on CPU. A step traced through the
-    modules' own forwards (``plain`` false: a hook is set, and the hook's Python is in the graph) keeps them all.
-    """
+    """Which of dynamo's guards the compiled decode step of a :class:`PlainDecoder` (plain ``nn.Linear`` layers
+    and LM head) checks at each call: all but three kinds that cannot change what the step computes while an
+    engine runs, and took most of dynamo's 0.33 ms per call on CPU to check:
+
+    * the weights' tensor metadata (read at each call from their modules; the model stays as it was loaded);
+    * the modules' hook dicts (a hook set later makes ``plain`` false: a guarded argument);
+    * library globals (``torch.nn.functional``, our helper functions), except the global state (grad and
+      inference modes, ...).
+
+    Guards on the modules themselves stay (their types and identities, their constants, adapter flags): a
+    module replaced or wrapped later (a LoRA adapter loaded) recompiles the step instead of reading a weight
+    that is no longer there; a step traced through hooks (``plain`` false) keeps every guard."""
     if any(guard.name == "plain" and guard.has_value and guard.value is False for guard in guards):
         return [True] * len(guards)
     keep = []
     for guard in guards:
         if guard.guard_type == "TENSOR_MATCH":
             keep.append(not isinstance(guard.value, torch.nn.Parameter))
+        elif guard.guard_type in _HOOK_GUARDS:
+            keep.append(False)
         else:
-            own_argument = not guard.is_global and not guard.name.removeprefix("type(").startswith("self")
-            keep.append(guard.guard_type in ("GLOBAL_STATE", "SHAPE_ENV") or own_argument)
+            keep.append(not guard.is_global or guard.guard_type == "GLOBAL_STATE")
     return keep
 
 
@@ -141,7 +150,9 @@ class ModelRunner:
                 AttentionInterface.register(SLOT_ATTENTION, slot_attention)
                 self.language_model.set_attn_implementation(SLOT_ATTENTION)
             # two graphs (decode() marks rows and columns dynamic); no graph break allowed
-            fewer_guards = self.decoder is not None and self.decoder.plain_linears
+            fewer_guards = (
+                self.decoder is not None and self.decoder.plain_linears and type(self.lm_head) is torch.nn.Linear
+            )
             self._decode_forward = torch.compile(
                 self._decode_run,
                 dynamic=False,
@@ -237,8 +248,14 @@ class ModelRunner:
         return torch.where(visible, zero, blocked)[:, None]
 
     def _plain(self) -> bool:
-        """Whether this forward runs the :class:`PlainDecoder` (known backbone, no hook set on its modules)."""
-        return self.decoder is not None and not self.decoder.hooked()
+        """Whether this forward runs the :class:`PlainDecoder` (known backbone, no hook set on its modules or on the
+        LM head: a compiled step traced without a hook would not run one set later)."""
+        head = self.lm_head
+        return (
+            self.decoder is not None
+            and not self.decoder.hooked()
+            and not (getattr(head, "_forward_hooks", None) or getattr(head, "_forward_pre_hooks", None))
+        )
 
     def _run(self, embeds, position_ids, write_index, last, rows, columns, plain, causal=False):
         if rows is None:  # the compiled decode step: slots [0, R)
