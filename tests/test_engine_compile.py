@@ -63,17 +63,19 @@ def test_compiled_decode_step_warms_up_once_per_bucket_and_never_recompiles_on_j
         eager.shutdown(drain=False)
 
 
-def test_a_hook_set_on_the_model_after_compiling_is_run_by_the_compiled_engine(ours):
-    """The compiled step checks no guard on the model's modules (step_guards): a hook set later still runs,
-    since the engine asks for hooks at each step and runs the modules' own forwards then."""
+@pytest.mark.parametrize("where", ["a decoder layer", "the LM head"])
+def test_a_hook_set_on_the_model_after_compiling_is_run_by_the_compiled_engine(ours, where):
+    """The engine asks for hooks at each step and then runs the modules' own forwards (a step compiled without a
+    hook would not run one set later); once the hook is gone it is back to the compiled plain step."""
     engine = Engine(*ours, max_batch_size=1, compile=True).start()
     try:
         engine.warm_up()
         params = SamplingParams(max_tokens=4, temperature=0)
         before = engine.generate(ask("Hooks"), [photo(48, 48)], params)
         calls = []
-        layer = engine.runner.language_model.layers[0]
-        handle = layer.register_forward_hook(lambda module, args, output: calls.append(1))
+        runner = engine.runner
+        module = runner.language_model.layers[0] if where == "a decoder layer" else runner.lm_head
+        handle = module.register_forward_hook(lambda module, args, output: calls.append(1))
         try:
             hooked = engine.generate(ask("Hooks"), [photo(48, 48)], params)
         finally:
@@ -83,6 +85,37 @@ def test_a_hook_set_on_the_model_after_compiling_is_run_by_the_compiled_engine(o
         assert engine.generate(ask("Hooks"), [photo(48, 48)], params).token_ids == before.token_ids and not calls
     finally:
         engine.shutdown(drain=False)
+
+
+def test_a_step_dynamo_cannot_compile_is_decoded_eagerly_instead_of_failing(tiny_checkpoint, ours, caplog):
+    """A compile that fails (here a layer whose forward breaks the graph, which ``fullgraph`` refuses; in a long
+    run, dynamo's recompile limit) leaves the engine decoding eagerly, with a warning: every request ends."""
+
+    class Breaks(torch.nn.Module):  # the same projection, with a graph break in its forward
+        def __init__(self, linear):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x):
+            torch._dynamo.graph_break()
+            return self.linear(x)
+
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_checkpoint).eval()
+    attention = model.model.language_model.layers[0].self_attn
+    attention.q_proj = Breaks(attention.q_proj)
+    engine = Engine(model, ours[1], max_batch_size=2, compile=True).start()
+    eager = Engine(*ours, max_batch_size=2, compile=False).start()
+    try:
+        params = SamplingParams(max_tokens=6, temperature=0)
+        with caplog.at_level(logging.WARNING, logger="llava_next_plugin.engine"):
+            result = engine.generate(ask("One"), [photo(48, 48)], params)
+            again = engine.generate(ask("Two"), [photo(64, 40)], params)
+        assert caplog.text.count("decoding eagerly from now on") == 1
+        assert result.token_ids == eager.generate(ask("One"), [photo(48, 48)], params).token_ids
+        assert again.token_ids == eager.generate(ask("Two"), [photo(64, 40)], params).token_ids
+    finally:
+        engine.shutdown(drain=False)
+        eager.shutdown(drain=False)
 
 
 def test_compiling_is_off_by_default_on_cpu(ours):

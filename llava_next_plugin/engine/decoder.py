@@ -74,12 +74,6 @@ class PlainDecoder:
         self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
         self.scaling = self.head_dim**-0.5
-        #: Whether every projection is a plain ``nn.Linear`` (one ``F.linear`` on its weight, none of its Python
-        #: run): a quantized or adapter-wrapped one runs its own forward, whose state the compiled step guards.
-        projections = [getattr(layer.self_attn, n) for layer in self.layers for n in ("q_proj", "k_proj", "v_proj")]
-        projections += [layer.self_attn.o_proj for layer in self.layers]
-        projections += [getattr(layer.mlp, n) for layer in self.layers for n in ("gate_proj", "up_proj", "down_proj")]
-        self.plain_linears = all(type(m) is torch.nn.Linear for m in projections)
         # Each module's hook dicts (torch adds and removes hooks in these same dicts): asked before every forward,
         # a scan of ~800 dicts on a 7B model takes ~10 us, a tenth of reading them through the modules.
         modules = list(language_model.modules())

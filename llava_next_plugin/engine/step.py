@@ -30,7 +30,7 @@ from .decoder import PlainDecoder
 from .kv import KVSlots
 from .sampler import first_max
 
-__all__ = ["ModelRunner", "length_bucket", "step_guards"]
+__all__ = ["ModelRunner", "length_bucket"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,36 +56,6 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, **kw
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-
-
-#: Guards on state the compiled step's ``plain`` argument stands for (hooks: :meth:`ModelRunner._plain`).
-_HOOK_GUARDS = frozenset({"EMPTY_NN_MODULE_HOOKS_DICT"})
-
-
-def step_guards(guards) -> list[bool]:
-    """Which of dynamo's guards the compiled decode step of a :class:`PlainDecoder` (plain ``nn.Linear`` layers
-    and LM head) checks at each call: all but three kinds that cannot change what the step computes while an
-    engine runs, and took most of dynamo's 0.33 ms per call on CPU to check:
-
-    * the weights' tensor metadata (read at each call from their modules; the model stays as it was loaded);
-    * the modules' hook dicts (a hook set later makes ``plain`` false: a guarded argument);
-    * library globals (``torch.nn.functional``, our helper functions), except the global state (grad and
-      inference modes, ...).
-
-    Guards on the modules themselves stay (their types and identities, their constants, adapter flags): a
-    module replaced or wrapped later (a LoRA adapter loaded) recompiles the step instead of reading a weight
-    that is no longer there; a step traced through hooks (``plain`` false) keeps every guard."""
-    if any(guard.name == "plain" and guard.has_value and guard.value is False for guard in guards):
-        return [True] * len(guards)
-    keep = []
-    for guard in guards:
-        if guard.guard_type == "TENSOR_MATCH":
-            keep.append(not isinstance(guard.value, torch.nn.Parameter))
-        elif guard.guard_type in _HOOK_GUARDS:
-            keep.append(False)
-        else:
-            keep.append(not guard.is_global or guard.guard_type == "GLOBAL_STATE")
-    return keep
 
 
 def length_bucket(columns: int, max_len: int) -> int:
@@ -150,16 +120,7 @@ class ModelRunner:
                 AttentionInterface.register(SLOT_ATTENTION, slot_attention)
                 self.language_model.set_attn_implementation(SLOT_ATTENTION)
             # two graphs (decode() marks rows and columns dynamic); no graph break allowed
-            fewer_guards = (
-                self.decoder is not None and self.decoder.plain_linears and type(self.lm_head) is torch.nn.Linear
-            )
-            self._decode_forward = torch.compile(
-                self._decode_run,
-                dynamic=False,
-                fullgraph=True,
-                mode=mode,
-                options={"guard_filter_fn": step_guards} if fewer_guards else None,
-            )
+            self._decode_forward = torch.compile(self._decode_run, dynamic=False, fullgraph=True, mode=mode)
             self.compiled = True
 
     # --- embeddings
@@ -326,7 +287,18 @@ class ModelRunner:
                     torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.kv.slots)
         else:
             slots = rows
-        out = self._decode_forward(embeds, position_ids, write_index, slots, columns, self._plain())
+        plain = self._plain()
+        if not self.compiled or not plain:  # a hooked model runs eagerly: its hooks' Python runs at every step
+            return self._decode_run(embeds, position_ids, write_index, slots, columns, plain)
+        try:
+            out = self._decode_forward(embeds, position_ids, write_index, slots, columns, plain)
+        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as exc:
+            # dynamo could not (re)compile the step, e.g. past its recompile limit, shared by every engine of the
+            # process (one code object): run eagerly from now on rather than fail every request
+            logger.warning("the compiled decode step failed to compile (%s): decoding eagerly from now on", exc)
+            self._decode_forward = self._decode_run
+            self.graphs = False
+            return self._decode_run(embeds, position_ids, write_index, slots, columns, plain)
         return tuple(t.clone() for t in out) if self.graphs else out  # CUDA graphs reuse their output buffers
 
     # --- shapes of the decode step
