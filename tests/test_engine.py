@@ -561,7 +561,9 @@ def test_a_request_whose_cache_went_nan_fails_alone_and_leaves_neither_its_slot_
     """A NaN in a slot's stale columns is not hidden by the additive mask (0 * NaN): the failed request's columns
     are zeroed when it leaves, and a prompt whose logits came out non-finite is not kept for reuse."""
     model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
-    poisoned = Engine(model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint), max_batch_size=2).start()
+    with torch.inference_mode():  # its KV slots are inference tensors, which only inference mode may write
+        poisoned = Engine(model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint), max_batch_size=2)
+    poisoned.start()
     try:
         params = SamplingParams(max_tokens=4, temperature=0)
         faulty = poisoned.prepare(ask("word " * 60, images=0), [], params)

@@ -159,9 +159,20 @@ def test_a_compiled_engine_over_a_backbone_the_plain_decoder_does_not_know_runs_
 ):
     folder = tiny_checkpoint_factory(text="phi3")  # fused qkv and gate-up projections: transformers' forward
     model = transformers.AutoModelForImageTextToText.from_pretrained(folder).eval()
-    engine = Engine(model, transformers.AutoProcessor.from_pretrained(folder), max_batch_size=1, compile=True)
-    assert engine.runner.decoder is None
-    assert engine.runner.language_model.config._attn_implementation == "llava_next_slots"
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    engine = Engine(model, processor, max_batch_size=1, compile=True).start()
+    eager = Engine(model, processor, max_batch_size=1, compile=False).start()
+    try:
+        assert engine.runner.decoder is None
+        assert engine.runner.language_model.config._attn_implementation == "llava_next_slots"
+        graphs = counters["stats"]["unique_graphs"]
+        params = SamplingParams(max_tokens=4, temperature=0)
+        result = engine.generate(ask("Phi"), [photo(48, 48)], params)
+        assert counters["stats"]["unique_graphs"] > graphs  # its decode steps ran compiled, not eagerly
+        assert result.token_ids == eager.generate(ask("Phi"), [photo(48, 48)], params).token_ids
+    finally:
+        engine.shutdown(drain=False)
+        eager.shutdown(drain=False)
 
 
 def test_warming_up_a_shut_down_engine_says_so(ours):

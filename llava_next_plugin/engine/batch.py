@@ -479,14 +479,30 @@ class Batch:
         """End a running request (*error* ``None``: it finished) and free its slot. A request that failed may have
         written NaN or inf into its slot, which the next requests there would read (an additive mask does not hide
         a NaN: ``0 * NaN`` is NaN): its columns are zeroed first."""
-        if self.running.get(running.slot) is running:
-            del self.running[running.slot]
-            if error is not None and not isinstance(error, RequestCancelledError):
-                running.failed = True
-                self.kv.clear(running.slot, running.prompt_len + len(running.generated))
-            with self.slot_lock:
-                self.kv.release(running.slot)
-        self.record_end(running.handle, running, error)
+        try:
+            if self.running.get(running.slot) is running:
+                del self.running[running.slot]
+                cancelled = isinstance(error, RequestCancelledError)
+                running.failed = error is not None and not cancelled
+                # a cancel mid-prompt may leave columns no sampled token has yet shown to be finite
+                if running.failed or (cancelled and running.prefilled and not running.generated):
+                    self._clear_then_release(running)
+                else:
+                    with self.slot_lock:
+                        self.kv.release(running.slot)
+        finally:
+            self.record_end(running.handle, running, error)
+
+    def _clear_then_release(self, running: Running) -> None:
+        """Zero the leaving request's columns, then free its slot; a slot that cannot be cleared (a device
+        error) is never handed out again, rather than poison the requests that would get it."""
+        try:
+            self.kv.clear(running.slot, running.prompt_len + len(running.generated))
+        except Exception:
+            logger.exception("KV slot %d could not be cleared: it is retired", running.slot)
+            return
+        with self.slot_lock:
+            self.kv.release(running.slot)
 
     def take_all(self) -> list[Running]:
         """Empty the batch (the engine is stopping): its requests, whose endings the caller records."""

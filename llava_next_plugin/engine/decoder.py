@@ -42,6 +42,13 @@ STATIC_ROPE = frozenset({"default", "linear", "llama3", "yarn"})
 SDPA_LIKE = frozenset({"sdpa", "llava_next_slots"})
 
 
+def _global_hooks() -> bool:
+    """Whether a forward hook is set on every module (``torch.nn.modules.module.register_module_forward_hook``)."""
+    from torch.nn.modules import module as nn_module
+
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
 def _linear(module: Any, x: torch.Tensor) -> torch.Tensor:
     """A plain ``nn.Linear`` as one op; anything else (quantized, LoRA-wrapped) through its own forward."""
     if type(module) is torch.nn.Linear:
@@ -82,9 +89,13 @@ class PlainDecoder:
     def hooked(self) -> bool:
         """Whether a forward hook is set on the decoder or any of its modules (or on every module): its forward
         then runs through the modules, as the hook's author expects (a fault injector, a probe, a visualiser)."""
-        from torch.nn.modules import module as nn_module
+        return _global_hooks() or any(self._hooks)
 
-        return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks) or any(self._hooks)
+    @staticmethod
+    def hooks_set(module: torch.nn.Module) -> bool:
+        """:meth:`hooked` for any module tree (a scan of its modules' hook dicts: for models this class does not
+        run)."""
+        return _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
     @classmethod
     def of(cls, language_model) -> PlainDecoder | None:

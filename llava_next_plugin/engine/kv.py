@@ -67,9 +67,10 @@ class KVSlots:
     def clear(self, slot: int, n: int) -> None:
         """Zero *slot*'s first *n* columns (and its scratch column) in every layer."""
         n = min(n, self.max_len)
-        for tensor in self.keys + self.values:
-            tensor[slot, :, :n].zero_()
-            tensor[slot, :, self.scratch].zero_()
+        with torch.inference_mode():  # slots allocated under inference mode can only be written under it
+            for tensor in self.keys + self.values:
+                tensor[slot, :, :n].zero_()
+                tensor[slot, :, self.scratch].zero_()
 
     def copy_in(self, slot: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Write a cached prefix (per layer ``[kv_heads, n, head_dim]``) into *slot*'s first ``n`` columns."""

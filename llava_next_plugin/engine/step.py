@@ -34,6 +34,16 @@ __all__ = ["ModelRunner", "length_bucket"]
 
 logger = logging.getLogger(__name__)
 
+#: What dynamo raises when it cannot compile a step (the recompile limit's class was FailOnCacheLimitHit before).
+_COMPILE_FAILURES: tuple[type[BaseException], ...] = tuple(
+    cls
+    for cls in (
+        getattr(torch._dynamo.exc, name, None)
+        for name in ("TorchDynamoException", "FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+    )
+    if isinstance(cls, type) and issubclass(cls, BaseException)
+)
+
 #: The attention the compiled decode step runs (registered with transformers' ``AttentionInterface``).
 SLOT_ATTENTION = "llava_next_slots"
 
@@ -208,15 +218,18 @@ class ModelRunner:
         blocked = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=position_ids.device)
         return torch.where(visible, zero, blocked)[:, None]
 
-    def _plain(self) -> bool:
-        """Whether this forward runs the :class:`PlainDecoder` (known backbone, no hook set on its modules or on the
-        LM head: a compiled step traced without a hook would not run one set later)."""
+    def _hooked(self) -> bool:
+        """Whether a forward hook is set on the language model's modules, on the LM head or on every module: the
+        step then runs eagerly through the modules (a compiled step traced without a hook would not run one set
+        later, and one traced with a hook recompiles whenever the hook's state changes)."""
         head = self.lm_head
-        return (
-            self.decoder is not None
-            and not self.decoder.hooked()
-            and not (getattr(head, "_forward_hooks", None) or getattr(head, "_forward_pre_hooks", None))
-        )
+        if getattr(head, "_forward_hooks", None) or getattr(head, "_forward_pre_hooks", None):
+            return True
+        return self.decoder.hooked() if self.decoder is not None else PlainDecoder.hooks_set(self.language_model)
+
+    def _plain(self) -> bool:
+        """Whether this forward runs the :class:`PlainDecoder` (a backbone it knows, no hook set)."""
+        return self.decoder is not None and not self._hooked()
 
     def _run(self, embeds, position_ids, write_index, last, rows, columns, plain, causal=False):
         if rows is None:  # the compiled decode step: slots [0, R)
@@ -287,12 +300,13 @@ class ModelRunner:
                     torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.kv.slots)
         else:
             slots = rows
-        plain = self._plain()
-        if not self.compiled or not plain:  # a hooked model runs eagerly: its hooks' Python runs at every step
+        hooked = self._hooked()
+        plain = self.decoder is not None and not hooked
+        if not self.compiled or hooked:  # a hooked model runs eagerly: its hooks' Python runs at every step
             return self._decode_run(embeds, position_ids, write_index, slots, columns, plain)
         try:
             out = self._decode_forward(embeds, position_ids, write_index, slots, columns, plain)
-        except (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit) as exc:
+        except _COMPILE_FAILURES as exc:
             # dynamo could not (re)compile the step, e.g. past its recompile limit, shared by every engine of the
             # process (one code object): run eagerly from now on rather than fail every request
             logger.warning("the compiled decode step failed to compile (%s): decoding eagerly from now on", exc)
