@@ -675,3 +675,40 @@ def test_awaiting_the_result_leaves_the_text_to_a_reader_of_the_stream(engine):
     result = anyio.run(wait)
     reader.join(60)
     assert "".join(read) == result.text
+
+
+def test_requests_a_shutdown_timeout_ends_on_their_way_to_a_slot_get_no_before_generate_after_their_end(reference):
+    events: list[tuple[str, str]] = []
+    gate = threading.Event()
+
+    class Observer:
+        @hookimpl
+        def llava_next_before_generate(self, request_id, request):
+            events.append(("before", request_id))
+            if request_id == "first":
+                gate.wait(30)  # the engine thread is held while "second" waits to join, taken from the queue
+
+        @hookimpl
+        def llava_next_after_generate(self, request_id, result):
+            events.append(("after", request_id))
+
+    manager = get_plugin_manager()
+    observer = Observer()
+    manager.register(observer)
+    stopping = Engine(*reference, max_batch_size=2, burst_window=0.05).start()
+    try:
+        params = SamplingParams(max_tokens=2, temperature=0)
+        first = stopping.submit(stopping.prepare(ask("one", images=0), [], params), request_id="first")
+        second = stopping.submit(stopping.prepare(ask("two", images=0), [], params), request_id="second")
+        assert wait_for(lambda: ("before", "first") in events)
+        stopping.shutdown(drain=True, timeout=0.3)  # ends both: the engine thread is held in a hook
+        gate.set()
+        for handle in (first, second):
+            with pytest.raises(ServerError):
+                handle.result(timeout=30)
+        stopping._thread.join(30)
+    finally:
+        gate.set()
+        manager.unregister(observer)
+    assert ("before", "second") not in events
+    assert events.index(("before", "first")) < events.index(("after", "first"))

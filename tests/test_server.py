@@ -390,6 +390,62 @@ def test_a_request_with_several_image_urls_fetches_them_together_and_names_the_f
             release.set()
 
 
+def test_fetched_images_waiting_for_a_preparing_turn_are_bounded_in_bytes_with_a_429(engine, monkeypatch):
+    """Fetched bytes wait for a preparing turn apart from the preparing places: at most as many as the places
+    could hold (max_preparing x images per request x image bytes); a request that would pass that gets 429."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    png = base64.b64decode(data_url(40, 40).split(",", 1)[1])
+    served, release = [0], threading.Event()
+
+    async def cat(request):
+        served[0] += 1
+        return Response(png, media_type="image/png")
+
+    prepare = engine.prepare
+
+    def held_prepare(*args, **kwargs):  # the engine's own prepare, once the test lets it go
+        release.wait(60)
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "prepare", held_prepare)
+    limits = Limits(
+        max_images_per_request=1,
+        max_image_bytes=len(png) + 10,  # room for one fetched image waiting, not two
+        max_image_pixels=300 * 300,
+        allowed_url_domains=("127.0.0.1",),
+    )
+    with (
+        serve_in_thread(Starlette(routes=[Route("/cat.png", cat)])) as image_host,
+        serve_in_thread(create_app(engine, limits=limits, shutdown_engine=False, max_preparing=1)) as running,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        url = running.url + "/chat/completions"
+        fetched = {"messages": image_message("What?", f"http://127.0.0.1:{image_host.port}/cat.png"), "max_tokens": 1}
+        try:
+            inline = pool.submit(  # holds the one preparing place
+                httpx.post, url, json={"messages": image_message("Hi", data_url(40, 40)), "max_tokens": 1}, timeout=60
+            )
+            assert checkpoints.wait_for(
+                lambda: (
+                    "llava_next_image_pixels_in_flight 1600.0"
+                    in httpx.get(running.url.removesuffix("/v1") + "/metrics").text
+                )
+            )
+            waiting = pool.submit(httpx.post, url, json=fetched, timeout=60)  # fetched, then waits its turn
+            assert checkpoints.wait_for(lambda: served[0] == 1)
+            refused = httpx.post(url, json=fetched, timeout=60)
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+            assert "fetched images waiting to be prepared" in refused.json()["error"]["message"]
+        finally:
+            release.set()
+        assert inline.result().status_code == 200 and waiting.result().status_code == 200
+
+
 def test_a_stream_ended_by_an_error_event_is_counted_with_that_events_status(engine):
     app = create_app(engine, limits=LIMITS, shutdown_engine=False)
     with serve_in_thread(app) as running:
