@@ -12,7 +12,7 @@ import transformers
 from checkpoints import text_config
 
 from llava_next_plugin._compat import cache_kwarg
-from llava_next_plugin.engine.decoder import PlainDecoder
+from llava_next_plugin.engine.decoder import HookWatch, PlainDecoder
 from llava_next_plugin.engine.kv import KVSlots
 from llava_next_plugin.engine.step import ModelRunner
 
@@ -147,18 +147,18 @@ def test_a_hook_on_any_module_of_the_decoder_sends_the_engine_through_the_module
 
 def test_pre_hooks_and_global_hooks_count_as_hooks_while_they_are_set():
     model = _decoder_model("mistral")
-    decoder = PlainDecoder.of(model)
-    assert not decoder.hooked()
+    hooked = HookWatch(model.modules())
+    assert not hooked()
     handle = model.layers[0].self_attn.q_proj.register_forward_pre_hook(lambda module, args: None)
-    assert decoder.hooked()
+    assert hooked()
     handle.remove()
-    assert not decoder.hooked()
+    assert not hooked()
     handle = torch.nn.modules.module.register_module_forward_hook(lambda module, args, out: None)
     try:
-        assert decoder.hooked()
+        assert hooked()
     finally:
         handle.remove()
-    assert not decoder.hooked()
+    assert not hooked()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -165,8 +165,7 @@ class Batch:
         was cancelled or its images could not be read (it has ended then), or had ended already (a shutdown's
         timeout ends requests on their way to a slot: no hook runs for them after their end)."""
         if handle.done:
-            with self.slot_lock:
-                self.kv.release(slot)
+            self._release(slot)
             return None
         prepared = handle.prepared
         params = prepared.params
@@ -488,8 +487,7 @@ class Batch:
                 if running.failed or (cancelled and running.prefilled and not running.generated):
                     self._clear_then_release(running)
                 else:
-                    with self.slot_lock:
-                        self.kv.release(running.slot)
+                    self._release(running.slot)
         finally:
             self.record_end(running.handle, running, error)
 
@@ -501,8 +499,11 @@ class Batch:
         except Exception:
             logger.exception("KV slot %d could not be cleared: it is retired", running.slot)
             return
-        with self.slot_lock:
-            self.kv.release(running.slot)
+        self._release(running.slot)
+
+    def _release(self, slot: int) -> None:
+        with self.slot_lock:  # the scheduler hands free slots out under it
+            self.kv.release(slot)
 
     def take_all(self) -> list[Running]:
         """Empty the batch (the engine is stopping): its requests, whose endings the caller records."""

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-__all__ = ["PlainDecoder"]
+__all__ = ["HookWatch", "PlainDecoder"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +42,21 @@ STATIC_ROPE = frozenset({"default", "linear", "llama3", "yarn"})
 SDPA_LIKE = frozenset({"sdpa", "llava_next_slots"})
 
 
-def _global_hooks() -> bool:
-    """Whether a forward hook is set on every module (``torch.nn.modules.module.register_module_forward_hook``)."""
-    from torch.nn.modules import module as nn_module
+class HookWatch:
+    """Called, whether a forward hook is set on any of *modules*, or on every module: a forward then runs through
+    the modules, as the hook's author expects (a fault injector, a probe, a visualiser).
 
-    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+    The modules' hook dicts are listed once (torch adds and removes hooks in these same dicts): asked before
+    every forward, a scan of ~800 dicts on a 7B model takes ~10 us, a tenth of reading them through the modules.
+    """
+
+    def __init__(self, modules) -> None:
+        self._dicts = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
+
+    def __call__(self) -> bool:
+        from torch.nn.modules import module as nn_module
+
+        return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks) or any(self._dicts)
 
 
 def _linear(module: Any, x: torch.Tensor) -> torch.Tensor:
@@ -81,21 +91,6 @@ class PlainDecoder:
         self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.heads)
         self.scaling = self.head_dim**-0.5
-        # Each module's hook dicts (torch adds and removes hooks in these same dicts): asked before every forward,
-        # a scan of ~800 dicts on a 7B model takes ~10 us, a tenth of reading them through the modules.
-        modules = list(language_model.modules())
-        self._hooks = [m._forward_hooks for m in modules] + [m._forward_pre_hooks for m in modules]
-
-    def hooked(self) -> bool:
-        """Whether a forward hook is set on the decoder or any of its modules (or on every module): its forward
-        then runs through the modules, as the hook's author expects (a fault injector, a probe, a visualiser)."""
-        return _global_hooks() or any(self._hooks)
-
-    @staticmethod
-    def hooks_set(module: torch.nn.Module) -> bool:
-        """:meth:`hooked` for any module tree (a scan of its modules' hook dicts: for models this class does not
-        run)."""
-        return _global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
 
     @classmethod
     def of(cls, language_model) -> PlainDecoder | None:

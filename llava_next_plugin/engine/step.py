@@ -26,7 +26,7 @@ import time
 import torch
 
 from .._compat import cache_kwarg
-from .decoder import PlainDecoder
+from .decoder import HookWatch, PlainDecoder
 from .kv import KVSlots
 from .sampler import first_max
 
@@ -102,6 +102,10 @@ class ModelRunner:
         self.cache_arg = cache_kwarg(self.language_model.forward)
         #: The decoder forward written out (a Llama-family backbone), else ``None``: transformers' forward runs.
         self.decoder = PlainDecoder.of(self.language_model)
+        #: Whether a forward hook is set on the language model, its LM head or every module: the forward then runs
+        #: through the modules, eagerly (a compiled step traced without a hook would not run one set later, and
+        #: one traced with a hook recompiles whenever the hook's state changes).
+        self.hooked = HookWatch([*self.language_model.modules(), *self.lm_head.modules()])
         text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         window = getattr(text_config, "sliding_window", None)
         if getattr(text_config, "use_sliding_window", True) is False:
@@ -218,18 +222,10 @@ class ModelRunner:
         blocked = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=position_ids.device)
         return torch.where(visible, zero, blocked)[:, None]
 
-    def _hooked(self) -> bool:
-        """Whether a forward hook is set on the language model's modules, on the LM head or on every module: the
-        step then runs eagerly through the modules (a compiled step traced without a hook would not run one set
-        later, and one traced with a hook recompiles whenever the hook's state changes)."""
-        head = self.lm_head
-        if getattr(head, "_forward_hooks", None) or getattr(head, "_forward_pre_hooks", None):
-            return True
-        return self.decoder.hooked() if self.decoder is not None else PlainDecoder.hooks_set(self.language_model)
-
-    def _plain(self) -> bool:
-        """Whether this forward runs the :class:`PlainDecoder` (a backbone it knows, no hook set)."""
-        return self.decoder is not None and not self._hooked()
+    def _plain(self, hooked: bool | None = None) -> bool:
+        """Whether this forward runs the :class:`PlainDecoder` (a backbone it knows, no hook set; *hooked*: what
+        :attr:`hooked` said already)."""
+        return self.decoder is not None and not (self.hooked() if hooked is None else hooked)
 
     def _run(self, embeds, position_ids, write_index, last, rows, columns, plain, causal=False):
         if rows is None:  # the compiled decode step: slots [0, R)
@@ -300,8 +296,8 @@ class ModelRunner:
                     torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.kv.slots)
         else:
             slots = rows
-        hooked = self._hooked()
-        plain = self.decoder is not None and not hooked
+        hooked = self.hooked()
+        plain = self._plain(hooked)
         if not self.compiled or hooked:  # a hooked model runs eagerly: its hooks' Python runs at every step
             return self._decode_run(embeds, position_ids, write_index, slots, columns, plain)
         try:
