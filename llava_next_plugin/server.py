@@ -63,7 +63,7 @@ from starlette.routing import Route
 
 from .engine import Engine, EngineResult, RequestHandle
 from .errors import first_line
-from .validation import Limits, PixelBudget, check_request, fetch_image, prepare_request
+from .validation import Limits, PixelBudget, check_request, fetch_image, prepare_checked
 
 __all__ = ["create_app", "run_server", "serve_in_thread", "RunningServer", "default_served_name"]
 
@@ -669,7 +669,7 @@ def create_app(
         if drain.cutting:  # its turn came after the drain's cut: no work, the 503
             raise _shutting_down()
         engine.check_admission()  # again: the queue may have filled while this request waited its turn
-        return prepare_request(engine, chat_request, limits, budget, fetched=fetched)
+        return prepare_checked(engine, chat_request, limits, budget, fetched=fetched)  # checked on the loop
 
     async def _result_unless_disconnected(request: Request, handle: RequestHandle) -> EngineResult:
         """The request's result; a client that disconnects first cancels it. Errors come out bare (caught

@@ -410,6 +410,19 @@ def prepare_request(
     :raises OverloadedError: *budget* has no room for this request's pixels now (429).
     """
     check_request(engine, request, limits)
+    return prepare_checked(engine, request, limits, budget, fetched=fetched)
+
+
+def prepare_checked(
+    engine: Engine,
+    request: ChatRequest,
+    limits: Limits,
+    budget: PixelBudget | None = None,
+    *,
+    fetched: Mapping[int, bytes] | None = None,
+) -> PreparedRequest:
+    """:func:`prepare_request` for a request that :func:`check_request` has passed already (the server checks it
+    on its event loop, before it fetches the request's images)."""
     sources = _request_image_sources(request, limits, fetched)
     pixels = _request_pixels(sources, limits)
     with budget.hold(pixels) if budget is not None else nullcontext():
