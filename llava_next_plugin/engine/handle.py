@@ -56,6 +56,7 @@ class RequestHandle:
         self.prepared = prepared
         self._engine = engine
         self._cond = threading.Condition()
+        self._ended = threading.Event()  # for result(): set once, so a waiter does not wake at every delta
         self._deltas: collections.deque[str] = collections.deque()
         self._result: EngineResult | None = None
         self._error: BaseException | None = None
@@ -87,6 +88,7 @@ class RequestHandle:
             if self.done:
                 return
             self._result, self._error = result, error
+            self._ended.set()
             self._notify()
 
     # --- consumer side
@@ -135,9 +137,8 @@ class RequestHandle:
 
     def result(self, timeout: float | None = None) -> EngineResult:
         """Block until the request ends; the :class:`EngineResult` (or raise its error)."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self.done, timeout):
-                raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
+        if not self._ended.wait(timeout):
+            raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
         return self._outcome()
 
     async def _wait(self, deltas: bool = True) -> None:

@@ -250,7 +250,8 @@ class ModelRunner:
             hidden = hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
         return self.lm_head(hidden).float()
 
-    def _decode_run(self, embeds, position_ids, write_index, rows, columns, plain):
+    def _decode_run(self, tokens, position_ids, write_index, rows, columns, plain):
+        embeds = self.embed_tokens(tokens)  # in the compiled graph: one op fewer to launch per step
         logits = self._run(embeds, position_ids, write_index, None, rows, columns, plain)
         top, index = first_max(logits)
         return logits, top, index
@@ -280,8 +281,7 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One token for the slot rows *rows*: ``tokens [R]`` -> ``logits [R, vocab]``, with each row's
         :func:`~.sampler.first_max` (``top [R]``, ``index [R]``), computed in the same (compiled) step."""
-        embeds = self.embed_tokens(tokens[:, None])
-        position_ids, write_index = position_ids[:, None], write_index[:, None]
+        tokens, position_ids, write_index = tokens[:, None], position_ids[:, None], write_index[:, None]
         columns = torch.arange(kv_len, device=self.device)
         if self.compiled:
             # Two graphs in all: one row, and any rows from 2 (slots [0, R)), dynamic in the context length too,
@@ -291,24 +291,24 @@ class ModelRunner:
                 raise ValueError("the compiled decode step runs slot rows [0, R)")
             slots: slice | None = None
             torch._dynamo.mark_dynamic(columns, 0, min=2, max=self.kv.max_len)
-            if embeds.shape[0] > 1:
-                for tensor in (embeds, position_ids, write_index):
+            if tokens.shape[0] > 1:
+                for tensor in (tokens, position_ids, write_index):
                     torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.kv.slots)
         else:
             slots = rows
         hooked = self.hooked()
         plain = self._plain(hooked)
         if not self.compiled or hooked:  # a hooked model runs eagerly: its hooks' Python runs at every step
-            return self._decode_run(embeds, position_ids, write_index, slots, columns, plain)
+            return self._decode_run(tokens, position_ids, write_index, slots, columns, plain)
         try:
-            out = self._decode_forward(embeds, position_ids, write_index, slots, columns, plain)
+            out = self._decode_forward(tokens, position_ids, write_index, slots, columns, plain)
         except _COMPILE_FAILURES as exc:
             # dynamo could not (re)compile the step, e.g. past its recompile limit, shared by every engine of the
             # process (one code object): run eagerly from now on rather than fail every request
             logger.warning("the compiled decode step failed to compile (%s): decoding eagerly from now on", exc)
             self._decode_forward = self._decode_run
             self.graphs = False
-            return self._decode_run(embeds, position_ids, write_index, slots, columns, plain)
+            return self._decode_run(tokens, position_ids, write_index, slots, columns, plain)
         return tuple(t.clone() for t in out) if self.graphs else out  # CUDA graphs reuse their output buffers
 
     # --- shapes of the decode step
