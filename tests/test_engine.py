@@ -591,6 +591,44 @@ def test_a_request_whose_cache_went_nan_fails_alone_and_leaves_neither_its_slot_
         poisoned.shutdown(drain=False)
 
 
+def test_a_request_cancelled_between_prefill_chunks_leaves_its_slot_clean(tiny_checkpoint, engine):
+    """A request cancelled after some of its prompt is in its slot has written columns that no sampled token has
+    shown to be finite: they are zeroed when it leaves, so the next request in that slot reads no NaN there."""
+    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    processor = transformers.AutoProcessor.from_pretrained(tiny_checkpoint)
+    with torch.inference_mode():  # its KV slots are inference tensors, which only inference mode may write
+        chunked = Engine(model, processor, max_batch_size=2, prefill_chunk=64, idle_prefill=64, reuse_memory=0)
+    chunked.start()
+    try:
+        params = SamplingParams(max_tokens=4, temperature=0)
+        doomed = chunked.prepare(ask("word " * 150, images=0), [], params)
+        assert doomed.prompt_tokens > 2 * 64
+        handles = []
+
+        def nan_in_its_first_chunk_then_cancel(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if handles and not handles[0].cancelled and hidden.shape[1] == 64:
+                hidden.fill_(float("nan"))  # the next layer's keys and values in the slot's first 64 columns
+                handles[0].cancel()  # the request leaves before its next chunk
+
+        hook = model.model.language_model.layers[0].register_forward_hook(nan_in_its_first_chunk_then_cancel)
+        try:
+            handles.append(chunked.submit(doomed))
+            with pytest.raises(RequestCancelledError):
+                handles[0].result(timeout=120)
+        finally:
+            hook.remove()
+        assert chunked.stats_snapshot()["prefill_chunks"] == 1
+        short, long = (ask("hi", images=0), []), (ask("story " * 40, images=0), [])
+        # the short one takes the cancelled request's slot and, both prompts in one chunk, decodes next to a longer
+        # one, reading over its old columns
+        later = [chunked.submit(chunked.prepare(m, i, params)) for m, i in (short, long)]
+        for handle, (messages, images) in zip(later, (short, long), strict=True):
+            assert handle.result(timeout=120).token_ids == engine.generate(messages, images, params).token_ids
+    finally:
+        chunked.shutdown(drain=False)
+
+
 @pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45, 1e-30, 1e-8])
 def test_tiny_temperatures_sample_safely_next_to_other_requests(engine, temperature):
     """Every temperature the validator accepts samples (as greedy, barring exact ties) and never fails a batch."""
