@@ -25,7 +25,13 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from llava_next_sdk.errors import LlavaNextError, ModelNotFoundError, OverloadedError, ServerError
+from llava_next_sdk.errors import (
+    APIConnectionError,
+    LlavaNextError,
+    ModelNotFoundError,
+    OverloadedError,
+    ServerError,
+)
 from llava_next_sdk.hookspecs import hookimpl
 from llava_next_sdk.retry import RetryPolicy
 from llava_next_sdk.types import ChatRequest, GenerationResult
@@ -105,7 +111,7 @@ class LocalTransport:
 
     async def _get_engine(self) -> Engine:
         if self._closed:
-            raise RuntimeError("this transport is closed")
+            raise APIConnectionError("this client is closed; create a new one")
         if self._needs_engine():
             async with self._lock:
                 if self._needs_engine():

@@ -138,7 +138,7 @@ class AsyncClient:
         return self.params.merged(**params) if params else self.params
 
     async def _prompt_request(
-        self, images: Any, prompt: Any, system: str | None, detail: str, params: Mapping[str, Any]
+        self, images: Any, prompt: Any, system: str | None, detail: str | None, params: Mapping[str, Any]
     ) -> ChatRequest:
         if not isinstance(prompt, str):
             raise BadRequestError(f"prompt must be a str, got {type(prompt).__name__}", param="prompt")
@@ -157,13 +157,14 @@ class AsyncClient:
     # --------------------------------------------------------------------------- calls
 
     async def generate(
-        self, images: Any, prompt: str, *, system: str | None = None, detail: str = "auto", **params: Any
+        self, images: Any, prompt: str, *, system: str | None = None, detail: str | None = None, **params: Any
     ) -> GenerationResult:
         """Answer *prompt* about *images* (one image, a list of them, or ``None``).
 
         An image may be a PIL image, a path, bytes, a numpy array ``[H, W, C]``, an http(s) URL or a
         data URL. *detail* is OpenAI's image detail for every image: ``"low"`` sends the base view only
-        (one tile's tokens: 576 on llava-v1.6-mistral), ``"high"``/``"auto"`` the full any-resolution tiling.
+        (one tile's tokens: 576 on llava-v1.6-mistral), ``"high"``/``"auto"`` the full any-resolution tiling;
+        ``None`` (the default): each image's own (an :class:`ImagePart`'s ``detail``, else ``"auto"``).
         *params* are generation parameters (``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``);
         any other name raises ``UnsupportedParameterError``.
         """
@@ -184,7 +185,7 @@ class AsyncClient:
         return await self.transport.generate(await self._chat_request(messages, params))
 
     def stream(
-        self, images: Any, prompt: str, *, system: str | None = None, detail: str = "auto", **params: Any
+        self, images: Any, prompt: str, *, system: str | None = None, detail: str | None = None, **params: Any
     ) -> TextStream:
         """Like :meth:`generate`, as an async context manager yielding text deltas::
 
@@ -278,8 +279,9 @@ async def _to_messages(messages: Any) -> tuple[ChatMessage, ...]:
 
 
 def _with_detail(part: ImagePart, detail: Any) -> ImagePart:
-    """*part* with OpenAI's image *detail* (``ImagePart`` checks the value: low, high or auto)."""
-    return part if detail == part.detail else dataclasses.replace(part, detail=detail)
+    """*part* with OpenAI's image *detail* (``ImagePart`` checks the value: low, high or auto); *part* as it is
+    when *detail* is ``None``."""
+    return part if detail is None or detail == part.detail else dataclasses.replace(part, detail=detail)
 
 
 class TextStream:
@@ -369,6 +371,7 @@ class _LoopThread:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.stopping = False
+        self._submitting = threading.Lock()  # a call is scheduled before stop() begins, or refused after
         self._thread = threading.Thread(target=self._main, name="llava-next-sdk-loop", daemon=True)
         self._thread.start()
 
@@ -377,10 +380,11 @@ class _LoopThread:
         self.loop.run_forever()
 
     def submit(self, coro: Coroutine[Any, Any, Any]) -> Future:
-        if self.stopping or self.loop.is_closed():
-            coro.close()  # never started: no "never awaited" warning
-            raise LlavaNextError("this client is closed")
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+        with self._submitting:  # scheduled before stop()'s wind-down (which cancels it), or refused
+            if self.stopping or self.loop.is_closed():
+                coro.close()  # never started: no "never awaited" warning
+                raise LlavaNextError("this client is closed")
+            return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         if threading.current_thread() is self._thread:
@@ -399,11 +403,12 @@ class _LoopThread:
 
     def stop(self, before: Coroutine[Any, Any, Any] | None = None) -> None:
         """Run *before* (the client's ``aclose``), cancel every task still on the loop, stop it, close it."""
-        if self.loop.is_closed() or self.stopping:
-            if before is not None:
-                before.close()
-            return
-        self.stopping = True
+        with self._submitting:
+            if self.loop.is_closed() or self.stopping:
+                if before is not None:
+                    before.close()
+                return
+            self.stopping = True
 
         async def wind_down() -> None:
             if before is not None:

@@ -83,6 +83,7 @@ _SOURCES = (
 )
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 _URL_SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]+)://")
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/]{100,}={0,2}")
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -241,19 +242,31 @@ def read_image_file(path: str | os.PathLike[str], *, index: int | None = None) -
 
     :raises InvalidImageError: when the file is missing, a folder, or unreadable.
     """
-    file = Path(os.path.expanduser(os.fspath(path)))
+    text = os.fspath(path)
+    file = Path(os.path.expanduser(text))
+    name = (
+        f"'{file}'"
+        if len(str(file)) <= 200
+        else f"'{str(file)[:60]}...{str(file)[-20:]}' ({len(str(file))} characters)"
+    )
     try:
         return file.read_bytes()
-    except FileNotFoundError:
-        where = "" if file.is_absolute() else f" (relative to the working directory {os.getcwd()})"
-        raise InvalidImageError(f"file not found: '{file}'{where}; check the path", index=index) from None
-    except IsADirectoryError:
-        raise InvalidImageError(
-            f"'{file}' is a folder, not an image file; pass the path of an image inside it", index=index
-        ) from None
     except OSError as exc:
+        if isinstance(text, str) and _BASE64_TEXT.fullmatch(text):
+            raise InvalidImageError(
+                f"a string of {len(text)} base64 characters was read as a file path; pass base64 image data as a "
+                "data URL ('data:image/png;base64,' + data) or as the decoded bytes",
+                index=index,
+            ) from None
+        if isinstance(exc, FileNotFoundError):
+            where = "" if file.is_absolute() else f" (relative to the working directory {os.getcwd()})"
+            raise InvalidImageError(f"file not found: {name}{where}; check the path", index=index) from None
+        if isinstance(exc, IsADirectoryError):
+            raise InvalidImageError(
+                f"{name} is a folder, not an image file; pass the path of an image inside it", index=index
+            ) from None
         raise InvalidImageError(
-            f"file '{file}' could not be read ({type(exc).__name__}: {exc.strerror or exc}); check its permissions",
+            f"file {name} could not be read ({type(exc).__name__}: {exc.strerror or exc}); check its permissions",
             index=index,
         ) from None
 

@@ -149,6 +149,8 @@ def _image_ref(part: Mapping, kind: str, where: str, index: int, bare_images: bo
             source = source.get("url")
     if isinstance(source, str) and not source:
         source = None
+    if detail is None and isinstance(source, ImagePart):  # the part's own detail, unless this part sets one
+        detail = source.detail
     if source is None and not bare_images:
         example = "{'url': '...'}" if kind == "image_url" else "'...'"
         needs = (

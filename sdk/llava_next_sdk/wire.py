@@ -265,11 +265,19 @@ def usage_from_wire(data: Any) -> Usage | None:
         return None
     details = data.get("prompt_tokens_details")
     image_tokens = details.get("image_tokens") if isinstance(details, Mapping) else None
+    prompt, completion = data.get("prompt_tokens") or 0, data.get("completion_tokens") or 0
+    if not all(_is_count(n) for n in (prompt, completion)):
+        return None
     return Usage(
-        prompt_tokens=int(data.get("prompt_tokens") or 0),
-        completion_tokens=int(data.get("completion_tokens") or 0),
-        image_tokens=int(image_tokens) if image_tokens is not None else None,
+        prompt_tokens=int(prompt),
+        completion_tokens=int(completion),
+        image_tokens=int(image_tokens) if _is_count(image_tokens) else None,
     )
+
+
+def _is_count(value: Any) -> bool:
+    """A token count as JSON carries one: a whole number >= 0 (``3.0`` too, never ``True`` or ``"3"``)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 and float(value).is_integer()
 
 
 def timings_to_wire(timings: Timings) -> dict:
@@ -406,7 +414,10 @@ def parse_stream_chunk(data: Any) -> StreamChunk:
         choice = choices[0]
         if not isinstance(choice, Mapping):
             raise _malformed("stream chunk", data)
-        content = (choice.get("delta") or {}).get("content")
+        delta_part = choice.get("delta") or {}
+        if not isinstance(delta_part, Mapping):
+            raise _malformed("stream chunk", data)
+        content = delta_part.get("content")
         delta = content if isinstance(content, str) else ""
         finish_reason = choice.get("finish_reason")
     return StreamChunk(

@@ -152,6 +152,8 @@ async def _scenario(name: str, record: Record, body: dict):
         return _error(
             400, "This model's maximum context length is 4096 tokens, you requested 5000", "context_length_exceeded"
         )
+    if name == "redirect":  # an http -> https move, say: the client must not turn its POST into a GET
+        return PlainTextResponse("", status_code=308, headers={"Location": "https://example.invalid/v1/chat"})
     if name == "slow":
         await asyncio.sleep(2.0)
         return _ok(body)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import importlib.metadata
 import io
+import json
 import re
+import socket
+import threading
 import time
 
 import anyio
@@ -15,6 +20,7 @@ import pytest
 import served
 from llava_next_sdk import (
     APIConnectionError,
+    APIError,
     APITimeoutError,
     AsyncClient,
     AuthenticationError,
@@ -358,6 +364,14 @@ async def test_a_slow_server_times_out(standin):
     assert time.monotonic() - started < 1.5
     assert record.count == 1  # a read timeout may have started work: never retried
 
+    url, record = standin.endpoint("slow")
+    async with client_for(url, timeout=10, read_timeout=0.3, max_retries=2) as client:
+        with pytest.raises(
+            APITimeoutError, match="raise read_timeout="
+        ) as info:  # the option of the phase that expired
+            await client.generate(None, "hi")
+    assert record.count == 1 and "waiting for an answer" in str(info.value)
+
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_a_server_that_drips_bytes_cannot_hold_a_call_past_its_total_timeout(standin, stream):
@@ -478,3 +492,139 @@ async def test_a_closed_client_says_so(standin):
 def free_port():
     """A loopback port with nothing listening on it."""
     return served.free_port()
+
+
+class ClosingServer:
+    """A raw HTTP server on loopback that reads each request whole, then closes the connection without an answer
+    (after *work* seconds: a server that crashed while working on it), except the requests numbered in *answer*
+    (from 1), which get a 200 completion."""
+
+    def __init__(self, work: float, answer: tuple[int, ...] = ()) -> None:
+        self.work, self.answer, self.requests = work, answer, 0
+        self.loop = asyncio.new_event_loop()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.port = sock.getsockname()[1]
+        ready = threading.Event()
+
+        async def main() -> None:
+            self.server = await asyncio.start_server(self._handle, sock=sock)
+            ready.set()
+            with contextlib.suppress(asyncio.CancelledError):  # stop() closes it
+                await self.server.serve_forever()
+
+        self.thread = threading.Thread(target=self.loop.run_until_complete, args=(main(),), daemon=True)
+        self.thread.start()
+        ready.wait(10)
+
+    async def _handle(self, reader, writer) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+            )
+            await reader.readexactly(length)
+            self.requests += 1
+            if self.requests in self.answer:
+                body = json.dumps(
+                    {
+                        "choices": [
+                            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+                        ]
+                    }
+                ).encode()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+                    + body
+                )
+                await writer.drain()
+            else:
+                await asyncio.sleep(self.work)
+                writer.transport.abort()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.thread.join(10)
+
+
+async def test_a_connection_closed_after_the_server_began_working_is_not_sent_again():
+    """The request was sent and the server worked on it for a while, then the connection closed without an answer
+    (a crash, an out-of-memory kill): sending it again might run the same work again, as after a read timeout."""
+    server = ClosingServer(work=0.5, answer=(2, 3))
+    try:
+        async with client_for(f"http://127.0.0.1:{server.port}/v1", max_retries=2) as client:
+            with pytest.raises(APIConnectionError, match="closed after the request was sent") as info:
+                await client.generate(None, "hi")
+        assert not isinstance(info.value, APITimeoutError) and "not sent again" in str(info.value)
+        assert server.requests == 1
+    finally:
+        server.stop()
+
+
+async def test_a_connection_closed_at_once_is_sent_again_once():
+    """A connection that closes as soon as the request is on it was dead already (a kept-alive connection the
+    server had closed): the request goes again, once."""
+    server = ClosingServer(work=0.0, answer=(2,))
+    try:
+        async with client_for(f"http://127.0.0.1:{server.port}/v1", max_retries=2) as client:
+            assert (await client.generate(None, "hi")).text == "ok"
+        assert server.requests == 2
+    finally:
+        server.stop()
+    server = ClosingServer(work=0.0)  # never answers: one more try, not max_retries more
+    try:
+        async with client_for(f"http://127.0.0.1:{server.port}/v1", max_retries=5) as client:
+            with pytest.raises(APIConnectionError, match="closed after the request was sent"):
+                await client.generate(None, "hi")
+        assert server.requests == 2
+    finally:
+        server.stop()
+
+
+async def test_a_callers_http_client_keeps_the_sdks_timeouts(standin):
+    """An httpx client passed to set a proxy or certificates does not bring its own 5 s default along."""
+    import httpx
+
+    url, record = standin.endpoint("slow")  # answers after 2 s
+    async with httpx.AsyncClient(timeout=0.5) as http_client:
+        async with client_for(url, http_client=http_client, read_timeout=10, max_retries=0) as client:
+            assert (await client.generate(None, "hi")).text == "echo[0]: hi"
+    assert record.count == 1
+
+
+async def test_a_redirect_is_an_error_that_names_where_it_points(standin):
+    url, record = standin.endpoint("redirect")
+    async with client_for(url, max_retries=2) as client:
+        for call in (lambda: client.generate(None, "hi"), lambda: _drain(client.stream(None, "hi"))):
+            with pytest.raises(APIError, match="HTTP 308, a redirect to 'https://example.invalid") as info:
+                await call()
+            assert info.value.status == 308
+    assert record.count == 2  # once per call: not retried
+
+
+async def _drain(stream) -> None:
+    async with stream as deltas:
+        async for _ in deltas:
+            pass
+
+
+async def test_an_image_parts_own_detail_is_kept_unless_the_call_sets_one(standin):
+    from llava_next_sdk import ImagePart
+
+    url, record = standin.endpoint("ok")
+    low = ImagePart(url="https://example.invalid/cat.png", detail="low")
+    async with client_for(url) as client:
+        await client.generate(low, "what?")
+        await client.chat(
+            [{"role": "user", "content": [{"type": "image", "image": low}, {"type": "text", "text": "?"}]}]
+        )
+        await client.generate(low, "what?", detail="high")
+    details = [
+        [p["image_url"].get("detail") for p in b["messages"][-1]["content"] if p["type"] == "image_url"]
+        for b in record.bodies
+    ]
+    assert details == [["low"], ["low"], ["high"]]

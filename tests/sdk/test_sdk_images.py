@@ -77,6 +77,15 @@ def test_errors_name_the_argument_never_an_objects_repr(tmp_path, case):
     assert not REPR.search(info.value.message) and info.value.index == 1
 
 
+def test_base64_text_given_as_an_image_is_not_read_as_a_path_and_the_error_stays_short():
+    import base64
+
+    data = base64.b64encode(png() * 50).decode()
+    with pytest.raises(InvalidImageError, match="base64 characters was read as a file path") as info:
+        encode(data, index=0)
+    assert "data:image/png;base64," in info.value.message and len(info.value.message) < 300
+
+
 def test_the_client_names_the_argument_before_sending_anything():
     async def main():
         async with AsyncClient(base_url="http://127.0.0.1:9/v1", max_retries=0) as client:

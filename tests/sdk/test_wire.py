@@ -186,6 +186,20 @@ def test_a_malformed_response_is_a_server_error(body):
         wire.parse_chat_response(body)
 
 
+def test_a_chunk_whose_delta_is_not_an_object_is_a_server_error():
+    with pytest.raises(ServerError, match="malformed stream chunk"):
+        wire.parse_stream_chunk({"choices": [{"index": 0, "delta": "oops"}]})
+
+
+@pytest.mark.parametrize("usage", [{"prompt_tokens": "n/a"}, {"completion_tokens": -1}, {"prompt_tokens": 1.5}])
+def test_usage_that_is_not_token_counts_is_unknown_not_an_exception(usage):
+    """Only our error classes leave the SDK: a third party's odd usage reads as no usage."""
+    body = {"choices": [{"message": {"content": "hi"}, "finish_reason": "stop"}]}
+    assert wire.parse_chat_response(dict(body, usage=usage)).usage == wire.parse_chat_response(body).usage
+    chunk = {"choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}], "usage": usage}
+    assert wire.parse_stream_chunk(chunk).usage is None
+
+
 def test_stream_chunks_are_valid_for_the_openai_client_and_parse_back():
     common = {"request_id": "chatcmpl-1", "model": "tiny", "created": 5}
     chunks = [

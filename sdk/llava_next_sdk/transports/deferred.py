@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 
-from ..errors import LlavaNextError
+from ..errors import APIConnectionError, LlavaNextError
 from ..types import ChatRequest, GenerationResult
 from .base import AsyncTransport, StreamItem
 
@@ -68,11 +68,16 @@ class DeferredTransport:
 
     async def _get(self) -> AsyncTransport:
         if self._closed:
-            raise LlavaNextError("this transport is closed")
+            raise APIConnectionError("this client is closed; create a new one")
         if self._transport is None:
             async with self._lock:
                 if self._transport is None:
-                    self._transport = await anyio.to_thread.run_sync(self._load)
+                    transport = await anyio.to_thread.run_sync(self._load)
+                    if self._closed:  # closed while it loaded: nobody would close what it holds
+                        with anyio.CancelScope(shield=True):
+                            await transport.aclose()
+                        raise LlavaNextError("this client was closed while its transport was loading")
+                    self._transport = transport
         return self._transport
 
     async def generate(self, request: ChatRequest) -> GenerationResult:

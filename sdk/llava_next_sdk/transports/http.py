@@ -31,6 +31,7 @@ import httpx
 from .. import wire
 from ..errors import (
     APIConnectionError,
+    APIError,
     APITimeoutError,
     BadRequestError,
     LlavaNextError,
@@ -59,14 +60,14 @@ DEFAULT_TIMEOUT = httpx.Timeout(**_DEFAULT_PHASES)
 DEFAULT_TOTAL_TIMEOUT = 600.0
 """Seconds one call may take in all: connecting, retries and their waits, and reading the whole answer or stream."""
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-RETRIED_TRANSPORT_ERRORS = (
-    httpx.ConnectError,
-    httpx.ConnectTimeout,
-    httpx.RemoteProtocolError,
-    httpx.ReadError,
-    httpx.WriteError,
-)
-"""Failures before any response began (refused, reset, closed early): sent again, as openai-python does."""
+RETRIED_TRANSPORT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.WriteError)
+"""Failures before the request was all sent (refused, unreachable, reset while sending): sent again."""
+CLOSED_BEFORE_ANSWER = (httpx.RemoteProtocolError, httpx.ReadError)
+"""The request was sent, then the connection closed (or broke) before a response began."""
+STALE_CONNECTION_SECONDS = 0.25
+"""A connection closed this soon after the request was sent was already dead (a kept-alive connection the server
+had closed): the request is sent again, once. Later, the server may have been working on it (it crashed or was
+restarted): it is not sent again, as with a read timeout, since the work may have started."""
 
 
 def _user_agent() -> str:
@@ -242,7 +243,8 @@ class HTTPTransport:
         if stream:
             headers["Accept-Encoding"] = "identity"
         try:
-            request = self._client.build_request("POST", url, json=body, headers=headers)
+            # our timeouts, also over a caller's http_client (whose own default would apply otherwise)
+            request = self._client.build_request("POST", url, json=body, headers=headers, timeout=self.timeout)
         except (UnicodeError, ValueError, TypeError) as exc:  # e.g. a lone surrogate in the prompt
             raise BadRequestError(f"the request cannot be encoded as JSON: {exc}") from exc
 
@@ -252,9 +254,24 @@ class HTTPTransport:
             return delay if delay is not None and anyio.current_time() + delay < deadline else None
 
         attempt = 0
+        stale_retried = False
         while True:
+            sent_at = anyio.current_time()
             try:
                 response = await self._client.send(request, stream=True)
+            except CLOSED_BEFORE_ANSWER as exc:
+                quick = anyio.current_time() - sent_at < STALE_CONNECTION_SECONDS
+                delay = in_time(self.retry_policy.delay(attempt)) if quick and not stale_retried else None
+                if delay is not None:
+                    logger.info("retrying %s in %.2fs after %s (a dead kept-alive connection)", url, delay, exc)
+                    attempt, stale_retried = attempt + 1, True
+                    await anyio.sleep(delay)
+                    continue
+                raise APIConnectionError(
+                    f"the connection to {url} closed after the request was sent and before any response "
+                    f"({exc or type(exc).__name__}): the server may have failed while working on it; not sent "
+                    "again, since the work may have started"
+                ) from exc
             except RETRIED_TRANSPORT_ERRORS as exc:
                 # No response began (refused, reset, closed early): the request may be sent again.
                 delay = in_time(self.retry_policy.delay(attempt))
@@ -271,8 +288,18 @@ class HTTPTransport:
             except Exception as exc:  # anything else from the socket layer: only our error classes leave here
                 raise APIConnectionError(f"sending the request to {url} failed: {exc!r}") from exc
 
-            if response.status_code < 400:
+            if response.status_code < 300:
                 return response
+            if response.status_code < 400:  # not followed: a POST must not turn into a GET on the way
+                await _close_quietly(response)
+                location = response.headers.get("location", "")
+                raise APIError(
+                    f"{url} answered HTTP {response.status_code}, a redirect"
+                    + (f" to {location!r}" if location else "")
+                    + ": use the endpoint's own address as base_url",
+                    status=response.status_code,
+                    request_id=_request_id(response),
+                )
             try:
                 content = await self._read(response.aread())
             finally:
@@ -325,8 +352,8 @@ class HTTPTransport:
             return await awaitable
         except httpx.TimeoutException as exc:
             raise APITimeoutError(
-                f"timed out reading the response from {self.base_url} "
-                f"(read timeout {self.timeout.read}s): {exc or type(exc).__name__}"
+                f"timed out reading the response from {self.base_url}: nothing arrived for {self.timeout.read:g} s "
+                "(raise read_timeout= if the endpoint is just slow to answer)"
             ) from exc
         except httpx.TransportError as exc:
             raise APIConnectionError(
@@ -496,9 +523,13 @@ def _connection_error(exc: Exception, url: str, retries: int) -> APIConnectionEr
     after = f" after {retries} retr{'y' if retries == 1 else 'ies'}" if retries else ""
     detail = str(exc) or type(exc).__name__
     if isinstance(exc, httpx.TimeoutException):
-        return APITimeoutError(
-            f"timed out talking to {url}{after}: {detail}; raise timeout= if the endpoint is just slow"
-        )
+        phase, advice = {
+            httpx.ConnectTimeout: ("connecting to", "raise connect_timeout= if the host is just slow to accept"),
+            httpx.ReadTimeout: ("waiting for an answer from", "raise read_timeout= if the endpoint is just slow"),
+            httpx.WriteTimeout: ("sending the request to", "raise timeout= if the network is just slow"),
+            httpx.PoolTimeout: ("waiting for a free connection to", "make fewer calls at once or raise limits="),
+        }.get(type(exc), ("talking to", "raise timeout= if the endpoint is just slow"))
+        return APITimeoutError(f"timed out {phase} {url}{after}: {detail}; {advice}")
     return APIConnectionError(f"could not reach {url}{after}: {detail}; is the server running and the base_url right?")
 
 
