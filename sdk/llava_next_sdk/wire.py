@@ -271,7 +271,7 @@ def usage_from_wire(data: Any) -> Usage | None:
     return Usage(
         prompt_tokens=int(prompt),
         completion_tokens=int(completion),
-        image_tokens=int(image_tokens) if _is_count(image_tokens) else None,
+        image_tokens=int(image_tokens) if image_tokens is not None and _is_count(image_tokens) else None,
     )
 
 
