@@ -67,6 +67,21 @@ class LlavaNextConfig(PreTrainedConfig):
     image_grid_pinpoints: list | None = None
     image_seq_length: int = 576
 
+    #: Facts derived from the sub-configs (read-only properties below), which transformers' config has no
+    #: attribute for: keywords of these names given to ``from_pretrained`` / ``from_dict`` (a processor's
+    #: ``patch_size``, ``num_additional_image_tokens`` passed down by a generic loader) are handed back unused,
+    #: as there, rather than set.
+    DERIVED = ("vision_tower_config", "tile_size", "patch_size", "patches_per_side", "num_additional_image_tokens")
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any):
+        derived = {key: kwargs.pop(key) for key in cls.DERIVED if key in kwargs}
+        loaded = super().from_dict(config_dict, **kwargs)
+        if derived and kwargs.get("return_unused_kwargs"):
+            config, unused = loaded
+            return config, {**unused, **derived}
+        return loaded
+
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
         if self.image_grid_pinpoints is None:

@@ -60,6 +60,38 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 LLAVA_V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 PIL_RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+_INTERPOLATION_CODES = {  # torchvision's InterpolationMode values
+    "nearest": 0,
+    "nearest-exact": 0,
+    "lanczos": 1,
+    "bilinear": 2,
+    "bicubic": 3,
+    "box": 4,
+    "hamming": 5,
+}
+
+
+def resample_code(resample: Any) -> int:
+    """A resampling filter as PIL's code (0-5): PIL's codes and ``Image.Resampling``, or torchvision's
+    ``InterpolationMode`` (read by its value, ``"bicubic"``...: torchvision is not needed); else
+    :class:`InputError`."""
+    name = getattr(resample, "value", resample)
+    if isinstance(name, str) and name.lower() in _INTERPOLATION_CODES:
+        return _INTERPOLATION_CODES[name.lower()]
+    try:
+        return int(resample)
+    except (TypeError, ValueError):
+        raise InputError(
+            f"resample={resample!r} is not a resampling filter: give PIL's code (0-5, e.g. 3 for bicubic) or a "
+            "torchvision InterpolationMode",
+            param="resample",
+        ) from None
+
+
+NO_EFFECT_KWARGS = frozenset({"default_to_square", "pad_size", "image_seq_length", "disable_grouping", "device"})
+"""transformers' common image-processor keywords that change nothing in LLaVA-NeXT's preprocessing (its
+processors take them and give the same pixels): taken and ignored here too. (The torch processor reads
+``device`` itself before.)"""
 # Keys that describe where a config came from, not how to preprocess.
 SERVICE_KEYS = ("image_processor_type", "processor_class", "feature_extractor_type", "_processor_class", "auto_map")
 
@@ -217,7 +249,7 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
         self.do_resize = _flag(do_resize)
         self.size = _size_dict(size if size is not None else {"shortest_edge": 336}, "size", "shortest_edge")
         self.image_grid_pinpoints = [list(map(int, p)) for p in (image_grid_pinpoints or LLAVA_V16_PINPOINTS)]
-        self.resample = int(resample)
+        self.resample = resample_code(resample)
         self.do_center_crop = _flag(do_center_crop)
         self.crop_size = _size_dict(
             crop_size if crop_size is not None else {"height": 336, "width": 336}, "crop_size", "height"
@@ -235,6 +267,7 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
     def settings(self, **overrides: Any) -> PreprocessSettings:
         """Resolve this processor's settings with per-call ``overrides`` and check they make sense."""
         # None means "use the processor's value" (transformers' processors pass unset keys that way)
+        overrides = {k: v for k, v in overrides.items() if k not in NO_EFFECT_KWARGS}
         unknown = {k for k, v in overrides.items() if v is not None} - set(self.SETTING_NAMES)
         if unknown:
             raise InputError(
@@ -294,6 +327,7 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
                 "do_resize or do_center_crop, or make size and crop_size agree",
                 param="size",
             )
+        value["resample"] = resample_code(value["resample"])
         if value["resample"] not in PIL_RESAMPLE_NAMES:
             raise InputError(f"resample={value['resample']!r} is not a PIL resampling filter (0-5)", param="resample")
         mean = _channel_triple(value["image_mean"], "image_mean")
@@ -333,20 +367,48 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
 
     @staticmethod
     def flatten_images(images: Any) -> list[Any]:
-        """A flat list of single images from one image, a (nested) list, or a 4-D batch."""
+        """A flat list of single images from one image, a (nested) list, or a 4-D batch; paths, URLs and
+        encoded bytes read (through the image-source hook, as the processor reads them)."""
+        return load_image_sources(LlavaNextImageProcessorBase._flatten(images))
+
+    @staticmethod
+    def _flatten(images: Any) -> list[Any]:
         if isinstance(images, (list, tuple)):
             flat: list[Any] = []
             for item in images:
                 flat.extend(
-                    LlavaNextImageProcessorBase.flatten_images(item)
+                    LlavaNextImageProcessorBase._flatten(item)
                     if isinstance(item, (list, tuple))
                     else _split_batch(item)
                 )
             return flat
         return _split_batch(images)
 
+    def call_defaults(self, return_tensors: Any, input_data_format: Any, data_format: Any) -> tuple[Any, Any, Any]:
+        """The call's ``return_tensors``, ``input_data_format`` and ``data_format``, each falling back to a value
+        set on the processor (by its config file or constructor), as transformers' processors do."""
+        return (
+            return_tensors if return_tensors is not None else getattr(self, "return_tensors", None),
+            input_data_format if input_data_format is not None else getattr(self, "input_data_format", None),
+            data_format if data_format is not None else getattr(self, "data_format", None),
+        )
+
     def __call__(self, images: Any, *args: Any, **kwargs: Any) -> BatchFeature:
         return self.preprocess(images, *args, **kwargs)
+
+
+ENCODED_SOURCES = (str, os.PathLike, bytes, bytearray, memoryview)
+"""Image sources that are not pixels yet: a path or URL, or an encoded file's bytes."""
+
+
+def load_image_sources(images: list) -> list:
+    """Paths, URLs and encoded bytes read through the image-source hook (:func:`.images.load_image`, errors
+    naming the image's index); pixels already in memory as they are."""
+    if not any(isinstance(image, ENCODED_SOURCES) for image in images):
+        return images
+    from .images import load_image
+
+    return [load_image(image, i) if isinstance(image, ENCODED_SOURCES) else image for i, image in enumerate(images)]
 
 
 def _split_batch(image: Any) -> list[Any]:
@@ -514,8 +576,11 @@ class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
     ``return_tensors=None`` (the default), as transformers: a list of one array per image and a list of
     ``(height, width)`` tuples.
 
-    Matches transformers' ``LlavaNextImageProcessorPil`` (same PIL resampling, same arithmetic)
-    except for 16-bit and float images, which are scaled to 8 bits instead of clipped.
+    Matches transformers' ``LlavaNextImageProcessorPil`` (same PIL resampling, same arithmetic) except: 16-bit
+    and 32-bit PIL images (modes I;16, I, F) are scaled to 8 bits instead of clipped; float numpy arrays and
+    float tensors are refused with advice (:class:`LlavaNextImageProcessorFast` takes them as transformers does);
+    the defaults without a config are llava-v1.6's (336 px tiles and its pinpoints, where transformers' are
+    224 px).
     """
 
     def preprocess(
@@ -526,6 +591,9 @@ class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
         data_format: Any = None,
         **overrides: Any,
     ) -> BatchFeature:
+        return_tensors, input_data_format, data_format = self.call_defaults(
+            return_tensors, input_data_format, data_format
+        )
         if data_format not in (None, "channels_first") and getattr(data_format, "value", None) != "channels_first":
             raise InputError("pixel_values are always channels_first [3, H, W]", param="data_format")
         settings = self.settings(**overrides)

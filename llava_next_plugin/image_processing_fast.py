@@ -150,9 +150,11 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
         data_format: Any = None,
         **overrides: Any,
     ) -> BatchFeature:
+        return_tensors, input_data_format, data_format = self.call_defaults(
+            return_tensors, input_data_format, data_format
+        )
         if data_format not in (None, "channels_first") and getattr(data_format, "value", None) != "channels_first":
             raise InputError("pixel_values are always channels_first [3, H, W]", param="data_format")
-        overrides.pop("disable_grouping", None)  # a torchvision-backend knob; nothing to group here
         settings = self.settings(**overrides)
         mode = INTERPOLATE_MODES.get(settings.resample)
         if mode is None:

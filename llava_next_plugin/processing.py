@@ -22,6 +22,7 @@ Folder layouts read and written (see :meth:`LlavaNextProcessor.save_pretrained`)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Sequence
@@ -34,11 +35,14 @@ from transformers.utils import CONFIG_NAME, IMAGE_PROCESSOR_NAME, PROCESSOR_NAME
 from . import geometry
 from ._hub import IMAGE_BACKENDS, hub_kwargs, image_backend, image_processor_class
 from .errors import ImageError, InputError
+from .image_processing import ENCODED_SOURCES, load_image_sources
 
 if TYPE_CHECKING:
     from .image_processing import LlavaNextImageProcessorBase
 
 __all__ = ["LlavaNextProcessor", "TOKEN_COUNT_SETTINGS", "derive_token_count_settings"]
+
+logger = logging.getLogger(__name__)
 
 # processor_config.json keys that, with the image processor's tile size and pinpoints, fix an image's token count.
 TOKEN_COUNT_SETTINGS = ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens")
@@ -95,11 +99,8 @@ def _image_processor_class(backend: str | None, use_fast: bool | None) -> type[L
 
 
 # Image sources read by llava_next_plugin.images (paths, URLs, encoded bytes), not pixels already.
-_ENCODED_SOURCES = (str, os.PathLike, bytes, bytearray, memoryview)
-
-
 def _is_single_image(item: Any) -> bool:
-    if isinstance(item, _ENCODED_SOURCES):
+    if isinstance(item, ENCODED_SOURCES):
         return True
     ndim = getattr(item, "ndim", None)
     if ndim is not None:
@@ -138,18 +139,6 @@ def _unbatch(items: Any) -> list:
     return flat
 
 
-def _load_image_sources(images: list) -> list:
-    """Read paths, URLs and encoded bytes through the image-source hook (:func:`images.load_image`,
-    errors naming the image's index); pixels already in memory go to the image processor as they are."""
-    if not any(isinstance(image, _ENCODED_SOURCES) for image in images):
-        return images
-    from .images import load_image
-
-    return [
-        load_image(image, index) if isinstance(image, _ENCODED_SOURCES) else image for index, image in enumerate(images)
-    ]
-
-
 class LlavaNextProcessor(ProcessorMixin):
     r"""Tokenizer + image processor for LLaVA-NeXT, expanding each ``<image>`` to the model's feature count.
 
@@ -171,14 +160,13 @@ class LlavaNextProcessor(ProcessorMixin):
     or derives them from its ``config.json`` (the constructor's default 0 does not apply there).
 
     Calling it: ``processor(images=..., text=..., return_tensors="pt", padding=True)`` returns
-    ``input_ids`` and ``attention_mask`` [batch, seq] (padded on the left, as generation needs; pass
-    ``padding_side="right"`` for training batches), and ``pixel_values`` [images, max_tiles, 3, tile, tile]
-    with ``image_sizes`` [images, 2]. ``images`` may be a flat list (given to the ``<image>`` placeholders
-    in order) or one list per prompt.
+    ``input_ids`` and ``attention_mask`` [batch, seq] (padded on the tokenizer's ``padding_side``, as by
+    transformers; batched generation needs ``padding_side="left"``, given here or set on the tokenizer), and
+    ``pixel_values`` [images, max_tiles, 3, tile, tile] with ``image_sizes`` [images, 2]. ``images`` may be a
+    flat list (given to the ``<image>`` placeholders in order) or one list per prompt.
     """
 
     images_kwargs = {"do_pad": True}
-    text_kwargs = {"padding_side": "left"}
 
     def __init__(
         self,
@@ -333,10 +321,20 @@ class LlavaNextProcessor(ProcessorMixin):
         if texts is not None:
             self._check_image_counts(texts, placeholder, flat_images, per_sample, given=images is not None)
 
+        pinpoints = images_kwargs.get("image_grid_pinpoints")
+        configured = getattr(self.image_processor, "image_grid_pinpoints", None)
+        if texts is not None and pinpoints is not None and configured is not None:
+            if [list(map(int, p)) for p in pinpoints] != [list(map(int, p)) for p in configured]:
+                raise InputError(
+                    f"image_grid_pinpoints={pinpoints!r} for this call only: the model tiles images with its "
+                    f"config's pinpoints ({configured!r}), so its features would not match the image tokens. "
+                    "Set image_grid_pinpoints on the model's config and on the image processor alike",
+                    param="image_grid_pinpoints",
+                )
         data: dict[str, Any] = {}
         counts: list[int] = []
         if flat_images:
-            image_inputs = self.image_processor(_load_image_sources(flat_images), **images_kwargs)
+            image_inputs = self.image_processor(load_image_sources(flat_images), **images_kwargs)
             data.update(image_inputs)
             low = geometry.low_detail_images(image_detail, len(flat_images))
             counts = self._token_counts(image_inputs, images_kwargs, low)
@@ -495,7 +493,18 @@ class LlavaNextProcessor(ProcessorMixin):
             for key in missing:
                 processor_dict[key] = derived[key]
             for key in TOKEN_COUNT_SETTINGS:
-                written = kwargs.get(key) if key in given else processor_dict.get(key)
+                if key in given:  # the caller's override wins (load the model with the same one)
+                    if kwargs[key] != derived[key]:
+                        logger.warning(
+                            "%s=%r overrides the model's %s (%r): load the model with the same override, or the "
+                            "image token counts will not match its features",
+                            key,
+                            kwargs[key],
+                            CONFIG_NAME,
+                            derived[key],
+                        )
+                    continue
+                written = processor_dict.get(key)
                 if written != derived[key]:
                     raise ValueError(
                         f"{PROCESSOR_NAME} in {pretrained_model_name_or_path} says {key}={written!r} but the "
@@ -545,7 +554,8 @@ class LlavaNextProcessor(ProcessorMixin):
         :param kwargs: ``patch_size``, ``vision_feature_select_strategy``, ``num_additional_image_tokens`` or
             ``chat_template`` to override the folder's values; anything else goes to both loaders.
         :raises InputError: an unknown *backend*.
-        :raises ValueError: token-count settings that are missing or contradict the model's ``config.json``.
+        :raises ValueError: token-count settings that are missing, or that the folder's ``processor_config.json``
+            writes differently from its ``config.json`` (an override passed here wins, with a warning).
         """
         kwargs.update(
             cache_dir=cache_dir,

@@ -334,7 +334,8 @@ def test_a_lazily_opened_image_that_pil_only_warns_about_is_processed_as_transfo
         (np.zeros((8, 8, 3), np.float32), "must be uint8"),
         (np.zeros((8, 8, 5), np.uint8), "1, 2, 3 or 4 channels"),
         (np.zeros((2, 8, 8, 3, 1), np.uint8), "2 or 3 dimensions"),
-        ("cat.png", "unsupported image type str"),
+        ("cat.png", "file not found: 'cat.png'"),  # a path is read, as by the reference
+        ({"url": "cat.png"}, "unsupported image type dict"),
     ],
 )
 def test_unusable_arrays_say_what_to_pass(array, message):
@@ -444,3 +445,68 @@ def test_pinpoints_that_are_not_whole_tiles_give_transformers_partial_edge_tiles
 def test_partial_edge_tiles_need_a_center_crop_to_one_view_size():
     with pytest.raises(InputError, match="not whole grids of 18px tiles.*do_center_crop"):
         LlavaNextImageProcessor(**PARTIAL_TILES)(synthetic(40, 40), do_center_crop=False, return_tensors="np")
+
+
+def _pairs():
+    """(ours, the reference) for both backends."""
+    from transformers import LlavaNextImageProcessor as ReferenceTorchvision
+
+    from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
+
+    return [(LlavaNextImageProcessor, ReferencePil), (LlavaNextImageProcessorFast, ReferenceTorchvision)]
+
+
+@pytest.mark.parametrize("pair", [0, 1], ids=["pil", "torch"])
+def test_paths_are_read_as_by_the_reference(tmp_path, pair):
+    ours_class, reference_class = _pairs()[pair]
+    path = tmp_path / "photo.png"
+    synthetic(90, 130).save(path)
+    for images in (str(path), [path]):
+        ours = ours_class(**settings())(images, return_tensors="pt")
+        reference = reference_class(**settings())(str(path), return_tensors="pt")
+        assert torch.allclose(ours["pixel_values"], reference["pixel_values"], atol=2e-2)
+        assert ours["image_sizes"].tolist() == reference["image_sizes"].tolist() == [[90, 130]]
+    with pytest.raises(ImageError, match="file not found"):
+        ours_class(**settings())(str(tmp_path / "missing.png"))
+
+
+@pytest.mark.parametrize("pair", [0, 1], ids=["pil", "torch"])
+def test_common_keywords_without_effect_are_taken_as_by_the_reference(pair):
+    """transformers' shared image keywords that LLaVA-NeXT's preprocessing does not use change nothing."""
+    ours_class, _ = _pairs()[pair]
+    processor, image = ours_class(**settings()), synthetic(90, 130)
+    plain = processor(image, return_tensors="pt")["pixel_values"]
+    for extra in (
+        {"default_to_square": False},
+        {"pad_size": {"height": 700, "width": 700}},
+        {"image_seq_length": 576},
+        {"device": "cpu"},
+        {"disable_grouping": True},
+    ):
+        assert torch.equal(processor(image, return_tensors="pt", **extra)["pixel_values"], plain), extra
+
+
+@pytest.mark.parametrize("pair", [0, 1], ids=["pil", "torch"])
+def test_resample_may_be_a_torchvision_interpolation_mode(pair):
+    from torchvision.transforms import InterpolationMode
+
+    ours_class, _ = _pairs()[pair]
+    image = synthetic(90, 130)
+    by_code = ours_class(**settings(), resample=2)(image, return_tensors="pt")["pixel_values"]
+    made = ours_class(**settings(), resample=InterpolationMode.BILINEAR)
+    assert made.resample == 2  # saved as PIL's code, as the reference writes it
+    assert torch.equal(made(image, return_tensors="pt")["pixel_values"], by_code)
+    called = ours_class(**settings())(image, return_tensors="pt", resample=InterpolationMode.BILINEAR)
+    assert torch.equal(called["pixel_values"], by_code)
+    with pytest.raises(InputError, match="not a resampling filter"):
+        ours_class(**settings(), resample="sharpest")
+
+
+@pytest.mark.parametrize("pair", [0, 1], ids=["pil", "torch"])
+def test_return_tensors_set_on_the_processor_is_its_default_as_in_the_reference(pair):
+    ours_class, reference_class = _pairs()[pair]
+    image = synthetic(90, 130)
+    ours = ours_class(**settings(), return_tensors="pt")(image)
+    reference = reference_class(**settings(), return_tensors="pt")(image)
+    assert isinstance(ours["pixel_values"], torch.Tensor) and isinstance(reference["pixel_values"], torch.Tensor)
+    assert isinstance(ours_class(**settings())(image)["pixel_values"], list)  # without it: one array per image

@@ -103,12 +103,13 @@ def test_several_images_per_prompt_and_mixed_batch_left_padded(clip_pair):
     assert_same_text_side(out, ref(images=images, text=texts, **kwargs))
     assert_same_images(out, ref(images=images, text=texts, **kwargs))
     assert out["pixel_values"].shape[0] == 3
-    # Left padding is our default: the shorter prompt starts with pad tokens, the longer one does not.
-    default = ours(images=images, text=texts, return_tensors="pt", padding=True)
-    assert default["input_ids"].tolist() == out["input_ids"].tolist()
-    shorter = int(default["attention_mask"].sum(-1).argmin())
-    assert default["attention_mask"][shorter, 0] == 0 and default["attention_mask"][shorter, -1] == 1
-    assert default["input_ids"][shorter, 0] == checkpoints.PAD_TOKEN_ID
+    # Left padded: the shorter prompt starts with pad tokens, the longer one does not.
+    shorter = int(out["attention_mask"].sum(-1).argmin())
+    assert out["attention_mask"][shorter, 0] == 0 and out["attention_mask"][shorter, -1] == 1
+    assert out["input_ids"][shorter, 0] == checkpoints.PAD_TOKEN_ID
+    # Without padding_side, the tokenizer's own side, as the reference
+    default = dict(return_tensors="pt", padding=True)
+    assert_same_text_side(ours(images=images, text=texts, **default), ref(images=images, text=texts, **default))
 
 
 def test_images_given_per_prompt(clip_pair):
@@ -319,6 +320,34 @@ def test_settings_contradicting_config_json_are_refused(clip_folder, tmp_path):
     edit_json(folder / "processor_config.json", num_additional_image_tokens=0)
     with pytest.raises(ValueError, match="num_additional_image_tokens=0.*gives 1"):
         LlavaNextProcessor.from_pretrained(folder)
+
+
+def test_an_override_passed_to_from_pretrained_wins_over_both_files_as_in_transformers(clip_folder, caplog):
+    """A model loaded with ``vision_feature_select_strategy="full"`` needs a processor that counts the same way."""
+    import transformers
+
+    settings = {"vision_feature_select_strategy": "full", "num_additional_image_tokens": 0}
+    with caplog.at_level("WARNING", logger="llava_next_plugin.processing"):
+        ours = LlavaNextProcessor.from_pretrained(clip_folder, **settings)
+    theirs = transformers.models.llava_next.LlavaNextProcessor.from_pretrained(clip_folder, **settings)
+    for key, value in settings.items():
+        assert getattr(ours, key) == getattr(theirs, key) == value
+    assert "overrides the model's config.json" in caplog.text
+    image, text = Image.new("RGB", (40, 30)), "<image> what?"
+    assert ours(images=image, text=text)["input_ids"] == theirs(images=image, text=text)["input_ids"]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padding_follows_the_tokenizers_side_as_in_transformers(clip_folder, side):
+    """A tokenizer set to pad on the right (training batches) pads on the right here too."""
+    ours, theirs = LlavaNextProcessor.from_pretrained(clip_folder), reference_processor(clip_folder)
+    ours.tokenizer.padding_side = theirs.tokenizer.padding_side = side
+    image = Image.new("RGB", (40, 30))
+    kwargs = dict(images=[image, image], text=["<image> hi", "<image> hello there friend"], padding=True)
+    mine, reference = ours(**kwargs, return_tensors="pt"), theirs(**kwargs, return_tensors="pt")
+    assert torch.equal(mine["input_ids"], reference["input_ids"])
+    assert torch.equal(mine["attention_mask"], reference["attention_mask"])
+    assert bool(mine["attention_mask"][0, -1]) == (side == "left")
 
 
 def test_constructing_without_settings_is_refused(clip_pair):
@@ -559,3 +588,19 @@ def test_use_fast_and_backend_pick_the_same_class_through_every_entry_point(clip
 def test_unknown_backend_is_refused_by_our_processor_naming_the_accepted_ones(clip_folder):
     with pytest.raises(InputError, match="'torchvision'.*'pil'"):
         LlavaNextProcessor.from_pretrained(str(clip_folder), backend="opencv")
+
+
+def test_pinpoints_for_one_call_are_refused_when_tokens_are_counted(clip_pair):
+    """The model tiles with its config's pinpoints: other ones for one call would give features that do not
+    match the image tokens (transformers counts with the configured ones while tiling with the given ones)."""
+    ours, _ = clip_pair
+    image = Image.new("RGB", (90, 30))
+    other = [[32, 96], [32, 32]]
+    assert other != ours.image_processor.image_grid_pinpoints
+    with pytest.raises(InputError, match="image_grid_pinpoints=.*for this call only") as info:
+        ours(images=image, text="<image> what?", image_grid_pinpoints=other)
+    assert info.value.param == "image_grid_pinpoints"
+    # the configured ones, or images alone (no tokens to count), are fine
+    same = ours(images=image, text="<image> what?", image_grid_pinpoints=ours.image_processor.image_grid_pinpoints)
+    assert same["input_ids"] == ours(images=image, text="<image> what?")["input_ids"]
+    assert ours(images=image, image_grid_pinpoints=other, return_tensors="pt")["pixel_values"].ndim == 5

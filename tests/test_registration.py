@@ -68,6 +68,20 @@ def test_auto_config_gives_ours(folder, our_config):
     assert module_of(configuration_auto.CONFIG_MAPPING["llava_next"]) == "llava_next_plugin.configuration"
 
 
+def test_keywords_named_like_derived_facts_are_handed_back_unused_as_by_the_reference(folder):
+    """transformers' generic loaders pass a processor's ``patch_size`` / ``num_additional_image_tokens`` down to
+    ``AutoConfig``; its config has no such attributes and returns them unused. Ours derives them from the
+    towers (read-only): it must neither fail on them nor take them."""
+    from transformers.models.llava_next import LlavaNextConfig as Reference
+
+    extra = {"patch_size": 3, "num_additional_image_tokens": 0}
+    ours, unused = transformers.AutoConfig.from_pretrained(folder, return_unused_kwargs=True, **extra)
+    assert is_ours(ours) and unused == extra
+    assert (ours.patch_size, ours.num_additional_image_tokens) != (3, 0)
+    _, reference_unused = Reference.from_pretrained(folder, return_unused_kwargs=True, **extra)
+    assert reference_unused == extra
+
+
 @pytest.mark.parametrize("auto_class, class_name", AUTO_MODEL_TABLES, ids=[a.__name__ for a, _ in AUTO_MODEL_TABLES])
 def test_auto_model_classes_give_ours(auto_class, class_name, folder, our_config):
     from_config = auto_class.from_config(our_config)
