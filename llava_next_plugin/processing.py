@@ -265,6 +265,12 @@ class LlavaNextProcessor(ProcessorMixin):
             raise ValueError(f"the image processor's crop_size must be a square tile, got {crop}")
         return int(height)
 
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+        """The text one ``<image>`` becomes for image *image_idx* of *image_inputs* (this processor's image
+        outputs): the image token repeated its feature count (transformers' processor hook)."""
+        height, width = (int(v) for v in image_inputs["image_sizes"][image_idx])
+        return self.image_token * self.num_image_tokens(height, width)
+
     def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs):
         """Token counts for images of the given (height, width) sizes, without processing pixels."""
         from transformers.processing_utils import MultiModalData

@@ -604,3 +604,13 @@ def test_pinpoints_for_one_call_are_refused_when_tokens_are_counted(clip_pair):
     same = ours(images=image, text="<image> what?", image_grid_pinpoints=ours.image_processor.image_grid_pinpoints)
     assert same["input_ids"] == ours(images=image, text="<image> what?")["input_ids"]
     assert ours(images=image, image_grid_pinpoints=other, return_tensors="pt")["pixel_values"].ndim == 5
+
+
+def test_replace_image_token_gives_the_expansion_of_the_reference(clip_pair):
+    ours, theirs = clip_pair
+    images = [random_image(30, 50, 1), random_image(100, 20, 2)]
+    inputs = ours.image_processor(images, return_tensors="pt")
+    for index in range(2):
+        expansion = ours.replace_image_token(inputs, index)
+        assert expansion == theirs.replace_image_token(theirs.image_processor(images, return_tensors="pt"), index)
+        assert expansion.count(ours.image_token) == ours.num_image_tokens(*inputs["image_sizes"][index].tolist())
