@@ -40,7 +40,9 @@ one such list per item. The answer holds only the generated text, never the prom
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import copy
+import types
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +88,27 @@ class _Request:
         """Each image's ``detail``: its part's ``low``/``high``, else *default* (the call's), else ``auto``."""
         details = self.details or ["auto"] * len(self.images)
         return [d if d != "auto" else (default or "auto") for d in details]
+
+
+def _seconds(value: Any) -> float:
+    """A ``timeout``: seconds, a number > 0 (else :class:`InputError` naming it)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    raise InputError(f"timeout must be a number of seconds > 0, got {value!r}", param="timeout")
+
+
+def _batch_size(value: Any) -> int:
+    """A ``batch_size``: a whole number >= 1 (else :class:`InputError` naming it)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    raise InputError(f"batch_size must be a whole number of at least 1, got {value!r}", param="batch_size")
+
+
+def _is_lazy(obj: Any) -> bool:
+    """A generator, an iterator or a torch dataset (not a list, an image or an array)."""
+    if isinstance(obj, (types.GeneratorType, Iterator)):
+        return True
+    return isinstance(obj, torch.utils.data.Dataset)
 
 
 def _is_conversation(obj: Any) -> bool:
@@ -141,7 +164,7 @@ class LlavaNextImageToTextPipeline(Pipeline):
         default_prompt: str = DEFAULT_PROMPT,
         **kwargs: Any,
     ) -> None:
-        self.timeout = DEFAULT_IMAGE_TIMEOUT if timeout is None else float(timeout)
+        self.timeout = DEFAULT_IMAGE_TIMEOUT if timeout is None else _seconds(timeout)
         self.prompt_family = prompt_family
         self.default_prompt = default_prompt
         super().__init__(*args, **kwargs)
@@ -209,7 +232,7 @@ class LlavaNextImageToTextPipeline(Pipeline):
         """
         timeout = preprocess_parameters.get("timeout")
         image_detail = preprocess_parameters.get("image_detail")
-        timeout = self.timeout if timeout is None else float(timeout)
+        timeout = self.timeout if timeout is None else _seconds(timeout)
         images: list[Any] = []
         prompts: list[str] = []
         for request in input_:
@@ -228,14 +251,28 @@ class LlavaNextImageToTextPipeline(Pipeline):
         model = self.model
         if not isinstance(model, GenerationMixin):
             raise TypeError(f"{type(model).__name__} cannot generate; pass a LLaVA-NeXT model")
-        generate_kwargs = dict(forward_parameters)
-        config = getattr(model, "generation_config", None)
-        bounded = any(k in generate_kwargs for k in ("max_new_tokens", "max_length", "generation_config"))
+        generate_kwargs = {k: v for k, v in forward_parameters.items() if v is not None}  # None: the default
+        given_config = generate_kwargs.pop("generation_config", None)
+        config = given_config if given_config is not None else getattr(model, "generation_config", None)
+        defaults: dict[str, Any] = {}
+        bounded = any(k in generate_kwargs for k in ("max_new_tokens", "max_length"))
+        # a config's max_length of 20 is transformers' model-agnostic default, not a choice
         if not bounded and getattr(config, "max_new_tokens", None) is None:
-            generate_kwargs["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
+            defaults["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
         pad_token_id = self._processor.tokenizer.pad_token_id
-        if "pad_token_id" not in generate_kwargs and pad_token_id is not None:
-            generate_kwargs["pad_token_id"] = pad_token_id
+        if (
+            "pad_token_id" not in generate_kwargs
+            and pad_token_id is not None
+            and getattr(config, "pad_token_id", None) is None
+        ):
+            defaults["pad_token_id"] = pad_token_id
+        if given_config is not None:  # the defaults go into (a copy of) the caller's config, as transformers does
+            given_config = copy.deepcopy(given_config)
+            for name, value in defaults.items():
+                setattr(given_config, name, value)
+            generate_kwargs["generation_config"] = given_config
+        else:
+            generate_kwargs.update(defaults)
         if "stop_strings" in generate_kwargs:
             generate_kwargs.setdefault("tokenizer", self._processor.tokenizer)
         model_inputs = dict(input_tensors)
@@ -249,7 +286,13 @@ class LlavaNextImageToTextPipeline(Pipeline):
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         # num_return_sequences: each request's sequences are consecutive rows
         per_request = sequences.shape[0] // model_inputs["input_ids"].shape[0]
-        return ModelOutput({"new_tokens": sequences[:, prompt_length:], "per_request": per_request})
+        return ModelOutput(
+            {
+                "new_tokens": sequences[:, prompt_length:],
+                "per_request": per_request,
+                "last_prompt_tokens": sequences[:, prompt_length - 1],  # left padded: every prompt ends there
+            }
+        )
 
     def postprocess(self, model_outputs: ModelOutput, **postprocess_parameters: Any) -> list[list[dict[str, Any]]]:
         """One list per request, of one dict per returned sequence: ``{"generated_text": str}``, or with
@@ -262,8 +305,19 @@ class LlavaNextImageToTextPipeline(Pipeline):
                 "skip_special_tokens": postprocess_parameters.get("skip_special_tokens", True),
                 "clean_up_tokenization_spaces": postprocess_parameters.get("clean_up_tokenization_spaces"),
             }
-            texts = self._processor.tokenizer.batch_decode(tokens, **decode)
-            items = [{"generated_text": text.strip()} for text in texts]
+            tokenizer = self._processor.tokenizer
+            continued = postprocess_parameters.get("continued") or []
+            items = []
+            for i, row in enumerate(tokens):
+                if i // per_request < len(continued) and continued[i // per_request]:
+                    # a continued assistant turn: decoded after its last token, so that the space joining the
+                    # two stays (a sentencepiece word decoded alone loses it), as transformers gives it
+                    last = model_outputs["last_prompt_tokens"][i : i + 1]
+                    joined = tokenizer.decode(torch.cat([last, row]), **decode)
+                    text = joined[len(tokenizer.decode(last, **decode)) :].rstrip()
+                else:  # the answer alone, stripped
+                    text = tokenizer.decode(row, **decode).strip()
+                items.append({"generated_text": text})
         return [items[start : start + per_request] for start in range(0, len(items), per_request)]
 
     # --- the call ---------------------------------------------------------------------------
@@ -301,10 +355,24 @@ class LlavaNextImageToTextPipeline(Pipeline):
             inputs, images = images, None
         if inputs is None and (_is_conversation(prompt) or _is_conversations(prompt)):
             inputs, prompt = prompt, None  # pipe(text=messages), as transformers' image-text-to-text is called
+        if _is_lazy(inputs):  # a generator or a dataset: answers come back as an iterator, one per item
+            return self._lazily(inputs, prompt, dict(batch_size=batch_size, timeout=timeout, **kwargs))
+        if isinstance(inputs, Mapping) or (
+            isinstance(inputs, (list, tuple))
+            and inputs
+            and all(isinstance(i, Mapping) and "role" not in i for i in inputs)
+        ):  # transformers' {"images": ..., "text": ...} items
+            return self._dict_items(inputs, prompt, images, dict(batch_size=batch_size, timeout=timeout, **kwargs))
+        if inputs is None and isinstance(prompt, str) and images is None:
+            inputs = []  # a text-only prompt
+        if inputs is None and isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
+            inputs = [[] for _ in prompt]  # text-only prompts
         if inputs is None:
-            raise InputError("no image given: call pipe(image, prompt=...) or pipe(messages)")
+            raise InputError("nothing to answer: call pipe(image, prompt=...), pipe(messages) or pipe(text=...)")
+        if timeout is not None:
+            timeout = _seconds(timeout)
+        batch_size = _batch_size(batch_size if batch_size is not None else (self._batch_size or 1))
         requests, single = self._requests(inputs, prompt, images)
-        batch_size = batch_size or self._batch_size or 1
         preprocess_params, forward_params, postprocess_params = self._sanitize_parameters(**kwargs)
         preprocess_params = {**self._preprocess_params, **preprocess_params}
         forward_params = {**self._forward_params, **forward_params}
@@ -319,7 +387,8 @@ class LlavaNextImageToTextPipeline(Pipeline):
             model_inputs = self.preprocess(batch, timeout=timeout, image_detail=image_detail, **preprocess_params)
             detail_kwargs = {} if image_detail is None else {"image_detail": image_detail}
             outputs = self.forward(model_inputs, **forward_params, **detail_kwargs)
-            results.extend(self.postprocess(outputs, **postprocess_params))
+            continued = [self._continues(r, preprocess_params.get("continue_final_message")) for r in batch]
+            results.extend(self.postprocess(outputs, **postprocess_params, continued=continued))
         return results[0] if single else results
 
     def _requests(self, inputs: Any, prompt: Any, images: Any) -> tuple[list[_Request], bool]:
@@ -338,7 +407,11 @@ class LlavaNextImageToTextPipeline(Pipeline):
         if images is not None:
             raise InputError("images were given twice: pass them as the first argument or as images=")
 
+        if isinstance(inputs, (list, tuple)) and not inputs and isinstance(prompt, str):
+            return [_Request([], prompt)], True  # a text-only prompt
         if not isinstance(inputs, (list, tuple)):
+            if isinstance(prompt, (list, tuple)) and len(prompt) == 1:
+                return [_Request([inputs], prompt[0])], False  # a batch of one
             if isinstance(prompt, (list, tuple)):
                 raise InputError(
                     f"{len(prompt)} prompts were given for one image: give one prompt, "
@@ -361,6 +434,34 @@ class LlavaNextImageToTextPipeline(Pipeline):
                 f"{len(items)} images but {len(prompts)} prompts: give one prompt for all, or exactly one per image"
             )
         return [_Request(_as_list(item), p) for item, p in zip(items, prompts, strict=True)], False
+
+    def _lazily(self, items: Any, prompt: Any, kwargs: dict[str, Any]) -> Iterator[Any]:
+        """Answers for a generator's or a dataset's items, one call each, as they are asked for."""
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        for item in items:
+            yield self(item, prompt=prompt, **kwargs) if prompt is not None else self(item, **kwargs)
+
+    def _dict_items(self, inputs: Any, prompt: Any, images: Any, kwargs: dict[str, Any]) -> Any:
+        """transformers' ``{"images": ..., "text": ...}`` item, or a list of them (a batch)."""
+        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        if prompt is not None or images is not None:
+            raise InputError("give the prompt and images inside the {'images': ..., 'text': ...} items, not again")
+        items = [inputs] if isinstance(inputs, Mapping) else list(inputs)
+        answers = []
+        for index, item in enumerate(items):
+            unknown = set(item) - {"images", "image", "text", "prompt"}
+            if unknown:
+                raise InputError(
+                    f"input item {index} has key(s) {sorted(unknown)}: an item is {{'images': ..., 'text': ...}} "
+                    "(or chat messages, each with a 'role')"
+                )
+            item_images = item.get("images", item.get("image"))
+            item_text = item.get("text", item.get("prompt"))
+            if item_images is None:
+                answers.append(self(text=item_text, **kwargs))
+            else:
+                answers.append(self(item_images, prompt=item_text, **kwargs))
+        return answers[0] if isinstance(inputs, Mapping) else answers
 
     def _chat_request(self, messages: Sequence[Any], images: Any) -> _Request:
         """A request from chat messages: images come from content parts, bare parts take *images*."""
@@ -393,14 +494,22 @@ class LlavaNextImageToTextPipeline(Pipeline):
 
         return load_image(source, index, timeout=timeout)
 
+    @staticmethod
+    def _continues(request: _Request, continue_final_message: bool | None) -> bool:
+        """Whether *request*'s answer continues its last (assistant) message rather than starting a turn."""
+        if request.messages is None or not request.messages:
+            return False
+        if continue_final_message is None:
+            return request.messages[-1].role == "assistant"
+        return bool(continue_final_message)
+
     def _format(self, request: _Request, continue_final_message: bool | None = None) -> str:
         """The model-ready prompt string for one request. Chat messages ending with an assistant turn are
         continued from its text unless *continue_final_message* is ``False`` (as transformers' pipeline)."""
         from .prompts import build_prompt
 
         if request.messages is not None:
-            if continue_final_message is None:
-                continue_final_message = bool(request.messages) and request.messages[-1].role == "assistant"
+            continue_final_message = self._continues(request, continue_final_message)
             return build_prompt(
                 list(request.messages),
                 self._processor,

@@ -252,8 +252,8 @@ def test_bad_input_gives_clear_typed_errors(pipe, photo, tmp_path):
         pipe([photo, str(tmp_path / "missing.png")], prompt=QUESTION, max_new_tokens=1, batch_size=2)
     with pytest.raises(InputError, match="2 images but 3 prompts"):
         pipe([photo, photo], prompt=["a", "b", "c"], max_new_tokens=1)
-    with pytest.raises(InputError, match="no image"):
-        pipe(prompt=QUESTION)
+    with pytest.raises(InputError, match="nothing to answer"):
+        pipe()
 
 
 def test_checkpoint_without_chat_template_uses_its_family_format(checkpoint, photo, tmp_path, pipe):
@@ -457,3 +457,82 @@ def test_llama_checkpoint_family_is_told_by_its_tokenizer(
     assert not getattr(built.processor, "chat_template", None)
     received, expected = _received_and_expected(built, photo, expected_prompt)
     assert torch.equal(received, expected)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size": -1}, "batch_size must be a whole number of at least 1"),
+        ({"batch_size": 0}, "batch_size must be a whole number of at least 1"),
+        ({"batch_size": "2"}, "batch_size must be a whole number of at least 1"),
+        ({"timeout": "abc"}, "timeout must be a number of seconds > 0"),
+    ],
+)
+def test_bad_batch_sizes_and_timeouts_are_refused_naming_them(pipe, photo, tall, kwargs, message):
+    with pytest.raises(InputError, match=message):
+        pipe([photo, tall], prompt=QUESTION, max_new_tokens=1, **kwargs)  # -1 returned [] (answers lost)
+
+
+def test_a_continued_assistant_turn_keeps_the_space_that_joins_it(pipe, checkpoint, photo):
+    """'The chart' + ' shows' stays 'The chart shows' when joined (the answer was stripped to 'shows')."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.pipelines import ImageTextToTextPipeline
+
+    messages = [
+        {"role": "user", "content": [{"type": "image", "image": photo}, {"type": "text", "text": QUESTION}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "The chart"}]},
+    ]
+    with llava_next_plugin.use_transformers_builtins():
+        reference = ImageTextToTextPipeline(
+            model=AutoModelForImageTextToText.from_pretrained(str(checkpoint)),
+            processor=AutoProcessor.from_pretrained(str(checkpoint)),
+        )
+    shows = reference.processor.tokenizer.convert_tokens_to_ids("▁shows")
+
+    class Shows(LogitsProcessor):  # the first new token is " shows", whatever the random model says
+        def __init__(self):
+            self.start = None
+
+        def __call__(self, input_ids, scores):
+            self.start = self.start or input_ids.shape[1]
+            if input_ids.shape[1] == self.start:
+                scores[:] = -float("inf")
+                scores[:, shows] = 0
+            return scores
+
+    def forced(call, **kwargs):
+        generate = {"max_new_tokens": 3, "logits_processor": LogitsProcessorList([Shows()])}
+        return call(messages, generate_kwargs=generate, **kwargs)
+
+    expected = forced(reference, return_full_text=False)[0]["generated_text"]
+    ours = forced(pipe)[0]["generated_text"]
+    assert expected.startswith(" shows") and ours == expected.rstrip()
+
+
+def test_a_length_given_as_none_or_a_config_without_one_gets_the_default_length(pipe, photo):
+    from llava_next_plugin.pipeline import DEFAULT_MAX_NEW_TOKENS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "model-agnostic default max_length" warning either
+        for kwargs in ({"max_new_tokens": None}, {"max_length": None}, {"generation_config": GenerationConfig()}):
+            ids = pipe(photo, prompt=QUESTION, return_tensors=True, min_new_tokens=25, **kwargs)[0]
+            assert 20 < len(ids["generated_token_ids"]) <= DEFAULT_MAX_NEW_TOKENS, kwargs
+
+
+def test_generators_datasets_and_dict_items_are_taken_as_by_transformers(pipe, photo, tall):
+    one = pipe(photo, prompt=QUESTION, max_new_tokens=NEW)
+    answers = pipe((image for image in [photo, tall]), prompt=QUESTION, max_new_tokens=NEW)
+    assert not isinstance(answers, list)  # an iterator, as transformers gives for a generator
+    answers = list(answers)
+    assert answers[0] == one and answers[1] == pipe(tall, prompt=QUESTION, max_new_tokens=NEW)
+    assert pipe({"images": photo, "text": QUESTION}, max_new_tokens=NEW) == one
+    assert pipe([{"image": photo, "text": QUESTION}], max_new_tokens=NEW) == [one]
+    with pytest.raises(InputError, match="has key\\(s\\) \\['picture'\\]"):
+        pipe({"picture": photo, "text": QUESTION})
+
+
+def test_text_only_prompts_and_a_one_item_prompt_list(pipe, photo):
+    text_only = pipe(text="Say hello.", max_new_tokens=NEW)
+    chat = pipe([{"role": "user", "content": [{"type": "text", "text": "Say hello."}]}], max_new_tokens=NEW)
+    assert text_only == chat
+    assert pipe(photo, prompt=[QUESTION], max_new_tokens=NEW) == [pipe(photo, prompt=QUESTION, max_new_tokens=NEW)]
