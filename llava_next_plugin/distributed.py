@@ -263,7 +263,7 @@ def caption_dataset(
         num_cpus=cpus_per_worker,
         num_gpus=gpus_per_worker or None,
         fn_constructor_kwargs=dict(
-            model=str(model),
+            model=_for_workers(model),
             prompt=prompt,
             image_column=image_column,
             max_tokens=max_tokens,
@@ -439,7 +439,8 @@ def run_caption(args: argparse.Namespace) -> int:
                 )
                 progress = tqdm(total=total, initial=already, unit="image", file=sys.stderr, desc="captioning")
                 with open(journal, "a", encoding="utf-8") as lines:
-                    for row in results.iter_rows():
+                    # only what the journal needs comes back to this process (not the images' bytes again)
+                    for row in results.select_columns(list(dict.fromkeys([id_column, "answer", "error"]))).iter_rows():
                         key = str(row[id_column])
                         if row["error"] is None:
                             lines.write(result_line(key, args.prompt, row["answer"]))
@@ -506,6 +507,12 @@ def _server_deployment():
 
                 return create_app(self.engine, **self.app_options)
 
+            def check_health(self) -> None:
+                """Serve's health probe: a replica whose engine has stopped (its thread died) is replaced,
+                rather than answer every request 503."""
+                if self.engine.stopped:
+                    raise RuntimeError("this replica's engine has stopped")
+
         _DEPLOYMENT = serve.deployment(LlavaNextServer, name="LlavaNextServer")
     return _DEPLOYMENT
 
@@ -552,6 +559,7 @@ def build_serve_app(args: Mapping[str, Any]):
     :returns: the bound ``ray.serve.Application``.
     :raises ValueError: no ``model``, an unknown option, or a value out of range.
     """
+    from .serve_cli import API_KEY_ENV
     from .server import default_served_name
     from .validation import Limits
 
@@ -566,7 +574,7 @@ def build_serve_app(args: Mapping[str, Any]):
     threads = options.pop("threads", None)
     domains = options.pop("allow_url_domains", ()) or ()
     if isinstance(domains, str):
-        domains = [d for d in domains.split(",") if d]
+        domains = [d.strip() for d in domains.split(",") if d.strip()]
     dtype = options.pop("dtype", None)
     max_batch_size, max_queue = int(options.pop("max_batch_size", 8)), int(options.pop("max_queue", 64))
     max_model_len = options.pop("max_model_len", None)
@@ -591,7 +599,8 @@ def build_serve_app(args: Mapping[str, Any]):
     )
     app_options = {
         "limits": limits,
-        "api_key": options.pop("api_key", None),
+        # as `llava-next serve`: the environment's key when none is given (else /v1 would be open)
+        "api_key": options.pop("api_key", None) or os.environ.get(API_KEY_ENV) or None,
         "drain_timeout": float(options.pop("drain_timeout", 30.0)),
         "model_aliases": (str(model),),  # the name a client that started us knows, as `llava-next serve` has it
     }
@@ -600,6 +609,10 @@ def build_serve_app(args: Mapping[str, Any]):
     deployment_options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": cpus, "num_gpus": gpus},
         "max_ongoing_requests": max_batch_size + max_queue,
+        # a replica told to stop drains for drain_timeout (the app's own drain); Serve's default 20 s would kill it
+        # first and its requests in flight would get a bare 500
+        "graceful_shutdown_timeout_s": app_options["drain_timeout"] + 10.0,
+        "graceful_shutdown_wait_loop_s": 1.0,
     }
     if autoscale:
         low, high = parse_autoscale(autoscale)
@@ -617,7 +630,14 @@ def build_serve_app(args: Mapping[str, Any]):
             raise ValueError(f"replicas must be at least 1, got {replicas}")
         deployment_options["num_replicas"] = replicas
     deployment = _server_deployment().options(**deployment_options)
-    return deployment.bind(str(model), engine_options, app_options, int(threads) if threads else None)
+    return deployment.bind(_for_workers(model), engine_options, app_options, int(threads) if threads else None)
+
+
+def _for_workers(model: Any) -> str:
+    """*model* as Ray's workers must be given it: a local folder as an absolute path (they run in the working
+    directory of whoever started Ray, not the driver's), a hub id as it is."""
+    path = os.path.expanduser(str(model))
+    return os.path.abspath(path) if os.path.isdir(path) else str(model)
 
 
 def add_serve_options(parser: argparse.ArgumentParser) -> None:

@@ -271,6 +271,27 @@ def test_serve_options_reach_the_deployment_the_engine_and_the_app_as_llava_next
     assert build_serve_app({"model": "m", "replicas": 3})._bound_deployment.num_replicas == 3
 
 
+def test_serve_deployments_drain_for_their_timeout_take_the_env_api_key_and_absolute_folders(
+    tmp_path, monkeypatch
+):
+    """Serve stops a replica after drain_timeout (not its own 20 s), ``serve run`` reads $LLAVA_NEXT_API_KEY as
+    ``llava-next serve`` does, domains lose their spaces, and a relative folder reaches replicas absolute (they
+    run in another working directory)."""
+    from llava_next_plugin.distributed import build_serve_app
+
+    (tmp_path / "tiny").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLAVA_NEXT_API_KEY", "secret")
+    app = build_serve_app({"model": "./tiny", "drain_timeout": "120", "allow_url_domains": "a.com, b.com"})
+    deployment = app._bound_deployment
+    assert deployment._deployment_config.graceful_shutdown_timeout_s >= 120
+    model, _engine_options, app_options, _threads = deployment.init_args
+    assert model == str(tmp_path / "tiny")
+    assert app_options["api_key"] == "secret"
+    assert app_options["limits"].allowed_url_domains == ("a.com", "b.com")
+    assert build_serve_app({"model": "org/hub-model"})._bound_deployment.init_args[0] == "org/hub-model"
+
+
 def test_the_serve_run_entry_point_builds_an_application_from_string_args():
     """``serve run llava_next_plugin.distributed:build_serve_app model=... replicas=4`` hands over strings."""
     from ray.serve import Application
