@@ -597,11 +597,12 @@ def build_serve_app(args: Mapping[str, Any]):
         allowed_url_domains=tuple(d.lower().strip(".") for d in domains),
         **{name: kind(options.pop(name)) for name, kind in limit_types.items() if name in options},
     )
+    drain_timeout = float(options.pop("drain_timeout", 30.0))
     app_options = {
         "limits": limits,
         # as `llava-next serve`: the environment's key when none is given (else /v1 would be open)
         "api_key": options.pop("api_key", None) or os.environ.get(API_KEY_ENV) or None,
-        "drain_timeout": float(options.pop("drain_timeout", 30.0)),
+        "drain_timeout": drain_timeout,
         "model_aliases": (str(model),),  # the name a client that started us knows, as `llava-next serve` has it
     }
     if options:
@@ -611,7 +612,7 @@ def build_serve_app(args: Mapping[str, Any]):
         "max_ongoing_requests": max_batch_size + max_queue,
         # a replica told to stop drains for drain_timeout (the app's own drain); Serve's default 20 s would kill it
         # first and its requests in flight would get a bare 500
-        "graceful_shutdown_timeout_s": app_options["drain_timeout"] + 10.0,
+        "graceful_shutdown_timeout_s": drain_timeout + 10.0,
         "graceful_shutdown_wait_loop_s": 1.0,
     }
     if autoscale:

@@ -271,9 +271,7 @@ def test_serve_options_reach_the_deployment_the_engine_and_the_app_as_llava_next
     assert build_serve_app({"model": "m", "replicas": 3})._bound_deployment.num_replicas == 3
 
 
-def test_serve_deployments_drain_for_their_timeout_take_the_env_api_key_and_absolute_folders(
-    tmp_path, monkeypatch
-):
+def test_serve_deployments_drain_for_their_timeout_take_the_env_api_key_and_absolute_folders(tmp_path, monkeypatch):
     """Serve stops a replica after drain_timeout (not its own 20 s), ``serve run`` reads $LLAVA_NEXT_API_KEY as
     ``llava-next serve`` does, domains lose their spaces, and a relative folder reaches replicas absolute (they
     run in another working directory)."""
