@@ -289,6 +289,20 @@ class _Stopped:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+def _check_device(device: str | None) -> None:
+    """``--device``, checked before a model is read (a bad one was said by torch after the weights loaded)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CommandError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise CommandError(f"--device {device}, but this torch sees no CUDA device: use --device cpu")
+
+
 def _check_placeholders(prompt: str, num_images: int) -> None:
     """Placeholders, when the prompt has any, must be one per image (none: they are added), checked before a
     model loads."""
@@ -305,6 +319,7 @@ def run_ask(args: argparse.Namespace) -> int:
 
     _positive(args.max_new_tokens, "--max-new-tokens")
     _check_prompt_format(args.prompt_format)
+    _check_device(args.device)
     images = _load_images(args.images)
     _check_placeholders(args.prompt, len(images))
     pipe = _load_pipeline(args, resolve_model(args.model))
@@ -399,6 +414,12 @@ def run_caption(args: argparse.Namespace) -> int:
     _positive(args.batch_size, "--batch-size")
     _positive(args.max_new_tokens, "--max-new-tokens")
     _check_prompt_format(args.prompt_format)
+    _check_device(args.device)
+    if args.prompt.count("<image>") > 1:
+        raise CommandError(
+            f"the prompt has {args.prompt.count('<image>')} <image> placeholders, but caption answers about one "
+            "image at a time: use one placeholder, or none to have it added"
+        )
     files, others = _folder_files(args.folder)
     out = Path(args.out)
     if out.parent and not out.parent.exists():
@@ -432,7 +453,13 @@ def run_caption(args: argparse.Namespace) -> int:
             if not batch:
                 continue
             pipe = pipe or _load_pipeline(args, model)
-            answers = pipe(images, prompt=args.prompt, batch_size=len(images), max_new_tokens=args.max_new_tokens)
+            answers = pipe(  # one request per image, whatever the prompt holds
+                [[image] for image in images],
+                prompt=[args.prompt] * len(images),
+                batch_size=len(images),
+                max_new_tokens=args.max_new_tokens,
+                detail=args.detail,
+            )
             for path, answer in zip(batch, answers, strict=True):
                 line = result_line(path.name, args.prompt, answer[0]["generated_text"])
                 results.write(line)  # one whole line per write, flushed: never half a line on disk

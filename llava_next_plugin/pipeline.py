@@ -104,6 +104,15 @@ def _batch_size(value: Any) -> int:
     raise InputError(f"batch_size must be a whole number of at least 1, got {value!r}", param="batch_size")
 
 
+def _is_item(obj: Any) -> bool:
+    """transformers' ``{"images": ..., "text": ...}`` input item (not a chat message, which has a role or content)."""
+    return (
+        isinstance(obj, Mapping)
+        and not {"role", "content"} & set(obj)
+        and bool({"images", "image", "text", "prompt"} & set(obj))
+    )
+
+
 def _is_lazy(obj: Any) -> bool:
     """A generator, an iterator or a torch dataset (not a list, an image or an array)."""
     if isinstance(obj, (types.GeneratorType, Iterator)):
@@ -357,10 +366,8 @@ class LlavaNextImageToTextPipeline(Pipeline):
             inputs, prompt = prompt, None  # pipe(text=messages), as transformers' image-text-to-text is called
         if _is_lazy(inputs):  # a generator or a dataset: answers come back as an iterator, one per item
             return self._lazily(inputs, prompt, dict(batch_size=batch_size, timeout=timeout, **kwargs))
-        if isinstance(inputs, Mapping) or (
-            isinstance(inputs, (list, tuple))
-            and inputs
-            and all(isinstance(i, Mapping) and "role" not in i for i in inputs)
+        if _is_item(inputs) or (
+            isinstance(inputs, (list, tuple)) and inputs and all(_is_item(i) for i in inputs)
         ):  # transformers' {"images": ..., "text": ...} items
             return self._dict_items(inputs, prompt, images, dict(batch_size=batch_size, timeout=timeout, **kwargs))
         if inputs is None and isinstance(prompt, str) and images is None:

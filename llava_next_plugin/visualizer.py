@@ -178,6 +178,11 @@ class AttentionMaskVisualizer:
 
         if isinstance(model, (str, os.PathLike)):
             self.name = os.fspath(model)
+            from ._hub import not_a_local_checkpoint
+
+            why = not_a_local_checkpoint(self.name)
+            if why:
+                raise InputError(f"model {self.name!r} {why}: give a checkpoint folder, a hub id or a loaded model")
             try:
                 self.config = AutoConfig.from_pretrained(self.name)
             except (OSError, ValueError) as exc:

@@ -529,3 +529,28 @@ def test_main_job_offline_through_the_installed_command(tmp_path, images, capsys
     assert (
         asked.stderr.strip() == "note: ./tiny holds RANDOM weights (a tiny demo checkpoint): the answers are gibberish."
     )
+
+
+def test_caption_honours_detail_and_refuses_several_placeholders_before_loading(
+    checkpoint, images, tmp_path, pipe, capsys
+):
+    out = tmp_path / "low.jsonl"
+    argv = ["caption", images, "--out", out, "--model", checkpoint, "--max-new-tokens", 4, "--device", "cpu"]
+    code, _, err = run(capsys, *argv, "--detail", "low", "--batch-size", 2)
+    assert code == 0, err
+    for record in map(json.loads, out.read_text().splitlines()):
+        expected = pipe(str(images / record["image"]), max_new_tokens=4, detail="low")[0]["generated_text"]
+        assert record["generated_text"] == expected  # --detail low was ignored without --ray
+    code, _, err = run(capsys, *argv[:-4], "--prompt", "<image><image> compare", "--out", tmp_path / "two.jsonl")
+    assert code == 1 and "caption answers about one image at a time" in one_error_line(err)
+    assert not (tmp_path / "two.jsonl").exists()
+
+
+@pytest.mark.parametrize("device, says", [("bogus", "is not a torch device"), ("cuda", "sees no CUDA device")])
+def test_a_device_that_cannot_work_is_said_before_the_model_loads(images, device, says, tmp_path, capsys):
+    if device == "cuda" and __import__("torch").cuda.is_available():
+        device, says = "bogus", "is not a torch device"  # this machine has one: the other case says the same
+    for command in (["ask", images / "a.png"], ["caption", images, "--out", tmp_path / "r.jsonl"]):
+        # a model that does not exist: had the device not been checked first, the error would be the model's
+        code, _, err = run(capsys, *command, "--model", "/nonexistent/model", "--device", device)
+        assert code == 1 and says in one_error_line(err) and "--device" in err

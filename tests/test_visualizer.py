@@ -262,5 +262,8 @@ def test_bad_input(viz, photo, tmp_path):
         viz(PROMPT, images=[photo, photo], show=False)
     with pytest.raises(InputError, match="prompt string"):
         viz([], show=False)
-    with pytest.raises(InputError, match="cannot load a model config"):
-        AttentionMaskVisualizer(str(tmp_path / "nowhere"))
+    with pytest.raises(InputError, match="'.*nowhere' does not exist: give a checkpoint folder"):
+        AttentionMaskVisualizer(str(tmp_path / "nowhere"))  # not transformers' "Repo id must be in the form..."
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="has no config.json"):
+        AttentionMaskVisualizer(str(tmp_path / "empty"))

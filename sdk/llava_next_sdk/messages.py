@@ -138,10 +138,29 @@ def _detail(value: Any, where: str) -> str:
     return str(value)
 
 
+def _base64_bytes(data: Any, where: str, index: int) -> bytes:
+    """An image part's ``base64`` value as the encoded image's bytes (a data URL's payload is taken too)."""
+    import base64
+    import binascii
+
+    if isinstance(data, str) and data.startswith("data:") and "," in data:
+        data = data.split(",", 1)[1]
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, TypeError, ValueError):
+        raise InvalidImageError(
+            f"{where}: its 'base64' is not base64 data: give the encoded image file as base64 text",
+            index=index,
+            param="messages",
+        ) from None
+
+
 def _image_ref(part: Mapping, kind: str, where: str, index: int, bare_images: bool) -> ImageRef:
     detail = part.get("detail")
     if kind == "image":
         source = next((part[key] for key in ("image", "url", "path") if part.get(key) is not None), None)
+        if source is None and part.get("base64") is not None:  # transformers' {"type": "image", "base64": ...}
+            source = _base64_bytes(part["base64"], where, index)
     else:  # image_url, input_image: {"image_url": url} or {"image_url": {"url": url, "detail": ...}}
         source = part.get("image_url")
         if isinstance(source, Mapping):
@@ -154,7 +173,8 @@ def _image_ref(part: Mapping, kind: str, where: str, index: int, bare_images: bo
     if source is None and not bare_images:
         example = "{'url': '...'}" if kind == "image_url" else "'...'"
         needs = (
-            "an image part needs its image: {'type': 'image', 'image': <PIL image, path, bytes, array or URL>}"
+            "an image part needs its image: {'type': 'image', 'image': <PIL image, path, bytes, array or URL>} "
+            "(or 'base64': <encoded image as base64 text>)"
             if kind == "image"
             else f"an {kind} part needs its URL: {{'type': '{kind}', 'image_url': {example}}}"
         )

@@ -66,3 +66,14 @@ def test_a_bare_image_is_refused_unless_allowed_and_its_error_names_the_image():
 def test_messages_must_be_a_non_empty_list(messages):
     with pytest.raises(BadRequestError, match="messages must be a non-empty list of"):
         read_messages(messages)
+
+
+def test_transformers_base64_image_part_is_read_as_the_images_bytes():
+    import base64
+
+    data = b"\x89PNG\r\n\x1a\n not really"
+    for value in (base64.b64encode(data).decode(), "data:image/png;base64," + base64.b64encode(data).decode()):
+        (message,) = read_messages([{"role": "user", "content": [{"type": "image", "base64": value}]}])
+        assert message.images[0].source == data
+    with pytest.raises(InvalidImageError, match=r"content\[0\]: its 'base64' is not base64 data"):
+        read_messages([{"role": "user", "content": [{"type": "image", "base64": "no!"}]}])
