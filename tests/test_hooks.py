@@ -383,3 +383,28 @@ def test_the_documented_plugin_example_works_as_written(tmp_path):
     *_, shown, refused = completed.stdout.strip().splitlines()
     assert shown == "RGB (6, 4) (0, 0, 255) '<image>\\nWhat is this?\\nAnswer:'"
     assert refused.startswith("refused:") and "outside the assets folder" in refused, refused
+
+
+def test_a_second_package_using_a_taken_plugin_name_is_reported_not_silently_dropped(example_plugin, tmp_path):
+    """Entry-point names are the plugins' names: another distribution's 'example' is refused with a warning
+    naming both, and the first keeps working."""
+    site = tmp_path / "clash-site"
+    (site / "clash_plugin").mkdir(parents=True)
+    (site / "clash_plugin" / "__init__.py").write_text("")
+    info = site / "llava_next_clash-0.2.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: llava-next-clash\nVersion: 0.2.0\n")
+    (info / "entry_points.txt").write_text("[llava_next_plugin]\nexample = clash_plugin\n")
+    sys.path.append(str(site))  # after the example plugin's site: it is found first
+    importlib.invalidate_caches()
+    try:
+        with pytest.warns(plugins.PluginLoadWarning) as caught:
+            manager = hooks.get_plugin_manager(refresh=True)
+        (message,) = [str(w.message) for w in caught]
+        assert "llava-next-clash 0.2.0" in message and "taken by llava-next-example-plugin" in message
+        assert [failure.name for failure in manager.failed_plugins] == ["example"]
+        assert load_image("example://red").getpixel((0, 0)) == (255, 0, 0)
+    finally:
+        sys.path.remove(str(site))
+        sys.modules.pop("clash_plugin", None)
+        importlib.invalidate_caches()

@@ -99,6 +99,7 @@ class PluginManager(pluggy.PluginManager):
         self.failed_plugins: list[FailedPlugin] = []
         self._builtin_names: list[str] = []
         self._builtins_tried: set[str] = set()
+        self._entry_point_dists: dict[str, str | None] = {}  # an entry-point plugin's name -> its distribution
         self._lock = threading.RLock()
 
     @property
@@ -188,15 +189,29 @@ class PluginManager(pluggy.PluginManager):
         loaded: list[str] = []
         for entry_point in importlib.metadata.entry_points(group=group):
             name = entry_point.name
-            if self.is_blocked(name) or self.has_plugin(name):
-                continue  # blocked, or the same plugin seen twice on sys.path
             origin = _origin(entry_point)
+            dist = entry_point.dist.metadata["Name"] if entry_point.dist is not None else None
+            if self.is_blocked(name):
+                continue
+            if self.has_plugin(name):
+                holder = self._entry_point_dists.get(name, "")
+                if holder != "" and holder != dist:  # another package's plugin of the same name: say so
+                    self._record_failure(
+                        name,
+                        origin,
+                        NameError(
+                            f"the plugin name {name!r} is taken by {holder or 'another plugin'}; rename one of the "
+                            "two entry points (names must be unique across packages)"
+                        ),
+                    )
+                continue  # else the same plugin seen twice on sys.path
             try:
                 plugin = entry_point.load()
                 self.register(plugin, name=name)
             except Exception as exc:
                 self._record_failure(name, origin, exc)
             else:
+                self._entry_point_dists[name] = dist
                 loaded.append(name)
         return loaded
 
