@@ -263,7 +263,7 @@ def _load_pipeline(args: argparse.Namespace, model: str):
 def _load_images(sources: Sequence[Any]) -> list:
     """Read every image up front, so bad input fails before a model is loaded."""
     from .errors import ImageError
-    from .images import load_image
+    from .images import LoadedImage, load_image
 
     images = []
     for index, source in enumerate(sources):
@@ -271,7 +271,7 @@ def _load_images(sources: Sequence[Any]) -> list:
             what = "is a folder, not an image file" if Path(source).is_dir() else "does not exist"
             raise CommandError(f"image {index}: {source!r} {what}")
         try:
-            images.append(load_image(source, index))
+            images.append(LoadedImage(load_image(source, index)))  # the pipeline takes it without a second read
         except ImageError as exc:
             raise CommandError(exc.message) from exc
     return images

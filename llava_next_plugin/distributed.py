@@ -166,8 +166,14 @@ class _Captioner:
         )
         return prepare_request(self.engine, request, self.limits)  # the server's rules, and detail as it has it
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        cells = batch[self.image_column]
+    def __call__(self, batch: Any) -> Any:
+        """A block of rows (a pyarrow ``Table``) with three columns added: ``answer`` (string), ``tokens`` (int64)
+        and ``error`` (string), typed whatever the rows hold (a block of failures has a string ``answer`` column
+        of nulls, so that blocks write to one Parquet schema); the other columns as they came."""
+        import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type information
+
+        as_dict = isinstance(batch, Mapping)  # a dict of columns, as a direct caller may hand one: a dict back
+        cells = list(batch[self.image_column]) if as_dict else batch.column(self.image_column).to_pylist()
         answers: list[str | None] = [None] * len(cells)
         tokens = [0] * len(cells)
         errors: list[str | None] = [None] * len(cells)
@@ -183,7 +189,14 @@ class _Captioner:
                 answers[row], tokens[row] = result.text, result.completion_tokens
             except Exception as exc:
                 errors[row] = _error_text(exc)
-        return {**batch, "answer": answers, "tokens": tokens, "error": errors}
+        if as_dict:
+            return {**batch, "answer": answers, "tokens": tokens, "error": errors}
+        added = {"answer": pa.array(answers, pa.string()), "tokens": pa.array(tokens, pa.int64())}
+        added["error"] = pa.array(errors, pa.string())
+        batch = batch.drop_columns([name for name in added if name in batch.column_names])
+        for name, column in added.items():
+            batch = batch.append_column(name, column)
+        return batch
 
 
 #: The largest encoded image ``caption --ray`` reads (the server's default is 20 MiB; these are the user's files).
@@ -257,7 +270,7 @@ def caption_dataset(
     return ds.map_batches(
         _Captioner,
         batch_size=batch_size,
-        batch_format="numpy",
+        batch_format="pyarrow",  # columns keep their types, and the added ones have theirs in every block
         zero_copy_batch=True,
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=cpus_per_worker,
@@ -354,7 +367,7 @@ def _input_dataset(
     for flag, column in (("--image-column", args.image_column), ("--id-column", id_column)):
         if column not in names:
             raise command_error(f"{source} has no column {column!r} ({flag}); its columns: {', '.join(names)}")
-    import pyarrow as pa  # type: ignore[import-untyped]  # pyarrow ships no type information
+    import pyarrow as pa
 
     id_type = dict(zip(names, ds.schema().types, strict=True))[id_column]
     # bytes, or a struct such as Hugging Face's image column ({bytes, path}): a row's id would be its whole image
@@ -656,6 +669,14 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gpus-per-replica", type=float, default=0, metavar="G", help="GPUs per replica (default: 0)")
 
 
+SERVE_APP_NAME = "llava-next"
+"""The Ray Serve application ``llava-next serve --ray`` deploys (at route ``/``): one per cluster."""
+
+
+class ServeAppTakenError(RuntimeError):
+    """``llava-next serve --ray`` found our application already running on the cluster."""
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """``llava-next serve --ray ADDRESS|local``: deploy :func:`build_serve_app` and serve until interrupted."""
     import signal
@@ -697,9 +718,16 @@ def run_serve(args: argparse.Namespace) -> int:
         from ray import serve
 
         signal.signal(signal.SIGTERM, stop)  # after ray.init, whose core worker installs its own (which aborts)
+        serve.start(http_options={"host": args.host, "port": args.port})
+        if SERVE_APP_NAME in serve.status().applications:
+            # another `serve --ray` on this cluster: deploying would replace its application, and our exit would
+            # delete it
+            raise ServeAppTakenError(
+                f"a Ray Serve application named {SERVE_APP_NAME!r} already runs on this cluster (another "
+                "`llava-next serve --ray`): stop it first, or add replicas to it"
+            )
         try:
-            serve.start(http_options={"host": args.host, "port": args.port})
-            serve.run(app, name="llava-next", route_prefix="/")
+            serve.run(app, name=SERVE_APP_NAME, route_prefix="/")
             print(
                 f"llava-next: serving {args.model} on http://{args.host}:{args.port}/v1 with Ray Serve "
                 f"({args.autoscale or args.replicas} replicas); Ctrl-C stops",
@@ -711,7 +739,7 @@ def run_serve(args: argparse.Namespace) -> int:
             pass
         finally:
             # our application only: a cluster's Serve may hold others; Serve itself goes when nothing is left
-            serve.delete("llava-next")
+            serve.delete(SERVE_APP_NAME)
             if not serve.status().applications:
                 serve.shutdown()
     return 0

@@ -86,6 +86,17 @@ def _model_level(call: Callable[..., _T], *args: Any, index: int | None = None, 
         raise as_model_error(exc) from exc
 
 
+class LoadedImage:
+    """An image :func:`load_image` has read already (through the image-source hook): handed to it again, it
+    comes back as it is, without a second hook call (the command line reads images before loading a model, then
+    gives them to the pipeline)."""
+
+    __slots__ = ("image",)
+
+    def __init__(self, image: Image.Image) -> None:
+        self.image = image
+
+
 def load_image(source: Any, index: int | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> Image.Image:
     """Read one image from any source a plugin understands.
 
@@ -96,6 +107,8 @@ def load_image(source: Any, index: int | None = None, *, timeout: float = DEFAUL
     :raises ImageError: when the source is unsupported, missing, unreadable, corrupted,
         truncated, empty, too large, or in a mode that has no RGB meaning.
     """
+    if isinstance(source, LoadedImage):
+        return source.image
     what = describe_source(source)
     try:
         image = _first_image(source, timeout, what, index)

@@ -554,3 +554,33 @@ def test_a_device_that_cannot_work_is_said_before_the_model_loads(images, device
         # a model that does not exist: had the device not been checked first, the error would be the model's
         code, _, err = run(capsys, *command, "--model", "/nonexistent/model", "--device", device)
         assert code == 1 and says in one_error_line(err) and "--device" in err
+
+
+def test_ask_and_caption_read_each_image_through_the_image_hook_once(checkpoint, images, tmp_path, capsys):
+    """The command line reads images before loading the model: the pipeline must not read them a second time
+    (a plugin that logs, counts or changes images would act twice)."""
+    from llava_next_plugin.hooks import get_plugin_manager, hookimpl
+
+    seen = []
+
+    class Counting:
+        @hookimpl(tryfirst=True)
+        def llava_next_load_image(self, source, timeout):
+            seen.append(type(source).__name__)
+
+    manager = get_plugin_manager()
+    plugin = Counting()
+    manager.register(plugin, name="counting")
+    try:
+        code, _, err = run(
+            capsys, "ask", images / "a.png", "--model", checkpoint, "--max-new-tokens", 2, "--device", "cpu"
+        )
+        assert code == 0, err
+        assert seen == ["str"]
+        seen.clear()
+        out = tmp_path / "once.jsonl"
+        code, _, err = run(capsys, "caption", images, "--out", out, "--model", checkpoint, "--max-new-tokens", 2)
+        assert code == 0, err
+        assert seen == ["str"] * 3
+    finally:
+        manager.unregister(plugin)

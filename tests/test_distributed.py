@@ -190,6 +190,29 @@ def test_an_actor_answers_bytes_and_datasets_image_cells_and_bad_cells_with_an_e
     assert "InvalidImageError" in out["error"][2] and "NoneType, not a path, URL or encoded bytes" in out["error"][3]
 
 
+def test_an_actor_adds_typed_columns_to_an_arrow_block_and_keeps_the_others_as_they_came(demo_checkpoint, engine):
+    """Ray hands the actor pyarrow blocks: a block whose rows all failed still has a string ``answer`` column
+    (a null-typed one made Parquet files of one job unreadable together), and list columns stay lists."""
+    import pyarrow as pa
+
+    from llava_next_plugin.distributed import _Captioner
+    from llava_next_plugin.validation import Limits
+
+    actor = _Captioner(str(demo_checkpoint), PROMPT, "picture", 4, "auto", Limits(), "cpu", None, 1, 4)
+    try:
+        failed = actor(pa.table({"picture": pa.array([b"", b"x"]), "tags": pa.array([[1, 2], [3]])}))
+        good = actor(pa.table({"picture": pa.array([_png(1)]), "tags": pa.array([[4]])}))
+    finally:
+        actor.engine.shutdown(drain=False)
+    for block in (failed, good):
+        assert block.schema.field("answer").type == pa.string() and block.schema.field("error").type == pa.string()
+        assert block.schema.field("tokens").type == pa.int64()
+        assert block.schema.field("tags").type == pa.list_(pa.int64())
+    assert failed.column("answer").to_pylist() == [None, None] and good.column("error").to_pylist() == [None]
+    assert good.column("answer").to_pylist() == [_expected(engine, _png(1), PROMPT, 4)]
+    assert pa.concat_tables([failed, good]).num_rows == 3  # one schema
+
+
 def test_an_actor_with_low_detail_answers_from_the_base_view_as_the_engine_does(demo_checkpoint, engine):
     from llava_next_plugin.distributed import _Captioner
     from llava_next_plugin.validation import Limits
@@ -468,6 +491,25 @@ def deployment(ray_session, demo_checkpoint, tmp_path_factory):
     while _ray_processes("ray::ServeReplica") and time.monotonic() < deadline:
         time.sleep(0.5)
     assert not _ray_processes("ray::ServeReplica"), "llava-next serve --ray left its replicas running"
+
+
+def test_a_second_serve_on_the_same_cluster_is_refused_and_leaves_the_first_serving(
+    deployment, ray_session, demo_checkpoint
+):
+    """Deploying would replace the running application (another user's, maybe), and exiting would delete it."""
+    import httpx
+
+    address = ray_session.get_runtime_context().gcs_address
+    second = subprocess.run(
+        [sys.executable, "-m", "llava_next_plugin.cli", "serve", "--model", str(demo_checkpoint), "--ray", address]
+        + ["--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert second.returncode == 1, second.stderr[-2000:]
+    assert "a Ray Serve application named 'llava-next' already runs on this cluster" in second.stderr
+    assert httpx.get(deployment.removesuffix("/v1") + "/health", timeout=30).status_code == 200
 
 
 def test_the_sdk_http_transport_works_against_ray_serve_unchanged(deployment, engine):
