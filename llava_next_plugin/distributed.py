@@ -617,6 +617,7 @@ def build_serve_app(args: Mapping[str, Any]):
         "api_key": options.pop("api_key", None) or os.environ.get(API_KEY_ENV) or None,
         "drain_timeout": drain_timeout,
         "model_aliases": (str(model),),  # the name a client that started us knows, as `llava-next serve` has it
+        "echo_request_id": False,  # Serve's proxy sets X-Request-ID on the request and answers with it itself
     }
     if options:
         raise ValueError(f"unknown serve option(s): {', '.join(sorted(options))}; see build_serve_app's docstring")

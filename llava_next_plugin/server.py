@@ -223,10 +223,11 @@ class _Front:
     an exception that escaped a route is logged once and answered 500 here, so it never reaches uvicorn
     (which would log it again and close the keep-alive connection)."""
 
-    def __init__(self, app, api_key: str | None, metrics: Metrics) -> None:
+    def __init__(self, app, api_key: str | None, metrics: Metrics, echo_request_id: bool = True) -> None:
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.metrics = metrics
+        self.echo_request_id = echo_request_id
 
     def _authorized(self, scope: dict) -> bool:
         if self.api_key is None or not scope["path"].startswith("/v1/"):
@@ -248,6 +249,7 @@ class _Front:
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
                 status[0], started[0] = message["status"], True
+            if message["type"] == "http.response.start" and self.echo_request_id:
                 message = {
                     **message,
                     "headers": list(message.get("headers", [])) + [(b"x-request-id", request_id.encode("latin-1"))],
@@ -470,6 +472,7 @@ def create_app(
     max_preparing: int = 4,
     max_fetching: int = 32,
     model_aliases: tuple[str, ...] = (),
+    echo_request_id: bool = True,
 ) -> Starlette:
     """The ASGI app serving *engine*.
 
@@ -489,6 +492,8 @@ def create_app(
         back no one else's preparation).
     :param model_aliases: other names requests may give the model (``llava-next serve`` accepts the ``--model``
         it was started with, which the client knows already); never shown.
+    :param echo_request_id: answer with an ``X-Request-ID`` header (the request's own, or one made here); False
+        behind a proxy that sets it on the request and echoes it itself (Ray Serve), so that it is there once.
     """
     limits = limits or Limits()
     name = model_name or default_served_name(engine.model_name)
@@ -773,7 +778,7 @@ def create_app(
     ]
     metrics.route_paths = frozenset(route.path for route in routes)
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
-    app.add_middleware(_Front, api_key=api_key, metrics=metrics)
+    app.add_middleware(_Front, api_key=api_key, metrics=metrics, echo_request_id=echo_request_id)
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.drain = drain

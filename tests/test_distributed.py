@@ -537,6 +537,13 @@ def test_the_sdk_http_transport_works_against_ray_serve_unchanged(deployment, en
 
     models = httpx.get(deployment + "/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
     assert [m["id"] for m in models.json()["data"]] == ["tiny"]
+    chat = httpx.post(
+        deployment + "/chat/completions",
+        json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+        headers={"Authorization": f"Bearer {API_KEY}", "X-Request-ID": "trace-9"},
+        timeout=60,
+    )
+    assert chat.headers.get_list("x-request-id") == ["trace-9"] == [chat.json()["id"]]  # once, not Serve's and ours
     metrics = httpx.get(deployment.removesuffix("/v1") + "/metrics", timeout=30)  # the replica that answers
     assert metrics.status_code == 200 and "llava_next_http_requests_total" in metrics.text
     assert "llava_next_queue_depth" in metrics.text
