@@ -303,6 +303,13 @@ def add_caption_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--workers", type=int, default=1, metavar="N", help="model actors, one engine each (default: 1)")
     group.add_argument(
+        "--cpus-per-worker",
+        type=float,
+        default=None,
+        metavar="C",
+        help="CPUs (and torch threads) per CPU actor (default: this machine's cores shared out with local, else 1)",
+    )
+    group.add_argument(
         "--gpus-per-worker",
         type=float,
         default=0,
@@ -423,6 +430,9 @@ def run_caption(args: argparse.Namespace) -> int:
     # tasks that read the input (an actor pool holding every CPU would starve them); else 1 per actor
     cores = os.cpu_count() or 1
     cpus = max(1, (cores - 1) // args.workers) if args.ray == "local" and not args.gpus_per_worker else 1
+    if args.cpus_per_worker is not None:
+        _positive(args.cpus_per_worker, "--cpus-per-worker", least=0.01)
+        cpus = args.cpus_per_worker
     try:
         runtime = ray_runtime(args.ray, num_cpus=(max(cores, cpus * args.workers + 1) if args.ray == "local" else None))
         with runtime as ray:
@@ -444,7 +454,7 @@ def run_caption(args: argparse.Namespace) -> int:
                     detail=args.detail,
                     workers=args.workers,
                     gpus_per_worker=args.gpus_per_worker,
-                    cpus_per_worker=1 if args.gpus_per_worker else cpus,
+                    cpus_per_worker=cpus if args.cpus_per_worker is not None or not args.gpus_per_worker else 1,
                     batch_size=args.batch_size,
                     limits=limits,
                     device=args.device,
@@ -668,6 +678,13 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--replicas", type=int, default=1, metavar="N", help="replicas, one engine each (default: 1)")
     group.add_argument("--autoscale", default=None, metavar="MIN..MAX", help="let Ray Serve vary the replicas")
     group.add_argument("--gpus-per-replica", type=float, default=0, metavar="G", help="GPUs per replica (default: 0)")
+    group.add_argument(
+        "--cpus-per-replica",
+        type=float,
+        default=1,
+        metavar="C",
+        help="CPUs per replica; its engine runs that many torch threads (default: 1)",
+    )
 
 
 SERVE_APP_NAME = "llava-next"
@@ -680,11 +697,14 @@ class ServeAppTakenError(RuntimeError):
 
 def run_serve(args: argparse.Namespace) -> int:
     """``llava-next serve --ray ADDRESS|local``: deploy :func:`build_serve_app` and serve until interrupted."""
+    import math
     import signal
     import time
 
     from .validation import Limits
 
+    if not args.cpus_per_replica > 0:
+        raise ValueError(f"--cpus-per-replica must be more than 0, got {args.cpus_per_replica}")
     if args.autoscale:
         parse_autoscale(args.autoscale)
     elif args.replicas < 1:
@@ -695,6 +715,8 @@ def run_serve(args: argparse.Namespace) -> int:
             replicas=args.replicas,
             autoscale=args.autoscale,
             gpus_per_replica=args.gpus_per_replica,
+            cpus_per_replica=args.cpus_per_replica,
+            threads=max(1, math.ceil(args.cpus_per_replica)),
             device=args.device,
             dtype=args.dtype,
             max_batch_size=args.max_batch_size,
@@ -715,7 +737,8 @@ def run_serve(args: argparse.Namespace) -> int:
     def stop(signum, frame):
         raise KeyboardInterrupt  # SIGTERM stops the deployment as Ctrl-C does
 
-    with ray_runtime(args.ray, num_cpus=(replicas + 1 if args.ray == "local" else None)):
+    local_cpus = math.ceil(replicas * args.cpus_per_replica) + 1  # the replicas', and one for Serve's own actors
+    with ray_runtime(args.ray, num_cpus=(local_cpus if args.ray == "local" else None)):
         from ray import serve
 
         signal.signal(signal.SIGTERM, stop)  # after ray.init, whose core worker installs its own (which aborts)

@@ -313,6 +313,21 @@ def test_serve_deployments_drain_for_their_timeout_take_the_env_api_key_and_abso
     assert build_serve_app({"model": "org/hub-model"})._bound_deployment.init_args[0] == "org/hub-model"
 
 
+def test_cpus_per_replica_and_per_worker_are_options_that_reach_ray():
+    """A CPU replica or actor on a many-core node runs as many torch threads as it reserves CPUs (Ray sets
+    OMP_NUM_THREADS to its num_cpus: one core each, before these options)."""
+    from llava_next_plugin.cli import build_parser
+    from llava_next_plugin.distributed import build_serve_app
+
+    args = build_parser().parse_args(["serve", "--ray", "auto", "--cpus-per-replica", "4"])
+    assert args.cpus_per_replica == 4
+    assert (
+        build_parser().parse_args(["caption", "d", "--out", "o.jsonl", "--cpus-per-worker", "3"]).cpus_per_worker == 3
+    )
+    deployment = build_serve_app({"model": "m", "cpus_per_replica": "4", "threads": "4"})._bound_deployment
+    assert deployment.ray_actor_options["num_cpus"] == 4 and deployment.init_args[3] == 4
+
+
 def test_the_serve_run_entry_point_builds_an_application_from_string_args():
     """``serve run llava_next_plugin.distributed:build_serve_app model=... replicas=4`` hands over strings."""
     from ray.serve import Application
