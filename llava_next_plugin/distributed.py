@@ -307,7 +307,8 @@ def add_caption_options(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="C",
-        help="CPUs (and torch threads) per CPU actor (default: this machine's cores shared out with local, else 1)",
+        help="CPUs (and torch threads) per actor (default: this machine's cores shared out with local, "
+        "else 1; 1 with GPUs)",
     )
     group.add_argument(
         "--gpus-per-worker",
@@ -624,7 +625,7 @@ def build_serve_app(args: Mapping[str, Any]):
     app_options = {
         "limits": limits,
         # as `llava-next serve`: the environment's key when none is given (else /v1 would be open)
-        "api_key": options.pop("api_key", None) or os.environ.get(API_KEY_ENV) or None,
+        "api_key": (options.pop("api_key") or None) if "api_key" in options else os.environ.get(API_KEY_ENV) or None,
         "drain_timeout": drain_timeout,
         "model_aliases": (str(model),),  # the name a client that started us knows, as `llava-next serve` has it
         "echo_request_id": False,  # Serve's proxy sets X-Request-ID on the request and answers with it itself
@@ -683,7 +684,7 @@ def add_serve_options(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=1,
         metavar="C",
-        help="CPUs per replica; its engine runs that many torch threads (default: 1)",
+        help="CPUs per replica, its engine running that many torch threads (default: 1)",
     )
 
 

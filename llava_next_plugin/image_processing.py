@@ -79,7 +79,9 @@ def resample_code(resample: Any) -> int:
     if isinstance(name, str) and name.lower() in _INTERPOLATION_CODES:
         return _INTERPOLATION_CODES[name.lower()]
     try:
-        return int(resample)
+        if isinstance(name, bool):
+            raise TypeError
+        return int(name)
     except (TypeError, ValueError):
         raise InputError(
             f"resample={resample!r} is not a resampling filter: give PIL's code (0-5, e.g. 3 for bicubic) or a "
@@ -87,6 +89,15 @@ def resample_code(resample: Any) -> int:
             param="resample",
         ) from None
 
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Any = _Unset()
+"""The default of ``preprocess``'s ``return_tensors``, ``input_data_format`` and ``data_format``: left out by the
+call, so the processor's own value applies (``None`` is a value: lists, or inferred layouts)."""
 
 NO_EFFECT_KWARGS = frozenset({"default_to_square", "pad_size", "image_seq_length", "disable_grouping", "device"})
 """transformers' common image-processor keywords that change nothing in LLaVA-NeXT's preprocessing (its
@@ -385,13 +396,12 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
         return _split_batch(images)
 
     def call_defaults(self, return_tensors: Any, input_data_format: Any, data_format: Any) -> tuple[Any, Any, Any]:
-        """The call's ``return_tensors``, ``input_data_format`` and ``data_format``, each falling back to a value
-        set on the processor (by its config file or constructor), as transformers' processors do."""
-        return (
-            return_tensors if return_tensors is not None else getattr(self, "return_tensors", None),
-            input_data_format if input_data_format is not None else getattr(self, "input_data_format", None),
-            data_format if data_format is not None else getattr(self, "data_format", None),
-        )
+        """The call's ``return_tensors``, ``input_data_format`` and ``data_format``; each one the call leaves out
+        (:data:`UNSET`) is the value set on the processor (by its config file or constructor), as transformers'
+        processors do (an explicit ``None`` stays: ``return_tensors=None`` asks for lists)."""
+        given = {"return_tensors": return_tensors, "input_data_format": input_data_format, "data_format": data_format}
+        values = [getattr(self, name, None) if value is UNSET else value for name, value in given.items()]
+        return values[0], values[1], values[2]
 
     def __call__(self, images: Any, *args: Any, **kwargs: Any) -> BatchFeature:
         return self.preprocess(images, *args, **kwargs)
@@ -586,9 +596,9 @@ class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
     def preprocess(
         self,
         images: Any,
-        return_tensors: str | None = None,
-        input_data_format: Any = None,
-        data_format: Any = None,
+        return_tensors: Any = UNSET,
+        input_data_format: Any = UNSET,
+        data_format: Any = UNSET,
         **overrides: Any,
     ) -> BatchFeature:
         return_tensors, input_data_format, data_format = self.call_defaults(

@@ -33,6 +33,7 @@ from transformers.image_processing_utils import BatchFeature
 from . import geometry
 from .errors import ImageError, InputError
 from .image_processing import (
+    UNSET,
     LlavaNextImageProcessorBase,
     LlavaNextImageProcessorKwargs,
     PreprocessSettings,
@@ -144,10 +145,10 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
     def preprocess(
         self,
         images: Any,
-        return_tensors: str | None = None,
+        return_tensors: Any = UNSET,
         device: str | torch.device | None = None,
-        input_data_format: Any = None,
-        data_format: Any = None,
+        input_data_format: Any = UNSET,
+        data_format: Any = UNSET,
         **overrides: Any,
     ) -> BatchFeature:
         return_tensors, input_data_format, data_format = self.call_defaults(

@@ -114,10 +114,11 @@ def _is_item(obj: Any) -> bool:
 
 
 def _is_lazy(obj: Any) -> bool:
-    """A generator, an iterator or a torch dataset (not a list, an image or an array)."""
-    if isinstance(obj, (types.GeneratorType, Iterator)):
+    """A generator, an iterator or a torch dataset (not a list, an image, an array or a file object, which is
+    an iterator of lines but one image)."""
+    if isinstance(obj, types.GeneratorType) or isinstance(obj, torch.utils.data.Dataset):
         return True
-    return isinstance(obj, torch.utils.data.Dataset)
+    return isinstance(obj, Iterator) and not callable(getattr(obj, "read", None))
 
 
 def _is_conversation(obj: Any) -> bool:
@@ -265,6 +266,8 @@ class LlavaNextImageToTextPipeline(Pipeline):
         config = given_config if given_config is not None else getattr(model, "generation_config", None)
         defaults: dict[str, Any] = {}
         bounded = any(k in generate_kwargs for k in ("max_new_tokens", "max_length"))
+        if given_config is not None:  # a length the caller's config sets (not the class default) is a choice
+            bounded = bounded or bool({"max_new_tokens", "max_length"} & set(given_config.to_diff_dict()))
         # a config's max_length of 20 is transformers' model-agnostic default, not a choice
         if not bounded and getattr(config, "max_new_tokens", None) is None:
             defaults["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
@@ -382,7 +385,8 @@ class LlavaNextImageToTextPipeline(Pipeline):
         requests, single = self._requests(inputs, prompt, images)
         preprocess_params, forward_params, postprocess_params = self._sanitize_parameters(**kwargs)
         preprocess_params = {**self._preprocess_params, **preprocess_params}
-        forward_params = {**self._forward_params, **forward_params}
+        # None given in this call means "the default": the pipeline's own, if it was built with one
+        forward_params = {**self._forward_params, **{k: v for k, v in forward_params.items() if v is not None}}
         postprocess_params = {**self._postprocess_params, **postprocess_params}
         detail = forward_params.pop("detail", None)  # OpenAI's detail: for the processor and generate alike
         results: list[Any] = []
@@ -466,8 +470,8 @@ class LlavaNextImageToTextPipeline(Pipeline):
             item_text = item.get("text", item.get("prompt"))
             if item_images is None:
                 answers.append(self(text=item_text, **kwargs))
-            else:
-                answers.append(self(item_images, prompt=item_text, **kwargs))
+            else:  # one request, whatever the number of images (a list is not a batch here)
+                answers.append(self([_as_list(item_images)], prompt=[item_text], **kwargs)[0])
         return answers[0] if isinstance(inputs, Mapping) else answers
 
     def _chat_request(self, messages: Sequence[Any], images: Any) -> _Request:

@@ -510,3 +510,21 @@ def test_return_tensors_set_on_the_processor_is_its_default_as_in_the_reference(
     reference = reference_class(**settings(), return_tensors="pt")(image)
     assert isinstance(ours["pixel_values"], torch.Tensor) and isinstance(reference["pixel_values"], torch.Tensor)
     assert isinstance(ours_class(**settings())(image)["pixel_values"], list)  # without it: one array per image
+
+
+@pytest.mark.parametrize("pair", [0, 1], ids=["pil", "torch"])
+def test_an_explicit_return_tensors_none_asks_for_lists_even_over_the_processors_own(pair):
+    ours_class, _ = _pairs()[pair]
+    processor = ours_class(**settings(), return_tensors="pt")
+    assert isinstance(processor(synthetic(90, 130), return_tensors=None)["pixel_values"], list)
+
+
+def test_resample_given_as_an_enum_of_codes_and_bools_refused():
+    import enum
+
+    class Filters(enum.Enum):
+        BILINEAR = 2
+
+    assert LlavaNextImageProcessor(**settings(), resample=Filters.BILINEAR).resample == 2
+    with pytest.raises(InputError, match="not a resampling filter"):
+        LlavaNextImageProcessor(**settings(), resample=True)

@@ -536,3 +536,21 @@ def test_text_only_prompts_and_a_one_item_prompt_list(pipe, photo):
     chat = pipe([{"role": "user", "content": [{"type": "text", "text": "Say hello."}]}], max_new_tokens=NEW)
     assert text_only == chat
     assert pipe(photo, prompt=[QUESTION], max_new_tokens=NEW) == [pipe(photo, prompt=QUESTION, max_new_tokens=NEW)]
+
+
+def test_a_file_object_is_one_image_and_a_dict_items_images_are_one_request(pipe, photo, tall, tmp_path):
+    path = tmp_path / "photo.png"
+    photo.save(path)
+    one = pipe(photo, prompt=QUESTION, max_new_tokens=NEW)
+    with open(path, "rb") as file:  # an iterator of lines, but one image
+        assert pipe(file, prompt=QUESTION, max_new_tokens=NEW) == one
+    both = pipe({"images": [photo, tall], "text": QUESTION}, max_new_tokens=NEW)
+    assert both == pipe([[photo, tall]], prompt=[QUESTION], max_new_tokens=NEW)[0] and len(both) == 1
+
+
+def test_none_in_a_call_keeps_the_pipelines_own_default(checkpoint, photo):
+    from transformers import pipeline
+
+    short = pipeline("image-to-text", model=str(checkpoint), device="cpu", max_new_tokens=3)
+    ids = short(photo, prompt=QUESTION, return_tensors=True, max_new_tokens=None, min_new_tokens=3)
+    assert len(ids[0]["generated_token_ids"]) == 3

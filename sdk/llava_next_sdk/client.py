@@ -25,7 +25,7 @@ from typing import Any
 
 import anyio
 
-from .errors import BadRequestError, LlavaNextError
+from .errors import APIConnectionError, BadRequestError, LlavaNextError
 from .images import as_image_list, to_image_parts
 from .messages import read_messages, to_chat_messages
 from .transports.base import AsyncTransport
@@ -383,7 +383,7 @@ class _LoopThread:
         with self._submitting:  # scheduled before stop()'s wind-down (which cancels it), or refused
             if self.stopping or self.loop.is_closed():
                 coro.close()  # never started: no "never awaited" warning
-                raise LlavaNextError("this client is closed")
+                raise APIConnectionError("this client is closed; create a new one")
             return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:

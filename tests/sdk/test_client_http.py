@@ -606,6 +606,17 @@ async def test_a_redirect_is_an_error_that_names_where_it_points(standin):
     assert record.count == 2  # once per call: not retried
 
 
+async def test_a_redirect_is_not_followed_even_by_a_callers_client_that_follows_them(standin):
+    import httpx
+
+    url, record = standin.endpoint("redirect")
+    async with httpx.AsyncClient(follow_redirects=True) as http_client:
+        async with client_for(url, http_client=http_client, max_retries=0) as client:
+            with pytest.raises(APIError, match="HTTP 308, a redirect"):
+                await client.generate(None, "hi")
+    assert record.count == 1
+
+
 async def _drain(stream) -> None:
     async with stream as deltas:
         async for _ in deltas:

@@ -76,7 +76,7 @@ class DeferredTransport:
                     if self._closed:  # closed while it loaded: nobody would close what it holds
                         with anyio.CancelScope(shield=True):
                             await transport.aclose()
-                        raise LlavaNextError("this client was closed while its transport was loading")
+                        raise APIConnectionError("this client was closed while its transport was loading")
                     self._transport = transport
         return self._transport
 

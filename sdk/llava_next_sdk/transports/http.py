@@ -242,9 +242,18 @@ class HTTPTransport:
         headers = dict(self._headers, Accept="text/event-stream" if stream else "application/json")
         if stream:
             headers["Accept-Encoding"] = "identity"
+        body_written: list[float] = []
+
+        async def written_at(event: str, info: dict) -> None:
+            """httpcore's trace hook: when the request's body was all sent (the stale-connection clock starts)."""
+            if event.endswith("send_request_body.complete"):
+                body_written.append(anyio.current_time())
+
         try:
             # our timeouts, also over a caller's http_client (whose own default would apply otherwise)
-            request = self._client.build_request("POST", url, json=body, headers=headers, timeout=self.timeout)
+            request = self._client.build_request(
+                "POST", url, json=body, headers=headers, timeout=self.timeout, extensions={"trace": written_at}
+            )
         except (UnicodeError, ValueError, TypeError) as exc:  # e.g. a lone surrogate in the prompt
             raise BadRequestError(f"the request cannot be encoded as JSON: {exc}") from exc
 
@@ -257,10 +266,15 @@ class HTTPTransport:
         stale_retried = False
         while True:
             sent_at = anyio.current_time()
+            body_written.clear()
             try:
-                response = await self._client.send(request, stream=True)
+                # never followed, even by a caller's client that follows redirects: a POST would become a GET
+                response = await self._client.send(request, stream=True, follow_redirects=False)
             except CLOSED_BEFORE_ANSWER as exc:
-                quick = anyio.current_time() - sent_at < STALE_CONNECTION_SECONDS
+                # measured from when the body was all written (connecting and uploading images take their time)
+                quick = (
+                    anyio.current_time() - (body_written[-1] if body_written else sent_at) < STALE_CONNECTION_SECONDS
+                )
                 delay = in_time(self.retry_policy.delay(attempt)) if quick and not stale_retried else None
                 if delay is not None:
                     logger.info("retrying %s in %.2fs after %s (a dead kept-alive connection)", url, delay, exc)
@@ -526,8 +540,14 @@ def _connection_error(exc: Exception, url: str, retries: int) -> APIConnectionEr
         phase, advice = {
             httpx.ConnectTimeout: ("connecting to", "raise connect_timeout= if the host is just slow to accept"),
             httpx.ReadTimeout: ("waiting for an answer from", "raise read_timeout= if the endpoint is just slow"),
-            httpx.WriteTimeout: ("sending the request to", "raise timeout= if the network is just slow"),
-            httpx.PoolTimeout: ("waiting for a free connection to", "make fewer calls at once or raise limits="),
+            httpx.WriteTimeout: (
+                "sending the request to",
+                "pass timeout=httpx.Timeout(..., write=SECONDS) if the network is just slow",
+            ),
+            httpx.PoolTimeout: (
+                "waiting for a free connection to",
+                "make fewer calls at once, or give the client more connections (limits=, or your http_client's)",
+            ),
         }.get(type(exc), ("talking to", "raise timeout= if the endpoint is just slow"))
         return APITimeoutError(f"timed out {phase} {url}{after}: {detail}; {advice}")
     return APIConnectionError(f"could not reach {url}{after}: {detail}; is the server running and the base_url right?")
