@@ -188,19 +188,29 @@ def test_pipeline_arguments_that_cannot_work_are_refused_by_name(pipe, photo, ar
         pipe(photo, prompt=QUESTION, **arguments)
 
 
-def test_chat_ending_with_an_assistant_turn_is_continued_as_transformers_does(pipe, checkpoint, photo):
+@pytest.fixture(scope="module")
+def reference_pipe(checkpoint):
+    """transformers' own image-text-to-text pipeline over the same checkpoint."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.pipelines import ImageTextToTextPipeline
 
-    messages = [
-        {"role": "user", "content": [{"type": "image", "image": photo}, {"type": "text", "text": QUESTION}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "The chart"}]},
-    ]
     with llava_next_plugin.use_transformers_builtins():
-        reference = ImageTextToTextPipeline(
+        return ImageTextToTextPipeline(
             model=AutoModelForImageTextToText.from_pretrained(str(checkpoint)),
             processor=AutoProcessor.from_pretrained(str(checkpoint)),
         )
+
+
+def continued_chat(photo) -> list[dict]:
+    """A question about *photo*, and the start of an answer to continue."""
+    return [
+        {"role": "user", "content": [{"type": "image", "image": photo}, {"type": "text", "text": QUESTION}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "The chart"}]},
+    ]
+
+
+def test_chat_ending_with_an_assistant_turn_is_continued_as_transformers_does(pipe, reference_pipe, photo):
+    messages, reference = continued_chat(photo), reference_pipe
     expected = reference(text=messages, max_new_tokens=NEW, return_full_text=False)[0]["generated_text"]
     assert pipe(messages, max_new_tokens=NEW)[0]["generated_text"] == expected.strip()
     new_turn = pipe(messages, max_new_tokens=NEW, continue_final_message=False)[0]["generated_text"]
@@ -473,20 +483,9 @@ def test_bad_batch_sizes_and_timeouts_are_refused_naming_them(pipe, photo, tall,
         pipe([photo, tall], prompt=QUESTION, max_new_tokens=1, **kwargs)  # -1 returned [] (answers lost)
 
 
-def test_a_continued_assistant_turn_keeps_the_space_that_joins_it(pipe, checkpoint, photo):
+def test_a_continued_assistant_turn_keeps_the_space_that_joins_it(pipe, reference_pipe, photo):
     """'The chart' + ' shows' stays 'The chart shows' when joined (the answer was stripped to 'shows')."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    from transformers.pipelines import ImageTextToTextPipeline
-
-    messages = [
-        {"role": "user", "content": [{"type": "image", "image": photo}, {"type": "text", "text": QUESTION}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "The chart"}]},
-    ]
-    with llava_next_plugin.use_transformers_builtins():
-        reference = ImageTextToTextPipeline(
-            model=AutoModelForImageTextToText.from_pretrained(str(checkpoint)),
-            processor=AutoProcessor.from_pretrained(str(checkpoint)),
-        )
+    messages, reference = continued_chat(photo), reference_pipe
     shows = reference.processor.tokenizer.convert_tokens_to_ids("▁shows")
 
     class Shows(LogitsProcessor):  # the first new token is " shows", whatever the random model says
