@@ -584,3 +584,11 @@ def test_ask_and_caption_read_each_image_through_the_image_hook_once(checkpoint,
         assert seen == ["str"] * 3
     finally:
         manager.unregister(plugin)
+
+
+def test_caption_refuses_ray_options_without_ray_rather_than_ignore_them(checkpoint, images, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    for extra, named in ((["--workers", 2], "--workers"), (["--gpus-per-worker", 1, "--id-column", "x"], "--gpus")):
+        code, _, err = run(capsys, "caption", images, "--out", out, "--model", checkpoint, *extra)
+        assert code == 1 and named in one_error_line(err) and "with --ray only" in err
+    assert not out.exists()
