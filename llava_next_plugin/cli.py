@@ -291,16 +291,11 @@ class _Stopped:
 
 def _check_device(device: str | None) -> None:
     """``--device``, checked before a model is read (a bad one was said by torch after the weights loaded)."""
-    if device is None:
-        return
-    import torch
+    from .engine.scheduler import device_problem
 
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise CommandError(f"--device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise CommandError(f"--device {device}, but this torch sees no CUDA device: use --device cpu")
+    problem = None if device is None else device_problem(device)
+    if problem:
+        raise CommandError(f"--device {device!r} {problem}")
 
 
 def _check_placeholders(prompt: str, num_images: int) -> None:

@@ -200,16 +200,13 @@ def _check_engine_options(options: dict[str, Any]) -> None:
     """``device=`` and ``dtype=`` that cannot work are refused when the client is made, not at a model load."""
     import torch
 
+    from .engine.scheduler import device_problem
     from .engine.shared import _normalized  # the shared engines' own reading of these options
 
     device, dtype = options.get("device"), options.get("dtype")
-    if device is not None:
-        try:
-            parsed = torch.device(_normalized("device", device))
-        except (RuntimeError, TypeError, ValueError) as exc:
-            raise ValueError(f"device={device!r} is not a torch device (e.g. 'cpu', 'cuda', 'cuda:1'): {exc}") from exc
-        if parsed.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={device!r}, but this torch sees no CUDA device: use device='cpu'")
+    problem = None if device is None else device_problem(device)
+    if problem:
+        raise ValueError(f"device={device!r} {problem}")
     if dtype is not None and not isinstance(_normalized("dtype", dtype), (torch.dtype, type(None))):
         raise ValueError(f"dtype={dtype!r} is not a torch dtype: use 'auto', 'float32', 'bfloat16' or 'float16'")
 

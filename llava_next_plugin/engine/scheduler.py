@@ -57,6 +57,18 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def device_problem(device: Any) -> str | None:
+    """What makes *device* unusable in this process (the end of a sentence naming it), or ``None``: not a torch
+    device, or CUDA on a torch that sees none. Fronts check it before a model loads."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        return f"is not a torch device (e.g. cpu, cuda, cuda:1): {exc}"
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        return "asks for CUDA, but this torch sees no CUDA device: use cpu"
+    return None
+
+
 def compiles_by_default(device: torch.device | str) -> bool:
     """Whether an engine on *device* compiles its decode step when ``compile`` is not given: on CUDA only."""
     return torch.device(device).type == "cuda"
