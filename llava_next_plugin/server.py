@@ -63,7 +63,7 @@ from starlette.routing import Route
 
 from .engine import Engine, EngineResult, RequestHandle
 from .errors import first_line
-from .validation import Limits, PixelBudget, check_request, fetch_image, prepare_checked
+from .validation import Limits, PixelBudget, check_request, fetch_image, prepare_request
 
 __all__ = ["create_app", "run_server", "serve_in_thread", "RunningServer", "default_served_name"]
 
@@ -249,11 +249,9 @@ class _Front:
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
                 status[0], started[0] = message["status"], True
-            if message["type"] == "http.response.start" and self.echo_request_id:
-                message = {
-                    **message,
-                    "headers": list(message.get("headers", [])) + [(b"x-request-id", request_id.encode("latin-1"))],
-                }
+                if self.echo_request_id:
+                    headers = list(message.get("headers", [])) + [(b"x-request-id", request_id.encode("latin-1"))]
+                    message = {**message, "headers": headers}
             await send(message)
 
         try:
@@ -674,7 +672,7 @@ def create_app(
         if drain.cutting:  # its turn came after the drain's cut: no work, the 503
             raise _shutting_down()
         engine.check_admission()  # again: the queue may have filled while this request waited its turn
-        return prepare_checked(engine, chat_request, limits, budget, fetched=fetched)  # checked on the loop
+        return prepare_request(engine, chat_request, limits, budget, fetched=fetched, checked=True)  # on the loop
 
     async def _result_unless_disconnected(request: Request, handle: RequestHandle) -> EngineResult:
         """The request's result; a client that disconnects first cancels it. Errors come out bare (caught

@@ -397,32 +397,22 @@ def prepare_request(
     budget: PixelBudget | None = None,
     *,
     fetched: Mapping[int, bytes] | None = None,
+    checked: bool = False,
 ) -> PreparedRequest:
     """Check *request* against *limits* and the model, and turn it into the engine's input (blocking).
 
-    The cheap checks come first (:func:`check_request`), then the images are fetched (unless *fetched* holds
-    their bytes by image index: the server fetches a request's URLs at once, apart from the CPU work) and their
-    headers read, and only then are pixels decoded, within *budget* when one is given.
+    The cheap checks come first (:func:`check_request`; *checked*: they passed already, as the server runs them
+    on its event loop before it fetches the request's images), then the images are fetched (unless *fetched*
+    holds their bytes by image index: the server fetches a request's URLs at once, apart from the CPU work) and
+    their headers read, and only then are pixels decoded, within *budget* when one is given.
 
     :raises BadRequestError: no user message, too many images, a stop string too long, or (413) too many pixels.
     :raises InvalidImageError: an image from a forbidden source, too large, or undecodable (names its index).
     :raises ContextLengthExceededError: the prompt plus ``max_tokens`` exceeds the model's context.
     :raises OverloadedError: *budget* has no room for this request's pixels now (429).
     """
-    check_request(engine, request, limits)
-    return prepare_checked(engine, request, limits, budget, fetched=fetched)
-
-
-def prepare_checked(
-    engine: Engine,
-    request: ChatRequest,
-    limits: Limits,
-    budget: PixelBudget | None = None,
-    *,
-    fetched: Mapping[int, bytes] | None = None,
-) -> PreparedRequest:
-    """:func:`prepare_request` for a request that :func:`check_request` has passed already (the server checks it
-    on its event loop, before it fetches the request's images)."""
+    if not checked:
+        check_request(engine, request, limits)
     sources = _request_image_sources(request, limits, fetched)
     pixels = _request_pixels(sources, limits)
     with budget.hold(pixels) if budget is not None else nullcontext():
