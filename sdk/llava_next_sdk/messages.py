@@ -139,12 +139,14 @@ def _detail(value: Any, where: str) -> str:
 
 
 def _base64_bytes(data: Any, where: str, index: int) -> bytes:
-    """An image part's ``base64`` value as the encoded image's bytes (a data URL's payload is taken too)."""
+    """An image part's ``base64`` value as the encoded image's bytes (a data URL is read as data URLs are)."""
     import base64
     import binascii
 
-    if isinstance(data, str) and data.startswith("data:") and "," in data:
-        data = data.split(",", 1)[1]
+    if isinstance(data, str) and data[:5].lower() == "data:":
+        from .wire import decode_data_url  # the one data-URL decoder
+
+        return decode_data_url(data, index=index, param="messages")[1]
     try:
         return base64.b64decode(data, validate=True)
     except (binascii.Error, TypeError, ValueError):
