@@ -455,7 +455,7 @@ def run_caption(args: argparse.Namespace) -> int:
                     detail=args.detail,
                     workers=args.workers,
                     gpus_per_worker=args.gpus_per_worker,
-                    cpus_per_worker=cpus if args.cpus_per_worker is not None or not args.gpus_per_worker else 1,
+                    cpus_per_worker=cpus,
                     batch_size=args.batch_size,
                     limits=limits,
                     device=args.device,

@@ -41,7 +41,6 @@ one such list per item. The answer holds only the generated text, never the prom
 from __future__ import annotations
 
 import copy
-import types
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,9 +115,9 @@ def _is_item(obj: Any) -> bool:
 def _is_lazy(obj: Any) -> bool:
     """A generator, an iterator or a torch dataset (not a list, an image, an array or a file object, which is
     an iterator of lines but one image)."""
-    if isinstance(obj, types.GeneratorType) or isinstance(obj, torch.utils.data.Dataset):
+    if isinstance(obj, torch.utils.data.Dataset):
         return True
-    return isinstance(obj, Iterator) and not callable(getattr(obj, "read", None))
+    return isinstance(obj, Iterator) and not callable(getattr(obj, "read", None))  # generators are iterators
 
 
 def _is_conversation(obj: Any) -> bool:
@@ -367,20 +366,20 @@ class LlavaNextImageToTextPipeline(Pipeline):
             inputs, images = images, None
         if inputs is None and (_is_conversation(prompt) or _is_conversations(prompt)):
             inputs, prompt = prompt, None  # pipe(text=messages), as transformers' image-text-to-text is called
+        # the keywords again, for the calls a generator's or a dict item's items make (None: not given)
+        again = {k: v for k, v in dict(batch_size=batch_size, timeout=timeout, **kwargs).items() if v is not None}
         if _is_lazy(inputs):  # a generator or a dataset: answers come back as an iterator, one per item
-            return self._lazily(inputs, prompt, dict(batch_size=batch_size, timeout=timeout, **kwargs))
+            return self._lazily(inputs, prompt, again)
         if _is_item(inputs) or (
             isinstance(inputs, (list, tuple)) and inputs and all(_is_item(i) for i in inputs)
         ):  # transformers' {"images": ..., "text": ...} items
-            return self._dict_items(inputs, prompt, images, dict(batch_size=batch_size, timeout=timeout, **kwargs))
+            return self._dict_items(inputs, prompt, images, again)
         if inputs is None and isinstance(prompt, str) and images is None:
             inputs = []  # a text-only prompt
         if inputs is None and isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
             inputs = [[] for _ in prompt]  # text-only prompts
         if inputs is None:
             raise InputError("nothing to answer: call pipe(image, prompt=...), pipe(messages) or pipe(text=...)")
-        if timeout is not None:
-            timeout = _seconds(timeout)
         batch_size = _batch_size(batch_size if batch_size is not None else (self._batch_size or 1))
         requests, single = self._requests(inputs, prompt, images)
         preprocess_params, forward_params, postprocess_params = self._sanitize_parameters(**kwargs)
@@ -448,13 +447,11 @@ class LlavaNextImageToTextPipeline(Pipeline):
 
     def _lazily(self, items: Any, prompt: Any, kwargs: dict[str, Any]) -> Iterator[Any]:
         """Answers for a generator's or a dataset's items, one call each, as they are asked for."""
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
         for item in items:
             yield self(item, prompt=prompt, **kwargs) if prompt is not None else self(item, **kwargs)
 
     def _dict_items(self, inputs: Any, prompt: Any, images: Any, kwargs: dict[str, Any]) -> Any:
         """transformers' ``{"images": ..., "text": ...}`` item, or a list of them (a batch)."""
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
         if prompt is not None or images is not None:
             raise InputError("give the prompt and images inside the {'images': ..., 'text': ...} items, not again")
         items = [inputs] if isinstance(inputs, Mapping) else list(inputs)

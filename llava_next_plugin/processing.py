@@ -98,7 +98,6 @@ def _image_processor_class(backend: str | None, use_fast: bool | None) -> type[L
     )
 
 
-# Image sources read by llava_next_plugin.images (paths, URLs, encoded bytes), not pixels already.
 def _is_single_image(item: Any) -> bool:
     if isinstance(item, ENCODED_SOURCES):
         return True
