@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from llava_next_sdk.errors import RequestCancelledError, ServerError
 
-from .detokenizer import TextStream
+from .detokenizer import PieceTable, TextStream
 from .handle import RequestHandle
 from .kv import KVSlots
 from .request import Image, generation_error
@@ -118,6 +118,7 @@ class Batch:
         self.runner = runner
         self.kv = kv
         self.detokenizer = detokenizer
+        self.pieces = PieceTable(detokenizer)  # shared by the streams: each token's text, found once
         self.model_name = model_name
         self.eos_token_ids = eos_token_ids
         self.max_context = max_context
@@ -173,7 +174,7 @@ class Batch:
         running = Running(
             handle=handle,
             slot=slot,
-            text=TextStream(self.detokenizer, params.stop),
+            text=TextStream(self.detokenizer, params.stop, self.pieces),
             seed=seed - (1 << 64) if seed >= 1 << 63 else seed,  # 64 bits, as the sampler's int64 holds them
             prompt_len=prepared.prompt_tokens,
             started_at=time.monotonic(),

@@ -5,14 +5,19 @@ decoded with the few tokens before it, so text appears once its characters are c
 found with one automaton per stop string (Knuth-Morris-Pratt), fed each new character once, so the cost is
 linear in the text plus the stop strings, however long they are. Text that may be the start of a stop string
 is held back until it is known not to be one.
+
+Most tokens need no decode at all: a :class:`PieceTable` knows the text a token adds after any token whose own
+text is complete (for tokenizers whose decoder only concatenates pieces), and a stream whose text so far is
+complete appends it directly; the others (byte pieces, special and added tokens, the first token) decode as above.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable, Sequence
 
-__all__ = ["TextStream", "StopMatcher"]
+__all__ = ["TextStream", "StopMatcher", "PieceTable"]
 
 
 class StopMatcher:
@@ -61,13 +66,10 @@ class StopMatcher:
         return max(self._state, default=0)
 
 
-def decoder_of(tokenizer) -> Callable[[list[int]], str]:
-    """``tokenizer.decode(ids, skip_special_tokens=True)`` as a function of the ids.
-
-    A transformers tokenizer backed by the ``tokenizers`` library whose ``_decode`` is not overridden and does not
-    clean up spaces decodes with its Rust tokenizer alone: that call, without the Python plumbing around it (about
-    three quarters of the time of each of the two decodes per generated token), gives the same text.
-    """
+def _direct_backend(tokenizer):
+    """The tokenizer's Rust tokenizer (``tokenizers``) if decoding with it alone gives the tokenizer's text: a
+    transformers tokenizer backed by it whose ``_decode`` is not overridden and does not clean up spaces; else
+    ``None``."""
     from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
     backend = getattr(tokenizer, "_tokenizer", None)
@@ -77,16 +79,95 @@ def decoder_of(tokenizer) -> Callable[[list[int]], str]:
         and not getattr(tokenizer, "clean_up_tokenization_spaces", False)
         and backend is not None
     ):
-        return functools.partial(backend.decode, skip_special_tokens=True)
-    return functools.partial(tokenizer.decode, skip_special_tokens=True)
+        return backend
+    return None
+
+
+def decoder_of(tokenizer) -> Callable[[list[int]], str]:
+    """``tokenizer.decode(ids, skip_special_tokens=True)`` as a function of the ids: the Rust tokenizer's decode
+    when it gives the same text (:func:`_direct_backend`), without the Python plumbing around it (about three
+    quarters of the time of each of the two decodes per generated token)."""
+    backend = _direct_backend(tokenizer)
+    return functools.partial((tokenizer if backend is None else backend).decode, skip_special_tokens=True)
+
+
+#: Decoders (``tokenizers`` types) that turn each token into a piece of text on its own and concatenate the pieces,
+#: with at most the first piece's leading space removed and bytes joined into characters: after a token whose text
+#: is complete, a token adds the same text whatever came before. (Others, e.g. ``BPEDecoder``, which treats the last
+#: token apart, or ``WordPiece``, which cleans up, are not listed: their streams always decode.)
+_APPENDING_DECODERS = frozenset({"Sequence", "Replace", "ByteFallback", "Fuse", "Strip", "Metaspace", "ByteLevel"})
+
+
+def _appends(decoder: dict | None) -> bool:
+    if not decoder or decoder.get("type") not in _APPENDING_DECODERS:
+        return False
+    if decoder["type"] == "Strip" and decoder.get("stop", 0):
+        return False  # stripping the end would take from the last piece, whichever it is
+    return all(_appends(inner) for inner in decoder.get("decoders", ()))
+
+
+class PieceTable:
+    """The text each token adds after a token whose own text is complete, for tokenizers whose decoder only
+    concatenates (``None`` for tokens that need a decode: bytes of a longer character, special and added tokens).
+
+    A token's piece is what it adds after each of two different anchor tokens (``decode([a, t])`` minus
+    ``decode([a])``); a token whose two pieces differ, or are empty or hold a replacement character, has none.
+    Pieces are found on first use and kept (a few decodes each, once per token id)."""
+
+    def __init__(self, tokenizer) -> None:
+        self._decode = decoder_of(tokenizer)
+        self._pieces: dict[int, str | None] = {}
+        self._added: set[int] = set()
+        self._anchors: list[tuple[int, str]] = []
+        self.enabled = False
+        backend = _direct_backend(tokenizer)
+        if backend is not None:
+            try:
+                decoder = json.loads(backend.decoder.__getstate__()) if backend.decoder is not None else None
+            except Exception:  # a decoder that does not serialise: always decode
+                decoder = None
+            self._added = set(getattr(tokenizer, "added_tokens_decoder", {}) or ())
+            anchors = [self._anchor(tokenizer, word) for word in ("The", " cat")]
+            self._anchors = [(a, self._decode([a])) for a in anchors if a is not None]
+            self.enabled = _appends(decoder) and len({a for a, _ in self._anchors}) == 2
+
+    def _anchor(self, tokenizer, word: str) -> int | None:
+        ids = tokenizer.encode(word, add_special_tokens=False)
+        if not ids or ids[-1] in self._added:
+            return None
+        text = self._decode([ids[-1]])
+        return ids[-1] if text and "\ufffd" not in text else None
+
+    def get(self, token_id: int) -> str | None:
+        """The text *token_id* adds after a complete token, or ``None`` (decode it)."""
+        try:
+            return self._pieces[token_id]
+        except KeyError:
+            piece = self._pieces[token_id] = self._find(token_id) if self.enabled else None
+            return piece
+
+    def _find(self, token_id: int) -> str | None:
+        if token_id in self._added:
+            return None
+        pieces = set()
+        for anchor, alone in self._anchors:
+            both = self._decode([anchor, token_id])
+            if not both.startswith(alone):
+                return None
+            pieces.add(both[len(alone) :])
+        piece = pieces.pop()
+        return piece if not pieces and piece and "\ufffd" not in piece else None
 
 
 class TextStream:
-    """Turns generated token ids into text deltas, holding back incomplete characters and partial stops."""
+    """Turns generated token ids into text deltas, holding back incomplete characters and partial stops.
 
-    def __init__(self, tokenizer, stop: Sequence[str]) -> None:
+    *pieces*: the tokenizer's :class:`PieceTable`, shared by its streams (one is made if not given)."""
+
+    def __init__(self, tokenizer, stop: Sequence[str], pieces: PieceTable | None = None) -> None:
         self.tokenizer = tokenizer
         self._decode_ids = decoder_of(tokenizer)
+        self.pieces = pieces if pieces is not None else PieceTable(tokenizer)
         self.matcher = StopMatcher(stop)
         self.stop = self.matcher.stops
         self.ids: list[int] = []
@@ -102,9 +183,20 @@ class TextStream:
 
     def add(self, token_id: int) -> str:
         """Take one token; return the text that became safe to show (may be empty)."""
-        self.ids.append(token_id)
+        ids = self.ids
         if self.stopped:
+            ids.append(token_id)
             return ""
+        if self.prefix_offset < self.read_offset == len(ids) and self.pieces.enabled:
+            # the text so far is complete and its last token's own text too (so the decoder's start, e.g. a
+            # leading space removed, is behind): a token with a piece adds exactly that
+            piece = self.pieces.get(token_id)
+            if piece is not None and self.pieces.get(ids[-1]) is not None:
+                ids.append(token_id)
+                self.text += piece
+                self.prefix_offset, self.read_offset = self.read_offset, len(ids)
+                return self._release(final=False)
+        ids.append(token_id)
         before = self._decode(self.ids[self.prefix_offset : self.read_offset])
         after = self._decode(self.ids[self.prefix_offset :])
         if len(after) > len(before) and not after.endswith("\ufffd"):
