@@ -52,6 +52,8 @@ def test_compiled_decode_step_warms_up_once_per_bucket_and_never_recompiles_on_j
         assert fourth.prompt_tokens > 700
         assert counters["stats"]["unique_graphs"] == graphs
         assert dict(counters["graph_break"]) == {}
+        if torch.backends.mkl.is_available():  # the 2-row graph ran the LM head packed for MKL (packed_head.py)
+            assert compiled.runner.packed_head is not None and compiled.runner.packed_head.packed is not None
         assert [r.token_ids for r in results] == [
             eager.generate(ask("Short"), [photo(40, 90)], short).token_ids,
             eager.generate(ask("A long answer"), [photo(64, 64)], long).token_ids,

@@ -1,16 +1,88 @@
-"""The detokenizer's table of token pieces gives the same text deltas as decoding, for sentencepiece, byte-level and
-metaspace tokenizers."""
+"""The engine's CPU fast paths give what the plain paths give: the LM head packed for MKL's GEMM (the same greedy
+tokens as ``model.generate``, packed again when the weight changes) and the detokenizer's table of token pieces
+(the same text deltas as decoding, for sentencepiece, byte-level and metaspace tokenizers)."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
-from checkpoints import build_tokenizer
+import torch
+from checkpoints import ask, build_tokenizer, photo, reference_greedy
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from llava_next_plugin.engine import Engine, SamplingParams
 from llava_next_plugin.engine.detokenizer import PieceTable, TextStream
+from llava_next_plugin.engine.packed_head import PackedHead, packed_linear
+
+GREEDY = SamplingParams(max_tokens=6, temperature=0)
+REQUESTS = [("What is this?", photo(80, 50)), ("And this one?", photo(40, 64)), ("Colours?", photo(64, 64))]
+
+
+def batched(engine: Engine) -> list[list[int]]:
+    """The token ids of :data:`REQUESTS` submitted together (decode steps of several rows)."""
+    handles = [engine.submit(engine.prepare(ask(text), [image], GREEDY)) for text, image in REQUESTS]
+    return [h.result(timeout=120).token_ids for h in handles]
+
+
+def expected(engine: Engine, model) -> list[list[int]]:
+    return [reference_greedy(model, engine.prepare(ask(text), [image], GREEDY), 6) for text, image in REQUESTS]
+
+
+@pytest.mark.skipif(
+    not torch.backends.mkl.is_available(), reason="this torch build has no MKL (the head is not packed)"
+)
+def test_batched_steps_run_the_packed_lm_head_and_give_model_generate_tokens(reference):
+    model, processor = reference
+    engine = Engine(model, processor, max_batch_size=4).start()
+    try:
+        assert batched(engine) == expected(engine, model)
+        head = engine.runner.packed_head
+        assert head is not None and head.packed is not None  # it was used (steps of 2+ rows)
+        weight = model.get_output_embeddings().weight
+        for rows in (2, 3, 4):
+            hidden = torch.randn(rows, weight.shape[1])
+            with torch.inference_mode():
+                torch.testing.assert_close(packed_linear(hidden, weight, None), hidden @ weight.T)
+    finally:
+        engine.shutdown(drain=False)
+
+
+@pytest.mark.skipif(
+    not torch.backends.mkl.is_available(), reason="this torch build has no MKL (the head is not packed)"
+)
+def test_an_lm_head_weight_changed_in_place_or_replaced_is_packed_again(tiny_checkpoint):
+    import transformers
+
+    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    processor = transformers.AutoProcessor.from_pretrained(tiny_checkpoint)
+    engine = Engine(model, processor, max_batch_size=4).start()
+    head = model.get_output_embeddings()
+    try:
+        before = batched(engine)
+        assert before == expected(engine, model)
+        saved = head.weight.detach().clone()
+        with torch.no_grad():  # in place: every logit 0, so the first token (id 0) wins every step
+            head.weight.zero_()
+        assert batched(engine) == [[0] * 6] * 3 == expected(engine, model)
+        head.weight = torch.nn.Parameter(saved)  # another tensor: the first weights again
+        assert batched(engine) == before
+    finally:
+        engine.shutdown(drain=False)
+
+
+def test_only_a_float32_linear_head_on_the_cpu_with_several_rows_is_packed():
+    assert PackedHead.of(torch.nn.Linear(64, 300, bias=False).bfloat16(), 4) is None
+    assert PackedHead.of(torch.nn.Linear(64, 300, bias=False), 1) is None  # never more than one row a step
+    assert PackedHead.of(torch.nn.Embedding(300, 64), 4) is None
+    if torch.backends.mkl.is_available():
+        head = PackedHead.of(torch.nn.Linear(64, 300), 4)
+        assert head is not None and head.current()  # packed (bias included), its check passed
+        hidden = torch.randn(3, 64)
+        with torch.inference_mode():
+            torch.testing.assert_close(head(hidden), head.linear(hidden))
+
 
 # --- the detokenizer's pieces
 CORPUS = ["Café 東京 — 🐈‍⬛ naïve, façade ; 😀 ! The cat sat on the mat.", "Hello world, über straße ✓ 日本語です"] * 40

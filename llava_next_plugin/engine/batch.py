@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from llava_next_sdk.errors import RequestCancelledError, ServerError
@@ -75,6 +76,18 @@ class Running:
 
 _Piece = tuple[Running, torch.Tensor, int]  # a prefilling request, its prompt embeddings [L, hidden], tokens now
 _Sampling = tuple[tuple[torch.Tensor, ...], "list[int] | torch.Tensor"]  # row_params, the top-p rows
+
+
+class Firsts(NamedTuple):
+    """What a decode step computed for its rows beside the logits: :func:`~.sampler.first_max`'s ``top [n]`` and
+    ``argmax [n]``, and ``greedy [2, n]``: the greedy tokens and whether each row is usable (as int64)."""
+
+    top: torch.Tensor
+    argmax: torch.Tensor
+    greedy: torch.Tensor
+
+    def row(self, row: int) -> Firsts:
+        return Firsts(self.top[row : row + 1], self.argmax[row : row + 1], self.greedy[:, row : row + 1])
 
 
 class Batch:
@@ -375,9 +388,7 @@ class Batch:
             self._sample_and_advance(rows, logits, sampling, first)
 
     @torch.inference_mode()
-    def _decode(
-        self, decoding: list[Running]
-    ) -> tuple[list[Running], torch.Tensor, _Sampling | None, tuple[torch.Tensor, torch.Tensor]]:
+    def _decode(self, decoding: list[Running]) -> tuple[list[Running], torch.Tensor, _Sampling | None, Firsts]:
         """One decode forward for *decoding*: :meth:`_sample_and_advance`'s arguments (the rows in slot order)."""
         decoding.sort(key=lambda r: r.slot)
         if len(decoding) == 1 and not self.runner.compiled:
@@ -397,10 +408,13 @@ class Batch:
             own = torch.tensor([r.slot - first for r in decoding]).to(self.device)
         sampling = self._sampling_inputs(decoding)  # before the launch too, for the same reason
         kv_len = self.runner.kv_bucket(max(positions) + 1)
-        logits, top, index = self.runner.decode(inputs[0], inputs[1], inputs[2], slice(first, first + rows), kv_len)
+        logits, top, index, greedy_rows = self.runner.decode(
+            inputs[0], inputs[1], inputs[2], slice(first, first + rows), kv_len
+        )
         if own is not None:  # else the rows are the slots first..first+rows-1, in order: all of them
             logits, top, index = (t.index_select(0, own) for t in (logits, top, index))
-        return decoding, logits, sampling, (top, index)
+            greedy_rows = greedy_rows.index_select(1, own)
+        return decoding, logits, sampling, Firsts(top, index, greedy_rows)
 
     # --- sampling and streaming
     def _sampling_inputs(self, batch: list[Running]) -> _Sampling | None:
@@ -418,27 +432,31 @@ class Batch:
         batch: list[Running],
         logits: torch.Tensor,
         sampling: _Sampling | None,
-        first: tuple[torch.Tensor, torch.Tensor] | None = None,
+        first: Firsts | None = None,
     ) -> None:
         """Sample each request's next token from its row of ``logits [len(batch), vocab]`` (one transfer to
         the host for all), stream it, and end the requests that are done. *sampling*: the batch's
-        :meth:`_sampling_inputs`, built before the forward was launched; *first*: the rows'
-        :func:`~.sampler.first_max`, if the step computed it."""
+        :meth:`_sampling_inputs`, built before the forward was launched; *first*: what the step computed beside
+        the logits, if it did (a decode step)."""
         if not batch:
             return
         try:
             if sampling is not None:
                 tensors, top_p_rows = sampling
-                tokens, ok = sample(logits, *tensors, top_p_rows=top_p_rows, first=first)
+                maxima = None if first is None else (first.top, first.argmax)
+                tokens, ok = sample(logits, *tensors, top_p_rows=top_p_rows, first=maxima)
+                picked = torch.stack([tokens, ok.long()])
+            elif first is not None:  # all greedy, and the step picked the tokens already
+                picked = first.greedy
             else:  # all greedy: the first maximum, no per-row parameters to build
-                tokens, ok = greedy(logits, first)
-            tokens, ok = torch.stack([tokens, ok.long()]).tolist()
+                picked = torch.stack([t.long() for t in greedy(logits)])
+            tokens, ok = picked.tolist()
         except Exception as exc:  # the forward is done: find the culprit by sampling each row alone
             if len(batch) == 1:
                 self._fail(batch[0], exc)
                 return
             for row, running in enumerate(batch):
-                alone = None if first is None else (first[0][row : row + 1], first[1][row : row + 1])
+                alone = None if first is None else first.row(row)
                 self._sample_and_advance([running], logits[row : row + 1], self._sampling_inputs([running]), alone)
             return
         now = time.monotonic()

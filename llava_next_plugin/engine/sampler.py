@@ -41,13 +41,11 @@ def uniform(seed: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
-def greedy(
-    logits: torch.Tensor, first: tuple[torch.Tensor, torch.Tensor] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's most likely token ``[n]`` (the first maximum, as argmax) and whether the row is usable ``[n]``:
-    its maximum is finite (a NaN propagates to it; a row whose maximum is +inf or -inf has no distribution).
-    *first*: the rows' :func:`first_max`, when the step computed it already."""
-    top, tokens = first if first is not None else first_max(logits)
+    its maximum is finite (a NaN propagates to it; a row whose maximum is +inf or -inf has no distribution). The
+    compiled decode step computes the same in its graph (``ModelRunner.decode``'s ``greedy``)."""
+    top, tokens = first_max(logits)
     return tokens, torch.isfinite(top)
 
 

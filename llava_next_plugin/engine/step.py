@@ -28,6 +28,7 @@ import torch
 from .._compat import cache_kwarg
 from .decoder import HookWatch, PlainDecoder
 from .kv import KVSlots
+from .packed_head import PackedHead
 from .sampler import first_max
 
 __all__ = ["ModelRunner", "length_bucket"]
@@ -98,6 +99,8 @@ class ModelRunner:
         self.kv = kv
         self.embed_tokens = model.get_input_embeddings()
         self.lm_head = model.get_output_embeddings()
+        #: On a CPU, the LM head's weight packed for MKL's GEMM, used by steps of 2+ rows (packed_head.py)
+        self.packed_head = PackedHead.of(self.lm_head, kv.slots)
         self.language_model = language_model(model)
         self.cache_arg = cache_kwarg(self.language_model.forward)
         #: The decoder forward written out (a Llama-family backbone), else ``None``: transformers' forward runs.
@@ -227,7 +230,11 @@ class ModelRunner:
         :attr:`hooked` said already)."""
         return self.decoder is not None and not (self.hooked() if hooked is None else hooked)
 
-    def _run(self, embeds, position_ids, write_index, last, rows, columns, plain, causal=False):
+    def _packed(self, rows: int, plain: bool) -> bool:
+        """Whether a forward of *rows* rows runs the packed LM head (else ``F.linear``, through the module)."""
+        return self.packed_head is not None and rows >= 2 and plain and self.packed_head.current()
+
+    def _run(self, embeds, position_ids, write_index, last, rows, columns, plain, packed, causal=False):
         if rows is None:  # the compiled decode step: slots [0, R)
             rows = slice(0, embeds.shape[0])
         cache = self.kv.view(rows, write_index, columns.shape[0])
@@ -248,13 +255,16 @@ class ModelRunner:
             hidden = hidden[:, -1]
         else:
             hidden = hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
+        if packed and self.packed_head is not None:
+            return self.packed_head(hidden).float()
         return self.lm_head(hidden).float()
 
-    def _decode_run(self, tokens, position_ids, write_index, rows, columns, plain):
+    def _decode_run(self, tokens, position_ids, write_index, rows, columns, plain, packed):
         embeds = self.embed_tokens(tokens)  # in the compiled graph: one op fewer to launch per step
-        logits = self._run(embeds, position_ids, write_index, None, rows, columns, plain)
+        logits = self._run(embeds, position_ids, write_index, None, rows, columns, plain, packed)
         top, index = first_max(logits)
-        return logits, top, index
+        # the greedy tokens and whether each row is usable, in one tensor: one transfer for all rows
+        return logits, top, index, torch.stack([index, torch.isfinite(top).long()])
 
     @torch.inference_mode()
     def forward(
@@ -273,14 +283,17 @@ class ModelRunner:
         the attention is plainly causal: no mask is built (unless a sliding window is shorter than the chunk)."""
         columns = torch.arange(kv_len, device=self.device)
         causal = fresh and (self.sliding_window is None or kv_len <= self.sliding_window)
-        return self._run(embeds, position_ids, write_index, last, rows, columns, self._plain(), causal)
+        plain = self._plain()
+        packed = self._packed(embeds.shape[0], plain)
+        return self._run(embeds, position_ids, write_index, last, rows, columns, plain, packed, causal)
 
     @torch.inference_mode()
     def decode(
         self, tokens: torch.Tensor, position_ids: torch.Tensor, write_index: torch.Tensor, rows: slice, kv_len: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """One token for the slot rows *rows*: ``tokens [R]`` -> ``logits [R, vocab]``, with each row's
-        :func:`~.sampler.first_max` (``top [R]``, ``index [R]``), computed in the same (compiled) step."""
+        :func:`~.sampler.first_max` (``top [R]``, ``index [R]``) and ``greedy [2, R]`` (``index`` and whether ``top``
+        is finite, as :func:`~.sampler.greedy` gives them), computed in the same (compiled) step."""
         tokens, position_ids, write_index = tokens[:, None], position_ids[:, None], write_index[:, None]
         columns = torch.arange(kv_len, device=self.device)
         if self.compiled:
@@ -298,17 +311,18 @@ class ModelRunner:
             slots = rows
         hooked = self.hooked()
         plain = self._plain(hooked)
+        packed = self._packed(tokens.shape[0], plain)
         if not self.compiled or hooked:  # a hooked model runs eagerly: its hooks' Python runs at every step
-            return self._decode_run(tokens, position_ids, write_index, slots, columns, plain)
+            return self._decode_run(tokens, position_ids, write_index, slots, columns, plain, packed)
         try:
-            out = self._decode_forward(tokens, position_ids, write_index, slots, columns, plain)
+            out = self._decode_forward(tokens, position_ids, write_index, slots, columns, plain, packed)
         except _COMPILE_FAILURES as exc:
             # dynamo could not (re)compile the step, e.g. past its recompile limit, shared by every engine of the
             # process (one code object): run eagerly from now on rather than fail every request
             logger.warning("the compiled decode step failed to compile (%s): decoding eagerly from now on", exc)
             self._decode_forward = self._decode_run
             self.graphs = False
-            return self._decode_run(tokens, position_ids, write_index, slots, columns, plain)
+            return self._decode_run(tokens, position_ids, write_index, slots, columns, plain, packed)
         return tuple(t.clone() for t in out) if self.graphs else out  # CUDA graphs reuse their output buffers
 
     # --- shapes of the decode step
