@@ -4,7 +4,8 @@ Figures printed (ratios are what matter on a shared CPU; no assertions):
 
 * throughput: 16 concurrent streams of 32 tokens on a small checkpoint, tokens/s of the new engine and of
   the previous one, and their ratio (issue 12 asks >= 2x): the median of ``--rounds`` runs of each, taking
-  turns, since one run lasts a fraction of a second and a shared CPU is not steady for that long; then the
+  turns, since one run lasts a fraction of a second and a shared CPU is not steady for that long (the garbage
+  collector is off while a run is timed, as ``timeit`` does); then the
   same streams arriving ``--gap`` seconds apart, so that each joins a batch already decoding;
 * stall: on a mid-size checkpoint, while a ~3k-token prompt joins two running streams, the largest gap
   between two tokens of a running stream, as a fraction of that prompt's time to first token (<= 1/3);
@@ -23,6 +24,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import importlib.util
 import itertools
 import statistics
@@ -77,6 +80,20 @@ def ask(text: str, images: int = 1) -> list[dict]:
     return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": text}]}]
 
 
+@contextlib.contextmanager
+def no_garbage_collection():
+    """Python's cyclic garbage collector off while a run is timed (as ``timeit`` does): the engines built and
+    dropped in turn leave garbage whose collection, measured at 30 ms, landed inside whichever 50 ms run came
+    next; it is collected between runs instead."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def throughput(engine, params_cls, streams: int, tokens: int, words: int = 0) -> float:
     """Generated tokens per second for *streams* requests submitted at once (with *words*, prompts of about
     ``words + 37 * i`` words, so that their lengths differ)."""
@@ -87,10 +104,11 @@ def throughput(engine, params_cls, streams: int, tokens: int, words: int = 0) ->
         engine.prepare(ask(f"{padding[i]} Describe picture number {i}."), [photo(40 + 4 * i, 64 - 2 * i)], params)
         for i in range(streams)
     ]
-    start = time.perf_counter()
-    handles = [engine.submit(p) for p in prepared]
-    generated = sum(h.result(timeout=600).completion_tokens for h in handles)
-    return generated / (time.perf_counter() - start)
+    with no_garbage_collection():
+        start = time.perf_counter()
+        handles = [engine.submit(p) for p in prepared]
+        generated = sum(h.result(timeout=600).completion_tokens for h in handles)
+        return generated / (time.perf_counter() - start)
 
 
 def staggered(engine, params_cls, streams: int, tokens: int, gap: float) -> float:
@@ -102,13 +120,14 @@ def staggered(engine, params_cls, streams: int, tokens: int, gap: float) -> floa
         engine.prepare(ask(f"Tell me about picture {i}."), [photo(44 + 4 * i, 60 - 2 * i)], params)
         for i in range(streams)
     ]
-    start = time.perf_counter()
-    handles = []
-    for request in prepared:
-        handles.append(engine.submit(request))
-        time.sleep(gap)
-    generated = sum(h.result(timeout=600).completion_tokens for h in handles)
-    return generated / (time.perf_counter() - start)
+    with no_garbage_collection():
+        start = time.perf_counter()
+        handles = []
+        for request in prepared:
+            handles.append(engine.submit(request))
+            time.sleep(gap)
+        generated = sum(h.result(timeout=600).completion_tokens for h in handles)
+        return generated / (time.perf_counter() - start)
 
 
 def stall(engine, params_cls, long_words: int) -> tuple[float, float, int]:
