@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerFast
 
 from llava_next_plugin.engine import Engine, SamplingParams
 from llava_next_plugin.engine.detokenizer import PieceTable, TextStream
-from llava_next_plugin.engine.packed_head import PackedHead, packed_linear
+from llava_next_plugin.engine.packed_head import _HEADS, PackedHead, packed_linear
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0)
 REQUESTS = [("What is this?", photo(80, 50)), ("And this one?", photo(40, 64)), ("Colours?", photo(64, 64))]
@@ -52,22 +52,31 @@ def test_batched_steps_run_the_packed_lm_head_and_give_model_generate_tokens(ref
 @pytest.mark.skipif(
     not torch.backends.mkl.is_available(), reason="this torch build has no MKL (the head is not packed)"
 )
-def test_an_lm_head_weight_changed_in_place_or_replaced_is_packed_again(tiny_checkpoint):
+def test_an_lm_head_weight_changed_in_place_through_data_or_replaced_is_packed_again(tiny_checkpoint):
     import transformers
 
     model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
     processor = transformers.AutoProcessor.from_pretrained(tiny_checkpoint)
     engine = Engine(model, processor, max_batch_size=4).start()
     head = model.get_output_embeddings()
+    packed = engine.runner.packed_head
+
+    def runs_packed() -> bool:  # the custom op finds this head's copy of the weight as it is now
+        ref = _HEADS.get(head.weight.data_ptr())
+        return ref is not None and ref() is packed and packed.packed_ptr == head.weight.data_ptr()
+
     try:
         before = batched(engine)
-        assert before == expected(engine, model)
+        assert before == expected(engine, model) and runs_packed()
         saved = head.weight.detach().clone()
         with torch.no_grad():  # in place: every logit 0, so the first token (id 0) wins every step
             head.weight.zero_()
-        assert batched(engine) == [[0] * 6] * 3 == expected(engine, model)
+        assert batched(engine) == [[0] * 6] * 3 == expected(engine, model) and runs_packed()
         head.weight = torch.nn.Parameter(saved)  # another tensor: the first weights again
-        assert batched(engine) == before
+        assert batched(engine) == before and runs_packed()
+        head.weight.data.mul_(0)  # through .data: torch's version counter does not move
+        assert head.weight._version == 0
+        assert batched(engine) == [[0] * 6] * 3 and runs_packed()
     finally:
         engine.shutdown(drain=False)
 
@@ -129,14 +138,22 @@ def test_streams_using_token_pieces_give_the_deltas_of_streams_that_decode(kind,
     assert "".join([stream.add(i) for i in text_ids] + [stream.flush()]) == tokenizer.decode(text_ids)
 
 
-def test_a_decoder_that_treats_the_last_token_apart_always_decodes():
-    """``BPEDecoder`` turns a word-end suffix into a space except on the last token: a token's text depends on
-    whether another follows, so no table is used and streams decode."""
-    tokenizer = trained(
-        pre_tokenizers.Whitespace(), decoders.BPEDecoder(suffix="</w>"), models.BPE(end_of_word_suffix="</w>")
-    )
+@pytest.mark.parametrize(
+    "decoder",
+    [
+        # a word-end suffix turned into a space except on the last token: a token's text depends on what follows
+        decoders.BPEDecoder(suffix="</w>"),
+        # a replacement after Fuse acts on text across tokens ("ab" of two tokens)
+        decoders.Sequence([decoders.Fuse(), decoders.Replace("ab", "X")]),
+    ],
+    ids=["BPEDecoder", "Replace after Fuse"],
+)
+def test_a_decoder_whose_pieces_depend_on_their_neighbours_gets_no_table(decoder):
+    tokenizer = trained(pre_tokenizers.Whitespace(), decoder, models.BPE(end_of_word_suffix="</w>"))
     table = PieceTable(tokenizer)
     assert not table.enabled
-    ids = tokenizer.encode("The cat sat on the mat.", add_special_tokens=False)
-    stream = TextStream(tokenizer, (), table)
-    assert "".join([stream.add(i) for i in ids] + [stream.flush()]) == tokenizer.decode(ids)
+    ids = tokenizer.encode("The cat sat on the mat, abab.", add_special_tokens=False)
+    assert not any(table.get(i) for i in ids)  # every token decodes, with its neighbours
+    if isinstance(decoder, decoders.BPEDecoder):  # whose final text the stream's flush gets whole
+        stream = TextStream(tokenizer, (), table)
+        assert "".join([stream.add(i) for i in ids] + [stream.flush()]) == tokenizer.decode(ids)

@@ -17,8 +17,11 @@ Data flow (a module for each idea)::
       (handle.py: iterate from threads,        │       embeds [R, q, hidden] -> logits [R, vocab] at each row's last
        asyncio or trio; cancel anywhere)       │       (decoder.PlainDecoder: a Llama-family forward written out)
                                                ├──► decode step: tokens [n] for slot rows [0, n) -> logits [n, vocab]
+                                               │       and the greedy picks [2, n] (on a CPU, 2+ rows: the LM head
+                                               │       packed for MKL, packed_head.PackedHead)
                                                ├──► sampler.sample on the device -> tokens [n] (one transfer)
                                                └──► detokenizer.TextStream: text deltas, stop strings -> handle
+                                                       (most tokens append their known text: PieceTable)
 
 Tensor shapes: KV slots ``[layers] x [slots, kv_heads, max_len + 1, head_dim]`` (column ``max_len`` is
 scratch for padding rows); attention masks ``[R, 1, q, K]`` additive (none for a chunk of new prompts: causal

@@ -91,19 +91,31 @@ def decoder_of(tokenizer) -> Callable[[list[int]], str]:
     return functools.partial((tokenizer if backend is None else backend).decode, skip_special_tokens=True)
 
 
-#: Decoders (``tokenizers`` types) that turn each token into a piece of text on its own and concatenate the pieces,
-#: with at most the first piece's leading space removed and bytes joined into characters: after a token whose text
-#: is complete, a token adds the same text whatever came before. (Others, e.g. ``BPEDecoder``, which treats the last
-#: token apart, or ``WordPiece``, which cleans up, are not listed: their streams always decode.)
-_APPENDING_DECODERS = frozenset({"Sequence", "Replace", "ByteFallback", "Fuse", "Strip", "Metaspace", "ByteLevel"})
+#: Decoders (``tokenizers`` types) that turn each token into a piece of text on its own (bytes joined into
+#: characters) and concatenate the pieces. After a token whose text is complete, a token then adds the same text
+#: whatever came before. (Others, e.g. ``BPEDecoder``, which treats the last token apart, or ``WordPiece``, which
+#: cleans up, are not listed: their streams always decode.)
+_PER_TOKEN_DECODERS = frozenset({"Replace", "ByteFallback", "Strip", "Metaspace", "ByteLevel"})
 
 
 def _appends(decoder: dict | None) -> bool:
-    if not decoder or decoder.get("type") not in _APPENDING_DECODERS:
+    """Whether *decoder* (its serialised form) only concatenates per-token pieces. After a ``Fuse`` (which joins
+    the pieces into one text) only a ``Strip`` of at most one leading character may follow: it takes from the
+    first piece only, which a window of two or more tokens never hands out; anything else there would act on text
+    across tokens (a ``Replace`` of two characters, a strip of the end)."""
+    if not decoder:
         return False
-    if decoder["type"] == "Strip" and decoder.get("stop", 0):
-        return False  # stripping the end would take from the last piece, whichever it is
-    return all(_appends(inner) for inner in decoder.get("decoders", ()))
+    steps = decoder.get("decoders", ()) if decoder.get("type") == "Sequence" else [decoder]
+    fused = False
+    for step in steps:
+        kind = step.get("type")
+        if kind == "Fuse":
+            fused = True
+        elif fused and not (kind == "Strip" and step.get("start", 0) <= 1 and not step.get("stop", 0)):
+            return False
+        elif kind not in _PER_TOKEN_DECODERS or (kind == "Strip" and step.get("stop", 0)):
+            return False
+    return True
 
 
 class PieceTable:

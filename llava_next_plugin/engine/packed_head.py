@@ -4,8 +4,8 @@ Every decode step multiplies ``hidden [R, h]`` (each row's last hidden state) by
 [vocab, h]``: it reads the whole weight for a few rows, and on a CPU it is most of a small model's step. MKL can
 lay the weight out once in its own blocked format (``cblas_sgemm_pack``, torch's
 ``mkl::_mkl_reorder_linear_weight``; inductor does this for every linear layer when it freezes weights), and its
-product with that copy (``mkl::_mkl_linear``) was measured on this project's 2-core CI machine, against
-``F.linear`` on the same tensors:
+product with that copy (``mkl::_mkl_linear``) was measured on this project's 2-core machine (torch 2.14), against
+``F.linear`` on the same tensors, in the product's own time:
 
 =========  =========  =========  =========  ==========
 hidden     1 row      2 rows     4 rows     8-16 rows
@@ -16,12 +16,21 @@ hidden     1 row      2 rows     4 rows     8-16 rows
 =========  =========  =========  =========  ==========
 
 So the engine uses it for steps of 2 rows or more (one graph for all of them when compiled), ``F.linear`` for one.
+At 2 rows of a large hidden size it is up to 13% slower, on a product that is a small part of such a model's
+step; a threshold at 4 rows would cost the compiled step a third graph.
 
-Costs: a second copy of the weight in MKL's layout (about the weight's size from hidden 512 up; padded to ~10x
-for a tiny hidden size of 64), made on first use and remade whenever the weight changes (another tensor, or the
-same one written in place: its version counter moved), so the engine never runs a stale head; and a check, at
-that moment, that the packed product matches ``F.linear`` at every row count the engine can run (else the head is
-not used). Products differ from ``F.linear``'s in the last bits, as any two GEMM kernels do.
+Costs and limits:
+
+* a second copy of the weight in MKL's layout (1.05x the weight at hidden 4096, 1.36x at 512, ~10x at a tiny 64),
+  made on first use and logged with its size;
+* it is made again whenever the weight changes: another tensor, another address, its version counter moved (an
+  in-place write), or one of 64 sampled values differs (a write through ``.data``, which torch does not count);
+  a change that touches none of the sampled values (a few weights) is not noticed;
+* at that moment the packed product is checked against ``F.linear`` at several row counts
+  (:meth:`PackedHead._mismatch`); if the check
+  or the packing fails, the head runs as ``F.linear`` from then on (a compiled step then compiles its graph of
+  2+ rows once more);
+* products differ from ``F.linear``'s in the last bits, as any two GEMM kernels do.
 
 The product is a custom op (``llava_next::packed_linear``) so that the compiled decode step calls it as one
 opaque kernel: inductor lowers ``_mkl_linear`` itself only for weights frozen into the graph.
@@ -30,6 +39,7 @@ opaque kernel: inductor lowers ``_mkl_linear`` itself only for weights frozen in
 from __future__ import annotations
 
 import logging
+import threading
 import weakref
 
 import torch
@@ -47,6 +57,7 @@ def _mkl_ops_available() -> bool:
 #: tensor cannot be an input of a compiled graph (inductor's graph cache cannot pickle one, so every start would
 #: compile the step again).
 _HEADS: dict[int, weakref.ref[PackedHead]] = {}
+_HEADS_LOCK = threading.Lock()
 
 
 @torch.library.custom_op("llava_next::packed_linear", mutates_args=())
@@ -56,7 +67,9 @@ def packed_linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     ``F.linear``."""
     ref = _HEADS.get(weight.data_ptr())
     head = ref() if ref is not None else None
-    packed = head.packed if head is not None and head.packed_ptr == weight.data_ptr() else None
+    packed = None
+    if head is not None and head.packed_ptr == weight.data_ptr() and head.shape == tuple(weight.shape):
+        packed = head.packed
     if packed is None:
         return torch.nn.functional.linear(hidden, weight, bias)
     return torch.ops.mkl._mkl_linear(hidden.contiguous(), packed, weight, bias, hidden.shape[0])
@@ -70,12 +83,19 @@ def _packed_linear_shape(hidden, weight, bias):
 class PackedHead:
     """An ``nn.Linear`` LM head's weight packed by MKL, kept in step with the weight; see the module docstring."""
 
+    #: Weights compared at every step to notice a write that torch does not count (through ``.data``)
+    SAMPLES = 64
+
     def __init__(self, linear: torch.nn.Linear, max_rows: int) -> None:
         self.linear = linear
         self.max_rows = max_rows
         self.packed: torch.Tensor | None = None
         self.packed_ptr = 0  # the data pointer of the weight packed
-        self._packed_from: tuple[torch.Tensor, int] | None = None  # (the weight, its version) packed
+        self.shape: tuple[int, ...] = ()
+        # the weight packed (weakly: a replaced weight is not kept alive), its version, and a sample of its values
+        self._packed_from: tuple[weakref.ref[torch.Tensor], int] | None = None
+        self._where: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._sample: torch.Tensor | None = None
         self.usable = True  # False once packing failed or its check did
 
     @classmethod
@@ -100,45 +120,74 @@ class PackedHead:
         if not self.usable:
             return False
         weight = self.linear.weight
-        if self._packed_from is None or self._packed_from[0] is not weight or self._packed_from[1] != weight._version:
+        if self._stale(weight):
             self._pack(weight)
-        return self.packed is not None
+        if self.packed is None:
+            return False
+        ref = _HEADS.get(self.packed_ptr)
+        if ref is None or ref() is not self:  # another engine's head for the same weight took its place, or died
+            self._register()
+        return True
+
+    def _stale(self, weight: torch.Tensor) -> bool:
+        if self._packed_from is None or self._where is None or self._sample is None:
+            return True
+        packed_weight, version = self._packed_from
+        if packed_weight() is not weight or weight._version != version or weight.data_ptr() != self.packed_ptr:
+            return True
+        if tuple(weight.shape) != self.shape or weight.dtype != torch.float32 or weight.device.type != "cpu":
+            return True
+        with torch.inference_mode():
+            return not torch.equal(weight.detach()[self._where], self._sample)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         """``logits [R, vocab]`` for ``hidden [R, h]`` (traceable: one opaque op in a compiled graph)."""
         return packed_linear(hidden, self.linear.weight, self.linear.bias)
 
     def _pack(self, weight: torch.Tensor) -> None:
-        self.packed, self.packed_ptr = None, 0
+        self.packed, self.packed_ptr, self._packed_from = None, 0, None
         try:
+            if weight.dtype != torch.float32 or weight.device.type != "cpu":
+                raise ValueError(f"the weight is now {weight.dtype} on {weight.device}")
             with torch.inference_mode():
                 version = weight._version
                 packed = torch.ops.mkl._mkl_reorder_linear_weight(weight.detach().contiguous(), self.max_rows)
                 problem = self._mismatch(packed, weight.detach())
+                rows, columns = weight.shape
+                picks = torch.linspace(0, rows - 1, self.SAMPLES).long()
+                self._where = (picks, (picks * 7919) % columns)
+                self._sample = weight.detach()[self._where].clone()
         except Exception as exc:  # e.g. a torch build whose MKL ops refuse these shapes: F.linear it is
             problem = repr(exc)
         if problem:
-            logger.warning("the LM head is not packed for MKL (%s): it runs as F.linear", problem)
+            logger.warning("the LM head is not packed for MKL (%s): it runs as F.linear from now on", problem)
             self.usable = False
             return
-        self.packed, self.packed_ptr, self._packed_from = packed, weight.data_ptr(), (weight, version)
-        for ptr in [ptr for ptr, ref in _HEADS.items() if ref() is None]:
-            del _HEADS[ptr]
-        _HEADS[self.packed_ptr] = weakref.ref(self)
+        self.packed, self.packed_ptr, self.shape = packed, weight.data_ptr(), tuple(weight.shape)
+        self._packed_from = (weakref.ref(weight), version)
+        self._register()
         logger.info(
             "LM head packed for MKL's GEMM (CPU, steps of 2+ rows): %.1f MiB",
             packed.numel() * packed.element_size() / (1 << 20),
         )
 
+    def _register(self) -> None:
+        with _HEADS_LOCK:  # engines on other threads register theirs
+            for ptr in [ptr for ptr, ref in _HEADS.items() if ref() is None]:
+                del _HEADS[ptr]
+            _HEADS[self.packed_ptr] = weakref.ref(self)
+
     def _mismatch(self, packed: torch.Tensor, weight: torch.Tensor) -> str | None:
-        """Why the packed product cannot be trusted, or ``None``: it is compared with ``F.linear`` at 2 and 3 rows,
-        every power of two up to the most rows, and the most rows."""
-        counts, n = {2, 3, self.max_rows}, 4
+        """Why the packed product cannot be trusted, or ``None``. Torch's ``_mkl_linear`` uses a packed weight
+        only at the row count it was packed for, yet MKL's packed layout serves any count: the engine asks for
+        each step's own count, which this checks against ``F.linear`` at 2, 3, 5 and 7 rows, each power of two
+        and the most rows (a few products, once per packing; every count from 1 to 64 agreed on this machine)."""
+        counts, n = {c for c in (2, 3, 5, 7) if c <= self.max_rows} | {self.max_rows}, 4
         while n < self.max_rows:
             counts.add(n)
             n *= 2
         generator = torch.Generator().manual_seed(0)
-        for rows in sorted(c for c in counts if c <= self.max_rows):
+        for rows in sorted(counts):
             hidden = torch.randn((rows, weight.shape[1]), generator=generator)
             want = torch.nn.functional.linear(hidden, weight, self.linear.bias)
             got = torch.ops.mkl._mkl_linear(hidden, packed, weight, self.linear.bias, rows)
