@@ -118,6 +118,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self._decode_forward = self._decode_run
+        self._compiled_kinds: set[bool] = set()  # the compiled step's graphs made: of one row (False), several
         self.compiled = False
         #: Whether the compiled step runs as CUDA graphs (its output is overwritten by the next replay; each
         #: shape is a graph of its own, so :meth:`row_bucket` and :meth:`kv_bucket` round rows and lengths)
@@ -303,10 +304,14 @@ class ModelRunner:
             if rows.start != 0:
                 raise ValueError("the compiled decode step runs slot rows [0, R)")
             slots: slice | None = None
-            torch._dynamo.mark_dynamic(columns, 0, min=2, max=self.kv.max_len)
-            if tokens.shape[0] > 1:
-                for tensor in (tokens, position_ids, write_index):
-                    torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.kv.slots)
+            several = tokens.shape[0] > 1
+            if several not in self._compiled_kinds:  # its first call compiles it: these dimensions are dynamic
+                # (marked only then: a graph compiled dynamic takes unmarked tensors, and dynamo's guards check
+                # marked ones at every call, ~25 us a step on a CPU)
+                torch._dynamo.mark_dynamic(columns, 0, min=2, max=self.kv.max_len)
+                if several:
+                    for tensor in (tokens, position_ids, write_index):
+                        torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.kv.slots)
         else:
             slots = rows
         hooked = self.hooked()
@@ -316,6 +321,7 @@ class ModelRunner:
             return self._decode_run(tokens, position_ids, write_index, slots, columns, plain, packed)
         try:
             out = self._decode_forward(tokens, position_ids, write_index, slots, columns, plain, packed)
+            self._compiled_kinds.add(tokens.shape[0] > 1)
         except _COMPILE_FAILURES as exc:
             # dynamo could not (re)compile the step, e.g. past its recompile limit, shared by every engine of the
             # process (one code object): run eagerly from now on rather than fail every request
