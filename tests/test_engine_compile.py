@@ -191,3 +191,35 @@ def test_cuda_graph_length_buckets_read_at_most_a_quarter_more_columns_than_need
     assert length_bucket(9000, 8193) == 8193  # capped at the slots' length
     for n in range(513, 40_000, 97):
         assert n <= length_bucket(n, 1 << 20) <= 1.25 * n
+
+
+@pytest.mark.skipif(
+    not torch.backends.mkl.is_available(), reason="this torch build has no MKL (the head is not packed)"
+)
+def test_a_graph_compiled_again_after_warm_up_is_dynamic_too(ours):
+    """Dimensions are marked dynamic only for calls that compile a graph; when the packed LM head stops being used
+    (its packing failed), the step of several rows compiles once more, dynamic again: growing contexts and other
+    row counts then reuse it."""
+    torch._dynamo.reset()
+    counters.clear()
+    engine = Engine(*ours, max_batch_size=4, compile=True).start()
+    try:
+        engine.warm_up()
+        graphs = counters["stats"]["unique_graphs"]
+        engine.runner.packed_head.usable = False  # as after a failed packing: F.linear from now on
+
+        def together(n: int, words: int) -> list[list[int]]:
+            params = SamplingParams(max_tokens=5, temperature=0)
+            handles = [
+                engine.submit(engine.prepare(ask("word " * (words + 9 * i)), [photo(40, 40)], params)) for i in range(n)
+            ]
+            return [h.result(timeout=300).token_ids for h in handles]
+
+        together(2, 10)  # compiles the graph of several rows without the packed head
+        assert counters["stats"]["unique_graphs"] == graphs + 1
+        together(3, 200)
+        together(4, 400)
+        assert counters["stats"]["unique_graphs"] == graphs + 1
+        assert dict(counters["graph_break"]) == {}
+    finally:
+        engine.shutdown(drain=False)

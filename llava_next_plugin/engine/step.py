@@ -118,7 +118,8 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self._decode_forward = self._decode_run
-        self._compiled_kinds: set[bool] = set()  # the compiled step's graphs made: of one row (False), several
+        #: The compiled step's graphs made, by what each is specialised on: (several rows, plain, packed head)
+        self._compiled_kinds: set[tuple[bool, bool, bool]] = set()
         self.compiled = False
         #: Whether the compiled step runs as CUDA graphs (its output is overwritten by the next replay; each
         #: shape is a graph of its own, so :meth:`row_bucket` and :meth:`kv_bucket` round rows and lengths)
@@ -297,38 +298,34 @@ class ModelRunner:
         is finite, as :func:`~.sampler.greedy` gives them), computed in the same (compiled) step."""
         tokens, position_ids, write_index = tokens[:, None], position_ids[:, None], write_index[:, None]
         columns = torch.arange(kv_len, device=self.device)
-        if self.compiled:
-            # Two graphs in all: one row, and any rows from 2 (slots [0, R)), dynamic in the context length too,
-            # so neither joins and leaves nor growing contexts compile again. (CUDA graphs still record one
-            # graph per shape: row_bucket and kv_bucket round both to a few.)
-            if rows.start != 0:
-                raise ValueError("the compiled decode step runs slot rows [0, R)")
-            slots: slice | None = None
-            several = tokens.shape[0] > 1
-            if several not in self._compiled_kinds:  # its first call compiles it: these dimensions are dynamic
-                # (marked only then: a graph compiled dynamic takes unmarked tensors, and dynamo's guards check
-                # marked ones at every call, ~25 us a step on a CPU)
-                torch._dynamo.mark_dynamic(columns, 0, min=2, max=self.kv.max_len)
-                if several:
-                    for tensor in (tokens, position_ids, write_index):
-                        torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.kv.slots)
-        else:
-            slots = rows
         hooked = self.hooked()
         plain = self._plain(hooked)
         packed = self._packed(tokens.shape[0], plain)
         if not self.compiled or hooked:  # a hooked model runs eagerly: its hooks' Python runs at every step
-            return self._decode_run(tokens, position_ids, write_index, slots, columns, plain, packed)
+            return self._decode_run(tokens, position_ids, write_index, rows, columns, plain, packed)
+        # Two graphs in all: one row, and any rows from 2 (slots [0, R)), dynamic in the context length too, so
+        # neither joins and leaves nor growing contexts compile again. (CUDA graphs still record one graph per
+        # shape: row_bucket and kv_bucket round both to a few.)
+        if rows.start != 0:
+            raise ValueError("the compiled decode step runs slot rows [0, R)")
+        kind = (tokens.shape[0] > 1, plain, packed)  # what its graph is specialised on
+        if kind not in self._compiled_kinds:
+            # this call compiles a graph: these dimensions are dynamic. (Marked only then: a graph compiled dynamic
+            # takes unmarked tensors, and dynamo's guards check marked ones at every call, ~25 us a step on a CPU.)
+            torch._dynamo.mark_dynamic(columns, 0, min=2, max=self.kv.max_len)
+            if kind[0]:
+                for tensor in (tokens, position_ids, write_index):
+                    torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.kv.slots)
         try:
-            out = self._decode_forward(tokens, position_ids, write_index, slots, columns, plain, packed)
-            self._compiled_kinds.add(tokens.shape[0] > 1)
+            out = self._decode_forward(tokens, position_ids, write_index, None, columns, plain, packed)
+            self._compiled_kinds.add(kind)
         except _COMPILE_FAILURES as exc:
             # dynamo could not (re)compile the step, e.g. past its recompile limit, shared by every engine of the
             # process (one code object): run eagerly from now on rather than fail every request
             logger.warning("the compiled decode step failed to compile (%s): decoding eagerly from now on", exc)
             self._decode_forward = self._decode_run
             self.graphs = False
-            return self._decode_run(tokens, position_ids, write_index, slots, columns, plain, packed)
+            return self._decode_run(tokens, position_ids, write_index, None, columns, plain, packed)
         return tuple(t.clone() for t in out) if self.graphs else out  # CUDA graphs reuse their output buffers
 
     # --- shapes of the decode step
