@@ -198,28 +198,50 @@ def test_cuda_graph_length_buckets_read_at_most_a_quarter_more_columns_than_need
 )
 def test_a_graph_compiled_again_after_warm_up_is_dynamic_too(ours):
     """Dimensions are marked dynamic only for calls that compile a graph; when the packed LM head stops being used
-    (its packing failed), the step of several rows compiles once more, dynamic again: growing contexts and other
-    row counts then reuse it."""
+    (its packing failed), the step of several rows compiles once more, dynamic again: other row counts and longer
+    contexts then reuse it, and tokens stay the eager engine's."""
     torch._dynamo.reset()
     counters.clear()
-    engine = Engine(*ours, max_batch_size=4, compile=True).start()
+    engine = Engine(*ours, max_batch_size=4, compile=True)
+    eager = Engine(*ours, max_batch_size=4, compile=False).start()
     try:
         engine.warm_up()
         graphs = counters["stats"]["unique_graphs"]
-        engine.runner.packed_head.usable = False  # as after a failed packing: F.linear from now on
+        runner = engine.runner
+        runner.packed_head.usable = False  # as after a failed packing: F.linear from now on
+        for context in (10, 200, 700):  # steps of 1, 2 and 4 rows at these contexts, on the engine's thread
+            engine.warm_up(context)
+        assert counters["stats"]["unique_graphs"] == graphs + 1
+        assert runner._decode_forward is not runner._decode_run  # still compiled (no fall back to eager)
+        assert dict(counters["graph_break"]) == {}
+        params = SamplingParams(max_tokens=5, temperature=0)
+        requests = [(ask("word " * (10 + 30 * i)), [photo(40 + 8 * i, 40)]) for i in range(3)]
 
-        def together(n: int, words: int) -> list[list[int]]:
-            params = SamplingParams(max_tokens=5, temperature=0)
-            handles = [
-                engine.submit(engine.prepare(ask("word " * (words + 9 * i)), [photo(40, 40)], params)) for i in range(n)
-            ]
+        def together(on: Engine) -> list[list[int]]:
+            handles = [on.submit(on.prepare(m, i, params)) for m, i in requests]
             return [h.result(timeout=300).token_ids for h in handles]
 
-        together(2, 10)  # compiles the graph of several rows without the packed head
+        assert together(engine) == together(eager)
         assert counters["stats"]["unique_graphs"] == graphs + 1
-        together(3, 200)
-        together(4, 400)
-        assert counters["stats"]["unique_graphs"] == graphs + 1
-        assert dict(counters["graph_break"]) == {}
+    finally:
+        engine.shutdown(drain=False)
+        eager.shutdown(drain=False)
+
+
+def test_after_dynamo_is_reset_under_a_running_engine_its_graphs_are_made_dynamic_again(ours):
+    """A graph made for a kind that had one (here: dynamo's caches reset under the engine) was compiled without
+    dynamic marks; the engine notices the new graph and marks its next calls, so growing contexts settle on
+    dynamic graphs instead of compiling one static graph per length."""
+    engine = Engine(*ours, max_batch_size=4, compile=True)
+    try:
+        engine.warm_up()
+        torch._dynamo.reset()
+        counters.clear()
+        made = []
+        for context in (200, 700, 1000, 1500, 1900):  # steps of 1, 2 and 4 rows at each
+            engine.warm_up(context)
+            made.append(counters["stats"]["unique_graphs"])
+        assert made[-1] == made[-2] == made[-3] <= 4  # settled; one static graph per length would keep adding
+        assert engine.runner._decode_forward is not engine.runner._decode_run
     finally:
         engine.shutdown(drain=False)

@@ -69,6 +69,11 @@ def slot_attention(module, query, key, value, attention_mask, scaling=None, **kw
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
+def _graphs_made() -> int:
+    """How many graphs dynamo has made in this process (its counters are read anew: tests clear them)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def length_bucket(columns: int, max_len: int) -> int:
     """The smallest of 512, 640, 768, 896, 1024, 1280, 1536, ... (four sizes per doubling: at most a quarter more
     than *columns*) that holds *columns*, capped at *max_len*: the cache lengths CUDA graphs are recorded at."""
@@ -316,9 +321,16 @@ class ModelRunner:
             if kind[0]:
                 for tensor in (tokens, position_ids, write_index):
                     torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.kv.slots)
+        graphs = _graphs_made()
         try:
             out = self._decode_forward(tokens, position_ids, write_index, None, columns, plain, packed)
-            self._compiled_kinds.add(kind)
+            if kind in self._compiled_kinds and _graphs_made() != graphs:
+                # a graph was made for a kind that had one: something outside the kind changed (dynamo's global
+                # state, a reset, the parameters' dtype); that one was compiled unmarked, so mark the next calls
+                # again (a graph made elsewhere in the process costs one marked call, nothing more)
+                self._compiled_kinds.clear()
+            else:
+                self._compiled_kinds.add(kind)
         except _COMPILE_FAILURES as exc:
             # dynamo could not (re)compile the step, e.g. past its recompile limit, shared by every engine of the
             # process (one code object): run eagerly from now on rather than fail every request
