@@ -308,9 +308,9 @@ class ModelRunner:
         packed = self._packed(tokens.shape[0], plain)
         if not self.compiled or hooked:  # a hooked model runs eagerly: its hooks' Python runs at every step
             return self._decode_run(tokens, position_ids, write_index, rows, columns, plain, packed)
-        # Two graphs in all: one row, and any rows from 2 (slots [0, R)), dynamic in the context length too, so
-        # neither joins and leaves nor growing contexts compile again. (CUDA graphs still record one graph per
-        # shape: row_bucket and kv_bucket round both to a few.)
+        # Two graphs normally (one per kind below): one row, and any rows from 2 (slots [0, R)), dynamic in the
+        # context length too, so neither joins and leaves nor growing contexts compile again. (CUDA graphs still
+        # record one graph per shape: row_bucket and kv_bucket round both to a few.)
         if rows.start != 0:
             raise ValueError("the compiled decode step runs slot rows [0, R)")
         kind = (tokens.shape[0] > 1, plain, packed)  # what its graph is specialised on
