@@ -404,15 +404,9 @@ def run_caption(args: argparse.Namespace) -> int:
         from .distributed import run_caption as run_caption_on_ray
 
         return run_caption_on_ray(args)
-    ray_only = {
-        "--workers": args.workers != 1,
-        "--cpus-per-worker": args.cpus_per_worker is not None,
-        "--gpus-per-worker": bool(args.gpus_per_worker),
-        "--image-column": args.image_column != "image",
-        "--id-column": args.id_column is not None,
-        "--allow-url-domain": bool(args.allow_url_domain),
-    }
-    given = [flag for flag, set_ in ray_only.items() if set_]
+    from .distributed import ray_only_options_given  # (parsing and its defaults need no Ray)
+
+    given = ray_only_options_given(args)
     if given:  # silently ignored, they would mislead (2 workers asked, 1 running)
         raise CommandError(
             f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} with --ray only: add --ray local "

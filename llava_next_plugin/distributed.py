@@ -291,6 +291,29 @@ def caption_dataset(
 
 
 # --- the command line: llava-next caption --ray -------------------------------------------------------------
+#: ``caption`` options that only a Ray run uses (``--ray`` itself and ``--detail`` apply without Ray too)
+RAY_ONLY_CAPTION_OPTIONS = (
+    "--workers",
+    "--cpus-per-worker",
+    "--gpus-per-worker",
+    "--image-column",
+    "--id-column",
+    "--allow-url-domain",
+)
+
+
+def ray_only_options_given(args: argparse.Namespace) -> list[str]:
+    """The :data:`RAY_ONLY_CAPTION_OPTIONS` that *args* sets away from :func:`add_caption_options`' defaults."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_caption_options(parser)
+    given = []
+    for flag in RAY_ONLY_CAPTION_OPTIONS:
+        dest = flag.removeprefix("--").replace("-", "_")
+        if getattr(args, dest) != parser.get_default(dest):
+            given.append(flag)
+    return given
+
+
 def add_caption_options(parser: argparse.ArgumentParser) -> None:
     """The ``caption`` subcommand's Ray options (parsing them needs no Ray)."""
     group = parser.add_argument_group("past one machine (Ray; needs the ray extra)")
