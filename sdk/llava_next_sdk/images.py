@@ -108,10 +108,15 @@ def as_image_list(images: Any) -> list[Any]:
 # --- the one normaliser of image sources (llava-next-plugin's image loader uses it too) -------------------
 
 
+def _shortened(text: str, limit: int) -> str:
+    """*text* as it is up to *limit* characters, else its first 60 and last 20 around an ellipsis."""
+    return text if len(text) <= limit else text[:60] + "..." + text[-20:]
+
+
 def describe_source(source: Any) -> str:
     """How error messages name an image source: its kind and what identifies it, never an object's repr."""
     if isinstance(source, str):
-        text = source if len(source) <= 100 else source[:60] + "..." + source[-20:]
+        text = _shortened(source, 100)
         if source.startswith("data:"):
             return f"data URL {text[:40]!r}... ({len(source)} characters)"
         return f"URL {text!r}" if _URL_SCHEME.match(source) else f"file {text!r}"
@@ -244,11 +249,8 @@ def read_image_file(path: str | os.PathLike[str], *, index: int | None = None) -
     """
     text = os.fspath(path)
     file = Path(os.path.expanduser(text))
-    name = (
-        f"'{file}'"
-        if len(str(file)) <= 200
-        else f"'{str(file)[:60]}...{str(file)[-20:]}' ({len(str(file))} characters)"
-    )
+    shown = str(file)
+    name = f"'{shown}'" if len(shown) <= 200 else f"'{_shortened(shown, 200)}' ({len(shown)} characters)"
     try:
         return file.read_bytes()
     except OSError as exc:
