@@ -4,7 +4,8 @@ Routes::
 
     POST /v1/chat/completions   non-stream JSON, or SSE with ``"stream": true`` (``stream_options.include_usage``)
     GET  /v1/models             the one model served
-    GET  /health                ``{"status": "ok" | "draining", "model", "queue_depth", "batch_size"}`` (503 draining)
+    GET  /health                ``{"status": "ok" | "draining" | "stopped", "model", "queue_depth", "batch_size"}``
+                                (503 unless ok; ``stopped``: the engine stopped by a fault, see the log)
     GET  /metrics               Prometheus text (``prometheus_client``, one registry per app)
 
 Every request has one id: the client's ``x-request-id`` when it sent a sane one, else ``chatcmpl-<hex>``
@@ -736,9 +737,11 @@ def create_app(
 
     async def health(request: Request) -> Response:
         draining = drain.draining or not engine.accepting
+        # stopped without a shutdown (its thread died, or no KV slot is usable): nothing will be served again
+        status = "stopped" if engine.stopped and not drain.draining else "draining" if draining else "ok"
         return _json_response(
             {
-                "status": "draining" if draining else "ok",
+                "status": status,
                 "model": name,
                 "queue_depth": engine.queue_depth,
                 "batch_size": engine.batch_size,

@@ -4,7 +4,9 @@
 
 Every engine this process loads runs a model that raises, during a prefill, when a prompt holds a
 marker: ``RAISE-RUNTIME`` (a ``RuntimeError`` whose text is internal detail that must never reach a
-client) or ``RAISE-OOM`` (``torch.OutOfMemoryError``). Everything else is the real server, engine and model.
+client), ``RAISE-OOM`` (``torch.OutOfMemoryError``) or ``STOP-ENGINE`` (:class:`EngineThreadKiller`, which no
+per-request handler catches: the engine thread ends, as a bug in its loop would end it). Everything else is the
+real server, engine and model.
 """
 
 from __future__ import annotations
@@ -19,7 +21,12 @@ from llava_next_plugin.engine import Engine
 
 RUNTIME_MARKER = "RAISE-RUNTIME"
 OOM_MARKER = "RAISE-OOM"
+STOP_MARKER = "STOP-ENGINE"
 INTERNAL_DETAIL = "device-side assert at /opt/secret/kernels.cu:42"
+
+
+class EngineThreadKiller(BaseException):
+    """Not an ``Exception``: it ends the engine thread."""
 
 
 def inject_faults(engine: Engine) -> Engine:
@@ -39,6 +46,8 @@ def inject_faults(engine: Engine) -> Engine:
                 raise RuntimeError(INTERNAL_DETAIL)
             if any(OOM_MARKER in t for t in texts):
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            if any(STOP_MARKER in t for t in texts):
+                raise EngineThreadKiller(INTERNAL_DETAIL)
 
     engine.model.get_input_embeddings().register_forward_pre_hook(fail_on_markers, with_kwargs=True)
     return engine

@@ -591,6 +591,53 @@ def test_a_request_whose_cache_went_nan_fails_alone_and_leaves_neither_its_slot_
         poisoned.shutdown(drain=False)
 
 
+def test_slots_that_cannot_be_cleared_are_retired_and_an_engine_left_with_none_stops_with_a_clear_error(
+    tiny_checkpoint, engine
+):
+    """A failed request's slot that cannot be zeroed (a device error) is never handed out again; the other slots
+    keep serving. Once every slot is retired the engine stops rather than hold its queue forever: queued and new
+    requests get a ServerError that says why, and ``stopped`` turns true (``/health`` and Ray Serve's health
+    check see it). The fault: layer 0's keys lose the scratch column, so zeroing a slot raises (IndexError)."""
+    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    with torch.inference_mode():  # its KV slots are inference tensors, which only inference mode may write
+        fragile = Engine(model, transformers.AutoProcessor.from_pretrained(tiny_checkpoint), max_batch_size=2)
+    fragile.kv.keys[0] = fragile.kv.keys[0][:, :, :-1]  # the same memory, without column max_len
+    params = SamplingParams(max_tokens=4, temperature=0)
+    faulty = fragile.prepare(ask("word " * 60, images=0), [], params)
+
+    def nan_in_its_prefill(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.shape[1] == faulty.prompt_tokens:
+            hidden.fill_(float("nan"))
+
+    def error_of(submit) -> ServerError:
+        with pytest.raises(ServerError) as info:  # refused at once, or ended once queued
+            submit().result(timeout=120)
+        return info.value
+
+    hook = model.model.language_model.layers[0].register_forward_hook(nan_in_its_prefill)
+    fragile.start()
+    try:
+        with pytest.raises(ServerError, match="not finite"):
+            fragile.submit(faulty).result(timeout=120)
+        assert fragile.kv.usable == 1 and not fragile.stopped
+        normal = (ask("hi", images=0), [])
+        assert fragile.generate(*normal, params).token_ids == engine.generate(*normal, params).token_ids
+        again = fragile.prepare(ask("word " * 60, images=0), [], params)
+        waiting = fragile.prepare(*normal, params)
+        first = fragile.submit(again)
+        queued = error_of(lambda: fragile.submit(waiting))  # behind it: the one slot left is its
+        with pytest.raises(ServerError, match="not finite"):
+            first.result(timeout=120)
+        assert "all 2 KV slots are retired" in str(queued) and "restart" in str(queued)
+        assert wait_for(lambda: fragile.stopped)
+        late = error_of(lambda: fragile.submit(fragile.prepare(*normal, params)))
+        assert "all 2 KV slots are retired" in str(late) and late.status == 500
+    finally:
+        hook.remove()
+        fragile.shutdown(drain=False)
+
+
 def test_a_request_cancelled_between_prefill_chunks_leaves_its_slot_clean(tiny_checkpoint, engine):
     """A request cancelled after some of its prompt is in its slot has written columns that no sampled token has
     shown to be finite: they are zeroed when it leaves, so the next request in that slot reads no NaN there."""

@@ -236,6 +236,26 @@ def test_a_model_failure_is_a_500_naming_only_the_request_id_and_is_logged_once_
     still_serving(served)
 
 
+def test_a_server_whose_engine_stopped_says_so_on_health_and_still_answers_every_request(tiny_checkpoint, tmp_path):
+    """The engine thread ends (the fault no request handler catches): the request in flight and every later one
+    get a 500 naming only their request id, ``/health`` answers 503 ``stopped`` (a load balancer or Ray Serve's
+    health check replaces the process), and the server itself keeps answering."""
+    server = Served(["--model", str(tiny_checkpoint)], tmp_path / "server.log")
+    try:
+        assert httpx.get(server.base + "/health").json()["status"] == "ok"
+        for text in (faulty_serve.STOP_MARKER, "Are you there?"):
+            response = post(server, {"messages": user(text), "max_tokens": 2})
+            error = assert_openai_error(response, 500, "server_error")
+            assert error["message"] == f"internal error, request id {response.headers['x-request-id']}"
+            assert "secret" not in response.text
+        health = httpx.get(server.base + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "stopped"
+        assert httpx.get(server.url + "/models").status_code == 200
+        assert checkpoints.wait_for(lambda: "the engine thread stopped" in server.log(), 10)
+    finally:
+        server.stop()
+
+
 def test_running_out_of_device_memory_is_a_503_with_retry_after(served):
     response = post(served, {"messages": user(faulty_serve.OOM_MARKER), "max_tokens": 2})
     assert_openai_error(response, 503, "overloaded")

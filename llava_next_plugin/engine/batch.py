@@ -516,7 +516,13 @@ class Batch:
         try:
             self.kv.clear(running.slot, running.prompt_len + len(running.generated))
         except Exception:
-            logger.exception("KV slot %d could not be cleared: it is retired", running.slot)
+            self.kv.retire(running.slot)
+            logger.exception(
+                "KV slot %d could not be cleared: it is retired (%d of %d slots left)",
+                running.slot,
+                self.kv.usable,
+                self.kv.slots,
+            )
             return
         self._release(running.slot)
 

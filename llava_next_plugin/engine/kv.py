@@ -40,6 +40,8 @@ class KVSlots:
         #: Bytes one token's keys and values take in all layers (one column of a slot).
         self.bytes_per_token = self.nbytes // (slots * (max_len + 1))
         self._free = list(range(slots))
+        #: Slots never handed out again: their columns could not be cleared after a failed request (a device error)
+        self.retired: set[int] = set()
 
     @property
     def nbytes(self) -> int:
@@ -60,6 +62,15 @@ class KVSlots:
 
     def release(self, slot: int) -> None:
         self._free.append(slot)
+
+    def retire(self, slot: int) -> None:
+        """Take *slot* out of use for good (it is neither free nor released again)."""
+        self.retired.add(slot)
+
+    @property
+    def usable(self) -> int:
+        """Slots not retired: free or held by a request."""
+        return self.slots - len(self.retired)
 
     def view(self, rows: slice | torch.Tensor, write_index: torch.Tensor, kv_len: int) -> SlotView:
         return SlotView(self, rows, write_index, kv_len)

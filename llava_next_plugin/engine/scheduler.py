@@ -181,6 +181,8 @@ class Engine:
         )
         self._accepting = True
         self._stopping = False
+        #: Why the engine stopped by itself (a fault), for the requests it refuses from then on; "" otherwise
+        self._stop_reason = ""
         self._thread: threading.Thread | None = None
         # requests_<outcome> (ok, cancelled, server_error...), requests_rejected, prompt_tokens,
         # completion_tokens, image_tokens, batched_steps (decode steps with more than one request),
@@ -482,6 +484,8 @@ class Engine:
 
     def _refuse_if_full(self) -> None:  # with self._lock held
         if not self._accepting:
+            if self._stop_reason:  # stopped by a fault: retrying this engine is pointless
+                raise ServerError(self._stop_reason)
             raise OverloadedError("the engine is shutting down and takes no new requests", status=503, retry_after=1.0)
         if len(self._pending) >= self.max_queue:
             self._count("requests_rejected")
@@ -516,7 +520,8 @@ class Engine:
             self._serve()
         except BaseException as exc:  # a bug in the loop itself: no request may wait forever
             logger.exception("the engine thread stopped")
-            self._end_leftovers(ServerError(f"the engine stopped: {exc!r}"))
+            self._stop_reason = f"the engine stopped: {exc!r}"
+            self._end_leftovers(ServerError(self._stop_reason))
             raise
         self._end_leftovers(ServerError("the engine shut down before this request finished", status=503))
 
@@ -543,6 +548,17 @@ class Engine:
             self._batch.leave_cancelled()
             self._batch.prefill_step()
             self._batch.decode_step()
+            if not self.kv.usable:
+                # every slot is retired (device errors): nothing could ever run again, and queued requests would
+                # wait forever. Stop, as a dead engine thread does: they end with this error, /health turns 503
+                # and Ray Serve's health check replaces the replica
+                self._stop_reason = (
+                    f"the engine stopped: all {self.kv.slots} KV slots are retired (their memory could not be "
+                    "cleared after failed requests, a device error; see the log); restart it"
+                )
+                logger.error(self._stop_reason)
+                self._end_leftovers(ServerError(self._stop_reason))
+                return
             if not self._batch.running and not self._pending:
                 # idle, likely until the next request: let this thread's OpenMP workers go too, so that they
                 # do not slow the application's own CPU work (engine/openmp.py); the next step starts them again
