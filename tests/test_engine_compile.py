@@ -17,6 +17,17 @@ from llava_next_plugin.engine import Engine, SamplingParams
 from llava_next_plugin.engine.step import length_bucket
 
 
+@torch.library.custom_op("llava_next_tests::fails_when_run", mutates_args=())
+def fails_when_run(x: torch.Tensor) -> torch.Tensor:
+    """Traced into a graph like any op (its shape below), it raises when the graph runs."""
+    raise RuntimeError("a kernel of the compiled step failed")
+
+
+@fails_when_run.register_fake
+def _fails_when_run_shape(x):
+    return torch.empty_like(x)
+
+
 @pytest.fixture(scope="module")
 def ours(tiny_checkpoint):
     """Our model (the Auto classes give ours once the plugin is imported) and its processor."""
@@ -115,6 +126,42 @@ def test_a_step_dynamo_cannot_compile_is_decoded_eagerly_instead_of_failing(tiny
         assert caplog.text.count("decoding eagerly from now on") == 1
         assert result.token_ids == eager.generate(ask("One"), [photo(48, 48)], params).token_ids
         assert again.token_ids == eager.generate(ask("Two"), [photo(64, 40)], params).token_ids
+    finally:
+        engine.shutdown(drain=False)
+        eager.shutdown(drain=False)
+
+
+def test_a_compiled_step_that_fails_when_it_runs_is_given_up_for_the_eager_one(tiny_checkpoint, ours, caplog):
+    """A compiled step that compiles but raises when it runs (a CUDA graph that cannot be recorded, a generated
+    kernel that fails), while the same step runs eagerly: that step's tokens come from the eager step, and every
+    later one too, with one warning saying why; no request fails."""
+
+    class FailsCompiled(torch.nn.Module):  # the same projection; traced, it ends in an op that raises when run
+        def __init__(self, linear):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x):
+            y = self.linear(x)
+            return fails_when_run(y) if torch.compiler.is_compiling() else y
+
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_checkpoint).eval()
+    attention = model.model.language_model.layers[0].self_attn
+    attention.q_proj = FailsCompiled(attention.q_proj)
+    engine = Engine(model, ours[1], max_batch_size=2, compile=True).start()
+    eager = Engine(*ours, max_batch_size=2, compile=False).start()
+    try:
+        params = SamplingParams(max_tokens=6, temperature=0)
+        with caplog.at_level(logging.WARNING, logger="llava_next_plugin.engine"):
+            handles = [engine.submit(engine.prepare(ask(t), [photo(48, 40)], params)) for t in ("One", "Two")]
+            results = [h.result(timeout=120) for h in handles]
+            again = engine.generate(ask("Three"), [photo(64, 40)], params)
+        assert caplog.text.count("decoding eagerly from now on") == 1
+        failure = engine.runner.compile_failure
+        assert not engine.runner.compiled and failure.startswith("it raised RuntimeError('a kernel of the compiled")
+        for result, text in zip(results, ("One", "Two"), strict=True):
+            assert result.token_ids == eager.generate(ask(text), [photo(48, 40)], params).token_ids
+        assert again.token_ids == eager.generate(ask("Three"), [photo(64, 40)], params).token_ids
     finally:
         engine.shutdown(drain=False)
         eager.shutdown(drain=False)

@@ -126,6 +126,8 @@ class ModelRunner:
         #: The compiled step's graphs made, by what each is specialised on: (several rows, plain, packed head)
         self._compiled_kinds: set[tuple[bool, bool, bool]] = set()
         self.compiled = False
+        #: Why the compiled step was given up for the eager one (its error), or ``None``
+        self.compile_failure: str | None = None
         #: Whether the compiled step runs as CUDA graphs (its output is overwritten by the next replay; each
         #: shape is a graph of its own, so :meth:`row_bucket` and :meth:`kv_bucket` round rows and lengths)
         self.graphs = False
@@ -136,7 +138,9 @@ class ModelRunner:
                 mode = "reduce-overhead"  # CUDA graphs: the slots must keep their addresses
                 self.graphs = True
                 for tensor in kv.keys + kv.values:
-                    torch._dynamo.mark_static_address(tensor)
+                    # guarded: another engine's slots (other addresses) get graphs of their own, rather than make
+                    # this one's graph trees record again whenever the engines take turns
+                    torch._dynamo.mark_static_address(tensor, guard=True)
             attention = getattr(self.language_model.config, "_attn_implementation", None)
             if self.decoder is None and attention == "sdpa":  # the plain decoder packs grouped queries itself
                 from transformers import AttentionInterface
@@ -334,11 +338,22 @@ class ModelRunner:
         except _COMPILE_FAILURES as exc:
             # dynamo could not (re)compile the step, e.g. past its recompile limit, shared by every engine of the
             # process (one code object): run eagerly from now on rather than fail every request
-            logger.warning("the compiled decode step failed to compile (%s): decoding eagerly from now on", exc)
-            self._decode_forward = self._decode_run
-            self.graphs = False
+            self._give_up_compiling(f"it failed to compile ({exc})")
             return self._decode_run(tokens, position_ids, write_index, None, columns, plain, packed)
+        except Exception as exc:
+            # anything else (recording a CUDA graph, a kernel inductor generated): the same step eagerly. If that
+            # works, the compiled step was at fault: eager from now on; if it fails too, its error is the step's
+            # (the batch then finds the request at fault) and the compiled step stays
+            out = self._decode_run(tokens, position_ids, write_index, None, columns, plain, packed)
+            self._give_up_compiling(f"it raised {exc!r} where the eager step did not")
+            return out
         return tuple(t.clone() for t in out) if self.graphs else out  # CUDA graphs reuse their output buffers
+
+    def _give_up_compiling(self, reason: str) -> None:
+        logger.warning("the compiled decode step is given up: %s; decoding eagerly from now on", reason)
+        self._decode_forward = self._decode_run
+        self.compiled = self.graphs = False
+        self.compile_failure = reason
 
     # --- shapes of the decode step
     def buckets(self) -> list[int]:
