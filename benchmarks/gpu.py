@@ -15,6 +15,10 @@ Usage (one command)::
     python benchmarks/gpu.py                  # CUDA, 7B geometry, bf16, compiled decode step
     python benchmarks/gpu.py --no-compile     # the eager engine
     python benchmarks/gpu.py --smoke          # tiny sizes on CPU (what CI runs): every code path, no figures
+
+On this workplace's lent GPU machine, whose image has older transformers and no mistral_common, use
+``benchmarks/gpu_device.sh`` (it says how). Each figure is printed (and flushed) as soon as it is measured, so a
+run stopped at its time limit still reports what it got.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "sdk"))  # llava_next_sdk, when the checkout is run without installing it
 sys.path.insert(0, str(ROOT))
 
 
@@ -102,7 +107,8 @@ def build(smoke: bool, device: str, dtype):
             )
     finally:
         torch.set_default_dtype(previous)
-    reference = reference.to(device, dtype).eval()
+    reference = reference.eval()  # built on the device in dtype already (a .to(dtype) would cast its fp32 rotary
+    # buffers, which ours keep in fp32)
     missing, unexpected = reference.load_state_dict(ours.state_dict(), strict=False, assign=True)
     if missing or unexpected:
         raise RuntimeError(
@@ -159,6 +165,11 @@ def reference_generate(model, processor, images, tokens: int, device: str) -> tu
     return time.perf_counter() - start, (out.shape[1] - inputs["input_ids"].shape[1]) * len(images)
 
 
+def say(text: str) -> None:
+    """Print *text* now (a run stopped at its limit keeps every figure printed before)."""
+    print(text, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU (CI): runs every path quickly")
@@ -183,8 +194,9 @@ def main() -> None:
         else [(1024, 768), (768, 1024), (336, 336), (1008, 336), (336, 1008), (800, 600), (600, 800), (512, 512)]
     )
     begun = time.perf_counter()
+    say(f"torch {torch.__version__}, transformers {__import__('transformers').__version__}, device {device}")
     ours, reference, processor = build(args.smoke, device, dtype)
-    print(
+    say(
         f"built {'tiny' if args.smoke else '7B-geometry'} models on {device} ({dtype}) in "
         f"{time.perf_counter() - begun:.1f} s"
     )
@@ -196,8 +208,11 @@ def main() -> None:
     ttft_ref, _ = reference_generate(reference, processor, [photo(*size)], 1, device)
     t_ref, n_ref = reference_generate(reference, processor, [photo(*size)], tokens, device)
     decode_ref = (n_ref - 1) / max(t_ref - ttft_ref, 1e-9)
+    say(f"reference: time to first token {ttft_ref * 1e3:.0f} ms, decode at batch 1 {decode_ref:.1f} tok/s")
     t_batch_ref, n_batch_ref = reference_generate(reference, processor, [photo(*s) for s in mixed], tokens, device)
     peak_ref = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    gib = 1 << 30
+    say(f"reference: batch of 8 {n_batch_ref / t_batch_ref:.1f} tok/s, peak memory {peak_ref / gib:.2f} GiB")
     del reference
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -214,16 +229,39 @@ def main() -> None:
     # random weights: every request generates its max_tokens, as min_new_tokens makes the reference do (the set is
     # the engine's own, which its batch reads)
     engine.eos_token_ids.clear()
-    warm = engine.warm_up(context=args.context if engine.runner.compiled else 1)
-    engine.start()
     greedy = SamplingParams(max_tokens=tokens, temperature=0)
-    engine.generate(ask("Describe the picture."), [photo(*size)], SamplingParams(max_tokens=2, temperature=0))
+    prepared = [engine.prepare(ask("Describe the picture."), [photo(*s)], greedy) for s in mixed]
+    # CUDA graphs are recorded per length bucket up to the warm-up context: the longest these requests reach
+    longest = max(p.prompt_tokens for p in prepared) + tokens
+    warm = engine.warm_up(context=longest if engine.runner.compiled else 1)
+    runner = engine.runner
+    say(
+        f"engine warm-up up to {longest} tokens of context: {warm:.1f} s, "
+        + (
+            f"compiled{' (CUDA graphs)' if runner.graphs else ''}"
+            if runner.compiled
+            else "eager"
+            + (f" (the compiled step was given up: {runner.compile_failure})" if runner.compile_failure else "")
+        )
+    )
+    engine.start()
+    # a warm request (its image is none of the timed ones: nothing of it is reused by them)
+    engine.generate(
+        ask("Describe the picture."), [photo(*size).transpose(1)], SamplingParams(max_tokens=2, temperature=0)
+    )
     first = engine.generate(
         ask("Describe the picture."), [photo(*size).rotate(180)], SamplingParams(max_tokens=1, temperature=0)
     )
     single = engine.generate(ask("Describe the picture."), [photo(*size).transpose(0)], greedy)
     decode_ours = (single.completion_tokens - 1) / max(single.total_seconds - single.time_to_first_token, 1e-9)
-    prepared = [engine.prepare(ask("Describe the picture."), [photo(*s)], greedy) for s in mixed]
+    say(
+        f"time to first token: engine {first.time_to_first_token * 1e3:.0f} ms, reference "
+        f"{ttft_ref * 1e3:.0f} ms  (goal: engine <= reference)"
+    )
+    say(
+        f"decode, batch 1: engine {decode_ours:.1f} tok/s, reference generate {decode_ref:.1f} tok/s, "
+        f"ratio {decode_ours / decode_ref:.2f}x (goal >= 2.5x)"
+    )
     start = time.perf_counter()
     handles = [engine.submit(p) for p in prepared]
     n_batch = sum(h.result(timeout=600).completion_tokens for h in handles)
@@ -231,29 +269,21 @@ def main() -> None:
     peak_ours = torch.cuda.max_memory_allocated() if device == "cuda" else 0
     engine.shutdown(drain=False)
 
-    gib = 1 << 30
-    print(f"prompt: {prepared[0].prompt_tokens} tokens for a {size[0]}x{size[1]} image; {tokens} tokens per request")
-    print(
-        f"time to first token: engine {first.time_to_first_token * 1e3:.0f} ms, reference "
-        f"{ttft_ref * 1e3:.0f} ms  (goal: engine <= reference)"
-    )
-    print(
-        f"decode, batch 1: engine {decode_ours:.1f} tok/s, reference generate {decode_ref:.1f} tok/s, "
-        f"ratio {decode_ours / decode_ref:.2f}x (goal >= 2.5x)"
-    )
-    print(
+    say(f"prompt: {prepared[0].prompt_tokens} tokens for a {size[0]}x{size[1]} image; {tokens} tokens per request")
+    say(
         f"batch of 8, mixed images: engine {n_batch / t_batch:.1f} tok/s, reference batched generate "
         f"{n_batch_ref / t_batch_ref:.1f} tok/s, ratio {(n_batch / t_batch) / (n_batch_ref / t_batch_ref):.2f}x "
         "(goal >= 2x)"
     )
-    print(
+    say(
         f"peak memory: engine {peak_ours / gib:.2f} GiB (KV slots {engine.kv_cache_bytes / gib:.2f} GiB, reuse up to "
         f"{engine.reuse_bytes / gib:.2f} GiB), reference {peak_ref / gib:.2f} GiB (goal: engine <= reference + KV "
         "slots + reuse)"
     )
-    print(
-        f"warm-up ({'compiled' if engine.runner.compiled else 'eager'}): {warm:.1f} s; whole run "
+    say(
+        f"warm-up ({'compiled' if runner.compiled else 'eager'}): {warm:.1f} s; whole run "
         f"{time.perf_counter() - begun:.0f} s"
+        + (f"; the compiled step was given up: {runner.compile_failure}" if runner.compile_failure else "")
     )
 
 

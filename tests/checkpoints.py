@@ -49,6 +49,10 @@ VOCAB_SIZE = 32064
 
 
 def mistral_tokenizer_file() -> Path:
+    """The Mistral v1 sentencepiece model that the ``mistral_common`` wheel ships; ``$MISTRAL_TOKENIZER_MODEL``
+    names a copy of it where that package is not installed (benchmarks/gpu_device.sh carries one)."""
+    if os.environ.get("MISTRAL_TOKENIZER_MODEL"):
+        return Path(os.environ["MISTRAL_TOKENIZER_MODEL"])
     import mistral_common
 
     return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
