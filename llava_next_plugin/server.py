@@ -737,8 +737,8 @@ def create_app(
 
     async def health(request: Request) -> Response:
         draining = drain.draining or not engine.accepting
-        # stopped without a shutdown (its thread died, or no KV slot is usable): nothing will be served again
-        status = "stopped" if engine.stopped and not drain.draining else "draining" if draining else "ok"
+        # stopped by a fault (its thread failed, or no KV slot is usable): nothing will be served again
+        status = "stopped" if engine.stop_reason else "draining" if draining else "ok"
         return _json_response(
             {
                 "status": status,

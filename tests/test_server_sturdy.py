@@ -237,17 +237,21 @@ def test_a_model_failure_is_a_500_naming_only_the_request_id_and_is_logged_once_
 
 
 def test_a_server_whose_engine_stopped_says_so_on_health_and_still_answers_every_request(tiny_checkpoint, tmp_path):
-    """The engine thread ends (the fault no request handler catches): the request in flight and every later one
-    get a 500 naming only their request id, ``/health`` answers 503 ``stopped`` (a load balancer or Ray Serve's
-    health check replaces the process), and the server itself keeps answering."""
+    """The engine thread ends (the fault no request handler catches): the request in flight gets a 500 naming only
+    its request id, every later one a 503 saying the engine stopped (another replica may take it; no detail of
+    the error), ``/health`` answers 503 ``stopped`` (a load balancer or Ray Serve's health check replaces the
+    process), and the server itself keeps answering."""
     server = Served(["--model", str(tiny_checkpoint)], tmp_path / "server.log")
     try:
         assert httpx.get(server.base + "/health").json()["status"] == "ok"
-        for text in (faulty_serve.STOP_MARKER, "Are you there?"):
-            response = post(server, {"messages": user(text), "max_tokens": 2})
-            error = assert_openai_error(response, 500, "server_error")
-            assert error["message"] == f"internal error, request id {response.headers['x-request-id']}"
-            assert "secret" not in response.text
+        response = post(server, {"messages": user(faulty_serve.STOP_MARKER), "max_tokens": 2})
+        error = assert_openai_error(response, 500, "server_error")
+        assert error["message"] == f"internal error, request id {response.headers['x-request-id']}"
+        for _ in range(2):
+            response = post(server, {"messages": user("Are you there?"), "max_tokens": 2})
+            error = assert_openai_error(response, 503, "server_error")
+            assert "the engine stopped after an unexpected error" in error["message"] and "restart" in error["message"]
+        assert "secret" not in response.text and "Killer" not in response.text
         health = httpx.get(server.base + "/health")
         assert health.status_code == 503 and health.json()["status"] == "stopped"
         assert httpx.get(server.url + "/models").status_code == 200

@@ -365,6 +365,7 @@ class Engine:
             self._pending.clear()
             self._withdrawn = []
             warm_ups, self._warm_ups = self._warm_ups, []
+            self._lock.notify_all()  # a shutdown waiting for the queue to drain: it has
         for _, done in warm_ups:
             done.set_exception(error)
         for handle, running in leftovers:
@@ -373,6 +374,12 @@ class Engine:
                 running,
                 RequestCancelledError(f"request {handle.id} was cancelled") if handle.cancelled else error,
             )
+
+    @property
+    def stop_reason(self) -> str:
+        """Why the engine stopped by itself (no usable KV slot, its thread failed), or ``""``: not stopped, or
+        shut down."""
+        return self._stop_reason
 
     @property
     def accepting(self) -> bool:
@@ -484,8 +491,8 @@ class Engine:
 
     def _refuse_if_full(self) -> None:  # with self._lock held
         if not self._accepting:
-            if self._stop_reason:  # stopped by a fault: retrying this engine is pointless
-                raise ServerError(self._stop_reason)
+            if self._stop_reason:  # stopped by a fault: unavailable for good (another replica may serve it)
+                raise ServerError(self._stop_reason, status=503)
             raise OverloadedError("the engine is shutting down and takes no new requests", status=503, retry_after=1.0)
         if len(self._pending) >= self.max_queue:
             self._count("requests_rejected")
@@ -520,8 +527,9 @@ class Engine:
             self._serve()
         except BaseException as exc:  # a bug in the loop itself: no request may wait forever
             logger.exception("the engine thread stopped")
-            self._stop_reason = f"the engine stopped: {exc!r}"
-            self._end_leftovers(ServerError(self._stop_reason))
+            # what requests are told (clients may see it): the error itself is in the log only
+            self._stop_reason = "the engine stopped after an unexpected error (in its log); restart it"
+            self._end_leftovers(ServerError(f"the engine stopped: {exc!r}"))
             raise
         self._end_leftovers(ServerError("the engine shut down before this request finished", status=503))
 
@@ -557,7 +565,7 @@ class Engine:
                     "cleared after failed requests, a device error; see the log); restart it"
                 )
                 logger.error(self._stop_reason)
-                self._end_leftovers(ServerError(self._stop_reason))
+                self._end_leftovers(ServerError(self._stop_reason, status=503))
                 return
             if not self._batch.running and not self._pending:
                 # idle, likely until the next request: let this thread's OpenMP workers go too, so that they

@@ -139,7 +139,9 @@ class ModelRunner:
                 self.graphs = True
                 for tensor in kv.keys + kv.values:
                     # guarded: another engine's slots (other addresses) get graphs of their own, rather than make
-                    # this one's graph trees record again whenever the engines take turns
+                    # this one's graph trees record again whenever the engines take turns. (Each engine's graphs
+                    # count towards dynamo's recompile limit of this one function, 8: past it, about the fifth
+                    # engine of a process decodes eagerly, with a warning.)
                     torch._dynamo.mark_static_address(tensor, guard=True)
             attention = getattr(self.language_model.config, "_attn_implementation", None)
             if self.decoder is None and attention == "sdpa":  # the plain decoder packs grouped queries itself
@@ -340,10 +342,15 @@ class ModelRunner:
             # process (one code object): run eagerly from now on rather than fail every request
             self._give_up_compiling(f"it failed to compile ({exc})")
             return self._decode_run(tokens, position_ids, write_index, None, columns, plain, packed)
+        except torch.OutOfMemoryError:
+            # e.g. recording a CUDA graph for a new length bucket, in a pool the KV slots left short: this step
+            # eagerly, and compiled steps again after it (its OOM, if it has one too, is the batch's to handle)
+            logger.warning("the compiled decode step ran out of memory: this step runs eagerly")
+            return self._decode_run(tokens, position_ids, write_index, None, columns, plain, packed)
         except Exception as exc:
-            # anything else (recording a CUDA graph, a kernel inductor generated): the same step eagerly. If that
-            # works, the compiled step was at fault: eager from now on; if it fails too, its error is the step's
-            # (the batch then finds the request at fault) and the compiled step stays
+            # anything else (a CUDA graph that cannot be recorded, a kernel inductor generated): the same step
+            # eagerly. If that works, the compiled step was at fault: eager from now on; if it fails too, its error
+            # is the step's (the batch then finds the request at fault) and the compiled step stays
             out = self._decode_run(tokens, position_ids, write_index, None, columns, plain, packed)
             self._give_up_compiling(f"it raised {exc!r} where the eager step did not")
             return out
@@ -391,7 +398,10 @@ class ModelRunner:
                 size = self.kv_bucket(size + 1)
                 lengths.append(size)
             lengths *= 2
+        compiled = self.compiled
         for kv_len in lengths:
+            if compiled and not self.compiled:
+                break  # compiling was given up on the way: eager steps need no more warming
             for rows in self.buckets():
                 inputs = torch.zeros((3, rows), dtype=torch.long)  # as the engine builds them: token, position, column
                 inputs[2] = self.kv.scratch
