@@ -28,6 +28,17 @@ def _fails_when_run_shape(x):
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("llava_next_tests::runs_out_of_memory", mutates_args=())
+def runs_out_of_memory(x: torch.Tensor) -> torch.Tensor:
+    """Traced like any op, it raises an out-of-memory when the graph runs."""
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+@runs_out_of_memory.register_fake
+def _runs_out_of_memory_shape(x):
+    return torch.empty_like(x)
+
+
 @pytest.fixture(scope="module")
 def ours(tiny_checkpoint):
     """Our model (the Auto classes give ours once the plugin is imported) and its processor."""
@@ -162,6 +173,37 @@ def test_a_compiled_step_that_fails_when_it_runs_is_given_up_for_the_eager_one(t
         for result, text in zip(results, ("One", "Two"), strict=True):
             assert result.token_ids == eager.generate(ask(text), [photo(48, 40)], params).token_ids
         assert again.token_ids == eager.generate(ask("Three"), [photo(64, 40)], params).token_ids
+    finally:
+        engine.shutdown(drain=False)
+        eager.shutdown(drain=False)
+
+
+def test_a_compiled_step_that_runs_out_of_memory_runs_eagerly_and_compiling_stays_on(tiny_checkpoint, ours, caplog):
+    """An out-of-memory in the compiled step (recording a CUDA graph for a new length, in a pool the KV slots left
+    short) is transient: that step runs eagerly, and the next steps try the compiled one again."""
+
+    class RunsOutOfMemory(torch.nn.Module):  # the same projection; traced, it ends in an op that raises OOM
+        def __init__(self, linear):
+            super().__init__()
+            self.linear = linear
+
+        def forward(self, x):
+            y = self.linear(x)
+            return runs_out_of_memory(y) if torch.compiler.is_compiling() else y
+
+    model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_checkpoint).eval()
+    attention = model.model.language_model.layers[0].self_attn
+    attention.q_proj = RunsOutOfMemory(attention.q_proj)
+    engine = Engine(model, ours[1], max_batch_size=2, compile=True).start()
+    eager = Engine(*ours, max_batch_size=2, compile=False).start()
+    try:
+        params = SamplingParams(max_tokens=5, temperature=0)
+        with caplog.at_level(logging.WARNING, logger="llava_next_plugin.engine"):
+            result = engine.generate(ask("One"), [photo(48, 40)], params)
+        assert result.token_ids == eager.generate(ask("One"), [photo(48, 40)], params).token_ids
+        # each of its 4 decode steps ran out of memory compiled and ran eagerly; compiling was kept
+        assert caplog.text.count("ran out of memory: this step runs eagerly") == 4
+        assert engine.runner.compiled and engine.runner.compile_failure is None
     finally:
         engine.shutdown(drain=False)
         eager.shutdown(drain=False)
