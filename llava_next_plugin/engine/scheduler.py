@@ -388,10 +388,11 @@ class Engine:
 
     @property
     def stopped(self) -> bool:
-        """Whether the engine has stopped for good: shut down (after its drain), or its thread ended. An engine
-        still draining is not stopped: it holds its model and finishes its requests."""
+        """Whether the engine has stopped for good: shut down (after its drain), stopped by a fault
+        (:attr:`stop_reason`), or its thread ended. An engine still draining is not stopped: it holds its model and
+        finishes its requests."""
         thread = self._thread
-        return self._stopping or (thread is not None and not thread.is_alive())
+        return self._stopping or bool(self._stop_reason) or (thread is not None and not thread.is_alive())
 
     @property
     def queue_depth(self) -> int:
