@@ -555,6 +555,18 @@ def test_a_row_that_fails_in_a_batched_decode_step_ends_alone_and_the_others_con
         failing.shutdown(drain=False)
 
 
+def nan_in_prefill_of(prompt_tokens: int):
+    """A forward hook for a decoder layer that fills its output with NaN in the prefill of a *prompt_tokens* prompt
+    (every later layer, and the logits, are NaN then)."""
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.shape[1] == prompt_tokens:
+            hidden.fill_(float("nan"))
+
+    return hook
+
+
 def test_a_request_whose_cache_went_nan_fails_alone_and_leaves_neither_its_slot_nor_the_prefix_store_poisoned(
     tiny_checkpoint, engine
 ):
@@ -568,12 +580,7 @@ def test_a_request_whose_cache_went_nan_fails_alone_and_leaves_neither_its_slot_
         params = SamplingParams(max_tokens=4, temperature=0)
         faulty = poisoned.prepare(ask("word " * 60, images=0), [], params)
 
-        def nan_in_its_prefill(module, args, output):
-            hidden = output[0] if isinstance(output, tuple) else output
-            if hidden.shape[1] == faulty.prompt_tokens:
-                hidden.fill_(float("nan"))
-
-        hook = model.model.language_model.layers[0].register_forward_hook(nan_in_its_prefill)
+        hook = model.model.language_model.layers[0].register_forward_hook(nan_in_prefill_of(faulty.prompt_tokens))
         try:
             with pytest.raises(ServerError, match="not finite"):
                 poisoned.submit(faulty).result(timeout=120)
@@ -606,17 +613,12 @@ def test_slots_that_cannot_be_cleared_are_retired_and_an_engine_left_with_none_s
     params = SamplingParams(max_tokens=4, temperature=0)
     faulty = fragile.prepare(ask("word " * 60, images=0), [], params)
 
-    def nan_in_its_prefill(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        if hidden.shape[1] == faulty.prompt_tokens:
-            hidden.fill_(float("nan"))
-
     def error_of(submit) -> ServerError:
         with pytest.raises(ServerError) as info:  # refused at once, or ended once queued
             submit().result(timeout=120)
         return info.value
 
-    hook = model.model.language_model.layers[0].register_forward_hook(nan_in_its_prefill)
+    hook = model.model.language_model.layers[0].register_forward_hook(nan_in_prefill_of(faulty.prompt_tokens))
     fragile.start()
     try:
         with pytest.raises(ServerError, match="not finite"):

@@ -40,6 +40,35 @@ def _runs_out_of_memory_shape(x):
 
 
 @pytest.fixture(scope="module")
+def eager(ours):
+    """An eager engine over the tiny model: the tokens a compiled engine must give."""
+    engine = Engine(*ours, max_batch_size=2, compile=False).start()
+    yield engine
+    engine.shutdown(drain=False)
+
+
+class EndsInWhenTraced(torch.nn.Module):
+    """A projection that, traced by dynamo, ends in *op* (a graph then raises when it runs); run eagerly, the
+    projection alone."""
+
+    def __init__(self, linear: torch.nn.Module, op) -> None:
+        super().__init__()
+        self.linear, self.op = linear, op
+
+    def forward(self, x):
+        y = self.linear(x)
+        return self.op(y) if torch.compiler.is_compiling() else y
+
+
+def model_failing_when_compiled(path, op):
+    """The tiny model, its first layer's query projection ending in *op* when traced (see EndsInWhenTraced)."""
+    model = transformers.AutoModelForImageTextToText.from_pretrained(path).eval()
+    attention = model.model.language_model.layers[0].self_attn
+    attention.q_proj = EndsInWhenTraced(attention.q_proj, op)
+    return model
+
+
+@pytest.fixture(scope="module")
 def ours(tiny_checkpoint):
     """Our model (the Auto classes give ours once the plugin is imported) and its processor."""
     model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_checkpoint).eval()
@@ -111,7 +140,7 @@ def test_a_hook_set_on_the_model_after_compiling_is_run_by_the_compiled_engine(o
         engine.shutdown(drain=False)
 
 
-def test_a_step_dynamo_cannot_compile_is_decoded_eagerly_instead_of_failing(tiny_checkpoint, ours, caplog):
+def test_a_step_dynamo_cannot_compile_is_decoded_eagerly_instead_of_failing(tiny_checkpoint, ours, eager, caplog):
     """A compile that fails (here a layer whose forward breaks the graph, which ``fullgraph`` refuses; in a long
     run, dynamo's recompile limit) leaves the engine decoding eagerly, with a warning: every request ends."""
 
@@ -128,7 +157,6 @@ def test_a_step_dynamo_cannot_compile_is_decoded_eagerly_instead_of_failing(tiny
     attention = model.model.language_model.layers[0].self_attn
     attention.q_proj = Breaks(attention.q_proj)
     engine = Engine(model, ours[1], max_batch_size=2, compile=True).start()
-    eager = Engine(*ours, max_batch_size=2, compile=False).start()
     try:
         params = SamplingParams(max_tokens=6, temperature=0)
         with caplog.at_level(logging.WARNING, logger="llava_next_plugin.engine"):
@@ -139,28 +167,14 @@ def test_a_step_dynamo_cannot_compile_is_decoded_eagerly_instead_of_failing(tiny
         assert again.token_ids == eager.generate(ask("Two"), [photo(64, 40)], params).token_ids
     finally:
         engine.shutdown(drain=False)
-        eager.shutdown(drain=False)
 
 
-def test_a_compiled_step_that_fails_when_it_runs_is_given_up_for_the_eager_one(tiny_checkpoint, ours, caplog):
+def test_a_compiled_step_that_fails_when_it_runs_is_given_up_for_the_eager_one(tiny_checkpoint, ours, eager, caplog):
     """A compiled step that compiles but raises when it runs (a CUDA graph that cannot be recorded, a generated
     kernel that fails), while the same step runs eagerly: that step's tokens come from the eager step, and every
     later one too, with one warning saying why; no request fails."""
-
-    class FailsCompiled(torch.nn.Module):  # the same projection; traced, it ends in an op that raises when run
-        def __init__(self, linear):
-            super().__init__()
-            self.linear = linear
-
-        def forward(self, x):
-            y = self.linear(x)
-            return fails_when_run(y) if torch.compiler.is_compiling() else y
-
-    model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_checkpoint).eval()
-    attention = model.model.language_model.layers[0].self_attn
-    attention.q_proj = FailsCompiled(attention.q_proj)
+    model = model_failing_when_compiled(tiny_checkpoint, fails_when_run)
     engine = Engine(model, ours[1], max_batch_size=2, compile=True).start()
-    eager = Engine(*ours, max_batch_size=2, compile=False).start()
     try:
         params = SamplingParams(max_tokens=6, temperature=0)
         with caplog.at_level(logging.WARNING, logger="llava_next_plugin.engine"):
@@ -175,27 +189,15 @@ def test_a_compiled_step_that_fails_when_it_runs_is_given_up_for_the_eager_one(t
         assert again.token_ids == eager.generate(ask("Three"), [photo(64, 40)], params).token_ids
     finally:
         engine.shutdown(drain=False)
-        eager.shutdown(drain=False)
 
 
-def test_a_compiled_step_that_runs_out_of_memory_runs_eagerly_and_compiling_stays_on(tiny_checkpoint, ours, caplog):
+def test_a_compiled_step_that_runs_out_of_memory_runs_eagerly_and_compiling_stays_on(
+    tiny_checkpoint, ours, eager, caplog
+):
     """An out-of-memory in the compiled step (recording a CUDA graph for a new length, in a pool the KV slots left
     short) is transient: that step runs eagerly, and the next steps try the compiled one again."""
-
-    class RunsOutOfMemory(torch.nn.Module):  # the same projection; traced, it ends in an op that raises OOM
-        def __init__(self, linear):
-            super().__init__()
-            self.linear = linear
-
-        def forward(self, x):
-            y = self.linear(x)
-            return runs_out_of_memory(y) if torch.compiler.is_compiling() else y
-
-    model = transformers.AutoModelForImageTextToText.from_pretrained(tiny_checkpoint).eval()
-    attention = model.model.language_model.layers[0].self_attn
-    attention.q_proj = RunsOutOfMemory(attention.q_proj)
+    model = model_failing_when_compiled(tiny_checkpoint, runs_out_of_memory)
     engine = Engine(model, ours[1], max_batch_size=2, compile=True).start()
-    eager = Engine(*ours, max_batch_size=2, compile=False).start()
     try:
         params = SamplingParams(max_tokens=5, temperature=0)
         with caplog.at_level(logging.WARNING, logger="llava_next_plugin.engine"):
@@ -206,7 +208,6 @@ def test_a_compiled_step_that_runs_out_of_memory_runs_eagerly_and_compiling_stay
         assert engine.runner.compiled and engine.runner.compile_failure is None
     finally:
         engine.shutdown(drain=False)
-        eager.shutdown(drain=False)
 
 
 def test_compiling_is_off_by_default_on_cpu(ours):
