@@ -365,7 +365,7 @@ class Engine:
             self._pending.clear()
             self._withdrawn = []
             warm_ups, self._warm_ups = self._warm_ups, []
-            self._lock.notify_all()  # a shutdown waiting for the queue to drain: it has
+            self._lock.notify_all()  # wakes a shutdown waiting for the queue to drain: it is empty now
         for _, done in warm_ups:
             done.set_exception(error)
         for handle, running in leftovers:
