@@ -116,6 +116,11 @@ class _EngineCollector:
         )
         yield GaugeMetricFamily("llava_next_batch_size", "Requests decoding now.", value=self.engine.batch_size)
         yield GaugeMetricFamily(
+            "llava_next_kv_slots_usable",
+            "KV slots not retired after device errors (the batch's capacity; at 0 the engine stops).",
+            value=self.engine.usable_slots,
+        )
+        yield GaugeMetricFamily(
             "llava_next_requests_in_flight",
             "Chat requests being read, prepared or generated (what a drain waits for).",
             value=self.in_flight(),

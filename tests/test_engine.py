@@ -623,7 +623,7 @@ def test_slots_that_cannot_be_cleared_are_retired_and_an_engine_left_with_none_s
     try:
         with pytest.raises(ServerError, match="not finite"):
             fragile.submit(faulty).result(timeout=120)
-        assert fragile.kv.usable == 1 and not fragile.stopped
+        assert fragile.usable_slots == 1 and not fragile.stopped
         normal = (ask("hi", images=0), [])
         assert fragile.generate(*normal, params).token_ids == engine.generate(*normal, params).token_ids
         again = fragile.prepare(ask("word " * 60, images=0), [], params)

@@ -405,6 +405,12 @@ class Engine:
         return len(self._batch)
 
     @property
+    def usable_slots(self) -> int:
+        """KV slots in use or free: all of them (``max_batch_size``) but those retired because their memory could
+        not be cleared after a device error; at 0 the engine stops (:attr:`stop_reason`)."""
+        return self.kv.usable
+
+    @property
     def stats(self) -> collections.Counter:
         """A copy of the engine's counters (see :meth:`stats_snapshot`)."""
         with self._stats_lock:
