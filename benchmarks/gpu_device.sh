@@ -36,7 +36,10 @@ fetch)
     ;;
 run)
     shift
-    ls .whl/*.whl >/dev/null 2>&1 || { echo "no wheels in .whl/: run 'bash $0 fetch' here first, and carry .whl" >&2; exit 2; }
+    if ! ls .whl/*.whl >/dev/null 2>&1 || [ ! -f .whl/tokenizer.model.v1 ]; then
+        echo "no wheels or tokenizer in .whl/: run 'bash $0 fetch' where PyPI is reachable, and carry .whl" >&2
+        exit 2
+    fi
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site:$PWD:$PWD/sdk${PYTHONPATH:+:$PYTHONPATH}"
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 MISTRAL_TOKENIZER_MODEL="$PWD/.whl/tokenizer.model.v1"
