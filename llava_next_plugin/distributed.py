@@ -624,6 +624,8 @@ def build_serve_app(args: Mapping[str, Any]):
         domains = [d.strip() for d in domains.split(",") if d.strip()]
     dtype = options.pop("dtype", None)
     max_batch_size, max_queue = int(options.pop("max_batch_size", 8)), int(options.pop("max_queue", 64))
+    if max_batch_size < 1 or max_queue < 1:  # every request passes through the queue: 0 would refuse them all
+        raise ValueError(f"max_batch_size and max_queue must be at least 1, got {max_batch_size} and {max_queue}")
     max_model_len = options.pop("max_model_len", None)
     engine_options = {
         "device": options.pop("device", None) or ("cuda" if gpus else "cpu"),

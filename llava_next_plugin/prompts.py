@@ -194,12 +194,35 @@ def build_prompt(
     _fit_placeholders(messages, wanted, strict=num_images is not None)
 
     tok = getattr(tokenizer, "tokenizer", tokenizer)
+    template = None
     if family is None:
-        checkpoint_template = getattr(tokenizer, "chat_template", None) or getattr(tok, "chat_template", None)
-        if checkpoint_template:
-            return _render(checkpoint_template, messages, tok, continue_final_message)
-    template = _family_template(family, tok, config)
-    return _render(template, messages, tok, continue_final_message)
+        template = getattr(tokenizer, "chat_template", None) or getattr(tok, "chat_template", None)
+    if not template:
+        template = _family_template(family, tok, config)
+    return _all_images_rendered(_render(template, messages, tok, continue_final_message), messages)
+
+
+def _all_images_rendered(text: str, messages: list[dict]) -> str:
+    """*text*, unless the chat format left out images that are outside user messages (chat templates render
+    images in user messages only): the request then says so, rather than fail later on a placeholder count that
+    the client cannot fix."""
+    elsewhere = [
+        f"messages[{i}] (role {message['role']!r})"
+        for i, message in enumerate(messages)
+        if message["role"] != "user" and any(part["type"] == "image" for part in message["content"])
+    ]
+    given = sum(
+        1 if part["type"] == "image" else part["text"].count(IMAGE_PLACEHOLDER)
+        for message in messages
+        for part in message["content"]
+    )
+    if not elsewhere or text.count(IMAGE_PLACEHOLDER) >= given:
+        return text
+    where = f"{elsewhere[0]} holds an image" if len(elsewhere) == 1 else f"{', '.join(elsewhere)} hold images"
+    raise InputError(
+        f"{where}, which this model's chat format leaves out: images go in user messages; move them there",
+        param="messages",
+    )
 
 
 def _is_formatted(prompt: str) -> bool:

@@ -13,13 +13,13 @@ import os
 import socket
 import sys
 
+from llava_next_sdk.transports.http import API_KEY_ENV  # one variable for both ends: the SDK sends it too
+
 for _module in ("starlette", "uvicorn"):
     if importlib.util.find_spec(_module) is None:  # tells llava_next_plugin.cli that serve is not installed
         raise ImportError(f"{_module} is not installed; pip install 'llava-next-plugin[serve]'")
 
 __all__ = ["add_serve_parser", "run_serve", "main"]
-
-API_KEY_ENV = "LLAVA_NEXT_API_KEY"
 
 
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -133,7 +133,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--max-messages",
         type=int,
         default=defaults.max_messages,
-        help="messages in one request, and content parts in one message, at most (400 beyond)",
+        help="messages in one request, and content parts in all its messages, at most (400 beyond)",
     )
     parser.add_argument(
         "--drain-timeout",
@@ -225,7 +225,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     for flag, value, least in (
         ("--max-batch-size", args.max_batch_size, 1),
         ("--prefill-chunk", args.prefill_chunk, 1),
-        ("--max-queue", args.max_queue, 0),
+        ("--max-queue", args.max_queue, 1),  # every request passes through the queue
         ("--max-model-len", 1 if args.max_model_len is None else args.max_model_len, 1),
         ("--drain-timeout", args.drain_timeout, 0),
         ("--body-timeout", args.body_timeout, 0.001),

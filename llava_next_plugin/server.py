@@ -287,7 +287,7 @@ class _Front:
 
 async def _read_json(request: Request, max_bytes: int, seconds: float, max_messages: int) -> Any:
     """The request's JSON body, received within *seconds* (408 beyond) and at most *max_bytes* (413), with at
-    most *max_messages* messages and parts per message (400): all before any of it is parsed further."""
+    most *max_messages* messages, and as many content parts in all (400): all before any of it is parsed further."""
     with anyio.move_on_after(seconds) as scope:
         body = await _receive_json(request, max_bytes)
     if scope.cancelled_caught:
@@ -302,13 +302,16 @@ async def _read_json(request: Request, max_bytes: int, seconds: float, max_messa
             raise BadRequestError(
                 f"the request holds {len(messages)} messages; at most {max_messages} are accepted", param="messages"
             )
-        parts = max(
-            (len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)),
-            default=0,
-        )
-        if parts > max_messages:
+        counts = [len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)]
+        if max(counts, default=0) > max_messages:
             raise BadRequestError(
-                f"a message holds {parts} content parts; at most {max_messages} are accepted", param="messages"
+                f"a message holds {max(counts)} content parts; at most {max_messages} are accepted", param="messages"
+            )
+        # in all, too: 4096 messages of 4096 parts would hold the event loop for seconds while they are read
+        if sum(counts) > max_messages:
+            raise BadRequestError(
+                f"the messages hold {sum(counts)} content parts in all; at most {max_messages} are accepted",
+                param="messages",
             )
     return body
 
@@ -322,6 +325,14 @@ async def _receive_json(request: Request, max_bytes: int) -> Any:
     )
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise too_big
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise BadRequestError(
+            f"the request body is sent with Content-Encoding {encoding!r}, which this server does not decode; "
+            "send the JSON uncompressed",
+            status=415,
+            param=None,
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -767,7 +778,10 @@ def create_app(
             )
         else:
             error = BadRequestError(f"{request.method} {request.url.path}: {exc.detail}", status=exc.status_code)
-        return error_response(error)
+        response = error_response(error)
+        for name, value in (exc.headers or {}).items():  # a 405's Allow (RFC 9110 says it must be there)
+            response.headers.setdefault(name, value)
+        return response
 
     @asynccontextmanager
     async def lifespan(app):

@@ -425,7 +425,7 @@ def test_serve_flags_that_cannot_work_are_said_before_the_model_loads(checkpoint
         port = taken.getsockname()[1]
         for flags, expected in (
             (["--port", 99999], "--port must be from 1 to 65535, got 99999"),
-            (["--max-queue", -1], "--max-queue must be at least 0, got -1"),
+            (["--max-queue", 0], "--max-queue must be at least 1, got 0"),  # a server that would refuse all
             (["--prefill-chunk", 0], "--prefill-chunk must be at least 1, got 0"),
             (["--port", port], f"cannot listen on 127.0.0.1:{port}"),
         ):

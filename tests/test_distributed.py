@@ -252,6 +252,8 @@ def test_bad_scaling_options_are_clear_errors():
         build_serve_app({"model": "m", "replicas": "0"})
     with pytest.raises(ValueError, match="'maybe' is not a yes/no value"):
         build_serve_app({"model": "m", "compile": "maybe"})
+    with pytest.raises(ValueError, match="max_batch_size and max_queue must be at least 1, got 8 and 0"):
+        build_serve_app({"model": "m", "max_queue": "0"})  # every request passes through the queue
 
 
 def test_serve_options_reach_the_deployment_the_engine_and_the_app_as_llava_next_serve_passes_them():

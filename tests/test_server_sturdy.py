@@ -566,6 +566,10 @@ def test_too_many_messages_or_parts_are_refused_before_they_are_parsed(served):
     assert error["param"] == "messages" and "at most 50" in error["message"], error
     parts = [{"role": "user", "content": [{"type": "text", "text": "x"}] * 51}]
     assert "at most 50" in assert_openai_error(post(served, {"messages": parts, "max_tokens": 2}), 400)["message"]
+    # each message within the bounds, but 50 x 50 parts in all: as slow to read as 2500 messages
+    spread = [{"role": "user", "content": [{"type": "text", "text": ""}] * 50}] * 50
+    error = assert_openai_error(post(served, {"messages": spread, "max_tokens": 2}), 400)
+    assert "2500 content parts in all; at most 50" in error["message"] and error["param"] == "messages", error
     still_serving(served)
 
 
@@ -808,3 +812,62 @@ def test_the_readmes_limits_table_gives_serves_flags_and_their_defaults():
                 if isinstance(defaults[name], float)
                 else default.split()[0] == str(defaults[name])
             ), (flag, default, defaults[name])
+
+
+# ------------------------------------------------------------------------------- what OpenAI clients send
+
+
+def test_fields_sent_as_null_are_unset_and_the_plain_text_response_format_is_the_default(served):
+    """Many clients send every optional field, null when unset: vLLM reads null as unset, and so do we."""
+    nulls = dict.fromkeys(["top_logprobs", "response_format", "tools", "tool_choice", "logit_bias", "metadata"])
+    body = {"messages": user("Hi"), "max_tokens": 2, "temperature": 0, **nulls}
+    plain = post(served, {"messages": user("Hi"), "max_tokens": 2, "temperature": 0})
+    assert post(served, body).json()["choices"] == plain.json()["choices"]
+    text = post(served, {**body, "response_format": {"type": "text"}})
+    assert text.status_code == 200 and text.json()["choices"] == plain.json()["choices"]
+    error = assert_openai_error(post(served, {**body, "response_format": {"type": "json_object"}}), 400)
+    assert error["param"] == "response_format" and 'only response_format={"type": "text"}' in error["message"]
+    error = assert_openai_error(post(served, {**body, "tools": [{"type": "function"}]}), 400)
+    assert error["param"] == "tools"
+
+
+def test_stream_options_without_stream_and_a_user_that_is_no_string_are_refused_as_openai_refuses_them(served):
+    error = assert_openai_error(post(served, {"messages": user("Hi"), "stream_options": {"include_usage": True}}), 400)
+    assert error["param"] == "stream_options" and '"stream": true' in error["message"]
+    error = assert_openai_error(post(served, {"messages": user("Hi"), "user": {"id": 7}}), 400)
+    assert error["param"] == "user" and "must be a string, got an object" in error["message"]
+    assert post(served, {"messages": user("Hi"), "user": "someone", "max_tokens": 2}).status_code == 200
+
+
+def test_a_base64_image_part_is_read_as_the_same_image_in_a_data_url(served):
+    encoded = base64.b64encode(png(40, 40)).decode()
+    url = "data:image/png;base64," + encoded
+    as_url = post(served, {"messages": user("Hi", url), "max_tokens": 4, "temperature": 0})
+    part = [{"role": "user", "content": [{"type": "image", "base64": encoded}, {"type": "text", "text": "Hi"}]}]
+    as_part = post(served, {"messages": part, "max_tokens": 4, "temperature": 0})
+    assert as_part.status_code == 200, as_part.text
+    assert as_part.json()["choices"] == as_url.json()["choices"]
+    assert as_part.json()["usage"] == as_url.json()["usage"]
+
+
+def test_an_image_outside_user_messages_is_refused_naming_its_message(served):
+    for role in ("system", "assistant"):
+        messages = [{"role": role, "content": [{"type": "image_url", "image_url": {"url": data_url(40, 40)}}]}]
+        messages += user("What is in it?")
+        error = assert_openai_error(post(served, {"messages": messages, "max_tokens": 2}), 400)
+        assert error["param"] == "messages", error
+        assert f"messages[0] (role '{role}')" in error["message"] and "images go in user messages" in error["message"]
+    still_serving(served)
+
+
+def test_a_compressed_body_gets_415_and_a_wrong_method_gets_405_with_allow(served):
+    import gzip
+
+    body = gzip.compress(json.dumps({"messages": user("Hi"), "max_tokens": 2}).encode())
+    error = assert_openai_error(post(served, body, headers={"content-encoding": "gzip"}), 415)
+    assert "Content-Encoding 'gzip'" in error["message"] and "uncompressed" in error["message"]
+    wrong = httpx.get(served.url + "/chat/completions", timeout=30)
+    assert_openai_error(wrong, 405)
+    assert wrong.headers["allow"] == "POST"
+    assert httpx.post(served.url + "/models", timeout=30).headers["allow"] == "GET, HEAD"  # Starlette answers HEAD
+    still_serving(served)

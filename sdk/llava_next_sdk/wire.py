@@ -91,7 +91,13 @@ _SSE_LINE_END = re.compile(r"\r\n|\r|\n")
 # Request fields we understand, besides the sampling parameters of GenerationParams.
 _REQUEST_FIELDS = {"model", "messages", "stream", "stream_options", "max_completion_tokens", "n", "user"}
 # Fields OpenAI clients send with their default value: accepted with that value only.
-_DEFAULT_ONLY = {"n": 1, "frequency_penalty": 0, "presence_penalty": 0, "logprobs": False}
+_DEFAULT_ONLY = {
+    "n": 1,
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "logprobs": False,
+    "response_format": {"type": "text"},
+}
 _STATUS_BY_ERROR_TYPE = {
     "invalid_request_error": 400,
     "authentication_error": 401,
@@ -160,9 +166,12 @@ def _brief(value: Any) -> str:
 
 
 def _wire_image(ref: ImageRef) -> ImagePart:
-    """An image of a request body: a URL (fetched or decoded later, by the engine under its URL policy)."""
+    """An image of a request body: a URL (fetched or decoded later, by the engine under its URL policy), or the
+    bytes of a ``base64`` image part."""
     if isinstance(ref.source, ImagePart):
         return ref.source
+    if isinstance(ref.source, bytes):  # a {"type": "image", "base64": ...} part, its base64 decoded already
+        return ImagePart(data=ref.source, detail=ref.detail)
     if not isinstance(ref.source, str):
         raise InvalidImageError(
             f"{ref.where}: an image's URL must be a string, got {_json_type(ref.source)}",
@@ -195,7 +204,8 @@ def parse_chat_request(body: Any) -> ParsedChatRequest:
     if not isinstance(body, Mapping):
         raise _bad("the request body must be a JSON object", param=None)
     known = _REQUEST_FIELDS | set(_DEFAULT_ONLY) | set(GenerationParams.names())
-    unknown = sorted(k for k in body if k not in known)
+    # a field sent as null is not set (OpenAI's clients and vLLM read it so): only fields given a value count
+    unknown = sorted(k for k in body if k not in known and body[k] is not None)
     not_default = sorted(
         k for k, default in _DEFAULT_ONLY.items() if body.get(k) is not None and not _is_default(body[k], default)
     )
@@ -229,6 +239,11 @@ def parse_chat_request(body: Any) -> ParsedChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, Mapping):
         raise _bad("'stream_options' must be an object", param="stream_options")
+    if body.get("stream_options") is not None and not stream:  # as OpenAI and vLLM answer it
+        raise _bad("'stream_options' is only allowed with \"stream\": true", param="stream_options")
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise _bad(f"'user' must be a string, got {_json_type(user)}", param="user")
     include_usage = options.get("include_usage") or False
     if not isinstance(include_usage, bool):  # "false" as a string would read as true
         raise _bad("'stream_options.include_usage' must be true or false", param="stream_options")
@@ -240,6 +255,8 @@ def _is_default(value: Any, default: Any) -> bool:
     """*value* is *default* and of its JSON type (``true`` is not ``1``, ``0.0`` is ``0``)."""
     if isinstance(default, bool) or isinstance(value, bool):
         return value is default
+    if isinstance(default, Mapping):  # response_format: {"type": "text"}, the plain text it always is
+        return isinstance(value, Mapping) and dict(value) == default
     if isinstance(default, int) and default == 1:  # n: an integer
         return type(value) is int and value == default
     return isinstance(value, (int, float)) and value == default
@@ -445,10 +462,14 @@ class SSEDecoder:
         self._data: list[str] = []
         self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._pending = ""
+        self._started = False  # whether the stream's first character has been seen (a BOM there is dropped)
 
     def feed(self, chunk: bytes) -> list[str]:
         """Decode a chunk of the raw body (any split, UTF-8) and return the data of the events it completes."""
         text = self._pending + self._text.decode(chunk)
+        if not self._started and text:
+            self._started = True
+            text = text.removeprefix("\ufeff")  # the one byte-order mark a stream may begin with
         events, start = [], 0
         # SSE lines end in CRLF, LF or CR, and nothing else (U+2028 may sit inside a JSON string).
         for match in _SSE_LINE_END.finditer(text):
@@ -470,10 +491,8 @@ class SSEDecoder:
     def decode(self, line: str) -> str | None:
         line = line.rstrip("\r\n")
         if not line:
-            if not self._data:
-                return None
             data, self._data = "\n".join(self._data), []
-            return data
+            return data or None  # an event with empty data (a bare "data:" keep-alive) is not dispatched
         if line.startswith(":"):
             return None
         name, _, value = line.partition(":")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
@@ -45,6 +46,7 @@ from ..types import ChatRequest, GenerationResult, Timings, Usage
 from .base import StreamItem
 
 __all__ = [
+    "API_KEY_ENV",
     "HTTPTransport",
     "DEFAULT_TIMEOUT",
     "DEFAULT_TOTAL_TIMEOUT",
@@ -60,6 +62,9 @@ DEFAULT_TIMEOUT = httpx.Timeout(**_DEFAULT_PHASES)
 DEFAULT_TOTAL_TIMEOUT = 600.0
 """Seconds one call may take in all: connecting, retries and their waits, and reading the whole answer or stream."""
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+API_KEY_ENV = "LLAVA_NEXT_API_KEY"
+"""The environment variable an :class:`HTTPTransport` given no ``api_key`` sends (``llava-next serve`` requires the
+same variable's key when it is set: one variable configures both ends)."""
 RETRIED_TRANSPORT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.WriteError)
 """Failures before the request was all sent (refused, unreachable, reset while sending): sent again."""
 CLOSED_BEFORE_ANSWER = (httpx.RemoteProtocolError, httpx.ReadError)
@@ -110,7 +115,8 @@ class HTTPTransport:
 
     :param base_url: the endpoint's base, usually ending in ``/v1`` (``http://127.0.0.1:8000/v1``).
     :param model: the ``model`` field sent when a request names none.
-    :param api_key: sent as ``Authorization: Bearer <api_key>``.
+    :param api_key: sent as ``Authorization: Bearer <api_key>``; default: the environment's
+        ``LLAVA_NEXT_API_KEY`` (:data:`API_KEY_ENV`, the variable ``llava-next serve`` reads its key from), if set.
     :param timeout: seconds one call may take in all (default :data:`DEFAULT_TOTAL_TIMEOUT`, 600 s): connecting,
         retries and their waits, and reading the whole answer or, for a stream, every event up to the end;
         beyond it the call raises :class:`~llava_next_sdk.errors.APITimeoutError`. No phase waits longer than
@@ -154,6 +160,8 @@ class HTTPTransport:
             raise ValueError(f"base_url={base_url!r} is not a usable URL: {exc}") from None
         if not parts.hostname:
             raise ValueError(f"base_url={base_url!r} has no host: give one such as 'http://127.0.0.1:8000/v1'")
+        if api_key is None:
+            api_key = os.environ.get(API_KEY_ENV) or None
         for name, value in {**(headers or {}), **({"api_key": api_key} if api_key else {})}.items():
             if not isinstance(value, str) or not value.isascii() or any(c in value for c in "\r\n"):
                 raise ValueError(
@@ -167,9 +175,11 @@ class HTTPTransport:
         self.model = model
         self.include_usage = include_usage
         self.timeout, self.total_timeout = _timeouts(timeout, connect_timeout, read_timeout)
-        self._headers = {"User-Agent": _user_agent(), **(headers or {})}
+        # case-insensitive, as HTTP names are: headers= replaces our User-Agent (and Authorization) whatever its case
+        self._headers = httpx.Headers({"User-Agent": _user_agent()})
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        self._headers.update(headers or {})
         self._owns_client = http_client is None
         self._client = http_client or httpx.AsyncClient(
             timeout=self.timeout, limits=limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
@@ -239,7 +249,8 @@ class HTTPTransport:
         if self._closed:
             raise APIConnectionError("this client is closed; create a new one")
         url = self.base_url + wire.CHAT_COMPLETIONS_PATH
-        headers = dict(self._headers, Accept="text/event-stream" if stream else "application/json")
+        headers = self._headers.copy()
+        headers["Accept"] = "text/event-stream" if stream else "application/json"
         if stream:
             headers["Accept-Encoding"] = "identity"
         body_written: list[float] = []
@@ -372,6 +383,11 @@ class HTTPTransport:
         except httpx.TransportError as exc:
             raise APIConnectionError(
                 f"the connection to {self.base_url} broke while reading the response: {exc or type(exc).__name__}"
+            ) from exc
+        except httpx.DecodingError as exc:  # e.g. a proxy's Content-Encoding that its bytes do not match
+            raise APIConnectionError(
+                f"the response from {self.base_url} could not be decoded ({exc}): its Content-Encoding does not "
+                "match its bytes, often a proxy's doing"
             ) from exc
 
 
