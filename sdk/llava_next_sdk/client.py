@@ -403,6 +403,11 @@ class _LoopThread:
 
     def stop(self, before: Coroutine[Any, Any, Any] | None = None) -> None:
         """Run *before* (the client's ``aclose``), cancel every task still on the loop, stop it, close it."""
+        if not self._thread.is_alive():  # a forked child's copy (threads do not survive fork): nothing runs it
+            self.stopping = True
+            if before is not None:
+                before.close()
+            return
         with self._submitting:
             if self.loop.is_closed() or self.stopping:
                 if before is not None:
@@ -452,6 +457,14 @@ class Client:
     """
 
     def __init__(self, model: str | os.PathLike | None = None, **kwargs: Any) -> None:
+        self._arguments = (model, kwargs)
+        self._forked = threading.Lock()
+        self._start()
+
+    def _start(self) -> None:
+        """Start the loop thread and build the async client on it (again in a forked child: see :meth:`_live`)."""
+        model, kwargs = self._arguments
+        self._pid = os.getpid()
         self._runner = _LoopThread()
 
         async def build() -> AsyncClient:
@@ -465,26 +478,47 @@ class Client:
         # A client dropped without close() still closes its connections and stops its thread when collected.
         self._finalizer = weakref.finalize(self, _close_client, self._runner, self._async)
 
+    def _live(self) -> _LoopThread:
+        """The loop thread, started anew in a process forked from the one that made this client (a
+        ``multiprocessing`` worker, a pre-forking server): threads do not survive ``fork``, so the parent's
+        loop would never run a call, and its connections are the parent's. The child builds its own client from
+        the same arguments; the parent's stays the parent's to close."""
+        if self._pid != os.getpid():
+            with self._forked:
+                if self._pid != os.getpid():
+                    self._finalizer.detach()  # never run in the child: it would wait on a thread that is not here
+                    self._start()
+        return self._runner
+
     @property
     def async_client(self) -> AsyncClient:
+        self._live()
         return self._async
 
     def generate(self, images: Any, prompt: str, **kwargs: Any) -> GenerationResult:
-        return self._runner.run(self._async.generate(images, prompt, **kwargs))
+        runner = self._live()
+        return runner.run(self._async.generate(images, prompt, **kwargs))
 
     def chat(self, messages: Sequence[Mapping | ChatMessage], **params: Any) -> GenerationResult:
-        return self._runner.run(self._async.chat(messages, **params))
+        runner = self._live()
+        return runner.run(self._async.chat(messages, **params))
 
     def map(self, items: Iterable[Any], *, concurrency: int = 4, **params: Any) -> list[GenerationResult | Exception]:
-        return self._runner.run(self._async.map(items, concurrency=concurrency, **params))
+        runner = self._live()
+        return runner.run(self._async.map(items, concurrency=concurrency, **params))
 
     def stream(self, images: Any, prompt: str, **kwargs: Any) -> SyncTextStream:
+        self._live()
         return SyncTextStream(self, self._async.stream(images, prompt, **kwargs))
 
     def stream_chat(self, messages: Sequence[Mapping | ChatMessage], **params: Any) -> SyncTextStream:
+        self._live()
         return SyncTextStream(self, self._async.stream_chat(messages, **params))
 
     def close(self) -> None:
+        if self._pid != os.getpid():  # a forked child that never used it: nothing of its own to close
+            self._finalizer.detach()
+            return
         self._finalizer()  # once: closes the transport, cancels calls still running, stops the thread
 
     def __enter__(self) -> Client:

@@ -139,6 +139,11 @@ class ServerError(APIError):
     type = "server_error"
     code = "server_error"
 
+    def __init__(self, message: str, *, retry_after: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        #: Seconds the endpoint asked to wait (its ``Retry-After``), when it sent one with a 5xx (e.g. a 503).
+        self.retry_after = retry_after
+
 
 class APIConnectionError(LlavaNextError):
     """The endpoint could not be reached."""
@@ -179,14 +184,15 @@ MESSAGE_LIMIT = 500
 
 def _message_of(body: Any, err: Any) -> str | None:
     """The human message of an error body, in the shapes servers send: OpenAI's ``{"error": {"message"}}``, a
-    plain ``{"error": "..."}``, vLLM's ``{"object": "error", "message"}``, FastAPI's ``{"detail": "..."}``, or text."""
+    plain ``{"error": "..."}``, vLLM's ``{"object": "error", "message"}``, FastAPI's ``{"detail": "..."}`` or its
+    validation errors' list, or text."""
     candidates: list[Any] = []
     if isinstance(err, dict):
         candidates.append(err.get("message"))
     elif isinstance(err, str):
         candidates.append(err)
     if isinstance(body, dict):
-        candidates += [body.get("message"), body.get("detail")]
+        candidates += [body.get("message"), body.get("detail"), _validation_details(body.get("detail"))]
     elif isinstance(body, str):
         candidates.append(body)
     for candidate in candidates:
@@ -194,6 +200,18 @@ def _message_of(body: Any, err: Any) -> str | None:
             text = candidate.strip()
             return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT] + "..."
     return None
+
+
+def _validation_details(detail: Any) -> str | None:
+    """FastAPI's (pydantic's) list of validation errors, ``[{"loc": [...], "msg": "..."}]``, in one line."""
+    if not isinstance(detail, list):
+        return None
+    items = [
+        f"{'.'.join(map(str, item.get('loc') or ())) or 'body'}: {item['msg']}"
+        for item in detail
+        if isinstance(item, dict) and isinstance(item.get("msg"), str)
+    ]
+    return "; ".join(items) or None
 
 
 def error_from_status(
@@ -220,6 +238,6 @@ def error_from_status(
         else:
             cls = ServerError if status >= 500 else APIError
     kwargs: dict = {"status": status, "param": param, "request_id": request_id, "body": body}
-    if cls is OverloadedError:
+    if issubclass(cls, (OverloadedError, ServerError)):
         kwargs["retry_after"] = retry_after
     return cls(str(message), **kwargs)

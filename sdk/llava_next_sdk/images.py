@@ -73,6 +73,7 @@ __all__ = [
 _MEDIA_TYPES = {
     "PNG": "image/png",
     "JPEG": "image/jpeg",
+    "MPO": "image/jpeg",  # a phone's multi-picture JPEG (Ultra HDR, gain maps): a JPEG file that PIL names MPO
     "GIF": "image/gif",
     "WEBP": "image/webp",
     "BMP": "image/bmp",

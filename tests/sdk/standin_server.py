@@ -28,6 +28,7 @@ class Record:
     count: int = 0
     bodies: list = field(default_factory=list)
     headers: list = field(default_factory=list)
+    raw_headers: list = field(default_factory=list)  # each request's (name, value) pairs, as sent
     in_flight: int = 0
     max_in_flight: int = 0
     stream_closed: threading.Event = field(default_factory=threading.Event)
@@ -201,6 +202,12 @@ async def _scenario(name: str, record: Record, body: dict):
             await asyncio.sleep(5)
 
         return StreamingResponse(hang_after_done(), media_type="text/event-stream")
+    if name == "bad_encoding":  # a proxy's mistake: says gzip, sends plain JSON
+        answer, usage = _completion(body)
+        return PlainTextResponse(
+            json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": answer}}]}),
+            headers={"content-encoding": "gzip", "content-type": "application/json"},
+        )
     if name == "endless":  # a delta every 20 ms until the client goes away (at most ~10 s)
 
         async def endless():
@@ -237,6 +244,7 @@ class StandinServer:
         body = await request.json()
         record.bodies.append(body)
         record.headers.append(dict(request.headers))
+        record.raw_headers.append([(k.decode().lower(), v.decode()) for k, v in request.headers.raw])
         return await _scenario(request.path_params["scenario"], record, body)
 
     def start(self) -> StandinServer:

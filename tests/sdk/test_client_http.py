@@ -585,6 +585,32 @@ async def test_a_connection_closed_at_once_is_sent_again_once():
         server.stop()
 
 
+async def test_headers_replace_ours_whatever_their_case_and_the_api_key_comes_from_the_environment(
+    standin, monkeypatch
+):
+    url, record = standin.endpoint("ok")
+    headers = {"authorization": "Bearer sk-from-headers", "user-agent": "my-app/1.0", "X-Extra": "1"}
+    async with client_for(url, api_key="sk-from-api-key", headers=headers) as client:
+        await client.generate(None, "hi")
+    sent = record.raw_headers[-1]
+    assert [v for k, v in sent if k == "authorization"] == ["Bearer sk-from-headers"]  # once: headers= wins
+    assert [v for k, v in sent if k == "user-agent"] == ["my-app/1.0"] and ("x-extra", "1") in sent
+    monkeypatch.setenv("LLAVA_NEXT_API_KEY", "sk-from-env")  # the variable `llava-next serve` reads its key from
+    async with client_for(url) as client:
+        await client.generate(None, "hi")
+    assert record.headers[-1]["authorization"] == "Bearer sk-from-env"
+    async with client_for(url, api_key="sk-given") as client:  # a key given wins over the environment's
+        await client.generate(None, "hi")
+    assert record.headers[-1]["authorization"] == "Bearer sk-given"
+
+
+async def test_a_body_that_does_not_match_its_content_encoding_is_a_connection_error_not_an_httpx_one(standin):
+    url, _ = standin.endpoint("bad_encoding")
+    async with client_for(url, max_retries=0) as client:
+        with pytest.raises(APIConnectionError, match="could not be decoded .* Content-Encoding does not match"):
+            await client.generate(None, "hi")
+
+
 async def test_a_callers_http_client_keeps_the_sdks_timeouts(standin):
     """An httpx client passed to set a proxy or certificates does not bring its own 5 s default along."""
     import httpx

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from llava_next_sdk import (
@@ -119,6 +120,44 @@ def test_closing_the_sync_client_ends_a_call_running_on_another_thread_and_later
     with pytest.raises(LlavaNextError, match="this client is closed"):
         with client.stream(None, "again"):
             pass
+
+
+def test_a_sync_client_made_before_a_fork_works_in_the_child_and_stays_the_parents(standin):
+    """multiprocessing's fork workers and pre-forking servers: the loop thread does not survive fork, so the child
+    builds its own client (from the same arguments) at its first call; the parent's is untouched."""
+    import multiprocessing
+
+    url, record = standin.endpoint("ok")
+    client = Client(base_url=url, model="standin-model")
+    assert client.generate(None, "parent").text == "echo[0]: parent"
+    results = multiprocessing.get_context("fork").Queue()
+
+    def child() -> None:
+        try:
+            with client.stream(None, "child stream") as stream:
+                streamed = "".join(stream)
+            results.put((client.generate(None, "child").text, streamed))
+            client.close()
+        except BaseException as exc:  # the parent's assertion says what went wrong
+            results.put(repr(exc))
+
+    def idle_child() -> None:  # never calls it: exits without waiting on the parent's thread
+        client.close()
+
+    for target in (child, idle_child):
+        process = multiprocessing.get_context("fork").Process(target=target)
+        process.start()
+        process.join(30)
+        assert process.exitcode == 0, process.exitcode
+    assert results.get(timeout=5) == ("echo[0]: child", "echo[0]: child stream")
+    assert client.generate(None, "parent again").text == "echo[0]: parent again"  # the parent's own client
+    client.close()
+    assert record.count == 4
+    code = "import os, sys; from llava_next_sdk import Client; c = Client(base_url=sys.argv[1], model='m')\n"
+    code += "c.generate(None, 'x')\npid = os.fork()\nif pid == 0: sys.exit(0)\nos.waitpid(pid, 0); c.close()"
+    started = time.monotonic()  # a forked child leaving through sys.exit runs the finalizers: none may wait
+    subprocess.run([sys.executable, "-c", code, url], check=True, timeout=60)
+    assert time.monotonic() - started < 15
 
 
 def test_a_sync_stream_of_a_client_made_on_the_same_line_and_what_it_tells_while_read(standin):

@@ -34,6 +34,17 @@ def test_a_binary_file_object_is_read_like_its_bytes(tmp_path):
         assert encode(file).data == encode(io.BytesIO(png())).data == png()
 
 
+def test_a_phones_multi_picture_jpeg_is_sent_as_the_jpeg_it_is(tmp_path):
+    """PIL names a JPEG with extra pictures (Ultra HDR, gain maps) MPO; on the wire it is image/jpeg."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buffer, "MPO", save_all=True, append_images=[Image.new("RGB", (8, 8))])
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO" and buffer.getvalue()[:3] == b"\xff\xd8\xff"
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(buffer.getvalue())
+    part = encode(path)
+    assert part.data == buffer.getvalue() and part.media_type == "image/jpeg"
+
+
 BAD = {
     "bytes that are no image": (
         lambda tmp: io.BytesIO(b"not an image"),

@@ -279,6 +279,19 @@ def test_sse_comments_and_other_fields_are_ignored():
     assert decoder.end() == ["tail"]
 
 
+def test_sse_events_with_empty_data_are_not_dispatched_and_a_leading_byte_order_mark_is_dropped():
+    """WHATWG's event-stream rules: an event whose data is empty (a bare ``data:`` keep-alive) is not dispatched;
+    a U+FEFF starting the stream is no part of its first line."""
+    decoder = wire.SSEDecoder()
+    assert decoder.feed(b"data:\n\n") == [] and decoder.feed(b"data: \n\ndata: x\n\n") == ["x"]
+    for cut in range(1, 5):  # the BOM's three bytes split anywhere
+        raw = "\ufeffdata: hi\n\n".encode()
+        decoder = wire.SSEDecoder()
+        assert decoder.feed(raw[:cut]) + decoder.feed(raw[cut:]) == ["hi"]
+    decoder = wire.SSEDecoder()
+    assert decoder.feed(b"data: a\n\n") + decoder.feed("data: \ufeffb\n\n".encode()) == ["a", "\ufeffb"]
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 
@@ -323,8 +336,15 @@ def test_error_responses_map_to_classes(status, content, error):
             ContextLengthExceededError,
             "This model's maximum context length is 4096 tokens",
         ),
+        (
+            422,
+            b'{"detail": [{"loc": ["body", "messages", 0, "content"], "msg": "Field required", "type": "missing"},'
+            b' {"loc": ["body", "max_tokens"], "msg": "Input should be a valid integer", "type": "int_type"}]}',
+            BadRequestError,
+            "body.messages.0.content: Field required; body.max_tokens: Input should be a valid integer",
+        ),
     ],
-    ids=["error-string", "fastapi-detail", "vllm-top-level"],
+    ids=["error-string", "fastapi-detail", "vllm-top-level", "fastapi-validation-list"],
 )
 def test_error_messages_are_read_from_the_shapes_servers_send(status, content, error, message):
     err = wire.parse_error(status, content)
@@ -339,6 +359,14 @@ def test_a_long_error_page_is_cut_and_an_error_that_is_null_is_no_error():
     assert wire.parse_stream_chunk({"choices": [{"delta": {"content": "hi"}}], "error": None}).delta == "hi"
     with pytest.raises(ServerError, match="CUDA out of memory"):
         wire.parse_stream_chunk({"error": "CUDA out of memory"})
+
+
+def test_a_5xx_keeps_its_retry_after_whatever_class_its_code_gives():
+    busy = b'{"error": {"message": "busy", "type": "server_error", "code": "server_error"}}'
+    err = wire.parse_error(503, busy, retry_after=7.0)
+    assert type(err) is ServerError and err.retry_after == 7.0 and err.message == "busy"
+    assert wire.parse_error(503, b"", retry_after=3.0).retry_after == 3.0  # OverloadedError, as before
+    assert wire.parse_error(400, b'{"error": "no"}', retry_after=3.0).status == 400  # a 4xx takes no hint
 
 
 def test_our_error_bodies_come_back_as_the_same_class():
