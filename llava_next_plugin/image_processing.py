@@ -117,16 +117,30 @@ class LlavaNextImageProcessorKwargs(ImagesKwargs, total=False):
 # Settings
 
 
-def _size_dict(value: Any, name: str, int_means: str) -> dict[str, int]:
-    """``size`` / ``crop_size`` in the forms transformers accepts, as a plain dict."""
+class SizeDict(dict):
+    """``size`` / ``crop_size``: a dict (``size["shortest_edge"]``, saved as one) whose keys also read as attributes
+    (``size.shortest_edge``, as transformers' ``SizeDict`` reads), a size it does not set reading ``None``."""
+
+    FIELDS = frozenset({"height", "width", "shortest_edge", "longest_edge", "max_height", "max_width"})
+
+    def __getattr__(self, name: str) -> int | None:
+        if name in self:
+            return self[name]
+        if name in SizeDict.FIELDS:
+            return None
+        raise AttributeError(f"a size has no {name!r}; it has {sorted(self)}")
+
+
+def _size_dict(value: Any, name: str, int_means: str) -> SizeDict:
+    """``size`` / ``crop_size`` in the forms transformers accepts, as a :class:`SizeDict`."""
     if isinstance(value, int):
-        return {int_means: value} if int_means == "shortest_edge" else {"height": value, "width": value}
+        return SizeDict({int_means: value} if int_means == "shortest_edge" else {"height": value, "width": value})
     if isinstance(value, (list, tuple)) and len(value) == 2:
-        return {"height": int(value[0]), "width": int(value[1])}
+        return SizeDict(height=int(value[0]), width=int(value[1]))
     if isinstance(value, dict) or hasattr(value, "keys"):
         given = {k: value[k] for k in value.keys() if value[k] is not None}
         if set(given) == {"shortest_edge"} or set(given) == {"height", "width"}:
-            return {k: int(v) for k, v in given.items()}
+            return SizeDict({k: int(v) for k, v in given.items()})
     raise InputError(
         f"{name}={value!r} is not supported: give {{'shortest_edge': n}} or {{'height': h, 'width': w}}"
         if name == "size"
@@ -144,6 +158,8 @@ def _channel_triple(value: Any, name: str) -> tuple[float, float, float]:
     if isinstance(value, (int, float)):
         return (float(value),) * 3
     values = tuple(float(v) for v in value)
+    if len(values) == 1:  # one value for every channel, as transformers broadcasts it
+        return (values[0], values[0], values[0])
     if len(values) != 3:
         raise InputError(f"{name} needs one value per RGB channel (3), got {list(values)}", param=name)
     return values[0], values[1], values[2]

@@ -50,9 +50,31 @@ __all__ = ["LlavaNextImageProcessorFast", "LlavaNextImageProcessorFastKwargs"]
 # (``<processor class>Kwargs`` in the processor's module): the same TypedDict as the PIL processor's.
 LlavaNextImageProcessorFastKwargs = LlavaNextImageProcessorKwargs
 
-# PIL resampling filter -> interpolate mode. LANCZOS has no torch kernel: bicubic is its closest.
-INTERPOLATE_MODES = {0: "nearest-exact", 1: "bicubic", 2: "bilinear", 3: "bicubic"}
+# PIL resampling filter -> interpolate mode (LANCZOS: torch's antialiased kernel, where the build has one)
+INTERPOLATE_MODES = {0: "nearest-exact", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LANCZOS: dict[tuple[str, torch.dtype], bool] = {}  # whether torch resizes with LANCZOS here, by device and dtype
+
+
+def _lanczos_here(image: torch.Tensor) -> bool:
+    """Whether ``F.interpolate`` has a LANCZOS kernel for *image*'s device and dtype (torch's CPU kernels, in
+    recent releases); where it has none, LANCZOS falls back to bicubic with one warning, as transformers' processor
+    falls back on CUDA."""
+    key = (image.device.type, image.dtype)
+    if key not in _LANCZOS:
+        try:
+            probe = torch.zeros((1, 3, 4, 4), dtype=image.dtype, device=image.device)
+            F.interpolate(probe, size=(2, 3), mode="lanczos", antialias=True, align_corners=False)
+            _LANCZOS[key] = True
+        except (NotImplementedError, RuntimeError, ValueError):
+            _LANCZOS[key] = False
+            warnings.warn(
+                f"resample=1 (LANCZOS): this torch ({torch.__version__}) has no LANCZOS resize for {image.dtype} on "
+                f"{image.device.type}; bicubic is used instead. For LANCZOS use the PIL LlavaNextImageProcessor",
+                UserWarning,
+                stacklevel=4,
+            )
+    return _LANCZOS[key]
 
 
 def _resize(image: torch.Tensor, size: tuple[int, int], mode: str, whole_pixels: bool) -> torch.Tensor:
@@ -63,7 +85,9 @@ def _resize(image: torch.Tensor, size: tuple[int, int], mode: str, whole_pixels:
     """
     if tuple(image.shape[-2:]) == tuple(size):
         return image
-    smooth = mode in ("bilinear", "bicubic")
+    if mode == "lanczos" and not _lanczos_here(image):
+        mode = "bicubic"
+    smooth = mode in ("bilinear", "bicubic", "lanczos")
     resized = F.interpolate(image, size=size, mode=mode, antialias=smooth, align_corners=False if smooth else None)
     if whole_pixels and resized.is_floating_point():
         resized = resized.clamp_(0, 255).round_()
@@ -160,7 +184,7 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
         mode = INTERPOLATE_MODES.get(settings.resample)
         if mode is None:
             raise InputError(
-                f"resample={settings.resample} has no torch kernel: use 0 (nearest), 2 (bilinear) or "
+                f"resample={settings.resample} has no torch kernel: use 0 (nearest), 1 (LANCZOS), 2 (bilinear) or "
                 "3 (bicubic), or the PIL LlavaNextImageProcessor",
                 param="resample",
             )

@@ -524,7 +524,71 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                 param="vision_feature_layer",
             )
 
-    def pack_image_features(self, tile_features: torch.Tensor, geoms: list[geometry.ImageGeometry]) -> torch.Tensor:
+    @property
+    def vocab_size(self) -> int:
+        """The language model's vocabulary size (as transformers' model has it)."""
+        return int(self.config.language_model_config.vocab_size)
+
+    def pack_image_features(
+        self,
+        image_features: Sequence[torch.Tensor],
+        image_sizes: torch.Tensor | Sequence[Sequence[int]],
+        vision_feature_select_strategy: str,
+        image_newline: torch.Tensor | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """transformers' helper: each image's features in the order the language model reads them.
+
+        :param image_features: one ``[tiles_i, positions, text_hidden]`` tensor per image (projected, the CLS
+            position already dropped for ``"default"``): its base view, then its grid's tiles; a single tile is
+            the base view alone.
+        :param image_sizes: ``[images, 2]`` original ``(height, width)``.
+        :param vision_feature_select_strategy: ``"default"`` or ``"full"``.
+        :param image_newline: ``[text_hidden]`` put at the end of each row of the grid (and after a lone base
+            view); ``None`` puts none.
+        :return: ``(one [tokens_i, text_hidden] tensor per image, tokens per image as a long tensor)``.
+        """
+        geoms = self._image_geometries(image_sizes, vision_feature_select_strategy, None)
+        if len(image_features) != len(geoms):
+            raise InputError(
+                f"{len(image_features)} images' features for {len(geoms)} image sizes: give one per image",
+                param="image_features",
+            )
+        packed = []
+        for i, (geom, features) in enumerate(zip(geoms, image_features, strict=True)):
+            extra = [] if image_newline is None else [image_newline[None].to(features.device, features.dtype)]
+            if features.shape[0] == 1:  # the base view alone
+                packed.append(torch.cat([features[0], *extra]))
+                continue
+            if features.shape[0] != geom.num_tiles:
+                raise InputError(
+                    f"image {i} ({geom.height}x{geom.width}) has {features.shape[0]} tiles' features; its "
+                    f"{geom.grid_rows}x{geom.grid_cols} grid and base view make {geom.num_tiles}",
+                    param="image_features",
+                )
+            order = packing_order(geom, features.shape[1])
+            table = torch.cat([features.reshape(-1, features.shape[-1]), *extra])
+            index = torch.where(order == NEWLINE, table.shape[0] - 1, order) if extra else order[order != NEWLINE]
+            packed.append(table.index_select(0, index.to(table.device)))
+        device = image_features[0].device if len(image_features) else None
+        return packed, torch.tensor([len(p) for p in packed], dtype=torch.long, device=device)
+
+    def get_placeholder_mask(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """transformers' helper: ``[batch, seq, 1]`` bool, where the ``<image>`` tokens are (from *input_ids*, else
+        by matching *inputs_embeds* to the ``<image>`` embedding), checked to be as many as *image_features*'
+        ``[tokens, text_hidden]`` rows (a typed error names both counts otherwise)."""
+        mask = self._image_token_mask(input_ids, inputs_embeds)
+        tokens, features = int(mask.sum()), image_features.numel() // inputs_embeds.shape[-1]
+        if tokens * inputs_embeds.shape[-1] != image_features.numel():
+            raise InputError(
+                f"the prompt has {tokens} <image> tokens but {features} image features are given: let the processor "
+                "expand each <image> for its image",
+                param="input_ids",
+            )
+        return mask.unsqueeze(-1).to(inputs_embeds.device)
+
+    def _pack_tiles(self, tile_features: torch.Tensor, geoms: list[geometry.ImageGeometry]) -> torch.Tensor:
         """All images' packed features ``[sum(num_tokens), text_hidden]`` from ``[T, F, text_hidden]``.
 
         One gather over the whole batch, in the order of :func:`packing_order`.
@@ -579,7 +643,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         geoms = self._image_geometries(image_sizes, strategy, image_detail)
         tiles = self._gather_tiles(pixel_values, geoms)
         tile_features, tower_outputs = self._tile_features(tiles, feature_layer, strategy, **tower_flags)
-        return self.pack_image_features(tile_features, geoms), geoms, tower_outputs
+        return self._pack_tiles(tile_features, geoms), geoms, tower_outputs
 
     def get_image_features(
         self,
@@ -636,7 +700,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         result = BaseModelOutputWithPooling(
             last_hidden_state=tower.last_hidden_state,
             # one [num_tokens_i, D] tensor per image, as transformers' multimodal models give (typed as one tensor)
-            pooler_output=torch.split(packed, [g.num_tokens for g in geoms]),  # type: ignore[arg-type]
+            pooler_output=list(torch.split(packed, [g.num_tokens for g in geoms])),  # type: ignore[arg-type]
             hidden_states=tower.hidden_states if output_hidden_states else None,
             attentions=tower.attentions if output_attentions else None,
         )
@@ -703,7 +767,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
         :raises InputError: images and ``<image>`` tokens that do not match, or settings the model cannot use.
         """
         cache = take_cache(cache, kwargs, f"{type(self).__name__}.forward")
-        return_dict = kwargs.pop("return_dict", True)
+        return_dict, use_cache = _config_defaults(self.config, kwargs.pop("return_dict", None), use_cache)
         if (input_ids is None) == (inputs_embeds is None):
             raise InputError("give exactly one of input_ids and inputs_embeds", param="input_ids")
         if inputs_embeds is None:
@@ -751,12 +815,14 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                 )
             layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
             strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-            features, geoms, _ = self._image_features(pixel_values, image_sizes, layer, strategy, image_detail)
+            features, geoms, tower = self._image_features(pixel_values, image_sizes, layer, strategy, image_detail)
             self._check_counts(token_mask, geoms)
             features = features.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(token_mask.unsqueeze(-1), features)
+            # as get_image_features gives them (the tower's last hidden state, one feature tensor per image)
             image_outputs = BaseModelOutputWithPooling(
-                pooler_output=torch.split(features, [g.num_tokens for g in geoms])  # type: ignore[arg-type]
+                last_hidden_state=tower.last_hidden_state,
+                pooler_output=list(torch.split(features, [g.num_tokens for g in geoms])),  # type: ignore[arg-type]
             )
         elif (
             not self._warned_image_tokens_as_text
@@ -815,6 +881,17 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
 
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
+
+    def pack_image_features(
+        self,
+        image_features: Sequence[torch.Tensor],
+        image_sizes: torch.Tensor | Sequence[Sequence[int]],
+        vision_feature_select_strategy: str,
+        image_newline: torch.Tensor | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """:meth:`LlavaNextModel.pack_image_features` (as transformers' model offers it here too)."""
+        strategy = vision_feature_select_strategy
+        return self.model.pack_image_features(image_features, image_sizes, strategy, image_newline)
 
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
@@ -926,9 +1003,10 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
         :return: :class:`LlavaNextCausalLMOutputWithPast`, or a tuple with ``return_dict=False``.
         """
         cache = take_cache(cache, kwargs, f"{type(self).__name__}.forward")
-        return_dict = kwargs.pop("return_dict", True)
+        return_dict, use_cache = _config_defaults(self.config, kwargs.pop("return_dict", None), use_cache)
         outputs = self.model(
             input_ids,
+            return_dict=True,
             pixel_values=pixel_values,
             image_sizes=image_sizes,
             attention_mask=attention_mask,
@@ -967,6 +1045,17 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
 
 
 # --- helpers ----------------------------------------------------------------------------------------
+
+
+def _config_defaults(config: Any, return_dict: bool | None, use_cache: bool | None) -> tuple[bool, bool | None]:
+    """``return_dict`` and ``use_cache`` of a forward: as given, else the model config's (``config.return_dict =
+    False`` gives tuples, ``config.use_cache = False`` no cache, as fine-tuning scripts set them), else the
+    language model's own default (``use_cache`` ``None``)."""
+    if return_dict is None:
+        return_dict = getattr(config, "return_dict", True)
+    if use_cache is None:
+        use_cache = getattr(config, "use_cache", None)
+    return bool(return_dict), use_cache
 
 
 def _pinpoints_key(config: LlavaNextConfig) -> tuple:

@@ -319,7 +319,9 @@ class LlavaNextProcessor(ProcessorMixin):
         want_offsets = text_kwargs.pop("return_text_replacement_offsets", None) or merged.get(
             "return_text_replacement_offsets"
         )
-        return_tensors = text_kwargs.get("return_tensors", images_kwargs.get("return_tensors"))
+        # the whole output's type, as transformers' processors take it: the text's (images_kwargs' own applies to the
+        # image processor's outputs only, as there)
+        return_tensors = text_kwargs.get("return_tensors") if texts is not None else images_kwargs.get("return_tensors")
         placeholder = self._placeholder_pattern(text_kwargs.get("sanitize_control_tokens"))
 
         flat_images, per_sample = ([], None) if images is None else _flatten_images(images)
@@ -357,8 +359,14 @@ class LlavaNextProcessor(ProcessorMixin):
             if want_offsets:
                 text_inputs["text_replacement_offsets"] = offsets
             data = {**text_inputs, **data}
-        # images with different tile counts (do_pad=False) stay a list of tensors, which the model takes
-        ragged = ["pixel_values"] if isinstance(data.get("pixel_values"), (list, tuple)) else []
+        # images with different tile counts (do_pad=False) stay a list of tensors, which the model takes; a list
+        # whose tensors all have one shape is stacked into one tensor, as transformers' processor does
+        pixels = data.get("pixel_values")
+        ragged = (
+            ["pixel_values"]
+            if isinstance(pixels, (list, tuple)) and len({tuple(getattr(p, "shape", ())) for p in pixels}) > 1
+            else []
+        )
         return BatchFeature(
             data, tensor_type=return_tensors, skip_tensor_conversion=["text_replacement_offsets", *ragged]
         )

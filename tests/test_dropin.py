@@ -461,3 +461,88 @@ def test_get_image_features_takes_the_output_flags_by_keyword_only(eager_models,
         assert len(getattr(mine, field)) == len(getattr(theirs, field)) > 0
         for a, b in zip(getattr(mine, field), getattr(theirs, field), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=FP32_ATOL)
+
+
+def test_the_configs_use_cache_and_return_dict_settings_are_followed_as_the_reference_follows_them(models, processor):
+    """Fine-tuning scripts set ``model.config.use_cache = False`` (no cache built) and some code sets
+    ``config.return_dict = False`` (tuples); an explicit argument still wins."""
+    inputs = _one_image(processor)
+    for side in ("ours", "reference"):
+        model = models[(side, "main")]
+        saved = (getattr(model.config, "use_cache", None), model.config.return_dict)  # unset until a user sets it
+        try:
+            model.config.use_cache = False
+            with torch.no_grad():
+                assert model(**inputs).past_key_values is None, side
+                assert model(**inputs, use_cache=True).past_key_values is not None, side
+                model.config.return_dict = False
+                for module in (model, model.model):
+                    assert isinstance(module(**inputs), tuple), side
+                    assert not isinstance(module(**inputs, return_dict=True), tuple), side
+        finally:
+            model.config.use_cache, model.config.return_dict = saved
+    with torch.no_grad():
+        ours, reference = (models[(side, "main")](**inputs, return_dict=False) for side in ("ours", "reference"))
+    assert len(ours) == len(reference)
+    torch.testing.assert_close(ours[0], reference[0], atol=FP32_ATOL, rtol=0)
+
+
+def test_forward_gives_the_image_outputs_get_image_features_gives(models, processor):
+    """``out.image_outputs``: the tower's last hidden state and one feature tensor per image (a list, as in
+    transformers), so ``out[2][1]`` of a tuple is the features there too."""
+    inputs = _one_image(processor)
+    with torch.no_grad():
+        ours, reference = (models[(side, "main")](**inputs) for side in ("ours", "reference"))
+        as_tuple = models[("ours", "main")](**inputs, use_cache=False, return_dict=False)
+    for name in ("last_hidden_state", "pooler_output"):
+        mine, theirs = getattr(ours.image_outputs, name), getattr(reference.image_outputs, name)
+        assert type(mine) is type(theirs), name
+        torch.testing.assert_close(mine, theirs, atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(as_tuple[1][1], reference.image_outputs.pooler_output, atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("newline", [True, False])
+def test_transformers_public_helpers_pack_features_and_find_placeholders_as_the_reference(models, processor, newline):
+    images = [_photo((90, 60)), _photo((40, 120)), _photo((30, 30))]
+    text = ["[INST] <image><image>\nWhat? [/INST]", "[INST] <image>\nAnd this? [/INST]"]
+    inputs = processor(images=images, text=text, return_tensors="pt", padding=True)
+    reference = models[("reference", "main")]
+    with torch.no_grad():
+        tiles = reference.model.vision_tower(inputs["pixel_values"].flatten(0, 1), output_hidden_states=True)
+        projected = reference.model.multi_modal_projector(tiles.hidden_states[-2][:, 1:])
+        per_image = list(projected.unflatten(0, inputs["pixel_values"].shape[:2]))
+        # each image's own tiles (the processor pads to the most), and one image given as its base view alone
+        own = (inputs["pixel_values"].flatten(2).abs().sum(-1) > 0).sum(-1).tolist()  # padding tiles are zeros
+        per_image = [f[:n] for f, n in zip(per_image, own[:2] + [1], strict=True)]
+        results = {}
+        for side in ("ours", "reference"):
+            model = models[(side, "main")]
+            line = model.model.image_newline if newline else None
+            for owner in (model, model.model):
+                packed, lengths = owner.pack_image_features(per_image, inputs["image_sizes"], "default", line)
+                results.setdefault(side, []).append((packed, lengths))
+            embeds = model.get_input_embeddings()(inputs["input_ids"])
+            features = torch.cat(packed)
+            if side == "ours" and features.shape[0] != int((inputs["input_ids"] == model.config.image_token_id).sum()):
+                with pytest.raises(InputError, match="<image> tokens but"):
+                    model.model.get_placeholder_mask(inputs["input_ids"], embeds, features)
+            assert model.model.vocab_size == model.config.text_config.vocab_size
+    for (ours, our_lengths), (theirs, their_lengths) in zip(results["ours"], results["reference"], strict=True):
+        assert our_lengths.tolist() == their_lengths.tolist()
+        for mine, other in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(mine, other, atol=0, rtol=0)
+
+
+def test_get_placeholder_mask_finds_the_image_tokens_from_ids_or_embeddings_as_the_reference(models, processor):
+    inputs = _one_image(processor)
+    masks = {}
+    for side in ("ours", "reference"):
+        model = models[(side, "main")].model
+        embeds = model.get_input_embeddings()(inputs["input_ids"])
+        count = int((inputs["input_ids"] == model.config.image_token_id).sum())
+        features = torch.zeros(count, embeds.shape[-1])
+        masks[side] = [model.get_placeholder_mask(ids, embeds, features) for ids in (inputs["input_ids"], None)]
+    for mine, theirs in zip(masks["ours"], masks["reference"], strict=True):
+        assert mine.shape == theirs.shape and torch.equal(mine, theirs)
+    with pytest.raises(InputError, match="the prompt has .* <image> tokens but 3 image features"):
+        models[("ours", "main")].model.get_placeholder_mask(inputs["input_ids"], embeds, torch.zeros(3, 64))

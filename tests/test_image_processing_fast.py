@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import checkpoints
@@ -182,10 +183,24 @@ def test_size_and_crop_that_differ_from_the_tile_match_the_reference():
     assert_close_to_reference(ours, ref)
 
 
-def test_bilinear_and_nearest_resampling_match_the_reference():
-    for resample in (0, 2):
+def test_bilinear_nearest_and_lanczos_resampling_match_the_reference():
+    for resample in (0, 1, 2):  # 1: LANCZOS, torch's CPU kernel as torchvision's resize calls it
         ours, ref = run_both(synthetic(345, 678), **settings(resample=resample))
         assert_close_to_reference(ours, ref)
+
+
+def test_lanczos_where_torch_has_no_kernel_is_bicubic_with_one_warning():
+    """torch's LANCZOS resize exists for float32/64 and uint8 on a CPU (older releases and some devices have none:
+    there the processor resizes bicubic, said once); asked for half floats, which it lacks, it says so."""
+    from llava_next_plugin import image_processing_fast as fast
+
+    half = torch.rand((1, 3, 40, 30)).half()
+    fast._LANCZOS.pop(("cpu", torch.float16), None)
+    with pytest.warns(UserWarning, match=r"resample=1 \(LANCZOS\).*bicubic is used instead"):
+        assert fast._lanczos_here(half) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the answer is kept
+        assert fast._lanczos_here(half) is False and fast._lanczos_here(half.float()) is True
 
 
 def test_loads_llava_hf_folders_and_saves_files_transformers_reads(tiny_checkpoint, tmp_path):
