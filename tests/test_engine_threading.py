@@ -455,3 +455,34 @@ def test_an_idle_engine_thread_lets_its_openmp_workers_go(tiny_checkpoint):
     finally:
         engine.shutdown()
         torch.set_num_threads(threads_before)
+
+
+EXIT_SCRIPT = """
+import atexit, sys, threading
+threads = []
+# registered before the engine module is imported, so it runs after the engine's own exit handler (LIFO)
+atexit.register(lambda: print("engine threads alive at exit:", [t.is_alive() for t in threads], flush=True))
+sys.path.insert(0, sys.argv[2])
+from checkpoints import ask
+from llava_next_plugin.engine import Engine, SamplingParams
+from llava_next_plugin.engine.shared import get_shared_engine
+engines = [Engine.from_pretrained(sys.argv[1]).start(), get_shared_engine(sys.argv[1], max_batch_size=2)]
+for engine in engines:
+    print(engine.generate(ask("Hi", images=0), [], SamplingParams(max_tokens=2, temperature=0)).completion_tokens)
+    threads.append(engine._thread)
+"""
+
+
+def test_engine_threads_still_running_at_exit_are_stopped_before_the_interpreter_tears_down(tiny_checkpoint):
+    """An engine never shut down (the SDK's shared engines never are) is stopped at exit: its daemon thread, left
+    inside native code while the process tore down, aborted it now and then (status -6)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = str(Path(__file__).resolve().parent)
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, str(tiny_checkpoint), tests], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-2:] == ["[False,", "False]"] and done.stdout.startswith("2\n2\n"), done.stdout

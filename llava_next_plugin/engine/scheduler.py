@@ -15,6 +15,7 @@ finished, failed, was cancelled, or the engine stopped under it.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures
 import copy
@@ -23,6 +24,7 @@ import math
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,6 +50,23 @@ from .step import ModelRunner
 __all__ = ["Engine", "default_device"]
 
 logger = logging.getLogger("llava_next_plugin.engine")
+
+#: Engines whose thread was started (weakly: a dropped engine is not kept alive), stopped at interpreter exit.
+_STARTED: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_engines_at_exit() -> None:
+    """Stop the engine threads still running when the interpreter exits (a shared engine of the SDK's local
+    transport, an engine never shut down). They are daemon threads: left running, one could be inside torch's
+    or OpenMP's native code while the process tears down, which aborted it now and then ("terminate called
+    without an active exception", exit status -6). Runs after the program's non-daemon threads have ended."""
+    for engine in list(_STARTED):
+        try:
+            engine.shutdown(drain=False, timeout=5.0)
+        except Exception:  # exiting anyway: the rest still get stopped
+            logger.debug("stopping an engine at exit failed", exc_info=True)
+
 
 GiB = 1 << 30
 
@@ -80,7 +99,8 @@ class Engine:
     :param model: a ``LlavaNextForConditionalGeneration`` (ours or transformers'), in eval mode.
     :param processor: its ``LlavaNextProcessor`` (tokenizer + image processor + chat template).
     :param max_batch_size: requests holding a KV slot at most (prefilling or decoding); more wait in the queue.
-    :param max_queue: requests waiting at most; beyond it :meth:`submit` raises :class:`OverloadedError`.
+    :param max_queue: requests waiting at most; beyond it :meth:`submit` raises :class:`OverloadedError`. Every
+        request passes through the queue, so ``0`` refuses them all (the server commands ask for 1 or more).
     :param max_context: prompt + completion tokens at most (default: the text model's
         ``max_position_embeddings``, lowered if the KV slots would not fit *kv_memory*).
     :param default_max_tokens: completion tokens when a request gives no ``max_tokens`` (capped by the context).
@@ -322,6 +342,7 @@ class Engine:
                 thread = threading.Thread(target=self._run, name="llava-next-engine", daemon=True)
                 thread.start()  # may raise ("can't start new thread"): then a later call tries again
                 self._thread = thread
+                _STARTED.add(self)
         return self
 
     def shutdown(self, drain: bool = True, timeout: float | None = None) -> None:
