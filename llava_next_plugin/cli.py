@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shlex
 import sys
@@ -189,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_model(model: str | None) -> str:
     """The model a command runs: *model* (``--model``), else ``$LLAVA_NEXT_MODEL``, else :data:`DEFAULT_MODEL`;
     checked to be a LLaVA-NeXT checkpoint folder or hub id (:class:`CommandError` saying what is wrong)."""
+    if model is not None and not model.strip():  # --model "$MODEL" with the variable unset: not the default model
+        raise CommandError("--model is empty: give a checkpoint folder or a hub id")
     model = model or _default_model()
     _check_model(model)
     return model
@@ -335,6 +338,8 @@ def run_ask(args: argparse.Namespace) -> int:
             failure.append(exc)
             streamer.end()
 
+    if hasattr(sys.stdout, "reconfigure"):  # the answer is printed whatever the output's encoding can hold
+        sys.stdout.reconfigure(errors="replace")
     worker = threading.Thread(target=generate, name="llava-next-ask", daemon=True)
     worker.start()
     try:
@@ -371,6 +376,10 @@ def read_done(out: Path) -> set[str]:
     refused untouched."""
     if not out.exists():
         return set()
+    if not out.is_file():  # a pipe or a device (/dev/stdout): reading it to resume would wait forever
+        raise CommandError(
+            f"--out {out} is not a regular file: give a results file such as results.jsonl (it is read to resume)"
+        )
     data = out.read_bytes()
     *lines, tail = data.split(b"\n")  # not splitlines(): a result may hold U+2028 and the like
     done = set()
@@ -386,8 +395,17 @@ def read_done(out: Path) -> set[str]:
             raise CommandError(
                 f"{out}: its last line is neither a result line nor the start of one: fix or move the file"
             )
+        try:  # a whole result whose newline is missing (saved by an editor): kept, its newline added
+            done.add(json.loads(tail.decode("utf-8"))["image"])
+            ending = b"\n"
+        except (ValueError, KeyError, TypeError):  # the start of one, cut off by an interrupted write
+            ending = b""
         with open(out, "r+b") as handle:
-            handle.truncate(len(data) - len(tail))
+            if ending:
+                handle.seek(0, 2)
+                handle.write(ending)
+            else:
+                handle.truncate(len(data) - len(tail))
     return done
 
 
@@ -533,7 +551,9 @@ def run_serve_command(args: argparse.Namespace) -> int:
 
 # --- entry point ----------------------------------------------------------------------------------------
 def _positive(value: float, name: str, least: float = 1) -> None:
-    """A flag's number below *least* is said in one line."""
+    """A flag's number below *least*, or not finite (``nan``, ``inf``), is said in one line."""
+    if not math.isfinite(value):
+        raise CommandError(f"{name} must be a finite number, got {value:g}")
     if value < least:
         raise CommandError(f"{name} must be at least {least:g}, got {value:g}")
 

@@ -140,8 +140,17 @@ def _first_image(source: Any, timeout: float, what: str, index: int | None) -> A
     last of all), each plugin called on its own so that one failing in an unexpected way is named."""
     hook = get_plugin_manager().hook.llava_next_load_image
     implementations = in_call_order(hook)
-    if implementations is None:  # a wrapper: pluggy's own call
-        return hook(source=source, timeout=timeout)
+    if implementations is None:  # a wrapper: pluggy's own call, which cannot tell which plugin failed
+        try:
+            return hook(source=source, timeout=timeout)
+        except (LlavaNextError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            raise
+        except Exception as exc:
+            raise ImageError(
+                f"an image-source plugin failed on {what} ({type(exc).__name__}: {exc}); a hook wrapper is "
+                "registered, so its name is not known: fix or unregister the plugin (see the traceback)",
+                index=index,
+            ) from exc
     arguments = {"source": source, "timeout": timeout}
     for impl in implementations:
         try:

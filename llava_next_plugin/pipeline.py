@@ -202,6 +202,8 @@ class LlavaNextImageToTextPipeline(Pipeline):
         for name, value in kwargs.items():
             if name in PREPROCESS_PARAMETERS or name in POSTPROCESS_PARAMETERS:
                 continue
+            if value is None and name in forward_params:  # None is "not given": generate_kwargs' value stands
+                continue
             if name in forward_params and forward_params[name] != value:
                 raise InputError(
                     f"{name} was given twice, as {value!r} and in generate_kwargs as {forward_params[name]!r}: "
@@ -241,12 +243,13 @@ class LlavaNextImageToTextPipeline(Pipeline):
         """
         timeout = preprocess_parameters.get("timeout")
         image_detail = preprocess_parameters.get("image_detail")
+        first = preprocess_parameters.get("first_image", 0)  # the batch's first image's index in the whole call
         timeout = self.timeout if timeout is None else _seconds(timeout)
         images: list[Any] = []
         prompts: list[str] = []
         for request in input_:
             for source in request.images:
-                images.append(self._load_image(source, index=len(images), timeout=timeout))
+                images.append(self._load_image(source, index=first + len(images), timeout=timeout))
             prompts.append(self._format(request, preprocess_parameters.get("continue_final_message")))
         # Left padding: generation continues every row from its last column.
         settings = {**(preprocess_parameters.get("processor_kwargs") or {})}
@@ -389,12 +392,16 @@ class LlavaNextImageToTextPipeline(Pipeline):
         postprocess_params = {**self._postprocess_params, **postprocess_params}
         detail = forward_params.pop("detail", None)  # OpenAI's detail: for the processor and generate alike
         results: list[Any] = []
+        first_image = 0  # errors name an image by its index in the whole call
         for start in range(0, len(requests), batch_size):
             batch = requests[start : start + batch_size]
             image_detail: str | list[str] | None = detail
             if any(d != "auto" for r in batch for d in r.details):  # a part set its own: one value per image
                 image_detail = [d for r in batch for d in r.image_detail(detail)]
-            model_inputs = self.preprocess(batch, timeout=timeout, image_detail=image_detail, **preprocess_params)
+            model_inputs = self.preprocess(
+                batch, timeout=timeout, image_detail=image_detail, first_image=first_image, **preprocess_params
+            )
+            first_image += sum(len(r.images) for r in batch)
             detail_kwargs = {} if image_detail is None else {"image_detail": image_detail}
             outputs = self.forward(model_inputs, **forward_params, **detail_kwargs)
             continued = [self._continues(r, preprocess_params.get("continue_final_message")) for r in batch]

@@ -238,6 +238,12 @@ def _family_template(family: str | None, tokenizer: Any, config: Any) -> str:
     template = get_plugin_manager().hook.llava_next_prompt_format(
         family=name, model_type=model_type, tokenizer=tokenizer
     )
+    if template is not None and not isinstance(template, str):  # a plugin's bug, said where it happens
+        raise InputError(
+            f"a llava_next_prompt_format plugin returned {type(template).__name__} for family {name!r}, not a "
+            "Jinja chat template string: fix that plugin",
+            param="family",
+        )
     if template is not None:
         return template
     accepted = ", ".join(FAMILIES)

@@ -230,6 +230,15 @@ def _check_flags(args: argparse.Namespace) -> None:
         ("--drain-timeout", args.drain_timeout, 0),
         ("--body-timeout", args.body_timeout, 0.001),
         ("--max-messages", args.max_messages, 1),
+        # request limits under which every request (with an image) would be refused
+        ("--max-images-per-request", args.max_images_per_request, 0),  # 0: a text-only deployment
+        ("--max-image-pixels", args.max_image_pixels, 1),
+        ("--max-request-pixels", args.max_request_pixels, 1),
+        ("--max-pixels-in-flight", args.max_pixels_in_flight, 1),
+        ("--max-image-bytes", args.max_image_bytes, 1),
+        ("--url-timeout", args.url_timeout, 0.001),
+        ("--max-stop-chars", args.max_stop_chars, 1),
+        ("--max-body-bytes", args.max_body_bytes, 1),
     ):
         _positive(value, flag, least)
 

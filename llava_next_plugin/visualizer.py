@@ -126,6 +126,13 @@ class MaskPicture:
                 f"no renderer draws the format {fmt!r}: use 'ansi', 'html' or 'png', "
                 "or register a plugin that implements llava_next_render_attention_mask"
             )
+        wanted = {"ansi": str, "html": str, "png": bytes}.get(fmt)
+        if wanted is not None and not isinstance(result, wanted):  # str() and to_png() would fail far from here
+            raise InputError(
+                f"the renderer of {fmt!r} returned {type(result).__name__}, not {wanted.__name__}: fix that "
+                "llava_next_render_attention_mask plugin",
+                param="fmt",
+            )
         return result
 
     def to_ansi(self) -> str:

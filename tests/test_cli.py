@@ -282,6 +282,45 @@ def test_result_lines_hold_any_file_name_and_text_and_read_back(tmp_path):
     assert out.read_bytes() == (first + second).encode("ascii")
 
 
+def test_a_whole_last_result_without_its_newline_is_kept_and_an_out_that_is_no_file_is_refused(tmp_path):
+    """An editor may save the results without the final newline: that result is done, not cut off. A pipe given
+    as --out (/dev/stdout) would be read to resume until it ends, which it never does."""
+    import os
+
+    out = tmp_path / "results.jsonl"
+    first, last = result_line("a.png", "Describe.", "one"), result_line("b.png", "Describe.", "kept")
+    out.write_text(first + last.rstrip("\n"))
+    assert read_done(out) == {"a.png", "b.png"}
+    assert out.read_text() == first + last
+    pipe = tmp_path / "fifo"
+    os.mkfifo(pipe)
+    with pytest.raises(CommandError, match="--out .*fifo is not a regular file: give a results file"):
+        read_done(pipe)
+
+
+def test_an_empty_model_is_refused_rather_than_read_as_the_default(images, capsys, tmp_path, monkeypatch):
+    """--model "$MODEL" with the variable unset: not the default model, nor a 15 GB download."""
+    monkeypatch.setenv("LLAVA_NEXT_MODEL", str(tmp_path / "not-this-one"))
+    code, _, err = run(capsys, "ask", images / "a.png", "--model", "", "--prompt", QUESTION)
+    assert code == 1 and "--model is empty: give a checkpoint folder or a hub id" in one_error_line(err)
+
+
+def test_ask_prints_an_answer_its_output_encoding_cannot_hold(checkpoint, images, pipe, monkeypatch):
+    """A Windows console or redirect (cp1252): characters it cannot hold are replaced, not an error after half
+    the answer."""
+    import io
+
+    expected = pipe(str(images / "a.png"), prompt=QUESTION, max_new_tokens=20)[0]["generated_text"]
+    with pytest.raises(UnicodeEncodeError):
+        expected.encode("cp1252")  # the tiny model's answer holds Cyrillic and Hangul
+    output = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(output, encoding="cp1252", errors="strict"))
+    argv = ["ask", images / "a.png", "--model", checkpoint, "--prompt", QUESTION, "--max-new-tokens", 20]
+    assert main([str(a) for a in argv]) == 0
+    sys.stdout.flush()
+    assert output.getvalue().decode("cp1252").strip() == expected.encode("cp1252", "replace").decode("cp1252")
+
+
 @pytest.mark.parametrize("content", [b'{"images": ["a.png"]}', b"notes\nmore notes", b'{"image": "a.png"}\nnotes'])
 def test_an_out_file_that_is_no_results_file_is_refused_untouched(tmp_path, content):
     out = tmp_path / "results.json"
@@ -427,6 +466,9 @@ def test_serve_flags_that_cannot_work_are_said_before_the_model_loads(checkpoint
             (["--port", 99999], "--port must be from 1 to 65535, got 99999"),
             (["--max-queue", 0], "--max-queue must be at least 1, got 0"),  # a server that would refuse all
             (["--prefill-chunk", 0], "--prefill-chunk must be at least 1, got 0"),
+            (["--max-body-bytes", 0], "--max-body-bytes must be at least 1, got 0"),  # would refuse every body
+            (["--url-timeout", -1], "--url-timeout must be at least 0.001, got -1"),
+            (["--drain-timeout", "nan"], "--drain-timeout must be a finite number, got nan"),
             (["--port", port], f"cannot listen on 127.0.0.1:{port}"),
         ):
             code, _, err = run(capsys, "serve", "--model", checkpoint, *flags)

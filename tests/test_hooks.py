@@ -247,6 +247,32 @@ def test_an_image_source_plugin_with_a_bug_is_named_in_a_typed_error(fresh_manag
     assert info.value.index == 3
 
 
+class TimingWrapper:
+    """A well-behaved wrapper (timing every image load): pluggy then calls the plugins itself."""
+
+    @hooks.hookimpl(wrapper=True)
+    def llava_next_load_image(self, source, timeout):
+        return (yield)
+
+
+class BadPromptFormat:
+    @hooks.hookimpl
+    def llava_next_prompt_format(self, family, model_type, tokenizer):
+        return 42  # a bug: not a template string
+
+
+def test_plugin_bugs_behind_a_wrapper_or_of_the_wrong_type_are_typed_errors(fresh_manager):
+    fresh_manager.register(NaiveBucket(), name="naive-bucket")
+    fresh_manager.register(TimingWrapper(), name="timing")
+    assert load_image("bucket://a").size == (2, 2)
+    with pytest.raises(ImageError, match=r"an image-source plugin failed on .*AttributeError.*hook wrapper") as info:
+        load_image(Image.new("RGB", (1, 1)), index=3)
+    assert info.value.index == 3
+    fresh_manager.register(BadPromptFormat(), name="bad-format")
+    with pytest.raises(InputError, match="returned int for family 'mistral', not a Jinja chat template string"):
+        build_prompt("Q", None, None, family="mistral")
+
+
 def test_user_plugin_wins_even_when_registered_before_the_model_side_builtins():
     """The SDK side may build the manager (and a user register a plugin) before the model package adds
     its built-ins: those go in beneath, so the user's plugin still wins."""

@@ -188,6 +188,12 @@ def test_pipeline_arguments_that_cannot_work_are_refused_by_name(pipe, photo, ar
         pipe(photo, prompt=QUESTION, **arguments)
 
 
+def test_an_argument_given_as_none_leaves_generate_kwargs_value_standing(pipe, photo):
+    """None is "not given" throughout (a wrapper forwarding its optional arguments passes None)."""
+    given = pipe(photo, prompt=QUESTION, max_new_tokens=None, generate_kwargs={"max_new_tokens": 2})
+    assert given == pipe(photo, prompt=QUESTION, max_new_tokens=2)
+
+
 @pytest.fixture(scope="module")
 def reference_pipe(checkpoint):
     """transformers' own image-text-to-text pipeline over the same checkpoint."""
@@ -260,6 +266,12 @@ def test_bad_input_gives_clear_typed_errors(pipe, photo, tmp_path):
     assert info.value.index == 0
     with pytest.raises(ImageError, match="image 1"):
         pipe([photo, str(tmp_path / "missing.png")], prompt=QUESTION, max_new_tokens=1, batch_size=2)
+    for batch_size in (1, 2, 3):  # an image is named by its index in the whole call, whatever batch holds it
+        with pytest.raises(ImageError, match="^image 2: file not found") as info:
+            pipe(
+                [photo, photo, str(tmp_path / "missing.png")], prompt=QUESTION, max_new_tokens=1, batch_size=batch_size
+            )
+        assert info.value.index == 2
     with pytest.raises(InputError, match="2 images but 3 prompts"):
         pipe([photo, photo], prompt=["a", "b", "c"], max_new_tokens=1)
     with pytest.raises(InputError, match="nothing to answer"):

@@ -207,6 +207,26 @@ def test_renderers_are_plugins_and_third_party_ones_win(viz, photo):
         picture.render("svg")
 
 
+class _WrongTypes:
+    @hookimpl
+    def llava_next_render_attention_mask(self, mask, fmt):
+        return 7  # a bug: neither text nor PNG bytes
+
+
+def test_a_renderer_returning_the_wrong_type_is_a_typed_error_naming_the_format(viz, photo):
+    picture = viz(PROMPT, images=photo, show=False)
+    manager = get_plugin_manager()
+    plugin = _WrongTypes()
+    manager.register(plugin)
+    try:
+        with pytest.raises(InputError, match="the renderer of 'ansi' returned int, not str"):
+            str(picture)
+        with pytest.raises(InputError, match="the renderer of 'png' returned int, not bytes"):
+            picture.to_png()
+    finally:
+        manager.unregister(plugin)
+
+
 def test_takes_a_loaded_model_and_works_offline_without_an_image(checkpoint):
     from transformers import AutoModelForImageTextToText
 
