@@ -371,6 +371,8 @@ def _tensor_to_rgb(image: torch.Tensor, index: int, input_data_format: Any, conv
         )
     if image.dtype in (torch.float16, torch.bfloat16, torch.float64):
         image = image.float()
+    if image.is_floating_point() and not bool(torch.isfinite(image).all()):  # it would make the logits NaN too
+        raise ImageError("the image holds NaN or infinite values: give pixel values in [0, 1] or [0, 255]", index=index)
     channels = image.shape[0]
     if channels == 3:
         return image

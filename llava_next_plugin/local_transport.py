@@ -20,6 +20,7 @@ leaving ``stream`` early drops the request from the engine's batch.
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -97,7 +98,9 @@ class LocalTransport:
         self._engine = engine
         self._loads_engine = engine is None
         self._engine_options = engine_options
-        self._lock = anyio.Lock()
+        # a thread lock, taken in a worker thread: an anyio lock belongs to the event loop that first used it, and
+        # one client may be used from several loops (threads) at once
+        self._lock = threading.Lock()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -113,23 +116,27 @@ class LocalTransport:
         if self._closed:
             raise APIConnectionError("this client is closed; create a new one")
         if self._needs_engine():
-            async with self._lock:
-                if self._needs_engine():
-                    # Loading a model takes seconds: in a worker thread, never on the event loop.
-                    try:
-                        self._engine = await anyio.to_thread.run_sync(self._load_engine)
-                    except LlavaNextError:
-                        raise
-                    except OSError as exc:  # transformers' word for a folder or hub id it cannot find or read
-                        raise ModelNotFoundError(
-                            f"cannot load model {self.model!r}: {first_line(exc)} (give a checkpoint folder or a "
-                            "hub id; offline, a local folder)",
-                            param="model",
-                        ) from exc
-                    except Exception as exc:  # only our error classes leave a transport
-                        raise ServerError(f"loading model {self.model!r} failed: {first_line(exc)}") from exc
+            # Loading a model takes seconds: in a worker thread, never on the event loop.
+            try:
+                await anyio.to_thread.run_sync(self._load_engine_once)
+            except LlavaNextError:
+                raise
+            except OSError as exc:  # transformers' word for a folder or hub id it cannot find or read
+                raise ModelNotFoundError(
+                    f"cannot load model {self.model!r}: {first_line(exc)} (give a checkpoint folder or a "
+                    "hub id; offline, a local folder)",
+                    param="model",
+                ) from exc
+            except Exception as exc:  # only our error classes leave a transport
+                raise ServerError(f"loading model {self.model!r} failed: {first_line(exc)}") from exc
         assert self._engine is not None
         return self._engine
+
+    def _load_engine_once(self) -> None:
+        """Load the engine unless another caller (of any event loop) did meanwhile (blocking: a worker thread)."""
+        with self._lock:
+            if self._needs_engine():
+                self._engine = self._load_engine()
 
     def _load_engine(self) -> Engine:
         from .engine import get_shared_engine

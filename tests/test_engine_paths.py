@@ -312,3 +312,17 @@ def test_the_burst_wait_ends_once_no_more_requests_could_start_with_the_burst(re
             assert [h.result(timeout=30).completion_tokens for h in handles] == [GREEDY.max_tokens] * 2
         finally:
             engine.shutdown(drain=False)
+
+
+def test_one_lazily_opened_image_shared_by_requests_prepared_on_many_threads_gives_each_the_same_pixels(reference):
+    """``Image.open`` decodes on first use, and PIL's decode is not thread-safe: six requests preparing one opened
+    image at once got wrong pixels or a false "truncated" error, unless its decode is done once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = Engine(*reference, max_batch_size=2)
+    expected = engine.prepare(ask("x"), [checkpoints.real_photo().convert("RGB")], GREEDY).pixel_values
+    for _ in range(4):
+        shared = checkpoints.real_photo()  # opened, not decoded
+        with ThreadPoolExecutor(6) as pool:
+            prepared = list(pool.map(lambda image: engine.prepare(ask("x"), [image], GREEDY), [shared] * 6))
+        assert all(torch.equal(p.pixel_values, expected) for p in prepared)

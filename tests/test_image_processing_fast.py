@@ -189,6 +189,15 @@ def test_bilinear_nearest_and_lanczos_resampling_match_the_reference():
         assert_close_to_reference(ours, ref)
 
 
+def test_an_image_holding_nan_or_inf_is_refused_naming_it():
+    """Such pixels would make every logit of the request NaN: a 500 later, instead of the caller's 400 now."""
+    processor = LlavaNextImageProcessorFast(**settings())
+    good = torch.rand((3, 40, 30))
+    for bad in (torch.full((3, 40, 30), float("nan")), np.full((40, 30, 3), np.inf, dtype=np.float32)):
+        with pytest.raises(ImageError, match="image 1: the image holds NaN or infinite values"):
+            processor([good, bad], return_tensors="pt")
+
+
 def test_lanczos_where_torch_has_no_kernel_is_bicubic_with_one_warning():
     """torch's LANCZOS resize exists for float32/64 and uint8 on a CPU (older releases and some devices have none:
     there the processor resizes bicubic, said once); asked for half floats, which it lacks, it says so."""

@@ -35,6 +35,7 @@ import dataclasses
 import io
 import os
 import re
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -238,9 +239,17 @@ def load_pixels(image: Any, what: str = "the image", *, index: int | None = None
             index=index,
         )
     try:
-        image.load()
+        # PIL's lazy decode is not thread-safe: one opened image shared by requests prepared on several threads
+        # gave some of them wrong pixels, or a false "truncated" error. One decode at a time per image object
+        # (striped locks: unrelated images rarely wait on each other); the others find it decoded.
+        with _LOAD_LOCKS[id(image) % len(_LOAD_LOCKS)]:
+            if image.tile:
+                image.load()
     except Exception as exc:  # PIL's decoders raise OSError, SyntaxError, ValueError, zlib.error...
         raise _corrupted(what, exc, index) from None
+
+
+_LOAD_LOCKS = tuple(threading.Lock() for _ in range(64))
 
 
 def read_image_file(path: str | os.PathLike[str], *, index: int | None = None) -> bytes:

@@ -359,3 +359,30 @@ def test_a_local_client_hands_a_pil_image_over_without_encoding_it(tiny_checkpoi
         plain = client.generate(picture("red"), PROMPT, max_tokens=4, temperature=0)
     assert encoded == []
     assert given.text == plain.text and given.usage == plain.usage
+
+
+@pytest.mark.parametrize("backends", [("asyncio", "asyncio"), ("asyncio", "trio")])
+def test_one_client_used_from_two_event_loops_at_once_loads_once_and_answers_both(tiny_checkpoint, backends):
+    """Each thread runs its own loop and the client's first requests come at the same moment: the load is
+    shared across loops (an anyio lock of the first loop left the other waiting forever, or raised)."""
+    client = AsyncClient(model=str(tiny_checkpoint))
+    answers: dict[int, object] = {}
+    both = threading.Barrier(2)
+
+    def ask(i: int, backend: str) -> None:
+        both.wait()
+        try:
+            answers[i] = anyio.run(
+                functools.partial(client.generate, picture("red"), "Hi", max_tokens=3, temperature=0), backend=backend
+            ).text
+        except BaseException as exc:  # the assertion below shows it
+            answers[i] = exc
+
+    threads = [threading.Thread(target=ask, args=(i, b), daemon=True) for i, b in enumerate(backends)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not any(t.is_alive() for t in threads), f"a loop still waits: {answers}"
+    assert isinstance(answers[0], str) and answers[0] == answers[1], answers
+    anyio.run(client.aclose)

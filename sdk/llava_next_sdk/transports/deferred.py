@@ -13,6 +13,7 @@ the client is built, unless the provider was already loaded in this process.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -38,7 +39,9 @@ class DeferredTransport:
         self.scheme = scheme
         self._options = options
         self._transport: AsyncTransport | None = None
-        self._lock = anyio.Lock()
+        # a thread lock, taken in a worker thread: an anyio lock belongs to the event loop that first used it, and
+        # one client may be used from several loops (threads) at once
+        self._lock = threading.Lock()
         self._closed = False
 
     def __repr__(self) -> str:
@@ -70,15 +73,25 @@ class DeferredTransport:
         if self._closed:
             raise APIConnectionError("this client is closed; create a new one")
         if self._transport is None:
-            async with self._lock:
-                if self._transport is None:
-                    transport = await anyio.to_thread.run_sync(self._load)
-                    if self._closed:  # closed while it loaded: nobody would close what it holds
-                        with anyio.CancelScope(shield=True):
-                            await transport.aclose()
-                        raise APIConnectionError("this client was closed while its transport was loading")
-                    self._transport = transport
+            loaded = await anyio.to_thread.run_sync(self._load_once)
+            if loaded is not None:  # this call loaded it, and the client was closed meanwhile: close what it holds
+                with anyio.CancelScope(shield=True):
+                    await loaded.aclose()
+                raise APIConnectionError("this client was closed while its transport was loading")
+        if self._transport is None:  # another caller's load failed, or the client was closed meanwhile
+            raise APIConnectionError("this client is closed; create a new one")
         return self._transport
+
+    def _load_once(self) -> AsyncTransport | None:
+        """Load the transport unless another caller (of any event loop) did meanwhile (blocking: a worker thread);
+        the transport loaded when the client was closed meanwhile (for the caller to close), else ``None``."""
+        with self._lock:
+            if self._transport is None and not self._closed:
+                transport = self._load()
+                if self._closed:
+                    return transport
+                self._transport = transport
+        return None
 
     async def generate(self, request: ChatRequest) -> GenerationResult:
         return await (await self._get()).generate(request)
