@@ -376,10 +376,8 @@ def read_done(out: Path) -> set[str]:
     refused untouched."""
     if not out.exists():
         return set()
-    if not out.is_file():  # a pipe or a device (/dev/stdout): reading it to resume would wait forever
-        raise CommandError(
-            f"--out {out} is not a regular file: give a results file such as results.jsonl (it is read to resume)"
-        )
+    if not out.is_file():  # a pipe or a device (/dev/stdout, /dev/null): written to, never read (it could block)
+        return set()
     data = out.read_bytes()
     *lines, tail = data.split(b"\n")  # not splitlines(): a result may hold U+2028 and the like
     done = set()

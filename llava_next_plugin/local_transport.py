@@ -35,6 +35,7 @@ from llava_next_sdk.errors import (
 )
 from llava_next_sdk.hookspecs import hookimpl
 from llava_next_sdk.retry import RetryPolicy
+from llava_next_sdk.transports.base import holding
 from llava_next_sdk.types import ChatRequest, GenerationResult
 
 from ._hub import not_a_local_checkpoint
@@ -98,9 +99,7 @@ class LocalTransport:
         self._engine = engine
         self._loads_engine = engine is None
         self._engine_options = engine_options
-        # a thread lock, taken in a worker thread: an anyio lock belongs to the event loop that first used it, and
-        # one client may be used from several loops (threads) at once
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # see holding(): the client may be used from several event loops at once
         self._closed = False
 
     def __repr__(self) -> str:
@@ -116,27 +115,25 @@ class LocalTransport:
         if self._closed:
             raise APIConnectionError("this client is closed; create a new one")
         if self._needs_engine():
-            # Loading a model takes seconds: in a worker thread, never on the event loop.
-            try:
-                await anyio.to_thread.run_sync(self._load_engine_once)
-            except LlavaNextError:
-                raise
-            except OSError as exc:  # transformers' word for a folder or hub id it cannot find or read
-                raise ModelNotFoundError(
-                    f"cannot load model {self.model!r}: {first_line(exc)} (give a checkpoint folder or a "
-                    "hub id; offline, a local folder)",
-                    param="model",
-                ) from exc
-            except Exception as exc:  # only our error classes leave a transport
-                raise ServerError(f"loading model {self.model!r} failed: {first_line(exc)}") from exc
-        assert self._engine is not None
-        return self._engine
-
-    def _load_engine_once(self) -> None:
-        """Load the engine unless another caller (of any event loop) did meanwhile (blocking: a worker thread)."""
-        with self._lock:
-            if self._needs_engine():
-                self._engine = self._load_engine()
+            async with holding(self._lock):
+                if self._needs_engine():
+                    # Loading a model takes seconds: in a worker thread, never on the event loop.
+                    try:
+                        self._engine = await anyio.to_thread.run_sync(self._load_engine)
+                    except LlavaNextError:
+                        raise
+                    except OSError as exc:  # transformers' word for a folder or hub id it cannot find or read
+                        raise ModelNotFoundError(
+                            f"cannot load model {self.model!r}: {first_line(exc)} (give a checkpoint folder or a "
+                            "hub id; offline, a local folder)",
+                            param="model",
+                        ) from exc
+                    except Exception as exc:  # only our error classes leave a transport
+                        raise ServerError(f"loading model {self.model!r} failed: {first_line(exc)}") from exc
+        engine = self._engine
+        if engine is None:  # closed while it loaded (aclose forgets the engine)
+            raise APIConnectionError("this client was closed while its model was loading")
+        return engine
 
     def _load_engine(self) -> Engine:
         from .engine import get_shared_engine

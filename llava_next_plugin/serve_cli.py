@@ -133,7 +133,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "--max-messages",
         type=int,
         default=defaults.max_messages,
-        help="messages in one request, and content parts in all its messages, at most (400 beyond)",
+        help="messages in one request, and content parts in one message, at most; 4x as many parts in all (400)",
     )
     parser.add_argument(
         "--drain-timeout",
@@ -237,7 +237,7 @@ def _check_flags(args: argparse.Namespace) -> None:
         ("--max-pixels-in-flight", args.max_pixels_in_flight, 1),
         ("--max-image-bytes", args.max_image_bytes, 1),
         ("--url-timeout", args.url_timeout, 0.001),
-        ("--max-stop-chars", args.max_stop_chars, 1),
+        ("--max-stop-chars", args.max_stop_chars, 0),  # 0: no stop strings
         ("--max-body-bytes", args.max_body_bytes, 1),
     ):
         _positive(value, flag, least)

@@ -285,9 +285,14 @@ class _Front:
             self.metrics.count_request(scope["path"], status[0])
 
 
+PARTS_PER_MESSAGE = 4
+"""Content parts a request may hold in all, per message it may hold (``--max-messages``)."""
+
+
 async def _read_json(request: Request, max_bytes: int, seconds: float, max_messages: int) -> Any:
     """The request's JSON body, received within *seconds* (408 beyond) and at most *max_bytes* (413), with at
-    most *max_messages* messages, and as many content parts in all (400): all before any of it is parsed further."""
+    most *max_messages* messages, as many content parts in one, and :data:`PARTS_PER_MESSAGE` times as many in
+    all (400): all before any of it is parsed further."""
     with anyio.move_on_after(seconds) as scope:
         body = await _receive_json(request, max_bytes)
     if scope.cancelled_caught:
@@ -307,10 +312,11 @@ async def _read_json(request: Request, max_bytes: int, seconds: float, max_messa
             raise BadRequestError(
                 f"a message holds {max(counts)} content parts; at most {max_messages} are accepted", param="messages"
             )
-        # in all, too: 4096 messages of 4096 parts would hold the event loop for seconds while they are read
-        if sum(counts) > max_messages:
+        # in all, too (4 a message on average): 4096 messages of 4096 parts held the event loop for seconds
+        if sum(counts) > PARTS_PER_MESSAGE * max_messages:
             raise BadRequestError(
-                f"the messages hold {sum(counts)} content parts in all; at most {max_messages} are accepted",
+                f"the messages hold {sum(counts)} content parts in all; at most {PARTS_PER_MESSAGE * max_messages} "
+                f"are accepted ({PARTS_PER_MESSAGE} per message on average, of --max-messages {max_messages})",
                 param="messages",
             )
     return body

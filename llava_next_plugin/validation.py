@@ -78,9 +78,9 @@ class Limits:
     :param body_timeout: seconds to receive a request body, overall (the server's limit: a client that sends
         its body slowly must not hold a reading place for ever).
     :param max_stop_chars: characters of one stop string at most.
-    :param max_messages: messages of one request at most, and content parts of all its messages at most (parsing
-        and templating a million empty messages, or 4096 messages of 4096 parts, took the server's event loop for
-        seconds).
+    :param max_messages: messages of one request at most, content parts of one message at most, and four times
+        as many parts in all (parsing and templating a million empty messages, or 4096 messages of 4096 parts,
+        took the server's event loop for seconds).
     """
 
     max_images_per_request: int = 8

@@ -239,7 +239,7 @@ def parse_chat_request(body: Any) -> ParsedChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, Mapping):
         raise _bad("'stream_options' must be an object", param="stream_options")
-    if body.get("stream_options") is not None and not stream:  # as OpenAI and vLLM answer it
+    if body.get("stream_options") and not stream:  # as vLLM answers it (an empty object passes)
         raise _bad("'stream_options' is only allowed with \"stream\": true", param="stream_options")
     user = body.get("user")
     if user is not None and not isinstance(user, str):

@@ -602,6 +602,13 @@ async def test_headers_replace_ours_whatever_their_case_and_the_api_key_comes_fr
     async with client_for(url, api_key="sk-given") as client:  # a key given wins over the environment's
         await client.generate(None, "hi")
     assert record.headers[-1]["authorization"] == "Bearer sk-given"
+    import httpx
+
+    # credentials the caller set on its own http_client are never replaced by the environment's key
+    async with httpx.AsyncClient(headers={"Authorization": "Bearer sk-of-the-callers-client"}) as http_client:
+        async with client_for(url, http_client=http_client) as client:
+            await client.generate(None, "hi")
+    assert [v for k, v in record.raw_headers[-1] if k == "authorization"] == ["Bearer sk-of-the-callers-client"]
 
 
 async def test_a_body_that_does_not_match_its_content_encoding_is_a_connection_error_not_an_httpx_one(standin):

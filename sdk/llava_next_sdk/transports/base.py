@@ -39,13 +39,30 @@ Contract every transport keeps
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol, runtime_checkable
+
+import anyio
 
 from ..types import ChatRequest, GenerationResult
 
-__all__ = ["AsyncTransport", "StreamItem"]
+__all__ = ["AsyncTransport", "StreamItem", "holding"]
+
+
+@asynccontextmanager
+async def holding(lock: threading.Lock) -> AsyncIterator[None]:
+    """*lock* held for the block, waited for on the event loop. A thread lock, not an anyio one: an anyio lock
+    belongs to the loop that first used it, and one client may be used from loops in several threads at once.
+    Polled rather than taken in a worker thread, so that a wait can be cancelled and holds no thread."""
+    while not lock.acquire(blocking=False):
+        await anyio.sleep(0.01)
+    try:
+        yield
+    finally:
+        lock.release()
+
 
 StreamItem = str | GenerationResult
 """What a stream yields: ``str`` text deltas, then exactly one ``GenerationResult`` as the last item."""

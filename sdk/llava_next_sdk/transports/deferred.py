@@ -21,7 +21,7 @@ import anyio
 
 from ..errors import APIConnectionError, LlavaNextError
 from ..types import ChatRequest, GenerationResult
-from .base import AsyncTransport, StreamItem
+from .base import AsyncTransport, StreamItem, holding
 
 __all__ = ["DeferredTransport"]
 
@@ -39,9 +39,7 @@ class DeferredTransport:
         self.scheme = scheme
         self._options = options
         self._transport: AsyncTransport | None = None
-        # a thread lock, taken in a worker thread: an anyio lock belongs to the event loop that first used it, and
-        # one client may be used from several loops (threads) at once
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # see holding(): the client may be used from several event loops at once
         self._closed = False
 
     def __repr__(self) -> str:
@@ -73,25 +71,15 @@ class DeferredTransport:
         if self._closed:
             raise APIConnectionError("this client is closed; create a new one")
         if self._transport is None:
-            loaded = await anyio.to_thread.run_sync(self._load_once)
-            if loaded is not None:  # this call loaded it, and the client was closed meanwhile: close what it holds
-                with anyio.CancelScope(shield=True):
-                    await loaded.aclose()
-                raise APIConnectionError("this client was closed while its transport was loading")
-        if self._transport is None:  # another caller's load failed, or the client was closed meanwhile
-            raise APIConnectionError("this client is closed; create a new one")
+            async with holding(self._lock):
+                if self._transport is None:
+                    transport = await anyio.to_thread.run_sync(self._load)
+                    if self._closed:  # closed while it loaded: nobody would close what it holds
+                        with anyio.CancelScope(shield=True):
+                            await transport.aclose()
+                        raise APIConnectionError("this client was closed while its transport was loading")
+                    self._transport = transport
         return self._transport
-
-    def _load_once(self) -> AsyncTransport | None:
-        """Load the transport unless another caller (of any event loop) did meanwhile (blocking: a worker thread);
-        the transport loaded when the client was closed meanwhile (for the caller to close), else ``None``."""
-        with self._lock:
-            if self._transport is None and not self._closed:
-                transport = self._load()
-                if self._closed:
-                    return transport
-                self._transport = transport
-        return None
 
     async def generate(self, request: ChatRequest) -> GenerationResult:
         return await (await self._get()).generate(request)

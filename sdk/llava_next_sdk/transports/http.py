@@ -116,7 +116,8 @@ class HTTPTransport:
     :param base_url: the endpoint's base, usually ending in ``/v1`` (``http://127.0.0.1:8000/v1``).
     :param model: the ``model`` field sent when a request names none.
     :param api_key: sent as ``Authorization: Bearer <api_key>``; default: the environment's
-        ``LLAVA_NEXT_API_KEY`` (:data:`API_KEY_ENV`, the variable ``llava-next serve`` reads its key from), if set.
+        ``LLAVA_NEXT_API_KEY`` (:data:`API_KEY_ENV`, the variable ``llava-next serve`` reads its key from), if set,
+        unless *headers* or *http_client* carry an ``Authorization`` of their own.
     :param timeout: seconds one call may take in all (default :data:`DEFAULT_TOTAL_TIMEOUT`, 600 s): connecting,
         retries and their waits, and reading the whole answer or, for a stream, every event up to the end;
         beyond it the call raises :class:`~llava_next_sdk.errors.APITimeoutError`. No phase waits longer than
@@ -160,7 +161,10 @@ class HTTPTransport:
             raise ValueError(f"base_url={base_url!r} is not a usable URL: {exc}") from None
         if not parts.hostname:
             raise ValueError(f"base_url={base_url!r} has no host: give one such as 'http://127.0.0.1:8000/v1'")
-        if api_key is None:
+        given_auth = any(name.lower() == "authorization" for name in (headers or {})) or (
+            http_client is not None and "authorization" in http_client.headers
+        )
+        if api_key is None and not given_auth:  # never over credentials the caller set itself
             api_key = os.environ.get(API_KEY_ENV) or None
         for name, value in {**(headers or {}), **({"api_key": api_key} if api_key else {})}.items():
             if not isinstance(value, str) or not value.isascii() or any(c in value for c in "\r\n"):
