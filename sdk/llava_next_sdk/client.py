@@ -482,7 +482,9 @@ class Client:
         """The loop thread, started anew in a process forked from the one that made this client (a
         ``multiprocessing`` worker, a pre-forking server): threads do not survive ``fork``, so the parent's
         loop would never run a call, and its connections are the parent's. The child builds its own client from
-        the same arguments; the parent's stays the parent's to close."""
+        the same arguments; the parent's stays the parent's to close. (An ``http_client=`` the caller gave is among
+        those arguments and belongs to the parent's loop: calls through it fail in the child with
+        ``APIConnectionError``; give each process its own.)"""
         if self._pid != os.getpid():
             with self._forked:
                 if self._pid != os.getpid():
