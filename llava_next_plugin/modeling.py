@@ -882,16 +882,9 @@ class LlavaNextForConditionalGeneration(LlavaNextPreTrainedModel, GenerationMixi
     def get_output_embeddings(self) -> nn.Module:
         return self.lm_head
 
-    def pack_image_features(
-        self,
-        image_features: Sequence[torch.Tensor],
-        image_sizes: torch.Tensor | Sequence[Sequence[int]],
-        vision_feature_select_strategy: str,
-        image_newline: torch.Tensor | None = None,
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """:meth:`LlavaNextModel.pack_image_features` (as transformers' model offers it here too)."""
-        strategy = vision_feature_select_strategy
-        return self.model.pack_image_features(image_features, image_sizes, strategy, image_newline)
+    def pack_image_features(self, *args: Any, **kwargs: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """:meth:`LlavaNextModel.pack_image_features`, same arguments (transformers' model offers it here too)."""
+        return self.model.pack_image_features(*args, **kwargs)
 
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
