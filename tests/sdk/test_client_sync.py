@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+import anyio
 import pytest
 from llava_next_sdk import (
     AsyncClient,
@@ -243,5 +244,48 @@ async def test_a_plugin_transport_is_picked_by_url_scheme():
                 assert [d async for d in stream] == ["a", "b"]
             assert stream.result.text == "echo://there: x"
         assert client.transport.closed
+    finally:
+        manager.unregister(plugin)
+
+
+class SlowToLoadPlugin:
+    """Provides ``slow:`` URLs, taking a while to give its transport (as importing torch does)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.calls = seconds, 0
+
+    @hookimpl
+    def llava_next_sdk_transport(self, url, options):
+        if not url.startswith("slow:"):
+            return None
+        self.calls += 1
+        time.sleep(self.seconds)
+        return EchoTransport(url)
+
+
+def test_waiting_for_another_callers_load_can_be_cancelled_and_the_load_is_done_once():
+    """The first call loads the transport (in a worker thread); a second call waits for it on the event loop,
+    so its own deadline ends its wait at once rather than after the whole load."""
+    from llava_next_sdk.transports.deferred import DeferredTransport
+
+    plugin = SlowToLoadPlugin(1.5)
+    manager = get_plugin_manager()
+    manager.register(plugin)
+    transport = DeferredTransport("slow:x", {}, "slow")
+
+    async def scenario() -> float:
+        async with anyio.create_task_group() as group:
+            group.start_soon(transport._get)  # loads
+            await anyio.sleep(0.2)
+            started = time.monotonic()
+            with anyio.move_on_after(0.2):
+                await transport._get()  # waits for the first
+            waited = time.monotonic() - started
+        assert isinstance(await transport._get(), EchoTransport)
+        await transport.aclose()
+        return waited
+
+    try:
+        assert anyio.run(scenario) < 1.0 and plugin.calls == 1
     finally:
         manager.unregister(plugin)
