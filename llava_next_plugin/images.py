@@ -135,6 +135,10 @@ def load_image(source: Any, index: int | None = None, *, timeout: float = DEFAUL
     return to_rgb(image, what, index=index)
 
 
+#: Errors an image-source plugin may raise as they are: the image's own fault, or one that says what went wrong
+_SAYS_WHAT_WENT_WRONG = (LlavaNextError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
 def _first_image(source: Any, timeout: float, what: str, index: int | None) -> Any:
     """The first image-source plugin's answer that is not ``None`` (pluggy's order: the last registered, ours
     last of all), each plugin called on its own so that one failing in an unexpected way is named."""
@@ -143,7 +147,7 @@ def _first_image(source: Any, timeout: float, what: str, index: int | None) -> A
     if implementations is None:  # a wrapper: pluggy's own call, which cannot tell which plugin failed
         try:
             return hook(source=source, timeout=timeout)
-        except (LlavaNextError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        except _SAYS_WHAT_WENT_WRONG:
             raise
         except Exception as exc:
             raise ImageError(
@@ -155,7 +159,7 @@ def _first_image(source: Any, timeout: float, what: str, index: int | None) -> A
     for impl in implementations:
         try:
             image = call_one(impl, arguments)
-        except (LlavaNextError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        except _SAYS_WHAT_WENT_WRONG:
             raise  # the image's own fault, or an error that already says what went wrong
         except Exception as exc:  # a bug in that plugin: it would fail every image, so say which one
             raise ImageError(

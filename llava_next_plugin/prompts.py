@@ -211,12 +211,7 @@ def _all_images_rendered(text: str, messages: list[dict]) -> str:
         for i, message in enumerate(messages)
         if message["role"] != "user" and any(part["type"] == "image" for part in message["content"])
     ]
-    given = sum(
-        1 if part["type"] == "image" else part["text"].count(IMAGE_PLACEHOLDER)
-        for message in messages
-        for part in message["content"]
-    )
-    if not elsewhere or text.count(IMAGE_PLACEHOLDER) >= given:
+    if not elsewhere or text.count(IMAGE_PLACEHOLDER) >= _placeholders(messages):
         return text
     where = f"{elsewhere[0]} holds an image" if len(elsewhere) == 1 else f"{', '.join(elsewhere)} hold images"
     raise InputError(
@@ -293,13 +288,18 @@ def _to_messages(prompt_or_messages: Any) -> list[dict]:
     ]
 
 
-def _fit_placeholders(messages: list[dict], wanted: int, *, strict: bool) -> None:
-    """Add *wanted* image parts to the first user message when the prompt has no placeholder at all."""
-    found = sum(
+def _placeholders(messages: list[dict]) -> int:
+    """The images *messages* place: their image parts and the ``<image>`` placeholders typed in their text."""
+    return sum(
         1 if part["type"] == "image" else part["text"].count(IMAGE_PLACEHOLDER)
         for message in messages
         for part in message["content"]
     )
+
+
+def _fit_placeholders(messages: list[dict], wanted: int, *, strict: bool) -> None:
+    """Add *wanted* image parts to the first user message when the prompt has no placeholder at all."""
+    found = _placeholders(messages)
     if found == 0 and wanted > 0:
         user = next((m for m in messages if m["role"] == "user"), None)
         if user is None:
