@@ -119,7 +119,9 @@ class LocalTransport:
                 if self._needs_engine():
                     # Loading a model takes seconds: in a worker thread, never on the event loop.
                     try:
-                        self._engine = await anyio.to_thread.run_sync(self._load_engine)
+                        loaded = await anyio.to_thread.run_sync(self._load_engine)
+                        if not self._closed:  # aclose() while it loaded: the closed client keeps no engine
+                            self._engine = loaded
                     except LlavaNextError:
                         raise
                     except OSError as exc:  # transformers' word for a folder or hub id it cannot find or read
@@ -131,7 +133,7 @@ class LocalTransport:
                     except Exception as exc:  # only our error classes leave a transport
                         raise ServerError(f"loading model {self.model!r} failed: {first_line(exc)}") from exc
         engine = self._engine
-        if engine is None:  # closed while it loaded (aclose forgets the engine)
+        if engine is None or self._closed:  # closed while it loaded, or while this call waited for the load
             raise APIConnectionError("this client was closed while its model was loading")
         return engine
 

@@ -173,6 +173,48 @@ def test_a_local_client_whose_shared_engine_stopped_loads_it_again(tiny_checkpoi
     assert get_shared_engine(str(tiny_checkpoint), **options) is not stopped
 
 
+def test_a_local_client_closed_while_its_model_loads_refuses_the_call_and_keeps_no_engine(tiny_checkpoint):
+    """aclose() lands while the first call's load runs in a worker thread (held here on the shared engines' lock
+    for this model and options, as a slow disk would hold it): that call ends with a typed error once the load
+    is done, and the closed client holds no engine."""
+    from llava_next_sdk import APIConnectionError
+
+    from llava_next_plugin.engine import get_shared_engine, shared
+
+    options = {"device": "cpu", "max_batch_size": 5}  # an engine of this test's own
+    key = shared.shared_key(str(tiny_checkpoint), **options)
+    with shared._LOCK:
+        load_lock = shared._KEY_LOCKS.setdefault(key, threading.Lock())
+    client = AsyncClient(model=str(tiny_checkpoint), **options)
+
+    async def scenario():
+        async with anyio.create_task_group() as group:
+            outcome = {}
+
+            async def first_call():
+                try:
+                    outcome["result"] = await client.generate(None, PROMPT, max_tokens=2, temperature=0)
+                except APIConnectionError as exc:
+                    outcome["error"] = exc
+
+            load_lock.acquire()  # the load started by the call waits here
+            try:
+                group.start_soon(first_call)
+                await anyio.sleep(0.5)
+                outcome["transport"] = getattr(client.transport, "loaded", None) or client.transport
+                await client.aclose()
+            finally:
+                load_lock.release()
+        return outcome
+
+    try:
+        outcome = anyio.run(scenario)
+        assert "closed while its model was loading" in str(outcome.get("error")), outcome
+        assert type(outcome["transport"]).__name__ == "LocalTransport" and outcome["transport"]._engine is None
+    finally:
+        get_shared_engine(str(tiny_checkpoint), **options).shutdown(drain=False)
+
+
 def test_unknown_options_of_a_local_client_are_refused_by_name(tiny_checkpoint):
     with pytest.raises(TypeError, match=r"unknown option\(s\) for a local model: devcie; accepted: .*device"):
         anyio.run(functools.partial(_first_request, model=str(tiny_checkpoint), devcie="cpu"))
