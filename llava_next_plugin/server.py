@@ -372,6 +372,7 @@ class _Drain:
         self.cut_ids: set[str] = set()
         self.draining = False
         self.cutting = False
+        self.hurried = False
 
     def enter(self) -> None:
         with self._changed:
@@ -403,12 +404,18 @@ class _Drain:
     def begin(self) -> None:
         self.draining = True
 
+    def hurry(self) -> None:
+        """End the wait now (a second signal): what is still in flight is cut at once."""
+        with self._changed:
+            self.hurried = True
+            self._changed.notify_all()
+
     def wait(self, timeout: float, grace: float = 5.0) -> int:
-        """Block until no chat request is in flight, at most *timeout* seconds; then cut the rest and give them
-        *grace* seconds to send their last event. Returns how many were cut."""
+        """Block until no chat request is in flight, at most *timeout* seconds (or until :meth:`hurry`); then cut
+        the rest and give them *grace* seconds to send their last event. Returns how many were cut."""
         deadline = time.monotonic() + timeout
         with self._changed:
-            while self.active and time.monotonic() < deadline:
+            while self.active and not self.hurried and time.monotonic() < deadline:
                 self._changed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
             if not self.active:
                 return 0
@@ -833,7 +840,8 @@ def _uvicorn_config(app, host: str, port: int, log_level: str, drain_timeout: fl
 
 def _draining_server(config, app):
     """A uvicorn server whose first SIGTERM/SIGINT drains *app* (see the module docstring) before it stops;
-    a second signal stops at once, not waiting for connections or the engine."""
+    a second signal cuts the requests in flight at once (as the drain timeout would), a third stops without
+    waiting for connections or the engine."""
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
@@ -842,7 +850,13 @@ def _draining_server(config, app):
 
         def handle_exit(self, sig, frame) -> None:
             drain = getattr(app.state, "drain", None)
-            if self._drain_started:  # a second signal while draining: stop now (uvicorn alone would wait again)
+            if self._drain_started and drain is not None and not drain.hurried:
+                # a second signal while draining: cut what is in flight now (each stream still gets its error
+                # event and [DONE], and the engine stops cleanly), rather than waiting out the drain timeout
+                logger.warning("a second signal: cutting the requests in flight now")
+                drain.hurry()
+                return
+            if self._drain_started:  # a third: stop at once, not waiting for connections or the engine
                 self.should_exit = self.force_exit = True
                 return
             if drain is None:
@@ -854,8 +868,10 @@ def _draining_server(config, app):
             threading.Thread(target=self._drain_then_exit, args=(drain,), name="llava-next-drain", daemon=True).start()
 
         def _drain_then_exit(self, drain: _Drain) -> None:
-            self.cut = drain.wait(app.state.drain_timeout)
-            if self.cut:
+            self.cut = drain.wait(app.state.drain_timeout, grace=1.0 if drain.hurried else 5.0)
+            if self.cut and drain.hurried:
+                logger.warning("a second signal cut %d request(s) in flight", self.cut)
+            elif self.cut:
                 logger.warning("the drain timeout (%gs) cut %d request(s) in flight", app.state.drain_timeout, self.cut)
             self.should_exit = True
 
@@ -875,7 +891,9 @@ def run_server(
     server = _draining_server(_uvicorn_config(app, host, port, log_level, drain_timeout), app)
 
     def stopped(signum, frame) -> None:
-        how = f"after the drain timeout cut {server.cut} request(s)" if server.cut else "after draining"
+        drain = getattr(app.state, "drain", None)
+        cutter = "a second signal" if drain is not None and drain.hurried else "the drain timeout"
+        how = f"after {cutter} cut {server.cut} request(s)" if server.cut else "after draining"
         logger.info("stopped by %s %s", signal.Signals(signum).name, how)
 
     if threading.current_thread() is threading.main_thread():

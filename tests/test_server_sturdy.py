@@ -774,25 +774,37 @@ def test_a_body_still_arriving_when_the_drain_timeout_ends_gets_a_503_and_counts
     assert "cut 1 request" in server.log() and "Internal Server Error" not in answer
 
 
-def test_a_second_signal_during_a_drain_stops_the_server_at_once(tiny_checkpoint, tmp_path):
-    """The README: "A second signal stops at once", however long the drain timeout and the streams in flight."""
+def test_a_second_signal_during_a_drain_cuts_the_streams_in_flight_at_once_and_exits_cleanly(tiny_checkpoint, tmp_path):
+    """The README: "A second signal cuts the requests in flight at once", however long the drain timeout and the
+    streams: the stream still ends with its 503 error event and [DONE], the exit status is 0, nothing is dumped."""
     import signal
 
-    server = Served(["--model", str(tiny_checkpoint), "--drain-timeout", "120"], tmp_path / "server.log")
+    server = Served(
+        ["--model", str(tiny_checkpoint), "--log-level", "info", "--drain-timeout", "120"], tmp_path / "server.log"
+    )
+    events = []
     try:
         body = {"messages": user("Keep talking"), "max_tokens": 3000, "temperature": 0, "stream": True}
         with httpx.stream("POST", server.url + "/chat/completions", json=body, timeout=120) as response:
-            lines = response.iter_lines()
-            while not next(lines).startswith("data: "):
-                pass
-            server.process.send_signal(signal.SIGTERM)  # drains: the stream would go on for its 3000 tokens
-            assert checkpoints.wait_for(lambda: "draining" in httpx.get(server.base + "/health").text, 30)
-            server.process.send_signal(signal.SIGTERM)
-            second = time.monotonic()
-            server.process.wait(60)
-            assert time.monotonic() - second < 5, server.log()
+            for line in response.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                if len(events) == 1:
+                    server.process.send_signal(signal.SIGTERM)  # drains: the stream would go on for 3000 tokens
+                    assert checkpoints.wait_for(lambda: "draining" in httpx.get(server.base + "/health").text, 30)
+                    server.process.send_signal(signal.SIGTERM)
+                    second = time.monotonic()
+        assert server.process.wait(60) == 0
+        assert time.monotonic() - second < 5, server.log()
     finally:
         server.stop()
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["status"] == 503 and "server shutting down" in error["message"]
+    log = server.log()
+    assert "stopped by SIGTERM after a second signal cut 1 request" in log, log
+    assert "Traceback" not in log and "CancelledError" not in log, log
 
 
 def test_the_readmes_limits_table_gives_serves_flags_and_their_defaults():
