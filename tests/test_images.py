@@ -308,9 +308,15 @@ def test_transparency_is_composited_on_white_like_the_reference():
     la = noise(16, 12, "RGBA", seed=4).convert("LA")
     palette = noise(16, 12, seed=5).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     palette.info["transparency"] = 0
-    for image in (rgba, la, palette):
+    keyed = noise(16, 12, seed=6)  # an RGB PNG with a tRNS colour key: its key colour is transparent
+    keyed.putpixel((0, 0), (0, 255, 0))
+    keyed = Image.open(io.BytesIO(encode(keyed, transparency=(0, 255, 0))))
+    assert keyed.mode == "RGB" and keyed.info["transparency"] == (0, 255, 0)
+    premultiplied = noise(16, 12, "RGBA", seed=7).convert("RGBa")  # no "A" band: converted as it is, as there
+    for image in (rgba, la, palette, keyed, premultiplied):
         expected = reference_convert_to_rgb(image, return_numpy=True)
         np.testing.assert_array_equal(np.asarray(load_image(image)), expected)
+    assert np.asarray(load_image(keyed))[0, 0].tolist() == [255, 255, 255]
     # Through a file, too: a PNG with an alpha channel.
     expected = reference_convert_to_rgb(rgba, return_numpy=True)
     np.testing.assert_array_equal(np.asarray(load_image(encode(rgba))), expected)

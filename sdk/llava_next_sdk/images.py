@@ -371,10 +371,11 @@ def to_rgb(image: Any, what: str = "the image", *, index: int | None = None, bom
     """A fully decoded, non-empty RGB version of a PIL image (the same object if it already is one).
 
     The one RGB conversion of both packages: the SDK's decoded images, the plugin's image loader and its
-    image processors all use it. Transparency (RGBA, LA, PA, RGBa, La, P with a transparent colour) is
-    composited onto white, as transformers' processors do; 16-bit and 32-bit grey (I;16*, I, F) is scaled
-    to 8 bits by :func:`gray_to_uint8` rather than clipped; every other mode (CMYK, YCbCr, P, L, 1...)
-    converts with PIL's colour conversion. EXIF orientation is not applied here (see :func:`upright`).
+    image processors all use it. Transparency (an alpha band: RGBA, LA, PA; a transparent colour: P, L, or RGB
+    with a ``tRNS`` key) is composited onto white, as transformers' processors do (premultiplied RGBa and La
+    convert as they are there too); 16-bit and 32-bit grey (I;16*, I, F) is scaled to 8 bits by
+    :func:`gray_to_uint8` rather than clipped; every other mode (CMYK, YCbCr, P, L, 1...) converts with PIL's
+    colour conversion. EXIF orientation is not applied here (see :func:`upright`).
 
     :param what: how to name the image in error messages.
     :param index: the image's position in the request, kept on the error.
@@ -389,14 +390,14 @@ def to_rgb(image: Any, what: str = "the image", *, index: int | None = None, bom
             f"{what} is empty ({image.width}x{image.height}); an image needs at least 1x1 pixels", index=index
         )
     mode = image.mode
-    if mode == "RGB":
+    if mode == "RGB" and image.info.get("transparency") is None:
         return image
     if _is_high_depth_gray(mode):
         grey = gray_to_uint8(_gray_values(image, index), mode, index=index)
         return Image.fromarray(grey).convert("RGB")
     try:
         bands = image.getbands()
-        if "A" in bands or "a" in bands or image.info.get("transparency") is not None:
+        if "A" in bands or image.info.get("transparency") is not None:  # as transformers: RGBa, La convert as is
             rgba = image.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(white, rgba).convert("RGB")
