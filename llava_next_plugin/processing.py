@@ -482,6 +482,15 @@ class LlavaNextProcessor(ProcessorMixin):
         ids = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
         if ids and isinstance(ids[0], int):
             ids = [ids]
+        if len(ids) != len(expanded):  # return_overflowing_tokens: a sample's tokens continued on rows of their own
+            if not any(placeholder.search(sample) for sample in expanded):
+                return
+            raise InputError(
+                f"{len(expanded)} sample(s) became {len(ids)} rows of input_ids: return_overflowing_tokens splits "
+                "a sample whose image tokens must stay in one row with its pixel_values. Drop "
+                "return_overflowing_tokens, or raise max_length or disable truncation",
+                param="return_overflowing_tokens",
+            )
         for index, (row, sample) in enumerate(zip(ids, expanded, strict=True)):
             expected = len(placeholder.findall(sample))
             found = list(row).count(self.image_token_id)

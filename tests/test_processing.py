@@ -459,6 +459,22 @@ def test_truncation_into_image_tokens_is_refused(ours):
         ours(images=random_image(64, 64), text=PROMPT_ONE, truncation=True, max_length=8)
 
 
+def test_overflowing_tokens_are_refused_with_images_and_kept_without(ours):
+    long_text = PROMPT_ONE + " hello world" * 40
+    with pytest.raises(InputError, match="return_overflowing_tokens splits a sample") as error:
+        ours(
+            images=random_image(64, 64), text=long_text, truncation=True, max_length=80, return_overflowing_tokens=True
+        )
+    assert error.value.param == "return_overflowing_tokens"
+    text_only = "hello world" * 40
+    out = ours(text=text_only, truncation=True, max_length=16, return_overflowing_tokens=True)
+    assert (
+        len(out["input_ids"]) > 1
+        and out["input_ids"]
+        == ours.tokenizer(text_only, truncation=True, max_length=16, return_overflowing_tokens=True)["input_ids"]
+    )
+
+
 def test_partial_edge_tiles_give_transformers_input_ids_and_pixel_values(clip_pair):
     """crop_size 18 with llava-v1.6's pinpoints (not multiples of 18): the same views and image tokens."""
     import transformers
