@@ -292,7 +292,9 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
         tiles = canvas.view(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4)  # [rows, cols, 3, T, T], a view
         tiles = tiles.reshape(rows * cols, 3, tile, tile)
         if settings.view_resize:
-            tiles = _resize(tiles.float() if whole_pixels else tiles, settings.view_resize, mode, whole_pixels)
+            if tiles.dtype == torch.uint8:  # torch's uint8 kernels, as torchvision: channels-last memory
+                tiles = tiles.contiguous(memory_format=torch.channels_last)
+            tiles = _resize(tiles, settings.view_resize, mode, whole_pixels)
         if settings.center_crop:
             tiles, base = _center_crop(tiles, settings.center_crop), _center_crop(base, settings.center_crop)
         out[1:].copy_(tiles)
