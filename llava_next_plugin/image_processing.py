@@ -336,11 +336,13 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
                     param="image_grid_pinpoints",
                 )
         partial = any(h % tile or w % tile for h, w in pinpoints)
-        if partial and not (value["do_center_crop"] and crop):
+        resized_to_size = value["do_resize"] and "height" in size  # every view, partial or not, becomes size
+        if partial and not (value["do_center_crop"] and crop) and not resized_to_size:
             raise InputError(
                 f"image_grid_pinpoints {[list(p) for p in pinpoints]} are not whole grids of {tile}px tiles, so "
-                f"edge tiles are partial and only do_center_crop with a crop_size brings every view to one size: "
-                f"enable it, or use pinpoints that are multiples of the tile size",
+                f"edge tiles are partial, and only do_center_crop with a crop_size, or do_resize to a size of "
+                f"height and width, brings every view to one size: enable one, or use pinpoints that are multiples "
+                f"of the tile size",
                 param="image_grid_pinpoints",
             )
         view_resize = base_size if value["do_resize"] and base_size != (tile, tile) else None

@@ -442,9 +442,21 @@ def test_pinpoints_that_are_not_whole_tiles_give_transformers_partial_edge_tiles
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
 
 
-def test_partial_edge_tiles_need_a_center_crop_to_one_view_size():
+def test_partial_edge_tiles_need_a_center_crop_or_a_resize_to_one_view_size():
     with pytest.raises(InputError, match="not whole grids of 18px tiles.*do_center_crop"):
         LlavaNextImageProcessor(**PARTIAL_TILES)(synthetic(40, 40), do_center_crop=False, return_tensors="np")
+
+
+@pytest.mark.parametrize("size", [(18, 18), (20, 20), (18, 24)])
+def test_partial_edge_tiles_resized_to_a_height_and_width_need_no_center_crop(size):
+    """size {height, width} brings every view, the partial edge tiles too, to one size: as transformers."""
+    settings = dict(PARTIAL_TILES, size={"height": size[0], "width": size[1]}, do_center_crop=False)
+    image = synthetic(100, 350)
+    for ours_class, reference_class in _pairs():
+        ours = ours_class(**settings)(image, return_tensors="np")["pixel_values"]
+        theirs = np.asarray(reference_class(**settings)(image, return_tensors="np")["pixel_values"])
+        assert ours.shape == theirs.shape and ours.shape[-2:] == size
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
 
 
 def _pairs():
