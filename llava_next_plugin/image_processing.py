@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -188,6 +189,7 @@ class PreprocessSettings:
     do_resize: bool = True
     shortest_edge: int | None = None  # size={"shortest_edge": n}: views resized with their aspect kept
     crop: tuple[int, int] | None = None  # crop_size when do_center_crop, even where center_crop is skipped
+    rescale: float = 1.0  # rescale_factor when do_rescale, else 1 (already in scale)
 
     @property
     def view_size(self) -> tuple[int, int]:
@@ -383,6 +385,7 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
             do_resize=bool(value["do_resize"]),
             shortest_edge=size.get("shortest_edge"),
             crop=(crop["height"], crop["width"]) if value["do_center_crop"] and crop else None,
+            rescale=rescale,
         )
 
     # -- (de)serialization --------------------------------------------------------------------------
@@ -546,11 +549,16 @@ def to_rgb_array(image: Any, index: int, input_data_format: Any = None, convert_
         pixels = sdk_images.gray_to_uint8(pixels, "I;16", index=index)
     elif pixels.dtype.kind in "iu" and pixels.size and pixels.min() >= 0 and pixels.max() <= 255:
         pixels = pixels.astype(np.uint8)  # int64 etc. holding 8-bit values
+    elif pixels.dtype.kind == "f" and pixels.size and np.isfinite(pixels).all():
+        if pixels.min() >= 0 and pixels.max() <= 255 and (pixels == np.floor(pixels)).all():
+            pixels = pixels.astype(np.uint8)  # whole pixel numbers held as floats
+        elif unit_interval(pixels):  # pixel / 255 (torchvision's to_tensor): 8 bits again, as transformers' PIL does
+            pixels = (pixels.astype(np.float64) * 255).astype(np.float32).astype(np.uint8)
     if pixels.dtype != np.uint8:
         raise ImageError(
-            f"arrays must be uint8 (or uint16, bool, integers within 0..255) for this processor, got "
-            f"{pixels.dtype}: convert with "
-            "(x * 255).round().astype(np.uint8) for [0, 1] floats, or use LlavaNextImageProcessorFast",
+            f"arrays must hold pixel numbers (uint8, uint16, bool, integers or whole floats within 0..255) or "
+            f"floats within [0, 1] for this processor, got {pixels.dtype} within [{pixels.min()}, {pixels.max()}]: "
+            "convert them to one of those, or use LlavaNextImageProcessorFast",
             index=index,
         )
     channels = pixels.shape[-1]
@@ -559,6 +567,19 @@ def to_rgb_array(image: Any, index: int, input_data_format: Any = None, convert_
     if channels in (1, 2, 4):  # grey, grey + alpha, RGBA: as PIL images L, LA, RGBA, by the one RGB conversion
         return pil_to_rgb(Image.fromarray(pixels[..., 0] if channels == 1 else pixels), index)
     raise ImageError(f"an image needs 1, 2, 3 or 4 channels, got {channels} (shape {tuple(image.shape)})", index=index)
+
+
+def unit_interval(image: Any) -> bool:
+    """Whether *image* is a float array or tensor of values within [0, 1], not all whole numbers: pixel values
+    divided by 255 (torchvision's ``to_tensor``). The PIL processor reads them as transformers' PIL backend does:
+    brought back to 8 bits (``x * 255``, truncated) for PIL, and divided by 255 again after."""
+    if type(image).__module__.startswith("torch"):
+        if not image.is_floating_point() or not image.numel():
+            return False
+        image = image.detach().cpu().float().numpy()
+    if not isinstance(image, np.ndarray) or image.dtype.kind != "f" or not image.size:
+        return False
+    return bool(np.isfinite(image).all() and image.min() >= 0 and image.max() <= 1 and (image != np.floor(image)).any())
 
 
 def _keep_rgb(pixels: np.ndarray, index: int) -> np.ndarray:
@@ -605,8 +626,8 @@ class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
     ``(height, width)`` tuples.
 
     Matches transformers' ``LlavaNextImageProcessorPil`` (same PIL resampling, same arithmetic) except: 16-bit
-    and 32-bit PIL images (modes I;16, I, F) are scaled to 8 bits instead of clipped; float numpy arrays and
-    float tensors are refused with advice (:class:`LlavaNextImageProcessorFast` takes them as transformers does);
+    and 32-bit PIL images (modes I;16, I, F) are scaled to 8 bits instead of clipped; float arrays and tensors
+    hold whole pixel numbers or values within [0, 1] (:func:`unit_interval`), others are refused with advice;
     the defaults without a config are llava-v1.6's (336 px tiles and its pinpoints, where transformers' are
     224 px).
     """
@@ -638,11 +659,20 @@ class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
             pixel_values = [np.empty((n, 3, view_h, view_w), dtype=np.float32) for n in counts]
         scale = np.array(settings.scale, dtype=np.float32)[:, None, None]
         offset = np.array(settings.offset, dtype=np.float32)[:, None, None]
+        unit = [unit_interval(image) for image in flat]  # read as 8 bits, so their 1/255 joins the scale
+        if settings.rescale != 1.0 and any(unit):
+            warnings.warn(
+                f"image {unit.index(True)} holds floats within [0, 1] and do_rescale is on: they are rescaled "
+                f"again (by {settings.rescale:g}); pass do_rescale=False for images already rescaled",
+                UserWarning,
+                stacklevel=2,
+            )
         for i, image in enumerate(rgb):
             views = self.views(image, settings).transpose(0, 3, 1, 2)  # [n, 3, H, W] uint8, a view
             out = pixel_values[i, : counts[i]] if settings.do_pad else pixel_values[i]
             # numpy multiplies planar memory much faster than it reads the interleaved views
-            np.multiply(np.ascontiguousarray(views), scale, out=out, dtype=np.float32)
+            image_scale = scale / np.float32(255) if unit[i] else scale
+            np.multiply(np.ascontiguousarray(views), image_scale, out=out, dtype=np.float32)
             out += offset
         if getattr(return_tensors, "value", return_tensors) is None:  # transformers' shape of "no tensors"
             return BatchFeature(data=per_image(pixel_values, sizes))

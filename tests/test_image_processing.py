@@ -331,7 +331,7 @@ def test_a_lazily_opened_image_that_pil_only_warns_about_is_processed_as_transfo
 @pytest.mark.parametrize(
     "array,message",
     [
-        (np.zeros((8, 8, 3), np.float32), "must be uint8"),
+        (np.full((8, 8, 3), 2.5, np.float32), "whole floats within 0..255\\) or floats within \\[0, 1\\]"),
         (np.zeros((8, 8, 5), np.uint8), "1, 2, 3 or 4 channels"),
         (np.zeros((2, 8, 8, 3, 1), np.uint8), "2 or 3 dimensions"),
         ("cat.png", "file not found: 'cat.png'"),  # a path is read, as by the reference
@@ -350,13 +350,25 @@ def test_grey_and_alpha_arrays_convert():
     np.testing.assert_array_equal(processor(grey_alpha, return_tensors="np")["pixel_values"], white)
 
 
-def test_float_torch_images_that_need_grad_or_are_bfloat16_get_the_processors_own_advice():
-    """This processor takes 0..255 integers; float tensors, even needing grad or in bfloat16 (which numpy lacks),
-    get its ImageError pointing to the fast processor, not torch's own RuntimeError or TypeError."""
+def test_float_images_within_0_1_are_read_as_transformers_pil_backend_reads_them():
+    """Pixels / 255 (torchvision's to_tensor), as numpy or torch, needing grad or not: brought back to 8 bits, as
+    transformers' PIL backend does, so that with do_rescale=False they give the uint8 image's pixel values."""
+    photo = np.asarray(synthetic(45, 70))
+    unit = photo.astype(np.float32) / 255
     processor = LlavaNextImageProcessor(**settings())
-    for tensor in (torch.rand(3, 20, 30).requires_grad_(), torch.rand(3, 20, 30).to(torch.bfloat16)):
-        with pytest.raises(ImageError, match="must be uint8 .* got float32.*LlavaNextImageProcessorFast"):
-            processor(tensor, return_tensors="np")
+    from_uint8 = processor(photo, return_tensors="np")["pixel_values"]
+    for floats in (unit, torch.from_numpy(unit).permute(2, 0, 1).clone().requires_grad_()):
+        ours = processor(floats, do_rescale=False, return_tensors="np")["pixel_values"]
+        reference_input = floats.detach() if isinstance(floats, torch.Tensor) else floats
+        theirs = ReferencePil(**settings())(reference_input, do_rescale=False, return_tensors="np")["pixel_values"]
+        np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(ours, from_uint8, rtol=0, atol=1e-5)
+    bfloat16 = torch.from_numpy(unit).permute(2, 0, 1).to(torch.bfloat16)  # numpy has none: read as float32
+    assert processor(bfloat16, do_rescale=False, return_tensors="np")["pixel_values"].shape == from_uint8.shape
+    with pytest.warns(UserWarning, match="image 0 holds floats within \\[0, 1\\] and do_rescale is on"):
+        processor(unit, return_tensors="np")
+    whole = photo.astype(np.float64)  # whole pixel numbers held as floats: as the uint8 image
+    np.testing.assert_array_equal(processor(whole, return_tensors="np")["pixel_values"], from_uint8)
 
 
 def test_bad_settings_are_bad_requests():
@@ -420,7 +432,7 @@ def test_integer_arrays_of_8bit_values_are_read_as_uint8_images():
         np.testing.assert_array_equal(processor(pixels.astype(dtype), return_tensors="np")["pixel_values"], expected)
         theirs = reference(pixels.astype(dtype), return_tensors="np")["pixel_values"]
         np.testing.assert_allclose(expected, theirs, rtol=0, atol=1e-5)
-    with pytest.raises(ImageError, match="integers within 0..255"):
+    with pytest.raises(ImageError, match="integers or whole floats within 0..255.*got int64 within \\[0, 510\\]"):
         processor(pixels.astype(np.int64) * 2, return_tensors="np")
 
 
