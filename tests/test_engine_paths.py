@@ -256,6 +256,34 @@ def test_joiners_images_go_through_the_vision_tower_together_and_each_gets_its_s
         engine.shutdown(drain=False)
 
 
+def test_a_joiner_whose_tiles_do_not_fit_the_tower_fails_alone_and_the_engine_goes_on(reference):
+    """Two joiners' images go through the tower together; one whose tiles are of another size (a request
+    prepared for another checkpoint) cannot be padded with the other's: it fails its own request only."""
+    import dataclasses
+
+    from llava_next_sdk.errors import LlavaNextError
+    from torch.nn import functional as F
+
+    model, processor = reference
+    engine = Engine(model, processor, max_batch_size=4).start()
+    try:
+        good = engine.prepare(ask("What is this?"), [photo(70, 70)], GREEDY)
+        other = engine.prepare(ask("Describe."), [photo(30, 90)], GREEDY)
+        tile = other.pixel_values.shape[-1]
+        bigger = F.interpolate(other.pixel_values[0], size=(tile + 16, tile + 16))[None]
+        bad = dataclasses.replace(other, pixel_values=bigger)
+        with engine._lock:  # both join in one step: one batched vision call
+            handles = [engine.submit(good), engine.submit(bad)]
+        assert handles[0].result(timeout=120).token_ids == reference_greedy(model, good, 8)
+        with pytest.raises(LlavaNextError, match="generation failed"):
+            handles[1].result(timeout=120)
+        assert not engine.stopped
+        again = engine.prepare(ask("What is this?"), [photo(60, 40)], GREEDY)
+        assert engine.submit(again).result(timeout=120).token_ids == reference_greedy(model, again, 8)
+    finally:
+        engine.shutdown(drain=False)
+
+
 def test_with_nothing_decoding_a_prompt_is_prefilled_in_idle_prefill_sized_forwards(reference):
     model, _ = reference
     engine = Engine(*reference, max_batch_size=2, prefill_chunk=16, reuse_memory=0).start()

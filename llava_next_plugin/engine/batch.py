@@ -237,13 +237,13 @@ class Batch:
                     full[key] = (pixels, size)
         computed: dict[bytes, torch.Tensor] = {}
         if len(full) > 1:
-            tiles = max(pixels.shape[1] for pixels, _ in full.values())
-            first = next(iter(full.values()))[0]
-            # [N, tiles, 3, h, w], zero tiles after each image's own (a copy each: F.pad of 5-D tensors is slow)
-            pixel_values = first.new_zeros((len(full), tiles, *first.shape[2:]))
-            for row, (pixels, _) in enumerate(full.values()):
-                pixel_values[row, : pixels.shape[1]] = pixels[0]
-            try:
+            try:  # the padding too: tiles of another size (a request prepared for another model) fail here
+                tiles = max(pixels.shape[1] for pixels, _ in full.values())
+                first = next(iter(full.values()))[0]
+                # [N, tiles, 3, h, w], zero tiles after each image's own (a copy each: F.pad of 5-D tensors is slow)
+                pixel_values = first.new_zeros((len(full), tiles, *first.shape[2:]))
+                for row, (pixels, _) in enumerate(full.values()):
+                    pixel_values[row, : pixels.shape[1]] = pixels[0]
                 features = self.runner.image_features(pixel_values, torch.cat([size for _, size in full.values()]))
                 computed.update(zip(full, features, strict=True))
                 self.count("images_batched", len(full))
