@@ -190,6 +190,35 @@ def test_a_hook_that_shuts_the_engine_down_does_not_wait_for_itself(reference):
         engine.shutdown(drain=False)
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # SystemExit ends the thread
+@pytest.mark.parametrize("raised", ["CancelledError", "SystemExit"])
+def test_an_observer_raising_a_base_exception_still_ends_the_request(reference, raised):
+    """``after_generate`` raising asyncio's CancelledError (an async client the hook drives, cancelled) is logged
+    like any error; SystemExit stops the engine thread; either way the request has ended, never left waiting."""
+    import asyncio
+
+    engine = Engine(*reference, max_batch_size=1).start()
+
+    class Raises:
+        @hookimpl
+        def llava_next_after_generate(self, request_id, result):
+            raise asyncio.CancelledError() if raised == "CancelledError" else SystemExit(3)
+
+    plugin = Raises()
+    get_plugin_manager().register(plugin)
+    try:
+        handle = engine.submit(engine.prepare(ask("Hi"), [photo()], GREEDY))
+        assert len(handle.result(timeout=60).token_ids) == GREEDY.max_tokens
+        if raised == "CancelledError":
+            again = engine.submit(engine.prepare(ask("Again"), [photo()], GREEDY))
+            assert len(again.result(timeout=60).token_ids) == GREEDY.max_tokens
+        else:
+            assert wait_for(lambda: engine.stopped, 30)
+    finally:
+        get_plugin_manager().unregister(plugin)
+        engine.shutdown(drain=False)
+
+
 def test_shutdown_keeps_its_timeout_and_records_each_request_once(reference, observer):
     engine = Engine(*reference, max_batch_size=1).start()
     seen = observer(hold=True)

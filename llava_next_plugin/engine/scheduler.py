@@ -15,6 +15,7 @@ finished, failed, was cancelled, or the engine stopped under it.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import collections
 import concurrent.futures
@@ -92,6 +93,12 @@ def compiles_by_default(device: torch.device | str) -> bool:
     """Whether an engine on *device* compiles its decode step when ``compile`` is not given: on CUDA only."""
     return torch.device(device).type == "cuda"
 
+
+
+#: What an observer hook may raise without stopping the engine: any error, and asyncio's CancelledError (a
+#: BaseException, raised by an async client the hook drives whose task was cancelled); not SystemExit or
+#: KeyboardInterrupt, which stop the engine thread as they would any other.
+_OBSERVER_FAULTS = (Exception, asyncio.CancelledError)
 
 class Engine:
     """Continuous-batching text generation over a LLaVA-NeXT model, on its own thread.
@@ -649,21 +656,23 @@ class Engine:
             self._stats["prompt_tokens"] += result.prompt_tokens
             self._stats["completion_tokens"] += result.completion_tokens
             self._stats["image_tokens"] += result.image_tokens
-        self._call_hook(
-            "llava_next_after_generate",
-            request_id=handle.id,
-            result={
-                "finish_reason": result.finish_reason,
-                "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens,
-                "image_tokens": result.image_tokens,
-                "queue_seconds": result.queue_seconds,
-                "time_to_first_token": result.time_to_first_token,
-                "total_seconds": result.total_seconds,
-                "error": None if error is None else str(error),
-            },
-        )
-        handle._finish(result if error is None else None, error)
+        try:
+            self._call_hook(
+                "llava_next_after_generate",
+                request_id=handle.id,
+                result={
+                    "finish_reason": result.finish_reason,
+                    "prompt_tokens": result.prompt_tokens,
+                    "completion_tokens": result.completion_tokens,
+                    "image_tokens": result.image_tokens,
+                    "queue_seconds": result.queue_seconds,
+                    "time_to_first_token": result.time_to_first_token,
+                    "total_seconds": result.total_seconds,
+                    "error": None if error is None else str(error),
+                },
+            )
+        finally:  # an observer raising what no Exception handler takes (SystemExit...) still ends the request
+            handle._finish(result if error is None else None, error)
 
     def _call_hook(self, name: str, **kwargs: Any) -> None:
         """Call every plugin's *name* observer, each on its own: one that raises is logged, and neither generation
@@ -673,11 +682,11 @@ class Engine:
         if implementations is None:  # a wrapper: pluggy's own call
             try:
                 hook(**kwargs)
-            except Exception:
+            except _OBSERVER_FAULTS:
                 logger.exception("plugin hook %s failed", name)
             return
         for impl in implementations:
             try:
                 call_one(impl, kwargs)
-            except Exception:  # an observer must not break generation
+            except _OBSERVER_FAULTS:  # an observer must not break generation
                 logger.exception("plugin %s's hook %s failed", impl.plugin_name, name)
