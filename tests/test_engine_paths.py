@@ -284,6 +284,35 @@ def test_a_joiner_whose_tiles_do_not_fit_the_tower_fails_alone_and_the_engine_go
         engine.shutdown(drain=False)
 
 
+def test_a_backbone_whose_lower_layers_attend_in_full_and_upper_ones_slide_gives_model_generate_tokens(
+    tiny_checkpoint_factory,
+):
+    """Qwen2 with ``max_window_layers`` below its depth: layer 0 attends in full, layer 1 within a window of 8.
+    Each layer gets its own kind's mask, by the plain decoder and by transformers' forward (a hook set)."""
+    path = tiny_checkpoint_factory(text="qwen2")
+    config = transformers.AutoConfig.from_pretrained(path)
+    text = config.text_config.to_dict()
+    text.update(use_sliding_window=True, sliding_window=8, max_window_layers=1, layer_types=None)
+    for key in ("model_type", "transformers_version"):
+        text.pop(key, None)
+    config.text_config = transformers.Qwen2Config(**text)
+    assert config.text_config.layer_types == ["full_attention", "sliding_attention"]
+    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(path, config=config).eval()
+    processor = transformers.AutoProcessor.from_pretrained(path)
+    engine = Engine(model, processor, max_batch_size=2, prefill_chunk=5, reuse_memory=0).start()
+    try:
+        prepared = engine.prepare(ask("What is in the picture?"), [photo(80, 50)], GREEDY)
+        expected = reference_greedy(model, prepared, 8)
+        assert engine.submit(prepared).result(timeout=120).token_ids == expected
+        hook = model.model.language_model.register_forward_hook(lambda *args: None)
+        try:
+            assert engine.submit(prepared).result(timeout=120).token_ids == expected
+        finally:
+            hook.remove()
+    finally:
+        engine.shutdown(drain=False)
+
+
 def test_with_nothing_decoding_a_prompt_is_prefilled_in_idle_prefill_sized_forwards(reference):
     model, _ = reference
     engine = Engine(*reference, max_batch_size=2, prefill_chunk=16, reuse_memory=0).start()

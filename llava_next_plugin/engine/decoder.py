@@ -138,12 +138,18 @@ class PlainDecoder:
         return cos[:, None], sin[:, None]
 
     def __call__(
-        self, embeds: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor | None, cache
+        self,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor | dict[str, torch.Tensor] | None,
+        cache,
+        layer_types: list[str] | None = None,
     ) -> torch.Tensor:
         """``[R, q, hidden]`` final hidden states for ``embeds [R, q, hidden]``; *cache* is a :class:`~.kv.SlotView`
         (its ``update`` writes this forward's keys and values and returns the rows' ``[R, kv_heads, K, D]``).
         *mask* ``[R, 1, q, K]`` additive, or ``None`` for a chunk at positions ``0..q-1`` of every row (``K == q``):
-        plain causal attention."""
+        plain causal attention; or one such mask per attention kind, each layer taking its kind's
+        (``layer_types[i]``)."""
         rows, length, _ = embeds.shape
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         groups = heads // kv_heads
@@ -151,6 +157,7 @@ class PlainDecoder:
         x = embeds
         for index, layer in enumerate(self.layers):
             attention, mlp = layer.self_attn, layer.mlp
+            layer_mask = mask[layer_types[index]] if isinstance(mask, dict) and layer_types else mask
             h = _rms_norm(layer.input_layernorm, x)
             q = _linear(attention.q_proj, h).view(rows, length, heads, dim).transpose(1, 2)
             k = _linear(attention.k_proj, h).view(rows, length, kv_heads, dim).transpose(1, 2)
@@ -160,13 +167,15 @@ class PlainDecoder:
             k, v = cache.update(k, v, index)
             if groups > 1 and length == 1:  # [R, kv_heads, groups, D]: each key/value head serves its group
                 a = F.scaled_dot_product_attention(
-                    q.reshape(rows, kv_heads, groups, dim), k, v, attn_mask=mask, scale=self.scaling
+                    q.reshape(rows, kv_heads, groups, dim), k, v, attn_mask=layer_mask, scale=self.scaling
                 )
             else:
                 if groups > 1:
                     k = k[:, :, None].expand(-1, -1, groups, -1, -1).reshape(rows, heads, -1, dim)
                     v = v[:, :, None].expand(-1, -1, groups, -1, -1).reshape(rows, heads, -1, dim)
-                a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scaling)
+                a = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=layer_mask, is_causal=layer_mask is None, scale=self.scaling
+                )
             a = a.reshape(rows, heads, length, dim).transpose(1, 2).reshape(rows, length, heads * dim)
             x = x + _linear(attention.o_proj, a)
             h = _rms_norm(layer.post_attention_layernorm, x)

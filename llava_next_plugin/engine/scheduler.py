@@ -94,11 +94,11 @@ def compiles_by_default(device: torch.device | str) -> bool:
     return torch.device(device).type == "cuda"
 
 
-
 #: What an observer hook may raise without stopping the engine: any error, and asyncio's CancelledError (a
 #: BaseException, raised by an async client the hook drives whose task was cancelled); not SystemExit or
 #: KeyboardInterrupt, which stop the engine thread as they would any other.
 _OBSERVER_FAULTS = (Exception, asyncio.CancelledError)
+
 
 class Engine:
     """Continuous-batching text generation over a LLaVA-NeXT model, on its own thread.

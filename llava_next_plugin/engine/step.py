@@ -12,9 +12,9 @@ Shapes, for ``R`` rows of ``q`` queries each over the first ``K`` cache columns:
   columns written: the position, or the scratch column for padding);
 * ``attention_mask [R, 1, q, K]``, additive (0 where query ``i`` of row ``r`` sees column ``j``, i.e.
   ``j <= position_ids[r, i]`` and inside the sliding window if the model has one; a large negative value
-  elsewhere). Every row starts at column 0 of its own slot, so there is no left padding anywhere. A chunk whose
-  rows all start at position 0 (``K == q``) is plainly causal: the plain decoder then gets no mask and runs
-  SDPA's ``is_causal``.
+  elsewhere); where some layers slide and others do not, one such mask per kind, by name. Every row starts
+  at column 0 of its own slot, so there is no left padding anywhere. A chunk whose rows all start at
+  position 0 (``K == q``) is plainly causal: the plain decoder then gets no mask and runs SDPA's ``is_causal``.
 * ``logits [R, vocab]`` at each row's ``last [R]`` query.
 """
 
@@ -119,6 +119,15 @@ class ModelRunner:
         if getattr(text_config, "use_sliding_window", True) is False:
             window = None
         self.sliding_window = int(window) if window else None
+        #: Each layer's attention kind where they differ (a Qwen2 backbone with ``max_window_layers`` below its
+        #: depth: full attention below, the sliding window above); then :meth:`mask` gives one mask per kind.
+        self.layer_types: list[str] | None = None
+        kinds = list(getattr(text_config, "layer_types", None) or [])
+        if self.sliding_window is not None and kinds:
+            if "sliding_attention" not in kinds:
+                self.sliding_window = None  # every layer attends in full
+            elif any(kind != "sliding_attention" for kind in kinds):
+                self.layer_types = kinds
         self.image_token_id = image_token_id
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -228,15 +237,22 @@ class ModelRunner:
         return embeds
 
     # --- forwards
-    def mask(self, position_ids: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    def mask(self, position_ids: torch.Tensor, columns: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         """``[R, 1, q, K]`` additive mask over ``columns [K]`` (``0 .. K-1``): each query sees its own row's columns
-        up to its position."""
+        up to its position (and within the sliding window, if the model has one). Where layers differ
+        (:attr:`layer_types`), one mask per kind, by the names transformers' decoders take a mapping of."""
         visible = columns[None, None, :] <= position_ids[:, :, None]
-        if self.sliding_window is not None:
-            visible &= columns[None, None, :] > position_ids[:, :, None] - self.sliding_window
         zero = torch.zeros((), dtype=self.dtype, device=position_ids.device)
         blocked = torch.full((), torch.finfo(self.dtype).min, dtype=self.dtype, device=position_ids.device)
-        return torch.where(visible, zero, blocked)[:, None]
+        if self.sliding_window is None:
+            return torch.where(visible, zero, blocked)[:, None]
+        in_window = visible & (columns[None, None, :] > position_ids[:, :, None] - self.sliding_window)
+        if self.layer_types is None:
+            return torch.where(in_window, zero, blocked)[:, None]
+        return {
+            "full_attention": torch.where(visible, zero, blocked)[:, None],
+            "sliding_attention": torch.where(in_window, zero, blocked)[:, None],
+        }
 
     def _plain(self, hooked: bool | None = None) -> bool:
         """Whether this forward runs the :class:`PlainDecoder` (a backbone it knows, no hook set; *hooked*: what
@@ -255,7 +271,7 @@ class ModelRunner:
             # causal: every row's queries are its positions 0..q-1 over columns 0..q-1, which SDPA's is_causal says
             # without a mask (and, skipping the blocks above the diagonal, in half the time on a long prompt)
             mask = None if causal else self.mask(position_ids, columns)
-            hidden = self.decoder(embeds, position_ids, mask, cache)
+            hidden = self.decoder(embeds, position_ids, mask, cache, self.layer_types)
         else:
             hidden = self.language_model(
                 inputs_embeds=embeds,
