@@ -155,9 +155,15 @@ class PlainDecoder:
         groups = heads // kv_heads
         cos, sin = self.rotary_angles(position_ids, embeds.dtype)
         x = embeds
+        if isinstance(mask, dict):
+            if layer_types is None:
+                raise ValueError("a mask per attention kind needs each layer's kind (layer_types)")
+            masks = [mask[kind] for kind in layer_types]
+        else:
+            masks = [mask] * len(self.layers)
         for index, layer in enumerate(self.layers):
             attention, mlp = layer.self_attn, layer.mlp
-            layer_mask = mask[layer_types[index]] if isinstance(mask, dict) and layer_types else mask
+            layer_mask = masks[index]
             h = _rms_norm(layer.input_layernorm, x)
             q = _linear(attention.q_proj, h).view(rows, length, heads, dim).transpose(1, 2)
             k = _linear(attention.k_proj, h).view(rows, length, kv_heads, dim).transpose(1, 2)
