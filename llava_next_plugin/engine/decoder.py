@@ -155,6 +155,7 @@ class PlainDecoder:
         groups = heads // kv_heads
         cos, sin = self.rotary_angles(position_ids, embeds.dtype)
         x = embeds
+        masks: list[torch.Tensor | None]
         if isinstance(mask, dict):
             if layer_types is None:
                 raise ValueError("a mask per attention kind needs each layer's kind (layer_types)")
