@@ -106,7 +106,8 @@ class _EngineCollector:
             outcomes.add_metric([key[len("requests_") :]], stats[key])
         yield outcomes
         for name, key, what in (
-            ("prompt_tokens", "prompt_tokens", "Prompt tokens processed (images included)."),
+            ("prompt_tokens", "prompt_tokens", "Prompt tokens of requests that started (images and reused too)."),
+            ("prompt_tokens_reused", "prefix_reused_tokens", "Prompt tokens whose KV was reused, not prefilled."),
             ("completion_tokens", "completion_tokens", "Tokens generated."),
             ("image_tokens", "image_tokens", "Prompt tokens that stand for images."),
         ):

@@ -68,6 +68,34 @@ def test_a_follow_up_turn_reuses_the_first_turns_prefix_and_image_and_gives_the_
         plain.shutdown(drain=False)
 
 
+def test_after_the_weights_change_nothing_computed_with_the_old_ones_is_reused(tiny_checkpoint):
+    """A prompt and image seen before, sent again after a weight update (a training step, an adapter loaded):
+    the tokens are the new weights' ones, as model.generate gives them, not the cached prefix's."""
+    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    processor = transformers.AutoProcessor.from_pretrained(tiny_checkpoint)
+    engine = Engine(model, processor).start()
+    try:
+        prepared = engine.prepare(ask("Describe the picture in a few words."), [photo(80, 50)], GREEDY)
+        assert engine.submit(prepared).result(timeout=120).token_ids == reference_greedy(model, prepared, 8)
+        with torch.no_grad():  # in place, as an optimizer step writes them
+            for layer in model.model.language_model.layers:
+                layer.self_attn.k_proj.weight.mul_(3.0)
+                layer.self_attn.v_proj.weight.mul_(-2.0)
+            model.model.multi_modal_projector.linear_1.weight.mul_(2.0)
+        before = engine.stats_snapshot()
+        again = engine.submit(prepared).result(timeout=120).token_ids
+        after = engine.stats_snapshot()
+        assert again == reference_greedy(model, prepared, 8)
+        assert after.get("prefix_reused_tokens", 0) == before.get("prefix_reused_tokens", 0)
+        assert after.get("image_features_reused", 0) == before.get("image_features_reused", 0)
+        assert after["reuse_cleared"] == before.get("reuse_cleared", 0) + 1
+        # unchanged since: reused again
+        assert engine.submit(prepared).result(timeout=120).token_ids == again
+        assert engine.stats_snapshot()["prefix_reused_tokens"] > after.get("prefix_reused_tokens", 0)
+    finally:
+        engine.shutdown(drain=False)
+
+
 def test_another_image_of_the_same_size_reuses_no_prefix(reference):
     model, processor = reference
     engine = Engine(model, processor).start()

@@ -219,6 +219,26 @@ def test_an_observer_raising_a_base_exception_still_ends_the_request(reference, 
         engine.shutdown(drain=False)
 
 
+def test_a_request_cancelled_in_the_queue_adds_no_prompt_tokens_to_the_counters(reference):
+    engine = Engine(*reference, max_batch_size=1).start()
+    try:
+        running = engine.submit(engine.prepare(ask("Long"), [photo()], SamplingParams(max_tokens=400, temperature=0)))
+        stream = iter(running)  # kept: an iterator left early cancels its request
+        next(stream)
+        before = engine.stats_snapshot()
+        queued = engine.submit(engine.prepare(ask("Queued"), [photo()], GREEDY))
+        queued.cancel()
+        with pytest.raises(RequestCancelledError):
+            queued.result(timeout=60)
+        after = engine.stats_snapshot()
+        assert after["requests_cancelled"] == before.get("requests_cancelled", 0) + 1
+        assert after.get("prompt_tokens", 0) == before.get("prompt_tokens", 0)
+        assert after.get("image_tokens", 0) == before.get("image_tokens", 0)
+        running.cancel()
+    finally:
+        engine.shutdown(drain=False)
+
+
 def test_shutdown_keeps_its_timeout_and_records_each_request_once(reference, observer):
     engine = Engine(*reference, max_batch_size=1).start()
     seen = observer(hold=True)

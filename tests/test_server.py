@@ -206,6 +206,8 @@ def test_models_health_and_metrics(server, client):
     )
     assert "llava_next_queue_depth 0" in after and "# TYPE llava_next_request_duration_seconds histogram" in after
     assert value(after, "llava_next_kv_slots_usable") >= 1
+    assert value(after, "llava_next_prompt_tokens_total") > value(before, "llava_next_prompt_tokens_total")
+    assert "# TYPE llava_next_prompt_tokens_reused_total counter" in after
 
 
 def test_metrics_label_requests_by_route_so_random_or_forged_paths_add_no_series(server):

@@ -36,7 +36,7 @@ from .detokenizer import PieceTable, TextStream
 from .handle import RequestHandle
 from .kv import KVSlots
 from .request import Image, generation_error
-from .reuse import FeatureCache, PrefixStore, prefix_key
+from .reuse import FeatureCache, PrefixStore, prefix_key, weights_version
 from .sampler import greedy, row_params, sample
 from .step import ModelRunner
 
@@ -146,6 +146,7 @@ class Batch:
         self.device = runner.device
         self.dtype = runner.dtype
         self.running: dict[int, Running] = {}  # by slot, in join order
+        self._weights_version: int | None = None  # the model's weights the reuse caches were filled with
 
     def __len__(self) -> int:
         return len(self.running)
@@ -154,6 +155,7 @@ class Batch:
     def join(self, joiners: list[tuple[RequestHandle, int]]) -> None:
         """Give each joiner its slot: hooks, its images' vision features (the ones not cached yet computed for
         all joiners together), prompt embeddings, a reused prefix. A failure ends its request alone."""
+        self._forget_reuse_of_other_weights()
         admitted = [running for running in (self._admit(handle, slot) for handle, slot in joiners) if running]
         computed = self._vision_features(admitted) if len(admitted) > 1 else {}
         for running in admitted:
@@ -173,6 +175,20 @@ class Batch:
             except Exception as exc:
                 logger.exception("preparing the prefill of request %s failed", running.handle.id)
                 self.leave(running, generation_error(exc))
+
+    def _forget_reuse_of_other_weights(self) -> None:
+        """Empty the vision features and prompt prefixes kept for reuse when the model's weights have changed since
+        they were computed (trained, reloaded, an adapter loaded while the engine runs): reuse never changes results."""
+        if self.features is None and self.prefixes is None:
+            return
+        version = weights_version(self.runner.model)
+        if self._weights_version is not None and version != self._weights_version:
+            for cache in (self.features, self.prefixes):
+                if cache is not None:
+                    cache.clear()
+            self.count("reuse_cleared")
+            logger.info("the model's weights changed: reused vision features and prompt prefixes are dropped")
+        self._weights_version = version
 
     def _admit(self, handle: RequestHandle, slot: int) -> Running | None:
         """*handle* in its slot, its ``before_generate`` hook called and its images listed; ``None`` if it

@@ -211,10 +211,10 @@ class Engine:
         #: Why the engine stopped by itself (a fault), for the requests it refuses from then on; "" otherwise
         self._stop_reason = ""
         self._thread: threading.Thread | None = None
-        # requests_<outcome> (ok, cancelled, server_error...), requests_rejected, prompt_tokens,
-        # completion_tokens, image_tokens, batched_steps (decode steps with more than one request),
-        # prefill_chunks, prefix_reused_tokens, image_features_reused, images_batched (vision features computed
-        # for several joiners in one call)
+        # requests_<outcome> (ok, cancelled, server_error...), requests_rejected, prompt_tokens and image_tokens
+        # (of requests that started: not of those that ended in the queue), completion_tokens, batched_steps
+        # (decode steps with more than one request), prefill_chunks, prefix_reused_tokens, image_features_reused,
+        # images_batched (vision features computed for several joiners in one call), reuse_cleared
         self._stats: collections.Counter = collections.Counter()
         self._stats_lock = threading.Lock()
 
@@ -447,7 +447,8 @@ class Engine:
     def stats_snapshot(self) -> dict[str, int]:
         """The engine's counters, copied under their lock (safe from any thread): ``requests_<outcome>``,
         ``requests_rejected``, ``prompt_tokens``, ``completion_tokens``, ``image_tokens``, ``batched_steps``,
-        ``prefill_chunks``, ``prefix_reused_tokens``, ``image_features_reused``."""
+        ``prefill_chunks``, ``prefix_reused_tokens``, ``image_features_reused``, ``images_batched``,
+        ``reuse_cleared`` (the reuse caches emptied after the weights changed)."""
         with self._stats_lock:
             return {key: int(value) for key, value in self._stats.items()}
 
@@ -653,9 +654,10 @@ class Engine:
         outcome = "ok" if error is None else getattr(error, "code", "error")
         with self._stats_lock:
             self._stats[f"requests_{outcome}"] += 1
-            self._stats["prompt_tokens"] += result.prompt_tokens
+            if running is not None:  # it started: its prompt was (or began to be) prefilled, or reused
+                self._stats["prompt_tokens"] += result.prompt_tokens
+                self._stats["image_tokens"] += result.image_tokens
             self._stats["completion_tokens"] += result.completion_tokens
-            self._stats["image_tokens"] += result.image_tokens
         try:
             self._call_hook(
                 "llava_next_after_generate",
