@@ -220,19 +220,15 @@ class LlavaNextPreTrainedModel(PreTrainedModel):
             with torch.no_grad():
                 module.image_newline.normal_(0.0, 1.0 / math.sqrt(self.config.language_model_config.hidden_size))
 
-    def initialize_weights(self) -> None:
-        """transformers' initialisation of every weight not yet initialised, each sub-model by its own rules.
-
-        transformers treats classes defined outside its package as custom code and then skips every
-        module without parameters of its own (CLIP's attention and MLP blocks), so their Linear layers
-        got the generic init instead of CLIP's. Our ``_init_weights`` honours ``_is_hf_initialized`` per
-        tensor, as transformers' own classes do, so we run the initialisation as for those.
-        """
-        vars(self)["is_custom_code"] = _not_custom_code  # this call only: an instance attribute over the classmethod
-        try:
-            super().initialize_weights()
-        finally:
-            del vars(self)["is_custom_code"]
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """``False``: to transformers these classes are its own LLaVA-NeXT, not custom code. They hold exactly its
+        parameter names and initialise each weight by its rules, so transformers may treat them as it treats its
+        classes. It does so in two places: initialisation (for custom code it skips every module without parameters
+        of its own, CLIP's attention and MLP blocks, whose Linear layers then got the generic init instead of
+        CLIP's), and key renaming of old layouts for adapters (PEFT's ``PeftModel.from_pretrained`` and
+        ``load_adapter`` rename ``base_model.model.language_model.model.*`` only for non-custom classes)."""
+        return False
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -1067,10 +1063,6 @@ def _head_is_tied(model: PreTrainedModel) -> bool:
         return True
     on_data = head.weight.device.type != "meta" and embeddings.device.type != "meta"
     return on_data and head.weight.data_ptr() == embeddings.data_ptr()
-
-
-def _not_custom_code() -> bool:
-    return False
 
 
 def _is_compiling() -> bool:

@@ -90,3 +90,37 @@ def test_lora_trains_only_its_adapters_and_reloads_onto_a_fresh_model(tiny_check
     fresh = LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
     fresh.load_adapter(str(tmp_path / "adapter"))
     torch.testing.assert_close(logits(fresh, batch), trained, rtol=0, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+def test_an_adapter_saved_with_the_hubs_older_key_names_loads_as_on_the_reference(tiny_checkpoint, inputs, tmp_path):
+    """Many hub adapters for llava-v1.6 name their weights as transformers 4.4x held them
+    (``base_model.model.language_model.model.*``, ``base_model.model.vision_tower.vision_model.*``): peft and
+    transformers' load_adapter rename them, onto our class as onto transformers' own."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    batch, _ = inputs
+    torch.manual_seed(0)
+    config = LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    trained = get_peft_model(ReferenceForConditionalGeneration.from_pretrained(tiny_checkpoint), config)
+    expected = logits(trained, batch)
+    trained.save_pretrained(tmp_path / "new")
+    shutil.copytree(tmp_path / "new", tmp_path / "old")
+    weights = load_file(tmp_path / "new" / "adapter_model.safetensors")
+
+    def older(key: str) -> str:
+        key = key.replace("base_model.model.model.language_model.", "base_model.model.language_model.model.")
+        return key.replace("base_model.model.model.vision_tower.", "base_model.model.vision_tower.vision_model.")
+
+    renamed = {older(key): value for key, value in weights.items()}
+    assert renamed.keys() != weights.keys()
+    save_file(renamed, tmp_path / "old" / "adapter_model.safetensors", metadata={"format": "pt"})
+    by_peft = PeftModel.from_pretrained(
+        LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint), tmp_path / "old"
+    )
+    torch.testing.assert_close(logits(by_peft, batch), expected, rtol=0, atol=1e-6)
+    by_transformers = LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    by_transformers.load_adapter(str(tmp_path / "old"))
+    torch.testing.assert_close(logits(by_transformers, batch), expected, rtol=0, atol=1e-6)
