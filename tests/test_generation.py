@@ -94,6 +94,16 @@ class StopAfter(StoppingCriteria):
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
 
 
+def test_chunked_prefill_of_a_batch_with_images_gives_the_unchunked_tokens_as_the_reference(pair):
+    """generate(prefill_chunk_size=...) encodes the images once and hands each chunk its rows of all the features
+    as one block, across samples: checked as a whole, as transformers does."""
+    _, inputs, ours, reference = pair
+    expected = _new_tokens(_generate(reference, inputs, do_sample=False), inputs)
+    for model in (ours, reference):
+        chunked = _generate(model, inputs, do_sample=False, prefill_chunk_size=16)
+        assert torch.equal(_new_tokens(chunked, inputs), expected), type(model).__module__
+
+
 def test_stopping_criteria_stop_generation(pair):
     _, inputs, ours, _ = pair
     criteria = StoppingCriteriaList([StopAfter(inputs["input_ids"].shape[1], 2)])
