@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
@@ -15,6 +17,38 @@ DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008
 
 # Vision towers whose hidden states carry one extra position (CLIP's CLS token) before the patches.
 _TOWERS_WITH_CLS = ("clip_vision_model", "clip")
+
+logger = logging.getLogger(__name__)
+
+
+class derived:  # noqa: N801  (used as a decorator, as ``property`` is)
+    """A fact derived from the sub-configs, read like an attribute and never stored: a value set under its name
+    (a ``config.json`` key, a keyword, an assignment, as transformers' config takes any) is left unstored, silently
+    when it agrees with the sub-configs, with a warning when it does not."""
+
+    def __init__(self, compute: Callable[[Any], Any]) -> None:
+        self.compute = compute
+        self.__doc__ = compute.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, config: Any, owner: type | None = None) -> Any:
+        return self if config is None else self.compute(config)
+
+    def __set__(self, config: Any, value: Any) -> None:
+        try:
+            actual = self.compute(config)
+        except TypeError:  # during construction, before the sub-configs are built: nothing to compare with yet
+            return
+        if value != actual:
+            logger.warning(
+                "LlavaNextConfig.%s is %r, derived from the sub-configs; the %r given is ignored (set it in "
+                "vision_config or text_config)",
+                self.name,
+                actual,
+                value,
+            )
 
 
 class LlavaNextConfig(PreTrainedConfig):
@@ -113,30 +147,30 @@ class LlavaNextConfig(PreTrainedConfig):
             )
 
     # --- Derived facts the processor and the model share -----------------------------------
-    @property
+    @derived
     def vision_tower_config(self) -> PreTrainedConfig:
         """``vision_config`` as the config object construction made of it (a dict or None becomes one)."""
         return _built(self.vision_config, "vision_config")
 
-    @property
+    @derived
     def language_model_config(self) -> PreTrainedConfig:
         """``text_config`` as the config object construction made of it (a dict or None becomes one)."""
         return _built(self.text_config, "text_config")
 
-    @property
+    @derived
     def tile_size(self) -> int:
         """Pixels on a side of one vision-tower tile (``vision_config.image_size``)."""
         return int(self.vision_tower_config.image_size)
 
-    @property
+    @derived
     def patch_size(self) -> int:
         return int(self.vision_tower_config.patch_size)
 
-    @property
+    @derived
     def patches_per_side(self) -> int:
         return self.tile_size // self.patch_size
 
-    @property
+    @derived
     def num_additional_image_tokens(self) -> int:
         """Positions the tower emits before its patches: 1 for CLIP (CLS), 0 for SigLIP."""
         return tower_extra_positions(self.vision_tower_config)

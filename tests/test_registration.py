@@ -82,6 +82,36 @@ def test_keywords_named_like_derived_facts_are_handed_back_unused_as_by_the_refe
     assert reference_unused == extra
 
 
+def test_a_config_file_or_assignment_naming_a_derived_fact_loads_and_the_towers_value_stands(folder, tmp_path, caplog):
+    """A ``config.json`` with ``patch_size`` (or ``tile_size``...), as transformers' config takes any key: it loads
+    (it failed: a property without a setter) and the value derived from the towers stands; one that disagrees
+    with the towers is named in a warning."""
+    import json
+    import shutil
+
+    from llava_next_plugin.configuration import LlavaNextConfig
+
+    shutil.copytree(folder, tmp_path / "edited")
+    path = tmp_path / "edited" / "config.json"
+    values = json.loads(path.read_text())
+    derived = LlavaNextConfig.from_pretrained(folder)
+    values.update(patch_size=derived.patch_size + 1, tile_size=derived.tile_size, num_additional_image_tokens=5)
+    path.write_text(json.dumps(values))
+    loaded = transformers.AutoConfig.from_pretrained(tmp_path / "edited")
+    assert is_ours(loaded)
+    assert (loaded.patch_size, loaded.tile_size) == (derived.patch_size, derived.tile_size)
+    assert loaded.num_additional_image_tokens == derived.num_additional_image_tokens
+    assert is_ours(transformers.AutoModelForImageTextToText.from_pretrained(tmp_path / "edited"))
+    with caplog.at_level("WARNING", logger="llava_next_plugin.configuration"):
+        caplog.clear()
+        loaded.patch_size = derived.patch_size  # agrees: silent
+        assert not caplog.records
+        loaded.patch_size = 99
+    assert loaded.patch_size == derived.patch_size
+    assert f"patch_size is {derived.patch_size!r}" in caplog.text and "the 99 given is ignored" in caplog.text
+    assert LlavaNextConfig(patch_size=7).patch_size == LlavaNextConfig().patch_size
+
+
 @pytest.mark.parametrize("auto_class, class_name", AUTO_MODEL_TABLES, ids=[a.__name__ for a, _ in AUTO_MODEL_TABLES])
 def test_auto_model_classes_give_ours(auto_class, class_name, folder, our_config):
     from_config = auto_class.from_config(our_config)
