@@ -795,9 +795,10 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
             )
             token_mask = self._image_token_mask(input_ids, inputs_embeds)
             counts = [len(features) for features in per_image]
-            if len(per_image) == 1:
-                # one block, which may span samples (generate's chunked prefill hands each chunk its rows of all
-                # the features as one): only the total can be checked, as transformers does
+            per_sample = token_mask.sum(-1).tolist()
+            if len(per_image) == 1 and sum(1 for n in per_sample if n) > 1:
+                # one block spanning samples (generate's chunked prefill hands each chunk its rows of all the
+                # features as one): only the total can be checked, as transformers does
                 if int(token_mask.sum()) != counts[0]:
                     raise InputError(
                         f"the prompt has {int(token_mask.sum())} <image> tokens but mm_encoder_outputs['image'] "
@@ -805,7 +806,7 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                         param="mm_encoder_outputs",
                     )
             else:
-                images_of_samples(token_mask.sum(-1).tolist(), counts, ["(encoded)"] * len(counts))
+                images_of_samples(per_sample, counts, ["(encoded)"] * len(counts))
             if per_image:
                 features = torch.cat(per_image).to(inputs_embeds.device, inputs_embeds.dtype)
                 inputs_embeds = inputs_embeds.masked_scatter(token_mask.unsqueeze(-1), features)
