@@ -5,9 +5,11 @@ Three layouts exist in the wild; all load into the same in-memory module tree::
     in memory (transformers 5)           llava-hf hub files                   transformers 5 saves
     model.language_model.X               language_model.model.X               language_model.model.X
     lm_head.weight                       language_model.lm_head.weight        language_model.lm_head.weight
-    model.vision_tower.X                 vision_tower.vision_model.X          vision_tower.X
+    model.vision_tower.X                 vision_tower.vision_model.X (*)      vision_tower.X
     model.multi_modal_projector.X        multi_modal_projector.X              multi_modal_projector.X
     model.image_newline                  image_newline                        image_newline
+
+(*) CLIP and SigLIP towers; others (Dinov2...) had no ``vision_model`` level: ``vision_tower.X`` there too.
 
 Loading maps any of the three to the in-memory names (:data:`LOAD_KEY_MAPPING`, applied in order, each
 rule to the result of the previous ones, as transformers' ``key_mapping`` does). Saving writes the hub
@@ -49,9 +51,18 @@ def to_memory_key(key: str) -> str:
     return key
 
 
-def to_hub_key(key: str) -> str:
-    """The llava-hf hub name of an in-memory key of ``LlavaNextForConditionalGeneration``."""
+#: Vision towers whose transformers 4 classes held their weights under ``vision_model.`` (CLIPVisionModel,
+#: SiglipVisionModel): the hub layout names theirs ``vision_tower.vision_model.X``; other towers (Dinov2...) had
+#: no such level, and their hub names are ``vision_tower.X``.
+WRAPPED_TOWERS = frozenset({"clip_vision_model", "clip", "siglip_vision_model", "siglip"})
+
+
+def to_hub_key(key: str, tower: str | None = "clip_vision_model") -> str:
+    """The llava-hf hub name of an in-memory key of ``LlavaNextForConditionalGeneration`` whose vision tower is of
+    model type *tower*."""
     for prefix, hub_prefix in _SAVE_RULES:
         if key.startswith(prefix):
+            if prefix == "model.vision_tower." and tower not in WRAPPED_TOWERS:
+                hub_prefix = "vision_tower."
             return hub_prefix + key[len(prefix) :]
     return key

@@ -15,8 +15,9 @@ __all__ = ["LlavaNextConfig", "DEFAULT_PINPOINTS"]
 
 DEFAULT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 
-# Vision towers whose hidden states carry one extra position (CLIP's CLS token) before the patches.
-_TOWERS_WITH_CLS = ("clip_vision_model", "clip")
+# Vision towers whose hidden states carry one extra position (a CLS token) before the patches: CLIP's, and the
+# ViT family's (Dinov2 and ViT, which transformers' AutoModel builds as towers too). SigLIP has none.
+_TOWERS_WITH_CLS = ("clip_vision_model", "clip", "dinov2", "vit")
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class LlavaNextConfig(PreTrainedConfig):
 
 
 def tower_extra_positions(vision_config: Any) -> int:
-    """Positions a vision tower emits before its patches: 1 for CLIP (its CLS token), 0 for SigLIP.
+    """Positions a vision tower emits before its patches: 1 for CLIP, Dinov2 and ViT (a CLS token), 0 for SigLIP.
 
     :param vision_config: the tower's config (ours or transformers', whose LLaVA-NeXT config has no
         :attr:`LlavaNextConfig.num_additional_image_tokens`).

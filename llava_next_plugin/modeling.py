@@ -276,6 +276,7 @@ class LlavaNextPreTrainedModel(PreTrainedModel):
     def _hub_state_dict(self, state_dict: dict) -> dict:
         """``state_dict`` (in-memory names) renamed to the hub layout, a tied LM head left out."""
         prefix = "" if isinstance(self, LlavaNextForConditionalGeneration) else "model."
+        tower = getattr(self.config.vision_tower_config, "model_type", None)
         tied = _head_is_tied(self)
         renamed = {}
         for key, value in state_dict.items():
@@ -286,7 +287,7 @@ class LlavaNextPreTrainedModel(PreTrainedModel):
                 from transformers.integrations.accelerate import load_offloaded_parameter
 
                 value = load_offloaded_parameter(self, key)
-            renamed[checkpoint_keys.to_hub_key(prefix + key)] = value
+            renamed[checkpoint_keys.to_hub_key(prefix + key, tower)] = value
         return renamed
 
 

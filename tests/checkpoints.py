@@ -90,6 +90,10 @@ def vision_config(kind: str = "clip", width: int = 32, layers: int = 2, tile: in
         return CLIPVisionConfig(projection_dim=width, **common)
     if kind == "siglip":
         return SiglipVisionConfig(**common)
+    if kind == "dinov2":  # a CLS token, and no vision_model level in any layout
+        from transformers import Dinov2Config
+
+        return Dinov2Config(**common)
     raise ValueError(kind)
 
 
@@ -184,7 +188,7 @@ def build_checkpoint(
     with torch.no_grad():
         model.model.image_newline.normal_(0, 0.5)
     model.save_pretrained(str(folder))
-    if hub_layout:
+    if hub_layout and vision != "dinov2":
         to_hub_layout(folder)
     tokenizer = build_tokenizer(folder)
     tokenizer.save_pretrained(str(folder))

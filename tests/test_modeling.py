@@ -35,6 +35,7 @@ BACKBONES = {
     "llama-clip": {"text": "llama"},
     "qwen2-clip": {"text": "qwen2"},
     "mistral-siglip-full-layers": {"vision": "siglip", "strategy": "full", "feature_layer": [-3, -1]},
+    "mistral-dinov2": {"vision": "dinov2"},  # a CLS token, and no vision_model level in its keys
 }
 
 
@@ -651,3 +652,19 @@ def test_transformers_own_config_builds_our_model_with_the_same_weights(tiny_che
     ids = torch.tensor([[1, 5, 6, 7]])
     with torch.no_grad():
         assert torch.equal(built(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_a_dinov2_tower_saved_by_us_loads_into_the_reference_with_every_key(tiny_checkpoint_factory, tmp_path):
+    """Towers other than CLIP and SigLIP never had a ``vision_model`` level: saved as ``vision_tower.X``."""
+    from safetensors import safe_open
+
+    folder = tiny_checkpoint_factory(vision="dinov2")
+    ours = LlavaNextForConditionalGeneration.from_pretrained(folder)
+    ours.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as saved:
+        tower_keys = [key for key in saved.keys() if key.startswith("vision_tower.")]
+    assert tower_keys and not any(key.startswith("vision_tower.vision_model.") for key in tower_keys)
+    reference, info = ReferenceForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    inputs = make_inputs(processor_for(folder), "single")
+    torch.testing.assert_close(logits_of(ours.eval(), inputs), logits_of(reference.eval(), inputs), rtol=0, atol=0)
