@@ -823,7 +823,15 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
                 )
             layer = self.config.vision_feature_layer if vision_feature_layer is None else vision_feature_layer
             strategy = vision_feature_select_strategy or self.config.vision_feature_select_strategy
-            features, geoms, tower = self._image_features(pixel_values, image_sizes, layer, strategy, image_detail)
+            # the tower's hidden states: as transformers' class, the layers used (the others None), every layer
+            # when the caller asks for the model's hidden states; its attentions when asked for the model's
+            flags = {
+                name: getattr(self.config, name, None) if kwargs.get(name) is None else kwargs[name]
+                for name in ("output_hidden_states", "output_attentions")
+            }
+            features, geoms, tower = self._image_features(
+                pixel_values, image_sizes, layer, strategy, image_detail, **flags
+            )
             self._check_counts(token_mask, geoms)
             features = features.to(inputs_embeds.device, inputs_embeds.dtype)
             inputs_embeds = inputs_embeds.masked_scatter(token_mask.unsqueeze(-1), features)
@@ -831,6 +839,8 @@ class LlavaNextModel(LlavaNextPreTrainedModel):
             image_outputs = BaseModelOutputWithPooling(
                 last_hidden_state=tower.last_hidden_state,
                 pooler_output=list(torch.split(features, [g.num_tokens for g in geoms])),  # type: ignore[arg-type]
+                hidden_states=tower.hidden_states,
+                attentions=tower.attentions if flags["output_attentions"] else None,
             )
         elif (
             not self._warned_image_tokens_as_text

@@ -511,6 +511,32 @@ def test_forward_gives_the_image_outputs_get_image_features_gives(models, proces
     assert isinstance(ours.image_outputs.pooler_output, list)
 
 
+def test_image_outputs_carry_the_towers_hidden_states_as_the_reference_and_all_of_them_when_asked(models, processor):
+    """``out.image_outputs.hidden_states``: as the reference's, the layers the features come from (the others
+    None); with ``output_hidden_states=True`` every layer of the tower, and with ``output_attentions=True`` its
+    attentions."""
+    inputs = _one_image(processor)
+    ours_model, reference_model = models[("ours", "main")], models[("reference", "main")]
+    with torch.no_grad():
+        plain, reference = ours_model(**inputs), reference_model(**inputs)
+        asked = ours_model(**inputs, output_hidden_states=True)
+        attended = ours_model(**inputs, output_attentions=True)
+    if hasattr(reference, "image_outputs"):  # transformers 5.24
+        expected = reference.image_outputs.hidden_states
+        assert [h is None for h in plain.image_outputs.hidden_states] == [h is None for h in expected]
+        for mine, all_layers, theirs in zip(
+            plain.image_outputs.hidden_states, asked.image_outputs.hidden_states, expected, strict=True
+        ):
+            if theirs is not None:
+                torch.testing.assert_close(mine, theirs, atol=FP32_ATOL, rtol=0)
+                torch.testing.assert_close(all_layers, theirs, atol=FP32_ATOL, rtol=0)
+    layers = ours_model.config.vision_config.num_hidden_layers
+    assert len(asked.image_outputs.hidden_states) == layers + 1
+    assert all(h is not None for h in asked.image_outputs.hidden_states)
+    # (under SDPA the tower has no attention weights to give: an empty tuple, as it returns them)
+    assert plain.image_outputs.attentions is None and attended.image_outputs.attentions is not None
+
+
 @pytest.mark.parametrize("newline", [True, False])
 def test_transformers_public_helpers_pack_features_and_find_placeholders_as_the_reference(models, processor, newline):
     images = [_photo((90, 60)), _photo((40, 120)), _photo((30, 30))]
