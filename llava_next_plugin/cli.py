@@ -596,4 +596,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m llava_next_plugin.cli`: the package's module, not this copy run as __main__, whose CommandError
+    # would be another class than the one the other modules raise
+    from llava_next_plugin.cli import main as package_main
+
+    sys.exit(package_main())

@@ -27,7 +27,9 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -35,7 +37,9 @@ from typing import Any
 
 from llava_next_sdk.errors import InvalidImageError
 
-from .errors import ImageError
+from .errors import ImageError, first_line
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "caption_dataset",
@@ -65,6 +69,16 @@ def _import_ray():
     except ImportError as exc:
         raise ImportError(f"Ray is not installed ({exc}); {RAY_HINT}") from exc
     return ray
+
+
+def _import_serve():
+    """``ray.serve``, or an ImportError that says what to install (Ray without its serve extra has none)."""
+    _import_ray()
+    try:
+        from ray import serve
+    except ImportError as exc:
+        raise ImportError(f"Ray Serve is not installed ({exc}); {RAY_HINT}") from exc
+    return serve
 
 
 # --- the Ray runtime ----------------------------------------------------------------------------------
@@ -384,6 +398,15 @@ def _input_dataset(
     tables = [p for p in path.glob("*.parquet") if p.resolve() != out.resolve()] if path.is_dir() else []
     holds_out = path.is_dir() and out.resolve().parent == path.resolve()  # read the tables beside it, not it
     if path.is_dir() and not tables:
+        for flag, value, default in (
+            ("--id-column", args.id_column, None),
+            ("--image-column", args.image_column, "image"),
+        ):
+            if value != default:
+                raise command_error(
+                    f"{flag} applies to parquet input, but {source!r} is a folder of images (named by their file "
+                    f"names): drop {flag}"
+                )
         files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise command_error(f"{source!r} holds no images ({', '.join(IMAGE_SUFFIXES)}) and no .parquet files")
@@ -414,6 +437,13 @@ def _input_dataset(
             "give --id-column with a column of names or numbers"
         )
     total = ds.count()
+    distinct = len(ds.unique(id_column))
+    if distinct != total:
+        raise command_error(
+            f"{source}: the column {id_column!r} names {total} rows with {distinct} distinct values, so results "
+            "in --out could not say which row they are for, nor a rerun which rows are done: give --id-column "
+            "a column of unique names"
+        )
     if done:
         ds = ds.filter(lambda row, done=frozenset(done): str(row[id_column]) not in done)
     return ds, args.image_column, total, None
@@ -461,9 +491,9 @@ def run_caption(args: argparse.Namespace) -> int:
         runtime = ray_runtime(args.ray, num_cpus=(max(cores, cpus * args.workers + 1) if args.ray == "local" else None))
         with runtime as ray:
             ray.data.DataContext.get_current().enable_progress_bars = False  # ours is the one bar
-            import logging
-
             logging.getLogger("ray.data").setLevel(logging.WARNING)
+            if args.gpus_per_worker:
+                _check_gpus(args.workers * args.gpus_per_worker, "--gpus-per-worker", args.ray, CommandError)
             ds, image_column, total, found_done = _input_dataset(ray, args.folder, args, done, CommandError, out)
             id_column = args.id_column or ("image" if image_column == "path" else image_column)
             already = len(done) if found_done is None else found_done
@@ -533,7 +563,7 @@ def _server_deployment():
     """The Ray Serve deployment class (made on first use, so importing this module needs no Ray)."""
     global _DEPLOYMENT
     if _DEPLOYMENT is None:
-        from ray import serve
+        serve = _import_serve()
 
         @serve.ingress()  # the app is built per replica by __serve_build_asgi_app__, around its engine
         class LlavaNextServer:
@@ -717,6 +747,51 @@ SERVE_APP_NAME = "llava-next"
 """The Ray Serve application ``llava-next serve --ray`` deploys (at route ``/``): one per cluster."""
 
 
+def _deployment_failure(serve) -> str:
+    """The last line of the error that ended our application's replicas (what Serve's exception leaves out)."""
+    status = serve.status().applications.get(SERVE_APP_NAME)
+    messages = [d.message for d in (status.deployments.values() if status else ()) if getattr(d, "message", "")]
+    lines = [line.strip() for message in messages for line in message.splitlines() if line.strip()]
+    cause = lines[-1] if lines else "no replica said why (see the Ray logs)"
+    return _ANSI.sub("", cause)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _check_proxy_address(host: str, port: int, command_error) -> None:
+    """Serve already running on the cluster keeps its own HTTP address (Ray only logs that ours is not applied):
+    say so rather than print an address that nothing answers on."""
+    try:
+        from ray.serve.context import _get_global_client  # no public way to read the proxy's address
+
+        client = _get_global_client()
+        actual = (client.http_config.host, int(client.http_config.port))  # type: ignore[union-attr]
+    except Exception:  # another Ray version: nothing to compare with
+        return
+    if actual != (host, port):
+        raise command_error(
+            f"Ray Serve already runs on this cluster on {actual[0]}:{actual[1]}, not the {host}:{port} asked: "
+            f"pass --host {actual[0]} --port {actual[1]}, or stop Serve there first (serve shutdown)"
+        )
+
+
+def _check_gpus(needed: float, flag: str, address: str, command_error) -> None:
+    """Refuse, before anything waits for them, GPUs the Ray runtime does not have (Ray would wait for ever)."""
+    import ray
+
+    have = float(ray.cluster_resources().get("GPU", 0))
+    if have >= needed:
+        return
+    message = (
+        f"{flag} asks for {needed:g} GPU(s) in all, but the Ray "
+        f"{'runtime on this machine' if address == 'local' else 'cluster'} has {have:g}"
+    )
+    if address == "local":
+        raise command_error(message + ": lower it, or run without GPUs (0)")
+    logger.warning("%s: the job waits until the cluster has them (an autoscaler may add them)", message)
+
+
 class ServeAppTakenError(RuntimeError):
     """``llava-next serve --ray`` found our application already running on the cluster."""
 
@@ -761,13 +836,21 @@ def run_serve(args: argparse.Namespace) -> int:
     replicas = parse_autoscale(args.autoscale)[1] if args.autoscale else args.replicas
 
     def stop(signum, frame):
-        raise KeyboardInterrupt  # SIGTERM stops the deployment as Ctrl-C does
+        raise KeyboardInterrupt  # SIGTERM (and SIGINT where a shell started us ignoring it) stop as Ctrl-C does
 
+    from .cli import CommandError
+
+    try:
+        serve = _import_serve()
+    except ImportError as exc:
+        raise CommandError(str(exc)) from exc
     local_cpus = math.ceil(replicas * args.cpus_per_replica) + 1  # the replicas', and one for Serve's own actors
     with ray_runtime(args.ray, num_cpus=(local_cpus if args.ray == "local" else None)):
-        from ray import serve
-
-        signal.signal(signal.SIGTERM, stop)  # after ray.init, whose core worker installs its own (which aborts)
+        # after ray.init, whose core worker installs its own SIGTERM handler (which aborts)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, stop)
+        if args.gpus_per_replica:
+            _check_gpus(replicas * args.gpus_per_replica, "--gpus-per-replica", args.ray, CommandError)
         serve.start(http_options={"host": args.host, "port": args.port})
         if SERVE_APP_NAME in serve.status().applications:
             # another `serve --ray` on this cluster: deploying would replace its application, and our exit would
@@ -776,8 +859,12 @@ def run_serve(args: argparse.Namespace) -> int:
                 f"a Ray Serve application named {SERVE_APP_NAME!r} already runs on this cluster (another "
                 "`llava-next serve --ray`): stop it first, or add replicas to it"
             )
+        _check_proxy_address(args.host, args.port, CommandError)
         try:
-            serve.run(app, name=SERVE_APP_NAME, route_prefix="/")
+            try:
+                serve.run(app, name=SERVE_APP_NAME, route_prefix="/")
+            except RuntimeError as exc:  # Serve's word for a deployment that failed: its replicas' error is apart
+                raise CommandError(f"{first_line(exc).rstrip('.')}: {_deployment_failure(serve)}") from exc
             print(
                 f"llava-next: serving {args.model} on http://{args.host}:{args.port}/v1 with Ray Serve "
                 f"({args.autoscale or args.replicas} replicas); Ctrl-C stops",

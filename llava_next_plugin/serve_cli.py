@@ -170,6 +170,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.ray:
         from .distributed import run_serve as run_serve_on_ray
 
+        if args.ray == "local":  # Serve's proxy listens here: a port taken is said before Ray starts
+            _check_port(args)
+
         return run_serve_on_ray(args)
     from .engine import Engine
     from .server import create_app, default_served_name, run_server

@@ -157,17 +157,21 @@ def _data_url(data: bytes) -> str:
 
 
 # --- importing stays light ------------------------------------------------------------------------------------
-def test_importing_the_package_never_imports_ray_and_without_ray_the_api_says_how_to_install_it():
+def test_importing_the_package_never_imports_ray_and_without_ray_the_api_says_how_to_install_it(demo_checkpoint):
     code = (
         "import sys, llava_next_plugin, llava_next_plugin.distributed as d, llava_next_plugin.cli as cli\n"
         "cli.build_parser()\n"
         "assert 'ray' not in sys.modules, 'ray was imported'\n"
         "sys.modules['ray'] = None  # as if it were not installed\n"
         "try:\n    d.caption_dataset(None, 'm')\nexcept ImportError as e:\n    print(e)\n"
+        "try:\n    d.build_serve_app({'model': 'm'})\nexcept ImportError as e:\n    print(e)\n"
+        f"argv = ['serve', '--model', {str(demo_checkpoint)!r}, '--ray', 'local', '--port', '{free_port()}']\n"
+        "print('serve rc', cli.main(argv))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
-    assert "pip install 'llava-next-plugin[ray]'" in done.stdout
+    assert done.stdout.count("pip install 'llava-next-plugin[ray]'") == 2, done.stdout
+    assert "serve rc 1" in done.stdout and "pip install 'llava-next-plugin[ray]'" in done.stderr, done.stderr
 
 
 def test_an_actor_answers_bytes_and_datasets_image_cells_and_bad_cells_with_an_error(demo_checkpoint, engine):
@@ -470,6 +474,47 @@ def test_caption_command_reads_parquet_image_bytes_and_writes_parquet(
     assert len((tmp_path / "results.parquet.jsonl").read_text().splitlines()) == 2  # the resume journal
     assert main(argv + ["--id-column", "name", "--strict"]) == 1  # a rerun tries c again; --strict fails on it
     assert "0 captioned, 1 failed, 2 already" in capsys.readouterr().err
+
+
+def test_caption_refuses_ids_that_repeat_column_flags_on_a_folder_and_gpus_the_runtime_lacks(
+    ray_session, demo_checkpoint, tmp_path, capsys
+):
+    """Each refused at once, before any actor loads a model: ids that repeat (results could not say which row
+    they are for, nor a rerun which rows are done), parquet's column flags on a folder, and GPUs the Ray runtime
+    does not have (Ray would wait for them for ever)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"label": ["cat", "cat", "dog"], "image": [_png(1), b"junk", _png(2)]}), source)
+    out = tmp_path / "out.jsonl"
+    base = ["--model", str(demo_checkpoint), "--out", str(out), "--ray", "local", "--max-new-tokens", "3"]
+    assert main(["caption", str(source), "--id-column", "label", *base]) == 1
+    err = capsys.readouterr().err
+    assert "the column 'label' names 3 rows with 2 distinct values" in err and "--id-column" in err
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(_png(3))
+    for flag in ("--id-column", "--image-column"):
+        assert main(["caption", str(folder), flag, "name", *base]) == 1
+        assert f"{flag} applies to parquet input" in capsys.readouterr().err
+    assert main(["caption", str(folder), "--gpus-per-worker", "1", *base]) == 1
+    assert "--gpus-per-worker asks for 1 GPU(s) in all, but the Ray runtime on this machine has 0" in (
+        capsys.readouterr().err
+    )
+    assert not out.exists()
+
+
+def test_serve_on_ray_local_says_a_taken_port_before_starting_ray(demo_checkpoint, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["serve", "--model", str(demo_checkpoint), "--ray", "local", "--host", "127.0.0.1"]
+        assert main([*argv, "--port", str(port)]) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
 
 
 # --- Ray Serve ---------------------------------------------------------------------------------------------------
