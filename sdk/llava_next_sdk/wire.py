@@ -120,8 +120,9 @@ class ParsedChatRequest:
 
 
 def _message_to_wire(message: ChatMessage) -> dict:
-    if all(isinstance(p, TextPart) for p in message.content):
-        # Plain-string content is what every endpoint understands for text-only turns.
+    if len(message.content) <= 1 and all(isinstance(p, TextPart) for p in message.content):
+        # Plain-string content is what every endpoint understands for a turn of one text; several text parts
+        # stay parts, for the chat template renders them itself (joining them here would change the prompt)
         return {"role": message.role, "content": message.text}
     parts: list[dict[str, Any]] = []
     for part in message.content:

@@ -70,6 +70,20 @@ def test_a_request_survives_the_round_trip():
     assert wire.decode_data_url(parsed.request.images[0].url) == ("image/png", PNG_1PX)
 
 
+def test_several_text_parts_of_a_message_stay_parts_so_the_chat_template_renders_them_as_locally():
+    """One text part goes as a plain string; several stay parts (joined, they made another prompt than the
+    local transport's, which hands the template the parts)."""
+    parts = (TextPart("You are terse."), TextPart(" Answer in French."))
+    request = ChatRequest((ChatMessage("system", parts), ChatMessage("user", "Hi")))
+    body = wire.build_chat_request(request)
+    assert body["messages"][0]["content"] == [
+        {"type": "text", "text": "You are terse."},
+        {"type": "text", "text": " Answer in French."},
+    ]
+    assert body["messages"][1]["content"] == "Hi"
+    assert wire.parse_chat_request(json.loads(json.dumps(body))).request.messages == request.messages
+
+
 def test_openai_aliases_are_understood():
     parsed = wire.parse_chat_request(
         {
