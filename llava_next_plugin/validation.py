@@ -169,13 +169,13 @@ def check_image_url(url: str, index: int, limits: Limits) -> None:
         parts.port  # noqa: B018  (a port that is not a number raises here, as httpx would later)
     except ValueError as exc:
         raise InvalidImageError(
-            f"image URL {url[:60]!r} is malformed ({exc}); check the URL, or send the image as a data URL",
+            f"its URL {url[:60]!r} is malformed ({exc}); check the URL, or send the image as a data URL",
             index=index,
             param="messages",
         ) from None
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise InvalidImageError(
-            f"image URLs must be data: URLs or http(s) URLs, got {url[:60]!r}; local paths and file:// URLs "
+            f"an image URL must be a data: URL or an http(s) URL, got {url[:60]!r}; local paths and file:// URLs "
             "are never read from a request",
             index=index,
             param="messages",
@@ -189,7 +189,7 @@ def check_image_url(url: str, index: int, limits: Limits) -> None:
             else ("allowed hosts: " + ", ".join(allowed))
         )
         raise InvalidImageError(
-            f"image URLs from {host!r} are not allowed; send the image as a data URL, or {hint}",
+            f"URLs from {host!r} are not allowed; send the image as a data URL, or {hint}",
             index=index,
             param="messages",
         )

@@ -609,7 +609,7 @@ def test_image_pixels_are_bounded_per_request_with_413_and_the_budget_is_returne
 )
 def test_a_malformed_image_url_is_a_400_invalid_image_not_a_server_error(served, url):
     error = assert_openai_error(post(served, {"messages": user("?", url), "max_tokens": 2}), 400, "invalid_image")
-    assert "malformed" in error["message"] or "must be data: URLs" in error["message"], error
+    assert "malformed" in error["message"] or "must be a data: URL" in error["message"], error
     still_serving(served)
 
 

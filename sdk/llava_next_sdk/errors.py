@@ -23,6 +23,7 @@ bodies back into the same classes, so local and remote calls fail alike.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 __all__ = [
@@ -92,10 +93,16 @@ class InvalidImageError(BadRequestError):
     code = "invalid_image"
 
     def __init__(self, message: str, *, index: int | None = None, **kwargs: Any) -> None:
-        if index is not None and not message.startswith("image "):
+        if index is not None and not message.startswith(f"image {index}:"):
             message = f"image {index}: {message}"
         super().__init__(message, **kwargs)
         self.index = index
+
+    @staticmethod
+    def index_in(message: str) -> int | None:
+        """The image index a message names as its ``image N:`` prefix (an error read back from a server)."""
+        found = re.match(r"image (\d+): ", message)
+        return int(found.group(1)) if found else None
 
 
 class ContextLengthExceededError(BadRequestError):
@@ -240,4 +247,6 @@ def error_from_status(
     kwargs: dict = {"status": status, "param": param, "request_id": request_id, "body": body}
     if issubclass(cls, (OverloadedError, ServerError)):
         kwargs["retry_after"] = retry_after
+    if issubclass(cls, InvalidImageError):  # the server's message names the image as the local error does
+        kwargs["index"] = InvalidImageError.index_in(str(message))
     return cls(str(message), **kwargs)

@@ -394,6 +394,11 @@ def test_our_error_bodies_come_back_as_the_same_class():
         body = json.dumps(wire.build_error_body(original)).encode()
         back = wire.parse_error(original.status, body)
         assert type(back) is type(original) and back.message == original.message
+        if isinstance(original, InvalidImageError):  # the index, as the local transport's error has it
+            assert back.index == original.index == 2
+    # a message that names an image otherwise is not read as an index
+    assert InvalidImageError("URLs from 'x' are not allowed", index=0).message.startswith("image 0: URLs from")
+    assert InvalidImageError("image data URLs must be base64").index is None
 
 
 def test_retry_after_reads_seconds_and_dates():
