@@ -64,7 +64,15 @@ from starlette.routing import Route
 
 from .engine import Engine, EngineResult, RequestHandle
 from .errors import first_line
-from .validation import Limits, PixelBudget, check_request, fetch_image, prepare_request
+from .validation import (
+    Limits,
+    PixelBudget,
+    check_message_count,
+    check_part_counts,
+    check_request,
+    fetch_image,
+    prepare_request,
+)
 
 __all__ = ["create_app", "run_server", "serve_in_thread", "RunningServer", "default_served_name"]
 
@@ -286,14 +294,10 @@ class _Front:
             self.metrics.count_request(scope["path"], status[0])
 
 
-PARTS_PER_MESSAGE = 4
-"""Content parts a request may hold in all, per message it may hold (``--max-messages``)."""
-
-
 async def _read_json(request: Request, max_bytes: int, seconds: float, max_messages: int) -> Any:
     """The request's JSON body, received within *seconds* (408 beyond) and at most *max_bytes* (413), with at
-    most *max_messages* messages, as many content parts in one, and :data:`PARTS_PER_MESSAGE` times as many in
-    all (400): all before any of it is parsed further."""
+    most *max_messages* messages, as many content parts in one, and :data:`~.validation.PARTS_PER_MESSAGE` times
+    as many in all (400): all before any of it is parsed further."""
     with anyio.move_on_after(seconds) as scope:
         body = await _receive_json(request, max_bytes)
     if scope.cancelled_caught:
@@ -303,23 +307,12 @@ async def _read_json(request: Request, max_bytes: int, seconds: float, max_messa
             param=None,
         )
     messages = body.get("messages") if isinstance(body, dict) else None
-    if isinstance(messages, list):
-        if len(messages) > max_messages:  # said before any pass over them
-            raise BadRequestError(
-                f"the request holds {len(messages)} messages; at most {max_messages} are accepted", param="messages"
-            )
-        counts = [len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)]
-        if max(counts, default=0) > max_messages:
-            raise BadRequestError(
-                f"a message holds {max(counts)} content parts; at most {max_messages} are accepted", param="messages"
-            )
-        # in all, too (4 a message on average): 4096 messages of 4096 parts held the event loop for seconds
-        if sum(counts) > PARTS_PER_MESSAGE * max_messages:
-            raise BadRequestError(
-                f"the messages hold {sum(counts)} content parts in all; at most {PARTS_PER_MESSAGE * max_messages} "
-                f"are accepted ({PARTS_PER_MESSAGE} per message on average, of --max-messages {max_messages})",
-                param="messages",
-            )
+    if isinstance(messages, list):  # the same checks as validation.check_request's, before the body is parsed
+        check_message_count(len(messages), max_messages)
+        check_part_counts(
+            [len(m["content"]) for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)],
+            max_messages,
+        )
     return body
 
 

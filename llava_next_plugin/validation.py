@@ -28,7 +28,7 @@ from __future__ import annotations
 import ctypes
 import io
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -364,9 +364,39 @@ def to_sampling_params(params: GenerationParams) -> SamplingParams:
     )
 
 
+PARTS_PER_MESSAGE = 4
+"""Content parts a request may hold in all, per message it may hold (:attr:`Limits.max_messages`)."""
+
+
+def check_message_count(messages: int, max_messages: int) -> None:
+    """Refuse more than *max_messages* messages (the server says it before any pass over them)."""
+    if messages > max_messages:
+        raise BadRequestError(
+            f"the request holds {messages} messages; at most {max_messages} are accepted", param="messages"
+        )
+
+
+def check_part_counts(counts: Sequence[int], max_messages: int) -> None:
+    """Refuse a message of more than *max_messages* content parts, or more than :data:`PARTS_PER_MESSAGE` times as
+    many in all (4096 messages of 4096 parts held a server's event loop for seconds)."""
+    if max(counts, default=0) > max_messages:
+        raise BadRequestError(
+            f"a message holds {max(counts)} content parts; at most {max_messages} are accepted", param="messages"
+        )
+    if sum(counts) > PARTS_PER_MESSAGE * max_messages:
+        raise BadRequestError(
+            f"the messages hold {sum(counts)} content parts in all; at most {PARTS_PER_MESSAGE * max_messages} "
+            f"are accepted ({PARTS_PER_MESSAGE} per message on average, of --max-messages {max_messages})",
+            param="messages",
+        )
+
+
 def check_request(engine: Engine, request: ChatRequest, limits: Limits) -> list[tuple[int, str]]:
-    """The cheap checks of *request*, before any image is fetched or decoded (a user message, stop strings,
-    prompt characters, image count, image sources); the :func:`remote_image_urls` to fetch."""
+    """The cheap checks of *request*, before any image is fetched or decoded (message and part counts, a user
+    message, stop strings, prompt characters, image count, image sources); the :func:`remote_image_urls` to fetch.
+    The server counts messages and parts on the raw body too, before parsing it."""
+    check_message_count(len(request.messages), limits.max_messages)
+    check_part_counts([len(m.content) for m in request.messages], limits.max_messages)
     if not any(m.role == "user" for m in request.messages):
         raise BadRequestError("the request needs at least one user message", param="messages")
     check_stop_strings(request, limits)

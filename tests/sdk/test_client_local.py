@@ -214,6 +214,25 @@ def test_a_local_client_closed_while_its_model_loads_refuses_the_call_and_keeps_
         get_shared_engine(str(tiny_checkpoint), **options).shutdown(drain=False)
 
 
+def test_a_local_client_counts_messages_and_parts_against_its_limits_as_a_server_does(tiny_checkpoint):
+    from llava_next_sdk import BadRequestError
+
+    from llava_next_plugin.validation import Limits
+
+    chat = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "More"},
+    ]
+    with Client(model=str(tiny_checkpoint), request_limits=Limits(max_messages=2)) as client:
+        with pytest.raises(BadRequestError, match="the request holds 3 messages; at most 2 are accepted") as error:
+            client.chat(chat, max_tokens=2)
+        assert error.value.param == "messages"
+        parts = [{"type": "text", "text": "a"}] * 3
+        with pytest.raises(BadRequestError, match="a message holds 3 content parts; at most 2"):
+            client.chat([{"role": "user", "content": parts}], max_tokens=2)
+
+
 def test_unknown_options_of_a_local_client_are_refused_by_name(tiny_checkpoint):
     with pytest.raises(TypeError, match=r"unknown option\(s\) for a local model: devcie; accepted: .*device"):
         anyio.run(functools.partial(_first_request, model=str(tiny_checkpoint), devcie="cpu"))
