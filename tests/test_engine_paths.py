@@ -341,6 +341,30 @@ def test_a_backbone_whose_lower_layers_attend_in_full_and_upper_ones_slide_gives
         engine.shutdown(drain=False)
 
 
+def test_a_mistral_config_carrying_layer_types_slides_every_layer_as_its_model_does(tiny_checkpoint):
+    """MistralConfig keeps a ``layer_types`` key it was given (with a warning) but MistralModel slides every layer:
+    the engine reads each layer's kind from the built attention modules, not from the config."""
+    from llava_next_plugin.engine.kv import KVSlots
+    from llava_next_plugin.engine.step import ModelRunner
+
+    config = transformers.AutoConfig.from_pretrained(tiny_checkpoint)
+    config.text_config.sliding_window = 8
+    config.text_config.layer_types = ["full_attention", "sliding_attention"]
+    model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint, config=config).eval()
+    text = model.config.text_config
+    kv = KVSlots(
+        layers=text.num_hidden_layers,
+        slots=2,
+        kv_heads=text.num_key_value_heads,
+        head_dim=text.hidden_size // text.num_attention_heads,
+        max_len=64,
+        dtype=torch.float32,
+        device="cpu",
+    )
+    runner = ModelRunner(model, kv, image_token_id=model.config.image_token_id)
+    assert runner.sliding_window == 8 and runner.layer_types is None
+
+
 def test_with_nothing_decoding_a_prompt_is_prefilled_in_idle_prefill_sized_forwards(reference):
     model, _ = reference
     engine = Engine(*reference, max_batch_size=2, prefill_chunk=16, reuse_memory=0).start()

@@ -120,10 +120,14 @@ class ModelRunner:
             window = None
         self.sliding_window = int(window) if window else None
         #: Each layer's attention kind where they differ (a Qwen2 backbone with ``max_window_layers`` below its
-        #: depth: full attention below, the sliding window above); then :meth:`mask` gives one mask per kind.
+        #: depth: full attention below, the sliding window above); then :meth:`mask` gives one mask per kind. Read
+        #: from the built attention modules, as the decoder's own forward reads it: a config may carry
+        #: ``layer_types`` that its model ignores (Mistral's keeps the key and slides every layer).
         self.layer_types: list[str] | None = None
-        kinds = list(getattr(text_config, "layer_types", None) or [])
-        if self.sliding_window is not None and kinds:
+        layers = getattr(self.language_model, "layers", None) or []
+        kinds = [getattr(getattr(layer, "self_attn", None), "layer_type", None) for layer in layers]
+        kinds = [kind for kind in kinds if kind is not None]
+        if self.sliding_window is not None and kinds and len(kinds) == len(layers):
             if "sliding_attention" not in kinds:
                 self.sliding_window = None  # every layer attends in full
             elif any(kind != "sliding_attention" for kind in kinds):
