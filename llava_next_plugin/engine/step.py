@@ -125,8 +125,8 @@ class ModelRunner:
         #: ``layer_types`` that its model ignores (Mistral's keeps the key and slides every layer).
         self.layer_types: list[str] | None = None
         layers = getattr(self.language_model, "layers", None) or []
-        kinds = [getattr(getattr(layer, "self_attn", None), "layer_type", None) for layer in layers]
-        kinds = [kind for kind in kinds if kind is not None]
+        found = [getattr(getattr(layer, "self_attn", None), "layer_type", None) for layer in layers]
+        kinds = [str(kind) for kind in found if kind is not None]
         if self.sliding_window is not None and kinds and len(kinds) == len(layers):
             if "sliding_attention" not in kinds:
                 self.sliding_window = None  # every layer attends in full
