@@ -92,8 +92,31 @@ def test_after_the_weights_change_nothing_computed_with_the_old_ones_is_reused(t
         # unchanged since: reused again
         assert engine.submit(prepared).result(timeout=120).token_ids == again
         assert engine.stats_snapshot()["prefix_reused_tokens"] > after.get("prefix_reused_tokens", 0)
+        # a write through .data, which torch does not count: clear_reuse() says so
+        with torch.no_grad():
+            for layer in model.model.language_model.layers:
+                layer.self_attn.v_proj.weight.data.mul_(-0.5)
+        engine.clear_reuse()
+        cleared = engine.stats_snapshot()["reuse_cleared"]
+        assert engine.submit(prepared).result(timeout=120).token_ids == reference_greedy(model, prepared, 8)
+        assert engine.stats_snapshot()["reuse_cleared"] == cleared + 1
     finally:
         engine.shutdown(drain=False)
+
+
+def test_the_weights_version_counts_real_changes_and_not_offloaded_parameters_brought_in_per_forward():
+    from llava_next_plugin.engine.reuse import weights_version
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4, device="meta"))
+    first = weights_version(model)
+    model[1].weight = torch.nn.Parameter(torch.empty(4, 4, device="meta"))  # as accelerate's offload hooks do
+    assert weights_version(model) == first
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert weights_version(model) != first
+    second = weights_version(model)
+    model[0].bias = torch.nn.Parameter(torch.zeros(4))  # replaced
+    assert weights_version(model) != second
 
 
 def test_another_image_of_the_same_size_reuses_no_prefix(reference):

@@ -124,3 +124,32 @@ def test_an_adapter_saved_with_the_hubs_older_key_names_loads_as_on_the_referenc
     by_transformers = LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint)
     by_transformers.load_adapter(str(tmp_path / "old"))
     torch.testing.assert_close(logits(by_transformers, batch), expected, rtol=0, atol=1e-6)
+
+
+def test_an_engine_gives_the_tokens_of_the_adapter_state_it_runs_with_after_a_switch(tiny_checkpoint):
+    """Disabling a peft adapter changes no parameter: the engine's reuse caches must still not serve what the
+    adapter computed (its weights version counts the tuner layers' state)."""
+    from checkpoints import ask, photo, reference_greedy
+
+    from llava_next_plugin.engine import Engine, SamplingParams
+
+    torch.manual_seed(0)
+    model = ReferenceForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    processor = LlavaNextProcessor.from_pretrained(tiny_checkpoint)
+    config = LoraConfig(
+        r=8, lora_alpha=64, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False
+    )
+    adapted = get_peft_model(model, config)
+    engine = Engine(model, processor).start()
+    try:
+        prepared = engine.prepare(
+            ask("Describe the picture in a few words."), [photo(80, 50)], SamplingParams(max_tokens=8, temperature=0)
+        )
+        with_adapter = engine.submit(prepared).result(timeout=120).token_ids
+        assert with_adapter == reference_greedy(model, prepared, 8)
+        with adapted.disable_adapter():
+            without = engine.submit(prepared).result(timeout=120).token_ids
+            assert without == reference_greedy(model, prepared, 8) != with_adapter
+        assert engine.submit(prepared).result(timeout=120).token_ids == with_adapter
+    finally:
+        engine.shutdown(drain=False)

@@ -147,6 +147,7 @@ class Batch:
         self.dtype = runner.dtype
         self.running: dict[int, Running] = {}  # by slot, in join order
         self._weights_version: int | None = None  # the model's weights the reuse caches were filled with
+        self.forget_reuse = False  # set by Engine.clear_reuse (any thread): emptied before the next join
 
     def __len__(self) -> int:
         return len(self.running)
@@ -182,12 +183,15 @@ class Batch:
         if self.features is None and self.prefixes is None:
             return
         version = weights_version(self.runner.model)
-        if self._weights_version is not None and version != self._weights_version:
+        changed = self._weights_version is not None and version != self._weights_version
+        if changed or self.forget_reuse:
+            self.forget_reuse = False
             for cache in (self.features, self.prefixes):
                 if cache is not None:
                     cache.clear()
             self.count("reuse_cleared")
-            logger.info("the model's weights changed: reused vision features and prompt prefixes are dropped")
+            if changed:
+                logger.info("the model's weights changed: reused vision features and prompt prefixes are dropped")
         self._weights_version = version
 
     def _admit(self, handle: RequestHandle, slot: int) -> Running | None:

@@ -29,16 +29,28 @@ def image_key(pixel_values: torch.Tensor, image_size) -> bytes:
 
 
 def weights_version(model: torch.nn.Module) -> int:
-    """A number that changes whenever one of *model*'s parameters does: written in place (a training step,
-    ``load_state_dict``, ``copy_``), replaced (a new tensor, an adapter loaded) or moved. Asked once per join, not
-    per step: ~0.2 ms for the ~700 parameters of a 7B LLaVA-NeXT (the modules are walked directly: ``parameters()``
-    builds every name, 2.5x slower)."""
-    parts = []
+    """A number that changes whenever *model*'s weights do in a way torch records: a parameter written in place
+    (an optimizer step, ``load_state_dict``, ``copy_``), replaced (a new tensor, an adapter loaded) or moved, and
+    a peft adapter switched, disabled or merged. Not seen: writes through ``parameter.data`` (torch keeps no count
+    of them): call :meth:`~llava_next_plugin.engine.Engine.clear_reuse` after those. Parameters offloaded to the
+    ``meta`` device (accelerate brings a fresh copy in for each forward) are left out.
+
+    Asked once per join, not per step: ~0.2 ms for the ~700 parameters of a 7B LLaVA-NeXT (the modules are walked
+    directly: ``parameters()`` builds every name, 2.5x slower)."""
+    parts: list[tuple] = []
     stack = [model]
     while stack:
         module = stack.pop()
+        state = module.__dict__
+        if "merged_adapters" in state:  # a peft tuner layer: which adapters it runs, and which it merged in
+            adapters = (
+                state.get("_disable_adapters"),
+                repr(state.get("_active_adapter")),
+                repr(state["merged_adapters"]),
+            )
+            parts.append((id(module), *adapters))
         for parameter in module._parameters.values():
-            if parameter is None:
+            if parameter is None or parameter.device.type == "meta":
                 continue
             try:
                 version = parameter._version

@@ -444,6 +444,13 @@ class Engine:
         with self._stats_lock:
             return collections.Counter(self._stats)
 
+    def clear_reuse(self) -> None:
+        """Forget the vision features and prompt prefixes kept for reuse, before the next request starts. The
+        engine empties them by itself when the model's weights change as torch records it (see
+        :func:`~.reuse.weights_version`); call this after changes it cannot see, such as writes through
+        ``parameter.data``. Safe from any thread."""
+        self._batch.forget_reuse = True
+
     def stats_snapshot(self) -> dict[str, int]:
         """The engine's counters, copied under their lock (safe from any thread): ``requests_<outcome>``,
         ``requests_rejected``, ``prompt_tokens``, ``completion_tokens``, ``image_tokens``, ``batched_steps``,
