@@ -367,6 +367,8 @@ class _Drain:
         self.draining = False
         self.cutting = False
         self.hurried = False
+        self.waiting = False  # in wait(), before it cuts: what a second signal can hurry
+        self.cut_by = "the drain timeout"  # or "a second signal": who made wait() cut, when it did
 
     def enter(self) -> None:
         with self._changed:
@@ -409,10 +411,14 @@ class _Drain:
         the rest and give them *grace* seconds to send their last event. Returns how many were cut."""
         deadline = time.monotonic() + timeout
         with self._changed:
+            self.waiting = True
             while self.active and not self.hurried and time.monotonic() < deadline:
                 self._changed.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            self.waiting = False
             if not self.active:
                 return 0
+            if self.hurried:  # a second signal: the streams cut get a second to send their last event
+                self.cut_by, grace = "a second signal", min(grace, 1.0)
             self.cutting = True  # requests still reading a body or fetching images see it and answer 503
             cut = self.active
             handles = list(self.handles)
@@ -844,13 +850,13 @@ def _draining_server(config, app):
 
         def handle_exit(self, sig, frame) -> None:
             drain = getattr(app.state, "drain", None)
-            if self._drain_started and drain is not None and not drain.hurried:
-                # a second signal while draining: cut what is in flight now (each stream still gets its error
-                # event and [DONE], and the engine stops cleanly), rather than waiting out the drain timeout
+            if self._drain_started and drain is not None and drain.waiting and not drain.hurried:
+                # a second signal while the drain waits: cut what is in flight now (each stream still gets its
+                # error event and [DONE], and the engine stops cleanly), rather than waiting out the drain timeout
                 logger.warning("a second signal: cutting the requests in flight now")
                 drain.hurry()
                 return
-            if self._drain_started:  # a third: stop at once, not waiting for connections or the engine
+            if self._drain_started:  # once the wait is over, or a third: stop now, not waiting for anything
                 self.should_exit = self.force_exit = True
                 return
             if drain is None:
@@ -862,11 +868,10 @@ def _draining_server(config, app):
             threading.Thread(target=self._drain_then_exit, args=(drain,), name="llava-next-drain", daemon=True).start()
 
         def _drain_then_exit(self, drain: _Drain) -> None:
-            self.cut = drain.wait(app.state.drain_timeout, grace=1.0 if drain.hurried else 5.0)
-            if self.cut and drain.hurried:
-                logger.warning("a second signal cut %d request(s) in flight", self.cut)
-            elif self.cut:
-                logger.warning("the drain timeout (%gs) cut %d request(s) in flight", app.state.drain_timeout, self.cut)
+            self.cut = drain.wait(app.state.drain_timeout)
+            if self.cut:
+                when = "" if drain.hurried else f" ({app.state.drain_timeout:g}s)"
+                logger.warning("%s%s cut %d request(s) in flight", drain.cut_by, when, self.cut)
             self.should_exit = True
 
     return DrainingServer(config)
@@ -886,7 +891,7 @@ def run_server(
 
     def stopped(signum, frame) -> None:
         drain = getattr(app.state, "drain", None)
-        cutter = "a second signal" if drain is not None and drain.hurried else "the drain timeout"
+        cutter = drain.cut_by if drain is not None else "the drain timeout"
         how = f"after {cutter} cut {server.cut} request(s)" if server.cut else "after draining"
         logger.info("stopped by %s %s", signal.Signals(signum).name, how)
 
