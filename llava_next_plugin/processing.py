@@ -351,7 +351,9 @@ class LlavaNextProcessor(ProcessorMixin):
         if texts is not None:
             expanded, offsets = self._expand_placeholders(texts, placeholder, counts)
             text_inputs = self.tokenizer(expanded, **text_kwargs)
-            self._check_not_truncated(text_inputs["input_ids"], expanded, placeholder, counts)
+            self._check_not_truncated(
+                text_inputs["input_ids"], expanded, placeholder, counts, text_inputs.get("overflow_to_sample_mapping")
+            )
             if want_type_ids:
                 ids = text_inputs["input_ids"]
                 ids = ids.tolist() if hasattr(ids, "tolist") else ids
@@ -478,20 +480,33 @@ class LlavaNextProcessor(ProcessorMixin):
             all_offsets.append(offsets)
         return expanded, all_offsets
 
-    def _check_not_truncated(self, input_ids, expanded, placeholder, counts) -> None:
+    def _check_not_truncated(self, input_ids, expanded, placeholder, counts, sample_of_row=None) -> None:
+        """Every sample's image tokens whole, in one row. *sample_of_row*: the tokenizer's
+        ``overflow_to_sample_mapping`` (``return_overflowing_tokens``: a sample's tokens continued on rows of their
+        own, which is refused only for a sample holding images)."""
         ids = input_ids.tolist() if hasattr(input_ids, "tolist") else input_ids
         if ids and isinstance(ids[0], int):
             ids = [ids]
-        if len(ids) != len(expanded):  # return_overflowing_tokens: a sample's tokens continued on rows of their own
-            if not any(placeholder.search(sample) for sample in expanded):
+        if len(ids) != len(expanded):
+            owners = sample_of_row.tolist() if hasattr(sample_of_row, "tolist") else sample_of_row
+            for index, sample in enumerate(expanded):
+                rows = [row for row, owner in enumerate(owners or ()) if owner == index]
+                if placeholder.search(sample) and (owners is None or len(rows) != 1):
+                    raise InputError(
+                        f"sample {index} became {len(rows) or 'several'} rows of input_ids: return_overflowing_tokens "
+                        "splits a sample whose image tokens must stay in one row with its pixel_values. Drop "
+                        "return_overflowing_tokens, or raise max_length or disable truncation",
+                        param="return_overflowing_tokens",
+                    )
+            if owners is None:  # no sample holds an image
                 return
-            raise InputError(
-                f"{len(expanded)} sample(s) became {len(ids)} rows of input_ids: return_overflowing_tokens splits "
-                "a sample whose image tokens must stay in one row with its pixel_values. Drop "
-                "return_overflowing_tokens, or raise max_length or disable truncation",
-                param="return_overflowing_tokens",
-            )
-        for index, (row, sample) in enumerate(zip(ids, expanded, strict=True)):
+            pairs = [(row, owners[row]) for row in range(len(ids)) if placeholder.search(expanded[owners[row]])]
+            rows_and_samples = [(ids[row], expanded[sample], sample) for row, sample in pairs]
+        else:
+            rows_and_samples = [
+                (row, sample, index) for index, (row, sample) in enumerate(zip(ids, expanded, strict=True))
+            ]
+        for row, sample, index in rows_and_samples:
             expected = len(placeholder.findall(sample))
             found = list(row).count(self.image_token_id)
             if found != expected:

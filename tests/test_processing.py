@@ -466,6 +466,15 @@ def test_overflowing_tokens_are_refused_with_images_and_kept_without(ours):
             images=random_image(64, 64), text=long_text, truncation=True, max_length=80, return_overflowing_tokens=True
         )
     assert error.value.param == "return_overflowing_tokens"
+    # a text-only sample overflowing beside an image sample that fits: the image sample keeps its one row
+    beside = ours(
+        images=random_image(64, 64),
+        text=[PROMPT_ONE, " hello world" * 200],
+        truncation=True,
+        max_length=len(ours(images=random_image(64, 64), text=PROMPT_ONE)["input_ids"][0]) + 4,
+        return_overflowing_tokens=True,
+    )
+    assert len(beside["input_ids"]) > 2 and list(beside["overflow_to_sample_mapping"]).count(0) == 1
     text_only = "hello world" * 40
     out = ours(text=text_only, truncation=True, max_length=16, return_overflowing_tokens=True)
     assert (
