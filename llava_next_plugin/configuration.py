@@ -25,11 +25,18 @@ logger = logging.getLogger(__name__)
 class derived:  # noqa: N801  (used as a decorator, as ``property`` is)
     """A fact derived from the sub-configs, read like an attribute and never stored: a value set under its name
     (a ``config.json`` key, a keyword, an assignment, as transformers' config takes any) is left unstored, silently
-    when it agrees with the sub-configs, with a warning when it does not."""
+    when it agrees with the sub-configs, with a warning naming where it comes from when it does not.
 
-    def __init__(self, compute: Callable[[Any], Any]) -> None:
+    :param source: where the fact comes from, as the warning says it (``@derived("vision_config.patch_size")``).
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def __call__(self, compute: Callable[[Any], Any]) -> derived:
         self.compute = compute
         self.__doc__ = compute.__doc__
+        return self
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -44,11 +51,7 @@ class derived:  # noqa: N801  (used as a decorator, as ``property`` is)
             return
         if value != actual:
             logger.warning(
-                "LlavaNextConfig.%s is %r, derived from the sub-configs; the %r given is ignored (set it in "
-                "vision_config or text_config)",
-                self.name,
-                actual,
-                value,
+                "LlavaNextConfig.%s is %r, from %s; the %r given is ignored", self.name, actual, self.source, value
             )
 
 
@@ -148,32 +151,32 @@ class LlavaNextConfig(PreTrainedConfig):
             )
 
     # --- Derived facts the processor and the model share -----------------------------------
-    @derived
+    @derived("vision_config")
     def vision_tower_config(self) -> PreTrainedConfig:
         """``vision_config`` as the config object construction made of it (a dict or None becomes one)."""
         return _built(self.vision_config, "vision_config")
 
-    @derived
+    @derived("text_config")
     def language_model_config(self) -> PreTrainedConfig:
         """``text_config`` as the config object construction made of it (a dict or None becomes one)."""
         return _built(self.text_config, "text_config")
 
-    @derived
+    @derived("vision_config.image_size")
     def tile_size(self) -> int:
         """Pixels on a side of one vision-tower tile (``vision_config.image_size``)."""
         return int(self.vision_tower_config.image_size)
 
-    @derived
+    @derived("vision_config.patch_size")
     def patch_size(self) -> int:
         return int(self.vision_tower_config.patch_size)
 
-    @derived
+    @derived("vision_config.image_size // vision_config.patch_size")
     def patches_per_side(self) -> int:
         return self.tile_size // self.patch_size
 
-    @derived
+    @derived("the vision tower's kind (1 with a CLS token: CLIP, Dinov2, ViT; 0 without: SigLIP)")
     def num_additional_image_tokens(self) -> int:
-        """Positions the tower emits before its patches: 1 for CLIP (CLS), 0 for SigLIP."""
+        """Positions the tower emits before its patches: 1 for CLIP, Dinov2 and ViT (CLS), 0 for SigLIP."""
         return tower_extra_positions(self.vision_tower_config)
 
     @property
