@@ -373,9 +373,9 @@ def to_rgb(image: Any, what: str = "the image", *, index: int | None = None, bom
     The one RGB conversion of both packages: the SDK's decoded images, the plugin's image loader and its
     image processors all use it. Transparency (an alpha band: RGBA, LA, PA; a transparent colour: P, L, or RGB
     with a ``tRNS`` key) is composited onto white, as transformers' processors do (premultiplied RGBa converts
-    as it is there too; PIL has no conversion of La to RGB: refused); 16-bit and 32-bit grey (I;16*, I, F) is scaled to 8 bits by
-    :func:`gray_to_uint8` rather than clipped; every other mode (CMYK, YCbCr, P, L, 1...) converts with PIL's
-    colour conversion. EXIF orientation is not applied here (see :func:`upright`).
+    as it is there too; PIL has no conversion of La to RGB: refused); 16-bit and 32-bit grey (I;16*, I, F) is
+    scaled to 8 bits by :func:`gray_to_uint8` rather than clipped; every other mode (CMYK, YCbCr, P, L, 1...)
+    converts with PIL's colour conversion. EXIF orientation is not applied here (see :func:`upright`).
 
     :param what: how to name the image in error messages.
     :param index: the image's position in the request, kept on the error.

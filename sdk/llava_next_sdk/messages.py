@@ -29,13 +29,12 @@ without its image) naming the message and part, e.g. ``messages[1].content[0]: .
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import BadRequestError, InvalidImageError
-from .types import ChatMessage, ImagePart, TextPart
+from .types import LONE_SURROGATE, ChatMessage, ImagePart, TextPart
 
 __all__ = [
     "ROLE_ALIASES",
@@ -54,7 +53,6 @@ IMAGE_PART_TYPES = ("image_url", "image", "input_image")
 
 DETAILS = ("low", "high", "auto")
 _ROLE_NAMES = "system (or developer), user or assistant"
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _PART_SHAPES = (
     "{'type': 'text', 'text': ...}, {'type': 'image_url', 'image_url': {'url': ...}} or {'type': 'image', 'image': ...}"
 )
@@ -122,7 +120,7 @@ def _brief(value: Any) -> str:
 def _text(text: Any, where: str) -> TextPart:
     if not isinstance(text, str):
         raise _bad(f"{where}: a text part needs a string 'text', got {_kind(text)}")
-    if not text.isascii() and _SURROGATE.search(text):
+    if not text.isascii() and LONE_SURROGATE.search(text):
         raise _bad(
             f"{where}: the text holds a lone UTF-16 surrogate (an escape such as \\ud800 without its pair); "
             "send valid Unicode"

@@ -15,11 +15,15 @@ from __future__ import annotations
 import base64
 import dataclasses
 import numbers
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import BadRequestError, UnsupportedParameterError
+
+#: A lone UTF-16 surrogate (``\ud800`` without its pair): no valid Unicode, and no JSON encoder sends it.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 __all__ = [
     "TextPart",
@@ -193,6 +197,8 @@ class GenerationParams:
             stop = (self.stop,) if isinstance(self.stop, str) else self.stop
             if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
                 raise bad("stop", "it must be a non-empty string or a list of non-empty strings")
+            if any(not s.isascii() and LONE_SURROGATE.search(s) for s in stop):
+                raise bad("stop", "a stop string holds a lone UTF-16 surrogate (such as \\ud800); send valid Unicode")
             if len(stop) > self.MAX_STOP_STRINGS:
                 raise bad("stop", f"at most {self.MAX_STOP_STRINGS} stop strings are allowed")
             object.__setattr__(self, "stop", tuple(stop) or None)

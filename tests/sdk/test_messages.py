@@ -77,3 +77,14 @@ def test_transformers_base64_image_part_is_read_as_the_images_bytes():
         assert message.images[0].source == data
     with pytest.raises(InvalidImageError, match=r"content\[0\]: its 'base64' is not base64 data"):
         read_messages([{"role": "user", "content": [{"type": "image", "base64": "no!"}]}])
+
+
+def test_a_lone_surrogate_in_a_stop_string_is_refused_naming_stop_before_any_transport():
+    """The HTTP transport could not encode it as JSON, while the local one took it: both refuse it alike now."""
+    from llava_next_sdk.errors import BadRequestError
+    from llava_next_sdk.types import GenerationParams
+
+    with pytest.raises(BadRequestError, match="lone UTF-16 surrogate") as error:
+        GenerationParams(stop=["ok", "\ud800"])
+    assert error.value.param == "stop"
+    assert GenerationParams(stop=["\U0001f600"]).stop == ("\U0001f600",)  # a pair is fine
