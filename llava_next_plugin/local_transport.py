@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from llava_next_sdk.errors import (
     APIConnectionError,
+    APITimeoutError,
     LlavaNextError,
     ModelNotFoundError,
     OverloadedError,
@@ -52,7 +53,9 @@ ENGINE_OPTIONS = ("device", "dtype", "max_batch_size", "max_queue", "max_context
 """Client options that configure the shared engine (the others are the HTTP transport's)."""
 RETRY_OPTIONS = ("max_retries", "backoff_base", "backoff_max", "max_retry_after")
 """Client options that make the :class:`RetryPolicy` (as for HTTP)."""
-OPTIONS = frozenset({"model", "engine", "request_limits", "allowed_url_domains", *ENGINE_OPTIONS, *RETRY_OPTIONS})
+OPTIONS = frozenset(
+    {"model", "engine", "request_limits", "allowed_url_domains", "timeout", *ENGINE_OPTIONS, *RETRY_OPTIONS}
+)
 """Every client option a local model accepts."""
 
 
@@ -67,6 +70,9 @@ class LocalTransport:
     :param allowed_url_domains: hosts whose ``http(s)`` image URLs are fetched (a domain allows its subdomains;
         ``()`` none), for apps that pass their users' URLs through; replaces the one in *limits*.
     :param retry_policy: how a request refused by a full queue is retried (default: as the HTTP transport).
+    :param timeout: seconds one call may take in all once the model is loaded (its queueing, the whole answer or
+        stream included), as for a server; beyond it the request is cancelled and the call raises
+        ``APITimeoutError``. ``None`` (the default): no limit.
     :param engine_options: ``device``, ``dtype``, ``max_batch_size``, ... for the shared engine (``compile=True``:
         its decode step compiled on CPU too, after a warm-up of seconds; by default on CUDA only).
     """
@@ -79,10 +85,15 @@ class LocalTransport:
         limits: Limits | None = None,
         allowed_url_domains: Any = None,
         retry_policy: RetryPolicy | None = None,
+        timeout: float | None = None,
         **engine_options: Any,
     ) -> None:
         if engine is None and not model:
             raise ValueError("LocalTransport needs a model path or hub id (or an engine)")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf")
+        ):
+            raise TypeError(f"timeout={timeout!r}: give the seconds one call may take, a number above 0")
         unknown = sorted(set(engine_options) - set(ENGINE_OPTIONS))
         if unknown:
             raise TypeError(
@@ -96,6 +107,7 @@ class LocalTransport:
         self.model = model
         self.limits = limits
         self.retry_policy = retry_policy or RetryPolicy()
+        self.timeout = None if timeout is None else float(timeout)
         self._engine = engine
         self._loads_engine = engine is None
         self._engine_options = engine_options
@@ -172,22 +184,47 @@ class LocalTransport:
     def _result(self, engine: Engine, outcome: Any) -> GenerationResult:
         return outcome.to_generation_result(self.model or engine.model_name)
 
+    async def _deadline(self) -> float:
+        """When this call must be done (the model loaded first: its loading is not the call's time), or inf."""
+        await self._get_engine()
+        return float("inf") if self.timeout is None else anyio.current_time() + self.timeout
+
+    async def _within(self, deadline: float, awaitable: Any, handle: RequestHandle | None = None) -> Any:
+        """Await *awaitable*; past *deadline*, cancel *handle* and raise :class:`APITimeoutError`."""
+        with anyio.move_on_after(deadline - anyio.current_time()) as scope:
+            return await awaitable
+        if scope.cancelled_caught:
+            if handle is not None:
+                handle.cancel()
+            raise APITimeoutError(
+                f"timed out: the call to local model {self.model!r} took longer than its total timeout of "
+                f"{self.timeout:g} s; pass a larger timeout="
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def generate(self, request: ChatRequest) -> GenerationResult:
-        engine, handle = await self._submit(request)
+        deadline = await self._deadline()
+        engine, handle = await self._within(deadline, self._submit(request))
         try:
-            outcome = await handle.aresult()
+            outcome = await self._within(deadline, handle.aresult(), handle)
         finally:
             handle.cancel()  # no-op when finished; stops generation when this task is cancelled
         return self._result(engine, outcome)
 
     @asynccontextmanager
     async def stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[Any]]:
-        engine, handle = await self._submit(request)
+        deadline = await self._deadline()
+        engine, handle = await self._within(deadline, self._submit(request))
 
         async def items() -> AsyncGenerator[Any, None]:
-            async for delta in handle:
+            deltas = handle.__aiter__()
+            while True:
+                try:
+                    delta = await self._within(deadline, deltas.__anext__(), handle)
+                except StopAsyncIteration:
+                    break
                 yield delta
-            yield self._result(engine, await handle.aresult())
+            yield self._result(engine, await self._within(deadline, handle.aresult(), handle))
 
         iterator = items()
         try:
@@ -235,7 +272,7 @@ def llava_next_sdk_transport(url: str, options: dict) -> LocalTransport | None:
         return None
     unknown = sorted(set(options) - OPTIONS)
     if unknown:
-        server_only = sorted(set(unknown) & {"api_key", "timeout", "headers", "http_client"})
+        server_only = sorted(set(unknown) & {"api_key", "connect_timeout", "read_timeout", "headers", "http_client"})
         hint = f" ({', '.join(server_only)}: options of a server client, with base_url=)" if server_only else ""
         raise TypeError(
             f"unknown option(s) for a local model: {', '.join(unknown)}; accepted: {', '.join(sorted(OPTIONS))}{hint}"
@@ -248,5 +285,6 @@ def llava_next_sdk_transport(url: str, options: dict) -> LocalTransport | None:
         limits=options.get("request_limits"),
         allowed_url_domains=options.get("allowed_url_domains"),
         retry_policy=retry_policy,
+        timeout=options.get("timeout"),
         **engine_options,
     )

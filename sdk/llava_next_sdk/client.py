@@ -78,7 +78,8 @@ class AsyncClient:
     :param timeout: seconds one call may take in all, retries and the whole answer or stream included
         (default 600); beyond it the call raises ``APITimeoutError``. ``connect_timeout=`` (default 10 s) and
         ``read_timeout=`` (default 120 s, how long a silent server is waited for) tune the phases; an
-        ``httpx.Timeout`` sets them all instead.
+        ``httpx.Timeout`` sets them all instead. For a local model: seconds, no limit by default, the model's
+        loading at the first call not counted; the request is cancelled when it passes.
     :param max_retries: retries (default 2, with backoff: :class:`~llava_next_sdk.retry.RetryPolicy`) on
         connect errors, 429 and 5xx before a response starts; for a local model, when the engine's queue is
         full (``OverloadedError``), before the request is queued.

@@ -6,6 +6,7 @@ import functools
 import threading
 
 import anyio
+import checkpoints
 import pytest
 from llava_next_sdk import AsyncClient, Client, GenerationResult, InvalidImageError, ModelNotFoundError, OverloadedError
 from PIL import Image
@@ -233,11 +234,33 @@ def test_a_local_client_counts_messages_and_parts_against_its_limits_as_a_server
             client.chat([{"role": "user", "content": parts}], max_tokens=2)
 
 
+def test_a_local_clients_timeout_bounds_each_call_after_the_load_and_cancels_its_request(tiny_checkpoint):
+    """``timeout=`` as for a server: a call that runs longer raises APITimeoutError and its request is cancelled,
+    streamed or not; the model's loading (at the first call) is not the call's time."""
+    from llava_next_sdk import APITimeoutError
+
+    from llava_next_plugin.engine import get_shared_engine
+
+    options = {"device": "cpu", "max_batch_size": 6}  # an engine of this test's own: the first call loads it
+    with Client(model=str(tiny_checkpoint), timeout=0.5, **options) as client:
+        assert client.generate(None, PROMPT, max_tokens=2, temperature=0).usage.completion_tokens == 2
+        engine = get_shared_engine(str(tiny_checkpoint), **options)
+        with pytest.raises(APITimeoutError, match="longer than its total timeout of 0.5 s"):
+            client.generate(None, PROMPT, max_tokens=4000, temperature=0, stop=None)
+        with pytest.raises(APITimeoutError), client.stream(None, PROMPT, max_tokens=4000, temperature=0) as stream:
+            for _ in stream:
+                pass
+        assert checkpoints.wait_for(lambda: engine.stats_snapshot().get("requests_cancelled", 0) == 2, 30)
+    engine.shutdown(drain=False)
+    with pytest.raises(TypeError, match="timeout=-1"):
+        Client(model=str(tiny_checkpoint), timeout=-1).generate(None, PROMPT)
+
+
 def test_unknown_options_of_a_local_client_are_refused_by_name(tiny_checkpoint):
     with pytest.raises(TypeError, match=r"unknown option\(s\) for a local model: devcie; accepted: .*device"):
         anyio.run(functools.partial(_first_request, model=str(tiny_checkpoint), devcie="cpu"))
-    with pytest.raises(TypeError, match=r"timeout: options of a server client, with base_url="):
-        anyio.run(functools.partial(_first_request, model=str(tiny_checkpoint), timeout=5))
+    with pytest.raises(TypeError, match=r"read_timeout: options of a server client, with base_url="):
+        anyio.run(functools.partial(_first_request, model=str(tiny_checkpoint), read_timeout=5))
 
 
 @pytest.mark.parametrize(
