@@ -117,6 +117,8 @@ class MaskPicture:
     title: str
     sequences: list[SequenceMask]
     sliding_window: int | None = None
+    #: The Jupyter cell (its execution count) that showed this picture last: not shown twice by one cell
+    _shown_in: Any = field(default=None, init=False, repr=False, compare=False)
 
     def render(self, fmt: str) -> Any:
         """Draw with the first ``llava_next_render_attention_mask`` plugin that knows *fmt*."""
@@ -168,6 +170,18 @@ class MaskPicture:
 
     def _repr_png_(self) -> bytes | None:
         return None  # HTML is the notebook picture; ask for PNG explicitly with to_png()
+
+    def _ipython_display_(self) -> None:
+        """Jupyter's display: as HTML, once per cell. ``viz(...)`` displays its picture wherever it is called (in
+        a loop, before other lines); the same picture as the cell's value is then not shown a second time."""
+        from IPython import get_ipython
+        from IPython.display import display
+
+        cell = getattr(get_ipython(), "execution_count", None)
+        if cell is not None and self._shown_in == cell:
+            return
+        self._shown_in = cell
+        display({"text/html": self.to_html(), "text/plain": repr(self)}, raw=True)
 
 
 class AttentionMaskVisualizer:
@@ -225,11 +239,16 @@ class AttentionMaskVisualizer:
         *suffix*: text appended to each prompt (transformers' visualizer takes it too, second).
         *images*: one image per ``<image>`` placeholder, in order over the whole batch (PIL, path,
         bytes, or URL); when omitted, a generated :data:`DEFAULT_IMAGE_SIZE` image fills each one.
-        In a terminal the picture is printed as ANSI text; in Jupyter it is returned and displays as
-        HTML. Returns the :class:`MaskPicture`.
+        With *show*, the picture is printed as ANSI text in a terminal and displayed as HTML in Jupyter
+        (wherever the call is, as transformers' visualizer prints; once per cell). Returns the
+        :class:`MaskPicture` (``show=False`` to only get it).
         """
         picture = self.mask_picture(text, images, suffix=suffix)
-        if show and not _in_notebook():
+        if show and _in_notebook():
+            from IPython.display import display
+
+            display(picture)
+        elif show:
             print(picture.to_ansi())
         return picture
 

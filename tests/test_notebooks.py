@@ -204,3 +204,29 @@ def test_serving(tmp_path, monkeypatch):
     reused = stdout(cell_with(notebook, "prefix store"))
     # each of the three "long text, again" requests finds the same text's prefix: all but its last token
     assert int(re.search(r"instead of prefilled: (\d+)", reused).group(1)) > 3 * 1000
+
+
+def test_the_visualizer_displays_its_picture_once_wherever_it_is_called_in_a_cell(
+    demo_checkpoint, tmp_path, monkeypatch
+):
+    """As transformers' visualizer prints wherever it is called: in a loop, before other lines, and the cell's
+    last value is not shown a second time; ``show=False`` shows nothing until the picture is the cell's value."""
+    setup = (
+        "import llava_next_plugin\n"
+        "from llava_next_plugin import AttentionMaskVisualizer\n"
+        f"viz = AttentionMaskVisualizer({str(demo_checkpoint)!r})"
+    )
+    cells = [
+        setup,
+        'for q in ["<image> one", "<image> two"]:\n    viz(q)',
+        'viz("<image> three")\nx = 1',
+        'viz("<image> four")',
+        'kept = viz("<image> five", show=False)',
+        "kept",
+    ]
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in cells])
+    executed = execute("inline", tmp_path, monkeypatch, notebook=notebook)
+    assert_clean(executed)
+    shown = [len(rich(cell, "text/html")) for cell in code_cells(executed)]
+    assert shown == [0, 2, 1, 1, 0, 1], shown
+    assert "\033[" not in "".join(stdout(cell) for cell in code_cells(executed))
