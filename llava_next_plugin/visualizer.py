@@ -267,10 +267,12 @@ class AttentionMaskVisualizer:
             raise InputError(
                 f"suffix must be a string appended to each prompt, got {type(suffix).__name__} (images go in images=)"
             )
-        prompts = [p + suffix for p in prompts]
+        # transformers' visualizer takes "<img>" for the processor's image placeholder: so does ours
+        placeholder = getattr(self.processor, "image_token", None) or "<image>"
+        prompts = [(p + suffix).replace("<img>", placeholder) for p in prompts]
         if self.apply_chat_template:
             prompts = [self._templated(p) for p in prompts]
-        placeholders = sum(p.count("<image>") for p in prompts)
+        placeholders = sum(p.count(placeholder) for p in prompts)
         pil_images = self._images(images, placeholders)
 
         tokenizer = self.processor.tokenizer
@@ -278,6 +280,8 @@ class AttentionMaskVisualizer:
             images=pil_images or None, text=prompts, padding=True, padding_side="left", return_tensors="pt"
         )
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        if input_ids.shape[-1] == 0:
+            raise InputError("the prompt is empty and its tokenizer adds no token: give some text to draw the mask of")
         allowed = self._model_mask(attention_mask)
 
         geometries = [self._geometry_config().image_geometry(im.height, im.width) for im in pil_images]

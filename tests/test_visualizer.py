@@ -263,6 +263,21 @@ def test_a_suffix_is_appended_to_the_prompt_as_in_transformers_visualizer(viz, p
         viz(PROMPT, photo, show=False)
 
 
+def test_transformers_img_placeholder_stands_for_an_image_and_an_empty_prompt_is_said(viz, photo):
+    """transformers' visualizer takes ``<img>`` for the processor's image token: ours draws an image block there
+    too. A prompt with no token at all is refused with a typed error (the renderers had nothing to draw)."""
+    picture = viz("<img> What is shown?", images=photo, show=False)
+    assert picture.to_ansi() == viz("<image> What is shown?", images=photo, show=False).to_ansi()
+    assert any(block.kind == "image" for block in picture.sequences[0].blocks)
+    bos = viz.processor.tokenizer.add_bos_token
+    try:
+        viz.processor.tokenizer.add_bos_token = False  # as a Qwen tokenizer: nothing added to an empty prompt
+        with pytest.raises(InputError, match="the prompt is empty"):
+            viz("", show=False)
+    finally:
+        viz.processor.tokenizer.add_bos_token = bos
+
+
 def test_touching_images_are_a_block_each_and_a_long_prompt_stays_a_readable_size(viz, photo):
     small = photo.resize((30, 80))
     picture = viz("<image><image> compare", images=[photo, small], show=False)
