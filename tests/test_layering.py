@@ -134,3 +134,38 @@ def test_a_loaded_provider_still_counts_as_installed():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["['local']", "['local']"]
+
+
+def test_a_transport_plugin_the_user_registered_keeps_winning_once_our_provider_has_loaded():
+    """The README: an explicitly registered plugin wins over ours. Our local provider, loaded at a client's first
+    request, goes beneath the plugins registered before it, so which one answers does not depend on whether
+    another client happened to load it first."""
+    code = (
+        "from llava_next_sdk import AsyncClient\n"
+        "from llava_next_sdk.hookspecs import hookimpl\n"
+        "from llava_next_sdk.plugins import get_plugin_manager\n"
+        "class Mine:\n"
+        "    async def generate(self, request): ...\n"
+        "    def stream(self, request): ...\n"
+        "    async def aclose(self): ...\n"
+        "class MyLocalModels:\n"
+        "    @hookimpl\n"
+        "    def llava_next_sdk_transport(self, url, options):\n"
+        "        return Mine() if url.startswith('local:mine-') else None\n"
+        "manager = get_plugin_manager()\n"
+        "manager.register(MyLocalModels(), name='mine')\n"
+        "before = type(AsyncClient(model='mine-1').transport).__name__\n"
+        "manager.load_transport_providers('local')\n"
+        "print(before, type(AsyncClient(model='mine-1').transport).__name__)\n"
+        "print([i.plugin_name for i in manager.hook.llava_next_sdk_transport.get_hookimpls()[::-1]])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    first, order = done.stdout.splitlines()
+    assert first == "Mine Mine"
+    names = ast.literal_eval(order)
+    assert (
+        names.index("mine")
+        < names.index("llava_next_sdk.transports:local")
+        < names.index("llava_next_sdk.transports.http")
+    )

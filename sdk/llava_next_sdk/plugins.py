@@ -20,13 +20,14 @@ A package built on the SDK may add its own built-ins to the same manager with
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
 import os
 import threading
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +99,7 @@ class PluginManager(pluggy.PluginManager):
         self.add_hookspecs(hookspecs)
         self.failed_plugins: list[FailedPlugin] = []
         self._builtin_names: list[str] = []
+        self._provider_names: list[str] = []  # transport providers loaded at first use (load_transport_providers)
         self._builtins_tried: set[str] = set()
         self._entry_point_dists: dict[str, str | None] = {}  # an entry-point plugin's name -> its distribution
         self._lock = threading.RLock()
@@ -155,23 +157,27 @@ class PluginManager(pluggy.PluginManager):
                     modules.append((path, module))
             if not modules:
                 return
-            # Take every non-built-in plugin off, put the new built-ins in, then the others back on top,
-            # so a third-party plugin keeps winning however late the built-ins arrive.
-            others = [
-                (name, plugin)
-                for name, plugin in self.list_name_plugin()
-                if plugin is not None and name not in self._builtin_names
-            ]
-            for _, plugin in others:
-                self.unregister(plugin)
-            for path, module in modules:
-                try:
-                    registered = self.register(module, name=path)  # None when blocked
-                except Exception as exc:
-                    self._record_failure(path, "built-in module", exc)
-                else:
-                    if registered is not None:
-                        self._builtin_names.append(path)
+            with self._beneath(keep=()):  # beneath every other plugin: a third-party one keeps winning
+                for path, module in modules:
+                    try:
+                        registered = self.register(module, name=path)  # None when blocked
+                    except Exception as exc:
+                        self._record_failure(path, "built-in module", exc)
+                    else:
+                        if registered is not None:
+                            self._builtin_names.append(path)
+
+    @contextlib.contextmanager
+    def _beneath(self, keep: Iterable[str]) -> Iterator[None]:
+        """Plugins registered inside go beneath every plugin registered so far except the built-ins and *keep*
+        (pluggy asks the last registered first): the others are taken off meanwhile, then put back on top."""
+        kept = {*self._builtin_names, *keep}
+        others = [(name, plugin) for name, plugin in self.list_name_plugin() if plugin is not None and name not in kept]
+        for _, plugin in others:
+            self.unregister(plugin)
+        try:
+            yield
+        finally:
             for name, plugin in others:
                 self.register(plugin, name=name)
 
@@ -253,7 +259,11 @@ class PluginManager(pluggy.PluginManager):
                 try:
                     plugin = entry_point.load()
                     if not self.is_registered(plugin):  # it may have been registered explicitly already
-                        self.register(plugin, name=name)
+                        # beneath the plugins registered so far (a user's own transport for these URLs keeps
+                        # winning, whether or not another client loaded this provider first), above the built-ins
+                        with self._beneath(keep=self._provider_names):
+                            self.register(plugin, name=name)
+                        self._provider_names.append(name)
                 except Exception as exc:
                     error = TransportProviderError(scheme, entry_point, exc)
                     self.failed_plugins.append(FailedPlugin(name, _origin(entry_point), exc))
