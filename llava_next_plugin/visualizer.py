@@ -586,7 +586,7 @@ BUILTIN_RENDERERS: dict[str, Callable[[MaskPicture], str | bytes]] = {
 """The formats this module draws; a plugin may add formats or replace these."""
 
 
-@hookimpl(trylast=True)  # a built-in: any third-party renderer of the same format is asked first
+@hookimpl(trylast=True)  # a built-in: a third-party renderer of the same format is asked first (unless trylast too)
 def llava_next_render_attention_mask(mask: MaskPicture, fmt: str) -> str | bytes | None:
     """This module as a plugin: draws ``"ansi"``, ``"html"`` and ``"png"``, passes on other formats."""
     renderer = BUILTIN_RENDERERS.get(fmt)
