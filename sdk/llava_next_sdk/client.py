@@ -42,10 +42,11 @@ def _transport_for(url: str, options: dict) -> AsyncTransport:
     when a provider of *url*'s scheme is installed: not imported yet, or being imported by another thread
     right now (its first request then waits for that import instead of failing)."""
     from .plugins import DISABLE_AUTOLOAD_ENV, get_plugin_manager
+    from .transports.base import checked_transport
     from .transports.deferred import DeferredTransport
 
     manager = get_plugin_manager()
-    transport = manager.hook.llava_next_sdk_transport(url=url, options=options)
+    transport = checked_transport(manager.hook.llava_next_sdk_transport(url=url, options=options), url)
     if transport is not None:
         return transport
     scheme = url.split(":", 1)[0].lower() if ":" in url else ""

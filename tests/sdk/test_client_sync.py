@@ -248,6 +248,29 @@ async def test_a_plugin_transport_is_picked_by_url_scheme():
         manager.unregister(plugin)
 
 
+class WrongTypesPlugin:
+    """A buggy transport plugin: a class where an instance is due, or a string."""
+
+    @hookimpl
+    def llava_next_sdk_transport(self, url, options):
+        return {"class:": EchoTransport, "text:": "a transport"}.get(url.split("//")[0])
+
+
+def test_a_transport_plugin_returning_no_transport_is_a_typed_error_saying_what_it_returned():
+    from llava_next_sdk import LlavaNextError
+
+    plugin = WrongTypesPlugin()
+    manager = get_plugin_manager()
+    manager.register(plugin)
+    try:
+        with pytest.raises(LlavaNextError, match="returned the class EchoTransport, not a transport"):
+            AsyncClient(base_url="class://x")
+        with pytest.raises(LlavaNextError, match="returned a str, not a transport: return an instance with generate"):
+            AsyncClient(base_url="text://x")
+    finally:
+        manager.unregister(plugin)
+
+
 class SlowToLoadPlugin:
     """Provides ``slow:`` URLs, taking a while to give its transport (as importing torch does)."""
 

@@ -42,7 +42,7 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import anyio
 
@@ -105,3 +105,21 @@ class AsyncTransport(Protocol):
     async def aclose(self) -> None:
         """Release the transport's resources (connection pool, engine reference). Idempotent."""
         ...
+
+
+def checked_transport(transport: Any, url: str) -> Any:
+    """*transport* as a ``llava_next_sdk_transport`` plugin gave it for *url*, if it is a transport (an instance
+    with ``generate``, ``stream`` and ``aclose``); else a typed error that says what the plugin returned (a
+    class instead of an instance, a string...), rather than a bare ``TypeError`` at the first request."""
+    from ..errors import LlavaNextError
+
+    needed = ("generate", "stream", "aclose")
+    if transport is None:
+        return None
+    if not isinstance(transport, type) and all(callable(getattr(transport, name, None)) for name in needed):
+        return transport
+    what = f"the class {transport.__name__}" if isinstance(transport, type) else f"a {type(transport).__name__}"
+    raise LlavaNextError(
+        f"the transport plugin for {url!r} returned {what}, not a transport: return an instance with "
+        f"{', '.join(needed)} (see llava_next_sdk.transports.AsyncTransport), or None for URLs it does not serve"
+    )

@@ -21,7 +21,7 @@ import anyio
 
 from ..errors import APIConnectionError, LlavaNextError
 from ..types import ChatRequest, GenerationResult
-from .base import AsyncTransport, StreamItem, holding
+from .base import AsyncTransport, StreamItem, checked_transport, holding
 
 __all__ = ["DeferredTransport"]
 
@@ -59,7 +59,8 @@ class DeferredTransport:
             manager.load_transport_providers(self.scheme)
         except TransportProviderError as exc:
             raise LlavaNextError(str(exc)) from exc
-        transport = manager.hook.llava_next_sdk_transport(url=self.url, options=self._options)
+        given = manager.hook.llava_next_sdk_transport(url=self.url, options=self._options)
+        transport = checked_transport(given, self.url)
         if transport is None:
             raise LlavaNextError(
                 f"the installed transport for {self.scheme}: URLs loaded but did not take "
