@@ -19,6 +19,7 @@ and list it under the entry-point group ``llava_next_plugin`` (see docs/writing-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from llava_next_sdk import plugins as _sdk_plugins
@@ -90,3 +91,45 @@ def in_call_order(hook: Any) -> list | None:
 def call_one(implementation: Any, arguments: dict[str, Any]) -> Any:
     """Call one implementation (from :func:`in_call_order`) with the arguments it takes, as pluggy would."""
     return implementation.function(*[arguments[name] for name in implementation.argnames])
+
+
+def plugin_fault(
+    hook_name: str, what: str, error: Callable[[str], Exception]
+) -> Callable[[str | None, Exception], Exception]:
+    """For :func:`first_answer`: a plugin's bug said as ``error(message)``, the message naming the plugin."""
+
+    def fault(plugin: str | None, exc: Exception) -> Exception:
+        who = f"the {hook_name} plugin {plugin!r}" if plugin else f"a {hook_name} plugin (a hook wrapper hides which)"
+        return error(f"{who} failed on {what} ({type(exc).__name__}: {exc}): fix or unregister that plugin")
+
+    return fault
+
+
+def first_answer(
+    hook: Any,
+    arguments: dict[str, Any],
+    fault: Callable[[str | None, Exception], Exception],
+    says_what_went_wrong: tuple[type[BaseException], ...],
+) -> Any:
+    """The first answer that is not ``None`` of *hook*'s plugins (pluggy's order), each called on its own: one
+    raising anything but *says_what_went_wrong* (errors that describe the input's own fault) has a bug that would
+    fail every call, and ``fault(plugin name, error)`` is raised from it, naming that plugin (``None`` when a hook
+    wrapper is registered: then pluggy calls them all, and cannot tell which one failed)."""
+    implementations = in_call_order(hook)
+    if implementations is None:
+        try:
+            return hook(**arguments)
+        except says_what_went_wrong:
+            raise
+        except Exception as exc:
+            raise fault(None, exc) from exc
+    for implementation in implementations:
+        try:
+            answer = call_one(implementation, arguments)
+        except says_what_went_wrong:
+            raise
+        except Exception as exc:
+            raise fault(implementation.plugin_name, exc) from exc
+        if answer is not None:
+            return answer
+    return None

@@ -47,7 +47,7 @@ from llava_next_sdk.errors import InvalidImageError, LlavaNextError
 from llava_next_sdk.wire import decode_data_url
 from PIL import Image
 
-from llava_next_plugin.hooks import call_one, get_plugin_manager, hookimpl, in_call_order
+from llava_next_plugin.hooks import first_answer, get_plugin_manager, hookimpl
 
 from .errors import ImageError, as_model_error
 
@@ -142,34 +142,22 @@ _SAYS_WHAT_WENT_WRONG = (LlavaNextError, OSError, ValueError, SyntaxError, Image
 def _first_image(source: Any, timeout: float, what: str, index: int | None) -> Any:
     """The first image-source plugin's answer that is not ``None`` (pluggy's order: the last registered, ours
     last of all), each plugin called on its own so that one failing in an unexpected way is named."""
-    hook = get_plugin_manager().hook.llava_next_load_image
-    implementations = in_call_order(hook)
-    if implementations is None:  # a wrapper: pluggy's own call, which cannot tell which plugin failed
-        try:
-            return hook(source=source, timeout=timeout)
-        except _SAYS_WHAT_WENT_WRONG:
-            raise
-        except Exception as exc:
-            raise ImageError(
+
+    def fault(plugin: str | None, exc: Exception) -> Exception:
+        if plugin is None:
+            return ImageError(
                 f"an image-source plugin failed on {what} ({type(exc).__name__}: {exc}); a hook wrapper is "
                 "registered, so its name is not known: fix or unregister the plugin (see the traceback)",
                 index=index,
-            ) from exc
-    arguments = {"source": source, "timeout": timeout}
-    for impl in implementations:
-        try:
-            image = call_one(impl, arguments)
-        except _SAYS_WHAT_WENT_WRONG:
-            raise  # the image's own fault, or an error that already says what went wrong
-        except Exception as exc:  # a bug in that plugin: it would fail every image, so say which one
-            raise ImageError(
-                f"the image-source plugin {impl.plugin_name!r} failed on {what} ({type(exc).__name__}: {exc}): "
-                "fix or unregister that plugin",
-                index=index,
-            ) from exc
-        if image is not None:
-            return image
-    return None
+            )
+        return ImageError(
+            f"the image-source plugin {plugin!r} failed on {what} ({type(exc).__name__}: {exc}): fix or "
+            "unregister that plugin",
+            index=index,
+        )
+
+    hook = get_plugin_manager().hook.llava_next_load_image
+    return first_answer(hook, {"source": source, "timeout": timeout}, fault, _SAYS_WHAT_WENT_WRONG)
 
 
 def load_images(sources: Sequence[Any], *, timeout: float = DEFAULT_TIMEOUT) -> list[Image.Image]:

@@ -27,11 +27,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from llava_next_sdk import messages as sdk_messages
-from llava_next_sdk.errors import BadRequestError
+from llava_next_sdk.errors import BadRequestError, LlavaNextError
 from llava_next_sdk.messages import ParsedMessage
 from llava_next_sdk.types import TextPart
 
-from llava_next_plugin.hooks import get_plugin_manager, hookimpl
+from llava_next_plugin.hooks import first_answer, get_plugin_manager, hookimpl, plugin_fault
 
 from .errors import InputError, as_model_error
 
@@ -230,8 +230,11 @@ def _family_template(family: str | None, tokenizer: Any, config: Any) -> str:
         name = _FAMILY_ALIASES.get(family.strip().lower(), family.strip().lower())
     else:
         name = detect_family(tokenizer, config)
-    template = get_plugin_manager().hook.llava_next_prompt_format(
-        family=name, model_type=model_type, tokenizer=tokenizer
+    template = first_answer(
+        get_plugin_manager().hook.llava_next_prompt_format,
+        {"family": name, "model_type": model_type, "tokenizer": tokenizer},
+        plugin_fault("llava_next_prompt_format", f"family {name!r}", lambda m: InputError(m, param="family")),
+        (LlavaNextError,),
     )
     if template is not None and not isinstance(template, str):  # a plugin's bug, said where it happens
         raise InputError(

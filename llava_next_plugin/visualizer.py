@@ -122,7 +122,16 @@ class MaskPicture:
 
     def render(self, fmt: str) -> Any:
         """Draw with the first ``llava_next_render_attention_mask`` plugin that knows *fmt*."""
-        result = _plugin_manager().hook.llava_next_render_attention_mask(mask=self, fmt=fmt)
+        from llava_next_sdk.errors import LlavaNextError
+
+        from .hooks import first_answer, plugin_fault
+
+        result = first_answer(
+            _plugin_manager().hook.llava_next_render_attention_mask,
+            {"mask": self, "fmt": fmt},
+            plugin_fault("llava_next_render_attention_mask", f"format {fmt!r}", lambda m: InputError(m, param="fmt")),
+            (LlavaNextError,),
+        )
         if result is None:
             raise InputError(
                 f"no renderer draws the format {fmt!r}: use 'ansi', 'html' or 'png', "

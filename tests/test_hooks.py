@@ -273,6 +273,33 @@ def test_plugin_bugs_behind_a_wrapper_or_of_the_wrong_type_are_typed_errors(fres
         build_prompt("Q", None, None, family="mistral")
 
 
+class BuggyFormatAndRenderer:
+    """Bugs in the other first-answer hooks: a lookup that fails for what it was not written for."""
+
+    @hooks.hookimpl
+    def llava_next_prompt_format(self, family, model_type, tokenizer):
+        return {"mine": "{{ messages }}"}[family]
+
+    @hooks.hookimpl
+    def llava_next_render_attention_mask(self, mask, fmt):
+        return {"svg": "<svg/>"}[fmt]
+
+
+def test_prompt_format_and_renderer_plugins_with_a_bug_are_named_in_a_typed_error(fresh_manager):
+    from llava_next_plugin.visualizer import MaskPicture
+
+    fresh_manager.register(BuggyFormatAndRenderer(), name="buggy")
+    with pytest.raises(
+        InputError, match=r"llava_next_prompt_format plugin 'buggy' failed on family 'mistral' \(KeyError"
+    ):
+        build_prompt("Q", None, None, family="mistral")
+    with pytest.raises(
+        InputError, match=r"render_attention_mask plugin 'buggy' failed on format 'html' \(KeyError"
+    ) as info:
+        MaskPicture("t", []).render("html")
+    assert info.value.param == "fmt"
+
+
 def test_user_plugin_wins_even_when_registered_before_the_model_side_builtins():
     """The SDK side may build the manager (and a user register a plugin) before the model package adds
     its built-ins: those go in beneath, so the user's plugin still wins."""
