@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import html
+import importlib
 import io
 import os
 import sys
@@ -183,14 +184,12 @@ class MaskPicture:
     def _ipython_display_(self) -> None:
         """Jupyter's display: as HTML, once per cell. ``viz(...)`` displays its picture wherever it is called (in
         a loop, before other lines); the same picture as the cell's value is then not shown a second time."""
-        from IPython import get_ipython
-        from IPython.display import display
-
-        cell = getattr(get_ipython(), "execution_count", None)
+        shell = sys.modules["IPython"].get_ipython()  # only Jupyter calls this: IPython is loaded
+        cell = getattr(shell, "execution_count", None)
         if cell is not None and self._shown_in == cell:
             return
         self._shown_in = cell
-        display({"text/html": self.to_html(), "text/plain": repr(self)}, raw=True)
+        _ipython_display({"text/html": self.to_html(), "text/plain": repr(self)}, raw=True)
 
 
 class AttentionMaskVisualizer:
@@ -254,9 +253,7 @@ class AttentionMaskVisualizer:
         """
         picture = self.mask_picture(text, images, suffix=suffix)
         if show and _in_notebook():
-            from IPython.display import display
-
-            display(picture)
+            _ipython_display(picture)
         elif show:
             print(picture.to_ansi())
         return picture
@@ -441,6 +438,11 @@ def _generated_image():
     draw.ellipse((width // 8, height // 6, width // 2, height * 2 // 3), fill=(240, 200, 40))
     draw.rectangle((width * 5 // 8, height // 2, width * 7 // 8, height * 5 // 6), fill=(30, 60, 160))
     return image
+
+
+def _ipython_display(*objects: Any, **kwargs: Any) -> None:
+    """IPython's ``display`` (in a notebook, where IPython is loaded: this package does not depend on it)."""
+    importlib.import_module("IPython.display").display(*objects, **kwargs)
 
 
 def _in_notebook() -> bool:
