@@ -5,8 +5,9 @@ An image is known by a hash of its preprocessed pixels and size (:func:`image_ke
 twice, by the same user or another, runs the vision tower once. A prompt is known by its token ids with each
 image's placeholder tokens standing for that image's key (:func:`prefix_key`): a follow-up turn about the same
 image starts with the first turn's key, and reuses its KV up to where they part. Reuse never changes results:
-the features and KV are the ones the first request computed, with the same weights (:func:`weights_version`:
-when any parameter changes, in place or replaced, the engine empties both before its next join).
+the features and KV are the ones the first request computed, with the same weights (when the weights change as
+torch records it, :func:`weights_version`, the engine empties both before its next join; ``Engine.clear_reuse``
+after changes it cannot see).
 """
 
 from __future__ import annotations
