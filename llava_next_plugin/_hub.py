@@ -9,6 +9,7 @@ take the keyword list and the backend rule from here. Nothing here imports trans
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,6 +24,7 @@ __all__ = [
     "image_backend",
     "image_processor_class",
     "not_a_local_checkpoint",
+    "default_served_name",
 ]
 
 HUB_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
@@ -80,3 +82,12 @@ def not_a_local_checkpoint(model: str) -> str | None:
     if looks_local and not (path / "config.json").is_file():
         return "has no config.json" if path.exists() else "does not exist"
     return None
+
+
+def default_served_name(model: str) -> str:
+    """The model id clients see for checkpoint *model*: a hub id as it is, a local folder by its base name
+    (the server never shows the path it loads from)."""
+    text = str(model)
+    if os.path.exists(text) or os.path.isabs(text) or text.startswith((".", "~")):
+        return os.path.basename(os.path.normpath(os.path.abspath(os.path.expanduser(text)))) or "llava-next"
+    return text

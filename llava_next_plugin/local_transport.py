@@ -39,7 +39,7 @@ from llava_next_sdk.retry import RetryPolicy
 from llava_next_sdk.transports.base import holding
 from llava_next_sdk.types import ChatRequest, GenerationResult
 
-from ._hub import not_a_local_checkpoint
+from ._hub import default_served_name, not_a_local_checkpoint
 from .errors import first_line
 from .validation import Limits, prepare_request
 
@@ -182,7 +182,8 @@ class LocalTransport:
                 raise ServerError(f"the local engine failed to prepare the request: {exc!r}") from exc
 
     def _result(self, engine: Engine, outcome: Any) -> GenerationResult:
-        return outcome.to_generation_result(self.model or engine.model_name)
+        # the model's name as a server started on it reports it (a folder by its base name, a hub id as it is)
+        return outcome.to_generation_result(default_served_name(self.model or engine.model_name))
 
     async def _deadline(self) -> float:
         """When this call must be done (the model loaded first: its loading is not the call's time), or inf."""

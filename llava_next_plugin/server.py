@@ -34,7 +34,6 @@ import hmac
 import json
 import logging
 import math
-import os
 import threading
 import time
 import uuid
@@ -62,6 +61,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from ._hub import default_served_name
 from .engine import Engine, EngineResult, RequestHandle
 from .errors import first_line
 from .validation import (
@@ -84,15 +84,6 @@ _T = TypeVar("_T")
 
 CLIENT_CLOSED = 499  # nginx's status for a client that went away before the answer: counted, never sent
 SHUTDOWN_RETRY_AFTER = 5.0  # seconds a client is asked to wait when this server is shutting down
-
-
-def default_served_name(model: str) -> str:
-    """The model id clients see for checkpoint *model*: a hub id as it is, a local folder by its base name
-    (the server never shows the path it loads from)."""
-    text = str(model)
-    if os.path.exists(text) or os.path.isabs(text) or text.startswith((".", "~")):
-        return os.path.basename(os.path.normpath(os.path.abspath(os.path.expanduser(text)))) or "llava-next"
-    return text
 
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -133,6 +133,8 @@ def test_the_sync_client_runs_a_local_model(tiny_checkpoint):
             deltas = list(stream)
     assert "".join(deltas) == result.text == stream.result.text
     assert result.usage.completion_tokens == 4
+    # the model named as a server started on this folder names it: by the folder's name, never its path
+    assert result.model == stream.result.model == tiny_checkpoint.name
 
 
 def test_a_local_client_asks_for_the_compiled_decode_step_with_compile(tiny_checkpoint):
