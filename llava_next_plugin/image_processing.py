@@ -515,15 +515,23 @@ def _layout(shape: Sequence[int], layout: Any, default: str) -> str:
         return "channels_first"
     if last and not first:
         return "channels_last"
+    if first and last:  # e.g. [3, H, 3]: channels first, as transformers reads it, and said
+        warnings.warn(
+            f"an image of shape {tuple(shape)} could be channels-first or channels-last: read as channels-first "
+            "(as transformers does); pass input_data_format='channels_last' if its channels come last",
+            UserWarning,
+            stacklevel=4,
+        )
+        return "channels_first"
     return default
 
 
 def to_rgb_array(image: Any, index: int, input_data_format: Any = None, convert_rgb: bool = True) -> np.ndarray:
     """Any single image (PIL, numpy ``[H, W(, C)]``, CPU torch ``[C, H, W]``) as ``[H, W, 3]`` uint8.
 
-    Numpy arrays are read as channels-last and torch tensors as channels-first unless their shape
-    (or ``input_data_format``) says otherwise. One channel is grey, two are grey+alpha, four are
-    RGBA; alpha is composited on white.
+    The channel axis is the one of length 1 to 4 (channels-first where both ends could be, with a warning,
+    as transformers reads them); ``input_data_format`` says it outright. One channel is grey, two are
+    grey+alpha, four are RGBA; alpha is composited on white.
     """
     if isinstance(image, Image.Image):
         return pil_to_rgb(image, index) if convert_rgb else _keep_rgb(np.asarray(image), index)

@@ -203,6 +203,21 @@ def test_numpy_torch_and_pil_inputs_agree():
     )
 
 
+def test_an_ambiguous_array_is_read_channels_first_with_a_warning_as_the_reference_reads_it():
+    from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
+
+    pixels = np.asarray(synthetic(40, 3)).transpose(2, 0, 1).copy()  # [3, 40, 3]: 3 channels, 40 x 3 pixels
+    with pytest.warns(UserWarning, match="input_data_format='channels_last'"):
+        ours = LlavaNextImageProcessor(**settings())(pixels, return_tensors="np")
+    assert_matches_reference(ours, ReferencePil(**settings())(pixels, return_tensors="np"))
+    assert ours["image_sizes"].tolist() == [[40, 3]]
+    with pytest.warns(UserWarning, match="channels-first"):
+        fast = LlavaNextImageProcessorFast(**settings())(pixels, return_tensors="np")
+    assert fast["image_sizes"].tolist() == [[40, 3]]
+    said = LlavaNextImageProcessor(**settings())(pixels, return_tensors="np", input_data_format="channels_last")
+    assert said["image_sizes"].tolist() == [[3, 40]]  # the caller's word wins, and no warning is needed
+
+
 def test_rgba_arrays_composite_on_white_like_the_reference():
     rgba = np.asarray(checkpoints.real_photo("logo.png"))
     ours = LlavaNextImageProcessor(**settings())(rgba, return_tensors="np")
