@@ -19,6 +19,7 @@ leaving ``stream`` early drops the request from the engine's batch.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -33,6 +34,7 @@ from llava_next_sdk.errors import (
     ModelNotFoundError,
     OverloadedError,
     ServerError,
+    UnsupportedParameterError,
 )
 from llava_next_sdk.hookspecs import hookimpl
 from llava_next_sdk.retry import RetryPolicy
@@ -90,10 +92,6 @@ class LocalTransport:
     ) -> None:
         if engine is None and not model:
             raise ValueError("LocalTransport needs a model path or hub id (or an engine)")
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf")
-        ):
-            raise TypeError(f"timeout={timeout!r}: give the seconds one call may take, a number above 0")
         unknown = sorted(set(engine_options) - set(ENGINE_OPTIONS))
         if unknown:
             raise TypeError(
@@ -107,12 +105,13 @@ class LocalTransport:
         self.model = model
         self.limits = limits
         self.retry_policy = retry_policy or RetryPolicy()
-        self.timeout = None if timeout is None else float(timeout)
+        self.timeout = None if timeout is None else _timeout(timeout)
         self._engine = engine
         self._loads_engine = engine is None
         self._engine_options = engine_options
         self._lock = threading.Lock()  # see holding(): the client may be used from several event loops at once
         self._closed = False
+        self._root = self  # the transport it was derived from by with_options (closing that one closes it too)
 
     def __repr__(self) -> str:
         return f"LocalTransport(model={self.model!r})"
@@ -124,7 +123,7 @@ class LocalTransport:
         return self._engine is None or (self._loads_engine and self._engine.stopped)
 
     async def _get_engine(self) -> Engine:
-        if self._closed:
+        if self.closed:
             raise APIConnectionError("this client is closed; create a new one")
         if self._needs_engine():
             async with holding(self._lock):
@@ -132,7 +131,7 @@ class LocalTransport:
                     # Loading a model takes seconds: in a worker thread, never on the event loop.
                     try:
                         loaded = await anyio.to_thread.run_sync(self._load_engine)
-                        if not self._closed:  # aclose() while it loaded: the closed client keeps no engine
+                        if not self.closed:  # aclose() while it loaded: the closed client keeps no engine
                             self._engine = loaded
                     except LlavaNextError:
                         raise
@@ -145,7 +144,7 @@ class LocalTransport:
                     except Exception as exc:  # only our error classes leave a transport
                         raise ServerError(f"loading model {self.model!r} failed: {first_line(exc)}") from exc
         engine = self._engine
-        if engine is None or self._closed:  # closed while it loaded, or while this call waited for the load
+        if engine is None or self.closed:  # closed while it loaded, or while this call waited for the load
             raise APIConnectionError("this client was closed while its model was loading")
         return engine
 
@@ -234,10 +233,37 @@ class LocalTransport:
             handle.cancel()
             await iterator.aclose()
 
+    def with_options(
+        self, *, timeout: float | None = None, max_retries: int | None = None, headers: Any = None
+    ) -> LocalTransport:
+        """This transport with another *timeout* or *max_retries*, on the same engine; closing the one derived
+        closes only it. (*headers* are for an HTTP endpoint: refused.)"""
+        if headers:
+            raise UnsupportedParameterError(
+                "headers are sent to an HTTP endpoint; a local model has none to take", param="headers"
+            )
+        twin = copy.copy(self)
+        if timeout is not None:
+            twin.timeout = _timeout(timeout)
+        if max_retries is not None:
+            twin.retry_policy = dataclasses.replace(self.retry_policy, max_retries=max_retries)
+        twin._root = self._root
+        return twin
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._root._closed
+
     async def aclose(self) -> None:
         """Forget the engine (it is shared and stays up for the process's other clients)."""
         self._closed = True
         self._engine = None
+
+
+def _timeout(timeout: Any) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise TypeError(f"timeout={timeout!r}: give the seconds one call may take, a number above 0")
+    return float(timeout)
 
 
 def _check_engine_options(options: dict[str, Any]) -> None:

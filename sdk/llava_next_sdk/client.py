@@ -14,6 +14,7 @@ Everything is anyio: the async client works under asyncio and trio alike.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import os
 import queue
@@ -25,13 +26,16 @@ from typing import Any
 
 import anyio
 
-from .errors import APIConnectionError, BadRequestError, LlavaNextError
+from .errors import APIConnectionError, BadRequestError, LlavaNextError, UnsupportedParameterError
 from .images import as_image_list, to_image_parts
 from .messages import read_messages, to_chat_messages
 from .transports.base import AsyncTransport
 from .types import ChatMessage, ChatRequest, GenerationParams, GenerationResult, ImagePart, TextPart, Usage
 
-__all__ = ["AsyncClient", "Client", "TextStream", "SyncTextStream"]
+__all__ = ["AsyncClient", "Client", "TextStream", "SyncTextStream", "CALL_OPTIONS"]
+
+CALL_OPTIONS = ("timeout", "max_retries", "extra_headers")
+"""Options one call takes besides its generation parameters (as :meth:`AsyncClient.with_options` does)."""
 
 LOCAL_SCHEME = "local"
 """``AsyncClient(model=...)`` asks the transport hook for ``local:<model>``; llava-next-plugin serves it."""
@@ -134,6 +138,46 @@ class AsyncClient:
     def __repr__(self) -> str:
         return f"AsyncClient(transport={self.transport!r})"
 
+    def with_options(
+        self, *, timeout: Any = None, max_retries: int | None = None, headers: Mapping[str, str] | None = None
+    ) -> AsyncClient:
+        """This client with another ``timeout`` (seconds a call may take), ``max_retries`` or extra ``headers``
+        (an HTTP endpoint's), on the same connections or engine, as openai-python's ``with_options``::
+
+            await client.with_options(timeout=1800).generate(image, "Describe every detail.")
+
+        The same options are taken by one call too: ``generate(..., timeout=, max_retries=, extra_headers=)``.
+        Closing the client it gives closes only that one; closing this one closes both.
+        """
+        twin = copy.copy(self)
+        twin.transport = self._derived_transport(timeout, max_retries, headers)
+        return twin
+
+    def _derived_transport(self, timeout: Any, max_retries: Any, headers: Any) -> AsyncTransport:
+        derive = getattr(self.transport, "with_options", None)
+        if derive is None:
+            raise UnsupportedParameterError(
+                f"the transport {type(self.transport).__name__} takes no per-call options (timeout, max_retries, "
+                "headers): give them when making the client",
+                param="timeout",
+            )
+        return derive(timeout=timeout, max_retries=max_retries, headers=headers)
+
+    def _call_transport(self, params: dict[str, Any]) -> AsyncTransport:
+        """The transport for one call: ours, or one with the call's own ``timeout``, ``max_retries`` or
+        ``extra_headers`` (taken out of *params*)."""
+        options = {name: params.pop(name) for name in CALL_OPTIONS if name in params}
+        if all(value is None for value in options.values()):
+            return self.transport
+        try:
+            return self._derived_transport(
+                options.get("timeout"), options.get("max_retries"), options.get("extra_headers")
+            )
+        except (TypeError, ValueError) as exc:  # a value the transport cannot take: bad input, as a bad parameter is
+            if isinstance(exc, LlavaNextError):
+                raise
+            raise BadRequestError(str(exc)) from None
+
     # --------------------------------------------------------------------------- building requests
 
     def _params(self, params: Mapping[str, Any]) -> GenerationParams:
@@ -171,7 +215,8 @@ class AsyncClient:
         any other name raises ``UnsupportedParameterError``.
         """
         self._check_open()
-        return await self.transport.generate(await self._prompt_request(images, prompt, system, detail, params))
+        transport = self._call_transport(params)
+        return await transport.generate(await self._prompt_request(images, prompt, system, detail, params))
 
     async def chat(self, messages: Sequence[Mapping | ChatMessage], **params: Any) -> GenerationResult:
         """Continue a conversation given as OpenAI-style messages::
@@ -184,7 +229,8 @@ class AsyncClient:
         accepted: the shapes :func:`llava_next_sdk.messages.read_messages` reads, as the server does.
         """
         self._check_open()
-        return await self.transport.generate(await self._chat_request(messages, params))
+        transport = self._call_transport(params)
+        return await transport.generate(await self._chat_request(messages, params))
 
     def stream(
         self, images: Any, prompt: str, *, system: str | None = None, detail: str | None = None, **params: Any
@@ -198,11 +244,13 @@ class AsyncClient:
 
         Leaving the block early (or being cancelled) stops the generation and closes the connection.
         """
-        return TextStream(self, lambda: self._prompt_request(images, prompt, system, detail, params))
+        transport = self._call_transport(params)
+        return TextStream(self, lambda: self._prompt_request(images, prompt, system, detail, params), transport)
 
     def stream_chat(self, messages: Sequence[Mapping | ChatMessage], **params: Any) -> TextStream:
         """Like :meth:`chat`, streamed as :meth:`stream` is."""
-        return TextStream(self, lambda: self._chat_request(messages, params))
+        transport = self._call_transport(params)
+        return TextStream(self, lambda: self._chat_request(messages, params), transport)
 
     async def map(
         self, items: Iterable[Any], *, concurrency: int = 4, **params: Any
@@ -294,8 +342,14 @@ class TextStream:
     what arrived so far in any case.
     """
 
-    def __init__(self, client: AsyncClient, build: Callable[[], Awaitable[ChatRequest]]) -> None:
+    def __init__(
+        self,
+        client: AsyncClient,
+        build: Callable[[], Awaitable[ChatRequest]],
+        transport: AsyncTransport | None = None,
+    ) -> None:
         self._client = client
+        self._transport = transport or client.transport
         self._build = build
         self._context: Any = None
         self._items: Any = None
@@ -307,7 +361,7 @@ class TextStream:
             raise RuntimeError("a TextStream can be entered once; call client.stream(...) again")
         self._client._check_open()
         request = await self._build()
-        self._context = self._client.transport.stream(request)
+        self._context = self._transport.stream(request)
         self._items = await self._context.__aenter__()
         return self
 
@@ -418,15 +472,16 @@ class _LoopThread:
             self.stopping = True
 
         async def wind_down() -> None:
-            if before is not None:
-                try:
-                    await before
-                except Exception:
-                    pass  # closing is best effort; the tasks below are cancelled anyway
+            # the calls first (each then says the client was closed), then the transport under them
             others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
             for task in others:
                 task.cancel()
             await asyncio.gather(*others, return_exceptions=True)
+            if before is not None:
+                try:
+                    await before
+                except Exception:
+                    pass  # closing is best effort
 
         if threading.current_thread() is self._thread:  # collected on our own thread: cannot wait here
             if before is not None:
@@ -519,6 +574,13 @@ class Client:
         self._live()
         return SyncTextStream(self, self._async.stream_chat(messages, **params))
 
+    def with_options(
+        self, *, timeout: Any = None, max_retries: int | None = None, headers: Mapping[str, str] | None = None
+    ) -> Client:
+        """This client with another ``timeout``, ``max_retries`` or extra ``headers``, on the same loop thread and
+        connections or engine (see :meth:`AsyncClient.with_options`); closing it closes only it."""
+        return _ClientWithOptions(self, {"timeout": timeout, "max_retries": max_retries, "headers": headers})
+
     def close(self) -> None:
         if self._pid != os.getpid():  # a forked child that never used it: nothing of its own to close
             self._finalizer.detach()
@@ -530,6 +592,40 @@ class Client:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class _ClientWithOptions(Client):
+    """What :meth:`Client.with_options` gives: the parent's loop thread, its async client derived with *options*
+    (derived again if the parent rebuilt its own, as in a forked child)."""
+
+    def __init__(self, parent: Client, options: dict[str, Any]) -> None:
+        self._parent = parent
+        self._options = options
+        self._base: AsyncClient | None = None
+        self._live()
+
+    def _live(self) -> _LoopThread:
+        runner = self._parent._live()
+        if self._base is not self._parent._async:
+            self._base = self._parent._async
+            self._async = self._base.with_options(**self._options)
+            self._runner = runner
+        return runner
+
+    def with_options(
+        self, *, timeout: Any = None, max_retries: int | None = None, headers: Mapping[str, str] | None = None
+    ) -> Client:
+        given = {"timeout": timeout, "max_retries": max_retries, "headers": headers}
+        return _ClientWithOptions(self._parent, {**self._options, **{k: v for k, v in given.items() if v is not None}})
+
+    def close(self) -> None:
+        try:
+            self._live().run(self._async.aclose())
+        except APIConnectionError:
+            pass  # the parent is closed: so is this one
+
+    def __repr__(self) -> str:
+        return f"{self._parent!r}.with_options({self._options!r})"
 
 
 class SyncTextStream:
@@ -568,6 +664,8 @@ class SyncTextStream:
         if kind == "error":
             self._finished = True
             if isinstance(value, asyncio.CancelledError):  # the pump runs on our asyncio loop
+                if self._runner.stopping:  # close() on another thread cancelled it
+                    raise LlavaNextError("the client was closed while this call was running")
                 raise LlavaNextError("the stream was cancelled")
             raise value
         return kind, value

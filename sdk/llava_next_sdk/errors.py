@@ -69,6 +69,11 @@ class LlavaNextError(Exception):
         self.request_id = request_id
         self.body = body
 
+    @property
+    def status_code(self) -> int | None:
+        """:attr:`status`, by the name openai-python's and ollama's errors give it."""
+        return self.status
+
     def to_dict(self) -> dict:
         """The OpenAI-shaped error body."""
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

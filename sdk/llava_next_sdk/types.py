@@ -300,12 +300,13 @@ class GenerationResult:
     """What a generation produced.
 
     ``finish_reason`` is one of :data:`FINISH_REASONS` (third-party endpoints may report others).
-    ``id`` is the endpoint's or engine's request id, when there is one.
+    ``id`` is the endpoint's or engine's request id, when there is one. ``usage`` is ``None`` when an endpoint
+    reported none (a third-party one that leaves it out; ours and the local engine always report it).
     """
 
     text: str
     finish_reason: str | None
-    usage: Usage = field(default_factory=Usage)
+    usage: Usage | None = field(default_factory=Usage)
     timings: Timings = field(default_factory=Timings)
     model: str | None = None
     id: str | None = None

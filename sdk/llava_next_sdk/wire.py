@@ -332,7 +332,7 @@ def build_chat_response(result: GenerationResult, *, request_id: str, model: str
                 "logprobs": None,
             }
         ],
-        "usage": usage_to_wire(result.usage),
+        "usage": usage_to_wire(result.usage) if result.usage is not None else None,
         "timings": timings_to_wire(result.timings),
     }
 
@@ -356,7 +356,7 @@ def parse_chat_response(body: Any) -> GenerationResult:
     return GenerationResult(
         text=text,
         finish_reason=choice.get("finish_reason"),
-        usage=usage_from_wire(body.get("usage")) or Usage(),
+        usage=usage_from_wire(body.get("usage")),
         timings=timings_from_wire(body.get("timings")) or Timings(),
         model=body.get("model"),
         id=body.get("id"),

@@ -137,6 +137,12 @@ async def _scenario(name: str, record: Record, body: dict):
         if record.count == 1:
             return _error(429, "Rate limit reached, retry in 1s", "rate_limit_exceeded", {"Retry-After": "1"})
         return _ok(body)
+    if name == "retry_after_ms":  # OpenAI's finer header beside a long Retry-After, once; then a 409 once
+        if record.count == 1:
+            return _error(429, "Slow down", "rate_limit_exceeded", {"Retry-After": "30", "retry-after-ms": "200"})
+        if record.count == 2:
+            return _error(409, "Conflict: try again", None)
+        return _ok(body)
     if name == "retry_after_long":
         return _error(429, "Quota exhausted", "rate_limit_exceeded", {"Retry-After": "3600"})
     if name == "flaky":  # one 500, then fine
@@ -220,6 +226,21 @@ async def _scenario(name: str, record: Record, body: dict):
                 record.stream_closed.set()
 
         return StreamingResponse(endless(), media_type="text/event-stream")
+    if name == "no_usage":  # an endpoint that reports no usage, streamed or not
+        response = _ok({**body, "stream_options": {}})
+        if isinstance(response, JSONResponse):
+            data = json.loads(response.body)
+            del data["usage"]
+            return JSONResponse(data)
+        return response
+    if name == "error_midstream":  # a delta, then an error event (as vLLM and we send one), the id in a header
+
+        async def failing():
+            yield _sse(_chunk({"role": "assistant", "content": "partial"}))
+            yield _sse({"error": {"message": "the model failed", "type": "server_error", "param": None, "code": 500}})
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(failing(), media_type="text/event-stream", headers={"x-request-id": "req-midstream"})
     return PlainTextResponse(f"unknown scenario {name}", status_code=404)
 
 

@@ -245,6 +245,16 @@ async def test_429_is_retried_after_the_servers_retry_after(standin):
     assert time.monotonic() - started >= 0.95  # Retry-After: 1, not the 10 ms backoff
 
 
+async def test_retry_after_ms_is_honoured_and_a_409_is_retried_as_openai_does(standin):
+    url, record = standin.endpoint("retry_after_ms")
+    async with client_for(url, timeout=20) as client:
+        started = time.monotonic()
+        result = await client.generate(None, "hi")
+        waited = time.monotonic() - started
+    assert result.text == "echo[0]: hi" and record.count == 3
+    assert 0.19 <= waited < 10  # 200 ms (retry-after-ms), not Retry-After's 30 s
+
+
 async def test_a_retry_after_longer_than_we_wait_raises_overloaded(standin):
     url, record = standin.endpoint("retry_after_long")
     async with client_for(url) as client:
@@ -672,3 +682,93 @@ async def test_an_image_parts_own_detail_is_kept_unless_the_call_sets_one(standi
         for b in record.bodies
     ]
     assert details == [["low"], ["low"], ["high"]]
+
+
+# ------------------------------------------------------------------------------------------ as openai-python does
+
+
+async def test_an_error_event_mid_stream_keeps_the_request_id_and_errors_have_status_code(standin):
+    url, _ = standin.endpoint("error_midstream")
+    async with client_for(url) as client:
+        with pytest.raises(ServerError, match="the model failed") as info:
+            async with client.stream(None, "hi") as stream:
+                async for _ in stream:
+                    pass
+    assert info.value.request_id == "req-midstream"
+    assert info.value.status == info.value.status_code == 500  # openai's and ollama's name for it
+
+
+async def test_usage_an_endpoint_does_not_report_is_none_not_zero(standin):
+    url, _ = standin.endpoint("no_usage")
+    async with client_for(url, include_usage=False) as client:
+        result = await client.generate(None, "hi")
+        async with client.stream(None, "hi") as stream:
+            await stream.until_done()
+    assert result.text == stream.text == "echo[0]: hi"
+    assert result.usage is None and stream.usage is None  # zeros would read as counts
+
+
+async def test_with_options_and_per_call_options_share_the_connections(standin):
+    url, record = standin.endpoint("slow")  # answers after 2 s
+    async with client_for(url, max_retries=0) as client:
+        with pytest.raises(APITimeoutError):
+            await client.with_options(timeout=0.3).generate(None, "hi")
+        with pytest.raises(APITimeoutError):
+            await client.generate(None, "hi", timeout=0.3)
+        assert (await client.generate(None, "hi")).text == "echo[0]: hi"  # the client's own options are unchanged
+        url, record = standin.endpoint("always_502")
+    async with client_for(url, max_retries=0) as client:
+        with pytest.raises(ServerError):
+            await client.with_options(max_retries=2).generate(None, "hi")
+        assert record.count == 3
+        with pytest.raises(ServerError):
+            await client.generate(None, "hi", max_retries=1, extra_headers={"X-Call": "one"})
+        assert record.count == 5 and record.headers[-1]["x-call"] == "one"
+        twin = client.with_options(headers={"X-Twin": "2"})
+        with pytest.raises(ServerError):
+            await twin.generate(None, "hi")
+        assert record.headers[-1]["x-twin"] == "2" and record.headers[-1]["user-agent"].startswith("llava-next-sdk")
+        assert client.transport._pools is twin.transport._root._pools  # one pool for both
+        await twin.aclose()  # closes only the twin
+        with pytest.raises(ServerError):
+            await client.generate(None, "hi")
+        with pytest.raises(LlavaNextError, match="closed"):
+            await twin.generate(None, "hi")
+    with pytest.raises(LlavaNextError, match="closed"):  # closing the client closed its twins
+        await client.with_options(timeout=5).generate(None, "hi")
+    with pytest.raises(BadRequestError, match="timeout='soon' is invalid"):
+        await client_for(url).generate(None, "hi", timeout="soon")
+
+
+async def test_closing_the_client_while_a_stream_is_read_says_so(standin):
+    url, _ = standin.endpoint("endless")
+    client = client_for(url)
+    async with client.stream(None, "hi") as stream:
+        await stream.__anext__()
+        await client.aclose()
+        with pytest.raises(APIConnectionError, match="the client was closed while this call was running"):
+            async for _ in stream:
+                pass
+
+
+def test_an_http_client_serves_one_event_loop_after_another_and_several_at_once(standin):
+    url, record = standin.endpoint("ok")
+    client = client_for(url)
+    for i in range(3):  # each asyncio.run is a new loop: connections of the last one cannot serve it
+        assert asyncio.run(client.generate(None, f"call {i}")).text == f"echo[0]: call {i}"
+    results: list = []
+
+    def in_a_thread(i: int) -> None:
+        async def calls():
+            return [(await client.generate(None, f"t{i} {n}")).text for n in range(5)]
+
+        results.extend(asyncio.run(calls()))
+
+    threads = [threading.Thread(target=in_a_thread, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(results) == sorted(f"echo[0]: t{i} {n}" for i in range(4) for n in range(5))
+    assert len(client.transport._pools) <= 1 + 4  # ended loops' pools are dropped when a new loop comes
+    asyncio.run(client.aclose())

@@ -8,7 +8,16 @@ import threading
 import anyio
 import checkpoints
 import pytest
-from llava_next_sdk import AsyncClient, Client, GenerationResult, InvalidImageError, ModelNotFoundError, OverloadedError
+from llava_next_sdk import (
+    AsyncClient,
+    Client,
+    GenerationResult,
+    InvalidImageError,
+    LlavaNextError,
+    ModelNotFoundError,
+    OverloadedError,
+    UnsupportedParameterError,
+)
 from PIL import Image
 
 PROMPT = "Describe the picture."
@@ -253,6 +262,19 @@ def test_a_local_clients_timeout_bounds_each_call_after_the_load_and_cancels_its
             for _ in stream:
                 pass
         assert checkpoints.wait_for(lambda: engine.stats_snapshot().get("requests_cancelled", 0) == 2, 30)
+        # per call and with_options, as over HTTP: the same engine, the client's own options unchanged
+        twin = client.with_options(timeout=30)
+        assert twin.generate(None, PROMPT, max_tokens=40, temperature=0, stop=None).usage.completion_tokens == 40
+        assert client.generate(None, PROMPT, max_tokens=40, temperature=0, timeout=30, stop=None).text
+        with pytest.raises(APITimeoutError, match="total timeout of 0.01 s"):
+            twin.generate(None, PROMPT, max_tokens=4000, temperature=0, timeout=0.01, stop=None)
+        with pytest.raises(UnsupportedParameterError, match="headers are sent to an HTTP endpoint"):
+            client.generate(None, PROMPT, extra_headers={"X-A": "1"})
+        twin.close()  # only the twin
+        assert client.generate(None, PROMPT, max_tokens=2, temperature=0).usage.completion_tokens == 2
+        with pytest.raises(LlavaNextError, match="closed"):
+            twin.generate(None, PROMPT, max_tokens=2)
+        assert checkpoints.wait_for(lambda: engine.stats_snapshot().get("requests_cancelled", 0) == 3, 30)
     engine.shutdown(drain=False)
     with pytest.raises(TypeError, match="timeout=-1"):
         Client(model=str(tiny_checkpoint), timeout=-1).generate(None, PROMPT)

@@ -13,6 +13,7 @@ import time
 import anyio
 import pytest
 from llava_next_sdk import (
+    APITimeoutError,
     AsyncClient,
     AsyncTransport,
     AuthenticationError,
@@ -121,6 +122,44 @@ def test_closing_the_sync_client_ends_a_call_running_on_another_thread_and_later
     with pytest.raises(LlavaNextError, match="this client is closed"):
         with client.stream(None, "again"):
             pass
+
+
+def test_closing_the_sync_client_while_another_thread_reads_a_stream_says_the_client_was_closed(standin):
+    url, _ = standin.endpoint("endless")
+    client = Client(base_url=url, model="m")
+    outcome: dict = {}
+    started = threading.Event()
+
+    def read() -> None:
+        try:
+            with client.stream(None, "hi") as stream:
+                for _ in stream:
+                    started.set()
+        except BaseException as exc:  # noqa: BLE001 - what the reader got is the point
+            outcome["error"] = exc
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert started.wait(30)
+    client.close()
+    reader.join(10)
+    assert not reader.is_alive()
+    assert "the client was closed while this call was running" in str(outcome["error"])
+
+
+def test_with_options_gives_a_sync_client_on_the_same_loop_thread(standin):
+    url, record = standin.endpoint("slow")  # answers after 2 s
+    with Client(base_url=url, model="m", max_retries=0) as client:
+        quick = client.with_options(timeout=0.3)
+        assert quick._runner is client._runner
+        with pytest.raises(APITimeoutError):
+            quick.generate(None, "hi")
+        with pytest.raises(APITimeoutError):
+            client.generate(None, "hi", timeout=0.3)
+        quick.close()
+        assert client.generate(None, "hi").text == "echo[0]: hi"
+        with pytest.raises(LlavaNextError, match="closed"):
+            quick.generate(None, "hi")
 
 
 def test_a_sync_client_made_before_a_fork_works_in_the_child_and_stays_the_parents(standin):

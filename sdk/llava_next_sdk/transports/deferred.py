@@ -16,10 +16,11 @@ from __future__ import annotations
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio
 
-from ..errors import APIConnectionError, LlavaNextError
+from ..errors import APIConnectionError, LlavaNextError, UnsupportedParameterError
 from ..types import ChatRequest, GenerationResult
 from .base import AsyncTransport, StreamItem, checked_transport, holding
 
@@ -95,3 +96,50 @@ class DeferredTransport:
         transport, self._transport = self._transport, None
         if transport is not None:
             await transport.aclose()
+
+    def with_options(self, **options: Any) -> AsyncTransport:
+        """The loaded transport's ``with_options(**options)``, once the first request has loaded it."""
+        return _WithOptions(self, options)
+
+
+class _WithOptions:
+    """What :meth:`DeferredTransport.with_options` gives: the transport the provider gives, derived with *options*
+    when it is loaded (closing this one closes only it; closing the deferred one closes both)."""
+
+    def __init__(self, deferred: DeferredTransport, options: dict[str, Any]) -> None:
+        self._deferred = deferred
+        self._options = options
+        self._transport: AsyncTransport | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"{self._deferred!r}.with_options({self._options!r})"
+
+    async def _get(self) -> AsyncTransport:
+        if self._closed or self._deferred._closed:
+            raise APIConnectionError("this client is closed; create a new one")
+        if self._transport is None:
+            loaded = await self._deferred._get()
+            derive = getattr(loaded, "with_options", None)
+            if derive is None:
+                raise UnsupportedParameterError(
+                    f"the transport {type(loaded).__name__} takes no per-call options (timeout, max_retries, "
+                    "headers): give them when making the client",
+                    param="timeout",
+                )
+            self._transport = derive(**self._options)
+        return self._transport
+
+    async def generate(self, request: ChatRequest) -> GenerationResult:
+        return await (await self._get()).generate(request)
+
+    @asynccontextmanager
+    async def stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[StreamItem]]:
+        async with (await self._get()).stream(request) as items:
+            yield items
+
+    def with_options(self, **options: Any) -> AsyncTransport:
+        return _WithOptions(self._deferred, {**self._options, **{k: v for k, v in options.items() if v is not None}})
+
+    async def aclose(self) -> None:
+        self._closed = True

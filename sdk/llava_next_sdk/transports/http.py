@@ -5,9 +5,12 @@ Robust by default:
 - finite timeouts: each call (connect, retries, the whole body or stream) ends within ``timeout`` seconds
   (:data:`DEFAULT_TOTAL_TIMEOUT`, 600 s), so a server that drips a byte every few seconds cannot hold it;
   within that, :data:`DEFAULT_TIMEOUT` bounds each phase (10 s to connect, 120 s between bytes read);
-- retries (``max_retries``, default 2) with exponential backoff and jitter on connect errors, 429 and
-  5xx, honouring ``Retry-After`` (up to ``max_retry_after`` seconds), and only before the first byte of
-  a successful response: a stream that fails part-way raises, it is never replayed;
+- retries (``max_retries``, default 2) with exponential backoff and jitter on connect errors, 408, 409, 429
+  and 5xx (as openai-python), honouring ``retry-after-ms`` or ``Retry-After`` (up to ``max_retry_after``
+  seconds), and only before the first byte of a successful response: a stream that fails part-way raises, it is
+  never replayed;
+- one connection pool per event loop that uses the transport (successive ``asyncio.run`` calls, each test's
+  loop, threads with loops of their own); ``with_options`` derives a transport sharing them;
 - a stream's connection is closed as soon as its context exits, early or by cancellation, so no pool
   slot is held by a stream no one reads;
 - error bodies become :mod:`llava_next_sdk.errors` classes via ``wire.parse_error``.
@@ -17,9 +20,13 @@ It registers itself as the ``llava_next_sdk_transport`` plugin for ``http://`` a
 
 from __future__ import annotations
 
+import asyncio
+import copy
+import dataclasses
 import json
 import logging
 import os
+import threading
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Mapping
@@ -61,7 +68,7 @@ DEFAULT_TIMEOUT = httpx.Timeout(**_DEFAULT_PHASES)
 """Seconds per phase: to connect, between two reads (a slow generation), to send, to wait for a pooled connection."""
 DEFAULT_TOTAL_TIMEOUT = 600.0
 """Seconds one call may take in all: connecting, retries and their waits, and reading the whole answer or stream."""
-RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
 API_KEY_ENV = "LLAVA_NEXT_API_KEY"
 """The environment variable an :class:`HTTPTransport` given no ``api_key`` sends (``llava-next serve`` requires the
 same variable's key when it is set: one variable configures both ends)."""
@@ -166,12 +173,7 @@ class HTTPTransport:
         )
         if api_key is None and not given_auth:  # never over credentials the caller set itself
             api_key = os.environ.get(API_KEY_ENV) or None
-        for name, value in {**(headers or {}), **({"api_key": api_key} if api_key else {})}.items():
-            if not isinstance(value, str) or not value.isascii() or any(c in value for c in "\r\n"):
-                raise ValueError(
-                    f"{'api_key' if name == 'api_key' else f'header {name!r}'} must be ASCII text on one line "
-                    "(HTTP headers cannot carry other characters)"
-                )
+        _check_headers({**(headers or {}), **({"api_key": api_key} if api_key else {})})
         self.retry_policy = RetryPolicy(
             DEFAULT_MAX_RETRIES if max_retries is None else max_retries, backoff_base, backoff_max, max_retry_after
         )
@@ -185,10 +187,15 @@ class HTTPTransport:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._headers.update(headers or {})
         self._owns_client = http_client is None
-        self._client = http_client or httpx.AsyncClient(
-            timeout=self.timeout, limits=limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
-        )
+        self._given_client = http_client
+        self._limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
+        # Our connection pools, one per event loop that used this transport (an asyncio loop, a trio run): a
+        # connection belongs to the loop that opened it, and one client may serve several loops in turn (each
+        # test's loop, successive asyncio.run calls) or at once (threads). Keyed by id(loop), holding the loop.
+        self._pools: dict[int, tuple[Any, httpx.AsyncClient]] = {}
+        self._pools_lock = threading.Lock()
         self._closed = False
+        self._root = self  # the transport whose pools these are (itself, or the one with_options derived it from)
 
     def __repr__(self) -> str:
         return f"HTTPTransport({self.base_url!r}, model={self.model!r})"
@@ -230,13 +237,66 @@ class HTTPTransport:
         finally:
             await items.aclose()
 
+    def with_options(
+        self,
+        *,
+        timeout: float | httpx.Timeout | None = None,
+        max_retries: int | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> HTTPTransport:
+        """This transport with another *timeout* (as :class:`HTTPTransport` takes it), *max_retries* or more
+        *headers* (replacing ours of the same name), sharing its connections: closing the one derived closes only
+        it; closing this one closes both."""
+        twin = copy.copy(self)
+        if timeout is not None:
+            twin.timeout, twin.total_timeout = _timeouts(timeout, None, None)
+        if max_retries is not None:
+            twin.retry_policy = dataclasses.replace(self.retry_policy, max_retries=max_retries)
+        if headers:
+            _check_headers(headers)
+            twin._headers = self._headers.copy()
+            twin._headers.update(headers)
+        return twin
+
+    @property
+    def closed(self) -> bool:
+        return self._closed or self._root._closed
+
     async def aclose(self) -> None:
+        """Close the connections: this loop's at once; another live asyncio loop's on that loop, soon; those of a
+        loop that has ended cannot be closed any more (its sockets go with them). A transport derived by
+        :meth:`with_options` only closes itself."""
         if self._closed:
             return
         self._closed = True
-        if self._owns_client:
-            with anyio.CancelScope(shield=True):
-                await self._client.aclose()
+        if self._root is not self:
+            return
+        with self._pools_lock:
+            pools, self._pools = self._pools, {}
+        here = _running_loop()
+        for loop, pool in pools.values():
+            if loop is here:
+                with anyio.CancelScope(shield=True):
+                    await pool.aclose()
+            elif isinstance(loop, asyncio.AbstractEventLoop) and loop.is_running():
+                asyncio.run_coroutine_threadsafe(pool.aclose(), loop)
+
+    def _client(self) -> httpx.AsyncClient:
+        """The httpx client for the running event loop: the caller's ``http_client``, else our pool for this loop
+        (made on its first call here; pools of loops that have ended are dropped then)."""
+        if self._given_client is not None:
+            return self._given_client
+        loop, root = _running_loop(), self._root
+        with root._pools_lock:
+            held = root._pools.get(id(loop))
+            if held is not None and held[0] is loop:
+                return held[1]
+            for key, (other, _) in list(root._pools.items()):
+                if not _loop_alive(other):
+                    del root._pools[key]
+            pool = httpx.AsyncClient(timeout=root.timeout, limits=root._limits)
+            root._pools[id(loop)] = (loop, pool)
+            return pool
 
     async def __aenter__(self) -> HTTPTransport:
         return self
@@ -250,7 +310,7 @@ class HTTPTransport:
         """Send *body* and return the response once its status line and headers are in (body unread),
         retrying what may be retried while the call's *deadline* allows. Raises a ``llava_next_sdk.errors``
         class."""
-        if self._closed:
+        if self.closed:
             raise APIConnectionError("this client is closed; create a new one")
         url = self.base_url + wire.CHAT_COMPLETIONS_PATH
         headers = self._headers.copy()
@@ -264,9 +324,10 @@ class HTTPTransport:
             if event.endswith("send_request_body.complete"):
                 body_written.append(anyio.current_time())
 
+        client = self._client()
         try:
             # our timeouts, also over a caller's http_client (whose own default would apply otherwise)
-            request = self._client.build_request(
+            request = client.build_request(
                 "POST", url, json=body, headers=headers, timeout=self.timeout, extensions={"trace": written_at}
             )
         except (UnicodeError, ValueError, TypeError) as exc:  # e.g. a lone surrogate in the prompt
@@ -283,8 +344,15 @@ class HTTPTransport:
             sent_at = anyio.current_time()
             body_written.clear()
             try:
-                # never followed, even by a caller's client that follows redirects: a POST would become a GET
-                response = await self._client.send(request, stream=True, follow_redirects=False)
+                try:
+                    # never followed, even by a caller's client that follows redirects: a POST would become a GET
+                    response = await client.send(request, stream=True, follow_redirects=False)
+                except Exception as exc:
+                    if self.closed:  # aclose() closed the connections under this call
+                        raise _closed_during_call() from exc
+                    raise
+            except APIConnectionError:
+                raise
             except CLOSED_BEFORE_ANSWER as exc:
                 # measured from when the body was all written (connecting and uploading images take their time)
                 quick = (
@@ -298,7 +366,7 @@ class HTTPTransport:
                     continue
                 raise APIConnectionError(
                     f"the connection to {url} closed after the request was sent and before any response "
-                    f"({exc or type(exc).__name__}): the server may have failed while working on it; not sent "
+                    f"({str(exc) or type(exc).__name__}): the server may have failed while working on it; not sent "
                     "again, since the work may have started"
                 ) from exc
             except RETRIED_TRANSPORT_ERRORS as exc:
@@ -333,7 +401,7 @@ class HTTPTransport:
                 content = await self._read(response.aread())
             finally:
                 await _close_quietly(response)
-            retry_after = wire.parse_retry_after(response.headers.get("retry-after"))
+            retry_after = _retry_after(response.headers)
             error = wire.parse_error(
                 response.status_code, content, request_id=_request_id(response), retry_after=retry_after
             )
@@ -379,17 +447,20 @@ class HTTPTransport:
         """Await a body read, turning transport failures (after the response began) into our errors."""
         try:
             return await awaitable
-        except httpx.TimeoutException as exc:
-            raise APITimeoutError(
-                f"timed out reading the response from {self.base_url}: nothing arrived for {self.timeout.read:g} s "
-                "(raise read_timeout= if the endpoint is just slow to answer)"
-            ) from exc
-        except httpx.TransportError as exc:
-            raise APIConnectionError(
-                f"the connection to {self.base_url} broke while reading the response: {exc or type(exc).__name__}"
-            ) from exc
-        except httpx.DecodingError as exc:  # e.g. a proxy's Content-Encoding that its bytes do not match
-            raise APIConnectionError(
+        except (httpx.TimeoutException, httpx.TransportError, httpx.DecodingError) as exc:
+            if self.closed:  # aclose() closed the connections under this call
+                raise _closed_during_call() from exc
+            if isinstance(exc, httpx.TimeoutException):
+                raise APITimeoutError(
+                    f"timed out reading the response from {self.base_url}: nothing arrived for "
+                    f"{self.timeout.read:g} s (raise read_timeout= if the endpoint is just slow to answer)"
+                ) from exc
+            if isinstance(exc, httpx.TransportError):
+                raise APIConnectionError(
+                    f"the connection to {self.base_url} broke while reading the response: "
+                    f"{str(exc) or type(exc).__name__}"
+                ) from exc
+            raise APIConnectionError(  # e.g. a proxy's Content-Encoding that its bytes do not match
                 f"the response from {self.base_url} could not be decoded ({exc}): its Content-Encoding does not "
                 "match its bytes, often a proxy's doing"
             ) from exc
@@ -452,8 +523,9 @@ class _SSEItems:
                 raise ServerError(f"the endpoint sent a malformed stream event: {data[:200]!r}") from None
             try:
                 chunk = wire.parse_stream_chunk(obj)
-            except LlavaNextError:
+            except LlavaNextError as exc:  # an error event: the request's id is the response's
                 self._done = True
+                exc.request_id = exc.request_id or _request_id(self._response) or self._id
                 raise
             self._id = chunk.id or self._id
             self._model = chunk.model or self._model
@@ -516,7 +588,7 @@ class _SSEItems:
         return GenerationResult(
             text="".join(self._text),
             finish_reason=self._finish_reason,
-            usage=self._usage or Usage(),
+            usage=self._usage,
             timings=timings,
             model=self._model,
             id=self._id,
@@ -543,13 +615,57 @@ async def _close_quietly(response: httpx.Response) -> None:
             logger.debug("error while closing a response", exc_info=True)
 
 
+def _check_headers(headers: Mapping[str, Any]) -> None:
+    for name, value in headers.items():
+        if not isinstance(value, str) or not value.isascii() or any(c in value for c in "\r\n"):
+            raise ValueError(
+                f"{'api_key' if name == 'api_key' else f'header {name!r}'} must be ASCII text on one line "
+                "(HTTP headers cannot carry other characters)"
+            )
+
+
+def _retry_after(headers: httpx.Headers) -> float | None:
+    """Seconds the endpoint asks us to wait: ``retry-after-ms`` (OpenAI's, finer) when readable, else
+    ``Retry-After``."""
+    try:
+        milliseconds = float(headers.get("retry-after-ms", ""))
+    except ValueError:
+        milliseconds = float("nan")
+    if 0 <= milliseconds < float("inf"):
+        return milliseconds / 1000
+    return wire.parse_retry_after(headers.get("retry-after"))
+
+
+def _running_loop() -> Any:
+    """The running event loop: asyncio's loop, or trio's token for this run."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        import trio  # anyio's other backend
+
+        return trio.lowlevel.current_trio_token()
+
+
+def _loop_alive(loop: Any) -> bool:
+    """Whether *loop* (see :func:`_running_loop`) may still run its connections."""
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        return not loop.is_closed()
+    try:
+        loop.run_sync_soon(lambda: None)  # a trio token: refused once its run has finished
+    except Exception:
+        return False
+    return True
+
+
+def _closed_during_call() -> APIConnectionError:
+    return APIConnectionError("the client was closed while this call was running")
+
+
 def _request_id(response: httpx.Response) -> str | None:
     return response.headers.get(wire.REQUEST_ID_HEADER)
 
 
 def _replace(result: GenerationResult, **changes: Any) -> GenerationResult:
-    import dataclasses
-
     return dataclasses.replace(result, **changes)
 
 
