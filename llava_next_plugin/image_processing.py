@@ -192,6 +192,11 @@ class PreprocessSettings:
     rescale: float = 1.0  # rescale_factor when do_rescale, else 1 (already in scale)
 
     @property
+    def identity(self) -> bool:
+        """Whether pixels are neither rescaled nor normalized (``x * 1 + 0``)."""
+        return self.scale == (1.0, 1.0, 1.0) and self.offset == (0.0, 0.0, 0.0)
+
+    @property
     def view_size(self) -> tuple[int, int]:
         """``(H, W)`` of every output view."""
         if self.center_crop:
@@ -434,12 +439,17 @@ ENCODED_SOURCES = (str, os.PathLike, bytes, bytearray, memoryview)
 
 def load_image_sources(images: list) -> list:
     """Paths, URLs and encoded bytes read through the image-source hook (:func:`.images.load_image`, errors
-    naming the image's index); pixels already in memory as they are."""
+    naming the image's index); pixels already in memory as they are. As transformers' processors read such
+    sources (its ``load_image``: ``convert("RGB")``), a transparent image's alpha is dropped, where a PIL image
+    given as such is composited onto white (transformers does both; the server and SDK composite every image)."""
     if not any(isinstance(image, ENCODED_SOURCES) for image in images):
         return images
     from .images import load_image
 
-    return [load_image(image, i) if isinstance(image, ENCODED_SOURCES) else image for i, image in enumerate(images)]
+    return [
+        load_image(image, i, transparency="drop") if isinstance(image, ENCODED_SOURCES) else image
+        for i, image in enumerate(images)
+    ]
 
 
 def _split_batch(image: Any) -> list[Any]:
@@ -553,6 +563,8 @@ def to_rgb_array(image: Any, index: int, input_data_format: Any = None, convert_
     check_image_size(pixels.shape[0], pixels.shape[1], index)
     if pixels.dtype == np.bool_:
         pixels = pixels.astype(np.uint8) * 255
+    elif pixels.dtype == np.uint16 and pixels.size and pixels.max() <= 255:
+        pixels = pixels.astype(np.uint8)  # 8-bit values held in 16 bits: as they are, as transformers reads them
     elif pixels.dtype == np.uint16:  # 16-bit images: scaled to 8 bits, as PIL's I;16 images are
         pixels = sdk_images.gray_to_uint8(pixels, "I;16", index=index)
     elif pixels.dtype.kind in "iu" and pixels.size and pixels.min() >= 0 and pixels.max() <= 255:
@@ -572,6 +584,8 @@ def to_rgb_array(image: Any, index: int, input_data_format: Any = None, convert_
     channels = pixels.shape[-1]
     if channels == 3:
         return pixels
+    if not convert_rgb:  # as for a PIL image: no conversion asked for, none made
+        return _keep_rgb(pixels, index)
     if channels in (1, 2, 4):  # grey, grey + alpha, RGBA: as PIL images L, LA, RGBA, by the one RGB conversion
         return pil_to_rgb(Image.fromarray(pixels[..., 0] if channels == 1 else pixels), index)
     raise ImageError(f"an image needs 1, 2, 3 or 4 channels, got {channels} (shape {tuple(image.shape)})", index=index)
@@ -634,8 +648,9 @@ class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
     ``(height, width)`` tuples.
 
     Matches transformers' ``LlavaNextImageProcessorPil`` (same PIL resampling, same arithmetic) except: 16-bit
-    and 32-bit PIL images (modes I;16, I, F) are scaled to 8 bits instead of clipped; float arrays and tensors
-    hold whole pixel numbers or values within [0, 1] (:func:`unit_interval`), others are refused with advice;
+    and 32-bit PIL images (modes I;16, I, F) and uint16 arrays beyond 255 are scaled to 8 bits, not clipped;
+    float arrays and tensors hold whole pixel numbers or values within [0, 1] (:func:`unit_interval`), others are
+    refused with advice;
     the defaults without a config are llava-v1.6's (336 px tiles and its pinpoints, where transformers' are
     224 px).
     """
@@ -661,13 +676,18 @@ class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
         sizes = np.array([(image.height, image.width) for image in rgb], dtype=np.int64).reshape(len(rgb), 2)
         counts = [settings.num_views(int(h), int(w)) for h, w in sizes]
         view_h, view_w = settings.view_size
-        if settings.do_pad:
-            pixel_values: Any = np.zeros((len(rgb), max(counts), 3, view_h, view_w), dtype=np.float32)
+        unit = [unit_interval(image) for image in flat]  # read as 8 bits, so their 1/255 joins the scale
+        # neither rescaled nor normalized, 8-bit images stay 8-bit (as transformers' do)
+        whole = settings.identity and not any(unit)
+        dtype = np.uint8 if whole else np.float32
+        # stacked when padded, or when every image has as many views (as transformers stacks them)
+        stacked = settings.do_pad or len(set(counts)) == 1
+        if stacked:
+            pixel_values: Any = np.zeros((len(rgb), max(counts), 3, view_h, view_w), dtype=dtype)
         else:
-            pixel_values = [np.empty((n, 3, view_h, view_w), dtype=np.float32) for n in counts]
+            pixel_values = [np.empty((n, 3, view_h, view_w), dtype=dtype) for n in counts]
         scale = np.array(settings.scale, dtype=np.float32)[:, None, None]
         offset = np.array(settings.offset, dtype=np.float32)[:, None, None]
-        unit = [unit_interval(image) for image in flat]  # read as 8 bits, so their 1/255 joins the scale
         if settings.rescale != 1.0 and any(unit):
             warnings.warn(
                 f"image {unit.index(True)} holds floats within [0, 1] and do_rescale is on: they are rescaled "
@@ -677,7 +697,10 @@ class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
             )
         for i, image in enumerate(rgb):
             views = self.views(image, settings).transpose(0, 3, 1, 2)  # [n, 3, H, W] uint8, a view
-            out = pixel_values[i, : counts[i]] if settings.do_pad else pixel_values[i]
+            out = pixel_values[i, : counts[i]] if stacked else pixel_values[i]
+            if whole:
+                out[...] = views
+                continue
             # numpy multiplies planar memory much faster than it reads the interleaved views
             image_scale = scale / np.float32(255) if unit[i] else scale
             np.multiply(np.ascontiguousarray(views), image_scale, out=out, dtype=np.float32)

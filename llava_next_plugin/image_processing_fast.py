@@ -201,12 +201,19 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
             view_h, view_w = settings.view_size
             scale = torch.tensor(settings.scale, dtype=torch.float32).view(3, 1, 1).to(device)
             offset = torch.tensor(settings.offset, dtype=torch.float32).view(3, 1, 1).to(device)
-            if settings.do_pad:
-                pixel_values: Any = torch.empty((len(pixels), max(counts), 3, view_h, view_w), device=device)
+            # neither rescaled nor normalized, 8-bit images stay 8-bit (as transformers' do)
+            whole = settings.identity and all(p.dtype == torch.uint8 for p in pixels)
+            dtype = torch.uint8 if whole else torch.float32
+            # stacked when padded, or when every image has as many views (as transformers stacks them)
+            if settings.do_pad or len(set(counts)) == 1:
+                pixel_values: Any = torch.empty(
+                    (len(pixels), max(counts), 3, view_h, view_w), dtype=dtype, device=device
+                )
             else:
-                pixel_values = [torch.empty((n, 3, view_h, view_w), device=device) for n in counts]
+                pixel_values = [torch.empty((n, 3, view_h, view_w), dtype=dtype, device=device) for n in counts]
             for i, image in enumerate(pixels):
-                self.copy_views(image, settings, mode, pixel_values[i][: counts[i]], (scale, offset))
+                normalize = None if settings.identity else (scale, offset)
+                self.copy_views(image, settings, mode, pixel_values[i][: counts[i]], normalize)
                 if settings.do_pad:
                     pixel_values[i, counts[i] :].zero_()  # the padding views
         kind = getattr(return_tensors, "value", return_tensors)
@@ -230,14 +237,19 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
         settings: PreprocessSettings,
         mode: str,
         out: torch.Tensor,
-        normalize: tuple[torch.Tensor, torch.Tensor],
+        normalize: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> None:
         """The views of one ``[3, H, W]`` image into ``out`` ``[1 + rows*cols, 3, h, w]``, normalized.
 
         ``normalize`` is ``(scale, offset)``, each ``[3, 1, 1]`` float32: rescale + normalize fused into
-        ``x * scale + offset``, applied to each view right after it is written (while it is in cache).
+        ``x * scale + offset``, applied to each view right after it is written (while it is in cache); ``None``
+        for neither (``out`` may then be uint8, as the image is).
         """
-        scale, offset = normalize
+
+        def normalized(views: torch.Tensor) -> None:
+            if normalize is not None:
+                views.mul_(normalize[0]).add_(normalize[1])
+
         height, width = image.shape[-2:]
         best_h, best_w = settings.best_resolution(height, width)
         new_h, new_w = geometry.resize_within(height, width, best_h, best_w)
@@ -255,7 +267,7 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
             """The base view ``[1, 3, h, w]``; with plain tiles also written, normalized, to ``out[0]``."""
             base = _resize(source, settings.base_size, mode, whole_pixels)
             if plain_tiles:
-                out[0].copy_(base[0]).mul_(scale).add_(offset)
+                normalized(out[0].copy_(base[0]))
             return base
 
         if source.device.type == "cpu" and torch.get_num_threads() > 1:
@@ -271,7 +283,7 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
             for index in range(rows * cols):
                 row, col = divmod(index, cols)
                 _paste_tile(resized, (top - row * tile, left - col * tile), out[1 + index])
-                out[1 + index].mul_(scale).add_(offset)
+                normalized(out[1 + index])
             return
 
         canvas = resized.new_zeros((3, best_h, best_w))
@@ -287,7 +299,7 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
                         piece = piece.contiguous(memory_format=torch.channels_last)
                     piece = _resize(piece, target, mode, whole_pixels)
                 out[1 + index].copy_(_center_crop(piece, settings.crop)[0])
-            out.mul_(scale).add_(offset)
+            normalized(out)
             return
         tiles = canvas.view(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4)  # [rows, cols, 3, T, T], a view
         tiles = tiles.reshape(rows * cols, 3, tile, tile)
@@ -299,7 +311,7 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
             tiles, base = _center_crop(tiles, settings.center_crop), _center_crop(base, settings.center_crop)
         out[1:].copy_(tiles)
         out[0].copy_(base[0])
-        out.mul_(scale).add_(offset)
+        normalized(out)
 
 
 def _paste_tile(image: torch.Tensor, origin: tuple[int, int], tile: torch.Tensor) -> None:
@@ -361,6 +373,8 @@ def _tensor_to_rgb(image: torch.Tensor, index: int, input_data_format: Any, conv
     check_image_size(image.shape[-2], image.shape[-1], index)
     if image.dtype == torch.bool:
         image = image.to(torch.uint8) * 255
+    elif image.dtype == torch.uint16 and image.numel() and int(image.to(torch.int32).max()) <= 255:
+        image = image.to(torch.uint8)  # 8-bit values held in 16 bits: as they are, as transformers reads them
     elif image.dtype == torch.uint16:  # 16-bit images: scaled to 8 bits, as for PIL's I;16 images
         image = image.to(torch.float32).mul_(255 / 65535).round_().to(torch.uint8)
     elif image.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint32, torch.uint64):

@@ -97,12 +97,17 @@ class LoadedImage:
         self.image = image
 
 
-def load_image(source: Any, index: int | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> Image.Image:
+def load_image(
+    source: Any, index: int | None = None, *, timeout: float = DEFAULT_TIMEOUT, transparency: str = "white"
+) -> Image.Image:
     """Read one image from any source a plugin understands.
 
     :param source: a path, URL, data URL, bytes, PIL image, numpy array, or anything a plugin handles.
     :param index: the image's position in the request, named in error messages.
     :param timeout: seconds allowed for each network read.
+    :param transparency: ``"white"``: transparent pixels composited onto white (as vLLM, and transformers'
+        processors for PIL images); ``"drop"``: alpha ignored, as transformers' ``load_image`` does for a path
+        or URL (see :func:`llava_next_sdk.images.to_rgb`).
     :return: a fully decoded RGB PIL image (the same object when *source* already was one).
     :raises ImageError: when the source is unsupported, missing, unreadable, corrupted,
         truncated, empty, too large, or in a mode that has no RGB meaning.
@@ -132,7 +137,7 @@ def load_image(source: Any, index: int | None = None, *, timeout: float = DEFAUL
             f"fix that plugin's llava_next_load_image",
             index=index,
         )
-    return to_rgb(image, what, index=index)
+    return to_rgb(image, what, index=index, transparency=transparency)
 
 
 #: Errors an image-source plugin may raise as they are: the image's own fault, or one that says what went wrong
@@ -362,7 +367,9 @@ def decode_image_bytes(data: bytes, what: str = "the bytes") -> Image.Image:
     return image
 
 
-def to_rgb(image: Image.Image, what: str = "the image", *, index: int | None = None) -> Image.Image:
+def to_rgb(
+    image: Image.Image, what: str = "the image", *, index: int | None = None, transparency: str = "white"
+) -> Image.Image:
     """A fully decoded, upright, non-empty RGB version of *image* (the same object if it already is).
 
     Turned upright by its EXIF orientation (:func:`llava_next_sdk.images.upright`), then converted by the
@@ -371,6 +378,7 @@ def to_rgb(image: Image.Image, what: str = "the image", *, index: int | None = N
 
     :param what: how to name the image in error messages.
     :param index: the image's position in the request, named in the error.
+    :param transparency: ``"white"`` or ``"drop"`` (see :func:`load_image`).
     :raises ImageError: when the image cannot be decoded, is empty, or its mode has no RGB meaning.
     """
     _model_level(sdk_images.load_pixels, image, what, index=index)
@@ -378,7 +386,7 @@ def to_rgb(image: Image.Image, what: str = "the image", *, index: int | None = N
         image = sdk_images.upright(image)
     except (OSError, ValueError, SyntaxError) as exc:  # a corrupt EXIF block
         raise ImageError(f"{what} has unreadable EXIF data ({exc}); re-export the image", index=index) from exc
-    rgb: Image.Image = _model_level(sdk_images.to_rgb, image, what, index=index)
+    rgb: Image.Image = _model_level(sdk_images.to_rgb, image, what, index=index, transparency=transparency)
     return rgb
 
 

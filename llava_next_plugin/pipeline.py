@@ -505,9 +505,11 @@ class LlavaNextImageToTextPipeline(Pipeline):
 
     # --- images and prompts -------------------------------------------------------------------
     def _load_image(self, source: Any, index: int, timeout: float) -> Any:
+        """As transformers' pipelines read every image (its ``load_image``: ``convert("RGB")``), a transparent
+        image's alpha is dropped (the command line's, server's and SDK's images are composited onto white)."""
         from .images import load_image
 
-        return load_image(source, index, timeout=timeout)
+        return load_image(source, index, timeout=timeout, transparency="drop")
 
     @staticmethod
     def _continues(request: _Request, continue_final_message: bool | None) -> bool:

@@ -218,6 +218,86 @@ def test_an_ambiguous_array_is_read_channels_first_with_a_warning_as_the_referen
     assert said["image_sizes"].tolist() == [[3, 40]]  # the caller's word wins, and no warning is needed
 
 
+def test_a_transparent_image_read_from_a_path_drops_its_alpha_as_the_reference_reads_one(tmp_path):
+    """transformers composites a PIL image's transparency on white but reads a path or URL with
+    ``convert("RGB")`` (alpha dropped): the processors follow it for both, so the same call gives the same pixels."""
+    from transformers import LlavaNextImageProcessor as ReferenceTorchvision
+
+    from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
+
+    pixels = np.asarray(synthetic(60, 80).convert("RGBA")).copy()
+    pixels[:, :40, 3] = 0  # the left half transparent (its colours still there, as in most exported PNGs)
+    path = tmp_path / "half.png"
+    Image.fromarray(pixels, "RGBA").save(path)
+    for ours_cls, ref_cls in (
+        (LlavaNextImageProcessor, ReferencePil),
+        (LlavaNextImageProcessorFast, ReferenceTorchvision),
+    ):
+        ours = ours_cls(**settings())(str(path), return_tensors="np")
+        ref = ref_cls(**settings())(str(path), return_tensors="np")
+        np.testing.assert_allclose(ours["pixel_values"], ref["pixel_values"], atol=0.05)
+        from_pil = ours_cls(**settings())(Image.open(path), return_tensors="np")  # composited on white, as theirs
+        np.testing.assert_allclose(
+            from_pil["pixel_values"],
+            ref_cls(**settings())(Image.open(path), return_tensors="np")["pixel_values"],
+            atol=0.05,
+        )
+        assert np.abs(from_pil["pixel_values"] - ours["pixel_values"]).max() > 0.5
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["pil", "fast"])
+def test_unpadded_equal_view_counts_are_stacked_and_unscaled_pixels_stay_8_bit_as_the_reference_gives_them(fast):
+    from transformers import LlavaNextImageProcessor as ReferenceTorchvision
+
+    from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
+
+    ours_cls, ref_cls = (
+        (LlavaNextImageProcessorFast, ReferenceTorchvision) if fast else (LlavaNextImageProcessor, ReferencePil)
+    )
+    images = [synthetic(50, 70), synthetic(52, 69, seed=1)]  # the same grid: as many views each
+    for extra in (
+        {"do_pad": False},
+        {"do_rescale": False, "do_normalize": False},
+        {"do_pad": False, "do_rescale": False, "do_normalize": False},
+    ):
+        for kind in ("pt", "np"):
+            ours = ours_cls(**settings())(images, return_tensors=kind, **extra)["pixel_values"]
+            ref = ref_cls(**settings())(images, return_tensors=kind, **extra)["pixel_values"]
+            assert type(ours) is type(ref) and ours.dtype == ref.dtype and tuple(ours.shape) == tuple(ref.shape)
+            np.testing.assert_allclose(np.asarray(ours, dtype=np.float32), np.asarray(ref, dtype=np.float32), atol=0.05)
+    uneven = ours_cls(**settings())([synthetic(50, 70), synthetic(600, 600)], return_tensors="pt", do_pad=False)
+    assert [len(v) for v in uneven["pixel_values"]] == [3, 5]  # different counts: still a list
+
+
+def test_uint16_arrays_of_8_bit_values_are_read_as_the_reference_reads_them_and_others_are_scaled():
+    from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
+
+    eight = np.asarray(synthetic(40, 60))
+    for processor in (LlavaNextImageProcessor(**settings()), LlavaNextImageProcessorFast(**settings())):
+        expected = processor(eight, return_tensors="np")["pixel_values"]
+        np.testing.assert_allclose(
+            processor(eight.astype(np.uint16), return_tensors="np")["pixel_values"], expected, atol=1e-6
+        )
+        sixteen = eight.astype(np.uint16) * 257  # the same picture over 16 bits
+        np.testing.assert_allclose(processor(sixteen, return_tensors="np")["pixel_values"], expected, atol=1e-6)
+    assert_matches_reference(
+        LlavaNextImageProcessor(**settings())(eight.astype(np.uint16), return_tensors="np"),
+        ReferencePil(**settings())(eight.astype(np.uint16), return_tensors="np"),
+    )
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["pil", "fast"])
+def test_do_convert_rgb_false_refuses_arrays_that_are_not_rgb_as_it_refuses_pil_images(fast):
+    from llava_next_plugin.image_processing_fast import LlavaNextImageProcessorFast
+
+    processor = (LlavaNextImageProcessorFast if fast else LlavaNextImageProcessor)(**settings(), do_convert_rgb=False)
+    rgba = np.asarray(synthetic(40, 60).convert("RGBA"))
+    for image in (rgba, rgba[..., 0], torch.from_numpy(rgba.copy()).permute(2, 0, 1)):
+        with pytest.raises(ImageError, match="do_convert_rgb=True"):
+            processor(image, return_tensors="np")
+    assert processor(rgba[..., :3], return_tensors="np")["pixel_values"].shape[0] == 1
+
+
 def test_rgba_arrays_composite_on_white_like_the_reference():
     rgba = np.asarray(checkpoints.real_photo("logo.png"))
     ours = LlavaNextImageProcessor(**settings())(rgba, return_tensors="np")

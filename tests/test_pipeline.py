@@ -223,6 +223,21 @@ def test_chat_ending_with_an_assistant_turn_is_continued_as_transformers_does(pi
     assert new_turn != expected.strip()
 
 
+def test_a_transparent_image_is_read_as_transformers_pipelines_read_it(pipe, reference_pipe, photo):
+    """transformers' pipelines read every image with ``convert("RGB")``: a transparent area keeps its colours
+    (alpha dropped), where our server and SDK composite it onto white."""
+    import numpy as np
+
+    pixels = np.asarray(photo.convert("RGBA").resize((80, 60))).copy()
+    pixels[:, :40, 3] = 0
+    rgba = Image.fromarray(pixels, "RGBA")
+    loaded = pipe._load_image(rgba, 0, 10.0)
+    assert np.array_equal(np.asarray(loaded), np.asarray(rgba.convert("RGB")))
+    prompt = f"[INST] <image>\n{QUESTION} [/INST]"
+    expected = reference_pipe(images=rgba, text=prompt, max_new_tokens=NEW, return_full_text=False)
+    assert pipe(rgba, prompt=QUESTION, max_new_tokens=NEW)[0]["generated_text"] == expected[0]["generated_text"].strip()
+
+
 class _ImageHandler(http.server.BaseHTTPRequestHandler):
     payload = b""
 

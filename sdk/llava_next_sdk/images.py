@@ -367,7 +367,14 @@ def _is_high_depth_gray(mode: str) -> bool:
     return mode in ("I", "F") or mode.startswith("I;")
 
 
-def to_rgb(image: Any, what: str = "the image", *, index: int | None = None, bomb_factor: int = 1) -> Any:
+def to_rgb(
+    image: Any,
+    what: str = "the image",
+    *,
+    index: int | None = None,
+    bomb_factor: int = 1,
+    transparency: str = "white",
+) -> Any:
     """A fully decoded, non-empty RGB version of a PIL image (the same object if it already is one).
 
     The one RGB conversion of both packages: the SDK's decoded images, the plugin's image loader and its
@@ -380,9 +387,14 @@ def to_rgb(image: Any, what: str = "the image", *, index: int | None = None, bom
     :param what: how to name the image in error messages.
     :param index: the image's position in the request, kept on the error.
     :param bomb_factor: as for :func:`load_pixels`.
+    :param transparency: ``"white"`` (composited, as above) or ``"drop"``: alpha and transparent colours ignored,
+        as PIL's ``convert("RGB")`` does (what transformers' ``load_image`` gives for a path or URL).
     :raises InvalidImageError: when the image cannot be decoded, is empty, or its mode has no RGB meaning.
     """
     from PIL import Image
+
+    if transparency not in ("white", "drop"):
+        raise ValueError(f"transparency={transparency!r}: use 'white' or 'drop'")
 
     load_pixels(image, what, index=index, bomb_factor=bomb_factor)
     if image.width == 0 or image.height == 0:
@@ -397,7 +409,8 @@ def to_rgb(image: Any, what: str = "the image", *, index: int | None = None, bom
         return Image.fromarray(grey).convert("RGB")
     try:
         bands = image.getbands()
-        if "A" in bands or image.info.get("transparency") is not None:  # as transformers: RGBa, La convert as is
+        if transparency == "white" and ("A" in bands or image.info.get("transparency") is not None):
+            # as transformers' processors do with PIL images: RGBa, La convert as they are
             rgba = image.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             return Image.alpha_composite(white, rgba).convert("RGB")
