@@ -26,10 +26,10 @@ from typing import Any
 
 import anyio
 
-from .errors import APIConnectionError, BadRequestError, LlavaNextError, UnsupportedParameterError
+from .errors import APIConnectionError, BadRequestError, LlavaNextError
 from .images import as_image_list, to_image_parts
 from .messages import read_messages, to_chat_messages
-from .transports.base import AsyncTransport
+from .transports.base import AsyncTransport, with_options
 from .types import ChatMessage, ChatRequest, GenerationParams, GenerationResult, ImagePart, TextPart, Usage
 
 __all__ = ["AsyncClient", "Client", "TextStream", "SyncTextStream", "CALL_OPTIONS"]
@@ -154,14 +154,10 @@ class AsyncClient:
         return twin
 
     def _derived_transport(self, timeout: Any, max_retries: Any, headers: Any) -> AsyncTransport:
-        derive = getattr(self.transport, "with_options", None)
-        if derive is None:
-            raise UnsupportedParameterError(
-                f"the transport {type(self.transport).__name__} takes no per-call options (timeout, max_retries, "
-                "headers): give them when making the client",
-                param="timeout",
-            )
-        return derive(timeout=timeout, max_retries=max_retries, headers=headers)
+        derived: AsyncTransport = with_options(
+            self.transport, timeout=timeout, max_retries=max_retries, headers=headers
+        )
+        return derived
 
     def _call_transport(self, params: dict[str, Any]) -> AsyncTransport:
         """The transport for one call: ours, or one with the call's own ``timeout``, ``max_retries`` or

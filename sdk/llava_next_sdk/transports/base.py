@@ -48,7 +48,7 @@ import anyio
 
 from ..types import ChatRequest, GenerationResult
 
-__all__ = ["AsyncTransport", "StreamItem", "holding"]
+__all__ = ["AsyncTransport", "StreamItem", "holding", "with_options"]
 
 
 @asynccontextmanager
@@ -123,3 +123,18 @@ def checked_transport(transport: Any, url: str) -> Any:
         f"the transport plugin for {url!r} returned {what}, not a transport: return an instance with "
         f"{', '.join(needed)} (see llava_next_sdk.transports.AsyncTransport), or None for URLs it does not serve"
     )
+
+
+def with_options(transport: Any, **options: Any) -> Any:
+    """*transport*'s ``with_options(**options)`` (``timeout``, ``max_retries``, ``headers``): a transport sharing its
+    connections or engine; a typed error for a transport that has no such method (a third party's)."""
+    from ..errors import UnsupportedParameterError
+
+    derive = getattr(transport, "with_options", None)
+    if derive is None:
+        raise UnsupportedParameterError(
+            f"the transport {type(transport).__name__} takes no per-call options (timeout, max_retries, headers): "
+            "give them when making the client",
+            param="timeout",
+        )
+    return derive(**options)

@@ -20,14 +20,29 @@ from typing import Any
 
 import anyio
 
-from ..errors import APIConnectionError, LlavaNextError, UnsupportedParameterError
+from ..errors import APIConnectionError, LlavaNextError
 from ..types import ChatRequest, GenerationResult
-from .base import AsyncTransport, StreamItem, checked_transport, holding
+from .base import AsyncTransport, StreamItem, checked_transport, holding, with_options
 
 __all__ = ["DeferredTransport"]
 
 
-class DeferredTransport:
+class _Forwarding:
+    """A transport that hands every call to the one ``_get()`` gives."""
+
+    async def _get(self) -> AsyncTransport:
+        raise NotImplementedError
+
+    async def generate(self, request: ChatRequest) -> GenerationResult:
+        return await (await self._get()).generate(request)
+
+    @asynccontextmanager
+    async def stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[StreamItem]]:
+        async with (await self._get()).stream(request) as items:
+            yield items
+
+
+class DeferredTransport(_Forwarding):
     """Stands in for the transport of *url* until its provider (of URL *scheme*) is loaded.
 
     :param url: the URL given to the ``llava_next_sdk_transport`` hook (``local:<model>``).
@@ -83,14 +98,6 @@ class DeferredTransport:
                     self._transport = transport
         return self._transport
 
-    async def generate(self, request: ChatRequest) -> GenerationResult:
-        return await (await self._get()).generate(request)
-
-    @asynccontextmanager
-    async def stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[StreamItem]]:
-        async with (await self._get()).stream(request) as items:
-            yield items
-
     async def aclose(self) -> None:
         self._closed = True
         transport, self._transport = self._transport, None
@@ -102,7 +109,7 @@ class DeferredTransport:
         return _WithOptions(self, options)
 
 
-class _WithOptions:
+class _WithOptions(_Forwarding):
     """What :meth:`DeferredTransport.with_options` gives: the transport the provider gives, derived with *options*
     when it is loaded (closing this one closes only it; closing the deferred one closes both)."""
 
@@ -119,24 +126,8 @@ class _WithOptions:
         if self._closed or self._deferred._closed:
             raise APIConnectionError("this client is closed; create a new one")
         if self._transport is None:
-            loaded = await self._deferred._get()
-            derive = getattr(loaded, "with_options", None)
-            if derive is None:
-                raise UnsupportedParameterError(
-                    f"the transport {type(loaded).__name__} takes no per-call options (timeout, max_retries, "
-                    "headers): give them when making the client",
-                    param="timeout",
-                )
-            self._transport = derive(**self._options)
+            self._transport = with_options(await self._deferred._get(), **self._options)
         return self._transport
-
-    async def generate(self, request: ChatRequest) -> GenerationResult:
-        return await (await self._get()).generate(request)
-
-    @asynccontextmanager
-    async def stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[StreamItem]]:
-        async with (await self._get()).stream(request) as items:
-            yield items
 
     def with_options(self, **options: Any) -> AsyncTransport:
         return _WithOptions(self._deferred, {**self._options, **{k: v for k, v in options.items() if v is not None}})
