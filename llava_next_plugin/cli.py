@@ -270,14 +270,26 @@ def _load_images(sources: Sequence[Any]) -> list:
 
     images = []
     for index, source in enumerate(sources):
-        if "://" not in source and not Path(source).is_file():
-            what = "is a folder, not an image file" if Path(source).is_dir() else "does not exist"
-            raise CommandError(f"image {index}: {source!r} {what}")
+        if "://" not in source and not source.startswith("data:") and not _is_file(source):
+            what = "is a folder, not an image file" if _is_file(source, folder=True) else "does not exist"
+            raise CommandError(f"image {index}: {_shorten(source)!r} {what}")
         try:
             images.append(LoadedImage(load_image(source, index)))  # the pipeline takes it without a second read
         except ImageError as exc:
             raise CommandError(exc.message) from exc
     return images
+
+
+def _is_file(path: str, folder: bool = False) -> bool:
+    """Whether *path* names a file (a folder, with *folder*); ``False`` for a name the system refuses (too long)."""
+    try:
+        return Path(path).is_dir() if folder else Path(path).is_file()
+    except OSError:
+        return False
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
 class _Stopped:
@@ -513,13 +525,25 @@ def _caption_summary(
 def run_tiny_checkpoint(args: argparse.Namespace) -> int:
     from .tiny import EXAMPLE_IMAGE, build_tiny_checkpoint
 
+    if not args.out:
+        raise CommandError("OUT is empty: give the folder to write, e.g. ./tiny")
+    if not 0 <= args.seed < 2**63:
+        raise CommandError(f"--seed must be from 0 to 2**63 - 1, got {args.seed}")
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CommandError(f"{args.out!r} already exists and is not an empty folder: choose a new folder")
+    blocking = next((parent for parent in out.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise CommandError(f"{str(blocking)!r} is a file, so {args.out!r} cannot be a folder: choose another path")
     try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise CommandError(f"{args.out!r} already exists and is not an empty folder: choose a new folder")
         folder = build_tiny_checkpoint(out, seed=args.seed)
     except ImportError as exc:
         raise CommandError(str(exc)) from exc
+    except OSError as exc:  # a parent that is a file, a folder we may not write in...
+        reason = exc.strerror or str(exc)
+        raise CommandError(
+            f"cannot write a checkpoint to {args.out!r}: {reason}; choose a folder you can write in"
+        ) from exc
     info = json.loads((folder / "llava_next_tiny.json").read_text())
     size = info["parameters"] / 1e6
     print(f"wrote a tiny checkpoint with RANDOM weights ({size:.1f} M parameters) to {_shell_word(folder)}")
@@ -542,6 +566,8 @@ def run_serve_command(args: argparse.Namespace) -> int:
         )
     from .serve_cli import run_serve
 
+    if not args.ray:  # a Ray replica's device is its own machine's
+        _check_device(args.device)
     args.model = resolve_model(args.model)  # the same default and the same message as ask and caption
     result = run_serve(args)
     return result if isinstance(result, int) else 0

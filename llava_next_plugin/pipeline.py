@@ -41,6 +41,7 @@ one such list per item. The answer holds only the generated text, never the prom
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -173,6 +174,13 @@ class LlavaNextImageToTextPipeline(Pipeline):
         default_prompt: str = DEFAULT_PROMPT,
         **kwargs: Any,
     ) -> None:
+        misplaced = sorted({"prompt", "text", "images", "image"} & set(kwargs))
+        if misplaced:  # they would become generate arguments, and every call would fail on them
+            raise InputError(
+                f"{', '.join(misplaced)} given when building the pipeline: give prompts and images to each call "
+                "(pipe(image, prompt=...)), and default_prompt= for the instruction of calls without a prompt",
+                param=misplaced[0],
+            )
         self.timeout = DEFAULT_IMAGE_TIMEOUT if timeout is None else _seconds(timeout)
         self.prompt_family = prompt_family
         self.default_prompt = default_prompt
@@ -410,6 +418,12 @@ class LlavaNextImageToTextPipeline(Pipeline):
 
     def _requests(self, inputs: Any, prompt: Any, images: Any) -> tuple[list[_Request], bool]:
         """Turn the call's arguments into requests; ``single`` says whether one result is returned."""
+        if prompt is not None and (_is_conversation(inputs) or _is_conversations(inputs)):
+            raise InputError(
+                "chat messages and a prompt were both given: put the question in the messages (a last user "
+                "message), or call pipe(images, prompt=...) without messages",
+                param="prompt",
+            )
         if _is_conversation(inputs):
             return [self._chat_request(inputs, images)], True
         if _is_conversations(inputs):
@@ -453,16 +467,33 @@ class LlavaNextImageToTextPipeline(Pipeline):
         return [_Request(_as_list(item), p) for item, p in zip(items, prompts, strict=True)], False
 
     def _lazily(self, items: Any, prompt: Any, kwargs: dict[str, Any]) -> Iterator[Any]:
-        """Answers for a generator's or a dataset's items, one call each, as they are asked for."""
-        for item in items:
-            yield self(item, prompt=prompt, **kwargs) if prompt is not None else self(item, **kwargs)
+        """Answers for a generator's or a dataset's items (a map-style dataset: its ``len()`` items, as
+        transformers reads it), as they are asked for: ``batch_size`` items at a time in one batched call where
+        they are alike (images, chat conversations or ``{"images", "text"}`` items), else one call each."""
+        size = _batch_size(kwargs.get("batch_size") or self._batch_size or 1)
+        if isinstance(items, torch.utils.data.IterableDataset) or not hasattr(items, "__len__"):
+            source = iter(items)
+        else:  # for-in over a dataset would read past its length, until an IndexError that may never come
+            source = (items[index] for index in range(len(items)))
+        with_prompt = {} if prompt is None else {"prompt": prompt}
+        while chunk := list(itertools.islice(source, size)):
+            if len(chunk) == 1:
+                yield self(chunk[0], **with_prompt, **kwargs)
+            elif all(_is_item(item) for item in chunk) or all(_is_conversation(item) for item in chunk):
+                yield from self(chunk, **with_prompt, **kwargs)
+            elif not any(_is_item(item) or _is_conversation(item) or isinstance(item, Mapping) for item in chunk):
+                yield from self([_as_list(item) for item in chunk], **with_prompt, **kwargs)  # a request per item
+            else:  # a mix: each item as it would be called alone
+                for item in chunk:
+                    yield self(item, **with_prompt, **kwargs)
 
     def _dict_items(self, inputs: Any, prompt: Any, images: Any, kwargs: dict[str, Any]) -> Any:
         """transformers' ``{"images": ..., "text": ...}`` item, or a list of them (a batch)."""
         if prompt is not None or images is not None:
             raise InputError("give the prompt and images inside the {'images': ..., 'text': ...} items, not again")
         items = [inputs] if isinstance(inputs, Mapping) else list(inputs)
-        answers = []
+        answers: list[Any] = [None] * len(items)
+        batched: list[tuple[int, list[Any], Any]] = []  # items of images and a prompt: answered in one call
         for index, item in enumerate(items):
             unknown = set(item) - {"images", "image", "text", "prompt"}
             if unknown:
@@ -473,9 +504,15 @@ class LlavaNextImageToTextPipeline(Pipeline):
             item_images = item.get("images", item.get("image"))
             item_text = item.get("text", item.get("prompt"))
             if item_images is None:
-                answers.append(self(text=item_text, **kwargs))
+                answers[index] = self(text=item_text, **kwargs)
+            elif _is_conversation(item_text):  # chat messages whose image parts take these images
+                answers[index] = self(_as_list(item_images), text=item_text, **kwargs)
             else:  # one request, whatever the number of images (a list is not a batch here)
-                answers.append(self([_as_list(item_images)], prompt=[item_text], **kwargs)[0])
+                batched.append((index, _as_list(item_images), item_text))
+        if batched:
+            found = self([images for _, images, _ in batched], prompt=[text for _, _, text in batched], **kwargs)
+            for (index, _, _), answer in zip(batched, found, strict=True):
+                answers[index] = answer
         return answers[0] if isinstance(inputs, Mapping) else answers
 
     def _chat_request(self, messages: Sequence[Any], images: Any) -> _Request:

@@ -518,6 +518,33 @@ def test_tiny_checkpoint_refuses_a_non_empty_folder(checkpoint, capsys):
     assert code == 1 and "not an empty folder" in one_error_line(err)
 
 
+def test_tiny_checkpoint_says_what_is_wrong_with_a_path_or_seed_in_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for argv, says in (
+        ([tmp_path / "file" / "sub"], "is a file, so"),
+        ([""], "OUT is empty"),
+        (["--seed", str(2**70), tmp_path / "new"], "--seed must be from 0"),
+    ):
+        code, _, err = run(capsys, "tiny-checkpoint", *argv)
+        assert code == 1 and says in one_error_line(err), err
+    assert not (tmp_path / "new").exists()
+
+
+def test_ask_takes_a_data_url_and_a_name_too_long_for_a_path_is_not_a_crash(checkpoint, capsys):
+    import base64
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), "red").save(buffer, "PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    code, out, err = run(capsys, "ask", url, "--model", checkpoint, "--max-new-tokens", 2)
+    assert code == 0 and out.strip(), err
+    code, _, err = run(capsys, "ask", "x" * 5000 + ".png", "--model", checkpoint)
+    assert code == 1 and "does not exist" in one_error_line(err) and len(one_error_line(err)) < 200
+
+
 def test_tiny_checkpoint_layers_are_64_wide_and_in_hub_layout(checkpoint):
     from safetensors import safe_open
     from transformers import AutoModelForImageTextToText
@@ -591,7 +618,7 @@ def test_caption_honours_detail_and_refuses_several_placeholders_before_loading(
 def test_a_device_that_cannot_work_is_said_before_the_model_loads(images, device, says, tmp_path, capsys):
     if device == "cuda" and __import__("torch").cuda.is_available():
         device, says = "bogus", "is not a torch device"  # this machine has one: the other case says the same
-    for command in (["ask", images / "a.png"], ["caption", images, "--out", tmp_path / "r.jsonl"]):
+    for command in (["ask", images / "a.png"], ["caption", images, "--out", tmp_path / "r.jsonl"], ["serve"]):
         # a model that does not exist: had the device not been checked first, the error would be the model's
         code, _, err = run(capsys, *command, "--model", "/nonexistent/model", "--device", device)
         assert code == 1 and says in one_error_line(err) and "--device" in err

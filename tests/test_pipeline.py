@@ -557,6 +557,50 @@ def test_generators_datasets_and_dict_items_are_taken_as_by_transformers(pipe, p
         pipe({"picture": photo, "text": QUESTION})
 
 
+def test_a_dataset_is_read_to_its_length_and_lazy_inputs_are_batched(pipe, photo, tall, monkeypatch):
+    class Computed(torch.utils.data.Dataset):
+        """Items computed from the index: for-in would never stop (no IndexError)."""
+
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            return [photo, tall][index % 2]
+
+    rows: list[int] = []
+    generate = pipe.model.generate
+
+    def counting(*args, **kwargs):
+        rows.append(kwargs["input_ids"].shape[0])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.model, "generate", counting)
+    answers = list(pipe(Computed(), prompt=QUESTION, max_new_tokens=NEW, batch_size=2))
+    assert len(answers) == 3 and rows == [2, 1]  # len() items, two to a generate call
+    assert answers == [pipe(image, prompt=QUESTION, max_new_tokens=NEW) for image in (photo, tall, photo)]
+    rows.clear()
+    items = ({"images": image, "text": QUESTION} for image in (photo, tall))
+    assert list(pipe(items, max_new_tokens=NEW, batch_size=2)) == answers[:2] and rows == [2]
+    rows.clear()
+    pair = [{"images": photo, "text": QUESTION}, {"images": tall, "text": QUESTION}]
+    assert pipe(pair, max_new_tokens=NEW) == answers[:2] and rows == [1, 1]  # batch_size 1 unless asked
+
+
+def test_a_prompt_beside_chat_messages_and_misplaced_pipeline_arguments_are_refused(checkpoint, pipe, photo):
+    from transformers import pipeline
+
+    messages = [{"role": "user", "content": [{"type": "image", "image": photo}, {"type": "text", "text": QUESTION}]}]
+    with pytest.raises(InputError, match="chat messages and a prompt were both given"):
+        pipe(messages, prompt="Something else?")
+    with pytest.raises(InputError, match="chat messages and a prompt were both given"):
+        pipe([messages, messages], prompt="Something else?")
+    with pytest.raises(InputError, match="prompt given when building the pipeline.*default_prompt="):
+        pipeline("image-to-text", model=str(checkpoint), device="cpu", prompt=QUESTION)
+    bare = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    expected = pipe(photo, text=bare, max_new_tokens=NEW)
+    assert pipe({"images": photo, "text": bare}, max_new_tokens=NEW) == expected  # an item's chat text
+
+
 def test_text_only_prompts_and_a_one_item_prompt_list(pipe, photo):
     text_only = pipe(text="Say hello.", max_new_tokens=NEW)
     chat = pipe([{"role": "user", "content": [{"type": "text", "text": "Say hello."}]}], max_new_tokens=NEW)
