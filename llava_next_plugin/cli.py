@@ -133,7 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="ask a question about one or more images; the answer streams",
         description="Ask one question about the given images (all in one prompt) and stream the answer to stdout.",
     )
-    ask.add_argument("images", nargs="+", metavar="IMAGE", help="image file or http(s) URL")
+    ask.add_argument("images", nargs="+", metavar="IMAGE", help="image file, http(s) URL or data: URL")
+    ask.add_argument(
+        "--url-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="seconds an image URL may take to answer each read (default: 10)",
+    )
     ask.add_argument(
         "--prompt",
         default=DEFAULT_PROMPT,
@@ -263,7 +270,7 @@ def _load_pipeline(args: argparse.Namespace, model: str):
     )
 
 
-def _load_images(sources: Sequence[Any]) -> list:
+def _load_images(sources: Sequence[Any], timeout: float | None = None) -> list:
     """Read every image up front, so bad input fails before a model is loaded."""
     from .errors import ImageError
     from .images import LoadedImage, load_image
@@ -274,7 +281,8 @@ def _load_images(sources: Sequence[Any]) -> list:
             what = "is a folder, not an image file" if _is_file(source, folder=True) else "does not exist"
             raise CommandError(f"image {index}: {_shorten(source)!r} {what}")
         try:
-            images.append(LoadedImage(load_image(source, index)))  # the pipeline takes it without a second read
+            # the pipeline takes it without a second read
+            images.append(LoadedImage(load_image(source, index, **({} if timeout is None else {"timeout": timeout}))))
         except ImageError as exc:
             raise CommandError(exc.message) from exc
     return images
@@ -330,7 +338,8 @@ def run_ask(args: argparse.Namespace) -> int:
     _positive(args.max_new_tokens, "--max-new-tokens")
     _check_prompt_format(args.prompt_format)
     _check_device(args.device)
-    images = _load_images(args.images)
+    _positive(args.url_timeout, "--url-timeout", 0.001)
+    images = _load_images(args.images, args.url_timeout)
     _check_placeholders(args.prompt, len(images))
     pipe = _load_pipeline(args, resolve_model(args.model))
     streamer = TextIteratorStreamer(pipe.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)

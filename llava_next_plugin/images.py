@@ -325,7 +325,7 @@ def fetch_url(
         if isinstance(exc, httpx.TimeoutException):
             raise ImageError(
                 f"URL {url!r} did not answer within {read_timeout:g} s ({type(exc).__name__}); "
-                f"check the URL or pass a larger timeout"
+                "check the URL or allow more time (timeout=; --url-timeout on the command line)"
             ) from exc
         raise ImageError(
             f"URL {url!r} could not be fetched ({type(exc).__name__}: {exc}); check the URL and the network"

@@ -545,6 +545,19 @@ def test_ask_takes_a_data_url_and_a_name_too_long_for_a_path_is_not_a_crash(chec
     assert code == 1 and "does not exist" in one_error_line(err) and len(one_error_line(err)) < 200
 
 
+def test_ask_waits_for_a_silent_image_url_as_long_as_url_timeout_says(checkpoint, capsys):
+    import socket
+
+    with socket.socket() as listener:  # accepts connections, never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/x.png"
+        code, _, err = run(capsys, "ask", url, "--model", checkpoint, "--url-timeout", 0.3)
+    assert code == 1 and "did not answer within 0.3 s" in one_error_line(err) and "--url-timeout" in err
+    code, _, err = run(capsys, "ask", url, "--model", checkpoint, "--url-timeout", 0)
+    assert code == 1 and "--url-timeout" in one_error_line(err)
+
+
 def test_tiny_checkpoint_layers_are_64_wide_and_in_hub_layout(checkpoint):
     from safetensors import safe_open
     from transformers import AutoModelForImageTextToText
