@@ -92,7 +92,7 @@ def run_both(images, **kwargs):
 
 def assert_matches_reference(ours, ref):
     assert ours["pixel_values"].shape == ref["pixel_values"].shape
-    assert ours["pixel_values"].dtype == np.float32
+    assert ours["pixel_values"].dtype == np.asarray(ref["pixel_values"]).dtype  # float32, or uint8 left unscaled
     np.testing.assert_array_equal(ours["image_sizes"], np.asarray(ref["image_sizes"]))
     # 1e-5 on normalized values; relative to the magnitude when normalization is switched off
     scale = max(1.0, float(np.abs(ref["pixel_values"]).max()))
@@ -344,6 +344,9 @@ def test_per_call_overrides_match_the_reference():
         {"do_rescale": False},
         {"image_mean": [0.5] * 3, "image_std": [0.5] * 3},
         {"resample": 2},
+        {"do_normalize": None},  # a flag given as None is off, as transformers reads it
+        {"do_rescale": None, "do_normalize": None},
+        {"do_pad": None, "size": None},  # a value given as None is the processor's own
     ):
         ours = LlavaNextImageProcessor(**settings())(image, return_tensors="np", **override)
         ref = ReferencePil(**settings())(image, return_tensors="np", **override)
