@@ -301,7 +301,7 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
     def settings(self, **overrides: Any) -> PreprocessSettings:
         """Resolve this processor's settings with per-call ``overrides`` and check they make sense."""
         # A do_* flag given as None is off, as transformers reads it (its steps run `if do_x:`); None for a value
-        # (size, image_mean...) means "the processor's own", as there.
+        # (size, image_mean...) means "the processor's own" (transformers refuses most of those).
         overrides = {k: v for k, v in overrides.items() if k not in NO_EFFECT_KWARGS}
         overrides = {k: (False if v is None and k.startswith("do_") else v) for k, v in overrides.items()}
         unknown = {k for k, v in overrides.items() if v is not None} - set(self.SETTING_NAMES)

@@ -346,7 +346,7 @@ def test_per_call_overrides_match_the_reference():
         {"resample": 2},
         {"do_normalize": None},  # a flag given as None is off, as transformers reads it
         {"do_rescale": None, "do_normalize": None},
-        {"do_pad": None, "size": None},  # a value given as None is the processor's own
+        {"do_pad": None},
     ):
         ours = LlavaNextImageProcessor(**settings())(image, return_tensors="np", **override)
         ref = ReferencePil(**settings())(image, return_tensors="np", **override)
