@@ -273,7 +273,7 @@ def _load_pipeline(args: argparse.Namespace, model: str):
 def _load_images(sources: Sequence[Any], timeout: float | None = None) -> list:
     """Read every image up front, so bad input fails before a model is loaded."""
     from .errors import ImageError
-    from .images import LoadedImage, load_image
+    from .images import DEFAULT_TIMEOUT, LoadedImage, load_image
 
     images = []
     for index, source in enumerate(sources):
@@ -282,7 +282,9 @@ def _load_images(sources: Sequence[Any], timeout: float | None = None) -> list:
             raise CommandError(f"image {index}: {_shorten(source)!r} {what}")
         try:
             # the pipeline takes it without a second read
-            images.append(LoadedImage(load_image(source, index, **({} if timeout is None else {"timeout": timeout}))))
+            images.append(
+                LoadedImage(load_image(source, index, timeout=DEFAULT_TIMEOUT if timeout is None else timeout))
+            )
         except ImageError as exc:
             raise CommandError(exc.message) from exc
     return images

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import urllib.parse
@@ -641,8 +642,9 @@ def _running_loop() -> Any:
     try:
         return asyncio.get_running_loop()
     except RuntimeError:
-        import trio  # anyio's other backend
-
+        trio = sys.modules.get("trio")  # anyio's other backend: imported already if it is the one running
+        if trio is None:
+            raise RuntimeError("no event loop is running: call this from async code (asyncio or trio)") from None
         return trio.lowlevel.current_trio_token()
 
 
