@@ -190,11 +190,7 @@ class PreprocessSettings:
     shortest_edge: int | None = None  # size={"shortest_edge": n}: views resized with their aspect kept
     crop: tuple[int, int] | None = None  # crop_size when do_center_crop, even where center_crop is skipped
     rescale: float = 1.0  # rescale_factor when do_rescale, else 1 (already in scale)
-
-    @property
-    def identity(self) -> bool:
-        """Whether pixels are neither rescaled nor normalized (``x * 1 + 0``)."""
-        return self.scale == (1.0, 1.0, 1.0) and self.offset == (0.0, 0.0, 0.0)
+    identity: bool = False  # neither do_rescale nor do_normalize: pixels stay as they are (uint8 for 8-bit images)
 
     @property
     def view_size(self) -> tuple[int, int]:
@@ -393,6 +389,7 @@ class LlavaNextImageProcessorBase(BaseImageProcessor):
             shortest_edge=size.get("shortest_edge"),
             crop=(crop["height"], crop["width"]) if value["do_center_crop"] and crop else None,
             rescale=rescale,
+            identity=not value["do_rescale"] and not value["do_normalize"],
         )
 
     # -- (de)serialization --------------------------------------------------------------------------
@@ -522,20 +519,19 @@ def _layout(shape: Sequence[int], layout: Any, default: str) -> str:
                 f"input_data_format={layout!r}: use 'channels_first' or 'channels_last'", param="input_data_format"
             )
         return layout
-    first, last = shape[0] in (1, 2, 3, 4), shape[-1] in (1, 2, 3, 4)
-    if first and not last:
+    # transformers' rule (channel counts 1, 3, 4; the first axis wins), then ours for grey+alpha (2)
+    if shape[0] in (1, 3, 4):
+        if shape[-1] in (1, 2, 3, 4):  # e.g. [3, H, 3]: either could be the channels
+            warnings.warn(
+                f"an image of shape {tuple(shape)} could be channels-first or channels-last: read as channels-first "
+                "(as transformers does); pass input_data_format='channels_last' if its channels come last",
+                UserWarning,
+                stacklevel=4,
+            )
         return "channels_first"
-    if last and not first:
+    if shape[-1] in (1, 2, 3, 4):
         return "channels_last"
-    if first and last:  # e.g. [3, H, 3]: channels first, as transformers reads it, and said
-        warnings.warn(
-            f"an image of shape {tuple(shape)} could be channels-first or channels-last: read as channels-first "
-            "(as transformers does); pass input_data_format='channels_last' if its channels come last",
-            UserWarning,
-            stacklevel=4,
-        )
-        return "channels_first"
-    return default
+    return "channels_first" if shape[0] == 2 else default
 
 
 def to_rgb_array(image: Any, index: int, input_data_format: Any = None, convert_rgb: bool = True) -> np.ndarray:
@@ -644,8 +640,10 @@ class LlavaNextImageProcessor(LlavaNextImageProcessorBase):
     Accepts PIL images, numpy uint8 arrays ``[H, W]`` / ``[H, W, C]`` (or ``[C, H, W]``), CPU torch uint8
     tensors ``[C, H, W]``, lists of them and 4-D batches. Returns a ``BatchFeature`` with
     ``pixel_values`` ``[batch, max_views, 3, H, W]`` float32 (views: the base image then the grid
-    tiles row by row; missing views are zeros) and ``image_sizes`` ``[batch, 2]`` int64 ``(height, width)``.
-    With ``do_pad=False``, ``pixel_values`` is a list of ``[views_i, 3, H, W]`` arrays. With
+    tiles row by row; missing views are zeros; uint8 with neither ``do_rescale`` nor ``do_normalize``, as
+    transformers gives them) and ``image_sizes`` ``[batch, 2]`` int64 ``(height, width)``.
+    With ``do_pad=False``, ``pixel_values`` is a list of ``[views_i, 3, H, W]`` arrays (one array when every
+    image has as many views, as transformers stacks them). With
     ``return_tensors=None`` (the default), as transformers: a list of one array per image and a list of
     ``(height, width)`` tuples.
 

@@ -149,11 +149,13 @@ class LlavaNextImageProcessorFast(LlavaNextImageProcessorBase):
     """LLaVA-NeXT anyres image processor in torch (CPU and CUDA), without torchvision.
 
     ``processor(images, return_tensors="pt", device="cuda")`` returns a ``BatchFeature`` with ``pixel_values``
-    ``[batch, max_views, 3, H, W]`` float32 on ``device`` (zeros where an image has fewer views) and
+    ``[batch, max_views, 3, H, W]`` float32 on ``device`` (zeros where an image has fewer views; uint8 for 8-bit
+    images with neither ``do_rescale`` nor ``do_normalize``, as transformers gives them) and
     ``image_sizes`` ``[batch, 2]`` int64 ``(height, width)`` on the CPU. ``device`` defaults to the
     processor's ``device`` attribute (``LlavaNextImageProcessorFast(device="cuda")`` or
     ``from_pretrained(path, device="cuda")``), else the device of the first tensor given, else the
-    CPU. With ``do_pad=False``, ``pixel_values`` is a list of ``[views_i, 3, H, W]`` tensors. With
+    CPU. With ``do_pad=False``, ``pixel_values`` is a list of ``[views_i, 3, H, W]`` tensors (one tensor when
+    every image has as many views, as transformers stacks them). With
     ``return_tensors=None`` (the default), as transformers: a list of one tensor per image and a list of
     ``(height, width)`` tuples.
 

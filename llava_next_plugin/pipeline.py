@@ -481,8 +481,8 @@ class LlavaNextImageToTextPipeline(Pipeline):
                 yield self(chunk[0], **with_prompt, **kwargs)
             elif all(_is_item(item) for item in chunk) or all(_is_conversation(item) for item in chunk):
                 yield from self(chunk, **with_prompt, **kwargs)
-            elif not any(_is_item(item) or _is_conversation(item) or isinstance(item, Mapping) for item in chunk):
-                yield from self([_as_list(item) for item in chunk], **with_prompt, **kwargs)  # a request per item
+            elif not any(isinstance(item, (Mapping, list, tuple)) for item in chunk):  # single images
+                yield from self([[item] for item in chunk], **with_prompt, **kwargs)  # a request per item
             else:  # a mix: each item as it would be called alone
                 for item in chunk:
                     yield self(item, **with_prompt, **kwargs)

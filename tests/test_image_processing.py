@@ -216,6 +216,13 @@ def test_an_ambiguous_array_is_read_channels_first_with_a_warning_as_the_referen
     assert fast["image_sizes"].tolist() == [[40, 3]]
     said = LlavaNextImageProcessor(**settings())(pixels, return_tensors="np", input_data_format="channels_last")
     assert said["image_sizes"].tolist() == [[3, 40]]  # the caller's word wins, and no warning is needed
+    two_rows = np.asarray(synthetic(2, 40))  # [2, 40, 3]: transformers counts 1, 3 or 4 channels, not 2
+    for processor in (LlavaNextImageProcessor(**settings()), LlavaNextImageProcessorFast(**settings())):
+        assert processor(two_rows, return_tensors="np")["image_sizes"].tolist() == [[2, 40]]
+    assert_matches_reference(
+        LlavaNextImageProcessor(**settings())(two_rows, return_tensors="np"),
+        ReferencePil(**settings())(two_rows, return_tensors="np"),
+    )
 
 
 def test_a_transparent_image_read_from_a_path_drops_its_alpha_as_the_reference_reads_one(tmp_path):
@@ -265,6 +272,10 @@ def test_unpadded_equal_view_counts_are_stacked_and_unscaled_pixels_stay_8_bit_a
             ref = ref_cls(**settings())(images, return_tensors=kind, **extra)["pixel_values"]
             assert type(ours) is type(ref) and ours.dtype == ref.dtype and tuple(ours.shape) == tuple(ref.shape)
             np.testing.assert_allclose(np.asarray(ours, dtype=np.float32), np.asarray(ref, dtype=np.float32), atol=0.05)
+    for extra in ({"rescale_factor": 1.0}, {"do_rescale": False, "image_mean": [0.0] * 3, "image_std": [1.0] * 3}):
+        # arithmetic that changes nothing is still a rescale or a normalization: float32, as transformers gives
+        ours = ours_cls(**settings())(images, return_tensors="np", **extra)["pixel_values"]
+        assert ours.dtype == ref_cls(**settings())(images, return_tensors="np", **extra)["pixel_values"].dtype
     uneven = ours_cls(**settings())([synthetic(50, 70), synthetic(600, 600)], return_tensors="pt", do_pad=False)
     assert [len(v) for v in uneven["pixel_values"]] == [3, 5]  # different counts: still a list
 

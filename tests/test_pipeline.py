@@ -582,6 +582,11 @@ def test_a_dataset_is_read_to_its_length_and_lazy_inputs_are_batched(pipe, photo
     items = ({"images": image, "text": QUESTION} for image in (photo, tall))
     assert list(pipe(items, max_new_tokens=NEW, batch_size=2)) == answers[:2] and rows == [2]
     rows.clear()
+    lists = [[photo, tall], [photo, tall], [tall, photo]]  # a list item is a batch of its own, whatever batch_size
+    assert list(pipe(iter(lists), prompt=QUESTION, max_new_tokens=NEW, batch_size=2)) == [
+        pipe(item, prompt=QUESTION, max_new_tokens=NEW) for item in lists
+    ]
+    rows.clear()
     pair = [{"images": photo, "text": QUESTION}, {"images": tall, "text": QUESTION}]
     assert pipe(pair, max_new_tokens=NEW) == answers[:2] and rows == [1, 1]  # batch_size 1 unless asked
 

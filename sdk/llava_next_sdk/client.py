@@ -598,9 +598,12 @@ class _ClientWithOptions(Client):
         self._parent = parent
         self._options = options
         self._base: AsyncClient | None = None
+        self._closed = False
         self._live()
 
     def _live(self) -> _LoopThread:
+        if self._closed:  # also in a forked child, where the parent builds its client again
+            raise APIConnectionError("this client is closed; create a new one")
         runner = self._parent._live()
         if self._base is not self._parent._async:
             self._base = self._parent._async
@@ -615,10 +618,13 @@ class _ClientWithOptions(Client):
         return _ClientWithOptions(self._parent, {**self._options, **{k: v for k, v in given.items() if v is not None}})
 
     def close(self) -> None:
+        if self._closed:
+            return
         try:
             self._live().run(self._async.aclose())
         except APIConnectionError:
             pass  # the parent is closed: so is this one
+        self._closed = True
 
     def __repr__(self) -> str:
         return f"{self._parent!r}.with_options({self._options!r})"

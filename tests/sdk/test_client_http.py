@@ -738,6 +738,10 @@ async def test_with_options_and_per_call_options_share_the_connections(standin):
         await client.with_options(timeout=5).generate(None, "hi")
     with pytest.raises(BadRequestError, match="timeout='soon' is invalid"):
         await client_for(url).generate(None, "hi", timeout="soon")
+    tuned = client_for(url, connect_timeout=30, read_timeout=500).with_options(timeout=1800).transport
+    assert (tuned.total_timeout, tuned.timeout.connect, tuned.timeout.read) == (1800, 30, 500)  # phases kept
+    capped = client_for(url, read_timeout=500).with_options(timeout=100).transport
+    assert (capped.total_timeout, capped.timeout.read) == (100, 100)  # none longer than the total
 
 
 async def test_closing_the_client_while_a_stream_is_read_says_so(standin):

@@ -10,6 +10,7 @@ import checkpoints
 import pytest
 from llava_next_sdk import (
     AsyncClient,
+    BadRequestError,
     Client,
     GenerationResult,
     InvalidImageError,
@@ -270,6 +271,10 @@ def test_a_local_clients_timeout_bounds_each_call_after_the_load_and_cancels_its
             twin.generate(None, PROMPT, max_tokens=4000, temperature=0, timeout=0.01, stop=None)
         with pytest.raises(UnsupportedParameterError, match="headers are sent to an HTTP endpoint"):
             client.generate(None, PROMPT, extra_headers={"X-A": "1"})
+        with pytest.raises(BadRequestError, match="timeout=-1"):  # as over HTTP: bad input, not a TypeError
+            client.generate(None, PROMPT, timeout=-1)
+        with pytest.raises(BadRequestError, match="max_retries=-1"):
+            client.generate(None, PROMPT, max_retries=-1)
         twin.close()  # only the twin
         assert client.generate(None, PROMPT, max_tokens=2, temperature=0).usage.completion_tokens == 2
         with pytest.raises(LlavaNextError, match="closed"):

@@ -20,7 +20,7 @@ from typing import Any
 
 import anyio
 
-from ..errors import APIConnectionError, LlavaNextError
+from ..errors import APIConnectionError, BadRequestError, LlavaNextError
 from ..types import ChatRequest, GenerationResult
 from .base import AsyncTransport, StreamItem, checked_transport, holding, with_options
 
@@ -126,7 +126,13 @@ class _WithOptions(_Forwarding):
         if self._closed or self._deferred._closed:
             raise APIConnectionError("this client is closed; create a new one")
         if self._transport is None:
-            self._transport = with_options(await self._deferred._get(), **self._options)
+            loaded = await self._deferred._get()
+            try:
+                self._transport = with_options(loaded, **self._options)
+            except (TypeError, ValueError) as exc:  # a value the transport cannot take: bad input
+                if isinstance(exc, LlavaNextError):
+                    raise
+                raise BadRequestError(str(exc)) from None
         return self._transport
 
     def with_options(self, **options: Any) -> AsyncTransport:

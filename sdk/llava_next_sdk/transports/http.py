@@ -249,8 +249,14 @@ class HTTPTransport:
         *headers* (replacing ours of the same name), sharing its connections: closing the one derived closes only
         it; closing this one closes both."""
         twin = copy.copy(self)
-        if timeout is not None:
-            twin.timeout, twin.total_timeout = _timeouts(timeout, None, None)
+        if isinstance(timeout, httpx.Timeout):  # the phases; the total stays
+            twin.timeout = timeout
+        elif timeout is not None:  # the total; the phases as they were, none longer than it
+            twin.total_timeout = _seconds("timeout", timeout)
+            phases = {name: getattr(self.timeout, name) for name in _DEFAULT_PHASES}
+            twin.timeout = httpx.Timeout(
+                **{name: None if value is None else min(value, twin.total_timeout) for name, value in phases.items()}
+            )
         if max_retries is not None:
             twin.retry_policy = dataclasses.replace(self.retry_policy, max_retries=max_retries)
         if headers:
@@ -279,8 +285,11 @@ class HTTPTransport:
             if loop is here:
                 with anyio.CancelScope(shield=True):
                     await pool.aclose()
-            elif isinstance(loop, asyncio.AbstractEventLoop) and loop.is_running():
-                asyncio.run_coroutine_threadsafe(pool.aclose(), loop)
+            elif isinstance(loop, asyncio.AbstractEventLoop):
+                if loop.is_running():
+                    asyncio.run_coroutine_threadsafe(pool.aclose(), loop)
+            elif _loop_alive(loop):  # a live trio run's token: closed as a task of that run
+                loop.run_sync_soon(_close_in_trio, pool)
 
     def _client(self) -> httpx.AsyncClient:
         """The httpx client for the running event loop: the caller's ``http_client``, else our pool for this loop
@@ -289,6 +298,8 @@ class HTTPTransport:
             return self._given_client
         loop, root = _running_loop(), self._root
         with root._pools_lock:
+            if root._closed:  # aclose() ran meanwhile: a pool made now would never be closed
+                raise APIConnectionError("this client is closed; create a new one")
             held = root._pools.get(id(loop))
             if held is not None and held[0] is loop:
                 return held[1]
@@ -646,6 +657,11 @@ def _running_loop() -> Any:
         if trio is None:
             raise RuntimeError("no event loop is running: call this from async code (asyncio or trio)") from None
         return trio.lowlevel.current_trio_token()
+
+
+def _close_in_trio(pool: httpx.AsyncClient) -> None:
+    """Run on a trio run's own thread: close *pool* there, as a system task."""
+    sys.modules["trio"].lowlevel.spawn_system_task(pool.aclose)
 
 
 def _loop_alive(loop: Any) -> bool:
