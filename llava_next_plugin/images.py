@@ -290,7 +290,9 @@ def fetch_url(
         watchdog.start()
     try:
         with httpx.Client(timeout=read_timeout, follow_redirects=follow_redirects) as client:
-            with client.stream("GET", url, headers={"Accept": "image/*"}, extensions={"trace": trace}) as response:
+            # the file as it is: a compressed answer is decoded a whole read at a time, before its size is known
+            headers = {"Accept": "image/*", "Accept-Encoding": "identity"}
+            with client.stream("GET", url, headers=headers, extensions={"trace": trace}) as response:
                 if response.status_code != 200:
                     hint = (
                         "redirects are not followed: give the final URL"
@@ -305,6 +307,12 @@ def fetch_url(
                     raise ImageError(
                         f"URL {url!r} is not an image (content-type {content_type}); "
                         "give the URL of a PNG, JPEG, WebP, GIF, BMP or TIFF file"
+                    )
+                encoding = response.headers.get("content-encoding", "identity").strip().lower()
+                if encoding not in ("", "identity"):
+                    raise ImageError(
+                        f"URL {url!r} answered with Content-Encoding {encoding[:40]!r} though asked for none; "
+                        "serve the image file as it is"
                     )
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > limit:
@@ -330,6 +338,9 @@ def fetch_url(
         raise ImageError(
             f"URL {url!r} could not be fetched ({type(exc).__name__}: {exc}); check the URL and the network"
         ) from exc
+    except BaseException:
+        chunks.clear()  # an error's traceback holds this frame: not the bytes read so far too
+        raise
     finally:
         if watchdog is not None:
             watchdog.cancel()

@@ -53,6 +53,7 @@ from llava_next_sdk.errors import (
     RequestCancelledError,
     ServerError,
 )
+from llava_next_sdk.types import ImagePart
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.applications import Starlette
@@ -443,9 +444,12 @@ class _Drain:
             group.cancel_scope.cancel()
         if not outcome:
             raise _shutting_down()
-        if isinstance(outcome[0], BaseException):
-            raise outcome[0]
-        return outcome[0]
+        # taken out of the list first: an error in it, whose traceback holds this frame, would be a reference
+        # cycle keeping the request (its body, its images) until the garbage collector's next full pass
+        result = outcome.pop()
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
 
 class _StreamThenLeave(StreamingResponse):
@@ -504,7 +508,7 @@ def create_app(
     :param shutdown_engine: shut the engine down (draining) when the app stops; False for an engine that
         outlives the app (shared with other apps or in-process clients).
     :param max_preparing: requests whose images are decoded and preprocessed at once, at most; others wait
-        their turn. A request the engine's queue cannot take is refused (429) before any of that work, and again
+        their turn (text-only requests do not: theirs is a tokenization). A request the engine's queue cannot take is refused (429) before any of that work, and again
         after waiting.
     :param max_fetching: image URLs fetched at once, at most, across requests (each on a worker thread; a
         request's URLs are fetched together, before it waits for a preparing turn, so that slow hosts hold
@@ -584,9 +588,17 @@ def create_app(
                     engine.check_admission()  # cheap: a full queue answers 429 before any image work
                     urls = check_request(engine, parsed.request, limits)
                     fetched = await _fetch_all(urls) if urls else None
+                    # images take turns (decoding and tiling cost CPU and memory); a text-only request, a
+                    # tokenization, does not wait behind them (anyio's default thread limiter)
+                    with_images = any(
+                        isinstance(part, ImagePart) for message in parsed.request.messages for part in message.content
+                    )
                     try:
                         prepared = await anyio.to_thread.run_sync(
-                            _admit_and_prepare, parsed.request, fetched, limiter=_limiter(preparing, max_preparing)
+                            _admit_and_prepare,
+                            parsed.request,
+                            fetched,
+                            limiter=_limiter(preparing, max_preparing) if with_images else None,
                         )
                     finally:
                         if fetched:
@@ -677,6 +689,7 @@ def create_app(
                 group.start_soon(fetch, index, url, group.cancel_scope)
         error = first_error()
         if error is not None:
+            got.clear()  # no cycle through the error's traceback (see unless_cut)
             raise error
         fetched = {index: outcome for index, outcome in got.items() if isinstance(outcome, bytes)}
         size = sum(map(len, fetched.values()))
@@ -712,9 +725,10 @@ def create_app(
             except LlavaNextError as error:
                 outcome.append(error)
             group.cancel_scope.cancel()
-        if isinstance(outcome[0], LlavaNextError):
-            raise outcome[0]
-        return outcome[0]
+        result = outcome.pop()  # out of the list before raising: no cycle through its traceback
+        if isinstance(result, LlavaNextError):
+            raise result
+        return result
 
     async def _stream(handle: RequestHandle, include_usage: bool, request_id: str, ended_with: dict[str, int]):
         created = int(time.time())

@@ -237,7 +237,9 @@ def fetch_image(url: str, index: int, limits: Limits) -> bytes:
             follow_redirects=False,
         )
     except ImageError as error:
-        raise InvalidImageError(error.message, index=index, param="messages") from None
+        message = error.message
+    # raised outside the except block: no __context__ holding the fetch's frames (and what they read)
+    raise InvalidImageError(message, index=index, param="messages")
 
 
 def _image_size(source, index: int, limits: Limits) -> tuple[int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import http.server
 import io
 import threading
@@ -149,11 +150,16 @@ class ImageServer(http.server.BaseHTTPRequestHandler):
             self._send(200, self.png, "image/png")
         elif self.path == "/page":
             self._send(200, b"<html>not an image</html>", "text/html")
+        elif self.path == "/gzipped":  # compressed though asked for the file as it is (a bomb's way in)
+            type(self).asked_encoding = self.headers.get("Accept-Encoding")
+            self._send(200, gzip.compress(self.png), "image/png", {"Content-Encoding": "gzip"})
         else:
             self._send(404, b"no such image", "text/plain")
 
-    def _send(self, status, body, content_type):
+    def _send(self, status, body, content_type, headers=None):
         self.send_response(status)
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -191,6 +197,9 @@ def test_http_errors_are_clear(image_server, monkeypatch):
         load_image(image_server + "/slow", timeout=0.3)
     with pytest.raises(ImageError, match=r"URL .*/page.* is not an image \(content-type text/html\)"):
         load_image(image_server + "/page")
+    with pytest.raises(ImageError, match=r"answered with Content-Encoding 'gzip' though asked for none"):
+        load_image(image_server + "/gzipped")
+    assert ImageServer.asked_encoding == "identity"
     monkeypatch.setattr(images, "MAX_DOWNLOAD_BYTES", 1000)
     with pytest.raises(ImageError, match=r"serves more than 1,000 bytes, the download limit"):
         load_image(image_server + "/cat.png")

@@ -215,6 +215,12 @@ def _read_message(message: Any, i: int, first_image: int, bare_images: bool) -> 
     role = ROLE_ALIASES.get(given) if isinstance(given, str) else None
     if role is None:
         raise _bad(f"{where}: unsupported role {_brief(given)}; use {_ROLE_NAMES}")
+    for calls in ("tool_calls", "function_call"):  # tools are refused in a request: so are turns that used them
+        if message.get(calls):
+            raise _bad(
+                f"{where} has '{calls}': tools and function calls are not supported; send the assistant turn's "
+                "text as its content"
+            )
     if "content" not in message:
         raise _bad(f"{where} has no 'content'; give a string or a list of content parts")
     content = message["content"]

@@ -179,7 +179,10 @@ class GenerationParams:
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> BadRequestError:
-            return BadRequestError(f"{name}={getattr(self, name)!r} is invalid: {why}", param=name)
+            value = repr(getattr(self, name))  # quoted short: a client's megabyte value is not sent back whole
+            return BadRequestError(
+                f"{name}={value if len(value) <= 60 else value[:50] + '...'} is invalid: {why}", param=name
+            )
 
         if self.max_tokens is not None:
             if not _is_int(self.max_tokens) or self.max_tokens < 1:

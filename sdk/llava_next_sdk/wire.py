@@ -211,12 +211,13 @@ def parse_chat_request(body: Any) -> ParsedChatRequest:
         k for k, default in _DEFAULT_ONLY.items() if body.get(k) is not None and not _is_default(body[k], default)
     )
     if unknown or not_default:
-        named = unknown + [f"{k}={_brief(body[k])} (only {k}={json.dumps(_DEFAULT_ONLY[k])})" for k in not_default]
+        shown = [_brief(k)[1:-1] for k in unknown[:5]] + ([f"and {len(unknown) - 5} more"] if len(unknown) > 5 else [])
+        named = shown + [f"{k}={_brief(body[k])} (only {k}={json.dumps(_DEFAULT_ONLY[k])})" for k in not_default]
         defaults = ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(_DEFAULT_ONLY.items()))
         raise UnsupportedParameterError(
             f"unsupported parameter(s): {', '.join(named)}; supported: {', '.join(sorted(known - set(_DEFAULT_ONLY)))}"
             f", and {defaults} (their defaults only)",
-            param=(unknown + not_default)[0],
+            param=_brief((unknown + not_default)[0])[1:-1],
         )
     read = read_messages(body.get("messages"))
     parsed_messages = to_chat_messages(read, [_wire_image(ref) for m in read for ref in m.images])
@@ -572,7 +573,7 @@ def decode_data_url(url: str, *, index: int | None = None, param: str | None = N
     media_type = meta[0].strip().lower() or "text/plain"
     if not media_type.startswith("image/"):
         raise InvalidImageError(
-            f"a data URL of type {media_type!r} is not an image; expected image/png, image/jpeg, ...",
+            f"a data URL of type {_brief(media_type)} is not an image; expected image/png, image/jpeg, ...",
             index=index,
             param=param,
         )

@@ -483,3 +483,21 @@ def test_an_image_part_holds_exactly_one_source():
     with pytest.raises(BadRequestError):
         ImagePart(url="https://x.org/a.png", data=b"x")
     assert ImagePart(data=b"\x01", media_type="image/jpeg").as_url() == "data:image/jpeg;base64,AQ=="
+
+
+def test_huge_values_are_quoted_short_and_tool_call_turns_are_refused():
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(BadRequestError) as info:
+        wire.parse_chat_request({"messages": messages, "temperature": "x" * 1_000_000})
+    assert len(info.value.message) < 300
+    with pytest.raises(UnsupportedParameterError) as info:
+        wire.parse_chat_request({"messages": messages, "k" * 1_000_000: 1, **{f"extra{i}": 1 for i in range(1000)}})
+    assert len(info.value.message) < 600 and "more" in info.value.message and len(info.value.param) < 80
+    called = [
+        {"role": "user", "content": "What is the weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function", "function": {}}]},
+    ]
+    with pytest.raises(BadRequestError, match=r"messages\[1\] has 'tool_calls': tools and function calls"):
+        wire.parse_chat_request({"messages": called})
+    answered = [{"role": "assistant", "content": "Sunny.", "tool_calls": None, "refusal": None}]
+    wire.parse_chat_request({"messages": [messages[0], *answered]})  # an OpenAI reply appended as it came back
