@@ -508,8 +508,8 @@ def create_app(
     :param shutdown_engine: shut the engine down (draining) when the app stops; False for an engine that
         outlives the app (shared with other apps or in-process clients).
     :param max_preparing: requests whose images are decoded and preprocessed at once, at most; others wait
-        their turn (text-only requests do not: theirs is a tokenization). A request the engine's queue cannot take is refused (429) before any of that work, and again
-        after waiting.
+        their turn (text-only requests do not: theirs is a tokenization). A request the engine's queue cannot
+        take is refused (429) before any of that work, and again after waiting.
     :param max_fetching: image URLs fetched at once, at most, across requests (each on a worker thread; a
         request's URLs are fetched together, before it waits for a preparing turn, so that slow hosts hold
         back no one else's preparation).
