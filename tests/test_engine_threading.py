@@ -443,6 +443,10 @@ def _workers_of(action) -> tuple[set[str], set[str]]:
     # new OS threads that Python did not start (a Python thread another test's leftovers start meanwhile is none)
     workers = threads() - before - {str(t.native_id) for t in threading.enumerate()}
     action()
+    # a released worker leaves the runtime's barrier, then exits: it may still be listed for a moment
+    deadline = time.monotonic() + 2.0
+    while workers & threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
     return workers, workers & threads()
 
 
