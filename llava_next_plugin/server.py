@@ -286,12 +286,34 @@ class _Front:
             self.metrics.count_request(scope["path"], status[0])
 
 
-async def _read_json(request: Request, max_bytes: int, seconds: float, max_messages: int) -> Any:
+class _HeldBytes:
+    """Bytes held in memory by requests at once (bodies being received, images fetched), against a bound: a
+    request whose bytes would pass it is refused with 429 rather than waited for. On the event loop: no lock."""
+
+    def __init__(self, bound: int, what: str) -> None:
+        self.held, self.bound, self.what = 0, bound, what
+
+    def take(self, size: int) -> None:
+        if self.held + size > self.bound:
+            raise OverloadedError(
+                f"the server holds {self.held} bytes of {self.what}; {size} more would pass its bound of "
+                f"{self.bound}; retry later",
+                retry_after=1.0,
+            )
+        self.held += size
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
+async def _read_json(request: Request, max_bytes: int, seconds: float, max_messages: int, receiving: _HeldBytes) -> Any:
     """The request's JSON body, received within *seconds* (408 beyond) and at most *max_bytes* (413), with at
     most *max_messages* messages, as many content parts in one, and :data:`~.validation.PARTS_PER_MESSAGE` times
-    as many in all (400): all before any of it is parsed further."""
+    as many in all (400): all before any of it is parsed further. Its bytes count in *receiving* as they
+    arrive (429 past its bound) until it is parsed: a client that sends slowly holds what it has sent, not a
+    place that others wait for."""
     with anyio.move_on_after(seconds) as scope:
-        body = await _receive_json(request, max_bytes)
+        body = await _receive_json(request, max_bytes, receiving)
     if scope.cancelled_caught:
         raise BadRequestError(
             f"the request body did not arrive within {seconds:g} s (--body-timeout); send it at once",
@@ -308,7 +330,7 @@ async def _read_json(request: Request, max_bytes: int, seconds: float, max_messa
     return body
 
 
-async def _receive_json(request: Request, max_bytes: int) -> Any:
+async def _receive_json(request: Request, max_bytes: int, receiving: _HeldBytes) -> Any:
     declared = request.headers.get("content-length")
     too_big = BadRequestError(
         f"the request body is larger than {max_bytes} bytes (--max-body-bytes); send fewer or smaller images",
@@ -326,22 +348,27 @@ async def _receive_json(request: Request, max_bytes: int) -> Any:
             param=None,
         )
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise too_big
-        chunks.append(chunk)
-    body = b"".join(chunks)
     try:
-        if len(body) > JSON_ON_LOOP_BYTES:  # megabytes of base64 images: parse off the event loop
-            return await anyio.to_thread.run_sync(json.loads, body)
-        return json.loads(body)
-    except RecursionError:
-        raise BadRequestError(
-            "the request body nests JSON too deeply; a chat request needs a few levels", param=None
-        ) from None
-    except ValueError as exc:  # UnicodeDecodeError included
-        raise BadRequestError(f"the request body is not valid JSON ({first_line(exc)})", param=None) from None
+        async for chunk in request.stream():
+            if size + len(chunk) > max_bytes:
+                raise too_big
+            receiving.take(len(chunk))
+            size += len(chunk)
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        chunks.clear()
+        try:
+            if len(body) > JSON_ON_LOOP_BYTES:  # megabytes of base64 images: parse off the event loop
+                return await anyio.to_thread.run_sync(json.loads, body)
+            return json.loads(body)
+        except RecursionError:
+            raise BadRequestError(
+                "the request body nests JSON too deeply; a chat request needs a few levels", param=None
+            ) from None
+        except ValueError as exc:  # UnicodeDecodeError included
+            raise BadRequestError(f"the request body is not valid JSON ({first_line(exc)})", param=None) from None
+    finally:
+        receiving.give(size)
 
 
 # ---------------------------------------------------------------------------------------------- drain
@@ -560,29 +587,32 @@ def create_app(
                 f"the model {shown} does not exist on this server; it serves {name!r} (see /v1/models)", param="model"
             )
 
-    reading = [0]  # requests whose bodies are being read and images prepared (on the event loop: no lock)
+    reading = [0]  # requests received and being prepared (on the event loop: no lock)
+    # bodies being received: each holds up to max_body_bytes, as many as may wait in the queue
+    receiving = _HeldBytes(max(engine.max_queue, 1) * limits.max_body_bytes, "request bodies being received")
 
     async def chat_completions(request: Request) -> Response:
         request_id = request.scope["state"]["request_id"]
         if drain.draining:
             return respond(_shutting_down(), request_id)
-        if reading[0] >= max(engine.max_queue, 1):  # each holds a body of up to max_body_bytes: as many as may queue
-            return respond(
-                OverloadedError(
-                    f"{reading[0]} requests are being read and prepared, as many as may wait in the queue "
-                    f"(--max-queue {engine.max_queue}); retry later",
-                    retry_after=1.0,
-                ),
-                request_id,
-            )
         drain.enter()
         streaming = False
-        reading[0] += 1
+        preparing_place = [False]  # whether this request counts in ``reading``
         try:
             try:
 
                 async def read_fetch_and_prepare():
-                    body = await _read_json(request, limits.max_body_bytes, limits.body_timeout, limits.max_messages)
+                    body = await _read_json(
+                        request, limits.max_body_bytes, limits.body_timeout, limits.max_messages, receiving
+                    )
+                    if reading[0] >= max(engine.max_queue, 1):  # as many as may wait in the queue
+                        raise OverloadedError(
+                            f"{reading[0]} requests are being prepared, as many as may wait in the queue "
+                            f"(--max-queue {engine.max_queue}); retry later",
+                            retry_after=1.0,
+                        )
+                    reading[0] += 1
+                    preparing_place[0] = True
                     parsed = wire.parse_chat_request(body)
                     check_model(parsed.request.model)
                     engine.check_admission()  # cheap: a full queue answers 429 before any image work
@@ -602,7 +632,7 @@ def create_app(
                         )
                     finally:
                         if fetched:
-                            held_bytes[0] -= sum(map(len, fetched.values()))
+                            held.give(sum(map(len, fetched.values())))
                     return parsed, prepared
 
                 # the drain's cut answers 503 at once to a request still reading, fetching or waiting its turn
@@ -613,7 +643,8 @@ def create_app(
             except LlavaNextError as error:
                 return respond(error, request_id)
             finally:
-                reading[0] -= 1
+                if preparing_place[0]:
+                    reading[0] -= 1
             drain.track(handle)
             if parsed.stream:
 
@@ -654,16 +685,17 @@ def create_app(
             made.append(anyio.CapacityLimiter(capacity))
         return made[0]
 
-    held_bytes = [0]  # bytes fetched and not yet prepared, all requests (on the event loop: no lock)
-    max_held_bytes = max_preparing * limits.max_images_per_request * limits.max_image_bytes
+    # bytes fetched and not yet prepared, all requests: as many as max_preparing requests could hold
+    held = _HeldBytes(
+        max_preparing * limits.max_images_per_request * limits.max_image_bytes, "fetched images waiting to be prepared"
+    )
 
     async def _fetch_all(urls: list[tuple[int, str]]) -> dict[int, bytes]:
         """The bytes of a request's image URLs, by image index, all fetched at once on worker threads of their
         own (at most *max_fetching* across requests), apart from the preparing limiter: a slow host delays only
         the requests whose images it serves. The first failing image's error (in image order) is raised as soon
-        as it is known, the other fetches left to end alone. The bytes count in ``held_bytes`` until the request
-        is prepared (the caller gives them back); beyond ``max_held_bytes``, as many as *max_preparing* requests
-        could hold before they are fetched apart, a 429."""
+        as it is known, the other fetches left to end alone. The bytes count in ``held`` until the request is
+        prepared (the caller gives them back); beyond its bound, a 429."""
         got: dict[int, bytes | LlavaNextError] = {}
         order = [index for index, _ in urls]
 
@@ -692,14 +724,7 @@ def create_app(
             got.clear()  # no cycle through the error's traceback (see unless_cut)
             raise error
         fetched = {index: outcome for index, outcome in got.items() if isinstance(outcome, bytes)}
-        size = sum(map(len, fetched.values()))
-        if held_bytes[0] + size > max_held_bytes:
-            raise OverloadedError(
-                f"the server holds {held_bytes[0]} bytes of fetched images waiting to be prepared; this request's "
-                f"{size} would pass its bound of {max_held_bytes}; retry later",
-                retry_after=1.0,
-            )
-        held_bytes[0] += size
+        held.take(sum(map(len, fetched.values())))
         return fetched
 
     def _admit_and_prepare(chat_request, fetched: dict[int, bytes] | None):

@@ -471,39 +471,50 @@ def test_a_stream_ended_by_an_error_event_is_counted_with_that_events_status(eng
         assert count("200") == 0 and count("499") == 0
 
 
-def test_requests_being_read_are_bounded_by_the_queue_size_with_a_429(reference):
-    """Each request being read holds its body (up to --max-body-bytes): no more of them than may wait in the
-    queue. A request beyond that is refused at once with 429 and Retry-After; once the slow one is in, there is
-    room again."""
+def test_a_body_sent_slowly_holds_its_bytes_not_a_place_others_wait_for(reference):
+    """Bodies being received are bounded by the bytes they hold (--max-queue times --max-body-bytes), not by
+    their count: while a slow client dribbles its body, other requests are read and served (a slow client held
+    a place until --body-timeout, and 16 of them refused every good request). A body whose bytes would pass
+    the bound is refused at once with 429 and Retry-After; once the slow one is in, there is room again."""
     import threading
 
-    engine = Engine(*reference, max_queue=1)
     body = json.dumps({"messages": image_message("What?", data_url(40, 40)), "max_tokens": 1}).encode()
-    sent_half = threading.Event()
+    headers = {"content-type": "application/json"}
 
-    def slowly():
-        yield body[: len(body) // 2]
-        sent_half.set()
-        time.sleep(3.0)
-        yield body[len(body) // 2 :]
+    def slow_then_others(max_body_bytes: int) -> tuple[list[httpx.Response], httpx.Response]:
+        engine = Engine(*reference, max_queue=1)
+        sent_half, others_done = threading.Event(), threading.Event()
 
-    with serve_in_thread(create_app(engine)) as running:
-        url = running.url + "/chat/completions"
-        headers = {"content-type": "application/json"}
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            slow = pool.submit(httpx.post, url, content=slowly(), headers=headers, timeout=60)
-            assert sent_half.wait(30)
-            deadline = time.monotonic() + 2.5  # the slow one's second half comes after 3 s
-            while True:  # until the server has begun reading the slow one (a request before that is served)
-                refused = httpx.post(url, content=body, headers=headers, timeout=60)
-                if refused.status_code == 429 or time.monotonic() > deadline:
-                    break
-            assert refused.status_code == 429, refused.text
-            assert not slow.done()  # refused while the slow one was still being read
-            assert slow.result().status_code == 200
-        assert refused.headers["retry-after"] == "1"
-        assert "being read and prepared" in refused.json()["error"]["message"]
-        assert httpx.post(url, content=body, headers=headers, timeout=60).status_code == 200
+        def slowly():
+            yield body[: len(body) // 2]
+            sent_half.set()
+            others_done.wait(30)
+            yield body[len(body) // 2 :]
+
+        with serve_in_thread(create_app(engine, limits=Limits(max_body_bytes=max_body_bytes))) as running:
+            url = running.url + "/chat/completions"
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                slow = pool.submit(httpx.post, url, content=slowly(), headers=headers, timeout=60)
+                assert sent_half.wait(30)
+                time.sleep(0.3)  # the server has the first half
+                others = [httpx.post(url, content=body, headers=headers, timeout=60) for _ in range(3)]
+                assert not slow.done()
+                others_done.set()
+                assert slow.result().status_code == 200
+            after = httpx.post(url, content=body, headers=headers, timeout=60)
+        return others, after
+
+    # room for two bodies: the slow half and one whole body at a time
+    others, after = slow_then_others(max_body_bytes=2 * len(body))
+    assert [r.status_code for r in others] == [200, 200, 200], [r.text for r in others]
+    assert after.status_code == 200
+    # room for one body: the slow half leaves too little for another whole one
+    others, after = slow_then_others(max_body_bytes=len(body) + 10)
+    assert [r.status_code for r in others] == [429, 429, 429], [r.text for r in others]
+    assert others[0].headers["retry-after"] == "1"
+    message = others[0].json()["error"]["message"]
+    assert "bytes of request bodies being received" in message and "retry later" in message, message
+    assert after.status_code == 200
 
 
 def test_a_large_body_is_parsed_like_a_small_one(server, engine):

@@ -560,6 +560,32 @@ def test_a_body_sent_too_slowly_is_a_408_and_gives_its_reading_place_back(served
     still_serving(served)
 
 
+def test_more_slow_bodies_than_may_queue_do_not_keep_a_good_request_out(served):
+    """A slowloris: 80 connections (more than --max-queue's 64) that send a body's first byte and stall. They
+    hold one byte each, not a place: a good request is served at once, and each slow one ends with a 408."""
+    import socket
+
+    slow = []
+    try:
+        for _ in range(80):
+            connection = socket.create_connection(("127.0.0.1", served.port), timeout=30)
+            connection.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n{"
+            )
+            slow.append(connection)
+        still_serving(served)
+        for connection in slow:
+            answer = b""
+            while b"--body-timeout" not in answer and (chunk := connection.recv(65536)):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+    finally:
+        for connection in slow:
+            connection.close()
+    still_serving(served)
+
+
 def test_too_many_messages_or_parts_are_refused_before_they_are_parsed(served):
     many = [{"role": "user", "content": ""}] * 51
     error = assert_openai_error(post(served, {"messages": many, "max_tokens": 2}), 400)
