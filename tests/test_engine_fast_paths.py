@@ -1,5 +1,5 @@
-"""The engine's CPU fast paths give what the plain paths give: the LM head packed for MKL's GEMM (the same greedy
-tokens as ``model.generate``, packed again when the weight changes) and the detokenizer's table of token pieces
+"""The engine's CPU fast paths give what the plain paths give: the LM head computed vocabulary-major (the same
+greedy tokens as ``model.generate``, the weight used as it is at each step) and the detokenizer's table of token pieces
 (the same text deltas as decoding, for sentencepiece, byte-level and metaspace tokenizers)."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from transformers import PreTrainedTokenizerFast
 
 from llava_next_plugin.engine import Engine, SamplingParams
 from llava_next_plugin.engine.detokenizer import PieceTable, TextStream
-from llava_next_plugin.engine.packed_head import _HEADS, PackedHead, packed_linear
+from llava_next_plugin.engine.head import by_vocab, first_max_by_vocab, logits_by_vocab
+from llava_next_plugin.engine.sampler import first_max
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0)
 REQUESTS = [("What is this?", photo(80, 50)), ("And this one?", photo(40, 64)), ("Colours?", photo(64, 64))]
@@ -30,67 +31,70 @@ def expected(engine: Engine, model) -> list[list[int]]:
     return [reference_greedy(model, engine.prepare(ask(text), [image], GREEDY), 6) for text, image in REQUESTS]
 
 
-@pytest.mark.skipif(
-    not torch.backends.mkl.is_available(), reason="this torch build has no MKL (the head is not packed)"
-)
-def test_batched_steps_run_the_packed_lm_head_and_give_model_generate_tokens(reference):
+def test_batched_steps_compute_the_head_by_vocab_and_give_model_generate_tokens(reference):
     model, processor = reference
     engine = Engine(model, processor, max_batch_size=4).start()
     try:
+        assert engine.runner._by_vocab(3, True)  # steps of several rows compute the head vocabulary-major
         assert batched(engine) == expected(engine, model)
-        head = engine.runner.packed_head
-        assert head is not None and head.packed is not None  # it was used (steps of 2+ rows)
-        weight = model.get_output_embeddings().weight
-        for rows in (2, 3, 4):
-            hidden = torch.randn(rows, weight.shape[1])
-            with torch.inference_mode():
-                torch.testing.assert_close(packed_linear(hidden, weight, None), hidden @ weight.T)
     finally:
         engine.shutdown(drain=False)
 
 
-@pytest.mark.skipif(
-    not torch.backends.mkl.is_available(), reason="this torch build has no MKL (the head is not packed)"
-)
-def test_an_lm_head_weight_changed_in_place_through_data_or_replaced_is_packed_again(tiny_checkpoint):
+def test_the_head_by_vocab_is_the_transpose_of_the_linear_and_its_maxima_are_the_first_ones():
+    head = torch.nn.Linear(64, 300)
+    with torch.inference_mode():
+        for rows in (2, 3, 16):
+            hidden = torch.randn(rows, 64)
+            torch.testing.assert_close(logits_by_vocab(head, hidden).t(), head(hidden))
+            head.bias = None
+            torch.testing.assert_close(logits_by_vocab(head, hidden), head.weight @ hidden.T)
+            head.bias = torch.nn.Parameter(torch.randn(300))
+        scores = torch.zeros(300, 4)
+        scores[[5, 200]] = 1.0  # a tie in every column: the first index wins, as argmax
+        scores[[3, 9], 2] = 2.0
+        scores[[250, 100], 3] = float("nan")  # a NaN is the maximum, as in first_max
+        top, index = first_max_by_vocab(scores)
+        want_top, want_index = first_max(scores.t().contiguous())
+        assert index.tolist() == want_index.tolist() == [5, 5, 3, 100]
+        assert top[:3].tolist() == want_top[:3].tolist() == [1.0, 1.0, 2.0] and top[3].isnan() and want_top[3].isnan()
+
+
+def test_an_lm_head_weight_changed_in_place_through_data_or_replaced_is_used_as_it_is(tiny_checkpoint):
+    """No copy of the head is kept: every change of its weight, even through ``.data`` (which torch does not
+    count), is in the next step."""
     import transformers
 
     model = transformers.LlavaNextForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
     processor = transformers.AutoProcessor.from_pretrained(tiny_checkpoint)
     engine = Engine(model, processor, max_batch_size=4).start()
     head = model.get_output_embeddings()
-    packed = engine.runner.packed_head
-
-    def runs_packed() -> bool:  # the custom op finds this head's copy of the weight as it is now
-        ref = _HEADS.get(head.weight.data_ptr())
-        return ref is not None and ref() is packed and packed.packed_ptr == head.weight.data_ptr()
-
     try:
         before = batched(engine)
-        assert before == expected(engine, model) and runs_packed()
+        assert before == expected(engine, model)
         saved = head.weight.detach().clone()
         with torch.no_grad():  # in place: every logit 0, so the first token (id 0) wins every step
             head.weight.zero_()
-        assert batched(engine) == [[0] * 6] * 3 == expected(engine, model) and runs_packed()
+        assert batched(engine) == [[0] * 6] * 3 == expected(engine, model)
         head.weight = torch.nn.Parameter(saved)  # another tensor: the first weights again
-        assert batched(engine) == before and runs_packed()
+        assert batched(engine) == before
         head.weight.data.mul_(0)  # through .data: torch's version counter does not move
         assert head.weight._version == 0
-        assert batched(engine) == [[0] * 6] * 3 and runs_packed()
+        assert batched(engine) == [[0] * 6] * 3
     finally:
         engine.shutdown(drain=False)
 
 
-def test_only_a_float32_linear_head_on_the_cpu_with_several_rows_is_packed():
-    assert PackedHead.of(torch.nn.Linear(64, 300, bias=False).bfloat16(), 4) is None
-    assert PackedHead.of(torch.nn.Linear(64, 300, bias=False), 1) is None  # never more than one row a step
-    assert PackedHead.of(torch.nn.Embedding(300, 64), 4) is None
-    if torch.backends.mkl.is_available():
-        head = PackedHead.of(torch.nn.Linear(64, 300), 4)
-        assert head is not None and head.current()  # packed (bias included), its check passed
-        hidden = torch.randn(3, 64)
-        with torch.inference_mode():
-            torch.testing.assert_close(head(hidden), head.linear(hidden))
+def test_only_a_float32_linear_head_on_the_cpu_with_several_rows_is_computed_by_vocab():
+    assert by_vocab(torch.nn.Linear(64, 300, bias=False), 2)
+    assert not by_vocab(torch.nn.Linear(64, 300, bias=False), 1)  # one row: F.linear, the same product
+    assert not by_vocab(torch.nn.Linear(64, 300, bias=False).bfloat16(), 4)
+    assert not by_vocab(torch.nn.Embedding(300, 64), 4)
+
+    class Wrapped(torch.nn.Linear):  # e.g. a quantizer's or an adapter's: its own forward runs
+        pass
+
+    assert not by_vocab(Wrapped(64, 300), 4)
 
 
 # --- the detokenizer's pieces

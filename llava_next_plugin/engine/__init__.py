@@ -18,7 +18,7 @@ Data flow (a module for each idea)::
        asyncio or trio; cancel anywhere)       │       (decoder.PlainDecoder: a Llama-family forward written out)
                                                ├──► decode step: tokens [n] for slot rows [0, n) -> logits [n, vocab]
                                                │       and the greedy picks [2, n] (on a CPU, 2+ rows: the LM head
-                                               │       packed for MKL, packed_head.PackedHead)
+                                               │       computed vocabulary-major, head.py)
                                                ├──► sampler.sample on the device -> tokens [n] (one transfer)
                                                └──► detokenizer.TextStream: text deltas, stop strings -> handle
                                                        (most tokens append their known text: PieceTable)

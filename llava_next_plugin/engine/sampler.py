@@ -95,7 +95,7 @@ def sample(
     *first*: the rows' :func:`first_max`, when the step computed it already. A batch of greedy rows only is
     cheaper through :func:`greedy`.
     """
-    logits = logits.float()
+    logits = logits.float().contiguous()  # a decode step's may be a transposed view (head.py)
     top, greedy_tokens = first if first is not None else first_max(logits)
     ok = torch.isfinite(top)
     shifted = logits - top[:, None]  # <= 0, the maximum exactly 0

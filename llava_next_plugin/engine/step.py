@@ -27,8 +27,8 @@ import torch
 
 from .._compat import cache_kwarg
 from .decoder import HookWatch, PlainDecoder
+from .head import by_vocab, first_max_by_vocab, logits_by_vocab
 from .kv import KVSlots
-from .packed_head import PackedHead
 from .sampler import first_max
 
 __all__ = ["ModelRunner", "length_bucket"]
@@ -104,8 +104,6 @@ class ModelRunner:
         self.kv = kv
         self.embed_tokens = model.get_input_embeddings()
         self.lm_head = model.get_output_embeddings()
-        #: On a CPU, the LM head's weight packed for MKL's GEMM, used by steps of 2+ rows (packed_head.py)
-        self.packed_head = PackedHead.of(self.lm_head, kv.slots)
         self.language_model = language_model(model)
         self.cache_arg = cache_kwarg(self.language_model.forward)
         #: The decoder forward written out (a Llama-family backbone), else ``None``: transformers' forward runs.
@@ -136,7 +134,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self._decode_forward = self._decode_run
-        #: The compiled step's graphs made, by what each is specialised on: (several rows, plain, packed head)
+        #: The compiled step's graphs made, by what each is specialised on: (several rows, plain, head by vocab)
         self._compiled_kinds: set[tuple[bool, bool, bool]] = set()
         self.compiled = False
         #: Why the compiled step was given up for the eager one (its error), or ``None``
@@ -263,11 +261,13 @@ class ModelRunner:
         :attr:`hooked` said already)."""
         return self.decoder is not None and not (self.hooked() if hooked is None else hooked)
 
-    def _packed(self, rows: int, plain: bool) -> bool:
-        """Whether a forward of *rows* rows runs the packed LM head (else ``F.linear``, through the module)."""
-        return self.packed_head is not None and rows >= 2 and plain and self.packed_head.current()
+    def _by_vocab(self, rows: int, plain: bool) -> bool:
+        """Whether a decode step of *rows* rows computes the LM head vocabulary-major (head.py; else through the
+        module)."""
+        return plain and by_vocab(self.lm_head, rows)
 
-    def _run(self, embeds, position_ids, write_index, last, rows, columns, plain, packed, causal=False):
+    def _hidden(self, embeds, position_ids, write_index, last, rows, columns, plain, causal=False):
+        """``[R, hidden]``: each row's final hidden state at its ``last`` query (``None``: its only one)."""
         if rows is None:  # the compiled decode step: slots [0, R)
             rows = slice(0, embeds.shape[0])
         cache = self.kv.view(rows, write_index, columns.shape[0])
@@ -285,17 +285,19 @@ class ModelRunner:
                 **{self.cache_arg: cache},
             ).last_hidden_state
         if last is None:  # a decode step: each row's one query
-            hidden = hidden[:, -1]
-        else:
-            hidden = hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
-        if packed and self.packed_head is not None:
-            return self.packed_head(hidden).float()
-        return self.lm_head(hidden).float()
+            return hidden[:, -1]
+        return hidden.gather(1, last[:, None, None].expand(-1, 1, hidden.shape[-1]))[:, 0]
 
-    def _decode_run(self, tokens, position_ids, write_index, rows, columns, plain, packed):
+    def _decode_run(self, tokens, position_ids, write_index, rows, columns, plain, vocab_major):
         embeds = self.embed_tokens(tokens)  # in the compiled graph: one op fewer to launch per step
-        logits = self._run(embeds, position_ids, write_index, None, rows, columns, plain, packed)
-        top, index = first_max(logits)
+        hidden = self._hidden(embeds, position_ids, write_index, None, rows, columns, plain)
+        if vocab_major:  # [vocab, R], its columns' first maxima, and the [R, vocab] view of it
+            scores = logits_by_vocab(self.lm_head, hidden)
+            top, index = first_max_by_vocab(scores)
+            logits = scores.t()
+        else:
+            logits = self.lm_head(hidden).float()
+            top, index = first_max(logits)
         # the greedy tokens and whether each row is usable, in one tensor: one transfer for all rows
         return logits, top, index, torch.stack([index, torch.isfinite(top).long()])
 
@@ -317,29 +319,29 @@ class ModelRunner:
         columns = torch.arange(kv_len, device=self.device)
         causal = fresh and (self.sliding_window is None or kv_len <= self.sliding_window)
         plain = self._plain()
-        packed = self._packed(embeds.shape[0], plain)
-        return self._run(embeds, position_ids, write_index, last, rows, columns, plain, packed, causal)
+        return self.lm_head(self._hidden(embeds, position_ids, write_index, last, rows, columns, plain, causal)).float()
 
     @torch.inference_mode()
     def decode(
         self, tokens: torch.Tensor, position_ids: torch.Tensor, write_index: torch.Tensor, rows: slice, kv_len: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One token for the slot rows *rows*: ``tokens [R]`` -> ``logits [R, vocab]``, with each row's
-        :func:`~.sampler.first_max` (``top [R]``, ``index [R]``) and ``greedy [2, R]`` (``index`` and whether ``top``
-        is finite, as :func:`~.sampler.greedy` gives them), computed in the same (compiled) step."""
+        """One token for the slot rows *rows*: ``tokens [R]`` -> ``logits [R, vocab]`` (on a CPU, for 2+ rows, the
+        transposed view of the head computed vocabulary-major: head.py), with each row's first maximum (``top [R]``,
+        ``index [R]``, as :func:`~.sampler.first_max`) and ``greedy [2, R]`` (``index`` and whether ``top`` is finite,
+        as :func:`~.sampler.greedy` gives them), computed in the same (compiled) step."""
         tokens, position_ids, write_index = tokens[:, None], position_ids[:, None], write_index[:, None]
         columns = torch.arange(kv_len, device=self.device)
         hooked = self.hooked()
         plain = self._plain(hooked)
-        packed = self._packed(tokens.shape[0], plain)
+        vocab_major = self._by_vocab(tokens.shape[0], plain)
         if not self.compiled or hooked:  # a hooked model runs eagerly: its hooks' Python runs at every step
-            return self._decode_run(tokens, position_ids, write_index, rows, columns, plain, packed)
+            return self._decode_run(tokens, position_ids, write_index, rows, columns, plain, vocab_major)
         # Two graphs normally (one per kind below): one row, and any rows from 2 (slots [0, R)), dynamic in the
         # context length too, so neither joins and leaves nor growing contexts compile again. (CUDA graphs still
         # record one graph per shape: row_bucket and kv_bucket round both to a few.)
         if rows.start != 0:
             raise ValueError("the compiled decode step runs slot rows [0, R)")
-        kind = (tokens.shape[0] > 1, plain, packed)  # what its graph is specialised on
+        kind = (tokens.shape[0] > 1, plain, vocab_major)  # what its graph is specialised on
         if kind not in self._compiled_kinds:
             # this call compiles a graph: these dimensions are dynamic. (Marked only then: a graph compiled dynamic
             # takes unmarked tensors, and dynamo's guards check marked ones at every call, ~25 us a step on a CPU.)
@@ -349,7 +351,7 @@ class ModelRunner:
                     torch._dynamo.mark_dynamic(tensor, 0, min=2, max=self.kv.slots)
         graphs = _graphs_made()
         try:
-            out = self._decode_forward(tokens, position_ids, write_index, None, columns, plain, packed)
+            out = self._decode_forward(tokens, position_ids, write_index, None, columns, plain, vocab_major)
             if kind in self._compiled_kinds and _graphs_made() != graphs:
                 # a graph was made for a kind that had one: something outside the kind changed (dynamo's global
                 # state, a reset, the parameters' dtype); that one was compiled unmarked, so mark the next calls
@@ -361,17 +363,17 @@ class ModelRunner:
             # dynamo could not (re)compile the step, e.g. past its recompile limit, shared by every engine of the
             # process (one code object): run eagerly from now on rather than fail every request
             self._give_up_compiling(f"it failed to compile ({exc})")
-            return self._decode_run(tokens, position_ids, write_index, None, columns, plain, packed)
+            return self._decode_run(tokens, position_ids, write_index, None, columns, plain, vocab_major)
         except torch.OutOfMemoryError:
             # e.g. recording a CUDA graph for a new length bucket, in a pool the KV slots left short: this step
             # eagerly, and compiled steps again after it (its OOM, if it has one too, is the batch's to handle)
             logger.warning("the compiled decode step ran out of memory: this step runs eagerly")
-            return self._decode_run(tokens, position_ids, write_index, None, columns, plain, packed)
+            return self._decode_run(tokens, position_ids, write_index, None, columns, plain, vocab_major)
         except Exception as exc:
             # anything else (a CUDA graph that cannot be recorded, a kernel inductor generated): the same step
             # eagerly. If that works, the compiled step was at fault: eager from now on; if it fails too, its error
             # is the step's (the batch then finds the request at fault) and the compiled step stays
-            out = self._decode_run(tokens, position_ids, write_index, None, columns, plain, packed)
+            out = self._decode_run(tokens, position_ids, write_index, None, columns, plain, vocab_major)
             self._give_up_compiling(f"it raised {exc!r} where the eager step did not")
             return out
         return tuple(t.clone() for t in out) if self.graphs else out  # CUDA graphs reuse their output buffers
