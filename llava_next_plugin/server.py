@@ -66,6 +66,7 @@ from ._hub import default_served_name
 from .engine import Engine, EngineResult, RequestHandle
 from .errors import first_line
 from .validation import (
+    Budget,
     Limits,
     PixelBudget,
     check_message_count,
@@ -286,27 +287,18 @@ class _Front:
             self.metrics.count_request(scope["path"], status[0])
 
 
-class _HeldBytes:
-    """Bytes held in memory by requests at once (bodies being received, images fetched), against a bound: a
-    request whose bytes would pass it is refused with 429 rather than waited for. On the event loop: no lock."""
-
-    def __init__(self, bound: int, what: str) -> None:
-        self.held, self.bound, self.what = 0, bound, what
-
-    def take(self, size: int) -> None:
-        if self.held + size > self.bound:
-            raise OverloadedError(
-                f"the server holds {self.held} bytes of {self.what}; {size} more would pass its bound of "
-                f"{self.bound}; retry later",
-                retry_after=1.0,
-            )
-        self.held += size
-
-    def give(self, size: int) -> None:
-        self.held -= size
+def _held_bytes(capacity: int, what: str) -> Budget:
+    """Bytes held in memory by requests at once (bodies being received, images fetched), against *capacity*: a
+    request whose bytes would pass it is refused with 429 rather than waited for."""
+    return Budget(
+        capacity,
+        lambda held, wanted, bound: (
+            f"the server holds {held} bytes of {what}; {wanted} more would pass its bound of {bound}; retry later"
+        ),
+    )
 
 
-async def _read_json(request: Request, max_bytes: int, seconds: float, max_messages: int, receiving: _HeldBytes) -> Any:
+async def _read_json(request: Request, max_bytes: int, seconds: float, max_messages: int, receiving: Budget) -> Any:
     """The request's JSON body, received within *seconds* (408 beyond) and at most *max_bytes* (413), with at
     most *max_messages* messages, as many content parts in one, and :data:`~.validation.PARTS_PER_MESSAGE` times
     as many in all (400): all before any of it is parsed further. Its bytes count in *receiving* as they
@@ -330,7 +322,7 @@ async def _read_json(request: Request, max_bytes: int, seconds: float, max_messa
     return body
 
 
-async def _receive_json(request: Request, max_bytes: int, receiving: _HeldBytes) -> Any:
+async def _receive_json(request: Request, max_bytes: int, receiving: Budget) -> Any:
     declared = request.headers.get("content-length")
     too_big = BadRequestError(
         f"the request body is larger than {max_bytes} bytes (--max-body-bytes); send fewer or smaller images",
@@ -589,7 +581,7 @@ def create_app(
 
     reading = [0]  # requests received and being prepared (on the event loop: no lock)
     # bodies being received: each holds up to max_body_bytes, as many as may wait in the queue
-    receiving = _HeldBytes(max(engine.max_queue, 1) * limits.max_body_bytes, "request bodies being received")
+    receiving = _held_bytes(max(engine.max_queue, 1) * limits.max_body_bytes, "request bodies being received")
 
     async def chat_completions(request: Request) -> Response:
         request_id = request.scope["state"]["request_id"]
@@ -686,7 +678,7 @@ def create_app(
         return made[0]
 
     # bytes fetched and not yet prepared, all requests: as many as max_preparing requests could hold
-    held = _HeldBytes(
+    held = _held_bytes(
         max_preparing * limits.max_images_per_request * limits.max_image_bytes, "fetched images waiting to be prepared"
     )
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import ctypes
 import io
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Limits",
+    "Budget",
     "PixelBudget",
     "check_image_count",
     "check_image_url",
@@ -103,7 +104,29 @@ class Limits:
             )
 
 
-class PixelBudget:
+class Budget:
+    """An amount (bytes, pixels) that requests may hold at once, against a bound (thread-safe): :meth:`take` raises
+    :class:`OverloadedError` (429, retry later) for a request that does not fit now, rather than make it wait;
+    :meth:`give` hands an amount back. *refusal* words the error from ``(held, wanted, capacity)``."""
+
+    def __init__(self, capacity: int, refusal: Callable[[int, int, int], str]) -> None:
+        self.capacity = capacity
+        self.in_use = 0
+        self._refusal = refusal
+        self._lock = threading.Lock()
+
+    def take(self, amount: int) -> None:
+        with self._lock:
+            if self.in_use + amount > self.capacity:
+                raise OverloadedError(self._refusal(self.in_use, amount, self.capacity), retry_after=1.0)
+            self.in_use += amount
+
+    def give(self, amount: int) -> None:
+        with self._lock:
+            self.in_use -= amount
+
+
+class PixelBudget(Budget):
     """The decoded pixels that requests may hold at once while their images are prepared (thread-safe).
 
     A request takes its images' pixel count (read from their headers) before decoding them and gives it
@@ -116,21 +139,18 @@ class PixelBudget:
     """Hand memory back to the OS when at least this many pixels were released since the last time."""
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.in_use = 0
+        super().__init__(
+            capacity,
+            lambda held, wanted, bound: (
+                f"the server is decoding {held} image pixels for other requests and this request needs "
+                f"{wanted} more, beyond its budget of {bound} pixels in flight; retry shortly"
+            ),
+        )
         self._released = 0
-        self._lock = threading.Lock()
 
     @contextmanager
     def hold(self, pixels: int) -> Iterator[None]:
-        with self._lock:
-            if self.in_use + pixels > self.capacity:
-                raise OverloadedError(
-                    f"the server is decoding {self.in_use} image pixels for other requests and this request needs "
-                    f"{pixels} more, beyond its budget of {self.capacity} pixels in flight; retry shortly",
-                    retry_after=1.0,
-                )
-            self.in_use += pixels
+        self.take(pixels)
         try:
             yield
         finally:
