@@ -287,6 +287,28 @@ class _Front:
             self.metrics.count_request(scope["path"], status[0])
 
 
+async def _in_thread(function: Callable[..., _T], *args: Any, **options: Any) -> _T:
+    """``await anyio.to_thread.run_sync(function, *args, **options)``, with the function's error raised here.
+
+    Raised inside anyio's call, an error's traceback holds the frame that holds the future that holds the error: a
+    reference cycle, and with it the request (its body, its images) stays in memory until the garbage collector's
+    next full pass. Caught in the worker thread and raised here, nothing of the call is in its traceback."""
+
+    def call() -> tuple[Any, Exception | None]:
+        try:
+            return function(*args), None
+        except Exception as error:  # noqa: BLE001  (raised below, in the caller's task)
+            return None, error
+
+    value, error = await anyio.to_thread.run_sync(call, **options)
+    if error is not None:
+        try:
+            raise error
+        finally:
+            del error  # not left in this frame, which its traceback holds
+    return value
+
+
 def _held_bytes(capacity: int, what: str) -> Budget:
     """Bytes held in memory by requests at once (bodies being received, images fetched), against *capacity*: a
     request whose bytes would pass it is refused with 429 rather than waited for."""
@@ -351,7 +373,7 @@ async def _receive_json(request: Request, max_bytes: int, receiving: Budget) -> 
         chunks.clear()
         try:
             if len(body) > JSON_ON_LOOP_BYTES:  # megabytes of base64 images: parse off the event loop
-                return await anyio.to_thread.run_sync(json.loads, body)
+                return await _in_thread(json.loads, body)
             return json.loads(body)
         except RecursionError:
             raise BadRequestError(
@@ -463,11 +485,14 @@ class _Drain:
             group.cancel_scope.cancel()
         if not outcome:
             raise _shutting_down()
-        # taken out of the list first: an error in it, whose traceback holds this frame, would be a reference
-        # cycle keeping the request (its body, its images) until the garbage collector's next full pass
+        # an error, whose traceback holds this frame, must not stay in it (in the list or a local): that would be
+        # a reference cycle keeping the request (its body, its images) until the garbage collector's next full pass
         result = outcome.pop()
         if isinstance(result, BaseException):
-            raise result
+            try:
+                raise result
+            finally:
+                del result
         return result
 
 
@@ -616,7 +641,7 @@ def create_app(
                         isinstance(part, ImagePart) for message in parsed.request.messages for part in message.content
                     )
                     try:
-                        prepared = await anyio.to_thread.run_sync(
+                        prepared = await _in_thread(
                             _admit_and_prepare,
                             parsed.request,
                             fetched,
@@ -700,7 +725,7 @@ def create_app(
 
         async def fetch(index: int, url: str, scope: anyio.CancelScope) -> None:
             try:
-                got[index] = await anyio.to_thread.run_sync(  # left to finish alone when cancelled
+                got[index] = await _in_thread(  # left to finish alone when cancelled
                     fetch_image, url, index, limits, limiter=_limiter(fetching, max_fetching), abandon_on_cancel=True
                 )
             except LlavaNextError as error:
@@ -714,7 +739,10 @@ def create_app(
         error = first_error()
         if error is not None:
             got.clear()  # no cycle through the error's traceback (see unless_cut)
-            raise error
+            try:
+                raise error
+            finally:
+                del error
         fetched = {index: outcome for index, outcome in got.items() if isinstance(outcome, bytes)}
         held.take(sum(map(len, fetched.values())))
         return fetched
@@ -742,9 +770,12 @@ def create_app(
             except LlavaNextError as error:
                 outcome.append(error)
             group.cancel_scope.cancel()
-        result = outcome.pop()  # out of the list before raising: no cycle through its traceback
+        result = outcome.pop()  # out of the list, and of this frame, before raising: no cycle through its traceback
         if isinstance(result, LlavaNextError):
-            raise result
+            try:
+                raise result
+            finally:
+                del result
         return result
 
     async def _stream(handle: RequestHandle, include_usage: bool, request_id: str, ended_with: dict[str, int]):

@@ -171,6 +171,47 @@ def test_a_body_over_the_limit_gets_413(server):
     assert response.status_code == 413 and "larger than" in response.json()["error"]["message"]
 
 
+def test_a_refused_request_leaves_no_reference_cycle_holding_its_body(server):
+    """A refused request's error, raised through the server's frames, must not keep them (and the request's body,
+    up to ``--max-body-bytes``) alive in a cycle until the collector's next full pass: ten refused 30 MB prompts
+    held ~370 MiB that way. The requests go through ``http.client``, which leaves no cycles of its own."""
+    import gc
+    import http.client
+    import types
+
+    refused = [
+        {"model": "tiny", "messages": [{"role": "user", "content": "word " * 20_000}], "max_tokens": 2},  # too long
+        {"model": "tiny", "messages": image_message("Hi", "data:image/png;base64,AAAA"), "max_tokens": 2},  # no image
+        {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "n": 3},  # unsupported
+        b'{"messages": "' + b"x" * 1_500_000,  # not JSON, and large enough to be parsed on a worker thread
+    ]
+    host, port = server.host, server.port
+    gc.collect()
+    gc.disable()
+    try:
+        for body in refused:
+            connection = http.client.HTTPConnection(host, port, timeout=60)
+            content = body if isinstance(body, bytes) else json.dumps(body).encode()
+            connection.request("POST", "/v1/chat/completions", content, {"content-type": "application/json"})
+            response = connection.getresponse()
+            assert response.status == 400, response.read()
+            response.read()
+            connection.close()
+        time.sleep(0.2)  # the server's thread is done with them
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        ours = sorted(
+            f"{frame.f_code.co_filename.rsplit('/', 1)[-1]}:{frame.f_code.co_name}"
+            for frame in gc.garbage
+            if isinstance(frame, types.FrameType) and "llava_next_plugin" in frame.f_code.co_filename
+        )
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert ours == [], "\n".join(ours)
+
+
 def test_every_response_carries_a_request_id_and_echoes_the_clients(server):
     base = server.url[: -len("/v1")]
     for url in (server.url + "/models", base + "/health", base + "/metrics", base + "/nowhere"):
