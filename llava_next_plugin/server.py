@@ -73,6 +73,7 @@ from .validation import (
     check_part_counts,
     check_request,
     fetch_image,
+    in_worker_thread,
     prepare_request,
 )
 
@@ -287,28 +288,6 @@ class _Front:
             self.metrics.count_request(scope["path"], status[0])
 
 
-async def _in_thread(function: Callable[..., _T], *args: Any, **options: Any) -> _T:
-    """``await anyio.to_thread.run_sync(function, *args, **options)``, with the function's error raised here.
-
-    Raised inside anyio's call, an error's traceback holds the frame that holds the future that holds the error: a
-    reference cycle, and with it the request (its body, its images) stays in memory until the garbage collector's
-    next full pass. Caught in the worker thread and raised here, nothing of the call is in its traceback."""
-
-    def call() -> tuple[Any, Exception | None]:
-        try:
-            return function(*args), None
-        except Exception as error:  # noqa: BLE001  (raised below, in the caller's task)
-            return None, error
-
-    value, error = await anyio.to_thread.run_sync(call, **options)
-    if error is not None:
-        try:
-            raise error
-        finally:
-            del error  # not left in this frame, which its traceback holds
-    return value
-
-
 def _held_bytes(capacity: int, what: str) -> Budget:
     """Bytes held in memory by requests at once (bodies being received, images fetched), against *capacity*: a
     request whose bytes would pass it is refused with 429 rather than waited for."""
@@ -373,7 +352,7 @@ async def _receive_json(request: Request, max_bytes: int, receiving: Budget) -> 
         chunks.clear()
         try:
             if len(body) > JSON_ON_LOOP_BYTES:  # megabytes of base64 images: parse off the event loop
-                return await _in_thread(json.loads, body)
+                return await in_worker_thread(json.loads, body)
             return json.loads(body)
         except RecursionError:
             raise BadRequestError(
@@ -641,7 +620,7 @@ def create_app(
                         isinstance(part, ImagePart) for message in parsed.request.messages for part in message.content
                     )
                     try:
-                        prepared = await _in_thread(
+                        prepared = await in_worker_thread(
                             _admit_and_prepare,
                             parsed.request,
                             fetched,
@@ -725,7 +704,7 @@ def create_app(
 
         async def fetch(index: int, url: str, scope: anyio.CancelScope) -> None:
             try:
-                got[index] = await _in_thread(  # left to finish alone when cancelled
+                got[index] = await in_worker_thread(  # left to finish alone when cancelled
                     fetch_image, url, index, limits, limiter=_limiter(fetching, max_fetching), abandon_on_cancel=True
                 )
             except LlavaNextError as error:

@@ -20,7 +20,7 @@ deployment and the model, and happens before anything is queued:
 
 Every failure is an ``llava_next_sdk.errors`` class that says what was wrong and how to fix it, so the
 local transport and the server raise the same errors for the same input. The functions block (decoding,
-fetching, tokenizing): call them from a worker thread.
+fetching, tokenizing): call them from a worker thread, through :func:`in_worker_thread`.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
+import anyio
 from llava_next_sdk.errors import BadRequestError, ContextLengthExceededError, InvalidImageError, OverloadedError
 from llava_next_sdk.types import ChatRequest, GenerationParams, TextPart
 from llava_next_sdk.wire import decode_data_url
@@ -42,6 +43,8 @@ from .errors import ImageError
 
 if TYPE_CHECKING:
     from .engine import Engine, PreparedRequest, SamplingParams
+
+_T = TypeVar("_T")
 
 __all__ = [
     "Limits",
@@ -56,6 +59,7 @@ __all__ = [
     "to_chat_messages",
     "to_sampling_params",
     "prepare_request",
+    "in_worker_thread",
 ]
 
 DEFAULT_TEMPERATURE = 1.0
@@ -170,6 +174,29 @@ def _return_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+async def in_worker_thread(function: Callable[..., _T], *args: Any, **options: Any) -> _T:
+    """``await anyio.to_thread.run_sync(function, *args, **options)``, with the function's error raised here: how
+    both fronts call this module's blocking functions.
+
+    Raised inside anyio's call, an error's traceback holds the frame that holds the future that holds the error: a
+    reference cycle, and with it the request (its body, its images) stays in memory until the garbage collector's
+    next full pass. Caught in the worker thread and raised here, nothing of the call is in its traceback."""
+
+    def call() -> tuple[Any, Exception | None]:
+        try:
+            return function(*args), None
+        except Exception as error:  # noqa: BLE001  (raised below, in the caller's task)
+            return None, error
+
+    value, error = await anyio.to_thread.run_sync(call, **options)
+    if error is not None:
+        try:
+            raise error
+        finally:
+            del error  # not left in this frame, which its traceback holds
+    return value
 
 
 def check_image_count(request: ChatRequest, limits: Limits) -> None:
