@@ -9,7 +9,9 @@ at the first request, since importing the model package imports torch).
 The model loads into a process-wide engine that every client, on any event loop, shares (one per model
 path and options). Requests go through :func:`llava_next_plugin.validation.prepare_request`, the very
 checks the server runs, so the same bad input raises the same error class here and over HTTP. Images the
-user gave decoded (a PIL image, an array) arrive decoded and are used as they are: no PNG round trip. A
+user gave decoded (a PIL image, an array) arrive decoded and are used as they are: no PNG round trip; one whose
+PNG would be over ``Limits.max_image_bytes`` is refused as the HTTP transport refuses it before sending it
+(``llava_next_sdk.images.check_png_size``, which encodes only an image whose pixels could be that large). A
 request the engine's queue cannot take (:class:`~llava_next_sdk.errors.OverloadedError`) is retried with the
 HTTP transport's :class:`~llava_next_sdk.retry.RetryPolicy` (``max_retries=``, ...) before it is queued, so
 before any token is produced. Loading the model and preparing a request (image decoding, tokenizing) run in
@@ -37,16 +39,17 @@ from llava_next_sdk.errors import (
     UnsupportedParameterError,
 )
 from llava_next_sdk.hookspecs import hookimpl
+from llava_next_sdk.images import check_png_size
 from llava_next_sdk.retry import RetryPolicy
 from llava_next_sdk.transports.base import holding
 from llava_next_sdk.types import ChatRequest, GenerationResult
 
 from ._hub import default_served_name, not_a_local_checkpoint
 from .errors import first_line
-from .validation import Limits, prepare_request
+from .validation import Limits, in_worker_thread, prepare_request
 
 if TYPE_CHECKING:
-    from .engine import Engine, RequestHandle
+    from .engine import Engine, PreparedRequest, RequestHandle
 
 __all__ = ["LocalTransport", "llava_next_sdk_transport"]
 
@@ -167,7 +170,7 @@ class LocalTransport:
             try:
                 engine.check_admission()  # cheap: a full queue refuses before any image work
                 if prepared is None:
-                    prepared = await anyio.to_thread.run_sync(prepare_request, engine, request, self.limits)
+                    prepared = await in_worker_thread(_prepared, engine, request, self.limits)
                 return engine, engine.submit(prepared)
             except OverloadedError as exc:  # not queued, so no token yet: retried as the HTTP transport does
                 delay = self.retry_policy.delay(attempt, exc.retry_after)
@@ -258,6 +261,15 @@ class LocalTransport:
         """Forget the engine (it is shared and stays up for the process's other clients)."""
         self._closed = True
         self._engine = None
+
+
+def _prepared(engine: Engine, request: ChatRequest, limits: Limits) -> PreparedRequest:
+    """:func:`prepare_request`, once each decoded image passed the size check an HTTP client makes of its PNG before
+    sending it (a server refuses an encoded image over ``max_image_bytes``): the same image, the same error."""
+    for index, part in enumerate(request.images):
+        if part.image is not None:
+            check_png_size(part.image, limits.max_image_bytes, index=index)
+    return prepare_request(engine, request, limits)
 
 
 def _timeout(timeout: Any) -> float:

@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 
 import anyio
 from llava_next_sdk.errors import BadRequestError, ContextLengthExceededError, InvalidImageError, OverloadedError
+from llava_next_sdk.images import MAX_IMAGE_BYTES
 from llava_next_sdk.types import ChatRequest, GenerationParams, TextPart
 from llava_next_sdk.wire import decode_data_url
 
@@ -92,7 +93,7 @@ class Limits:
     max_image_pixels: int = 4096 * 4096
     max_request_pixels: int = 4096 * 4096
     max_pixels_in_flight: int = 4 * 4096 * 4096
-    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_bytes: int = MAX_IMAGE_BYTES  # the SDK's: its HTTP transport refuses larger decoded images alike
     allowed_url_domains: tuple[str, ...] | None = ()
     url_timeout: float = 10.0
     max_body_bytes: int = 64 * 1024 * 1024

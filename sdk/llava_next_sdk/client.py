@@ -92,7 +92,8 @@ class AsyncClient:
         other arguments are not used to pick one).
     :param options: more transport options, passed to the ``llava_next_sdk_transport`` hook (for the
         local transport, e.g. ``device=`` (default: cuda when available, else cpu, as ``llava-next serve``),
-        ``dtype=``, ``max_queue=``, ``allowed_url_domains=``; for HTTP, ``headers=``, ``http_client=``).
+        ``dtype=``, ``max_queue=``, ``allowed_url_domains=``; for HTTP, ``headers=``, ``http_client=``,
+        ``max_image_bytes=``).
 
     Image URLs: a server fetches ``http(s)`` image URLs only from the hosts it allows (none unless started
     with ``--allow-url-domain``). A local model runs in your own process, so by default it fetches them from

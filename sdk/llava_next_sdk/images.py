@@ -13,7 +13,9 @@ Accepted sources, and what they become:
   (:func:`array_to_image`) -> ``ImagePart(image=...)``.
 
 Decoded images stay decoded: the in-process transport hands them to the processor as they are, and the
-HTTP transport encodes them once, losslessly (:func:`encode_for_wire`, off the event loop). So that both
+HTTP transport encodes them once, losslessly (:func:`encode_for_wire`, off the event loop). Both refuse one
+whose PNG would be over :data:`MAX_IMAGE_BYTES` (a server's limit per image) by the same check,
+:func:`check_png_size`, so a decoded image a server would refuse is refused in-process too. So that both
 see the same pixels, a decoded image is prepared here the way PNG would store it (:func:`prepare_image`):
 fully loaded, turned upright by its EXIF orientation, and converted by :func:`to_rgb` when its mode is one
 PNG cannot hold (CMYK, I, F...).
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import os
 import re
 import threading
@@ -49,18 +52,22 @@ from .types import ChatMessage, ChatRequest, ImagePart
 from .wire import decode_data_url
 
 __all__ = [
+    "MAX_IMAGE_BYTES",
     "PNG_MODES",
     "array_to_image",
     "as_image_list",
     "bomb_message",
     "check_image_bytes",
+    "check_png_size",
     "decode_image_bytes",
     "describe_source",
     "encode_for_wire",
     "encode_png",
+    "encode_png_within",
     "encoded_for_wire",
     "gray_to_uint8",
     "load_pixels",
+    "png_size_bound",
     "prepare_image",
     "read_file_object",
     "read_image_file",
@@ -508,6 +515,47 @@ def encode_png(image: Any) -> bytes:
     return buf.getvalue()
 
 
+MAX_IMAGE_BYTES = 20 * 2**20
+"""The most bytes one encoded image may have: what ``llava-next serve`` accepts by default (its
+``--max-image-bytes``). The HTTP transport refuses a decoded image whose PNG is larger before sending it
+(``max_image_bytes=``), and the local transport refuses the same image (its ``Limits.max_image_bytes``)."""
+_PNG_BYTES_PER_PIXEL = {"1": 1, "L": 1, "P": 1, "LA": 2, "I;16": 2, "RGB": 3, "RGBA": 4}
+"""Bytes per pixel of PNG's rows before compression ("1": 1/8, counted as 1); other modes become RGB(A) first."""
+
+
+def png_size_bound(image: Any) -> int:
+    """Bytes that :func:`encode_png` of *image* never exceeds, known without encoding it: its rows (one filter byte
+    each), grown by deflate's worst case (stored blocks, well under 1/64), its ICC profile and the other chunks."""
+    row = image.width * _PNG_BYTES_PER_PIXEL.get(image.mode, 4) + 1
+    raw = image.height * row
+    return raw + raw // 64 + len(image.info.get("icc_profile") or b"") + 65536
+
+
+def encode_png_within(image: Any, max_bytes: int | None, *, index: int | None = None) -> bytes:
+    """:func:`encode_png` of *image*, refused when it is over *max_bytes* (``None``: no limit).
+
+    :raises InvalidImageError: saying how large the PNG is, the limit, and how to send less.
+    """
+    data = encode_png(image)
+    if max_bytes is not None and len(data) > max_bytes:
+        raise InvalidImageError(
+            f"the decoded image ({image.mode}, {image.width}x{image.height}) is {len(data)} bytes as PNG (the "
+            f"lossless encoding a server receives), over the {max_bytes} bytes ({max_bytes / 2**20:.3g} MiB) allowed "
+            "per image (the limit max_image_bytes); downscale it (e.g. image.thumbnail((2048, 2048))), or pass the "
+            "image's file (its path or bytes: a JPEG is far smaller) rather than the decoded image",
+            index=index,
+            param="messages",
+        )
+    return data
+
+
+def check_png_size(image: Any, max_bytes: int | None, *, index: int | None = None) -> None:
+    """Refuse a decoded image whose PNG is over *max_bytes*, as the HTTP transport does before sending it
+    (:func:`encode_png_within`); encodes only an image whose :func:`png_size_bound` is over the limit."""
+    if max_bytes is not None and png_size_bound(image) > max_bytes:
+        encode_png_within(image, max_bytes, index=index)
+
+
 def _encode_sync(source: Any, index: int | None) -> ImagePart:
     """The blocking part of :func:`to_image_part` (runs in a worker thread)."""
     if isinstance(source, ImagePart):
@@ -563,26 +611,34 @@ async def to_image_parts(sources: Sequence[Any], *, start: int = 0) -> list[Imag
     return await anyio.to_thread.run_sync(encode_all)
 
 
-def encode_for_wire(request: ChatRequest) -> ChatRequest:
+def encode_for_wire(request: ChatRequest, max_image_bytes: int | None = MAX_IMAGE_BYTES) -> ChatRequest:
     """*request* with every decoded image encoded once, as a PNG data URL (blocking: see :func:`encoded_for_wire`).
 
     Returns *request* itself when it holds no decoded image.
+
+    :raises InvalidImageError: for a decoded image whose PNG is over *max_image_bytes* (``None``: no limit), before
+        anything is sent: a server would refuse it after its upload (:func:`encode_png_within`).
     """
     if not any(part.image is not None for part in request.images):
         return request
+    indexes = itertools.count()  # the request's images in order, as request.images lists them
 
     def encoded(part: Any) -> Any:
-        if isinstance(part, ImagePart) and part.image is not None:
-            return ImagePart(url=part.as_url(), detail=part.detail)
+        if not isinstance(part, ImagePart):
+            return part
+        index = next(indexes)
+        if part.image is not None:
+            data = encode_png_within(part.image, max_image_bytes, index=index)
+            return ImagePart(url=ImagePart(data=data, media_type="image/png").as_url(), detail=part.detail)
         return part
 
     messages = tuple(ChatMessage(m.role, tuple(encoded(p) for p in m.content)) for m in request.messages)
     return dataclasses.replace(request, messages=messages)
 
 
-async def encoded_for_wire(request: ChatRequest) -> ChatRequest:
+async def encoded_for_wire(request: ChatRequest, max_image_bytes: int | None = MAX_IMAGE_BYTES) -> ChatRequest:
     """:func:`encode_for_wire` in a worker thread when there is something to encode (transports sending a
     request elsewhere call this first)."""
     if not any(part.image is not None for part in request.images):
         return request
-    return await anyio.to_thread.run_sync(encode_for_wire, request)
+    return await anyio.to_thread.run_sync(encode_for_wire, request, max_image_bytes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import importlib.metadata
 import io
 import json
@@ -12,6 +13,7 @@ import re
 import socket
 import threading
 import time
+import warnings
 
 import anyio
 import llava_next_sdk
@@ -753,6 +755,28 @@ async def test_closing_the_client_while_a_stream_is_read_says_so(standin):
         with pytest.raises(APIConnectionError, match="the client was closed while this call was running"):
             async for _ in stream:
                 pass
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_the_connections_of_an_event_loop_are_closed_when_it_ends(standin, backend):
+    url, _ = standin.endpoint("ok")
+    client = client_for(url)
+
+    def in_a_thread(client: AsyncClient) -> None:  # a second loop, running while the main thread's come and go
+        anyio.run(client.generate, None, "from a thread", backend=backend)
+
+    gc.collect()  # what earlier tests left is theirs
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", ResourceWarning)
+        thread = threading.Thread(target=in_a_thread, args=(client,))
+        thread.start()
+        for i in range(3):  # each run is a new loop, with a pool of its own: no one but the loop's end closes it
+            assert anyio.run(client.generate, None, f"call {i}", backend=backend).text == f"echo[0]: call {i}"
+        thread.join(60)
+        anyio.run(client.aclose, backend=backend)
+        del client
+        gc.collect()
+    assert [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)] == []
 
 
 def test_an_http_client_serves_one_event_loop_after_another_and_several_at_once(standin):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import threading
 
 import anyio
@@ -244,6 +245,42 @@ def test_a_local_client_counts_messages_and_parts_against_its_limits_as_a_server
         parts = [{"type": "text", "text": "a"}] * 3
         with pytest.raises(BadRequestError, match="a message holds 3 content parts; at most 2"):
             client.chat([{"role": "user", "content": parts}], max_tokens=2)
+
+
+def test_a_decoded_image_too_large_for_a_server_is_refused_alike_by_a_local_client_and_over_http(tiny_checkpoint):
+    """2800x2800 noise is within the pixel limit but 22 MiB as PNG, over the 20 MiB a server accepts per image: a
+    local client refuses it as an HTTP client does before sending it, and as the server does when it is sent."""
+    import random
+
+    from llava_next_sdk.images import MAX_IMAGE_BYTES
+
+    from llava_next_plugin.engine import get_shared_engine
+    from llava_next_plugin.server import create_app, serve_in_thread
+    from llava_next_plugin.validation import Limits
+
+    assert Limits().max_image_bytes == MAX_IMAGE_BYTES  # the server's default limit is the SDK's
+    noise = Image.frombytes("RGB", (2800, 2800), random.Random(0).randbytes(2800 * 2800 * 3))
+
+    def refusal(**client_options) -> InvalidImageError:
+        with Client(**client_options) as client:
+            with pytest.raises(InvalidImageError) as info:
+                client.generate([picture("red"), noise], PROMPT, max_tokens=2)
+        return info.value
+
+    local = refusal(model=str(tiny_checkpoint))
+    engine = get_shared_engine(str(tiny_checkpoint))  # the local client's
+    with serve_in_thread(create_app(engine, limits=Limits(), shutdown_engine=False)) as server:
+        over_http = refusal(base_url=server.url, model=tiny_checkpoint.name, max_retries=0)
+        from_the_server = refusal(base_url=server.url, model=tiny_checkpoint.name, max_retries=0, max_image_bytes=None)
+    assert local.message == over_http.message
+    assert re.fullmatch(
+        rf"image 1: the decoded image \(RGB, 2800x2800\) is \d+ bytes as PNG .* over the {MAX_IMAGE_BYTES} bytes "
+        r"\(20 MiB\) allowed per image .*; downscale it .*, or pass the image's file .*",
+        local.message,
+    )
+    assert local.index == over_http.index == from_the_server.index == 1
+    assert local.status == over_http.status == from_the_server.status == 400
+    assert f"at most {MAX_IMAGE_BYTES} are allowed" in from_the_server.message
 
 
 def test_a_local_clients_timeout_bounds_each_call_after_the_load_and_cancels_its_request(tiny_checkpoint):

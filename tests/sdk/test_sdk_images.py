@@ -4,6 +4,7 @@ its index (``image i:``) and the kind of source, never an object's repr (``<_io.
 from __future__ import annotations
 
 import io
+import random
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import sys
 import anyio
 import pytest
 from llava_next_sdk import AsyncClient, InvalidImageError
-from llava_next_sdk.images import to_image_part
+from llava_next_sdk.images import check_png_size, encode_png, png_size_bound, to_image_part
 from PIL import Image
 
 REPR = re.compile(r"object at 0x")
@@ -106,6 +107,18 @@ def test_the_client_names_the_argument_before_sending_anything():
 
     error = anyio.run(main)
     assert error.message.startswith("image 1: a BytesIO is not an image") and not REPR.search(error.message)
+
+
+@pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "RGB", "RGBA", "I;16", "CMYK"])
+def test_the_png_size_bound_is_never_below_the_png_so_no_image_over_the_limit_is_let_through(mode):
+    """Noise (what compresses least), in every mode PNG keeps and one it does not (encoded as RGB)."""
+    size = (301, 203)
+    image = Image.frombytes(mode, size, random.Random(0).randbytes(size[0] * size[1] * 4))
+    encoded = len(encode_png(image))
+    assert encoded <= png_size_bound(image)
+    check_png_size(image, encoded)  # at the limit: kept
+    with pytest.raises(InvalidImageError, match=rf"image 3: .* is {encoded} bytes as PNG.*over the {encoded - 1} "):
+        check_png_size(image, encoded - 1, index=3)
 
 
 WITHOUT_NUMPY = """

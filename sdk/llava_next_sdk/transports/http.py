@@ -10,7 +10,8 @@ Robust by default:
   seconds), and only before the first byte of a successful response: a stream that fails part-way raises, it is
   never replayed;
 - one connection pool per event loop that uses the transport (successive ``asyncio.run`` calls, each test's
-  loop, threads with loops of their own); ``with_options`` derives a transport sharing them;
+  loop, threads with loops of their own), closed when that loop ends; ``with_options`` derives a transport sharing
+  them;
 - a stream's connection is closed as soon as its context exits, early or by cancellation, so no pool
   slot is held by a stream no one reads;
 - error bodies become :mod:`llava_next_sdk.errors` classes via ``wire.parse_error``.
@@ -30,7 +31,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -48,7 +49,7 @@ from ..errors import (
     ServerError,
 )
 from ..hookspecs import hookimpl
-from ..images import encoded_for_wire
+from ..images import MAX_IMAGE_BYTES, encoded_for_wire
 from ..retry import DEFAULT_MAX_RETRIES, RetryPolicy
 from ..types import ChatRequest, GenerationResult, Timings, Usage
 from .base import StreamItem
@@ -140,6 +141,11 @@ class HTTPTransport:
     :param include_usage: ask streams for the final usage chunk (``stream_options.include_usage``).
     :param headers: extra request headers.
     :param http_client: an ``httpx.AsyncClient`` to use instead of our own (not closed by ``aclose``).
+    :param limits: the connections of each event loop's pool (default: 100, of which 20 kept alive).
+    :param max_image_bytes: a decoded image (PIL, array) whose PNG is larger is refused with
+        :class:`~llava_next_sdk.errors.InvalidImageError` before it is sent (default :data:`MAX_IMAGE_BYTES`,
+        what ``llava-next serve`` accepts per image, as a local client refuses it); raise it to the endpoint's own
+        limit, or ``None`` for none.
     """
 
     def __init__(
@@ -159,6 +165,7 @@ class HTTPTransport:
         headers: Mapping[str, str] | None = None,
         http_client: httpx.AsyncClient | None = None,
         limits: httpx.Limits | None = None,
+        max_image_bytes: int | None = MAX_IMAGE_BYTES,
     ) -> None:
         if not isinstance(base_url, str) or not base_url.lower().startswith(("http://", "https://")):
             raise ValueError(f"base_url={base_url!r} must be an http(s) URL such as 'http://127.0.0.1:8000/v1'")
@@ -175,6 +182,11 @@ class HTTPTransport:
         if api_key is None and not given_auth:  # never over credentials the caller set itself
             api_key = os.environ.get(API_KEY_ENV) or None
         _check_headers({**(headers or {}), **({"api_key": api_key} if api_key else {})})
+        if max_image_bytes is not None and (
+            isinstance(max_image_bytes, bool) or not isinstance(max_image_bytes, int) or max_image_bytes < 1
+        ):
+            raise TypeError(f"max_image_bytes={max_image_bytes!r} is invalid; pass a number of bytes (>= 1) or None")
+        self.max_image_bytes = max_image_bytes
         self.retry_policy = RetryPolicy(
             DEFAULT_MAX_RETRIES if max_retries is None else max_retries, backoff_base, backoff_max, max_retry_after
         )
@@ -192,8 +204,9 @@ class HTTPTransport:
         self._limits = limits or httpx.Limits(max_connections=100, max_keepalive_connections=20)
         # Our connection pools, one per event loop that used this transport (an asyncio loop, a trio run): a
         # connection belongs to the loop that opened it, and one client may serve several loops in turn (each
-        # test's loop, successive asyncio.run calls) or at once (threads). Keyed by id(loop), holding the loop.
-        self._pools: dict[int, tuple[Any, httpx.AsyncClient]] = {}
+        # test's loop, successive asyncio.run calls) or at once (threads). Keyed by id(loop), holding the loop and
+        # the pool's closer (see _closed_when_loop_ends).
+        self._pools: dict[int, tuple[Any, httpx.AsyncClient, AsyncGenerator[None, None]]] = {}
         self._pools_lock = threading.Lock()
         self._closed = False
         self._root = self  # the transport whose pools these are (itself, or the one with_options derived it from)
@@ -204,7 +217,7 @@ class HTTPTransport:
     # ------------------------------------------------------------------------------------ public API
 
     async def generate(self, request: ChatRequest) -> GenerationResult:
-        request = await encoded_for_wire(request)  # decoded images become PNG once, in a worker thread
+        request = await encoded_for_wire(request, self.max_image_bytes)  # decoded images: PNG, in a worker thread
         body = wire.build_chat_request(request, model=self.model, stream=False)
         started = time.perf_counter()
         deadline = anyio.current_time() + self.total_timeout
@@ -217,7 +230,7 @@ class HTTPTransport:
 
     @asynccontextmanager
     async def stream(self, request: ChatRequest) -> AsyncIterator[AsyncIterator[StreamItem]]:
-        request = await encoded_for_wire(request)  # decoded images become PNG once, in a worker thread
+        request = await encoded_for_wire(request, self.max_image_bytes)  # decoded images: PNG, in a worker thread
         body = wire.build_chat_request(request, model=self.model, stream=True, include_usage=self.include_usage)
         started = time.perf_counter()
         deadline = anyio.current_time() + self.total_timeout
@@ -270,9 +283,8 @@ class HTTPTransport:
         return self._closed or self._root._closed
 
     async def aclose(self) -> None:
-        """Close the connections: this loop's at once; another live asyncio loop's on that loop, soon; those of a
-        loop that has ended cannot be closed any more (its sockets go with them). A transport derived by
-        :meth:`with_options` only closes itself."""
+        """Close the connections: this loop's at once; another live event loop's on that loop, soon (those of a loop
+        that has ended were closed as it ended). A transport derived by :meth:`with_options` only closes itself."""
         if self._closed:
             return
         self._closed = True
@@ -281,19 +293,21 @@ class HTTPTransport:
         with self._pools_lock:
             pools, self._pools = self._pools, {}
         here = _running_loop()
-        for loop, pool in pools.values():
+        for loop, _, closer in pools.values():
             if loop is here:
                 with anyio.CancelScope(shield=True):
-                    await pool.aclose()
+                    await closer.aclose()
             elif isinstance(loop, asyncio.AbstractEventLoop):
                 if loop.is_running():
-                    asyncio.run_coroutine_threadsafe(pool.aclose(), loop)
+                    asyncio.run_coroutine_threadsafe(closer.aclose(), loop)
+                # else: a loop that is not running closes it when it runs again (its finalizer of async generators)
             elif _loop_alive(loop):  # a live trio run's token: closed as a task of that run
-                loop.run_sync_soon(_close_in_trio, pool)
+                loop.run_sync_soon(_close_in_trio, closer)
 
     def _client(self) -> httpx.AsyncClient:
         """The httpx client for the running event loop: the caller's ``http_client``, else our pool for this loop
-        (made on its first call here; pools of loops that have ended are dropped then)."""
+        (made on its first call here, and closed when the loop ends; pools of loops that have ended are dropped
+        when a new one is made)."""
         if self._given_client is not None:
             return self._given_client
         loop, root = _running_loop(), self._root
@@ -303,11 +317,11 @@ class HTTPTransport:
             held = root._pools.get(id(loop))
             if held is not None and held[0] is loop:
                 return held[1]
-            for key, (other, _) in list(root._pools.items()):
+            for key, (other, _, _) in list(root._pools.items()):
                 if not _loop_alive(other):
                     del root._pools[key]
             pool = httpx.AsyncClient(timeout=root.timeout, limits=root._limits)
-            root._pools[id(loop)] = (loop, pool)
+            root._pools[id(loop)] = (loop, pool, _closed_when_loop_ends(pool))
             return pool
 
     async def __aenter__(self) -> HTTPTransport:
@@ -659,9 +673,34 @@ def _running_loop() -> Any:
         return trio.lowlevel.current_trio_token()
 
 
-def _close_in_trio(pool: httpx.AsyncClient) -> None:
-    """Run on a trio run's own thread: close *pool* there, as a system task."""
-    sys.modules["trio"].lowlevel.spawn_system_task(pool.aclose)
+def _close_in_trio(closer: AsyncGenerator[None, None]) -> None:
+    """Run on a trio run's own thread: close a pool there, as a system task (*closer*: see
+    :func:`_closed_when_loop_ends`)."""
+    sys.modules["trio"].lowlevel.spawn_system_task(closer.aclose)
+
+
+def _closed_when_loop_ends(pool: httpx.AsyncClient) -> AsyncGenerator[None, None]:
+    """An async generator, started on the running loop, whose ``aclose()`` closes *pool*.
+
+    An event loop closes the async generators still suspended in it as it ends (``asyncio.run`` calls
+    ``loop.shutdown_asyncgens()``; a trio run finalizes its own): the one hook both offer, so the pool's sockets are
+    closed on their own loop while it can still run them, instead of being dropped open (a ``ResourceWarning`` per
+    socket). The loop holds the generator weakly; the transport holds it until it closes it or the loop ends. A loop
+    closed without ``shutdown_asyncgens`` (``loop.close()`` alone) never runs it: its sockets are left open."""
+
+    async def closer() -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pool.aclose()
+
+    generator = closer()
+    try:  # to its first yield, now: the loop registers it (its firstiter hook); nothing in it awaits before that
+        generator.asend(None).send(None)
+    except StopIteration:
+        pass
+    return generator
 
 
 def _loop_alive(loop: Any) -> bool:
@@ -721,6 +760,7 @@ _OPTIONS = {
     "headers",
     "http_client",
     "limits",
+    "max_image_bytes",
 }
 
 
